@@ -1,1 +1,17 @@
-//! bootctl
+//! `bootctl`: U-Boot environment and A/B slot control for the `ddi` update agent.
+//!
+//! Layers, bottom up:
+//! - [`env`]: the environment codec (copies, CRC, flags, `name=value` data) and [`ChangeSet`].
+//! - [`scheme`]: the slot schemes of the contract (`bootcount`, `rauc`) as pure transitions.
+//! - [`sim`]: the decision the boot script makes at power-on, for tests and the demo.
+//! - [`booted`]: which slot is running, from the kernel command line.
+//!
+//! Every state transition is computed as one [`ChangeSet`] and written in one environment save.
+
+pub mod env;
+pub mod fw_env_config;
+pub mod scheme;
+pub mod sim;
+
+pub use env::{ChangeSet, Env};
+pub use scheme::{Scheme, SchemeKind, Slot};

@@ -1,0 +1,504 @@
+//! The A/B slot schemes of the contract as pure transitions over environment variables.
+//!
+//! A [`Scheme`] reads an [`Env`] and answers "which slot boots next" and "is a slot on trial", and
+//! turns the three state changes (activate, mark good, mark bad) into one [`ChangeSet`] each, which
+//! the caller writes in ONE environment save. Nothing here does I/O.
+//!
+//! Two schemes exist:
+//! - [`Bootcount`]: U-Boot's native counter (`bootctl_slot`, `upgrade_available`, `bootcount`,
+//!   `bootlimit`).
+//! - [`Rauc`]: RAUC's variables (`BOOT_ORDER`, `BOOT_A_LEFT`, `BOOT_B_LEFT`, counters in hex), so
+//!   RAUC and `ddi-bootctl` can share one environment.
+//!
+//! Every transition returns only the variables whose value actually changes, so "nothing to do"
+//! is an empty change set and costs no save.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Serialize, Serializer};
+
+use crate::env::{ChangeSet, Env};
+
+/// Variable names of the `bootcount` scheme.
+pub mod bootcount_vars {
+    /// The slot U-Boot boots (`A` or `B`).
+    pub const SLOT: &str = "bootctl_slot";
+    /// `1` while a slot is on trial.
+    pub const UPGRADE_AVAILABLE: &str = "upgrade_available";
+    /// Decimal boot counter, incremented by U-Boot while a slot is on trial.
+    pub const BOOTCOUNT: &str = "bootcount";
+    /// Decimal limit; `bootcount > bootlimit` makes U-Boot fall back.
+    pub const BOOTLIMIT: &str = "bootlimit";
+}
+
+/// Variable names of the `rauc` scheme.
+pub mod rauc_vars {
+    use super::Slot;
+
+    /// Space separated slot names, first is tried first.
+    pub const BOOT_ORDER: &str = "BOOT_ORDER";
+
+    /// `BOOT_A_LEFT` / `BOOT_B_LEFT`: attempts left, hexadecimal without prefix.
+    pub fn left(slot: Slot) -> &'static str {
+        match slot {
+            Slot::A => "BOOT_A_LEFT",
+            Slot::B => "BOOT_B_LEFT",
+        }
+    }
+}
+
+/// One of the two slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Slot {
+    A,
+    B,
+}
+
+impl Slot {
+    /// Both slots, A first.
+    pub const ALL: [Slot; 2] = [Slot::A, Slot::B];
+
+    /// The slot that is not `self`.
+    pub fn other(self) -> Slot {
+        match self {
+            Slot::A => Slot::B,
+            Slot::B => Slot::A,
+        }
+    }
+
+    /// `"A"` or `"B"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Slot::A => "A",
+            Slot::B => "B",
+        }
+    }
+}
+
+impl fmt::Display for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string that is not a slot name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid slot {0:?}: expected A or B")]
+pub struct ParseSlotError(pub String);
+
+impl FromStr for Slot {
+    type Err = ParseSlotError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "A" => Ok(Slot::A),
+            "B" => Ok(Slot::B),
+            _ => Err(ParseSlotError(s.to_string())),
+        }
+    }
+}
+
+impl Serialize for Slot {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+/// Which set of variables drives the boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum SchemeKind {
+    /// U-Boot's native boot counter (the default).
+    #[default]
+    Bootcount,
+    /// RAUC-compatible `BOOT_ORDER` / `BOOT_x_LEFT`.
+    Rauc,
+}
+
+impl SchemeKind {
+    /// `"bootcount"` or `"rauc"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SchemeKind::Bootcount => "bootcount",
+            SchemeKind::Rauc => "rauc",
+        }
+    }
+}
+
+impl fmt::Display for SchemeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string that is not a scheme name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid scheme {0:?}: expected bootcount or rauc")]
+pub struct ParseSchemeError(pub String);
+
+impl FromStr for SchemeKind {
+    type Err = ParseSchemeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "bootcount" => Ok(SchemeKind::Bootcount),
+            "rauc" => Ok(SchemeKind::Rauc),
+            _ => Err(ParseSchemeError(s.to_string())),
+        }
+    }
+}
+
+impl Serialize for SchemeKind {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+/// Why a transition was refused. Nothing must be written when one of these is returned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SchemeError {
+    /// A variable the scheme needs holds something it cannot interpret.
+    #[error("environment variable {name}={value:?} is invalid: expected {expected}")]
+    InvalidVariable {
+        name: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    /// Confirming a slot that U-Boot is not set to boot.
+    #[error("cannot mark slot {booted} good: {variable}={configured}, U-Boot is set to boot slot {configured}")]
+    NotTheBootSlot {
+        booted: Slot,
+        variable: &'static str,
+        configured: Slot,
+    },
+    /// The configured number of attempts cannot work.
+    #[error("invalid number of boot attempts {0}: must be at least 1")]
+    InvalidAttempts(u32),
+}
+
+/// One A/B scheme: pure reads and transitions over the environment.
+pub trait Scheme: fmt::Debug + Send + Sync {
+    /// Which scheme this is.
+    fn kind(&self) -> SchemeKind;
+    /// The configured number of trial boots.
+    fn attempts(&self) -> u32;
+    /// Activate `slot` for a trial boot.
+    fn activate(&self, env: &Env, slot: Slot) -> Result<ChangeSet, SchemeError>;
+    /// Confirm the slot that is running (`booted`).
+    fn mark_good(&self, env: &Env, booted: Slot) -> Result<ChangeSet, SchemeError>;
+    /// Mark `slot` as not bootable.
+    fn mark_bad(&self, env: &Env, slot: Slot) -> Result<ChangeSet, SchemeError>;
+    /// The slot the boot script boots at the next power-on (the same decision as [`crate::sim`]).
+    fn next(&self, env: &Env) -> Slot;
+    /// `Some(true)` while a slot is on trial; `None` when the environment cannot tell.
+    fn trial(&self, env: &Env) -> Option<bool>;
+    /// The scheme's variables exactly as stored (missing ones are absent).
+    fn variables(&self, env: &Env) -> BTreeMap<String, String>;
+}
+
+/// The scheme of `kind` with `attempts` trial boots.
+pub fn for_kind(kind: SchemeKind, attempts: u32) -> Box<dyn Scheme> {
+    match kind {
+        SchemeKind::Bootcount => Box::new(Bootcount::new(attempts)),
+        SchemeKind::Rauc => Box::new(Rauc::new(attempts)),
+    }
+}
+
+/// Check a configured attempt count (0 would never give the new slot a boot).
+pub fn validate_attempts(attempts: u32) -> Result<u32, SchemeError> {
+    if attempts == 0 {
+        Err(SchemeError::InvalidAttempts(attempts))
+    } else {
+        Ok(attempts)
+    }
+}
+
+/// Collects the desired values of a transition and keeps only the ones that change `env`.
+struct Changes<'e> {
+    env: &'e Env,
+    entries: Vec<(String, Option<String>)>,
+}
+
+impl<'e> Changes<'e> {
+    fn new(env: &'e Env) -> Self {
+        Changes {
+            env,
+            entries: Vec::new(),
+        }
+    }
+
+    fn set(&mut self, name: &str, value: impl Into<String>) {
+        let value = value.into();
+        if self.env.get(name) != Some(value.as_str()) {
+            self.entries.push((name.to_string(), Some(value)));
+        }
+    }
+
+    fn unset(&mut self, name: &str) {
+        if self.env.get(name).is_some() {
+            self.entries.push((name.to_string(), None));
+        }
+    }
+
+    fn finish(self) -> ChangeSet {
+        self.entries.into_iter().collect()
+    }
+}
+
+/// Leading decimal digits as U-Boot's `simple_strtoul(s, NULL, 10)` reads them ("3x" is 3,
+/// "x" is 0), saturating instead of wrapping.
+pub(crate) fn uboot_decimal(value: &str) -> u64 {
+    value
+        .trim_start()
+        .chars()
+        .map_while(|c| c.to_digit(10))
+        .fold(0u64, |acc, d| acc.saturating_mul(10).saturating_add(u64::from(d)))
+}
+
+/// Leading hex digits as U-Boot reads `0x${VALUE}` ("a" is 10, "zz" is 0), saturating.
+pub(crate) fn uboot_hex(value: &str) -> u64 {
+    value
+        .trim_start()
+        .chars()
+        .map_while(|c| c.to_digit(16))
+        .fold(0u64, |acc, d| acc.saturating_mul(16).saturating_add(u64::from(d)))
+}
+
+/// A strictly decimal variable value, or the error that names it.
+fn strict_decimal(name: &'static str, value: &str) -> Result<u64, SchemeError> {
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        if let Ok(number) = value.parse::<u64>() {
+            return Ok(number);
+        }
+    }
+    Err(SchemeError::InvalidVariable {
+        name,
+        value: value.to_string(),
+        expected: "a decimal number",
+    })
+}
+
+fn scheme_variables(env: &Env, names: &[&str]) -> BTreeMap<String, String> {
+    names
+        .iter()
+        .filter_map(|name| env.get(name).map(|v| (name.to_string(), v.to_string())))
+        .collect()
+}
+
+/// U-Boot's native boot counter (`CONFIG_BOOTCOUNT_LIMIT` + `CONFIG_BOOTCOUNT_ENV`, or a boot
+/// script doing the same).
+#[derive(Debug, Clone)]
+pub struct Bootcount {
+    attempts: u32,
+}
+
+impl Bootcount {
+    /// The scheme with `attempts` trial boots (the `bootlimit` written when none is set).
+    pub fn new(attempts: u32) -> Self {
+        Bootcount { attempts }
+    }
+
+    /// The slot in `bootctl_slot` (default A), or an error for any other value.
+    pub fn configured_slot(env: &Env) -> Result<Slot, SchemeError> {
+        match env.get(bootcount_vars::SLOT) {
+            None => Ok(Slot::A),
+            Some(value) => value.parse().map_err(|_| SchemeError::InvalidVariable {
+                name: bootcount_vars::SLOT,
+                value: value.to_string(),
+                expected: "A or B",
+            }),
+        }
+    }
+
+    /// `true` when `upgrade_available` is `1`.
+    pub fn is_trial(env: &Env) -> bool {
+        env.get(bootcount_vars::UPGRADE_AVAILABLE) == Some("1")
+    }
+}
+
+impl Scheme for Bootcount {
+    fn kind(&self) -> SchemeKind {
+        SchemeKind::Bootcount
+    }
+
+    fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    fn activate(&self, env: &Env, slot: Slot) -> Result<ChangeSet, SchemeError> {
+        validate_attempts(self.attempts)?;
+        if let Some(limit) = env.get(bootcount_vars::BOOTLIMIT) {
+            // The integrator's limit is kept, but one that U-Boot cannot read would make the
+            // trial boot without a fallback.
+            strict_decimal(bootcount_vars::BOOTLIMIT, limit)?;
+        }
+        let mut changes = Changes::new(env);
+        changes.set(bootcount_vars::SLOT, slot.as_str());
+        changes.set(bootcount_vars::UPGRADE_AVAILABLE, "1");
+        changes.set(bootcount_vars::BOOTCOUNT, "0");
+        if env.get(bootcount_vars::BOOTLIMIT).is_none() {
+            changes.set(bootcount_vars::BOOTLIMIT, self.attempts.to_string());
+        }
+        Ok(changes.finish())
+    }
+
+    fn mark_good(&self, env: &Env, booted: Slot) -> Result<ChangeSet, SchemeError> {
+        let configured = Self::configured_slot(env)?;
+        if configured != booted {
+            return Err(SchemeError::NotTheBootSlot {
+                booted,
+                variable: bootcount_vars::SLOT,
+                configured,
+            });
+        }
+        let mut changes = Changes::new(env);
+        if Self::is_trial(env) {
+            changes.set(bootcount_vars::UPGRADE_AVAILABLE, "0");
+            changes.set(bootcount_vars::BOOTCOUNT, "0");
+        }
+        Ok(changes.finish())
+    }
+
+    fn mark_bad(&self, env: &Env, slot: Slot) -> Result<ChangeSet, SchemeError> {
+        let configured = Self::configured_slot(env)?;
+        let mut changes = Changes::new(env);
+        if configured == slot {
+            changes.set(bootcount_vars::SLOT, slot.other().as_str());
+            changes.set(bootcount_vars::UPGRADE_AVAILABLE, "0");
+            changes.set(bootcount_vars::BOOTCOUNT, "0");
+        }
+        Ok(changes.finish())
+    }
+
+    fn next(&self, env: &Env) -> Slot {
+        crate::sim::decide(env, SchemeKind::Bootcount, self.attempts).slot
+    }
+
+    fn trial(&self, env: &Env) -> Option<bool> {
+        Some(Self::is_trial(env))
+    }
+
+    fn variables(&self, env: &Env) -> BTreeMap<String, String> {
+        scheme_variables(
+            env,
+            &[
+                bootcount_vars::SLOT,
+                bootcount_vars::UPGRADE_AVAILABLE,
+                bootcount_vars::BOOTCOUNT,
+                bootcount_vars::BOOTLIMIT,
+            ],
+        )
+    }
+}
+
+/// RAUC's U-Boot variables: `BOOT_ORDER` and `BOOT_x_LEFT` (hex).
+#[derive(Debug, Clone)]
+pub struct Rauc {
+    attempts: u32,
+}
+
+impl Rauc {
+    /// The scheme with `attempts` trial boots (written as `BOOT_x_LEFT`).
+    pub fn new(attempts: u32) -> Self {
+        Rauc { attempts }
+    }
+
+    /// `BOOT_ORDER` as a list of slots (missing or empty reads as `A B`, as U-Boot, which drops
+    /// empty variables, reads it; one slot is valid); an unknown name is an error.
+    pub fn boot_order(env: &Env) -> Result<Vec<Slot>, SchemeError> {
+        let value = match env.get(rauc_vars::BOOT_ORDER) {
+            None | Some("") => return Ok(vec![Slot::A, Slot::B]),
+            Some(value) => value,
+        };
+        let mut order = Vec::new();
+        for word in value.split_whitespace() {
+            let slot: Slot = word.parse().map_err(|_| SchemeError::InvalidVariable {
+                name: rauc_vars::BOOT_ORDER,
+                value: value.to_string(),
+                expected: "slot names A and B separated by spaces",
+            })?;
+            if !order.contains(&slot) {
+                order.push(slot);
+            }
+        }
+        Ok(order)
+    }
+
+    fn format_order(order: &[Slot]) -> String {
+        order
+            .iter()
+            .map(|slot| slot.as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn attempts_hex(&self) -> String {
+        format!("{:x}", self.attempts)
+    }
+}
+
+impl Scheme for Rauc {
+    fn kind(&self) -> SchemeKind {
+        SchemeKind::Rauc
+    }
+
+    fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    fn activate(&self, env: &Env, slot: Slot) -> Result<ChangeSet, SchemeError> {
+        validate_attempts(self.attempts)?;
+        // Refuse a BOOT_ORDER we cannot read rather than overwrite it blindly.
+        Self::boot_order(env)?;
+        let mut changes = Changes::new(env);
+        changes.set(rauc_vars::left(slot), self.attempts_hex());
+        changes.set(
+            rauc_vars::BOOT_ORDER,
+            Self::format_order(&[slot, slot.other()]),
+        );
+        Ok(changes.finish())
+    }
+
+    fn mark_good(&self, env: &Env, booted: Slot) -> Result<ChangeSet, SchemeError> {
+        validate_attempts(self.attempts)?;
+        let mut changes = Changes::new(env);
+        changes.set(rauc_vars::left(booted), self.attempts_hex());
+        Ok(changes.finish())
+    }
+
+    fn mark_bad(&self, env: &Env, slot: Slot) -> Result<ChangeSet, SchemeError> {
+        let order = Self::boot_order(env)?;
+        let remaining: Vec<Slot> = order.into_iter().filter(|s| *s != slot).collect();
+        let mut changes = Changes::new(env);
+        changes.set(rauc_vars::left(slot), "0");
+        if remaining.is_empty() {
+            // An empty value cannot be stored (U-Boot deletes `name=` on import), so the variable
+            // goes; the boot script then reads its default order and resets the counters.
+            changes.unset(rauc_vars::BOOT_ORDER);
+        } else {
+            changes.set(rauc_vars::BOOT_ORDER, Self::format_order(&remaining));
+        }
+        Ok(changes.finish())
+    }
+
+    fn next(&self, env: &Env) -> Slot {
+        crate::sim::decide(env, SchemeKind::Rauc, self.attempts).slot
+    }
+
+    fn trial(&self, _env: &Env) -> Option<bool> {
+        // A counter below its maximum can be a trial or a confirmed slot that rebooted.
+        None
+    }
+
+    fn variables(&self, env: &Env) -> BTreeMap<String, String> {
+        scheme_variables(
+            env,
+            &[
+                rauc_vars::BOOT_ORDER,
+                rauc_vars::left(Slot::A),
+                rauc_vars::left(Slot::B),
+            ],
+        )
+    }
+}

@@ -1,0 +1,183 @@
+//! The boot script's decision at power-on, as a pure function over the environment.
+//!
+//! This is the same decision the real boot script makes (the project's `boot.cmd`, one source
+//! for QEMU and the Yocto layer): which slot boots, and what the script saves before booting it.
+//! Tests and the demo use it to "reboot" a file-backed device; [`crate::scheme::Scheme::next`]
+//! uses it to say which slot boots next.
+//!
+//! `bootcount` (U-Boot's `CONFIG_BOOTCOUNT_ENV` semantics):
+//! - `upgrade_available` is not `1`: boot `bootctl_slot`, save nothing.
+//! - `upgrade_available=1`: `bootcount` + 1; while it is `<= bootlimit`, save it and boot
+//!   `bootctl_slot`; once it is `> bootlimit`, fall back (`altbootcmd`): `bootctl_slot` = the
+//!   other slot, `upgrade_available=0`, `bootcount=0`, and boot that.
+//!
+//! `rauc` (RAUC's `contrib/uboot.sh` semantics, with counters compared as hex):
+//! - Missing `BOOT_ORDER` reads as `A B`, a missing `BOOT_x_LEFT` as the default attempts; the
+//!   script sets these defaults and they are saved with the rest.
+//! - The first slot in `BOOT_ORDER` with `0x${BOOT_x_LEFT} > 0` boots, its counter decremented
+//!   (written as hex, as `setexpr` does), saved before booting.
+//! - No slot has attempts left: like RAUC's example script, reset every counter to the default
+//!   attempts, save and `reset`. The board then powers on again and picks the first slot in
+//!   `BOOT_ORDER`. The simulator folds the reset and that second boot into one decision.
+//!
+//! Lenient reads mirror U-Boot: numbers are read as far as they are digits (`3x` is 3, `zz` is
+//! 0), a `bootctl_slot` other than `B` boots A, names other than A and B in `BOOT_ORDER` are
+//! skipped.
+
+use crate::env::{ChangeSet, Env};
+use crate::scheme::{bootcount_vars, rauc_vars, uboot_decimal, uboot_hex, SchemeKind, Slot};
+
+/// The attempts the boot script assumes when a variable is missing (its built-in default).
+pub const SCRIPT_DEFAULT_ATTEMPTS: u32 = 3;
+
+/// What happened at one power-on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootEvent {
+    /// `bootcount`: no trial; the configured slot boots and nothing is saved.
+    Normal,
+    /// `bootcount`: a trial boot; `bootcount` is now `count`, still within `limit`.
+    Trial { count: u64, limit: u64 },
+    /// `bootcount`: `count > limit`: fell back from `from` to the other slot.
+    Fallback { from: Slot, count: u64, limit: u64 },
+    /// `rauc`: the first slot with attempts left boots; `left` is what remains after this boot.
+    Attempt { left: u64 },
+    /// `rauc`: no slot had attempts left; all counters were reset, then the first slot booted.
+    CountersReset { left: u64 },
+}
+
+/// The decision of one power-on: the booted slot and what the boot script saves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootDecision {
+    /// The slot whose kernel starts.
+    pub slot: Slot,
+    /// What the script saves before booting (empty: no save).
+    pub changes: ChangeSet,
+    /// Why.
+    pub event: BootEvent,
+}
+
+/// What the boot script does at power-on with its built-in defaults
+/// ([`SCRIPT_DEFAULT_ATTEMPTS`]): the slot it boots and what it saves.
+pub fn power_on(env: &Env, kind: SchemeKind) -> (Slot, ChangeSet) {
+    let decision = decide(env, kind, SCRIPT_DEFAULT_ATTEMPTS);
+    (decision.slot, decision.changes)
+}
+
+/// The decision at power-on when missing variables default to `default_attempts`.
+pub fn decide(env: &Env, kind: SchemeKind, default_attempts: u32) -> BootDecision {
+    match kind {
+        SchemeKind::Bootcount => decide_bootcount(env, default_attempts),
+        SchemeKind::Rauc => decide_rauc(env, default_attempts),
+    }
+}
+
+fn decide_bootcount(env: &Env, default_attempts: u32) -> BootDecision {
+    let slot = match env.get(bootcount_vars::SLOT) {
+        Some("B") => Slot::B,
+        _ => Slot::A,
+    };
+    if env.get(bootcount_vars::UPGRADE_AVAILABLE) != Some("1") {
+        return BootDecision {
+            slot,
+            changes: ChangeSet::new(),
+            event: BootEvent::Normal,
+        };
+    }
+    let count = env
+        .get(bootcount_vars::BOOTCOUNT)
+        .map_or(0, uboot_decimal)
+        .saturating_add(1);
+    let limit = env
+        .get(bootcount_vars::BOOTLIMIT)
+        .map_or(u64::from(default_attempts), uboot_decimal);
+    if count > limit {
+        let to = slot.other();
+        let changes = ChangeSet::new()
+            .with(bootcount_vars::SLOT, to.as_str())
+            .with(bootcount_vars::UPGRADE_AVAILABLE, "0")
+            .with(bootcount_vars::BOOTCOUNT, "0");
+        BootDecision {
+            slot: to,
+            changes: only_changed(env, changes),
+            event: BootEvent::Fallback {
+                from: slot,
+                count,
+                limit,
+            },
+        }
+    } else {
+        BootDecision {
+            slot,
+            changes: ChangeSet::new().with(bootcount_vars::BOOTCOUNT, count.to_string()),
+            event: BootEvent::Trial { count, limit },
+        }
+    }
+}
+
+fn decide_rauc(env: &Env, default_attempts: u32) -> BootDecision {
+    let default_left = format!("{default_attempts:x}");
+    // The script's defaults, saved together with the decrement.
+    let mut saved: Vec<(String, String)> = Vec::new();
+    let order_value = match env.get(rauc_vars::BOOT_ORDER) {
+        None | Some("") => {
+            saved.push((rauc_vars::BOOT_ORDER.to_string(), "A B".to_string()));
+            "A B".to_string()
+        }
+        Some(value) => value.to_string(),
+    };
+    let left = |slot: Slot, saved: &mut Vec<(String, String)>| -> u64 {
+        match env.get(rauc_vars::left(slot)) {
+            None | Some("") => {
+                saved.push((rauc_vars::left(slot).to_string(), default_left.clone()));
+                u64::from(default_attempts)
+            }
+            Some(value) => uboot_hex(value),
+        }
+    };
+    let counters = [left(Slot::A, &mut saved), left(Slot::B, &mut saved)];
+    let order: Vec<Slot> = order_value
+        .split_whitespace()
+        .filter_map(|word| word.parse().ok())
+        .collect();
+
+    let first_with_attempts = order.iter().copied().find(|s| counters[*s as usize] > 0);
+    let (slot, before, event_reset) = match first_with_attempts {
+        Some(slot) => (slot, counters[slot as usize], false),
+        None => {
+            // Nothing bootable: every counter back to the default, then the first slot in
+            // BOOT_ORDER (A if it names none) on the next power-on.
+            saved.retain(|(name, _)| name == rauc_vars::BOOT_ORDER);
+            for s in Slot::ALL {
+                saved.push((rauc_vars::left(s).to_string(), default_left.clone()));
+            }
+            let slot = order.first().copied().unwrap_or(Slot::A);
+            (slot, u64::from(default_attempts), true)
+        }
+    };
+    let after = before.saturating_sub(1);
+    saved.retain(|(name, _)| name != rauc_vars::left(slot));
+    saved.push((rauc_vars::left(slot).to_string(), format!("{after:x}")));
+
+    let changes: ChangeSet = saved
+        .into_iter()
+        .map(|(name, value)| (name, Some(value)))
+        .collect();
+    BootDecision {
+        slot,
+        changes: only_changed(env, changes),
+        event: if event_reset {
+            BootEvent::CountersReset { left: after }
+        } else {
+            BootEvent::Attempt { left: after }
+        },
+    }
+}
+
+/// Drops the entries that would not change `env`.
+fn only_changed(env: &Env, changes: ChangeSet) -> ChangeSet {
+    changes
+        .iter()
+        .filter(|(name, value)| env.get(name) != *value)
+        .map(|(name, value)| (name.to_string(), value.map(str::to_string)))
+        .collect()
+}
