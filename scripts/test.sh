@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The project's whole test suite, as the README and CI run it:
+#   lint (fmt, clippy) -> build -> cargo tests (unit, interop, integration, demo)
+#   -> Yocto layer offline checks -> QEMU end-to-end scenarios on real U-Boot.
+# `--quick` skips the layer and QEMU stages (for a fast local loop).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+quick=0
+[ "${1:-}" = "--quick" ] && quick=1
+
+stage() { printf '\n==> %s\n' "$*"; }
+started=$(date +%s)
+
+stage "cargo fmt --check"
+cargo fmt --all --check
+
+stage "cargo clippy (all targets, warnings are errors)"
+cargo clippy --workspace --all-targets --locked -q -- -D warnings
+
+stage "build the binaries the integration tests run"
+cargo build --workspace --bins --locked -q
+
+stage "cargo test"
+cargo test --workspace --locked
+
+if [ "$quick" = 1 ]; then
+  echo "quick mode: layer and QEMU stages skipped"
+  exit 0
+fi
+
+stage "meta-ddi: crates.inc matches Cargo.lock, lint, unit and boot script checks"
+bash meta-ddi/scripts/check-layer.sh
+
+stage "QEMU end-to-end scenarios (real U-Boot, real Linux, real reboots)"
+bash qemu/run-tests.sh
+
+echo
+echo "all stages passed in $(( $(date +%s) - started ))s"
