@@ -1,1 +1,11 @@
-//! ddi-agent
+//! `ddi_agent`: the hawkBit DDI update agent as a library.
+//!
+//! - [`config`]: TOML settings.
+//! - [`ddi`]: the typed DDI model and HTTP client.
+//! - [`machine`]: the pure update state machine.
+//! - [`persist`]: the state file and feedback outbox in `state_dir`.
+//! - [`driver`]: runs the machine against the server, the bootloader and the installer.
+//! - [`service`]: daemon plumbing (systemd notify, logging, signals) and the CLI commands.
+
+pub mod config;
+pub mod ddi;

@@ -1,0 +1,842 @@
+//! Agent configuration: the TOML file of the contract turned into validated settings.
+//!
+//! Parsing is two-layered: private serde structs mirror the file (unknown keys are rejected with
+//! the key and its line), then [`Config::from_toml`] validates values and resolves relative paths
+//! against the config file's folder. Secrets never appear in `Debug` output.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Default config path of the contract.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/ddi-agent/config.toml";
+
+/// A configuration error; `line` is 1-based when the problem has a place in the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {message}")]
+    AtLine {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// How the agent authenticates against the DDI API.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Auth {
+    TargetToken(String),
+    GatewayToken(String),
+    /// No token: mutual TLS (or a reverse proxy) authenticates the device.
+    None,
+}
+
+impl Auth {
+    /// The `Authorization` header value, if any. Callers must mark it sensitive.
+    pub fn header_value(&self) -> Option<String> {
+        match self {
+            Auth::TargetToken(t) => Some(format!("TargetToken {t}")),
+            Auth::GatewayToken(t) => Some(format!("GatewayToken {t}")),
+            Auth::None => None,
+        }
+    }
+}
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Auth::TargetToken(_) => f.write_str("TargetToken(<redacted>)"),
+            Auth::GatewayToken(_) => f.write_str("GatewayToken(<redacted>)"),
+            Auth::None => f.write_str("None"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// `scheme://host[:port][/context-path]` without a trailing slash.
+    pub url: reqwest::Url,
+    pub tenant: String,
+    pub controller_id: String,
+    pub auth: Auth,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// Attempts per request for transient failures (extension, default 4).
+    pub retries: u32,
+    pub connect_timeout: Duration,
+    /// A transfer that delivers no byte for this long is aborted (extension, default 60 s).
+    pub low_speed_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// `{url}/{tenant}/controller/v1/{controller_id}`: the poll resource.
+    pub fn base_url(&self) -> String {
+        let root = self.url.as_str().trim_end_matches('/');
+        format!(
+            "{root}/{}/controller/v1/{}",
+            self.tenant, self.controller_id
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchemeKind {
+    Bootcount,
+    Rauc,
+}
+
+impl fmt::Display for SchemeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SchemeKind::Bootcount => "bootcount",
+            SchemeKind::Rauc => "rauc",
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BootConfig {
+    pub scheme: SchemeKind,
+    pub env_config: PathBuf,
+    pub cmdline: PathBuf,
+    pub attempts: u32,
+    pub reboot_command: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Consent {
+    Auto,
+    Manual,
+}
+
+/// One health check: a shell string (`sh -c`) or an argv array.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum CheckCommand {
+    Shell(String),
+    Argv(Vec<String>),
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub state_dir: PathBuf,
+    pub health_checks: Vec<CheckCommand>,
+    pub health_check_timeout: Duration,
+    pub consent: Consent,
+    /// Bytes per second.
+    pub max_download_rate: Option<u64>,
+    pub artifact_part: String,
+    pub send_token_to_other_hosts: bool,
+    pub version_file: PathBuf,
+    pub lock_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct BundleConfig {
+    pub trusted_keys: Vec<PathBuf>,
+    pub require_signature: bool,
+    pub compatible: Option<String>,
+}
+
+/// Validated agent settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this was read from.
+    pub path: PathBuf,
+    pub server: ServerConfig,
+    pub attributes: BTreeMap<String, String>,
+    pub slot_a: PathBuf,
+    pub slot_b: PathBuf,
+    pub boot: BootConfig,
+    pub agent: AgentConfig,
+    pub bundle: BundleConfig,
+}
+
+// ---- file layer -------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRoot {
+    server: Spanned<FileServer>,
+    #[serde(default)]
+    device: FileDevice,
+    slots: Spanned<FileSlots>,
+    #[serde(default)]
+    boot: FileBoot,
+    #[serde(default)]
+    agent: FileAgent,
+    #[serde(default)]
+    bundle: FileBundle,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileServer {
+    url: Spanned<String>,
+    tenant: Spanned<String>,
+    controller_id: Spanned<String>,
+    target_token: Option<Spanned<String>>,
+    gateway_token: Option<Spanned<String>>,
+    ca_file: Option<String>,
+    client_cert: Option<Spanned<String>>,
+    client_key: Option<Spanned<String>>,
+    retries: Option<Spanned<u32>>,
+    connect_timeout: Option<Spanned<u64>>,
+    low_speed_timeout: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileDevice {
+    #[serde(default)]
+    attributes: BTreeMap<String, Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSlots {
+    #[serde(rename = "A")]
+    a: String,
+    #[serde(rename = "B")]
+    b: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileBoot {
+    scheme: Option<Spanned<String>>,
+    env_config: Option<String>,
+    cmdline: Option<String>,
+    attempts: Option<Spanned<u32>>,
+    reboot_command: Option<Spanned<Vec<String>>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileAgent {
+    state_dir: Option<String>,
+    #[serde(default)]
+    health_checks: Vec<Spanned<CheckCommand>>,
+    health_check_timeout: Option<Spanned<u64>>,
+    consent: Option<Spanned<String>>,
+    max_download_rate: Option<Spanned<RateValue>>,
+    artifact_part: Option<Spanned<String>>,
+    send_token_to_other_hosts: Option<bool>,
+    version_file: Option<String>,
+    lock_file: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RateValue {
+    Number(i64),
+    Text(String),
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileBundle {
+    #[serde(default)]
+    trusted_keys: Vec<String>,
+    #[serde(default)]
+    require_signature: bool,
+    compatible: Option<String>,
+}
+
+/// Parses `512k`, `2M`, `1G` (binary multiples) or plain bytes per second.
+pub fn parse_rate(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (digits, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let mult = match c.to_ascii_lowercase() {
+                'k' => 1024,
+                'm' => 1024 * 1024,
+                'g' => 1024 * 1024 * 1024,
+                _ => {
+                    return Err(format!(
+                        "unknown unit '{c}' in rate \"{text}\" (use k, M or G)"
+                    ))
+                }
+            };
+            (&t[..i], mult)
+        }
+        _ => (t, 1u64),
+    };
+    let n: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("rate \"{text}\" is not a number with optional k/M/G suffix"))?;
+    let rate = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("rate \"{text}\" is too large"))?;
+    if rate == 0 {
+        return Err("rate must be greater than 0".into());
+    }
+    Ok(rate)
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml(&text, path)
+    }
+
+    /// Validates `text` as if read from `path` (relative paths resolve against its folder).
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let at = |span: std::ops::Range<usize>, message: String| ConfigError::AtLine {
+            path: path.to_path_buf(),
+            line: line_of(text, span.start),
+            message,
+        };
+        let root: FileRoot = toml::from_str(text).map_err(|e| match e.span() {
+            Some(span) => {
+                // Type errors do not name the key; quote the line so the user sees it.
+                let line = text
+                    .lines()
+                    .nth(line_of(text, span.start) - 1)
+                    .unwrap_or("");
+                at(
+                    span,
+                    format!("{} (in `{}`)", e.message().trim(), line.trim()),
+                )
+            }
+            None => ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: e.message().trim().to_string(),
+            },
+        })?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let resolve = |p: &str| -> PathBuf {
+            let p = Path::new(p);
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+
+        let server_span = root.server.span();
+        let server = root.server.into_inner();
+        let url_span = server.url.span();
+        let url_text = server.url.into_inner();
+        let url = reqwest::Url::parse(url_text.trim())
+            .map_err(|e| at(url_span.clone(), format!("server.url \"{url_text}\": {e}")))?;
+        if url.scheme() != "http" && url.scheme() != "https" {
+            return Err(at(
+                url_span,
+                format!("server.url must start with https:// or http://, got \"{url_text}\""),
+            ));
+        }
+        if url.query().is_some() || url.fragment().is_some() || url.host_str().is_none() {
+            return Err(at(
+                url_span,
+                format!(
+                    "server.url must be scheme://host[:port][/context-path], got \"{url_text}\""
+                ),
+            ));
+        }
+        let non_empty = |v: Spanned<String>, key: &str| -> Result<String, ConfigError> {
+            let span = v.span();
+            let s = v.into_inner();
+            if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c == '/') {
+                return Err(at(
+                    span,
+                    format!("{key} must be non-empty without whitespace or '/'"),
+                ));
+            }
+            Ok(s)
+        };
+        let tenant = non_empty(server.tenant, "server.tenant")?;
+        let controller_id = non_empty(server.controller_id, "server.controller_id")?;
+        let auth = match (server.target_token, server.gateway_token) {
+            (Some(_), Some(g)) => {
+                return Err(at(
+                    g.span(),
+                    "server.gateway_token: target_token and gateway_token are both set; use at most one"
+                        .into(),
+                ))
+            }
+            (Some(t), None) => Auth::TargetToken(token(t, "server.target_token", &at)?),
+            (None, Some(g)) => Auth::GatewayToken(token(g, "server.gateway_token", &at)?),
+            (None, None) => Auth::None,
+        };
+        let (client_cert, client_key) = match (server.client_cert, server.client_key) {
+            (Some(c), Some(k)) => (Some(resolve(c.get_ref())), Some(resolve(k.get_ref()))),
+            (None, None) => (None, None),
+            (Some(c), None) => {
+                return Err(at(
+                    c.span(),
+                    "server.client_cert needs server.client_key".into(),
+                ))
+            }
+            (None, Some(k)) => {
+                return Err(at(
+                    k.span(),
+                    "server.client_key needs server.client_cert".into(),
+                ))
+            }
+        };
+        let positive = |v: Option<Spanned<u64>>, key: &str, default: u64| match v {
+            None => Ok(default),
+            Some(v) if *v.get_ref() == 0 => {
+                Err(at(v.span(), format!("{key} must be greater than 0")))
+            }
+            Some(v) => Ok(v.into_inner()),
+        };
+        let retries = match server.retries {
+            None => 4,
+            Some(v) if *v.get_ref() == 0 => {
+                return Err(at(v.span(), "server.retries must be at least 1".into()))
+            }
+            Some(v) => v.into_inner(),
+        };
+        let server = ServerConfig {
+            url,
+            tenant,
+            controller_id,
+            auth,
+            ca_file: server.ca_file.as_deref().map(resolve),
+            client_cert,
+            client_key,
+            retries,
+            connect_timeout: Duration::from_secs(positive(
+                server.connect_timeout,
+                "server.connect_timeout",
+                30,
+            )?),
+            low_speed_timeout: Duration::from_secs(positive(
+                server.low_speed_timeout,
+                "server.low_speed_timeout",
+                60,
+            )?),
+        };
+        let _ = server_span;
+
+        let mut attributes = BTreeMap::new();
+        for (k, v) in root.device.attributes {
+            let span = v.span();
+            let v = v.into_inner();
+            if !attribute_ok(&k) || !attribute_ok(&v) {
+                return Err(at(
+                    span,
+                    format!(
+                        "device.attributes.{k}: keys and values must be printable ASCII of at most 128 characters"
+                    ),
+                ));
+            }
+            attributes.insert(k, v);
+        }
+
+        let slots_span = root.slots.span();
+        let slots = root.slots.into_inner();
+        let (slot_a, slot_b) = (resolve(&slots.a), resolve(&slots.b));
+        if slots.a.is_empty() || slots.b.is_empty() || slot_a == slot_b {
+            return Err(at(
+                slots_span,
+                "slots.A and slots.B must be two different non-empty paths".into(),
+            ));
+        }
+
+        let scheme = match root.boot.scheme {
+            None => SchemeKind::Bootcount,
+            Some(s) => match s.get_ref().as_str() {
+                "bootcount" => SchemeKind::Bootcount,
+                "rauc" => SchemeKind::Rauc,
+                other => {
+                    return Err(at(
+                        s.span(),
+                        format!("boot.scheme must be \"bootcount\" or \"rauc\", got \"{other}\""),
+                    ))
+                }
+            },
+        };
+        let attempts = match root.boot.attempts {
+            None => 3,
+            Some(a) if *a.get_ref() == 0 || *a.get_ref() > 255 => {
+                return Err(at(
+                    a.span(),
+                    "boot.attempts must be between 1 and 255".into(),
+                ))
+            }
+            Some(a) => a.into_inner(),
+        };
+        let reboot_command = match root.boot.reboot_command {
+            None => vec!["systemctl".to_string(), "reboot".to_string()],
+            Some(c) if c.get_ref().is_empty() || c.get_ref()[0].is_empty() => {
+                return Err(at(
+                    c.span(),
+                    "boot.reboot_command must be a non-empty argv array".into(),
+                ))
+            }
+            Some(c) => c.into_inner(),
+        };
+        let boot = BootConfig {
+            scheme,
+            env_config: resolve(
+                root.boot
+                    .env_config
+                    .as_deref()
+                    .unwrap_or("/etc/fw_env.config"),
+            ),
+            cmdline: resolve(root.boot.cmdline.as_deref().unwrap_or("/proc/cmdline")),
+            attempts,
+            reboot_command,
+        };
+
+        let a = root.agent;
+        let state_dir = resolve(a.state_dir.as_deref().unwrap_or("/var/lib/ddi-agent"));
+        let mut health_checks = Vec::new();
+        for c in a.health_checks {
+            let span = c.span();
+            let c = c.into_inner();
+            let empty = match &c {
+                CheckCommand::Shell(s) => s.trim().is_empty(),
+                CheckCommand::Argv(v) => v.is_empty() || v[0].is_empty(),
+            };
+            if empty {
+                return Err(at(span, "agent.health_checks: empty command".into()));
+            }
+            health_checks.push(c);
+        }
+        let consent = match a.consent {
+            None => Consent::Auto,
+            Some(c) => match c.get_ref().as_str() {
+                "auto" => Consent::Auto,
+                "manual" => Consent::Manual,
+                other => {
+                    return Err(at(
+                        c.span(),
+                        format!("agent.consent must be \"auto\" or \"manual\", got \"{other}\""),
+                    ))
+                }
+            },
+        };
+        let max_download_rate = match a.max_download_rate {
+            None => None,
+            Some(r) => {
+                let span = r.span();
+                let parsed = match r.into_inner() {
+                    RateValue::Number(n) if n > 0 => Ok(n as u64),
+                    RateValue::Number(_) => Err("rate must be greater than 0".to_string()),
+                    RateValue::Text(t) => parse_rate(&t),
+                };
+                Some(parsed.map_err(|m| at(span, format!("agent.max_download_rate: {m}")))?)
+            }
+        };
+        let artifact_part = match a.artifact_part {
+            None => "os".to_string(),
+            Some(p) if p.get_ref().is_empty() => {
+                return Err(at(p.span(), "agent.artifact_part must not be empty".into()))
+            }
+            Some(p) => p.into_inner(),
+        };
+        let agent = AgentConfig {
+            lock_file: a
+                .lock_file
+                .as_deref()
+                .map(resolve)
+                .unwrap_or_else(|| state_dir.join("agent.lock")),
+            state_dir,
+            health_checks,
+            health_check_timeout: Duration::from_secs(positive(
+                a.health_check_timeout,
+                "agent.health_check_timeout",
+                60,
+            )?),
+            consent,
+            max_download_rate,
+            artifact_part,
+            send_token_to_other_hosts: a.send_token_to_other_hosts.unwrap_or(false),
+            version_file: resolve(a.version_file.as_deref().unwrap_or("/etc/os-release")),
+        };
+        let bundle = BundleConfig {
+            trusted_keys: root
+                .bundle
+                .trusted_keys
+                .iter()
+                .map(|k| resolve(k))
+                .collect(),
+            require_signature: root.bundle.require_signature,
+            compatible: root.bundle.compatible,
+        };
+        if bundle.require_signature && bundle.trusted_keys.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message:
+                    "bundle.require_signature = true needs at least one bundle.trusted_keys entry"
+                        .into(),
+            });
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            server,
+            attributes,
+            slot_a,
+            slot_b,
+            boot,
+            agent,
+            bundle,
+        })
+    }
+}
+
+fn token<F>(v: Spanned<String>, key: &str, at: &F) -> Result<String, ConfigError>
+where
+    F: Fn(std::ops::Range<usize>, String) -> ConfigError,
+{
+    let span = v.span();
+    let t = v.into_inner();
+    if t.is_empty() || t.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(at(
+            span,
+            format!("{key} must be non-empty without spaces or control characters"),
+        ));
+    }
+    Ok(t)
+}
+
+/// hawkBit accepts attribute keys and values of at most 128 ASCII characters.
+fn attribute_ok(s: &str) -> bool {
+    s.len() <= 128 && s.chars().all(|c| c.is_ascii() && !c.is_ascii_control())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[server]
+url = "https://hawkbit.example.com"
+tenant = "DEFAULT"
+controller_id = "dev-1"
+target_token = "secret"
+
+[slots]
+A = "slot-a.img"
+B = "/dev/mmcblk0p3"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("/etc/ddi-agent/config.toml"))
+    }
+
+    #[test]
+    fn minimal_config_gets_contract_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.server.auth, Auth::TargetToken("secret".into()));
+        assert_eq!(
+            c.server.base_url(),
+            "https://hawkbit.example.com/DEFAULT/controller/v1/dev-1"
+        );
+        assert_eq!(c.slot_a, PathBuf::from("/etc/ddi-agent/slot-a.img"));
+        assert_eq!(c.slot_b, PathBuf::from("/dev/mmcblk0p3"));
+        assert_eq!(c.boot.scheme, SchemeKind::Bootcount);
+        assert_eq!(c.boot.env_config, PathBuf::from("/etc/fw_env.config"));
+        assert_eq!(c.boot.cmdline, PathBuf::from("/proc/cmdline"));
+        assert_eq!(c.boot.attempts, 3);
+        assert_eq!(c.boot.reboot_command, vec!["systemctl", "reboot"]);
+        assert_eq!(c.agent.state_dir, PathBuf::from("/var/lib/ddi-agent"));
+        assert_eq!(c.agent.consent, Consent::Auto);
+        assert_eq!(c.agent.artifact_part, "os");
+        assert_eq!(c.agent.health_check_timeout, Duration::from_secs(60));
+        assert!(!c.agent.send_token_to_other_hosts);
+        assert_eq!(c.agent.version_file, PathBuf::from("/etc/os-release"));
+        assert_eq!(
+            c.agent.lock_file,
+            PathBuf::from("/var/lib/ddi-agent/agent.lock")
+        );
+        assert_eq!(c.agent.max_download_rate, None);
+        assert!(
+            !format!("{c:?}").contains("secret"),
+            "token leaked into Debug"
+        );
+    }
+
+    #[test]
+    fn full_config_is_read() {
+        let text = r#"
+[server]
+url = "http://127.0.0.1:8080/hawkbit"
+tenant = "T"
+controller_id = "dev"
+gateway_token = "gw"
+ca_file = "ca.pem"
+client_cert = "c.pem"
+client_key = "k.pem"
+retries = 2
+
+[device]
+attributes = { hw_revision = "2" }
+
+[slots]
+A = "a"
+B = "b"
+
+[boot]
+scheme = "rauc"
+env_config = "fw_env.config"
+cmdline = "cmdline"
+attempts = 5
+reboot_command = ["touch", "rebooted"]
+
+[agent]
+state_dir = "state"
+health_checks = ["true", ["test", "-e", "/"]]
+consent = "manual"
+max_download_rate = "512k"
+health_check_timeout = 5
+artifact_part = "rootfs"
+send_token_to_other_hosts = true
+version_file = "os-release"
+lock_file = "/run/ddi.lock"
+
+[bundle]
+trusted_keys = ["key.pub"]
+require_signature = true
+compatible = "board-x"
+"#;
+        let c = Config::from_toml(text, Path::new("/cfg/config.toml")).unwrap();
+        assert_eq!(c.server.auth, Auth::GatewayToken("gw".into()));
+        assert_eq!(c.server.retries, 2);
+        assert_eq!(
+            c.server.base_url(),
+            "http://127.0.0.1:8080/hawkbit/T/controller/v1/dev"
+        );
+        assert_eq!(c.server.ca_file, Some(PathBuf::from("/cfg/ca.pem")));
+        assert_eq!(c.attributes["hw_revision"], "2");
+        assert_eq!(c.boot.scheme, SchemeKind::Rauc);
+        assert_eq!(c.boot.env_config, PathBuf::from("/cfg/fw_env.config"));
+        assert_eq!(c.boot.attempts, 5);
+        assert_eq!(c.agent.state_dir, PathBuf::from("/cfg/state"));
+        assert_eq!(
+            c.agent.health_checks,
+            vec![
+                CheckCommand::Shell("true".into()),
+                CheckCommand::Argv(vec!["test".into(), "-e".into(), "/".into()])
+            ]
+        );
+        assert_eq!(c.agent.consent, Consent::Manual);
+        assert_eq!(c.agent.max_download_rate, Some(512 * 1024));
+        assert_eq!(c.agent.lock_file, PathBuf::from("/run/ddi.lock"));
+        assert_eq!(c.bundle.trusted_keys, vec![PathBuf::from("/cfg/key.pub")]);
+        assert_eq!(c.bundle.compatible.as_deref(), Some("board-x"));
+    }
+
+    fn err_text(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = format!("{MINIMAL}\n[agent]\nstate_dri = \"x\"\n");
+        let line = text
+            .lines()
+            .position(|l| l.starts_with("state_dri"))
+            .unwrap()
+            + 1;
+        let e = err_text(&text);
+        assert!(e.contains("state_dri"), "{e}");
+        assert!(e.contains(&format!("config.toml:{line}:")), "{e}");
+        let e = err_text(&format!("{MINIMAL}\n[extra]\nx = 1\n"));
+        assert!(e.contains("extra"), "{e}");
+    }
+
+    #[test]
+    fn both_tokens_is_an_error_naming_the_key_and_line() {
+        let text = MINIMAL.replace(
+            "target_token = \"secret\"",
+            "target_token = \"secret\"\ngateway_token = \"other\"",
+        );
+        let line = text
+            .lines()
+            .position(|l| l.starts_with("gateway_token"))
+            .unwrap()
+            + 1;
+        let e = err_text(&text);
+        assert!(e.contains("gateway_token"), "{e}");
+        assert!(e.contains(&format!(":{line}:")), "{e}");
+        assert!(!e.contains("secret") && !e.contains("other"), "{e}");
+    }
+
+    #[test]
+    fn nonsense_values_are_rejected() {
+        for (from, to, needle) in [
+            ("https://hawkbit.example.com", "ftp://x", "server.url"),
+            ("https://hawkbit.example.com", "not a url", "server.url"),
+            (
+                "controller_id = \"dev-1\"",
+                "controller_id = \"\"",
+                "controller_id",
+            ),
+            (
+                "target_token = \"secret\"",
+                "target_token = \"\"",
+                "target_token",
+            ),
+        ] {
+            let e = err_text(&MINIMAL.replace(from, to));
+            assert!(e.contains(needle), "{from} -> {to}: {e}");
+        }
+        for (extra, needle) in [
+            ("[boot]\nscheme = \"grub\"", "boot.scheme"),
+            ("[boot]\nattempts = 0", "boot.attempts"),
+            ("[boot]\nreboot_command = []", "reboot_command"),
+            ("[agent]\nconsent = \"maybe\"", "agent.consent"),
+            ("[agent]\nmax_download_rate = \"fast\"", "max_download_rate"),
+            ("[agent]\nmax_download_rate = 0", "max_download_rate"),
+            ("[agent]\nhealth_check_timeout = 0", "health_check_timeout"),
+            ("[agent]\nhealth_checks = [\"\"]", "health_checks"),
+            ("[agent]\nstate_dir = 5", "state_dir"),
+            ("[device]\nattributes = { k = \"\u{e9}\" }", "attributes"),
+            ("[bundle]\nrequire_signature = true", "trusted_keys"),
+        ] {
+            let e = err_text(&format!("{MINIMAL}\n{extra}\n"));
+            assert!(e.contains(needle), "{extra}: {e}");
+        }
+        let e = err_text(&MINIMAL.replace("B = \"/dev/mmcblk0p3\"", "B = \"slot-a.img\""));
+        assert!(e.contains("slots"), "{e}");
+        let e = err_text("[slots]\nA = \"a\"\nB = \"b\"\n");
+        assert!(e.contains("server"), "{e}");
+    }
+
+    #[test]
+    fn rates_parse_with_suffixes() {
+        assert_eq!(parse_rate("512k"), Ok(512 * 1024));
+        assert_eq!(parse_rate("2M"), Ok(2 * 1024 * 1024));
+        assert_eq!(parse_rate("1000"), Ok(1000));
+        assert!(parse_rate("2X").is_err());
+        assert!(parse_rate("k").is_err());
+        assert!(parse_rate("0").is_err());
+    }
+
+    #[test]
+    fn no_token_means_certificate_or_proxy_auth() {
+        let c = parse(&MINIMAL.replace("target_token = \"secret\"", "")).unwrap();
+        assert_eq!(c.server.auth, Auth::None);
+        assert_eq!(c.server.auth.header_value(), None);
+    }
+}

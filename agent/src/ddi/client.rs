@@ -1,0 +1,570 @@
+//! The DDI HTTP client: authentication, TLS, timeouts, retries and the conditional poll.
+//!
+//! Requests to the server carry the token; the shared `reqwest::Client` itself carries none (so
+//! artifact downloads from other hosts can go without it). Transient failures (connect errors,
+//! timeouts, 429, 5xx, hawkBit's 403 quota answer before 0.10) are retried with exponential
+//! backoff and jitter, honouring `Retry-After`.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use reqwest::{Method, StatusCode};
+use tracing::{debug, warn};
+
+use super::{
+    config_data_json, confirmation_json, CancelRequest, ConfirmationState, Deployment, Feedback,
+    Link, ModelError, PollReply,
+};
+use crate::config::ServerConfig;
+
+/// What went wrong talking to the server.
+#[derive(Debug, thiserror::Error)]
+pub enum DdiError {
+    #[error("cannot read {what} {path}: {source}")]
+    File {
+        what: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error("{method} {url}: {message}")]
+    Transport {
+        method: Method,
+        url: String,
+        message: String,
+    },
+    #[error("{method} {url}: authentication failed (HTTP {status}); check the token or client certificate")]
+    Auth {
+        method: Method,
+        url: String,
+        status: u16,
+    },
+    #[error("{method} {url}: HTTP {status}{}", if body.is_empty() { String::new() } else { format!(": {body}") })]
+    Status {
+        method: Method,
+        url: String,
+        status: u16,
+        body: String,
+    },
+    #[error("{url}: {source}")]
+    Model { url: String, source: ModelError },
+    #[error("{url}: refusing plain http:// because the server URL is https://")]
+    Insecure { url: String },
+}
+
+impl DdiError {
+    /// HTTP status, when the server answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            DdiError::Auth { status, .. } | DdiError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// The outcome of posting feedback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Accepted,
+    /// 410: the action is closed on the server; the message is done with.
+    Gone,
+    /// 404/405: the server no longer wants this (action gone, not canceling any more).
+    NotApplicable(u16),
+}
+
+/// A DDI client for one controller.
+#[derive(Clone)]
+pub struct DdiClient {
+    http: reqwest::Client,
+    base: String,
+    auth: Option<HeaderValue>,
+    https_only: bool,
+    retries: u32,
+    backoff_base: Duration,
+    etag: Option<(String, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for DdiClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DdiClient")
+            .field("base", &self.base)
+            .finish()
+    }
+}
+
+impl DdiClient {
+    pub fn new(server: &ServerConfig) -> Result<DdiClient, DdiError> {
+        let https_only = server.url.scheme() == "https";
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("ddi-agent/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(server.connect_timeout)
+            .read_timeout(server.low_speed_timeout)
+            .https_only(https_only)
+            .redirect(reqwest::redirect::Policy::limited(5));
+        if let Some(ca) = &server.ca_file {
+            let pem = std::fs::read(ca).map_err(|source| DdiError::File {
+                what: "CA file",
+                path: ca.clone(),
+                source,
+            })?;
+            for cert in reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| DdiError::Tls(format!("{}: {e}", ca.display())))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        if let (Some(cert), Some(key)) = (&server.client_cert, &server.client_key) {
+            let mut pem = std::fs::read(cert).map_err(|source| DdiError::File {
+                what: "client certificate",
+                path: cert.clone(),
+                source,
+            })?;
+            pem.push(b'\n');
+            pem.extend(std::fs::read(key).map_err(|source| DdiError::File {
+                what: "client key",
+                path: key.clone(),
+                source,
+            })?);
+            let id = reqwest::Identity::from_pem(&pem)
+                .map_err(|e| DdiError::Tls(format!("client certificate/key: {e}")))?;
+            builder = builder.identity(id);
+        }
+        let http = builder
+            .build()
+            .map_err(|e| DdiError::Tls(format!("HTTP client: {e}")))?;
+        let auth = match server.auth.header_value() {
+            Some(v) => {
+                let mut v = HeaderValue::from_str(&v)
+                    .map_err(|_| DdiError::Tls("token is not a valid header value".into()))?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            None => None,
+        };
+        Ok(DdiClient {
+            http,
+            base: server.base_url(),
+            auth,
+            https_only,
+            retries: server.retries.max(1),
+            backoff_base: Duration::from_secs(1),
+            etag: None,
+        })
+    }
+
+    /// The HTTP client for artifact downloads (no token attached by itself).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// `("Authorization", value)` for requests that should carry the DDI token.
+    pub fn auth_header(&self) -> Option<(String, String)> {
+        self.auth.as_ref().map(|v| {
+            (
+                AUTHORIZATION.as_str().to_string(),
+                v.to_str().unwrap_or_default().to_string(),
+            )
+        })
+    }
+
+    /// The controller base URL (poll resource).
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    /// Shorter backoff for tests.
+    pub fn set_backoff_base(&mut self, base: Duration) {
+        self.backoff_base = base;
+    }
+
+    /// Polls the controller base; a 304 answer re-uses the previous body.
+    pub async fn poll(&mut self) -> Result<PollReply, DdiError> {
+        let url = self.base.clone();
+        let mut headers = HeaderMap::new();
+        if let Some((etag, _)) = &self.etag {
+            if let Ok(v) = HeaderValue::from_str(etag) {
+                headers.insert(reqwest::header::IF_NONE_MATCH, v);
+            }
+        }
+        let resp = self.send(Method::GET, &url, headers, None).await?;
+        let body = if resp.status == StatusCode::NOT_MODIFIED {
+            match &self.etag {
+                Some((_, body)) => body.clone(),
+                None => {
+                    return Err(DdiError::Status {
+                        method: Method::GET,
+                        url,
+                        status: 304,
+                        body: "Not Modified without a conditional request".into(),
+                    })
+                }
+            }
+        } else {
+            resp.body
+        };
+        let reply = PollReply::parse(&body).map_err(|source| DdiError::Model {
+            url: url.clone(),
+            source,
+        })?;
+        self.etag = resp.etag.map(|e| (e, body));
+        Ok(reply)
+    }
+
+    pub async fn deployment(&self, link: &Link) -> Result<Deployment, DdiError> {
+        let body = self.get_json(&link.href).await?;
+        Deployment::parse(&body, link).map_err(|source| DdiError::Model {
+            url: link.href.clone(),
+            source,
+        })
+    }
+
+    pub async fn cancel_request(&self, link: &Link) -> Result<CancelRequest, DdiError> {
+        let body = self.get_json(&link.href).await?;
+        CancelRequest::parse(&body, link).map_err(|source| DdiError::Model {
+            url: link.href.clone(),
+            source,
+        })
+    }
+
+    /// GET `{base}/confirmationBase`.
+    pub async fn confirmation_state(&self) -> Result<ConfirmationState, DdiError> {
+        let url = format!("{}/confirmationBase", self.base);
+        let body = self.get_json(&url).await?;
+        ConfirmationState::parse(&body).map_err(|source| DdiError::Model { url, source })
+    }
+
+    /// POSTs `{href}/feedback` (deploymentBase, cancelAction or confirmationBase link).
+    pub async fn post_feedback_to(&self, href: &str, body: Vec<u8>) -> Result<Delivery, DdiError> {
+        let url = Link {
+            href: href.to_string(),
+        }
+        .join("/feedback");
+        self.post_json(&url, body).await
+    }
+
+    pub async fn send_feedback(
+        &self,
+        action_link: &str,
+        fb: &Feedback,
+    ) -> Result<Delivery, DdiError> {
+        self.post_feedback_to(action_link, fb.to_json(now_ms()))
+            .await
+    }
+
+    pub async fn send_confirmation(
+        &self,
+        link: &Link,
+        confirmed: bool,
+        details: &[String],
+    ) -> Result<Delivery, DdiError> {
+        self.post_feedback_to(&link.href, confirmation_json(confirmed, details))
+            .await
+    }
+
+    /// PUT configData (mode merge) at the server's link, or `{base}/configData`.
+    pub async fn put_config_data(
+        &self,
+        link: Option<&Link>,
+        data: &BTreeMap<String, String>,
+    ) -> Result<(), DdiError> {
+        let url = link
+            .map(|l| l.href.clone())
+            .unwrap_or_else(|| format!("{}/configData", self.base));
+        let resp = self
+            .send(
+                Method::PUT,
+                &url,
+                json_headers(),
+                Some(config_data_json(data, now_ms())),
+            )
+            .await?;
+        expect_ok(Method::PUT, &url, resp).map(|_| ())
+    }
+
+    async fn get_json(&self, url: &str) -> Result<Vec<u8>, DdiError> {
+        let resp = self.send(Method::GET, url, HeaderMap::new(), None).await?;
+        expect_ok(Method::GET, url, resp)
+    }
+
+    async fn post_json(&self, url: &str, body: Vec<u8>) -> Result<Delivery, DdiError> {
+        let resp = self
+            .send(Method::POST, url, json_headers(), Some(body))
+            .await?;
+        match resp.status.as_u16() {
+            410 => Ok(Delivery::Gone),
+            404 | 405 => Ok(Delivery::NotApplicable(resp.status.as_u16())),
+            _ => expect_ok(Method::POST, url, resp).map(|_| Delivery::Accepted),
+        }
+    }
+
+    /// One request with retries for transient failures. Returns any final HTTP answer.
+    async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        mut headers: HeaderMap,
+        body: Option<Vec<u8>>,
+    ) -> Result<Answer, DdiError> {
+        if self.https_only && url.starts_with("http://") {
+            return Err(DdiError::Insecure {
+                url: url.to_string(),
+            });
+        }
+        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        if let Some(auth) = &self.auth {
+            headers.insert(AUTHORIZATION, auth.clone());
+        }
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let mut req = self
+                .http
+                .request(method.clone(), url)
+                .headers(headers.clone());
+            if let Some(b) = &body {
+                req = req.body(b.clone());
+            }
+            let outcome = match req.send().await {
+                Ok(resp) => {
+                    let status = resp.status();
+                    let retry_after = resp
+                        .headers()
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(parse_retry_after);
+                    let etag = resp
+                        .headers()
+                        .get(reqwest::header::ETAG)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
+                    match resp.bytes().await {
+                        Ok(bytes) => Ok((status, retry_after, etag, bytes.to_vec())),
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                Err(e) => Err(describe(&e)),
+            };
+            let (retry_after, failure) = match outcome {
+                Ok((status, retry_after, etag, body)) => {
+                    if !is_transient(status, &body) {
+                        return Ok(Answer { status, etag, body });
+                    }
+                    (
+                        retry_after,
+                        DdiError::Status {
+                            method: method.clone(),
+                            url: url.to_string(),
+                            status: status.as_u16(),
+                            body: snippet(&body),
+                        },
+                    )
+                }
+                Err(message) => (
+                    None,
+                    DdiError::Transport {
+                        method: method.clone(),
+                        url: url.to_string(),
+                        message,
+                    },
+                ),
+            };
+            if attempt >= self.retries {
+                return Err(failure);
+            }
+            let wait = retry_after
+                .map(|d| d.min(Duration::from_secs(600)))
+                .unwrap_or_else(|| backoff(self.backoff_base, attempt));
+            warn!(%failure, attempt, wait_ms = wait.as_millis() as u64, "transient failure, retrying");
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+struct Answer {
+    status: StatusCode,
+    etag: Option<String>,
+    body: Vec<u8>,
+}
+
+fn json_headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h
+}
+
+fn expect_ok(method: Method, url: &str, a: Answer) -> Result<Vec<u8>, DdiError> {
+    match a.status.as_u16() {
+        200..=299 => Ok(a.body),
+        401 | 403 => Err(DdiError::Auth {
+            method,
+            url: url.to_string(),
+            status: a.status.as_u16(),
+        }),
+        s => Err(DdiError::Status {
+            method,
+            url: url.to_string(),
+            status: s,
+            body: snippet(&a.body),
+        }),
+    }
+}
+
+/// 429, 5xx (but 501) and hawkBit <= 0.9's 403 for an exceeded quota are worth retrying.
+fn is_transient(status: StatusCode, body: &[u8]) -> bool {
+    match status.as_u16() {
+        429 | 500 | 502 | 503 | 504 => true,
+        403 => String::from_utf8_lossy(body).contains("quota"),
+        _ => false,
+    }
+}
+
+/// `Retry-After`: delta-seconds or an HTTP date.
+pub(crate) fn parse_retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = parse_http_date(v)?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
+    Some(Duration::from_secs(when.saturating_sub(now)))
+}
+
+/// IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) to seconds since the epoch.
+fn parse_http_date(v: &str) -> Option<u64> {
+    let parts: Vec<&str> = v.split_whitespace().collect();
+    if parts.len() != 6 || parts[5] != "GMT" {
+        return None;
+    }
+    let day: u64 = parts[1].parse().ok()?;
+    let month = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ]
+    .iter()
+    .position(|m| *m == parts[2])? as u64
+        + 1;
+    let year: i64 = parts[3].parse().ok()?;
+    let hms: Vec<u64> = parts[4]
+        .split(':')
+        .map(|p| p.parse().ok())
+        .collect::<Option<_>>()?;
+    if hms.len() != 3 {
+        return None;
+    }
+    // days from civil (H. Hinnant)
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400) as u64;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe as i64 - 719_468;
+    let secs = days * 86400 + (hms[0] * 3600 + hms[1] * 60 + hms[2]) as i64;
+    u64::try_from(secs).ok()
+}
+
+/// Exponential backoff (base * 2^(n-1), capped at 5 min) with +-25% jitter.
+pub(crate) fn backoff(base: Duration, attempt: u32) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+    let capped = exp.min(Duration::from_secs(300));
+    let jitter = (pseudo_random() % 501) as f64 / 1000.0 - 0.25; // -0.25 ..= +0.25
+    capped.mul_f64(1.0 + jitter)
+}
+
+/// Good enough randomness for jitter without another dependency.
+fn pseudo_random() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish()
+}
+
+fn describe(e: &reqwest::Error) -> String {
+    use std::error::Error;
+    let mut text = if e.is_timeout() {
+        "timed out".to_string()
+    } else if e.is_connect() {
+        "cannot connect".to_string()
+    } else {
+        "request failed".to_string()
+    };
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    debug!(error = %text, "transport error");
+    text
+}
+
+fn snippet(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let t = text.trim();
+    match t.char_indices().nth(200) {
+        Some((i, _)) => format!("{}...", &t[..i]),
+        None => t.to_string(),
+    }
+}
+
+/// Milliseconds since the epoch (device clock).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
+        assert_eq!(
+            parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(784111777)
+        );
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn backoff_grows_with_bounded_jitter() {
+        let base = Duration::from_secs(1);
+        for attempt in 1..=5u32 {
+            let nominal = 2f64.powi(attempt as i32 - 1);
+            for _ in 0..20 {
+                let b = backoff(base, attempt).as_secs_f64();
+                assert!(
+                    b >= nominal * 0.75 - 1e-9 && b <= nominal * 1.25 + 1e-9,
+                    "{b}"
+                );
+            }
+        }
+        assert!(backoff(base, 30) <= Duration::from_secs(375));
+    }
+
+    #[test]
+    fn transient_statuses() {
+        assert!(is_transient(StatusCode::TOO_MANY_REQUESTS, b""));
+        assert!(is_transient(StatusCode::SERVICE_UNAVAILABLE, b""));
+        assert!(is_transient(
+            StatusCode::FORBIDDEN,
+            br#"{"errorCode":"hawkbit.server.error.quota.tooManyEntries"}"#
+        ));
+        assert!(!is_transient(StatusCode::FORBIDDEN, b""));
+        assert!(!is_transient(StatusCode::UNAUTHORIZED, b""));
+        assert!(!is_transient(StatusCode::NOT_FOUND, b""));
+    }
+}
