@@ -702,10 +702,21 @@ pub fn select_with<B: AsRef<[u8]>>(
     layout: Layout,
     order: ByteOrder,
 ) -> Result<Selected, EnvError> {
-    let mut decoded: Vec<Result<DecodedCopy, EnvError>> = copies
-        .iter()
-        .map(|c| decode_copy_with(c.as_ref(), layout, order))
-        .collect();
+    select_decoded(
+        copies
+            .iter()
+            .map(|c| decode_copy_with(c.as_ref(), layout, order))
+            .collect(),
+        layout,
+    )
+}
+
+/// Selects the current copy among copies already decoded (an `Err` is an invalid copy: bad
+/// CRC, or a medium too short to hold it).
+pub fn select_decoded(
+    mut decoded: Vec<Result<DecodedCopy, EnvError>>,
+    layout: Layout,
+) -> Result<Selected, EnvError> {
     let valid: Vec<(usize, &DecodedCopy)> = decoded
         .iter()
         .enumerate()

@@ -10,8 +10,10 @@
 
 pub mod env;
 pub mod fw_env_config;
+pub mod lock;
 pub mod scheme;
 pub mod sim;
+pub mod store;
 
 pub use env::{ChangeSet, Env};
 pub use scheme::{Scheme, SchemeKind, Slot};
