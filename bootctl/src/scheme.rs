@@ -173,8 +173,11 @@ pub enum SchemeError {
         configured: Slot,
     },
     /// The configured number of attempts cannot work.
-    #[error("invalid number of boot attempts {0}: must be at least 1")]
-    InvalidAttempts(u32),
+    #[error("invalid number of boot attempts {attempts}: {reason}")]
+    InvalidAttempts { attempts: u32, reason: &'static str },
+    /// The integrator's `bootlimit` would leave the trial without a fallback.
+    #[error("bootlimit={value} is above {max}, the largest limit the boot script enforces")]
+    BootlimitTooHigh { value: String, max: u32 },
 }
 
 /// One A/B scheme: pure reads and transitions over the environment.
@@ -205,13 +208,27 @@ pub fn for_kind(kind: SchemeKind, attempts: u32) -> Box<dyn Scheme> {
     }
 }
 
-/// Check a configured attempt count (0 would never give the new slot a boot).
-pub fn validate_attempts(attempts: u32) -> Result<u32, SchemeError> {
+/// Checks a configured attempt count for `kind`: at least 1 (0 would never boot the new slot),
+/// and for `bootcount` at most [`crate::sim::MAX_BOOTLIMIT`] (the boot script counts to 100).
+pub fn validate_attempts(kind: SchemeKind, attempts: u32) -> Result<u32, SchemeError> {
     if attempts == 0 {
-        Err(SchemeError::InvalidAttempts(attempts))
-    } else {
-        Ok(attempts)
+        return Err(SchemeError::InvalidAttempts {
+            attempts,
+            reason: "must be at least 1",
+        });
     }
+    if kind == SchemeKind::Bootcount && attempts > crate::sim::MAX_BOOTLIMIT {
+        return Err(SchemeError::InvalidAttempts {
+            attempts,
+            reason: "the bootcount boot script enforces at most 99",
+        });
+    }
+    Ok(attempts)
+}
+
+/// U-Boot drops variables with an empty value on import, so `name=` reads as missing.
+pub(crate) fn non_empty(value: Option<&str>) -> Option<&str> {
+    value.filter(|v| !v.is_empty())
 }
 
 /// Collects the desired values of a transition and keeps only the ones that change `env`.
@@ -253,7 +270,9 @@ pub(crate) fn uboot_decimal(value: &str) -> u64 {
         .trim_start()
         .chars()
         .map_while(|c| c.to_digit(10))
-        .fold(0u64, |acc, d| acc.saturating_mul(10).saturating_add(u64::from(d)))
+        .fold(0u64, |acc, d| {
+            acc.saturating_mul(10).saturating_add(u64::from(d))
+        })
 }
 
 /// Leading hex digits as U-Boot reads `0x${VALUE}` ("a" is 10, "zz" is 0), saturating.
@@ -262,21 +281,22 @@ pub(crate) fn uboot_hex(value: &str) -> u64 {
         .trim_start()
         .chars()
         .map_while(|c| c.to_digit(16))
-        .fold(0u64, |acc, d| acc.saturating_mul(16).saturating_add(u64::from(d)))
+        .fold(0u64, |acc, d| {
+            acc.saturating_mul(16).saturating_add(u64::from(d))
+        })
 }
 
-/// A strictly decimal variable value, or the error that names it.
+/// A canonical decimal variable value (no sign, no leading zeros: the boot script compares
+/// `bootlimit` as a string against "0"), or the error that names it.
 fn strict_decimal(name: &'static str, value: &str) -> Result<u64, SchemeError> {
-    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
-        if let Ok(number) = value.parse::<u64>() {
-            return Ok(number);
-        }
+    match value.parse::<u64>() {
+        Ok(number) if number.to_string() == value => Ok(number),
+        _ => Err(SchemeError::InvalidVariable {
+            name,
+            value: value.to_string(),
+            expected: "a decimal number without leading zeros",
+        }),
     }
-    Err(SchemeError::InvalidVariable {
-        name,
-        value: value.to_string(),
-        expected: "a decimal number",
-    })
 }
 
 fn scheme_variables(env: &Env, names: &[&str]) -> BTreeMap<String, String> {
@@ -301,7 +321,7 @@ impl Bootcount {
 
     /// The slot in `bootctl_slot` (default A), or an error for any other value.
     pub fn configured_slot(env: &Env) -> Result<Slot, SchemeError> {
-        match env.get(bootcount_vars::SLOT) {
+        match non_empty(env.get(bootcount_vars::SLOT)) {
             None => Ok(Slot::A),
             Some(value) => value.parse().map_err(|_| SchemeError::InvalidVariable {
                 name: bootcount_vars::SLOT,
@@ -327,17 +347,24 @@ impl Scheme for Bootcount {
     }
 
     fn activate(&self, env: &Env, slot: Slot) -> Result<ChangeSet, SchemeError> {
-        validate_attempts(self.attempts)?;
-        if let Some(limit) = env.get(bootcount_vars::BOOTLIMIT) {
-            // The integrator's limit is kept, but one that U-Boot cannot read would make the
-            // trial boot without a fallback.
-            strict_decimal(bootcount_vars::BOOTLIMIT, limit)?;
+        validate_attempts(SchemeKind::Bootcount, self.attempts)?;
+        let existing_limit = non_empty(env.get(bootcount_vars::BOOTLIMIT));
+        if let Some(limit) = existing_limit {
+            // The integrator's limit is kept, but one the boot script cannot enforce would
+            // leave the trial without a fallback.
+            let value = strict_decimal(bootcount_vars::BOOTLIMIT, limit)?;
+            if value > u64::from(crate::sim::MAX_BOOTLIMIT) {
+                return Err(SchemeError::BootlimitTooHigh {
+                    value: limit.to_string(),
+                    max: crate::sim::MAX_BOOTLIMIT,
+                });
+            }
         }
         let mut changes = Changes::new(env);
         changes.set(bootcount_vars::SLOT, slot.as_str());
         changes.set(bootcount_vars::UPGRADE_AVAILABLE, "1");
         changes.set(bootcount_vars::BOOTCOUNT, "0");
-        if env.get(bootcount_vars::BOOTLIMIT).is_none() {
+        if existing_limit.is_none() {
             changes.set(bootcount_vars::BOOTLIMIT, self.attempts.to_string());
         }
         Ok(changes.finish())
@@ -407,9 +434,8 @@ impl Rauc {
     /// `BOOT_ORDER` as a list of slots (missing or empty reads as `A B`, as U-Boot, which drops
     /// empty variables, reads it; one slot is valid); an unknown name is an error.
     pub fn boot_order(env: &Env) -> Result<Vec<Slot>, SchemeError> {
-        let value = match env.get(rauc_vars::BOOT_ORDER) {
-            None | Some("") => return Ok(vec![Slot::A, Slot::B]),
-            Some(value) => value,
+        let Some(value) = non_empty(env.get(rauc_vars::BOOT_ORDER)) else {
+            return Ok(vec![Slot::A, Slot::B]);
         };
         let mut order = Vec::new();
         for word in value.split_whitespace() {
@@ -448,7 +474,7 @@ impl Scheme for Rauc {
     }
 
     fn activate(&self, env: &Env, slot: Slot) -> Result<ChangeSet, SchemeError> {
-        validate_attempts(self.attempts)?;
+        validate_attempts(SchemeKind::Rauc, self.attempts)?;
         // Refuse a BOOT_ORDER we cannot read rather than overwrite it blindly.
         Self::boot_order(env)?;
         let mut changes = Changes::new(env);
@@ -461,7 +487,7 @@ impl Scheme for Rauc {
     }
 
     fn mark_good(&self, env: &Env, booted: Slot) -> Result<ChangeSet, SchemeError> {
-        validate_attempts(self.attempts)?;
+        validate_attempts(SchemeKind::Rauc, self.attempts)?;
         let mut changes = Changes::new(env);
         changes.set(rauc_vars::left(booted), self.attempts_hex());
         Ok(changes.finish())

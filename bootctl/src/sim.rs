@@ -7,9 +7,11 @@
 //!
 //! `bootcount` (U-Boot's `CONFIG_BOOTCOUNT_ENV` semantics):
 //! - `upgrade_available` is not `1`: boot `bootctl_slot`, save nothing.
-//! - `upgrade_available=1`: `bootcount` + 1; while it is `<= bootlimit`, save it and boot
-//!   `bootctl_slot`; once it is `> bootlimit`, fall back (`altbootcmd`): `bootctl_slot` = the
-//!   other slot, `upgrade_available=0`, `bootcount=0`, and boot that.
+//! - `upgrade_available=1`: `bootcount` + 1; while it is `<= bootlimit` (default 3), save it
+//!   and boot `bootctl_slot`; once it is `> bootlimit`, fall back (`altbootcmd`):
+//!   `bootctl_slot` = the other slot, `upgrade_available=0`, `bootcount=0`, and boot that.
+//!   `bootlimit=0` disables the fallback (as in U-Boot). The script counts without `setexpr`,
+//!   so a `bootcount` outside 0..98 becomes 100 ([`script_increment`]).
 //!
 //! `rauc` (RAUC's `contrib/uboot.sh` semantics, with counters compared as hex):
 //! - Missing `BOOT_ORDER` reads as `A B`, a missing `BOOT_x_LEFT` as the default attempts; the
@@ -25,7 +27,9 @@
 //! skipped.
 
 use crate::env::{ChangeSet, Env};
-use crate::scheme::{bootcount_vars, rauc_vars, uboot_decimal, uboot_hex, SchemeKind, Slot};
+use crate::scheme::{
+    bootcount_vars, non_empty, rauc_vars, uboot_decimal, uboot_hex, SchemeKind, Slot,
+};
 
 /// The attempts the boot script assumes when a variable is missing (its built-in default).
 pub const SCRIPT_DEFAULT_ATTEMPTS: u32 = 3;
@@ -83,14 +87,12 @@ fn decide_bootcount(env: &Env, default_attempts: u32) -> BootDecision {
             event: BootEvent::Normal,
         };
     }
-    let count = env
-        .get(bootcount_vars::BOOTCOUNT)
-        .map_or(0, uboot_decimal)
-        .saturating_add(1);
-    let limit = env
-        .get(bootcount_vars::BOOTLIMIT)
-        .map_or(u64::from(default_attempts), uboot_decimal);
-    if count > limit {
+    let count = script_increment(non_empty(env.get(bootcount_vars::BOOTCOUNT)));
+    let default_limit = default_attempts.to_string();
+    let limit = non_empty(env.get(bootcount_vars::BOOTLIMIT)).unwrap_or(&default_limit);
+    // The script compares with `itest`, which reads both sides as hex; decimal strings keep
+    // their order that way. `bootlimit=0` disables the fallback, as in U-Boot.
+    if limit != "0" && uboot_hex(&count.to_string()) > uboot_hex(limit) {
         let to = slot.other();
         let changes = ChangeSet::new()
             .with(bootcount_vars::SLOT, to.as_str())
@@ -102,32 +104,58 @@ fn decide_bootcount(env: &Env, default_attempts: u32) -> BootDecision {
             event: BootEvent::Fallback {
                 from: slot,
                 count,
-                limit,
+                limit: uboot_decimal(limit),
             },
         }
     } else {
         BootDecision {
             slot,
-            changes: ChangeSet::new().with(bootcount_vars::BOOTCOUNT, count.to_string()),
-            event: BootEvent::Trial { count, limit },
+            changes: only_changed(
+                env,
+                ChangeSet::new().with(bootcount_vars::BOOTCOUNT, count.to_string()),
+            ),
+            event: BootEvent::Trial {
+                count,
+                limit: uboot_decimal(limit),
+            },
         }
     }
 }
+
+/// `bootcount + 1` as the script computes it without `setexpr`: a lookup over "0".."98";
+/// anything else (99, 100+, leading zeros, garbage) becomes 100, above every usable
+/// `bootlimit`.
+pub fn script_increment(bootcount: Option<&str>) -> u64 {
+    let Some(text) = bootcount else {
+        return 1;
+    };
+    match text.parse::<u64>() {
+        Ok(n) if n <= 98 && n.to_string() == text => n + 1,
+        _ => MAX_SCRIPT_BOOTCOUNT,
+    }
+}
+
+/// The highest `bootcount` the boot script writes; a `bootlimit` of this or more never falls
+/// back, so [`MAX_BOOTLIMIT`] is the largest usable limit.
+pub const MAX_SCRIPT_BOOTCOUNT: u64 = 100;
+
+/// The largest `bootlimit` (and `bootcount` attempts) the boot script can enforce.
+pub const MAX_BOOTLIMIT: u32 = 99;
 
 fn decide_rauc(env: &Env, default_attempts: u32) -> BootDecision {
     let default_left = format!("{default_attempts:x}");
     // The script's defaults, saved together with the decrement.
     let mut saved: Vec<(String, String)> = Vec::new();
-    let order_value = match env.get(rauc_vars::BOOT_ORDER) {
-        None | Some("") => {
+    let order_value = match non_empty(env.get(rauc_vars::BOOT_ORDER)) {
+        None => {
             saved.push((rauc_vars::BOOT_ORDER.to_string(), "A B".to_string()));
             "A B".to_string()
         }
         Some(value) => value.to_string(),
     };
     let left = |slot: Slot, saved: &mut Vec<(String, String)>| -> u64 {
-        match env.get(rauc_vars::left(slot)) {
-            None | Some("") => {
+        match non_empty(env.get(rauc_vars::left(slot))) {
+            None => {
                 saved.push((rauc_vars::left(slot).to_string(), default_left.clone()));
                 u64::from(default_attempts)
             }
