@@ -139,8 +139,10 @@ fn redundant_single_copy_has_flag_one_and_crc_without_flag() {
     assert!(decode_copy(&bytes, Layout::Single).is_err());
 }
 
+type Vars = &'static [(&'static str, &'static str)];
+
 /// (file, expected current copy index, expected variables, flags of both copies)
-const PAIRS: &[(&str, usize, &[(&str, &str)], [u8; 2])] = &[
+const PAIRS: &[(&str, usize, Vars, [u8; 2])] = &[
     ("redund-pair-erased2-8k.bin", 0, SLOT_A, [0x01, 0xff]),
     ("redund-pair-newer2-8k.bin", 1, SLOT_B, [0x01, 0x02]),
     ("redund-pair-wrap-8k.bin", 1, SLOT_B, [0xff, 0x00]),
