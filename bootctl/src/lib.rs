@@ -5,15 +5,22 @@
 //! - [`scheme`]: the slot schemes of the contract (`bootcount`, `rauc`) as pure transitions.
 //! - [`sim`]: the decision the boot script makes at power-on, for tests and the demo.
 //! - [`booted`]: which slot is running, from the kernel command line.
+//! - [`BootControl`] ([`control`]): the facade the agent and `ddi-bootctl` use.
+//! - [`fw_env_config`], [`store`], [`lock`]: where the environment lives and how it is saved.
 //!
 //! Every state transition is computed as one [`ChangeSet`] and written in one environment save.
 
+pub mod booted;
+pub mod control;
 pub mod env;
+pub mod error;
 pub mod fw_env_config;
 pub mod lock;
 pub mod scheme;
 pub mod sim;
 pub mod store;
 
+pub use control::{BootControl, BootOptions, Status, Transition};
 pub use env::{ChangeSet, Env};
+pub use error::{Error, Result};
 pub use scheme::{Scheme, SchemeKind, Slot};

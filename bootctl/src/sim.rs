@@ -26,10 +26,16 @@
 //! 0), a `bootctl_slot` other than `B` boots A, names other than A and B in `BOOT_ORDER` are
 //! skipped.
 
+use std::fs;
+use std::io::{self, Write};
+use std::path::Path;
+
 use crate::env::{ChangeSet, Env};
+use crate::error::Error;
 use crate::scheme::{
     bootcount_vars, non_empty, rauc_vars, uboot_decimal, uboot_hex, SchemeKind, Slot,
 };
+use crate::store::EnvStore;
 
 /// The attempts the boot script assumes when a variable is missing (its built-in default).
 pub const SCRIPT_DEFAULT_ATTEMPTS: u32 = 3;
@@ -208,4 +214,94 @@ fn only_changed(env: &Env, changes: ChangeSet) -> ChangeSet {
         .filter(|(name, value)| env.get(name) != *value)
         .map(|(name, value)| (name.to_string(), value.map(str::to_string)))
         .collect()
+}
+
+/// "Power on" a file-backed device: read the environment named by `env_config` (a
+/// `fw_env.config`), make the boot script's decision, save what the script saves (one save, none
+/// when it saves nothing) and write the kernel command line of the booted slot to
+/// `cmdline_path` (atomically: temp file, fsync, rename, fsync of the folder).
+///
+/// Parameters already in `cmdline_path` are kept; slot tokens are replaced by
+/// `bootctl.slot=X`, as the boot script builds `bootargs`.
+pub fn boot_file_device(
+    env_config: &Path,
+    kind: SchemeKind,
+    cmdline_path: &Path,
+) -> Result<Slot, Error> {
+    let store = EnvStore::open_config_file(env_config)?;
+    boot_store(&store, kind, cmdline_path)
+}
+
+/// [`boot_file_device`] over an open store (e.g. with its own lock path).
+pub fn boot_store(store: &EnvStore, kind: SchemeKind, cmdline_path: &Path) -> Result<Slot, Error> {
+    let env = store.read()?;
+    let (slot, changes) = power_on(&env, kind);
+    store.apply(&changes)?;
+    let previous = match fs::read_to_string(cmdline_path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+        Err(source) => {
+            return Err(Error::Booted(crate::booted::BootedError::Read {
+                path: cmdline_path.to_path_buf(),
+                source,
+            }))
+        }
+    };
+    let cmdline = cmdline_for(&previous, slot);
+    write_atomically(cmdline_path, cmdline.as_bytes()).map_err(|source| Error::Write {
+        path: cmdline_path.to_path_buf(),
+        source,
+    })?;
+    Ok(slot)
+}
+
+/// `previous` with every slot token replaced by `bootctl.slot=<slot>` (appended), one line.
+pub fn cmdline_for(previous: &str, slot: Slot) -> String {
+    let mut params: Vec<String> = crate::booted::parameters(previous)
+        .into_iter()
+        .filter(|p| {
+            let name = p.split_once('=').map_or(p.as_str(), |(n, _)| n);
+            !crate::booted::SLOT_PARAMETERS.contains(&name)
+        })
+        .map(|p| {
+            if p.contains(char::is_whitespace) {
+                match p.split_once('=') {
+                    Some((name, value)) => format!("{name}=\"{value}\""),
+                    None => format!("\"{p}\""),
+                }
+            } else {
+                p
+            }
+        })
+        .collect();
+    params.push(format!("bootctl.slot={slot}"));
+    let mut line = params.join(" ");
+    line.push('\n');
+    line
+}
+
+/// Temp file next to `path`, fsync, rename over `path`, fsync the folder.
+fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".tmp{}", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    let result = (|| {
+        let mut file = fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
 }
