@@ -9,3 +9,7 @@
 
 pub mod config;
 pub mod ddi;
+pub mod health;
+pub mod install;
+pub mod machine;
+pub mod persist;

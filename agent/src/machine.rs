@@ -1,0 +1,1215 @@
+//! The update state machine. Pure: [`step`] maps (state, event) to (new state, actions) without
+//! any I/O; the driver executes the actions in order and feeds results back as events.
+//!
+//! The persisted [`State`] holds the phase of the current update, the last result, and the
+//! feedback outbox (feedback that must reach the server, kept until delivered or refused with
+//! 410). Ordering rules for power cuts live here:
+//! - before writing a slot it is marked bad (and that is done before the state says Installing);
+//! - a slot is activated before the state says AwaitingReboot, and the reboot comes after both;
+//! - after a reboot, the booted slot decides: the activated slot means confirm (health checks,
+//!   mark good, `closed`/`success`); the old slot with the bootloader no longer pointing at the
+//!   new one means the bootloader fell back (`closed`/`failure`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ddi::{
+    Artifact, CancelRequest, Deployment, Execution, Feedback, Finished, Handling, Link,
+};
+
+/// A/B slot name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Slot {
+    A,
+    B,
+}
+
+impl Slot {
+    pub fn other(self) -> Slot {
+        match self {
+            Slot::A => Slot::B,
+            Slot::B => Slot::A,
+        }
+    }
+}
+
+impl fmt::Display for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Slot::A => "A",
+            Slot::B => "B",
+        })
+    }
+}
+
+impl std::str::FromStr for Slot {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Slot, String> {
+        match s {
+            "A" | "a" => Ok(Slot::A),
+            "B" | "b" => Ok(Slot::B),
+            other => Err(format!("slot must be A or B, got \"{other}\"")),
+        }
+    }
+}
+
+/// One deployment being carried out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub action_id: String,
+    /// The deploymentBase href; feedback goes to `{href}/feedback`.
+    pub link: String,
+    /// The slot being written: never the booted one.
+    pub target: Slot,
+    pub download_only: bool,
+    /// The server allows activation (update not `skip`, window not `unavailable`).
+    pub may_activate: bool,
+    pub artifact: Artifact,
+    /// Version of the chunk (for messages and status).
+    pub version: String,
+    /// Transient install failures so far.
+    pub failed_tries: u32,
+}
+
+/// Where the current update is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "phase", content = "job", rename_all = "snake_case")]
+pub enum Phase {
+    #[default]
+    Idle,
+    /// Target slot marked bad; downloading and writing (resumable).
+    Installing(Job),
+    /// Written and verified; waiting for permission to activate (maintenance window).
+    Installed(Job),
+    /// Target slot activated; a reboot was requested.
+    AwaitingReboot(Job),
+}
+
+impl Phase {
+    pub fn job(&self) -> Option<&Job> {
+        match self {
+            Phase::Idle => None,
+            Phase::Installing(j) | Phase::Installed(j) | Phase::AwaitingReboot(j) => Some(j),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Idle => "idle",
+            Phase::Installing(_) => "installing",
+            Phase::Installed(_) => "installed",
+            Phase::AwaitingReboot(_) => "awaiting_reboot",
+        }
+    }
+}
+
+/// How an action ended on this device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResultKind {
+    Success,
+    Failure,
+    Canceled,
+    Abandoned,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastResult {
+    pub action_id: String,
+    pub result: ResultKind,
+    pub message: String,
+}
+
+/// Which resource of the action a feedback goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Channel {
+    Deployment,
+    Cancel,
+}
+
+/// Feedback owed to the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outgoing {
+    pub seq: u64,
+    pub channel: Channel,
+    /// Action resource href; the body is POSTed to `{href}/feedback`.
+    pub link: String,
+    pub feedback: Feedback,
+}
+
+impl Outgoing {
+    /// A `closed` with `failure` on the deployment channel: the update failed.
+    pub fn is_failure(&self) -> bool {
+        self.channel == Channel::Deployment
+            && self.feedback.execution == Execution::Closed
+            && self.feedback.finished == Finished::Failure
+    }
+}
+
+/// Everything that survives restarts and reboots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct State {
+    pub phase: Phase,
+    pub last_result: Option<LastResult>,
+    pub outbox: Vec<Outgoing>,
+    pub next_seq: u64,
+    /// Attributes last accepted by the server (configData).
+    pub attributes_sent: Option<BTreeMap<String, String>>,
+    /// Action waiting for `ddi-agent consent accept|deny` (manual consent).
+    pub pending_consent: Option<String>,
+}
+
+impl State {
+    fn queue(&mut self, channel: Channel, link: &str, feedback: Feedback) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.outbox.push(Outgoing {
+            seq,
+            channel,
+            link: link.to_string(),
+            feedback,
+        });
+    }
+
+    /// Drops a delivered (or refused for good) outbox entry.
+    pub fn delivered(&mut self, seq: u64) {
+        self.outbox.retain(|o| o.seq != seq);
+    }
+
+    /// True when the action was finished here (result recorded or closing feedback owed).
+    fn finished_locally(&self, action_id: &str) -> bool {
+        self.last_result
+            .as_ref()
+            .is_some_and(|r| r.action_id == action_id && r.result != ResultKind::Abandoned)
+            || self
+                .outbox
+                .iter()
+                .any(|o| o.feedback.action_id == action_id)
+    }
+
+    fn finish(&mut self, action_id: &str, result: ResultKind, message: String) {
+        self.phase = Phase::Idle;
+        self.last_result = Some(LastResult {
+            action_id: action_id.to_string(),
+            result,
+            message,
+        });
+    }
+}
+
+/// Fixed parameters of the machine (from the config).
+#[derive(Debug, Clone)]
+pub struct Params {
+    /// Boot attempts the bootloader gives a new slot.
+    pub attempts: u32,
+    /// Chunk `part` holding the image.
+    pub artifact_part: String,
+}
+
+/// What the driver must do, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Write the new state to disk now (ordering matters relative to the neighbours).
+    Persist,
+    MarkBad(Slot),
+    Activate(Slot),
+    MarkGood,
+    /// Download and write; answered with [`Event::InstallDone`]. Always last.
+    Install(Job),
+    /// Answered with [`Event::HealthChecked`]. Always last.
+    RunHealthChecks,
+    /// Best-effort progress feedback (not owed: lost if the server is away).
+    Notify {
+        link: String,
+        feedback: Feedback,
+    },
+    /// Try to deliver the outbox.
+    DeliverOutbox,
+    /// Run the reboot command. Always last.
+    Reboot,
+}
+
+/// An install failure as the machine needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstallFailure {
+    pub message: String,
+    /// Transient (network) failure: worth another try later.
+    pub retryable: bool,
+}
+
+/// How often a transient install failure is retried (on later polls) before failing the action.
+pub const MAX_INSTALL_TRIES: u32 = 3;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The agent started: which slot runs, which one the bootloader boots next.
+    Started {
+        booted: Slot,
+        next: Slot,
+    },
+    /// The server offers a deployment (deploymentBase).
+    Deployment {
+        link: Link,
+        deployment: Deployment,
+        booted: Slot,
+    },
+    /// The server asks to cancel an action.
+    Cancel {
+        link: Link,
+        request: CancelRequest,
+    },
+    /// A poll showed no action link at all.
+    NoAction,
+    InstallDone(Result<(), InstallFailure>),
+    HealthChecked(Result<(), String>),
+}
+
+/// The transition function.
+pub fn step(params: &Params, state: State, event: Event) -> (State, Vec<Action>) {
+    let mut s = state;
+    let mut actions = Vec::new();
+    match event {
+        Event::Started { booted, next } => started(params, &mut s, &mut actions, booted, next),
+        Event::Deployment {
+            link,
+            deployment,
+            booted,
+        } => on_deployment(params, &mut s, &mut actions, link, deployment, booted),
+        Event::Cancel { link, request } => on_cancel(&mut s, &mut actions, link, request),
+        Event::NoAction => {
+            if let Phase::Installing(job) | Phase::Installed(job) = s.phase.clone() {
+                // The server dropped the action (force quit, auto-close): stop, slot stays bad.
+                s.finish(
+                    &job.action_id,
+                    ResultKind::Abandoned,
+                    format!(
+                        "action {} disappeared on the server; slot {} left marked bad",
+                        job.action_id, job.target
+                    ),
+                );
+                actions.extend([Action::MarkBad(job.target), Action::Persist]);
+            }
+        }
+        Event::InstallDone(result) => on_install_done(&mut s, &mut actions, result),
+        Event::HealthChecked(result) => on_health(&mut s, &mut actions, result),
+    }
+    (s, actions)
+}
+
+fn started(params: &Params, s: &mut State, actions: &mut Vec<Action>, booted: Slot, next: Slot) {
+    match s.phase.clone() {
+        Phase::Idle | Phase::Installing(_) => {}
+        Phase::Installed(job) => {
+            if booted == job.target {
+                // Power cut between activation and persisting it: the new slot runs.
+                s.phase = Phase::AwaitingReboot(job);
+                actions.extend([Action::Persist, Action::RunHealthChecks]);
+            }
+        }
+        Phase::AwaitingReboot(job) => {
+            if booted == job.target {
+                actions.push(Action::RunHealthChecks);
+            } else if next == job.target {
+                // Activated, but the reboot has not happened yet.
+                actions.push(Action::Reboot);
+            } else {
+                let message = format!(
+                    "rolled back to slot {booted} after {} attempts: slot {} did not boot",
+                    params.attempts, job.target
+                );
+                s.queue(
+                    Channel::Deployment,
+                    &job.link,
+                    Feedback::new(&job.action_id, Execution::Closed, Finished::Failure)
+                        .detail(message.clone()),
+                );
+                s.finish(&job.action_id, ResultKind::Failure, message);
+                actions.extend([Action::Persist, Action::DeliverOutbox]);
+            }
+        }
+    }
+}
+
+/// Picks the artifact to install, or says why the layout cannot be honoured.
+pub fn choose_artifact(part: &str, d: &Deployment) -> Result<(Artifact, String), String> {
+    let chunks: Vec<_> = d.chunks.iter().filter(|c| c.part == part).collect();
+    let chunk = match chunks.as_slice() {
+        [one] => *one,
+        [] => {
+            let parts: Vec<&str> = d.chunks.iter().map(|c| c.part.as_str()).collect();
+            return Err(format!(
+                "no chunk with part \"{part}\" in the deployment (parts: {})",
+                if parts.is_empty() {
+                    "none".to_string()
+                } else {
+                    parts.join(", ")
+                }
+            ));
+        }
+        _ => {
+            return Err(format!(
+                "{} chunks with part \"{part}\"; expected one",
+                chunks.len()
+            ))
+        }
+    };
+    if chunk.encrypted {
+        return Err(format!(
+            "chunk \"{}\" is encrypted; encrypted artifacts are not supported",
+            chunk.name
+        ));
+    }
+    let artifact = match chunk.artifacts.as_slice() {
+        [one] => one.clone(),
+        [] => return Err(format!("chunk \"{}\" has no artifact", chunk.name)),
+        many => {
+            return Err(format!(
+                "chunk \"{}\" has {} artifacts; expected exactly one image",
+                chunk.name,
+                many.len()
+            ))
+        }
+    };
+    if artifact.download.is_none() {
+        return Err(format!(
+            "artifact \"{}\" has no download link",
+            artifact.filename
+        ));
+    }
+    if artifact.hashes.sha256.is_none()
+        && artifact.hashes.sha1.is_none()
+        && artifact.hashes.md5.is_none()
+    {
+        return Err(format!(
+            "artifact \"{}\" comes without any hash; refusing to install unverified data",
+            artifact.filename
+        ));
+    }
+    Ok((artifact, chunk.version.clone()))
+}
+
+fn on_deployment(
+    params: &Params,
+    s: &mut State,
+    actions: &mut Vec<Action>,
+    link: Link,
+    d: Deployment,
+    booted: Slot,
+) {
+    let id = d.action_id.clone();
+    if let Some(job) = s.phase.job() {
+        if job.action_id == id {
+            let mut job = job.clone();
+            job.may_activate = d.may_activate();
+            job.link = link.href.clone();
+            match s.phase.clone() {
+                Phase::Installing(_) => {
+                    s.phase = Phase::Installing(job.clone());
+                    actions.extend([Action::MarkBad(job.target), Action::Install(job)]);
+                }
+                Phase::Installed(_) => {
+                    s.phase = Phase::Installed(job.clone());
+                    if job.may_activate {
+                        activate(s, actions, job);
+                    }
+                }
+                Phase::AwaitingReboot(_) | Phase::Idle => {}
+            }
+            return;
+        }
+        if matches!(s.phase, Phase::AwaitingReboot(_)) {
+            // A new slot is already activated; its confirmation comes first.
+            return;
+        }
+        // Replaced without a cancel (auto-close on the server): the old one is dropped.
+        let old = job.clone();
+        s.finish(
+            &old.action_id,
+            ResultKind::Abandoned,
+            format!("action {} replaced by action {id}", old.action_id),
+        );
+    }
+    if s.finished_locally(&id) {
+        // Our closing feedback is on its way; the server has not seen it yet.
+        actions.push(Action::DeliverOutbox);
+        return;
+    }
+    match choose_artifact(&params.artifact_part, &d) {
+        Err(reason) => {
+            s.queue(
+                Channel::Deployment,
+                &link.href,
+                Feedback::new(&id, Execution::Closed, Finished::Failure).detail(reason.clone()),
+            );
+            s.finish(&id, ResultKind::Failure, reason);
+            actions.extend([Action::Persist, Action::DeliverOutbox]);
+        }
+        Ok((artifact, version)) => {
+            let job = Job {
+                action_id: id.clone(),
+                link: link.href.clone(),
+                target: booted.other(),
+                download_only: d.is_download_only(),
+                may_activate: d.may_activate(),
+                artifact,
+                version,
+                failed_tries: 0,
+            };
+            s.phase = Phase::Installing(job.clone());
+            let what = if job.download_only {
+                "download only"
+            } else if d.update == Handling::Skip {
+                "install now, activate in the maintenance window"
+            } else {
+                "install"
+            };
+            actions.extend([
+                Action::Notify {
+                    link: link.href.clone(),
+                    feedback: Feedback::new(&id, Execution::Proceeding, Finished::None).detail(
+                        format!(
+                            "{what}: writing {} (version {}) to slot {}",
+                            job.artifact.filename, job.version, job.target
+                        ),
+                    ),
+                },
+                Action::MarkBad(job.target),
+                Action::Persist,
+                Action::Install(job),
+            ]);
+        }
+    }
+}
+
+fn activate(s: &mut State, actions: &mut Vec<Action>, job: Job) {
+    s.phase = Phase::AwaitingReboot(job.clone());
+    actions.extend([
+        Action::Activate(job.target),
+        Action::Persist,
+        Action::Notify {
+            link: job.link.clone(),
+            feedback: Feedback::new(&job.action_id, Execution::Proceeding, Finished::None)
+                .detail(format!("slot {} activated; rebooting", job.target)),
+        },
+        Action::Reboot,
+    ]);
+}
+
+fn on_install_done(s: &mut State, actions: &mut Vec<Action>, result: Result<(), InstallFailure>) {
+    let Phase::Installing(mut job) = s.phase.clone() else {
+        return;
+    };
+    match result {
+        Ok(()) if job.download_only => {
+            let message = format!(
+                "downloaded {} (version {}) to slot {}; not activated (download only)",
+                job.artifact.filename, job.version, job.target
+            );
+            s.queue(
+                Channel::Deployment,
+                &job.link,
+                Feedback::new(&job.action_id, Execution::Downloaded, Finished::Success)
+                    .detail(message.clone()),
+            );
+            s.finish(&job.action_id, ResultKind::Success, message);
+            actions.extend([Action::Persist, Action::DeliverOutbox]);
+        }
+        Ok(()) => {
+            s.phase = Phase::Installed(job.clone());
+            actions.push(Action::Notify {
+                link: job.link.clone(),
+                feedback: Feedback::new(&job.action_id, Execution::Downloaded, Finished::None)
+                    .detail(format!("written and verified in slot {}", job.target)),
+            });
+            if job.may_activate {
+                activate(s, actions, job);
+            } else {
+                actions.extend([
+                    Action::Persist,
+                    Action::Notify {
+                        link: job.link.clone(),
+                        feedback: Feedback::new(
+                            &job.action_id,
+                            Execution::Scheduled,
+                            Finished::None,
+                        )
+                        .detail("waiting for the maintenance window to activate"),
+                    },
+                ]);
+            }
+        }
+        Err(f) if f.retryable && job.failed_tries + 1 < MAX_INSTALL_TRIES => {
+            job.failed_tries += 1;
+            s.phase = Phase::Installing(job);
+            actions.push(Action::Persist);
+        }
+        Err(f) => {
+            s.queue(
+                Channel::Deployment,
+                &job.link,
+                Feedback::new(&job.action_id, Execution::Closed, Finished::Failure)
+                    .detail(f.message.clone())
+                    .detail(format!(
+                        "slot {} left marked bad; nothing activated",
+                        job.target
+                    )),
+            );
+            s.finish(&job.action_id, ResultKind::Failure, f.message);
+            actions.extend([Action::Persist, Action::DeliverOutbox]);
+        }
+    }
+}
+
+fn on_health(s: &mut State, actions: &mut Vec<Action>, result: Result<(), String>) {
+    let Phase::AwaitingReboot(job) = s.phase.clone() else {
+        return;
+    };
+    match result {
+        Ok(()) => {
+            let message = format!(
+                "version {} running from slot {} and confirmed",
+                job.version, job.target
+            );
+            s.queue(
+                Channel::Deployment,
+                &job.link,
+                Feedback::new(&job.action_id, Execution::Closed, Finished::Success)
+                    .detail(message.clone()),
+            );
+            s.finish(&job.action_id, ResultKind::Success, message);
+            actions.extend([Action::MarkGood, Action::Persist, Action::DeliverOutbox]);
+        }
+        Err(output) => {
+            let message = format!(
+                "health check failed in slot {}; slot marked bad, rebooting into slot {}",
+                job.target,
+                job.target.other()
+            );
+            let mut fb = Feedback::new(&job.action_id, Execution::Closed, Finished::Failure)
+                .detail(message.clone());
+            for line in output.lines().filter(|l| !l.trim().is_empty()).take(20) {
+                fb = fb.detail(line);
+            }
+            s.queue(Channel::Deployment, &job.link, fb);
+            s.finish(&job.action_id, ResultKind::Failure, message);
+            actions.extend([
+                Action::MarkBad(job.target),
+                Action::Persist,
+                Action::DeliverOutbox,
+                Action::Reboot,
+            ]);
+        }
+    }
+}
+
+fn on_cancel(s: &mut State, actions: &mut Vec<Action>, link: Link, req: CancelRequest) {
+    let id = req.action_id.clone();
+    if s.outbox
+        .iter()
+        .any(|o| o.channel == Channel::Cancel && o.feedback.action_id == id)
+    {
+        actions.push(Action::DeliverOutbox);
+        return;
+    }
+    match s.phase.clone() {
+        Phase::Installing(job) | Phase::Installed(job) if job.action_id == id => {
+            let message = format!(
+                "canceled before activation; slot {} left marked bad",
+                job.target
+            );
+            s.queue(
+                Channel::Cancel,
+                &link.href,
+                Feedback::new(&id, Execution::Closed, Finished::Success).detail(message.clone()),
+            );
+            s.finish(&id, ResultKind::Canceled, message);
+            actions.extend([
+                Action::MarkBad(job.target),
+                Action::Persist,
+                Action::DeliverOutbox,
+            ]);
+        }
+        Phase::AwaitingReboot(job) if job.action_id == id => {
+            s.queue(
+                Channel::Cancel,
+                &link.href,
+                Feedback::new(&id, Execution::Rejected, Finished::None).detail(format!(
+                    "slot {} is already activated; the update completes",
+                    job.target
+                )),
+            );
+            actions.extend([Action::Persist, Action::DeliverOutbox]);
+        }
+        _ => {
+            // Nothing of this action is in progress here: accept.
+            s.queue(
+                Channel::Cancel,
+                &link.href,
+                Feedback::new(&id, Execution::Closed, Finished::Success)
+                    .detail("nothing in progress for this action; canceled"),
+            );
+            if s.phase.job().is_none() && !s.finished_locally_result(&id) {
+                s.last_result = Some(LastResult {
+                    action_id: id.clone(),
+                    result: ResultKind::Canceled,
+                    message: "canceled before it started".into(),
+                });
+            }
+            actions.extend([Action::Persist, Action::DeliverOutbox]);
+        }
+    }
+}
+
+impl State {
+    fn finished_locally_result(&self, action_id: &str) -> bool {
+        self.last_result
+            .as_ref()
+            .is_some_and(|r| r.action_id == action_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ddi::{Chunk, Hashes, MaintenanceWindow};
+
+    fn params() -> Params {
+        Params {
+            attempts: 3,
+            artifact_part: "os".into(),
+        }
+    }
+
+    fn artifact() -> Artifact {
+        Artifact {
+            filename: "rootfs.img".into(),
+            hashes: Hashes {
+                sha256: Some("ab".repeat(32)),
+                sha1: None,
+                md5: None,
+            },
+            size: Some(1024),
+            download: Some(Link {
+                href: "http://h/art/rootfs.img".into(),
+            }),
+        }
+    }
+
+    fn deployment(id: &str, update: Handling, window: Option<MaintenanceWindow>) -> Deployment {
+        Deployment {
+            action_id: id.into(),
+            download: Handling::Forced,
+            update,
+            maintenance_window: window,
+            chunks: vec![Chunk {
+                part: "os".into(),
+                name: "fw".into(),
+                version: "2.0".into(),
+                encrypted: false,
+                artifacts: vec![artifact()],
+                metadata: BTreeMap::new(),
+            }],
+            history_status: None,
+            history_messages: vec![],
+        }
+    }
+
+    fn dlink(id: &str) -> Link {
+        Link {
+            href: format!("http://h/T/controller/v1/d/deploymentBase/{id}?c=1"),
+        }
+    }
+
+    fn clink(id: &str) -> Link {
+        Link {
+            href: format!("http://h/T/controller/v1/d/cancelAction/{id}"),
+        }
+    }
+
+    fn offer(s: State, d: Deployment, booted: Slot) -> (State, Vec<Action>) {
+        let link = dlink(&d.action_id);
+        step(
+            &params(),
+            s,
+            Event::Deployment {
+                link,
+                deployment: d,
+                booted,
+            },
+        )
+    }
+
+    fn ev(s: State, e: Event) -> (State, Vec<Action>) {
+        step(&params(), s, e)
+    }
+
+    fn only_outbox(s: &State) -> Vec<(Channel, Execution, Finished)> {
+        s.outbox
+            .iter()
+            .map(|o| (o.channel, o.feedback.execution, o.feedback.finished))
+            .collect()
+    }
+
+    fn kinds(actions: &[Action]) -> Vec<&'static str> {
+        actions
+            .iter()
+            .map(|a| match a {
+                Action::Persist => "persist",
+                Action::MarkBad(_) => "mark_bad",
+                Action::Activate(_) => "activate",
+                Action::MarkGood => "mark_good",
+                Action::Install(_) => "install",
+                Action::RunHealthChecks => "health",
+                Action::Notify { .. } => "notify",
+                Action::DeliverOutbox => "deliver",
+                Action::Reboot => "reboot",
+            })
+            .collect()
+    }
+
+    /// Runs a forced update up to the reboot; returns the state at AwaitingReboot.
+    fn through_activation(d: Deployment) -> State {
+        let (s, a) = offer(State::default(), d, Slot::A);
+        assert_eq!(kinds(&a), ["notify", "mark_bad", "persist", "install"]);
+        assert_eq!(a[1], Action::MarkBad(Slot::B));
+        let (s, a) = ev(s, Event::InstallDone(Ok(())));
+        assert_eq!(
+            kinds(&a),
+            ["notify", "activate", "persist", "notify", "reboot"]
+        );
+        assert_eq!(a[1], Action::Activate(Slot::B));
+        assert!(matches!(s.phase, Phase::AwaitingReboot(ref j) if j.target == Slot::B));
+        assert!(s.outbox.is_empty(), "nothing closed before the reboot");
+        s
+    }
+
+    #[test]
+    fn forced_update_confirms_after_reboot() {
+        let s = through_activation(deployment("7", Handling::Forced, None));
+        let (s, a) = ev(
+            s,
+            Event::Started {
+                booted: Slot::B,
+                next: Slot::B,
+            },
+        );
+        assert_eq!(a, vec![Action::RunHealthChecks]);
+        let (s, a) = ev(s, Event::HealthChecked(Ok(())));
+        assert_eq!(kinds(&a), ["mark_good", "persist", "deliver"]);
+        assert_eq!(
+            only_outbox(&s),
+            [(Channel::Deployment, Execution::Closed, Finished::Success)]
+        );
+        assert_eq!(s.phase, Phase::Idle);
+        assert_eq!(s.last_result.as_ref().unwrap().result, ResultKind::Success);
+        assert_eq!(
+            s.outbox[0].link,
+            "http://h/T/controller/v1/d/deploymentBase/7?c=1"
+        );
+    }
+
+    #[test]
+    fn soft_and_timeforced_install_like_forced() {
+        through_activation(deployment("7", Handling::Attempt, None));
+    }
+
+    #[test]
+    fn rollback_is_reported_with_slot_and_attempts() {
+        let s = through_activation(deployment("7", Handling::Forced, None));
+        let (s, a) = ev(
+            s,
+            Event::Started {
+                booted: Slot::A,
+                next: Slot::A,
+            },
+        );
+        assert_eq!(kinds(&a), ["persist", "deliver"]);
+        assert_eq!(
+            only_outbox(&s),
+            [(Channel::Deployment, Execution::Closed, Finished::Failure)]
+        );
+        assert!(s.outbox[0].feedback.details[0].contains("rolled back to slot A after 3 attempts"));
+        assert!(s.outbox[0].is_failure());
+        assert_eq!(s.phase, Phase::Idle);
+    }
+
+    #[test]
+    fn restart_before_reboot_reboots_again() {
+        let s = through_activation(deployment("7", Handling::Forced, None));
+        let (s2, a) = ev(
+            s.clone(),
+            Event::Started {
+                booted: Slot::A,
+                next: Slot::B,
+            },
+        );
+        assert_eq!(a, vec![Action::Reboot]);
+        assert_eq!(s2, s);
+    }
+
+    #[test]
+    fn power_cut_between_activate_and_persist_still_confirms() {
+        let (s, _) = offer(
+            State::default(),
+            deployment("7", Handling::Forced, None),
+            Slot::A,
+        );
+        let (s, _) = ev(s, Event::InstallDone(Ok(())));
+        // The persisted state is the one before activation: Installed.
+        let Phase::AwaitingReboot(job) = s.phase.clone() else {
+            panic!()
+        };
+        let installed = State {
+            phase: Phase::Installed(job),
+            ..s
+        };
+        let (s, a) = ev(
+            installed.clone(),
+            Event::Started {
+                booted: Slot::B,
+                next: Slot::B,
+            },
+        );
+        assert_eq!(kinds(&a), ["persist", "health"]);
+        assert!(matches!(s.phase, Phase::AwaitingReboot(_)));
+        // Not booted into it: nothing happens at start; the next poll decides.
+        let (s, a) = ev(
+            installed.clone(),
+            Event::Started {
+                booted: Slot::A,
+                next: Slot::B,
+            },
+        );
+        assert!(a.is_empty());
+        assert_eq!(s, installed);
+    }
+
+    #[test]
+    fn health_failure_marks_bad_reports_output_and_reboots_back() {
+        let s = through_activation(deployment("7", Handling::Forced, None));
+        let (s, _) = ev(
+            s,
+            Event::Started {
+                booted: Slot::B,
+                next: Slot::B,
+            },
+        );
+        let (s, a) = ev(
+            s,
+            Event::HealthChecked(Err("check `false` exited with 1\nlast line".into())),
+        );
+        assert_eq!(kinds(&a), ["mark_bad", "persist", "deliver", "reboot"]);
+        assert_eq!(a[0], Action::MarkBad(Slot::B));
+        let fb = &s.outbox[0].feedback;
+        assert_eq!(
+            (fb.execution, fb.finished),
+            (Execution::Closed, Finished::Failure)
+        );
+        assert!(fb.details.iter().any(|d| d.contains("exited with 1")));
+        assert!(fb.details.iter().any(|d| d == "last line"));
+        assert_eq!(s.phase, Phase::Idle);
+        // After the reboot into A nothing more happens.
+        let (s2, a) = ev(
+            s.clone(),
+            Event::Started {
+                booted: Slot::A,
+                next: Slot::A,
+            },
+        );
+        assert!(a.is_empty());
+        assert_eq!(s2, s);
+    }
+
+    #[test]
+    fn download_only_closes_with_downloaded_and_never_activates() {
+        let d = deployment("8", Handling::Skip, None);
+        let (s, a) = offer(State::default(), d, Slot::B);
+        assert!(matches!(&a[3], Action::Install(j) if j.download_only && j.target == Slot::A));
+        let (s, a) = ev(s, Event::InstallDone(Ok(())));
+        assert_eq!(kinds(&a), ["persist", "deliver"]);
+        assert_eq!(
+            only_outbox(&s),
+            [(
+                Channel::Deployment,
+                Execution::Downloaded,
+                Finished::Success
+            )]
+        );
+        assert_eq!(s.phase, Phase::Idle);
+        // The same action offered again (server not yet updated): no second download.
+        let (s2, a) = offer(s.clone(), deployment("8", Handling::Skip, None), Slot::B);
+        assert_eq!(kinds(&a), ["deliver"]);
+        assert_eq!(s2, s);
+    }
+
+    #[test]
+    fn maintenance_window_installs_now_activates_later() {
+        let unavailable = deployment("9", Handling::Skip, Some(MaintenanceWindow::Unavailable));
+        let (s, a) = offer(State::default(), unavailable.clone(), Slot::A);
+        assert!(matches!(&a[3], Action::Install(j) if !j.download_only && !j.may_activate));
+        let (s, a) = ev(s, Event::InstallDone(Ok(())));
+        assert_eq!(kinds(&a), ["notify", "persist", "notify"]);
+        assert!(matches!(s.phase, Phase::Installed(_)));
+        // Still unavailable: nothing.
+        let (s, a) = offer(s, unavailable, Slot::A);
+        assert!(a.is_empty());
+        assert!(matches!(s.phase, Phase::Installed(_)));
+        // Window opens: activate and reboot, without reinstalling.
+        let (s, a) = offer(
+            s,
+            deployment("9", Handling::Forced, Some(MaintenanceWindow::Available)),
+            Slot::A,
+        );
+        assert_eq!(kinds(&a), ["activate", "persist", "notify", "reboot"]);
+        assert!(matches!(s.phase, Phase::AwaitingReboot(_)));
+    }
+
+    #[test]
+    fn install_failures() {
+        let (s, _) = offer(
+            State::default(),
+            deployment("7", Handling::Forced, None),
+            Slot::A,
+        );
+        let transient = || {
+            Event::InstallDone(Err(InstallFailure {
+                message: "connection reset".into(),
+                retryable: true,
+            }))
+        };
+        let (s, a) = ev(s, transient());
+        assert_eq!(kinds(&a), ["persist"]);
+        assert!(matches!(&s.phase, Phase::Installing(j) if j.failed_tries == 1));
+        // Resumed on the next offer without a new "started" message.
+        let (s, a) = offer(s, deployment("7", Handling::Forced, None), Slot::A);
+        assert_eq!(kinds(&a), ["mark_bad", "install"]);
+        let (s, _) = ev(s, transient());
+        let (s, a) = ev(s, transient());
+        assert_eq!(kinds(&a), ["persist", "deliver"]);
+        assert_eq!(
+            only_outbox(&s),
+            [(Channel::Deployment, Execution::Closed, Finished::Failure)]
+        );
+        let (s, _) = offer(
+            State::default(),
+            deployment("7", Handling::Forced, None),
+            Slot::A,
+        );
+        let (s, _) = ev(
+            s,
+            Event::InstallDone(Err(InstallFailure {
+                message: "sha256 mismatch".into(),
+                retryable: false,
+            })),
+        );
+        assert!(s.outbox[0].feedback.details[0].contains("sha256 mismatch"));
+        assert_eq!(s.last_result.unwrap().result, ResultKind::Failure);
+    }
+
+    #[test]
+    fn unusable_layouts_are_refused_with_a_reason() {
+        let mut no_os = deployment("5", Handling::Forced, None);
+        no_os.chunks[0].part = "bApp".into();
+        let mut two = deployment("5", Handling::Forced, None);
+        two.chunks[0].artifacts.push(artifact());
+        let mut encrypted = deployment("5", Handling::Forced, None);
+        encrypted.chunks[0].encrypted = true;
+        let mut unhashed = deployment("5", Handling::Forced, None);
+        unhashed.chunks[0].artifacts[0].hashes = Hashes::default();
+        let mut nolink = deployment("5", Handling::Forced, None);
+        nolink.chunks[0].artifacts[0].download = None;
+        for (d, needle) in [
+            (no_os, "no chunk with part \"os\""),
+            (two, "2 artifacts"),
+            (encrypted, "encrypted"),
+            (unhashed, "without any hash"),
+            (nolink, "no download link"),
+        ] {
+            let (s, a) = offer(State::default(), d, Slot::A);
+            assert_eq!(kinds(&a), ["persist", "deliver"], "{needle}");
+            assert!(
+                s.outbox[0].feedback.details[0].contains(needle),
+                "{:?}",
+                s.outbox[0].feedback.details
+            );
+            assert_eq!(s.outbox[0].feedback.finished, Finished::Failure);
+        }
+    }
+
+    #[test]
+    fn cancel_at_each_stage() {
+        let d = || deployment("7", Handling::Forced, None);
+        // While installing (e.g. after a restart mid-download).
+        let (s, _) = offer(State::default(), d(), Slot::A);
+        let (s, a) = ev(
+            s,
+            Event::Cancel {
+                link: clink("7"),
+                request: CancelRequest {
+                    action_id: "7".into(),
+                    stop_id: "7".into(),
+                },
+            },
+        );
+        assert_eq!(kinds(&a), ["mark_bad", "persist", "deliver"]);
+        assert_eq!(
+            only_outbox(&s),
+            [(Channel::Cancel, Execution::Closed, Finished::Success)]
+        );
+        assert_eq!(s.outbox[0].link, clink("7").href);
+        assert_eq!(s.last_result.as_ref().unwrap().result, ResultKind::Canceled);
+        assert_eq!(s.phase, Phase::Idle);
+        // Asked again before the answer is delivered: not queued twice.
+        let (s2, a) = ev(
+            s.clone(),
+            Event::Cancel {
+                link: clink("7"),
+                request: CancelRequest {
+                    action_id: "7".into(),
+                    stop_id: "7".into(),
+                },
+            },
+        );
+        assert_eq!(kinds(&a), ["deliver"]);
+        assert_eq!(s2.outbox.len(), 1);
+
+        // Installed, waiting for the window.
+        let (s, _) = offer(
+            State::default(),
+            deployment("7", Handling::Skip, Some(MaintenanceWindow::Unavailable)),
+            Slot::A,
+        );
+        let (s, _) = ev(s, Event::InstallDone(Ok(())));
+        let cancel = Event::Cancel {
+            link: clink("7"),
+            request: CancelRequest {
+                action_id: "7".into(),
+                stop_id: "7".into(),
+            },
+        };
+        let (s, a) = ev(s, cancel.clone());
+        assert_eq!(a[0], Action::MarkBad(Slot::B));
+        assert_eq!(s.phase, Phase::Idle);
+
+        // After activation: rejected, the update goes on.
+        let s = through_activation(d());
+        let (s, a) = ev(s, cancel.clone());
+        assert_eq!(kinds(&a), ["persist", "deliver"]);
+        assert_eq!(
+            only_outbox(&s),
+            [(Channel::Cancel, Execution::Rejected, Finished::None)]
+        );
+        assert!(matches!(s.phase, Phase::AwaitingReboot(_)));
+
+        // Nothing in progress: accept.
+        let (s, _) = ev(State::default(), cancel);
+        assert_eq!(
+            only_outbox(&s),
+            [(Channel::Cancel, Execution::Closed, Finished::Success)]
+        );
+        assert_eq!(s.phase, Phase::Idle);
+    }
+
+    #[test]
+    fn cancel_of_another_action_leaves_the_job_alone() {
+        let (s, _) = offer(
+            State::default(),
+            deployment("7", Handling::Forced, None),
+            Slot::A,
+        );
+        let (s, _) = ev(
+            s,
+            Event::Cancel {
+                link: clink("6"),
+                request: CancelRequest {
+                    action_id: "6".into(),
+                    stop_id: "6".into(),
+                },
+            },
+        );
+        assert!(matches!(&s.phase, Phase::Installing(j) if j.action_id == "7"));
+        assert_eq!(s.outbox[0].feedback.action_id, "6");
+    }
+
+    #[test]
+    fn vanished_or_replaced_actions_are_abandoned() {
+        let (s, _) = offer(
+            State::default(),
+            deployment("7", Handling::Forced, None),
+            Slot::A,
+        );
+        let (s2, a) = ev(s.clone(), Event::NoAction);
+        assert_eq!(a, vec![Action::MarkBad(Slot::B), Action::Persist]);
+        assert_eq!(s2.phase, Phase::Idle);
+        assert_eq!(s2.last_result.unwrap().result, ResultKind::Abandoned);
+        let (s3, a) = offer(s, deployment("8", Handling::Forced, None), Slot::A);
+        assert!(matches!(a.last(), Some(Action::Install(j)) if j.action_id == "8"));
+        assert!(matches!(&s3.phase, Phase::Installing(j) if j.action_id == "8"));
+        // While awaiting a reboot, a new action waits.
+        let s = through_activation(deployment("7", Handling::Forced, None));
+        let (s2, a) = offer(s.clone(), deployment("8", Handling::Forced, None), Slot::A);
+        assert!(a.is_empty());
+        assert_eq!(s2, s);
+        let (s2, a) = ev(s.clone(), Event::NoAction);
+        assert!(a.is_empty());
+        assert_eq!(s2, s);
+    }
+
+    #[test]
+    fn stray_events_change_nothing() {
+        for e in [
+            Event::InstallDone(Ok(())),
+            Event::HealthChecked(Ok(())),
+            Event::HealthChecked(Err("x".into())),
+            Event::NoAction,
+            Event::Started {
+                booted: Slot::A,
+                next: Slot::B,
+            },
+        ] {
+            let (s, a) = ev(State::default(), e.clone());
+            assert_eq!(s, State::default(), "{e:?}");
+            assert!(a.is_empty(), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn repeated_offer_while_awaiting_reboot_does_nothing() {
+        let s = through_activation(deployment("7", Handling::Forced, None));
+        let (s2, a) = offer(s.clone(), deployment("7", Handling::Forced, None), Slot::A);
+        assert!(a.is_empty());
+        assert_eq!(s2, s);
+    }
+
+    #[test]
+    fn outbox_sequence_and_delivery() {
+        let mut s = State::default();
+        s.queue(
+            Channel::Deployment,
+            "l",
+            Feedback::new("1", Execution::Closed, Finished::Success),
+        );
+        s.queue(
+            Channel::Cancel,
+            "m",
+            Feedback::new("2", Execution::Closed, Finished::Success),
+        );
+        assert_eq!(s.outbox[1].seq, 1);
+        s.delivered(0);
+        assert_eq!(s.outbox.len(), 1);
+        assert_eq!(s.outbox[0].seq, 1);
+        let json = serde_json::to_string(&s).unwrap();
+        let back: State = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
+    }
+
+    #[test]
+    fn every_state_survives_serialization() {
+        let s = through_activation(deployment("7", Handling::Forced, None));
+        let back: State = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+    }
+}
