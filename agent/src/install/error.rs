@@ -1,0 +1,142 @@
+//! The install pipeline's error type: one variant per way an install can fail, each carrying
+//! the context (URL, path, offset, sizes) an operator needs to understand it.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Why an install failed. [`InstallError::is_retryable`] separates transient network trouble
+/// (worth another attempt later, resuming where it stopped) from permanent failures.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InstallError {
+    /// The request itself cannot be carried out (no hash offered, empty URL, ...).
+    #[error("invalid install request: {0}")]
+    InvalidRequest(String),
+
+    /// The server answered with an HTTP status that is not a success.
+    #[error("download of {url} failed: HTTP status {status}")]
+    HttpStatus { url: String, status: u16 },
+
+    /// The connection kept failing; the retries are exhausted.
+    #[error("download of {url} failed at byte {offset} after {attempts} attempts: {message}")]
+    Network {
+        url: String,
+        offset: u64,
+        attempts: u32,
+        message: String,
+    },
+
+    /// The body ended before the announced size, on every retry.
+    #[error(
+        "download of {url} truncated: got {received} of {expected} bytes after {attempts} attempts"
+    )]
+    Truncated {
+        url: String,
+        received: u64,
+        expected: u64,
+        attempts: u32,
+    },
+
+    /// The server sent more bytes, or announced another size, than the artifact's size.
+    #[error("download of {url}: server sent {actual} bytes, the artifact has {expected}")]
+    SizeMismatch {
+        url: String,
+        expected: u64,
+        actual: u64,
+    },
+
+    /// The artifact bytes do not have the hash the server announced.
+    #[error("{algorithm} mismatch: expected {expected}, got {actual}")]
+    HashMismatch {
+        algorithm: &'static str,
+        expected: String,
+        actual: String,
+    },
+
+    /// The image does not fit into the slot.
+    #[error("image of {image_size} bytes{} does not fit slot {} ({capacity} bytes)", if *.at_least { " or more" } else { "" }, slot.display())]
+    TooLarge {
+        slot: PathBuf,
+        image_size: u64,
+        /// true when only a lower bound of the image size is known (the decoder overran).
+        at_least: bool,
+        capacity: u64,
+    },
+
+    /// The target is the running system (or holds a mounted filesystem).
+    #[error("refusing to write {}: {reason}", slot.display())]
+    SlotInUse { slot: PathBuf, reason: String },
+
+    /// The target cannot be used as a slot (missing, a directory, empty, ...).
+    #[error("slot {} cannot be used: {reason}", slot.display())]
+    SlotUnusable { slot: PathBuf, reason: String },
+
+    /// Reading, writing or syncing the slot failed (disk full, I/O error, ...).
+    #[error("{op} slot {} at offset {offset}: {source}", slot.display())]
+    SlotIo {
+        slot: PathBuf,
+        op: &'static str,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+
+    /// What was read back from the slot is not what was written.
+    #[error("read-back of slot {} differs: wrote sha256 {written}, read {read}", slot.display())]
+    ReadBackMismatch {
+        slot: PathBuf,
+        written: String,
+        read: String,
+    },
+
+    /// The gzip stream is corrupt or truncated.
+    #[error("{format} data corrupt at artifact byte {offset}: {source}")]
+    Decode {
+        format: &'static str,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+
+    /// The tar archive breaks a rule (traversal, links, devices, several images, ...).
+    #[error("archive rejected: {0}")]
+    ArchiveRejected(String),
+
+    /// Signed-bundle verification failed or is required but unavailable.
+    #[error("signature: {0}")]
+    Signature(String),
+
+    /// The resume state file could not be written.
+    #[error("resume state {}: {source}", path.display())]
+    ResumeState {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    /// The download side stopped without saying why (install cancelled).
+    #[error("download aborted before the end of the artifact")]
+    Aborted,
+
+    /// A pipeline task died (a bug).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl InstallError {
+    /// True for transient network faults that exhausted their retries: trying the same
+    /// install again later may succeed (and resumes where possible). Everything else is
+    /// permanent for this artifact.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            InstallError::Network { .. } | InstallError::Truncated { .. } => true,
+            InstallError::HttpStatus { status, .. } => is_transient_status(*status),
+            _ => false,
+        }
+    }
+}
+
+/// HTTP statuses that say "try again later" rather than "no".
+pub(crate) fn is_transient_status(status: u16) -> bool {
+    matches!(status, 408 | 429 | 500..=599)
+}

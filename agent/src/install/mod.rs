@@ -1,0 +1,298 @@
+//! The install pipeline: stream one artifact from the server into the inactive slot and prove
+//! it arrived intact.
+//!
+//! ```text
+//!  async task                    bounded channel   blocking thread
+//!  HTTP GET (Range on resume) ─► Chunk::Data … ─► hash ─► (bundle) ─► gzip? ─► tar? ─► size guard ─► slot writer
+//!   retries + backoff, rate limit                  (as served)          (magic bytes)     (capacity)   1 MiB aligned writes,
+//!                                                                                                        bounded dirty pages
+//!                                       end: hash check ─► fsync ─► read back + compare sha256 ─► Installed
+//! ```
+//!
+//! Safety before the first byte: the slot is opened without create/truncate (a regular
+//! file's size is its capacity), is not the booted slot (path, symlinks, major:minor) and holds
+//! no mounted filesystem; an image whose size is known and too large fails before writing.
+//! The caller (the driver) marks the slot bad in the bootloader before calling [`install`].
+//!
+//! Resume: within one run, network faults are resumed with Range requests; across restarts,
+//! raw images continue from the last durable checkpoint (see [`resume`]).
+//!
+//! Layout: [`source`] (download), [`pipeline`] (blocking stage), [`decode`] (format
+//! detection), [`archive`] (tar rules), [`slot`] (slot safety and writer), [`hash`],
+//! [`resume`], [`bundle`] (signed-bundle seam), [`error`].
+
+pub mod archive;
+pub mod bundle;
+pub mod decode;
+pub mod error;
+pub mod hash;
+pub mod pipeline;
+pub mod resume;
+pub mod slot;
+pub mod source;
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+pub use bundle::BundlePolicy;
+pub use error::InstallError;
+
+use pipeline::{Counters, SinkPlan};
+use slot::SlotDevice;
+
+/// The hashes the server announced for the artifact (lower- or upper-case hex).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExpectedHash {
+    pub sha256: Option<String>,
+    pub sha1: Option<String>,
+    pub md5: Option<String>,
+}
+
+/// One artifact to install into one slot.
+#[derive(Debug, Clone, Default)]
+pub struct InstallRequest {
+    /// Artifact link href (download-http or download).
+    pub url: String,
+    /// e.g. ("Authorization", "TargetToken x"); the driver decides the same-host policy.
+    pub auth_header: Option<(String, String)>,
+    pub expected: ExpectedHash,
+    /// Artifact size from the server.
+    pub size: Option<u64>,
+    pub filename: String,
+    /// Target slot (block device or regular file).
+    pub slot_path: PathBuf,
+    /// Never written.
+    pub booted_slot_path: Option<PathBuf>,
+    /// State file for resume across restarts (in state_dir).
+    pub resume_path: PathBuf,
+    /// Bytes per second.
+    pub max_rate: Option<u64>,
+    /// Signature policy; None = plain images.
+    pub bundle: Option<BundlePolicy>,
+}
+
+/// Progress, reported at most about once per second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    Downloading { done: u64, total: Option<u64> },
+    Verifying { done: u64, total: u64 },
+}
+
+/// The result of a successful install.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installed {
+    /// Image bytes on the slot (after decompression / extraction).
+    pub bytes_written: u64,
+    /// sha256 of those bytes, as read back from the slot.
+    pub sha256_of_slot_image: String,
+}
+
+/// How network faults are retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Faults in a row (without receiving a byte in between) before giving up.
+    pub attempts: u32,
+    pub first_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 6,
+            first_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Exponential backoff for the `failure`-th fault in a row (1-based).
+    pub fn backoff(&self, failure: u32) -> Duration {
+        let factor = 1u32 << failure.saturating_sub(1).min(16);
+        self.first_backoff
+            .saturating_mul(factor)
+            .min(self.max_backoff)
+    }
+}
+
+/// Knobs beyond the request; `Default` is what production uses.
+#[derive(Debug, Clone)]
+pub struct InstallOptions {
+    pub retry: RetryPolicy,
+    /// A connection that delivers nothing for this long counts as a network fault.
+    pub stall_timeout: Duration,
+    /// The image member of a tar artifact holding several files.
+    pub archive_member: Option<String>,
+    /// The mount table checked for the slot (`/proc/self/mountinfo`).
+    pub mountinfo: PathBuf,
+    /// Minimum time between progress callbacks.
+    pub progress_interval: Duration,
+}
+
+impl Default for InstallOptions {
+    fn default() -> Self {
+        InstallOptions {
+            retry: RetryPolicy::default(),
+            stall_timeout: Duration::from_secs(60),
+            archive_member: None,
+            mountinfo: PathBuf::from("/proc/self/mountinfo"),
+            progress_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Install the artifact of `req` into its slot with the default options.
+pub async fn install(
+    client: &reqwest::Client,
+    req: &InstallRequest,
+    progress: &mut (dyn FnMut(Progress) + Send),
+) -> Result<Installed, InstallError> {
+    install_with(client, req, &InstallOptions::default(), progress).await
+}
+
+/// Bounded channel between download and write: 64 chunks (a few MiB at most).
+const CHANNEL_CHUNKS: usize = 64;
+
+/// [`install`] with explicit options.
+pub async fn install_with(
+    client: &reqwest::Client,
+    req: &InstallRequest,
+    options: &InstallOptions,
+    progress: &mut (dyn FnMut(Progress) + Send),
+) -> Result<Installed, InstallError> {
+    if req.url.is_empty() {
+        return Err(InstallError::InvalidRequest(
+            "the artifact has no download URL".into(),
+        ));
+    }
+    let (algorithm, expected) = hash::choose(&req.expected)?;
+    let slot = slot::open(
+        &req.slot_path,
+        req.booted_slot_path.as_deref(),
+        &options.mountinfo,
+    )?;
+    let capacity = slot.capacity();
+
+    let start = match resume::load(&req.resume_path) {
+        Some(record) if req.bundle.is_none() => record
+            .resume_offset(
+                &req.slot_path,
+                algorithm.name(),
+                &expected,
+                req.size,
+                capacity,
+            )
+            .unwrap_or(0),
+        _ => 0,
+    };
+    if start == 0 {
+        resume::remove(&req.resume_path)?;
+    } else {
+        tracing::info!(slot = %req.slot_path.display(), offset = start, "resuming download");
+    }
+
+    let result = run(
+        client, req, options, progress, slot, algorithm, expected, start,
+    )
+    .await;
+    match &result {
+        // Keep the record: a later attempt continues from it.
+        Err(e) if e.is_retryable() || matches!(e, InstallError::Aborted) => {}
+        // Done or failed for good: the next install starts over.
+        _ => resume::remove(&req.resume_path)?,
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    client: &reqwest::Client,
+    req: &InstallRequest,
+    options: &InstallOptions,
+    progress: &mut (dyn FnMut(Progress) + Send),
+    mut slot: slot::FileSlot,
+    algorithm: hash::HashAlgorithm,
+    expected: String,
+    start: u64,
+) -> Result<Installed, InstallError> {
+    let counters = Arc::new(Counters::new(start, req.size));
+    let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
+    let plan = SinkPlan {
+        url: req.url.clone(),
+        algorithm,
+        expected,
+        size: req.size,
+        start,
+        resume_path: req.resume_path.clone(),
+        archive_member: options.archive_member.clone(),
+        bundle: req.bundle.clone(),
+    };
+    let sink_counters = Arc::clone(&counters);
+    let mut sink = tokio::task::spawn_blocking(move || {
+        pipeline::run(&plan, &mut slot as &mut dyn SlotDevice, rx, &sink_counters)
+    });
+    let spec = source::SourceSpec {
+        url: req.url.clone(),
+        auth_header: req.auth_header.clone(),
+        size: req.size,
+        max_rate: req.max_rate,
+        retry: options.retry,
+        stall_timeout: options.stall_timeout,
+    };
+    let source = source::fetch(client, &spec, start, tx, &counters);
+    tokio::pin!(source);
+
+    let mut ticker = tokio::time::interval(options.progress_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_reported = None;
+    let mut source_result: Option<Result<(), InstallError>> = None;
+    let sink_result = loop {
+        tokio::select! {
+            r = &mut source, if source_result.is_none() => source_result = Some(r),
+            r = &mut sink => break r,
+            _ = ticker.tick() => {
+                let now = current_progress(&counters);
+                if last_reported != Some(now) {
+                    progress(now);
+                    last_reported = Some(now);
+                }
+            }
+        }
+    };
+    let sink_result =
+        sink_result.map_err(|e| InstallError::Internal(format!("install stage died: {e}")))?;
+    match sink_result {
+        Ok(installed) => Ok(installed),
+        Err(InstallError::Aborted) => {
+            // The download side gave up; its error says why.
+            let source_result = match source_result {
+                Some(r) => r,
+                None => source.await,
+            };
+            Err(source_result.err().unwrap_or(InstallError::Aborted))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn current_progress(counters: &Counters) -> Progress {
+    if counters.verifying.load(Ordering::Acquire) {
+        Progress::Verifying {
+            done: counters.verify_done.load(Ordering::Relaxed),
+            total: counters.verify_total.load(Ordering::Relaxed),
+        }
+    } else {
+        Progress::Downloading {
+            done: counters.downloaded.load(Ordering::Relaxed),
+            total: counters.total(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,294 @@
+//! The download side: HTTP GET of the artifact, resumed with `Range` requests after network
+//! faults (bounded tries with exponential backoff), paced by an optional rate limit, feeding
+//! the bounded channel to the blocking stage.
+
+use std::error::Error as _;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::header::{CONTENT_RANGE, RANGE};
+use tokio::sync::mpsc;
+use tokio::time::{sleep, sleep_until, timeout, Instant};
+
+use super::error::is_transient_status;
+use super::pipeline::{Chunk, Counters};
+use super::{InstallError, RetryPolicy};
+
+/// What to download and how.
+#[derive(Debug, Clone)]
+pub struct SourceSpec {
+    pub url: String,
+    pub auth_header: Option<(String, String)>,
+    /// Artifact size from the server's metadata, if any.
+    pub size: Option<u64>,
+    pub max_rate: Option<u64>,
+    pub retry: RetryPolicy,
+    /// A connection that delivers nothing for this long is a network fault.
+    pub stall_timeout: Duration,
+}
+
+/// One failed attempt.
+enum Fault {
+    Permanent(InstallError),
+    Transient { message: String, truncated: bool },
+}
+
+enum Done {
+    Complete,
+    /// The blocking stage stopped reading (it failed; its error is the one that counts).
+    ReceiverGone,
+}
+
+/// Paces the download to `rate` bytes/s (per connection, so a retry does not burst).
+struct RateLimiter {
+    rate: Option<u64>,
+    since: Instant,
+    bytes: u64,
+}
+
+impl RateLimiter {
+    fn new(rate: Option<u64>) -> Self {
+        RateLimiter {
+            rate: rate.filter(|&r| r > 0),
+            since: Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    fn restart(&mut self) {
+        self.since = Instant::now();
+        self.bytes = 0;
+    }
+
+    async fn consumed(&mut self, n: usize) {
+        if let Some(rate) = self.rate {
+            self.bytes += n as u64;
+            let due = self.since + Duration::from_secs_f64(self.bytes as f64 / rate as f64);
+            sleep_until(due).await;
+        }
+    }
+}
+
+fn describe(e: &reqwest::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
+
+/// `Content-Range: bytes START-END/TOTAL` -> (START, TOTAL if given).
+fn parse_content_range(value: &str) -> Option<(u64, Option<u64>)> {
+    let rest = value.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (start, _end) = range.split_once('-')?;
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    Some((start.trim().parse().ok()?, total))
+}
+
+/// Download from `start` to the end of the artifact into `tx`, resuming after faults.
+/// Returns Ok also when the receiver went away (the blocking stage reports why).
+pub async fn fetch(
+    client: &reqwest::Client,
+    spec: &SourceSpec,
+    start: u64,
+    tx: mpsc::Sender<Chunk>,
+    counters: &Counters,
+) -> Result<(), InstallError> {
+    let mut offset = start;
+    let mut total = spec.size;
+    let mut failures = 0u32;
+    let mut limiter = RateLimiter::new(spec.max_rate);
+    loop {
+        let before = offset;
+        let result = fetch_once(
+            client,
+            spec,
+            &mut offset,
+            &mut total,
+            &tx,
+            counters,
+            &mut limiter,
+        )
+        .await;
+        match result {
+            Ok(Done::Complete) => {
+                let _ = tx.send(Chunk::End).await;
+                return Ok(());
+            }
+            Ok(Done::ReceiverGone) => return Ok(()),
+            Err(Fault::Permanent(e)) => return Err(e),
+            Err(Fault::Transient { message, truncated }) => {
+                if offset > before {
+                    failures = 0; // progress: the fault budget is per stretch without progress
+                }
+                failures += 1;
+                if failures > spec.retry.attempts {
+                    return Err(match (truncated, total) {
+                        (true, Some(expected)) => InstallError::Truncated {
+                            url: spec.url.clone(),
+                            received: offset,
+                            expected,
+                            attempts: failures,
+                        },
+                        _ => InstallError::Network {
+                            url: spec.url.clone(),
+                            offset,
+                            attempts: failures,
+                            message,
+                        },
+                    });
+                }
+                let backoff = spec.retry.backoff(failures);
+                tracing::warn!(url = %spec.url, offset, attempt = failures, ?backoff, %message, "download interrupted; resuming");
+                sleep(backoff).await;
+            }
+        }
+    }
+}
+
+async fn fetch_once(
+    client: &reqwest::Client,
+    spec: &SourceSpec,
+    offset: &mut u64,
+    total: &mut Option<u64>,
+    tx: &mpsc::Sender<Chunk>,
+    counters: &Counters,
+    limiter: &mut RateLimiter,
+) -> Result<Done, Fault> {
+    let size_mismatch = |expected: u64, actual: u64| {
+        Fault::Permanent(InstallError::SizeMismatch {
+            url: spec.url.clone(),
+            expected,
+            actual,
+        })
+    };
+    if let Some(t) = *total {
+        if *offset == t {
+            return Ok(Done::Complete);
+        }
+    }
+    let mut request = client.get(&spec.url);
+    if let Some((name, value)) = &spec.auth_header {
+        request = request.header(name.as_str(), value.as_str());
+    }
+    if *offset > 0 {
+        request = request.header(RANGE, format!("bytes={}-", *offset));
+    }
+    let transient = |message: String| Fault::Transient {
+        message,
+        truncated: false,
+    };
+    let mut response = match timeout(spec.stall_timeout, request.send()).await {
+        Err(_) => return Err(transient("no response".into())),
+        Ok(Err(e)) => return Err(transient(describe(&e))),
+        Ok(Ok(r)) => r,
+    };
+    let status = response.status().as_u16();
+    // Bytes at the start of this body that we already have.
+    let mut skip: u64;
+    match status {
+        206 => {
+            let range = response
+                .headers()
+                .get(CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_content_range);
+            let Some((range_start, range_total)) = range else {
+                return Err(transient("206 without a usable Content-Range".into()));
+            };
+            if range_start > *offset {
+                return Err(transient(format!(
+                    "asked for bytes from {}, got from {range_start}",
+                    *offset
+                )));
+            }
+            skip = *offset - range_start;
+            match (*total, range_total) {
+                (Some(t), Some(rt)) if t != rt => return Err(size_mismatch(t, rt)),
+                (None, Some(rt)) => *total = Some(rt),
+                _ => {}
+            }
+        }
+        200 => {
+            // A full body (the server ignored or was not sent a Range).
+            skip = *offset;
+            match (*total, response.content_length()) {
+                (Some(t), Some(cl)) if t != cl => return Err(size_mismatch(t, cl)),
+                (None, Some(cl)) => *total = Some(cl),
+                _ => {}
+            }
+        }
+        416 if total.is_some_and(|t| *offset >= t) => return Ok(Done::Complete),
+        s if is_transient_status(s) => return Err(transient(format!("HTTP status {s}"))),
+        s => {
+            return Err(Fault::Permanent(InstallError::HttpStatus {
+                url: spec.url.clone(),
+                status: s,
+            }))
+        }
+    }
+    if let Some(t) = *total {
+        counters.total.store(t, Ordering::Release);
+    }
+    limiter.restart();
+    loop {
+        let mut chunk: Bytes = match timeout(spec.stall_timeout, response.chunk()).await {
+            Err(_) => return Err(transient("the connection stalled".into())),
+            Ok(Err(e)) => return Err(transient(describe(&e))),
+            Ok(Ok(None)) => break,
+            Ok(Ok(Some(c))) => c,
+        };
+        if skip > 0 {
+            let n = skip.min(chunk.len() as u64);
+            chunk = chunk.slice(n as usize..);
+            skip -= n;
+        }
+        if chunk.is_empty() {
+            continue;
+        }
+        let end = *offset + chunk.len() as u64;
+        if let Some(t) = *total {
+            if end > t {
+                return Err(size_mismatch(t, end));
+            }
+        }
+        let n = chunk.len();
+        if tx.send(Chunk::Data(chunk)).await.is_err() {
+            return Ok(Done::ReceiverGone);
+        }
+        *offset = end;
+        counters.downloaded.store(end, Ordering::Relaxed);
+        limiter.consumed(n).await;
+    }
+    match *total {
+        Some(t) if *offset < t => Err(Fault::Transient {
+            message: format!("body ended at byte {} of {t}", *offset),
+            truncated: true,
+        }),
+        _ => Ok(Done::Complete),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range() {
+        assert_eq!(
+            parse_content_range("bytes 10-99/100"),
+            Some((10, Some(100)))
+        );
+        assert_eq!(parse_content_range("bytes 0-0/*"), Some((0, None)));
+        assert_eq!(parse_content_range("items 0-1/2"), None);
+        assert_eq!(parse_content_range("bytes x-1/2"), None);
+    }
+}

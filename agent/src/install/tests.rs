@@ -1,0 +1,1 @@
+//! Pipeline tests against a hand-written local HTTP server.
