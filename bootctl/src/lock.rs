@@ -23,6 +23,19 @@ pub struct LockError {
     pub source: io::Error,
 }
 
+impl LockError {
+    /// The lock file cannot be created or opened for lack of rights or a read-only file
+    /// system (not because another process holds it).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self.source.kind(),
+            io::ErrorKind::PermissionDenied
+                | io::ErrorKind::ReadOnlyFilesystem
+                | io::ErrorKind::NotFound
+        )
+    }
+}
+
 /// An exclusive `flock` on the lock file, released when dropped (the file is closed).
 #[derive(Debug)]
 pub struct EnvLock {
@@ -43,13 +56,21 @@ impl EnvLock {
                 std::fs::create_dir_all(dir).map_err(err)?;
             }
         }
-        let file = OpenOptions::new()
+        // Like libubootenv: create it writable by all. A user who may not write it (created
+        // by root under umask 022) can still flock a read-only descriptor.
+        let file = match OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o666)
             .open(path)
-            .map_err(err)?;
+        {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied && path.exists() => {
+                File::open(path).map_err(err)?
+            }
+            Err(e) => return Err(err(e)),
+        };
         loop {
             // SAFETY: flock on a file descriptor we own and keep open for the call.
             let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };

@@ -22,10 +22,11 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::env::{self, ChangeSet, DecodedCopy, Env, EnvError, Layout, Selected};
+use crate::env::{self, ByteOrder, ChangeSet, DecodedCopy, Env, EnvError, Layout, Selected};
 use crate::fw_env_config::{EnvLocation, FwEnvConfig};
 use crate::lock::{EnvLock, LockError, DEFAULT_LOCK_PATH};
 
@@ -166,10 +167,67 @@ impl EnvMedium for FileMedium {
             location: self.describe(index),
             source,
         };
+        let _writable = ForceRoGuard::clear(device).map_err(write_err)?;
         file.write_all_at(data, offset).map_err(write_err)?;
         // fsync on a block device also flushes the eMMC/SD cache.
-        file.sync_all().map_err(write_err)
+        file.sync_all().map_err(write_err)?;
+        // Drop the now clean pages so the read-back verification reads the medium, not the
+        // page cache (best effort: not every file system honours it).
+        // SAFETY: plain syscall on a descriptor we own; no memory is passed.
+        unsafe {
+            libc::posix_fadvise(
+                file.as_raw_fd(),
+                offset as libc::off_t,
+                data.len() as libc::off_t,
+                libc::POSIX_FADV_DONTNEED,
+            );
+        }
+        Ok(())
     }
+}
+
+/// eMMC hardware boot partitions (`mmcblkXbootY`) are read-only until
+/// `/sys/class/block/mmcblkXbootY/force_ro` is 0. Like libubootenv, clear it for the write and
+/// set it back afterwards.
+struct ForceRoGuard {
+    control: Option<PathBuf>,
+}
+
+impl ForceRoGuard {
+    fn clear(device: &Path) -> io::Result<Self> {
+        let Some(name) = emmc_boot_partition(device) else {
+            return Ok(ForceRoGuard { control: None });
+        };
+        let control = Path::new("/sys/class/block").join(name).join("force_ro");
+        match std::fs::read_to_string(&control) {
+            Ok(state) if state.trim() == "1" => {
+                std::fs::write(&control, "0")?;
+                Ok(ForceRoGuard {
+                    control: Some(control),
+                })
+            }
+            _ => Ok(ForceRoGuard { control: None }),
+        }
+    }
+}
+
+impl Drop for ForceRoGuard {
+    fn drop(&mut self) {
+        if let Some(control) = &self.control {
+            // Best effort: a failure leaves the partition writable, as it was during the write.
+            let _ = std::fs::write(control, "1");
+        }
+    }
+}
+
+/// `mmcblk0boot1` for a path naming an eMMC boot partition (through symlinks too).
+fn emmc_boot_partition(device: &Path) -> Option<String> {
+    let resolved = std::fs::canonicalize(device).unwrap_or_else(|_| device.to_path_buf());
+    let name = resolved.file_name()?.to_str()?;
+    let rest = name.strip_prefix("mmcblk")?;
+    let (disk, part) = rest.split_once("boot")?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    (digits(disk) && digits(part)).then(|| name.to_string())
 }
 
 /// A torn write to inject into a [`MemMedium`]: what reaches the medium before "power fails".
@@ -312,6 +370,7 @@ pub struct EnvStore {
     lock_path: Option<PathBuf>,
     /// The configured copies when the medium is files/devices (for provisioning).
     locations: Vec<EnvLocation>,
+    byte_order: ByteOrder,
 }
 
 impl std::fmt::Debug for EnvStore {
@@ -347,6 +406,7 @@ impl EnvStore {
             env_size,
             lock_path: Some(PathBuf::from(DEFAULT_LOCK_PATH)),
             locations: config.copies.clone(),
+            byte_order: ByteOrder::Little,
         })
     }
 
@@ -364,6 +424,7 @@ impl EnvStore {
             env_size,
             lock_path: None,
             locations: Vec::new(),
+            byte_order: ByteOrder::Little,
         }
     }
 
@@ -386,6 +447,12 @@ impl EnvStore {
     /// config with its own `lockfile`).
     pub fn with_lock_path(mut self, path: impl Into<PathBuf>) -> Self {
         self.lock_path = Some(path.into());
+        self
+    }
+
+    /// Stores the CRC big-endian, for big-endian targets (`mkenvimage -b` images).
+    pub fn with_byte_order(mut self, order: ByteOrder) -> Self {
+        self.byte_order = order;
         self
     }
 
@@ -421,7 +488,7 @@ impl EnvStore {
                         actual: bytes.len(),
                     })
                 } else {
-                    env::decode_copy(&bytes, self.layout)
+                    env::decode_copy_with(&bytes, self.layout, self.byte_order)
                 })
             })
             .collect()
@@ -442,8 +509,16 @@ impl EnvStore {
 
     /// Reads every copy under the lock and returns the current one with what is wrong with
     /// the others.
+    ///
+    /// When the lock file cannot be opened at all (an unprivileged user, a read-only `/var`),
+    /// the copies are read without the lock, as libubootenv does: a read never changes
+    /// anything, and a save racing with it can at worst make this read fail its CRC check.
     pub fn read_selected(&self) -> Result<Selected, StoreError> {
-        let _lock = self.lock()?;
+        let _lock = match self.lock() {
+            Ok(lock) => lock,
+            Err(StoreError::Lock(e)) if e.is_unavailable() => None,
+            Err(e) => return Err(e),
+        };
         self.select_unlocked()
     }
 
@@ -464,7 +539,8 @@ impl EnvStore {
             return Ok(Applied { env, saved: None });
         }
         let target = selected.write_target();
-        let bytes = selected.encode_next(&env, self.env_size)?;
+        let flag = selected.next_flag();
+        let bytes = env::encode_copy_with(&env, self.env_size, self.layout, flag, self.byte_order)?;
         self.medium.write_copy(target, &bytes)?;
         let location = self.medium.describe(target);
         self.verify(target, &bytes, &env, &location)?;
@@ -473,7 +549,7 @@ impl EnvStore {
             saved: Some(Saved {
                 copy: target,
                 location,
-                flag: (self.layout == Layout::Redundant).then(|| selected.next_flag()),
+                flag: (self.layout == Layout::Redundant).then_some(flag),
             }),
         })
     }
@@ -516,12 +592,15 @@ impl EnvStore {
     /// with state to keep. Regular files that do not exist yet are created.
     pub fn provision(&self, env: &Env) -> Result<(), StoreError> {
         let _lock = self.lock()?;
-        let image = env::create_image(env, self.env_size, self.layout)?;
         for location in &self.locations {
             create_missing_file(&location.device)?;
         }
-        for (index, copy) in image.chunks(self.env_size).enumerate() {
-            self.medium.write_copy(index, copy)?;
+        // Copy 1 current (flag 1), copy 2 the same variables with flag 0, as create_image.
+        for index in 0..self.layout.copies() {
+            let flag = if index == 0 { 1 } else { 0 };
+            let copy =
+                env::encode_copy_with(env, self.env_size, self.layout, flag, self.byte_order)?;
+            self.medium.write_copy(index, &copy)?;
         }
         let now = self.select_unlocked()?;
         if now.current != 0 || now.copy.env != *env {
@@ -571,6 +650,33 @@ mod tests {
         [("bootcmd", "run distro_bootcmd"), ("bootctl_slot", "A")]
             .into_iter()
             .collect()
+    }
+
+    #[test]
+    fn emmc_boot_partitions_are_recognised() {
+        assert_eq!(
+            emmc_boot_partition(Path::new("/dev/mmcblk0boot1")).as_deref(),
+            Some("mmcblk0boot1")
+        );
+        assert_eq!(emmc_boot_partition(Path::new("/dev/mmcblk0p2")), None);
+        assert_eq!(emmc_boot_partition(Path::new("/dev/mmcblk0boot")), None);
+        assert_eq!(emmc_boot_partition(Path::new("/tmp/env.bin")), None);
+    }
+
+    #[test]
+    fn big_endian_store_reads_and_writes_big_endian_crcs() {
+        let (store, medium) = EnvStore::in_memory(&base(), 128, Layout::Single).unwrap();
+        let store = store.with_byte_order(ByteOrder::Big);
+        assert!(
+            store.read().is_err(),
+            "a little-endian CRC is invalid on a BE target"
+        );
+        let be = env::encode_copy_with(&base(), 128, Layout::Single, 0, ByteOrder::Big).unwrap();
+        medium.set_copy(0, be);
+        assert_eq!(store.read().unwrap(), base());
+        store.apply(&ChangeSet::new().with("x", "1")).unwrap();
+        let copy = env::decode_copy_with(&medium.copies()[0], Layout::Single, ByteOrder::Big);
+        assert_eq!(copy.unwrap().env.get("x"), Some("1"));
     }
 
     #[test]
