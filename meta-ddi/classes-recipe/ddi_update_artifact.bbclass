@@ -1,0 +1,61 @@
+# Update artifacts from an image build (inherit it in the image recipe; the example
+# ddi-image-minimal does):
+#   <image>.rootfs.ext4.gz   the slot image, gzip-compressed (an ordinary image
+#                            conversion): upload it to hawkBit as the "os" artifact;
+#                            the agent detects gzip by its magic bytes.
+#   <image>.ddibundle        the same image as a signed bundle (`ddi-bundle create`,
+#                            built by ddi-bundle-native), when DDI_BUNDLE_KEYS names
+#                            secret key files; the agent verifies it before writing.
+# Both are deployed to DEPLOY_DIR_IMAGE with the usual <IMAGE_LINK_NAME> symlinks.
+
+# The filesystem type of a slot (the same as the wks slot partitions).
+DDI_ARTIFACT_FSTYPE ??= "ext4"
+# Secret ed25519 key file(s) on the build host (`ddi-bundle keygen --out PREFIX`
+# writes PREFIX.key and PREFIX.pub); several keys all sign (key rotation). Never
+# put a secret key into a layer.
+DDI_BUNDLE_KEYS ??= ""
+DDI_BUNDLE_VERSION ??= "${DISTRO_VERSION}"
+DDI_BUNDLE_COMPATIBLE ??= "${MACHINE}"
+
+IMAGE_FSTYPES:append = " ${DDI_ARTIFACT_FSTYPE}.gz"
+
+DDI_BUNDLE_DEPLOYDIR = "${WORKDIR}/ddi-bundle-deploy"
+
+do_ddi_bundle() {
+    if [ -z "${DDI_BUNDLE_KEYS}" ]; then
+        bbnote "DDI_BUNDLE_KEYS is empty: no signed bundle for ${IMAGE_NAME}"
+        exit 0
+    fi
+    set --
+    for key in ${DDI_BUNDLE_KEYS}; do
+        if [ ! -r "$key" ]; then
+            bbfatal "cannot read the bundle signing key $key (DDI_BUNDLE_KEYS)"
+        fi
+        set -- "$@" --key "$key"
+    done
+    image="${DEPLOY_DIR_IMAGE}/${IMAGE_LINK_NAME}.${DDI_ARTIFACT_FSTYPE}.gz"
+    if [ ! -e "$image" ]; then
+        bbfatal "$image is missing: IMAGE_FSTYPES must contain ${DDI_ARTIFACT_FSTYPE}.gz"
+    fi
+    ddi-bundle create "$@" \
+        --compatible "${DDI_BUNDLE_COMPATIBLE}" \
+        --version "${DDI_BUNDLE_VERSION}" \
+        --image "$image" \
+        --image-name "${IMAGE_LINK_NAME}.${DDI_ARTIFACT_FSTYPE}.gz" \
+        --output "${DDI_BUNDLE_DEPLOYDIR}/${IMAGE_NAME}.ddibundle"
+    ln -sf "${IMAGE_NAME}.ddibundle" "${DDI_BUNDLE_DEPLOYDIR}/${IMAGE_LINK_NAME}.ddibundle"
+}
+
+SSTATETASKS += "do_ddi_bundle"
+do_ddi_bundle[sstate-inputdirs] = "${DDI_BUNDLE_DEPLOYDIR}"
+do_ddi_bundle[sstate-outputdirs] = "${DEPLOY_DIR_IMAGE}"
+do_ddi_bundle[dirs] = "${DDI_BUNDLE_DEPLOYDIR}"
+do_ddi_bundle[cleandirs] = "${DDI_BUNDLE_DEPLOYDIR}"
+do_ddi_bundle[depends] += "${@'ddi-bundle-native:do_populate_sysroot' if d.getVar('DDI_BUNDLE_KEYS') else ''}"
+do_ddi_bundle[vardeps] += "DDI_BUNDLE_KEYS"
+
+python do_ddi_bundle_setscene() {
+    sstate_setscene(d)
+}
+addtask do_ddi_bundle_setscene
+addtask ddi_bundle after do_image_complete before do_build
