@@ -100,8 +100,6 @@ pub enum EnvError {
     WrongLength { expected: usize, actual: usize },
     #[error("bad CRC: stored {stored:#010x}, computed {computed:#010x}")]
     BadCrc { stored: u32, computed: u32 },
-    #[error("data area has no terminating empty entry (missing \\0\\0)")]
-    Unterminated,
     #[error("no valid environment copy: {}", describe_failures(.failures))]
     NoValidCopy { failures: Vec<(usize, EnvError)> },
 }
@@ -246,21 +244,17 @@ impl Env {
 
     /// Parses a data area: `name=value\0` entries up to the first empty entry. Bytes after it
     /// (padding) are ignored. A name that appears twice keeps its first position and its last
-    /// value, as U-Boot and libubootenv read it.
-    pub fn from_data(data: &[u8]) -> Result<Self, EnvError> {
+    /// value, as U-Boot and libubootenv read it. The end of the area also ends the list (and
+    /// an entry cut off by it), as U-Boot's import treats it.
+    pub fn from_data(data: &[u8]) -> Self {
         let mut env = Env::new();
-        let mut rest = data;
-        loop {
-            let end = rest
-                .iter()
-                .position(|&b| b == 0)
-                .ok_or(EnvError::Unterminated)?;
-            if end == 0 {
-                return Ok(env);
+        for entry in data.split(|&b| b == 0) {
+            if entry.is_empty() {
+                break;
             }
-            env.push_raw(&rest[..end]);
-            rest = &rest[end + 1..];
+            env.push_raw(entry);
         }
+        env
     }
 
     fn push_raw(&mut self, entry: &[u8]) {
@@ -632,7 +626,7 @@ pub fn decode_copy_with(
     Ok(DecodedCopy {
         crc: stored,
         flag: (layout == Layout::Redundant).then(|| bytes[CRC_SIZE]),
-        env: Env::from_data(&bytes[header..])?,
+        env: Env::from_data(&bytes[header..]),
     })
 }
 
@@ -778,7 +772,8 @@ mod tests {
     #[test]
     fn empty_env_is_a_lone_nul() {
         assert_eq!(Env::new().to_data(), vec![0]);
-        assert_eq!(Env::from_data(&[0, 0xff, 0xff]).unwrap(), Env::new());
+        assert_eq!(Env::from_data(&[0, 0xff, 0xff]), Env::new());
+        assert_eq!(Env::from_data(&[]), Env::new());
     }
 
     #[test]
@@ -786,6 +781,15 @@ mod tests {
         let e = env(&[("a", "1"), ("b", "x=y")]);
         assert_eq!(e.to_data(), b"a=1\0b=x=y\0\0".to_vec());
         assert_eq!(e.data_len(), e.to_data().len());
+    }
+
+    #[test]
+    fn end_of_area_ends_the_list() {
+        let e = Env::from_data(b"a=1\0b=2\0");
+        assert_eq!(e.get("b"), Some("2"));
+        let cut = Env::from_data(b"a=1\0b=2");
+        assert_eq!(cut.get("b"), Some("2"));
+        assert_eq!(cut.to_data(), b"a=1\0b=2\0\0".to_vec());
     }
 
     #[test]
@@ -804,7 +808,7 @@ mod tests {
     #[test]
     fn non_utf8_and_opaque_entries_survive() {
         let data = b"x=\xe9t\xe9\0noequals\0y=1\0\0\xff\xff";
-        let mut e = Env::from_data(data).unwrap();
+        let mut e = Env::from_data(data);
         assert_eq!(e.get_bytes("x"), Some(&b"\xe9t\xe9"[..]));
         assert_eq!(e.len(), 2);
         e.set("y", "2").unwrap();
@@ -813,7 +817,7 @@ mod tests {
 
     #[test]
     fn duplicates_keep_first_position_last_value() {
-        let e = Env::from_data(b"dup=first\0a=1\0dup=second\0\0").unwrap();
+        let e = Env::from_data(b"dup=first\0a=1\0dup=second\0\0");
         let all: Vec<_> = e.iter().collect();
         assert_eq!(all, [("dup", "second"), ("a", "1")]);
     }
