@@ -183,3 +183,133 @@ impl BootControl {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::env::Layout;
+    use crate::store::MemMedium;
+
+    /// A control over an in-memory redundant environment and a cmdline file in `dir`.
+    fn control(
+        vars: &[(&str, &str)],
+        kind: SchemeKind,
+        booted: &str,
+    ) -> (BootControl, MemMedium, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let cmdline = dir.path().join("cmdline");
+        std::fs::write(&cmdline, booted).unwrap();
+        let env: Env = vars.iter().copied().collect();
+        let (store, medium) = EnvStore::in_memory(&env, 0x1000, Layout::Redundant).unwrap();
+        (
+            BootControl::with_store(store, kind, cmdline, 3),
+            medium,
+            dir,
+        )
+    }
+
+    #[test]
+    fn each_transition_is_exactly_one_save() {
+        let (ctl, medium, dir) =
+            control(&[("bootcmd", "x")], SchemeKind::Bootcount, "bootctl.slot=A");
+        let t = ctl.activate(Slot::B).unwrap();
+        assert!(t.saved);
+        assert_eq!(t.changes.len(), 4);
+        assert_eq!(medium.writes(), 1);
+        // Nothing new: no save.
+        assert!(!ctl.activate(Slot::B).unwrap().saved);
+        assert_eq!(medium.writes(), 1);
+        // Rebooted into B.
+        std::fs::write(dir.path().join("cmdline"), "bootctl.slot=B").unwrap();
+        assert!(ctl.mark_good().unwrap().saved);
+        assert_eq!(medium.writes(), 2);
+        assert!(!ctl.mark_good().unwrap().saved);
+        assert!(!ctl.mark_bad(Slot::A).unwrap().saved);
+        assert_eq!(medium.writes(), 2);
+        assert!(ctl.mark_bad(Slot::B).unwrap().saved);
+        assert_eq!(medium.writes(), 3);
+        assert_eq!(ctl.env().unwrap().get("bootcmd"), Some("x"));
+    }
+
+    #[test]
+    fn refused_transition_writes_nothing() {
+        let (ctl, medium, _dir) = control(
+            &[("bootctl_slot", "B")],
+            SchemeKind::Bootcount,
+            "bootctl.slot=A",
+        );
+        let err = ctl.mark_good().unwrap_err();
+        assert!(err.to_string().contains("cannot mark slot A good"), "{err}");
+        let (ctl2, medium2, _dir2) = control(&[], SchemeKind::Bootcount, "quiet");
+        assert!(ctl2
+            .mark_good()
+            .unwrap_err()
+            .to_string()
+            .contains("no slot token"));
+        assert_eq!(medium.writes() + medium2.writes(), 0);
+    }
+
+    #[test]
+    fn status_reports_the_contract_fields() {
+        let (ctl, _medium, _dir) = control(
+            &[
+                ("BOOT_ORDER", "B A"),
+                ("BOOT_B_LEFT", "0"),
+                ("bootcmd", "x"),
+            ],
+            SchemeKind::Rauc,
+            "rauc.slot=B",
+        );
+        let status = ctl.status().unwrap();
+        assert_eq!(status.booted, Some(Slot::B));
+        assert_eq!(status.next, Slot::A);
+        assert_eq!(status.trial, None);
+        assert!(status.redundant);
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "scheme": "rauc",
+                "booted": "B",
+                "next": "A",
+                "trial": null,
+                "redundant": true,
+                "variables": {"BOOT_ORDER": "B A", "BOOT_B_LEFT": "0"},
+            })
+        );
+        let (ctl, _medium, _dir) = control(&[], SchemeKind::Bootcount, "");
+        let json = serde_json::to_value(ctl.status().unwrap()).unwrap();
+        assert_eq!(json["booted"], serde_json::Value::Null);
+        assert_eq!(json["trial"], false);
+    }
+
+    #[test]
+    fn open_validates_attempts_before_touching_anything() {
+        let err = BootControl::open(BootOptions {
+            attempts: 0,
+            env_config: PathBuf::from("/nonexistent/fw_env.config"),
+            ..BootOptions::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("at least 1"), "{err}");
+        let err = BootControl::open(BootOptions {
+            env_config: PathBuf::from("/nonexistent/fw_env.config"),
+            ..BootOptions::default()
+        })
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/fw_env.config"),
+            "{err}"
+        );
+        assert_eq!(
+            BootOptions::default().env_config,
+            PathBuf::from("/etc/fw_env.config")
+        );
+        assert_eq!(
+            BootOptions::default().cmdline,
+            PathBuf::from("/proc/cmdline")
+        );
+        assert_eq!(BootOptions::default().attempts, 3);
+        assert_eq!(BootOptions::default().scheme, SchemeKind::Bootcount);
+    }
+}
