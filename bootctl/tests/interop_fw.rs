@@ -393,3 +393,66 @@ fn both_bad_fails_in_both() {
         .is_err());
     assert_eq!(std::fs::read(&dev.image).unwrap(), image);
 }
+
+/// Offsets in octal and decimal, sizes in hex without `0x`: our parser finds the copies where
+/// libubootenv finds them.
+#[test]
+fn config_numbers_read_like_libubootenv() {
+    if !tools_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    // 8 bytes of something else, then copy 1 at 8 (octal 010), copy 2 at 4104 (decimal).
+    let mut bytes = vec![0xa5; 8];
+    bytes.extend(create_image(&factory_env(), SIZE, Layout::Redundant).unwrap());
+    std::fs::write(&image, &bytes).unwrap();
+    let config = dir.path().join("fw_env.config");
+    std::fs::write(
+        &config,
+        format!(
+            "# octal and decimal offsets\n{img} 010 1000\n{img}\t4104\t0x1000 # copy 2\n",
+            img = image.display()
+        ),
+    )
+    .unwrap();
+    let store = EnvStore::open(&FwEnvConfig::load(&config).unwrap())
+        .unwrap()
+        .with_lock_path(dir.path().join("lock"));
+    store
+        .apply(&ChangeSet::new().with("where", "copy2"))
+        .unwrap();
+    let out = run(Command::new("fw_printenv")
+        .arg("-c")
+        .arg(&config)
+        .args(["-n", "where"]));
+    assert_eq!(out, "copy2\n");
+    assert_eq!(&std::fs::read(&image).unwrap()[..8], &[0xa5; 8]);
+}
+
+/// We take the same lock as libubootenv: fw_setenv waits while we hold it.
+#[test]
+fn fw_setenv_waits_for_our_lock() {
+    if !tools_present() {
+        return;
+    }
+    let image = create_image(&factory_env(), SIZE, Layout::Redundant).unwrap();
+    let dev = Device::new(&image, Layout::Redundant);
+    let lock = bootctl::lock::EnvLock::acquire(Path::new(bootctl::lock::DEFAULT_LOCK_PATH))
+        .expect("lock the libubootenv lock file");
+    let mut child = Command::new("fw_setenv")
+        .arg("-c")
+        .arg(&dev.config)
+        .args(["locked", "1"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "fw_setenv finished while we held the lock"
+    );
+    assert_eq!(dev.ours().get("locked"), None);
+    drop(lock);
+    assert!(child.wait().unwrap().success());
+    assert_eq!(dev.ours().get("locked").map(String::as_str), Some("1"));
+}
