@@ -9,7 +9,9 @@
 
 pub mod config;
 pub mod ddi;
+pub mod driver;
 pub mod health;
 pub mod install;
 pub mod machine;
 pub mod persist;
+pub mod service;

@@ -151,6 +151,7 @@ impl Outgoing {
 
 /// Everything that survives restarts and reboots.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct State {
     pub phase: Phase,
     pub last_result: Option<LastResult>,
@@ -160,6 +161,8 @@ pub struct State {
     pub attributes_sent: Option<BTreeMap<String, String>>,
     /// Action waiting for `ddi-agent consent accept|deny` (manual consent).
     pub pending_consent: Option<String>,
+    /// The installedBase href last read (logged once per change).
+    pub server_installed: Option<String>,
 }
 
 impl State {

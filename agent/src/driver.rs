@@ -1,0 +1,668 @@
+//! The driver: runs [`crate::machine`] against the world. It turns polls and server answers into
+//! events, executes the machine's actions (HTTP, bootloader, installer, health checks, reboot)
+//! in order, and persists the state where the machine says so.
+//!
+//! Every effect goes through a small trait ([`Bootloader`], [`Installer`], [`HealthChecker`],
+//! [`Rebooter`]) so the driver can be tested with fakes; the real implementations are here too.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use crate::config::{CheckCommand, Config, SchemeKind};
+use crate::ddi::client::Delivery;
+use crate::ddi::{DdiClient, DdiError, Execution, Feedback, Finished, Link, PollReply};
+use crate::install::{BundlePolicy, ExpectedHash, InstallRequest, Progress};
+use crate::machine::{
+    self, Action, Channel, Event, InstallFailure, Job, Params, Phase, Slot, State,
+};
+use crate::persist::{PersistError, Store};
+
+/// A bootloader operation failed.
+#[derive(Debug, thiserror::Error)]
+#[error("bootloader: {0}")]
+pub struct BootError(pub String);
+
+/// The slot control the driver needs (one environment save per call).
+pub trait Bootloader: Send {
+    fn booted(&self) -> Result<Slot, BootError>;
+    fn next(&self) -> Result<Slot, BootError>;
+    fn activate(&mut self, slot: Slot) -> Result<(), BootError>;
+    fn mark_good(&mut self) -> Result<(), BootError>;
+    fn mark_bad(&mut self, slot: Slot) -> Result<(), BootError>;
+}
+
+/// Downloads and writes one image.
+pub trait Installer: Send + Sync {
+    fn install(
+        &self,
+        http: &reqwest::Client,
+        req: &InstallRequest,
+        progress: &mut (dyn FnMut(Progress) + Send),
+    ) -> impl Future<Output = Result<(), InstallFailure>> + Send;
+}
+
+/// Runs the configured health checks; `Err` carries the report.
+pub trait HealthChecker: Send + Sync {
+    fn check(&self) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// Asks the system to reboot.
+pub trait Rebooter: Send + Sync {
+    fn reboot(&self) -> Result<(), String>;
+}
+
+/// Why a cycle could not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error(transparent)]
+    Ddi(#[from] DdiError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Persist(#[from] PersistError),
+    #[error("reboot command failed: {0}")]
+    Reboot(String),
+    #[error("{0} feedback message(s) still owed to the server")]
+    FeedbackOwed(usize),
+    #[error("install of action {0} failed transiently; retrying at the next poll")]
+    InstallRetry(String),
+}
+
+/// What one cycle did.
+#[derive(Debug, Default)]
+pub struct CycleReport {
+    /// The reboot command ran: stop and let the system go down.
+    pub rebooting: bool,
+    /// A `closed`/`failure` for an update was delivered in this cycle.
+    pub failure_reported: bool,
+    /// The server's suggested sleep until the next poll.
+    pub sleep: Option<Duration>,
+}
+
+/// The driver with its collaborators.
+pub struct Driver<B, I, H, R> {
+    cfg: Config,
+    client: DdiClient,
+    store: Store,
+    boot: B,
+    installer: I,
+    health: H,
+    rebooter: R,
+    params: Params,
+    state: State,
+    failure_reported: bool,
+}
+
+impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H, R> {
+    pub fn new(
+        cfg: Config,
+        client: DdiClient,
+        store: Store,
+        boot: B,
+        installer: I,
+        health: H,
+        rebooter: R,
+    ) -> Result<Self, DriverError> {
+        let state = store.load()?;
+        let params = Params {
+            attempts: cfg.boot.attempts,
+            artifact_part: cfg.agent.artifact_part.clone(),
+        };
+        Ok(Driver {
+            cfg,
+            client,
+            store,
+            boot,
+            installer,
+            health,
+            rebooter,
+            params,
+            state,
+            failure_reported: false,
+        })
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Step (1) of `once` and the start of `run`: finish what was waiting for a reboot.
+    pub async fn startup(&mut self) -> Result<CycleReport, DriverError> {
+        self.failure_reported = false;
+        self.state = self.store.load()?;
+        let booted = self.boot.booted()?;
+        let next = self.boot.next()?;
+        info!(booted = %booted, next = %next, phase = self.state.phase.name(), "agent started");
+        let rebooting = self.apply(Event::Started { booted, next }).await?;
+        self.deliver().await?;
+        Ok(CycleReport {
+            rebooting,
+            failure_reported: self.failure_reported,
+            sleep: None,
+        })
+    }
+
+    /// Step (2): deliver what is owed, poll once and carry out what the server asks.
+    pub async fn cycle(&mut self) -> Result<CycleReport, DriverError> {
+        self.failure_reported = false;
+        // Whatever an aborted previous cycle left in memory is replaced by what is on disk.
+        self.state = self.store.load()?;
+        self.deliver().await?;
+        let poll = self.client.poll().await?;
+        let booted = self.boot.booted()?;
+        let mut report = CycleReport {
+            sleep: Some(poll.sleep),
+            ..CycleReport::default()
+        };
+        self.config_data(&poll, booted).await?;
+        self.installed_base(&poll).await;
+        if poll.confirmation.is_none() && self.state.pending_consent.is_some() {
+            self.state.pending_consent = None;
+            self.store.save(&self.state)?;
+        }
+        let rebooting = if let Some(link) = &poll.cancel {
+            match self.client.cancel_request(link).await {
+                Ok(request) => {
+                    info!(action_id = %request.action_id, "server asks to cancel");
+                    self.apply(Event::Cancel {
+                        link: link.clone(),
+                        request,
+                    })
+                    .await?
+                }
+                Err(e) if e.status() == Some(404) => false,
+                Err(e) => return Err(e.into()),
+            }
+        } else if let Some(link) = &poll.confirmation {
+            self.consent(link).await?;
+            false
+        } else if let Some(link) = &poll.deployment {
+            match self.client.deployment(link).await {
+                Ok(deployment) => {
+                    info!(
+                        action_id = %deployment.action_id,
+                        download = ?deployment.download,
+                        update = ?deployment.update,
+                        window = ?deployment.maintenance_window,
+                        "deployment offered"
+                    );
+                    self.apply(Event::Deployment {
+                        link: link.clone(),
+                        deployment,
+                        booted,
+                    })
+                    .await?
+                }
+                // Canceling or waiting for confirmation since the poll: look again next time.
+                Err(e) if e.status() == Some(404) => false,
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            self.apply(Event::NoAction).await?
+        };
+        report.rebooting = rebooting;
+        if !rebooting {
+            self.deliver().await?;
+            if let Phase::Installing(job) = &self.state.phase {
+                return Err(DriverError::InstallRetry(job.action_id.clone()));
+            }
+        }
+        report.failure_reported = self.failure_reported;
+        Ok(report)
+    }
+
+    /// Feeds one event (and the events its actions produce) through the machine.
+    async fn apply(&mut self, event: Event) -> Result<bool, DriverError> {
+        let mut next = Some(event);
+        while let Some(event) = next.take() {
+            let (state, actions) = machine::step(&self.params, self.state.clone(), event);
+            self.state = state;
+            let job = self.state.phase.job().map(|j| j.action_id.clone());
+            for action in actions {
+                tracing::debug!(action_id = job.as_deref().unwrap_or(""), ?action, "action");
+                match action {
+                    Action::Persist => self.store.save(&self.state)?,
+                    Action::MarkBad(slot) => {
+                        info!(slot = %slot, "marking slot bad");
+                        self.boot.mark_bad(slot)?
+                    }
+                    Action::Activate(slot) => {
+                        info!(slot = %slot, "activating slot for a trial boot");
+                        self.boot.activate(slot)?
+                    }
+                    Action::MarkGood => {
+                        info!("marking the booted slot good");
+                        self.boot.mark_good()?
+                    }
+                    Action::Install(job) => {
+                        next = Some(Event::InstallDone(self.install(&job).await));
+                    }
+                    Action::RunHealthChecks => {
+                        info!(
+                            checks = self.cfg.agent.health_checks.len(),
+                            "running health checks"
+                        );
+                        let result = self.health.check().await;
+                        if let Err(e) = &result {
+                            warn!(report = %e, "health check failed");
+                        }
+                        next = Some(Event::HealthChecked(result));
+                    }
+                    Action::Notify { link, feedback } => {
+                        if let Err(e) = self.client.send_feedback(&link, &feedback).await {
+                            warn!(error = %e, "progress feedback not delivered (not retried)");
+                        }
+                    }
+                    Action::DeliverOutbox => {
+                        if let Err(e) = self.deliver().await {
+                            warn!(error = %e, "feedback kept for later");
+                        }
+                    }
+                    Action::Reboot => {
+                        self.store.save(&self.state)?;
+                        info!(command = ?self.cfg.boot.reboot_command, "rebooting");
+                        self.rebooter.reboot().map_err(DriverError::Reboot)?;
+                        return Ok(true);
+                    }
+                }
+            }
+            self.store.save(&self.state)?;
+            if let Some(r) = &self.state.last_result {
+                tracing::debug!(action_id = %r.action_id, state = self.state.phase.name(), "state saved");
+            }
+        }
+        Ok(false)
+    }
+
+    /// Delivers the outbox in order; 200 and 410 both end an entry.
+    async fn deliver(&mut self) -> Result<(), DriverError> {
+        while let Some(entry) = self.state.outbox.first().cloned() {
+            let result = self
+                .client
+                .send_feedback(&entry.link, &entry.feedback)
+                .await;
+            match result {
+                Ok(Delivery::Accepted) => {
+                    info!(
+                        action_id = %entry.feedback.action_id,
+                        execution = entry.feedback.execution.as_str(),
+                        finished = entry.feedback.finished.as_str(),
+                        "feedback delivered"
+                    );
+                    if entry.is_failure() {
+                        self.failure_reported = true;
+                    }
+                }
+                Ok(Delivery::Gone) => {
+                    info!(action_id = %entry.feedback.action_id, "action already closed on the server (410); feedback dropped");
+                }
+                Ok(Delivery::NotApplicable(status)) => {
+                    warn!(action_id = %entry.feedback.action_id, status, "server no longer takes this feedback; dropped");
+                }
+                Err(e) => {
+                    warn!(error = %e, "feedback delivery failed");
+                    return Err(DriverError::FeedbackOwed(self.state.outbox.len()));
+                }
+            }
+            self.state.delivered(entry.seq);
+            self.store.save(&self.state)?;
+        }
+        Ok(())
+    }
+
+    async fn install(&mut self, job: &Job) -> Result<(), InstallFailure> {
+        let req = self.install_request(job);
+        info!(action_id = %job.action_id, slot = %job.target, url = %req.url, "installing");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
+        let client = self.client.clone();
+        let link = job.link.clone();
+        let action_id = job.action_id.clone();
+        // Progress feedback goes out from its own task, at most every few seconds.
+        let reporter = tokio::spawn(async move {
+            let mut last: Option<tokio::time::Instant> = None;
+            while let Some(p) = rx.recv().await {
+                if last.is_some_and(|t| t.elapsed() < Duration::from_secs(5)) {
+                    continue;
+                }
+                last = Some(tokio::time::Instant::now());
+                let (execution, done, total, what) = match p {
+                    Progress::Downloading { done, total } => {
+                        (Execution::Download, done, total, "downloading")
+                    }
+                    Progress::Verifying { done, total } => {
+                        (Execution::Proceeding, done, Some(total), "verifying")
+                    }
+                };
+                let mut fb = Feedback::new(&action_id, execution, Finished::None)
+                    .detail(format!("{what}: {done} bytes"));
+                if let Some(total) = total.filter(|t| *t > 0) {
+                    fb.progress = Some((done.min(total) * 100 / total, 100));
+                }
+                let _ = client.send_feedback(&link, &fb).await;
+            }
+        });
+        let mut progress = move |p: Progress| {
+            let _ = tx.send(p);
+        };
+        let result = self
+            .installer
+            .install(self.client.http(), &req, &mut progress)
+            .await;
+        drop(progress);
+        reporter.abort();
+        match &result {
+            Ok(()) => {
+                info!(action_id = %job.action_id, slot = %job.target, "image written and verified")
+            }
+            Err(f) => {
+                warn!(action_id = %job.action_id, error = %f.message, retryable = f.retryable, "install failed")
+            }
+        }
+        result
+    }
+
+    fn install_request(&self, job: &Job) -> InstallRequest {
+        let url = job
+            .artifact
+            .download
+            .as_ref()
+            .map(|l| l.href.clone())
+            .unwrap_or_default();
+        let same_origin = reqwest::Url::parse(&url)
+            .map(|u| {
+                u.scheme() == self.cfg.server.url.scheme()
+                    && u.host_str() == self.cfg.server.url.host_str()
+                    && u.port_or_known_default() == self.cfg.server.url.port_or_known_default()
+            })
+            .unwrap_or(false);
+        let auth_header = if same_origin || self.cfg.agent.send_token_to_other_hosts {
+            self.client.auth_header()
+        } else {
+            None
+        };
+        let bundle = &self.cfg.bundle;
+        InstallRequest {
+            url,
+            auth_header,
+            expected: ExpectedHash {
+                sha256: job.artifact.hashes.sha256.clone(),
+                sha1: job.artifact.hashes.sha1.clone(),
+                md5: job.artifact.hashes.md5.clone(),
+            },
+            size: job.artifact.size,
+            filename: job.artifact.filename.clone(),
+            slot_path: self.slot_path(job.target),
+            booted_slot_path: Some(self.slot_path(job.target.other())),
+            resume_path: self.store.path("download.resume"),
+            max_rate: self.cfg.agent.max_download_rate,
+            bundle: (bundle.require_signature || !bundle.trusted_keys.is_empty()).then(|| {
+                BundlePolicy {
+                    trusted_keys: bundle.trusted_keys.clone(),
+                    require_signature: bundle.require_signature,
+                    compatible: bundle.compatible.clone(),
+                }
+            }),
+        }
+    }
+
+    fn slot_path(&self, slot: Slot) -> PathBuf {
+        match slot {
+            Slot::A => self.cfg.slot_a.clone(),
+            Slot::B => self.cfg.slot_b.clone(),
+        }
+    }
+
+    /// configData (merge) when the server asks or the attributes changed since last accepted.
+    async fn config_data(&mut self, poll: &PollReply, booted: Slot) -> Result<(), DriverError> {
+        let attrs = attributes(&self.cfg, Some(booted));
+        if poll.config_data.is_none() && self.state.attributes_sent.as_ref() == Some(&attrs) {
+            return Ok(());
+        }
+        self.client
+            .put_config_data(poll.config_data.as_ref(), &attrs)
+            .await?;
+        info!(count = attrs.len(), "attributes sent (configData)");
+        self.state.attributes_sent = Some(attrs);
+        self.store.save(&self.state)?;
+        Ok(())
+    }
+
+    /// Logs what the server considers installed (validates the body); never fatal.
+    async fn installed_base(&mut self, poll: &PollReply) {
+        let Some(link) = &poll.installed else { return };
+        if self.state.server_installed.as_deref() == Some(link.href.as_str()) {
+            return;
+        }
+        match self.client.deployment(link).await {
+            Ok(d) => {
+                let version: Vec<String> = d
+                    .chunks
+                    .iter()
+                    .map(|c| format!("{} {}", c.part, c.version))
+                    .collect();
+                info!(action_id = %d.action_id, modules = %version.join(", "), "server reports installed base");
+                self.state.server_installed = Some(link.href.clone());
+                let _ = self.store.save(&self.state);
+            }
+            Err(e) => warn!(error = %e, "installedBase not readable"),
+        }
+    }
+
+    /// The confirmation flow: auto-confirm, or relay `ddi-agent consent accept|deny`.
+    async fn consent(&mut self, link: &Link) -> Result<(), DriverError> {
+        let action_id = link.action_id().unwrap_or_default();
+        let decision = match self.cfg.agent.consent {
+            crate::config::Consent::Auto => Some(true),
+            crate::config::Consent::Manual => match self.store.load_consent()? {
+                Some(d) if d.action_id == action_id => Some(d.accept),
+                _ => None,
+            },
+        };
+        match decision {
+            None => {
+                if self.state.pending_consent.as_deref() != Some(action_id.as_str()) {
+                    info!(action_id = %action_id, "action waits for consent: run `ddi-agent consent accept` or `deny`");
+                    self.state.pending_consent = Some(action_id);
+                    self.store.save(&self.state)?;
+                }
+            }
+            Some(accept) => {
+                let details = vec![if self.cfg.agent.consent == crate::config::Consent::Auto {
+                    "confirmed automatically (consent = auto)".to_string()
+                } else if accept {
+                    "accepted by the user".to_string()
+                } else {
+                    "denied by the user".to_string()
+                }];
+                let delivery = self
+                    .client
+                    .send_confirmation(link, accept, &details)
+                    .await?;
+                info!(action_id = %action_id, accept, ?delivery, "consent sent");
+                self.store.clear_consent()?;
+                // A denial keeps the action waiting on the server; it stays pending here too.
+                self.state.pending_consent = if accept { None } else { Some(action_id) };
+                self.store.save(&self.state)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The configured attributes plus the agent's own: booted slot and running version.
+pub fn attributes(cfg: &Config, booted: Option<Slot>) -> BTreeMap<String, String> {
+    let mut attrs = cfg.attributes.clone();
+    if let Some(b) = booted {
+        attrs.insert("booted_slot".into(), b.to_string());
+    }
+    if let Some(v) = running_version(&cfg.agent.version_file) {
+        attrs.insert("running_version".into(), v);
+    }
+    attrs
+}
+
+/// `VERSION_ID` (else `VERSION`) of an os-release file, or the first line of a plain file.
+pub fn running_version(path: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let value = |key: &str| {
+        text.lines().find_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            (k.trim() == key).then(|| v.trim().trim_matches(['"', '\'']).to_string())
+        })
+    };
+    let v = value("VERSION_ID")
+        .or_else(|| value("VERSION"))
+        .or_else(|| {
+            let first = text.lines().next()?.trim();
+            (!first.contains('=')).then(|| first.to_string())
+        })?;
+    let v: String = v
+        .chars()
+        .filter(|c| c.is_ascii() && !c.is_ascii_control())
+        .take(128)
+        .collect();
+    (!v.is_empty()).then_some(v)
+}
+
+// ---- real implementations ---------------------------------------------------------------------
+
+/// [`Bootloader`] over `bootctl::BootControl`.
+pub struct BootCtl(pub bootctl::BootControl);
+
+impl BootCtl {
+    pub fn open(cfg: &Config) -> Result<BootCtl, BootError> {
+        bootctl::BootControl::open(bootctl::BootOptions {
+            env_config: cfg.boot.env_config.clone(),
+            scheme: match cfg.boot.scheme {
+                SchemeKind::Bootcount => bootctl::SchemeKind::Bootcount,
+                SchemeKind::Rauc => bootctl::SchemeKind::Rauc,
+            },
+            cmdline: cfg.boot.cmdline.clone(),
+            attempts: cfg.boot.attempts,
+        })
+        .map(BootCtl)
+        .map_err(|e| BootError(e.to_string()))
+    }
+}
+
+fn from_bootctl(s: bootctl::Slot) -> Slot {
+    match s {
+        bootctl::Slot::A => Slot::A,
+        bootctl::Slot::B => Slot::B,
+    }
+}
+
+fn to_bootctl(s: Slot) -> bootctl::Slot {
+    match s {
+        Slot::A => bootctl::Slot::A,
+        Slot::B => bootctl::Slot::B,
+    }
+}
+
+impl Bootloader for BootCtl {
+    fn booted(&self) -> Result<Slot, BootError> {
+        self.0
+            .booted()
+            .map(from_bootctl)
+            .map_err(|e| BootError(e.to_string()))
+    }
+    fn next(&self) -> Result<Slot, BootError> {
+        self.0
+            .status()
+            .map(|s| from_bootctl(s.next))
+            .map_err(|e| BootError(e.to_string()))
+    }
+    fn activate(&mut self, slot: Slot) -> Result<(), BootError> {
+        self.0
+            .activate(to_bootctl(slot))
+            .map(|_| ())
+            .map_err(|e| BootError(e.to_string()))
+    }
+    fn mark_good(&mut self) -> Result<(), BootError> {
+        self.0
+            .mark_good()
+            .map(|_| ())
+            .map_err(|e| BootError(e.to_string()))
+    }
+    fn mark_bad(&mut self, slot: Slot) -> Result<(), BootError> {
+        self.0
+            .mark_bad(to_bootctl(slot))
+            .map(|_| ())
+            .map_err(|e| BootError(e.to_string()))
+    }
+}
+
+/// [`Installer`] over `crate::install::install`.
+pub struct Pipeline;
+
+impl Installer for Pipeline {
+    async fn install(
+        &self,
+        http: &reqwest::Client,
+        req: &InstallRequest,
+        progress: &mut (dyn FnMut(Progress) + Send),
+    ) -> Result<(), InstallFailure> {
+        crate::install::install(http, req, progress)
+            .await
+            .map(|_| ())
+            .map_err(|e| InstallFailure {
+                message: e.to_string(),
+                retryable: e.is_retryable(),
+            })
+    }
+}
+
+/// [`HealthChecker`] over `crate::health`.
+pub struct Checks {
+    pub checks: Vec<CheckCommand>,
+    pub timeout: Duration,
+}
+
+impl HealthChecker for Checks {
+    async fn check(&self) -> Result<(), String> {
+        let checks = self
+            .checks
+            .iter()
+            .map(|c| match c {
+                CheckCommand::Shell(s) => crate::health::HealthCheck::Shell(s.clone()),
+                CheckCommand::Argv(v) => crate::health::HealthCheck::Argv(v.clone()),
+            })
+            .collect();
+        crate::health::run_checks_async(checks, self.timeout)
+            .await
+            .map_err(|f| f.to_string())
+    }
+}
+
+/// [`Rebooter`] running `reboot_command`.
+pub struct RebootCommand(pub Vec<String>);
+
+impl Rebooter for RebootCommand {
+    fn reboot(&self) -> Result<(), String> {
+        let (prog, args) = self
+            .0
+            .split_first()
+            .ok_or_else(|| "empty reboot_command".to_string())?;
+        let status = std::process::Command::new(prog)
+            .args(args)
+            .status()
+            .map_err(|e| format!("{prog}: {e}"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("{:?} {status}", self.0))
+        }
+    }
+}
+
+/// The outbox entry channel names, for status output.
+pub fn channel_name(c: Channel) -> &'static str {
+    match c {
+        Channel::Deployment => "deployment",
+        Channel::Cancel => "cancel",
+    }
+}

@@ -1,0 +1,429 @@
+//! The commands of the `ddi-agent` binary and their plumbing: logging (journald under systemd,
+//! stderr otherwise), systemd notify (READY, STATUS, WATCHDOG), SIGTERM, the single-instance
+//! lock, and the exit statuses of the contract (0 ok, 1 update failed and reported, 2 cycle
+//! not completed, 3 configuration error).
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+use serde_json::json;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::ddi::DdiClient;
+use crate::driver::{BootCtl, Bootloader, Checks, Driver, Pipeline, RebootCommand};
+use crate::machine::{Phase, ResultKind, State};
+use crate::persist::{ConsentDecision, Store};
+
+/// Exit statuses of the contract.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const UPDATE_FAILED: u8 = 1;
+    pub const INCOMPLETE: u8 = 2;
+    pub const CONFIG: u8 = 3;
+}
+
+/// A subcommand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Run,
+    Once,
+    Status { json: bool },
+    Consent { accept: bool },
+}
+
+/// Runs `command` with the config at `config_path`; returns the exit status.
+pub fn main(config_path: &Path, command: Command) -> u8 {
+    let cfg = match Config::load(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ddi-agent: {e}");
+            return exit::CONFIG;
+        }
+    };
+    match command {
+        Command::Status { json } => status(&cfg, json),
+        Command::Consent { accept } => consent(&cfg, accept),
+        Command::Once | Command::Run => {
+            init_logging();
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("ddi-agent: cannot start the async runtime: {e}");
+                    return exit::INCOMPLETE;
+                }
+            };
+            runtime.block_on(agent(cfg, command == Command::Run))
+        }
+    }
+}
+
+/// Logging: journald with structured fields under systemd (JOURNAL_STREAM), else stderr.
+pub fn init_logging() {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("DDI_AGENT_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(journald) = tracing_journald::layer() {
+            let _ = tracing_subscriber::registry()
+                .with(filter)
+                .with(journald.with_syslog_identifier("ddi-agent".into()))
+                .try_init();
+            return;
+        }
+    }
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(false)
+                .with_target(false),
+        )
+        .try_init();
+}
+
+/// Holds the single-instance lock while alive.
+#[derive(Debug)]
+pub struct InstanceLock {
+    _file: File,
+}
+
+/// Takes the agent lock (flock, non-blocking) so that two agents never run at once.
+pub fn lock(path: &Path) -> Result<InstanceLock, String> {
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("lock file {}: {e}", path.display()))?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            format!(
+                "another ddi-agent is running (lock {} is held)",
+                path.display()
+            )
+        } else {
+            format!("lock file {}: {err}", path.display())
+        });
+    }
+    Ok(InstanceLock { _file: file })
+}
+
+async fn agent(cfg: Config, daemon: bool) -> u8 {
+    let store = match Store::open(&cfg.agent.state_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            error!("{e}");
+            return exit::INCOMPLETE;
+        }
+    };
+    let _lock = match lock(&cfg.agent.lock_file) {
+        Ok(l) => l,
+        Err(e) => {
+            error!("{e}");
+            return exit::INCOMPLETE;
+        }
+    };
+    let client = match DdiClient::new(&cfg.server) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("{e}");
+            return exit::CONFIG;
+        }
+    };
+    let boot = match BootCtl::open(&cfg) {
+        Ok(b) => b,
+        Err(e) => {
+            error!("{e}");
+            return exit::INCOMPLETE;
+        }
+    };
+    let health = Checks {
+        checks: cfg.agent.health_checks.clone(),
+        timeout: cfg.agent.health_check_timeout,
+    };
+    let reboot = RebootCommand(cfg.boot.reboot_command.clone());
+    let driver = match Driver::new(cfg, client, store, boot, Pipeline, health, reboot) {
+        Ok(d) => d,
+        Err(e) => {
+            error!("{e}");
+            return exit::INCOMPLETE;
+        }
+    };
+    if daemon {
+        run(driver).await
+    } else {
+        once(driver).await
+    }
+}
+
+type RealDriver = Driver<BootCtl, Pipeline, Checks, RebootCommand>;
+
+/// `once`: finish what waited for a reboot, then one poll cycle.
+async fn once(mut driver: RealDriver) -> u8 {
+    let started = match driver.startup().await {
+        Ok(r) => r,
+        Err(e) => {
+            error!("cycle not completed: {e}");
+            return exit::INCOMPLETE;
+        }
+    };
+    if started.rebooting {
+        return if started.failure_reported {
+            exit::UPDATE_FAILED
+        } else {
+            exit::OK
+        };
+    }
+    match driver.cycle().await {
+        Err(e) => {
+            error!("cycle not completed: {e}");
+            exit::INCOMPLETE
+        }
+        Ok(r) if r.failure_reported || started.failure_reported => exit::UPDATE_FAILED,
+        Ok(_) => exit::OK,
+    }
+}
+
+fn notify(states: &[NotifyState]) {
+    let _ = sd_notify::notify(false, states);
+}
+
+/// `run`: the daemon loop.
+async fn run(mut driver: RealDriver) -> u8 {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        _ => {
+            error!("cannot install signal handlers");
+            return exit::INCOMPLETE;
+        }
+    };
+    let mut watchdog_usec = 0u64;
+    if sd_notify::watchdog_enabled(false, &mut watchdog_usec) && watchdog_usec > 0 {
+        let period = Duration::from_micros(watchdog_usec / 2);
+        tokio::spawn(async move {
+            loop {
+                notify(&[NotifyState::Watchdog]);
+                tokio::time::sleep(period).await;
+            }
+        });
+    }
+    notify(&[NotifyState::Ready, NotifyState::Status("starting")]);
+    let mut first = true;
+    let mut failures = 0u32;
+    loop {
+        let work = async {
+            if first {
+                let r = driver.startup().await?;
+                if r.rebooting {
+                    return Ok(r);
+                }
+            }
+            driver.cycle().await
+        };
+        let outcome = tokio::select! {
+            r = work => r,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        first = false;
+        let sleep = match outcome {
+            Ok(r) if r.rebooting => {
+                notify(&[NotifyState::Status("rebooting")]);
+                info!("reboot requested; waiting to be stopped");
+                Duration::from_secs(300)
+            }
+            Ok(r) => {
+                failures = 0;
+                let phase = driver.state().phase.name();
+                let status = match driver.state().phase.job() {
+                    Some(j) => format!("{phase}: action {} slot {}", j.action_id, j.target),
+                    None => phase.to_string(),
+                };
+                notify(&[NotifyState::Status(&status)]);
+                r.sleep.unwrap_or(Duration::from_secs(300))
+            }
+            Err(e) => {
+                failures += 1;
+                warn!(error = %e, failures, "cycle not completed");
+                notify(&[NotifyState::Status(&format!("cycle not completed: {e}"))]);
+                let base = Duration::from_secs(30);
+                crate::ddi::client::backoff(base, failures).min(Duration::from_secs(600))
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(sleep) => {}
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    notify(&[NotifyState::Stopping]);
+    info!("stopping");
+    exit::OK
+}
+
+/// `status`: what the agent knows.
+fn status(cfg: &Config, as_json: bool) -> u8 {
+    let store = Store::at(&cfg.agent.state_dir);
+    let (state, state_error) = match store.load() {
+        Ok(s) => (s, None),
+        Err(e) => (State::default(), Some(e.to_string())),
+    };
+    let boot = BootCtl::open(cfg).and_then(|b| {
+        let status =
+            b.0.status()
+                .map_err(|e| crate::driver::BootError(e.to_string()))?;
+        Ok((b.booted().ok(), status))
+    });
+    let (booted, next, trial, boot_error) = match &boot {
+        Ok((booted, s)) => (
+            booted.map(|b| b.to_string()),
+            Some(s.next.to_string()),
+            s.trial,
+            None,
+        ),
+        Err(e) => (None, None, None, Some(e.to_string())),
+    };
+    let job = state.phase.job();
+    let consent = store.load_consent().ok().flatten();
+    if as_json {
+        let v = json!({
+            "booted": booted,
+            "next": next,
+            "trial": trial,
+            "phase": state.phase.name(),
+            "action": job.map(|j| json!({
+                "id": j.action_id,
+                "target_slot": j.target.to_string(),
+                "version": j.version,
+                "artifact": j.artifact.filename,
+                "download_only": j.download_only,
+                "may_activate": j.may_activate,
+            })),
+            "last_result": state.last_result.as_ref().map(|r| json!({
+                "action_id": r.action_id,
+                "result": result_name(&r.result),
+                "message": r.message,
+            })),
+            "feedback_owed": state.outbox.len(),
+            "pending_consent": state.pending_consent,
+            "consent_decision": consent.map(|d| json!({"action_id": d.action_id, "accept": d.accept})),
+            "state_dir": cfg.agent.state_dir,
+            "boot_error": boot_error,
+            "state_error": state_error,
+        });
+        println!("{v}");
+    } else {
+        let dash = || "-".to_string();
+        println!("booted slot:   {}", booted.clone().unwrap_or_else(dash));
+        println!(
+            "next boot:     {}{}",
+            next.unwrap_or_else(dash),
+            match trial {
+                Some(true) => " (on trial)",
+                Some(false) => " (confirmed)",
+                None => "",
+            }
+        );
+        match &state.phase {
+            Phase::Idle => println!("pending action: none"),
+            p => {
+                let j = p.job().expect("non-idle phase has a job");
+                println!(
+                    "pending action: {} ({}), version {} into slot {}",
+                    j.action_id,
+                    p.name(),
+                    j.version,
+                    j.target
+                );
+            }
+        }
+        match &state.last_result {
+            Some(r) => println!(
+                "last result:   action {} {}: {}",
+                r.action_id,
+                result_name(&r.result),
+                r.message
+            ),
+            None => println!("last result:   none"),
+        }
+        println!("feedback owed: {}", state.outbox.len());
+        if let Some(id) = &state.pending_consent {
+            println!("consent:       action {id} waits for `ddi-agent consent accept|deny`");
+        }
+        if let Some(e) = boot_error {
+            println!("bootloader:    {e}");
+        }
+        if let Some(e) = state_error {
+            println!("state:         {e}");
+        }
+    }
+    exit::OK
+}
+
+fn result_name(r: &ResultKind) -> &'static str {
+    match r {
+        ResultKind::Success => "success",
+        ResultKind::Failure => "failure",
+        ResultKind::Canceled => "canceled",
+        ResultKind::Abandoned => "abandoned",
+    }
+}
+
+/// `consent accept|deny`: records the answer for the action waiting for consent.
+fn consent(cfg: &Config, accept: bool) -> u8 {
+    let store = Store::at(&cfg.agent.state_dir);
+    let state = match store.load() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ddi-agent: {e}");
+            return exit::INCOMPLETE;
+        }
+    };
+    let Some(action_id) = state.pending_consent else {
+        eprintln!("ddi-agent: no action is waiting for consent");
+        return exit::UPDATE_FAILED;
+    };
+    let decision = ConsentDecision {
+        action_id: action_id.clone(),
+        accept,
+    };
+    if let Err(e) = store.save_consent(&decision) {
+        eprintln!("ddi-agent: {e}");
+        return exit::INCOMPLETE;
+    }
+    println!(
+        "action {action_id}: consent {}; sent to the server at the next poll",
+        if accept { "accepted" } else { "denied" }
+    );
+    exit::OK
+}
+
+/// Default config path as a `PathBuf`.
+pub fn default_config_path() -> PathBuf {
+    PathBuf::from(crate::config::DEFAULT_CONFIG_PATH)
+}
