@@ -208,6 +208,15 @@ impl Entry {
         }
     }
 
+    /// A NUL would end the entry early; only pairs built without validation can hold one.
+    fn has_nul(&self) -> bool {
+        match &self.raw {
+            Some(RawEntry::NonUtf8 { name, value }) => name.contains(&0) || value.contains(&0),
+            Some(RawEntry::Opaque(bytes)) => bytes.contains(&0),
+            None => self.name.contains('\0') || self.value.contains('\0'),
+        }
+    }
+
     fn encode_into(&self, out: &mut Vec<u8>) {
         match &self.raw {
             Some(RawEntry::NonUtf8 { name, value }) => {
@@ -545,6 +554,12 @@ pub fn encode_copy_with(
     order: ByteOrder,
 ) -> Result<Vec<u8>, EnvError> {
     let available = check_size(env_size, layout)?;
+    if let Some(bad) = env.entries.iter().find(|e| e.has_nul()) {
+        return Err(EnvError::InvalidValue {
+            name: bad.name.clone(),
+            reason: "name or value contains a NUL byte",
+        });
+    }
     let needed = env.data_len();
     if needed > available {
         return Err(EnvError::TooLarge {
@@ -870,6 +885,15 @@ mod tests {
         assert!(matches!(
             encode(&e, 5, Layout::Redundant),
             Err(EnvError::SizeTooSmall { .. })
+        ));
+    }
+
+    #[test]
+    fn unvalidated_nul_is_refused_at_encoding() {
+        let e: Env = [("a", "x\0y")].into_iter().collect();
+        assert!(matches!(
+            encode(&e, 64, Layout::Single),
+            Err(EnvError::InvalidValue { .. })
         ));
     }
 
