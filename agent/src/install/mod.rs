@@ -132,6 +132,8 @@ pub struct InstallOptions {
     pub mountinfo: PathBuf,
     /// Minimum time between progress callbacks.
     pub progress_interval: Duration,
+    /// Bytes between durable checkpoints of a raw image (resume points after a power cut).
+    pub checkpoint_interval: u64,
 }
 
 impl Default for InstallOptions {
@@ -142,6 +144,7 @@ impl Default for InstallOptions {
             archive_member: None,
             mountinfo: PathBuf::from("/proc/self/mountinfo"),
             progress_interval: Duration::from_secs(1),
+            checkpoint_interval: slot::CHECKPOINT_INTERVAL,
         }
     }
 }
@@ -231,6 +234,7 @@ async fn run(
         resume_path: req.resume_path.clone(),
         archive_member: options.archive_member.clone(),
         bundle: req.bundle.clone(),
+        checkpoint_interval: options.checkpoint_interval,
     };
     let sink_counters = Arc::clone(&counters);
     let mut sink = tokio::task::spawn_blocking(move || {

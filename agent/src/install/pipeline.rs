@@ -110,6 +110,7 @@ pub struct SinkPlan {
     pub resume_path: PathBuf,
     pub archive_member: Option<String>,
     pub bundle: Option<BundlePolicy>,
+    pub checkpoint_interval: u64,
 }
 
 impl ImageSink for SlotWriter<'_> {
@@ -151,7 +152,7 @@ pub fn run(
         counters,
     };
     let mut hashing = HashingReader::new(channel, artifact_hash, plan.start);
-    let mut writer = SlotWriter::new(dev, plan.start, image_hash);
+    let mut writer = SlotWriter::new(dev, plan.start, image_hash, plan.checkpoint_interval);
     let format = write_image(plan, &mut hashing, &mut writer, counters)?;
     // The hash covers the whole artifact, including what follows the image (tar padding).
     io::copy(&mut hashing, &mut io::sink())

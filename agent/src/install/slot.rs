@@ -17,7 +17,8 @@ pub const WRITE_BUFFER: usize = 1 << 20;
 /// Writeback is started for every window of this size, and the previous window is waited for,
 /// so at most about two windows of dirty pages are outstanding.
 pub const SYNC_WINDOW: u64 = 8 << 20;
-/// A durable checkpoint (fdatasync, usable for resume after a power cut) every this many bytes.
+/// Default distance between durable checkpoints (fdatasync, usable for resume after a
+/// power cut).
 pub const CHECKPOINT_INTERVAL: u64 = 64 << 20;
 
 /// The operations the pipeline needs from a slot; a seam so tests can inject write errors.
@@ -326,11 +327,20 @@ pub struct SlotWriter<'a> {
     started: Option<(u64, u64)>,
     last_checkpoint: u64,
     new_checkpoint: Option<u64>,
+    sync_window: u64,
+    checkpoint_interval: u64,
 }
 
 impl<'a> SlotWriter<'a> {
     /// Write from `start` on; `image_hash` already covers the slot bytes before it (resume).
-    pub fn new(dev: &'a mut dyn SlotDevice, start: u64, image_hash: Sha256) -> Self {
+    /// A durable checkpoint is made every `checkpoint_interval` bytes.
+    pub fn new(
+        dev: &'a mut dyn SlotDevice,
+        start: u64,
+        image_hash: Sha256,
+        checkpoint_interval: u64,
+    ) -> Self {
+        let checkpoint_interval = checkpoint_interval.max(WRITE_BUFFER as u64);
         SlotWriter {
             dev,
             buf: AlignedBuffer::new(WRITE_BUFFER),
@@ -341,6 +351,8 @@ impl<'a> SlotWriter<'a> {
             started: None,
             last_checkpoint: start,
             new_checkpoint: None,
+            sync_window: SYNC_WINDOW.min(checkpoint_interval),
+            checkpoint_interval,
         }
     }
 
@@ -424,11 +436,11 @@ impl<'a> SlotWriter<'a> {
 
     fn bound_dirty_memory(&mut self) -> Result<(), InstallError> {
         let window_start = self.window_start;
-        if self.offset - window_start < SYNC_WINDOW {
+        if self.offset - window_start < self.sync_window {
             return Ok(());
         }
         let len = self.offset - window_start;
-        if self.offset - self.last_checkpoint >= CHECKPOINT_INTERVAL {
+        if self.offset - self.last_checkpoint >= self.checkpoint_interval {
             // A durable point: everything so far reached the device (usable for resume).
             let at = self.offset;
             self.dev
@@ -570,7 +582,7 @@ mod tests {
         std::fs::write(&a, vec![7u8; 10_000]).unwrap();
         let mut slot = open(&a, None, &dir.path().join("none")).unwrap();
         assert_eq!(slot.capacity(), 10_000);
-        let mut w = SlotWriter::new(&mut slot, 0, Sha256::new());
+        let mut w = SlotWriter::new(&mut slot, 0, Sha256::new(), CHECKPOINT_INTERVAL);
         assert!(w.expect_size(10_001).is_err());
         w.write(&[1u8; 9_000]).unwrap();
         let err = w.write(&[1u8; 1_001]).unwrap_err();

@@ -1,1 +1,865 @@
-//! Pipeline tests against a hand-written local HTTP server.
+//! Pipeline tests against a hand-written local HTTP/1.1 server (Range support and fault
+//! injection) and regular-file slots.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use super::*;
+
+/// What the server does on one connection.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fault {
+    /// Send this many body bytes, then close.
+    DropAfter(usize),
+    /// Answer with this status and no body.
+    Status(u16),
+    /// Announce the full length but send only this many bytes, then close.
+    Truncate(usize),
+}
+
+#[derive(Default)]
+struct ServerState {
+    /// Faults for the next connections, in order; afterwards connections are served normally.
+    faults: Vec<Fault>,
+    /// The fault for every connection once `faults` is used up.
+    always: Option<Fault>,
+    /// Answer Range requests with the full body (status 200).
+    ignore_range: bool,
+    /// (range start, authorization header) of each request.
+    requests: Vec<(Option<u64>, Option<String>)>,
+}
+
+struct TestServer {
+    url: String,
+    state: Arc<Mutex<ServerState>>,
+}
+
+impl TestServer {
+    async fn start(body: Vec<u8>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/artifact.bin", listener.local_addr().unwrap());
+        let state = Arc::new(Mutex::new(ServerState::default()));
+        let body = Arc::new(body);
+        let shared = Arc::clone(&state);
+        tokio::spawn(async move {
+            loop {
+                let Ok((conn, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(serve(conn, Arc::clone(&body), Arc::clone(&shared)));
+            }
+        });
+        TestServer { url, state }
+    }
+
+    fn set(&self, f: impl FnOnce(&mut ServerState)) {
+        f(&mut self.state.lock().unwrap());
+    }
+
+    fn requests(&self) -> Vec<(Option<u64>, Option<String>)> {
+        self.state.lock().unwrap().requests.clone()
+    }
+}
+
+async fn serve(
+    mut conn: tokio::net::TcpStream,
+    body: Arc<Vec<u8>>,
+    state: Arc<Mutex<ServerState>>,
+) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match conn.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => return,
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let header = |name: &str| {
+        head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    };
+    let range = header("range").and_then(|r| {
+        r.strip_prefix("bytes=")?
+            .strip_suffix('-')?
+            .parse::<u64>()
+            .ok()
+    });
+    let (fault, ignore_range) = {
+        let mut s = state.lock().unwrap();
+        s.requests.push((range, header("authorization")));
+        let fault = if s.faults.is_empty() {
+            s.always
+        } else {
+            Some(s.faults.remove(0))
+        };
+        (fault, s.ignore_range)
+    };
+    let total = body.len() as u64;
+    let response = match (fault, range) {
+        (Some(Fault::Status(code)), _) => {
+            format!("HTTP/1.1 {code} Injected\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").into_bytes()
+        }
+        (_, Some(start)) if start >= total && !ignore_range => {
+            format!("HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{total}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").into_bytes()
+        }
+        (_, Some(start)) if !ignore_range => {
+            let mut r = format!(
+                "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{total}\r\nConnection: close\r\n\r\n",
+                total - start,
+                total - 1
+            )
+            .into_bytes();
+            r.extend_from_slice(&body[start as usize..]);
+            r
+        }
+        _ => {
+            let mut r = format!("HTTP/1.1 200 OK\r\nContent-Length: {total}\r\nConnection: close\r\n\r\n").into_bytes();
+            r.extend_from_slice(&body);
+            r
+        }
+    };
+    let header_len = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let send = match fault {
+        Some(Fault::DropAfter(n)) | Some(Fault::Truncate(n)) => {
+            (header_len + n).min(response.len())
+        }
+        _ => response.len(),
+    };
+    let _ = conn.write_all(&response[..send]).await;
+    let _ = conn.shutdown().await;
+}
+
+/// Deterministic incompressible-ish bytes.
+fn image(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 7) as u8
+        })
+        .collect()
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+fn tar_of(members: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in members {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, *data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+const FILL: u8 = 0xEE;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    slot: PathBuf,
+    booted: PathBuf,
+    capacity: usize,
+}
+
+impl Fixture {
+    fn new(capacity: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let slot = dir.path().join("slot-b.img");
+        let booted = dir.path().join("slot-a.img");
+        std::fs::write(&slot, vec![FILL; capacity]).unwrap();
+        std::fs::write(&booted, vec![0xAA; capacity]).unwrap();
+        Fixture {
+            dir,
+            slot,
+            booted,
+            capacity,
+        }
+    }
+
+    fn request(&self, url: &str, artifact: &[u8]) -> InstallRequest {
+        InstallRequest {
+            url: url.to_string(),
+            auth_header: Some(("Authorization".into(), "TargetToken secret".into())),
+            expected: ExpectedHash {
+                sha256: Some(sha256_hex(artifact)),
+                sha1: None,
+                md5: None,
+            },
+            size: Some(artifact.len() as u64),
+            filename: "artifact.bin".into(),
+            slot_path: self.slot.clone(),
+            booted_slot_path: Some(self.booted.clone()),
+            resume_path: self.resume_path(),
+            max_rate: None,
+            bundle: None,
+        }
+    }
+
+    fn resume_path(&self) -> PathBuf {
+        self.dir.path().join("resume.json")
+    }
+
+    fn slot_bytes(&self) -> Vec<u8> {
+        std::fs::read(&self.slot).unwrap()
+    }
+
+    /// The slot holds `image` followed by untouched bytes, has its original size, and the
+    /// booted slot was not touched.
+    fn assert_installed(&self, image: &[u8]) {
+        let bytes = self.slot_bytes();
+        assert_eq!(bytes.len(), self.capacity, "slot size changed");
+        assert!(
+            bytes[..image.len()] == *image,
+            "slot does not hold the image"
+        );
+        assert!(
+            bytes[image.len()..].iter().all(|&b| b == FILL),
+            "bytes after the image changed"
+        );
+        self.assert_booted_untouched();
+    }
+
+    fn assert_slot_untouched(&self) {
+        let bytes = self.slot_bytes();
+        assert_eq!(bytes.len(), self.capacity, "slot size changed");
+        assert!(bytes.iter().all(|&b| b == FILL), "slot was written");
+        self.assert_booted_untouched();
+    }
+
+    fn assert_booted_untouched(&self) {
+        let booted = std::fs::read(&self.booted).unwrap();
+        assert_eq!(booted.len(), self.capacity);
+        assert!(booted.iter().all(|&b| b == 0xAA), "booted slot changed");
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+fn fast_options() -> InstallOptions {
+    InstallOptions {
+        retry: RetryPolicy {
+            attempts: 3,
+            first_backoff: Duration::from_millis(5),
+            max_backoff: Duration::from_millis(20),
+        },
+        stall_timeout: Duration::from_secs(5),
+        mountinfo: PathBuf::from("/nonexistent/mountinfo"),
+        progress_interval: Duration::from_millis(1),
+        checkpoint_interval: 1 << 20,
+        ..InstallOptions::default()
+    }
+}
+
+async fn run(
+    req: &InstallRequest,
+    options: &InstallOptions,
+) -> (Result<Installed, InstallError>, Vec<Progress>) {
+    let mut seen = Vec::new();
+    let result = install_with(&client(), req, options, &mut |p| seen.push(p)).await;
+    (result, seen)
+}
+
+#[tokio::test]
+async fn raw_image_is_written_verified_and_reported() {
+    let img = image(3 << 20, 1);
+    let server = TestServer::start(img.clone()).await;
+    let fx = Fixture::new(4 << 20);
+    let (result, progress) = run(&fx.request(&server.url, &img), &fast_options()).await;
+    let installed = result.unwrap();
+    assert_eq!(installed.bytes_written, img.len() as u64);
+    assert_eq!(installed.sha256_of_slot_image, sha256_hex(&img));
+    fx.assert_installed(&img);
+    assert_eq!(
+        server.requests(),
+        vec![(None, Some("TargetToken secret".into()))]
+    );
+    assert!(!fx.resume_path().exists(), "resume record left behind");
+    // Progress: downloading counts only go up and never pass the total.
+    let mut last = 0;
+    for p in &progress {
+        if let Progress::Downloading { done, total } = p {
+            assert!(*done >= last);
+            assert!(*done <= img.len() as u64);
+            assert_eq!(*total, Some(img.len() as u64));
+            last = *done;
+        }
+    }
+    assert!(!progress.is_empty());
+}
+
+#[tokio::test]
+async fn progress_is_rate_limited() {
+    let img = image(1 << 20, 2);
+    let server = TestServer::start(img.clone()).await;
+    let fx = Fixture::new(1 << 20);
+    let mut req = fx.request(&server.url, &img);
+    req.max_rate = Some(2 << 20); // ~0.5 s
+    let options = InstallOptions {
+        progress_interval: Duration::from_millis(200),
+        ..fast_options()
+    };
+    let begin = Instant::now();
+    let (result, progress) = run(&req, &options).await;
+    result.unwrap();
+    let elapsed = begin.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(450),
+        "rate limit ignored: {elapsed:?}"
+    );
+    let max_calls = (elapsed.as_millis() / 200 + 2) as usize;
+    assert!(
+        progress.len() <= max_calls,
+        "{} callbacks in {elapsed:?}",
+        progress.len()
+    );
+    fx.assert_installed(&img);
+}
+
+#[tokio::test]
+async fn gzip_image_is_decoded() {
+    let img = image(2 << 20, 3);
+    let mut img_compressible = img.clone();
+    img_compressible.extend(vec![0u8; 1 << 20]);
+    let gz = gzip(&img_compressible);
+    let server = TestServer::start(gz.clone()).await;
+    let fx = Fixture::new(4 << 20);
+    let (result, _) = run(&fx.request(&server.url, &gz), &fast_options()).await;
+    let installed = result.unwrap();
+    assert_eq!(installed.bytes_written, img_compressible.len() as u64);
+    assert_eq!(
+        installed.sha256_of_slot_image,
+        sha256_hex(&img_compressible)
+    );
+    fx.assert_installed(&img_compressible);
+}
+
+#[tokio::test]
+async fn tar_and_tar_gz_images_are_extracted() {
+    let img = image((1 << 20) + 333, 4);
+    let tar = tar_of(&[("./rootfs.ext4", &img)]);
+    for artifact in [tar.clone(), gzip(&tar)] {
+        let server = TestServer::start(artifact.clone()).await;
+        let fx = Fixture::new(2 << 20);
+        let (result, _) = run(&fx.request(&server.url, &artifact), &fast_options()).await;
+        let installed = result.unwrap();
+        assert_eq!(installed.bytes_written, img.len() as u64);
+        fx.assert_installed(&img);
+    }
+}
+
+#[tokio::test]
+async fn tar_with_named_member_among_others() {
+    let img = image(100_000, 5);
+    let tar = tar_of(&[("manifest.json", b"{}"), ("rootfs.ext4", &img)]);
+    let server = TestServer::start(tar.clone()).await;
+    let fx = Fixture::new(1 << 20);
+    let options = InstallOptions {
+        archive_member: Some("rootfs.ext4".into()),
+        ..fast_options()
+    };
+    run(&fx.request(&server.url, &tar), &options)
+        .await
+        .0
+        .unwrap();
+    fx.assert_installed(&img);
+    // Without the name the archive is ambiguous.
+    let fx = Fixture::new(1 << 20);
+    let err = run(&fx.request(&server.url, &tar), &fast_options())
+        .await
+        .0
+        .unwrap_err();
+    assert!(matches!(err, InstallError::ArchiveRejected(_)), "{err}");
+    assert!(!err.is_retryable());
+}
+
+#[tokio::test]
+async fn hostile_tar_members_are_rejected_before_writing() {
+    let mut hostile = Vec::new();
+    let mut h = tar::Header::new_gnu();
+    h.as_old_mut().name[..9].copy_from_slice(b"../escape");
+    h.set_size(4);
+    h.set_mode(0o644);
+    h.set_cksum();
+    hostile.extend_from_slice(h.as_bytes());
+    hostile.extend_from_slice(&[1, 2, 3, 4]);
+    hostile.resize(512 * 4, 0);
+    let mut link = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_size(0);
+    link.append_link(&mut h, "image", "/dev/mmcblk0").unwrap();
+    let link = link.into_inner().unwrap();
+    for artifact in [hostile, link.clone(), gzip(&link)] {
+        let server = TestServer::start(artifact.clone()).await;
+        let fx = Fixture::new(1 << 20);
+        let err = run(&fx.request(&server.url, &artifact), &fast_options())
+            .await
+            .0
+            .unwrap_err();
+        assert!(matches!(err, InstallError::ArchiveRejected(_)), "{err}");
+        fx.assert_slot_untouched();
+    }
+}
+
+#[tokio::test]
+async fn dropped_connections_are_resumed_with_range() {
+    let img = image(3 << 20, 6);
+    let server = TestServer::start(img.clone()).await;
+    server.set(|s| {
+        s.faults = vec![
+            Fault::DropAfter(700_000),
+            Fault::DropAfter(900_000),
+            Fault::Status(503),
+        ]
+    });
+    let fx = Fixture::new(4 << 20);
+    run(&fx.request(&server.url, &img), &fast_options())
+        .await
+        .0
+        .unwrap();
+    fx.assert_installed(&img);
+    let starts: Vec<Option<u64>> = server.requests().into_iter().map(|r| r.0).collect();
+    assert_eq!(starts.len(), 4, "{starts:?}");
+    assert_eq!(starts[0], None);
+    assert_eq!(starts[1], Some(700_000));
+    assert_eq!(starts[2], Some(1_600_000));
+    assert_eq!(starts[3], Some(1_600_000));
+}
+
+#[tokio::test]
+async fn server_ignoring_range_is_handled() {
+    let img = image(2 << 20, 7);
+    let gz = gzip(&img);
+    let server = TestServer::start(gz.clone()).await;
+    server.set(|s| {
+        s.ignore_range = true;
+        s.faults = vec![Fault::DropAfter(500_000), Fault::DropAfter(1_000_000)];
+    });
+    let fx = Fixture::new(3 << 20);
+    run(&fx.request(&server.url, &gz), &fast_options())
+        .await
+        .0
+        .unwrap();
+    fx.assert_installed(&img);
+}
+
+#[tokio::test]
+async fn exhausted_retries_are_retryable_errors() {
+    let img = image(1 << 20, 8);
+    let server = TestServer::start(img.clone()).await;
+    server.set(|s| s.always = Some(Fault::Status(503)));
+    let fx = Fixture::new(2 << 20);
+    let err = run(&fx.request(&server.url, &img), &fast_options())
+        .await
+        .0
+        .unwrap_err();
+    assert!(
+        matches!(err, InstallError::Network { attempts: 4, .. }),
+        "{err}"
+    );
+    assert!(err.is_retryable());
+    assert_eq!(server.requests().len(), 4);
+    fx.assert_slot_untouched();
+}
+
+#[tokio::test]
+async fn truncated_body_fails_retryable() {
+    let img = image(1 << 20, 9);
+    let server = TestServer::start(img.clone()).await;
+    // Every connection announces the whole body and stops short of its end.
+    server.set(|s| s.always = Some(Fault::Truncate(0)));
+    let fx = Fixture::new(2 << 20);
+    let mut req = fx.request(&server.url, &img);
+    let err = run(&req, &fast_options()).await.0.unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    // Without a declared size a complete-looking short body is caught by the hash.
+    let server = TestServer::start(img[..1000].to_vec()).await;
+    req.url = server.url.clone();
+    req.size = None;
+    let err = run(&req, &fast_options()).await.0.unwrap_err();
+    assert!(matches!(err, InstallError::HashMismatch { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn hash_mismatch_fails_permanently() {
+    let img = image(2 << 20, 10);
+    let server = TestServer::start(img.clone()).await;
+    let fx = Fixture::new(4 << 20);
+    for expected in [
+        ExpectedHash {
+            sha256: Some("0".repeat(64)),
+            sha1: None,
+            md5: None,
+        },
+        ExpectedHash {
+            sha256: None,
+            sha1: Some("1".repeat(40)),
+            md5: None,
+        },
+        ExpectedHash {
+            sha256: None,
+            sha1: None,
+            md5: Some("2".repeat(32)),
+        },
+    ] {
+        let mut req = fx.request(&server.url, &img);
+        req.expected = expected;
+        let err = run(&req, &fast_options()).await.0.unwrap_err();
+        assert!(matches!(err, InstallError::HashMismatch { .. }), "{err}");
+        assert!(!err.is_retryable());
+        assert!(!fx.resume_path().exists());
+        fx.assert_booted_untouched();
+    }
+    // md5 alone is accepted when right.
+    let mut req = fx.request(&server.url, &img);
+    req.expected = ExpectedHash {
+        sha256: None,
+        sha1: None,
+        md5: Some(hex::encode(md5::Md5::digest(&img))),
+    };
+    run(&req, &fast_options()).await.0.unwrap();
+}
+
+#[tokio::test]
+async fn oversize_raw_image_fails_before_writing() {
+    let img = image(1 << 20, 11);
+    let server = TestServer::start(img.clone()).await;
+    let fx = Fixture::new((1 << 20) - 1);
+    let err = run(&fx.request(&server.url, &img), &fast_options())
+        .await
+        .0
+        .unwrap_err();
+    assert!(
+        matches!(err, InstallError::TooLarge { image_size, at_least: false, .. } if image_size == img.len() as u64),
+        "{err}"
+    );
+    fx.assert_slot_untouched();
+}
+
+#[tokio::test]
+async fn oversize_gzip_stops_at_the_slot_end() {
+    let img = vec![0x55u8; 3 << 20];
+    let gz = gzip(&img);
+    let server = TestServer::start(gz.clone()).await;
+    let fx = Fixture::new(2 << 20);
+    let err = run(&fx.request(&server.url, &gz), &fast_options())
+        .await
+        .0
+        .unwrap_err();
+    assert!(
+        matches!(err, InstallError::TooLarge { at_least: true, .. }),
+        "{err}"
+    );
+    assert_eq!(fx.slot_bytes().len(), 2 << 20, "slot grew");
+    fx.assert_booted_untouched();
+}
+
+#[tokio::test]
+async fn corrupt_gzip_is_a_decode_error() {
+    let img = image(1 << 20, 12);
+    let mut gz = gzip(&img);
+    let n = gz.len();
+    gz[n / 2] ^= 0xff;
+    let server = TestServer::start(gz.clone()).await;
+    let fx = Fixture::new(2 << 20);
+    let err = run(&fx.request(&server.url, &gz), &fast_options())
+        .await
+        .0
+        .unwrap_err();
+    assert!(matches!(err, InstallError::Decode { .. }), "{err}");
+    fx.assert_booted_untouched();
+}
+
+#[tokio::test]
+async fn http_errors_and_bad_requests() {
+    let img = image(1000, 13);
+    let server = TestServer::start(img.clone()).await;
+    server.set(|s| s.always = Some(Fault::Status(404)));
+    let fx = Fixture::new(4096);
+    let err = run(&fx.request(&server.url, &img), &fast_options())
+        .await
+        .0
+        .unwrap_err();
+    assert!(
+        matches!(err, InstallError::HttpStatus { status: 404, .. }),
+        "{err}"
+    );
+    assert!(!err.is_retryable());
+    assert_eq!(server.requests().len(), 1, "a 404 is not retried");
+
+    let mut req = fx.request(&server.url, &img);
+    req.expected = ExpectedHash::default();
+    assert!(matches!(
+        run(&req, &fast_options()).await.0,
+        Err(InstallError::InvalidRequest(_))
+    ));
+
+    // The server's size differs from the artifact's declared size.
+    server.set(|s| s.always = None);
+    let mut req = fx.request(&server.url, &img);
+    req.size = Some(999);
+    let err = run(&req, &fast_options()).await.0.unwrap_err();
+    assert!(matches!(err, InstallError::SizeMismatch { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn booted_slot_is_never_written() {
+    let img = image(1000, 14);
+    let server = TestServer::start(img.clone()).await;
+    let fx = Fixture::new(4096);
+    let mut req = fx.request(&server.url, &img);
+    req.slot_path = fx.booted.clone();
+    let err = run(&req, &fast_options()).await.0.unwrap_err();
+    assert!(matches!(err, InstallError::SlotInUse { .. }), "{err}");
+    // Through a symlink too.
+    let link = fx.dir.path().join("by-partlabel-b");
+    std::os::unix::fs::symlink(&fx.booted, &link).unwrap();
+    req.slot_path = link;
+    let err = run(&req, &fast_options()).await.0.unwrap_err();
+    assert!(matches!(err, InstallError::SlotInUse { .. }), "{err}");
+    assert!(
+        server.requests().is_empty(),
+        "downloaded although the slot is refused"
+    );
+    fx.assert_booted_untouched();
+}
+
+/// Install that stops (retryable) after `limit` bytes, like a power cut mid-download.
+async fn interrupted_install(fx: &Fixture, img: &[u8], limit: usize) -> InstallError {
+    let server = TestServer::start(img.to_vec()).await;
+    server.set(|s| s.always = Some(Fault::DropAfter(limit)));
+    let mut options = fast_options();
+    options.retry.attempts = 0;
+    run(&fx.request(&server.url, img), &options)
+        .await
+        .0
+        .unwrap_err()
+}
+
+#[tokio::test]
+async fn restart_resumes_raw_image_from_checkpoint() {
+    let img = image(5 << 20, 15);
+    let fx = Fixture::new(6 << 20);
+    let err = interrupted_install(&fx, &img, (3 << 20) + 12345).await;
+    assert!(err.is_retryable(), "{err}");
+    let record = resume::load(&fx.resume_path()).expect("resume record kept");
+    assert_eq!(record.slot_offset, 3 << 20);
+
+    // "After the restart": a new install of the same artifact continues at the checkpoint.
+    let server = TestServer::start(img.clone()).await;
+    let installed = run(&fx.request(&server.url, &img), &fast_options())
+        .await
+        .0
+        .unwrap();
+    assert_eq!(installed.sha256_of_slot_image, sha256_hex(&img));
+    fx.assert_installed(&img);
+    assert_eq!(server.requests()[0].0, Some(3 << 20));
+    assert!(!fx.resume_path().exists());
+}
+
+#[tokio::test]
+async fn resumed_prefix_is_reverified() {
+    let img = image(4 << 20, 16);
+    let fx = Fixture::new(4 << 20);
+    interrupted_install(&fx, &img, (2 << 20) + 1).await;
+    assert_eq!(
+        resume::load(&fx.resume_path()).unwrap().slot_offset,
+        2 << 20
+    );
+    // Damage a byte the previous run wrote: the resumed install must not accept it.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fx.slot)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[img[1000] ^ 1], 1000).unwrap();
+    let server = TestServer::start(img.clone()).await;
+    let err = run(&fx.request(&server.url, &img), &fast_options())
+        .await
+        .0
+        .unwrap_err();
+    assert!(matches!(err, InstallError::HashMismatch { .. }), "{err}");
+    assert!(
+        !fx.resume_path().exists(),
+        "a record that led to a bad image must go"
+    );
+    // The next attempt starts over and succeeds.
+    run(&fx.request(&server.url, &img), &fast_options())
+        .await
+        .0
+        .unwrap();
+    fx.assert_installed(&img);
+}
+
+#[tokio::test]
+async fn resume_record_of_another_artifact_is_ignored() {
+    let img = image(3 << 20, 17);
+    let fx = Fixture::new(4 << 20);
+    interrupted_install(&fx, &img, (2 << 20) + 1).await;
+    let other = image(3 << 20, 18);
+    let server = TestServer::start(other.clone()).await;
+    run(&fx.request(&server.url, &other), &fast_options())
+        .await
+        .0
+        .unwrap();
+    assert_eq!(server.requests()[0].0, None, "resumed a different artifact");
+    fx.assert_installed(&other);
+}
+
+/// A slot whose writes fail past a given offset (disk full, I/O error).
+struct FailingSlot {
+    data: Vec<u8>,
+    fail_from: u64,
+}
+
+impl slot::SlotDevice for FailingSlot {
+    fn path(&self) -> &Path {
+        Path::new("failing-slot")
+    }
+    fn capacity(&self) -> u64 {
+        self.data.len() as u64
+    }
+    fn write_all_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        if offset + data.len() as u64 > self.fail_from {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        self.data[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        let from = (offset as usize).min(self.data.len());
+        let n = buf.len().min(self.data.len() - from);
+        buf[..n].copy_from_slice(&self.data[from..from + n]);
+        Ok(n)
+    }
+    fn sync_range(&mut self, _: u64, _: u64, _: bool) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn sync_data(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn write_error_on_the_slot_is_reported() {
+    let img = image(3 << 20, 19);
+    let plan = pipeline::SinkPlan {
+        url: "http://127.0.0.1/x".into(),
+        algorithm: hash::HashAlgorithm::Sha256,
+        expected: sha256_hex(&img),
+        size: Some(img.len() as u64),
+        start: 0,
+        resume_path: PathBuf::from("/nonexistent/resume.json"),
+        archive_member: None,
+        bundle: None,
+        checkpoint_interval: 64 << 20,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    for chunk in img.chunks(100_000) {
+        tx.try_send(pipeline::Chunk::Data(bytes::Bytes::copy_from_slice(chunk)))
+            .unwrap();
+    }
+    tx.try_send(pipeline::Chunk::End).unwrap();
+    let counters = pipeline::Counters::new(0, Some(img.len() as u64));
+    let mut dev = FailingSlot {
+        data: vec![FILL; 4 << 20],
+        fail_from: 2 << 20,
+    };
+    let err = pipeline::run(&plan, &mut dev, rx, &counters).unwrap_err();
+    match &err {
+        InstallError::SlotIo {
+            op, offset, source, ..
+        } => {
+            assert_eq!(*op, "write");
+            assert_eq!(*offset, 2 << 20);
+            assert_eq!(source.raw_os_error(), Some(libc::ENOSPC));
+        }
+        other => panic!("unexpected {other}"),
+    }
+    assert!(!err.is_retryable());
+    assert!(
+        dev.data[3 << 20..].iter().all(|&b| b == FILL),
+        "wrote past the failure"
+    );
+}
+
+#[test]
+fn aborted_download_is_not_mistaken_for_the_end() {
+    let img = image(1000, 20);
+    let plan = pipeline::SinkPlan {
+        url: "http://127.0.0.1/x".into(),
+        algorithm: hash::HashAlgorithm::Sha256,
+        expected: sha256_hex(&img),
+        size: Some(img.len() as u64),
+        start: 0,
+        resume_path: PathBuf::from("/nonexistent/resume.json"),
+        archive_member: None,
+        bundle: None,
+        checkpoint_interval: 64 << 20,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.try_send(pipeline::Chunk::Data(bytes::Bytes::copy_from_slice(
+        &img[..500],
+    )))
+    .unwrap();
+    drop(tx);
+    let counters = pipeline::Counters::new(0, None);
+    let mut dev = FailingSlot {
+        data: vec![FILL; 4096],
+        fail_from: u64::MAX,
+    };
+    let err = pipeline::run(&plan, &mut dev, rx, &counters).unwrap_err();
+    assert!(matches!(err, InstallError::Aborted), "{err}");
+}
+
+#[tokio::test]
+async fn required_signature_without_verifier_refuses() {
+    let img = image(1000, 21);
+    let server = TestServer::start(img.clone()).await;
+    let fx = Fixture::new(4096);
+    let mut req = fx.request(&server.url, &img);
+    req.bundle = Some(BundlePolicy {
+        require_signature: true,
+        ..BundlePolicy::default()
+    });
+    let err = run(&req, &fast_options()).await.0.unwrap_err();
+    assert!(matches!(err, InstallError::Signature(_)), "{err}");
+    fx.assert_slot_untouched();
+}
+
+#[test]
+fn backoff_grows_and_is_capped() {
+    let p = RetryPolicy {
+        attempts: 5,
+        first_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_millis(350),
+    };
+    assert_eq!(p.backoff(1), Duration::from_millis(100));
+    assert_eq!(p.backoff(2), Duration::from_millis(200));
+    assert_eq!(p.backoff(3), Duration::from_millis(350));
+    assert_eq!(p.backoff(40), Duration::from_millis(350));
+}
