@@ -692,11 +692,6 @@ impl Selected {
     pub fn next_flag(&self) -> u8 {
         self.copy.flag.unwrap_or(0).wrapping_add(1)
     }
-
-    /// Encodes `env` as the copy the next save writes (see [`Selected::write_target`]).
-    pub fn encode_next(&self, env: &Env, env_size: usize) -> Result<Vec<u8>, EnvError> {
-        encode_copy(env, env_size, self.layout, self.next_flag())
-    }
 }
 
 /// Reads the copies of an environment (one for [`Layout::Single`], two for
