@@ -220,6 +220,15 @@ impl Drop for ForceRoGuard {
     }
 }
 
+/// `/dev/mtdN` and `/dev/ubiX_Y` (or `ubiX:name`) are flash, not block devices.
+fn is_raw_flash(device: &Path) -> bool {
+    device.starts_with("/dev")
+        && device
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("mtd") || n.starts_with("ubi"))
+}
+
 /// `mmcblk0boot1` for a path naming an eMMC boot partition (through symlinks too).
 fn emmc_boot_partition(device: &Path) -> Option<String> {
     let resolved = std::fs::canonicalize(device).unwrap_or_else(|_| device.to_path_buf());
@@ -395,6 +404,13 @@ impl EnvStore {
             return Err(StoreError::Config(format!(
                 "{} environment copies configured; one or two are supported",
                 config.copies.len()
+            )));
+        }
+        if let Some(flash) = config.copies.iter().find(|c| is_raw_flash(&c.device)) {
+            return Err(StoreError::Config(format!(
+                "{} is MTD/UBI flash, which needs erase blocks and NOR's boolean flags; only \
+                 block devices and files are supported (use fw_setenv for flash)",
+                flash.device.display()
             )));
         }
         let env_size = usize::try_from(config.env_size()).map_err(|_| {
@@ -661,6 +677,17 @@ mod tests {
         assert_eq!(emmc_boot_partition(Path::new("/dev/mmcblk0p2")), None);
         assert_eq!(emmc_boot_partition(Path::new("/dev/mmcblk0boot")), None);
         assert_eq!(emmc_boot_partition(Path::new("/tmp/env.bin")), None);
+    }
+
+    #[test]
+    fn flash_devices_are_refused() {
+        let config = FwEnvConfig::parse("/dev/mtd1 0 0x4000 0x4000\n", Path::new("/")).unwrap();
+        let err = EnvStore::open(&config).unwrap_err().to_string();
+        assert!(err.contains("/dev/mtd1 is MTD/UBI flash"), "{err}");
+        let config = FwEnvConfig::parse("/dev/ubi0:env 0 0x1f000\n", Path::new("/")).unwrap();
+        assert!(EnvStore::open(&config).is_err());
+        let config = FwEnvConfig::parse("/dev/mmcblk0 0 0x4000\n", Path::new("/")).unwrap();
+        assert!(EnvStore::open(&config).is_ok());
     }
 
     #[test]
