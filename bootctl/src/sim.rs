@@ -14,17 +14,24 @@
 //!   so a `bootcount` outside 0..98 becomes 100 ([`script_increment`]).
 //!
 //! `rauc` (RAUC's `contrib/uboot.sh` semantics, with counters compared as hex):
-//! - Missing `BOOT_ORDER` reads as `A B`, a missing `BOOT_x_LEFT` as the default attempts; the
-//!   script sets these defaults and they are saved with the rest.
-//! - The first slot in `BOOT_ORDER` with `0x${BOOT_x_LEFT} > 0` boots, its counter decremented
-//!   (written as hex, as `setexpr` does), saved before booting.
-//! - No slot has attempts left: like RAUC's example script, reset every counter to the default
+//! - A missing `BOOT_x_LEFT` reads as the default attempts; a `BOOT_ORDER` that names neither
+//!   A nor B (or is missing) reads as `A B`; other words in it are skipped. Defaults are not
+//!   saved.
+//! - The first slot in that order with `0x${BOOT_x_LEFT} > 0` boots, its counter decremented
+//!   (written as hex, as `setexpr` would), saved before booting.
+//! - No slot has attempts left: like RAUC's example script, reset both counters to the default
 //!   attempts, save and `reset`. The board then powers on again and picks the first slot in
-//!   `BOOT_ORDER`. The simulator folds the reset and that second boot into one decision.
+//!   the order. The simulator folds the reset and that second boot into one decision.
 //!
-//! Lenient reads mirror U-Boot: numbers are read as far as they are digits (`3x` is 3, `zz` is
-//! 0), a `bootctl_slot` other than `B` boots A, names other than A and B in `BOOT_ORDER` are
-//! skipped.
+//! Every save is the script's `env export` of the environment U-Boot imported, so variables
+//! with an empty value (which U-Boot drops on import, while libubootenv keeps them, e.g. RAUC's
+//! `BOOT_ORDER=` after marking both slots bad) disappear with the first save.
+//!
+//! Lenient reads mirror U-Boot: hex counters are read as far as they are hex digits (`zz` is
+//! 0), a `bootctl_slot` other than `B` boots A, and only `upgrade_available=1` is a trial.
+//!
+//! When no environment copy is valid, U-Boot runs on its built-in defaults: the script boots
+//! slot A and saves nothing ([`boot_file_device`] does the same).
 
 use std::fs;
 use std::io::{self, Write};
@@ -35,7 +42,7 @@ use crate::error::Error;
 use crate::scheme::{
     bootcount_vars, non_empty, rauc_vars, uboot_decimal, uboot_hex, SchemeKind, Slot,
 };
-use crate::store::EnvStore;
+use crate::store::{EnvStore, StoreError};
 
 /// The attempts the boot script assumes when a variable is missing (its built-in default).
 pub const SCRIPT_DEFAULT_ATTEMPTS: u32 = 3;
@@ -100,13 +107,14 @@ fn decide_bootcount(env: &Env, default_attempts: u32) -> BootDecision {
     // their order that way. `bootlimit=0` disables the fallback, as in U-Boot.
     if limit != "0" && uboot_hex(&count.to_string()) > uboot_hex(limit) {
         let to = slot.other();
-        let changes = ChangeSet::new()
-            .with(bootcount_vars::SLOT, to.as_str())
-            .with(bootcount_vars::UPGRADE_AVAILABLE, "0")
-            .with(bootcount_vars::BOOTCOUNT, "0");
+        let sets = vec![
+            (bootcount_vars::SLOT, to.as_str().to_string()),
+            (bootcount_vars::UPGRADE_AVAILABLE, "0".to_string()),
+            (bootcount_vars::BOOTCOUNT, "0".to_string()),
+        ];
         BootDecision {
             slot: to,
-            changes: only_changed(env, changes),
+            changes: script_save(env, sets),
             event: BootEvent::Fallback {
                 from: slot,
                 count,
@@ -116,10 +124,7 @@ fn decide_bootcount(env: &Env, default_attempts: u32) -> BootDecision {
     } else {
         BootDecision {
             slot,
-            changes: only_changed(
-                env,
-                ChangeSet::new().with(bootcount_vars::BOOTCOUNT, count.to_string()),
-            ),
+            changes: script_save(env, vec![(bootcount_vars::BOOTCOUNT, count.to_string())]),
             event: BootEvent::Trial {
                 count,
                 limit: uboot_decimal(limit),
@@ -150,56 +155,32 @@ pub const MAX_BOOTLIMIT: u32 = 99;
 
 fn decide_rauc(env: &Env, default_attempts: u32) -> BootDecision {
     let default_left = format!("{default_attempts:x}");
-    // The script's defaults, saved together with the decrement.
-    let mut saved: Vec<(String, String)> = Vec::new();
-    let order_value = match non_empty(env.get(rauc_vars::BOOT_ORDER)) {
-        None => {
-            saved.push((rauc_vars::BOOT_ORDER.to_string(), "A B".to_string()));
-            "A B".to_string()
-        }
-        Some(value) => value.to_string(),
+    let left = |slot: Slot| -> u64 {
+        non_empty(env.get(rauc_vars::left(slot))).map_or(u64::from(default_attempts), uboot_hex)
     };
-    let left = |slot: Slot, saved: &mut Vec<(String, String)>| -> u64 {
-        match non_empty(env.get(rauc_vars::left(slot))) {
-            None => {
-                saved.push((rauc_vars::left(slot).to_string(), default_left.clone()));
-                u64::from(default_attempts)
-            }
-            Some(value) => uboot_hex(value),
-        }
-    };
-    let counters = [left(Slot::A, &mut saved), left(Slot::B, &mut saved)];
-    let order: Vec<Slot> = order_value
-        .split_whitespace()
-        .filter_map(|word| word.parse().ok())
-        .collect();
+    let counters = [left(Slot::A), left(Slot::B)];
+    let order = script_boot_order(env.get(rauc_vars::BOOT_ORDER));
 
-    let first_with_attempts = order.iter().copied().find(|s| counters[*s as usize] > 0);
-    let (slot, before, event_reset) = match first_with_attempts {
+    let mut sets: Vec<(&str, String)> = Vec::new();
+    let (slot, before, reset) = match order.iter().copied().find(|s| counters[*s as usize] > 0) {
         Some(slot) => (slot, counters[slot as usize], false),
         None => {
-            // Nothing bootable: every counter back to the default, then the first slot in
-            // BOOT_ORDER (A if it names none) on the next power-on.
-            saved.retain(|(name, _)| name == rauc_vars::BOOT_ORDER);
+            // Nothing bootable: both counters back to the default, save, reset; the next
+            // power-on takes the first slot of the same order.
             for s in Slot::ALL {
-                saved.push((rauc_vars::left(s).to_string(), default_left.clone()));
+                sets.push((rauc_vars::left(s), default_left.clone()));
             }
-            let slot = order.first().copied().unwrap_or(Slot::A);
-            (slot, u64::from(default_attempts), true)
+            (order[0], u64::from(default_attempts), true)
         }
     };
-    let after = before.saturating_sub(1);
-    saved.retain(|(name, _)| name != rauc_vars::left(slot));
-    saved.push((rauc_vars::left(slot).to_string(), format!("{after:x}")));
-
-    let changes: ChangeSet = saved
-        .into_iter()
-        .map(|(name, value)| (name, Some(value)))
-        .collect();
+    // The script's hex lookup counts 1..=ff down; anything above ff becomes fe... from ff.
+    let after = before.min(0x100) - 1;
+    sets.retain(|(name, _)| *name != rauc_vars::left(slot));
+    sets.push((rauc_vars::left(slot), format!("{after:x}")));
     BootDecision {
         slot,
-        changes: only_changed(env, changes),
-        event: if event_reset {
+        changes: script_save(env, sets),
+        event: if reset {
             BootEvent::CountersReset { left: after }
         } else {
             BootEvent::Attempt { left: after }
@@ -207,13 +188,35 @@ fn decide_rauc(env: &Env, default_attempts: u32) -> BootDecision {
     }
 }
 
-/// Drops the entries that would not change `env`.
-fn only_changed(env: &Env, changes: ChangeSet) -> ChangeSet {
+/// The order the script walks: `BOOT_ORDER` when it names A or B at all (other words are
+/// skipped), else `A B`. Never empty.
+pub fn script_boot_order(boot_order: Option<&str>) -> Vec<Slot> {
+    let mut order: Vec<Slot> = boot_order
+        .unwrap_or("")
+        .split_whitespace()
+        .filter_map(|word| word.parse().ok())
+        .collect();
+    if order.is_empty() {
+        order = vec![Slot::A, Slot::B];
+    }
+    order
+}
+
+/// What one `saveenv` of the script changes: the variables it set, and the removal of every
+/// variable with an empty value (U-Boot drops `name=` on import, so its export lacks them).
+fn script_save(env: &Env, sets: Vec<(&str, String)>) -> ChangeSet {
+    let mut changes = ChangeSet::new();
+    for (name, value) in env.iter() {
+        if value.is_empty() && !sets.iter().any(|(set, _)| *set == name) {
+            changes.unset(name);
+        }
+    }
+    for (name, value) in sets {
+        if env.get(name) != Some(value.as_str()) {
+            changes.set(name, value);
+        }
+    }
     changes
-        .iter()
-        .filter(|(name, value)| env.get(name) != *value)
-        .map(|(name, value)| (name.to_string(), value.map(str::to_string)))
-        .collect()
 }
 
 /// "Power on" a file-backed device: read the environment named by `env_config` (a
@@ -221,8 +224,9 @@ fn only_changed(env: &Env, changes: ChangeSet) -> ChangeSet {
 /// when it saves nothing) and write the kernel command line of the booted slot to
 /// `cmdline_path` (atomically: temp file, fsync, rename, fsync of the folder).
 ///
-/// Parameters already in `cmdline_path` are kept; slot tokens are replaced by
-/// `bootctl.slot=X`, as the boot script builds `bootargs`.
+/// Parameters already in `cmdline_path` are kept; slot tokens are replaced by the ones the
+/// boot script puts into `bootargs` ([`cmdline_for`]). With no valid environment copy the
+/// script runs on U-Boot's defaults: slot A boots and nothing is saved.
 pub fn boot_file_device(
     env_config: &Path,
     kind: SchemeKind,
@@ -234,9 +238,15 @@ pub fn boot_file_device(
 
 /// [`boot_file_device`] over an open store (e.g. with its own lock path).
 pub fn boot_store(store: &EnvStore, kind: SchemeKind, cmdline_path: &Path) -> Result<Slot, Error> {
-    let env = store.read()?;
-    let (slot, changes) = power_on(&env, kind);
-    store.apply(&changes)?;
+    let slot = match store.read() {
+        Ok(env) => {
+            let (slot, changes) = power_on(&env, kind);
+            store.apply(&changes)?;
+            slot
+        }
+        Err(StoreError::NoValidCopy { .. }) => power_on(&Env::new(), kind).0,
+        Err(e) => return Err(e.into()),
+    };
     let previous = match fs::read_to_string(cmdline_path) {
         Ok(text) => text,
         Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
@@ -247,7 +257,7 @@ pub fn boot_store(store: &EnvStore, kind: SchemeKind, cmdline_path: &Path) -> Re
             }))
         }
     };
-    let cmdline = cmdline_for(&previous, slot);
+    let cmdline = cmdline_for(&previous, kind, slot);
     write_atomically(cmdline_path, cmdline.as_bytes()).map_err(|source| Error::Write {
         path: cmdline_path.to_path_buf(),
         source,
@@ -255,8 +265,9 @@ pub fn boot_store(store: &EnvStore, kind: SchemeKind, cmdline_path: &Path) -> Re
     Ok(slot)
 }
 
-/// `previous` with every slot token replaced by `bootctl.slot=<slot>` (appended), one line.
-pub fn cmdline_for(previous: &str, slot: Slot) -> String {
+/// `previous` with its slot tokens replaced by the boot script's: `bootctl.slot=X`, plus
+/// `rauc.slot=X` for the `rauc` scheme (appended), as one line.
+pub fn cmdline_for(previous: &str, kind: SchemeKind, slot: Slot) -> String {
     let mut params: Vec<String> = crate::booted::parameters(previous)
         .into_iter()
         .filter(|p| {
@@ -275,6 +286,9 @@ pub fn cmdline_for(previous: &str, slot: Slot) -> String {
         })
         .collect();
     params.push(format!("bootctl.slot={slot}"));
+    if kind == SchemeKind::Rauc {
+        params.push(format!("rauc.slot={slot}"));
+    }
     let mut line = params.join(" ");
     line.push('\n');
     line

@@ -209,18 +209,77 @@ fn bootcount_mark_bad_during_trial_goes_back() {
 // ---------------------------------------------------------------- rauc
 
 #[test]
-fn rauc_first_boot_saves_the_script_defaults() {
+fn rauc_first_boot_saves_only_the_decremented_counter() {
     let decision = sim::decide(&Env::new(), SchemeKind::Rauc, 3);
     assert_eq!(decision.slot, Slot::A);
     assert_eq!(decision.event, BootEvent::Attempt { left: 2 });
+    assert_eq!(decision.changes, changes(&[("BOOT_A_LEFT", Some("2"))]));
+}
+
+#[test]
+fn a_save_drops_empty_variables_like_uboot_import() {
+    // libubootenv keeps "BOOT_ORDER=" (RAUC marked both bad); U-Boot's import drops it, so the
+    // script's save does not contain it.
+    let e = env(&[
+        ("BOOT_ORDER", ""),
+        ("BOOT_A_LEFT", "0"),
+        ("BOOT_B_LEFT", "2"),
+        ("vendor", ""),
+    ]);
+    let decision = sim::decide(&e, SchemeKind::Rauc, 3);
+    assert_eq!(decision.slot, Slot::B);
     assert_eq!(
         decision.changes,
         changes(&[
-            ("BOOT_ORDER", Some("A B")),
-            ("BOOT_B_LEFT", Some("3")),
-            ("BOOT_A_LEFT", Some("2")),
+            ("BOOT_ORDER", None),
+            ("vendor", None),
+            ("BOOT_B_LEFT", Some("1")),
         ])
     );
+    // bootcount: only when the script saves (a trial boot).
+    let e = env(&[("empty", ""), ("upgrade_available", "0")]);
+    assert!(sim::decide(&e, SchemeKind::Bootcount, 3).changes.is_empty());
+    let e = env(&[("empty", ""), ("upgrade_available", "1")]);
+    assert_eq!(
+        sim::decide(&e, SchemeKind::Bootcount, 3).changes,
+        changes(&[("empty", None), ("bootcount", Some("1"))])
+    );
+}
+
+#[test]
+fn rauc_counters_above_ff_count_down_from_ff() {
+    for (value, after) in [
+        ("100", "ff"),
+        ("1ff", "ff"),
+        ("ff", "fe"),
+        ("10", "f"),
+        ("03", "2"),
+    ] {
+        let e = env(&[("BOOT_ORDER", "B A"), ("BOOT_B_LEFT", value)]);
+        assert_eq!(
+            sim::decide(&e, SchemeKind::Rauc, 3).changes,
+            changes(&[("BOOT_B_LEFT", Some(after))]),
+            "{value}"
+        );
+    }
+}
+
+#[test]
+fn rauc_order_is_walked_like_the_script() {
+    assert_eq!(sim::script_boot_order(None), [Slot::A, Slot::B]);
+    assert_eq!(sim::script_boot_order(Some("")), [Slot::A, Slot::B]);
+    assert_eq!(sim::script_boot_order(Some("X Y")), [Slot::A, Slot::B]);
+    assert_eq!(sim::script_boot_order(Some("X B")), [Slot::B]);
+    assert_eq!(sim::script_boot_order(Some("B A")), [Slot::B, Slot::A]);
+    // Only B in the order and nothing left: reset, then B again.
+    let e = env(&[
+        ("BOOT_ORDER", "B"),
+        ("BOOT_B_LEFT", "0"),
+        ("BOOT_A_LEFT", "3"),
+    ]);
+    let decision = sim::decide(&e, SchemeKind::Rauc, 3);
+    assert_eq!(decision.slot, Slot::B);
+    assert_eq!(decision.event, BootEvent::CountersReset { left: 2 });
 }
 
 #[test]
@@ -312,11 +371,7 @@ fn rauc_nothing_bootable_resets_counters_like_raucs_script() {
     assert_eq!(decision.slot, Slot::A);
     assert_eq!(
         decision.changes,
-        changes(&[
-            ("BOOT_ORDER", Some("A B")),
-            ("BOOT_B_LEFT", Some("3")),
-            ("BOOT_A_LEFT", Some("2")),
-        ])
+        changes(&[("BOOT_B_LEFT", Some("3")), ("BOOT_A_LEFT", Some("2"))])
     );
 }
 

@@ -98,10 +98,12 @@ fn bootcount_trial_and_fallback_on_files_one_save_per_boot() {
 fn rauc_boot_on_files() {
     let dev = FileDevice::new(&[]);
     assert_eq!(dev.boot(SchemeKind::Rauc), Slot::A);
+    // The script saves only the counter it decremented, not its defaults.
     let env = dev.store().read().unwrap();
-    assert_eq!(env.get("BOOT_ORDER"), Some("A B"));
+    assert_eq!(env.get("BOOT_ORDER"), None);
     assert_eq!(env.get("BOOT_A_LEFT"), Some("2"));
-    assert_eq!(env.get("BOOT_B_LEFT"), Some("3"));
+    assert_eq!(env.get("BOOT_B_LEFT"), None);
+    assert_eq!(dev.cmdline(), "bootctl.slot=A rauc.slot=A\n");
 }
 
 #[test]
@@ -109,11 +111,24 @@ fn keeps_other_parameters_and_replaces_slot_tokens() {
     assert_eq!(
         sim::cmdline_for(
             "console=ttyS0 rauc.slot=A foo=\"a b\" bootctl.slot=A\n",
+            SchemeKind::Bootcount,
             Slot::B
         ),
         "console=ttyS0 foo=\"a b\" bootctl.slot=B\n"
     );
-    assert_eq!(sim::cmdline_for("", Slot::A), "bootctl.slot=A\n");
+    assert_eq!(
+        sim::cmdline_for("", SchemeKind::Bootcount, Slot::A),
+        "bootctl.slot=A\n"
+    );
+    // The rauc script also passes RAUC's own token.
+    assert_eq!(
+        sim::cmdline_for(
+            "quiet bootctl.slot=A rauc.slot=A",
+            SchemeKind::Rauc,
+            Slot::B
+        ),
+        "quiet bootctl.slot=B rauc.slot=B\n"
+    );
     let dev = FileDevice::new(&[("bootctl_slot", "B")]);
     fs::write(
         dev.dir.path().join("cmdline"),
@@ -125,20 +140,29 @@ fn keeps_other_parameters_and_replaces_slot_tokens() {
 }
 
 #[test]
-fn no_valid_environment_is_an_error_and_nothing_changes() {
-    let dev = FileDevice::new(&[("bootctl_slot", "B")]);
+fn no_valid_environment_boots_a_on_defaults_and_saves_nothing() {
+    let dev = FileDevice::new(&[("bootctl_slot", "B"), ("upgrade_available", "1")]);
     let path = dev.dir.path().join("env.bin");
     let mut image = fs::read(&path).unwrap();
     image[20] ^= 1;
     image[0x2000 + 20] ^= 1;
     fs::write(&path, &image).unwrap();
+    for kind in [SchemeKind::Bootcount, SchemeKind::Rauc] {
+        assert_eq!(dev.boot(kind), Slot::A);
+        assert_eq!(fs::read(&path).unwrap(), image, "nothing written");
+        assert!(dev.cmdline().starts_with("bootctl.slot=A"));
+    }
+}
+
+#[test]
+fn missing_config_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
     let err = sim::boot_file_device(
-        &dev.dir.path().join("fw_env.config"),
+        &dir.path().join("fw_env.config"),
         SchemeKind::Bootcount,
-        &dev.dir.path().join("cmdline"),
+        &dir.path().join("cmdline"),
     )
     .unwrap_err();
-    assert!(err.to_string().contains("no valid"), "{err}");
-    assert_eq!(fs::read(&path).unwrap(), image);
-    assert!(!dev.dir.path().join("cmdline").exists());
+    assert!(err.to_string().contains("fw_env.config"), "{err}");
+    assert!(!dir.path().join("cmdline").exists());
 }
