@@ -246,6 +246,9 @@ pub enum Tear {
     Truncate(usize),
     /// The whole copy is written, then byte `at` is XORed with `mask` (non-zero).
     Corrupt { at: usize, mask: u8 },
+    /// Only the first `n` bytes are stored but the write reports success, like the MTD
+    /// driver bug that stored only the first byte.
+    Silent(usize),
 }
 
 #[derive(Debug, Default)]
@@ -332,6 +335,11 @@ impl EnvMedium for MemMedium {
                 copy[..data.len()].copy_from_slice(data);
                 copy[at % data.len()] ^= mask;
                 Err(power_cut(index))
+            }
+            Some(Tear::Silent(n)) => {
+                let n = n.min(data.len());
+                copy[..n].copy_from_slice(&data[..n]);
+                Ok(())
             }
         }
     }
@@ -811,6 +819,21 @@ mod tests {
             .saved
             .unwrap();
         assert_eq!((saved.copy, saved.flag), (1, Some(2)));
+    }
+
+    #[test]
+    fn lost_write_is_caught_by_read_back() {
+        let (store, medium) = EnvStore::in_memory(&base(), 128, Layout::Redundant).unwrap();
+        medium.tear_next_write(Tear::Silent(1));
+        let err = store
+            .apply(&ChangeSet::new().with("bootctl_slot", "B"))
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::VerifyFailed { .. }),
+            "expected a verification failure, got {err}"
+        );
+        assert!(err.to_string().contains("memory copy 2"), "{err}");
+        assert_eq!(store.read().unwrap(), base());
     }
 
     #[test]
