@@ -822,6 +822,21 @@ mod tests {
     }
 
     #[test]
+    fn unavailable_lock_allows_reads_but_not_saves() {
+        // Nothing can be created in /proc, even by root.
+        let (store, medium) = EnvStore::in_memory(&base(), 128, Layout::Redundant).unwrap();
+        let store = store.with_lock_path("/proc/ddi-bootctl-test.lock");
+        assert_eq!(store.read().unwrap(), base());
+        let err = store.apply(&ChangeSet::new().with("x", "1")).unwrap_err();
+        assert!(matches!(err, StoreError::Lock(_)), "{err}");
+        assert!(
+            err.to_string().contains("/proc/ddi-bootctl-test.lock"),
+            "{err}"
+        );
+        assert_eq!(medium.writes(), 0);
+    }
+
+    #[test]
     fn lost_write_is_caught_by_read_back() {
         let (store, medium) = EnvStore::in_memory(&base(), 128, Layout::Redundant).unwrap();
         medium.tear_next_write(Tear::Silent(1));
