@@ -1,0 +1,238 @@
+//! Fault injection: what can go wrong on the wire, where (endpoint, target) and how often.
+//! Faults live in the server state; each matching request consumes one use of a counted fault.
+
+use serde::{Deserialize, Serialize};
+
+/// The DDI endpoint a request hit (for fault matching).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Endpoint {
+    /// Any DDI endpoint.
+    Any,
+    Poll,
+    DeploymentBase,
+    DeploymentFeedback,
+    CancelAction,
+    CancelFeedback,
+    ConfigData,
+    ArtifactList,
+    /// Artifact (and MD5SUM) downloads.
+    Download,
+    InstalledBase,
+    ConfirmationBase,
+    ConfirmationFeedback,
+}
+
+impl Endpoint {
+    fn matches(self, actual: Endpoint) -> bool {
+        self == Endpoint::Any || self == actual
+    }
+}
+
+/// What goes wrong.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum FaultKind {
+    /// Answer with this status (e.g. 503 or 429) and an empty body, with `Retry-After` if set.
+    Status {
+        code: u16,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_secs: Option<u64>,
+    },
+    /// Abort the connection after this many body bytes (the response promised more).
+    DropAfter { bytes: u64 },
+    /// Send the body at this rate.
+    Slow { bytes_per_sec: u64 },
+    /// Advertise wrong sha1/md5/sha256 for every artifact (deploymentBase and artifact list).
+    WrongHash,
+    /// The JSON body is syntactically broken.
+    MalformedJson,
+    /// Only the first `bytes` of the body, with a Content-Length that matches the cut (a clean
+    /// but short response).
+    Truncate { bytes: u64 },
+}
+
+impl FaultKind {
+    /// Where a fault of this kind applies when the caller does not say.
+    pub fn default_endpoint(&self) -> Endpoint {
+        match self {
+            FaultKind::Status { .. } => Endpoint::Any,
+            FaultKind::DropAfter { .. } | FaultKind::Slow { .. } | FaultKind::Truncate { .. } => {
+                Endpoint::Download
+            }
+            FaultKind::WrongHash => Endpoint::DeploymentBase,
+            FaultKind::MalformedJson => Endpoint::Poll,
+        }
+    }
+}
+
+/// One injected fault.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fault {
+    /// Assigned by the server.
+    #[serde(default)]
+    pub id: u64,
+    #[serde(flatten)]
+    pub kind: FaultKind,
+    /// Only this target's requests (None = all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Only this endpoint (None = the kind's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<Endpoint>,
+    /// Remaining uses (None = until cleared; 1 = one-shot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub times: Option<u32>,
+}
+
+impl Fault {
+    /// A fault of this kind, everywhere its kind applies, until cleared.
+    pub fn new(kind: FaultKind) -> Fault {
+        Fault {
+            id: 0,
+            kind,
+            target: None,
+            endpoint: None,
+            times: None,
+        }
+    }
+    /// Only for this controller id.
+    pub fn for_target(mut self, controller_id: &str) -> Fault {
+        self.target = Some(controller_id.to_string());
+        self
+    }
+    /// Only on this endpoint.
+    pub fn on(mut self, endpoint: Endpoint) -> Fault {
+        self.endpoint = Some(endpoint);
+        self
+    }
+    /// Only this many times.
+    pub fn times(mut self, n: u32) -> Fault {
+        self.times = Some(n);
+        self
+    }
+    /// Only once.
+    pub fn once(self) -> Fault {
+        self.times(1)
+    }
+
+    fn applies(&self, endpoint: Endpoint, controller_id: &str) -> bool {
+        self.times != Some(0)
+            && self
+                .endpoint
+                .unwrap_or_else(|| self.kind.default_endpoint())
+                .matches(endpoint)
+            && self.target.as_deref().is_none_or_eq(controller_id)
+    }
+}
+
+trait OptionEq {
+    fn is_none_or_eq(&self, v: &str) -> bool;
+}
+
+impl OptionEq for Option<&str> {
+    fn is_none_or_eq(&self, v: &str) -> bool {
+        match self {
+            None => true,
+            Some(s) => *s == v,
+        }
+    }
+}
+
+/// The faults that hit one request, consumed from the list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Triggered {
+    pub status: Option<(u16, Option<u64>)>,
+    pub drop_after: Option<u64>,
+    pub slow: Option<u64>,
+    pub wrong_hash: bool,
+    pub malformed_json: bool,
+    pub truncate: Option<u64>,
+}
+
+/// Takes (one use of) every fault that applies to this request; at most one per kind.
+pub fn trigger(faults: &mut Vec<Fault>, endpoint: Endpoint, controller_id: &str) -> Triggered {
+    let mut t = Triggered::default();
+    for f in faults.iter_mut() {
+        if !f.applies(endpoint, controller_id) {
+            continue;
+        }
+        let taken = match f.kind {
+            FaultKind::Status {
+                code,
+                retry_after_secs,
+            } if t.status.is_none() => {
+                t.status = Some((code, retry_after_secs));
+                true
+            }
+            FaultKind::DropAfter { bytes } if t.drop_after.is_none() => {
+                t.drop_after = Some(bytes);
+                true
+            }
+            FaultKind::Slow { bytes_per_sec } if t.slow.is_none() => {
+                t.slow = Some(bytes_per_sec.max(1));
+                true
+            }
+            FaultKind::WrongHash if !t.wrong_hash => {
+                t.wrong_hash = true;
+                true
+            }
+            FaultKind::MalformedJson if !t.malformed_json => {
+                t.malformed_json = true;
+                true
+            }
+            FaultKind::Truncate { bytes } if t.truncate.is_none() => {
+                t.truncate = Some(bytes);
+                true
+            }
+            _ => false,
+        };
+        if taken {
+            if let Some(n) = f.times.as_mut() {
+                *n -= 1;
+            }
+        }
+    }
+    faults.retain(|f| f.times != Some(0));
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_shot_fault_is_consumed_and_scoped() {
+        let mut faults = vec![
+            Fault::new(FaultKind::Status {
+                code: 503,
+                retry_after_secs: Some(2),
+            })
+            .for_target("a")
+            .once(),
+            Fault::new(FaultKind::DropAfter { bytes: 10 }).times(2),
+        ];
+        assert_eq!(
+            trigger(&mut faults, Endpoint::Poll, "b"),
+            Triggered::default()
+        );
+        assert_eq!(
+            trigger(&mut faults, Endpoint::Poll, "a").status,
+            Some((503, Some(2)))
+        );
+        assert_eq!(trigger(&mut faults, Endpoint::Poll, "a").status, None);
+        assert_eq!(
+            trigger(&mut faults, Endpoint::Download, "a").drop_after,
+            Some(10)
+        );
+        assert_eq!(
+            trigger(&mut faults, Endpoint::Download, "a").drop_after,
+            Some(10)
+        );
+        assert_eq!(
+            trigger(&mut faults, Endpoint::Download, "a").drop_after,
+            None
+        );
+        assert!(faults.is_empty());
+    }
+}
