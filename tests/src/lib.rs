@@ -6,6 +6,7 @@
 //! must run before `cargo test`.
 
 pub mod harness;
+pub mod server;
 
 use std::path::{Path, PathBuf};
 
