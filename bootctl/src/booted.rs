@@ -184,7 +184,7 @@ pub fn booted_slot_on(
     slot_devices: [&Path; 2],
 ) -> Result<Slot, BootedError> {
     let slot = booted_slot(cmdline_path, Some(root_device))?;
-    let slot_device = slot_devices[slot as usize];
+    let slot_device = slot_devices[slot.index()];
     if !same_device(slot_device, root_device)? {
         return Err(BootedError::SlotDeviceMismatch {
             path: cmdline_path.to_path_buf(),

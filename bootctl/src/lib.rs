@@ -1,7 +1,7 @@
 //! `bootctl`: U-Boot environment and A/B slot control for the `ddi` update agent.
 //!
 //! Layers, bottom up:
-//! - [`env`]: the environment codec (copies, CRC, flags, `name=value` data) and [`ChangeSet`].
+//! - [`env`](mod@env): the environment codec (copies, CRC, flags, `name=value` data) and [`ChangeSet`].
 //! - [`scheme`]: the slot schemes of the contract (`bootcount`, `rauc`) as pure transitions.
 //! - [`sim`]: the decision the boot script makes at power-on, for tests and the demo.
 //! - [`booted`]: which slot is running, from the kernel command line.

@@ -75,6 +75,14 @@ impl Slot {
             Slot::B => "B",
         }
     }
+
+    /// 0 for A, 1 for B (index into `[A, B]` pairs).
+    pub fn index(self) -> usize {
+        match self {
+            Slot::A => 0,
+            Slot::B => 1,
+        }
+    }
 }
 
 impl fmt::Display for Slot {

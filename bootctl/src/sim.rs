@@ -162,8 +162,8 @@ fn decide_rauc(env: &Env, default_attempts: u32) -> BootDecision {
     let order = script_boot_order(env.get(rauc_vars::BOOT_ORDER));
 
     let mut sets: Vec<(&str, String)> = Vec::new();
-    let (slot, before, reset) = match order.iter().copied().find(|s| counters[*s as usize] > 0) {
-        Some(slot) => (slot, counters[slot as usize], false),
+    let (slot, before, reset) = match order.iter().copied().find(|s| counters[s.index()] > 0) {
+        Some(slot) => (slot, counters[slot.index()], false),
         None => {
             // Nothing bootable: both counters back to the default, save, reset; the next
             // power-on takes the first slot of the same order.
