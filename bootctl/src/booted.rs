@@ -260,4 +260,50 @@ mod tests {
         // Similar names are not ours.
         assert!(slot("xbootctl.slot=A bootctl.slots=B").is_err());
     }
+
+    #[test]
+    fn cross_checks_the_root_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("slotA"), dir.path().join("slotB"));
+        std::fs::write(&a, b"a").unwrap();
+        std::fs::write(&b, b"b").unwrap();
+        let cmdline = dir.path().join("cmdline");
+        std::fs::write(&cmdline, format!("root={} bootctl.slot=B\n", b.display())).unwrap();
+
+        assert_eq!(booted_slot(&cmdline, None).unwrap(), Slot::B);
+        assert_eq!(booted_slot(&cmdline, Some(&b)).unwrap(), Slot::B);
+        let err = booted_slot(&cmdline, Some(&a)).unwrap_err();
+        assert!(matches!(err, BootedError::RootMismatch { .. }), "{err}");
+        assert!(err.to_string().contains("root file system is on"), "{err}");
+
+        assert_eq!(booted_slot_on(&cmdline, &b, [&a, &b]).unwrap(), Slot::B);
+        // The token says B but the root is slot A's device.
+        std::fs::write(&cmdline, "bootctl.slot=B\n").unwrap();
+        let err = booted_slot_on(&cmdline, &a, [&a, &b]).unwrap_err();
+        assert!(
+            matches!(err, BootedError::SlotDeviceMismatch { .. }),
+            "{err}"
+        );
+        // A root device that does not exist is a clear error, not a guess.
+        let err = booted_slot_on(&cmdline, &dir.path().join("nope"), [&a, &b]).unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+        // The same device reached through a symlink is the same device.
+        let link = dir.path().join("root-link");
+        std::os::unix::fs::symlink(&b, &link).unwrap();
+        assert!(same_device(&link, &b).unwrap());
+        assert!(!same_device(&a, &b).unwrap());
+    }
+
+    #[test]
+    fn unreadable_cmdline_names_the_file() {
+        let err = booted_slot(Path::new("/nonexistent/cmdline"), None).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/cmdline"), "{err}");
+    }
+
+    #[test]
+    fn device_nodes_compare_by_device_number() {
+        // /dev/null and /dev/zero are both char devices with different numbers.
+        assert!(same_device(Path::new("/dev/null"), Path::new("/dev/null")).unwrap());
+        assert!(!same_device(Path::new("/dev/null"), Path::new("/dev/zero")).unwrap());
+    }
 }
