@@ -113,6 +113,8 @@ pub struct BootConfig {
     pub cmdline: PathBuf,
     pub attempts: u32,
     pub reboot_command: Vec<String>,
+    /// The environment lock (extension; default libubootenv's `/var/lock/fw_printenv.lock`).
+    pub env_lock_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -222,6 +224,7 @@ struct FileBoot {
     cmdline: Option<String>,
     attempts: Option<Spanned<u32>>,
     reboot_command: Option<Spanned<Vec<String>>>,
+    env_lock_file: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -505,6 +508,12 @@ impl Config {
             cmdline: resolve(root.boot.cmdline.as_deref().unwrap_or("/proc/cmdline")),
             attempts,
             reboot_command,
+            env_lock_file: resolve(
+                root.boot
+                    .env_lock_file
+                    .as_deref()
+                    .unwrap_or("/var/lock/fw_printenv.lock"),
+            ),
         };
 
         let a = root.agent;
@@ -659,6 +668,10 @@ B = "/dev/mmcblk0p3"
         assert_eq!(c.boot.cmdline, PathBuf::from("/proc/cmdline"));
         assert_eq!(c.boot.attempts, 3);
         assert_eq!(c.boot.reboot_command, vec!["systemctl", "reboot"]);
+        assert_eq!(
+            c.boot.env_lock_file,
+            PathBuf::from("/var/lock/fw_printenv.lock")
+        );
         assert_eq!(c.agent.state_dir, PathBuf::from("/var/lib/ddi-agent"));
         assert_eq!(c.agent.consent, Consent::Auto);
         assert_eq!(c.agent.artifact_part, "os");

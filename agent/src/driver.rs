@@ -544,7 +544,7 @@ impl BootCtl {
             cmdline: cfg.boot.cmdline.clone(),
             attempts: cfg.boot.attempts,
         })
-        .map(BootCtl)
+        .map(|b| BootCtl(b.with_lock_path(&cfg.boot.env_lock_file)))
         .map_err(|e| BootError(e.to_string()))
     }
 }

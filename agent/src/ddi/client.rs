@@ -189,6 +189,7 @@ impl DdiClient {
             }
         }
         let resp = self.send(Method::GET, &url, headers, None).await?;
+        let mut fresh_etag = None;
         let body = if resp.status == StatusCode::NOT_MODIFIED {
             match &self.etag {
                 Some((_, body)) => body.clone(),
@@ -202,13 +203,18 @@ impl DdiClient {
                 }
             }
         } else {
-            resp.body
+            fresh_etag = resp.etag.clone();
+            let body = expect_ok(Method::GET, &url, resp)?;
+            self.etag = None;
+            body
         };
         let reply = PollReply::parse(&body).map_err(|source| DdiError::Model {
             url: url.clone(),
             source,
         })?;
-        self.etag = resp.etag.map(|e| (e, body));
+        if let Some(e) = fresh_etag {
+            self.etag = Some((e, body));
+        }
         Ok(reply)
     }
 
