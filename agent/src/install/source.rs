@@ -221,7 +221,8 @@ async fn fetch_once(
             // A full body (the server ignored or was not sent a Range).
             skip = *offset;
             match (*total, response.content_length()) {
-                (Some(t), Some(cl)) if t != cl => return Err(size_mismatch(t, cl)),
+                // A shorter body is handled like a dropped connection (resumed with Range).
+                (Some(t), Some(cl)) if cl > t => return Err(size_mismatch(t, cl)),
                 (None, Some(cl)) => *total = Some(cl),
                 _ => {}
             }

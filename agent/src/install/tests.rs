@@ -21,6 +21,8 @@ enum Fault {
     Status(u16),
     /// Announce the full length but send only this many bytes, then close.
     Truncate(usize),
+    /// A clean 200 response holding only the first bytes (Content-Length matches the cut).
+    Short(usize),
 }
 
 #[derive(Default)]
@@ -107,6 +109,11 @@ async fn serve(
     };
     let total = body.len() as u64;
     let response = match (fault, range) {
+        (Some(Fault::Short(n)), _) => {
+            let mut r = format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n").into_bytes();
+            r.extend_from_slice(&body[..n]);
+            r
+        }
         (Some(Fault::Status(code)), _) => {
             format!("HTTP/1.1 {code} Injected\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").into_bytes()
         }
@@ -497,6 +504,27 @@ async fn truncated_body_fails_retryable() {
     let mut req = fx.request(&server.url, &img);
     let err = run(&req, &fast_options()).await.0.unwrap_err();
     assert!(err.is_retryable(), "{err}");
+    // A clean but short response is resumed like a dropped connection...
+    let server = TestServer::start(img.clone()).await;
+    server.set(|s| s.faults = vec![Fault::Short(300_000)]);
+    req.url = server.url.clone();
+    run(&req, &fast_options()).await.0.unwrap();
+    fx.assert_installed(&img);
+    assert_eq!(server.requests()[1].0, Some(300_000));
+    // ...and fails as truncated when it keeps happening.
+    server.set(|s| s.always = Some(Fault::Short(300_000)));
+    let err = run(&req, &fast_options()).await.0.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            InstallError::Truncated {
+                received: 300_000,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.is_retryable());
     // Without a declared size a complete-looking short body is caught by the hash.
     let server = TestServer::start(img[..1000].to_vec()).await;
     req.url = server.url.clone();
@@ -619,7 +647,7 @@ async fn http_errors_and_bad_requests() {
         Err(InstallError::InvalidRequest(_))
     ));
 
-    // The server's size differs from the artifact's declared size.
+    // The server sends more than the artifact's declared size.
     server.set(|s| s.always = None);
     let mut req = fx.request(&server.url, &img);
     req.size = Some(999);
