@@ -168,15 +168,10 @@ impl BootControl {
         &self,
         decide: impl FnOnce(&dyn Scheme, &Env) -> Result<ChangeSet, scheme::SchemeError>,
     ) -> Result<Transition> {
-        let env = self.store.read()?;
-        let changes = decide(self.scheme.as_ref(), &env)?;
-        if changes.is_empty() {
-            return Ok(Transition {
-                changes,
-                saved: false,
-            });
-        }
-        let applied = self.store.apply(&changes)?;
+        let scheme = self.scheme.as_ref();
+        let (changes, applied) = self
+            .store
+            .update(|env| decide(scheme, env).map_err(crate::Error::from))?;
         Ok(Transition {
             changes,
             saved: applied.saved.is_some(),

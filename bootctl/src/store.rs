@@ -558,6 +558,25 @@ impl EnvStore {
         changes.validate()?;
         let _lock = self.lock()?;
         let selected = self.select_unlocked()?;
+        self.apply_locked(selected, changes)
+    }
+
+    /// Decides the changes from the current environment and applies them in ONE save, holding
+    /// the lock across both, so a writer in between (`fw_setenv`, RAUC) cannot be overwritten
+    /// with a decision made on stale variables. Returns the changes and what was saved.
+    pub fn update<E: From<StoreError>>(
+        &self,
+        decide: impl FnOnce(&Env) -> Result<ChangeSet, E>,
+    ) -> Result<(ChangeSet, Applied), E> {
+        let _lock = self.lock()?;
+        let selected = self.select_unlocked()?;
+        let changes = decide(&selected.copy.env)?;
+        changes.validate().map_err(StoreError::from)?;
+        let applied = self.apply_locked(selected, &changes)?;
+        Ok((changes, applied))
+    }
+
+    fn apply_locked(&self, selected: Selected, changes: &ChangeSet) -> Result<Applied, StoreError> {
         let mut env = selected.copy.env.clone();
         if !env.apply(changes)? {
             return Ok(Applied { env, saved: None });
