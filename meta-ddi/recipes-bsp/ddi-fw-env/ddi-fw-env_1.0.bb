@@ -20,7 +20,7 @@ do_configure[noexec] = "1"
 do_compile[noexec] = "1"
 
 do_install() {
-    install -d -m 0755 $(dirname ${D}${DDI_FW_ENV_CONFIG})
+    install -d -m 0755 "$(dirname "${D}${DDI_FW_ENV_CONFIG}")"
     {
         grep -v '^# SPDX' ${S}/fw_env.config.in
         printf '%s %s\n' "${DDI_ENV_LOCATION_1}" "${DDI_ENV_SIZE}"

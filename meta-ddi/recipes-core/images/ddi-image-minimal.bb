@@ -36,7 +36,7 @@ ddi_rootfs_layout() {
     printf '%s\t%s\tvfat\tdefaults,sync,nofail\t0\t0\n' /dev/disk/by-partlabel/boot ${DDI_BOOT_MOUNT} >> ${IMAGE_ROOTFS}${sysconfdir}/fstab
     printf '%s\t%s\text4\tdefaults,noatime\t0\t2\n' /dev/disk/by-partlabel/data ${DDI_DATA_MOUNT} >> ${IMAGE_ROOTFS}${sysconfdir}/fstab
     if [ ! -e ${IMAGE_ROOTFS}${DDI_INITRD_PATH} ]; then
-        install -d -m 0755 $(dirname ${IMAGE_ROOTFS}${DDI_INITRD_PATH})
+        install -d -m 0755 "$(dirname "${IMAGE_ROOTFS}${DDI_INITRD_PATH}")"
         # newc archive holding only the trailer (an empty initramfs).
         printf '070701%s%s%s%s%s%s%s%s%s%s%s0000000B00000000TRAILER!!!\0\0\0\0' \
             00000000 00000000 00000000 00000000 00000001 00000000 00000000 00000000 00000000 00000000 00000000 \

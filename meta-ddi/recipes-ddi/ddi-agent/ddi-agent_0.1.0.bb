@@ -101,8 +101,10 @@ do_install:append() {
         'DDI_STATE_DIR=${DDI_STATE_DIR}' \
         'DDI_WATCHDOG_SEC=${DDI_WATCHDOG_SEC}'
     chmod 0644 ${D}${systemd_system_unitdir}/ddi-agent.service
-    sh ${UNPACKDIR}/sandbox-dropin ${DDI_SLOT_A} ${DDI_SLOT_B} \
-        $(printf '%s\n%s\n' "${DDI_ENV_LOCATION_1}" "${DDI_ENV_LOCATION_2}" | cut -d' ' -f1) \
+    # The first word of each fw_env.config location is the device or file.
+    env_1="${DDI_ENV_LOCATION_1}"
+    env_2="${DDI_ENV_LOCATION_2}"
+    sh ${UNPACKDIR}/sandbox-dropin "${DDI_SLOT_A}" "${DDI_SLOT_B}" "${env_1%% *}" "${env_2%% *}" \
         > ${D}${systemd_system_unitdir}/ddi-agent.service.d/10-slots-env.conf
     chmod 0644 ${D}${systemd_system_unitdir}/ddi-agent.service.d/10-slots-env.conf
 

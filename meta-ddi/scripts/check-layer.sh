@@ -1,0 +1,580 @@
+#!/usr/bin/env bash
+# Offline checks of meta-ddi, run by CI (scripts/test.sh) from any directory:
+#   bash meta-ddi/scripts/check-layer.sh [--keep]
+#
+# Needs (Debian 12, as root): apt-get install python3 python3-venv u-boot-tools
+#   libubootenv-tool shellcheck systemd; cargo (to build ddi-agent/ddi-bootctl when
+#   the target dir has no debug build); PyPI for the pinned oelint-adv/kas venv.
+# Every check prints PASS or FAIL with the reason; the last line is
+# "check-layer: N passed, M failed" and the exit status is non-zero when M > 0.
+# --keep leaves the scratch directory (rendered files, temp root) for inspection.
+set -uo pipefail
+
+LAYER=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+REPO=$(cd "$LAYER/.." && pwd)
+AGENT_FILES=$LAYER/recipes-ddi/ddi-agent/files
+BOOTSCRIPT_FILES=$LAYER/recipes-bsp/ddi-bootscript/files
+
+# Pinned tools (bump deliberately; the README's lint policy refers to these versions).
+OELINT_ADV_VERSION=9.11.2
+OELINT_DATA_VERSION=1.5.26
+KAS_VERSION=5.5
+VENV=${DDI_CHECK_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/ddi-check-layer/venv-oelint$OELINT_ADV_VERSION-kas$KAS_VERSION}
+# The highest exposure `systemd-analyze security` may report for ddi-agent.service.
+MAX_EXPOSURE=3.0
+
+keep=0
+[ "${1:-}" = "--keep" ] && keep=1
+
+SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/ddi-check-layer.XXXXXX")
+cleanup() {
+    if [ "$keep" = 1 ]; then
+        echo "scratch kept: $SCRATCH"
+    else
+        rm -rf "$SCRATCH"
+    fi
+}
+trap cleanup EXIT
+
+passed=0
+failed=0
+failures=()
+
+# run_check NAME FUNCTION: runs FUNCTION with its output indented; PASS/FAIL by exit status.
+run_check() {
+    local name=$1 func=$2 log=$SCRATCH/check.log rc
+    printf '==> %s\n' "$name"
+    "$func" >"$log" 2>&1
+    rc=$?
+    sed 's/^/    /' "$log"
+    if [ "$rc" -eq 0 ]; then
+        printf 'PASS %s\n' "$name"
+        passed=$((passed + 1))
+    else
+        printf 'FAIL %s\n' "$name"
+        failed=$((failed + 1))
+        failures+=("$name")
+    fi
+}
+
+need() {
+    local tool
+    for tool in "$@"; do
+        if ! command -v "$tool" >/dev/null 2>&1; then
+            echo "missing tool '$tool' (see the apt packages at the top of $0)"
+            return 1
+        fi
+    done
+}
+
+# ---- rendering helpers shared by several checks ------------------------------------
+
+# Default value of a `NAME ??= "value"` in the layer's recipes/classes (first match).
+layer_default() {
+    local name=$1
+    python3 - "$LAYER" "$name" <<'EOF'
+import pathlib, re, sys
+layer, name = pathlib.Path(sys.argv[1]), sys.argv[2]
+pattern = re.compile(r'^%s\s*\?\?=\s*(["\'])(.*)\1\s*$' % re.escape(name), re.M)
+for path in sorted(layer.rglob("*")):
+    if path.suffix in (".bb", ".bbclass", ".inc") and path.is_file():
+        match = pattern.search(path.read_text())
+        if match:
+            print(match.group(2))
+            sys.exit(0)
+sys.exit("no default for %s in the layer" % name)
+EOF
+}
+
+# Expands the few bitbake references the defaults use (one level is enough for them).
+expand() {
+    local value=$1
+    value=${value//\$\{sysconfdir\}/\/etc}
+    value=${value//\$\{MACHINE\}/qemux86-64}
+    local ref name
+    while [[ $value =~ \$\{(DDI_[A-Z0-9_]+)\} ]]; do
+        ref=${BASH_REMATCH[0]}
+        name=${BASH_REMATCH[1]}
+        value=${value//"$ref"/$(expand "$(layer_default "$name")")}
+    done
+    printf '%s' "$value"
+}
+
+default() { expand "$(layer_default "$1")"; }
+
+# The files the ddi-agent recipe installs, rendered with the layer's defaults into $1.
+render_agent_files() {
+    local out=$1 args=() name
+    mkdir -p "$out"
+    for name in DDI_SERVER_URL DDI_TENANT DDI_CA_FILE DDI_CLIENT_CERT DDI_CLIENT_KEY DDI_ATTRIBUTES \
+        DDI_SLOT_A DDI_SLOT_B DDI_SCHEME DDI_FW_ENV_CONFIG DDI_BOOT_ATTEMPTS DDI_STATE_DIR \
+        DDI_HEALTH_CHECKS DDI_HEALTH_CHECK_TIMEOUT DDI_CONSENT DDI_BUNDLE_TRUSTED_KEYS \
+        DDI_BUNDLE_REQUIRE_SIGNATURE DDI_BUNDLE_COMPATIBLE; do
+        args+=("$name=$(default "$name")") || return 1
+    done
+    sh "$AGENT_FILES/render-template" "$AGENT_FILES/config.toml.in" "$out/config.toml.in" "${args[@]}" || return 1
+    sh "$AGENT_FILES/render-template" "$AGENT_FILES/ddi-agent.service" "$out/ddi-agent.service" \
+        DDI_BINDIR=/usr/bin DDI_LIBEXECDIR=/usr/libexec/ddi-agent \
+        DDI_CONFIG_TEMPLATE=/etc/ddi-agent/config.toml.in DDI_DEFAULTS_FILE=/etc/default/ddi-agent \
+        "DDI_STATE_DIR=$(default DDI_STATE_DIR)" "DDI_WATCHDOG_SEC=$(default DDI_WATCHDOG_SEC)" || return 1
+    sh "$AGENT_FILES/render-template" "$AGENT_FILES/ddi-agent.tmpfiles" "$out/ddi-agent.tmpfiles" \
+        "DDI_STATE_DIR=$(default DDI_STATE_DIR)" || return 1
+    local env1 env2
+    env1=$(default DDI_ENV_LOCATION_1) && env2=$(default DDI_ENV_LOCATION_2) || return 1
+    sh "$AGENT_FILES/sandbox-dropin" "$(default DDI_SLOT_A)" "$(default DDI_SLOT_B)" \
+        "${env1%% *}" "${env2%% *}" >"$out/10-slots-env.conf"
+}
+
+# Path of a workspace binary (debug build; cargo makes it current, a no-op after CI's
+# `cargo build --workspace --bins`).
+workspace_bin() {
+    local bin=$1 package=$2 dir=${CARGO_TARGET_DIR:-$REPO/target}
+    need cargo >&2 || return 1
+    (cd "$REPO" && cargo build -q --locked -p "$package" --bin "$bin") >&2 || return 1
+    printf '%s' "$dir/debug/$bin"
+}
+
+# ---- checks ---------------------------------------------------------------------------
+
+check_crates_inc() {
+    python3 "$REPO/scripts/gen-crates-inc" --check
+}
+
+check_gen_crates_inc_tests() {
+    python3 "$LAYER/scripts/test_gen_crates_inc.py"
+}
+
+check_layer_conf() {
+    python3 - "$LAYER/conf/layer.conf" <<'EOF'
+import re, sys
+text = open(sys.argv[1]).read()
+problems = []
+def value(name):
+    match = re.search(r'^%s\s*=\s*"([^"]*)"' % re.escape(name), text, re.M)
+    return match.group(1) if match else None
+if not re.search(r'^BBFILE_COLLECTIONS\s*\+=\s*"ddi"', text, re.M):
+    problems.append('BBFILE_COLLECTIONS += "ddi" missing')
+for name, want in [("BBFILE_PATTERN_ddi", "^${LAYERDIR}/"), ("LAYERDEPENDS_ddi", "core")]:
+    if value(name) != want:
+        problems.append('%s should be "%s", is %r' % (name, want, value(name)))
+if not (value("BBFILE_PRIORITY_ddi") or "").isdigit():
+    problems.append("BBFILE_PRIORITY_ddi must be a number")
+compat = (value("LAYERSERIES_COMPAT_ddi") or "").split()
+for release in ("whinlatter", "wrynose"):
+    if release not in compat:
+        problems.append("LAYERSERIES_COMPAT_ddi lacks %s" % release)
+# `VAR:ddi` is an override, not the collection variable: it silently sets nothing.
+for match in re.finditer(r'^(\w+):ddi\b', text, re.M):
+    problems.append("%s:ddi is an override; use %s_ddi" % (match.group(1), match.group(1)))
+for problem in problems:
+    print(problem)
+sys.exit(1 if problems else 0)
+EOF
+}
+
+ensure_venv() {
+    local stamp="$VENV/.ddi-pins"
+    local pins="oelint-adv==$OELINT_ADV_VERSION oelint-data==$OELINT_DATA_VERSION kas==$KAS_VERSION"
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$pins" ]; then
+        return 0
+    fi
+    rm -rf "$VENV"
+    python3 -m venv "$VENV" || return 1
+    # shellcheck disable=SC2086 # $pins is a list of requirement specifiers
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check $pins || return 1
+    printf '%s' "$pins" >"$stamp"
+}
+
+check_oelint() {
+    ensure_venv || return 1
+    "$VENV/bin/oelint-adv" --version
+    local files=() release out rc status=0
+    while IFS= read -r -d '' file; do
+        files+=("$file")
+    done < <(cd "$LAYER" && find . \( -name '*.bb' -o -name '*.bbappend' -o -name '*.bbclass' -o -name layer.conf \) -print0 | sort -z)
+    echo "${#files[@]} files"
+    [ "${#files[@]}" -gt 0 ] || return 1
+    # .oelint.cfg (hide info, suppress only network rules) and oelint.constants.json are
+    # read from the layer directory.
+    for release in whinlatter wrynose; do
+        out=$(cd "$LAYER" && "$VENV/bin/oelint-adv" --quiet --relpaths --release "$release" "${files[@]}" 2>&1)
+        rc=$?
+        if [ "$rc" -ne 0 ] || [ -n "$out" ]; then
+            echo "oelint-adv --release $release: exit $rc"
+            printf '%s\n' "$out"
+            status=1
+        else
+            echo "oelint-adv --release $release: no findings"
+        fi
+    done
+    return $status
+}
+
+check_license_checksums() {
+    python3 - "$LAYER" "$REPO" <<'EOF'
+import hashlib, pathlib, re, sys
+layer, repo = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+problems, count = [], 0
+for recipe in sorted(list(layer.rglob("*.bb")) + list(layer.rglob("*.inc"))):
+    match = re.search(r'^LIC_FILES_CHKSUM\s*=\s*"([^"]*)"', recipe.read_text(), re.M)
+    if not match:
+        continue
+    for entry in match.group(1).split():
+        parts = entry.split(";")
+        path = parts[0][len("file://"):]
+        params = dict(p.split("=", 1) for p in parts[1:])
+        if "${" in path:
+            problems.append("%s: %s is not checked here" % (recipe.name, path))
+            continue
+        # Workspace recipes read the checkout (externalsrc); others their own files.
+        if "ddi-workspace" in recipe.read_text() or recipe.name == "ddi-workspace.inc":
+            candidates = [repo / path]
+        else:
+            bpn = recipe.name.split("_")[0]
+            candidates = [recipe.parent / "files" / path, recipe.parent / bpn / path]
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            problems.append("%s: license file %s not found" % (recipe.name, path))
+            continue
+        begin, end = int(params.get("beginline", 1)), int(params.get("endline", 0))
+        md5 = hashlib.md5()
+        for lineno, line in enumerate(found[0].read_bytes().splitlines(keepends=True), 1):
+            if lineno >= begin and (end == 0 or lineno <= end):
+                md5.update(line)
+        count += 1
+        if md5.hexdigest() != params.get("md5"):
+            problems.append("%s: md5 of %s lines %s-%s is %s, recipe says %s"
+                            % (recipe.name, found[0], begin, end or "end", md5.hexdigest(), params.get("md5")))
+print("%d license checksums verified" % count)
+for problem in problems:
+    print(problem)
+sys.exit(1 if problems or count == 0 else 0)
+EOF
+}
+
+check_templates_render() {
+    local out=$SCRATCH/render
+    render_agent_files "$out" || return 1
+    printf 'test-token-123\n' >"$out/target-token"
+    echo "-- render-config: static id + target token file"
+    DDI_CONTROLLER_ID_SOURCE=static:dev-0001 DDI_CONTROLLER_ID_PREFIX=ddi- DDI_TARGET_TOKEN_FILE="$out/target-token" \
+        sh "$AGENT_FILES/render-config" "$out/config.toml.in" "$out/config.toml" || return 1
+    python3 - "$out/config.toml" <<'EOF' || return 1
+import sys, tomllib
+config = tomllib.load(open(sys.argv[1], "rb"))
+server = config["server"]
+assert server["controller_id"] == "ddi-dev-0001", server
+assert server["target_token"] == "test-token-123", server
+assert "gateway_token" not in server and "ca_file" not in server, server
+assert config["slots"] == {"A": "/dev/disk/by-partlabel/root_a", "B": "/dev/disk/by-partlabel/root_b"}, config["slots"]
+assert config["boot"]["scheme"] == "bootcount" and config["boot"]["attempts"] == 3, config["boot"]
+assert config["agent"]["state_dir"] == "/data/ddi-agent", config["agent"]
+assert config["agent"]["health_checks"] == [["systemctl", "is-active", "--quiet", "boot-complete.target"]]
+print("rendered config parses as TOML with the expected values")
+EOF
+    echo "-- render-config: machine-id source, gateway token fallback"
+    printf 'gw-token\n' >"$out/gateway-token"
+    DDI_CONTROLLER_ID_SOURCE=file:"$out/target-token" DDI_TARGET_TOKEN_FILE="$out/absent" \
+        DDI_GATEWAY_TOKEN_FILE="$out/gateway-token" \
+        sh "$AGENT_FILES/render-config" "$out/config.toml.in" "$out/config-gw.toml" || return 1
+    grep -qx 'gateway_token = "gw-token"' "$out/config-gw.toml" || { echo "gateway token not rendered"; return 1; }
+    grep -qx 'controller_id = "test-token-123"' "$out/config-gw.toml" || { echo "file: id source not used"; return 1; }
+    echo "-- render-config: refuses unsafe values with exit 3"
+    local rc
+    DDI_CONTROLLER_ID_SOURCE='static:bad"id' sh "$AGENT_FILES/render-config" "$out/config.toml.in" "$out/bad.toml" 2>"$out/bad.err"
+    rc=$?
+    [ "$rc" -eq 3 ] || { echo "expected exit 3 for a quote in the id, got $rc"; return 1; }
+    grep -q 'controller id contains characters' "$out/bad.err" || { cat "$out/bad.err"; return 1; }
+    [ ! -e "$out/bad.toml" ] || { echo "bad.toml written despite the error"; return 1; }
+    DDI_CONTROLLER_ID_SOURCE=nonsense sh "$AGENT_FILES/render-config" "$out/config.toml.in" "$out/bad.toml" 2>/dev/null
+    rc=$?
+    [ "$rc" -eq 3 ] || { echo "expected exit 3 for an unknown id source, got $rc"; return 1; }
+    echo "-- render-template: a missing value is an error naming the placeholder"
+    if sh "$AGENT_FILES/render-template" "$AGENT_FILES/config.toml.in" "$out/partial.toml" DDI_TENANT=x 2>"$out/partial.err"; then
+        echo "render-template accepted unfilled placeholders"
+        return 1
+    fi
+    grep -q 'no value for @DDI_SERVER_URL@' "$out/partial.err" || { cat "$out/partial.err"; return 1; }
+    echo "-- the agent itself accepts the rendered config (exit 3 would be a config error)"
+    local agent
+    agent=$(workspace_bin ddi-agent ddi-agent) || return 1
+    "$agent" --config "$out/config.toml" status >"$out/status.out" 2>&1
+    rc=$?
+    echo "ddi-agent status exit $rc"
+    if [ "$rc" -eq 3 ] || grep -qi 'config' "$out/status.out"; then
+        cat "$out/status.out"
+        [ "$rc" -ne 3 ] || return 1
+    fi
+}
+
+# A temp root with the host's units, the rendered ddi-agent units and stand-ins for
+# the executables (systemd-analyze verify insists that ExecStart binaries exist).
+make_unit_root() {
+    local root=$1 out=$SCRATCH/render-units
+    render_agent_files "$out" || return 1
+    mkdir -p "$root/usr/lib/systemd" "$root/usr/bin" "$root/usr/libexec/ddi-agent" "$root/etc/ddi-agent" \
+        "$root/usr/lib/tmpfiles.d"
+    cp -a /usr/lib/systemd/system "$root/usr/lib/systemd/" || return 1
+    ln -sfn usr/lib "$root/lib"
+    ln -sfn usr/bin "$root/bin"
+    # What systemd's own tmpfiles.d/legacy.conf provides on a real system.
+    mkdir -p "$root/run/lock"
+    printf '#!/bin/sh\nexit 0\n' >"$root/usr/bin/ddi-agent"
+    chmod 0755 "$root/usr/bin/ddi-agent"
+    install -m 0755 "$AGENT_FILES/render-config" "$root/usr/libexec/ddi-agent/render-config"
+    install -m 0640 "$out/config.toml.in" "$root/etc/ddi-agent/config.toml.in"
+    install -m 0644 "$out/ddi-agent.service" "$root/usr/lib/systemd/system/ddi-agent.service"
+    install -d "$root/usr/lib/systemd/system/ddi-agent.service.d"
+    install -m 0644 "$out/10-slots-env.conf" "$root/usr/lib/systemd/system/ddi-agent.service.d/10-slots-env.conf"
+    install -m 0644 "$out/ddi-agent.tmpfiles" "$root/usr/lib/tmpfiles.d/ddi-agent.conf"
+}
+
+check_systemd_verify() {
+    need systemd-analyze systemd-tmpfiles || return 1
+    local root=$SCRATCH/root-verify out
+    make_unit_root "$root" || return 1
+    sed 's/^/unit: /' "$root/usr/lib/systemd/system/ddi-agent.service.d/10-slots-env.conf"
+    # verify exits 0 on warnings such as an unknown key: any output is a failure.
+    out=$(systemd-analyze verify --man=no --root="$root" /usr/lib/systemd/system/ddi-agent.service 2>&1)
+    if [ -n "$out" ]; then
+        printf 'systemd-analyze verify:\n%s\n' "$out"
+        return 1
+    fi
+    echo "systemd-analyze verify: clean (unit + drop-in)"
+    # The security check also reads the drop-in and reports unknown keys there.
+    out=$(systemd-analyze security --offline=true --root="$root" ddi-agent.service --no-pager 2>&1 >/dev/null)
+    if [ -n "$out" ]; then
+        printf 'systemd-analyze security (warnings):\n%s\n' "$out"
+        return 1
+    fi
+    out=$(systemd-tmpfiles --root="$root" --create ddi-agent.conf 2>&1)
+    if [ -n "$out" ] || [ ! -d "$root/data/ddi-agent" ] || [ ! -f "$root/run/lock/fw_printenv.lock" ]; then
+        printf 'systemd-tmpfiles:\n%s\n' "$out"
+        return 1
+    fi
+    echo "tmpfiles.d: creates $(default DDI_STATE_DIR) (mode $(stat -c %a "$root/data/ddi-agent")) and /run/lock/fw_printenv.lock"
+}
+
+check_systemd_security() {
+    need systemd-analyze || return 1
+    local version root=$SCRATCH/root-security out exposure
+    version=$(systemd-analyze --version | awk 'NR == 1 { print $2 }')
+    echo "systemd $version"
+    if [ "${version%%.*}" -lt 250 ]; then
+        echo "systemd-analyze security --offline needs systemd >= 250 (Debian 12 has 252)"
+        return 1
+    fi
+    make_unit_root "$root" || return 1
+    out=$(systemd-analyze security --offline=true --root="$root" ddi-agent.service --no-pager 2>/dev/null)
+    printf '%s\n' "$out" | grep -E '^✗|Overall'
+    exposure=$(printf '%s\n' "$out" | sed -n 's/.*Overall exposure level for ddi-agent.service: \([0-9.]*\).*/\1/p')
+    if [ -z "$exposure" ]; then
+        echo "no exposure level in the output"
+        return 1
+    fi
+    if ! awk -v e="$exposure" -v max="$MAX_EXPOSURE" 'BEGIN { exit !(e <= max) }'; then
+        echo "exposure $exposure > $MAX_EXPOSURE"
+        return 1
+    fi
+    echo "exposure $exposure <= $MAX_EXPOSURE"
+}
+
+check_boot_scripts() {
+    need mkimage || return 1
+    local scheme src found=0
+    for scheme in bootcount rauc; do
+        src=$BOOTSCRIPT_FILES/boot-$scheme.cmd
+        if [ ! -f "$src" ]; then
+            echo "missing $src (the ddi-bootscript recipe ships it)"
+            return 1
+        fi
+        found=$((found + 1))
+        # What do_compile runs (UBOOT_ARCH is x86 for qemux86-64).
+        mkimage -A x86 -O linux -T script -C none -n "ddi A/B ($scheme)" -d "$src" "$SCRATCH/boot-$scheme.scr" >/dev/null || return 1
+        mkimage -l "$SCRATCH/boot-$scheme.scr" | grep -q 'Image Type:.*Script' || {
+            echo "$scheme: mkimage -l does not show a script image"
+            return 1
+        }
+        echo "boot-$scheme.cmd -> boot.scr ($(stat -c %s "$SCRATCH/boot-$scheme.scr") bytes, script image)"
+    done
+    [ "$found" -eq 2 ]
+}
+
+# What ddi-uboot-env's do_compile and ddi-fw-env's do_install produce with the defaults,
+# read back with libubootenv (fw_printenv) and with ddi-bootctl.
+check_initial_env() {
+    need mkenvimage fw_printenv || return 1
+    local dir=$SCRATCH/env scheme size file1 file2 line
+    mkdir -p "$dir"
+    size=$(default DDI_ENV_SIZE) && file1=$(default DDI_ENV_FILE_1) && file2=$(default DDI_ENV_FILE_2) || return 1
+    for scheme in bootcount rauc; do
+        {
+            sed -e "s,@DDI_BOOT_ATTEMPTS@,$(default DDI_BOOT_ATTEMPTS),g" \
+                "$LAYER/recipes-bsp/ddi-uboot-env/files/scheme-$scheme.txt"
+            echo "bootctl_part_A=$(default DDI_SLOT_A_PARTITION)"
+            echo "bootctl_part_B=$(default DDI_SLOT_B_PARTITION)"
+            echo "bootctl_rootdev=$(default DDI_ROOT_DEVICE)"
+            echo "bootctl_kernel=/boot/bzImage"
+            echo "bootctl_initrd=$(default DDI_INITRD_PATH)"
+            echo "bootctl_console=ttyS0,115200"
+        } >"$dir/$scheme.txt"
+        mkenvimage -r -s "$size" -o "$dir/$file1" "$dir/$scheme.txt" || return 1
+        cp "$dir/$file1" "$dir/$file2"
+        # ddi-fw-env's file, with the boot partition's mount point replaced by $dir.
+        {
+            grep -v '^# SPDX' "$LAYER/recipes-bsp/ddi-fw-env/files/fw_env.config.in"
+            for line in "$(default DDI_ENV_LOCATION_1)" "$(default DDI_ENV_LOCATION_2)"; do
+                printf '%s %s\n' "${line/$(default DDI_BOOT_MOUNT)/$dir}" "$size"
+            done
+        } >"$dir/fw_env.config"
+        fw_printenv -c "$dir/fw_env.config" >"$dir/$scheme.printenv" || return 1
+        if [ "$scheme" = bootcount ]; then
+            if ! grep -qx 'bootctl_slot=A' "$dir/$scheme.printenv" || ! grep -qx 'bootlimit=3' "$dir/$scheme.printenv"; then
+                cat "$dir/$scheme.printenv"
+                return 1
+            fi
+        else
+            if ! grep -qx 'BOOT_ORDER=A B' "$dir/$scheme.printenv" || ! grep -qx 'BOOT_B_LEFT=3' "$dir/$scheme.printenv"; then
+                cat "$dir/$scheme.printenv"
+                return 1
+            fi
+        fi
+        echo "$scheme: redundant pair of $size bytes reads back with fw_printenv ($(wc -l <"$dir/$scheme.printenv") variables)"
+        local bootctl
+        bootctl=$(workspace_bin ddi-bootctl bootctl) || return 1
+        echo "bootctl.slot=A" >"$dir/cmdline"
+        "$bootctl" --env-config "$dir/fw_env.config" --scheme "$scheme" --cmdline "$dir/cmdline" status --json >"$dir/$scheme.json" || {
+            cat "$dir/$scheme.json"
+            return 1
+        }
+        python3 - "$dir/$scheme.json" <<'EOF' || return 1
+import json, sys
+status = json.load(open(sys.argv[1]))
+assert status["booted"] == "A" and status["next"] == "A" and status["redundant"] is True, status
+print("ddi-bootctl status: booted A, next A, redundant")
+EOF
+    done
+}
+
+check_wks() {
+    python3 - "$LAYER/recipes-core/images/ddi-ab.wks.in" <<'EOF'
+import shlex, sys
+parts, problems = [], []
+for line in open(sys.argv[1]):
+    words = shlex.split(line, comments=True)
+    if not words or words[0] != "part":
+        continue
+    words = [w for word in words for w in (word.split("=", 1) if word.startswith("--") and "=" in word else [word])]
+    opts, i = {}, 1
+    mount = None
+    if i < len(words) and not words[i].startswith("--"):
+        mount = words[i]
+        i += 1
+    while i < len(words):
+        key = words[i]
+        if i + 1 < len(words) and not words[i + 1].startswith("--"):
+            opts[key] = words[i + 1]
+            i += 2
+        else:
+            opts[key] = True
+            i += 1
+    parts.append((mount, opts))
+names = [opts.get("--part-name") for _, opts in parts]
+if names != ["boot", "root_a", "root_b", "data"]:
+    problems.append("partition order/names %s, want boot root_a root_b data" % names)
+else:
+    a, b = parts[1][1], parts[2][1]
+    if a.get("--fixed-size") is None or a.get("--fixed-size") != b.get("--fixed-size"):
+        problems.append("slot A and B must use the same --fixed-size (%s vs %s)" % (a.get("--fixed-size"), b.get("--fixed-size")))
+    if parts[0][1].get("--fstype") != "vfat" or "--active" not in parts[0][1]:
+        problems.append("boot partition must be vfat and --active (U-Boot distro boot looks for boot.scr there)")
+    for mount, opts in parts:
+        if mount and "--no-fstab-update" not in opts:
+            problems.append("%s: mount points come from the rootfs fstab; add --no-fstab-update" % mount)
+print("partitions:", " ".join("%s(%s)" % (n, o.get("--fixed-size")) for n, (_, o) in zip(names, parts)))
+for problem in problems:
+    print(problem)
+sys.exit(1 if problems else 0)
+EOF
+}
+
+check_kas() {
+    ensure_venv || return 1
+    "$VENV/bin/python" - "$LAYER/kas/ddi-qemux86-64.yml" <<'EOF'
+import sys, yaml, jsonschema
+from kas.configschema import CONFIGSCHEMA
+config = yaml.safe_load(open(sys.argv[1]))
+jsonschema.validate(config, CONFIGSCHEMA)
+assert config["machine"] == "qemux86-64", config["machine"]
+assert "meta-ddi" in config["repos"]["ddi"]["layers"], config["repos"]["ddi"]
+conf = "\n".join(config["local_conf_header"].values())
+assert 'DISTRO_FEATURES:append = " ddi"' in conf and 'INIT_MANAGER = "systemd"' in conf
+print("kas file valid against the kas %s schema" % __import__("kas").__version__)
+EOF
+}
+
+# ShellCheck of every shell file of the layer, and of the shell tasks of the recipes and
+# classes (BitBake expands ${VAR} before the shell runs, so unquoted-expansion, unassigned-variable
+# and no-expansion-in-single-quotes warnings do not apply there).
+check_shellcheck() {
+    need shellcheck || return 1
+    local files=() file status=0
+    while IFS= read -r -d '' file; do
+        if head -n1 "$file" | grep -qE '^#!.*(/sh|bash)'; then
+            files+=("$file")
+        fi
+    done < <(find "$LAYER" -type f ! -path '*/.git/*' -print0 | sort -z)
+    echo "shell files: ${#files[@]}"
+    shellcheck "${files[@]}" || status=1
+    local tasks=$SCRATCH/tasks
+    mkdir -p "$tasks"
+    python3 - "$LAYER" "$tasks" <<'EOF' || return 1
+import pathlib, re, sys
+layer, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+count = 0
+for path in sorted(list(layer.rglob("*.bb")) + list(layer.rglob("*.bbclass"))):
+    lines = path.read_text().splitlines()
+    i = 0
+    while i < len(lines):
+        match = re.match(r"^(?!python)([A-Za-z_][\w:-]*)\s*\(\)\s*\{\s*$", lines[i])
+        if match:
+            body, i = [], i + 1
+            while i < len(lines) and lines[i] != "}":
+                body.append(lines[i])
+                i += 1
+            name = "%s.%s.sh" % (path.stem, match.group(1).replace(":", "_"))
+            # ${@python} expansions and ${VAR} references are bitbake's; make them words.
+            text = "\n".join(body)
+            text = re.sub(r"\$\{@[^}]*\}", "PYEXPR", text)
+            (out / name).write_text("#!/bin/sh\n# from %s\n%s\n" % (path.name, text))
+            count += 1
+        i += 1
+print("shell tasks extracted:", count)
+EOF
+    shellcheck -s sh -e SC2016,SC2034,SC2086,SC2153,SC2154 "$tasks"/*.sh || status=1
+    return $status
+}
+
+# ---- run ------------------------------------------------------------------------------
+
+echo "meta-ddi offline checks ($LAYER)"
+run_check "crates.inc matches Cargo.lock" check_crates_inc
+run_check "gen-crates-inc unit tests" check_gen_crates_inc_tests
+run_check "layer.conf (collection ddi, _ddi variables, whinlatter+wrynose)" check_layer_conf
+run_check "oelint-adv $OELINT_ADV_VERSION: no findings (warning/error)" check_oelint
+run_check "LIC_FILES_CHKSUM matches the files" check_license_checksums
+run_check "templates render; agent accepts the config" check_templates_render
+run_check "systemd-analyze verify (unit, drop-in, tmpfiles)" check_systemd_verify
+run_check "systemd-analyze security exposure <= $MAX_EXPOSURE" check_systemd_security
+run_check "boot scripts compile with mkimage" check_boot_scripts
+run_check "initial redundant env reads back (fw_printenv, ddi-bootctl)" check_initial_env
+run_check "wks: boot, slot A, slot B (equal size), data" check_wks
+run_check "kas file matches the kas schema" check_kas
+run_check "shellcheck (layer scripts and recipe shell tasks)" check_shellcheck
+
+echo
+if [ "$failed" -gt 0 ]; then
+    printf 'failed: %s\n' "${failures[@]}"
+fi
+echo "check-layer: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
