@@ -5,6 +5,8 @@
 //! the test executable's target directory (see [`bin_path`]), so `cargo build --workspace --bins`
 //! must run before `cargo test`.
 
+pub mod demo;
+pub mod device;
 pub mod harness;
 pub mod server;
 
@@ -48,10 +50,19 @@ pub fn try_bin_path(name: &str) -> Option<PathBuf> {
     path.is_file().then_some(path)
 }
 
-/// Quote `path` for a POSIX shell command line (single quotes, embedded quotes escaped).
+/// Quote `path` for a POSIX shell command line: as it is when it holds only safe characters,
+/// else in single quotes with embedded quotes escaped.
 pub fn shell_quote(path: &Path) -> String {
     let text = path.to_string_lossy();
-    format!("'{}'", text.replace('\'', r"'\''"))
+    let safe = !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+=:,@%".contains(c));
+    if safe {
+        text.into_owned()
+    } else {
+        format!("'{}'", text.replace('\'', r"'\''"))
+    }
 }
 
 #[cfg(test)]
@@ -74,5 +85,7 @@ mod tests {
     #[test]
     fn shell_quote_escapes_single_quotes() {
         assert_eq!(shell_quote(Path::new("/a b/it's")), r"'/a b/it'\''s'");
+        assert_eq!(shell_quote(Path::new("/tmp/x-1/a.sh")), "/tmp/x-1/a.sh");
+        assert_eq!(shell_quote(Path::new("")), "''");
     }
 }
