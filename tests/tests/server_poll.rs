@@ -236,3 +236,13 @@ fn lapsed_maintenance_schedule_cancels_the_action() {
         "{body}"
     );
 }
+
+#[test]
+fn anonymous_access_exists_only_up_to_0_7() {
+    let mut opts = ServerOptions::default().version("0.7.0".parse::<HawkbitVersion>().unwrap());
+    opts.config.anonymous = true;
+    let e = env_with(opts.clone());
+    assert_eq!(e.http.get(e.url("")).send().unwrap().status(), 200);
+    let e = env_with(opts.version(HawkbitVersion::HEAD));
+    assert_eq!(e.http.get(e.url("")).send().unwrap().status(), 401);
+}

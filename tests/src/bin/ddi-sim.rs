@@ -1,7 +1,7 @@
 //! `ddi-sim`: a hawkBit-compatible TEST server for the ddi agent (production uses Eclipse
 //! hawkBit), and a command-line client of its management API.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use ddi_tests::server::client::MgmtClient;
 use ddi_tests::server::model::{now_ms, parse_interval, ActionType, Assignment, MaintenanceWindow};
@@ -124,6 +124,9 @@ struct ServeArgs {
     /// Disable TargetToken authentication
     #[arg(long)]
     no_target_token: bool,
+    /// Allow unauthenticated DDI access (only with --hawkbit-version 0.7.x or older, as hawkBit)
+    #[arg(long)]
+    anonymous: bool,
     /// Also advertise `download`/`md5sum` links under this host name
     #[arg(long)]
     download_link_host: Option<String>,
@@ -263,6 +266,10 @@ fn serve(args: ServeArgs) -> Result<()> {
     opts.config.min_polling_ms = (args.min_polling * 1000) as i64;
     opts.config.gateway_token = args.gateway_token;
     opts.config.target_token_enabled = !args.no_target_token;
+    if args.anonymous && !args.hawkbit_version.supports_anonymous() {
+        bail!("--anonymous needs --hawkbit-version 0.7.x or older (hawkBit removed it in 0.8.0)");
+    }
+    opts.config.anonymous = args.anonymous;
     opts.config.download_link_host = args.download_link_host;
     opts.state_file = args.state_file;
     opts.data_dir = args.data_dir;
@@ -275,11 +282,17 @@ fn serve(args: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("cannot bind {}", opts.bind))?;
         let addr = listener.local_addr()?;
-        println!(
-            "ddi-sim: hawkBit-compatible TEST server (production uses Eclipse hawkBit) on http://{addr}, tenant {}, imitating hawkBit {}",
-            opts.config.tenant, opts.config.version
+        // Announce the address; a closed stdout must not stop the server.
+        let banner = format!(
+            "ddi-sim: hawkBit-compatible TEST server (production uses Eclipse hawkBit) on http://{addr}, tenant {}, imitating hawkBit {}\n\
+             DDI: http://{addr}/{}/controller/v1/<controllerId>   management: http://{addr}/mgmt/\n",
+            opts.config.tenant, opts.config.version, opts.config.tenant
         );
-        println!("DDI: http://{addr}/{}/controller/v1/<controllerId>   management: http://{addr}/mgmt/", opts.config.tenant);
+        {
+            use std::io::Write;
+            let mut out = std::io::stdout();
+            let _ = out.write_all(banner.as_bytes()).and_then(|_| out.flush());
+        }
         axum::serve(listener, ddi_tests::server::router(shared))
             .with_graceful_shutdown(async {
                 let _ = tokio::signal::ctrl_c().await;

@@ -50,6 +50,8 @@ impl Streamer {
         }
         if let Some(d) = self.drop_after {
             if self.sent >= d {
+                // Pause first so that hyper flushes what was sent; then abort the connection.
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 return Some(Err(std::io::Error::new(
                     std::io::ErrorKind::ConnectionAborted,
                     "fault injection: download dropped",
