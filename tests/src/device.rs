@@ -234,7 +234,8 @@ impl FileDevice {
     pub fn env_file_path(&self) -> PathBuf {
         self.dir.join("uboot.env")
     }
-    /// Lock file the environment store takes instead of `/var/lock/fw_printenv.lock`.
+    /// Lock file the environment store takes instead of `/var/lock/fw_printenv.lock`: the
+    /// agent (`[boot] env_lock_file`), `ddi-bootctl` (`--lock-file`) and the fixture share it.
     pub fn env_lock_path(&self) -> PathBuf {
         self.dir.join("fw_printenv.lock")
     }
@@ -293,6 +294,7 @@ impl FileDevice {
              env_config = {env_config}\n\
              cmdline = {cmdline}\n\
              attempts = {attempts}\n\
+             env_lock_file = {env_lock}\n\
              reboot_command = [\"sh\", \"-c\", {reboot}]\n\
              \n\
              [agent]\n\
@@ -311,6 +313,7 @@ impl FileDevice {
             env_config = q(self.env_config_path()),
             cmdline = q(self.cmdline_path()),
             attempts = o.attempts,
+            env_lock = q(self.env_lock_path()),
             reboot = toml_string(&reboot),
             state_dir = q(self.state_dir()),
             health_checks = health_checks.join(", "),
@@ -746,6 +749,7 @@ mod tests {
         assert_eq!(config.slot_b, device.slot_path(Slot::B));
         assert_eq!(config.boot.env_config, device.env_config_path());
         assert_eq!(config.boot.cmdline, device.cmdline_path());
+        assert_eq!(config.boot.env_lock_file, device.env_lock_path());
         assert_eq!(config.agent.state_dir, device.state_dir());
         assert_eq!(config.server.controller_id, "dev-1");
         assert_eq!(config.agent.health_checks.len(), 1);
