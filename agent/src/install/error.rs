@@ -63,6 +63,10 @@ pub enum InstallError {
         capacity: u64,
     },
 
+    /// The artifact holds an image of 0 bytes (nothing that could boot).
+    #[error("the image is empty")]
+    EmptyImage,
+
     /// The target is the running system (or holds a mounted filesystem).
     #[error("refusing to write {}: {reason}", slot.display())]
     SlotInUse { slot: PathBuf, reason: String },

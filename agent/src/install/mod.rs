@@ -199,6 +199,7 @@ pub async fn install_with(
         tracing::info!(slot = %req.slot_path.display(), offset = start, "resuming download");
     }
 
+    tracing::info!(file = %req.filename, url = %req.url, slot = %req.slot_path.display(), capacity, "installing");
     let result = run(
         client, req, options, progress, slot, algorithm, expected, start,
     )
@@ -206,8 +207,13 @@ pub async fn install_with(
     match &result {
         // Keep the record: a later attempt continues from it.
         Err(e) if e.is_retryable() || matches!(e, InstallError::Aborted) => {}
-        // Done or failed for good: the next install starts over.
-        _ => resume::remove(&req.resume_path)?,
+        // Done or failed for good: the next install starts over. A record that cannot be
+        // removed is harmless (a resume re-verifies what is on the slot), so only warn.
+        _ => {
+            if let Err(e) = resume::remove(&req.resume_path) {
+                tracing::warn!(error = %e, "cannot remove the resume record");
+            }
+        }
     }
     result
 }
@@ -236,6 +242,8 @@ async fn run(
         bundle: req.bundle.clone(),
         checkpoint_interval: options.checkpoint_interval,
     };
+    // If this future is dropped (cancelled), the blocking stage stops at its next read.
+    let _stop_on_drop = StopOnDrop(Arc::clone(&counters));
     let sink_counters = Arc::clone(&counters);
     let mut sink = tokio::task::spawn_blocking(move || {
         pipeline::run(&plan, &mut slot as &mut dyn SlotDevice, rx, &sink_counters)
@@ -281,6 +289,15 @@ async fn run(
             Err(source_result.err().unwrap_or(InstallError::Aborted))
         }
         Err(e) => Err(e),
+    }
+}
+
+/// Tells the blocking stage to stop when the install future goes away.
+struct StopOnDrop(Arc<Counters>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stopped.store(true, Ordering::Release);
     }
 }
 

@@ -39,7 +39,12 @@ pub struct Counters {
     pub total: AtomicU64,
     /// Artifact bytes consumed by the blocking stage.
     pub consumed: AtomicU64,
+    /// For a gzip artifact: the ISIZE field of its trailer (decoded size mod 2^32 of the
+    /// last member, so a lower bound of the decoded size), `u64::MAX` while unknown.
+    pub gzip_isize: AtomicU64,
     pub verifying: AtomicBool,
+    /// Set when the install was dropped: the blocking stage stops reading (and writing).
+    pub stopped: AtomicBool,
     pub verify_done: AtomicU64,
     pub verify_total: AtomicU64,
 }
@@ -50,7 +55,9 @@ impl Counters {
             downloaded: AtomicU64::new(start),
             total: AtomicU64::new(total.unwrap_or(u64::MAX)),
             consumed: AtomicU64::new(start),
+            gzip_isize: AtomicU64::new(u64::MAX),
             verifying: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
             verify_done: AtomicU64::new(0),
             verify_total: AtomicU64::new(0),
         }
@@ -60,6 +67,13 @@ impl Counters {
         match self.total.load(Ordering::Acquire) {
             u64::MAX => None,
             t => Some(t),
+        }
+    }
+
+    pub fn gzip_isize(&self) -> Option<u64> {
+        match self.gzip_isize.load(Ordering::Acquire) {
+            u64::MAX => None,
+            n => Some(n),
         }
     }
 
@@ -78,6 +92,9 @@ struct ChannelReader<'a> {
 
 impl Read for ChannelReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.counters.stopped.load(Ordering::Acquire) {
+            return Err(io::Error::other(DownloadAborted));
+        }
         while self.current.is_empty() {
             if self.ended {
                 return Ok(0);
@@ -154,6 +171,9 @@ pub fn run(
     let mut hashing = HashingReader::new(channel, artifact_hash, plan.start);
     let mut writer = SlotWriter::new(dev, plan.start, image_hash, plan.checkpoint_interval);
     let format = write_image(plan, &mut hashing, &mut writer, counters)?;
+    if writer.position() == 0 {
+        return Err(InstallError::EmptyImage);
+    }
     // The hash covers the whole artifact, including what follows the image (tar padding).
     io::copy(&mut hashing, &mut io::sink())
         .map_err(|e| decode::read_error(e, format, counters.consumed()))?;
@@ -220,6 +240,12 @@ fn write_image<R: Read>(
             archive::extract_image(inner, Format::TarGzip, member, capacity, &offset, writer)?;
             Format::TarGzip
         } else {
+            if plan.bundle.is_none() {
+                if let Some(lower_bound) = counters.gzip_isize() {
+                    // Too large for sure: fail before the first byte.
+                    writer.expect_at_least(lower_bound)?;
+                }
+            }
             copy_all(inner, writer, Format::Gzip, plan, false, &offset)?;
             Format::Gzip
         };

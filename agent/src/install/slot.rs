@@ -386,6 +386,15 @@ impl<'a> SlotWriter<'a> {
         Ok(())
     }
 
+    /// Fail before the first byte when the image has at least `lower_bound` bytes and those
+    /// do not fit.
+    pub fn expect_at_least(&self, lower_bound: u64) -> Result<(), InstallError> {
+        if lower_bound > self.dev.capacity() {
+            return Err(self.too_large(lower_bound, true));
+        }
+        Ok(())
+    }
+
     pub fn write(&mut self, mut data: &[u8]) -> Result<(), InstallError> {
         let end = self.position() + data.len() as u64;
         if end > self.dev.capacity() {

@@ -106,18 +106,16 @@ pub async fn fetch(
     let mut total = spec.size;
     let mut failures = 0u32;
     let mut limiter = RateLimiter::new(spec.max_rate);
+    let mut probed = start > 0;
     loop {
         let before = offset;
-        let result = fetch_once(
-            client,
-            spec,
-            &mut offset,
-            &mut total,
-            &tx,
+        let mut link = Link {
+            tx: &tx,
             counters,
-            &mut limiter,
-        )
-        .await;
+            limiter: &mut limiter,
+            probed: &mut probed,
+        };
+        let result = fetch_once(client, spec, &mut offset, &mut total, &mut link).await;
         match result {
             Ok(Done::Complete) => {
                 let _ = tx.send(Chunk::End).await;
@@ -154,15 +152,53 @@ pub async fn fetch(
     }
 }
 
+/// Where received bytes go, and state kept across connections.
+struct Link<'a> {
+    tx: &'a mpsc::Sender<Chunk>,
+    counters: &'a Counters,
+    limiter: &'a mut RateLimiter,
+    /// The gzip trailer probe was done (or is not needed).
+    probed: &'a mut bool,
+}
+
+/// The ISIZE field (last 4 bytes) of a gzip artifact of `total` bytes, fetched with a Range
+/// request; None when the server cannot tell (no Range support, error, timeout).
+async fn probe_gzip_isize(client: &reqwest::Client, spec: &SourceSpec, total: u64) -> Option<u64> {
+    if total < 18 {
+        return None; // smaller than any gzip member
+    }
+    let mut request = client
+        .get(&spec.url)
+        .header(RANGE, format!("bytes={}-{}", total - 4, total - 1));
+    if let Some((name, value)) = &spec.auth_header {
+        request = request.header(name.as_str(), value.as_str());
+    }
+    let wait = spec.stall_timeout.min(Duration::from_secs(10));
+    let response = timeout(wait, request.send()).await.ok()?.ok()?;
+    if response.status().as_u16() != 206 {
+        return None;
+    }
+    let range = response
+        .headers()
+        .get(CONTENT_RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_content_range)?;
+    if range != (total - 4, Some(total)) {
+        return None;
+    }
+    let body = timeout(wait, response.bytes()).await.ok()?.ok()?;
+    let bytes: [u8; 4] = body.as_ref().try_into().ok()?;
+    Some(u64::from(u32::from_le_bytes(bytes)))
+}
+
 async fn fetch_once(
     client: &reqwest::Client,
     spec: &SourceSpec,
     offset: &mut u64,
     total: &mut Option<u64>,
-    tx: &mpsc::Sender<Chunk>,
-    counters: &Counters,
-    limiter: &mut RateLimiter,
+    link: &mut Link<'_>,
 ) -> Result<Done, Fault> {
+    let (tx, counters) = (link.tx, link.counters);
     let size_mismatch = |expected: u64, actual: u64| {
         Fault::Permanent(InstallError::SizeMismatch {
             url: spec.url.clone(),
@@ -239,7 +275,7 @@ async fn fetch_once(
     if let Some(t) = *total {
         counters.total.store(t, Ordering::Release);
     }
-    limiter.restart();
+    link.limiter.restart();
     loop {
         let mut chunk: Bytes = match timeout(spec.stall_timeout, response.chunk()).await {
             Err(_) => return Err(transient("the connection stalled".into())),
@@ -261,13 +297,23 @@ async fn fetch_once(
                 return Err(size_mismatch(t, end));
             }
         }
+        if !*link.probed {
+            *link.probed = true;
+            // A gzip image's decoded size is unknown before the end; its trailer gives a
+            // lower bound, so an image that cannot fit fails before the first byte.
+            if let (true, Some(t)) = (super::decode::is_gzip(&chunk), *total) {
+                if let Some(isize) = probe_gzip_isize(client, spec, t).await {
+                    counters.gzip_isize.store(isize, Ordering::Release);
+                }
+            }
+        }
         let n = chunk.len();
         if tx.send(Chunk::Data(chunk)).await.is_err() {
             return Ok(Done::ReceiverGone);
         }
         *offset = end;
         counters.downloaded.store(end, Ordering::Relaxed);
-        limiter.consumed(n).await;
+        link.limiter.consumed(n).await;
     }
     match *total {
         Some(t) if *offset < t => Err(Fault::Transient {

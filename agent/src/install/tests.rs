@@ -91,15 +91,20 @@ async fn serve(
                 .then(|| v.trim().to_string())
         })
     };
-    let range = header("range").and_then(|r| {
-        r.strip_prefix("bytes=")?
-            .strip_suffix('-')?
-            .parse::<u64>()
-            .ok()
+    // "bytes=START-" or "bytes=START-END" (inclusive).
+    let range: Option<(u64, Option<u64>)> = header("range").and_then(|r| {
+        let (start, end) = r.strip_prefix("bytes=")?.split_once('-')?;
+        let end = if end.is_empty() {
+            None
+        } else {
+            Some(end.parse().ok()?)
+        };
+        Some((start.parse().ok()?, end))
     });
     let (fault, ignore_range) = {
         let mut s = state.lock().unwrap();
-        s.requests.push((range, header("authorization")));
+        s.requests
+            .push((range.map(|r| r.0), header("authorization")));
         let fault = if s.faults.is_empty() {
             s.always
         } else {
@@ -117,17 +122,17 @@ async fn serve(
         (Some(Fault::Status(code)), _) => {
             format!("HTTP/1.1 {code} Injected\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").into_bytes()
         }
-        (_, Some(start)) if start >= total && !ignore_range => {
+        (_, Some((start, _))) if start >= total && !ignore_range => {
             format!("HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{total}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").into_bytes()
         }
-        (_, Some(start)) if !ignore_range => {
+        (_, Some((start, end))) if !ignore_range => {
+            let last = end.unwrap_or(total - 1).min(total - 1);
             let mut r = format!(
-                "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{total}\r\nConnection: close\r\n\r\n",
-                total - start,
-                total - 1
+                "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{last}/{total}\r\nConnection: close\r\n\r\n",
+                last + 1 - start
             )
             .into_bytes();
-            r.extend_from_slice(&body[start as usize..]);
+            r.extend_from_slice(&body[start as usize..=last as usize]);
             r
         }
         _ => {
@@ -590,7 +595,7 @@ async fn oversize_raw_image_fails_before_writing() {
 }
 
 #[tokio::test]
-async fn oversize_gzip_stops_at_the_slot_end() {
+async fn oversize_gzip_fails_before_writing() {
     let img = vec![0x55u8; 3 << 20];
     let gz = gzip(&img);
     let server = TestServer::start(gz.clone()).await;
@@ -599,8 +604,36 @@ async fn oversize_gzip_stops_at_the_slot_end() {
         .await
         .0
         .unwrap_err();
+    // The trailer (fetched with a Range request) tells the decoded size up front.
     assert!(
-        matches!(err, InstallError::TooLarge { at_least: true, .. }),
+        matches!(err, InstallError::TooLarge { at_least: true, image_size, .. } if image_size == 3 << 20),
+        "{err}"
+    );
+    fx.assert_slot_untouched();
+    let probe = (
+        Some(gz.len() as u64 - 4),
+        Some("TargetToken secret".to_string()),
+    );
+    assert!(
+        server.requests().contains(&probe),
+        "{:?}",
+        server.requests()
+    );
+}
+
+#[tokio::test]
+async fn oversize_gzip_without_range_support_stops_at_the_slot_end() {
+    let img = vec![0x55u8; 3 << 20];
+    let gz = gzip(&img);
+    let server = TestServer::start(gz.clone()).await;
+    server.set(|s| s.ignore_range = true);
+    let fx = Fixture::new(2 << 20);
+    let err = run(&fx.request(&server.url, &gz), &fast_options())
+        .await
+        .0
+        .unwrap_err();
+    assert!(
+        matches!(err, InstallError::TooLarge { at_least: true, image_size, .. } if image_size > 2 << 20),
         "{err}"
     );
     assert_eq!(fx.slot_bytes().len(), 2 << 20, "slot grew");
@@ -877,6 +910,53 @@ async fn required_signature_without_verifier_refuses() {
     let err = run(&req, &fast_options()).await.0.unwrap_err();
     assert!(matches!(err, InstallError::Signature(_)), "{err}");
     fx.assert_slot_untouched();
+}
+
+#[tokio::test]
+async fn empty_images_are_refused() {
+    for artifact in [Vec::new(), gzip(b""), tar_of(&[("rootfs.img", b"")])] {
+        let server = TestServer::start(artifact.clone()).await;
+        let fx = Fixture::new(4096);
+        let err = run(&fx.request(&server.url, &artifact), &fast_options())
+            .await
+            .0
+            .unwrap_err();
+        assert!(matches!(err, InstallError::EmptyImage), "{err}");
+        fx.assert_slot_untouched();
+    }
+}
+
+#[test]
+fn stopped_install_stops_reading_and_writing() {
+    let img = image(1 << 20, 22);
+    let plan = pipeline::SinkPlan {
+        url: "http://127.0.0.1/x".into(),
+        algorithm: hash::HashAlgorithm::Sha256,
+        expected: sha256_hex(&img),
+        size: Some(img.len() as u64),
+        start: 0,
+        resume_path: PathBuf::from("/nonexistent/resume.json"),
+        archive_member: None,
+        bundle: None,
+        checkpoint_interval: 64 << 20,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    for chunk in img.chunks(4096) {
+        tx.try_send(pipeline::Chunk::Data(bytes::Bytes::copy_from_slice(chunk)))
+            .unwrap();
+    }
+    tx.try_send(pipeline::Chunk::End).unwrap();
+    let counters = pipeline::Counters::new(0, Some(img.len() as u64));
+    counters
+        .stopped
+        .store(true, std::sync::atomic::Ordering::Release);
+    let mut dev = FailingSlot {
+        data: vec![FILL; 2 << 20],
+        fail_from: u64::MAX,
+    };
+    let err = pipeline::run(&plan, &mut dev, rx, &counters).unwrap_err();
+    assert!(matches!(err, InstallError::Aborted), "{err}");
+    assert!(dev.data.iter().all(|&b| b == FILL), "wrote after the stop");
 }
 
 #[test]
