@@ -545,3 +545,68 @@ fn a_second_agent_is_refused_while_one_runs() {
     );
     assert_eq!(out.code, Some(0), "{}", out.describe());
 }
+
+#[test]
+fn gateway_token_authenticates_and_registers_the_device() {
+    let rig = Rig::with(ServerOptions::default().gateway_token("gw-key"), |_| {});
+    let text = rig.dev.config_text().replace(
+        &format!("target_token = \"{TOKEN}\""),
+        "gateway_token = \"gw-key\"",
+    );
+    std::fs::write(rig.dev.config_path(), text).unwrap();
+    let action = full_update(&rig, &Assignment::forced());
+    assert_eq!(rig.status(action), ActionStatus::Finished);
+}
+
+#[test]
+fn both_tokens_in_the_config_exit_3() {
+    let rig = Rig::new();
+    let text = rig.dev.config_text().replace(
+        &format!("target_token = \"{TOKEN}\""),
+        &format!("target_token = \"{TOKEN}\"\ngateway_token = \"other\""),
+    );
+    std::fs::write(rig.dev.config_path(), text).unwrap();
+    let out = rig.once_expect(3);
+    assert!(out.stderr.contains("gateway_token"), "{}", out.describe());
+}
+
+#[test]
+fn daemon_polls_installs_and_confirms_across_a_restart() {
+    let rig = Rig::new();
+    let image = Image::good("13.0", IMAGE_SIZE);
+    let action = rig.deploy(&image, &Assignment::forced());
+    let spawn = || {
+        let mut cmd = rig.dev.agent_command();
+        cmd.arg("run");
+        ddi_tests::harness::Background::spawn(cmd).unwrap()
+    };
+    let stop = |daemon: ddi_tests::harness::Background| {
+        let pid = daemon.id().unwrap().to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let out = daemon.stop_after(Duration::from_secs(10)).unwrap();
+        assert_eq!(out.code, Some(0), "{}", out.describe());
+        assert!(!out.stderr.contains(TOKEN));
+    };
+    let daemon = spawn();
+    assert!(
+        ddi_tests::harness::wait_until(Duration::from_secs(60), Duration::from_millis(100), || {
+            rig.dev.reboot_marker_path().exists()
+        }),
+        "the daemon never asked for a reboot"
+    );
+    stop(daemon);
+    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
+    assert_eq!(rig.dev.reboot().unwrap(), Slot::B);
+    let daemon = spawn();
+    let done =
+        ddi_tests::harness::wait_until(Duration::from_secs(60), Duration::from_millis(100), || {
+            rig.status(action) == ActionStatus::Finished
+        });
+    stop(daemon);
+    assert!(done, "the daemon never confirmed the update");
+    assert_eq!(rig.closed(action).len(), 1);
+}

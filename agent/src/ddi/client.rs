@@ -561,6 +561,54 @@ mod tests {
         assert!(backoff(base, 30) <= Duration::from_secs(375));
     }
 
+    fn server(extra: &str) -> ServerConfig {
+        let text = format!(
+            "[server]\nurl = \"https://hawkbit.example.com\"\ntenant = \"T\"\n\
+             controller_id = \"d\"\ntarget_token = \"tok\"\n{extra}\n\
+             [slots]\nA = \"a\"\nB = \"b\"\n"
+        );
+        crate::config::Config::from_toml(&text, std::path::Path::new("/nonexistent/c.toml"))
+            .unwrap()
+            .server
+    }
+
+    #[test]
+    fn missing_tls_files_are_named() {
+        let e = DdiClient::new(&server("ca_file = \"ca.pem\"")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
+        let e =
+            DdiClient::new(&server("client_cert = \"c.pem\"\nclient_key = \"k.pem\"")).unwrap_err();
+        assert!(e.to_string().contains("client certificate"), "{e}");
+    }
+
+    #[test]
+    fn garbage_ca_file_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let e = DdiClient::new(&server(&format!("ca_file = \"{}\"", ca.display())));
+        assert!(e.is_err());
+    }
+
+    #[tokio::test]
+    async fn plain_http_links_are_refused_for_an_https_server() {
+        let client = DdiClient::new(&server("")).unwrap();
+        let e = client
+            .post_feedback_to("http://evil.example.com/deploymentBase/1", b"{}".to_vec())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, DdiError::Insecure { .. }), "{e}");
+        assert_eq!(
+            client.auth_header(),
+            Some(("authorization".to_string(), "TargetToken tok".to_string()))
+        );
+        assert!(!format!("{client:?}").contains("tok\""));
+    }
+
     #[test]
     fn transient_statuses() {
         assert!(is_transient(StatusCode::TOO_MANY_REQUESTS, b""));
