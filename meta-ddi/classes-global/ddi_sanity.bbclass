@@ -3,6 +3,7 @@
 
 addhandler ddi_sanity_check
 ddi_sanity_check[eventmask] = "bb.event.SanityCheck"
+ddi_sanity_check[doc] = "Warns when meta-ddi is in BBLAYERS but DISTRO_FEATURES lacks ddi"
 
 python ddi_sanity_check() {
     data = e.data

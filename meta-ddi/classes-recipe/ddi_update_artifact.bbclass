@@ -46,6 +46,7 @@ do_ddi_bundle() {
     ln -sf "${IMAGE_NAME}.ddibundle" "${DDI_BUNDLE_DEPLOYDIR}/${IMAGE_LINK_NAME}.ddibundle"
 }
 
+do_ddi_bundle[doc] = "Signs the slot image into <image>.ddibundle with ddi-bundle (when DDI_BUNDLE_KEYS is set)"
 SSTATETASKS += "do_ddi_bundle"
 do_ddi_bundle[sstate-inputdirs] = "${DDI_BUNDLE_DEPLOYDIR}"
 do_ddi_bundle[sstate-outputdirs] = "${DEPLOY_DIR_IMAGE}"
@@ -54,6 +55,7 @@ do_ddi_bundle[cleandirs] = "${DDI_BUNDLE_DEPLOYDIR}"
 do_ddi_bundle[depends] += "${@'ddi-bundle-native:do_populate_sysroot' if d.getVar('DDI_BUNDLE_KEYS') else ''}"
 do_ddi_bundle[vardeps] += "DDI_BUNDLE_KEYS"
 
+do_ddi_bundle_setscene[doc] = "Restores the signed bundle from the shared state cache"
 python do_ddi_bundle_setscene() {
     sstate_setscene(d)
 }

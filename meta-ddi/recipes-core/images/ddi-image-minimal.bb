@@ -10,7 +10,7 @@ inherit core-image features_check ddi_defaults ddi_update_artifact
 REQUIRED_DISTRO_FEATURES = "ddi systemd"
 
 IMAGE_INSTALL = "packagegroup-core-boot ddi-agent ddi-bootctl kernel-image ${CORE_IMAGE_EXTRA_INSTALL}"
-IMAGE_LINGUAS = " "
+IMAGE_LINGUAS = ""
 
 # Both slots get the same fixed size; the rootfs must fit (wic fails the build otherwise).
 DDI_SLOT_SIZE ??= "512M"
@@ -26,6 +26,7 @@ do_image_wic[depends] += " \
 "
 
 ROOTFS_POSTPROCESS_COMMAND += "ddi_rootfs_layout"
+ddi_rootfs_layout[doc] = "Adds the /uboot and /data mounts to the rootfs fstab and an empty initramfs"
 
 # fstab entries for the boot and data partitions live in the rootfs itself (not added by
 # wic), so the ext4 update artifact mounts them just like the first slot does. An empty
