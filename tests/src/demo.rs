@@ -6,7 +6,8 @@
 //! 2. a broken update: it boots, its health check fails, the agent marks the slot bad and reboots
 //!    back, the server shows `closed`/`failure` with the reason;
 //! 3. an update that never comes up: it hangs at every boot, U-Boot falls back after `bootlimit`
-//!    trial boots, the agent sees the rollback and the server shows `closed`/`failure`.
+//!    trial boots, the agent sees the rollback and the server shows `closed`/`failure`;
+//! 4. everyday life: more power cycles keep booting the confirmed slot.
 //!
 //! The story checks itself: [`run`] returns what the server saw so callers (the `ddi-demo`
 //! binary, the `demo` integration test) can decide pass or fail from the server's API.
@@ -16,7 +17,7 @@ use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use bootctl::scheme::Slot;
+use bootctl::scheme::{SchemeKind, Slot};
 
 use crate::device::{DeviceError, DeviceOptions, FileDevice, Health, Image};
 use crate::harness::{Background, CommandOutput};
@@ -42,6 +43,8 @@ pub struct DemoOptions {
     pub keep_dir: bool,
     /// Build the device here instead of a temporary directory.
     pub dir: Option<PathBuf>,
+    /// Slot scheme of the device (default `bootcount`).
+    pub scheme: Option<SchemeKind>,
 }
 
 /// What the demo did and what the server saw at the end.
@@ -158,6 +161,7 @@ pub fn run(out: &mut dyn Write, options: &DemoOptions) -> Result<DemoOutcome, De
     device_options.factory_image = Image::new("demo-os", "1.0", Health::Good, IMAGE_SIZE).bytes;
     device_options.max_download_rate = Some(DOWNLOAD_RATE.to_string());
     device_options.health_check_timeout = 20;
+    device_options.scheme = options.scheme.unwrap_or(SchemeKind::Bootcount);
     let device = match &options.dir {
         Some(dir) => FileDevice::create(dir, device_options)?,
         None => FileDevice::create_temp(device_options)?,
@@ -166,6 +170,11 @@ pub fn run(out: &mut dyn Write, options: &DemoOptions) -> Result<DemoOutcome, De
         "device   {}: slot-A.img and slot-B.img ({} MiB each), redundant U-Boot env uboot.env + fw_env.config, cmdline, config.toml",
         device.dir().display(),
         SLOT_SIZE >> 20
+    ));
+    say.line(&format!(
+        "scheme   {} ({} trial boots before U-Boot falls back)",
+        device.options().scheme.as_str(),
+        device.options().attempts
     ));
 
     let mut story = Story {
@@ -283,9 +292,19 @@ impl Story<'_, '_> {
         self.expect_exit(&run, 0);
         self.expect_closed(action, "success")?;
         let env = self.device.env_map()?;
+        let attempts = self.device.options().attempts.to_string();
+        let confirmed = match self.device.options().scheme {
+            SchemeKind::Bootcount => env.get("upgrade_available").map(String::as_str) == Some("0"),
+            SchemeKind::Rauc => {
+                env.get("BOOT_B_LEFT") == Some(&attempts)
+                    && env
+                        .get("BOOT_ORDER")
+                        .is_some_and(|order| order.starts_with('B'))
+            }
+        };
         self.expect(
-            env.get("upgrade_available").map(String::as_str) == Some("0"),
-            format!("slot B should be confirmed (upgrade_available=0), env: {env:?}"),
+            confirmed,
+            format!("slot B should be confirmed in the U-Boot env: {env:?}"),
         );
         for name in ["bootcmd", "ddi_boot", "bootargs", "board_serial", "ethaddr"] {
             self.expect(
@@ -362,8 +381,32 @@ impl Story<'_, '_> {
         self.settle(action, Slot::B)?;
         self.expect_closed(action, "failure")?;
         self.say.good("Update 2.2 was rolled back by U-Boot: the device runs slot B, the server shows closed/failure.");
-        self.show_bootctl_status()?;
         actions.push(story_action(action, "hangs", "2.2", "failure"));
+
+        // 4. Everyday life: the confirmed slot must stay the one that boots.
+        self.say
+            .step("Everyday life: four more power cycles, the agent runs after each boot");
+        for cycle in 1..=4 {
+            self.device.take_reboot_requests()?;
+            let slot = self.device.reboot()?;
+            let version = self
+                .device
+                .slot_image(slot)
+                .map_or_else(|| "?".to_string(), |h| h.version);
+            self.say.line(&format!(
+                "u-boot   power cycle {cycle}: boots slot {slot} (demo-os {version})"
+            ));
+            self.expect(
+                slot == Slot::B,
+                format!("power cycle {cycle} should boot the confirmed slot B, booted {slot}"),
+            );
+            if slot != Slot::B {
+                break;
+            }
+            let run = self.agent_cycle(None, action)?;
+            self.expect_exit(&run, 0);
+        }
+        self.show_bootctl_status()?;
 
         Ok(actions)
     }
@@ -439,13 +482,18 @@ impl Story<'_, '_> {
             let env = self.device.env_map()?;
             let header = self.device.slot_image(slot);
             let version = header.as_ref().map_or("?", |h| h.version.as_str());
-            let counter = match env.get("upgrade_available").map(String::as_str) {
-                Some("1") => format!(
-                    ", trial boot {} of {}",
-                    env.get("bootcount").map_or("?", String::as_str),
-                    env.get("bootlimit").map_or("?", String::as_str)
+            let var = |name: &str| env.get(name).map_or("?", String::as_str).to_string();
+            let counter = match self.device.options().scheme {
+                SchemeKind::Bootcount if var("upgrade_available") == "1" => {
+                    format!(", trial boot {} of {}", var("bootcount"), var("bootlimit"))
+                }
+                SchemeKind::Bootcount => String::new(),
+                SchemeKind::Rauc => format!(
+                    "; BOOT_ORDER=\"{}\" BOOT_A_LEFT={} BOOT_B_LEFT={}",
+                    var("BOOT_ORDER"),
+                    var("BOOT_A_LEFT"),
+                    var("BOOT_B_LEFT")
                 ),
-                _ => String::new(),
             };
             self.say.line(&format!(
                 "u-boot   boots slot {slot} (demo-os {version}{counter})"

@@ -5,6 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
+use bootctl::SchemeKind;
 use ddi_tests::demo::{self, DemoOptions};
 use ddi_tests::harness::run_with_timeout;
 use ddi_tests::server::{ActionStatus, Channel, FeedbackRecord};
@@ -18,11 +19,22 @@ fn closing_feedback(feedback: &[FeedbackRecord]) -> Vec<&FeedbackRecord> {
 
 #[test]
 fn demo_story_ends_as_described_on_the_server() {
+    assert_story_on_server(SchemeKind::Bootcount);
+}
+
+/// The same story on a board whose boot script uses RAUC's variables.
+#[test]
+fn demo_story_with_rauc_scheme_ends_as_described_on_the_server() {
+    assert_story_on_server(SchemeKind::Rauc);
+}
+
+fn assert_story_on_server(scheme: SchemeKind) {
     let mut transcript = Vec::new();
     let outcome = demo::run(
         &mut transcript,
         &DemoOptions {
             fancy: Some(false),
+            scheme: Some(scheme),
             ..DemoOptions::default()
         },
     )

@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use bootctl::SchemeKind;
 use clap::Parser;
 
 use ddi_tests::demo::{self, DemoOptions};
@@ -26,6 +27,9 @@ struct Args {
     /// Build the simulated device in this directory instead of a temporary one.
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
+    /// Slot scheme of the simulated board: bootcount (U-Boot's boot counter) or rauc.
+    #[arg(long, value_name = "SCHEME", default_value = "bootcount")]
+    scheme: SchemeKind,
 }
 
 fn main() -> ExitCode {
@@ -34,6 +38,7 @@ fn main() -> ExitCode {
         fancy: if args.plain { Some(false) } else { None },
         keep_dir: args.keep,
         dir: args.dir,
+        scheme: Some(args.scheme),
     };
     let mut stdout = std::io::stdout();
     match demo::run(&mut stdout, &options) {
