@@ -306,6 +306,8 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     if let Command::Serve(args) = cli.command {
         tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
                     .unwrap_or_else(|_| "info".into()),

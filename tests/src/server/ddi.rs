@@ -400,8 +400,16 @@ fn parse_id(s: &str) -> Result<u64, DdiError> {
         .map_err(|_| DdiError::NotReadable(format!("Failed to convert value {s:?} to a number")))
 }
 
-/// The router fallback: every `/{tenant}/controller/v1/{controllerId}/...` request.
-pub async fn handle(AxState(shared): AxState<Arc<Shared>>, req: Request) -> Response {
+/// The router fallback: every `/{tenant}/controller/v1/{controllerId}/...` request (logged at
+/// info level with its status, for test and demo logs).
+pub async fn handle(state: AxState<Arc<Shared>>, req: Request) -> Response {
+    let line = format!("{} {}", req.method(), req.uri());
+    let response = handle_request(state, req).await;
+    tracing::info!("{line} -> {}", response.status().as_u16());
+    response
+}
+
+async fn handle_request(AxState(shared): AxState<Arc<Shared>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let segments: Vec<String> = parts
         .uri
