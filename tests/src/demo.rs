@@ -149,6 +149,14 @@ pub fn run(out: &mut dyn Write, options: &DemoOptions) -> Result<DemoOutcome, De
     let mut say = Narrator { out, fancy };
 
     say.title("ddi demo: an A/B firmware update with confirm-after-reboot, on a simulated board");
+    for binary in ["ddi-agent", "ddi-bootctl"] {
+        if crate::try_bin_path(binary).is_none() {
+            return Err(DemoError::Story(format!(
+                "`{binary}` is not built next to this program: run `cargo build --workspace --bins` \
+                 first (./demo.sh does)"
+            )));
+        }
+    }
     let server = Backend::start()?;
     say.line(&format!(
         "server   hawkBit-compatible test server at {} (in this process; production uses Eclipse hawkBit)",
@@ -184,9 +192,21 @@ pub fn run(out: &mut dyn Write, options: &DemoOptions) -> Result<DemoOutcome, De
         agent_runs: 0,
         problems: Vec::new(),
     };
-    let actions = story.play()?;
+    let played = story.play();
     let problems = std::mem::take(&mut story.problems);
     let mut say = story.say;
+    let actions = match played {
+        Ok(actions) => actions,
+        Err(err) => {
+            let dir = device.keep().dir().to_path_buf();
+            say.bad(&format!("{err}"));
+            say.line(&format!(
+                "Device files and agent logs kept in {}",
+                dir.display()
+            ));
+            return Err(err);
+        }
+    };
 
     let mut final_actions = Vec::new();
     for mut action in actions {
