@@ -37,7 +37,7 @@ make_device() {
 	mcopy -i "$dir/boot.img" "$dir/boot/boot.scr" "$dir/boot/uboot.env" "$dir/boot/uboot-redund.env" ::
 	printf '%s\n' "$device_toml" >"$dir/data/ddi/device.toml"
 	printf '%s\n' "$agent_extra" >"$dir/data/ddi/agent-extra.toml"
-	mkfs.ext4 -q -F -L data -E root_owner=0:0 -d "$dir/data" "$dir/data.img" "${DATA_MIB}M"
+	mkfs.ext4 -q -F -L data -E root_owner=0:0 -d "$dir/data" "$dir/data.img" "${DATA_MIB}M" >/dev/null
 	truncate -s "${DISK_MIB}M" "$dir/disk.img"
 	sfdisk -q "$dir/disk.img" <<-EOF
 		label: dos

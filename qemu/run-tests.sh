@@ -86,7 +86,6 @@ while [ ${#pending[@]} -gt 0 ] || [ ${#running[@]} -gt 0 ]; do
 	done
 	running=("${still[@]+"${still[@]}"}")
 done
-wait
 
 echo "total: $((SECONDS - start)) s"
 echo "$passed passed, $failed failed"
