@@ -173,6 +173,22 @@ fn oversize_image_fails_before_writing() {
 }
 
 #[test]
+fn oversize_gzip_image_fails_before_writing() {
+    let rig = Rig::new(|o| o.slot_size = 1 << 20);
+    let before = rig.device.slot_bytes(Slot::B).unwrap();
+    let image = Image::good("2.8", (1 << 20) + 1);
+    let action = rig.deploy("2.8", "os.img.gz", image.gzip());
+    rig.settle(action, 3);
+    rig.assert_failed_with(action, "does not fit");
+    rig.assert_nothing_activated();
+    assert_eq!(
+        rig.device.slot_bytes(Slot::B).unwrap(),
+        before,
+        "slot B was written"
+    );
+}
+
+#[test]
 fn responses_cut_short_are_resumed_to_the_end() {
     let rig = Rig::new(|_| {});
     // Every response is clean but holds only 100 kB: the agent continues with Range requests.

@@ -19,7 +19,7 @@ pub const WRITE_BUFFER: usize = 1 << 20;
 pub const SYNC_WINDOW: u64 = 8 << 20;
 /// Default distance between durable checkpoints (fdatasync, usable for resume after a
 /// power cut).
-pub const CHECKPOINT_INTERVAL: u64 = 64 << 20;
+pub const CHECKPOINT_INTERVAL: u64 = 16 << 20;
 
 /// The operations the pipeline needs from a slot; a seam so tests can inject write errors.
 pub trait SlotDevice: Send {
