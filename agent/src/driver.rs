@@ -95,6 +95,8 @@ pub struct Driver<B, I, H, R> {
     params: Params,
     state: State,
     failure_reported: bool,
+    /// The server's last polling interval (paces the cancel watch during installs).
+    last_sleep: Duration,
 }
 
 impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H, R> {
@@ -123,6 +125,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
             params,
             state,
             failure_reported: false,
+            last_sleep: Duration::from_secs(30),
         })
     }
 
@@ -153,6 +156,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         self.state = self.store.load()?;
         self.deliver().await?;
         let poll = self.client.poll().await?;
+        self.last_sleep = poll.sleep;
         let booted = self.boot.booted()?;
         let mut report = CycleReport {
             sleep: Some(poll.sleep),
@@ -239,7 +243,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                         self.boot.mark_good()?
                     }
                     Action::Install(job) => {
-                        next = Some(Event::InstallDone(self.install(&job).await));
+                        next = Some(self.install(&job).await);
                     }
                     Action::RunHealthChecks => {
                         info!(
@@ -314,7 +318,8 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         Ok(())
     }
 
-    async fn install(&mut self, job: &Job) -> Result<(), InstallFailure> {
+    /// Installs `job` while watching the server for a cancel of it; returns the next event.
+    async fn install(&mut self, job: &Job) -> Event {
         let req = self.install_request(job);
         info!(action_id = %job.action_id, slot = %job.target, url = %req.url, "installing");
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
@@ -348,12 +353,39 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         let mut progress = move |p: Progress| {
             let _ = tx.send(p);
         };
-        let result = self
-            .installer
-            .install(self.client.http(), &req, &mut progress)
-            .await;
+        let mut watcher = self.client.clone();
+        let interval = self
+            .last_sleep
+            .clamp(Duration::from_secs(1), Duration::from_secs(30));
+        let watched_id = job.action_id.clone();
+        // The server may cancel while a long download runs: look every poll interval.
+        let watch = async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                if let Ok(poll) = watcher.poll().await {
+                    if let Some(link) = poll.cancel {
+                        if link.action_id().as_deref() == Some(watched_id.as_str()) {
+                            if let Ok(request) = watcher.cancel_request(&link).await {
+                                return (link, request);
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let outcome = tokio::select! {
+            r = self.installer.install(self.client.http(), &req, &mut progress) => Ok(r),
+            canceled = watch => Err(canceled),
+        };
         drop(progress);
         reporter.abort();
+        let result = match outcome {
+            Ok(r) => r,
+            Err((link, request)) => {
+                info!(action_id = %job.action_id, "canceled by the server during the install; stopped");
+                return Event::Cancel { link, request };
+            }
+        };
         match &result {
             Ok(()) => {
                 info!(action_id = %job.action_id, slot = %job.target, "image written and verified")
@@ -362,7 +394,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                 warn!(action_id = %job.action_id, error = %f.message, retryable = f.retryable, "install failed")
             }
         }
-        result
+        Event::InstallDone(result)
     }
 
     fn install_request(&self, job: &Job) -> InstallRequest {

@@ -610,3 +610,39 @@ fn daemon_polls_installs_and_confirms_across_a_restart() {
     assert!(done, "the daemon never confirmed the update");
     assert_eq!(rig.closed(action).len(), 1);
 }
+
+#[test]
+fn cancel_during_a_slow_download_stops_it() {
+    use ddi_tests::server::{Endpoint, Fault, FaultKind};
+    let rig = Rig::new();
+    rig.server.add_fault(
+        Fault::new(FaultKind::Slow {
+            bytes_per_sec: 50 * 1024,
+        })
+        .on(Endpoint::Download),
+    );
+    let image = Image::good("14.0", IMAGE_SIZE);
+    let action = rig.deploy(&image, &Assignment::forced());
+    let mut cmd = rig.dev.agent_command();
+    cmd.arg("once");
+    let agent = ddi_tests::harness::Background::spawn(cmd).unwrap();
+    assert!(ddi_tests::harness::wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || rig.status(action) == ActionStatus::Retrieved
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+    rig.server.cancel(action).unwrap();
+    let out = agent.stop_after(Duration::from_secs(30)).unwrap();
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    assert!(
+        out.elapsed < Duration::from_secs(5),
+        "the download was not stopped: {:?}",
+        out.elapsed
+    );
+    assert_eq!(rig.status(action), ActionStatus::Canceled);
+    assert_eq!(rig.env("bootctl_slot").as_deref(), Some("A"));
+    assert!(!rig.dev.slot_holds(Slot::B, &image.bytes).unwrap());
+    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 0);
+    assert_eq!(rig.status_json()["last_result"]["result"], "canceled");
+}
