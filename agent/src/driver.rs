@@ -17,7 +17,7 @@ use crate::ddi::client::Delivery;
 use crate::ddi::{DdiClient, DdiError, Execution, Feedback, Finished, Link, PollReply};
 use crate::install::{BundlePolicy, ExpectedHash, InstallRequest, Progress};
 use crate::machine::{
-    self, Action, Channel, Event, InstallFailure, Job, Params, Phase, Slot, State,
+    self, Action, Event, InstallFailure, Job, Params, Phase, Slot, State,
 };
 use crate::persist::{PersistError, Store};
 
@@ -223,8 +223,19 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
     async fn apply(&mut self, event: Event) -> Result<bool, DriverError> {
         let mut next = Some(event);
         while let Some(event) = next.take() {
+            let before = self.state.phase.name();
             let (state, actions) = machine::step(&self.params, self.state.clone(), event);
             self.state = state;
+            if before != self.state.phase.name() {
+                let action_id = self
+                    .state
+                    .phase
+                    .job()
+                    .map(|j| j.action_id.clone())
+                    .or_else(|| self.state.last_result.as_ref().map(|r| r.action_id.clone()))
+                    .unwrap_or_default();
+                info!(action_id = %action_id, state = self.state.phase.name(), from = before, "state changed");
+            }
             let job = self.state.phase.job().map(|j| j.action_id.clone());
             for action in actions {
                 tracing::debug!(action_id = job.as_deref().unwrap_or(""), ?action, "action");
@@ -275,9 +286,6 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                 }
             }
             self.store.save(&self.state)?;
-            if let Some(r) = &self.state.last_result {
-                tracing::debug!(action_id = %r.action_id, state = self.state.phase.name(), "state saved");
-            }
         }
         Ok(false)
     }
@@ -688,13 +696,5 @@ impl Rebooter for RebootCommand {
         } else {
             Err(format!("{:?} {status}", self.0))
         }
-    }
-}
-
-/// The outbox entry channel names, for status output.
-pub fn channel_name(c: Channel) -> &'static str {
-    match c {
-        Channel::Deployment => "deployment",
-        Channel::Cancel => "cancel",
     }
 }

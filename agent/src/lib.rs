@@ -5,6 +5,8 @@
 //! - [`machine`]: the pure update state machine.
 //! - [`persist`]: the state file and feedback outbox in `state_dir`.
 //! - [`driver`]: runs the machine against the server, the bootloader and the installer.
+//! - [`install`]: the streaming download/verify/write pipeline for a slot.
+//! - [`health`]: the health checks run after booting a new slot.
 //! - [`service`]: daemon plumbing (systemd notify, logging, signals) and the CLI commands.
 
 pub mod config;

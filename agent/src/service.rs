@@ -6,7 +6,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
@@ -421,9 +421,4 @@ fn consent(cfg: &Config, accept: bool) -> u8 {
         if accept { "accepted" } else { "denied" }
     );
     exit::OK
-}
-
-/// Default config path as a `PathBuf`.
-pub fn default_config_path() -> PathBuf {
-    PathBuf::from(crate::config::DEFAULT_CONFIG_PATH)
 }
