@@ -16,9 +16,7 @@ use crate::config::{CheckCommand, Config, SchemeKind};
 use crate::ddi::client::Delivery;
 use crate::ddi::{DdiClient, DdiError, Execution, Feedback, Finished, Link, PollReply};
 use crate::install::{BundlePolicy, ExpectedHash, InstallRequest, Progress};
-use crate::machine::{
-    self, Action, Event, InstallFailure, Job, Params, Phase, Slot, State,
-};
+use crate::machine::{self, Action, Event, InstallFailure, Job, Params, Phase, Slot, State};
 use crate::persist::{PersistError, Store};
 
 /// A bootloader operation failed.
