@@ -246,3 +246,39 @@ fn anonymous_access_exists_only_up_to_0_7() {
     let e = env_with(opts.version(HawkbitVersion::HEAD));
     assert_eq!(e.http.get(e.url("")).send().unwrap().status(), 401);
 }
+
+#[test]
+fn cbor_is_a_one_to_one_re_encoding_of_json() {
+    use ddi_tests::server::cbor;
+    let e = env();
+    let id = e.deploy(b"x", &Assignment::forced());
+    let r = e
+        .auth(e.http.get(e.url("")))
+        .header("Accept", "application/cbor")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/cbor");
+    let body = cbor::decode(&r.bytes().unwrap()).unwrap();
+    assert_eq!(body, e.poll());
+    let feedback =
+        serde_json::json!({"status": {"execution": "closed", "result": {"finished": "success"}}});
+    let r = e
+        .auth(
+            e.http
+                .post(e.url(&format!("/deploymentBase/{id}/feedback"))),
+        )
+        .header("Content-Type", "application/cbor")
+        .body(cbor::encode(&feedback))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(e.server.feedback(id)[0].body, feedback);
+    let r = e
+        .auth(e.http.put(e.url("/configData")))
+        .header("Content-Type", "application/cbor")
+        .body(vec![0xa1, 0x61])
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 400, "broken CBOR");
+}

@@ -25,6 +25,7 @@ const MAX_BODY: usize = 4 << 20;
 pub enum Media {
     HalJson,
     Json,
+    Cbor,
 }
 
 impl Media {
@@ -32,6 +33,7 @@ impl Media {
         match self {
             Media::HalJson => "application/hal+json",
             Media::Json => "application/json",
+            Media::Cbor => "application/cbor",
         }
     }
 }
@@ -287,24 +289,27 @@ fn negotiate(headers: &HeaderMap) -> Option<Media> {
         match mt.as_str() {
             "application/hal+json" | "*/*" | "application/*" => return Some(Media::HalJson),
             "application/json" => return Some(Media::Json),
+            "application/cbor" => return Some(Media::Cbor),
             _ => {}
         }
     }
     None
 }
 
-fn content_type_is_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .eq_ignore_ascii_case("application/json")
-        })
-        .unwrap_or(false)
+/// The request body's format from `Content-Type`: JSON or CBOR; None = 415.
+fn body_format(headers: &HeaderMap) -> Option<Media> {
+    let ct = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    let mt = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match mt.as_str() {
+        "application/json" => Some(Media::Json),
+        "application/cbor" => Some(Media::Cbor),
+        _ => None,
+    }
 }
 
 /// `ETag` of a JSON body as Spring's ShallowEtagHeaderFilter makes it: `"0<md5 hex>"`.
@@ -315,7 +320,10 @@ pub fn json_etag(body: &[u8]) -> String {
 
 /// Renders a JSON GET answer: ETag and 304, media type, and the body faults.
 fn json_response(value: &Value, media: Media, headers: &HeaderMap, faults: &Triggered) -> Response {
-    let body = value.to_string().into_bytes();
+    let body = match media {
+        Media::Cbor => super::cbor::encode(value),
+        Media::HalJson | Media::Json => value.to_string().into_bytes(),
+    };
     let etag = json_etag(&body);
     let not_modified = headers
         .get(header::IF_NONE_MATCH)
@@ -517,15 +525,21 @@ async fn handle_request(AxState(shared): AxState<Arc<Shared>>, req: Request) -> 
             }
         }
     };
-    // activateAutoConfirm takes an optional body; every other body endpoint requires JSON.
+    // activateAutoConfirm takes an optional body; every other body endpoint requires JSON or
+    // CBOR (CBOR is re-encoded as JSON here, so handlers see one format).
     let body_optional = route == Route::ActivateAutoConfirm && body.is_empty();
-    if allowed != Method::GET
-        && !body_optional
-        && route != Route::DeactivateAutoConfirm
-        && !content_type_is_json(&parts.headers)
-    {
-        return empty(StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    }
+    let body = if allowed == Method::GET || body_optional || route == Route::DeactivateAutoConfirm {
+        body
+    } else {
+        match body_format(&parts.headers) {
+            None => return empty(StatusCode::UNSUPPORTED_MEDIA_TYPE),
+            Some(Media::Cbor) => match super::cbor::decode(&body) {
+                Ok(v) => Bytes::from(v.to_string()),
+                Err(e) => return error_response(&DdiError::NotReadable(e.to_string()), version),
+            },
+            Some(_) => body,
+        }
+    };
 
     let ctx = Ctx {
         shared: &shared,

@@ -4,7 +4,8 @@
 //! Eclipse hawkBit**. It binds 127.0.0.1 by default, keeps its state in memory (optionally in a
 //! `--state-file`), and has no authentication on the management side.
 //!
-//! Layout: [`model`] (state and the action state machine), [`ddi`] (the device API), [`download`]
+//! Layout: [`model`] (state and the action state machine), [`ddi`] (the device API; [`cbor`] for
+//! `application/cbor`), [`download`]
 //! (artifact streaming with Range/ETag and faults), [`mgmt`] (management HTTP API and its JSON
 //! views), [`client`] (a blocking client of the management API, used by `ddi-sim`), [`faults`],
 //! [`version`].
@@ -13,8 +14,7 @@
 //! Poll, deploymentBase (+feedback), cancelAction (+feedback), configData, installedBase (GET and
 //! PUT), confirmationBase (+feedback, activate/deactivateAutoConfirm), artifact list, artifact and
 //! `.MD5SUM` download, with TargetToken / GatewayToken auth (401, empty body), ETag/304 on JSON,
-//! 405/406/415, Range (206/416), `If-Match` (412), `If-Range`. JSON only: CBOR is answered with
-//! 406/415 (a documented gap).
+//! 405/406/415, Range (206/416), `If-Match` (412), `If-Range`; JSON, HAL+JSON and CBOR bodies.
 //!
 //! # Management API (JSON, no auth, prefix `/mgmt`)
 //! | method and path | body | answer |
@@ -37,6 +37,7 @@
 //!
 //! Errors are `{"error": "..."}` with 400/404/409.
 
+pub mod cbor;
 pub mod client;
 pub mod ddi;
 pub mod download;
