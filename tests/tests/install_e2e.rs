@@ -285,3 +285,51 @@ fn hostile_tar_fails_without_activation() {
     rig.assert_failed_with(action, "archive");
     rig.assert_nothing_activated();
 }
+
+#[test]
+fn restart_mid_download_resumes_from_the_last_checkpoint() {
+    let rig = Rig::new(|o| {
+        o.slot_size = 24 << 20;
+        // ~2 s for the image: time to kill the agent after the first checkpoint (16 MiB).
+        o.max_download_rate = Some("10M".into());
+    });
+    let image = Image::good("2.9", 20 << 20);
+    let action = rig.deploy("2.9", "os.img", image.bytes.clone());
+    let record_path = rig.device.state_dir().join("download.resume");
+
+    let mut cmd = rig.device.agent_command();
+    cmd.arg("once");
+    let mut agent = ddi_tests::harness::Background::spawn(cmd).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !record_path.exists() {
+        assert!(
+            agent.try_exit().unwrap().is_none(),
+            "agent finished before a checkpoint"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no resume record appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    agent.stop().unwrap(); // kill -9
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record_path).unwrap()).unwrap();
+    assert_eq!(record["slot_offset"], 16 << 20, "{record}");
+    assert!(rig
+        .device
+        .slot_holds(Slot::B, &image.bytes[..16 << 20])
+        .unwrap());
+
+    let out = rig.device.agent_once(AGENT_TIMEOUT).unwrap();
+    assert!(
+        out.stderr.contains("resuming download") || out.stdout.contains("resuming download"),
+        "{}",
+        out.describe()
+    );
+    rig.device.take_reboot_requests().unwrap();
+    rig.device.reboot().unwrap();
+    rig.settle(action, 3);
+    assert_installed(&rig, action, &image.bytes);
+    assert!(!record_path.exists(), "resume record left behind");
+}
