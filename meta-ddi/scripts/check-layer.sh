@@ -311,9 +311,22 @@ PYEOF
         sh "$AGENT_FILES/render-config" "$template" "$out/config-gw.toml" || return 1
     grep -qx 'gateway_token = "gw-token"' "$out/config-gw.toml" || { echo "gateway token not rendered"; return 1; }
     grep -qx 'controller_id = "test-token-123"' "$out/config-gw.toml" || { echo "file: id source not used"; return 1; }
+    echo "-- render-config: a derived id (mac:lo) is stored once and then kept across slots"
+    DDI_CONTROLLER_ID_SOURCE=mac:lo DDI_CONTROLLER_ID_FILE="$out/controller-id" \
+        sh "$AGENT_FILES/render-config" "$template" "$out/config-mac.toml" || return 1
+    grep -qx 'controller_id = "000000000000"' "$out/config-mac.toml" || { echo "mac:lo not used"; return 1; }
+    grep -qx '000000000000' "$out/controller-id" || { echo "derived id not stored"; return 1; }
+    echo "stored-on-slot-a" >"$out/controller-id"
+    DDI_CONTROLLER_ID_SOURCE=mac:lo DDI_CONTROLLER_ID_FILE="$out/controller-id" \
+        sh "$AGENT_FILES/render-config" "$template" "$out/config-mac.toml" || return 1
+    grep -qx 'controller_id = "stored-on-slot-a"' "$out/config-mac.toml" || { echo "stored id not used"; return 1; }
+    DDI_CONTROLLER_ID_SOURCE=static:fixed DDI_CONTROLLER_ID_FILE="$out/controller-id" \
+        sh "$AGENT_FILES/render-config" "$template" "$out/config-mac.toml" || return 1
+    grep -qx 'controller_id = "fixed"' "$out/config-mac.toml" || { echo "static: must not use the stored id"; return 1; }
     echo "-- the defaults file the unit reads names machine-id and the token files"
     grep -qx 'DDI_CONTROLLER_ID_SOURCE=machine-id' "$AGENT_IMAGE/etc/default/ddi-agent" || return 1
     grep -qx 'DDI_TARGET_TOKEN_FILE=/data/ddi-agent/target-token' "$AGENT_IMAGE/etc/default/ddi-agent" || return 1
+    grep -qx 'DDI_CONTROLLER_ID_FILE=/data/ddi-agent/controller-id' "$AGENT_IMAGE/etc/default/ddi-agent" || return 1
     echo "-- render-config: refuses unsafe values with exit 3"
     DDI_CONTROLLER_ID_SOURCE='static:bad"id' sh "$AGENT_FILES/render-config" "$template" "$out/bad.toml" 2>"$out/bad.err"
     rc=$?

@@ -29,6 +29,8 @@ DDI_TENANT ??= "DEFAULT"
 # machine-id | hostname | mac:IFACE | file:PATH | static:VALUE, resolved on the device.
 DDI_CONTROLLER_ID_SOURCE ??= "machine-id"
 DDI_CONTROLLER_ID_PREFIX ??= ""
+# Where a derived id is kept, so that both slots report as the same controller.
+DDI_CONTROLLER_ID_FILE ??= "${DDI_STATE_DIR}/controller-id"
 # Per-device target token, provisioned onto the data partition (never in the image).
 DDI_TARGET_TOKEN_FILE ??= "${DDI_STATE_DIR}/target-token"
 # A tenant-wide gateway token, if set, IS baked into the image (mode 0600).
@@ -81,6 +83,7 @@ do_install:append() {
     $render ${UNPACKDIR}/ddi-agent.default ${D}${sysconfdir}/default/ddi-agent \
         'DDI_CONTROLLER_ID_SOURCE=${DDI_CONTROLLER_ID_SOURCE}' \
         'DDI_CONTROLLER_ID_PREFIX=${DDI_CONTROLLER_ID_PREFIX}' \
+        'DDI_CONTROLLER_ID_FILE=${DDI_CONTROLLER_ID_FILE}' \
         'DDI_TARGET_TOKEN_FILE=${DDI_TARGET_TOKEN_FILE}' \
         'DDI_GATEWAY_TOKEN_FILE=${DDI_GATEWAY_TOKEN_FILE}'
     chmod 0644 ${D}${sysconfdir}/default/ddi-agent
