@@ -156,6 +156,12 @@ fn confirmation_flow_confirm_and_deny() {
     assert_eq!(c["id"], id.to_string());
     assert_eq!(c["confirmation"]["download"], "forced");
     assert_eq!(c["actionHistory"]["status"], "WAIT_FOR_CONFIRMATION");
+    // Waiting is active and not canceling: the artifacts are already served.
+    let href = c["confirmation"]["chunks"][0]["artifacts"][0]["_links"]["download-http"]["href"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(e.auth(e.http.get(&href)).send().unwrap().status(), 200);
 
     let path = format!("/confirmationBase/{id}/feedback");
     assert_eq!(e.post(&path, r#"{"confirmation":"DENIED"}"#).status(), 400);

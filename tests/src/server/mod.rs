@@ -36,6 +36,25 @@
 //! | `GET/PUT /mgmt/config` | [`model::Config`] fields (partial PUT) | config |
 //!
 //! Errors are `{"error": "..."}` with 400/404/409.
+//!
+//! # Rust API (for tests)
+//! ```no_run
+//! use ddi_tests::server::{Assignment, Fault, FaultKind, ServerOptions, TestServer};
+//! use std::time::Duration;
+//!
+//! let server = TestServer::start(ServerOptions::default().polling(Duration::from_secs(1)));
+//! let token = server.create_target("device-0001", None).unwrap();
+//! let action = server
+//!     .deploy("device-0001", "2.0", "rootfs.img", vec![0u8; 4096], &Assignment::forced())
+//!     .unwrap();
+//! server.add_fault(Fault::new(FaultKind::DropAfter { bytes: 1000 }).once());
+//! // ... run the agent against server.url() with `token` ...
+//! let view = server
+//!     .wait_for_action(action, Duration::from_secs(30), |a| !a.active)
+//!     .unwrap();
+//! assert_eq!(view.result(), Some("success"));
+//! # let _ = token;
+//! ```
 
 pub mod cbor;
 pub mod client;

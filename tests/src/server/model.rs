@@ -1770,15 +1770,9 @@ impl State {
                         .is_some_and(|d| d.modules.contains(&module))
             })
         };
-        let active_ok = || {
-            holding().any(|a| {
-                a.active
-                    && !matches!(
-                        a.status,
-                        ActionStatus::Canceling | ActionStatus::WaitForConfirmation
-                    )
-            })
-        };
+        // An action waiting for confirmation is active and not canceling: its artifacts are
+        // served (only deploymentBase is hidden).
+        let active_ok = || holding().any(|a| a.active && a.status != ActionStatus::Canceling);
         match self.config.version.download_access() {
             DownloadAccess::NewestActionNotCanceling => {
                 holding().max_by_key(|a| a.id).is_some_and(|a| {
