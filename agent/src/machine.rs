@@ -403,6 +403,13 @@ fn on_deployment(
     booted: Slot,
 ) {
     let id = d.action_id.clone();
+    if let Phase::Installing(job) = &s.phase {
+        if job.target == booted {
+            // The slot being written is running now (switched by hand?): never write it;
+            // start over towards the other slot.
+            s.phase = Phase::Idle;
+        }
+    }
     if let Some(job) = s.phase.job() {
         if job.action_id == id {
             let mut job = job.clone();
@@ -1159,6 +1166,21 @@ mod tests {
         let (s2, a) = ev(s.clone(), Event::NoAction);
         assert!(a.is_empty());
         assert_eq!(s2, s);
+    }
+
+    #[test]
+    fn never_writes_the_running_slot_even_after_a_manual_switch() {
+        let (s, _) = offer(
+            State::default(),
+            deployment("7", Handling::Forced, None),
+            Slot::A,
+        );
+        // Someone booted B by hand while B was half written.
+        let (s, a) = offer(s, deployment("7", Handling::Forced, None), Slot::B);
+        assert!(matches!(a.last(), Some(Action::Install(j)) if j.target == Slot::A));
+        assert!(a.contains(&Action::MarkBad(Slot::A)));
+        assert!(!a.contains(&Action::MarkBad(Slot::B)));
+        assert!(matches!(&s.phase, Phase::Installing(j) if j.target == Slot::A));
     }
 
     #[test]

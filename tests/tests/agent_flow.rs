@@ -646,3 +646,22 @@ fn cancel_during_a_slow_download_stops_it() {
     assert_eq!(rig.dev.take_reboot_requests().unwrap(), 0);
     assert_eq!(rig.status_json()["last_result"]["result"], "canceled");
 }
+
+#[test]
+fn unreachable_server_exits_2() {
+    let rig = Rig::new();
+    // A port nobody listens on (bound, then released).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = rig
+        .dev
+        .config_text()
+        .replace(&rig.server.url(), &format!("http://127.0.0.1:{port}"))
+        .replace("[server]\n", "[server]\nretries = 2\n");
+    std::fs::write(rig.dev.config_path(), text).unwrap();
+    let out = rig.once_expect(2);
+    assert!(out.stderr.contains("cannot connect"), "{}", out.describe());
+}
