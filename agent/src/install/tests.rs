@@ -971,3 +971,149 @@ fn backoff_grows_and_is_capped() {
     assert_eq!(p.backoff(3), Duration::from_millis(350));
     assert_eq!(p.backoff(40), Duration::from_millis(350));
 }
+
+/// Slots on real block devices (loop devices): these need root and util-linux, as in CI.
+mod block {
+    use super::*;
+    use std::process::Command;
+
+    fn run_tool(cmd: &mut Command) -> String {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "{cmd:?} failed (these tests need root, as in CI): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// A loop device over a file; detached on drop.
+    struct Loop {
+        dev: PathBuf,
+    }
+
+    impl Loop {
+        fn attach(file: &Path) -> Loop {
+            let dev = run_tool(Command::new("losetup").args(["--find", "--show"]).arg(file));
+            Loop { dev: dev.into() }
+        }
+    }
+
+    impl Drop for Loop {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+        }
+    }
+
+    /// A mounted filesystem; unmounted on drop.
+    struct Mounted {
+        at: PathBuf,
+    }
+
+    impl Mounted {
+        fn ext4(dev: &Path, at: &Path) -> Mounted {
+            run_tool(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(dev));
+            run_tool(Command::new("mount").arg(dev).arg(at));
+            Mounted { at: at.into() }
+        }
+    }
+
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.at).status();
+        }
+    }
+
+    fn real_mounts() -> InstallOptions {
+        InstallOptions {
+            mountinfo: PathBuf::from("/proc/self/mountinfo"),
+            ..fast_options()
+        }
+    }
+
+    #[tokio::test]
+    async fn installs_into_a_block_device_of_its_own_size() {
+        let img = image((2 << 20) + 4096, 30);
+        let server = TestServer::start(img.clone()).await;
+        let fx = Fixture::new(4 << 20);
+        let dev = Loop::attach(&fx.slot);
+        let mut req = fx.request(&server.url, &img);
+        req.slot_path = dev.dev.clone();
+        let installed = run(&req, &real_mounts()).await.0.unwrap();
+        assert_eq!(installed.bytes_written, img.len() as u64);
+        drop(dev);
+        fx.assert_installed(&img);
+
+        // Too large for the device: refused before writing.
+        let big = image((4 << 20) + 1, 31);
+        let server = TestServer::start(big.clone()).await;
+        let fx = Fixture::new(4 << 20);
+        let dev = Loop::attach(&fx.slot);
+        let mut req = fx.request(&server.url, &big);
+        req.slot_path = dev.dev.clone();
+        let err = run(&req, &real_mounts()).await.0.unwrap_err();
+        assert!(
+            matches!(err, InstallError::TooLarge { capacity, .. } if capacity == 4 << 20),
+            "{err}"
+        );
+        drop(dev);
+        fx.assert_slot_untouched();
+    }
+
+    #[tokio::test]
+    async fn refuses_mounted_devices_and_the_booted_device_by_number() {
+        let img = image(4096, 32);
+        let server = TestServer::start(img.clone()).await;
+        let fx = Fixture::new(8 << 20);
+        let dev = Loop::attach(&fx.slot);
+        let mut req = fx.request(&server.url, &img);
+        req.slot_path = dev.dev.clone();
+
+        // Another node with the same major:minor as the booted device is the booted device.
+        let alias = fx.dir.path().join("root-alias");
+        let rdev = std::os::unix::fs::MetadataExt::rdev(&std::fs::metadata(&dev.dev).unwrap());
+        run_tool(
+            Command::new("mknod")
+                .arg(&alias)
+                .arg("b")
+                .arg(libc::major(rdev).to_string())
+                .arg(libc::minor(rdev).to_string()),
+        );
+        req.booted_slot_path = Some(alias);
+        let err = run(&req, &real_mounts()).await.0.unwrap_err();
+        assert!(matches!(err, InstallError::SlotInUse { .. }), "{err}");
+
+        // A mounted filesystem on the slot.
+        req.booted_slot_path = None;
+        let mnt = tempfile::tempdir().unwrap();
+        let mounted = Mounted::ext4(&dev.dev, mnt.path());
+        let err = run(&req, &real_mounts()).await.0.unwrap_err();
+        assert!(
+            matches!(&err, InstallError::SlotInUse { reason, .. } if reason.contains("mounted")),
+            "{err}"
+        );
+        drop(mounted);
+        drop(dev);
+        assert!(server.requests().is_empty());
+    }
+
+    #[tokio::test]
+    async fn refuses_a_slot_file_mounted_through_a_loop_device() {
+        let img = image(4096, 33);
+        let server = TestServer::start(img.clone()).await;
+        let fx = Fixture::new(8 << 20);
+        let dev = Loop::attach(&fx.slot);
+        let mnt = tempfile::tempdir().unwrap();
+        let mounted = Mounted::ext4(&dev.dev, mnt.path());
+        let err = run(&fx.request(&server.url, &img), &real_mounts())
+            .await
+            .0
+            .unwrap_err();
+        assert!(
+            matches!(&err, InstallError::SlotInUse { reason, .. } if reason.contains("mounted")),
+            "{err}"
+        );
+        drop(mounted);
+        drop(dev);
+    }
+}
