@@ -246,9 +246,11 @@ pub fn run(out: &mut dyn Write, options: &DemoOptions) -> Result<DemoOutcome, De
     let device = if keep { device.keep() } else { device };
     if keep {
         say.line(&format!(
-            "Device files and agent logs kept in {}",
+            "Device files and agent logs (agent-run-N.log) kept in {}",
             device_dir.display()
         ));
+    } else {
+        say.line("(--keep keeps the device files and the agent logs)");
     }
     Ok(DemoOutcome {
         actions: final_actions,
@@ -623,9 +625,8 @@ impl Story<'_, '_> {
             None => "killed by a signal".to_string(),
         };
         self.say.line(&format!(
-            "agent    {outcome} after {:.1} s (log: {})",
-            run.elapsed.as_secs_f64(),
-            file_name(&log)
+            "agent    {outcome} after {:.1} s",
+            run.elapsed.as_secs_f64()
         ));
         if !matches!(run.code, Some(0) | Some(1)) {
             for line in tail(&run.stderr, 5) {
@@ -645,12 +646,18 @@ impl Story<'_, '_> {
                 .last()
                 .map(|d| format!(": {d}"))
                 .unwrap_or_default();
-            self.say.line(&format!(
-                "server   <- {:?} feedback {}/{}{detail}",
-                feedback.channel,
-                feedback.execution().unwrap_or("?"),
-                feedback.finished().unwrap_or("?")
-            ));
+            let channel = match feedback.channel {
+                Channel::Deployment => "",
+                Channel::Cancel => "cancel ",
+                Channel::Confirmation => "confirmation ",
+            };
+            let status = match (feedback.execution(), feedback.finished()) {
+                (Some(execution), Some("none") | None) => execution.to_string(),
+                (Some(execution), Some(finished)) => format!("{execution}/{finished}"),
+                (None, _) => "?".to_string(),
+            };
+            self.say
+                .line(&format!("server   <- {channel}{status}{detail}"));
         }
         if self.device.reboot_marker_path().exists() {
             self.say.line("agent    runs reboot_command");
@@ -744,13 +751,6 @@ fn env_diff(before: &[(String, String)], after: &[(String, String)]) -> String {
 fn tail(text: &str, n: usize) -> Vec<&str> {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].to_vec()
-}
-
-fn file_name(path: &Path) -> String {
-    path.file_name().map_or_else(
-        || path.display().to_string(),
-        |n| n.to_string_lossy().into_owned(),
-    )
 }
 
 /// Writes the story: numbered steps, indented lines, progress bars on a terminal.
