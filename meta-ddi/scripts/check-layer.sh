@@ -280,6 +280,56 @@ PYEOF
     "$bundle" verify --trusted-key "$keys/test.pub" --compatible qemux86-64 "$made" || return 1
 }
 
+# The same recipes configured for the RAUC-compatible scheme: the boot script, the initial
+# environment and the agent's config must all switch.
+check_rauc_scheme() {
+    need_task_outputs || return 1
+    need fw_printenv || return 1
+    local rbb=$SCRATCH/bb-rauc task shims=$SCRATCH/shims
+    BBPARSE_LOCAL_CONF="DDI_SCHEME=rauc DDI_BOOT_ATTEMPTS=12" PYTHONPATH=$SCRATCH/pystubs \
+        "$VENV/bin/python" "$LAYER/scripts/bbparse.py" "$LAYER" "$rbb" >"$rbb.log" 2>&1 || {
+        cat "$rbb.log"
+        return 1
+    }
+    for task in ddi-agent.do_install ddi-fw-env.do_install ddi-uboot-env.do_compile ddi-uboot-env.do_deploy \
+        ddi-bootscript.do_compile ddi-bootscript.do_deploy; do
+        if ! PATH="$shims:$PATH" sh "$rbb/tasks/$task.sh" >"$rbb/$task.log" 2>&1; then
+            echo "task $task failed:"
+            cat "$rbb/$task.log"
+            return 1
+        fi
+    done
+    mkimage -l "$rbb/tmp/work/ddi-bootscript/deploy/boot.scr" | grep 'Image Name:.*(rauc)' || {
+        echo "boot.scr is not the rauc script"
+        return 1
+    }
+    local dir=$SCRATCH/env-rauc
+    mkdir -p "$dir"
+    cp "$rbb"/tmp/work/ddi-uboot-env/deploy/*.env "$dir/"
+    sed "s,^/uboot/,$dir/," "$rbb/tmp/work/ddi-fw-env/image/etc/fw_env.config" >"$dir/fw_env.config"
+    fw_printenv -c "$dir/fw_env.config" >"$dir/printenv" || return 1
+    # Counters are hexadecimal in this scheme: 12 attempts = c.
+    for wanted in 'BOOT_ORDER=A B' BOOT_A_LEFT=c BOOT_B_LEFT=c; do
+        grep -qx "$wanted" "$dir/printenv" || {
+            echo "initial env lacks $wanted:"
+            cat "$dir/printenv"
+            return 1
+        }
+    done
+    if grep -q 'bootctl_slot\|bootlimit' "$dir/printenv"; then
+        echo "bootcount variables in a rauc env"
+        return 1
+    fi
+    echo "initial env: BOOT_ORDER=A B, BOOT_A_LEFT=c, BOOT_B_LEFT=c (12 attempts, hex)"
+    local config=$rbb/tmp/work/ddi-agent/image/etc/ddi-agent/config.toml.in
+    if ! grep -qx 'scheme = "rauc"' "$config" || ! grep -qx 'attempts = 12' "$config"; then
+        echo "agent config does not follow DDI_SCHEME/DDI_BOOT_ATTEMPTS:"
+        grep -A4 '^\[boot\]' "$config"
+        return 1
+    fi
+    echo "agent config: scheme = \"rauc\", attempts = 12"
+}
+
 check_templates_render() {
     need_task_outputs || return 1
     local out=$SCRATCH/render template=$AGENT_IMAGE/etc/ddi-agent/config.toml.in rc
@@ -574,6 +624,7 @@ run_check "oelint-adv $OELINT_ADV_VERSION: no findings (warning/error)" check_oe
 run_check "LIC_FILES_CHKSUM matches the files" check_license_checksums
 run_check "bitbake parse; recipe tasks run (install, compile, deploy, rootfs, bundle)" check_bitbake_tasks
 run_check "templates render; agent accepts the config" check_templates_render
+run_check "DDI_SCHEME=rauc: boot script, initial env and agent config follow" check_rauc_scheme
 run_check "systemd-analyze verify (unit, drop-in, tmpfiles)" check_systemd_verify
 run_check "systemd-analyze security exposure <= $MAX_EXPOSURE" check_systemd_security
 run_check "boot scripts compile with mkimage" check_boot_scripts

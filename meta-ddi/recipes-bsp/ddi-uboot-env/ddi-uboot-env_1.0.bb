@@ -28,7 +28,9 @@ do_configure[noexec] = "1"
 
 do_compile() {
     {
-        sed -e 's,@DDI_BOOT_ATTEMPTS@,${DDI_BOOT_ATTEMPTS},g' ${S}/scheme-${DDI_SCHEME}.txt
+        sed -e 's,@DDI_BOOT_ATTEMPTS@,${DDI_BOOT_ATTEMPTS},g' \
+            -e "s,@DDI_BOOT_ATTEMPTS_HEX@,$(printf '%x' ${DDI_BOOT_ATTEMPTS}),g" \
+            ${S}/scheme-${DDI_SCHEME}.txt
         echo "bootctl_part_A=${DDI_SLOT_A_PARTITION}"
         echo "bootctl_part_B=${DDI_SLOT_B_PARTITION}"
         echo "bootctl_rootdev=${DDI_ROOT_DEVICE}"
