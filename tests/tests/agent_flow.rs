@@ -665,3 +665,35 @@ fn unreachable_server_exits_2() {
     let out = rig.once_expect(2);
     assert!(out.stderr.contains("cannot connect"), "{}", out.describe());
 }
+
+#[test]
+fn proxy_from_the_environment_is_used() {
+    let rig = Rig::new();
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = rig
+        .dev
+        .config_text()
+        .replace("[server]\n", "[server]\nretries = 1\n");
+    std::fs::write(rig.dev.config_path(), text).unwrap();
+    // Through a proxy that is down, the cycle fails; without it, it works.
+    let mut cmd = rig.dev.agent_command();
+    cmd.arg("once")
+        .env("http_proxy", format!("http://127.0.0.1:{closed_port}"))
+        .env("HTTP_PROXY", format!("http://127.0.0.1:{closed_port}"))
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy");
+    let out = ddi_tests::harness::run_with_timeout(cmd, Duration::from_secs(30)).unwrap();
+    assert_eq!(out.code, Some(2), "{}", out.describe());
+    let mut cmd = rig.dev.agent_command();
+    cmd.arg("once")
+        .env_remove("http_proxy")
+        .env_remove("HTTP_PROXY")
+        .env_remove("ALL_PROXY")
+        .env_remove("all_proxy");
+    let out = ddi_tests::harness::run_with_timeout(cmd, Duration::from_secs(30)).unwrap();
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+}
