@@ -97,6 +97,8 @@ def write_stub_core(core, layer):
     # Empty default tasks, so that the recipes' :append bodies become shell functions.
     (core / "classes" / "base.bbclass").write_text(
         "".join("%s() {\n\t:\n}\n" % task for task in ("do_configure", "do_compile", "do_install", "do_deploy"))
+        + "addtask fetch\naddtask unpack after do_fetch\naddtask configure after do_unpack\n"
+        + "addtask compile after do_configure\naddtask install after do_compile\naddtask build after do_install\n"
     )
     # BBPATH: the layer first (its classes-recipe/classes-global), then the stub core.
     return "%s:%s" % (layer, core)
@@ -180,8 +182,8 @@ def main():
             pn = vd.getVar("PN")
             print("OK   %-50s PN=%s PV=%s%s" % (recipe.relative_to(layer), pn, vd.getVar("PV"),
                                                " (variant %s)" % variant if variant else ""))
-            for task in (vd.getVar("__BBTASKS", False) or []):
-                if task != "do_fetch" and vd.getVarFlag(task, "network"):
+            for task in sorted(k for k in vd.keys() if k.startswith("do_")):
+                if task != "do_fetch" and vd.getVarFlag(task, "network", False):
                     problems.append("%s: %s[network] is set; only do_fetch may use the network" % (pn, task))
             if variant:
                 continue
