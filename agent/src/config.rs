@@ -329,10 +329,17 @@ impl Config {
                 message: e.message().trim().to_string(),
             },
         })?;
-        let base = path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        // Absolute, so that paths stay right whatever the working directory later is.
+        let base = if base.is_absolute() {
+            base
+        } else {
+            match std::env::current_dir() {
+                Ok(cwd) if base.as_os_str().is_empty() => cwd,
+                Ok(cwd) => cwd.join(&base),
+                Err(_) => base,
+            }
+        };
         let resolve = |p: &str| -> PathBuf {
             let p = Path::new(p);
             if p.is_absolute() {

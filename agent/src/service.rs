@@ -306,7 +306,7 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
             s.trial,
             None,
         ),
-        Err(e) => (None, None, None, Some(e.to_string())),
+        Err(e) => (None, None, None, Some(e.0.clone())),
     };
     let job = state.phase.job();
     let consent = store.load_consent().ok().flatten();
@@ -339,9 +339,9 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
         println!("{v}");
     } else {
         let dash = || "-".to_string();
-        println!("booted slot:   {}", booted.clone().unwrap_or_else(dash));
+        println!("booted slot:    {}", booted.clone().unwrap_or_else(dash));
         println!(
-            "next boot:     {}{}",
+            "next boot:      {}{}",
             next.unwrap_or_else(dash),
             match trial {
                 Some(true) => " (on trial)",
@@ -364,22 +364,22 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
         }
         match &state.last_result {
             Some(r) => println!(
-                "last result:   action {} {}: {}",
+                "last result:    action {} {}: {}",
                 r.action_id,
                 result_name(&r.result),
                 r.message
             ),
-            None => println!("last result:   none"),
+            None => println!("last result:    none"),
         }
-        println!("feedback owed: {}", state.outbox.len());
+        println!("feedback owed:  {}", state.outbox.len());
         if let Some(id) = &state.pending_consent {
-            println!("consent:       action {id} waits for `ddi-agent consent accept|deny`");
+            println!("consent:        action {id} waits for `ddi-agent consent accept|deny`");
         }
         if let Some(e) = boot_error {
-            println!("bootloader:    {e}");
+            println!("bootloader:     {e}");
         }
         if let Some(e) = state_error {
-            println!("state:         {e}");
+            println!("state:          {e}");
         }
     }
     exit::OK
