@@ -61,11 +61,15 @@ pub struct DeviceOptions {
     pub controller_id: String,
     /// Target security token (`[server] target_token`).
     pub target_token: String,
+    /// When set, `[server] gateway_token` is written instead of `target_token`.
+    pub gateway_token: Option<String>,
     /// Capacity of each slot file; never changed by the agent.
     pub slot_size: u64,
     /// Image in slot A at creation (the factory image).
     pub factory_image: Vec<u8>,
     pub scheme: SchemeKind,
+    /// Two environment copies (default) or one (`Layout::Single`, one line in `fw_env.config`).
+    pub env_layout: Layout,
     /// Trial boots before U-Boot falls back (`[boot] attempts`).
     pub attempts: u32,
     /// Variables of the environment at creation, in order. The defaults are a plausible board
@@ -91,9 +95,11 @@ impl DeviceOptions {
             tenant: "DEFAULT".to_string(),
             controller_id: controller_id.to_string(),
             target_token: target_token.to_string(),
+            gateway_token: None,
             slot_size: DEFAULT_SLOT_SIZE,
             factory_image: Image::new("factory", "1.0", Health::Good, 512 * 1024).bytes,
             scheme: SchemeKind::Bootcount,
+            env_layout: Layout::Redundant,
             attempts: 3,
             initial_env: default_board_env(),
             health_checks: None,
@@ -179,19 +185,19 @@ impl FileDevice {
         for (name, value) in &self.options.initial_env {
             env.set(name, value).map_err(bootctl::Error::from)?;
         }
-        let image = bootctl::env::create_image(&env, ENV_SIZE, Layout::Redundant)
-            .map_err(bootctl::Error::from)?;
+        let layout = self.options.env_layout;
+        let image =
+            bootctl::env::create_image(&env, ENV_SIZE, layout).map_err(bootctl::Error::from)?;
         write_file(&self.env_file_path(), &image)?;
         // Relative device paths are resolved against the config file's folder (contract).
-        write_file(
-            &self.env_config_path(),
-            format!(
-                "# device-or-file  offset  env-size   (redundant: two copies)\n\
-                 uboot.env        0x0000  {ENV_SIZE:#x}\n\
-                 uboot.env        {ENV_SIZE:#x}  {ENV_SIZE:#x}\n"
-            )
-            .as_bytes(),
-        )?;
+        let mut fw_env = format!(
+            "# device-or-file  offset  env-size\n\
+             uboot.env        0x0000  {ENV_SIZE:#x}\n"
+        );
+        if layout == Layout::Redundant {
+            fw_env.push_str(&format!("uboot.env        {ENV_SIZE:#x}  {ENV_SIZE:#x}\n"));
+        }
+        write_file(&self.env_config_path(), fw_env.as_bytes())?;
         write_file(
             &self.cmdline_path(),
             b"console=ttyS0,115200 root=/dev/mmcblk0p2 rootwait bootctl.slot=A\n",
@@ -280,7 +286,7 @@ impl FileDevice {
              url = {url}\n\
              tenant = {tenant}\n\
              controller_id = {controller}\n\
-             target_token = {token}\n\
+             {token}\n\
              \n\
              [device]\n\
              attributes = {{ hw_revision = \"sim-1\" }}\n\
@@ -306,7 +312,10 @@ impl FileDevice {
             url = toml_string(&o.server_url),
             tenant = toml_string(&o.tenant),
             controller = toml_string(&o.controller_id),
-            token = toml_string(&o.target_token),
+            token = match &o.gateway_token {
+                Some(key) => format!("gateway_token = {}", toml_string(key)),
+                None => format!("target_token = {}", toml_string(&o.target_token)),
+            },
             slot_a = q(self.slot_path(Slot::A)),
             slot_b = q(self.slot_path(Slot::B)),
             scheme = toml_string(scheme_name(o.scheme)),
@@ -812,6 +821,25 @@ mod tests {
         let output = run_health_check(&device);
         assert_eq!(output.status.code(), Some(1), "{output:?}");
         assert!(String::from_utf8_lossy(&output.stdout).contains("self-test failed on slot B"));
+    }
+
+    #[test]
+    fn single_copy_env_and_gateway_token_are_options() {
+        let mut options = DeviceOptions::new("http://127.0.0.1:9", "dev-1", "unused");
+        options.env_layout = Layout::Single;
+        options.gateway_token = Some("gw-key".to_string());
+        let device = FileDevice::create_temp(options).unwrap();
+        assert!(!device.env_store().unwrap().is_redundant());
+        assert_eq!(
+            fs::metadata(device.env_file_path()).unwrap().len(),
+            ENV_SIZE as u64
+        );
+        assert_eq!(device.env_vars().unwrap(), default_board_env());
+        assert_eq!(device.reboot().unwrap(), Slot::A);
+        let text = device.config_text();
+        assert!(text.contains("gateway_token = \"gw-key\""), "{text}");
+        assert!(!text.contains("target_token"), "{text}");
+        ddi_agent::config::Config::load(&device.config_path()).unwrap();
     }
 
     #[test]
