@@ -1,7 +1,7 @@
 SUMMARY = "U-Boot script that boots slot A or B and counts trial boots"
 DESCRIPTION = "boot.scr for the ddi A/B setup, compiled with mkimage from the same \
-sources the project's QEMU end-to-end tests boot: the scheme named by DDI_SCHEME \
-(bootcount or rauc), with the redundant environment pair kept on the boot partition."
+               sources the project's QEMU end-to-end tests boot: the scheme named by DDI_SCHEME \
+               (bootcount or rauc), with the redundant environment pair kept on the boot partition."
 HOMEPAGE = "https://eclipse.dev/hawkbit/"
 SECTION = "bootloaders"
 LICENSE = "Apache-2.0"

@@ -1,7 +1,7 @@
 SUMMARY = "fw_env.config naming the redundant U-Boot environment of the A/B setup"
 DESCRIPTION = "Installs /etc/fw_env.config for ddi-bootctl, ddi-agent and libubootenv's \
-fw_printenv/fw_setenv, built from the same DDI_ENV_* variables as the initial \
-environment image and the agent's sandbox, so that all of them agree."
+               fw_printenv/fw_setenv, built from the same DDI_ENV_* variables as the initial \
+               environment image and the agent's sandbox, so that all of them agree."
 HOMEPAGE = "https://eclipse.dev/hawkbit/"
 SECTION = "base"
 LICENSE = "Apache-2.0"

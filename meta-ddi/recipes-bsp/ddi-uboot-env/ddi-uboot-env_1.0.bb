@@ -1,8 +1,8 @@
 SUMMARY = "Initial redundant U-Boot environment for the ddi A/B setup"
 DESCRIPTION = "Builds the two environment copies (mkenvimage -r, flag byte) that the \
-boot script and ddi-bootctl read: slot A active, no trial, the scheme's counters, \
-and where the boot script finds kernel and root for each slot. Deployed for the \
-boot partition (IMAGE_BOOT_FILES)."
+               boot script and ddi-bootctl read: slot A active, no trial, the scheme's counters, \
+               and where the boot script finds kernel and root for each slot. Deployed for the \
+               boot partition (IMAGE_BOOT_FILES)."
 HOMEPAGE = "https://eclipse.dev/hawkbit/"
 SECTION = "bootloaders"
 LICENSE = "Apache-2.0"

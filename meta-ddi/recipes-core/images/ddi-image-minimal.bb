@@ -1,8 +1,8 @@
 SUMMARY = "Example A/B image with the ddi update agent"
 DESCRIPTION = "core-image-minimal plus ddi-agent, ddi-bootctl and the A/B disk layout: \
-a GPT disk (ddi-ab.wks.in) with the boot partition (boot.scr and the redundant U-Boot \
-environment), slot A, an empty slot B of the same size, and a data partition. Besides \
-the .wic disk it produces the update artifacts (ddi_update_artifact class)."
+               a GPT disk (ddi-ab.wks.in) with the boot partition (boot.scr and the redundant U-Boot \
+               environment), slot A, an empty slot B of the same size, and a data partition. Besides \
+               the .wic disk it produces the update artifacts (ddi_update_artifact class)."
 LICENSE = "MIT"
 
 inherit core-image features_check ddi_defaults ddi_update_artifact
@@ -20,10 +20,7 @@ DDI_DATA_PART_SIZE ??= "128M"
 IMAGE_FSTYPES:append = " wic wic.qcow2"
 WKS_FILE = "ddi-ab.wks.in"
 IMAGE_BOOT_FILES = "boot.scr ${DDI_ENV_FILE_1} ${DDI_ENV_FILE_2}"
-do_image_wic[depends] += " \
-    ddi-bootscript:do_deploy \
-    ddi-uboot-env:do_deploy \
-"
+do_image_wic[depends] += "ddi-bootscript:do_deploy ddi-uboot-env:do_deploy"
 
 ROOTFS_POSTPROCESS_COMMAND += "ddi_rootfs_layout"
 ddi_rootfs_layout[doc] = "Adds the /uboot and /data mounts to the rootfs fstab and an empty initramfs"

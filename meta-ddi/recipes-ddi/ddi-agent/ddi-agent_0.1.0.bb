@@ -1,20 +1,20 @@
 SUMMARY = "hawkBit DDI update agent with U-Boot A/B slot control"
 DESCRIPTION = "ddi-agent polls a hawkBit server over the DDI API, streams an update into \
-the inactive A/B slot, switches U-Boot to it and confirms the slot after the reboot \
-(or reports the rollback). ddi-bootctl shows and changes the A/B state in the U-Boot \
-environment."
+               the inactive A/B slot, switches U-Boot to it and confirms the slot after the reboot \
+               (or reports the rollback). ddi-bootctl shows and changes the A/B state in the U-Boot \
+               environment."
 SECTION = "admin"
 
 require ddi-workspace.inc
 
 SRC_URI += "file://ddi-agent.service \
-    file://ddi-agent.default \
-    file://ddi-agent.tmpfiles \
-    file://config.toml.in \
-    file://render-config \
-    file://render-template \
-    file://sandbox-dropin \
-"
+            file://ddi-agent.default \
+            file://ddi-agent.tmpfiles \
+            file://config.toml.in \
+            file://render-config \
+            file://render-template \
+            file://sandbox-dropin \
+            "
 
 inherit cargo cargo-update-recipe-crates systemd features_check ddi_defaults
 
@@ -121,13 +121,13 @@ PACKAGES =+ "ddi-bootctl"
 
 FILES:ddi-bootctl += "${bindir}/ddi-bootctl"
 FILES:${PN} += "${systemd_system_unitdir}/ddi-agent.service.d \
-    ${nonarch_libdir}/tmpfiles.d/ddi-agent.conf \
-    ${libexecdir}/ddi-agent \
-"
+                ${nonarch_libdir}/tmpfiles.d/ddi-agent.conf \
+                ${libexecdir}/ddi-agent \
+                "
 
 CONFFILES:${PN} = "${sysconfdir}/ddi-agent/config.toml.in \
-    ${sysconfdir}/default/ddi-agent \
-"
+                   ${sysconfdir}/default/ddi-agent \
+                   "
 
 SYSTEMD_PACKAGES = "${PN}"
 SYSTEMD_SERVICE:${PN} = "ddi-agent.service"
