@@ -371,4 +371,12 @@ fn endpoints_of_newer_versions_do_not_exist_on_old_servers() {
         json!({"active": false}),
         "no activatedAt before 0.8.0"
     );
+    let e =
+        env_with(ServerOptions::default().version("0.3.0M1".parse::<HawkbitVersion>().unwrap()));
+    let r = e
+        .auth(e.http.get(e.url("")))
+        .header("Accept", "application/cbor")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 406, "CBOR came with 0.3.0M2");
 }

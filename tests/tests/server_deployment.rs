@@ -367,3 +367,34 @@ fn device_timestamp_decides_the_installed_version_since_0_7() {
         Some(first)
     );
 }
+
+#[test]
+fn too_many_details_in_one_feedback_hit_the_message_quota() {
+    let e = env();
+    let id = e.deploy(b"x", &Assignment::forced());
+    let details: Vec<String> = (0..51).map(|i| format!("line {i}")).collect();
+    let body = serde_json::json!({"status": {"execution": "proceeding", "result": {"finished": "none"}, "details": details}});
+    let r = e.post(&format!("/deploymentBase/{id}/feedback"), &body.to_string());
+    assert_eq!(r.status(), 429);
+    // Long details are split into 512-character messages.
+    let long = "x".repeat(1100);
+    let body = serde_json::json!({"status": {"execution": "proceeding", "result": {"finished": "none"}, "details": [long]}});
+    assert_eq!(
+        e.post(&format!("/deploymentBase/{id}/feedback"), &body.to_string())
+            .status(),
+        200
+    );
+    let last = e
+        .server
+        .action(id)
+        .unwrap()
+        .history
+        .last()
+        .unwrap()
+        .messages
+        .clone();
+    assert_eq!(
+        last.iter().map(String::len).collect::<Vec<_>>(),
+        vec![512, 512, 76]
+    );
+}

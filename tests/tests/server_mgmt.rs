@@ -426,3 +426,19 @@ fn cli_drives_a_running_server() {
     assert!(sim(&s.url, &["config", "--polling", "PT36H"]).contains("129600000"));
     assert!(sim(&s.url, &["target", "list"]).contains("dev-9"));
 }
+
+#[test]
+fn target_update_status_follows_the_actions() {
+    let e = env();
+    let status = || e.server.target(CID).unwrap().update_status;
+    assert_eq!(status(), "UNKNOWN");
+    e.poll();
+    assert_eq!(status(), "REGISTERED");
+    let id = e.deploy(b"x", &Assignment::forced());
+    assert_eq!(status(), "PENDING");
+    e.feedback(id, "closed", "success");
+    assert_eq!(status(), "IN_SYNC");
+    let id = e.deploy(b"y", &Assignment::forced());
+    e.feedback(id, "closed", "failure");
+    assert_eq!(status(), "ERROR");
+}

@@ -282,6 +282,11 @@ fn serve(args: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("cannot bind {}", opts.bind))?;
         let addr = listener.local_addr()?;
+        if !addr.ip().is_loopback() {
+            eprintln!(
+                "ddi-sim: WARNING: listening on {addr}, not loopback; the management API has no authentication"
+            );
+        }
         // Announce the address; a closed stdout must not stop the server.
         let banner = format!(
             "ddi-sim: hawkBit-compatible TEST server (production uses Eclipse hawkBit) on http://{addr}, tenant {}, imitating hawkBit {}\n\
@@ -522,8 +527,9 @@ mod erased {
             }
             for t in self {
                 println!(
-                    "{} installed={} actions={:?} attributes={:?} last_poll={}",
+                    "{} {} installed={} actions={:?} attributes={:?} last_poll={}",
                     t.target.controller_id,
+                    t.update_status,
                     t.installed_version.as_deref().unwrap_or("-"),
                     t.actions,
                     t.target.attributes,

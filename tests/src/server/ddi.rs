@@ -506,6 +506,9 @@ async fn handle_request(AxState(shared): AxState<Arc<Shared>>, req: Request) -> 
     }
     let media = if route.is_json_get() {
         match negotiate(&parts.headers) {
+            Some(Media::Cbor) if !version.supports_cbor() => {
+                return empty(StatusCode::NOT_ACCEPTABLE)
+            }
             Some(m) => m,
             None => return empty(StatusCode::NOT_ACCEPTABLE),
         }
@@ -533,6 +536,9 @@ async fn handle_request(AxState(shared): AxState<Arc<Shared>>, req: Request) -> 
     } else {
         match body_format(&parts.headers) {
             None => return empty(StatusCode::UNSUPPORTED_MEDIA_TYPE),
+            Some(Media::Cbor) if !version.supports_cbor() => {
+                return empty(StatusCode::UNSUPPORTED_MEDIA_TYPE)
+            }
             Some(Media::Cbor) => match super::cbor::decode(&body) {
                 Ok(v) => Bytes::from(v.to_string()),
                 Err(e) => return error_response(&DdiError::NotReadable(e.to_string()), version),

@@ -88,6 +88,9 @@ pub struct TargetView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub installed_version: Option<String>,
     pub actions: Vec<u64>,
+    /// hawkBit's target update status: `UNKNOWN` (never polled), `REGISTERED`, `PENDING` (an
+    /// action is active), `IN_SYNC` (installed, nothing pending), `ERROR` (last action failed).
+    pub update_status: String,
 }
 
 impl TargetView {
@@ -97,15 +100,31 @@ impl TargetView {
             .and_then(|a| st.actions.get(&a))
             .and_then(|a| st.distributions.get(&a.distribution))
             .map(|d| format!("{} {}", d.name, d.version));
+        let actions: Vec<&Action> = st
+            .actions
+            .values()
+            .filter(|a| a.target == t.controller_id)
+            .collect();
+        let last_closed = actions
+            .iter()
+            .filter(|a| !a.active && a.status != ActionStatus::Canceled)
+            .max_by_key(|a| a.id);
+        let update_status = if actions.iter().any(|a| a.active) {
+            "PENDING"
+        } else if last_closed.is_some_and(|a| a.status == ActionStatus::Error) {
+            "ERROR"
+        } else if t.installed_action.is_some() {
+            "IN_SYNC"
+        } else if t.last_poll_ms.is_some() {
+            "REGISTERED"
+        } else {
+            "UNKNOWN"
+        };
         TargetView {
             target: t.clone(),
             installed_version,
-            actions: st
-                .actions
-                .values()
-                .filter(|a| a.target == t.controller_id)
-                .map(|a| a.id)
-                .collect(),
+            actions: actions.iter().map(|a| a.id).collect(),
+            update_status: update_status.to_string(),
         }
     }
 }

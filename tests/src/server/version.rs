@@ -69,6 +69,10 @@ impl HawkbitVersion {
     pub fn config_data_requires_status(&self) -> bool {
         !self.at_least(Self::milestone(0, 3, 0, 7))
     }
+    /// `application/cbor` bodies are understood (0.3.0M2+).
+    pub fn supports_cbor(&self) -> bool {
+        self.at_least(Self::milestone(0, 3, 0, 2))
+    }
     /// DOWNLOAD_ONLY actions exist (0.3.0M3+).
     pub fn supports_download_only(&self) -> bool {
         self.at_least(Self::milestone(0, 3, 0, 3))
