@@ -7,7 +7,8 @@
 //!    back, the server shows `closed`/`failure` with the reason;
 //! 3. an update that never comes up: it hangs at every boot, U-Boot falls back after `bootlimit`
 //!    trial boots, the agent sees the rollback and the server shows `closed`/`failure`;
-//! 4. everyday life: more power cycles keep booting the confirmed slot.
+//! 4. everyday life (after the first update and at the end): more power cycles than a trial
+//!    allows keep booting the confirmed slot.
 //!
 //! The story checks itself: [`run`] returns what the server saw so callers (the `ddi-demo`
 //! binary, the `demo` integration test) can decide pass or fail from the server's API.
@@ -343,6 +344,12 @@ impl Story<'_, '_> {
         );
         self.show_bootctl_status()?;
         actions.push(story_action(action, "good", "2.0", "success"));
+        self.everyday_life(action, Slot::B)?;
+        if !self.problems.is_empty() {
+            self.say
+                .bad("Story stopped: the rest assumes the device runs the confirmed update 2.0.");
+            return Ok(actions);
+        }
 
         // 2. A broken update: it boots, but its health check fails.
         let broken = Image::broken("2.1", IMAGE_SIZE);
@@ -406,31 +413,59 @@ impl Story<'_, '_> {
         actions.push(story_action(action, "hangs", "2.2", "failure"));
 
         // 4. Everyday life: the confirmed slot must stay the one that boots.
-        self.say
-            .step("Everyday life: four more power cycles, the agent runs after each boot");
-        for cycle in 1..=4 {
+        self.everyday_life(action, Slot::B)?;
+        self.show_bootctl_status()?;
+
+        Ok(actions)
+    }
+
+    /// The boot counters after a boot, for the narration.
+    fn boot_counters(&self) -> Result<String, DemoError> {
+        let env = self.device.env_map()?;
+        let var = |name: &str| env.get(name).map_or("?", String::as_str).to_string();
+        Ok(match self.device.options().scheme {
+            SchemeKind::Bootcount if var("upgrade_available") == "1" => {
+                format!(", trial boot {} of {}", var("bootcount"), var("bootlimit"))
+            }
+            SchemeKind::Bootcount => String::new(),
+            SchemeKind::Rauc => format!(
+                "; BOOT_ORDER=\"{}\" BOOT_A_LEFT={} BOOT_B_LEFT={}",
+                var("BOOT_ORDER"),
+                var("BOOT_A_LEFT"),
+                var("BOOT_B_LEFT")
+            ),
+        })
+    }
+
+    /// More power cycles than a trial allows, the agent running after each boot: the
+    /// confirmed slot `home` must keep booting (no counter may run out on it).
+    fn everyday_life(&mut self, last_action: u64, home: Slot) -> Result<(), DemoError> {
+        let cycles = self.device.options().attempts + 1;
+        self.say.step(&format!(
+            "Everyday life: {cycles} power cycles, the agent runs after each boot"
+        ));
+        for cycle in 1..=cycles {
             self.device.take_reboot_requests()?;
             let slot = self.device.reboot()?;
             let version = self
                 .device
                 .slot_image(slot)
                 .map_or_else(|| "?".to_string(), |h| h.version);
+            let counter = self.boot_counters()?;
             self.say.line(&format!(
-                "u-boot   power cycle {cycle}: boots slot {slot} (demo-os {version})"
+                "u-boot   power cycle {cycle}: boots slot {slot} (demo-os {version}{counter})"
             ));
             self.expect(
-                slot == Slot::B,
-                format!("power cycle {cycle} should boot the confirmed slot B, booted {slot}"),
+                slot == home,
+                format!("power cycle {cycle} should boot the confirmed slot {home}, booted {slot}"),
             );
-            if slot != Slot::B {
+            if slot != home {
                 break;
             }
-            let run = self.agent_cycle(None, action)?;
+            let run = self.agent_cycle(None, last_action)?;
             self.expect_exit(&run, 0);
         }
-        self.show_bootctl_status()?;
-
-        Ok(actions)
+        Ok(())
     }
 
     fn expect(&mut self, ok: bool, problem: String) {
@@ -501,22 +536,9 @@ impl Story<'_, '_> {
         self.device.take_reboot_requests()?;
         for attempt in 1..=10 {
             let slot = self.device.reboot()?;
-            let env = self.device.env_map()?;
             let header = self.device.slot_image(slot);
             let version = header.as_ref().map_or("?", |h| h.version.as_str());
-            let var = |name: &str| env.get(name).map_or("?", String::as_str).to_string();
-            let counter = match self.device.options().scheme {
-                SchemeKind::Bootcount if var("upgrade_available") == "1" => {
-                    format!(", trial boot {} of {}", var("bootcount"), var("bootlimit"))
-                }
-                SchemeKind::Bootcount => String::new(),
-                SchemeKind::Rauc => format!(
-                    "; BOOT_ORDER=\"{}\" BOOT_A_LEFT={} BOOT_B_LEFT={}",
-                    var("BOOT_ORDER"),
-                    var("BOOT_A_LEFT"),
-                    var("BOOT_B_LEFT")
-                ),
-            };
+            let counter = self.boot_counters()?;
             self.say.line(&format!(
                 "u-boot   boots slot {slot} (demo-os {version}{counter})"
             ));
