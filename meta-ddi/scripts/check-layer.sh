@@ -97,6 +97,14 @@ check_crates_inc() {
     python3 "$REPO/scripts/gen-crates-inc" --check
 }
 
+check_crates_vendoring() {
+    need cargo || return 1
+    # Fills cargo's download cache with the crates of every target platform (a no-op
+    # when they are there); vendor-check.py then works offline from that cache.
+    (cd "$REPO" && cargo fetch --locked -q) || return 1
+    python3 "$LAYER/scripts/vendor-check.py" "$LAYER/recipes-ddi/ddi-agent/ddi-agent-crates.inc" "$REPO" "$SCRATCH/vendor"
+}
+
 check_gen_crates_inc_tests() {
     python3 "$LAYER/scripts/test_gen_crates_inc.py"
 }
@@ -618,6 +626,7 @@ check_shellcheck() {
 
 echo "meta-ddi offline checks ($LAYER)"
 run_check "crates.inc matches Cargo.lock" check_crates_inc
+run_check "crates.inc is enough for cargo --frozen (checksums, vendored like bitbake)" check_crates_vendoring
 run_check "gen-crates-inc unit tests" check_gen_crates_inc_tests
 run_check "layer.conf (collection ddi, _ddi variables, whinlatter+wrynose)" check_layer_conf
 run_check "oelint-adv $OELINT_ADV_VERSION: no findings (warning/error)" check_oelint
