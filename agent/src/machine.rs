@@ -163,7 +163,12 @@ pub struct State {
     pub pending_consent: Option<String>,
     /// The installedBase href last read (logged once per change).
     pub server_installed: Option<String>,
+    /// Recently finished actions (newest last, bounded): never closed twice.
+    pub finished_actions: Vec<String>,
 }
+
+/// How many finished action ids are remembered.
+const FINISHED_MEMORY: usize = 32;
 
 impl State {
     fn queue(&mut self, channel: Channel, link: &str, feedback: Feedback) {
@@ -191,10 +196,18 @@ impl State {
                 .outbox
                 .iter()
                 .any(|o| o.feedback.action_id == action_id)
+            || self.finished_actions.iter().any(|a| a == action_id)
     }
 
     fn finish(&mut self, action_id: &str, result: ResultKind, message: String) {
         self.phase = Phase::Idle;
+        if result != ResultKind::Abandoned && !self.finished_actions.iter().any(|a| a == action_id)
+        {
+            self.finished_actions.push(action_id.to_string());
+            if self.finished_actions.len() > FINISHED_MEMORY {
+                self.finished_actions.remove(0);
+            }
+        }
         self.last_result = Some(LastResult {
             action_id: action_id.to_string(),
             result,
@@ -1236,5 +1249,172 @@ mod tests {
         let s = through_activation(deployment("7", Handling::Forced, None));
         let back: State = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert_eq!(back, s);
+    }
+
+    mod random_sequences {
+        //! Random event sequences against invariants that must hold in every reachable state.
+        use super::*;
+        use proptest::prelude::*;
+        use std::collections::{BTreeSet, HashMap};
+
+        #[derive(Debug, Clone)]
+        enum Ev {
+            Offer {
+                id: u8,
+                kind: u8,
+            },
+            Cancel {
+                id: u8,
+            },
+            InstallOk,
+            InstallTransient,
+            InstallFatal,
+            HealthOk,
+            HealthBad,
+            /// Reboot: boots `next` (as the bootloader would, or falls back).
+            Restart {
+                fall_back: bool,
+            },
+            NoAction,
+        }
+
+        fn ev() -> impl Strategy<Value = Ev> {
+            prop_oneof![
+                (1u8..4, 0u8..4).prop_map(|(id, kind)| Ev::Offer { id, kind }),
+                (1u8..4).prop_map(|id| Ev::Cancel { id }),
+                Just(Ev::InstallOk),
+                Just(Ev::InstallTransient),
+                Just(Ev::InstallFatal),
+                Just(Ev::HealthOk),
+                Just(Ev::HealthBad),
+                any::<bool>().prop_map(|fall_back| Ev::Restart { fall_back }),
+                Just(Ev::NoAction),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+            #[test]
+            fn invariants_hold(events in proptest::collection::vec(ev(), 1..40)) {
+                let mut s = State::default();
+                let mut booted = Slot::A;
+                let mut next = Slot::A;
+                // Slots whose image was verified for an action (written and not overwritten since).
+                let mut verified: HashMap<Slot, String> = HashMap::new();
+                let mut closing: HashMap<String, usize> = HashMap::new();
+                // Answers (install/health results) come only for the action that asked.
+                let mut awaiting: Option<&'static str> = None;
+                let mut trial = false;
+                let mut seen_seq = BTreeSet::new();
+                for e in events {
+                    let answer = match e {
+                        Ev::InstallOk | Ev::InstallTransient | Ev::InstallFatal => Some("install"),
+                        Ev::HealthOk | Ev::HealthBad => Some("health"),
+                        _ => None,
+                    };
+                    if answer.is_some() && answer != awaiting {
+                        continue;
+                    }
+                    if answer.is_none() && awaiting.is_some() {
+                        // The driver answers before anything else happens (or the process dies:
+                        // then the next event is a restart).
+                        if !matches!(e, Ev::Restart { .. }) {
+                            continue;
+                        }
+                    }
+                    awaiting = None;
+                    let event = match e {
+                        Ev::Offer { id, kind } => {
+                            let (update, window) = match kind {
+                                0 => (Handling::Forced, None),
+                                1 => (Handling::Attempt, None),
+                                2 => (Handling::Skip, None),
+                                _ => (Handling::Skip, Some(MaintenanceWindow::Unavailable)),
+                            };
+                            Event::Deployment {
+                                link: dlink(&id.to_string()),
+                                deployment: deployment(&id.to_string(), update, window),
+                                booted,
+                            }
+                        }
+                        Ev::Cancel { id } => Event::Cancel {
+                            link: clink(&id.to_string()),
+                            request: CancelRequest { action_id: id.to_string(), stop_id: id.to_string() },
+                        },
+                        Ev::InstallOk => Event::InstallDone(Ok(())),
+                        Ev::InstallTransient => Event::InstallDone(Err(InstallFailure { message: "net".into(), retryable: true })),
+                        Ev::InstallFatal => Event::InstallDone(Err(InstallFailure { message: "hash".into(), retryable: false })),
+                        Ev::HealthOk => Event::HealthChecked(Ok(())),
+                        Ev::HealthBad => Event::HealthChecked(Err("bad".into())),
+                        Ev::Restart { fall_back } => {
+                            if trial && fall_back {
+                                next = next.other();
+                                trial = false;
+                            }
+                            booted = next;
+                            Event::Started { booted, next }
+                        }
+                        Ev::NoAction => Event::NoAction,
+                    };
+                    let is_install_ok = matches!(event, Event::InstallDone(Ok(())));
+                    let installing_job = match (&s.phase, is_install_ok) {
+                        (Phase::Installing(j), true) => Some(j.clone()),
+                        _ => None,
+                    };
+                    let (ns, actions) = step(&params(), s, event);
+                    s = ns;
+                    if let Some(j) = installing_job {
+                        verified.insert(j.target, j.action_id.clone());
+                    }
+                    for a in &actions {
+                        match a {
+                            Action::Install(job) => {
+                                prop_assert_ne!(job.target, booted, "writes the running slot");
+                                verified.remove(&job.target);
+                                awaiting = Some("install");
+                            }
+                            Action::MarkBad(slot) if next == *slot => {
+                                next = slot.other();
+                                trial = false;
+                            }
+                            Action::MarkGood => trial = false,
+                            Action::RunHealthChecks => awaiting = Some("health"),
+                            Action::Activate(slot) => {
+                                prop_assert_ne!(*slot, booted, "activates the running slot");
+                                let job = s.phase.job().expect("activation without a job");
+                                prop_assert_eq!(verified.get(slot), Some(&job.action_id), "activates an unverified slot");
+                                next = *slot;
+                                trial = true;
+                            }
+                            _ => {}
+                        }
+                    }
+                    // Install/health/reboot actions end the list.
+                    for (i, a) in actions.iter().enumerate() {
+                        if matches!(a, Action::Install(_) | Action::RunHealthChecks | Action::Reboot) {
+                            prop_assert_eq!(i, actions.len() - 1, "{:?} not last in {:?}", a, actions);
+                        }
+                    }
+                    for o in &s.outbox {
+                        if seen_seq.insert(o.seq) && o.channel == Channel::Deployment
+                            && (o.feedback.execution == Execution::Closed
+                                || (o.feedback.execution == Execution::Downloaded && o.feedback.finished != Finished::None))
+                        {
+                            *closing.entry(o.feedback.action_id.clone()).or_default() += 1;
+                        }
+                    }
+                    for (id, n) in &closing {
+                        prop_assert!(*n <= 1, "action {} closed {} times", id, n);
+                    }
+                    let back: State = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+                    prop_assert_eq!(&back, &s);
+                    // Delivery happens at some point; model it as immediate half of the time.
+                    if seen_seq.len() % 2 == 0 {
+                        let seqs: Vec<u64> = s.outbox.iter().map(|o| o.seq).collect();
+                        for q in seqs { s.delivered(q); }
+                    }
+                }
+            }
+        }
     }
 }
