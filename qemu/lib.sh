@@ -28,7 +28,7 @@ make_device() {
 		*) die "unknown scheme $scheme" ;;
 		esac
 		# integrator variables the boot script and the agent must keep
-		printf 'bootctl_args=quiet\nvendor_serial=qemu-%s\n' "$(basename "$dir")"
+		printf 'bootctl_args=%s\nvendor_serial=qemu-%s\n' "$INTEGRATOR_ARGS" "$(basename "$dir")"
 	} >"$dir/env.txt"
 	mkenvimage -r -s "$ENV_SIZE" -o "$dir/boot/uboot.env" "$dir/env.txt"
 	head -c $((ENV_SIZE)) /dev/zero >"$dir/boot/uboot-redund.env"
