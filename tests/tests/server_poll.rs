@@ -282,3 +282,79 @@ fn cbor_is_a_one_to_one_re_encoding_of_json() {
         .unwrap();
     assert_eq!(r.status(), 400, "broken CBOR");
 }
+
+#[test]
+fn proxy_certificate_headers_authenticate_per_version() {
+    let mut opts = ServerOptions::default();
+    opts.config.trusted_authorities = Some(vec!["Hawkbit".into(), "abc123".into()]);
+    let e = env_with(opts.clone());
+    let get = |headers: &[(&str, &str)], cid: &str| {
+        let mut rb = e.http.get(e.server.controller_url(cid));
+        for (k, v) in headers {
+            rb = rb.header(*k, *v);
+        }
+        rb.send().unwrap().status().as_u16()
+    };
+    assert_eq!(
+        get(
+            &[("X-Controller-Id", "proxied"), ("X-Authority-1", "hawkbit")],
+            "proxied"
+        ),
+        200
+    );
+    assert!(e.server.target("proxied").is_some(), "plug and play");
+    assert_eq!(
+        get(
+            &[("X-Controller-Id", "proxied"), ("X-Authority", "x; abc123")],
+            "proxied"
+        ),
+        200
+    );
+    assert_eq!(
+        get(
+            &[("X-Controller-Id", "other"), ("X-Authority-1", "Hawkbit")],
+            "proxied"
+        ),
+        401,
+        "CN mismatch"
+    );
+    assert_eq!(
+        get(
+            &[("X-Controller-Id", "proxied"), ("X-Authority-1", "evil")],
+            "proxied"
+        ),
+        401
+    );
+    assert_eq!(
+        get(
+            &[
+                ("X-Ssl-Client-Cn", "proxied"),
+                ("X-Ssl-Issuer-Hash-1", "Hawkbit")
+            ],
+            "proxied"
+        ),
+        401,
+        "old names on 1.x"
+    );
+    let e = env_with(opts.version("0.10.0".parse::<HawkbitVersion>().unwrap()));
+    let r = e
+        .http
+        .get(e.server.controller_url("old"))
+        .header("X-Ssl-Client-Cn", "old")
+        .header("X-Ssl-Issuer-Hash-1", "abc123")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = e
+        .http
+        .get(e.server.controller_url("old"))
+        .header("X-Ssl-Client-Cn", "old")
+        .header("X-Ssl-Issuer-Hash-2", "abc123")
+        .send()
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        401,
+        "indexes start at 1 and stop at the first gap"
+    );
+}

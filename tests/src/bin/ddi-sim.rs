@@ -124,6 +124,10 @@ struct ServeArgs {
     /// Disable TargetToken authentication
     #[arg(long)]
     no_target_token: bool,
+    /// Trust certificate identities forwarded by a TLS proxy with this authority (issuer hash)
+    /// in `X-Authority*` (or `X-Ssl-Issuer-Hash-N` up to 0.10.0); repeatable
+    #[arg(long = "trusted-authority")]
+    trusted_authorities: Vec<String>,
     /// Allow unauthenticated DDI access (only with --hawkbit-version 0.7.x or older, as hawkBit)
     #[arg(long)]
     anonymous: bool,
@@ -270,6 +274,9 @@ fn serve(args: ServeArgs) -> Result<()> {
         bail!("--anonymous needs --hawkbit-version 0.7.x or older (hawkBit removed it in 0.8.0)");
     }
     opts.config.anonymous = args.anonymous;
+    if !args.trusted_authorities.is_empty() {
+        opts.config.trusted_authorities = Some(args.trusted_authorities);
+    }
     opts.config.download_link_host = args.download_link_host;
     opts.state_file = args.state_file;
     opts.data_dir = args.data_dir;
@@ -326,7 +333,7 @@ fn main() -> Result<()> {
         .unwrap_or_else(|| "http://127.0.0.1:8080".into());
     let c = MgmtClient::new(&url);
     let json = cli.json;
-    let out = |v: &dyn erased::Show| v.show(json);
+    let out = |v: &dyn listing::Show| v.show(json);
     match cli.command {
         Command::Serve(_) => unreachable!("handled above"),
         Command::Target(cmd) => match cmd {
@@ -512,7 +519,7 @@ fn main() -> Result<()> {
 }
 
 /// Text or JSON output of target lists.
-mod erased {
+mod listing {
     use ddi_tests::server::TargetView;
 
     pub trait Show {

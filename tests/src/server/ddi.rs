@@ -481,9 +481,18 @@ async fn handle_request(AxState(shared): AxState<Arc<Shared>>, req: Request) -> 
         route,
         Some((Route::Poll, _)) | Some((Route::ConfirmationBase, _))
     ) && method == Method::GET;
+    let proxy_headers: BTreeMap<String, String> = parts
+        .headers
+        .iter()
+        .filter(|(name, _)| {
+            let n = name.as_str();
+            n.starts_with("x-ssl-") || n.starts_with("x-authority") || n == "x-controller-id"
+        })
+        .filter_map(|(name, v)| Some((name.as_str().to_string(), v.to_str().ok()?.to_string())))
+        .collect();
     let authenticated = shared.update(|st| {
         st.config.tenant.eq_ignore_ascii_case(&tenant)
-            && st.authenticate(&controller_id, authorization, registers)
+            && st.authenticate(&controller_id, authorization, &proxy_headers, registers)
     });
     if !authenticated {
         return empty(StatusCode::UNAUTHORIZED);

@@ -13,7 +13,8 @@
 //! # DDI API (`/{tenant}/controller/v1/{controllerId}/...`)
 //! Poll, deploymentBase (+feedback), cancelAction (+feedback), configData, installedBase (GET and
 //! PUT), confirmationBase (+feedback, activate/deactivateAutoConfirm), artifact list, artifact and
-//! `.MD5SUM` download, with TargetToken / GatewayToken auth (401, empty body), ETag/304 on JSON,
+//! `.MD5SUM` download, with TargetToken / GatewayToken / proxy-certificate-header auth (401, empty
+//! body), ETag/304 on JSON,
 //! 405/406/415, Range (206/416), `If-Match` (412), `If-Range`; JSON, HAL+JSON and CBOR bodies.
 //!
 //! # Management API (JSON, no auth, prefix `/mgmt`)
@@ -25,7 +26,7 @@
 //! | `POST /mgmt/targets/{id}/request-attributes` | | 204; poll shows `configData` again |
 //! | `PUT /mgmt/targets/{id}/auto-confirm` | `{"active",initiator?,remark?}` | 204 |
 //! | `POST /mgmt/targets/{id}/assign` | `{"distribution", "type": forced\|soft\|timeforced\|downloadonly, "forced_at_ms"?, "maintenance"?: {"start_ms","duration_ms","every_ms"?}, "confirmation_required"?}` | 201 `{"action": id}` |
-//! | `POST /mgmt/modules` | `{"part","name","version"}` | 201 `{"id"}` |
+//! | `POST /mgmt/modules` | `{"part"?: "os", "name", "version", "metadata"?: {k: v}, "encrypted"?}` | 201 `{"id"}` |
 //! | `PUT /mgmt/modules/{id}/artifacts/{filename}` | raw bytes (streamed to disk) | 201 artifact view |
 //! | `POST /mgmt/modules/{id}/artifacts` | `{"filename","path"}` (server-local file, served from disk) | 201 artifact view |
 //! | `GET /mgmt/modules/{id}` | | module view |
@@ -125,7 +126,8 @@ pub struct ServerOptions {
     pub bind: SocketAddr,
     /// Tenant settings and hawkBit version to imitate.
     pub config: Config,
-    /// Load state from here at start (if it exists) and save it after every change.
+    /// Load state from here at start (if it exists) and save it after every change; the tenant
+    /// settings always come from `config`.
     pub state_file: Option<PathBuf>,
     /// Where artifacts uploaded over HTTP are stored (default: next to the state file, else a
     /// temporary directory removed with the server).

@@ -552,6 +552,10 @@ pub struct Config {
     pub target_token_enabled: bool,
     /// Anonymous DDI access (only honoured when the imitated version is <= 0.7.x).
     pub anonymous: bool,
+    /// Certificate authentication through a reverse proxy's headers: the trusted authority
+    /// (issuer hash) values; None = disabled.
+    #[serde(default)]
+    pub trusted_authorities: Option<Vec<String>>,
     /// Also advertise `download`/`md5sum` links (hawkBit: operator-configured), pointing at this
     /// host name instead of the request's (same server, different name: lets agents test their
     /// cross-host token policy). `None` = only `download-http`/`md5sum-http`.
@@ -577,6 +581,7 @@ impl Default for Config {
             gateway_token: None,
             target_token_enabled: true,
             anonymous: false,
+            trusted_authorities: None,
             download_link_host: None,
             max_status_entries_per_action: 1000,
             max_messages_per_status: 50,
@@ -1132,9 +1137,11 @@ impl State {
         &mut self,
         controller_id: &str,
         authorization: Option<&str>,
+        headers: &BTreeMap<String, String>,
         register: bool,
     ) -> bool {
         let cfg = &self.config;
+        let header_ok = self.proxy_headers_ok(controller_id, headers);
         let gateway_ok = authorization
             .and_then(|h| h.strip_prefix("GatewayToken "))
             .is_some_and(|k| cfg.gateway_token.as_deref() == Some(k));
@@ -1151,13 +1158,49 @@ impl State {
         if target_ok {
             return true;
         }
-        if gateway_ok || anonymous_ok {
+        if header_ok || gateway_ok || anonymous_ok {
             if register && !self.targets.contains_key(controller_id) {
                 self.insert_target(controller_id, None);
             }
             return true;
         }
         false
+    }
+
+    /// Client-certificate identity forwarded by a TLS-terminating proxy (spec §3.3): the
+    /// controller-id header equals the path's id and an authority header is trusted. Header
+    /// names changed in 1.0.0. `headers` has lower-case names.
+    fn proxy_headers_ok(&self, controller_id: &str, headers: &BTreeMap<String, String>) -> bool {
+        let Some(trusted) = &self.config.trusted_authorities else {
+            return false;
+        };
+        let is_trusted = |v: &str| {
+            let v = v.trim();
+            trusted.iter().any(|t| t.trim().eq_ignore_ascii_case(v))
+        };
+        let new_names = self.config.version >= HawkbitVersion::release(1, 0, 0);
+        let (id_header, indexed) = if new_names {
+            ("x-controller-id", "x-authority-")
+        } else {
+            ("x-ssl-client-cn", "x-ssl-issuer-hash-")
+        };
+        if headers.get(id_header).map(String::as_str) != Some(controller_id) {
+            return false;
+        }
+        if new_names {
+            if let Some(list) = headers.get("x-authority") {
+                if list.split([',', ';']).any(is_trusted) {
+                    return true;
+                }
+            }
+        }
+        // Indexed headers start at 1 (<= 0.10.0) or 0 or 1 (1.0.0+); the first gap ends them.
+        let starts: &[usize] = if new_names { &[0, 1] } else { &[1] };
+        starts.iter().any(|start| {
+            (*start..)
+                .map_while(|i| headers.get(&format!("{indexed}{i}")))
+                .any(|v| is_trusted(v))
+        })
     }
 
     fn target_mut(&mut self, controller_id: &str) -> Result<&mut Target, DdiError> {
