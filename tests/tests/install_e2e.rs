@@ -333,3 +333,27 @@ fn restart_mid_download_resumes_from_the_last_checkpoint() {
     assert_installed(&rig, action, &image.bytes);
     assert!(!record_path.exists(), "resume record left behind");
 }
+
+#[test]
+fn download_rate_is_limited() {
+    let rig = Rig::new(|o| o.max_download_rate = Some("1M".into()));
+    let image = Image::good("3.1", 2 << 20);
+    let action = rig.deploy("3.1", "os.img", image.bytes.clone());
+    let begin = std::time::Instant::now();
+    let out = rig.device.agent_once(AGENT_TIMEOUT).unwrap();
+    let elapsed = begin.elapsed();
+    assert_eq!(
+        rig.device.take_reboot_requests().unwrap(),
+        1,
+        "{}",
+        out.describe()
+    );
+    // 2 MiB at 1 MiB/s.
+    assert!(
+        elapsed >= Duration::from_millis(1900),
+        "took only {elapsed:?}"
+    );
+    rig.device.reboot().unwrap();
+    rig.settle(action, 3);
+    assert_installed(&rig, action, &image.bytes);
+}

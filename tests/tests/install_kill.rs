@@ -151,6 +151,7 @@ fn kill_at_random_points_keeps_the_device_consistent() {
     let server = TestServer::start(ServerOptions::default().polling(Duration::from_secs(1)));
     let image = Image::good("3.0", 2 << 20);
     let gz = image.gzip();
+    let tar_gz = image.tar_gz("rootfs.img");
 
     for trial in 0..trials {
         let controller = format!("kill-{trial}");
@@ -161,10 +162,10 @@ fn kill_at_random_points_keeps_the_device_consistent() {
         let device = FileDevice::create_temp(options).unwrap();
         device.reboot().unwrap();
         let factory = device.options().factory_image.clone();
-        let (name, artifact) = if trial % 2 == 0 {
-            ("os.img", image.bytes.clone())
-        } else {
-            ("os.img.gz", gz.clone())
+        let (name, artifact) = match trial % 3 {
+            0 => ("os.img", image.bytes.clone()),
+            1 => ("os.img.gz", gz.clone()),
+            _ => ("os.tar.gz", tar_gz.clone()),
         };
         let action = server
             .deploy(&controller, "3.0", name, artifact, &Assignment::forced())

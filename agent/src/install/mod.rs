@@ -11,7 +11,11 @@
 //!
 //! Safety before the first byte: the slot is opened without create/truncate (a regular
 //! file's size is its capacity), is not the booted slot (path, symlinks, major:minor) and holds
-//! no mounted filesystem; an image whose size is known and too large fails before writing.
+//! no mounted filesystem (`/proc/self/mountinfo`, O_EXCL on block devices). An image too
+//! large for the slot fails before the first byte when its size is known: raw = the artifact
+//! size, tar = the member's header, gzip = at least the trailer's ISIZE (fetched with a 4-byte
+//! Range request when the first bytes show gzip). A decoder that still overruns the slot stops
+//! at once.
 //! The caller (the driver) marks the slot bad in the bootloader before calling [`install`].
 //!
 //! Resume: within one run, network faults are resumed with Range requests; across restarts,

@@ -296,7 +296,10 @@ fn copy_all<R: Read>(
                     plan.size,
                     at,
                 );
-                resume::save(&plan.resume_path, &record)?;
+                // Resuming is an optimisation: without a record the next try starts over.
+                if let Err(e) = resume::save(&plan.resume_path, &record) {
+                    tracing::warn!(error = %e, "cannot save the resume record");
+                }
             }
         }
     }
