@@ -3,11 +3,12 @@
 #   bash meta-ddi/scripts/check-layer.sh [--keep]
 #
 # Needs (Debian 12, as root): apt-get install python3 python3-venv u-boot-tools
-#   libubootenv-tool shellcheck systemd; cargo (to build ddi-agent/ddi-bootctl when
-#   the target dir has no debug build); PyPI for the pinned oelint-adv/kas venv.
+#   libubootenv-tool shellcheck systemd; cargo (it builds ddi-agent, ddi-bootctl and
+#   ddi-bundle in debug mode - a no-op after `cargo build --workspace --bins` - and runs
+#   `cargo fetch --locked`); PyPI for the venv with the pinned tools below.
 # Every check prints PASS or FAIL with the reason; the last line is
 # "check-layer: N passed, M failed" and the exit status is non-zero when M > 0.
-# --keep leaves the scratch directory (rendered files, temp root) for inspection.
+# --keep leaves the scratch directory (task outputs, temp roots) for inspection.
 set -uo pipefail
 
 LAYER=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
