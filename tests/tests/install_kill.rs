@@ -4,8 +4,9 @@
 //! - the U-Boot environment is valid,
 //! - the booted slot (A) was never touched,
 //! - a slot U-Boot would boot holds exactly the expected image (never an activated slot with
-//!   a wrong hash),
-//! and in the end the action is closed exactly once, with `success`, running the new image.
+//!   a wrong hash).
+//!
+//! In the end the action is closed exactly once, with `success`, running the new image.
 //!
 //! `DDI_TRIALS` sets the number of trials (default 10; use >= 100 for a thorough run),
 //! `DDI_SEED` replays a run (the seed is printed).
