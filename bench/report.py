@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""Print the figures of a bench.py results.json as Markdown tables (pasted into BENCHMARKS.md)."""
+
+import json
+import sys
+
+MiB = 1 << 20
+
+
+def fmt(v, unit="", digits=2):
+    return "n/a" if v is None else f"{v:.{digits}f}{unit}"
+
+
+def main():
+    with open(sys.argv[1]) as f:
+        r = json.load(f)
+    m = r["machine"]
+    print(f"Machine: {m['nproc']} CPUs ({m['cpu']}, SHA-NI: {m['sha_ni']}), kernel {m['kernel']},"
+          f" RAM {m['mem']}, storage {m['storage']}, load average at start {' '.join(m['loadavg'])}")
+    print()
+    print(f"Image: {r['size'] / MiB:.0f} MiB, {r['runs']} alternating runs per contender and form.")
+    print()
+    if "installs" in r:
+        print("| form | agent median s | baseline median s | ratio | agent w/o read-back s | ratio w/o read-back | read-back s | agent MiB/s | baseline MiB/s | agent CPU s | baseline CPU s | agent peak RSS MiB | baseline largest RSS MiB |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for form, s in r["installs"].items():
+            print(
+                f"| {form} | {fmt(s['agent_median'])} | {fmt(s['baseline_median'])} | {fmt(s['ratio'], '', 3)}"
+                f" | {fmt(s['agent_without_readback_median'])} | {fmt(s['ratio_without_readback'], '', 3)}"
+                f" | {fmt(s['agent_readback_median'])} | {fmt(s['agent_mib_s'], '', 0)} | {fmt(s['baseline_mib_s'], '', 0)}"
+                f" | {fmt(s['agent_cpu_median'])} | {fmt(s['baseline_cpu_median'])}"
+                f" | {fmt(s['agent_maxrss_max'] / MiB, '', 1)} | {fmt(s['baseline_maxrss_max'] / MiB, '', 1)} |"
+            )
+        print()
+        for form, s in r["installs"].items():
+            a = ", ".join(f"{x:.2f}" for x in s["agent_wall"])
+            b = ", ".join(f"{x:.2f}" for x in s["baseline_wall"])
+            print(f"- {form}: agent runs {a} s; baseline runs {b} s;"
+                  f" agent install span (log) median {fmt(s['agent_install_span_median'])} s")
+        print()
+    if "polls" in r:
+        p = r["polls"]
+        print(f"Idle `ddi-agent run` (1 s polling, {p['seconds']} s, {p['polls']} polls, {p['threads']} threads):"
+              f" VmRSS median {p['idle_rss_median'] / MiB:.2f} MiB, max {p['idle_rss_max'] / MiB:.2f} MiB,"
+              f" PSS {p['pss'] / MiB:.2f} MiB, Private_Dirty {p['private_dirty'] / MiB:.2f} MiB;"
+              f" CPU {p['cpu_s']:.2f} s = {fmt(p['cpu_ms_per_poll'], ' ms', 1)} per poll")
+        print()
+    b = r["binary"]
+    print(f"ddi-agent release binary: {b['as_built']} bytes as built ({b['as_built'] / MiB:.2f} MiB),"
+          f" {b['stripped']} bytes after strip ({b['stripped'] / MiB:.2f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
