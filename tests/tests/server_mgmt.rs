@@ -425,6 +425,15 @@ fn cli_drives_a_running_server() {
     sim(&s.url, &["fault", "clear"]);
     assert!(sim(&s.url, &["config", "--polling", "PT36H"]).contains("129600000"));
     assert!(sim(&s.url, &["target", "list"]).contains("dev-9"));
+    sim(&s.url, &["target", "polling", "dev-9", "00:00:03"]);
+    let poll: serde_json::Value = http
+        .get(&base)
+        .header("Authorization", "TargetToken t9")
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(poll["config"]["polling"]["sleep"], "00:00:03");
 }
 
 #[test]
@@ -441,4 +450,48 @@ fn target_update_status_follows_the_actions() {
     let id = e.deploy(b"y", &Assignment::forced());
     e.feedback(id, "closed", "failure");
     assert_eq!(status(), "ERROR");
+}
+
+#[test]
+fn uploads_over_http_are_kept_next_to_the_state_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("sim.json");
+    let opts = ServerOptions {
+        state_file: Some(state.clone()),
+        ..ServerOptions::default()
+    };
+    let file = dir.path().join("upload.bin");
+    std::fs::write(&file, b"uploaded bytes").unwrap();
+    let action = {
+        let s = TestServer::start(opts.clone());
+        s.create_target(CID, Some(TOKEN)).unwrap();
+        let c = MgmtClient::new(&s.url());
+        let m = c.create_module("os", "fw", "1").unwrap();
+        c.upload(m, "upload.bin", &file).unwrap();
+        let ds = c.create_distribution("fw", "1", &[m]).unwrap();
+        c.assign(CID, ds, &Assignment::forced()).unwrap()
+    };
+    std::fs::remove_file(&file).unwrap();
+    assert!(dir.path().join("sim.json.d").is_dir());
+    let s = TestServer::start(opts);
+    let http = reqwest::blocking::Client::new();
+    let auth = format!("TargetToken {TOKEN}");
+    let d: serde_json::Value = http
+        .get(format!("{}/deploymentBase/{action}", s.controller_url(CID)))
+        .header("Authorization", &auth)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let href = d["deployment"]["chunks"][0]["artifacts"][0]["_links"]["download-http"]["href"]
+        .as_str()
+        .unwrap();
+    let body = http
+        .get(href)
+        .header("Authorization", &auth)
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
+    assert_eq!(body.as_ref(), b"uploaded bytes");
 }

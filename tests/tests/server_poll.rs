@@ -358,3 +358,26 @@ fn proxy_certificate_headers_authenticate_per_version() {
         "indexes start at 1 and stop at the first gap"
     );
 }
+
+#[test]
+fn one_target_can_poll_at_its_own_interval() {
+    let e = env();
+    e.server.create_target("fast", Some("f")).unwrap();
+    e.server
+        .set_target_polling("fast", Some(Duration::from_secs(2)))
+        .unwrap();
+    let poll_fast = || -> serde_json::Value {
+        e.http
+            .get(e.server.controller_url("fast"))
+            .header("Authorization", "TargetToken f")
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    };
+    assert_eq!(poll_fast()["config"]["polling"]["sleep"], "00:00:02");
+    assert_eq!(e.poll()["config"]["polling"]["sleep"], "00:05:00");
+    e.server.set_target_polling("fast", None).unwrap();
+    assert_eq!(poll_fast()["config"]["polling"]["sleep"], "00:05:00");
+    assert!(e.server.set_target_polling("nobody", None).is_err());
+}

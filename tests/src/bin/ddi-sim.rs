@@ -159,6 +159,11 @@ enum TargetCmd {
     RequestAttributes {
         controller_id: String,
     },
+    /// Polling interval of one target (seconds, HH:MM:SS, PT..), or `default` for the tenant's
+    Polling {
+        controller_id: String,
+        interval: String,
+    },
     /// Switch auto-confirm on or off
     AutoConfirm {
         controller_id: String,
@@ -352,6 +357,19 @@ fn main() -> Result<()> {
             TargetCmd::Show { controller_id } => out(&vec![c.target(&controller_id)?]),
             TargetCmd::RequestAttributes { controller_id } => {
                 c.request_attributes(&controller_id)?
+            }
+            TargetCmd::Polling {
+                controller_id,
+                interval,
+            } => {
+                let ms = if interval == "default" {
+                    None
+                } else {
+                    let d = parse_interval(&interval)
+                        .with_context(|| format!("invalid interval {interval:?}"))?;
+                    Some(d.as_millis() as u64)
+                };
+                c.set_target_polling(&controller_id, ms)?
             }
             TargetCmd::AutoConfirm {
                 controller_id,

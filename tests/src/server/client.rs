@@ -154,6 +154,20 @@ impl MgmtClient {
         )
         .map(drop)
     }
+    /// Sets (or with None, removes) a polling interval for one target.
+    pub fn set_target_polling(
+        &self,
+        controller_id: &str,
+        polling_ms: Option<u64>,
+    ) -> Result<(), ClientError> {
+        self.send(
+            reqwest::Method::PUT,
+            &format!("/mgmt/targets/{controller_id}/polling"),
+            Some(json!({ "polling_ms": polling_ms }).to_string().into()),
+            true,
+        )
+        .map(drop)
+    }
     /// Creates a software module; returns its id.
     pub fn create_module(&self, part: &str, name: &str, version: &str) -> Result<u64, ClientError> {
         let v: Value = self.call(

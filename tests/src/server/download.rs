@@ -44,7 +44,11 @@ struct Streamer {
 
 impl Streamer {
     async fn next_chunk(&mut self) -> Option<Result<Bytes, std::io::Error>> {
-        let mut budget = CHUNK as u64;
+        // Slow links send about ten chunks a second instead of rare 64 KiB bursts.
+        let mut budget = match self.rate {
+            Some(rate) => (rate / 10).clamp(1, CHUNK as u64),
+            None => CHUNK as u64,
+        };
         if let Some(t) = self.truncate {
             budget = budget.min(t.saturating_sub(self.sent));
         }

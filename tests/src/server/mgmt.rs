@@ -199,6 +199,7 @@ pub fn routes() -> Router<Arc<Shared>> {
         )
         .route("/mgmt/targets/{id}/auto-confirm", put(auto_confirm))
         .route("/mgmt/targets/{id}/assign", post(assign))
+        .route("/mgmt/targets/{id}/polling", put(target_polling))
         .route("/mgmt/modules", post(create_module))
         .route("/mgmt/modules/{id}", get(show_module))
         .route("/mgmt/modules/{id}/artifacts", post(register_artifact_file))
@@ -295,6 +296,29 @@ async fn auto_confirm(
     let req: AutoConfirmReq = body(&b)?;
     sh.update(|st| st.set_auto_confirm(&id, req.active, req.initiator, req.remark, now_ms()))?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct PollingReq {
+    polling_ms: Option<i64>,
+}
+
+async fn target_polling(
+    AxState(sh): Sh,
+    Path(id): Path<String>,
+    b: axum::body::Bytes,
+) -> ApiResult<StatusCode> {
+    let req: PollingReq = body(&b)?;
+    if req.polling_ms.is_some_and(|ms| ms < 0) {
+        return Err(bad("polling_ms must not be negative"));
+    }
+    sh.update(|st| match st.targets.get_mut(&id) {
+        Some(t) => {
+            t.polling_ms = req.polling_ms;
+            Ok(StatusCode::NO_CONTENT)
+        }
+        None => Err(MgmtError::NotFound(format!("target {id}")).into()),
+    })
 }
 
 #[derive(Deserialize)]

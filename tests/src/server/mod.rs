@@ -25,6 +25,7 @@
 //! | `GET /mgmt/targets/{id}/actions` | | action views, oldest first |
 //! | `POST /mgmt/targets/{id}/request-attributes` | | 204; poll shows `configData` again |
 //! | `PUT /mgmt/targets/{id}/auto-confirm` | `{"active",initiator?,remark?}` | 204 |
+//! | `PUT /mgmt/targets/{id}/polling` | `{"polling_ms": n \| null}` (this target only) | 204 |
 //! | `POST /mgmt/targets/{id}/assign` | `{"distribution", "type": forced\|soft\|timeforced\|downloadonly, "forced_at_ms"?, "maintenance"?: {"start_ms","duration_ms","every_ms"?}, "confirmation_required"?}` | 201 `{"action": id}` |
 //! | `POST /mgmt/modules` | `{"part"?: "os", "name", "version", "metadata"?: {k: v}, "encrypted"?}` | 201 `{"id"}` |
 //! | `PUT /mgmt/modules/{id}/artifacts/{filename}` | raw bytes (streamed to disk) | 201 artifact view |
@@ -539,6 +540,21 @@ impl TestServer {
     /// Changes tenant settings at run time (polling interval, version, quotas, ...).
     pub fn configure(&self, f: impl FnOnce(&mut Config)) {
         self.shared.update(|s| f(&mut s.config))
+    }
+    /// Sets (or with None, removes) a polling interval for one target only.
+    pub fn set_target_polling(
+        &self,
+        controller_id: &str,
+        d: Option<Duration>,
+    ) -> Result<(), MgmtError> {
+        self.shared
+            .update(|s| match s.targets.get_mut(controller_id) {
+                Some(t) => {
+                    t.polling_ms = d.map(|d| d.as_millis() as i64);
+                    Ok(())
+                }
+                None => Err(MgmtError::NotFound(format!("target {controller_id}"))),
+            })
     }
     /// Sets the normal polling interval.
     pub fn set_polling(&self, d: Duration) {

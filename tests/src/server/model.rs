@@ -535,6 +535,9 @@ pub struct Target {
     pub last_poll_ms: Option<Millis>,
     #[serde(default)]
     pub poll_count: u64,
+    /// Polling interval for this target only (hawkBit's polling-time overrides); None = tenant's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub polling_ms: Option<i64>,
 }
 
 /// Tenant-level settings that the management API may change at run time.
@@ -884,6 +887,7 @@ impl State {
                 installation_date: None,
                 last_poll_ms: None,
                 poll_count: 0,
+                polling_ms: None,
             },
         );
     }
@@ -1257,7 +1261,11 @@ impl State {
 
     /// The polling interval suggested to this target now (spec §4.3 step 3).
     pub fn poll_sleep_ms(&self, controller_id: &str, now: Millis) -> i64 {
-        let normal = self.config.polling_ms;
+        let normal = self
+            .targets
+            .get(controller_id)
+            .and_then(|t| t.polling_ms)
+            .unwrap_or(self.config.polling_ms);
         let window_start = self
             .current_action(controller_id)
             .and_then(|a| a.maintenance)
