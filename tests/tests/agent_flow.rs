@@ -714,3 +714,22 @@ fn proxy_from_the_environment_is_used() {
     let out = ddi_tests::harness::run_with_timeout(cmd, Duration::from_secs(30)).unwrap();
     assert_eq!(out.code, Some(0), "{}", out.describe());
 }
+
+#[test]
+fn trace_logs_never_contain_the_token() {
+    let rig = Rig::new();
+    let action = rig.deploy(&Image::good("16.0", IMAGE_SIZE), &Assignment::forced());
+    let run = || {
+        let mut cmd = rig.dev.agent_command();
+        cmd.arg("once").env("DDI_AGENT_LOG", "trace");
+        let out = ddi_tests::harness::run_with_timeout(cmd, Duration::from_secs(60)).unwrap();
+        assert_eq!(out.code, Some(0), "{}", out.describe());
+        assert!(out.stderr.contains("TRACE") || out.stderr.contains("DEBUG"));
+        assert!(!out.stderr.contains(TOKEN), "token in the trace log");
+    };
+    run();
+    rig.dev.take_reboot_requests().unwrap();
+    rig.dev.reboot().unwrap();
+    run();
+    assert_eq!(rig.status(action), ActionStatus::Finished);
+}
