@@ -607,3 +607,116 @@ mod tests {
         assert!(bytes[9_000..].iter().all(|&b| b == 7));
     }
 }
+
+#[cfg(test)]
+mod writeback_tests {
+    use super::*;
+
+    /// An in-memory slot that records the sync calls.
+    #[derive(Default)]
+    struct Recorder {
+        data: Vec<u8>,
+        calls: Vec<String>,
+        /// Bytes written since the last wait or full sync (dirty).
+        dirty: u64,
+        max_dirty: u64,
+    }
+
+    impl SlotDevice for Recorder {
+        fn path(&self) -> &Path {
+            Path::new("recorder")
+        }
+        fn capacity(&self) -> u64 {
+            self.data.len() as u64
+        }
+        fn write_all_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+            self.data[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+            self.dirty += data.len() as u64;
+            self.max_dirty = self.max_dirty.max(self.dirty);
+            Ok(())
+        }
+        fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.data.len() - offset as usize);
+            buf[..n].copy_from_slice(&self.data[offset as usize..offset as usize + n]);
+            Ok(n)
+        }
+        fn sync_range(&mut self, offset: u64, len: u64, wait: bool) -> io::Result<()> {
+            self.calls.push(format!(
+                "{} {}M+{}M",
+                if wait { "wait" } else { "start" },
+                offset >> 20,
+                len >> 20
+            ));
+            if wait {
+                self.dirty = self.dirty.saturating_sub(len);
+            }
+            Ok(())
+        }
+        fn sync_data(&mut self) -> io::Result<()> {
+            self.calls.push("sync".into());
+            self.dirty = 0;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn dirty_data_is_bounded_and_checkpoints_are_durable() {
+        let mut dev = Recorder {
+            data: vec![0; 40 << 20],
+            ..Recorder::default()
+        };
+        let mut checkpoints = Vec::new();
+        let mut w = SlotWriter::new(&mut dev, 0, Sha256::new(), 16 << 20);
+        let chunk = vec![0x5a; 300_000];
+        let mut written = 0u64;
+        while written + chunk.len() as u64 <= 40 << 20 {
+            w.write(&chunk).unwrap();
+            written += chunk.len() as u64;
+            checkpoints.extend(w.take_checkpoint());
+        }
+        let (n, sha) = w.finish().unwrap();
+        assert_eq!(n, written);
+        assert_eq!(
+            sha,
+            hex::encode(Sha256::digest(vec![0x5a; written as usize]))
+        );
+        assert_eq!(checkpoints, vec![16 << 20, 32 << 20]);
+        assert_eq!(
+            dev.calls,
+            [
+                "start 0M+8M",
+                "sync", // 16 MiB: checkpoint
+                "start 16M+8M",
+                "sync", // 32 MiB: checkpoint
+                "sync", // finish
+            ]
+        );
+        // Never more than two sync windows dirty.
+        assert!(dev.max_dirty <= 2 * SYNC_WINDOW, "{} dirty", dev.max_dirty);
+    }
+
+    #[test]
+    fn windows_between_checkpoints_are_waited_for() {
+        let mut dev = Recorder {
+            data: vec![0; 40 << 20],
+            ..Recorder::default()
+        };
+        let mut w = SlotWriter::new(&mut dev, 0, Sha256::new(), 1 << 40);
+        w.write(&vec![1; 32 << 20]).unwrap();
+        w.finish().unwrap();
+        assert_eq!(
+            dev.calls,
+            [
+                "start 0M+8M",
+                "start 8M+8M",
+                "wait 0M+8M",
+                "start 16M+8M",
+                "wait 8M+8M",
+                "start 24M+8M",
+                "wait 16M+8M",
+                "sync"
+            ]
+        );
+        assert!(dev.max_dirty <= 2 * SYNC_WINDOW, "{} dirty", dev.max_dirty);
+    }
+}

@@ -7,13 +7,16 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use reqwest::header::{CONTENT_RANGE, RANGE};
+use reqwest::header::{CONTENT_RANGE, RANGE, RETRY_AFTER};
 use tokio::sync::mpsc;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 
 use super::error::is_transient_status;
 use super::pipeline::{Chunk, Counters};
 use super::{InstallError, RetryPolicy};
+
+/// The longest `Retry-After` honoured for one retry.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 /// What to download and how.
 #[derive(Debug, Clone)]
@@ -31,7 +34,12 @@ pub struct SourceSpec {
 /// One failed attempt.
 enum Fault {
     Permanent(InstallError),
-    Transient { message: String, truncated: bool },
+    Transient {
+        message: String,
+        truncated: bool,
+        /// The server's `Retry-After` (seconds form).
+        retry_after: Option<Duration>,
+    },
 }
 
 enum Done {
@@ -123,7 +131,11 @@ pub async fn fetch(
             }
             Ok(Done::ReceiverGone) => return Ok(()),
             Err(Fault::Permanent(e)) => return Err(e),
-            Err(Fault::Transient { message, truncated }) => {
+            Err(Fault::Transient {
+                message,
+                truncated,
+                retry_after,
+            }) => {
                 if offset > before {
                     failures = 0; // progress: the fault budget is per stretch without progress
                 }
@@ -144,7 +156,11 @@ pub async fn fetch(
                         },
                     });
                 }
-                let backoff = spec.retry.backoff(failures);
+                // Honour the server's Retry-After, within reason.
+                let backoff = spec
+                    .retry
+                    .backoff(failures)
+                    .max(retry_after.unwrap_or_default().min(MAX_RETRY_AFTER));
                 tracing::warn!(url = %spec.url, offset, attempt = failures, ?backoff, %message, "download interrupted; resuming");
                 sleep(backoff).await;
             }
@@ -221,6 +237,7 @@ async fn fetch_once(
     let transient = |message: String| Fault::Transient {
         message,
         truncated: false,
+        retry_after: None,
     };
     let mut response = match timeout(spec.stall_timeout, request.send()).await {
         Err(_) => return Err(transient("no response".into())),
@@ -264,7 +281,19 @@ async fn fetch_once(
             }
         }
         416 if total.is_some_and(|t| *offset >= t) => return Ok(Done::Complete),
-        s if is_transient_status(s) => return Err(transient(format!("HTTP status {s}"))),
+        s if is_transient_status(s) => {
+            let retry_after = response
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            return Err(Fault::Transient {
+                message: format!("HTTP status {s}"),
+                truncated: false,
+                retry_after,
+            });
+        }
         s => {
             return Err(Fault::Permanent(InstallError::HttpStatus {
                 url: spec.url.clone(),
@@ -319,6 +348,7 @@ async fn fetch_once(
         Some(t) if *offset < t => Err(Fault::Transient {
             message: format!("body ended at byte {} of {t}", *offset),
             truncated: true,
+            retry_after: None,
         }),
         _ => Ok(Done::Complete),
     }

@@ -19,6 +19,8 @@ enum Fault {
     DropAfter(usize),
     /// Answer with this status and no body.
     Status(u16),
+    /// 503 with `Retry-After: N` seconds.
+    RetryAfter(u64),
     /// Announce the full length but send only this many bytes, then close.
     Truncate(usize),
     /// A clean 200 response holding only the first bytes (Content-Length matches the cut).
@@ -119,6 +121,10 @@ async fn serve(
             r.extend_from_slice(&body[..n]);
             r
         }
+        (Some(Fault::RetryAfter(secs)), _) => format!(
+            "HTTP/1.1 503 Busy\r\nRetry-After: {secs}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .into_bytes(),
         (Some(Fault::Status(code)), _) => {
             format!("HTTP/1.1 {code} Injected\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").into_bytes()
         }
@@ -461,6 +467,25 @@ async fn dropped_connections_are_resumed_with_range() {
     assert_eq!(starts[1], Some(700_000));
     assert_eq!(starts[2], Some(1_600_000));
     assert_eq!(starts[3], Some(1_600_000));
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured() {
+    let img = image(100_000, 23);
+    let server = TestServer::start(img.clone()).await;
+    server.set(|s| s.faults = vec![Fault::RetryAfter(1)]);
+    let fx = Fixture::new(1 << 20);
+    let begin = Instant::now();
+    run(&fx.request(&server.url, &img), &fast_options())
+        .await
+        .0
+        .unwrap();
+    assert!(
+        begin.elapsed() >= Duration::from_secs(1),
+        "retried after {:?}",
+        begin.elapsed()
+    );
+    fx.assert_installed(&img);
 }
 
 #[tokio::test]
