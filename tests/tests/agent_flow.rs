@@ -733,3 +733,18 @@ fn trace_logs_never_contain_the_token() {
     run();
     assert_eq!(rig.status(action), ActionStatus::Finished);
 }
+
+#[test]
+fn long_polling_intervals_parse_in_both_formats() {
+    for version in ["0.9.0", "0.10.0", "head"] {
+        let v: HawkbitVersion = version.parse().unwrap();
+        let rig = Rig::with(ServerOptions::default().version(v), |_| {});
+        // 25 h 30 min: ISO-8601 since 0.10.0, capped HH:mm:ss before.
+        rig.server
+            .set_polling(Duration::from_secs(25 * 3600 + 1800));
+        let action = rig.deploy(&Image::good("17.0", IMAGE_SIZE), &Assignment::forced());
+        rig.once_expect(0);
+        assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1, "{version}");
+        assert!(rig.server.action(action).unwrap().active);
+    }
+}
