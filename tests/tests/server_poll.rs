@@ -381,3 +381,29 @@ fn one_target_can_poll_at_its_own_interval() {
     assert_eq!(poll_fast()["config"]["polling"]["sleep"], "00:05:00");
     assert!(e.server.set_target_polling("nobody", None).is_err());
 }
+
+#[test]
+fn polling_deviation_gives_fractional_iso_intervals() {
+    let e = env_with(ServerOptions::default().polling(Duration::from_secs(48 * 3600)));
+    e.server.configure(|c| c.polling_deviation_pct = 10);
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let sleep = e.poll()["config"]["polling"]["sleep"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let d = ddi_tests::server::model::parse_interval(&sleep).unwrap();
+        assert!(sleep.starts_with("PT"), "{sleep}");
+        let secs = d.as_secs_f64();
+        assert!(
+            (48.0 * 3600.0 * 0.9..=48.0 * 3600.0 * 1.1).contains(&secs),
+            "{sleep}"
+        );
+        seen.insert(sleep);
+    }
+    assert!(seen.len() > 1, "the interval varies: {seen:?}");
+    assert!(
+        seen.iter().any(|s| s.contains('.')),
+        "ms granularity: {seen:?}"
+    );
+}

@@ -118,6 +118,9 @@ struct ServeArgs {
     /// Floor of the maintenance-window shortened interval, seconds
     #[arg(long, default_value_t = 30)]
     min_polling: u64,
+    /// Random deviation of the polling interval, percent (hawkBit's `~N%`)
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    polling_deviation: u8,
     /// Enable GatewayToken authentication with this key
     #[arg(long)]
     gateway_token: Option<String>,
@@ -273,6 +276,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         .with_context(|| format!("invalid --polling {:?}", args.polling))?;
     opts = opts.polling(polling);
     opts.config.min_polling_ms = (args.min_polling * 1000) as i64;
+    opts.config.polling_deviation_pct = args.polling_deviation;
     opts.config.gateway_token = args.gateway_token;
     opts.config.target_token_enabled = !args.no_target_token;
     if args.anonymous && !args.hawkbit_version.supports_anonymous() {

@@ -572,6 +572,9 @@ pub struct Config {
     pub skip_artifact_access_check: bool,
     /// hawkBit `maintenanceWindowPollCount`.
     pub maintenance_poll_count: i64,
+    /// Random deviation of the polling interval in percent (hawkBit's `~N%`), 0 = none.
+    #[serde(default)]
+    pub polling_deviation_pct: u8,
 }
 
 impl Default for Config {
@@ -592,6 +595,7 @@ impl Default for Config {
             autoclose_obsolete: false,
             skip_artifact_access_check: false,
             maintenance_poll_count: 3,
+            polling_deviation_pct: 0,
         }
     }
 }
@@ -1261,11 +1265,20 @@ impl State {
 
     /// The polling interval suggested to this target now (spec §4.3 step 3).
     pub fn poll_sleep_ms(&self, controller_id: &str, now: Millis) -> i64 {
-        let normal = self
+        let base = self
             .targets
             .get(controller_id)
             .and_then(|t| t.polling_ms)
             .unwrap_or(self.config.polling_ms);
+        let normal = match self.config.polling_deviation_pct {
+            0 => base,
+            pct => {
+                // Uniform in [-pct%, +pct%] with ms granularity, never below the minimum.
+                let span = base * i64::from(pct.min(100)) / 100;
+                let offset = (random_u64() % (2 * span as u64 + 1)) as i64 - span;
+                (base + offset).max(self.config.min_polling_ms.min(base))
+            }
+        };
         let window_start = self
             .current_action(controller_id)
             .and_then(|a| a.maintenance)
@@ -1909,6 +1922,15 @@ impl InstallDate for Option<Millis> {
             Some(prev) => !uses_device_timestamp || *prev < time,
         }
     }
+}
+
+/// A random number from the std hasher's per-instance keys (good enough for a test server).
+fn random_u64() -> u64 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = RandomState::new().build_hasher();
+    h.write_i64(now_ms());
+    h.finish()
 }
 
 /// 32 random alphanumerics, like hawkBit's generated target tokens.
