@@ -748,3 +748,31 @@ fn long_polling_intervals_parse_in_both_formats() {
         assert!(rig.server.action(action).unwrap().active);
     }
 }
+
+#[test]
+fn rauc_scheme_updates_and_confirms() {
+    let rig = Rig::with(ServerOptions::default(), |o| {
+        o.scheme = bootctl::scheme::SchemeKind::Rauc;
+        o.initial_env.retain(|(name, _)| name != "bootctl_slot");
+    });
+    let image = Image::good("18.0", IMAGE_SIZE);
+    let action = rig.deploy(&image, &Assignment::forced());
+    rig.once_expect(0);
+    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
+    assert_eq!(rig.env("BOOT_ORDER").as_deref(), Some("B A"));
+    assert_eq!(rig.dev.reboot().unwrap(), Slot::B);
+    rig.once_expect(0);
+    assert_eq!(rig.status(action), ActionStatus::Finished);
+    assert_eq!(rig.env("BOOT_B_LEFT").as_deref(), Some("3"));
+
+    // A broken image on the rauc scheme: marked bad (removed from BOOT_ORDER), back to B.
+    let broken = Image::broken("19.0", IMAGE_SIZE);
+    let action = rig.deploy(&broken, &Assignment::forced());
+    rig.once_expect(0);
+    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
+    assert_eq!(rig.dev.reboot().unwrap(), Slot::A);
+    rig.once_expect(1);
+    assert_eq!(rig.env("BOOT_ORDER").as_deref(), Some("B"));
+    assert_eq!(rig.dev.reboot().unwrap(), Slot::B);
+    assert_eq!(rig.status(action), ActionStatus::Error);
+}
