@@ -76,7 +76,12 @@ pub fn init_logging() {
         if let Ok(journald) = tracing_journald::layer() {
             let _ = tracing_subscriber::registry()
                 .with(filter)
-                .with(journald.with_syslog_identifier("ddi-agent".into()))
+                .with(
+                    journald
+                        .with_syslog_identifier("ddi-agent".into())
+                        // ACTION_ID=, STATE= as journal fields (`journalctl ACTION_ID=42`).
+                        .with_field_prefix(None),
+                )
                 .try_init();
             return;
         }
