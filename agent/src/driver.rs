@@ -160,7 +160,10 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
             sleep: Some(poll.sleep),
             ..CycleReport::default()
         };
-        self.config_data(&poll, booted).await?;
+        // Attributes the server refuses must not block updates: log and go on.
+        if let Err(e) = self.config_data(&poll, booted).await {
+            warn!(error = %e, "attributes (configData) not accepted; retried next cycle");
+        }
         self.installed_base(&poll).await;
         if poll.confirmation.is_none() && self.state.pending_consent.is_some() {
             self.state.pending_consent = None;

@@ -776,3 +776,20 @@ fn rauc_scheme_updates_and_confirms() {
     assert_eq!(rig.dev.reboot().unwrap(), Slot::B);
     assert_eq!(rig.status(action), ActionStatus::Error);
 }
+
+#[test]
+fn refused_attributes_do_not_block_an_update() {
+    use ddi_tests::server::{Endpoint, Fault, FaultKind};
+    let rig = Rig::new();
+    rig.server.add_fault(
+        Fault::new(FaultKind::Status {
+            code: 400,
+            retry_after_secs: None,
+        })
+        .on(Endpoint::ConfigData),
+    );
+    rig.deploy(&Image::good("20.0", IMAGE_SIZE), &Assignment::forced());
+    let out = rig.once_expect(0);
+    assert!(out.stderr.contains("configData"), "{}", out.describe());
+    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
+}
