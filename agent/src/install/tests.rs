@@ -1022,6 +1022,16 @@ mod block {
             let dev = run_tool(Command::new("losetup").args(["--find", "--show"]).arg(file));
             Loop { dev: dev.into() }
         }
+
+        /// With partition scanning (`/dev/loopNpM` nodes).
+        fn attach_partitioned(file: &Path) -> Loop {
+            let dev = run_tool(
+                Command::new("losetup")
+                    .args(["--find", "--show", "--partscan"])
+                    .arg(file),
+            );
+            Loop { dev: dev.into() }
+        }
     }
 
     impl Drop for Loop {
@@ -1140,5 +1150,56 @@ mod block {
         );
         drop(mounted);
         drop(dev);
+    }
+
+    #[tokio::test]
+    async fn refuses_a_disk_whose_partition_is_mounted() {
+        let img = image(4096, 34);
+        let server = TestServer::start(img.clone()).await;
+        let fx = Fixture::new(16 << 20);
+        let mut sfdisk = Command::new("sfdisk")
+            .args(["--quiet", "--no-reread"])
+            .arg(&fx.slot)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("run sfdisk");
+        sfdisk
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"label: dos\nstart=2048, type=83\n")
+            .unwrap();
+        assert!(sfdisk.wait().unwrap().success(), "sfdisk failed");
+        let disk = Loop::attach_partitioned(&fx.slot);
+        // The partition's device node, made from sysfs (no udev needed).
+        let name = disk.dev.file_name().unwrap().to_string_lossy().to_string();
+        let sys_dev = PathBuf::from(format!("/sys/class/block/{name}p1/dev"));
+        // Some kernels only scan on request (it fails harmlessly if the scan already ran).
+        let _ = Command::new("partx").arg("-a").arg(&disk.dev).output();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !sys_dev.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{} did not appear",
+                sys_dev.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let numbers = std::fs::read_to_string(&sys_dev).unwrap();
+        let (major, minor) = numbers.trim().split_once(':').unwrap();
+        let part = fx.dir.path().join("part1");
+        run_tool(Command::new("mknod").arg(&part).args(["b", major, minor]));
+        let mnt = tempfile::tempdir().unwrap();
+        let mounted = Mounted::ext4(&part, mnt.path());
+        let mut req = fx.request(&server.url, &img);
+        req.slot_path = disk.dev.clone();
+        let err = run(&req, &real_mounts()).await.0.unwrap_err();
+        assert!(
+            matches!(&err, InstallError::SlotInUse { reason, .. } if reason.contains("partition of it")),
+            "{err}"
+        );
+        drop(mounted);
+        drop(disk);
+        assert!(server.requests().is_empty());
     }
 }
