@@ -1220,7 +1220,7 @@ impl State {
             })
     }
 
-    /// The action that decides the poll link: highest... oldest active action (hawkBit without
+    /// The action that decides the poll link: the oldest active one (hawkBit without
     /// multi-assignment weights).
     pub fn current_action(&self, controller_id: &str) -> Option<&Action> {
         self.actions
@@ -1460,7 +1460,6 @@ impl State {
             matches!(entry, ActionStatus::Finished | ActionStatus::Error),
         )?;
         let time = self.entry_time(fb, now);
-        let uses_ts = self.config.version.uses_feedback_timestamp() && fb.timestamp.is_some();
         let a = self.actions.get_mut(&action_id).expect("checked");
         a.push_status(time, entry, messages, fb.status.code);
         a.feedback.push(FeedbackRecord {
@@ -1476,7 +1475,10 @@ impl State {
             }
             if entry == ActionStatus::Finished {
                 // hawkBit only moves the installed DS forward in (device) time (spec §6.4).
-                let newer = t.installation_date.is_none_or_older(time, uses_ts);
+                let newer = match t.installation_date {
+                    None => true,
+                    Some(prev) => prev < time,
+                };
                 if newer {
                     t.installed_action = Some(action_id);
                     t.installation_date = Some(time);
@@ -1907,20 +1909,6 @@ impl State {
             .artifacts
             .iter()
             .find(|a| a.filename == filename)
-    }
-}
-
-/// `Option<Millis>` helper for the installation-date rule (MSRV 1.84 has no `is_none_or`).
-trait InstallDate {
-    fn is_none_or_older(&self, time: Millis, uses_device_timestamp: bool) -> bool;
-}
-
-impl InstallDate for Option<Millis> {
-    fn is_none_or_older(&self, time: Millis, uses_device_timestamp: bool) -> bool {
-        match self {
-            None => true,
-            Some(prev) => !uses_device_timestamp || *prev < time,
-        }
     }
 }
 
