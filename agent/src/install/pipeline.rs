@@ -171,9 +171,6 @@ pub fn run(
     let mut hashing = HashingReader::new(channel, artifact_hash, plan.start);
     let mut writer = SlotWriter::new(dev, plan.start, image_hash, plan.checkpoint_interval);
     let format = write_image(plan, &mut hashing, &mut writer, counters)?;
-    if writer.position() == 0 {
-        return Err(InstallError::EmptyImage);
-    }
     // The hash covers the whole artifact, including what follows the image (tar padding).
     io::copy(&mut hashing, &mut io::sink())
         .map_err(|e| decode::read_error(e, format, counters.consumed()))?;
@@ -184,6 +181,9 @@ pub fn run(
             expected: plan.expected.clone(),
             actual,
         });
+    }
+    if writer.position() == 0 {
+        return Err(InstallError::EmptyImage);
     }
     let (written, image_sha256) = writer.finish()?;
 
