@@ -984,6 +984,79 @@ fn stopped_install_stops_reading_and_writing() {
     assert!(dev.data.iter().all(|&b| b == FILL), "wrote after the stop");
 }
 
+/// Feed `artifact` to the blocking stage in chunks of the given sizes (cycled).
+fn run_pipeline_chunked(
+    artifact: &[u8],
+    chunk_sizes: &[usize],
+    capacity: usize,
+) -> (Result<Installed, InstallError>, Vec<u8>) {
+    let plan = pipeline::SinkPlan {
+        url: "http://127.0.0.1/x".into(),
+        algorithm: hash::HashAlgorithm::Sha256,
+        expected: sha256_hex(artifact),
+        size: Some(artifact.len() as u64),
+        start: 0,
+        resume_path: PathBuf::from("/nonexistent/resume.json"),
+        archive_member: None,
+        bundle: None,
+        checkpoint_interval: 64 << 20,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(artifact.len() + 2);
+    let mut rest = artifact;
+    for size in chunk_sizes.iter().cycle() {
+        if rest.is_empty() {
+            break;
+        }
+        let n = (*size).clamp(1, rest.len());
+        tx.try_send(pipeline::Chunk::Data(bytes::Bytes::copy_from_slice(
+            &rest[..n],
+        )))
+        .unwrap();
+        rest = &rest[n..];
+    }
+    tx.try_send(pipeline::Chunk::End).unwrap();
+    let counters = pipeline::Counters::new(0, Some(artifact.len() as u64));
+    let mut dev = FailingSlot {
+        data: vec![FILL; capacity],
+        fail_from: u64::MAX,
+    };
+    let result = pipeline::run(&plan, &mut dev, rx, &counters);
+    (result, dev.data)
+}
+
+mod chunking {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// However the bytes arrive (1-byte chunks, odd sizes), every format installs the
+        /// same image.
+        #[test]
+        fn any_chunking_installs_the_image(
+            len in 1usize..40_000,
+            seed in any::<u32>(),
+            format in 0u8..4,
+            chunk_sizes in proptest::collection::vec(1usize..3000, 1..8),
+        ) {
+            let img = image(len, seed);
+            let artifact = match format {
+                0 => img.clone(),
+                1 => gzip(&img),
+                2 => tar_of(&[("rootfs.img", &img)]),
+                _ => gzip(&tar_of(&[("rootfs.img", &img)])),
+            };
+            let (result, slot) = run_pipeline_chunked(&artifact, &chunk_sizes, 64 << 10);
+            let installed = result.unwrap();
+            prop_assert_eq!(installed.bytes_written, len as u64);
+            prop_assert_eq!(installed.sha256_of_slot_image, sha256_hex(&img));
+            prop_assert!(slot[..len] == img[..]);
+            prop_assert!(slot[len..].iter().all(|&b| b == FILL));
+        }
+    }
+}
+
 #[test]
 fn backoff_grows_and_is_capped() {
     let p = RetryPolicy {
