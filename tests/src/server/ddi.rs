@@ -490,10 +490,19 @@ async fn handle_request(AxState(shared): AxState<Arc<Shared>>, req: Request) -> 
         })
         .filter_map(|(name, v)| Some((name.as_str().to_string(), v.to_str().ok()?.to_string())))
         .collect();
-    let authenticated = shared.update(|st| {
-        st.config.tenant.eq_ignore_ascii_case(&tenant)
-            && st.authenticate(&controller_id, authorization, &proxy_headers, registers)
-    });
+    let authenticated = {
+        let mut st = shared.lock();
+        let known = st.targets.len();
+        let ok = st.config.tenant.eq_ignore_ascii_case(&tenant)
+            && st.authenticate(&controller_id, authorization, &proxy_headers, registers);
+        // Only a plug-and-play registration changes the state.
+        if st.targets.len() != known {
+            if let Err(e) = shared.save(&st) {
+                tracing::warn!("{e}");
+            }
+        }
+        ok
+    };
     if !authenticated {
         return empty(StatusCode::UNAUTHORIZED);
     }
