@@ -40,6 +40,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::sync::mpsc;
 
 pub use bundle::BundlePolicy;
@@ -284,15 +285,21 @@ async fn run(
         sink_result.map_err(|e| InstallError::Internal(format!("install stage died: {e}")))?;
     match sink_result {
         Ok(installed) => Ok(installed),
-        Err(InstallError::Aborted) => {
-            // The download side gave up; its error says why.
+        Err(sink_error) => {
+            // When the download side failed, that is the cause; what the blocking stage saw
+            // (an aborted stream, wrapped by a decoder or the bundle reader) is a consequence.
+            // A source that is still running is not waited for (it may be mid-request),
+            // except after `Aborted`, which means it already stopped.
             let source_result = match source_result {
-                Some(r) => r,
-                None => source.await,
+                Some(r) => Some(r),
+                None if matches!(sink_error, InstallError::Aborted) => Some(source.await),
+                None => (&mut source).now_or_never(),
             };
-            Err(source_result.err().unwrap_or(InstallError::Aborted))
+            match source_result {
+                Some(Err(source_error)) => Err(source_error),
+                _ => Err(sink_error),
+            }
         }
-        Err(e) => Err(e),
     }
 }
 

@@ -698,6 +698,15 @@ async fn http_errors_and_bad_requests() {
     assert!(!err.is_retryable());
     assert_eq!(server.requests().len(), 1, "a 404 is not retried");
 
+    // Also when a signature policy reads the stream first.
+    let mut req = fx.request(&server.url, &img);
+    req.bundle = Some(BundlePolicy::default());
+    let err = run(&req, &fast_options()).await.0.unwrap_err();
+    assert!(
+        matches!(err, InstallError::HttpStatus { status: 404, .. }),
+        "{err}"
+    );
+
     let mut req = fx.request(&server.url, &img);
     req.expected = ExpectedHash::default();
     assert!(matches!(
