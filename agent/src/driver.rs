@@ -139,7 +139,10 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         let next = self.boot.next()?;
         info!(booted = %booted, next = %next, phase = self.state.phase.name(), "agent started");
         let rebooting = self.apply(Event::Started { booted, next }).await?;
-        self.deliver().await?;
+        if let Err(e) = self.deliver().await {
+            // Not fatal here: the cycle delivers first and reports what is still owed.
+            warn!(error = %e, "feedback still owed after start");
+        }
         Ok(CycleReport {
             rebooting,
             failure_reported: self.failure_reported,

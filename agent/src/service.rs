@@ -243,7 +243,9 @@ async fn run(mut driver: RealDriver) -> u8 {
     loop {
         let work = async {
             if first {
+                // Until the post-reboot step has run once, every attempt starts with it.
                 let r = driver.startup().await?;
+                first = false;
                 if r.rebooting {
                     return Ok(r);
                 }
@@ -255,7 +257,6 @@ async fn run(mut driver: RealDriver) -> u8 {
             _ = term.recv() => break,
             _ = int.recv() => break,
         };
-        first = false;
         let sleep = match outcome {
             Ok(r) if r.rebooting => {
                 notify(&[NotifyState::Status("rebooting")]);
