@@ -359,8 +359,17 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
             Phase::Idle => println!("pending action: none"),
             p => {
                 let j = p.job().expect("non-idle phase has a job");
+                let note = match p {
+                    Phase::Installed(j) if !j.may_activate => {
+                        ", waiting for the maintenance window"
+                    }
+                    Phase::Installed(_) => ", ready to activate",
+                    Phase::AwaitingReboot(_) => ", waiting for the reboot",
+                    _ if j.download_only => ", download only",
+                    _ => "",
+                };
                 println!(
-                    "pending action: {} ({}), version {} into slot {}",
+                    "pending action: {} ({}{note}), version {} into slot {}",
                     j.action_id,
                     p.name(),
                     j.version,
