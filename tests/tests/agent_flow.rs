@@ -196,6 +196,15 @@ fn maintenance_window_writes_now_and_activates_when_open() {
     assert_eq!(rig.env("bootctl_slot").as_deref(), Some("A"));
     assert!(rig.server.action(action).unwrap().active);
     assert_eq!(rig.status_json()["phase"], "installed");
+    let mut cmd = rig.dev.agent_command();
+    cmd.arg("status");
+    let out = ddi_tests::harness::run_with_timeout(cmd, Duration::from_secs(20)).unwrap();
+    assert!(out.stdout.contains("booted slot:    A"), "{}", out.describe());
+    assert!(
+        out.stdout.contains("waiting for the maintenance window"),
+        "{}",
+        out.describe()
+    );
     while ddi_tests::server::model::now_ms() < opens + 200 {
         std::thread::sleep(Duration::from_millis(200));
     }
