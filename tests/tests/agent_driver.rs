@@ -365,3 +365,24 @@ async fn failed_health_check_marks_bad_and_reboots_back() {
     assert_eq!(closed.finished(), Some("failure"));
     assert!(closed.details().join("\n").contains("db corrupt"));
 }
+
+#[tokio::test]
+async fn conditional_poll_reuses_the_previous_answer() {
+    let s = Setup::new(ServerOptions::default());
+    let action = s.deploy(&Assignment::forced());
+    let cfg = s.config("");
+    let mut client = DdiClient::new(&cfg.server).unwrap();
+    let first = client.poll().await.unwrap();
+    // Same body again: answered 304 by the server, served from the cache here.
+    let second = client.poll().await.unwrap();
+    assert_eq!(first, second);
+    assert_eq!(
+        second.deployment.unwrap().action_id(),
+        Some(action.to_string())
+    );
+    // A change on the server shows through.
+    s.server.cancel(action).unwrap();
+    let third = client.poll().await.unwrap();
+    assert!(third.deployment.is_none());
+    assert!(third.cancel.is_some());
+}
