@@ -14,7 +14,8 @@ DISK_MIB=$((P4_START + DATA_MIB))
 
 # make_device DIR SCHEME SLOT_A_IMAGE DEVICE_TOML AGENT_EXTRA_TOML [ENV_TEXT]
 # Slot A gets the image, slot B stays empty, the environment is the factory
-# one of the scheme (or ENV_TEXT: name=value lines).
+# one of the scheme (or ENV_TEXT: name=value lines). With ISOLATION_PROBE=HOST:PORT
+# the guest checks at boot that it cannot reach that address.
 make_device() {
 	local dir=$1 scheme=$2 image=$3 device_toml=$4 agent_extra=$5 env_text=${6:-}
 	rm -rf "${dir:?}"
@@ -37,6 +38,7 @@ make_device() {
 	mcopy -i "$dir/boot.img" "$dir/boot/boot.scr" "$dir/boot/uboot.env" "$dir/boot/uboot-redund.env" ::
 	printf '%s\n' "$device_toml" >"$dir/data/ddi/device.toml"
 	printf '%s\n' "$agent_extra" >"$dir/data/ddi/agent-extra.toml"
+	if [ -n "${ISOLATION_PROBE:-}" ]; then echo "$ISOLATION_PROBE" >"$dir/data/ddi/isolation-probe"; fi
 	mkfs.ext4 -q -F -L data -E root_owner=0:0 -d "$dir/data" "$dir/data.img" "${DATA_MIB}M" >/dev/null
 	truncate -s "${DISK_MIB}M" "$dir/disk.img"
 	sfdisk -q "$dir/disk.img" <<-EOF

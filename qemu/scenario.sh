@@ -169,12 +169,14 @@ BOOT_SLOT='DDI-BOOT: scheme=bootcount slot'
 
 # (1) good update -> reboot -> confirm -> closed/success; later boots stay on B
 scenario_good() {
-	new_device bootcount
+	# the test server itself, at the host's slirp address: must be unreachable
+	ISOLATION_PROBE=10.0.2.2:$PORT new_device bootcount
 	local act
 	act=$(assign v2 2.0) || exit 1
 	power_on
 	expect "$BOOT_SLOT=A " 60 "U-Boot boots the factory slot A"
 	expect 'DDI-GUEST: up slot=A version=1.0' 60 "factory image up"
+	expect 'DDI-GUEST: isolation ok' 60 "the guest cannot reach the host's loopback except through guestfwd"
 	expect "$BOOT_SLOT=B .*upgrade_available=1 bootcount=1 " 180 "trial boot of B after the update"
 	expect 'DDI-GUEST: up slot=B version=2.0 ' 60 "new image up on B"
 	wait_action "$act" FINISHED 90 || fail "no closed/success"
