@@ -199,7 +199,11 @@ fn maintenance_window_writes_now_and_activates_when_open() {
     let mut cmd = rig.dev.agent_command();
     cmd.arg("status");
     let out = ddi_tests::harness::run_with_timeout(cmd, Duration::from_secs(20)).unwrap();
-    assert!(out.stdout.contains("booted slot:    A"), "{}", out.describe());
+    assert!(
+        out.stdout.contains("booted slot:    A"),
+        "{}",
+        out.describe()
+    );
     assert!(
         out.stdout.contains("waiting for the maintenance window"),
         "{}",
