@@ -223,7 +223,10 @@ fn a_bundle_image_larger_than_the_slot_is_refused() {
     let rig = Rig::new(true);
     let slot = rig.device.options().slot_size as usize;
     let image = Image::good("2.0", slot + 4096);
+    let slot_b_before = rig.device.slot_bytes(Slot::B).unwrap();
     let action = rig.deploy("2.0", rig.bundle(&image.bytes, COMPATIBLE, &rig.vendor));
     rig.settle(action);
-    rig.assert_refused(action, "does not fit");
+    rig.assert_refused(action, "bytes that fit");
+    // Refused from the signed manifest, before the first image byte reached the slot.
+    assert!(rig.device.slot_bytes(Slot::B).unwrap() == slot_b_before);
 }

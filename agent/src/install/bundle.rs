@@ -28,10 +28,12 @@ pub struct BundlePolicy {
 /// Bytes read ahead to recognise a bundle: one tar header.
 const HEADER_LEN: usize = 512;
 
-/// Wrap the artifact stream; what comes out is what gets decoded and written.
+/// Wrap the artifact stream; what comes out is what gets decoded and written. An uncompressed
+/// bundle image larger than `slot_capacity` is refused before its first byte is read.
 pub fn open<'a>(
     policy: &BundlePolicy,
     mut artifact: Box<dyn Read + 'a>,
+    slot_capacity: u64,
 ) -> Result<Box<dyn Read + 'a>, InstallError> {
     let mut head = vec![0u8; HEADER_LEN];
     let got = read_up_to(&mut artifact, &mut head)
@@ -62,7 +64,7 @@ pub fn open<'a>(
         &Policy {
             trusted_keys,
             compatible: policy.compatible.clone(),
-            max_image_size: None,
+            max_image_size: Some(slot_capacity),
         },
     )
     .map_err(|e| InstallError::Signature(e.to_string()))?;
@@ -140,7 +142,7 @@ mod tests {
     }
 
     fn read_all(policy: &BundlePolicy, artifact: Vec<u8>) -> Result<Vec<u8>, InstallError> {
-        let mut reader = open(policy, Box::new(Cursor::new(artifact)))?;
+        let mut reader = open(policy, Box::new(Cursor::new(artifact)), u64::MAX)?;
         let mut out = Vec::new();
         reader
             .read_to_end(&mut out)
@@ -191,6 +193,19 @@ mod tests {
         let err = read_all(&keys.policy(), bundle).unwrap_err();
         assert!(matches!(err, InstallError::Signature(_)), "{err}");
         assert!(err.to_string().contains("sha256"), "{err}");
+    }
+
+    #[test]
+    fn an_image_larger_than_the_slot_is_refused_before_it_is_read() {
+        let keys = Keys::new();
+        let bundle = keys.bundle(&[3u8; 5000], "acme-gw");
+        let err = open(&keys.policy(), Box::new(Cursor::new(bundle)), 4096)
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string().contains("more than the 4096 bytes"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -225,7 +225,7 @@ fn write_image<R: Read>(
         return Ok(Format::Raw);
     }
     let reader: Box<dyn Read + '_> = match &plan.bundle {
-        Some(policy) => bundle::open(policy, Box::new(hashing))?,
+        Some(policy) => bundle::open(policy, Box::new(hashing), writer.capacity())?,
         None => Box::new(hashing),
     };
     let (head, sniffed) =
