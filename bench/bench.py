@@ -307,7 +307,8 @@ class Usage:
             lines = [line for line in f.read().splitlines() if line.strip()]
         maxrss_kb, user, system = lines[-1].split()
         self.maxrss = int(maxrss_kb) * 1024
-        self.cpu = float(user) + float(system)
+        self.user, self.sys = float(user), float(system)
+        self.cpu = self.user + self.sys
 
 
 def timed(cmd, usage_path):
@@ -411,19 +412,26 @@ def drop_dirty():
     time.sleep(1)
 
 
-def run_agent_install(args, server, dist, form, run_no, image_bytes, slot_b, interval):
-    cid = f"agent-{form}-{run_no}"
+def run_agent_install(
+    args, server, dist, form, run_no, image_bytes, slot_b, interval, agent=None, label="agent"
+):
+    cid = f"{label}-{form}-{run_no}"
     token = server.target(cid)
     root = os.path.join(args.work, "device")
     config, marker = make_device(root, server.url, cid, token, args.slot_size, slot_b)
     server.assign(cid, dist)
     drop_dirty()
-    stderr = os.path.join(args.work, f"agent-{form}-{run_no}.log")
+    stderr = os.path.join(args.work, f"{label}-{form}-{run_no}.log")
     code, wall, usage, samples = run_sampled(
-        [args.agent, "-c", config, "once"], stderr, interval
+        [agent or args.agent, "-c", config, "once"], stderr, interval
     )
     if code != 0 or not os.path.exists(marker):
         raise RuntimeError(f"ddi-agent once failed (exit {code}); see {stderr}")
+    write_samples(
+        os.path.join(args.work, f"{label}-{form}-{run_no}.csv"),
+        {"samples": samples, "wall": wall, "split": None},
+        image_bytes,
+    )
     split = split_readback(samples, image_bytes)
     readback = split[2] - split[1] if split else None
     span = log_span(stderr, "installing", "image written and verified")
@@ -433,16 +441,25 @@ def run_agent_install(args, server, dist, form, run_no, image_bytes, slot_b, int
         "install_span": span,
         "maxrss": usage.maxrss,
         "cpu": usage.cpu,
+        "user": usage.user,
+        "sys": usage.sys,
         "samples": samples,
         "split": split,
     }
 
 
+# `curl | tee >(sha256sum) | dd conv=fsync`. The process substitution is opened on fd 3 at the
+# top level (not inside the pipeline) so that its pid is known and the run ends only when
+# sha256sum has printed the hash; inside the pipeline `$!` is not set and the hash would be
+# neither waited for nor counted in the CPU time.
 BASELINE = r"""set -o pipefail
+exec 3> >(sha256sum > "$HASH_OUT")
+hasher=$!
 curl -sf -H "Authorization: TargetToken $TOKEN" "$URL" \
-  | tee >(sha256sum > "$HASH_OUT") %s| dd of="$SLOT" bs=1M conv=fsync,notrunc status=none
+  | tee /dev/fd/3 %s| dd of="$SLOT" bs=1M conv=fsync,notrunc status=none
 rc=$?
-wait $!
+exec 3>&-
+wait "$hasher"
 exit $rc
 """
 
@@ -453,6 +470,8 @@ def run_baseline(args, server, dist, form, run_no, slot_b, expected_sha256):
     server.assign(cid, dist)
     url = server.artifact_url(cid, token)
     hash_out = os.path.join(args.work, "baseline.sha256")
+    if os.path.exists(hash_out):
+        os.remove(hash_out)
     script = BASELINE % ("| gzip -d " if form == "gzip" else "")
     env = dict(os.environ, TOKEN=token, URL=url, HASH_OUT=hash_out, SLOT=slot_b)
     drop_dirty()
@@ -468,7 +487,13 @@ def run_baseline(args, server, dist, form, run_no, slot_b, expected_sha256):
         got = f.read().split()[0]
     if got != expected_sha256:
         raise RuntimeError(f"baseline sha256 {got} != {expected_sha256}")
-    return {"wall": wall, "maxrss": usage.maxrss, "cpu": usage.cpu}
+    return {
+        "wall": wall,
+        "maxrss": usage.maxrss,
+        "cpu": usage.cpu,
+        "user": usage.user,
+        "sys": usage.sys,
+    }
 
 
 def bench_installs(args, server, images):
@@ -479,16 +504,24 @@ def bench_installs(args, server, images):
     subprocess.run(["fallocate", "-l", str(args.slot_size), slot_b], check=True)
     for form, path, artifact_sha, image_sha, image_bytes in images:
         dist, _ = server.upload(path, f"bench-{form}")
-        agent_runs, base_runs = [], []
+        agent_runs, base_runs, other_runs = [], [], []
         for i in range(args.runs):
             # Alternate who goes first so drift (load, cache) hits both alike.
             order = ["agent", "baseline"] if i % 2 == 0 else ["baseline", "agent"]
+            if args.other_agent:
+                order.insert(1, "other")
             for who in order:
                 if who == "agent":
                     r = run_agent_install(
                         args, server, dist, form, i, image_bytes, slot_b, args.sample_ms / 1000
                     )
                     agent_runs.append(r)
+                elif who == "other":
+                    r = run_agent_install(
+                        args, server, dist, form, i, image_bytes, slot_b, args.sample_ms / 1000,
+                        agent=args.other_agent, label="other",
+                    )
+                    other_runs.append(r)
                 else:
                     r = run_baseline(args, server, dist, form, i, slot_b, artifact_sha)
                     base_runs.append(r)
@@ -501,9 +534,14 @@ def bench_installs(args, server, images):
                 got = sha256_file_prefix(slot_b, image_bytes)
                 log(f"{form}: slot B holds the image: {got == image_sha}")
         results[form] = summarize(agent_runs, base_runs, image_bytes)
+        if other_runs:
+            results[form]["other"] = summarize(other_runs, base_runs, image_bytes)
         # Samples of the median agent run, for the plot.
         med = sorted(agent_runs, key=lambda r: r["wall"])[len(agent_runs) // 2]
         write_samples(os.path.join(args.work, f"samples-{form}.csv"), med, image_bytes)
+        if other_runs:
+            med = sorted(other_runs, key=lambda r: r["wall"])[len(other_runs) // 2]
+            write_samples(os.path.join(args.work, f"samples-{form}-other.csv"), med, image_bytes)
     return results
 
 
@@ -550,6 +588,8 @@ def summarize(agent_runs, base_runs, image_bytes):
         "baseline_maxrss_max": max(r["maxrss"] for r in base_runs),
         "agent_cpu_median": med([r["cpu"] for r in agent_runs]),
         "baseline_cpu_median": med([r["cpu"] for r in base_runs]),
+        "agent_user_sys_median": [med([r["user"] for r in agent_runs]), med([r["sys"] for r in agent_runs])],
+        "baseline_user_sys_median": [med([r["user"] for r in base_runs]), med([r["sys"] for r in base_runs])],
     }
 
 
@@ -647,6 +687,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--bin-dir", required=True, help="folder with release ddi-agent and ddi-sim")
     p.add_argument("--agent", default=None, help="ddi-agent to measure (default: BIN_DIR/ddi-agent)")
+    p.add_argument(
+        "--other-agent",
+        default=None,
+        help="a second ddi-agent build measured in the same alternation (e.g. a patched one)",
+    )
     p.add_argument("--work", required=True, help="scratch folder (slot and image files)")
     p.add_argument("--size", type=parse_size, default=GiB, help="image size (default 1G)")
     p.add_argument("--runs", type=int, default=3, help="runs of each contender per form (3)")

@@ -46,12 +46,19 @@ def rates(rows, key, start, stop, window=0.25):
 
 def main():
     out_png, inputs = sys.argv[1], sys.argv[2:]
-    fig, (ax_rate, ax_rss) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
-    colors = {"raw": "tab:blue", "gzip": "tab:orange"}
+    fig, (ax_rate, ax_rss) = plt.subplots(2, 1, figsize=(13, 8), sharex=True)
+    colors = {
+        "raw": "tab:blue",
+        "gzip": "tab:orange",
+        "raw-other": "tab:green",
+        "gzip-other": "tab:red",
+    }
+    label = os.environ.get("BENCH_OTHER_LABEL", "other build")
     for path in inputs:
         rows, meta = load(path)
         form = os.path.basename(path).split("-", 1)[1].split(".")[0]
         color = colors.get(form)
+        form = form.replace("-other", f" ({label})")
         split = meta.get("split")
         end = rows[-1]["t_s"]
         t_write = split[0] if split else end
@@ -78,7 +85,7 @@ def main():
     ax_rate.set_ylim(bottom=0)
     for ax in (ax_rate, ax_rss):
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
 

@@ -31,12 +31,28 @@ def main():
                 f" | {fmt(s['agent_cpu_median'])} | {fmt(s['baseline_cpu_median'])}"
                 f" | {fmt(s['agent_maxrss_max'] / MiB, '', 1)} | {fmt(s['baseline_maxrss_max'] / MiB, '', 1)} |"
             )
+            o = s.get("other")
+            if o:
+                print(
+                    f"| {form} (other agent) | {fmt(o['agent_median'])} | {fmt(o['baseline_median'])} | {fmt(o['ratio'], '', 3)}"
+                    f" | {fmt(o['agent_without_readback_median'])} | {fmt(o['ratio_without_readback'], '', 3)}"
+                    f" | {fmt(o['agent_readback_median'])} | {fmt(o['agent_mib_s'], '', 0)} | {fmt(o['baseline_mib_s'], '', 0)}"
+                    f" | {fmt(o['agent_cpu_median'])} | {fmt(o['baseline_cpu_median'])}"
+                    f" | {fmt(o['agent_maxrss_max'] / MiB, '', 1)} | {fmt(o['baseline_maxrss_max'] / MiB, '', 1)} |"
+                )
         print()
         for form, s in r["installs"].items():
             a = ", ".join(f"{x:.2f}" for x in s["agent_wall"])
             b = ", ".join(f"{x:.2f}" for x in s["baseline_wall"])
+            au, asys = s.get("agent_user_sys_median", (None, None))
+            bu, bsys = s.get("baseline_user_sys_median", (None, None))
             print(f"- {form}: agent runs {a} s; baseline runs {b} s;"
-                  f" agent install span (log) median {fmt(s['agent_install_span_median'])} s")
+                  f" agent install span (log) median {fmt(s['agent_install_span_median'])} s;"
+                  f" CPU user/sys agent {fmt(au)}/{fmt(asys)} s, baseline {fmt(bu)}/{fmt(bsys)} s")
+            o = s.get("other")
+            if o:
+                runs = ", ".join(f"{x:.2f}" for x in o["agent_wall"])
+                print(f"- {form}: other agent runs {runs} s")
         print()
     if "polls" in r:
         p = r["polls"]

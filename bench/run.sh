@@ -24,7 +24,8 @@ python3 "$repo/bench/bench.py" --bin-dir "$target_dir/release" --work "$work" "$
     > "$work/results.stdout.json"
 
 plots=()
-for f in "$work"/samples-raw.csv "$work"/samples-gzip.csv; do
+for f in "$work"/samples-raw.csv "$work"/samples-gzip.csv \
+    "$work"/samples-raw-other.csv "$work"/samples-gzip-other.csv; do
     [[ -f "$f" ]] && plots+=("$f")
 done
 if ((${#plots[@]})); then
