@@ -31,6 +31,11 @@ pub trait Bootloader: Send {
     fn activate(&mut self, slot: Slot) -> Result<(), BootError>;
     fn mark_good(&mut self) -> Result<(), BootError>;
     fn mark_bad(&mut self, slot: Slot) -> Result<(), BootError>;
+    /// Refreshes the running slot's standing when no trial is on (see
+    /// [`Action::KeepBootedGood`]); one save at most, none when nothing changes.
+    fn keep_booted_good(&mut self) -> Result<(), BootError> {
+        Ok(())
+    }
 }
 
 /// Downloads and writes one image.
@@ -257,6 +262,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                         info!("marking the booted slot good");
                         self.boot.mark_good()?
                     }
+                    Action::KeepBootedGood => self.boot.keep_booted_good()?,
                     Action::Install(job) => {
                         next = Some(self.install(&job).await);
                     }
@@ -638,6 +644,15 @@ impl Bootloader for BootCtl {
             .map(|_| ())
             .map_err(|e| BootError(e.to_string()))
     }
+    fn keep_booted_good(&mut self) -> Result<(), BootError> {
+        let status = self.0.status().map_err(|e| BootError(e.to_string()))?;
+        // A trial we do not know of (someone ran `ddi-bootctl set-next`) is not ours to confirm;
+        // U-Boot falls back unless whoever started it confirms it.
+        if status.trial == Some(true) || status.booted != Some(status.next) {
+            return Ok(());
+        }
+        self.mark_good()
+    }
 }
 
 /// [`Installer`] over `crate::install::install`.
@@ -700,5 +715,83 @@ impl Rebooter for RebootCommand {
         } else {
             Err(format!("{:?} {status}", self.0))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bootctl::env::{Env, Layout};
+    use bootctl::store::EnvStore;
+
+    /// The real bootloader adapter over an in-memory environment, booted from `slot`.
+    fn bootctl_on(
+        dir: &std::path::Path,
+        scheme: bootctl::SchemeKind,
+        vars: &[(&str, &str)],
+        slot: &str,
+    ) -> (BootCtl, bootctl::store::MemMedium) {
+        let mut env = Env::new();
+        for (name, value) in vars {
+            env.set(name, value).unwrap();
+        }
+        let (store, medium) = EnvStore::in_memory(&env, 4096, Layout::Redundant).unwrap();
+        let cmdline = dir.join("cmdline");
+        std::fs::write(&cmdline, format!("root=/dev/vda bootctl.slot={slot}\n")).unwrap();
+        let control = bootctl::BootControl::with_store(store, scheme, cmdline, 3);
+        (BootCtl(control), medium)
+    }
+
+    #[test]
+    fn keeping_the_booted_slot_good_refreshes_rauc_counters_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut boot, medium) = bootctl_on(
+            dir.path(),
+            bootctl::SchemeKind::Rauc,
+            &[
+                ("BOOT_ORDER", "A B"),
+                ("BOOT_A_LEFT", "1"),
+                ("BOOT_B_LEFT", "3"),
+            ],
+            "A",
+        );
+        boot.keep_booted_good().unwrap();
+        assert_eq!(medium.writes(), 1);
+        let env = boot.0.env().unwrap();
+        assert_eq!(env.get("BOOT_A_LEFT").as_deref(), Some("3"));
+        // Already fresh: nothing is written.
+        boot.keep_booted_good().unwrap();
+        assert_eq!(medium.writes(), 1);
+    }
+
+    #[test]
+    fn keeping_the_booted_slot_good_never_confirms_a_trial() {
+        let dir = tempfile::tempdir().unwrap();
+        // bootcount: a trial of A that the agent did not start.
+        let (mut boot, medium) = bootctl_on(
+            dir.path(),
+            bootctl::SchemeKind::Bootcount,
+            &[
+                ("bootctl_slot", "A"),
+                ("upgrade_available", "1"),
+                ("bootcount", "1"),
+            ],
+            "A",
+        );
+        boot.keep_booted_good().unwrap();
+        assert_eq!(medium.writes(), 0);
+        // rauc: B was made primary by someone else while A runs.
+        let (mut boot, medium) = bootctl_on(
+            dir.path(),
+            bootctl::SchemeKind::Rauc,
+            &[
+                ("BOOT_ORDER", "B A"),
+                ("BOOT_A_LEFT", "1"),
+                ("BOOT_B_LEFT", "3"),
+            ],
+            "A",
+        );
+        boot.keep_booted_good().unwrap();
+        assert_eq!(medium.writes(), 0);
     }
 }

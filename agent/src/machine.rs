@@ -233,6 +233,10 @@ pub enum Action {
     MarkBad(Slot),
     Activate(Slot),
     MarkGood,
+    /// Keep the confirmed, running slot bootable when nothing of ours is on trial: what RAUC's
+    /// mark-good does at every boot, so the `rauc` scheme's attempt counter of the running slot
+    /// never runs out over ordinary reboots. Never confirms a trial (a no-op under `bootcount`).
+    KeepBootedGood,
     /// Download and write; answered with [`Event::InstallDone`]. Always last.
     Install(Job),
     /// Answered with [`Event::HealthChecked`]. Always last.
@@ -317,7 +321,7 @@ pub fn step(params: &Params, state: State, event: Event) -> (State, Vec<Action>)
 
 fn started(params: &Params, s: &mut State, actions: &mut Vec<Action>, booted: Slot, next: Slot) {
     match s.phase.clone() {
-        Phase::Idle | Phase::Installing(_) => {}
+        Phase::Idle | Phase::Installing(_) => actions.push(Action::KeepBootedGood),
         Phase::Installed(job) => {
             if booted == job.target {
                 // Power cut between activation and persisting it: the new slot runs.
@@ -343,7 +347,13 @@ fn started(params: &Params, s: &mut State, actions: &mut Vec<Action>, booted: Sl
                         .detail(message.clone()),
                 );
                 s.finish(&job.action_id, ResultKind::Failure, message);
-                actions.extend([Action::Persist, Action::DeliverOutbox]);
+                // The bootloader may still list the failed slot (rauc: in BOOT_ORDER, to be
+                // tried again once the running slot's attempts run out): take it out.
+                actions.extend([
+                    Action::MarkBad(job.target),
+                    Action::Persist,
+                    Action::DeliverOutbox,
+                ]);
             }
         }
     }
@@ -784,6 +794,7 @@ mod tests {
                 Action::MarkBad(_) => "mark_bad",
                 Action::Activate(_) => "activate",
                 Action::MarkGood => "mark_good",
+                Action::KeepBootedGood => "keep_booted_good",
                 Action::Install(_) => "install",
                 Action::RunHealthChecks => "health",
                 Action::Notify { .. } => "notify",
@@ -849,7 +860,9 @@ mod tests {
                 next: Slot::A,
             },
         );
-        assert_eq!(kinds(&a), ["persist", "deliver"]);
+        // The failed slot is taken out of the bootloader's list before the report.
+        assert_eq!(kinds(&a), ["mark_bad", "persist", "deliver"]);
+        assert_eq!(a[0], Action::MarkBad(Slot::B));
         assert_eq!(
             only_outbox(&s),
             [(Channel::Deployment, Execution::Closed, Finished::Failure)]
@@ -934,7 +947,7 @@ mod tests {
         assert!(fb.details.iter().any(|d| d.contains("exited with 1")));
         assert!(fb.details.iter().any(|d| d == "last line"));
         assert_eq!(s.phase, Phase::Idle);
-        // After the reboot into A nothing more happens.
+        // After the reboot into A nothing more happens but keeping A bootable.
         let (s2, a) = ev(
             s.clone(),
             Event::Started {
@@ -942,7 +955,7 @@ mod tests {
                 next: Slot::A,
             },
         );
-        assert!(a.is_empty());
+        assert_eq!(a, [Action::KeepBootedGood]);
         assert_eq!(s2, s);
     }
 
@@ -1203,15 +1216,20 @@ mod tests {
             Event::HealthChecked(Ok(())),
             Event::HealthChecked(Err("x".into())),
             Event::NoAction,
-            Event::Started {
-                booted: Slot::A,
-                next: Slot::B,
-            },
         ] {
             let (s, a) = ev(State::default(), e.clone());
             assert_eq!(s, State::default(), "{e:?}");
             assert!(a.is_empty(), "{e:?}");
         }
+        // A start with nothing of ours pending only keeps the running slot bootable (the
+        // bootloader side decides whether that writes anything).
+        let started = Event::Started {
+            booted: Slot::A,
+            next: Slot::B,
+        };
+        let (s, a) = ev(State::default(), started);
+        assert_eq!(s, State::default());
+        assert_eq!(a, [Action::KeepBootedGood]);
     }
 
     #[test]
