@@ -758,7 +758,7 @@ mod tests {
         boot.keep_booted_good().unwrap();
         assert_eq!(medium.writes(), 1);
         let env = boot.0.env().unwrap();
-        assert_eq!(env.get("BOOT_A_LEFT").as_deref(), Some("3"));
+        assert_eq!(env.get("BOOT_A_LEFT"), Some("3"));
         // Already fresh: nothing is written.
         boot.keep_booted_good().unwrap();
         assert_eq!(medium.writes(), 1);
