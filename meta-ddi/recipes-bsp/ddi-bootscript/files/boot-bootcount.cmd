@@ -101,6 +101,7 @@ if test ${ddi_ua} = 1; then
   # bootcount + 1 in decimal (no setexpr); anything that is not 0..98
   # becomes 100, above every sensible bootlimit.
   ddi_next=100
+  ddi_prev=none
   for ddi_t in 0 1 2 3 4 5 6 7 8 9; do
     for ddi_u in 0 1 2 3 4 5 6 7 8 9; do
       if test ${ddi_t} = 0; then ddi_v=${ddi_u}; else ddi_v=${ddi_t}${ddi_u}; fi
