@@ -348,7 +348,11 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         let reporter = tokio::spawn(async move {
             let mut last: Option<tokio::time::Instant> = None;
             while let Some(p) = rx.recv().await {
-                if last.is_some_and(|t| t.elapsed() < Duration::from_secs(5)) {
+                let started = matches!(
+                    p,
+                    Progress::Downloading { done: 0, .. } | Progress::Verifying { done: 0, .. }
+                );
+                if started || last.is_some_and(|t| t.elapsed() < Duration::from_secs(5)) {
                     continue;
                 }
                 last = Some(tokio::time::Instant::now());
@@ -360,8 +364,12 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                         (Execution::Proceeding, done, Some(total), "verifying")
                     }
                 };
+                let amount = match total.filter(|t| *t > 0) {
+                    Some(total) => format!("{done} of {total} bytes"),
+                    None => format!("{done} bytes"),
+                };
                 let mut fb = Feedback::new(&action_id, execution, Finished::None)
-                    .detail(format!("{what}: {done} bytes"));
+                    .detail(format!("{what}: {amount}"));
                 if let Some(total) = total.filter(|t| *t > 0) {
                     fb.progress = Some((done.min(total) * 100 / total, 100));
                 }
