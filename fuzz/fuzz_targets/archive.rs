@@ -1,0 +1,113 @@
+//! The install pipeline's blocking stage (format sniffing, gzip, tar, tar.gz, the slot size
+//! guard, the hash check) on arbitrary artifact bytes, written into a slot in memory.
+//! Whatever happens, the pipeline must return (error or success), never write past the slot,
+//! and a success must mean the slot holds exactly the image it reports.
+#![no_main]
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use ddi_agent::install::hash::HashAlgorithm;
+use ddi_agent::install::pipeline::{self, Chunk, Counters, SinkPlan};
+use ddi_agent::install::slot::SlotDevice;
+use libfuzzer_sys::fuzz_target;
+use tokio::sync::mpsc;
+
+/// Slot capacity: small so that oversized images and decompression bombs hit the guard.
+const CAPACITY: usize = 256 * 1024;
+
+struct MemSlot {
+    path: PathBuf,
+    data: Vec<u8>,
+}
+
+impl SlotDevice for MemSlot {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn capacity(&self) -> u64 {
+        self.data.len() as u64
+    }
+    fn write_all_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let start = offset as usize;
+        let end = start
+            .checked_add(data.len())
+            .filter(|&e| e <= self.data.len())
+            .expect("pipeline wrote past the end of the slot");
+        self.data[start..end].copy_from_slice(data);
+        Ok(())
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let start = (offset as usize).min(self.data.len());
+        let n = buf.len().min(self.data.len() - start);
+        buf[..n].copy_from_slice(&self.data[start..start + n]);
+        Ok(n)
+    }
+    fn sync_range(&mut self, _offset: u64, _len: u64, _wait: bool) -> io::Result<()> {
+        Ok(())
+    }
+    fn sync_data(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(data))
+}
+
+static RUNS: AtomicU64 = AtomicU64::new(0);
+
+fuzz_target!(|input: &[u8]| {
+    let Some((&mode, artifact)) = input.split_first() else {
+        return;
+    };
+    // Half the runs expect the artifact's real hash, so successes are reachable.
+    let expected = if mode & 1 == 0 {
+        sha256_hex(artifact)
+    } else {
+        "00".repeat(32)
+    };
+    let plan = SinkPlan {
+        url: "http://127.0.0.1/artifact".into(),
+        algorithm: HashAlgorithm::Sha256,
+        expected,
+        size: (mode & 2 != 0).then_some(artifact.len() as u64),
+        start: 0,
+        resume_path: PathBuf::from("/nonexistent/ddi-fuzz/resume.json"),
+        archive_member: (mode & 4 != 0).then(|| "image.ext4".to_string()),
+        bundle: None,
+        // Never checkpoint: the resume file is not the subject here.
+        checkpoint_interval: u64::MAX / 2,
+    };
+    let mut slot = MemSlot {
+        path: PathBuf::from("mem-slot"),
+        data: vec![0xA5; CAPACITY],
+    };
+    let split = usize::from(mode >> 3).min(artifact.len());
+    let (tx, rx) = mpsc::channel(4);
+    tx.try_send(Chunk::Data(Bytes::copy_from_slice(&artifact[..split])))
+        .expect("channel has room");
+    tx.try_send(Chunk::Data(Bytes::copy_from_slice(&artifact[split..])))
+        .expect("channel has room");
+    if mode & 0x80 == 0 {
+        tx.try_send(Chunk::End).expect("channel has room");
+    } // else: the download side vanished without End (an aborted download)
+    drop(tx);
+    let counters = Counters::new(0, plan.size);
+    let result = pipeline::run(&plan, &mut slot, rx, &counters);
+    RUNS.fetch_add(1, Ordering::Relaxed);
+    if let Ok(installed) = result {
+        assert!(mode & 0x80 == 0, "an aborted download must not succeed");
+        assert!(mode & 1 == 0, "a wrong hash must not succeed");
+        let n = installed.bytes_written as usize;
+        assert!(n <= CAPACITY);
+        assert_eq!(
+            sha256_hex(&slot.data[..n]),
+            installed.sha256_of_slot_image,
+            "slot does not hold the image reported"
+        );
+    }
+});
