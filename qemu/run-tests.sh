@@ -9,7 +9,7 @@ set -uo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
 . "$(dirname "$0")/common.sh"
 
-ALL_SCENARIOS=(good panic unhealthy cut-download cut-write-switch torn-env rauc)
+ALL_SCENARIOS=(good panic unhealthy cut-download cut-write-switch torn-env rauc bad-env)
 JOBS=${DDI_QEMU_JOBS:-2}
 SCENARIO_TIMEOUT=${DDI_QEMU_TIMEOUT:-420}
 passed=0

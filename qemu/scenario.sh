@@ -2,7 +2,7 @@
 # One end-to-end scenario on a QEMU device: qemu/scenario.sh NAME SERVER_URL
 # Exit 0 = passed. Everything it does goes to stdout (run-tests.sh keeps it in
 # $WORK/run/NAME/scenario.log); the last line says why it failed.
-# Scenarios: good, panic, unhealthy, cut-download, cut-write-switch, torn-env, rauc.
+# Scenarios: good, panic, unhealthy, cut-download, cut-write-switch, torn-env, rauc, bad-env.
 set -uo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
 . "$(dirname "$0")/common.sh"
@@ -347,8 +347,33 @@ scenario_rauc() {
 	step "B still has attempts left after the later boots"
 }
 
+# (7) no valid copy at all: U-Boot boots the default slot A and saves nothing, and
+# nothing in Linux "repairs" the environment either
+scenario_bad_env() {
+	new_device bootcount
+	local copy
+	mkdir -p "$DEV/env-before"
+	for copy in uboot.env uboot-redund.env; do
+		mcopy -n -i "$DEV/disk.img@@${P1_START}M" "::$copy" "$DEV/env-before/$copy" || fail "cannot read $copy"
+		printf 'bad' | dd of="$DEV/env-before/$copy" bs=1 seek=100 conv=notrunc status=none
+		mcopy -o -i "$DEV/disk.img@@${P1_START}M" "$DEV/env-before/$copy" "::$copy" || fail "cannot write $copy"
+	done
+	power_on
+	expect 'DDI: no valid environment copy, using defaults' 60 "U-Boot finds no valid copy"
+	expect "$BOOT_SLOT=A .*upgrade_available=0" 30 "U-Boot boots the default slot A"
+	expect 'DDI-GUEST: up slot=A version=1.0' 60 "factory image up"
+	sleep 10
+	power_cut
+	env_print "$DEV" >/dev/null 2>&1 && fail "fw_printenv reads an environment: something wrote one"
+	for copy in uboot.env uboot-redund.env; do
+		cmp -s "$DEV/env-before/$copy" "$DEV/env-read/$copy" || fail "$copy was written"
+	done
+	step "both copies are still the broken ones: nothing repaired them"
+}
+
 case "$NAME" in
 good | panic | unhealthy | rauc) "scenario_$NAME" ;;
+bad-env) scenario_bad_env ;;
 cut-download) scenario_cut_download ;;
 cut-write-switch) scenario_cut_write_switch ;;
 torn-env) scenario_torn_env ;;
