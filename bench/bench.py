@@ -348,28 +348,36 @@ def run_sampled(cmd, stderr_path, interval, env=None):
     return proc.returncode, wall, Usage(usage_path), samples
 
 
-def split_readback(samples, image_bytes):
+def split_readback(samples, image_bytes, wall=None):
     """Times from the /proc/PID/io samples: (writes done, read-back start, read-back end).
 
     Writes to the slot count in wchar (pwrite), the read-back after the fsync in rchar (pread);
     socket traffic counts in neither. The read-back is where rchar grows by the image size
-    after the last write."""
+    after the last write. When the process ends less than one sample after the read-back
+    (no sample shows it complete), its end is extrapolated from the last sampled rate."""
     first = next((i for i, s in enumerate(samples) if s[2] >= image_bytes), None)
     if first is None:
         return None
     t_write = samples[first][0]
     before = max(first - 1, 0)
     r_base = samples[before][1]
-    t_rb0 = t_rb1 = None
-    for t, rchar, *_ in samples[before:]:
+    goal = r_base + image_bytes - 2 * MiB
+    t_rb0 = None
+    tail = samples[before:]
+    for t, rchar, *_ in tail:
         if rchar < r_base + MiB:
             t_rb0 = t
-        if rchar >= r_base + image_bytes - 2 * MiB:
-            t_rb1 = t
-            break
-    if t_rb0 is None or t_rb1 is None:
+        if rchar >= goal:
+            return t_write, t_rb0, t
+    if t_rb0 is None or len(tail) < 2:
         return None
-    return t_write, t_rb0, t_rb1
+    (t1, r1, *_), (t2, r2, *_) = tail[-2], tail[-1]
+    if r2 <= r1 or r2 < r_base + image_bytes // 2:
+        return None
+    end = t2 + (goal - r2) / ((r2 - r1) / (t2 - t1))
+    if wall is not None:
+        end = min(end, wall)
+    return t_write, t_rb0, end
 
 
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:(\d\d\.\d+))Z?\s")
@@ -432,7 +440,7 @@ def run_agent_install(
         {"samples": samples, "wall": wall, "split": None},
         image_bytes,
     )
-    split = split_readback(samples, image_bytes)
+    split = split_readback(samples, image_bytes, wall)
     readback = split[2] - split[1] if split else None
     span = log_span(stderr, "installing", "image written and verified")
     return {
@@ -729,7 +737,7 @@ def main():
         server.stop()
         if not args.keep:
             for name in os.listdir(args.work):
-                if name.startswith(("image-", "slot-", "device", "ddi-agent.stripped")):
+                if name.startswith(("image-", "slot-", "device", "poll-device", "ddi-agent.stripped")):
                     path = os.path.join(args.work, name)
                     if os.path.isdir(path):
                         shutil.rmtree(path)
