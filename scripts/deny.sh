@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# License, ban, duplicate-crate and source checks with cargo-deny (policy: deny.toml).
+#
+#   scripts/deny.sh             licenses, bans (incl. duplicate versions), sources: offline
+#   DENY_ADVISORIES=1 scripts/deny.sh
+#                               also the RustSec advisory check; it fetches the advisory
+#                               database, so it needs network access to it (or a copy in
+#                               ~/.cargo/advisory-dbs, used with --disable-fetch when
+#                               DENY_OFFLINE=1)
+#
+# Installs cargo-deny when it is missing.
+set -euo pipefail
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+
+if ! cargo deny --version >/dev/null 2>&1; then
+    echo "deny.sh: installing cargo-deny" >&2
+    cargo install cargo-deny --locked
+fi
+
+checks=(licenses bans sources)
+if [ "${DENY_ADVISORIES:-0}" = 1 ]; then
+    checks+=(advisories)
+fi
+extra=()
+if [ "${DENY_OFFLINE:-0}" = 1 ]; then
+    extra+=(--disable-fetch)
+fi
+
+# --offline: cargo must not update the index; the lock file already pins everything.
+cargo deny --offline --all-features --locked check "${extra[@]}" "${checks[@]}"
+echo "deny: ${checks[*]} ok"
