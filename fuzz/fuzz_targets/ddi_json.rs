@@ -3,9 +3,7 @@
 //! parse functions.
 #![no_main]
 
-use ddi_agent::ddi::{
-    parse_sleep, CancelRequest, ConfirmationState, Deployment, Link, PollReply,
-};
+use ddi_agent::ddi::{parse_sleep, CancelRequest, ConfirmationState, Deployment, Link, PollReply};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: &[u8]| {
@@ -16,9 +14,14 @@ fuzz_target!(|input: &[u8]| {
         href: "http://127.0.0.1/DEFAULT/controller/v1/dev/deploymentBase".to_string(),
     };
     if let Ok(reply) = PollReply::parse(input) {
-        for l in [&reply.deployment, &reply.cancel, &reply.confirmation, &reply.installed]
-            .into_iter()
-            .flatten()
+        for l in [
+            &reply.deployment,
+            &reply.cancel,
+            &reply.confirmation,
+            &reply.installed,
+        ]
+        .into_iter()
+        .flatten()
         {
             let _ = l.action_id();
             let _ = l.join("/feedback");

@@ -26,7 +26,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -36,8 +40,16 @@ fuzz_target!(|input: &[u8]| {
     let Some((&mode, rest)) = input.split_first() else {
         return;
     };
-    let layout = if mode & 1 == 0 { Layout::Single } else { Layout::Redundant };
-    let order = if mode & 2 == 0 { ByteOrder::Little } else { ByteOrder::Big };
+    let layout = if mode & 1 == 0 {
+        Layout::Single
+    } else {
+        Layout::Redundant
+    };
+    let order = if mode & 2 == 0 {
+        ByteOrder::Little
+    } else {
+        ByteOrder::Big
+    };
     let mut image = rest.to_vec();
     let copies = layout.copies();
     let env_size = image.len() / copies;
@@ -78,6 +90,9 @@ fuzz_target!(|input: &[u8]| {
     {
         let again = env::decode_copy_with(&copy, layout, order).expect("own encoding must decode");
         assert_eq!(again.env, decoded, "round trip changed the environment");
-        assert_eq!(again.flag, (layout == Layout::Redundant).then(|| selected.next_flag()));
+        assert_eq!(
+            again.flag,
+            (layout == Layout::Redundant).then(|| selected.next_flag())
+        );
     }
 });

@@ -19,5 +19,8 @@ fuzz_target!(|input: &[u8]| {
     let _ = config.env_size();
     let printed = config.to_text();
     let again = FwEnvConfig::parse(&printed, base).expect("printed config must parse");
-    assert_eq!(again, config, "to_text round trip changed the config:\n{printed}");
+    assert_eq!(
+        again, config,
+        "to_text round trip changed the config:\n{printed}"
+    );
 });
