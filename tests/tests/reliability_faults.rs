@@ -2,7 +2,9 @@
 //! and a file-backed device, one randomly chosen fault per trial:
 //! connection drops at random artifact offsets, clean but short bodies, 5xx and 429 storms on
 //! every endpoint, feedback refused for a while, a malformed poll answer, a slow download
-//! killed with -9 at a random moment, wrong hashes, and an image whose health check fails.
+//! killed with -9 at a random moment, wrong hashes, an image whose health check fails, and
+//! clock jumps (each agent run sees the wall and monotonic clocks years ahead or behind, via
+//! libfaketime: the Debian package `libfaketime` must be installed).
 //!
 //! After every agent run and every reboot the invariants hold: the environment reads, the
 //! running factory slot is untouched, a slot U-Boot would boot holds exactly the expected
@@ -11,7 +13,7 @@
 //! faults was not lost.
 //!
 //! `DDI_TRIALS` (default 20; a long run uses >= 500) and `DDI_SEED` (replay; the seed is
-//! printed). Needs `cargo build --workspace --bins` first.
+//! printed); `DDI_SCENARIO` runs one scenario only. Needs `cargo build --workspace --bins` first.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -55,7 +57,14 @@ const SCENARIOS: &[&str] = &[
     "kill-during-slow-download",
     "wrong-hash",
     "health-check-fails",
+    "clock-jumps",
 ];
+
+/// libfaketime (Debian package `libfaketime`): shifts the agent's clocks per run.
+const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+/// Clock offsets between runs: years forward and back, as after an RTC reset or an NTP fix.
+/// All are large, so the test can see that the fake clock reached the agent.
+const CLOCK_OFFSETS: &[&str] = &["+3650d", "-3650d", "-400d", "+400d", "+20y"];
 
 struct Trial<'a> {
     server: &'a TestServer,
@@ -64,6 +73,8 @@ struct Trial<'a> {
     image: Vec<u8>,
     action: u64,
     log: Vec<String>,
+    /// Each run sees the clock at another offset (scenario `clock-jumps`).
+    clock_jumps: Option<Rng>,
 }
 
 impl Trial<'_> {
@@ -104,7 +115,18 @@ impl Trial<'_> {
     }
 
     fn once(&mut self) {
-        let out = self.device.agent_once(AGENT_TIMEOUT).unwrap();
+        let out = match &mut self.clock_jumps {
+            None => self.device.agent_once(AGENT_TIMEOUT).unwrap(),
+            Some(rng) => {
+                let offset = CLOCK_OFFSETS[rng.below(CLOCK_OFFSETS.len() as u64) as usize];
+                self.log.push(format!("clock {offset}"));
+                let mut cmd = self.device.agent_command();
+                cmd.arg("once")
+                    .env("LD_PRELOAD", FAKETIME_LIB)
+                    .env("FAKETIME", offset);
+                ddi_tests::harness::run_with_timeout(cmd, AGENT_TIMEOUT).unwrap()
+            }
+        };
         assert!(!out.timed_out, "agent hung: {}", out.describe());
         self.log.push(format!("once exit {:?}", out.code));
         self.check("after an agent run");
@@ -162,7 +184,9 @@ fn random_faults_over_the_whole_cycle_keep_every_invariant() {
             .as_nanos() as u64
             | 1
     });
-    println!("DDI_SEED={seed} DDI_TRIALS={trials}");
+    // DDI_SCENARIO=<name> runs only that scenario (to chase one failure).
+    let only = std::env::var("DDI_SCENARIO").ok();
+    println!("DDI_SEED={seed} DDI_TRIALS={trials} DDI_SCENARIO={only:?}");
     let mut rng = Rng(seed);
     let server = TestServer::start(ServerOptions::default().polling(Duration::from_secs(1)));
     let good = Image::good("4.0", IMAGE_SIZE);
@@ -171,7 +195,13 @@ fn random_faults_over_the_whole_cycle_keep_every_invariant() {
     let started = Instant::now();
 
     for trial in 0..trials {
-        let scenario = rng.below(SCENARIOS.len() as u64) as usize;
+        let mut scenario = rng.below(SCENARIOS.len() as u64) as usize;
+        if let Some(only) = &only {
+            scenario = SCENARIOS
+                .iter()
+                .position(|s| s == only)
+                .expect("DDI_SCENARIO names a scenario");
+        }
         let name = SCENARIOS[scenario];
         let controller = format!("faults-{trial}");
         server.create_target(&controller, Some(TOKEN)).unwrap();
@@ -250,6 +280,10 @@ fn random_faults_over_the_whole_cycle_keep_every_invariant() {
                 expected = "failure";
             }
             "health-check-fails" => expected = "failure",
+            "clock-jumps" => assert!(
+                std::path::Path::new(FAKETIME_LIB).exists(),
+                "{FAKETIME_LIB} is missing: install the Debian package libfaketime"
+            ),
             other => unreachable!("{other}"),
         }
         let action = server
@@ -268,6 +302,7 @@ fn random_faults_over_the_whole_cycle_keep_every_invariant() {
             image: image.bytes.clone(),
             action,
             log: vec![format!("trial {trial}: {name} with {filename}")],
+            clock_jumps: (name == "clock-jumps").then(|| Rng(rng.next() | 1)),
         };
         t.check("at start");
         if name == "kill-during-slow-download" {
@@ -296,6 +331,26 @@ fn random_faults_over_the_whole_cycle_keep_every_invariant() {
             "trial {trial} ({name}, seed {seed}): steps {:?}",
             t.log
         );
+        if name == "clock-jumps" {
+            // Every feedback was stamped by a shifted clock: no timestamp (clock before
+            // 2020) or one far from the real time. Proves libfaketime reached the agent.
+            let now_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as i64;
+            let feedback = server.feedback(action);
+            assert!(!feedback.is_empty(), "trial {trial}: no feedback at all");
+            for f in feedback {
+                if let Some(ts) = f.body.get("timestamp").and_then(|t| t.as_i64()) {
+                    let days_off = (ts - now_ms).abs() / 86_400_000;
+                    assert!(
+                        days_off > 300,
+                        "trial {trial}: feedback stamped with the real clock: {}",
+                        f.body
+                    );
+                }
+            }
+        }
         server.clear_faults();
         survived[scenario] += 1;
     }
