@@ -315,9 +315,13 @@ scenario_torn_env() {
 }
 
 # (6) scenario 1 with the rauc scheme; the factory env starts at flag 255 so the
-# first saves wrap to 0, and A starts with 0xa attempts (hex counter)
+# first saves wrap to 0, A starts with 0xa attempts (hex counter), and the kernel is
+# started by the integrator's bootctl_boot
 scenario_rauc() {
-	new_device rauc "" "$(printf 'BOOT_ORDER=A B\nBOOT_A_LEFT=a\nBOOT_B_LEFT=3\nbootctl_args=%s\nvendor_serial=qemu-%s' "$INTEGRATOR_ARGS" "$NAME")"
+	# bootctl_boot: the integrator's boot command (the hook an arm board needs), here zboot
+	# shellcheck disable=SC2016 # U-Boot expands these, not the shell
+	new_device rauc "" "$(printf 'BOOT_ORDER=A B\nBOOT_A_LEFT=a\nBOOT_B_LEFT=3\nbootctl_args=%s\nvendor_serial=qemu-%s\nbootctl_boot=%s' \
+		"$INTEGRATOR_ARGS" "$NAME" 'echo DDI: integrator boot command; zboot ${ddi_kaddr} 0 ${ddi_raddr} ${filesize}')"
 	# flag byte of copy 1 = 255 (the flag is outside the CRC)
 	mcopy -n -i "$DEV/disk.img@@${P1_START}M" ::uboot.env "$DEV/uboot.env" || fail "cannot read uboot.env"
 	printf '\377' | dd of="$DEV/uboot.env" bs=1 seek=4 conv=notrunc status=none
@@ -326,6 +330,7 @@ scenario_rauc() {
 	act=$(assign v2 2.0) || exit 1
 	power_on
 	expect 'DDI-BOOT: scheme=rauc slot=A .*left=9' 60 "U-Boot boots A and counts 0xa down to 9"
+	expect 'DDI: integrator boot command' 30 "U-Boot runs bootctl_boot from the stored env"
 	expect 'DDI-GUEST: up slot=A version=1.0' 60 "factory image up"
 	expect 'DDI-BOOT: scheme=rauc slot=B .*BOOT_ORDER=B A left=2' 180 "trial boot of B"
 	expect 'DDI-GUEST: up slot=B version=2.0 ' 60 "new image up on B"

@@ -24,7 +24,12 @@
 # Optional variables in the stored environment (defaults in brackets):
 # bootctl_part_A [2], bootctl_part_B [3], bootctl_rootdev [/dev/vda],
 # bootctl_kernel [/boot/vmlinuz], bootctl_initrd [/boot/initrd.img],
-# bootctl_console [ttyS0,115200], bootctl_args [] (appended).
+# bootctl_console [ttyS0,115200], bootctl_args [] (appended), bootctl_boot
+# [x86: zboot ${ddi_kaddr} 0 ${ddi_raddr} ${filesize}] = the command that boots
+# the loaded kernel, e.g. for arm64: booti ${ddi_kaddr} ${ddi_raddr}:${filesize} ${ddi_fdt}
+# (kernel at ${ddi_kaddr}, initrd at ${ddi_raddr}, ${filesize} = initrd size,
+# ${ddi_fdt} = U-Boot's fdtcontroladdr; U-Boot's other runtime variables are
+# not visible then: the running environment is the stored one).
 #
 # Scratch memory used: 0x6000000-0x6040000.
 
@@ -39,6 +44,9 @@ ddi_kaddr=0x1000000
 ddi_raddr=0x4000000
 if test -n "${kernel_addr_r}"; then ddi_kaddr=${kernel_addr_r}; fi
 if test -n "${ramdisk_addr_r}"; then ddi_raddr=${ramdisk_addr_r}; fi
+# the control device tree, for bootctl_boot on boards that pass one (the
+# running environment is replaced by the stored one below)
+ddi_fdt=${fdtcontroladdr}
 
 # ---- read both copies ------------------------------------------------------
 # env import -c expects CRC32 immediately followed by the data, so the CRC of
@@ -167,7 +175,11 @@ if test ${ddi_reset} = 1; then reset; fi
 echo "DDI-BOOT: scheme=rauc slot=${ddi_slot} partition=${ddi_part} BOOT_ORDER=${ddi_order} left=${ddi_left}"
 setenv bootargs "console=${ddi_console} root=${ddi_rootdev}${ddi_part} rootwait panic=5 bootctl.slot=${ddi_slot} rauc.slot=${ddi_slot} ${bootctl_args}"
 if load ${ddi_dev} ${ddi_num}:${ddi_part} ${ddi_kaddr} ${ddi_kernel} && load ${ddi_dev} ${ddi_num}:${ddi_part} ${ddi_raddr} ${ddi_initrd}; then
-  zboot ${ddi_kaddr} 0 ${ddi_raddr} ${filesize}
+  if test -n "${bootctl_boot}"; then
+    run bootctl_boot
+  else
+    zboot ${ddi_kaddr} 0 ${ddi_raddr} ${filesize}
+  fi
 fi
 echo "DDI: slot ${ddi_slot} is not bootable"
 # the attempt is used up already; the next boot tries again or falls back
