@@ -41,7 +41,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use tokio::sync::mpsc;
 
 pub use bundle::BundlePolicy;
 pub use error::InstallError;
@@ -163,8 +162,11 @@ pub async fn install(
     install_with(client, req, &InstallOptions::default(), progress).await
 }
 
-/// Bounded channel between download and write: 64 chunks (a few MiB at most).
+/// Channel between download and write: at most this many chunks ...
 const CHANNEL_CHUNKS: usize = 64;
+/// ... and about this many bytes (hyper's chunks reach ~400 KiB on a fast link, so the
+/// chunk count alone would let ~30 MiB pile up while the slot waits for writeback).
+const CHANNEL_BYTES: usize = 2 << 20;
 
 /// [`install`] with explicit options.
 pub async fn install_with(
@@ -235,7 +237,7 @@ async fn run(
     start: u64,
 ) -> Result<Installed, InstallError> {
     let counters = Arc::new(Counters::new(start, req.size));
-    let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
+    let (tx, rx) = pipeline::channel(CHANNEL_CHUNKS, CHANNEL_BYTES);
     let plan = SinkPlan {
         url: req.url.clone(),
         algorithm,

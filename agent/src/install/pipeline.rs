@@ -8,11 +8,12 @@
 use std::io::{self, Read};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use bytes::{Buf, Bytes};
 use flate2::read::MultiGzDecoder;
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 
 use super::archive::{self, ImageSink};
 use super::bundle::{self, BundlePolicy};
@@ -28,6 +29,120 @@ pub enum Chunk {
     Data(Bytes),
     /// The artifact is complete. A channel closed without it means "aborted".
     End,
+}
+
+/// Bytes of artifact data that may sit between the download task and the blocking stage,
+/// counted in KiB permits. hyper hands out chunks of up to ~400 KiB, so a bound in chunks
+/// alone lets tens of MiB pile up while the slot waits for writeback.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    permits: Arc<Semaphore>,
+    total: u32,
+}
+
+/// The reader returns permits in batches of this many KiB, so that a parked download task is
+/// woken once per batch and not for every small chunk.
+const RELEASE_BATCH_KIB: u32 = 512;
+
+impl Budget {
+    pub fn new(bytes: usize) -> Self {
+        let total = bytes.div_ceil(1024).max(1) as u32;
+        Budget {
+            permits: Arc::new(Semaphore::new(total as usize)),
+            total,
+        }
+    }
+
+    /// Permits a chunk of `len` bytes holds; a chunk larger than the whole budget takes all
+    /// of it (it is already in memory, waiting for more would deadlock).
+    fn permits_for(&self, len: usize) -> u32 {
+        (len.div_ceil(1024) as u64).min(u64::from(self.total)) as u32
+    }
+
+    /// Wait until a chunk of `len` bytes fits; false when the blocking stage is gone.
+    async fn reserve(&self, len: usize) -> bool {
+        match self.permits.acquire_many(self.permits_for(len)).await {
+            Ok(permit) => {
+                permit.forget();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// The download side of the channel: bounded in chunks and in bytes.
+#[derive(Debug)]
+pub struct ChunkSender {
+    tx: mpsc::Sender<Chunk>,
+    budget: Budget,
+}
+
+impl ChunkSender {
+    /// Send one chunk once the budget has room; false when the blocking stage is gone.
+    pub async fn send_data(&self, data: Bytes) -> bool {
+        self.budget.reserve(data.len()).await && self.tx.send(Chunk::Data(data)).await.is_ok()
+    }
+
+    /// Mark the artifact complete.
+    pub async fn send_end(&self) {
+        let _ = self.tx.send(Chunk::End).await;
+    }
+}
+
+/// The blocking side of the channel. Without a budget (tests that fill the channel before
+/// running the stage) it is bounded in chunks only.
+#[derive(Debug)]
+pub struct ChunkReceiver {
+    rx: mpsc::Receiver<Chunk>,
+    budget: Option<Budget>,
+    /// Permits of consumed chunks not yet returned (see [`RELEASE_BATCH_KIB`]).
+    unreleased: u32,
+}
+
+impl ChunkReceiver {
+    /// Return the permits of a consumed chunk; `flush` returns the batch at once (before
+    /// waiting for the next chunk, so that a parked sender can send it).
+    fn release(&mut self, len: usize, flush: bool) {
+        if let Some(budget) = &self.budget {
+            self.unreleased += budget.permits_for(len);
+            if self.unreleased > 0 && (flush || self.unreleased >= RELEASE_BATCH_KIB) {
+                budget.permits.add_permits(self.unreleased as usize);
+                self.unreleased = 0;
+            }
+        }
+    }
+}
+
+impl Drop for ChunkReceiver {
+    fn drop(&mut self) {
+        // Wake a download task waiting for room: nobody will make any.
+        if let Some(budget) = &self.budget {
+            budget.permits.close();
+        }
+    }
+}
+
+impl From<mpsc::Receiver<Chunk>> for ChunkReceiver {
+    fn from(rx: mpsc::Receiver<Chunk>) -> Self {
+        ChunkReceiver {
+            rx,
+            budget: None,
+            unreleased: 0,
+        }
+    }
+}
+
+/// A channel of at most `chunks` chunks and about `bytes` bytes.
+pub fn channel(chunks: usize, bytes: usize) -> (ChunkSender, ChunkReceiver) {
+    let (tx, rx) = mpsc::channel(chunks);
+    let budget = Budget::new(bytes);
+    let receiver = ChunkReceiver {
+        rx,
+        budget: Some(budget.clone()),
+        unreleased: 0,
+    };
+    (ChunkSender { tx, budget }, receiver)
 }
 
 /// Shared between the stages and the progress reporter.
@@ -84,8 +199,10 @@ impl Counters {
 
 /// Turns the channel into a blocking `Read`.
 struct ChannelReader<'a> {
-    rx: mpsc::Receiver<Chunk>,
+    rx: ChunkReceiver,
     current: Bytes,
+    /// Length of the chunk in `current` when it arrived (its permits).
+    current_len: usize,
     ended: bool,
     counters: &'a Counters,
 }
@@ -99,8 +216,22 @@ impl Read for ChannelReader<'_> {
             if self.ended {
                 return Ok(0);
             }
-            match self.rx.blocking_recv() {
-                Some(Chunk::Data(b)) => self.current = b,
+            let len = std::mem::take(&mut self.current_len);
+            let next = match self.rx.rx.try_recv() {
+                Ok(chunk) => {
+                    self.rx.release(len, false);
+                    Some(chunk)
+                }
+                Err(_) => {
+                    self.rx.release(len, true);
+                    self.rx.rx.blocking_recv()
+                }
+            };
+            match next {
+                Some(Chunk::Data(b)) => {
+                    self.current_len = b.len();
+                    self.current = b;
+                }
                 Some(Chunk::End) => self.ended = true,
                 None => return Err(io::Error::other(DownloadAborted)),
             }
@@ -145,7 +276,7 @@ const READ_BUFFER: usize = 256 * 1024;
 pub fn run(
     plan: &SinkPlan,
     dev: &mut dyn SlotDevice,
-    rx: mpsc::Receiver<Chunk>,
+    rx: ChunkReceiver,
     counters: &Counters,
 ) -> Result<Installed, InstallError> {
     let mut artifact_hash = Hasher::new(plan.algorithm);
@@ -165,6 +296,7 @@ pub fn run(
     let channel = ChannelReader {
         rx,
         current: Bytes::new(),
+        current_len: 0,
         ended: false,
         counters,
     };
@@ -186,6 +318,8 @@ pub fn run(
         return Err(InstallError::EmptyImage);
     }
     let (written, image_sha256) = writer.finish()?;
+    // Without the writer's hash the image is the artifact itself, hashed with sha256 above.
+    let image_sha256 = image_sha256.unwrap_or(actual);
 
     counters.verify_total.store(written, Ordering::Relaxed);
     counters.verifying.store(true, Ordering::Release);
@@ -219,8 +353,14 @@ fn write_image<R: Read>(
 ) -> Result<Format, InstallError> {
     let offset = || counters.consumed();
     let resumable = plan.bundle.is_none();
+    // A raw image that is not in a bundle is the artifact byte for byte (including a resumed
+    // prefix, which both hashes covered), so its sha256 artifact hash is the image hash.
+    let artifact_is_image_sha256 = plan.bundle.is_none() && plan.algorithm == HashAlgorithm::Sha256;
     if plan.start > 0 {
         // Only raw images are resumed (see resume.rs).
+        if artifact_is_image_sha256 {
+            writer.leave_hash_to_caller();
+        }
         copy_all(hashing, writer, Format::Raw, plan, resumable, &offset)?;
         return Ok(Format::Raw);
     }
@@ -262,6 +402,9 @@ fn write_image<R: Read>(
                 writer.expect_size(total)?;
             }
         }
+        if artifact_is_image_sha256 {
+            writer.leave_hash_to_caller();
+        }
         copy_all(sniffed, writer, Format::Raw, plan, resumable, &offset)?;
         Ok(Format::Raw)
     }
@@ -302,5 +445,94 @@ fn copy_all<R: Read>(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+
+    #[tokio::test]
+    async fn sender_waits_for_room_in_the_byte_budget() {
+        let (tx, rx) = channel(64, 4096);
+        for _ in 0..4 {
+            let sent = tx.send_data(Bytes::from(vec![1u8; 1024])).now_or_never();
+            assert_eq!(sent, Some(true));
+        }
+        // The budget is full although the channel has room for 60 more chunks.
+        let mut fifth = Box::pin(tx.send_data(Bytes::from(vec![1u8; 10])));
+        assert!((&mut fifth).now_or_never().is_none());
+        // The blocking stage went away: the waiting sender is told so instead of hanging.
+        drop(rx);
+        assert!(!fifth.await);
+    }
+
+    #[tokio::test]
+    async fn a_chunk_larger_than_the_budget_takes_all_of_it() {
+        let (tx, _rx) = channel(64, 4096);
+        let sent = tx.send_data(Bytes::from(vec![1u8; 10_000])).now_or_never();
+        assert_eq!(sent, Some(true));
+        let next = tx.send_data(Bytes::from(vec![1u8; 1])).now_or_never();
+        assert!(next.is_none(), "sent past a full budget");
+    }
+
+    #[test]
+    fn bytes_in_flight_stay_within_the_budget() {
+        const BUDGET: usize = 8 << 10;
+        let counters = Arc::new(Counters::new(0, None));
+        let (tx, rx) = channel(1024, BUDGET);
+        let reader_counters = Arc::clone(&counters);
+        let reader = std::thread::spawn(move || {
+            let mut reader = ChannelReader {
+                rx,
+                current: Bytes::new(),
+                current_len: 0,
+                ended: false,
+                counters: &reader_counters,
+            };
+            let mut out = Vec::new();
+            let mut buf = [0u8; 700];
+            loop {
+                match reader.read(&mut buf).unwrap() {
+                    0 => return out,
+                    n => out.extend_from_slice(&buf[..n]),
+                }
+                std::thread::sleep(std::time::Duration::from_micros(50));
+            }
+        });
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut max_in_flight = 0u64;
+        runtime.block_on(async {
+            let mut sent = 0u64;
+            for (i, chunk) in data.chunks(3000).enumerate() {
+                let chunk = if i % 10 == 0 {
+                    chunk
+                } else {
+                    &chunk[..chunk.len() / 2]
+                };
+                assert!(tx.send_data(Bytes::copy_from_slice(chunk)).await);
+                sent += chunk.len() as u64;
+                let in_flight = sent - counters.consumed.load(Ordering::Relaxed);
+                max_in_flight = max_in_flight.max(in_flight);
+            }
+            tx.send_end().await;
+        });
+        let out = reader.join().unwrap();
+        let expected: Vec<u8> = data
+            .chunks(3000)
+            .enumerate()
+            .flat_map(|(i, c)| if i % 10 == 0 { c } else { &c[..c.len() / 2] })
+            .copied()
+            .collect();
+        assert!(out == expected, "bytes lost or reordered");
+        assert!(
+            max_in_flight <= BUDGET as u64,
+            "{max_in_flight} bytes in flight with a budget of {BUDGET}"
+        );
+        assert!(max_in_flight > BUDGET as u64 / 2, "the budget was not used");
     }
 }

@@ -8,11 +8,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use reqwest::header::{CONTENT_RANGE, RANGE, RETRY_AFTER};
-use tokio::sync::mpsc;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 
 use super::error::is_transient_status;
-use super::pipeline::{Chunk, Counters};
+use super::pipeline::{ChunkSender, Counters};
 use super::{InstallError, RetryPolicy};
 
 /// The longest `Retry-After` honoured for one retry.
@@ -107,7 +106,7 @@ pub async fn fetch(
     client: &reqwest::Client,
     spec: &SourceSpec,
     start: u64,
-    tx: mpsc::Sender<Chunk>,
+    tx: ChunkSender,
     counters: &Counters,
 ) -> Result<(), InstallError> {
     let mut offset = start;
@@ -126,7 +125,7 @@ pub async fn fetch(
         let result = fetch_once(client, spec, &mut offset, &mut total, &mut link).await;
         match result {
             Ok(Done::Complete) => {
-                let _ = tx.send(Chunk::End).await;
+                tx.send_end().await;
                 return Ok(());
             }
             Ok(Done::ReceiverGone) => return Ok(()),
@@ -170,7 +169,7 @@ pub async fn fetch(
 
 /// Where received bytes go, and state kept across connections.
 struct Link<'a> {
-    tx: &'a mpsc::Sender<Chunk>,
+    tx: &'a ChunkSender,
     counters: &'a Counters,
     limiter: &'a mut RateLimiter,
     /// The gzip trailer probe was done (or is not needed).
@@ -337,7 +336,7 @@ async fn fetch_once(
             }
         }
         let n = chunk.len();
-        if tx.send(Chunk::Data(chunk)).await.is_err() {
+        if !tx.send_data(chunk).await {
             return Ok(Done::ReceiverGone);
         }
         *offset = end;

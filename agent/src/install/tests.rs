@@ -884,7 +884,7 @@ fn write_error_on_the_slot_is_reported() {
         data: vec![FILL; 4 << 20],
         fail_from: 2 << 20,
     };
-    let err = pipeline::run(&plan, &mut dev, rx, &counters).unwrap_err();
+    let err = pipeline::run(&plan, &mut dev, rx.into(), &counters).unwrap_err();
     match &err {
         InstallError::SlotIo {
             op, offset, source, ..
@@ -927,7 +927,7 @@ fn aborted_download_is_not_mistaken_for_the_end() {
         data: vec![FILL; 4096],
         fail_from: u64::MAX,
     };
-    let err = pipeline::run(&plan, &mut dev, rx, &counters).unwrap_err();
+    let err = pipeline::run(&plan, &mut dev, rx.into(), &counters).unwrap_err();
     assert!(matches!(err, InstallError::Aborted), "{err}");
 }
 
@@ -988,7 +988,7 @@ fn stopped_install_stops_reading_and_writing() {
         data: vec![FILL; 2 << 20],
         fail_from: u64::MAX,
     };
-    let err = pipeline::run(&plan, &mut dev, rx, &counters).unwrap_err();
+    let err = pipeline::run(&plan, &mut dev, rx.into(), &counters).unwrap_err();
     assert!(matches!(err, InstallError::Aborted), "{err}");
     assert!(dev.data.iter().all(|&b| b == FILL), "wrote after the stop");
 }
@@ -1029,8 +1029,77 @@ fn run_pipeline_chunked(
         data: vec![FILL; capacity],
         fail_from: u64::MAX,
     };
-    let result = pipeline::run(&plan, &mut dev, rx, &counters);
+    let result = pipeline::run(&plan, &mut dev, rx.into(), &counters);
     (result, dev.data)
+}
+
+/// A slot that reads back one byte different from what was written (a bad medium).
+struct FlippingSlot(FailingSlot);
+
+impl slot::SlotDevice for FlippingSlot {
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+    fn capacity(&self) -> u64 {
+        self.0.capacity()
+    }
+    fn write_all_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0.write_all_at(offset, data)
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.0.read_at(offset, buf)?;
+        if offset == 0 && n > 100 {
+            buf[100] ^= 1;
+        }
+        Ok(n)
+    }
+    fn sync_range(&mut self, _: u64, _: u64, _: bool) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn sync_data(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The read-back is compared with the sha256 of the bytes written, whether the writer hashed
+/// them (gzip, tar) or the artifact hash stands for them (raw image with a sha256).
+#[test]
+fn read_back_mismatch_is_detected_for_every_format() {
+    let img = image(200_000, 23);
+    for artifact in [img.clone(), gzip(&img), tar_of(&[("rootfs.img", &img)])] {
+        let plan = pipeline::SinkPlan {
+            url: "http://127.0.0.1/x".into(),
+            algorithm: hash::HashAlgorithm::Sha256,
+            expected: sha256_hex(&artifact),
+            size: Some(artifact.len() as u64),
+            start: 0,
+            resume_path: PathBuf::from("/nonexistent/resume.json"),
+            archive_member: None,
+            bundle: None,
+            checkpoint_interval: 64 << 20,
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.try_send(pipeline::Chunk::Data(bytes::Bytes::copy_from_slice(
+            &artifact,
+        )))
+        .unwrap();
+        tx.try_send(pipeline::Chunk::End).unwrap();
+        let counters = pipeline::Counters::new(0, Some(artifact.len() as u64));
+        let mut dev = FlippingSlot(FailingSlot {
+            data: vec![FILL; 256 << 10],
+            fail_from: u64::MAX,
+        });
+        let err = pipeline::run(&plan, &mut dev, rx.into(), &counters).unwrap_err();
+        match err {
+            InstallError::ReadBackMismatch { written, read, .. } => {
+                assert_eq!(written, sha256_hex(&img));
+                let mut bad = img.clone();
+                bad[100] ^= 1;
+                assert_eq!(read, sha256_hex(&bad));
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
 }
 
 mod chunking {
