@@ -12,6 +12,7 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 use serde_json::json;
 use tracing::{error, info, warn};
+use tracing_subscriber::filter::LevelFilter;
 
 use crate::config::Config;
 use crate::ddi::DdiClient;
@@ -65,13 +66,36 @@ pub fn main(config_path: &Path, command: Command) -> u8 {
     }
 }
 
+/// The log level from `DDI_AGENT_LOG`, else `RUST_LOG`, else `info`.
+///
+/// Accepted: a level (`off`, `error`, `warn`, `info`, `debug`, `trace`, any case) or a
+/// comma-separated list of `target=level` directives, of which only the levels count: the
+/// most verbose one applies to every target (`ddi_agent=trace,hyper=info` logs everything at
+/// trace). A full `EnvFilter` would pull a regex engine into the binary (~0.3 MiB). A value
+/// with no valid level is ignored (the next variable, or `info`).
+pub fn log_level(ddi_agent_log: Option<&str>, rust_log: Option<&str>) -> LevelFilter {
+    [ddi_agent_log, rust_log]
+        .into_iter()
+        .flatten()
+        .find_map(parse_log_level)
+        .unwrap_or(LevelFilter::INFO)
+}
+
+fn parse_log_level(spec: &str) -> Option<LevelFilter> {
+    spec.split(',')
+        .filter_map(|directive| {
+            let level = directive.rsplit('=').next().unwrap_or(directive).trim();
+            // tracing reads "" as `error`; here an empty value means "not set".
+            (!level.is_empty()).then(|| level.parse::<LevelFilter>().ok())?
+        })
+        .max()
+}
+
 /// Logging: journald with structured fields under systemd (JOURNAL_STREAM), else stderr.
 pub fn init_logging() {
     use tracing_subscriber::prelude::*;
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("DDI_AGENT_LOG")
-        .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let var = |name: &str| std::env::var(name).ok();
+    let filter = log_level(var("DDI_AGENT_LOG").as_deref(), var("RUST_LOG").as_deref());
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         if let Ok(journald) = tracing_journald::layer() {
             let _ = tracing_subscriber::registry()
@@ -436,4 +460,37 @@ fn consent(cfg: &Config, accept: bool) -> u8 {
         if accept { "accepted" } else { "denied" }
     );
     exit::OK
+}
+
+#[cfg(test)]
+mod log_level_tests {
+    use super::*;
+
+    #[test]
+    fn levels_and_directives() {
+        assert_eq!(log_level(Some("debug"), None), LevelFilter::DEBUG);
+        assert_eq!(log_level(Some("TRACE"), Some("error")), LevelFilter::TRACE);
+        assert_eq!(log_level(Some("off"), None), LevelFilter::OFF);
+        // Directives: the most verbose level counts, for every target.
+        assert_eq!(
+            log_level(Some("ddi_agent=trace,hyper=info"), None),
+            LevelFilter::TRACE
+        );
+        assert_eq!(
+            log_level(Some("warn,ddi_agent=debug"), None),
+            LevelFilter::DEBUG
+        );
+    }
+
+    #[test]
+    fn falls_back_to_rust_log_then_info() {
+        assert_eq!(log_level(None, Some("warn")), LevelFilter::WARN);
+        assert_eq!(
+            log_level(Some("nonsense"), Some("error")),
+            LevelFilter::ERROR
+        );
+        assert_eq!(log_level(Some(""), None), LevelFilter::INFO);
+        assert_eq!(log_level(Some(" "), Some("debug")), LevelFilter::DEBUG);
+        assert_eq!(log_level(None, None), LevelFilter::INFO);
+    }
 }
