@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The project's whole test suite, as the README and CI run it:
 #   lint (fmt, clippy) -> build -> cargo tests (unit, interop, integration, demo)
-#   -> Yocto layer offline checks -> QEMU end-to-end scenarios on real U-Boot.
-# `--quick` skips the layer and QEMU stages (for a fast local loop).
+#   -> fuzzing (fixed budget) -> cargo deny -> Yocto layer offline checks
+#   -> QEMU end-to-end scenarios on real U-Boot.
+# `--quick` stops after the cargo tests (for a fast local loop).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,9 +26,15 @@ stage "cargo test"
 cargo test --workspace --locked
 
 if [ "$quick" = 1 ]; then
-  echo "quick mode: layer and QEMU stages skipped"
+  echo "quick mode: fuzzing, cargo deny, layer and QEMU stages skipped"
   exit 0
 fi
+
+stage "fuzzing: every target for a fixed budget (DDI_FUZZ_SECONDS, default 10 s each)"
+bash scripts/fuzz.sh "${DDI_FUZZ_SECONDS:-10}"
+
+stage "cargo deny: licenses, bans, duplicate crates, sources"
+bash scripts/deny.sh
 
 stage "meta-ddi: crates.inc matches Cargo.lock, lint, unit and boot script checks"
 bash meta-ddi/scripts/check-layer.sh
