@@ -6,8 +6,6 @@
 //! it can break HTTP in ways a well-behaved server library never would. Every test is bounded
 //! in time and in bytes sent.
 //!
-//! Tests marked `#[ignore = "GAP: ..."]` state a limit the agent does not enforce yet; they
-//! fail today and are listed in docs/reliability.md. Run them with `-- --ignored`.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -225,7 +223,6 @@ async fn a_body_that_stalls_halfway_times_out() {
 }
 
 #[tokio::test]
-#[ignore = "GAP: agent/src/ddi/client.rs reads DDI bodies with resp.bytes() without a size limit"]
 async fn an_oversized_json_body_is_refused() {
     // 64 MiB of padding inside a valid poll answer, announced by Content-Length.
     let total = 64u64 << 20;
@@ -239,7 +236,6 @@ async fn an_oversized_json_body_is_refused() {
 }
 
 #[tokio::test]
-#[ignore = "GAP: agent/src/ddi/client.rs has no overall deadline per request; a trickled body is read forever"]
 async fn a_trickled_body_is_bounded_in_time() {
     // One byte every 500 ms: never slow enough for the low-speed timeout, never finished.
     let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n".to_string();
@@ -309,7 +305,6 @@ async fn a_deployment_with_a_few_chunks_is_accepted() {
 }
 
 #[tokio::test]
-#[ignore = "GAP: agent/src/ddi/mod.rs (Deployment::parse) accepts any number of chunks and artifacts"]
 async fn a_deployment_with_absurd_numbers_of_chunks_is_refused() {
     let result = fetch_deployment(deployment_with(20_000, 1)).await;
     assert!(result.is_err(), "20000 chunks must be refused");

@@ -52,7 +52,17 @@ pub enum DdiError {
     Model { url: String, source: ModelError },
     #[error("{url}: refusing plain http:// because the server URL is https://")]
     Insecure { url: String },
+    #[error("{method} {url}: answer body is larger than {limit} bytes; refusing it")]
+    BodyTooLarge {
+        method: Method,
+        url: String,
+        limit: usize,
+    },
 }
+
+/// Largest DDI answer body read (poll, deploymentBase, cancel, confirmation): real ones are a
+/// few KiB; artifacts are downloaded by the install pipeline, not here.
+pub const MAX_DDI_BODY: usize = 1 << 20;
 
 impl DdiError {
     /// HTTP status, when the server answered.
@@ -83,6 +93,8 @@ pub struct DdiClient {
     https_only: bool,
     retries: u32,
     backoff_base: Duration,
+    /// Deadline for one attempt of one DDI request, body included.
+    request_deadline: Duration,
     etag: Option<(String, Vec<u8>)>,
 }
 
@@ -150,6 +162,7 @@ impl DdiClient {
             https_only,
             retries: server.retries.max(1),
             backoff_base: Duration::from_secs(1),
+            request_deadline: server.connect_timeout + server.low_speed_timeout,
             etag: None,
         })
     }
@@ -332,25 +345,62 @@ impl DdiClient {
             if let Some(b) = &body {
                 req = req.body(b.clone());
             }
-            let outcome = match req.send().await {
-                Ok(resp) => {
-                    let status = resp.status();
-                    let retry_after = resp
-                        .headers()
-                        .get(reqwest::header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(parse_retry_after);
-                    let etag = resp
-                        .headers()
-                        .get(reqwest::header::ETAG)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string);
-                    match resp.bytes().await {
-                        Ok(bytes) => Ok((status, retry_after, etag, bytes.to_vec())),
-                        Err(e) => Err(e.to_string()),
+            // One deadline over connect, headers and body: the low-speed timeout alone lets a
+            // server trickle a body forever.
+            let deadline = self.request_deadline;
+            let attempt_result = tokio::time::timeout(deadline, async {
+                match req.send().await {
+                    Ok(mut resp) => {
+                        let status = resp.status();
+                        let retry_after = resp
+                            .headers()
+                            .get(reqwest::header::RETRY_AFTER)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(parse_retry_after);
+                        let etag = resp
+                            .headers()
+                            .get(reqwest::header::ETAG)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string);
+                        if resp
+                            .content_length()
+                            .is_some_and(|n| n > MAX_DDI_BODY as u64)
+                        {
+                            return Err(None);
+                        }
+                        let mut body = Vec::new();
+                        loop {
+                            match resp.chunk().await {
+                                Ok(Some(chunk)) => {
+                                    if body.len() + chunk.len() > MAX_DDI_BODY {
+                                        return Err(None);
+                                    }
+                                    body.extend_from_slice(&chunk);
+                                }
+                                Ok(None) => break,
+                                Err(e) => return Err(Some(e.to_string())),
+                            }
+                        }
+                        Ok((status, retry_after, etag, body))
                     }
+                    Err(e) => Err(Some(describe(&e))),
                 }
-                Err(e) => Err(describe(&e)),
+            })
+            .await;
+            let outcome = match attempt_result {
+                Ok(Ok(answer)) => Ok(answer),
+                Ok(Err(Some(message))) => Err(message),
+                Ok(Err(None)) => {
+                    return Err(DdiError::BodyTooLarge {
+                        method: method.clone(),
+                        url: url.to_string(),
+                        limit: MAX_DDI_BODY,
+                    })
+                }
+                Err(_) => Err(format!(
+                    "no complete answer within {} s",
+                    deadline.as_secs()
+                )),
             };
             let (retry_after, failure) = match outcome {
                 Ok((status, retry_after, etag, body)) => {

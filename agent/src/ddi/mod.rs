@@ -47,6 +47,12 @@ pub enum ModelError {
     Sleep(String),
     #[error("{what} link \"{href}\" has no numeric action id")]
     LinkId { what: &'static str, href: String },
+    #[error("deployment has {count} {what}, more than the {limit} a device update can have")]
+    TooMany {
+        what: &'static str,
+        count: usize,
+        limit: usize,
+    },
     #[error("{what} body is for action {body} but was fetched for action {expected}")]
     IdMismatch {
         what: &'static str,
@@ -206,6 +212,11 @@ pub struct Deployment {
     pub history_messages: Vec<String>,
 }
 
+/// Most chunks (software modules) a deployment may have.
+pub const MAX_CHUNKS: usize = 64;
+/// Most artifacts one chunk may have.
+pub const MAX_ARTIFACTS_PER_CHUNK: usize = 64;
+
 impl Deployment {
     /// Parses a body fetched through `link`; the body's id must match the link's.
     pub fn parse(body: &[u8], link: &Link) -> Result<Deployment, ModelError> {
@@ -226,6 +237,22 @@ impl Deployment {
             wire::Handling::Forced => Handling::Forced,
         };
         let d = raw.deployment;
+        // A hostile server must not make the device hold or walk arbitrarily large lists.
+        let too_many = |what, count, limit| ModelError::TooMany { what, count, limit };
+        if d.chunks.len() > MAX_CHUNKS {
+            return Err(too_many("chunks", d.chunks.len(), MAX_CHUNKS));
+        }
+        if let Some(c) = d
+            .chunks
+            .iter()
+            .find(|c| c.artifacts.len() > MAX_ARTIFACTS_PER_CHUNK)
+        {
+            return Err(too_many(
+                "artifacts in one chunk",
+                c.artifacts.len(),
+                MAX_ARTIFACTS_PER_CHUNK,
+            ));
+        }
         let chunks = d
             .chunks
             .into_iter()
@@ -653,6 +680,27 @@ mod tests {
             d.chunks[0].artifacts[0].download.as_ref().unwrap().href,
             "https://cdn/a"
         );
+    }
+
+    #[test]
+    fn deployments_with_too_many_chunks_or_artifacts_are_refused() {
+        let link = Link {
+            href: "https://h/d/deploymentBase/8".into(),
+        };
+        let chunk = deployment_body()["deployment"]["chunks"][1].clone();
+        let mut b = deployment_body();
+        b["deployment"]["chunks"] = json!(vec![chunk.clone(); MAX_CHUNKS]);
+        assert!(Deployment::parse(b.to_string().as_bytes(), &link).is_ok());
+        b["deployment"]["chunks"] = json!(vec![chunk; MAX_CHUNKS + 1]);
+        let err = Deployment::parse(b.to_string().as_bytes(), &link).unwrap_err();
+        assert!(err.to_string().contains("65 chunks"), "{err}");
+
+        let artifact = deployment_body()["deployment"]["chunks"][0]["artifacts"][0].clone();
+        let mut b = deployment_body();
+        b["deployment"]["chunks"][0]["artifacts"] =
+            json!(vec![artifact; MAX_ARTIFACTS_PER_CHUNK + 1]);
+        let err = Deployment::parse(b.to_string().as_bytes(), &link).unwrap_err();
+        assert!(err.to_string().contains("artifacts in one chunk"), "{err}");
     }
 
     #[test]
