@@ -11,6 +11,13 @@ quick=0
 [ "${1:-}" = "--quick" ] && quick=1
 
 stage() { printf '\n==> %s\n' "$*"; }
+
+# CI must not turn red on a property-test case nobody has seen before: it replays one fixed
+# seed (printed, so a failure can be replayed). Local runs explore new random cases each time.
+if [ -n "${CI:-}" ] && [ -z "${PROPTEST_RNG_SEED:-}" ]; then
+  export PROPTEST_RNG_SEED=20261127
+fi
+[ -n "${PROPTEST_RNG_SEED:-}" ] && echo "proptest seed: $PROPTEST_RNG_SEED"
 started=$(date +%s)
 
 stage "cargo fmt --check"
