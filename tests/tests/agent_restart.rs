@@ -12,27 +12,13 @@ use std::time::{Duration, Instant};
 use bootctl::scheme::Slot;
 use ddi_tests::device::{DeviceOptions, FileDevice, Image};
 use ddi_tests::harness::Background;
+use ddi_tests::harness::Rng;
 use ddi_tests::server::{
     ActionStatus, Assignment, Endpoint, Fault, FaultKind, ServerOptions, TestServer,
 };
 
 const TARGET: &str = "dev-kill";
 const TOKEN: &str = "kill-token";
-
-/// xorshift64*: deterministic from the printed seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn closed_count(server: &TestServer, action: u64) -> usize {
     server

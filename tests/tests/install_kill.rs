@@ -17,29 +17,11 @@ use bootctl::scheme::Slot;
 use ddi_tests::demo::{closed_result, ended_as, summary};
 use ddi_tests::device::{DeviceOptions, FileDevice, Image};
 use ddi_tests::harness::Background;
+use ddi_tests::harness::{env_number, Rng};
 use ddi_tests::server::{Assignment, ServerOptions, TestServer};
 
 const TOKEN: &str = "kill-token";
 const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// xorshift64*: reproducible randomness without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-fn env_number(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
-}
 
 struct Trial<'a> {
     server: &'a TestServer,

@@ -21,30 +21,12 @@ use bootctl::scheme::Slot;
 use ddi_tests::demo::{closed_result, ended_as, summary};
 use ddi_tests::device::{DeviceOptions, FileDevice, Image};
 use ddi_tests::harness::Background;
+use ddi_tests::harness::{env_number, Rng};
 use ddi_tests::server::{Assignment, Endpoint, Fault, FaultKind, ServerOptions, TestServer};
 
 const TOKEN: &str = "faults-token";
 const AGENT_TIMEOUT: Duration = Duration::from_secs(90);
 const IMAGE_SIZE: usize = 1 << 20;
-
-/// xorshift64*: reproducible from the printed seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-fn env_number(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
-}
 
 /// The scenarios; each names the result the action must end with.
 const SCENARIOS: &[&str] = &[
@@ -302,7 +284,7 @@ fn random_faults_over_the_whole_cycle_keep_every_invariant() {
             image: image.bytes.clone(),
             action,
             log: vec![format!("trial {trial}: {name} with {filename}")],
-            clock_jumps: (name == "clock-jumps").then(|| Rng(rng.next() | 1)),
+            clock_jumps: (name == "clock-jumps").then(|| Rng(rng.next_u64() | 1)),
         };
         t.check("at start");
         if name == "kill-during-slow-download" {
