@@ -484,6 +484,22 @@ impl FileDevice {
         harness::agent_once(&self.config_path(), timeout)
     }
 
+    /// Run `ddi-agent once` and kill -9 it after `delay` if it is still running (a power cut
+    /// or crash at a random point); returns what it did until then.
+    pub fn agent_once_killed_after(&self, delay: Duration) -> io::Result<CommandOutput> {
+        let mut cmd = self.agent_command();
+        cmd.arg("once");
+        let mut agent = harness::Background::spawn(cmd)?;
+        let deadline = std::time::Instant::now() + delay;
+        while std::time::Instant::now() < deadline {
+            if agent.try_exit()?.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        agent.stop()
+    }
+
     /// `ddi-bootctl` with this device's env config, cmdline, scheme and attempts (add the command).
     pub fn bootctl_command(&self) -> Command {
         let mut cmd = harness::bootctl_command(&self.env_config_path(), &self.cmdline_path());

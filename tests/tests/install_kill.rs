@@ -11,12 +11,11 @@
 //! `DDI_TRIALS` sets the number of trials (default 10; use >= 100 for a thorough run),
 //! `DDI_SEED` replays a run (the seed is printed).
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bootctl::scheme::Slot;
 use ddi_tests::demo::{closed_result, ended_as, summary};
 use ddi_tests::device::{DeviceOptions, FileDevice, Image};
-use ddi_tests::harness::Background;
 use ddi_tests::harness::{env_number, Rng};
 use ddi_tests::server::{Assignment, ServerOptions, TestServer};
 
@@ -65,17 +64,7 @@ impl Trial<'_> {
 
     /// Run `ddi-agent once` and kill -9 it after `delay` (if it is still running).
     fn killed_run(&mut self, delay: Duration) {
-        let mut cmd = self.device.agent_command();
-        cmd.arg("once");
-        let mut agent = Background::spawn(cmd).unwrap();
-        let deadline = Instant::now() + delay;
-        while Instant::now() < deadline {
-            if agent.try_exit().unwrap().is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let out = agent.stop().unwrap();
+        let out = self.device.agent_once_killed_after(delay).unwrap();
         self.log
             .push(format!("once killed after {delay:?} (exit {:?})", out.code));
         self.check("after kill -9");
