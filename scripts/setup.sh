@@ -94,9 +94,20 @@ wanted() { # wanted STAGES: whether one of the comma-separated STAGES is selecte
     return 1
 }
 
+# on_path PROGRAM: an executable file of that name on PATH (unlike `type -P`, which falls
+# back to a file that is not executable).
+on_path() {
+    local dir dirs
+    IFS=: read -ra dirs <<<"$PATH"
+    for dir in "${dirs[@]}"; do
+        [ -f "$dir/$1" ] && [ -x "$dir/$1" ] && return 0
+    done
+    return 1
+}
+
 proven() { # proven PROOF
     case "$1" in
-    cmd:*) type -P "${1#cmd:}" >/dev/null ;;
+    cmd:*) on_path "${1#cmd:}" ;;
     file:*) [ -e "${1#file:}" ] ;;
     static:*) [ -x "${1#static:}" ] && ! ldd "${1#static:}" >/dev/null 2>&1 ;;
     # Only needed to make the venv: once the venv is there, its python is what runs.
@@ -137,10 +148,10 @@ probe() {
         missing_lines+=("apt package lists, to download the kernel of linux-image-amd64 (stages qemu)")
     fi
 
-    if ! type -P cargo >/dev/null; then
+    if ! on_path cargo; then
         need_rust=1
         missing_lines+=("Rust >= $rust_version with cargo (rustup)")
-    elif type -P rustup >/dev/null; then
+    elif on_path rustup; then
         installed=" $(rustup component list --installed 2>/dev/null | tr '\n' ' ') "
         for entry in "${rust_components[@]}"; do
             read -r stage_list name <<<"$entry"
@@ -165,7 +176,7 @@ probe() {
         for entry in "${rust_components[@]}"; do
             read -r stage_list name <<<"$entry"
             wanted "$stage_list" || continue
-            if ! type -P "cargo-${name/rustfmt/fmt}" >/dev/null; then
+            if ! on_path "cargo-${name/rustfmt/fmt}"; then
                 need_rust=1
                 missing_lines+=("cargo-${name/rustfmt/fmt} (Rust component $name; stages $stage_list)")
             fi
@@ -174,7 +185,7 @@ probe() {
     for entry in "${cargo_tools[@]}"; do
         read -r stage_list crate program <<<"$entry"
         wanted "$stage_list" || continue
-        if ! type -P "$program" >/dev/null; then
+        if ! on_path "$program"; then
             missing_tools+=("$crate")
             missing_lines+=("cargo tool $crate (stages $stage_list)")
         fi
@@ -209,7 +220,8 @@ report_missing() {
         printf '  %s\n' "${missing_lines[@]}"
         echo "Install with:"
         install_commands
-        echo "(Run as root on Debian, scripts/test.sh installs all of this itself.)"
+        echo "(As root on Debian, scripts/test.sh installs all of this itself; as another user it"
+        echo " installs the rustup parts, cargo tools and venv once the Debian packages are there.)"
     } >&2
 }
 
@@ -222,7 +234,7 @@ if [ ${#missing_lines[@]} -eq 0 ]; then
 fi
 
 is_debian_root=0
-if [ "$EUID" = 0 ] && [ -r /etc/debian_version ] && type -P apt-get >/dev/null; then
+if [ "$EUID" = 0 ] && [ -r /etc/debian_version ] && on_path apt-get; then
     is_debian_root=1
 fi
 # Stop before installing anything when part of it cannot be installed here.
