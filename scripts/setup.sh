@@ -7,8 +7,8 @@
 # layer (meta-ddi/scripts/check-layer.sh), qemu (qemu/run-tests.sh). Default: all of them;
 # --quick: cargo only; --stage: the named ones. --check installs nothing.
 #
-# The check reads PATH and a few files only (no network, no package database): well under a
-# second when everything is there. What is missing is installed when this can be done here:
+# The check looks at PATH, a few files and `rustup component list` only (no network, no
+# package database): well under a second when everything is there. What is missing is installed when this can be done here:
 #   Debian packages   as root on Debian (`apt-get update` only when something is missing)
 #   rustup components, cargo tools, the layer check's Python venv
 #                     by any user, once the Debian packages are there
@@ -50,8 +50,9 @@ done
 # Essential packages (coreutils, gzip, tar, dash, apt, dpkg) are not listed.
 #   stages             package           proof
 debian_requirements=(
-    "cargo,fuzz,qemu   gcc               cmd:cc"
-    "cargo,fuzz,deny   ca-certificates   file:/etc/ssl/certs/ca-certificates.crt"
+    # Every stage builds with cargo (the linker; crates and PyPI over TLS).
+    "all               gcc               cmd:cc"
+    "all               ca-certificates   file:/etc/ssl/certs/ca-certificates.crt"
     "cargo,layer,qemu  libubootenv-tool  cmd:fw_printenv cmd:fw_setenv"
     "cargo,layer,qemu  u-boot-tools      cmd:mkenvimage cmd:mkimage"
     "cargo             rauc              cmd:rauc"
@@ -86,8 +87,9 @@ cargo_tools=("fuzz cargo-fuzz@0.13.2 cargo-fuzz" "deny cargo-deny@0.18.9 cargo-d
 # The oldest Rust the workspace builds with (Cargo.toml rust-version).
 rust_version=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' "$root/Cargo.toml")
 
-wanted() { # wanted STAGES: whether one of the comma-separated STAGES is selected
+wanted() { # wanted STAGES: whether one of the comma-separated STAGES (or all) is selected
     local stage
+    [ "$1" = all ] && return 0
     for stage in "${stages[@]}"; do
         case ",$1," in *",$stage,"*) return 0 ;; esac
     done

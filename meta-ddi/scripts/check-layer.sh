@@ -600,7 +600,8 @@ check_shellcheck() {
         fi
     done < <(find "$LAYER" -type f ! -path '*/.git/*' -print0 | sort -z)
     echo "layer shell files: ${#files[@]}"
-    shellcheck "${files[@]}" || status=1
+    # -x: also the files they source (venv.sh)
+    shellcheck -x "${files[@]}" || status=1
     need_task_outputs || return 1
     echo "expanded recipe tasks: $(find "$BB/tasks" -name '*.sh' | wc -l)"
     shellcheck -s sh -e SC2043,SC2157 "$BB"/tasks/*.sh || status=1
