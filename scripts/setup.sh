@@ -83,7 +83,7 @@ rust_components=("cargo rustfmt" "cargo clippy")
 # The QEMU guests' binaries are built with --target (static, crt-static).
 rust_targets=("qemu x86_64-unknown-linux-gnu")
 # cargo tools: "stages crate@version program".
-cargo_tools=("fuzz cargo-fuzz@0.13.2 cargo-fuzz" "deny cargo-deny@0.18.9 cargo-deny")
+cargo_tools=("fuzz cargo-fuzz@0.13.2 cargo-fuzz" "deny cargo-deny@0.20.2 cargo-deny")
 # The oldest Rust the workspace builds with (Cargo.toml rust-version).
 rust_version=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' "$root/Cargo.toml")
 
