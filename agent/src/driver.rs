@@ -28,6 +28,11 @@ pub struct BootError(pub String);
 pub trait Bootloader: Send {
     fn booted(&self) -> Result<Slot, BootError>;
     fn next(&self) -> Result<Slot, BootError>;
+    /// The booted slot runs on trial (activated, not confirmed); false when the scheme cannot
+    /// tell (`rauc`).
+    fn booted_on_trial(&self) -> Result<bool, BootError> {
+        Ok(false)
+    }
     fn activate(&mut self, slot: Slot) -> Result<(), BootError>;
     fn mark_good(&mut self) -> Result<(), BootError>;
     fn mark_bad(&mut self, slot: Slot) -> Result<(), BootError>;
@@ -203,10 +208,14 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                         window = ?deployment.maintenance_window,
                         "deployment offered"
                     );
+                    let next = self.boot.next()?;
+                    let trial = self.boot.booted_on_trial()?;
                     self.apply(Event::Deployment {
                         link: link.clone(),
                         deployment,
                         booted,
+                        next,
+                        trial,
                     })
                     .await?
                 }
@@ -256,7 +265,8 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                     }
                     Action::Activate(slot) => {
                         info!(slot = %slot, "activating slot for a trial boot");
-                        self.boot.activate(slot)?
+                        self.boot.activate(slot)?;
+                        next = Some(Event::Activated);
                     }
                     Action::MarkGood => {
                         info!("marking the booted slot good");
@@ -286,6 +296,9 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                         if let Err(e) = self.deliver().await {
                             warn!(error = %e, "feedback kept for later");
                         }
+                    }
+                    Action::Defer(reason) => {
+                        warn!(action_id = job.as_deref().unwrap_or(""), %reason, "not installing now");
                     }
                     Action::Reboot => {
                         self.store.save(&self.state)?;
@@ -651,6 +664,10 @@ impl Bootloader for BootCtl {
             .mark_bad(to_bootctl(slot))
             .map(|_| ())
             .map_err(|e| BootError(e.to_string()))
+    }
+    fn booted_on_trial(&self) -> Result<bool, BootError> {
+        let status = self.0.status().map_err(|e| BootError(e.to_string()))?;
+        Ok(status.trial == Some(true) && status.booted == Some(status.next))
     }
     fn keep_booted_good(&mut self) -> Result<(), BootError> {
         let status = self.0.status().map_err(|e| BootError(e.to_string()))?;
