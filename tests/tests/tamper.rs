@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use bootctl::scheme::{rauc_vars, SchemeKind, Slot};
 use ddi_bundle::{create_bundle, generate_keypair, BundleReader, CreateOptions, Policy, SecretKey};
 use ddi_tests::demo::{closed_result, ended_as, summary};
-use ddi_tests::device::{tar_of, DeviceOptions, FileDevice, Health, Image};
+use ddi_tests::device::{tar_member_ranges, tar_of, DeviceOptions, FileDevice, Health, Image};
 use ddi_tests::server::{ActionView, Assignment, ServerOptions, TestServer};
 
 const TOKEN: &str = "tamper-token";
@@ -68,7 +68,7 @@ impl Genuine {
             .unwrap();
             let image = Image::good("2.0", SIGNED_SIZE);
             let bundle = bundle_of(keys.path(), &image.bytes, &vendor);
-            let members = member_ranges(&bundle);
+            let members = tar_member_ranges(&bundle);
             assert_eq!(members.len(), 3, "a bundle has three members");
             let image_range = members[2].clone();
             assert_eq!(bundle[image_range.clone()], image.bytes[..]);
@@ -132,19 +132,6 @@ fn bundle_of(dir: &Path, image: &[u8], key: &SecretKey) -> Vec<u8> {
     )
     .unwrap();
     out
-}
-
-/// Data ranges of the members of a ustar archive, up to its end marker.
-fn member_ranges(archive: &[u8]) -> Vec<Range<usize>> {
-    let mut ranges = Vec::new();
-    let mut at = 0;
-    while at + 512 <= archive.len() && archive[at..at + 512].iter().any(|&b| b != 0) {
-        let field = std::str::from_utf8(&archive[at + 124..at + 135]).unwrap();
-        let size = usize::from_str_radix(field.trim_matches(char::from(0)).trim(), 8).unwrap();
-        ranges.push(at + 512..at + 512 + size);
-        at += 512 + size.div_ceil(512) * 512;
-    }
-    ranges
 }
 
 /// One way of tampering: the artifact served, and what the failure detail must mention.
