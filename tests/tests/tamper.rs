@@ -165,6 +165,11 @@ const CASES: &[Case] = &[
         needle: signed_hash_mismatch,
     },
     Case {
+        name: "image swapped for a tar.gz of another image",
+        artifact: |g| g.image_swapped_for(&g.intruder.tar_gz("rootfs.img")),
+        needle: signed_hash_mismatch,
+    },
+    Case {
         name: "image swapped for other raw bytes",
         artifact: |g| g.image_swapped_for(&g.intruder.bytes),
         needle: signed_hash_mismatch,
