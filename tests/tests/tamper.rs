@@ -116,11 +116,12 @@ impl Genuine {
 }
 
 fn bundle_of(dir: &Path, image: &[u8], key: &SecretKey) -> Vec<u8> {
-    let path = dir.join(format!("rootfs-{}.img", key.public_key().key_id()));
-    std::fs::write(&path, image).unwrap();
+    // A file of its own: cases run in parallel threads.
+    let file = tempfile::NamedTempFile::new_in(dir).unwrap();
+    std::fs::write(file.path(), image).unwrap();
     let mut out = Vec::new();
     create_bundle(
-        &path,
+        file.path(),
         &CreateOptions {
             compatible: COMPATIBLE.into(),
             version: "2.0".into(),
