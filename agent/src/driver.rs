@@ -105,7 +105,7 @@ pub struct Driver<B, I, H, R> {
 impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H, R> {
     pub fn new(
         cfg: Config,
-        client: DdiClient,
+        mut client: DdiClient,
         store: Store,
         boot: B,
         installer: I,
@@ -113,6 +113,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         rebooter: R,
     ) -> Result<Self, DriverError> {
         let state = store.load()?;
+        client.set_token_to_other_hosts(cfg.agent.send_token_to_other_hosts);
         let params = Params {
             attempts: cfg.boot.attempts,
             artifact_part: cfg.agent.artifact_part.clone(),
@@ -430,18 +431,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
             .as_ref()
             .map(|l| l.href.clone())
             .unwrap_or_default();
-        let same_origin = reqwest::Url::parse(&url)
-            .map(|u| {
-                u.scheme() == self.cfg.server.url.scheme()
-                    && u.host_str() == self.cfg.server.url.host_str()
-                    && u.port_or_known_default() == self.cfg.server.url.port_or_known_default()
-            })
-            .unwrap_or(false);
-        let auth_header = if same_origin || self.cfg.agent.send_token_to_other_hosts {
-            self.client.auth_header()
-        } else {
-            None
-        };
+        let auth_header = self.client.auth_header_for(&url);
         let bundle = &self.cfg.bundle;
         InstallRequest {
             url,
