@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 use serde_json::json;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use tracing_subscriber::filter::LevelFilter;
 
 use crate::config::Config;
@@ -26,6 +26,20 @@ pub mod exit {
     pub const UPDATE_FAILED: u8 = 1;
     pub const INCOMPLETE: u8 = 2;
     pub const CONFIG: u8 = 3;
+}
+
+/// Shortest wait between two polls of `run`, whatever the server's `sleep` says: `00:00:00` (or
+/// a few milliseconds) must not make a device poll in a tight loop.
+pub const MIN_POLL_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The wait before the next poll: the server's `sleep`, but never less than
+/// [`MIN_POLL_INTERVAL`]; held at the floor, up to half of it again is added (`jitter` in
+/// 0.0..=1.0) so that a fleet told to poll at once spreads out.
+pub fn poll_interval(server_sleep: Duration, jitter: f64) -> Duration {
+    if server_sleep >= MIN_POLL_INTERVAL {
+        return server_sleep;
+    }
+    MIN_POLL_INTERVAL + MIN_POLL_INTERVAL.mul_f64(0.5 * jitter.clamp(0.0, 1.0))
 }
 
 /// A subcommand.
@@ -295,7 +309,17 @@ async fn run(mut driver: RealDriver) -> u8 {
                     None => phase.to_string(),
                 };
                 notify(&[NotifyState::Status(&status)]);
-                r.sleep.unwrap_or(Duration::from_secs(300))
+                let server_sleep = r.sleep.unwrap_or(Duration::from_secs(300));
+                let jitter = (crate::ddi::client::pseudo_random() % 1001) as f64 / 1000.0;
+                let sleep = poll_interval(server_sleep, jitter);
+                if sleep != server_sleep {
+                    debug!(
+                        server_ms = server_sleep.as_millis() as u64,
+                        sleep_ms = sleep.as_millis() as u64,
+                        "server's polling sleep is below the floor; waiting longer"
+                    );
+                }
+                sleep
             }
             Err(e) => {
                 failures += 1;
@@ -460,6 +484,35 @@ fn consent(cfg: &Config, accept: bool) -> u8 {
         if accept { "accepted" } else { "denied" }
     );
     exit::OK
+}
+
+#[cfg(test)]
+mod poll_interval_tests {
+    use super::*;
+
+    #[test]
+    fn the_servers_sleep_is_kept_above_the_floor() {
+        for secs in [5, 6, 300, 86_400] {
+            let d = Duration::from_secs(secs);
+            assert_eq!(poll_interval(d, 0.0), d);
+            assert_eq!(poll_interval(d, 1.0), d);
+        }
+    }
+
+    #[test]
+    fn a_tiny_sleep_is_raised_to_the_floor_with_bounded_jitter() {
+        let ceiling = MIN_POLL_INTERVAL.mul_f64(1.5);
+        for server in [0, 1, 999, 4_999] {
+            let server = Duration::from_millis(server);
+            assert_eq!(poll_interval(server, 0.0), MIN_POLL_INTERVAL);
+            assert_eq!(poll_interval(server, 1.0), ceiling);
+            let mid = poll_interval(server, 0.5);
+            assert!(mid > MIN_POLL_INTERVAL && mid < ceiling, "{mid:?}");
+            // Out-of-range jitter stays within the bounds.
+            assert_eq!(poll_interval(server, -3.0), MIN_POLL_INTERVAL);
+            assert_eq!(poll_interval(server, 7.0), ceiling);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bootctl::scheme::Slot;
 use ddi_tests::device::{DeviceOptions, FileDevice, Image};
-use ddi_tests::harness::CommandOutput;
+use ddi_tests::harness::{Background, CommandOutput};
 use ddi_tests::server::{
     ActionStatus, Assignment, HawkbitVersion, MaintenanceWindow, ServerOptions, TestServer,
 };
@@ -101,6 +101,36 @@ impl Rig {
     fn env(&self, name: &str) -> Option<String> {
         self.dev.env_map().unwrap().get(name).cloned()
     }
+
+    /// `ddi-agent run` in the background.
+    fn spawn_run(&self) -> Background {
+        let mut cmd = self.dev.agent_command();
+        cmd.arg("run");
+        Background::spawn(cmd).unwrap()
+    }
+
+    fn poll_count(&self) -> u64 {
+        self.server.target(TARGET).unwrap().target.poll_count
+    }
+}
+
+/// SIGTERM to a `run` daemon: it must stop cleanly (exit 0) within 10 s, token not leaked.
+fn stop_run(daemon: Background) -> CommandOutput {
+    let pid = daemon.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = daemon.stop_after(Duration::from_secs(10)).unwrap();
+    assert!(
+        !out.timed_out,
+        "daemon ignored SIGTERM:\n{}",
+        out.describe()
+    );
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    assert!(!out.stderr.contains(TOKEN));
+    out
 }
 
 /// Install, reboot, confirm: the full happy path of one action type.
@@ -545,14 +575,12 @@ fn works_with_old_and_new_hawkbit_versions() {
 #[test]
 fn a_second_agent_is_refused_while_one_runs() {
     let rig = Rig::new();
-    let mut cmd = rig.dev.agent_command();
-    cmd.arg("run");
-    let daemon = ddi_tests::harness::Background::spawn(cmd).unwrap();
+    let daemon = rig.spawn_run();
     // Wait until the daemon holds the lock (it polls right away).
     assert!(ddi_tests::harness::wait_until(
         Duration::from_secs(20),
         Duration::from_millis(100),
-        || rig.server.target(TARGET).unwrap().target.poll_count > 0
+        || rig.poll_count() > 0
     ));
     let out = rig.once_expect(2);
     assert!(
@@ -561,19 +589,7 @@ fn a_second_agent_is_refused_while_one_runs() {
         out.describe()
     );
     // SIGTERM stops the daemon cleanly.
-    let pid = daemon.id().unwrap();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let out = daemon.stop_after(Duration::from_secs(10)).unwrap();
-    assert!(
-        !out.timed_out,
-        "daemon ignored SIGTERM:\n{}",
-        out.describe()
-    );
-    assert_eq!(out.code, Some(0), "{}", out.describe());
+    stop_run(daemon);
 }
 
 #[test]
@@ -605,38 +621,22 @@ fn daemon_polls_installs_and_confirms_across_a_restart() {
     let rig = Rig::new();
     let image = Image::good("13.0", IMAGE_SIZE);
     let action = rig.deploy(&image, &Assignment::forced());
-    let spawn = || {
-        let mut cmd = rig.dev.agent_command();
-        cmd.arg("run");
-        ddi_tests::harness::Background::spawn(cmd).unwrap()
-    };
-    let stop = |daemon: ddi_tests::harness::Background| {
-        let pid = daemon.id().unwrap().to_string();
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let out = daemon.stop_after(Duration::from_secs(10)).unwrap();
-        assert_eq!(out.code, Some(0), "{}", out.describe());
-        assert!(!out.stderr.contains(TOKEN));
-    };
-    let daemon = spawn();
+    let daemon = rig.spawn_run();
     assert!(
         ddi_tests::harness::wait_until(Duration::from_secs(60), Duration::from_millis(100), || {
             rig.dev.reboot_marker_path().exists()
         }),
         "the daemon never asked for a reboot"
     );
-    stop(daemon);
+    stop_run(daemon);
     assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
     assert_eq!(rig.dev.reboot().unwrap(), Slot::B);
-    let daemon = spawn();
+    let daemon = rig.spawn_run();
     let done =
         ddi_tests::harness::wait_until(Duration::from_secs(60), Duration::from_millis(100), || {
             rig.status(action) == ActionStatus::Finished
         });
-    stop(daemon);
+    stop_run(daemon);
     assert!(done, "the daemon never confirmed the update");
     assert_eq!(rig.closed(action).len(), 1);
 }
@@ -805,4 +805,28 @@ fn refused_attributes_do_not_block_an_update() {
     let out = rig.once_expect(0);
     assert!(out.stderr.contains("configData"), "{}", out.describe());
     assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
+}
+
+#[test]
+fn run_keeps_a_floor_between_polls_when_the_server_says_sleep_zero() {
+    let rig = Rig::new();
+    rig.server.set_polling(Duration::ZERO);
+    let daemon = rig.spawn_run();
+    assert!(ddi_tests::harness::wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(20),
+        || rig.poll_count() > 0
+    ));
+    let first = rig.poll_count();
+    // The floor is 5 s plus up to 2.5 s of jitter: in 9 s after the first poll exactly one
+    // more comes (a tight loop would make hundreds).
+    std::thread::sleep(Duration::from_secs(9));
+    let polls = rig.poll_count() - first;
+    let out = stop_run(daemon);
+    assert_eq!(
+        polls,
+        1,
+        "polls in 9 s after the first:\n{}",
+        out.describe()
+    );
 }

@@ -567,7 +567,7 @@ pub(crate) fn backoff(base: Duration, attempt: u32) -> Duration {
 }
 
 /// Good enough randomness for jitter without another dependency.
-fn pseudo_random() -> u64 {
+pub(crate) fn pseudo_random() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(
