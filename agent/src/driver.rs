@@ -73,6 +73,8 @@ pub enum DriverError {
     FeedbackOwed(usize),
     #[error("install of action {0} failed transiently; retrying at the next poll")]
     InstallRetry(String),
+    #[error("boot environment unusable, so nothing is installed, activated or confirmed: {0}")]
+    BootEnv(BootError),
 }
 
 /// What one cycle did.
@@ -142,7 +144,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         self.failure_reported = false;
         self.state = self.store.load()?;
         let booted = self.boot.booted()?;
-        let next = self.boot.next()?;
+        let next = self.boot.next().map_err(DriverError::BootEnv)?;
         info!(booted = %booted, next = %next, phase = self.state.phase.name(), "agent started");
         let rebooting = self.apply(Event::Started { booted, next }).await?;
         if let Err(e) = self.deliver().await {
@@ -177,6 +179,10 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         if poll.confirmation.is_none() && self.state.pending_consent.is_some() {
             self.state.pending_consent = None;
             self.store.save(&self.state)?;
+        }
+        // Without the environment nothing can be installed or decided; the server hears why.
+        if let Err(problem) = self.boot.next() {
+            return self.refuse_for_boot_env(&poll, problem).await;
         }
         let rebooting = if let Some(link) = &poll.cancel {
             match self.client.cancel_request(link).await {
@@ -213,7 +219,13 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                 }
                 // Canceling or waiting for confirmation since the poll: look again next time.
                 Err(e) if e.status() == Some(404) => false,
-                Err(e) => return Err(e.into()),
+                Err(e) => match e.refused_answer() {
+                    Some(reason) => {
+                        self.refuse(link, format!("deployment refused: {reason}"))
+                            .await?
+                    }
+                    None => return Err(e.into()),
+                },
             }
         } else {
             self.apply(Event::NoAction).await?
@@ -227,6 +239,32 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         }
         report.failure_reported = self.failure_reported;
         Ok(report)
+    }
+
+    /// Answers the action of `link` `closed`/`failure` with `reason` (once) without starting it.
+    async fn refuse(&mut self, link: &Link, reason: String) -> Result<bool, DriverError> {
+        warn!(action_id = link.action_id().unwrap_or_default(), %reason, "action refused");
+        self.apply(Event::DeploymentRefused {
+            link: link.clone(),
+            reason,
+        })
+        .await
+    }
+
+    /// With the boot environment unreadable: a pending deployment is refused naming the
+    /// problem, nothing else is done (the environment and the slots stay untouched), and the
+    /// cycle fails with the problem.
+    async fn refuse_for_boot_env(
+        &mut self,
+        poll: &PollReply,
+        problem: BootError,
+    ) -> Result<CycleReport, DriverError> {
+        if let Some(link) = &poll.deployment {
+            let reason = format!("boot environment unusable, nothing installed: {problem}");
+            self.refuse(link, reason).await?;
+            self.deliver().await?;
+        }
+        Err(DriverError::BootEnv(problem))
     }
 
     /// Feeds one event (and the events its actions produce) through the machine.

@@ -16,7 +16,9 @@ use tracing_subscriber::filter::LevelFilter;
 
 use crate::config::Config;
 use crate::ddi::DdiClient;
-use crate::driver::{BootCtl, Bootloader, Checks, Driver, Pipeline, RebootCommand};
+use crate::driver::{
+    BootCtl, Bootloader, Checks, CycleReport, Driver, DriverError, Pipeline, RebootCommand,
+};
 use crate::machine::{Phase, ResultKind, State};
 use crate::persist::{ConsentDecision, Store};
 
@@ -222,10 +224,23 @@ async fn agent(cfg: Config, daemon: bool) -> u8 {
 
 type RealDriver = Driver<BootCtl, Pipeline, Checks, RebootCommand>;
 
+/// The post-reboot step, or `None` when the boot environment is unusable: the cycle still
+/// polls then, so that the server hears why nothing happens, and the step is tried again.
+async fn startup(driver: &mut RealDriver) -> Result<Option<CycleReport>, DriverError> {
+    match driver.startup().await {
+        Ok(r) => Ok(Some(r)),
+        Err(e @ DriverError::BootEnv(_)) => {
+            warn!(error = %e, "post-reboot step skipped; polling to report the problem");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// `once`: finish what waited for a reboot, then one poll cycle.
 async fn once(mut driver: RealDriver) -> u8 {
-    let started = match driver.startup().await {
-        Ok(r) => r,
+    let started = match startup(&mut driver).await {
+        Ok(r) => r.unwrap_or_default(),
         Err(e) => {
             error!("cycle not completed: {e}");
             return exit::INCOMPLETE;
@@ -282,10 +297,11 @@ async fn run(mut driver: RealDriver) -> u8 {
         let work = async {
             if first {
                 // Until the post-reboot step has run once, every attempt starts with it.
-                let r = driver.startup().await?;
-                first = false;
-                if r.rebooting {
-                    return Ok(r);
+                if let Some(r) = startup(&mut driver).await? {
+                    first = false;
+                    if r.rebooting {
+                        return Ok(r);
+                    }
                 }
             }
             driver.cycle().await

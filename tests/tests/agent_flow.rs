@@ -8,7 +8,8 @@ use bootctl::scheme::Slot;
 use ddi_tests::device::{DeviceOptions, FileDevice, Image};
 use ddi_tests::harness::{Background, CommandOutput};
 use ddi_tests::server::{
-    ActionStatus, Assignment, HawkbitVersion, MaintenanceWindow, ServerOptions, TestServer,
+    ActionStatus, Assignment, Endpoint, Fault, FaultKind, HawkbitVersion, MaintenanceWindow,
+    ServerOptions, TestServer,
 };
 
 const TARGET: &str = "dev-1";
@@ -463,7 +464,6 @@ fn unknown_config_key_exits_3() {
 
 #[test]
 fn overload_answers_are_retried_after_retry_after() {
-    use ddi_tests::server::{Endpoint, Fault, FaultKind};
     let rig = Rig::new();
     for code in [429, 503] {
         rig.server.add_fault(
@@ -485,7 +485,6 @@ fn overload_answers_are_retried_after_retry_after() {
 
 #[test]
 fn malformed_poll_answer_fails_the_cycle() {
-    use ddi_tests::server::{Endpoint, Fault, FaultKind};
     let rig = Rig::new();
     rig.server
         .add_fault(Fault::new(FaultKind::MalformedJson).on(Endpoint::Poll));
@@ -526,7 +525,6 @@ fn hash_mismatch_fails_without_activation() {
 
 #[test]
 fn owed_feedback_survives_an_outage_and_410_ends_it() {
-    use ddi_tests::server::{Endpoint, Fault, FaultKind};
     let rig = Rig::new();
     let action = rig.deploy(&Image::good("11.0", IMAGE_SIZE), &Assignment::forced());
     rig.once_expect(0);
@@ -643,7 +641,6 @@ fn daemon_polls_installs_and_confirms_across_a_restart() {
 
 #[test]
 fn cancel_during_a_slow_download_stops_it() {
-    use ddi_tests::server::{Endpoint, Fault, FaultKind};
     let rig = Rig::new();
     rig.server.add_fault(
         Fault::new(FaultKind::Slow {
@@ -792,7 +789,6 @@ fn rauc_scheme_updates_and_confirms() {
 
 #[test]
 fn refused_attributes_do_not_block_an_update() {
-    use ddi_tests::server::{Endpoint, Fault, FaultKind};
     let rig = Rig::new();
     rig.server.add_fault(
         Fault::new(FaultKind::Status {
@@ -829,4 +825,151 @@ fn run_keeps_a_floor_between_polls_when_the_server_says_sleep_zero() {
         "polls in 9 s after the first:\n{}",
         out.describe()
     );
+}
+
+/// A deployment whose deploymentBase the agent must refuse: answered `closed`/`failure` naming
+/// the reason, nothing written or activated, never answered twice.
+fn refused_deployment(fault: FaultKind, reason: &str) {
+    let rig = Rig::new();
+    rig.server
+        .add_fault(Fault::new(fault).on(Endpoint::DeploymentBase));
+    let image = Image::good("2.0", IMAGE_SIZE);
+    let action = rig.deploy(&image, &Assignment::forced());
+    let env_before = std::fs::read(rig.dev.env_file_path()).unwrap();
+    let slot_before = rig.dev.slot_bytes(Slot::B).unwrap();
+    let out = rig.once_expect(1);
+    let closed = rig.closed(action);
+    assert_eq!(closed.len(), 1, "{closed:?}\n{}", out.describe());
+    assert_eq!(closed[0].0, "failure");
+    let details = closed[0].1.join("\n");
+    assert!(
+        details.contains("deployment refused") && details.contains(reason),
+        "{details}"
+    );
+    assert_eq!(rig.status(action), ActionStatus::Error);
+    assert_eq!(std::fs::read(rig.dev.env_file_path()).unwrap(), env_before);
+    assert_eq!(rig.dev.slot_bytes(Slot::B).unwrap(), slot_before);
+    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 0);
+    // The next cycle has nothing left to answer.
+    rig.once_expect(0);
+    assert_eq!(rig.closed(action).len(), 1);
+}
+
+#[test]
+fn a_deployment_with_broken_json_is_answered_failure_once() {
+    refused_deployment(FaultKind::MalformedJson, "malformed deployment body");
+}
+
+#[test]
+fn a_deployment_with_a_negative_size_is_answered_failure_once() {
+    refused_deployment(
+        FaultKind::SetJson {
+            pointer: "/deployment/chunks/0/artifacts/0/size".into(),
+            value: serde_json::json!(-1),
+        },
+        "invalid value: integer `-1`",
+    );
+}
+
+#[test]
+fn a_deployment_with_an_unknown_handling_is_answered_failure_once() {
+    refused_deployment(
+        FaultKind::SetJson {
+            pointer: "/deployment/update".into(),
+            value: serde_json::json!("sometimes"),
+        },
+        "unknown variant `sometimes`",
+    );
+}
+
+#[test]
+fn a_deployment_with_too_many_chunks_is_answered_failure_once() {
+    let chunk = serde_json::json!({"part": "app", "version": "1", "name": "x", "artifacts": []});
+    refused_deployment(
+        FaultKind::SetJson {
+            pointer: "/deployment/chunks".into(),
+            value: serde_json::Value::Array(vec![chunk; 65]),
+        },
+        "65 chunks",
+    );
+}
+
+#[test]
+fn a_deployment_body_over_the_limit_is_answered_failure_once() {
+    refused_deployment(
+        FaultKind::SetJson {
+            pointer: "/padding".into(),
+            value: serde_json::json!("x".repeat(1 << 20)),
+        },
+        "larger than 1048576 bytes",
+    );
+}
+
+/// Both environment copies overwritten with garbage (CRCs fail): U-Boot would use its built-in
+/// default environment. Returns the garbage written.
+fn corrupt_both_env_copies(rig: &Rig) -> Vec<u8> {
+    let garbage = vec![0xA5u8; 2 * ddi_tests::device::ENV_SIZE];
+    std::fs::write(rig.dev.env_file_path(), &garbage).unwrap();
+    garbage
+}
+
+#[test]
+fn with_no_valid_environment_a_pending_action_is_refused_and_nothing_is_written() {
+    let rig = Rig::new();
+    let image = Image::good("2.0", IMAGE_SIZE);
+    let action = rig.deploy(&image, &Assignment::forced());
+    let garbage = corrupt_both_env_copies(&rig);
+    let slot_before = rig.dev.slot_bytes(Slot::B).unwrap();
+    let out = rig.once_expect(2);
+    assert!(
+        out.stderr.contains("boot environment unusable")
+            && out.stderr.contains("no valid U-Boot environment copy"),
+        "{}",
+        out.describe()
+    );
+    let closed = rig.closed(action);
+    assert_eq!(closed.len(), 1, "{closed:?}\n{}", out.describe());
+    assert_eq!(closed[0].0, "failure");
+    let details = closed[0].1.join("\n");
+    assert!(
+        details.contains("boot environment unusable, nothing installed")
+            && details.contains("no valid U-Boot environment copy"),
+        "{details}"
+    );
+    assert_eq!(rig.status(action), ActionStatus::Error);
+    // Every later cycle polls and fails the same way; nothing is answered twice.
+    rig.once_expect(2);
+    assert_eq!(rig.closed(action).len(), 1);
+    assert_eq!(std::fs::read(rig.dev.env_file_path()).unwrap(), garbage);
+    assert_eq!(rig.dev.slot_bytes(Slot::B).unwrap(), slot_before);
+    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 0);
+}
+
+#[test]
+fn with_no_valid_environment_and_no_action_the_agent_still_polls_and_says_why() {
+    let rig = Rig::new();
+    let garbage = corrupt_both_env_copies(&rig);
+    let out = rig.once_expect(2);
+    assert!(
+        out.stderr
+            .contains("cycle not completed: boot environment unusable")
+            && out.stderr.contains("no valid U-Boot environment copy"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(rig.poll_count(), 1);
+    // `run` polls too instead of retrying its start silently.
+    let daemon = rig.spawn_run();
+    let polled =
+        ddi_tests::harness::wait_until(Duration::from_secs(20), Duration::from_millis(50), || {
+            rig.poll_count() > 1
+        });
+    let out = stop_run(daemon);
+    assert!(polled, "run never polled:\n{}", out.describe());
+    assert!(
+        out.stderr.contains("boot environment unusable"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(std::fs::read(rig.dev.env_file_path()).unwrap(), garbage);
 }

@@ -74,6 +74,20 @@ impl DdiError {
             _ => None,
         }
     }
+
+    /// Why an answer that arrived is refused for good (it does not parse, breaks a limit), or
+    /// `None` when asking again may help (transport, HTTP status, a body for another action).
+    pub fn refused_answer(&self) -> Option<String> {
+        match self {
+            DdiError::Model { source, .. } if !matches!(source, ModelError::IdMismatch { .. }) => {
+                Some(source.to_string())
+            }
+            DdiError::BodyTooLarge { limit, .. } => {
+                Some(format!("answer body is larger than {limit} bytes"))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// The outcome of posting feedback.

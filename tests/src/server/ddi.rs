@@ -320,6 +320,16 @@ pub fn json_etag(body: &[u8]) -> String {
 
 /// Renders a JSON GET answer: ETag and 304, media type, and the body faults.
 fn json_response(value: &Value, media: Media, headers: &HeaderMap, faults: &Triggered) -> Response {
+    let edited;
+    let value = match &faults.set_json {
+        Some((pointer, new)) => {
+            let mut v = value.clone();
+            super::faults::set_json(&mut v, pointer, new.clone());
+            edited = v;
+            &edited
+        }
+        None => value,
+    };
     let body = match media {
         Media::Cbor => super::cbor::encode(value),
         Media::HalJson | Media::Json => value.to_string().into_bytes(),
