@@ -241,6 +241,27 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         Ok(report)
     }
 
+    /// `run`: the system is still up `waited` after `reboot_command` succeeded (`runs` times so
+    /// far). Reports it (log, and progress feedback on the action waiting for the reboot) and
+    /// runs the reboot command again.
+    pub async fn reboot_overdue(&mut self, waited: Duration, runs: u32) -> Result<(), DriverError> {
+        let message = format!(
+            "the system did not reboot within {} s after reboot_command (run {runs} time(s)); \
+             running it again",
+            waited.as_secs()
+        );
+        warn!("{message}");
+        if let Phase::AwaitingReboot(job) = &self.state.phase {
+            let feedback = Feedback::new(&job.action_id, Execution::Proceeding, Finished::None)
+                .detail(message);
+            if let Err(e) = self.client.send_feedback(&job.link, &feedback).await {
+                warn!(error = %e, "report of the missing reboot not delivered (not retried)");
+            }
+        }
+        info!(command = ?self.cfg.boot.reboot_command, "rebooting");
+        self.rebooter.reboot().map_err(DriverError::Reboot)
+    }
+
     /// Answers the action of `link` `closed`/`failure` with `reason` (once) without starting it.
     async fn refuse(&mut self, link: &Link, reason: String) -> Result<bool, DriverError> {
         warn!(action_id = link.action_id().unwrap_or_default(), %reason, "action refused");

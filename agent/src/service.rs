@@ -208,6 +208,7 @@ async fn agent(cfg: Config, daemon: bool) -> u8 {
         timeout: cfg.agent.health_check_timeout,
     };
     let reboot = RebootCommand(cfg.boot.reboot_command.clone());
+    let reboot_timeout = cfg.boot.reboot_timeout;
     let driver = match Driver::new(cfg, client, store, boot, Pipeline, health, reboot) {
         Ok(d) => d,
         Err(e) => {
@@ -216,7 +217,7 @@ async fn agent(cfg: Config, daemon: bool) -> u8 {
         }
     };
     if daemon {
-        run(driver).await
+        run(driver, reboot_timeout).await
     } else {
         once(driver).await
     }
@@ -267,8 +268,9 @@ fn notify(states: &[NotifyState]) {
     let _ = sd_notify::notify(false, states);
 }
 
-/// `run`: the daemon loop.
-async fn run(mut driver: RealDriver) -> u8 {
+/// `run`: the daemon loop. A reboot the system does not follow within `reboot_timeout` is
+/// reported and asked for again.
+async fn run(mut driver: RealDriver, reboot_timeout: Duration) -> u8 {
     use tokio::signal::unix::{signal, SignalKind};
     let (mut term, mut int) = match (
         signal(SignalKind::terminate()),
@@ -293,8 +295,19 @@ async fn run(mut driver: RealDriver) -> u8 {
     notify(&[NotifyState::Ready, NotifyState::Status("starting")]);
     let mut first = true;
     let mut failures = 0u32;
+    // Reboot commands run (successfully) that the system has not followed yet.
+    let mut reboots_requested = 0u32;
     loop {
         let work = async {
+            if reboots_requested > 0 {
+                driver
+                    .reboot_overdue(reboot_timeout, reboots_requested)
+                    .await?;
+                return Ok(CycleReport {
+                    rebooting: true,
+                    ..CycleReport::default()
+                });
+            }
             if first {
                 // Until the post-reboot step has run once, every attempt starts with it.
                 if let Some(r) = startup(&mut driver).await? {
@@ -313,9 +326,13 @@ async fn run(mut driver: RealDriver) -> u8 {
         };
         let sleep = match outcome {
             Ok(r) if r.rebooting => {
+                reboots_requested += 1;
                 notify(&[NotifyState::Status("rebooting")]);
-                info!("reboot requested; waiting to be stopped");
-                Duration::from_secs(300)
+                info!(
+                    timeout_s = reboot_timeout.as_secs(),
+                    "reboot requested; waiting to be stopped"
+                );
+                reboot_timeout
             }
             Ok(r) => {
                 failures = 0;

@@ -973,3 +973,44 @@ fn with_no_valid_environment_and_no_action_the_agent_still_polls_and_says_why() 
     );
     assert_eq!(std::fs::read(rig.dev.env_file_path()).unwrap(), garbage);
 }
+
+#[test]
+fn run_reports_and_retries_a_reboot_that_does_not_happen() {
+    let rig = Rig::new();
+    // The device's reboot_command exits 0 and only leaves a marker line: the system stays up.
+    let text = rig
+        .dev
+        .config_text()
+        .replace("\n[agent]\n", "reboot_timeout = 2\n\n[agent]\n");
+    std::fs::write(rig.dev.config_path(), text).unwrap();
+    let action = rig.deploy(&Image::good("2.0", IMAGE_SIZE), &Assignment::forced());
+    let reboots = || {
+        std::fs::read_to_string(rig.dev.reboot_marker_path())
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    let daemon = rig.spawn_run();
+    let retried =
+        ddi_tests::harness::wait_until(Duration::from_secs(60), Duration::from_millis(50), || {
+            reboots() >= 2
+        });
+    let out = stop_run(daemon);
+    assert!(
+        retried,
+        "reboot_command ran {} time(s):\n{}",
+        reboots(),
+        out.describe()
+    );
+    let report = "did not reboot within 2 s after reboot_command";
+    assert!(out.stderr.contains(report), "{}", out.describe());
+    let reported = rig
+        .server
+        .feedback(action)
+        .iter()
+        .any(|f| f.details().iter().any(|d| d.contains(report)));
+    assert!(reported, "{:?}", rig.feedback(action));
+    // Still waiting for the reboot into the activated slot: nothing closed.
+    assert!(rig.closed(action).is_empty());
+    assert_eq!(rig.env("bootctl_slot").as_deref(), Some("B"));
+    assert_eq!(rig.status_json()["phase"], "awaiting_reboot");
+}
