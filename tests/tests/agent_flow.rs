@@ -492,23 +492,7 @@ fn malformed_poll_answer_fails_the_cycle() {
     assert!(out.stderr.contains("malformed"), "{}", out.describe());
     rig.server.clear_faults();
     rig.once_expect(0);
-
-    // A broken deployment body: nothing is written, nothing closed; later it works.
-    rig.server
-        .add_fault(Fault::new(FaultKind::MalformedJson).on(Endpoint::DeploymentBase));
-    let image = Image::good("15.0", IMAGE_SIZE);
-    let action = rig.deploy(&image, &Assignment::forced());
-    let out = rig.once_expect(2);
-    assert!(
-        out.stderr.contains("malformed deployment"),
-        "{}",
-        out.describe()
-    );
-    assert!(rig.closed(action).is_empty());
-    assert!(!rig.dev.slot_holds(Slot::B, &image.bytes).unwrap());
-    rig.server.clear_faults();
-    rig.once_expect(0);
-    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
+    // A broken deployment body is refused for good: see `refused_deployment`.
 }
 
 #[test]
