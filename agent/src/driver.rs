@@ -316,7 +316,8 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                     }
                     Action::Activate(slot) => {
                         info!(slot = %slot, "activating slot for a trial boot");
-                        self.boot.activate(slot)?
+                        self.boot.activate(slot)?;
+                        next = Some(Event::Activated);
                     }
                     Action::MarkGood => {
                         info!("marking the booted slot good");

@@ -5,7 +5,13 @@
 //! feedback outbox (feedback that must reach the server, kept until delivered or refused with
 //! 410). Ordering rules for power cuts live here:
 //! - before writing a slot it is marked bad (and that is done before the state says Installing);
-//! - a slot is activated before the state says AwaitingReboot, and the reboot comes after both;
+//! - the state says Installed (with the activation counted) before the environment save that
+//!   activates the slot, and AwaitingReboot after it; the reboot comes after both. A power cut
+//!   between the two leaves Installed with an activation in flight, which the next start
+//!   resolves from the booted slot and the bootloader's next slot;
+//! - the job's slot, once booted, is confirmed only through the health checks; and while the
+//!   job's slot is running unconfirmed, the other slot (the only known-good image) is never
+//!   written;
 //! - after a reboot, the booted slot decides: the activated slot means confirm (health checks,
 //!   mark good, `closed`/`success`); the old slot with the bootloader no longer pointing at the
 //!   new one means the bootloader fell back (`closed`/`failure`).
@@ -71,6 +77,9 @@ pub struct Job {
     pub version: String,
     /// Transient install failures so far.
     pub failed_tries: u32,
+    /// Activating environment saves started for this job (counted before each save).
+    #[serde(default)]
+    pub activations: u32,
 }
 
 /// Where the current update is.
@@ -81,7 +90,8 @@ pub enum Phase {
     Idle,
     /// Target slot marked bad; downloading and writing (resumable).
     Installing(Job),
-    /// Written and verified; waiting for permission to activate (maintenance window).
+    /// Written and verified; waiting for permission to activate (maintenance window), or
+    /// being activated (`job.activations > 0`: the activating save may or may not have happened).
     Installed(Job),
     /// Target slot activated; a reboot was requested.
     AwaitingReboot(Job),
@@ -231,6 +241,7 @@ pub enum Action {
     /// Write the new state to disk now (ordering matters relative to the neighbours).
     Persist,
     MarkBad(Slot),
+    /// Activate the slot for a trial boot; answered with [`Event::Activated`]. Always last.
     Activate(Slot),
     MarkGood,
     /// Keep the confirmed, running slot bootable when nothing of ours is on trial: what RAUC's
@@ -263,6 +274,10 @@ pub struct InstallFailure {
 /// How often a transient install failure is retried (on later polls) before failing the action.
 pub const MAX_INSTALL_TRIES: u32 = 3;
 
+/// How many activating saves a job gets. A second one is needed only when a power cut hit the
+/// first activation and the next start cannot tell whether its save happened.
+pub const MAX_ACTIVATIONS: u32 = 2;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// The agent started: which slot runs, which one the bootloader boots next.
@@ -284,6 +299,8 @@ pub enum Event {
     /// A poll showed no action link at all.
     NoAction,
     InstallDone(Result<(), InstallFailure>),
+    /// The environment save of [`Action::Activate`] is done.
+    Activated,
     HealthChecked(Result<(), String>),
     /// The server offers the action of `link` and the agent refuses it before starting: its
     /// deploymentBase cannot be parsed, or the boot environment is unusable. Answered
@@ -321,6 +338,7 @@ pub fn step(params: &Params, state: State, event: Event) -> (State, Vec<Action>)
             }
         }
         Event::InstallDone(result) => on_install_done(&mut s, &mut actions, result),
+        Event::Activated => on_activated(&mut s, &mut actions),
         Event::HealthChecked(result) => on_health(&mut s, &mut actions, result),
         Event::DeploymentRefused { link, reason } => on_refused(&mut s, &mut actions, link, reason),
     }
@@ -329,42 +347,87 @@ pub fn step(params: &Params, state: State, event: Event) -> (State, Vec<Action>)
 
 fn started(params: &Params, s: &mut State, actions: &mut Vec<Action>, booted: Slot, next: Slot) {
     match s.phase.clone() {
-        Phase::Idle | Phase::Installing(_) => actions.push(Action::KeepBootedGood),
-        Phase::Installed(job) => {
-            if booted == job.target {
-                // Power cut between activation and persisting it: the new slot runs.
-                s.phase = Phase::AwaitingReboot(job);
-                actions.extend([Action::Persist, Action::RunHealthChecks]);
-            }
+        Phase::Idle => actions.push(Action::KeepBootedGood),
+        Phase::Installing(job) if booted == job.target => {
+            job_slot_running_unverified(s, actions, job);
         }
-        Phase::AwaitingReboot(job) => {
+        Phase::Installing(_) => actions.push(Action::KeepBootedGood),
+        Phase::Installed(job) if booted == job.target => {
+            // Power cut between the activating save and persisting it: the new slot runs on
+            // trial. It is confirmed by the health checks, never by this start alone.
+            s.phase = Phase::AwaitingReboot(job);
+            actions.extend([Action::Persist, Action::RunHealthChecks]);
+        }
+        Phase::Installed(job) if job.activations == 0 => {
+            // Waiting for the maintenance window; the next poll decides.
+        }
+        Phase::Installed(job) if next == job.target => {
+            // The activating save happened; the reboot did not.
+            s.phase = Phase::AwaitingReboot(job);
+            actions.extend([Action::Persist, Action::Reboot]);
+        }
+        Phase::Installed(job) if job.activations < MAX_ACTIVATIONS => {
+            // The activation was cut: either its save never happened, or the slot was tried and
+            // the bootloader fell back. Activating once more tells them apart safely.
+            activate(s, actions, job);
+        }
+        Phase::Installed(job) | Phase::AwaitingReboot(job) => {
             if booted == job.target {
                 actions.push(Action::RunHealthChecks);
             } else if next == job.target {
                 // Activated, but the reboot has not happened yet.
                 actions.push(Action::Reboot);
             } else {
-                let message = format!(
-                    "rolled back to slot {booted} after {} attempts: slot {} did not boot",
-                    params.attempts, job.target
-                );
-                s.queue(
-                    Channel::Deployment,
-                    &job.link,
-                    Feedback::new(&job.action_id, Execution::Closed, Finished::Failure)
-                        .detail(message.clone()),
-                );
-                s.finish(&job.action_id, ResultKind::Failure, message);
-                // The bootloader may still list the failed slot (rauc: in BOOT_ORDER, to be
-                // tried again once the running slot's attempts run out): take it out.
-                actions.extend([
-                    Action::MarkBad(job.target),
-                    Action::Persist,
-                    Action::DeliverOutbox,
-                ]);
+                rolled_back(params, s, actions, job, booted);
             }
         }
     }
+}
+
+/// The bootloader fell back from the job's slot: report it and take the slot out of the list.
+fn rolled_back(params: &Params, s: &mut State, actions: &mut Vec<Action>, job: Job, booted: Slot) {
+    let message = format!(
+        "rolled back to slot {booted} after {} attempts: slot {} did not boot",
+        params.attempts, job.target
+    );
+    s.queue(
+        Channel::Deployment,
+        &job.link,
+        Feedback::new(&job.action_id, Execution::Closed, Finished::Failure).detail(message.clone()),
+    );
+    s.finish(&job.action_id, ResultKind::Failure, message);
+    // The bootloader may still list the failed slot (rauc: in BOOT_ORDER, to be tried again once
+    // the running slot's attempts run out): take it out.
+    actions.extend([
+        Action::MarkBad(job.target),
+        Action::Persist,
+        Action::DeliverOutbox,
+    ]);
+}
+
+/// The slot being written (marked bad, never verified) is running: someone switched to it by
+/// hand, or the bootloader had no other choice. Its image may be partial, and the other slot is
+/// the only known-good one, so nothing is written: the action fails, the slot stays marked bad
+/// and the device reboots into the other slot.
+fn job_slot_running_unverified(s: &mut State, actions: &mut Vec<Action>, job: Job) {
+    let message = format!(
+        "slot {} was booted before its image was written and verified; nothing else is \
+         written while it runs; slot marked bad, rebooting into slot {}",
+        job.target,
+        job.target.other()
+    );
+    s.queue(
+        Channel::Deployment,
+        &job.link,
+        Feedback::new(&job.action_id, Execution::Closed, Finished::Failure).detail(message.clone()),
+    );
+    s.finish(&job.action_id, ResultKind::Failure, message);
+    actions.extend([
+        Action::MarkBad(job.target),
+        Action::Persist,
+        Action::DeliverOutbox,
+        Action::Reboot,
+    ]);
 }
 
 /// Picks the artifact to install, or says why the layout cannot be honoured.
@@ -434,11 +497,11 @@ fn on_deployment(
     booted: Slot,
 ) {
     let id = d.action_id.clone();
-    if let Phase::Installing(job) = &s.phase {
+    if let Phase::Installing(job) = s.phase.clone() {
         if job.target == booted {
-            // The slot being written is running now (switched by hand?): never write it;
-            // start over towards the other slot.
-            s.phase = Phase::Idle;
+            // Normally resolved at start; never write either slot while this holds.
+            job_slot_running_unverified(s, actions, job);
+            return;
         }
     }
     if let Some(job) = s.phase.job() {
@@ -498,6 +561,7 @@ fn on_deployment(
                 artifact,
                 version,
                 failed_tries: 0,
+                activations: 0,
             };
             s.phase = Phase::Installing(job.clone());
             let what = if job.download_only {
@@ -525,10 +589,24 @@ fn on_deployment(
     }
 }
 
-fn activate(s: &mut State, actions: &mut Vec<Action>, job: Job) {
+/// Count the activation and make it durable, then activate (one environment save); the rest
+/// follows on [`Event::Activated`].
+fn activate(s: &mut State, actions: &mut Vec<Action>, mut job: Job) {
+    job.activations += 1;
+    let target = job.target;
+    s.phase = Phase::Installed(job);
+    actions.extend([Action::Persist, Action::Activate(target)]);
+}
+
+fn on_activated(s: &mut State, actions: &mut Vec<Action>) {
+    let Phase::Installed(job) = s.phase.clone() else {
+        return;
+    };
+    if job.activations == 0 {
+        return;
+    }
     s.phase = Phase::AwaitingReboot(job.clone());
     actions.extend([
-        Action::Activate(job.target),
         Action::Persist,
         Action::Notify {
             link: job.link.clone(),
@@ -850,11 +928,14 @@ mod tests {
         assert_eq!(kinds(&a), ["notify", "mark_bad", "persist", "install"]);
         assert_eq!(a[1], Action::MarkBad(Slot::B));
         let (s, a) = ev(s, Event::InstallDone(Ok(())));
-        assert_eq!(
-            kinds(&a),
-            ["notify", "activate", "persist", "notify", "reboot"]
+        // Installed, with the activation counted, is durable before the activating save.
+        assert_eq!(kinds(&a), ["notify", "persist", "activate"]);
+        assert_eq!(a[2], Action::Activate(Slot::B));
+        assert!(
+            matches!(s.phase, Phase::Installed(ref j) if j.target == Slot::B && j.activations == 1)
         );
-        assert_eq!(a[1], Action::Activate(Slot::B));
+        let (s, a) = ev(s, Event::Activated);
+        assert_eq!(kinds(&a), ["persist", "notify", "reboot"]);
         assert!(matches!(s.phase, Phase::AwaitingReboot(ref j) if j.target == Slot::B));
         assert!(s.outbox.is_empty(), "nothing closed before the reboot");
         s
@@ -926,22 +1007,23 @@ mod tests {
         assert_eq!(s2, s);
     }
 
-    #[test]
-    fn power_cut_between_activate_and_persist_still_confirms() {
+    /// The state on disk when power is cut right after the activating save (or right before
+    /// it): Installed, with one activation counted.
+    fn cut_during_activation() -> State {
         let (s, _) = offer(
             State::default(),
             deployment("7", Handling::Forced, None),
             Slot::A,
         );
-        let (s, _) = ev(s, Event::InstallDone(Ok(())));
-        // The persisted state is the one before activation: Installed.
-        let Phase::AwaitingReboot(job) = s.phase.clone() else {
-            panic!()
-        };
-        let installed = State {
-            phase: Phase::Installed(job),
-            ..s
-        };
+        let (s, a) = ev(s, Event::InstallDone(Ok(())));
+        assert_eq!(a.last(), Some(&Action::Activate(Slot::B)));
+        assert!(matches!(&s.phase, Phase::Installed(j) if j.activations == 1));
+        s
+    }
+
+    #[test]
+    fn power_cut_after_the_activating_save_confirms_only_through_health_checks() {
+        let installed = cut_during_activation();
         let (s, a) = ev(
             installed.clone(),
             Event::Started {
@@ -951,7 +1033,17 @@ mod tests {
         );
         assert_eq!(kinds(&a), ["persist", "health"]);
         assert!(matches!(s.phase, Phase::AwaitingReboot(_)));
-        // Not booted into it: nothing happens at start; the next poll decides.
+        let (_, a) = ev(s.clone(), Event::HealthChecked(Err("bad".into())));
+        assert_eq!(a[0], Action::MarkBad(Slot::B));
+        let (s, a) = ev(s, Event::HealthChecked(Ok(())));
+        assert_eq!(kinds(&a), ["mark_good", "persist", "deliver"]);
+        assert_eq!(s.last_result.unwrap().result, ResultKind::Success);
+    }
+
+    #[test]
+    fn power_cut_around_the_activating_save_without_reboot() {
+        let installed = cut_during_activation();
+        // The save happened, the reboot did not (a crash, not a power cut): reboot.
         let (s, a) = ev(
             installed.clone(),
             Event::Started {
@@ -959,8 +1051,66 @@ mod tests {
                 next: Slot::B,
             },
         );
-        assert!(a.is_empty());
-        assert_eq!(s, installed);
+        assert_eq!(kinds(&a), ["persist", "reboot"]);
+        assert!(matches!(s.phase, Phase::AwaitingReboot(_)));
+        // The save did not happen (or B was tried and the bootloader fell back): activate once
+        // more, durably counted first.
+        let (s, a) = ev(
+            installed.clone(),
+            Event::Started {
+                booted: Slot::A,
+                next: Slot::A,
+            },
+        );
+        assert_eq!(kinds(&a), ["persist", "activate"]);
+        assert!(matches!(&s.phase, Phase::Installed(j) if j.activations == 2));
+        let (s, a) = ev(s, Event::Activated);
+        assert_eq!(kinds(&a), ["persist", "notify", "reboot"]);
+        // Cut again and still not booted: no third try, the fallback is reported.
+        let Phase::AwaitingReboot(job) = s.phase.clone() else {
+            panic!("{:?}", s.phase)
+        };
+        let again = State {
+            phase: Phase::Installed(job),
+            ..s
+        };
+        let (s, a) = ev(
+            again,
+            Event::Started {
+                booted: Slot::A,
+                next: Slot::A,
+            },
+        );
+        assert_eq!(kinds(&a), ["mark_bad", "persist", "deliver"]);
+        assert!(s.outbox[0].feedback.details[0].contains("rolled back to slot A"));
+        assert_eq!(s.phase, Phase::Idle);
+    }
+
+    #[test]
+    fn a_booted_job_slot_that_was_never_verified_fails_the_action_without_writing() {
+        // Installing B (marked bad, half written), yet B runs: never confirm it, never write A.
+        let (installing, _) = offer(
+            State::default(),
+            deployment("7", Handling::Forced, None),
+            Slot::A,
+        );
+        let started = Event::Started {
+            booted: Slot::B,
+            next: Slot::B,
+        };
+        let (s, a) = ev(installing.clone(), started);
+        assert_eq!(kinds(&a), ["mark_bad", "persist", "deliver", "reboot"]);
+        assert_eq!(a[0], Action::MarkBad(Slot::B));
+        assert_eq!(
+            only_outbox(&s),
+            [(Channel::Deployment, Execution::Closed, Finished::Failure)]
+        );
+        assert_eq!(s.phase, Phase::Idle);
+        // The same holds when the offer comes first.
+        let (s, a) = offer(installing, deployment("7", Handling::Forced, None), Slot::B);
+        assert!(!a.iter().any(|a| matches!(a, Action::Install(_))), "{a:?}");
+        assert_eq!(a[0], Action::MarkBad(Slot::B));
+        assert_eq!(s.last_result.unwrap().result, ResultKind::Failure);
     }
 
     #[test]
@@ -1039,7 +1189,9 @@ mod tests {
             deployment("9", Handling::Forced, Some(MaintenanceWindow::Available)),
             Slot::A,
         );
-        assert_eq!(kinds(&a), ["activate", "persist", "notify", "reboot"]);
+        assert_eq!(kinds(&a), ["persist", "activate"]);
+        let (s, a) = ev(s, Event::Activated);
+        assert_eq!(kinds(&a), ["persist", "notify", "reboot"]);
         assert!(matches!(s.phase, Phase::AwaitingReboot(_)));
     }
 
@@ -1235,24 +1387,10 @@ mod tests {
     }
 
     #[test]
-    fn never_writes_the_running_slot_even_after_a_manual_switch() {
-        let (s, _) = offer(
-            State::default(),
-            deployment("7", Handling::Forced, None),
-            Slot::A,
-        );
-        // Someone booted B by hand while B was half written.
-        let (s, a) = offer(s, deployment("7", Handling::Forced, None), Slot::B);
-        assert!(matches!(a.last(), Some(Action::Install(j)) if j.target == Slot::A));
-        assert!(a.contains(&Action::MarkBad(Slot::A)));
-        assert!(!a.contains(&Action::MarkBad(Slot::B)));
-        assert!(matches!(&s.phase, Phase::Installing(j) if j.target == Slot::A));
-    }
-
-    #[test]
     fn stray_events_change_nothing() {
         for e in [
             Event::InstallDone(Ok(())),
+            Event::Activated,
             Event::HealthChecked(Ok(())),
             Event::HealthChecked(Err("x".into())),
             Event::NoAction,
@@ -1382,7 +1520,10 @@ mod tests {
     }
 
     mod random_sequences {
-        //! Random event sequences against invariants that must hold in every reachable state.
+        //! Random event sequences against invariants that must hold in every reachable state,
+        //! with power cuts between any two actions: the driver executes actions in order, so a
+        //! cut leaves the bootloader changed by the actions before it and the state file as the
+        //! last `Persist` (or the end of an earlier step) left it.
         use super::*;
         use proptest::prelude::*;
         use std::collections::{BTreeSet, HashMap};
@@ -1401,7 +1542,7 @@ mod tests {
             InstallFatal,
             HealthOk,
             HealthBad,
-            /// Reboot: boots `next` (as the bootloader would, or falls back).
+            /// Power-on: boots `next`, or falls back when a trial slot does not come up.
             Restart {
                 fall_back: bool,
             },
@@ -1426,37 +1567,230 @@ mod tests {
             ]
         }
 
+        /// What a slot holds.
+        #[derive(Debug, Clone, PartialEq)]
+        enum Content {
+            Factory,
+            /// Written, possibly partially, not verified.
+            Unverified,
+            /// The verified image of this action.
+            Verified(String),
+        }
+
+        /// The device: slots, bootloader, the state file, and the agent's memory.
+        struct Model {
+            s: State,
+            disk: State,
+            booted: Slot,
+            next: Slot,
+            /// `next` is on trial (activated, not confirmed).
+            trial: bool,
+            slots: HashMap<Slot, Content>,
+            /// An answer the driver owes the machine (install or health result), or a reboot.
+            awaiting: Option<&'static str>,
+            closing: HashMap<String, usize>,
+            seen_seq: BTreeSet<u64>,
+        }
+
+        impl Model {
+            fn new() -> Model {
+                Model {
+                    s: State::default(),
+                    disk: State::default(),
+                    booted: Slot::A,
+                    next: Slot::A,
+                    trial: false,
+                    slots: HashMap::from([
+                        (Slot::A, Content::Factory),
+                        (Slot::B, Content::Unverified),
+                    ]),
+                    awaiting: None,
+                    closing: HashMap::new(),
+                    seen_seq: BTreeSet::new(),
+                }
+            }
+
+            fn bootable(&self, slot: Slot) -> bool {
+                self.slots[&slot] != Content::Unverified
+            }
+
+            /// Power-on after a reboot or a cut.
+            fn power_on(&mut self, fall_back: bool) -> Event {
+                if self.trial && fall_back {
+                    self.next = self.next.other();
+                    self.trial = false;
+                }
+                self.booted = self.next;
+                self.s = self.disk.clone();
+                self.awaiting = None;
+                Event::Started {
+                    booted: self.booted,
+                    next: self.next,
+                }
+            }
+
+            /// Runs one event and the events its actions produce; `cut` counts actions down to a
+            /// power cut (`Some(0)` cuts before the next action). Returns false on a cut.
+            fn run(&mut self, event: Event, cut: &mut Option<u8>) -> Result<bool, TestCaseError> {
+                let mut queue = vec![event];
+                while let Some(event) = queue.pop() {
+                    let is_install_ok = matches!(event, Event::InstallDone(Ok(())));
+                    let health_ok = matches!(event, Event::HealthChecked(Ok(())));
+                    let installing_job = match (&self.s.phase, is_install_ok) {
+                        (Phase::Installing(j), true) => Some(j.clone()),
+                        _ => None,
+                    };
+                    if let Some(j) = installing_job {
+                        self.slots
+                            .insert(j.target, Content::Verified(j.action_id.clone()));
+                    }
+                    let (ns, actions) = step(&params(), self.s.clone(), event);
+                    self.s = ns;
+                    for (i, a) in actions.iter().enumerate() {
+                        if matches!(
+                            a,
+                            Action::Install(_)
+                                | Action::RunHealthChecks
+                                | Action::Reboot
+                                | Action::Activate(_)
+                        ) {
+                            prop_assert_eq!(
+                                i,
+                                actions.len() - 1,
+                                "{:?} not last in {:?}",
+                                a,
+                                actions
+                            );
+                        }
+                    }
+                    for a in actions {
+                        if let Some(n) = cut.as_mut() {
+                            if *n == 0 {
+                                *cut = None;
+                                return Ok(false);
+                            }
+                            *n -= 1;
+                        }
+                        match a {
+                            Action::Persist => self.disk = self.s.clone(),
+                            Action::Install(job) => {
+                                prop_assert_ne!(job.target, self.booted, "writes the running slot");
+                                prop_assert!(
+                                    !(self.trial && self.next == self.booted),
+                                    "writes slot {} while the booted slot is on trial",
+                                    job.target
+                                );
+                                prop_assert!(
+                                    self.bootable(self.booted),
+                                    "writes while an unverified slot runs"
+                                );
+                                prop_assert_ne!(
+                                    self.next,
+                                    job.target,
+                                    "writes the slot U-Boot boots next"
+                                );
+                                self.slots.insert(job.target, Content::Unverified);
+                                self.awaiting = Some("install");
+                            }
+                            Action::MarkBad(slot) => {
+                                if self.next == slot {
+                                    self.next = slot.other();
+                                    self.trial = false;
+                                }
+                            }
+                            Action::MarkGood => {
+                                if self.trial && self.booted == self.next {
+                                    prop_assert!(
+                                        health_ok,
+                                        "a trial confirmed without health checks"
+                                    );
+                                    self.trial = false;
+                                }
+                            }
+                            Action::KeepBootedGood => {}
+                            Action::RunHealthChecks => self.awaiting = Some("health"),
+                            Action::Activate(slot) => {
+                                prop_assert_ne!(slot, self.booted, "activates the running slot");
+                                let job = self.s.phase.job().expect("activation without a job");
+                                prop_assert_eq!(
+                                    &self.slots[&slot],
+                                    &Content::Verified(job.action_id.clone()),
+                                    "activates an unverified slot"
+                                );
+                                self.next = slot;
+                                self.trial = true;
+                                queue.push(Event::Activated);
+                            }
+                            Action::Reboot => self.awaiting = Some("reboot"),
+                            Action::Notify { .. } | Action::DeliverOutbox => {}
+                        }
+                        prop_assert!(
+                            self.bootable(self.next),
+                            "U-Boot would boot an unverified slot {}",
+                            self.next
+                        );
+                    }
+                    // The driver saves at the end of every step.
+                    self.disk = self.s.clone();
+                }
+                Ok(true)
+            }
+
+            fn check(&mut self) -> Result<(), TestCaseError> {
+                for o in &self.disk.outbox {
+                    let closes = o.channel == Channel::Deployment
+                        && (o.feedback.execution == Execution::Closed
+                            || (o.feedback.execution == Execution::Downloaded
+                                && o.feedback.finished != Finished::None));
+                    if self.seen_seq.insert(o.seq) && closes {
+                        *self
+                            .closing
+                            .entry(o.feedback.action_id.clone())
+                            .or_default() += 1;
+                        if o.feedback.execution == Execution::Closed
+                            && o.feedback.finished == Finished::Success
+                        {
+                            prop_assert_eq!(
+                                &self.slots[&self.booted],
+                                &Content::Verified(o.feedback.action_id.clone()),
+                                "success without the new image running"
+                            );
+                            prop_assert!(
+                                !self.trial || self.next != self.booted,
+                                "success while still on trial"
+                            );
+                        }
+                    }
+                }
+                for (id, n) in &self.closing {
+                    prop_assert!(*n <= 1, "action {} closed {} times", id, n);
+                }
+                let back: State =
+                    serde_json::from_str(&serde_json::to_string(&self.s).unwrap()).unwrap();
+                prop_assert_eq!(&back, &self.s);
+                Ok(())
+            }
+        }
+
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(2000))]
+            #![proptest_config(ProptestConfig::with_cases(3000))]
             #[test]
-            fn invariants_hold(events in proptest::collection::vec(ev(), 1..40)) {
-                let mut s = State::default();
-                let mut booted = Slot::A;
-                let mut next = Slot::A;
-                // Slots whose image was verified for an action (written and not overwritten since).
-                let mut verified: HashMap<Slot, String> = HashMap::new();
-                let mut closing: HashMap<String, usize> = HashMap::new();
-                // Answers (install/health results) come only for the action that asked.
-                let mut awaiting: Option<&'static str> = None;
-                let mut trial = false;
-                let mut seen_seq = BTreeSet::new();
-                for e in events {
+            fn invariants_hold(events in proptest::collection::vec((ev(), proptest::option::weighted(0.2, 0u8..6)), 1..40)) {
+                let mut m = Model::new();
+                for (e, cut) in events {
                     let answer = match e {
                         Ev::InstallOk | Ev::InstallTransient | Ev::InstallFatal => Some("install"),
                         Ev::HealthOk | Ev::HealthBad => Some("health"),
                         _ => None,
                     };
-                    if answer.is_some() && answer != awaiting {
+                    if answer.is_some() && answer != m.awaiting {
                         continue;
                     }
-                    if answer.is_none() && awaiting.is_some() {
-                        // The driver answers before anything else happens (or the process dies:
-                        // then the next event is a restart).
-                        if !matches!(e, Ev::Restart { .. }) {
-                            continue;
-                        }
+                    if answer.is_none() && m.awaiting.is_some() && !matches!(e, Ev::Restart { .. }) {
+                        // The driver answers before anything else happens, and a reboot comes
+                        // before anything else (or the process dies: then a restart follows).
+                        continue;
                     }
-                    awaiting = None;
                     let event = match e {
                         Ev::Offer { id, kind } => {
                             let (update, window) = match kind {
@@ -1468,7 +1802,7 @@ mod tests {
                             Event::Deployment {
                                 link: dlink(&id.to_string()),
                                 deployment: deployment(&id.to_string(), update, window),
-                                booted,
+                                booted: m.booted,
                             }
                         }
                         Ev::Cancel { id } => Event::Cancel {
@@ -1480,73 +1814,28 @@ mod tests {
                         Ev::InstallFatal => Event::InstallDone(Err(InstallFailure { message: "hash".into(), retryable: false })),
                         Ev::HealthOk => Event::HealthChecked(Ok(())),
                         Ev::HealthBad => Event::HealthChecked(Err("bad".into())),
-                        Ev::Restart { fall_back } => {
-                            if trial && fall_back {
-                                next = next.other();
-                                trial = false;
-                            }
-                            booted = next;
-                            Event::Started { booted, next }
-                        }
+                        Ev::Restart { fall_back } => m.power_on(fall_back),
                         Ev::NoAction => Event::NoAction,
                         Ev::Refused { id } => refused(&id.to_string()),
                     };
-                    let is_install_ok = matches!(event, Event::InstallDone(Ok(())));
-                    let installing_job = match (&s.phase, is_install_ok) {
-                        (Phase::Installing(j), true) => Some(j.clone()),
-                        _ => None,
-                    };
-                    let (ns, actions) = step(&params(), s, event);
-                    s = ns;
-                    if let Some(j) = installing_job {
-                        verified.insert(j.target, j.action_id.clone());
+                    if matches!(event, Event::Started { .. }) {
+                        prop_assert!(m.bootable(m.booted), "booted an unverified slot {}", m.booted);
                     }
-                    for a in &actions {
-                        match a {
-                            Action::Install(job) => {
-                                prop_assert_ne!(job.target, booted, "writes the running slot");
-                                verified.remove(&job.target);
-                                awaiting = Some("install");
-                            }
-                            Action::MarkBad(slot) if next == *slot => {
-                                next = slot.other();
-                                trial = false;
-                            }
-                            Action::MarkGood => trial = false,
-                            Action::RunHealthChecks => awaiting = Some("health"),
-                            Action::Activate(slot) => {
-                                prop_assert_ne!(*slot, booted, "activates the running slot");
-                                let job = s.phase.job().expect("activation without a job");
-                                prop_assert_eq!(verified.get(slot), Some(&job.action_id), "activates an unverified slot");
-                                next = *slot;
-                                trial = true;
-                            }
-                            _ => {}
-                        }
+                    m.awaiting = None;
+                    let mut cut = cut;
+                    if !m.run(event, &mut cut)? {
+                        // Power cut: the memory is gone, U-Boot boots from the env as it is.
+                        let started = m.power_on(false);
+                        prop_assert!(m.bootable(m.booted), "booted an unverified slot {} after a cut", m.booted);
+                        let mut no_cut = None;
+                        m.run(started, &mut no_cut)?;
                     }
-                    // Install/health/reboot actions end the list.
-                    for (i, a) in actions.iter().enumerate() {
-                        if matches!(a, Action::Install(_) | Action::RunHealthChecks | Action::Reboot) {
-                            prop_assert_eq!(i, actions.len() - 1, "{:?} not last in {:?}", a, actions);
-                        }
-                    }
-                    for o in &s.outbox {
-                        if seen_seq.insert(o.seq) && o.channel == Channel::Deployment
-                            && (o.feedback.execution == Execution::Closed
-                                || (o.feedback.execution == Execution::Downloaded && o.feedback.finished != Finished::None))
-                        {
-                            *closing.entry(o.feedback.action_id.clone()).or_default() += 1;
-                        }
-                    }
-                    for (id, n) in &closing {
-                        prop_assert!(*n <= 1, "action {} closed {} times", id, n);
-                    }
-                    let back: State = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
-                    prop_assert_eq!(&back, &s);
+                    m.check()?;
                     // Delivery happens at some point; model it as immediate half of the time.
-                    if seen_seq.len() % 2 == 0 {
-                        let seqs: Vec<u64> = s.outbox.iter().map(|o| o.seq).collect();
-                        for q in seqs { s.delivered(q); }
+                    if m.seen_seq.len() % 2 == 0 {
+                        let seqs: Vec<u64> = m.s.outbox.iter().map(|o| o.seq).collect();
+                        for q in seqs { m.s.delivered(q); }
+                        m.disk = m.s.clone();
                     }
                 }
             }
