@@ -788,8 +788,9 @@ fn on_refused(s: &mut State, actions: &mut Vec<Action>, link: Link, reason: Stri
     };
     let mut message = reason;
     match s.phase.clone() {
-        // A slot is activated: its confirmation or rollback decides the action.
+        // A slot is (or may be) activated: its confirmation or rollback decides the action.
         Phase::AwaitingReboot(_) => return,
+        Phase::Installed(job) if job.activations > 0 => return,
         Phase::Installing(job) | Phase::Installed(job) if job.action_id == id => {
             message = format!("{message}; slot {} left marked bad", job.target);
         }
@@ -1505,10 +1506,20 @@ mod tests {
         assert_eq!(s.outbox.len(), 1);
         assert_eq!(s.outbox[0].feedback.action_id, "8");
         assert_eq!(s.phase, Phase::Idle);
-        // A slot is activated: the reboot decides; nothing changes.
-        let s = through_activation(deployment("7", Handling::Forced, None));
-        for id in ["7", "9"] {
-            assert_eq!(ev(s.clone(), refused(id)), (s.clone(), vec![]));
+        // A slot is (or may be: the activating save was asked for) activated: the reboot
+        // decides; nothing changes.
+        let (s, _) = offer(
+            State::default(),
+            deployment("7", Handling::Forced, None),
+            Slot::A,
+        );
+        let (activating, _) = ev(s, Event::InstallDone(Ok(())));
+        assert!(matches!(&activating.phase, Phase::Installed(j) if j.activations == 1));
+        let activated = through_activation(deployment("7", Handling::Forced, None));
+        for s in [activating, activated] {
+            for id in ["7", "9"] {
+                assert_eq!(ev(s.clone(), refused(id)), (s.clone(), vec![]));
+            }
         }
     }
 
