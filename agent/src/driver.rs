@@ -102,6 +102,9 @@ pub struct Driver<B, I, H, R> {
     failure_reported: bool,
     /// The server's last polling interval (paces the cancel watch during installs).
     last_sleep: Duration,
+    /// Why the last [`Driver::startup`] could not read the boot environment: until a start
+    /// succeeds, a cycle does nothing the post-reboot step should have decided first.
+    startup_skipped: Option<String>,
 }
 
 impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H, R> {
@@ -132,6 +135,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
             state,
             failure_reported: false,
             last_sleep: Duration::from_secs(30),
+            startup_skipped: None,
         })
     }
 
@@ -144,7 +148,14 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         self.failure_reported = false;
         self.state = self.store.load()?;
         let booted = self.boot.booted()?;
-        let next = self.boot.next().map_err(DriverError::BootEnv)?;
+        let next = match self.boot.next() {
+            Ok(next) => next,
+            Err(e) => {
+                self.startup_skipped = Some(e.0.clone());
+                return Err(DriverError::BootEnv(e));
+            }
+        };
+        self.startup_skipped = None;
         info!(booted = %booted, next = %next, phase = self.state.phase.name(), "agent started");
         let rebooting = self.apply(Event::Started { booted, next }).await?;
         if let Err(e) = self.deliver().await {
@@ -183,6 +194,10 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         // Without the environment nothing can be installed or decided; the server hears why.
         if let Err(problem) = self.boot.next() {
             return self.refuse_for_boot_env(&poll, problem).await;
+        }
+        if let Some(problem) = &self.startup_skipped {
+            // Readable again (it was locked?), but the post-reboot step comes first: next time.
+            return Err(DriverError::BootEnv(BootError(problem.clone())));
         }
         let rebooting = if let Some(link) = &poll.cancel {
             match self.client.cancel_request(link).await {
