@@ -28,6 +28,11 @@ pub struct BootError(pub String);
 pub trait Bootloader: Send {
     fn booted(&self) -> Result<Slot, BootError>;
     fn next(&self) -> Result<Slot, BootError>;
+    /// The booted slot runs on trial (activated, not confirmed); false when the scheme cannot
+    /// tell (`rauc`).
+    fn booted_on_trial(&self) -> Result<bool, BootError> {
+        Ok(false)
+    }
     fn activate(&mut self, slot: Slot) -> Result<(), BootError>;
     fn mark_good(&mut self) -> Result<(), BootError>;
     fn mark_bad(&mut self, slot: Slot) -> Result<(), BootError>;
@@ -225,10 +230,14 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                         window = ?deployment.maintenance_window,
                         "deployment offered"
                     );
+                    let next = self.boot.next()?;
+                    let trial = self.boot.booted_on_trial()?;
                     self.apply(Event::Deployment {
                         link: link.clone(),
                         deployment,
                         booted,
+                        next,
+                        trial,
                     })
                     .await?
                 }
@@ -362,6 +371,9 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                         if let Err(e) = self.deliver().await {
                             warn!(error = %e, "feedback kept for later");
                         }
+                    }
+                    Action::Defer(reason) => {
+                        warn!(action_id = job.as_deref().unwrap_or(""), %reason, "not installing now");
                     }
                     Action::Reboot => {
                         self.store.save(&self.state)?;
@@ -716,6 +728,10 @@ impl Bootloader for BootCtl {
             .mark_bad(to_bootctl(slot))
             .map(|_| ())
             .map_err(|e| BootError(e.to_string()))
+    }
+    fn booted_on_trial(&self) -> Result<bool, BootError> {
+        let status = self.0.status().map_err(|e| BootError(e.to_string()))?;
+        Ok(status.trial == Some(true) && status.booted == Some(status.next))
     }
     fn keep_booted_good(&mut self) -> Result<(), BootError> {
         let status = self.0.status().map_err(|e| BootError(e.to_string()))?;

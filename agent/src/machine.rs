@@ -259,6 +259,8 @@ pub enum Action {
     },
     /// Try to deliver the outbox.
     DeliverOutbox,
+    /// Nothing is written now, for this reason (logged); the action stays open.
+    Defer(String),
     /// Run the reboot command. Always last.
     Reboot,
 }
@@ -285,11 +287,15 @@ pub enum Event {
         booted: Slot,
         next: Slot,
     },
-    /// The server offers a deployment (deploymentBase).
+    /// The server offers a deployment (deploymentBase), with the bootloader's view.
     Deployment {
         link: Link,
         deployment: Deployment,
         booted: Slot,
+        /// The slot the bootloader boots at the next power-on.
+        next: Slot,
+        /// The booted slot runs on trial (not confirmed); false when the scheme cannot tell.
+        trial: bool,
     },
     /// The server asks to cancel an action.
     Cancel {
@@ -321,7 +327,16 @@ pub fn step(params: &Params, state: State, event: Event) -> (State, Vec<Action>)
             link,
             deployment,
             booted,
-        } => on_deployment(params, &mut s, &mut actions, link, deployment, booted),
+            next,
+            trial,
+        } => {
+            let boot = BootView {
+                booted,
+                next,
+                trial,
+            };
+            on_deployment(params, &mut s, &mut actions, link, deployment, boot)
+        }
         Event::Cancel { link, request } => on_cancel(&mut s, &mut actions, link, request),
         Event::NoAction => {
             if let Phase::Installing(job) | Phase::Installed(job) = s.phase.clone() {
@@ -352,14 +367,15 @@ fn started(params: &Params, s: &mut State, actions: &mut Vec<Action>, booted: Sl
             job_slot_running_unverified(s, actions, job);
         }
         Phase::Installing(_) => actions.push(Action::KeepBootedGood),
+        Phase::Installed(job) if job.activations == 0 => {
+            // Waiting for the maintenance window; the next poll decides. Should someone have
+            // booted the waiting slot by hand, that trial is not ours to confirm.
+        }
         Phase::Installed(job) if booted == job.target => {
             // Power cut between the activating save and persisting it: the new slot runs on
             // trial. It is confirmed by the health checks, never by this start alone.
             s.phase = Phase::AwaitingReboot(job);
             actions.extend([Action::Persist, Action::RunHealthChecks]);
-        }
-        Phase::Installed(job) if job.activations == 0 => {
-            // Waiting for the maintenance window; the next poll decides.
         }
         Phase::Installed(job) if next == job.target => {
             // The activating save happened; the reboot did not.
@@ -488,14 +504,65 @@ pub fn choose_artifact(part: &str, d: &Deployment) -> Result<(Artifact, String),
     Ok((artifact, chunk.version.clone()))
 }
 
+/// What the bootloader says when a deployment is offered.
+#[derive(Debug, Clone, Copy)]
+struct BootView {
+    booted: Slot,
+    next: Slot,
+    trial: bool,
+}
+
+impl BootView {
+    /// Why no slot may be written now, and whether a reboot resolves it. Writing the other slot
+    /// is safe only while the booted slot is confirmed and is the one the bootloader boots next:
+    /// otherwise the other slot is the fallback, or about to be booted.
+    fn write_blocked(&self) -> Option<(String, bool)> {
+        if self.next != self.booted {
+            Some((
+                format!(
+                    "the bootloader boots slot {} next, not the running slot {}; rebooting \
+                     before anything is written",
+                    self.next, self.booted
+                ),
+                true,
+            ))
+        } else if self.trial {
+            Some((
+                format!(
+                    "slot {} runs on trial, not confirmed; slot {} is its fallback and is not \
+                     written until the trial ends",
+                    self.booted,
+                    self.booted.other()
+                ),
+                false,
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+/// Defers an install the bootloader's state forbids; true when deferred.
+fn defer_install(boot: &BootView, actions: &mut Vec<Action>) -> bool {
+    let Some((reason, reboot)) = boot.write_blocked() else {
+        return false;
+    };
+    actions.push(Action::Defer(reason));
+    if reboot {
+        actions.push(Action::Reboot);
+    }
+    true
+}
+
 fn on_deployment(
     params: &Params,
     s: &mut State,
     actions: &mut Vec<Action>,
     link: Link,
     d: Deployment,
-    booted: Slot,
+    boot: BootView,
 ) {
+    let booted = boot.booted;
     let id = d.action_id.clone();
     if let Phase::Installing(job) = s.phase.clone() {
         if job.target == booted {
@@ -511,8 +578,30 @@ fn on_deployment(
             job.link = link.href.clone();
             match s.phase.clone() {
                 Phase::Installing(_) => {
+                    if defer_install(&boot, actions) {
+                        return;
+                    }
                     s.phase = Phase::Installing(job.clone());
                     actions.extend([Action::MarkBad(job.target), Action::Install(job)]);
+                }
+                Phase::Installed(_) if job.may_activate && job.activations >= MAX_ACTIVATIONS => {
+                    // The activating save kept failing (the bootloader errors are in the log).
+                    let message = format!(
+                        "slot {} could not be activated ({} tries); slot marked bad",
+                        job.target, job.activations
+                    );
+                    s.queue(
+                        Channel::Deployment,
+                        &job.link,
+                        Feedback::new(&job.action_id, Execution::Closed, Finished::Failure)
+                            .detail(message.clone()),
+                    );
+                    s.finish(&job.action_id, ResultKind::Failure, message);
+                    actions.extend([
+                        Action::MarkBad(job.target),
+                        Action::Persist,
+                        Action::DeliverOutbox,
+                    ]);
                 }
                 Phase::Installed(_) => {
                     s.phase = Phase::Installed(job.clone());
@@ -520,12 +609,14 @@ fn on_deployment(
                         activate(s, actions, job);
                     }
                 }
-                Phase::AwaitingReboot(_) | Phase::Idle => {}
+                Phase::AwaitingReboot(_) => reboot_if_pending(&job, boot, actions),
+                Phase::Idle => {}
             }
             return;
         }
-        if matches!(s.phase, Phase::AwaitingReboot(_)) {
+        if let Phase::AwaitingReboot(job) = &s.phase {
             // A new slot is already activated; its confirmation comes first.
+            reboot_if_pending(job, boot, actions);
             return;
         }
         // Replaced without a cancel (auto-close on the server): the old one is dropped.
@@ -539,6 +630,9 @@ fn on_deployment(
     if s.finished_locally(&id) {
         // Our closing feedback is on its way; the server has not seen it yet.
         actions.push(Action::DeliverOutbox);
+        return;
+    }
+    if defer_install(&boot, actions) {
         return;
     }
     match choose_artifact(&params.artifact_part, &d) {
@@ -586,6 +680,14 @@ fn on_deployment(
                 Action::Install(job),
             ]);
         }
+    }
+}
+
+/// The activated slot is still waiting for its reboot (a reboot command that failed, or that the
+/// system did not follow): ask again.
+fn reboot_if_pending(job: &Job, boot: BootView, actions: &mut Vec<Action>) {
+    if boot.booted != job.target && boot.next == job.target {
+        actions.push(Action::Reboot);
     }
 }
 
@@ -881,7 +983,18 @@ mod tests {
         }
     }
 
+    /// An offer while `booted` runs confirmed and is the bootloader's next slot.
     fn offer(s: State, d: Deployment, booted: Slot) -> (State, Vec<Action>) {
+        offer_with(s, d, booted, booted, false)
+    }
+
+    fn offer_with(
+        s: State,
+        d: Deployment,
+        booted: Slot,
+        next: Slot,
+        trial: bool,
+    ) -> (State, Vec<Action>) {
         let link = dlink(&d.action_id);
         step(
             &params(),
@@ -890,6 +1003,8 @@ mod tests {
                 link,
                 deployment: d,
                 booted,
+                next,
+                trial,
             },
         )
     }
@@ -918,6 +1033,7 @@ mod tests {
                 Action::RunHealthChecks => "health",
                 Action::Notify { .. } => "notify",
                 Action::DeliverOutbox => "deliver",
+                Action::Defer(_) => "defer",
                 Action::Reboot => "reboot",
             })
             .collect()
@@ -1388,6 +1504,81 @@ mod tests {
     }
 
     #[test]
+    fn nothing_is_written_while_the_fallback_is_needed() {
+        let d = || deployment("7", Handling::Forced, None);
+        // A reboot into A is pending (a health-failed or unverified B runs, and the reboot did
+        // not happen): no install; reboot first.
+        let (s, a) = offer_with(State::default(), d(), Slot::B, Slot::A, false);
+        assert_eq!(kinds(&a), ["defer", "reboot"]);
+        assert_eq!(s, State::default());
+        // Someone else's trial of the booted slot: wait, never write its fallback.
+        let (s, a) = offer_with(State::default(), d(), Slot::B, Slot::B, true);
+        assert_eq!(kinds(&a), ["defer"]);
+        assert_eq!(s, State::default());
+        // The same when resuming an install.
+        let (installing, _) = offer(State::default(), d(), Slot::A);
+        let (s, a) = offer_with(installing.clone(), d(), Slot::A, Slot::A, true);
+        assert_eq!(kinds(&a), ["defer"]);
+        assert_eq!(s, installing);
+        // Once confirmed, the install starts.
+        let (_, a) = offer_with(State::default(), d(), Slot::B, Slot::B, false);
+        assert!(matches!(a.last(), Some(Action::Install(j)) if j.target == Slot::A));
+    }
+
+    #[test]
+    fn a_reboot_that_did_not_happen_is_asked_for_again() {
+        let s = through_activation(deployment("7", Handling::Forced, None));
+        for id in ["7", "8"] {
+            let (s2, a) = offer_with(
+                s.clone(),
+                deployment(id, Handling::Forced, None),
+                Slot::A,
+                Slot::B,
+                false,
+            );
+            assert_eq!(a, [Action::Reboot], "{id}");
+            assert_eq!(s2, s);
+        }
+    }
+
+    #[test]
+    fn an_activation_that_keeps_failing_ends_the_action() {
+        let (s, _) = offer(
+            State::default(),
+            deployment("7", Handling::Forced, None),
+            Slot::A,
+        );
+        // The activating save fails twice (an error, the state stays Installed): each offer
+        // tries again, then gives up with a failure instead of counting on.
+        let (mut s, _) = ev(s, Event::InstallDone(Ok(())));
+        for _ in 1..MAX_ACTIVATIONS {
+            let (next, a) = offer(s, deployment("7", Handling::Forced, None), Slot::A);
+            assert_eq!(kinds(&a), ["persist", "activate"]);
+            s = next;
+        }
+        let (s, a) = offer(s, deployment("7", Handling::Forced, None), Slot::A);
+        assert_eq!(kinds(&a), ["mark_bad", "persist", "deliver"]);
+        assert!(s.outbox[0].feedback.details[0].contains("could not be activated"));
+        assert_eq!(s.phase, Phase::Idle);
+    }
+
+    #[test]
+    fn a_waiting_slot_booted_by_hand_is_not_confirmed() {
+        let window = deployment("9", Handling::Skip, Some(MaintenanceWindow::Unavailable));
+        let (s, _) = offer(State::default(), window, Slot::A);
+        let (s, _) = ev(s, Event::InstallDone(Ok(())));
+        let (s2, a) = ev(
+            s.clone(),
+            Event::Started {
+                booted: Slot::B,
+                next: Slot::B,
+            },
+        );
+        assert!(a.is_empty(), "{a:?}");
+        assert_eq!(s2, s);
+    }
+
+    #[test]
     fn stray_events_change_nothing() {
         for e in [
             Event::InstallDone(Ok(())),
@@ -1557,6 +1748,12 @@ mod tests {
             Restart {
                 fall_back: bool,
             },
+            /// The reboot command failed or the system did not follow it: the agent goes on.
+            RebootFails,
+            /// The agent process restarts (crash, service restart) without a power-on.
+            Crash,
+            /// Someone else starts a trial of the other slot (`ddi-bootctl set-next`).
+            ForeignTrial,
             NoAction,
             Refused {
                 id: u8,
@@ -1573,6 +1770,9 @@ mod tests {
                 Just(Ev::HealthOk),
                 Just(Ev::HealthBad),
                 any::<bool>().prop_map(|fall_back| Ev::Restart { fall_back }),
+                Just(Ev::RebootFails),
+                Just(Ev::Crash),
+                Just(Ev::ForeignTrial),
                 Just(Ev::NoAction),
                 (1u8..4).prop_map(|id| Ev::Refused { id }),
             ]
@@ -1597,6 +1797,8 @@ mod tests {
             /// `next` is on trial (activated, not confirmed).
             trial: bool,
             slots: HashMap<Slot, Content>,
+            /// Slots whose image was confirmed after booting (the factory slot from the start).
+            confirmed: BTreeSet<Slot>,
             /// An answer the driver owes the machine (install or health result), or a reboot.
             awaiting: Option<&'static str>,
             closing: HashMap<String, usize>,
@@ -1615,6 +1817,7 @@ mod tests {
                         (Slot::A, Content::Factory),
                         (Slot::B, Content::Unverified),
                     ]),
+                    confirmed: BTreeSet::from([Slot::A]),
                     awaiting: None,
                     closing: HashMap::new(),
                     seen_seq: BTreeSet::new(),
@@ -1692,15 +1895,19 @@ mod tests {
                                     job.target
                                 );
                                 prop_assert!(
-                                    self.bootable(self.booted),
-                                    "writes while an unverified slot runs"
-                                );
-                                prop_assert_ne!(
-                                    self.next,
+                                    self.confirmed.contains(&self.booted),
+                                    "writes slot {} while slot {} ({:?}) runs unconfirmed",
                                     job.target,
-                                    "writes the slot U-Boot boots next"
+                                    self.booted,
+                                    self.slots[&self.booted]
+                                );
+                                prop_assert_eq!(
+                                    self.next,
+                                    self.booted,
+                                    "writes while the bootloader is set to boot another slot"
                                 );
                                 self.slots.insert(job.target, Content::Unverified);
+                                self.confirmed.remove(&job.target);
                                 self.awaiting = Some("install");
                             }
                             Action::MarkBad(slot) => {
@@ -1716,6 +1923,9 @@ mod tests {
                                         "a trial confirmed without health checks"
                                     );
                                     self.trial = false;
+                                }
+                                if self.booted == self.next {
+                                    self.confirmed.insert(self.booted);
                                 }
                             }
                             Action::KeepBootedGood => {}
@@ -1733,7 +1943,7 @@ mod tests {
                                 queue.push(Event::Activated);
                             }
                             Action::Reboot => self.awaiting = Some("reboot"),
-                            Action::Notify { .. } | Action::DeliverOutbox => {}
+                            Action::Notify { .. } | Action::DeliverOutbox | Action::Defer(_) => {}
                         }
                         prop_assert!(
                             self.bootable(self.next),
@@ -1792,12 +2002,13 @@ mod tests {
                     let answer = match e {
                         Ev::InstallOk | Ev::InstallTransient | Ev::InstallFatal => Some("install"),
                         Ev::HealthOk | Ev::HealthBad => Some("health"),
+                        Ev::RebootFails => Some("reboot"),
                         _ => None,
                     };
                     if answer.is_some() && answer != m.awaiting {
                         continue;
                     }
-                    if answer.is_none() && m.awaiting.is_some() && !matches!(e, Ev::Restart { .. }) {
+                    if answer.is_none() && m.awaiting.is_some() && !matches!(e, Ev::Restart { .. } | Ev::Crash) {
                         // The driver answers before anything else happens, and a reboot comes
                         // before anything else (or the process dies: then a restart follows).
                         continue;
@@ -1814,6 +2025,8 @@ mod tests {
                                 link: dlink(&id.to_string()),
                                 deployment: deployment(&id.to_string(), update, window),
                                 booted: m.booted,
+                                next: m.next,
+                                trial: m.trial && m.next == m.booted,
                             }
                         }
                         Ev::Cancel { id } => Event::Cancel {
@@ -1826,6 +2039,24 @@ mod tests {
                         Ev::HealthOk => Event::HealthChecked(Ok(())),
                         Ev::HealthBad => Event::HealthChecked(Err("bad".into())),
                         Ev::Restart { fall_back } => m.power_on(fall_back),
+                        Ev::RebootFails => {
+                            if m.awaiting == Some("reboot") {
+                                m.awaiting = None;
+                            }
+                            continue;
+                        }
+                        Ev::Crash => {
+                            m.s = m.disk.clone();
+                            Event::Started { booted: m.booted, next: m.next }
+                        }
+                        Ev::ForeignTrial => {
+                            let other = m.booted.other();
+                            if !m.trial && m.next == m.booted && m.bootable(other) {
+                                m.next = other;
+                                m.trial = true;
+                            }
+                            continue;
+                        }
                         Ev::NoAction => Event::NoAction,
                         Ev::Refused { id } => refused(&id.to_string()),
                     };
