@@ -357,6 +357,12 @@ fn write_image<R: Read>(
     // prefix, which both hashes covered), so its sha256 artifact hash is the image hash.
     let artifact_is_image_sha256 = plan.bundle.is_none() && plan.algorithm == HashAlgorithm::Sha256;
     if plan.start > 0 {
+        if plan.bundle.is_some() {
+            // A resumed prefix would never pass the bundle reader: the caller never does this.
+            return Err(InstallError::Internal(
+                "a download under a signature policy cannot be resumed".into(),
+            ));
+        }
         // Only raw images are resumed (see resume.rs).
         if artifact_is_image_sha256 {
             writer.leave_hash_to_caller();
