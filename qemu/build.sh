@@ -19,16 +19,31 @@ KERNEL_DIR=$WORK/kernel
 BIN_DIR=$WORK/bin
 IMAGES=$WORK/images
 
+# The kernel package linux-image-amd64 depends on, by the package lists.
+kernel_package() {
+	apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}'
+}
+
+download_kernel() { # download_kernel PKG: into $KERNEL_DIR
+	rm -rf "$KERNEL_DIR"
+	mkdir -p "$KERNEL_DIR"
+	(cd "$KERNEL_DIR" && apt-get download "$1" 2>&1 | grep -v 'Download is performed unsandboxed' >&2)
+}
+
 build_kernel() {
 	local pkg
-	pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+	pkg=$(kernel_package)
 	[ -n "$pkg" ] || die "cannot find the kernel package that linux-image-amd64 depends on (apt-get update?)"
 	if [ -f "$KERNEL_DIR/$pkg.done" ]; then return; fi
 	log "kernel: $pkg"
-	rm -rf "$KERNEL_DIR"
-	mkdir -p "$KERNEL_DIR"
-	(cd "$KERNEL_DIR" && apt-get download "$pkg" 2>&1 | grep -v 'Download is performed unsandboxed' >&2) ||
-		die "apt-get download $pkg failed"
+	if ! download_kernel "$pkg"; then
+		# Old package lists name a kernel the archive has replaced: refresh them once.
+		[ "$(id -u)" = 0 ] || die "apt-get download $pkg failed (old package lists? sudo apt-get update)"
+		log "apt-get download $pkg failed: apt-get update and again"
+		apt-get update -qq || die "apt-get update failed"
+		pkg=$(kernel_package)
+		download_kernel "$pkg" || die "apt-get download $pkg failed"
+	fi
 	dpkg-deb -x "$KERNEL_DIR"/"$pkg"_*.deb "$KERNEL_DIR/root"
 	local kver
 	kver=$(basename "$(ls -d "$KERNEL_DIR"/root/lib/modules/*)")

@@ -8,16 +8,13 @@
 #                               ~/.cargo/advisory-dbs, used with --disable-fetch when
 #                               DENY_OFFLINE=1)
 #
-# Installs cargo-deny when it is missing.
+# scripts/setup.sh installs cargo-deny when it is missing.
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 
-if ! cargo deny --version >/dev/null 2>&1; then
-    echo "deny.sh: installing cargo-deny" >&2
-    cargo install cargo-deny --locked
-fi
+bash scripts/setup.sh --stage deny
 
 checks=(licenses bans sources)
 if [ "${DENY_ADVISORIES:-0}" = 1 ]; then

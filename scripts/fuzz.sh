@@ -4,9 +4,9 @@
 #   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]     (default 20 s, all targets)
 #
 # cargo-fuzz needs nightly compiler flags (-Z sanitizer=address); the project pins a stable
-# toolchain, so RUSTC_BOOTSTRAP=1 unlocks them for this build only. Installs cargo-fuzz when
-# it is missing. The corpus grows in fuzz/corpus/<target> (git-ignored), seeded from
-# fuzz/seeds/<target>; crashes land in fuzz/artifacts/<target> and fail the script.
+# toolchain, so RUSTC_BOOTSTRAP=1 unlocks them for this build only. scripts/setup.sh installs
+# cargo-fuzz when it is missing. The corpus grows in fuzz/corpus/<target> (git-ignored),
+# seeded from fuzz/seeds/<target>; crashes land in fuzz/artifacts/<target> and fail the script.
 # Prints one line per target: executions, corpus size and the result.
 set -euo pipefail
 
@@ -15,10 +15,8 @@ shift || true
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root/fuzz"
 
-if ! cargo fuzz --version >/dev/null 2>&1; then
-    echo "fuzz.sh: installing cargo-fuzz" >&2
-    cargo install cargo-fuzz --locked
-fi
+# cargo-fuzz and a C++ compiler for libFuzzer: installed when missing, else a clear stop.
+bash "$root/scripts/setup.sh" --stage fuzz
 
 export RUSTC_BOOTSTRAP=1
 targets=("$@")

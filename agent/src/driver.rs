@@ -28,6 +28,11 @@ pub struct BootError(pub String);
 pub trait Bootloader: Send {
     fn booted(&self) -> Result<Slot, BootError>;
     fn next(&self) -> Result<Slot, BootError>;
+    /// The booted slot runs on trial (activated, not confirmed); false when the scheme cannot
+    /// tell (`rauc`).
+    fn booted_on_trial(&self) -> Result<bool, BootError> {
+        Ok(false)
+    }
     fn activate(&mut self, slot: Slot) -> Result<(), BootError>;
     fn mark_good(&mut self) -> Result<(), BootError>;
     fn mark_bad(&mut self, slot: Slot) -> Result<(), BootError>;
@@ -73,6 +78,8 @@ pub enum DriverError {
     FeedbackOwed(usize),
     #[error("install of action {0} failed transiently; retrying at the next poll")]
     InstallRetry(String),
+    #[error("boot environment unusable, so nothing is installed, activated or confirmed: {0}")]
+    BootEnv(BootError),
 }
 
 /// What one cycle did.
@@ -100,12 +107,15 @@ pub struct Driver<B, I, H, R> {
     failure_reported: bool,
     /// The server's last polling interval (paces the cancel watch during installs).
     last_sleep: Duration,
+    /// Why the last [`Driver::startup`] could not read the boot environment: until a start
+    /// succeeds, a cycle does nothing the post-reboot step should have decided first.
+    startup_skipped: Option<String>,
 }
 
 impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H, R> {
     pub fn new(
         cfg: Config,
-        client: DdiClient,
+        mut client: DdiClient,
         store: Store,
         boot: B,
         installer: I,
@@ -113,6 +123,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         rebooter: R,
     ) -> Result<Self, DriverError> {
         let state = store.load()?;
+        client.set_token_to_other_hosts(cfg.agent.send_token_to_other_hosts);
         let params = Params {
             attempts: cfg.boot.attempts,
             artifact_part: cfg.agent.artifact_part.clone(),
@@ -129,6 +140,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
             state,
             failure_reported: false,
             last_sleep: Duration::from_secs(30),
+            startup_skipped: None,
         })
     }
 
@@ -141,7 +153,14 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         self.failure_reported = false;
         self.state = self.store.load()?;
         let booted = self.boot.booted()?;
-        let next = self.boot.next()?;
+        let next = match self.boot.next() {
+            Ok(next) => next,
+            Err(e) => {
+                self.startup_skipped = Some(e.0.clone());
+                return Err(DriverError::BootEnv(e));
+            }
+        };
+        self.startup_skipped = None;
         info!(booted = %booted, next = %next, phase = self.state.phase.name(), "agent started");
         let rebooting = self.apply(Event::Started { booted, next }).await?;
         if let Err(e) = self.deliver().await {
@@ -177,6 +196,14 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
             self.state.pending_consent = None;
             self.store.save(&self.state)?;
         }
+        // Without the environment nothing can be installed or decided; the server hears why.
+        if let Err(problem) = self.boot.next() {
+            return self.refuse_for_boot_env(&poll, problem).await;
+        }
+        if let Some(problem) = &self.startup_skipped {
+            // Readable again (it was locked?), but the post-reboot step comes first: next time.
+            return Err(DriverError::BootEnv(BootError(problem.clone())));
+        }
         let rebooting = if let Some(link) = &poll.cancel {
             match self.client.cancel_request(link).await {
                 Ok(request) => {
@@ -203,16 +230,26 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                         window = ?deployment.maintenance_window,
                         "deployment offered"
                     );
+                    let next = self.boot.next()?;
+                    let trial = self.boot.booted_on_trial()?;
                     self.apply(Event::Deployment {
                         link: link.clone(),
                         deployment,
                         booted,
+                        next,
+                        trial,
                     })
                     .await?
                 }
                 // Canceling or waiting for confirmation since the poll: look again next time.
                 Err(e) if e.status() == Some(404) => false,
-                Err(e) => return Err(e.into()),
+                Err(e) => match e.refused_answer() {
+                    Some(reason) => {
+                        self.refuse(link, format!("deployment refused: {reason}"))
+                            .await?
+                    }
+                    None => return Err(e.into()),
+                },
             }
         } else {
             self.apply(Event::NoAction).await?
@@ -226,6 +263,53 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         }
         report.failure_reported = self.failure_reported;
         Ok(report)
+    }
+
+    /// `run`: the system is still up `waited` after `reboot_command` succeeded (`runs` times so
+    /// far). Reports it (log, and progress feedback on the action waiting for the reboot) and
+    /// runs the reboot command again.
+    pub async fn reboot_overdue(&mut self, waited: Duration, runs: u32) -> Result<(), DriverError> {
+        let message = format!(
+            "the system did not reboot within {} s after reboot_command (run {runs} time(s)); \
+             running it again",
+            waited.as_secs()
+        );
+        warn!("{message}");
+        if let Phase::AwaitingReboot(job) = &self.state.phase {
+            let feedback = Feedback::new(&job.action_id, Execution::Proceeding, Finished::None)
+                .detail(message);
+            if let Err(e) = self.client.send_feedback(&job.link, &feedback).await {
+                warn!(error = %e, "report of the missing reboot not delivered (not retried)");
+            }
+        }
+        info!(command = ?self.cfg.boot.reboot_command, "rebooting");
+        self.rebooter.reboot().map_err(DriverError::Reboot)
+    }
+
+    /// Answers the action of `link` `closed`/`failure` with `reason` (once) without starting it.
+    async fn refuse(&mut self, link: &Link, reason: String) -> Result<bool, DriverError> {
+        warn!(action_id = link.action_id().unwrap_or_default(), %reason, "action refused");
+        self.apply(Event::DeploymentRefused {
+            link: link.clone(),
+            reason,
+        })
+        .await
+    }
+
+    /// With the boot environment unreadable: a pending deployment is refused naming the
+    /// problem, nothing else is done (the environment and the slots stay untouched), and the
+    /// cycle fails with the problem.
+    async fn refuse_for_boot_env(
+        &mut self,
+        poll: &PollReply,
+        problem: BootError,
+    ) -> Result<CycleReport, DriverError> {
+        if let Some(link) = &poll.deployment {
+            let reason = format!("boot environment unusable, nothing installed: {problem}");
+            self.refuse(link, reason).await?;
+            self.deliver().await?;
+        }
+        Err(DriverError::BootEnv(problem))
     }
 
     /// Feeds one event (and the events its actions produce) through the machine.
@@ -256,7 +340,8 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                     }
                     Action::Activate(slot) => {
                         info!(slot = %slot, "activating slot for a trial boot");
-                        self.boot.activate(slot)?
+                        self.boot.activate(slot)?;
+                        next = Some(Event::Activated);
                     }
                     Action::MarkGood => {
                         info!("marking the booted slot good");
@@ -286,6 +371,9 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                         if let Err(e) = self.deliver().await {
                             warn!(error = %e, "feedback kept for later");
                         }
+                    }
+                    Action::Defer(reason) => {
+                        warn!(action_id = job.as_deref().unwrap_or(""), %reason, "not installing now");
                     }
                     Action::Reboot => {
                         self.store.save(&self.state)?;
@@ -430,18 +518,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
             .as_ref()
             .map(|l| l.href.clone())
             .unwrap_or_default();
-        let same_origin = reqwest::Url::parse(&url)
-            .map(|u| {
-                u.scheme() == self.cfg.server.url.scheme()
-                    && u.host_str() == self.cfg.server.url.host_str()
-                    && u.port_or_known_default() == self.cfg.server.url.port_or_known_default()
-            })
-            .unwrap_or(false);
-        let auth_header = if same_origin || self.cfg.agent.send_token_to_other_hosts {
-            self.client.auth_header()
-        } else {
-            None
-        };
+        let auth_header = self.client.auth_header_for(&url);
         let bundle = &self.cfg.bundle;
         InstallRequest {
             url,
@@ -651,6 +728,10 @@ impl Bootloader for BootCtl {
             .mark_bad(to_bootctl(slot))
             .map(|_| ())
             .map_err(|e| BootError(e.to_string()))
+    }
+    fn booted_on_trial(&self) -> Result<bool, BootError> {
+        let status = self.0.status().map_err(|e| BootError(e.to_string()))?;
+        Ok(status.trial == Some(true) && status.booted == Some(status.next))
     }
     fn keep_booted_good(&mut self) -> Result<(), BootError> {
         let status = self.0.status().map_err(|e| BootError(e.to_string()))?;

@@ -5,7 +5,13 @@
 //! feedback outbox (feedback that must reach the server, kept until delivered or refused with
 //! 410). Ordering rules for power cuts live here:
 //! - before writing a slot it is marked bad (and that is done before the state says Installing);
-//! - a slot is activated before the state says AwaitingReboot, and the reboot comes after both;
+//! - the state says Installed (with the activation counted) before the environment save that
+//!   activates the slot, and AwaitingReboot after it; the reboot comes after both. A power cut
+//!   between the two leaves Installed with an activation in flight, which the next start
+//!   resolves from the booted slot and the bootloader's next slot;
+//! - the job's slot, once booted, is confirmed only through the health checks; and while the
+//!   job's slot is running unconfirmed, the other slot (the only known-good image) is never
+//!   written;
 //! - after a reboot, the booted slot decides: the activated slot means confirm (health checks,
 //!   mark good, `closed`/`success`); the old slot with the bootloader no longer pointing at the
 //!   new one means the bootloader fell back (`closed`/`failure`).
@@ -71,6 +77,9 @@ pub struct Job {
     pub version: String,
     /// Transient install failures so far.
     pub failed_tries: u32,
+    /// Activating environment saves started for this job (counted before each save).
+    #[serde(default)]
+    pub activations: u32,
 }
 
 /// Where the current update is.
@@ -81,7 +90,8 @@ pub enum Phase {
     Idle,
     /// Target slot marked bad; downloading and writing (resumable).
     Installing(Job),
-    /// Written and verified; waiting for permission to activate (maintenance window).
+    /// Written and verified; waiting for permission to activate (maintenance window), or
+    /// being activated (`job.activations > 0`: the activating save may or may not have happened).
     Installed(Job),
     /// Target slot activated; a reboot was requested.
     AwaitingReboot(Job),
@@ -231,6 +241,7 @@ pub enum Action {
     /// Write the new state to disk now (ordering matters relative to the neighbours).
     Persist,
     MarkBad(Slot),
+    /// Activate the slot for a trial boot; answered with [`Event::Activated`]. Always last.
     Activate(Slot),
     MarkGood,
     /// Keep the confirmed, running slot bootable when nothing of ours is on trial: what RAUC's
@@ -248,6 +259,8 @@ pub enum Action {
     },
     /// Try to deliver the outbox.
     DeliverOutbox,
+    /// Nothing is written now, for this reason (logged); the action stays open.
+    Defer(String),
     /// Run the reboot command. Always last.
     Reboot,
 }
@@ -263,6 +276,10 @@ pub struct InstallFailure {
 /// How often a transient install failure is retried (on later polls) before failing the action.
 pub const MAX_INSTALL_TRIES: u32 = 3;
 
+/// How many activating saves a job gets. A second one is needed only when a power cut hit the
+/// first activation and the next start cannot tell whether its save happened.
+pub const MAX_ACTIVATIONS: u32 = 2;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// The agent started: which slot runs, which one the bootloader boots next.
@@ -270,11 +287,15 @@ pub enum Event {
         booted: Slot,
         next: Slot,
     },
-    /// The server offers a deployment (deploymentBase).
+    /// The server offers a deployment (deploymentBase), with the bootloader's view.
     Deployment {
         link: Link,
         deployment: Deployment,
         booted: Slot,
+        /// The slot the bootloader boots at the next power-on.
+        next: Slot,
+        /// The booted slot runs on trial (not confirmed); false when the scheme cannot tell.
+        trial: bool,
     },
     /// The server asks to cancel an action.
     Cancel {
@@ -284,7 +305,16 @@ pub enum Event {
     /// A poll showed no action link at all.
     NoAction,
     InstallDone(Result<(), InstallFailure>),
+    /// The environment save of [`Action::Activate`] is done.
+    Activated,
     HealthChecked(Result<(), String>),
+    /// The server offers the action of `link` and the agent refuses it before starting: its
+    /// deploymentBase cannot be parsed, or the boot environment is unusable. Answered
+    /// `closed`/`failure` with `reason`, once.
+    DeploymentRefused {
+        link: Link,
+        reason: String,
+    },
 }
 
 /// The transition function.
@@ -297,7 +327,16 @@ pub fn step(params: &Params, state: State, event: Event) -> (State, Vec<Action>)
             link,
             deployment,
             booted,
-        } => on_deployment(params, &mut s, &mut actions, link, deployment, booted),
+            next,
+            trial,
+        } => {
+            let boot = BootView {
+                booted,
+                next,
+                trial,
+            };
+            on_deployment(params, &mut s, &mut actions, link, deployment, boot)
+        }
         Event::Cancel { link, request } => on_cancel(&mut s, &mut actions, link, request),
         Event::NoAction => {
             if let Phase::Installing(job) | Phase::Installed(job) = s.phase.clone() {
@@ -314,49 +353,97 @@ pub fn step(params: &Params, state: State, event: Event) -> (State, Vec<Action>)
             }
         }
         Event::InstallDone(result) => on_install_done(&mut s, &mut actions, result),
+        Event::Activated => on_activated(&mut s, &mut actions),
         Event::HealthChecked(result) => on_health(&mut s, &mut actions, result),
+        Event::DeploymentRefused { link, reason } => on_refused(&mut s, &mut actions, link, reason),
     }
     (s, actions)
 }
 
 fn started(params: &Params, s: &mut State, actions: &mut Vec<Action>, booted: Slot, next: Slot) {
     match s.phase.clone() {
-        Phase::Idle | Phase::Installing(_) => actions.push(Action::KeepBootedGood),
-        Phase::Installed(job) => {
-            if booted == job.target {
-                // Power cut between activation and persisting it: the new slot runs.
-                s.phase = Phase::AwaitingReboot(job);
-                actions.extend([Action::Persist, Action::RunHealthChecks]);
-            }
+        Phase::Idle => actions.push(Action::KeepBootedGood),
+        Phase::Installing(job) if booted == job.target => {
+            job_slot_running_unverified(s, actions, job);
         }
-        Phase::AwaitingReboot(job) => {
+        Phase::Installing(_) => actions.push(Action::KeepBootedGood),
+        Phase::Installed(job) if job.activations == 0 => {
+            // Waiting for the maintenance window; the next poll decides. Should someone have
+            // booted the waiting slot by hand, that trial is not ours to confirm.
+        }
+        Phase::Installed(job) if booted == job.target => {
+            // Power cut between the activating save and persisting it: the new slot runs on
+            // trial. It is confirmed by the health checks, never by this start alone.
+            s.phase = Phase::AwaitingReboot(job);
+            actions.extend([Action::Persist, Action::RunHealthChecks]);
+        }
+        Phase::Installed(job) if next == job.target => {
+            // The activating save happened; the reboot did not.
+            s.phase = Phase::AwaitingReboot(job);
+            actions.extend([Action::Persist, Action::Reboot]);
+        }
+        Phase::Installed(job) if job.activations < MAX_ACTIVATIONS => {
+            // The activation was cut: either its save never happened, or the slot was tried and
+            // the bootloader fell back. Activating once more tells them apart safely.
+            activate(s, actions, job);
+        }
+        Phase::Installed(job) | Phase::AwaitingReboot(job) => {
             if booted == job.target {
                 actions.push(Action::RunHealthChecks);
             } else if next == job.target {
                 // Activated, but the reboot has not happened yet.
                 actions.push(Action::Reboot);
             } else {
-                let message = format!(
-                    "rolled back to slot {booted} after {} attempts: slot {} did not boot",
-                    params.attempts, job.target
-                );
-                s.queue(
-                    Channel::Deployment,
-                    &job.link,
-                    Feedback::new(&job.action_id, Execution::Closed, Finished::Failure)
-                        .detail(message.clone()),
-                );
-                s.finish(&job.action_id, ResultKind::Failure, message);
-                // The bootloader may still list the failed slot (rauc: in BOOT_ORDER, to be
-                // tried again once the running slot's attempts run out): take it out.
-                actions.extend([
-                    Action::MarkBad(job.target),
-                    Action::Persist,
-                    Action::DeliverOutbox,
-                ]);
+                rolled_back(params, s, actions, job, booted);
             }
         }
     }
+}
+
+/// The bootloader fell back from the job's slot: report it and take the slot out of the list.
+fn rolled_back(params: &Params, s: &mut State, actions: &mut Vec<Action>, job: Job, booted: Slot) {
+    let message = format!(
+        "rolled back to slot {booted} after {} attempts: slot {} did not boot",
+        params.attempts, job.target
+    );
+    s.queue(
+        Channel::Deployment,
+        &job.link,
+        Feedback::new(&job.action_id, Execution::Closed, Finished::Failure).detail(message.clone()),
+    );
+    s.finish(&job.action_id, ResultKind::Failure, message);
+    // The bootloader may still list the failed slot (rauc: in BOOT_ORDER, to be tried again once
+    // the running slot's attempts run out): take it out.
+    actions.extend([
+        Action::MarkBad(job.target),
+        Action::Persist,
+        Action::DeliverOutbox,
+    ]);
+}
+
+/// The slot being written (marked bad, never verified) is running: someone switched to it by
+/// hand, or the bootloader had no other choice. Its image may be partial, and the other slot is
+/// the only known-good one, so nothing is written: the action fails, the slot stays marked bad
+/// and the device reboots into the other slot.
+fn job_slot_running_unverified(s: &mut State, actions: &mut Vec<Action>, job: Job) {
+    let message = format!(
+        "slot {} was booted before its image was written and verified; nothing else is \
+         written while it runs; slot marked bad, rebooting into slot {}",
+        job.target,
+        job.target.other()
+    );
+    s.queue(
+        Channel::Deployment,
+        &job.link,
+        Feedback::new(&job.action_id, Execution::Closed, Finished::Failure).detail(message.clone()),
+    );
+    s.finish(&job.action_id, ResultKind::Failure, message);
+    actions.extend([
+        Action::MarkBad(job.target),
+        Action::Persist,
+        Action::DeliverOutbox,
+        Action::Reboot,
+    ]);
 }
 
 /// Picks the artifact to install, or says why the layout cannot be honoured.
@@ -417,20 +504,71 @@ pub fn choose_artifact(part: &str, d: &Deployment) -> Result<(Artifact, String),
     Ok((artifact, chunk.version.clone()))
 }
 
+/// What the bootloader says when a deployment is offered.
+#[derive(Debug, Clone, Copy)]
+struct BootView {
+    booted: Slot,
+    next: Slot,
+    trial: bool,
+}
+
+impl BootView {
+    /// Why no slot may be written now, and whether a reboot resolves it. Writing the other slot
+    /// is safe only while the booted slot is confirmed and is the one the bootloader boots next:
+    /// otherwise the other slot is the fallback, or about to be booted.
+    fn write_blocked(&self) -> Option<(String, bool)> {
+        if self.next != self.booted {
+            Some((
+                format!(
+                    "the bootloader boots slot {} next, not the running slot {}; rebooting \
+                     before anything is written",
+                    self.next, self.booted
+                ),
+                true,
+            ))
+        } else if self.trial {
+            Some((
+                format!(
+                    "slot {} runs on trial, not confirmed; slot {} is its fallback and is not \
+                     written until the trial ends",
+                    self.booted,
+                    self.booted.other()
+                ),
+                false,
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+/// Defers an install the bootloader's state forbids; true when deferred.
+fn defer_install(boot: &BootView, actions: &mut Vec<Action>) -> bool {
+    let Some((reason, reboot)) = boot.write_blocked() else {
+        return false;
+    };
+    actions.push(Action::Defer(reason));
+    if reboot {
+        actions.push(Action::Reboot);
+    }
+    true
+}
+
 fn on_deployment(
     params: &Params,
     s: &mut State,
     actions: &mut Vec<Action>,
     link: Link,
     d: Deployment,
-    booted: Slot,
+    boot: BootView,
 ) {
+    let booted = boot.booted;
     let id = d.action_id.clone();
-    if let Phase::Installing(job) = &s.phase {
+    if let Phase::Installing(job) = s.phase.clone() {
         if job.target == booted {
-            // The slot being written is running now (switched by hand?): never write it;
-            // start over towards the other slot.
-            s.phase = Phase::Idle;
+            // Normally resolved at start; never write either slot while this holds.
+            job_slot_running_unverified(s, actions, job);
+            return;
         }
     }
     if let Some(job) = s.phase.job() {
@@ -440,8 +578,30 @@ fn on_deployment(
             job.link = link.href.clone();
             match s.phase.clone() {
                 Phase::Installing(_) => {
+                    if defer_install(&boot, actions) {
+                        return;
+                    }
                     s.phase = Phase::Installing(job.clone());
                     actions.extend([Action::MarkBad(job.target), Action::Install(job)]);
+                }
+                Phase::Installed(_) if job.may_activate && job.activations >= MAX_ACTIVATIONS => {
+                    // The activating save kept failing (the bootloader errors are in the log).
+                    let message = format!(
+                        "slot {} could not be activated ({} tries); slot marked bad",
+                        job.target, job.activations
+                    );
+                    s.queue(
+                        Channel::Deployment,
+                        &job.link,
+                        Feedback::new(&job.action_id, Execution::Closed, Finished::Failure)
+                            .detail(message.clone()),
+                    );
+                    s.finish(&job.action_id, ResultKind::Failure, message);
+                    actions.extend([
+                        Action::MarkBad(job.target),
+                        Action::Persist,
+                        Action::DeliverOutbox,
+                    ]);
                 }
                 Phase::Installed(_) => {
                     s.phase = Phase::Installed(job.clone());
@@ -449,12 +609,14 @@ fn on_deployment(
                         activate(s, actions, job);
                     }
                 }
-                Phase::AwaitingReboot(_) | Phase::Idle => {}
+                Phase::AwaitingReboot(_) => reboot_if_pending(&job, boot, actions),
+                Phase::Idle => {}
             }
             return;
         }
-        if matches!(s.phase, Phase::AwaitingReboot(_)) {
+        if let Phase::AwaitingReboot(job) = &s.phase {
             // A new slot is already activated; its confirmation comes first.
+            reboot_if_pending(job, boot, actions);
             return;
         }
         // Replaced without a cancel (auto-close on the server): the old one is dropped.
@@ -468,6 +630,9 @@ fn on_deployment(
     if s.finished_locally(&id) {
         // Our closing feedback is on its way; the server has not seen it yet.
         actions.push(Action::DeliverOutbox);
+        return;
+    }
+    if defer_install(&boot, actions) {
         return;
     }
     match choose_artifact(&params.artifact_part, &d) {
@@ -490,6 +655,7 @@ fn on_deployment(
                 artifact,
                 version,
                 failed_tries: 0,
+                activations: 0,
             };
             s.phase = Phase::Installing(job.clone());
             let what = if job.download_only {
@@ -517,10 +683,32 @@ fn on_deployment(
     }
 }
 
-fn activate(s: &mut State, actions: &mut Vec<Action>, job: Job) {
+/// The activated slot is still waiting for its reboot (a reboot command that failed, or that the
+/// system did not follow): ask again.
+fn reboot_if_pending(job: &Job, boot: BootView, actions: &mut Vec<Action>) {
+    if boot.booted != job.target && boot.next == job.target {
+        actions.push(Action::Reboot);
+    }
+}
+
+/// Count the activation and make it durable, then activate (one environment save); the rest
+/// follows on [`Event::Activated`].
+fn activate(s: &mut State, actions: &mut Vec<Action>, mut job: Job) {
+    job.activations += 1;
+    let target = job.target;
+    s.phase = Phase::Installed(job);
+    actions.extend([Action::Persist, Action::Activate(target)]);
+}
+
+fn on_activated(s: &mut State, actions: &mut Vec<Action>) {
+    let Phase::Installed(job) = s.phase.clone() else {
+        return;
+    };
+    if job.activations == 0 {
+        return;
+    }
     s.phase = Phase::AwaitingReboot(job.clone());
     actions.extend([
-        Action::Activate(job.target),
         Action::Persist,
         Action::Notify {
             link: job.link.clone(),
@@ -696,6 +884,39 @@ fn on_cancel(s: &mut State, actions: &mut Vec<Action>, link: Link, req: CancelRe
     }
 }
 
+fn on_refused(s: &mut State, actions: &mut Vec<Action>, link: Link, reason: String) {
+    let Some(id) = link.action_id() else {
+        return;
+    };
+    let mut message = reason;
+    match s.phase.clone() {
+        // A slot is (or may be) activated: its confirmation or rollback decides the action.
+        Phase::AwaitingReboot(_) => return,
+        Phase::Installed(job) if job.activations > 0 => return,
+        Phase::Installing(job) | Phase::Installed(job) if job.action_id == id => {
+            message = format!("{message}; slot {} left marked bad", job.target);
+        }
+        Phase::Installing(job) | Phase::Installed(job) => s.finish(
+            &job.action_id,
+            ResultKind::Abandoned,
+            format!("action {} replaced by action {id}", job.action_id),
+        ),
+        Phase::Idle => {}
+    }
+    if s.finished_locally(&id) {
+        // Already answered (or the answer is on its way): never closed twice.
+        actions.push(Action::DeliverOutbox);
+        return;
+    }
+    s.queue(
+        Channel::Deployment,
+        &link.href,
+        Feedback::new(&id, Execution::Closed, Finished::Failure).detail(message.clone()),
+    );
+    s.finish(&id, ResultKind::Failure, message);
+    actions.extend([Action::Persist, Action::DeliverOutbox]);
+}
+
 impl State {
     fn finished_locally_result(&self, action_id: &str) -> bool {
         self.last_result
@@ -762,7 +983,18 @@ mod tests {
         }
     }
 
+    /// An offer while `booted` runs confirmed and is the bootloader's next slot.
     fn offer(s: State, d: Deployment, booted: Slot) -> (State, Vec<Action>) {
+        offer_with(s, d, booted, booted, false)
+    }
+
+    fn offer_with(
+        s: State,
+        d: Deployment,
+        booted: Slot,
+        next: Slot,
+        trial: bool,
+    ) -> (State, Vec<Action>) {
         let link = dlink(&d.action_id);
         step(
             &params(),
@@ -771,6 +1003,8 @@ mod tests {
                 link,
                 deployment: d,
                 booted,
+                next,
+                trial,
             },
         )
     }
@@ -799,6 +1033,7 @@ mod tests {
                 Action::RunHealthChecks => "health",
                 Action::Notify { .. } => "notify",
                 Action::DeliverOutbox => "deliver",
+                Action::Defer(_) => "defer",
                 Action::Reboot => "reboot",
             })
             .collect()
@@ -810,11 +1045,14 @@ mod tests {
         assert_eq!(kinds(&a), ["notify", "mark_bad", "persist", "install"]);
         assert_eq!(a[1], Action::MarkBad(Slot::B));
         let (s, a) = ev(s, Event::InstallDone(Ok(())));
-        assert_eq!(
-            kinds(&a),
-            ["notify", "activate", "persist", "notify", "reboot"]
+        // Installed, with the activation counted, is durable before the activating save.
+        assert_eq!(kinds(&a), ["notify", "persist", "activate"]);
+        assert_eq!(a[2], Action::Activate(Slot::B));
+        assert!(
+            matches!(s.phase, Phase::Installed(ref j) if j.target == Slot::B && j.activations == 1)
         );
-        assert_eq!(a[1], Action::Activate(Slot::B));
+        let (s, a) = ev(s, Event::Activated);
+        assert_eq!(kinds(&a), ["persist", "notify", "reboot"]);
         assert!(matches!(s.phase, Phase::AwaitingReboot(ref j) if j.target == Slot::B));
         assert!(s.outbox.is_empty(), "nothing closed before the reboot");
         s
@@ -886,22 +1124,23 @@ mod tests {
         assert_eq!(s2, s);
     }
 
-    #[test]
-    fn power_cut_between_activate_and_persist_still_confirms() {
+    /// The state on disk when power is cut right after the activating save (or right before
+    /// it): Installed, with one activation counted.
+    fn cut_during_activation() -> State {
         let (s, _) = offer(
             State::default(),
             deployment("7", Handling::Forced, None),
             Slot::A,
         );
-        let (s, _) = ev(s, Event::InstallDone(Ok(())));
-        // The persisted state is the one before activation: Installed.
-        let Phase::AwaitingReboot(job) = s.phase.clone() else {
-            panic!()
-        };
-        let installed = State {
-            phase: Phase::Installed(job),
-            ..s
-        };
+        let (s, a) = ev(s, Event::InstallDone(Ok(())));
+        assert_eq!(a.last(), Some(&Action::Activate(Slot::B)));
+        assert!(matches!(&s.phase, Phase::Installed(j) if j.activations == 1));
+        s
+    }
+
+    #[test]
+    fn power_cut_after_the_activating_save_confirms_only_through_health_checks() {
+        let installed = cut_during_activation();
         let (s, a) = ev(
             installed.clone(),
             Event::Started {
@@ -911,7 +1150,17 @@ mod tests {
         );
         assert_eq!(kinds(&a), ["persist", "health"]);
         assert!(matches!(s.phase, Phase::AwaitingReboot(_)));
-        // Not booted into it: nothing happens at start; the next poll decides.
+        let (_, a) = ev(s.clone(), Event::HealthChecked(Err("bad".into())));
+        assert_eq!(a[0], Action::MarkBad(Slot::B));
+        let (s, a) = ev(s, Event::HealthChecked(Ok(())));
+        assert_eq!(kinds(&a), ["mark_good", "persist", "deliver"]);
+        assert_eq!(s.last_result.unwrap().result, ResultKind::Success);
+    }
+
+    #[test]
+    fn power_cut_around_the_activating_save_without_reboot() {
+        let installed = cut_during_activation();
+        // The save happened, the reboot did not (a crash, not a power cut): reboot.
         let (s, a) = ev(
             installed.clone(),
             Event::Started {
@@ -919,8 +1168,66 @@ mod tests {
                 next: Slot::B,
             },
         );
-        assert!(a.is_empty());
-        assert_eq!(s, installed);
+        assert_eq!(kinds(&a), ["persist", "reboot"]);
+        assert!(matches!(s.phase, Phase::AwaitingReboot(_)));
+        // The save did not happen (or B was tried and the bootloader fell back): activate once
+        // more, durably counted first.
+        let (s, a) = ev(
+            installed.clone(),
+            Event::Started {
+                booted: Slot::A,
+                next: Slot::A,
+            },
+        );
+        assert_eq!(kinds(&a), ["persist", "activate"]);
+        assert!(matches!(&s.phase, Phase::Installed(j) if j.activations == 2));
+        let (s, a) = ev(s, Event::Activated);
+        assert_eq!(kinds(&a), ["persist", "notify", "reboot"]);
+        // Cut again and still not booted: no third try, the fallback is reported.
+        let Phase::AwaitingReboot(job) = s.phase.clone() else {
+            panic!("{:?}", s.phase)
+        };
+        let again = State {
+            phase: Phase::Installed(job),
+            ..s
+        };
+        let (s, a) = ev(
+            again,
+            Event::Started {
+                booted: Slot::A,
+                next: Slot::A,
+            },
+        );
+        assert_eq!(kinds(&a), ["mark_bad", "persist", "deliver"]);
+        assert!(s.outbox[0].feedback.details[0].contains("rolled back to slot A"));
+        assert_eq!(s.phase, Phase::Idle);
+    }
+
+    #[test]
+    fn a_booted_job_slot_that_was_never_verified_fails_the_action_without_writing() {
+        // Installing B (marked bad, half written), yet B runs: never confirm it, never write A.
+        let (installing, _) = offer(
+            State::default(),
+            deployment("7", Handling::Forced, None),
+            Slot::A,
+        );
+        let started = Event::Started {
+            booted: Slot::B,
+            next: Slot::B,
+        };
+        let (s, a) = ev(installing.clone(), started);
+        assert_eq!(kinds(&a), ["mark_bad", "persist", "deliver", "reboot"]);
+        assert_eq!(a[0], Action::MarkBad(Slot::B));
+        assert_eq!(
+            only_outbox(&s),
+            [(Channel::Deployment, Execution::Closed, Finished::Failure)]
+        );
+        assert_eq!(s.phase, Phase::Idle);
+        // The same holds when the offer comes first.
+        let (s, a) = offer(installing, deployment("7", Handling::Forced, None), Slot::B);
+        assert!(!a.iter().any(|a| matches!(a, Action::Install(_))), "{a:?}");
+        assert_eq!(a[0], Action::MarkBad(Slot::B));
+        assert_eq!(s.last_result.unwrap().result, ResultKind::Failure);
     }
 
     #[test]
@@ -999,7 +1306,9 @@ mod tests {
             deployment("9", Handling::Forced, Some(MaintenanceWindow::Available)),
             Slot::A,
         );
-        assert_eq!(kinds(&a), ["activate", "persist", "notify", "reboot"]);
+        assert_eq!(kinds(&a), ["persist", "activate"]);
+        let (s, a) = ev(s, Event::Activated);
+        assert_eq!(kinds(&a), ["persist", "notify", "reboot"]);
         assert!(matches!(s.phase, Phase::AwaitingReboot(_)));
     }
 
@@ -1195,24 +1504,85 @@ mod tests {
     }
 
     #[test]
-    fn never_writes_the_running_slot_even_after_a_manual_switch() {
+    fn nothing_is_written_while_the_fallback_is_needed() {
+        let d = || deployment("7", Handling::Forced, None);
+        // A reboot into A is pending (a health-failed or unverified B runs, and the reboot did
+        // not happen): no install; reboot first.
+        let (s, a) = offer_with(State::default(), d(), Slot::B, Slot::A, false);
+        assert_eq!(kinds(&a), ["defer", "reboot"]);
+        assert_eq!(s, State::default());
+        // Someone else's trial of the booted slot: wait, never write its fallback.
+        let (s, a) = offer_with(State::default(), d(), Slot::B, Slot::B, true);
+        assert_eq!(kinds(&a), ["defer"]);
+        assert_eq!(s, State::default());
+        // The same when resuming an install.
+        let (installing, _) = offer(State::default(), d(), Slot::A);
+        let (s, a) = offer_with(installing.clone(), d(), Slot::A, Slot::A, true);
+        assert_eq!(kinds(&a), ["defer"]);
+        assert_eq!(s, installing);
+        // Once confirmed, the install starts.
+        let (_, a) = offer_with(State::default(), d(), Slot::B, Slot::B, false);
+        assert!(matches!(a.last(), Some(Action::Install(j)) if j.target == Slot::A));
+    }
+
+    #[test]
+    fn a_reboot_that_did_not_happen_is_asked_for_again() {
+        let s = through_activation(deployment("7", Handling::Forced, None));
+        for id in ["7", "8"] {
+            let (s2, a) = offer_with(
+                s.clone(),
+                deployment(id, Handling::Forced, None),
+                Slot::A,
+                Slot::B,
+                false,
+            );
+            assert_eq!(a, [Action::Reboot], "{id}");
+            assert_eq!(s2, s);
+        }
+    }
+
+    #[test]
+    fn an_activation_that_keeps_failing_ends_the_action() {
         let (s, _) = offer(
             State::default(),
             deployment("7", Handling::Forced, None),
             Slot::A,
         );
-        // Someone booted B by hand while B was half written.
-        let (s, a) = offer(s, deployment("7", Handling::Forced, None), Slot::B);
-        assert!(matches!(a.last(), Some(Action::Install(j)) if j.target == Slot::A));
-        assert!(a.contains(&Action::MarkBad(Slot::A)));
-        assert!(!a.contains(&Action::MarkBad(Slot::B)));
-        assert!(matches!(&s.phase, Phase::Installing(j) if j.target == Slot::A));
+        // The activating save fails twice (an error, the state stays Installed): each offer
+        // tries again, then gives up with a failure instead of counting on.
+        let (mut s, _) = ev(s, Event::InstallDone(Ok(())));
+        for _ in 1..MAX_ACTIVATIONS {
+            let (next, a) = offer(s, deployment("7", Handling::Forced, None), Slot::A);
+            assert_eq!(kinds(&a), ["persist", "activate"]);
+            s = next;
+        }
+        let (s, a) = offer(s, deployment("7", Handling::Forced, None), Slot::A);
+        assert_eq!(kinds(&a), ["mark_bad", "persist", "deliver"]);
+        assert!(s.outbox[0].feedback.details[0].contains("could not be activated"));
+        assert_eq!(s.phase, Phase::Idle);
+    }
+
+    #[test]
+    fn a_waiting_slot_booted_by_hand_is_not_confirmed() {
+        let window = deployment("9", Handling::Skip, Some(MaintenanceWindow::Unavailable));
+        let (s, _) = offer(State::default(), window, Slot::A);
+        let (s, _) = ev(s, Event::InstallDone(Ok(())));
+        let (s2, a) = ev(
+            s.clone(),
+            Event::Started {
+                booted: Slot::B,
+                next: Slot::B,
+            },
+        );
+        assert!(a.is_empty(), "{a:?}");
+        assert_eq!(s2, s);
     }
 
     #[test]
     fn stray_events_change_nothing() {
         for e in [
             Event::InstallDone(Ok(())),
+            Event::Activated,
             Event::HealthChecked(Ok(())),
             Event::HealthChecked(Err("x".into())),
             Event::NoAction,
@@ -1262,6 +1632,88 @@ mod tests {
         assert_eq!(back, s);
     }
 
+    fn refused(id: &str) -> Event {
+        Event::DeploymentRefused {
+            link: dlink(id),
+            reason: "malformed deployment body: invalid value: integer `-1`".into(),
+        }
+    }
+
+    #[test]
+    fn a_refused_deployment_is_answered_failure_once() {
+        let (s, a) = ev(State::default(), refused("5"));
+        assert_eq!(kinds(&a), ["persist", "deliver"]);
+        assert_eq!(
+            only_outbox(&s),
+            [(Channel::Deployment, Execution::Closed, Finished::Failure)]
+        );
+        assert!(s.outbox[0].feedback.details[0].contains("integer `-1`"));
+        assert_eq!(s.outbox[0].link, dlink("5").href);
+        assert_eq!(s.last_result.as_ref().unwrap().result, ResultKind::Failure);
+        // Offered again, answer still owed or delivered: never a second answer.
+        let (again, a) = ev(s.clone(), refused("5"));
+        assert_eq!(kinds(&a), ["deliver"]);
+        assert_eq!(again, s);
+        let mut delivered = s.clone();
+        delivered.delivered(s.outbox[0].seq);
+        let (again, a) = ev(delivered.clone(), refused("5"));
+        assert_eq!(kinds(&a), ["deliver"]);
+        assert_eq!(again, delivered);
+        // ... also after other actions ended since (the finished memory covers it).
+        let (later, _) = ev(delivered, refused("6"));
+        let (again, a) = ev(later.clone(), refused("5"));
+        assert_eq!(kinds(&a), ["deliver"]);
+        assert_eq!(again, later);
+        // A link without an action id: nothing to answer.
+        let no_id = Event::DeploymentRefused {
+            link: Link {
+                href: "http://h/T/controller/v1/d/deploymentBase/x".into(),
+            },
+            reason: "r".into(),
+        };
+        assert_eq!(ev(State::default(), no_id), (State::default(), vec![]));
+    }
+
+    #[test]
+    fn a_refusal_during_an_install_never_touches_the_bootloader() {
+        // The action being installed: failed, its slot stays marked bad.
+        let (s, _) = offer(
+            State::default(),
+            deployment("6", Handling::Forced, None),
+            Slot::A,
+        );
+        let (s, a) = ev(s, refused("6"));
+        assert_eq!(kinds(&a), ["persist", "deliver"]);
+        assert_eq!(s.phase, Phase::Idle);
+        assert!(s.outbox[0].feedback.details[0].ends_with("slot B left marked bad"));
+        // Another action in progress: abandoned, the refused one answered.
+        let (s, _) = offer(
+            State::default(),
+            deployment("6", Handling::Forced, None),
+            Slot::A,
+        );
+        let (s, a) = ev(s, refused("8"));
+        assert_eq!(kinds(&a), ["persist", "deliver"]);
+        assert_eq!(s.outbox.len(), 1);
+        assert_eq!(s.outbox[0].feedback.action_id, "8");
+        assert_eq!(s.phase, Phase::Idle);
+        // A slot is (or may be: the activating save was asked for) activated: the reboot
+        // decides; nothing changes.
+        let (s, _) = offer(
+            State::default(),
+            deployment("7", Handling::Forced, None),
+            Slot::A,
+        );
+        let (activating, _) = ev(s, Event::InstallDone(Ok(())));
+        assert!(matches!(&activating.phase, Phase::Installed(j) if j.activations == 1));
+        let activated = through_activation(deployment("7", Handling::Forced, None));
+        for s in [activating, activated] {
+            for id in ["7", "9"] {
+                assert_eq!(ev(s.clone(), refused(id)), (s.clone(), vec![]));
+            }
+        }
+    }
+
     #[test]
     fn every_state_survives_serialization() {
         let s = through_activation(deployment("7", Handling::Forced, None));
@@ -1270,7 +1722,10 @@ mod tests {
     }
 
     mod random_sequences {
-        //! Random event sequences against invariants that must hold in every reachable state.
+        //! Random event sequences against invariants that must hold in every reachable state,
+        //! with power cuts between any two actions: the driver executes actions in order, so a
+        //! cut leaves the bootloader changed by the actions before it and the state file as the
+        //! last `Persist` (or the end of an earlier step) left it.
         use super::*;
         use proptest::prelude::*;
         use std::collections::{BTreeSet, HashMap};
@@ -1289,11 +1744,20 @@ mod tests {
             InstallFatal,
             HealthOk,
             HealthBad,
-            /// Reboot: boots `next` (as the bootloader would, or falls back).
+            /// Power-on: boots `next`, or falls back when a trial slot does not come up.
             Restart {
                 fall_back: bool,
             },
+            /// The reboot command failed or the system did not follow it: the agent goes on.
+            RebootFails,
+            /// The agent process restarts (crash, service restart) without a power-on.
+            Crash,
+            /// Someone else starts a trial of the other slot (`ddi-bootctl set-next`).
+            ForeignTrial,
             NoAction,
+            Refused {
+                id: u8,
+            },
         }
 
         fn ev() -> impl Strategy<Value = Ev> {
@@ -1306,41 +1770,249 @@ mod tests {
                 Just(Ev::HealthOk),
                 Just(Ev::HealthBad),
                 any::<bool>().prop_map(|fall_back| Ev::Restart { fall_back }),
+                Just(Ev::RebootFails),
+                Just(Ev::Crash),
+                Just(Ev::ForeignTrial),
                 Just(Ev::NoAction),
+                (1u8..4).prop_map(|id| Ev::Refused { id }),
             ]
         }
 
+        /// What a slot holds.
+        #[derive(Debug, Clone, PartialEq)]
+        enum Content {
+            Factory,
+            /// Written, possibly partially, not verified.
+            Unverified,
+            /// The verified image of this action.
+            Verified(String),
+        }
+
+        /// The device: slots, bootloader, the state file, and the agent's memory.
+        struct Model {
+            s: State,
+            disk: State,
+            booted: Slot,
+            next: Slot,
+            /// `next` is on trial (activated, not confirmed).
+            trial: bool,
+            slots: HashMap<Slot, Content>,
+            /// Slots whose image was confirmed after booting (the factory slot from the start).
+            confirmed: BTreeSet<Slot>,
+            /// An answer the driver owes the machine (install or health result), or a reboot.
+            awaiting: Option<&'static str>,
+            closing: HashMap<String, usize>,
+            seen_seq: BTreeSet<u64>,
+        }
+
+        impl Model {
+            fn new() -> Model {
+                Model {
+                    s: State::default(),
+                    disk: State::default(),
+                    booted: Slot::A,
+                    next: Slot::A,
+                    trial: false,
+                    slots: HashMap::from([
+                        (Slot::A, Content::Factory),
+                        (Slot::B, Content::Unverified),
+                    ]),
+                    confirmed: BTreeSet::from([Slot::A]),
+                    awaiting: None,
+                    closing: HashMap::new(),
+                    seen_seq: BTreeSet::new(),
+                }
+            }
+
+            fn bootable(&self, slot: Slot) -> bool {
+                self.slots[&slot] != Content::Unverified
+            }
+
+            /// Power-on after a reboot or a cut.
+            fn power_on(&mut self, fall_back: bool) -> Event {
+                if self.trial && fall_back {
+                    self.next = self.next.other();
+                    self.trial = false;
+                }
+                self.booted = self.next;
+                self.s = self.disk.clone();
+                self.awaiting = None;
+                Event::Started {
+                    booted: self.booted,
+                    next: self.next,
+                }
+            }
+
+            /// Runs one event and the events its actions produce; `cut` counts actions down to a
+            /// power cut (`Some(0)` cuts before the next action). Returns false on a cut.
+            fn run(&mut self, event: Event, cut: &mut Option<u8>) -> Result<bool, TestCaseError> {
+                let mut queue = vec![event];
+                while let Some(event) = queue.pop() {
+                    let is_install_ok = matches!(event, Event::InstallDone(Ok(())));
+                    let health_ok = matches!(event, Event::HealthChecked(Ok(())));
+                    let installing_job = match (&self.s.phase, is_install_ok) {
+                        (Phase::Installing(j), true) => Some(j.clone()),
+                        _ => None,
+                    };
+                    if let Some(j) = installing_job {
+                        self.slots
+                            .insert(j.target, Content::Verified(j.action_id.clone()));
+                    }
+                    let (ns, actions) = step(&params(), self.s.clone(), event);
+                    self.s = ns;
+                    for (i, a) in actions.iter().enumerate() {
+                        if matches!(
+                            a,
+                            Action::Install(_)
+                                | Action::RunHealthChecks
+                                | Action::Reboot
+                                | Action::Activate(_)
+                        ) {
+                            prop_assert_eq!(
+                                i,
+                                actions.len() - 1,
+                                "{:?} not last in {:?}",
+                                a,
+                                actions
+                            );
+                        }
+                    }
+                    for a in actions {
+                        if let Some(n) = cut.as_mut() {
+                            if *n == 0 {
+                                *cut = None;
+                                return Ok(false);
+                            }
+                            *n -= 1;
+                        }
+                        match a {
+                            Action::Persist => self.disk = self.s.clone(),
+                            Action::Install(job) => {
+                                prop_assert_ne!(job.target, self.booted, "writes the running slot");
+                                prop_assert!(
+                                    !(self.trial && self.next == self.booted),
+                                    "writes slot {} while the booted slot is on trial",
+                                    job.target
+                                );
+                                prop_assert!(
+                                    self.confirmed.contains(&self.booted),
+                                    "writes slot {} while slot {} ({:?}) runs unconfirmed",
+                                    job.target,
+                                    self.booted,
+                                    self.slots[&self.booted]
+                                );
+                                prop_assert_eq!(
+                                    self.next,
+                                    self.booted,
+                                    "writes while the bootloader is set to boot another slot"
+                                );
+                                self.slots.insert(job.target, Content::Unverified);
+                                self.confirmed.remove(&job.target);
+                                self.awaiting = Some("install");
+                            }
+                            Action::MarkBad(slot) => {
+                                if self.next == slot {
+                                    self.next = slot.other();
+                                    self.trial = false;
+                                }
+                            }
+                            Action::MarkGood => {
+                                if self.trial && self.booted == self.next {
+                                    prop_assert!(
+                                        health_ok,
+                                        "a trial confirmed without health checks"
+                                    );
+                                    self.trial = false;
+                                }
+                                if self.booted == self.next {
+                                    self.confirmed.insert(self.booted);
+                                }
+                            }
+                            Action::KeepBootedGood => {}
+                            Action::RunHealthChecks => self.awaiting = Some("health"),
+                            Action::Activate(slot) => {
+                                prop_assert_ne!(slot, self.booted, "activates the running slot");
+                                let job = self.s.phase.job().expect("activation without a job");
+                                prop_assert_eq!(
+                                    &self.slots[&slot],
+                                    &Content::Verified(job.action_id.clone()),
+                                    "activates an unverified slot"
+                                );
+                                self.next = slot;
+                                self.trial = true;
+                                queue.push(Event::Activated);
+                            }
+                            Action::Reboot => self.awaiting = Some("reboot"),
+                            Action::Notify { .. } | Action::DeliverOutbox | Action::Defer(_) => {}
+                        }
+                        prop_assert!(
+                            self.bootable(self.next),
+                            "U-Boot would boot an unverified slot {}",
+                            self.next
+                        );
+                    }
+                    // The driver saves at the end of every step.
+                    self.disk = self.s.clone();
+                }
+                Ok(true)
+            }
+
+            fn check(&mut self) -> Result<(), TestCaseError> {
+                for o in &self.disk.outbox {
+                    let closes = o.channel == Channel::Deployment
+                        && (o.feedback.execution == Execution::Closed
+                            || (o.feedback.execution == Execution::Downloaded
+                                && o.feedback.finished != Finished::None));
+                    if self.seen_seq.insert(o.seq) && closes {
+                        *self
+                            .closing
+                            .entry(o.feedback.action_id.clone())
+                            .or_default() += 1;
+                        if o.feedback.execution == Execution::Closed
+                            && o.feedback.finished == Finished::Success
+                        {
+                            prop_assert_eq!(
+                                &self.slots[&self.booted],
+                                &Content::Verified(o.feedback.action_id.clone()),
+                                "success without the new image running"
+                            );
+                            prop_assert!(
+                                !self.trial || self.next != self.booted,
+                                "success while still on trial"
+                            );
+                        }
+                    }
+                }
+                for (id, n) in &self.closing {
+                    prop_assert!(*n <= 1, "action {} closed {} times", id, n);
+                }
+                let back: State =
+                    serde_json::from_str(&serde_json::to_string(&self.s).unwrap()).unwrap();
+                prop_assert_eq!(&back, &self.s);
+                Ok(())
+            }
+        }
+
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(2000))]
+            #![proptest_config(ProptestConfig::with_cases(3000))]
             #[test]
-            fn invariants_hold(events in proptest::collection::vec(ev(), 1..40)) {
-                let mut s = State::default();
-                let mut booted = Slot::A;
-                let mut next = Slot::A;
-                // Slots whose image was verified for an action (written and not overwritten since).
-                let mut verified: HashMap<Slot, String> = HashMap::new();
-                let mut closing: HashMap<String, usize> = HashMap::new();
-                // Answers (install/health results) come only for the action that asked.
-                let mut awaiting: Option<&'static str> = None;
-                let mut trial = false;
-                let mut seen_seq = BTreeSet::new();
-                for e in events {
+            fn invariants_hold(events in proptest::collection::vec((ev(), proptest::option::weighted(0.2, 0u8..6)), 1..40)) {
+                let mut m = Model::new();
+                for (e, cut) in events {
                     let answer = match e {
                         Ev::InstallOk | Ev::InstallTransient | Ev::InstallFatal => Some("install"),
                         Ev::HealthOk | Ev::HealthBad => Some("health"),
+                        Ev::RebootFails => Some("reboot"),
                         _ => None,
                     };
-                    if answer.is_some() && answer != awaiting {
+                    if answer.is_some() && answer != m.awaiting {
                         continue;
                     }
-                    if answer.is_none() && awaiting.is_some() {
-                        // The driver answers before anything else happens (or the process dies:
-                        // then the next event is a restart).
-                        if !matches!(e, Ev::Restart { .. }) {
-                            continue;
-                        }
+                    if answer.is_none() && m.awaiting.is_some() && !matches!(e, Ev::Restart { .. } | Ev::Crash) {
+                        // The driver answers before anything else happens, and a reboot comes
+                        // before anything else (or the process dies: then a restart follows).
+                        continue;
                     }
-                    awaiting = None;
                     let event = match e {
                         Ev::Offer { id, kind } => {
                             let (update, window) = match kind {
@@ -1352,7 +2024,9 @@ mod tests {
                             Event::Deployment {
                                 link: dlink(&id.to_string()),
                                 deployment: deployment(&id.to_string(), update, window),
-                                booted,
+                                booted: m.booted,
+                                next: m.next,
+                                trial: m.trial && m.next == m.booted,
                             }
                         }
                         Ev::Cancel { id } => Event::Cancel {
@@ -1364,72 +2038,46 @@ mod tests {
                         Ev::InstallFatal => Event::InstallDone(Err(InstallFailure { message: "hash".into(), retryable: false })),
                         Ev::HealthOk => Event::HealthChecked(Ok(())),
                         Ev::HealthBad => Event::HealthChecked(Err("bad".into())),
-                        Ev::Restart { fall_back } => {
-                            if trial && fall_back {
-                                next = next.other();
-                                trial = false;
+                        Ev::Restart { fall_back } => m.power_on(fall_back),
+                        Ev::RebootFails => {
+                            if m.awaiting == Some("reboot") {
+                                m.awaiting = None;
                             }
-                            booted = next;
-                            Event::Started { booted, next }
+                            continue;
+                        }
+                        Ev::Crash => {
+                            m.s = m.disk.clone();
+                            Event::Started { booted: m.booted, next: m.next }
+                        }
+                        Ev::ForeignTrial => {
+                            let other = m.booted.other();
+                            if !m.trial && m.next == m.booted && m.bootable(other) {
+                                m.next = other;
+                                m.trial = true;
+                            }
+                            continue;
                         }
                         Ev::NoAction => Event::NoAction,
+                        Ev::Refused { id } => refused(&id.to_string()),
                     };
-                    let is_install_ok = matches!(event, Event::InstallDone(Ok(())));
-                    let installing_job = match (&s.phase, is_install_ok) {
-                        (Phase::Installing(j), true) => Some(j.clone()),
-                        _ => None,
-                    };
-                    let (ns, actions) = step(&params(), s, event);
-                    s = ns;
-                    if let Some(j) = installing_job {
-                        verified.insert(j.target, j.action_id.clone());
+                    if matches!(event, Event::Started { .. }) {
+                        prop_assert!(m.bootable(m.booted), "booted an unverified slot {}", m.booted);
                     }
-                    for a in &actions {
-                        match a {
-                            Action::Install(job) => {
-                                prop_assert_ne!(job.target, booted, "writes the running slot");
-                                verified.remove(&job.target);
-                                awaiting = Some("install");
-                            }
-                            Action::MarkBad(slot) if next == *slot => {
-                                next = slot.other();
-                                trial = false;
-                            }
-                            Action::MarkGood => trial = false,
-                            Action::RunHealthChecks => awaiting = Some("health"),
-                            Action::Activate(slot) => {
-                                prop_assert_ne!(*slot, booted, "activates the running slot");
-                                let job = s.phase.job().expect("activation without a job");
-                                prop_assert_eq!(verified.get(slot), Some(&job.action_id), "activates an unverified slot");
-                                next = *slot;
-                                trial = true;
-                            }
-                            _ => {}
-                        }
+                    m.awaiting = None;
+                    let mut cut = cut;
+                    if !m.run(event, &mut cut)? {
+                        // Power cut: the memory is gone, U-Boot boots from the env as it is.
+                        let started = m.power_on(false);
+                        prop_assert!(m.bootable(m.booted), "booted an unverified slot {} after a cut", m.booted);
+                        let mut no_cut = None;
+                        m.run(started, &mut no_cut)?;
                     }
-                    // Install/health/reboot actions end the list.
-                    for (i, a) in actions.iter().enumerate() {
-                        if matches!(a, Action::Install(_) | Action::RunHealthChecks | Action::Reboot) {
-                            prop_assert_eq!(i, actions.len() - 1, "{:?} not last in {:?}", a, actions);
-                        }
-                    }
-                    for o in &s.outbox {
-                        if seen_seq.insert(o.seq) && o.channel == Channel::Deployment
-                            && (o.feedback.execution == Execution::Closed
-                                || (o.feedback.execution == Execution::Downloaded && o.feedback.finished != Finished::None))
-                        {
-                            *closing.entry(o.feedback.action_id.clone()).or_default() += 1;
-                        }
-                    }
-                    for (id, n) in &closing {
-                        prop_assert!(*n <= 1, "action {} closed {} times", id, n);
-                    }
-                    let back: State = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
-                    prop_assert_eq!(&back, &s);
+                    m.check()?;
                     // Delivery happens at some point; model it as immediate half of the time.
-                    if seen_seq.len() % 2 == 0 {
-                        let seqs: Vec<u64> = s.outbox.iter().map(|o| o.seq).collect();
-                        for q in seqs { s.delivered(q); }
+                    if m.seen_seq.len() % 2 == 0 {
+                        let seqs: Vec<u64> = m.s.outbox.iter().map(|o| o.seq).collect();
+                        for q in seqs { m.s.delivered(q); }
+                        m.disk = m.s.clone();
                     }
                 }
             }

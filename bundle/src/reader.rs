@@ -48,6 +48,9 @@ pub struct BundleReader<R> {
     remaining: u64,
     hasher: Sha256,
     finished: bool,
+    /// The end check's error, returned again by every later read: a caller that ignored it
+    /// once must not see a clean end next.
+    failed: Option<String>,
 }
 
 impl<R: Read> BundleReader<R> {
@@ -105,6 +108,7 @@ impl<R: Read> BundleReader<R> {
             verified_by,
             hasher: Sha256::new(),
             finished: false,
+            failed: None,
         })
     }
 
@@ -115,6 +119,14 @@ impl<R: Read> BundleReader<R> {
     /// Key id of the trusted key whose signature verified.
     pub fn verified_by(&self) -> &str {
         &self.verified_by
+    }
+
+    /// [`Self::finish`], remembering a failure for every later read.
+    fn check_end(&mut self) -> io::Result<()> {
+        self.finish().map_err(|err| {
+            self.failed = Some(err.to_string());
+            err.into_io()
+        })
     }
 
     /// Called once the image's last byte was read: hash, padding and trailer checks.
@@ -144,10 +156,13 @@ impl<R: Read> BundleReader<R> {
 
 impl<R: Read> Read for BundleReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(err) = &self.failed {
+            return Err(BundleError::Archive(format!("read again after: {err}")).into_io());
+        }
         if self.remaining == 0 {
             if !self.finished {
                 self.finished = true;
-                self.finish().map_err(BundleError::into_io)?;
+                self.check_end()?;
             }
             return Ok(0);
         }
@@ -168,7 +183,7 @@ impl<R: Read> Read for BundleReader<R> {
             // Check at once, so the caller sees a bad image on the read that completes it
             // rather than only if it happens to read again.
             self.finished = true;
-            self.finish().map_err(BundleError::into_io)?;
+            self.check_end()?;
         }
         Ok(n)
     }

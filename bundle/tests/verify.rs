@@ -107,6 +107,30 @@ fn a_tampered_image_fails_on_the_read_that_completes_it() {
 }
 
 #[test]
+fn a_failed_end_check_is_never_followed_by_a_clean_end() {
+    let f = Fixture::new();
+    let mut bundle = f.bundle();
+    let image_at = member_data_offset(&bundle, 2);
+    bundle[image_at + 10] ^= 0x40;
+    let mut reader = BundleReader::open(bundle.as_slice(), &f.policy()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let first = loop {
+        match reader.read(&mut buf) {
+            Ok(0) => panic!("a tampered image ended cleanly"),
+            Ok(_) => {}
+            Err(e) => break e,
+        }
+    };
+    assert!(first.to_string().contains("sha256"), "{first}");
+    // A caller that ignores the error and reads again still gets an error, never Ok(0).
+    for _ in 0..3 {
+        let again = reader.read(&mut buf).unwrap_err();
+        assert!(BundleError::from_io(&again).is_some(), "{again}");
+        assert!(again.to_string().contains("sha256"), "{again}");
+    }
+}
+
+#[test]
 fn a_tampered_manifest_fails_the_signature_before_any_image_byte() {
     let f = Fixture::new();
     let mut bundle = f.bundle();

@@ -5,7 +5,8 @@
 # Needs (Debian 12, as root): apt-get install python3 python3-venv u-boot-tools
 #   libubootenv-tool shellcheck systemd; cargo (it builds ddi-agent, ddi-bootctl and
 #   ddi-bundle in debug mode - a no-op after `cargo build --workspace --bins` - and runs
-#   `cargo fetch --locked`); PyPI for the venv with the pinned tools below.
+#   `cargo fetch --locked`); PyPI for the venv with the pinned tools of venv.sh.
+#   scripts/setup.sh (run by scripts/test.sh) installs all of it.
 # Every check prints PASS or FAIL with the reason; the last line is
 # "check-layer: N passed, M failed" and the exit status is non-zero when M > 0.
 # --keep leaves the scratch directory (task outputs, temp roots) for inspection.
@@ -16,13 +17,9 @@ REPO=$(cd "$LAYER/.." && pwd)
 AGENT_FILES=$LAYER/recipes-ddi/ddi-agent/files
 BOOTSCRIPT_FILES=$LAYER/recipes-bsp/ddi-bootscript/files
 
-# Pinned tools (bump deliberately; the README's lint policy refers to these versions).
-OELINT_ADV_VERSION=9.11.2
-OELINT_DATA_VERSION=1.5.26
-KAS_VERSION=5.5
-# The PyPI wheel that carries BitBake's `bb` library (the parser is all we use).
-BITBAKE_SETUP_VERSION=2.19.0
-VENV=${DDI_CHECK_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/ddi-check-layer/venv-oelint$OELINT_ADV_VERSION-kas$KAS_VERSION-bb$BITBAKE_SETUP_VERSION}
+# Pinned Python tools, their venv and ensure_venv.
+# shellcheck source-path=SCRIPTDIR source=venv.sh
+. "$LAYER/scripts/venv.sh"
 # The highest exposure `systemd-analyze security` may report for ddi-agent.service.
 MAX_EXPOSURE=3.0
 
@@ -136,19 +133,6 @@ for problem in problems:
     print(problem)
 sys.exit(1 if problems else 0)
 EOF
-}
-
-ensure_venv() {
-    local stamp="$VENV/.ddi-pins"
-    local pins="oelint-adv==$OELINT_ADV_VERSION oelint-data==$OELINT_DATA_VERSION kas==$KAS_VERSION bitbake-setup==$BITBAKE_SETUP_VERSION"
-    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$pins" ]; then
-        return 0
-    fi
-    rm -rf "$VENV"
-    python3 -m venv "$VENV" || return 1
-    # shellcheck disable=SC2086 # $pins is a list of requirement specifiers
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check $pins || return 1
-    printf '%s' "$pins" >"$stamp"
 }
 
 check_oelint() {
@@ -616,7 +600,8 @@ check_shellcheck() {
         fi
     done < <(find "$LAYER" -type f ! -path '*/.git/*' -print0 | sort -z)
     echo "layer shell files: ${#files[@]}"
-    shellcheck "${files[@]}" || status=1
+    # -x: also the files they source (venv.sh)
+    shellcheck -x "${files[@]}" || status=1
     need_task_outputs || return 1
     echo "expanded recipe tasks: $(find "$BB/tasks" -name '*.sh' | wc -l)"
     shellcheck -s sh -e SC2043,SC2157 "$BB"/tasks/*.sh || status=1

@@ -357,6 +357,12 @@ fn write_image<R: Read>(
     // prefix, which both hashes covered), so its sha256 artifact hash is the image hash.
     let artifact_is_image_sha256 = plan.bundle.is_none() && plan.algorithm == HashAlgorithm::Sha256;
     if plan.start > 0 {
+        if plan.bundle.is_some() {
+            // A resumed prefix would never pass the bundle reader: the caller never does this.
+            return Err(InstallError::Internal(
+                "a download under a signature policy cannot be resumed".into(),
+            ));
+        }
         // Only raw images are resumed (see resume.rs).
         if artifact_is_image_sha256 {
             writer.leave_hash_to_caller();
@@ -368,10 +374,45 @@ fn write_image<R: Read>(
         Some(policy) => bundle::open(policy, Box::new(hashing), writer.capacity())?,
         None => Box::new(hashing),
     };
-    let (head, sniffed) =
+    let (head, mut sniffed) =
         decode::sniff(reader).map_err(|e| decode::read_error(e, Format::Raw, offset()))?;
+    let decoded = decode_into_slot(plan, &head, &mut sniffed, writer, counters);
+    let format = match decoded {
+        Ok(format) => format,
+        Err(err @ (InstallError::Decode { .. } | InstallError::ArchiveRejected(_)))
+            if plan.bundle.is_some() =>
+        {
+            // Signed content that does not decode is most likely not what was signed: the
+            // signed hash at the end of the image tells, and names the real problem.
+            return match io::copy(&mut sniffed, &mut io::sink()) {
+                Err(e) => Err(bundle::signature_error(&e).unwrap_or(err)),
+                Ok(_) => Err(err),
+            };
+        }
+        Err(err) => return Err(err),
+    };
+    // Decoders stop where their format ends (a tar at its end marker, gzip at its trailer), but
+    // a bundle's signed hash covers its whole image member: read the stream to its end, so the
+    // bundle reader checks the sha256 and size of every byte the slot received, whatever the
+    // inner format. Without a bundle this reads what follows the image (covered by the artifact
+    // hash).
+    io::copy(&mut sniffed, &mut io::sink()).map_err(|e| decode::read_error(e, format, offset()))?;
+    Ok(format)
+}
+
+/// Decode the (sniffed) image stream by its format and write it to the slot.
+fn decode_into_slot<R: Read>(
+    plan: &SinkPlan,
+    head: &[u8],
+    sniffed: &mut R,
+    writer: &mut SlotWriter<'_>,
+    counters: &Counters,
+) -> Result<Format, InstallError> {
+    let offset = || counters.consumed();
+    let resumable = plan.bundle.is_none();
+    let artifact_is_image_sha256 = plan.bundle.is_none() && plan.algorithm == HashAlgorithm::Sha256;
     let member = plan.archive_member.as_deref();
-    if decode::is_gzip(&head) {
+    if decode::is_gzip(head) {
         let mut gz = MultiGzDecoder::new(sniffed);
         let (inner_head, inner) =
             decode::sniff(&mut gz).map_err(|e| decode::read_error(e, Format::Gzip, offset()))?;
@@ -392,7 +433,7 @@ fn write_image<R: Read>(
         // Read the gzip stream to its end so its CRC and length are checked.
         io::copy(&mut gz, &mut io::sink()).map_err(|e| decode::read_error(e, format, offset()))?;
         Ok(format)
-    } else if decode::is_tar(&head) {
+    } else if decode::is_tar(head) {
         let capacity = writer.capacity();
         archive::extract_image(sniffed, Format::Tar, member, capacity, &offset, writer)?;
         Ok(Format::Tar)

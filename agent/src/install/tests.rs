@@ -999,6 +999,16 @@ fn run_pipeline_chunked(
     chunk_sizes: &[usize],
     capacity: usize,
 ) -> (Result<Installed, InstallError>, Vec<u8>) {
+    run_pipeline_with_policy(artifact, chunk_sizes, capacity, None)
+}
+
+/// [`run_pipeline_chunked`] with a signature policy.
+fn run_pipeline_with_policy(
+    artifact: &[u8],
+    chunk_sizes: &[usize],
+    capacity: usize,
+    bundle: Option<BundlePolicy>,
+) -> (Result<Installed, InstallError>, Vec<u8>) {
     let plan = pipeline::SinkPlan {
         url: "http://127.0.0.1/x".into(),
         algorithm: hash::HashAlgorithm::Sha256,
@@ -1007,7 +1017,7 @@ fn run_pipeline_chunked(
         start: 0,
         resume_path: PathBuf::from("/nonexistent/resume.json"),
         archive_member: None,
-        bundle: None,
+        bundle,
         checkpoint_interval: 64 << 20,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(artifact.len() + 2);
@@ -1352,5 +1362,78 @@ mod block {
         drop(mounted);
         drop(disk);
         assert!(server.requests().is_empty());
+    }
+}
+
+/// A genuine signed bundle of `image` for compatible `acme-gw`, and the policy that trusts it.
+fn signed_bundle(image: &[u8]) -> (Vec<u8>, BundlePolicy, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = ddi_bundle::generate_keypair().unwrap();
+    std::fs::write(dir.path().join("vendor.pub"), key.public_key().to_text()).unwrap();
+    let path = dir.path().join("rootfs.img");
+    std::fs::write(&path, image).unwrap();
+    let mut bundle = Vec::new();
+    ddi_bundle::create_bundle(
+        &path,
+        &ddi_bundle::CreateOptions {
+            compatible: "acme-gw".into(),
+            version: "2".into(),
+            image_name: None,
+            compression: None,
+            keys: std::slice::from_ref(&key),
+        },
+        &mut bundle,
+    )
+    .unwrap();
+    let policy = BundlePolicy {
+        trusted_keys: vec![dir.path().join("vendor.pub")],
+        require_signature: true,
+        compatible: Some("acme-gw".into()),
+    };
+    (bundle, policy, dir)
+}
+
+/// Offset of the image member's data in a bundle: after the manifest and signature members
+/// (each a header and padded data) and the image's own header.
+fn bundle_image_offset(bundle: &[u8]) -> usize {
+    let mut at = 0;
+    for _ in 0..2 {
+        let header = tar::Header::from_byte_slice(&bundle[at..at + 512]);
+        let size = header.size().unwrap() as usize;
+        at += 512 + size.div_ceil(512) * 512;
+    }
+    at + 512
+}
+
+#[test]
+fn a_signed_image_swapped_for_another_format_is_refused() {
+    let signed = image(64 * 1024, 31);
+    let (bundle, policy, _keys) = signed_bundle(&signed);
+    let (ok, slot) = run_pipeline_with_policy(&bundle, &[4096], 256 * 1024, Some(policy.clone()));
+    assert_eq!(ok.unwrap().bytes_written, signed.len() as u64);
+    assert_eq!(&slot[..signed.len()], &signed[..]);
+
+    // The image member keeps its signed size; its bytes are another image in another format,
+    // zero-padded. Only the signed hash can tell: the decoders stop at their own end.
+    let other = image(16 * 1024, 32);
+    let start = bundle_image_offset(&bundle);
+    for (name, replacement) in [
+        ("tar", tar_of(&[("rootfs.img", &other)])),
+        ("gzip", gzip(&other)),
+        ("tar.gz", gzip(&tar_of(&[("rootfs.img", &other)]))),
+    ] {
+        assert!(
+            replacement.len() <= signed.len(),
+            "{name}: replacement too large"
+        );
+        let mut tampered = bundle.clone();
+        let member = &mut tampered[start..start + signed.len()];
+        member.fill(0);
+        member[..replacement.len()].copy_from_slice(&replacement);
+        let (result, _) =
+            run_pipeline_with_policy(&tampered, &[4096], 256 * 1024, Some(policy.clone()));
+        let err = result.expect_err(name);
+        assert!(matches!(err, InstallError::Signature(_)), "{name}: {err}");
+        assert!(err.to_string().contains("sha256"), "{name}: {err}");
     }
 }
