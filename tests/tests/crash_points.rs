@@ -18,8 +18,11 @@
 //!
 //! **One trial per step.** For step `i` of the record, a fresh device, target and action run the
 //! same cycle with the shim set to kill the agent (SIGKILL, nothing flushed or cleaned up) right
-//! before step `i`; an environment save is cut a second time after writing half of its copy (a
-//! torn save). Then the power comes back: U-Boot boots from the environment as it is (a board
+//! before step `i`; an environment save is cut a second time as a torn save: of the bytes the
+//! save changes on the medium (from the copy's header to the last changed byte) only the first
+//! half arrives. Half of the whole 16 KiB copy would mostly be a complete save (its second half
+//! is unchanged padding), and a complete save followed by a cut is already the trial of the
+//! next step. Then the power comes back: U-Boot boots from the environment as it is (a board
 //! whose image hangs is reset by its watchdog, so the harness power-cycles again instead of
 //! running the agent), and the agent runs, booting when it asks, until the action is closed and
 //! one more run changes nothing.
@@ -460,10 +463,11 @@ impl<'a> Trial<'a> {
         let out = run_with_timeout(cmd, AGENT_TIMEOUT)
             .map_err(|e| format!("cannot run the agent: {e}"))?;
         self.events.push(format!(
-            "agent run-{} exited with {}\n{}",
+            "agent run-{} exited with {} after {:.2?}\n{}",
             self.agent_runs,
             out.code
                 .map_or_else(|| "a signal".to_string(), |c| c.to_string()),
+            out.elapsed,
             indent(&format!("{}{}", out.stdout, out.stderr))
         ));
         if out.timed_out {
@@ -689,6 +693,29 @@ fn fw_printenv(device: &FileDevice) -> Result<BTreeMap<String, String>, String> 
         .collect()
 }
 
+/// `run-1: state state env ... | run-2: ...`: the record's steps by agent run.
+fn step_sequence(steps: &[Step]) -> String {
+    let mut text = String::new();
+    let mut run = "";
+    for step in steps {
+        if step.run != run {
+            if !run.is_empty() {
+                text.push_str(" | ");
+            }
+            run = &step.run;
+            text.push_str(run);
+            text.push(':');
+        }
+        text.push(' ');
+        text.push_str(if step.file == "state.json" || step.kind == "env" {
+            &step.kind
+        } else {
+            &step.file
+        });
+    }
+    text
+}
+
 fn indent(text: &str) -> String {
     text.lines().map(|l| format!("    {l}\n")).collect()
 }
@@ -909,6 +936,7 @@ fn every_durable_step_of_an_update_cycle_survives_a_power_cut() {
                 format!("{} FAILED", r.failures.len())
             }
         );
+        let _ = writeln!(table, "    {}", step_sequence(&r.steps));
         failures.append(&mut r.failures);
     }
     println!(
