@@ -25,7 +25,7 @@
 //! next step. Then the power comes back: U-Boot boots from the environment as it is (a board
 //! whose image hangs is reset by its watchdog, so the harness power-cycles again instead of
 //! running the agent), and the agent runs, booting when it asks, until the action is closed and
-//! one more run changes nothing.
+//! one more run asks for no reboot (the invariants hold after it too).
 //!
 //! **Invariants after every agent run and every boot:** the environment reads with the real
 //! `fw_printenv` and says what our decoder says; variables the scheme does not own are exactly
@@ -192,7 +192,7 @@ fn read_log(path: &Path) -> Result<ShimLog, String> {
 #[derive(Debug, Clone, Copy)]
 struct Cut {
     at: usize,
-    /// An env save writes half of its copy first.
+    /// An env save first writes half of the bytes it changes (a torn save).
     torn: bool,
 }
 
@@ -480,7 +480,7 @@ impl<'a> Trial<'a> {
     }
 
     /// The whole cycle: boot, agent runs (cut where asked), boots, until the action is closed
-    /// and a further run changes nothing; then the end state.
+    /// and a further run asks for no reboot; then the end state.
     fn play(&mut self) -> Result<TrialOutcome, String> {
         self.power_on()?;
         let mut cut_seen = false;
