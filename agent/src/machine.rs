@@ -605,7 +605,9 @@ fn on_deployment(
                 }
                 Phase::Installed(_) => {
                     s.phase = Phase::Installed(job.clone());
-                    if job.may_activate {
+                    // Activating while another slot is set to boot, or on someone else's trial
+                    // (possibly of this very slot), would take over a trial that is not ours.
+                    if job.may_activate && !defer_install(&boot, actions) {
                         activate(s, actions, job);
                     }
                 }
@@ -1523,6 +1525,25 @@ mod tests {
         // Once confirmed, the install starts.
         let (_, a) = offer_with(State::default(), d(), Slot::B, Slot::B, false);
         assert!(matches!(a.last(), Some(Action::Install(j)) if j.target == Slot::A));
+    }
+
+    #[test]
+    fn a_waiting_slot_is_not_activated_during_a_foreign_trial() {
+        let window = || deployment("9", Handling::Skip, Some(MaintenanceWindow::Unavailable));
+        let (s, _) = offer(State::default(), window(), Slot::A);
+        let (s, _) = ev(s, Event::InstallDone(Ok(())));
+        // Someone booted the waiting slot B on a trial of their own; the window opens.
+        let open = deployment("9", Handling::Forced, Some(MaintenanceWindow::Available));
+        let (s2, a) = offer_with(s.clone(), open.clone(), Slot::B, Slot::B, true);
+        assert_eq!(kinds(&a), ["defer"]);
+        assert!(!a.contains(&Action::Activate(Slot::B)));
+        assert!(matches!(&s2.phase, Phase::Installed(j) if j.activations == 0));
+        // Booted A, but B set to boot next by someone else: reboot first, no activation.
+        let (_, a) = offer_with(s.clone(), open.clone(), Slot::A, Slot::B, false);
+        assert_eq!(kinds(&a), ["defer", "reboot"]);
+        // Back on a confirmed A booted next: activate.
+        let (_, a) = offer_with(s, open, Slot::A, Slot::A, false);
+        assert_eq!(kinds(&a), ["persist", "activate"]);
     }
 
     #[test]
