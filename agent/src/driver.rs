@@ -80,6 +80,21 @@ pub enum DriverError {
     InstallRetry(String),
 }
 
+/// The saved state; an unreadable file is kept aside and reported (see
+/// [`Store::load_or_recover`]), never a reason to stop.
+fn load_state(store: &Store) -> Result<State, PersistError> {
+    let (state, recovery) = store.load_or_recover()?;
+    if let Some(r) = recovery {
+        match &r.failed_action {
+            Some(action) => {
+                warn!(problem = %r.problem, action_id = %action, "state file unreadable; started over and answered its open action closed/failure")
+            }
+            None => warn!(problem = %r.problem, "state file unreadable; started over"),
+        }
+    }
+    Ok(state)
+}
+
 /// What one cycle did.
 #[derive(Debug, Default)]
 pub struct CycleReport {
@@ -117,7 +132,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         health: H,
         rebooter: R,
     ) -> Result<Self, DriverError> {
-        let state = store.load()?;
+        let state = load_state(&store)?;
         let params = Params {
             attempts: cfg.boot.attempts,
             artifact_part: cfg.agent.artifact_part.clone(),
@@ -144,7 +159,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
     /// Step (1) of `once` and the start of `run`: finish what was waiting for a reboot.
     pub async fn startup(&mut self) -> Result<CycleReport, DriverError> {
         self.failure_reported = false;
-        self.state = self.store.load()?;
+        self.state = load_state(&self.store)?;
         let booted = self.boot.booted()?;
         let next = self.boot.next()?;
         info!(booted = %booted, next = %next, phase = self.state.phase.name(), "agent started");
@@ -164,7 +179,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
     pub async fn cycle(&mut self) -> Result<CycleReport, DriverError> {
         self.failure_reported = false;
         // Whatever an aborted previous cycle left in memory is replaced by what is on disk.
-        self.state = self.store.load()?;
+        self.state = load_state(&self.store)?;
         self.deliver().await?;
         let poll = self.client.poll().await?;
         self.last_sleep = poll.sleep;

@@ -429,3 +429,54 @@ fn write_fixtures() {
         }
     }
 }
+
+/// A state file the agent cannot read is kept aside; the action it had open is answered
+/// `closed`/`failure` naming the problem, and the agent goes on with the next update.
+#[test]
+fn unreadable_state_is_kept_aside_reported_and_the_agent_goes_on() {
+    let agent = ddi_tests::bin_path("ddi-agent");
+    let phase = Phase::AwaitingConfirmation;
+    let rig = phase.rig(&agent);
+    let action = phase.setup(&rig);
+    let state_path = rig.dev.state_dir().join("state.json");
+    let text = fs::read_to_string(&state_path).unwrap();
+    let broken = text.replace("\"target\": \"B\"", "\"target\": \"slot-b\"");
+    assert_ne!(broken, text);
+    fs::write(&state_path, &broken).unwrap();
+
+    let out = rig.once_expect(1);
+    let details = rig.assert_closed_once(action, "failure");
+    assert!(
+        details.contains("unreadable") && details.contains("state.json.unreadable"),
+        "{details}\n{}",
+        out.describe()
+    );
+    let kept = rig.dev.state_dir().join("state.json.unreadable");
+    assert_eq!(fs::read_to_string(&kept).unwrap(), broken);
+    let status =
+        run_with_timeout(rig.command(&["status", "--json"]), Duration::from_secs(20)).unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(status["last_result"]["result"], "failure");
+    assert_eq!(status["state_error"], serde_json::Value::Null);
+    assert_eq!(
+        status["unreadable_state_kept"].as_str(),
+        Some(kept.to_str().unwrap())
+    );
+
+    // The agent goes on: nothing is answered twice, and the next update completes. Slot B
+    // still runs on a trial nobody confirms: the agent leaves its fallback alone until the
+    // device restarts (power cycles here) and U-Boot falls back to A.
+    let next = rig.deploy(&Image::good("3.0", IMAGE_SIZE), &Assignment::forced());
+    for _ in 0..12 {
+        let out = rig.once();
+        assert_eq!(out.code, Some(0), "{}", out.describe());
+        if rig.server.action(next).unwrap().status == ActionStatus::Finished {
+            break;
+        }
+        rig.dev.take_reboot_requests().unwrap();
+        rig.dev.reboot().unwrap();
+    }
+    rig.assert_closed_once(next, "success");
+    rig.assert_closed_once(action, "failure");
+    assert_eq!(rig.env("upgrade_available").as_deref(), Some("0"));
+}
