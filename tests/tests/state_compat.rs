@@ -480,3 +480,170 @@ fn unreadable_state_is_kept_aside_reported_and_the_agent_goes_on() {
     rig.assert_closed_once(action, "failure");
     assert_eq!(rig.env("upgrade_available").as_deref(), Some("0"));
 }
+
+// ---- two agent versions ------------------------------------------------------------------------
+
+/// The old agent of the two-version tests: the last main commit before the state file got its
+/// own versioned format (issue 15). Its state files are the fixture set `main-3e7abd1`. Move it
+/// forward only to a commit whose state files are committed as fixtures.
+const OLD_AGENT_COMMIT: &str = "3e7abd16707134d9708c96e7742f7c9555db1689";
+
+/// `ddi-agent` built from [`OLD_AGENT_COMMIT`] (once per test run; cargo skips it when built):
+/// the commit's tree is exported with `git archive` and built into its own target directory
+/// under this workspace's `target/old-agent/`. Needs the commit in the git history (CI has a
+/// full clone): without it the tests fail, they are not skipped.
+fn old_agent() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT.get_or_init(build_old_agent).clone()
+}
+
+fn build_old_agent() -> PathBuf {
+    use std::process::Command;
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let root = ddi_tests::target_profile_dir()
+        .parent()
+        .unwrap()
+        .join("old-agent")
+        .join(&OLD_AGENT_COMMIT[..12]);
+    let src = root.join("src");
+    if !src.join("Cargo.toml").is_file() {
+        let found = Command::new("git")
+            .arg("-C")
+            .arg(repo)
+            .args(["cat-file", "-e", &format!("{OLD_AGENT_COMMIT}^{{commit}}")])
+            .status()
+            .expect("git must be installed for the two-version tests");
+        assert!(
+            found.success(),
+            "commit {OLD_AGENT_COMMIT} (the old agent of the two-version tests) is not in the \
+             git history of {}: these tests need a full clone (`git fetch --unshallow`)",
+            repo.display()
+        );
+        let partial = root.join("src.partial");
+        let _ = fs::remove_dir_all(&partial);
+        fs::create_dir_all(&partial).unwrap();
+        let tar = root.join("src.tar");
+        let archived = Command::new("git")
+            .arg("-C")
+            .arg(repo)
+            .args(["archive", "--format=tar", "-o"])
+            .arg(&tar)
+            .arg(OLD_AGENT_COMMIT)
+            .status()
+            .unwrap();
+        assert!(archived.success(), "git archive {OLD_AGENT_COMMIT} failed");
+        let unpacked = Command::new("tar")
+            .arg("-xf")
+            .arg(&tar)
+            .arg("-C")
+            .arg(&partial)
+            .status()
+            .unwrap();
+        assert!(unpacked.success(), "cannot unpack {}", tar.display());
+        fs::remove_file(&tar).unwrap();
+        fs::rename(&partial, &src).unwrap();
+    }
+    let started = std::time::Instant::now();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["build", "-p", "ddi-agent", "--bin", "ddi-agent", "--locked"])
+        .current_dir(&src)
+        .env("CARGO_TARGET_DIR", root.join("target"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "building the old agent ({OLD_AGENT_COMMIT}) failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "old agent {} built (or found up to date) in {:.1?}",
+        &OLD_AGENT_COMMIT[..12],
+        started.elapsed()
+    );
+    root.join("target/debug/ddi-agent")
+}
+
+/// (a) The old agent installs; the update brings the new agent, which confirms after the reboot.
+#[test]
+fn old_agent_installs_and_the_new_agent_confirms_once() {
+    let old = old_agent();
+    let mut rig = Rig::new(&old, |_| {});
+    let action = rig.deploy(&Image::good("2.0", IMAGE_SIZE), &Assignment::forced());
+    rig.once_expect(0);
+    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
+    assert!(rig.closed(action).is_empty(), "closed before the reboot");
+    // Slot B runs the new agent.
+    rig.agent = ddi_tests::bin_path("ddi-agent");
+    assert_eq!(rig.dev.reboot().unwrap(), Slot::B);
+    rig.once_expect(0);
+    rig.assert_closed_once(action, "success");
+    assert_eq!(
+        rig.server.action(action).unwrap().status,
+        ActionStatus::Finished
+    );
+    assert_eq!(rig.env("upgrade_available").as_deref(), Some("0"));
+    rig.once_expect(0);
+    assert_eq!(rig.closed(action).len(), 1);
+    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 0);
+}
+
+/// (b) The new agent installs; the new image never comes up (U-Boot falls back), and the old
+/// agent in the old slot reads the new agent's state and reports the rollback once.
+#[test]
+fn new_agent_installs_u_boot_falls_back_and_the_old_agent_reports_once() {
+    let mut rig = Rig::new(&ddi_tests::bin_path("ddi-agent"), |_| {});
+    let action = rig.deploy(&Image::good("2.0", IMAGE_SIZE), &Assignment::forced());
+    rig.once_expect(0);
+    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
+    let state = fs::read_to_string(rig.dev.state_dir().join("state.json")).unwrap();
+    assert!(state.contains("\"format\": 1"), "{state}");
+    let mut booted = Slot::B;
+    for _ in 0..10 {
+        booted = rig.dev.reboot().unwrap();
+        if booted == Slot::A {
+            break;
+        }
+    }
+    assert_eq!(booted, Slot::A, "the boot script never fell back");
+    rig.agent = old_agent();
+    rig.once_expect(1);
+    let details = rig.assert_closed_once(action, "failure");
+    assert!(details.contains("rolled back"), "{details}");
+    rig.once_expect(0);
+    assert_eq!(rig.closed(action).len(), 1);
+}
+
+/// (b) The new agent installs, the new image fails its health check and the failure cannot be
+/// delivered before the fallback reboot: the old agent in the old slot delivers it, once.
+#[test]
+fn new_image_fails_its_health_check_and_the_old_agent_delivers_the_failure_once() {
+    let mut rig = Rig::new(&ddi_tests::bin_path("ddi-agent"), |_| {});
+    let action = rig.deploy(&Image::broken("2.0", IMAGE_SIZE), &Assignment::forced());
+    rig.once_expect(0);
+    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
+    assert_eq!(rig.dev.reboot().unwrap(), Slot::B);
+    rig.server.add_fault(
+        Fault::new(FaultKind::Status {
+            code: 503,
+            retry_after_secs: Some(0),
+        })
+        .on(Endpoint::DeploymentFeedback),
+    );
+    // The check fails: slot B marked bad, the failure owed, a reboot asked for at once.
+    rig.once_expect(0);
+    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
+    assert!(rig.closed(action).is_empty());
+    let status =
+        run_with_timeout(rig.command(&["status", "--json"]), Duration::from_secs(20)).unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(status["feedback_owed"], 1, "{status}");
+    rig.server.clear_faults();
+    assert_eq!(rig.dev.reboot().unwrap(), Slot::A);
+    rig.agent = old_agent();
+    rig.once_expect(1);
+    let details = rig.assert_closed_once(action, "failure");
+    assert!(details.contains("self-test failed"), "{details}");
+    rig.once_expect(0);
+    assert_eq!(rig.closed(action).len(), 1);
+}
