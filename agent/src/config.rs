@@ -113,6 +113,9 @@ pub struct BootConfig {
     pub cmdline: PathBuf,
     pub attempts: u32,
     pub reboot_command: Vec<String>,
+    /// `run`: how long the system may take to go down after `reboot_command` succeeded before
+    /// the agent reports it and runs the command again (extension, default 300 s).
+    pub reboot_timeout: Duration,
     /// The environment lock (extension; default libubootenv's `/var/lock/fw_printenv.lock`).
     pub env_lock_file: PathBuf,
 }
@@ -224,6 +227,7 @@ struct FileBoot {
     cmdline: Option<String>,
     attempts: Option<Spanned<u32>>,
     reboot_command: Option<Spanned<Vec<String>>>,
+    reboot_timeout: Option<Spanned<u64>>,
     env_lock_file: Option<String>,
 }
 
@@ -515,6 +519,11 @@ impl Config {
             cmdline: resolve(root.boot.cmdline.as_deref().unwrap_or("/proc/cmdline")),
             attempts,
             reboot_command,
+            reboot_timeout: Duration::from_secs(positive(
+                root.boot.reboot_timeout,
+                "boot.reboot_timeout",
+                300,
+            )?),
             env_lock_file: resolve(
                 root.boot
                     .env_lock_file
@@ -675,6 +684,7 @@ B = "/dev/mmcblk0p3"
         assert_eq!(c.boot.cmdline, PathBuf::from("/proc/cmdline"));
         assert_eq!(c.boot.attempts, 3);
         assert_eq!(c.boot.reboot_command, vec!["systemctl", "reboot"]);
+        assert_eq!(c.boot.reboot_timeout, Duration::from_secs(300));
         assert_eq!(
             c.boot.env_lock_file,
             PathBuf::from("/var/lock/fw_printenv.lock")
@@ -722,6 +732,7 @@ env_config = "fw_env.config"
 cmdline = "cmdline"
 attempts = 5
 reboot_command = ["touch", "rebooted"]
+reboot_timeout = 30
 
 [agent]
 state_dir = "state"
@@ -751,6 +762,7 @@ compatible = "board-x"
         assert_eq!(c.boot.scheme, SchemeKind::Rauc);
         assert_eq!(c.boot.env_config, PathBuf::from("/cfg/fw_env.config"));
         assert_eq!(c.boot.attempts, 5);
+        assert_eq!(c.boot.reboot_timeout, Duration::from_secs(30));
         assert_eq!(c.agent.state_dir, PathBuf::from("/cfg/state"));
         assert_eq!(
             c.agent.health_checks,
@@ -825,6 +837,8 @@ compatible = "board-x"
             ("[boot]\nscheme = \"grub\"", "boot.scheme"),
             ("[boot]\nattempts = 0", "boot.attempts"),
             ("[boot]\nreboot_command = []", "reboot_command"),
+            ("[boot]\nreboot_timeout = 0", "boot.reboot_timeout"),
+            ("[boot]\nreboot_timeout = -5", "reboot_timeout"),
             ("[agent]\nconsent = \"maybe\"", "agent.consent"),
             ("[agent]\nmax_download_rate = \"fast\"", "max_download_rate"),
             ("[agent]\nmax_download_rate = 0", "max_download_rate"),

@@ -78,6 +78,8 @@ pub enum DriverError {
     FeedbackOwed(usize),
     #[error("install of action {0} failed transiently; retrying at the next poll")]
     InstallRetry(String),
+    #[error("boot environment unusable, so nothing is installed, activated or confirmed: {0}")]
+    BootEnv(BootError),
 }
 
 /// The saved state; an unreadable file is kept aside and reported (see
@@ -120,12 +122,15 @@ pub struct Driver<B, I, H, R> {
     failure_reported: bool,
     /// The server's last polling interval (paces the cancel watch during installs).
     last_sleep: Duration,
+    /// Why the last [`Driver::startup`] could not read the boot environment: until a start
+    /// succeeds, a cycle does nothing the post-reboot step should have decided first.
+    startup_skipped: Option<String>,
 }
 
 impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H, R> {
     pub fn new(
         cfg: Config,
-        client: DdiClient,
+        mut client: DdiClient,
         store: Store,
         boot: B,
         installer: I,
@@ -133,6 +138,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         rebooter: R,
     ) -> Result<Self, DriverError> {
         let state = load_state(&store)?;
+        client.set_token_to_other_hosts(cfg.agent.send_token_to_other_hosts);
         let params = Params {
             attempts: cfg.boot.attempts,
             artifact_part: cfg.agent.artifact_part.clone(),
@@ -149,6 +155,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
             state,
             failure_reported: false,
             last_sleep: Duration::from_secs(30),
+            startup_skipped: None,
         })
     }
 
@@ -161,7 +168,14 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         self.failure_reported = false;
         self.state = load_state(&self.store)?;
         let booted = self.boot.booted()?;
-        let next = self.boot.next()?;
+        let next = match self.boot.next() {
+            Ok(next) => next,
+            Err(e) => {
+                self.startup_skipped = Some(e.0.clone());
+                return Err(DriverError::BootEnv(e));
+            }
+        };
+        self.startup_skipped = None;
         info!(booted = %booted, next = %next, phase = self.state.phase.name(), "agent started");
         let rebooting = self.apply(Event::Started { booted, next }).await?;
         if let Err(e) = self.deliver().await {
@@ -196,6 +210,14 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         if poll.confirmation.is_none() && self.state.pending_consent.is_some() {
             self.state.pending_consent = None;
             self.store.save(&self.state)?;
+        }
+        // Without the environment nothing can be installed or decided; the server hears why.
+        if let Err(problem) = self.boot.next() {
+            return self.refuse_for_boot_env(&poll, problem).await;
+        }
+        if let Some(problem) = &self.startup_skipped {
+            // Readable again (it was locked?), but the post-reboot step comes first: next time.
+            return Err(DriverError::BootEnv(BootError(problem.clone())));
         }
         let rebooting = if let Some(link) = &poll.cancel {
             match self.client.cancel_request(link).await {
@@ -236,7 +258,13 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                 }
                 // Canceling or waiting for confirmation since the poll: look again next time.
                 Err(e) if e.status() == Some(404) => false,
-                Err(e) => return Err(e.into()),
+                Err(e) => match e.refused_answer() {
+                    Some(reason) => {
+                        self.refuse(link, format!("deployment refused: {reason}"))
+                            .await?
+                    }
+                    None => return Err(e.into()),
+                },
             }
         } else {
             self.apply(Event::NoAction).await?
@@ -250,6 +278,53 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         }
         report.failure_reported = self.failure_reported;
         Ok(report)
+    }
+
+    /// `run`: the system is still up `waited` after `reboot_command` succeeded (`runs` times so
+    /// far). Reports it (log, and progress feedback on the action waiting for the reboot) and
+    /// runs the reboot command again.
+    pub async fn reboot_overdue(&mut self, waited: Duration, runs: u32) -> Result<(), DriverError> {
+        let message = format!(
+            "the system did not reboot within {} s after reboot_command (run {runs} time(s)); \
+             running it again",
+            waited.as_secs()
+        );
+        warn!("{message}");
+        if let Phase::AwaitingReboot(job) = &self.state.phase {
+            let feedback = Feedback::new(&job.action_id, Execution::Proceeding, Finished::None)
+                .detail(message);
+            if let Err(e) = self.client.send_feedback(&job.link, &feedback).await {
+                warn!(error = %e, "report of the missing reboot not delivered (not retried)");
+            }
+        }
+        info!(command = ?self.cfg.boot.reboot_command, "rebooting");
+        self.rebooter.reboot().map_err(DriverError::Reboot)
+    }
+
+    /// Answers the action of `link` `closed`/`failure` with `reason` (once) without starting it.
+    async fn refuse(&mut self, link: &Link, reason: String) -> Result<bool, DriverError> {
+        warn!(action_id = link.action_id().unwrap_or_default(), %reason, "action refused");
+        self.apply(Event::DeploymentRefused {
+            link: link.clone(),
+            reason,
+        })
+        .await
+    }
+
+    /// With the boot environment unreadable: a pending deployment is refused naming the
+    /// problem, nothing else is done (the environment and the slots stay untouched), and the
+    /// cycle fails with the problem.
+    async fn refuse_for_boot_env(
+        &mut self,
+        poll: &PollReply,
+        problem: BootError,
+    ) -> Result<CycleReport, DriverError> {
+        if let Some(link) = &poll.deployment {
+            let reason = format!("boot environment unusable, nothing installed: {problem}");
+            self.refuse(link, reason).await?;
+            self.deliver().await?;
+        }
+        Err(DriverError::BootEnv(problem))
     }
 
     /// Feeds one event (and the events its actions produce) through the machine.
@@ -458,18 +533,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
             .as_ref()
             .map(|l| l.href.clone())
             .unwrap_or_default();
-        let same_origin = reqwest::Url::parse(&url)
-            .map(|u| {
-                u.scheme() == self.cfg.server.url.scheme()
-                    && u.host_str() == self.cfg.server.url.host_str()
-                    && u.port_or_known_default() == self.cfg.server.url.port_or_known_default()
-            })
-            .unwrap_or(false);
-        let auth_header = if same_origin || self.cfg.agent.send_token_to_other_hosts {
-            self.client.auth_header()
-        } else {
-            None
-        };
+        let auth_header = self.client.auth_header_for(&url);
         let bundle = &self.cfg.bundle;
         InstallRequest {
             url,

@@ -318,6 +318,13 @@ pub enum Event {
     /// The environment save of [`Action::Activate`] is done.
     Activated,
     HealthChecked(Result<(), String>),
+    /// The server offers the action of `link` and the agent refuses it before starting: its
+    /// deploymentBase cannot be parsed, or the boot environment is unusable. Answered
+    /// `closed`/`failure` with `reason`, once.
+    DeploymentRefused {
+        link: Link,
+        reason: String,
+    },
 }
 
 /// The transition function.
@@ -358,6 +365,7 @@ pub fn step(params: &Params, state: State, event: Event) -> (State, Vec<Action>)
         Event::InstallDone(result) => on_install_done(&mut s, &mut actions, result),
         Event::Activated => on_activated(&mut s, &mut actions),
         Event::HealthChecked(result) => on_health(&mut s, &mut actions, result),
+        Event::DeploymentRefused { link, reason } => on_refused(&mut s, &mut actions, link, reason),
     }
     (s, actions)
 }
@@ -884,6 +892,39 @@ fn on_cancel(s: &mut State, actions: &mut Vec<Action>, link: Link, req: CancelRe
             actions.extend([Action::Persist, Action::DeliverOutbox]);
         }
     }
+}
+
+fn on_refused(s: &mut State, actions: &mut Vec<Action>, link: Link, reason: String) {
+    let Some(id) = link.action_id() else {
+        return;
+    };
+    let mut message = reason;
+    match s.phase.clone() {
+        // A slot is (or may be) activated: its confirmation or rollback decides the action.
+        Phase::AwaitingReboot(_) => return,
+        Phase::Installed(job) if job.activations > 0 => return,
+        Phase::Installing(job) | Phase::Installed(job) if job.action_id == id => {
+            message = format!("{message}; slot {} left marked bad", job.target);
+        }
+        Phase::Installing(job) | Phase::Installed(job) => s.finish(
+            &job.action_id,
+            ResultKind::Abandoned,
+            format!("action {} replaced by action {id}", job.action_id),
+        ),
+        Phase::Idle => {}
+    }
+    if s.finished_locally(&id) {
+        // Already answered (or the answer is on its way): never closed twice.
+        actions.push(Action::DeliverOutbox);
+        return;
+    }
+    s.queue(
+        Channel::Deployment,
+        &link.href,
+        Feedback::new(&id, Execution::Closed, Finished::Failure).detail(message.clone()),
+    );
+    s.finish(&id, ResultKind::Failure, message);
+    actions.extend([Action::Persist, Action::DeliverOutbox]);
 }
 
 impl State {
@@ -1600,6 +1641,88 @@ mod tests {
         assert_eq!(back, s);
     }
 
+    fn refused(id: &str) -> Event {
+        Event::DeploymentRefused {
+            link: dlink(id),
+            reason: "malformed deployment body: invalid value: integer `-1`".into(),
+        }
+    }
+
+    #[test]
+    fn a_refused_deployment_is_answered_failure_once() {
+        let (s, a) = ev(State::default(), refused("5"));
+        assert_eq!(kinds(&a), ["persist", "deliver"]);
+        assert_eq!(
+            only_outbox(&s),
+            [(Channel::Deployment, Execution::Closed, Finished::Failure)]
+        );
+        assert!(s.outbox[0].feedback.details[0].contains("integer `-1`"));
+        assert_eq!(s.outbox[0].link, dlink("5").href);
+        assert_eq!(s.last_result.as_ref().unwrap().result, ResultKind::Failure);
+        // Offered again, answer still owed or delivered: never a second answer.
+        let (again, a) = ev(s.clone(), refused("5"));
+        assert_eq!(kinds(&a), ["deliver"]);
+        assert_eq!(again, s);
+        let mut delivered = s.clone();
+        delivered.delivered(s.outbox[0].seq);
+        let (again, a) = ev(delivered.clone(), refused("5"));
+        assert_eq!(kinds(&a), ["deliver"]);
+        assert_eq!(again, delivered);
+        // ... also after other actions ended since (the finished memory covers it).
+        let (later, _) = ev(delivered, refused("6"));
+        let (again, a) = ev(later.clone(), refused("5"));
+        assert_eq!(kinds(&a), ["deliver"]);
+        assert_eq!(again, later);
+        // A link without an action id: nothing to answer.
+        let no_id = Event::DeploymentRefused {
+            link: Link {
+                href: "http://h/T/controller/v1/d/deploymentBase/x".into(),
+            },
+            reason: "r".into(),
+        };
+        assert_eq!(ev(State::default(), no_id), (State::default(), vec![]));
+    }
+
+    #[test]
+    fn a_refusal_during_an_install_never_touches_the_bootloader() {
+        // The action being installed: failed, its slot stays marked bad.
+        let (s, _) = offer(
+            State::default(),
+            deployment("6", Handling::Forced, None),
+            Slot::A,
+        );
+        let (s, a) = ev(s, refused("6"));
+        assert_eq!(kinds(&a), ["persist", "deliver"]);
+        assert_eq!(s.phase, Phase::Idle);
+        assert!(s.outbox[0].feedback.details[0].ends_with("slot B left marked bad"));
+        // Another action in progress: abandoned, the refused one answered.
+        let (s, _) = offer(
+            State::default(),
+            deployment("6", Handling::Forced, None),
+            Slot::A,
+        );
+        let (s, a) = ev(s, refused("8"));
+        assert_eq!(kinds(&a), ["persist", "deliver"]);
+        assert_eq!(s.outbox.len(), 1);
+        assert_eq!(s.outbox[0].feedback.action_id, "8");
+        assert_eq!(s.phase, Phase::Idle);
+        // A slot is (or may be: the activating save was asked for) activated: the reboot
+        // decides; nothing changes.
+        let (s, _) = offer(
+            State::default(),
+            deployment("7", Handling::Forced, None),
+            Slot::A,
+        );
+        let (activating, _) = ev(s, Event::InstallDone(Ok(())));
+        assert!(matches!(&activating.phase, Phase::Installed(j) if j.activations == 1));
+        let activated = through_activation(deployment("7", Handling::Forced, None));
+        for s in [activating, activated] {
+            for id in ["7", "9"] {
+                assert_eq!(ev(s.clone(), refused(id)), (s.clone(), vec![]));
+            }
+        }
+    }
+
     #[test]
     fn every_state_survives_serialization() {
         let s = through_activation(deployment("7", Handling::Forced, None));
@@ -1641,6 +1764,9 @@ mod tests {
             /// Someone else starts a trial of the other slot (`ddi-bootctl set-next`).
             ForeignTrial,
             NoAction,
+            Refused {
+                id: u8,
+            },
         }
 
         fn ev() -> impl Strategy<Value = Ev> {
@@ -1657,6 +1783,7 @@ mod tests {
                 Just(Ev::Crash),
                 Just(Ev::ForeignTrial),
                 Just(Ev::NoAction),
+                (1u8..4).prop_map(|id| Ev::Refused { id }),
             ]
         }
 
@@ -1939,6 +2066,7 @@ mod tests {
                             continue;
                         }
                         Ev::NoAction => Event::NoAction,
+                        Ev::Refused { id } => refused(&id.to_string()),
                     };
                     if matches!(event, Event::Started { .. }) {
                         prop_assert!(m.bootable(m.booted), "booted an unverified slot {}", m.booted);

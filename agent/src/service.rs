@@ -11,12 +11,14 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 use serde_json::json;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use tracing_subscriber::filter::LevelFilter;
 
 use crate::config::Config;
 use crate::ddi::DdiClient;
-use crate::driver::{BootCtl, Bootloader, Checks, Driver, Pipeline, RebootCommand};
+use crate::driver::{
+    BootCtl, Bootloader, Checks, CycleReport, Driver, DriverError, Pipeline, RebootCommand,
+};
 use crate::machine::{Phase, ResultKind, State};
 use crate::persist::{ConsentDecision, Store, UNREADABLE_FILE};
 
@@ -26,6 +28,20 @@ pub mod exit {
     pub const UPDATE_FAILED: u8 = 1;
     pub const INCOMPLETE: u8 = 2;
     pub const CONFIG: u8 = 3;
+}
+
+/// Shortest wait between two polls of `run`, whatever the server's `sleep` says: `00:00:00` (or
+/// a few milliseconds) must not make a device poll in a tight loop.
+pub const MIN_POLL_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The wait before the next poll: the server's `sleep`, but never less than
+/// [`MIN_POLL_INTERVAL`]; held at the floor, up to half of it again is added (`jitter` in
+/// 0.0..=1.0) so that a fleet told to poll at once spreads out.
+pub fn poll_interval(server_sleep: Duration, jitter: f64) -> Duration {
+    if server_sleep >= MIN_POLL_INTERVAL {
+        return server_sleep;
+    }
+    MIN_POLL_INTERVAL + MIN_POLL_INTERVAL.mul_f64(0.5 * jitter.clamp(0.0, 1.0))
 }
 
 /// A subcommand.
@@ -192,6 +208,7 @@ async fn agent(cfg: Config, daemon: bool) -> u8 {
         timeout: cfg.agent.health_check_timeout,
     };
     let reboot = RebootCommand(cfg.boot.reboot_command.clone());
+    let reboot_timeout = cfg.boot.reboot_timeout;
     let driver = match Driver::new(cfg, client, store, boot, Pipeline, health, reboot) {
         Ok(d) => d,
         Err(e) => {
@@ -200,7 +217,7 @@ async fn agent(cfg: Config, daemon: bool) -> u8 {
         }
     };
     if daemon {
-        run(driver).await
+        run(driver, reboot_timeout).await
     } else {
         once(driver).await
     }
@@ -208,10 +225,23 @@ async fn agent(cfg: Config, daemon: bool) -> u8 {
 
 type RealDriver = Driver<BootCtl, Pipeline, Checks, RebootCommand>;
 
+/// The post-reboot step, or `None` when the boot environment is unusable: the cycle still
+/// polls then, so that the server hears why nothing happens, and the step is tried again.
+async fn startup(driver: &mut RealDriver) -> Result<Option<CycleReport>, DriverError> {
+    match driver.startup().await {
+        Ok(r) => Ok(Some(r)),
+        Err(e @ DriverError::BootEnv(_)) => {
+            warn!(error = %e, "post-reboot step skipped; polling to report the problem");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// `once`: finish what waited for a reboot, then one poll cycle.
 async fn once(mut driver: RealDriver) -> u8 {
-    let started = match driver.startup().await {
-        Ok(r) => r,
+    let started = match startup(&mut driver).await {
+        Ok(r) => r.unwrap_or_default(),
         Err(e) => {
             error!("cycle not completed: {e}");
             return exit::INCOMPLETE;
@@ -238,8 +268,9 @@ fn notify(states: &[NotifyState]) {
     let _ = sd_notify::notify(false, states);
 }
 
-/// `run`: the daemon loop.
-async fn run(mut driver: RealDriver) -> u8 {
+/// `run`: the daemon loop. A reboot the system does not follow within `reboot_timeout` is
+/// reported and asked for again.
+async fn run(mut driver: RealDriver, reboot_timeout: Duration) -> u8 {
     use tokio::signal::unix::{signal, SignalKind};
     let (mut term, mut int) = match (
         signal(SignalKind::terminate()),
@@ -264,14 +295,26 @@ async fn run(mut driver: RealDriver) -> u8 {
     notify(&[NotifyState::Ready, NotifyState::Status("starting")]);
     let mut first = true;
     let mut failures = 0u32;
+    // Reboot commands run (successfully) that the system has not followed yet.
+    let mut reboots_requested = 0u32;
     loop {
         let work = async {
+            if reboots_requested > 0 {
+                driver
+                    .reboot_overdue(reboot_timeout, reboots_requested)
+                    .await?;
+                return Ok(CycleReport {
+                    rebooting: true,
+                    ..CycleReport::default()
+                });
+            }
             if first {
                 // Until the post-reboot step has run once, every attempt starts with it.
-                let r = driver.startup().await?;
-                first = false;
-                if r.rebooting {
-                    return Ok(r);
+                if let Some(r) = startup(&mut driver).await? {
+                    first = false;
+                    if r.rebooting {
+                        return Ok(r);
+                    }
                 }
             }
             driver.cycle().await
@@ -283,9 +326,13 @@ async fn run(mut driver: RealDriver) -> u8 {
         };
         let sleep = match outcome {
             Ok(r) if r.rebooting => {
+                reboots_requested += 1;
                 notify(&[NotifyState::Status("rebooting")]);
-                info!("reboot requested; waiting to be stopped");
-                Duration::from_secs(300)
+                info!(
+                    timeout_s = reboot_timeout.as_secs(),
+                    "reboot requested; waiting to be stopped"
+                );
+                reboot_timeout
             }
             Ok(r) => {
                 failures = 0;
@@ -295,7 +342,17 @@ async fn run(mut driver: RealDriver) -> u8 {
                     None => phase.to_string(),
                 };
                 notify(&[NotifyState::Status(&status)]);
-                r.sleep.unwrap_or(Duration::from_secs(300))
+                let server_sleep = r.sleep.unwrap_or(Duration::from_secs(300));
+                let jitter = (crate::ddi::client::pseudo_random() % 1001) as f64 / 1000.0;
+                let sleep = poll_interval(server_sleep, jitter);
+                if sleep != server_sleep {
+                    debug!(
+                        server_ms = server_sleep.as_millis() as u64,
+                        sleep_ms = sleep.as_millis() as u64,
+                        "server's polling sleep is below the floor; waiting longer"
+                    );
+                }
+                sleep
             }
             Err(e) => {
                 failures += 1;
@@ -468,6 +525,35 @@ fn consent(cfg: &Config, accept: bool) -> u8 {
         if accept { "accepted" } else { "denied" }
     );
     exit::OK
+}
+
+#[cfg(test)]
+mod poll_interval_tests {
+    use super::*;
+
+    #[test]
+    fn the_servers_sleep_is_kept_above_the_floor() {
+        for secs in [5, 6, 300, 86_400] {
+            let d = Duration::from_secs(secs);
+            assert_eq!(poll_interval(d, 0.0), d);
+            assert_eq!(poll_interval(d, 1.0), d);
+        }
+    }
+
+    #[test]
+    fn a_tiny_sleep_is_raised_to_the_floor_with_bounded_jitter() {
+        let ceiling = MIN_POLL_INTERVAL.mul_f64(1.5);
+        for server in [0, 1, 999, 4_999] {
+            let server = Duration::from_millis(server);
+            assert_eq!(poll_interval(server, 0.0), MIN_POLL_INTERVAL);
+            assert_eq!(poll_interval(server, 1.0), ceiling);
+            let mid = poll_interval(server, 0.5);
+            assert!(mid > MIN_POLL_INTERVAL && mid < ceiling, "{mid:?}");
+            // Out-of-range jitter stays within the bounds.
+            assert_eq!(poll_interval(server, -3.0), MIN_POLL_INTERVAL);
+            assert_eq!(poll_interval(server, 7.0), ceiling);
+        }
+    }
 }
 
 #[cfg(test)]

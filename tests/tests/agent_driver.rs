@@ -1,15 +1,19 @@
 //! The agent's driver (library) against the test server with fake bootloader, installer,
 //! health checks and reboot: the order of effects (mark bad before writing, one activation,
 //! persist before reboot), the install request it builds (never the booted slot, token only
-//! for the server's own host), cancel after activation (`rejected`), and failure paths.
+//! for the server's own host), cancel after activation (`rejected`), failure paths, and a start
+//! that could not read the environment holding the cycle back.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ddi_agent::config::Config;
 use ddi_agent::ddi::DdiClient;
-use ddi_agent::driver::{BootError, Bootloader, Driver, HealthChecker, Installer, Rebooter};
+use ddi_agent::driver::{
+    BootError, Bootloader, Driver, DriverError, HealthChecker, Installer, Rebooter,
+};
 use ddi_agent::install::{InstallRequest, Progress};
 use ddi_agent::machine::{InstallFailure, Phase, Slot};
 use ddi_agent::persist::Store;
@@ -34,6 +38,8 @@ struct FakeBoot {
     booted: Slot,
     next: Slot,
     fail_mark_bad: bool,
+    /// This many reads of the environment fail (then it reads again).
+    unreadable_reads: Arc<AtomicU32>,
     log: Log,
 }
 
@@ -42,6 +48,13 @@ impl Bootloader for FakeBoot {
         Ok(self.booted)
     }
     fn next(&self) -> Result<Slot, BootError> {
+        let unreadable = self
+            .unreadable_reads
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if unreadable {
+            return Err(BootError("environment locked by someone else".into()));
+        }
         Ok(self.next)
     }
     fn activate(&mut self, slot: Slot) -> Result<(), BootError> {
@@ -117,6 +130,7 @@ struct Setup {
     dir: tempfile::TempDir,
     log: Log,
     requests: Arc<Mutex<Vec<InstallRequest>>>,
+    unreadable_reads: Arc<AtomicU32>,
 }
 
 impl Setup {
@@ -128,6 +142,7 @@ impl Setup {
             dir: tempfile::tempdir().unwrap(),
             log: Log::default(),
             requests: Arc::default(),
+            unreadable_reads: Arc::default(),
         }
     }
 
@@ -162,6 +177,7 @@ impl Setup {
                 booted,
                 next,
                 fail_mark_bad,
+                unreadable_reads: self.unreadable_reads.clone(),
                 log: self.log.clone(),
             },
             FakeInstaller {
@@ -385,4 +401,26 @@ async fn conditional_poll_reuses_the_previous_answer() {
     let third = client.poll().await.unwrap();
     assert!(third.deployment.is_none());
     assert!(third.cancel.is_some());
+}
+
+#[tokio::test]
+async fn a_start_that_could_not_read_the_environment_holds_the_cycle_back() {
+    let s = Setup::new(ServerOptions::default());
+    let action = s.deploy(&Assignment::forced());
+    let mut d = s.driver(s.config(""), Slot::A, Slot::A, Ok(()), None, false);
+    s.unreadable_reads.store(1, Ordering::SeqCst);
+    let e = d.startup().await.unwrap_err();
+    assert!(matches!(e, DriverError::BootEnv(_)), "{e}");
+    // Readable again, but the post-reboot step has not run: the cycle decides nothing.
+    let e = d.cycle().await.unwrap_err();
+    assert!(
+        matches!(e, DriverError::BootEnv(_)) && e.to_string().contains("locked"),
+        "{e}"
+    );
+    assert!(s.log.take().is_empty());
+    assert!(s.server.feedback(action).is_empty());
+    // A start that reads the environment lets the cycle go on.
+    d.startup().await.unwrap();
+    assert!(d.cycle().await.unwrap().rebooting);
+    assert!(s.log.take().contains(&"activate B".to_string()));
 }

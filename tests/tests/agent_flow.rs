@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use bootctl::scheme::Slot;
 use ddi_tests::device::{DeviceOptions, FileDevice, Image};
-use ddi_tests::harness::CommandOutput;
+use ddi_tests::harness::{Background, CommandOutput};
 use ddi_tests::server::{
-    ActionStatus, Assignment, HawkbitVersion, MaintenanceWindow, ServerOptions, TestServer,
+    ActionStatus, Assignment, Endpoint, Fault, FaultKind, HawkbitVersion, MaintenanceWindow,
+    ServerOptions, TestServer,
 };
 
 const TARGET: &str = "dev-1";
@@ -101,6 +102,36 @@ impl Rig {
     fn env(&self, name: &str) -> Option<String> {
         self.dev.env_map().unwrap().get(name).cloned()
     }
+
+    /// `ddi-agent run` in the background.
+    fn spawn_run(&self) -> Background {
+        let mut cmd = self.dev.agent_command();
+        cmd.arg("run");
+        Background::spawn(cmd).unwrap()
+    }
+
+    fn poll_count(&self) -> u64 {
+        self.server.target(TARGET).unwrap().target.poll_count
+    }
+}
+
+/// SIGTERM to a `run` daemon: it must stop cleanly (exit 0) within 10 s, token not leaked.
+fn stop_run(daemon: Background) -> CommandOutput {
+    let pid = daemon.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = daemon.stop_after(Duration::from_secs(10)).unwrap();
+    assert!(
+        !out.timed_out,
+        "daemon ignored SIGTERM:\n{}",
+        out.describe()
+    );
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    assert!(!out.stderr.contains(TOKEN));
+    out
 }
 
 /// Install, reboot, confirm: the full happy path of one action type.
@@ -433,7 +464,6 @@ fn unknown_config_key_exits_3() {
 
 #[test]
 fn overload_answers_are_retried_after_retry_after() {
-    use ddi_tests::server::{Endpoint, Fault, FaultKind};
     let rig = Rig::new();
     for code in [429, 503] {
         rig.server.add_fault(
@@ -455,7 +485,6 @@ fn overload_answers_are_retried_after_retry_after() {
 
 #[test]
 fn malformed_poll_answer_fails_the_cycle() {
-    use ddi_tests::server::{Endpoint, Fault, FaultKind};
     let rig = Rig::new();
     rig.server
         .add_fault(Fault::new(FaultKind::MalformedJson).on(Endpoint::Poll));
@@ -463,23 +492,7 @@ fn malformed_poll_answer_fails_the_cycle() {
     assert!(out.stderr.contains("malformed"), "{}", out.describe());
     rig.server.clear_faults();
     rig.once_expect(0);
-
-    // A broken deployment body: nothing is written, nothing closed; later it works.
-    rig.server
-        .add_fault(Fault::new(FaultKind::MalformedJson).on(Endpoint::DeploymentBase));
-    let image = Image::good("15.0", IMAGE_SIZE);
-    let action = rig.deploy(&image, &Assignment::forced());
-    let out = rig.once_expect(2);
-    assert!(
-        out.stderr.contains("malformed deployment"),
-        "{}",
-        out.describe()
-    );
-    assert!(rig.closed(action).is_empty());
-    assert!(!rig.dev.slot_holds(Slot::B, &image.bytes).unwrap());
-    rig.server.clear_faults();
-    rig.once_expect(0);
-    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
+    // A broken deployment body is refused for good: see `refused_deployment`.
 }
 
 #[test]
@@ -496,7 +509,6 @@ fn hash_mismatch_fails_without_activation() {
 
 #[test]
 fn owed_feedback_survives_an_outage_and_410_ends_it() {
-    use ddi_tests::server::{Endpoint, Fault, FaultKind};
     let rig = Rig::new();
     let action = rig.deploy(&Image::good("11.0", IMAGE_SIZE), &Assignment::forced());
     rig.once_expect(0);
@@ -545,14 +557,12 @@ fn works_with_old_and_new_hawkbit_versions() {
 #[test]
 fn a_second_agent_is_refused_while_one_runs() {
     let rig = Rig::new();
-    let mut cmd = rig.dev.agent_command();
-    cmd.arg("run");
-    let daemon = ddi_tests::harness::Background::spawn(cmd).unwrap();
+    let daemon = rig.spawn_run();
     // Wait until the daemon holds the lock (it polls right away).
     assert!(ddi_tests::harness::wait_until(
         Duration::from_secs(20),
         Duration::from_millis(100),
-        || rig.server.target(TARGET).unwrap().target.poll_count > 0
+        || rig.poll_count() > 0
     ));
     let out = rig.once_expect(2);
     assert!(
@@ -561,19 +571,7 @@ fn a_second_agent_is_refused_while_one_runs() {
         out.describe()
     );
     // SIGTERM stops the daemon cleanly.
-    let pid = daemon.id().unwrap();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let out = daemon.stop_after(Duration::from_secs(10)).unwrap();
-    assert!(
-        !out.timed_out,
-        "daemon ignored SIGTERM:\n{}",
-        out.describe()
-    );
-    assert_eq!(out.code, Some(0), "{}", out.describe());
+    stop_run(daemon);
 }
 
 #[test]
@@ -605,45 +603,28 @@ fn daemon_polls_installs_and_confirms_across_a_restart() {
     let rig = Rig::new();
     let image = Image::good("13.0", IMAGE_SIZE);
     let action = rig.deploy(&image, &Assignment::forced());
-    let spawn = || {
-        let mut cmd = rig.dev.agent_command();
-        cmd.arg("run");
-        ddi_tests::harness::Background::spawn(cmd).unwrap()
-    };
-    let stop = |daemon: ddi_tests::harness::Background| {
-        let pid = daemon.id().unwrap().to_string();
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let out = daemon.stop_after(Duration::from_secs(10)).unwrap();
-        assert_eq!(out.code, Some(0), "{}", out.describe());
-        assert!(!out.stderr.contains(TOKEN));
-    };
-    let daemon = spawn();
+    let daemon = rig.spawn_run();
     assert!(
         ddi_tests::harness::wait_until(Duration::from_secs(60), Duration::from_millis(100), || {
             rig.dev.reboot_marker_path().exists()
         }),
         "the daemon never asked for a reboot"
     );
-    stop(daemon);
+    stop_run(daemon);
     assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
     assert_eq!(rig.dev.reboot().unwrap(), Slot::B);
-    let daemon = spawn();
+    let daemon = rig.spawn_run();
     let done =
         ddi_tests::harness::wait_until(Duration::from_secs(60), Duration::from_millis(100), || {
             rig.status(action) == ActionStatus::Finished
         });
-    stop(daemon);
+    stop_run(daemon);
     assert!(done, "the daemon never confirmed the update");
     assert_eq!(rig.closed(action).len(), 1);
 }
 
 #[test]
 fn cancel_during_a_slow_download_stops_it() {
-    use ddi_tests::server::{Endpoint, Fault, FaultKind};
     let rig = Rig::new();
     rig.server.add_fault(
         Fault::new(FaultKind::Slow {
@@ -792,7 +773,6 @@ fn rauc_scheme_updates_and_confirms() {
 
 #[test]
 fn refused_attributes_do_not_block_an_update() {
-    use ddi_tests::server::{Endpoint, Fault, FaultKind};
     let rig = Rig::new();
     rig.server.add_fault(
         Fault::new(FaultKind::Status {
@@ -805,4 +785,216 @@ fn refused_attributes_do_not_block_an_update() {
     let out = rig.once_expect(0);
     assert!(out.stderr.contains("configData"), "{}", out.describe());
     assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
+}
+
+#[test]
+fn run_keeps_a_floor_between_polls_when_the_server_says_sleep_zero() {
+    let rig = Rig::new();
+    rig.server.set_polling(Duration::ZERO);
+    let daemon = rig.spawn_run();
+    assert!(ddi_tests::harness::wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(20),
+        || rig.poll_count() > 0
+    ));
+    let first = rig.poll_count();
+    // The floor is 5 s plus up to 2.5 s of jitter: in 9 s after the first poll exactly one
+    // more comes (a tight loop would make hundreds).
+    std::thread::sleep(Duration::from_secs(9));
+    let polls = rig.poll_count() - first;
+    let out = stop_run(daemon);
+    assert_eq!(
+        polls,
+        1,
+        "polls in 9 s after the first:\n{}",
+        out.describe()
+    );
+}
+
+/// A deployment whose deploymentBase the agent must refuse: answered `closed`/`failure` naming
+/// the reason, nothing written or activated, never answered twice.
+fn refused_deployment(fault: FaultKind, reason: &str) {
+    let rig = Rig::new();
+    rig.server
+        .add_fault(Fault::new(fault).on(Endpoint::DeploymentBase));
+    let image = Image::good("2.0", IMAGE_SIZE);
+    let action = rig.deploy(&image, &Assignment::forced());
+    let env_before = std::fs::read(rig.dev.env_file_path()).unwrap();
+    let slot_before = rig.dev.slot_bytes(Slot::B).unwrap();
+    let out = rig.once_expect(1);
+    let closed = rig.closed(action);
+    assert_eq!(closed.len(), 1, "{closed:?}\n{}", out.describe());
+    assert_eq!(closed[0].0, "failure");
+    let details = closed[0].1.join("\n");
+    assert!(
+        details.contains("deployment refused") && details.contains(reason),
+        "{details}"
+    );
+    assert_eq!(rig.status(action), ActionStatus::Error);
+    assert_eq!(std::fs::read(rig.dev.env_file_path()).unwrap(), env_before);
+    assert_eq!(rig.dev.slot_bytes(Slot::B).unwrap(), slot_before);
+    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 0);
+    // The next cycle has nothing left to answer.
+    rig.once_expect(0);
+    assert_eq!(rig.closed(action).len(), 1);
+}
+
+#[test]
+fn a_deployment_with_broken_json_is_answered_failure_once() {
+    refused_deployment(FaultKind::MalformedJson, "malformed deployment body");
+}
+
+#[test]
+fn a_deployment_with_a_negative_size_is_answered_failure_once() {
+    refused_deployment(
+        FaultKind::SetJson {
+            pointer: "/deployment/chunks/0/artifacts/0/size".into(),
+            value: serde_json::json!(-1),
+        },
+        "invalid value: integer `-1`",
+    );
+}
+
+#[test]
+fn a_deployment_with_an_unknown_handling_is_answered_failure_once() {
+    refused_deployment(
+        FaultKind::SetJson {
+            pointer: "/deployment/update".into(),
+            value: serde_json::json!("sometimes"),
+        },
+        "unknown variant `sometimes`",
+    );
+}
+
+#[test]
+fn a_deployment_with_too_many_chunks_is_answered_failure_once() {
+    let chunk = serde_json::json!({"part": "app", "version": "1", "name": "x", "artifacts": []});
+    refused_deployment(
+        FaultKind::SetJson {
+            pointer: "/deployment/chunks".into(),
+            value: serde_json::Value::Array(vec![chunk; 65]),
+        },
+        "65 chunks",
+    );
+}
+
+#[test]
+fn a_deployment_body_over_the_limit_is_answered_failure_once() {
+    refused_deployment(
+        FaultKind::SetJson {
+            pointer: "/padding".into(),
+            value: serde_json::json!("x".repeat(1 << 20)),
+        },
+        "larger than 1048576 bytes",
+    );
+}
+
+/// Both environment copies overwritten with garbage (CRCs fail): U-Boot would use its built-in
+/// default environment. Returns the garbage written.
+fn corrupt_both_env_copies(rig: &Rig) -> Vec<u8> {
+    let garbage = vec![0xA5u8; 2 * ddi_tests::device::ENV_SIZE];
+    std::fs::write(rig.dev.env_file_path(), &garbage).unwrap();
+    garbage
+}
+
+#[test]
+fn with_no_valid_environment_a_pending_action_is_refused_and_nothing_is_written() {
+    let rig = Rig::new();
+    let image = Image::good("2.0", IMAGE_SIZE);
+    let action = rig.deploy(&image, &Assignment::forced());
+    let garbage = corrupt_both_env_copies(&rig);
+    let slot_before = rig.dev.slot_bytes(Slot::B).unwrap();
+    let out = rig.once_expect(2);
+    assert!(
+        out.stderr.contains("boot environment unusable")
+            && out.stderr.contains("no valid U-Boot environment copy"),
+        "{}",
+        out.describe()
+    );
+    let closed = rig.closed(action);
+    assert_eq!(closed.len(), 1, "{closed:?}\n{}", out.describe());
+    assert_eq!(closed[0].0, "failure");
+    let details = closed[0].1.join("\n");
+    assert!(
+        details.contains("boot environment unusable, nothing installed")
+            && details.contains("no valid U-Boot environment copy"),
+        "{details}"
+    );
+    assert_eq!(rig.status(action), ActionStatus::Error);
+    // Every later cycle polls and fails the same way; nothing is answered twice.
+    rig.once_expect(2);
+    assert_eq!(rig.closed(action).len(), 1);
+    assert_eq!(std::fs::read(rig.dev.env_file_path()).unwrap(), garbage);
+    assert_eq!(rig.dev.slot_bytes(Slot::B).unwrap(), slot_before);
+    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 0);
+}
+
+#[test]
+fn with_no_valid_environment_and_no_action_the_agent_still_polls_and_says_why() {
+    let rig = Rig::new();
+    let garbage = corrupt_both_env_copies(&rig);
+    let out = rig.once_expect(2);
+    assert!(
+        out.stderr
+            .contains("cycle not completed: boot environment unusable")
+            && out.stderr.contains("no valid U-Boot environment copy"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(rig.poll_count(), 1);
+    // `run` polls too instead of retrying its start silently.
+    let daemon = rig.spawn_run();
+    let polled =
+        ddi_tests::harness::wait_until(Duration::from_secs(20), Duration::from_millis(50), || {
+            rig.poll_count() > 1
+        });
+    let out = stop_run(daemon);
+    assert!(polled, "run never polled:\n{}", out.describe());
+    assert!(
+        out.stderr.contains("boot environment unusable"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(std::fs::read(rig.dev.env_file_path()).unwrap(), garbage);
+}
+
+#[test]
+fn run_reports_and_retries_a_reboot_that_does_not_happen() {
+    let rig = Rig::new();
+    // The device's reboot_command exits 0 and only leaves a marker line: the system stays up.
+    let text = rig
+        .dev
+        .config_text()
+        .replace("\n[agent]\n", "reboot_timeout = 2\n\n[agent]\n");
+    std::fs::write(rig.dev.config_path(), text).unwrap();
+    let action = rig.deploy(&Image::good("2.0", IMAGE_SIZE), &Assignment::forced());
+    let reboots = || {
+        std::fs::read_to_string(rig.dev.reboot_marker_path())
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    let daemon = rig.spawn_run();
+    let retried =
+        ddi_tests::harness::wait_until(Duration::from_secs(60), Duration::from_millis(50), || {
+            reboots() >= 2
+        });
+    let out = stop_run(daemon);
+    assert!(
+        retried,
+        "reboot_command ran {} time(s):\n{}",
+        reboots(),
+        out.describe()
+    );
+    let report = "did not reboot within 2 s after reboot_command";
+    assert!(out.stderr.contains(report), "{}", out.describe());
+    let reported = rig
+        .server
+        .feedback(action)
+        .iter()
+        .any(|f| f.details().iter().any(|d| d.contains(report)));
+    assert!(reported, "{:?}", rig.feedback(action));
+    // Still waiting for the reboot into the activated slot: nothing closed.
+    assert!(rig.closed(action).is_empty());
+    assert_eq!(rig.env("bootctl_slot").as_deref(), Some("B"));
+    assert_eq!(rig.status_json()["phase"], "awaiting_reboot");
 }

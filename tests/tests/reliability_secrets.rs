@@ -1,6 +1,7 @@
 //! Credentials stay secret: the real `ddi-agent`, with trace logging of every module, runs a
 //! whole update against the test server and its output never contains the target token; and an
-//! artifact link on another host gets no token unless `send_token_to_other_hosts` says so.
+//! artifact link or a DDI link (deploymentBase, ...) on another host gets no token unless
+//! `send_token_to_other_hosts` says so.
 //!
 //! Needs `cargo build --workspace --bins` first.
 
@@ -144,5 +145,53 @@ fn an_artifact_on_another_host_gets_the_token_when_configured() {
     assert_eq!(
         result, "success",
         "with send_token_to_other_hosts the download must be authorised:\n{output}"
+    );
+}
+
+/// The poll answer names the action's links on `localhost` while the agent talks to
+/// `127.0.0.1`: the same server under another origin, which refuses requests without the
+/// target's token. Returns the action's closing result and the agent's output.
+fn other_host_action_links(controller: &str, extra: &str) -> (Option<String>, String) {
+    let server = TestServer::start(ServerOptions::default().polling(Duration::from_secs(1)));
+    server.configure(|c| c.action_link_host = Some("localhost".into()));
+    let device = device_for(&server, controller, extra);
+    let image = Image::good("2.0", 128 * 1024);
+    let action = server
+        .deploy(
+            controller,
+            "2.0",
+            "os.img",
+            image.bytes.clone(),
+            &Assignment::forced(),
+        )
+        .unwrap();
+    let output = run_to_close(&device, &server, action);
+    (closed_result(&server.action(action).unwrap()), output)
+}
+
+#[test]
+fn a_deployment_link_on_another_host_gets_no_token_by_default() {
+    let (result, output) = other_host_action_links("other-host-links-default", "");
+    assert_eq!(
+        result, None,
+        "the deploymentBase on another host must have been asked without the token (and \
+         refused), so the action never started:\n{output}"
+    );
+    assert!(
+        output.contains("deploymentBase") && output.contains("401"),
+        "the failure must be the server's refusal (401) of the deploymentBase request:\n{output}"
+    );
+}
+
+#[test]
+fn a_deployment_link_on_another_host_gets_the_token_when_configured() {
+    let (result, output) = other_host_action_links(
+        "other-host-links-allowed",
+        "send_token_to_other_hosts = true\n",
+    );
+    assert_eq!(
+        result.as_deref(),
+        Some("success"),
+        "with send_token_to_other_hosts the DDI links must be authorised:\n{output}"
     );
 }

@@ -1,7 +1,9 @@
 //! The DDI HTTP client: authentication, TLS, timeouts, retries and the conditional poll.
 //!
-//! Requests to the server carry the token; the shared `reqwest::Client` itself carries none (so
-//! artifact downloads from other hosts can go without it). Transient failures (connect errors,
+//! The token goes only to the server's own origin (scheme, host and port of `[server] url`),
+//! whatever link the server's JSON names, unless `send_token_to_other_hosts` allows more: one
+//! rule ([`DdiClient::auth_header_for`]) for DDI links and artifact downloads alike. The shared
+//! `reqwest::Client` itself carries no token. Transient failures (connect errors,
 //! timeouts, 429, 5xx, hawkBit's 403 quota answer before 0.10) are retried with exponential
 //! backoff and jitter, honouring `Retry-After`.
 
@@ -72,6 +74,20 @@ impl DdiError {
             _ => None,
         }
     }
+
+    /// Why an answer that arrived is refused for good (it does not parse, breaks a limit), or
+    /// `None` when asking again may help (transport, HTTP status, a body for another action).
+    pub fn refused_answer(&self) -> Option<String> {
+        match self {
+            DdiError::Model { source, .. } if !matches!(source, ModelError::IdMismatch { .. }) => {
+                Some(source.to_string())
+            }
+            DdiError::BodyTooLarge { limit, .. } => {
+                Some(format!("answer body is larger than {limit} bytes"))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// The outcome of posting feedback.
@@ -90,6 +106,10 @@ pub struct DdiClient {
     http: reqwest::Client,
     base: String,
     auth: Option<HeaderValue>,
+    /// The server URL: links on its origin get the token.
+    origin: reqwest::Url,
+    /// `[agent] send_token_to_other_hosts`: links on other origins get it too.
+    token_to_other_hosts: bool,
     https_only: bool,
     retries: u32,
     backoff_base: Duration,
@@ -159,6 +179,8 @@ impl DdiClient {
             http,
             base: server.base_url(),
             auth,
+            origin: server.url.clone(),
+            token_to_other_hosts: false,
             https_only,
             retries: server.retries.max(1),
             backoff_base: Duration::from_secs(1),
@@ -172,9 +194,24 @@ impl DdiClient {
         &self.http
     }
 
-    /// `("Authorization", value)` for requests that should carry the DDI token.
-    pub fn auth_header(&self) -> Option<(String, String)> {
-        self.auth.as_ref().map(|v| {
+    /// Lets links on other origins than the server's get the token too
+    /// (`[agent] send_token_to_other_hosts`).
+    pub fn set_token_to_other_hosts(&mut self, allow: bool) {
+        self.token_to_other_hosts = allow;
+    }
+
+    /// The token header for a request to `url`: only on the server's origin, unless allowed
+    /// for other hosts.
+    fn token_for(&self, url: &str) -> Option<&HeaderValue> {
+        self.auth
+            .as_ref()
+            .filter(|_| self.token_to_other_hosts || same_origin(&self.origin, url))
+    }
+
+    /// `("Authorization", value)` for a request to `url` (artifact downloads), by the same rule
+    /// as every DDI request.
+    pub fn auth_header_for(&self, url: &str) -> Option<(String, String)> {
+        self.token_for(url).map(|v| {
             (
                 AUTHORIZATION.as_str().to_string(),
                 v.to_str().unwrap_or_default().to_string(),
@@ -332,8 +369,14 @@ impl DdiClient {
             });
         }
         headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
-        if let Some(auth) = &self.auth {
-            headers.insert(AUTHORIZATION, auth.clone());
+        match self.token_for(url) {
+            Some(auth) => {
+                headers.insert(AUTHORIZATION, auth.clone());
+            }
+            None if self.auth.is_some() => {
+                debug!(%url, "link on another origin than the server's: sent without the token");
+            }
+            None => {}
         }
         let mut attempt = 0u32;
         loop {
@@ -438,6 +481,15 @@ impl DdiClient {
     }
 }
 
+/// Same scheme, host and port (default ports filled in) as `server`; unparsable is not.
+pub fn same_origin(server: &reqwest::Url, url: &str) -> bool {
+    reqwest::Url::parse(url).is_ok_and(|u| {
+        u.scheme() == server.scheme()
+            && u.host_str() == server.host_str()
+            && u.port_or_known_default() == server.port_or_known_default()
+    })
+}
+
 struct Answer {
     status: StatusCode,
     etag: Option<String>,
@@ -529,7 +581,7 @@ pub(crate) fn backoff(base: Duration, attempt: u32) -> Duration {
 }
 
 /// Good enough randomness for jitter without another dependency.
-fn pseudo_random() -> u64 {
+pub(crate) fn pseudo_random() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(
@@ -653,10 +705,33 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, DdiError::Insecure { .. }), "{e}");
         assert_eq!(
-            client.auth_header(),
+            client.auth_header_for("https://hawkbit.example.com/T/controller/v1/d"),
             Some(("authorization".to_string(), "TargetToken tok".to_string()))
         );
         assert!(!format!("{client:?}").contains("tok\""));
+    }
+
+    #[test]
+    fn the_token_goes_only_to_the_servers_origin() {
+        let mut client = DdiClient::new(&server("")).unwrap();
+        let on = |c: &DdiClient, url: &str| c.token_for(url).is_some();
+        for same in [
+            "https://hawkbit.example.com/T/controller/v1/d/deploymentBase/1?c=2",
+            "https://hawkbit.example.com:443/T/controller/v1/d/cancelAction/1",
+        ] {
+            assert!(on(&client, same), "{same}");
+        }
+        for other in [
+            "https://evil.example.com/T/controller/v1/d/deploymentBase/1",
+            "https://hawkbit.example.com:8443/T/controller/v1/d/configData",
+            "http://hawkbit.example.com/T/controller/v1/d/feedback",
+            "not a url",
+        ] {
+            assert!(!on(&client, other), "{other}");
+            assert_eq!(client.auth_header_for(other), None, "{other}");
+        }
+        client.set_token_to_other_hosts(true);
+        assert!(on(&client, "https://evil.example.com/x"));
     }
 
     #[test]

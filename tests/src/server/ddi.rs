@@ -320,6 +320,16 @@ pub fn json_etag(body: &[u8]) -> String {
 
 /// Renders a JSON GET answer: ETag and 304, media type, and the body faults.
 fn json_response(value: &Value, media: Media, headers: &HeaderMap, faults: &Triggered) -> Response {
+    let edited;
+    let value = match &faults.set_json {
+        Some((pointer, new)) => {
+            let mut v = value.clone();
+            super::faults::set_json(&mut v, pointer, new.clone());
+            edited = v;
+            &edited
+        }
+        None => value,
+    };
     let body = match media {
         Media::Cbor => super::cbor::encode(value),
         Media::HalJson | Media::Json => value.to_string().into_bytes(),
@@ -362,6 +372,18 @@ fn request_base(headers: &HeaderMap) -> String {
     format!("http://{host}")
 }
 
+/// `base` (`http://host[:port]`) with another host name, same port.
+fn on_host(base: &str, host: &str) -> String {
+    let port = base
+        .rsplit_once(':')
+        .map(|(_, p)| p)
+        .filter(|p| p.chars().all(|c| c.is_ascii_digit()));
+    match port {
+        Some(p) => format!("http://{host}:{p}"),
+        None => format!("http://{host}"),
+    }
+}
+
 /// Everything a handler needs about the request.
 struct Ctx<'a> {
     shared: &'a Arc<Shared>,
@@ -376,9 +398,13 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn controller_base(&self) -> String {
+        self.controller_base_at(&self.base)
+    }
+    /// The controller base on `base` (`http://host[:port]`) instead of the request's.
+    fn controller_base_at(&self, base: &str) -> String {
         format!(
-            "{}/{}/controller/v1/{}",
-            self.base, self.tenant, self.controller_id
+            "{base}/{}/controller/v1/{}",
+            self.tenant, self.controller_id
         )
     }
     fn version(&self) -> HawkbitVersion {
@@ -625,9 +651,12 @@ fn link(href: String) -> Value {
 fn poll(ctx: &Ctx) -> Result<Response, DdiError> {
     let now = now_ms();
     let cid = &ctx.controller_id;
-    let base = ctx.controller_base();
     let value = ctx.shared.update(|st| -> Result<Value, DdiError> {
         st.register_poll(cid, now)?;
+        let base = match &st.config.action_link_host {
+            Some(host) => ctx.controller_base_at(&on_host(&ctx.base, host)),
+            None => ctx.controller_base(),
+        };
         let sleep =
             super::model::format_sleep(st.poll_sleep_ms(cid, now), st.config.version.iso_polling());
         let mut links = Map::new();
@@ -742,15 +771,7 @@ fn artifact_json(st: &State, module: u64, a: &super::model::Artifact, ctx: &Ctx)
         link(format!("{}{path}.MD5SUM", ctx.base)),
     );
     if let Some(host) = &st.config.download_link_host {
-        let port = ctx
-            .base
-            .rsplit_once(':')
-            .map(|(_, p)| p)
-            .filter(|p| p.chars().all(|c| c.is_ascii_digit()));
-        let base = match port {
-            Some(p) => format!("http://{host}:{p}"),
-            None => format!("http://{host}"),
-        };
+        let base = on_host(&ctx.base, host);
         links.insert("download".into(), link(format!("{base}{path}")));
         links.insert("md5sum".into(), link(format!("{base}{path}.MD5SUM")));
     }

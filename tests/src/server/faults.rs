@@ -50,6 +50,13 @@ pub enum FaultKind {
     /// Only the first `bytes` of the body, with a Content-Length that matches the cut (a clean
     /// but short response).
     Truncate { bytes: u64 },
+    /// Well-formed JSON the agent must refuse: the value at `pointer` (RFC 6901) of the answer
+    /// becomes `value` (a key missing in an existing object is added), e.g. a negative artifact
+    /// size, an unknown enum value, too many chunks, or padding past the body limit.
+    SetJson {
+        pointer: String,
+        value: serde_json::Value,
+    },
 }
 
 impl FaultKind {
@@ -60,7 +67,7 @@ impl FaultKind {
             FaultKind::DropAfter { .. } | FaultKind::Slow { .. } | FaultKind::Truncate { .. } => {
                 Endpoint::Download
             }
-            FaultKind::WrongHash => Endpoint::DeploymentBase,
+            FaultKind::WrongHash | FaultKind::SetJson { .. } => Endpoint::DeploymentBase,
             FaultKind::MalformedJson => Endpoint::Poll,
         }
     }
@@ -148,6 +155,8 @@ pub struct Triggered {
     pub wrong_hash: bool,
     pub malformed_json: bool,
     pub truncate: Option<u64>,
+    /// (pointer, value) of a [`FaultKind::SetJson`].
+    pub set_json: Option<(String, serde_json::Value)>,
 }
 
 /// Takes (one use of) every fault that applies to this request; at most one per kind.
@@ -185,6 +194,13 @@ pub fn trigger(faults: &mut Vec<Fault>, endpoint: Endpoint, controller_id: &str)
                 t.truncate = Some(bytes);
                 true
             }
+            FaultKind::SetJson {
+                ref pointer,
+                ref value,
+            } if t.set_json.is_none() => {
+                t.set_json = Some((pointer.clone(), value.clone()));
+                true
+            }
             _ => false,
         };
         if taken {
@@ -197,9 +213,41 @@ pub fn trigger(faults: &mut Vec<Fault>, endpoint: Endpoint, controller_id: &str)
     t
 }
 
+/// Sets the value at `pointer` of `doc`; a missing last key of an existing object is added.
+/// Nothing happens when the parent does not exist.
+pub fn set_json(doc: &mut serde_json::Value, pointer: &str, value: serde_json::Value) {
+    use serde_json::Value;
+    let (parent, key) = pointer.rsplit_once('/').unwrap_or(("", pointer));
+    let key = key.replace("~1", "/").replace("~0", "~");
+    match doc.pointer_mut(parent) {
+        Some(Value::Object(map)) => {
+            map.insert(key, value);
+        }
+        Some(Value::Array(items)) => {
+            if let Some(slot) = key.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
+                *slot = value;
+            }
+        }
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn set_json_replaces_and_adds() {
+        let mut doc = serde_json::json!({"a": {"b": [1, 2]}, "c": "x"});
+        set_json(&mut doc, "/a/b/1", serde_json::json!(-1));
+        set_json(&mut doc, "/c", serde_json::json!("y"));
+        set_json(&mut doc, "/new", serde_json::json!(true));
+        set_json(&mut doc, "/missing/deep", serde_json::json!(0));
+        assert_eq!(
+            doc,
+            serde_json::json!({"a": {"b": [1, -1]}, "c": "y", "new": true})
+        );
+    }
 
     #[test]
     fn one_shot_fault_is_consumed_and_scoped() {

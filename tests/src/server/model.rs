@@ -563,6 +563,11 @@ pub struct Config {
     /// host name instead of the request's (same server, different name: lets agents test their
     /// cross-host token policy). `None` = only `download-http`/`md5sum-http`.
     pub download_link_host: Option<String>,
+    /// Name the poll answer's links (deploymentBase, cancelAction, confirmationBase,
+    /// installedBase, configData) on this host name instead of the request's (same server,
+    /// different name: lets agents test that the token stays on the server's origin).
+    #[serde(default)]
+    pub action_link_host: Option<String>,
     pub max_status_entries_per_action: usize,
     pub max_messages_per_status: usize,
     pub max_attributes_per_target: usize,
@@ -589,6 +594,7 @@ impl Default for Config {
             anonymous: false,
             trusted_authorities: None,
             download_link_host: None,
+            action_link_host: None,
             max_status_entries_per_action: 1000,
             max_messages_per_status: 50,
             max_attributes_per_target: 100,
