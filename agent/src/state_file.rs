@@ -75,10 +75,13 @@ pub fn salvage(bytes: &[u8]) -> Salvage {
         .filter_map(|entry| OutgoingFile::deserialize(entry).ok())
         .map(Outgoing::from)
         .collect();
-    let next_seq = value["next_seq"]
-        .as_u64()
-        .unwrap_or(0)
-        .max(outbox.iter().map(|o| o.seq + 1).max().unwrap_or(0));
+    let next_seq = value["next_seq"].as_u64().unwrap_or(0).max(
+        outbox
+            .iter()
+            .map(|o| o.seq.saturating_add(1))
+            .max()
+            .unwrap_or(0),
+    );
     let finished_actions = value["finished_actions"]
         .as_array()
         .into_iter()
@@ -462,6 +465,37 @@ mod tests {
         assert_eq!(s.outbox[0].seq, 3);
         assert_eq!(s.next_seq, 0);
         assert_eq!(decode(b"{}").unwrap(), State::default());
+    }
+
+    proptest::proptest! {
+        /// Damaged files (bytes changed, cut short) never panic the reader or the salvage, and
+        /// whatever still decodes writes back to the same state.
+        #[test]
+        fn damaged_files_never_panic(
+            cut in 0usize..2000,
+            changes in proptest::collection::vec((0usize..2000, proptest::num::u8::ANY), 0..6),
+        ) {
+            let path = format!("{FIXTURES}/main-3e7abd1/feedback_owed/state.json");
+            let mut bytes = std::fs::read(path).unwrap();
+            for (at, byte) in changes {
+                let at = at % bytes.len();
+                bytes[at] = byte;
+            }
+            bytes.truncate(cut.max(1));
+            if let Ok(state) = decode(&bytes) {
+                proptest::prop_assert_eq!(decode(&encode(&state)).unwrap(), state);
+            }
+            let s = salvage(&bytes);
+            proptest::prop_assert!(s.outbox.iter().all(|o| o.seq < s.next_seq || o.seq == u64::MAX));
+        }
+    }
+
+    #[test]
+    fn salvage_of_the_largest_sequence_number_does_not_overflow() {
+        let text = br#"{"outbox": [{"seq": 18446744073709551615, "channel": "cancel",
+            "link": "l", "feedback": {"action_id": "1", "execution": "closed",
+            "finished": "success", "progress": null, "details": []}}]}"#;
+        assert_eq!(salvage(text).next_seq, u64::MAX);
     }
 
     #[test]
