@@ -607,9 +607,16 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         let action_id = link.action_id().unwrap_or_default();
         let decision = match self.cfg.agent.consent {
             crate::config::Consent::Auto => Some(true),
-            crate::config::Consent::Manual => match self.store.load_consent()? {
-                Some(d) if d.action_id == action_id => Some(d.accept),
-                _ => None,
+            crate::config::Consent::Manual => match self.store.load_consent() {
+                Ok(Some(d)) if d.action_id == action_id => Some(d.accept),
+                Ok(_) => None,
+                Err(e @ PersistError::Corrupt { .. }) => {
+                    // Not a dead end: the user answers again.
+                    warn!(error = %e, action_id = %action_id, "consent decision unreadable; removed, the action waits for a new answer");
+                    self.store.clear_consent()?;
+                    None
+                }
+                Err(e) => return Err(e.into()),
             },
         };
         match decision {

@@ -481,6 +481,29 @@ fn unreadable_state_is_kept_aside_reported_and_the_agent_goes_on() {
     assert_eq!(rig.env("upgrade_available").as_deref(), Some("0"));
 }
 
+/// An unreadable consent decision is removed and the action waits for a new answer.
+#[test]
+fn unreadable_consent_decision_is_dropped_and_asked_again() {
+    let agent = ddi_tests::bin_path("ddi-agent");
+    let phase = Phase::ConsentPending;
+    let rig = phase.rig(&agent);
+    let action = phase.setup(&rig);
+    let consent = rig.dev.state_dir().join("consent.json");
+    fs::write(&consent, b"{\"action_id\": ").unwrap();
+    let out = rig.once_expect(0);
+    assert!(
+        out.stderr.contains("consent decision unreadable"),
+        "{}",
+        out.describe()
+    );
+    assert!(!consent.exists());
+    assert_eq!(
+        rig.server.action(action).unwrap().status,
+        ActionStatus::WaitForConfirmation
+    );
+    phase.finish(&rig, action);
+}
+
 // ---- two agent versions ------------------------------------------------------------------------
 
 /// The old agent of the two-version tests: the last main commit before the state file got its
