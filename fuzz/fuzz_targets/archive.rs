@@ -4,59 +4,18 @@
 //! and a success must mean the slot holds exactly the image it reports.
 #![no_main]
 
-use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use ddi_agent::install::hash::HashAlgorithm;
 use ddi_agent::install::pipeline::{self, Chunk, Counters, SinkPlan};
-use ddi_agent::install::slot::SlotDevice;
+use ddi_fuzz::{sha256_hex, MemSlot};
 use libfuzzer_sys::fuzz_target;
 use tokio::sync::mpsc;
 
 /// Slot capacity: small so that oversized images and decompression bombs hit the guard.
 const CAPACITY: usize = 256 * 1024;
-
-struct MemSlot {
-    path: PathBuf,
-    data: Vec<u8>,
-}
-
-impl SlotDevice for MemSlot {
-    fn path(&self) -> &Path {
-        &self.path
-    }
-    fn capacity(&self) -> u64 {
-        self.data.len() as u64
-    }
-    fn write_all_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
-        let start = offset as usize;
-        let end = start
-            .checked_add(data.len())
-            .filter(|&e| e <= self.data.len())
-            .expect("pipeline wrote past the end of the slot");
-        self.data[start..end].copy_from_slice(data);
-        Ok(())
-    }
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
-        let start = (offset as usize).min(self.data.len());
-        let n = buf.len().min(self.data.len() - start);
-        buf[..n].copy_from_slice(&self.data[start..start + n]);
-        Ok(n)
-    }
-    fn sync_range(&mut self, _offset: u64, _len: u64, _wait: bool) -> io::Result<()> {
-        Ok(())
-    }
-    fn sync_data(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    hex::encode(Sha256::digest(data))
-}
 
 static RUNS: AtomicU64 = AtomicU64::new(0);
 
@@ -82,10 +41,7 @@ fuzz_target!(|input: &[u8]| {
         // Never checkpoint: the resume file is not the subject here.
         checkpoint_interval: u64::MAX / 2,
     };
-    let mut slot = MemSlot {
-        path: PathBuf::from("mem-slot"),
-        data: vec![0xA5; CAPACITY],
-    };
+    let mut slot = MemSlot::new(CAPACITY, 0xA5);
     let split = usize::from(mode >> 3).min(artifact.len());
     let (tx, rx) = mpsc::channel(4);
     tx.try_send(Chunk::Data(Bytes::copy_from_slice(&artifact[..split])))

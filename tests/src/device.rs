@@ -682,6 +682,21 @@ pub fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
     builder.into_inner().expect("writing to memory cannot fail")
 }
 
+/// Data ranges of the members of a ustar archive (octal sizes), up to its end marker: e.g.
+/// where a bundle's manifest and image are, to tamper with them.
+pub fn tar_member_ranges(archive: &[u8]) -> Vec<std::ops::Range<usize>> {
+    let mut ranges = Vec::new();
+    let mut at = 0;
+    while at + 512 <= archive.len() && archive[at..at + 512].iter().any(|&b| b != 0) {
+        let field = String::from_utf8_lossy(&archive[at + 124..at + 136]);
+        let size = usize::from_str_radix(field.trim_matches(|c| c == '\0' || c == ' '), 8)
+            .expect("an octal member size");
+        ranges.push(at + 512..at + 512 + size);
+        at += 512 + size.div_ceil(512) * 512;
+    }
+    ranges
+}
+
 /// sha256 of `bytes` as lower-case hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
@@ -726,6 +741,10 @@ mod tests {
         entry.read_to_end(&mut content).unwrap();
         assert_eq!(content, image.bytes);
         assert!(entries.next().is_none());
+
+        let two = tar_of(&[("a", &[1u8; 700]), ("b", &[2u8; 3])]);
+        assert_eq!(tar_member_ranges(&two), vec![512..1212, 2048..2051]);
+        assert_eq!(two[2048..2051], [2u8; 3]);
     }
 
     fn device() -> FileDevice {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bootctl::scheme::Slot;
 use ddi_bundle::{create_bundle, generate_keypair, CreateOptions, SecretKey};
 use ddi_tests::demo::{closed_result, ended_as, summary};
-use ddi_tests::device::{DeviceOptions, FileDevice, Image};
+use ddi_tests::device::{tar_member_ranges, DeviceOptions, FileDevice, Image};
 use ddi_tests::server::{Assignment, ServerOptions, TestServer};
 
 const CONTROLLER: &str = "bundle-e2e";
@@ -125,13 +125,7 @@ fn bundle_of(dir: &Path, image: &[u8], compatible: &str, key: &SecretKey) -> Vec
 
 /// Offset of the image member's data in a bundle (after manifest and signature members).
 fn image_offset(bundle: &[u8]) -> usize {
-    let mut offset = 0;
-    for _ in 0..2 {
-        let size = std::str::from_utf8(&bundle[offset + 124..offset + 135]).unwrap();
-        let size = usize::from_str_radix(size, 8).unwrap();
-        offset += 512 + size.div_ceil(512) * 512;
-    }
-    offset + 512
+    tar_member_ranges(bundle)[2].start
 }
 
 #[test]
