@@ -82,6 +82,21 @@ pub enum DriverError {
     BootEnv(BootError),
 }
 
+/// The saved state; an unreadable file is kept aside and reported (see
+/// [`Store::load_or_recover`]), never a reason to stop.
+fn load_state(store: &Store) -> Result<State, PersistError> {
+    let (state, recovery) = store.load_or_recover()?;
+    if let Some(r) = recovery {
+        match &r.failed_action {
+            Some(action) => {
+                warn!(problem = %r.problem, action_id = %action, "state file unreadable; started over and answered its open action closed/failure")
+            }
+            None => warn!(problem = %r.problem, "state file unreadable; started over"),
+        }
+    }
+    Ok(state)
+}
+
 /// What one cycle did.
 #[derive(Debug, Default)]
 pub struct CycleReport {
@@ -122,7 +137,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         health: H,
         rebooter: R,
     ) -> Result<Self, DriverError> {
-        let state = store.load()?;
+        let state = load_state(&store)?;
         client.set_token_to_other_hosts(cfg.agent.send_token_to_other_hosts);
         let params = Params {
             attempts: cfg.boot.attempts,
@@ -151,7 +166,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
     /// Step (1) of `once` and the start of `run`: finish what was waiting for a reboot.
     pub async fn startup(&mut self) -> Result<CycleReport, DriverError> {
         self.failure_reported = false;
-        self.state = self.store.load()?;
+        self.state = load_state(&self.store)?;
         let booted = self.boot.booted()?;
         let next = match self.boot.next() {
             Ok(next) => next,
@@ -178,7 +193,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
     pub async fn cycle(&mut self) -> Result<CycleReport, DriverError> {
         self.failure_reported = false;
         // Whatever an aborted previous cycle left in memory is replaced by what is on disk.
-        self.state = self.store.load()?;
+        self.state = load_state(&self.store)?;
         self.deliver().await?;
         let poll = self.client.poll().await?;
         self.last_sleep = poll.sleep;
@@ -592,9 +607,16 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         let action_id = link.action_id().unwrap_or_default();
         let decision = match self.cfg.agent.consent {
             crate::config::Consent::Auto => Some(true),
-            crate::config::Consent::Manual => match self.store.load_consent()? {
-                Some(d) if d.action_id == action_id => Some(d.accept),
-                _ => None,
+            crate::config::Consent::Manual => match self.store.load_consent() {
+                Ok(Some(d)) if d.action_id == action_id => Some(d.accept),
+                Ok(_) => None,
+                Err(e @ PersistError::Corrupt { .. }) => {
+                    // Not a dead end: the user answers again.
+                    warn!(error = %e, action_id = %action_id, "consent decision unreadable; removed, the action waits for a new answer");
+                    self.store.clear_consent()?;
+                    None
+                }
+                Err(e) => return Err(e.into()),
             },
         };
         match decision {

@@ -4,6 +4,7 @@
 //! - [`ddi`]: the typed DDI model and HTTP client.
 //! - [`machine`]: the pure update state machine.
 //! - [`persist`]: the state file and feedback outbox in `state_dir`.
+//! - [`state_file`]: the versioned format of the state file, read across agent versions.
 //! - [`driver`]: runs the machine against the server, the bootloader and the installer.
 //! - [`install`]: the streaming download/verify/write pipeline for a slot.
 //! - [`health`]: the health checks run after booting a new slot.
@@ -17,3 +18,4 @@ pub mod install;
 pub mod machine;
 pub mod persist;
 pub mod service;
+pub mod state_file;

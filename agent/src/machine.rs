@@ -19,14 +19,12 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::{Deserialize, Serialize};
-
 use crate::ddi::{
     Artifact, CancelRequest, Deployment, Execution, Feedback, Finished, Handling, Link,
 };
 
 /// A/B slot name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Slot {
     A,
     B,
@@ -62,7 +60,7 @@ impl std::str::FromStr for Slot {
 }
 
 /// One deployment being carried out.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Job {
     pub action_id: String,
     /// The deploymentBase href; feedback goes to `{href}/feedback`.
@@ -78,13 +76,11 @@ pub struct Job {
     /// Transient install failures so far.
     pub failed_tries: u32,
     /// Activating environment saves started for this job (counted before each save).
-    #[serde(default)]
     pub activations: u32,
 }
 
 /// Where the current update is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(tag = "phase", content = "job", rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Phase {
     #[default]
     Idle,
@@ -116,8 +112,7 @@ impl Phase {
 }
 
 /// How an action ended on this device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResultKind {
     Success,
     Failure,
@@ -125,7 +120,7 @@ pub enum ResultKind {
     Abandoned,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LastResult {
     pub action_id: String,
     pub result: ResultKind,
@@ -133,15 +128,14 @@ pub struct LastResult {
 }
 
 /// Which resource of the action a feedback goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Channel {
     Deployment,
     Cancel,
 }
 
 /// Feedback owed to the server.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outgoing {
     pub seq: u64,
     pub channel: Channel,
@@ -159,9 +153,8 @@ impl Outgoing {
     }
 }
 
-/// Everything that survives restarts and reboots.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(default)]
+/// Everything that survives restarts and reboots (stored by [`crate::state_file`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct State {
     pub phase: Phase,
     pub last_result: Option<LastResult>,
@@ -207,6 +200,23 @@ impl State {
                 .iter()
                 .any(|o| o.feedback.action_id == action_id)
             || self.finished_actions.iter().any(|a| a == action_id)
+    }
+
+    /// The state file could not be read and `action_id` was open in it: answer the action
+    /// `closed`/`failure` naming `problem` (once), so the server does not wait for ever.
+    /// False when the action was already finished here.
+    pub fn fail_unreadable(&mut self, action_id: &str, link: &str, problem: &str) -> bool {
+        if self.finished_locally(action_id) {
+            return false;
+        }
+        let message = format!("action {action_id} abandoned: {problem}");
+        self.queue(
+            Channel::Deployment,
+            link,
+            Feedback::new(action_id, Execution::Closed, Finished::Failure).detail(&message),
+        );
+        self.finish(action_id, ResultKind::Failure, message);
+        true
     }
 
     fn finish(&mut self, action_id: &str, result: ResultKind, message: String) {
@@ -1648,8 +1658,7 @@ mod tests {
         s.delivered(0);
         assert_eq!(s.outbox.len(), 1);
         assert_eq!(s.outbox[0].seq, 1);
-        let json = serde_json::to_string(&s).unwrap();
-        let back: State = serde_json::from_str(&json).unwrap();
+        let back = crate::state_file::decode(&crate::state_file::encode(&s)).unwrap();
         assert_eq!(back, s);
     }
 
@@ -1738,7 +1747,7 @@ mod tests {
     #[test]
     fn every_state_survives_serialization() {
         let s = through_activation(deployment("7", Handling::Forced, None));
-        let back: State = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        let back = crate::state_file::decode(&crate::state_file::encode(&s)).unwrap();
         assert_eq!(back, s);
     }
 
@@ -2007,8 +2016,7 @@ mod tests {
                 for (id, n) in &self.closing {
                     prop_assert!(*n <= 1, "action {} closed {} times", id, n);
                 }
-                let back: State =
-                    serde_json::from_str(&serde_json::to_string(&self.s).unwrap()).unwrap();
+                let back = crate::state_file::decode(&crate::state_file::encode(&self.s)).unwrap();
                 prop_assert_eq!(&back, &self.s);
                 Ok(())
             }

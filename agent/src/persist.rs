@@ -1,6 +1,8 @@
-//! Durable agent state in `state_dir`: the state file (phase, last result, feedback outbox) and
-//! the consent decision, written atomically (temp file, fsync, rename, fsync of the folder) so a
-//! power cut leaves either the old or the new version, never a mix.
+//! Durable agent state in `state_dir`: the state file (phase, last result, feedback outbox; its
+//! format is [`crate::state_file`]) and the consent decision, written atomically (temp file,
+//! fsync, rename, fsync of the folder) so a power cut leaves either the old or the new version,
+//! never a mix. A state file that cannot be read is kept aside and replaced by a fresh state
+//! that answers the action it had open ([`Store::load_or_recover`]).
 
 use std::fs;
 use std::io::Write;
@@ -10,11 +12,14 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::machine::State;
+use crate::state_file;
 
 /// File name of the state inside `state_dir`.
 pub const STATE_FILE: &str = "state.json";
 /// File name of a pending consent decision inside `state_dir`.
 pub const CONSENT_FILE: &str = "consent.json";
+/// An unreadable state file is kept under this name (the latest one).
+pub const UNREADABLE_FILE: &str = "state.json.unreadable";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {
@@ -24,8 +29,19 @@ pub enum PersistError {
         op: &'static str,
         source: std::io::Error,
     },
-    #[error("{path}: unreadable state ({message}); move it away to start over (owed feedback in it would be lost)")]
+    #[error("{path}: unreadable ({message})")]
     Corrupt { path: PathBuf, message: String },
+}
+
+/// What [`Store::load_or_recover`] did with a state file it could not read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    /// Where the unreadable file is kept.
+    pub kept: PathBuf,
+    /// Why it could not be read, and where it is kept.
+    pub problem: String,
+    /// The action it had open, now answered `closed`/`failure`.
+    pub failed_action: Option<String>,
 }
 
 fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> PersistError + 'a {
@@ -82,22 +98,73 @@ impl Store {
         self.dir.join(name)
     }
 
-    /// The saved state; a missing file is a fresh agent.
+    /// The saved state; a missing file is a fresh agent, an unreadable one an error (for
+    /// read-only commands; the agent itself uses [`Store::load_or_recover`]).
     pub fn load(&self) -> Result<State, PersistError> {
         let path = self.path(STATE_FILE);
-        match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| PersistError::Corrupt {
+        match self.read_state()? {
+            Some(bytes) => state_file::decode(&bytes).map_err(|e| PersistError::Corrupt {
                 path,
                 message: e.to_string(),
             }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
+            None => Ok(State::default()),
+        }
+    }
+
+    /// The saved state; an unreadable file is not a dead end: it is kept as
+    /// [`UNREADABLE_FILE`], and a fresh state takes its place with what could still be read
+    /// (owed feedback, finished actions) and a `closed`/`failure` naming the problem for the
+    /// action it had open. The copy is durable before the state file is replaced, so a power
+    /// cut in between repeats the same recovery.
+    pub fn load_or_recover(&self) -> Result<(State, Option<Recovery>), PersistError> {
+        let path = self.path(STATE_FILE);
+        let Some(bytes) = self.read_state()? else {
+            return Ok((State::default(), None));
+        };
+        let error = match state_file::decode(&bytes) {
+            Ok(state) => return Ok((state, None)),
+            Err(e) => e,
+        };
+        let kept = self.path(UNREADABLE_FILE);
+        write_atomic(&kept, &bytes)?;
+        let problem = format!(
+            "state file {} unreadable ({error}); kept as {}",
+            path.display(),
+            kept.display()
+        );
+        let salvage = state_file::salvage(&bytes);
+        let mut state = State {
+            outbox: salvage.outbox,
+            next_seq: salvage.next_seq,
+            finished_actions: salvage.finished_actions,
+            ..State::default()
+        };
+        let failed_action = salvage
+            .open_action
+            .filter(|(id, link)| state.fail_unreadable(id, link, &problem))
+            .map(|(id, _)| id);
+        self.save(&state)?;
+        Ok((
+            state,
+            Some(Recovery {
+                kept,
+                problem,
+                failed_action,
+            }),
+        ))
+    }
+
+    fn read_state(&self) -> Result<Option<Vec<u8>>, PersistError> {
+        let path = self.path(STATE_FILE);
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io(&path, "read")(e)),
         }
     }
 
     pub fn save(&self, state: &State) -> Result<(), PersistError> {
-        let bytes = serde_json::to_vec_pretty(state).expect("state serializes");
-        write_atomic(&self.path(STATE_FILE), &bytes)
+        write_atomic(&self.path(STATE_FILE), &state_file::encode(state))
     }
 
     pub fn load_consent(&self) -> Result<Option<ConsentDecision>, PersistError> {
@@ -204,6 +271,49 @@ mod tests {
         fs::write(store.path(STATE_FILE), b"{not json").unwrap();
         let e = store.load().unwrap_err().to_string();
         assert!(e.contains("state.json") && e.contains("unreadable"), "{e}");
+    }
+
+    #[test]
+    fn unreadable_state_is_kept_aside_and_its_open_action_answered() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        // A slot name this agent does not know: the file does not decode.
+        let text = br#"{"phase": {"phase": "awaiting_reboot", "job": {"action_id": "5",
+            "link": "http://h/deploymentBase/5", "target": "C"}}, "next_seq": 3}"#;
+        fs::write(store.path(STATE_FILE), text).unwrap();
+        assert!(store.load().is_err());
+        let (state, recovery) = store.load_or_recover().unwrap();
+        let recovery = recovery.expect("a recovery");
+        assert_eq!(recovery.failed_action.as_deref(), Some("5"));
+        assert_eq!(recovery.kept, store.path(UNREADABLE_FILE));
+        assert_eq!(fs::read(&recovery.kept).unwrap(), text);
+        assert_eq!(state.phase, crate::machine::Phase::Idle);
+        assert_eq!(state.outbox.len(), 1);
+        let owed = &state.outbox[0];
+        assert!(owed.is_failure());
+        assert_eq!(owed.link, "http://h/deploymentBase/5");
+        assert_eq!(owed.seq, 3);
+        let details = owed.feedback.details.join("\n");
+        assert!(
+            details.contains("unreadable") && details.contains(UNREADABLE_FILE),
+            "{details}"
+        );
+        assert_eq!(
+            state.last_result.as_ref().map(|r| &r.result),
+            Some(&crate::machine::ResultKind::Failure)
+        );
+        // The fresh state is on disk: the next start reads it and answers nothing twice.
+        assert_eq!(store.load_or_recover().unwrap(), (state, None));
+
+        // Nothing readable at all: a fresh state, nothing to answer.
+        fs::write(store.path(STATE_FILE), b"\0\0garbage").unwrap();
+        let (state, recovery) = store.load_or_recover().unwrap();
+        assert_eq!(state, State::default());
+        assert_eq!(recovery.unwrap().failed_action, None);
+        assert_eq!(
+            fs::read(store.path(UNREADABLE_FILE)).unwrap(),
+            b"\0\0garbage"
+        );
     }
 
     #[test]

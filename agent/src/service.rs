@@ -20,7 +20,7 @@ use crate::driver::{
     BootCtl, Bootloader, Checks, CycleReport, Driver, DriverError, Pipeline, RebootCommand,
 };
 use crate::machine::{Phase, ResultKind, State};
-use crate::persist::{ConsentDecision, Store};
+use crate::persist::{ConsentDecision, Store, UNREADABLE_FILE};
 
 /// Exit statuses of the contract.
 pub mod exit {
@@ -397,6 +397,7 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
     };
     let job = state.phase.job();
     let consent = store.load_consent().ok().flatten();
+    let unreadable_kept = Some(store.path(UNREADABLE_FILE)).filter(|p| p.exists());
     if as_json {
         let v = json!({
             "booted": booted,
@@ -422,6 +423,7 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
             "state_dir": cfg.agent.state_dir,
             "boot_error": boot_error,
             "state_error": state_error,
+            "unreadable_state_kept": unreadable_kept,
         });
         println!("{v}");
     } else {
@@ -476,6 +478,12 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
         }
         if let Some(e) = state_error {
             println!("state:          {e}");
+        }
+        if let Some(path) = &unreadable_kept {
+            println!(
+                "state:          an unreadable state file was kept as {}",
+                path.display()
+            );
         }
     }
     exit::OK

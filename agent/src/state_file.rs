@@ -1,0 +1,529 @@
+//! The format of `state.json`: serde types of their own, separate from the machine's types and
+//! from the DDI wire model, so that neither can change the file by accident.
+//!
+//! The file is read by other agent versions: the new agent after an update reads what the old
+//! one wrote, and after a rollback the old agent reads what the new one wrote. So the format
+//! evolves additively only (the guarantees are in `docs/interface.md`, "State file"):
+//! - new fields are optional with a default, and readers ignore fields they do not know (no
+//!   `deny_unknown_fields` here, ever);
+//! - [`FORMAT`] is bumped only for a change an older reader would misread, together with a
+//!   migration from every earlier format in [`decode`].
+//!
+//! Format 1 is the layout agents wrote before the `format` field existed; a file without the
+//! field is format 1. The committed fixtures in `tests/fixtures/state/` hold real files.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ddi::{Artifact, Execution, Feedback, Finished, Hashes, Link};
+use crate::machine::{Channel, Job, LastResult, Outgoing, Phase, ResultKind, Slot, State};
+
+/// The format this agent writes, and the newest it reads.
+pub const FORMAT: u32 = 1;
+
+/// Why a state file cannot be read.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FormatError {
+    #[error("not a state file: {0}")]
+    Json(String),
+    #[error("state format {found} is newer than this agent reads (up to {FORMAT})")]
+    Newer { found: u32 },
+}
+
+/// Parses a state file of any format this agent knows.
+pub fn decode(bytes: &[u8]) -> Result<State, FormatError> {
+    let file: StateFile =
+        serde_json::from_slice(bytes).map_err(|e| FormatError::Json(e.to_string()))?;
+    if file.format > FORMAT {
+        return Err(FormatError::Newer { found: file.format });
+    }
+    // Format 1 is the only one so far: nothing to migrate.
+    Ok(file.into())
+}
+
+/// The state file for `state`, in [`FORMAT`].
+pub fn encode(state: &State) -> Vec<u8> {
+    serde_json::to_vec_pretty(&StateFile::from(state)).expect("state serializes")
+}
+
+/// What can still be read from a state file that [`decode`] refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Salvage {
+    /// The action the file had open (id and deploymentBase href), when both are readable.
+    pub open_action: Option<(String, String)>,
+    /// Outbox entries that still parse one by one.
+    pub outbox: Vec<Outgoing>,
+    pub next_seq: u64,
+    pub finished_actions: Vec<String>,
+}
+
+/// Reads what it can from an unreadable file, looking where format 1 keeps things.
+pub fn salvage(bytes: &[u8]) -> Salvage {
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+        return Salvage::default();
+    };
+    let job = &value["phase"]["job"];
+    let open_action = match (job["action_id"].as_str(), job["link"].as_str()) {
+        (Some(id), Some(link)) => Some((id.to_string(), link.to_string())),
+        _ => None,
+    };
+    let outbox: Vec<Outgoing> = value["outbox"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| OutgoingFile::deserialize(entry).ok())
+        .map(Outgoing::from)
+        .collect();
+    let next_seq = value["next_seq"].as_u64().unwrap_or(0).max(
+        outbox
+            .iter()
+            .map(|o| o.seq.saturating_add(1))
+            .max()
+            .unwrap_or(0),
+    );
+    let finished_actions = value["finished_actions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|id| id.as_str().map(str::to_string))
+        .collect();
+    Salvage {
+        open_action,
+        outbox,
+        next_seq,
+        finished_actions,
+    }
+}
+
+fn format_1() -> u32 {
+    1
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StateFile {
+    #[serde(default = "format_1")]
+    format: u32,
+    #[serde(default)]
+    phase: PhaseFile,
+    #[serde(default)]
+    last_result: Option<LastResultFile>,
+    #[serde(default)]
+    outbox: Vec<OutgoingFile>,
+    #[serde(default)]
+    next_seq: u64,
+    #[serde(default)]
+    attributes_sent: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pending_consent: Option<String>,
+    #[serde(default)]
+    server_installed: Option<String>,
+    #[serde(default)]
+    finished_actions: Vec<String>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(tag = "phase", content = "job", rename_all = "snake_case")]
+enum PhaseFile {
+    #[default]
+    Idle,
+    Installing(JobFile),
+    Installed(JobFile),
+    AwaitingReboot(JobFile),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct JobFile {
+    action_id: String,
+    link: String,
+    target: SlotFile,
+    download_only: bool,
+    may_activate: bool,
+    artifact: ArtifactFile,
+    version: String,
+    failed_tries: u32,
+    #[serde(default)]
+    activations: u32,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+enum SlotFile {
+    A,
+    B,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ArtifactFile {
+    filename: String,
+    hashes: HashesFile,
+    size: Option<u64>,
+    download: Option<LinkFile>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct HashesFile {
+    sha256: Option<String>,
+    sha1: Option<String>,
+    md5: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct LinkFile {
+    href: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct LastResultFile {
+    action_id: String,
+    result: ResultFile,
+    message: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ResultFile {
+    Success,
+    Failure,
+    Canceled,
+    Abandoned,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct OutgoingFile {
+    seq: u64,
+    channel: ChannelFile,
+    link: String,
+    feedback: FeedbackFile,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ChannelFile {
+    Deployment,
+    Cancel,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct FeedbackFile {
+    action_id: String,
+    execution: ExecutionFile,
+    finished: FinishedFile,
+    progress: Option<(u64, u64)>,
+    details: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum ExecutionFile {
+    Closed,
+    Proceeding,
+    Canceled,
+    Scheduled,
+    Rejected,
+    Resumed,
+    Downloaded,
+    Download,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum FinishedFile {
+    Success,
+    Failure,
+    None,
+}
+
+// ---- conversions ------------------------------------------------------------------------------
+
+impl From<&State> for StateFile {
+    fn from(s: &State) -> StateFile {
+        StateFile {
+            format: FORMAT,
+            phase: match &s.phase {
+                Phase::Idle => PhaseFile::Idle,
+                Phase::Installing(j) => PhaseFile::Installing(j.into()),
+                Phase::Installed(j) => PhaseFile::Installed(j.into()),
+                Phase::AwaitingReboot(j) => PhaseFile::AwaitingReboot(j.into()),
+            },
+            last_result: s.last_result.as_ref().map(|r| LastResultFile {
+                action_id: r.action_id.clone(),
+                result: match r.result {
+                    ResultKind::Success => ResultFile::Success,
+                    ResultKind::Failure => ResultFile::Failure,
+                    ResultKind::Canceled => ResultFile::Canceled,
+                    ResultKind::Abandoned => ResultFile::Abandoned,
+                },
+                message: r.message.clone(),
+            }),
+            outbox: s.outbox.iter().map(OutgoingFile::from).collect(),
+            next_seq: s.next_seq,
+            attributes_sent: s.attributes_sent.clone(),
+            pending_consent: s.pending_consent.clone(),
+            server_installed: s.server_installed.clone(),
+            finished_actions: s.finished_actions.clone(),
+        }
+    }
+}
+
+impl From<StateFile> for State {
+    fn from(f: StateFile) -> State {
+        State {
+            phase: match f.phase {
+                PhaseFile::Idle => Phase::Idle,
+                PhaseFile::Installing(j) => Phase::Installing(j.into()),
+                PhaseFile::Installed(j) => Phase::Installed(j.into()),
+                PhaseFile::AwaitingReboot(j) => Phase::AwaitingReboot(j.into()),
+            },
+            last_result: f.last_result.map(|r| LastResult {
+                action_id: r.action_id,
+                result: match r.result {
+                    ResultFile::Success => ResultKind::Success,
+                    ResultFile::Failure => ResultKind::Failure,
+                    ResultFile::Canceled => ResultKind::Canceled,
+                    ResultFile::Abandoned => ResultKind::Abandoned,
+                },
+                message: r.message,
+            }),
+            outbox: f.outbox.into_iter().map(Outgoing::from).collect(),
+            next_seq: f.next_seq,
+            attributes_sent: f.attributes_sent,
+            pending_consent: f.pending_consent,
+            server_installed: f.server_installed,
+            finished_actions: f.finished_actions,
+        }
+    }
+}
+
+impl From<&Job> for JobFile {
+    fn from(j: &Job) -> JobFile {
+        let a = &j.artifact;
+        JobFile {
+            action_id: j.action_id.clone(),
+            link: j.link.clone(),
+            target: match j.target {
+                Slot::A => SlotFile::A,
+                Slot::B => SlotFile::B,
+            },
+            download_only: j.download_only,
+            may_activate: j.may_activate,
+            artifact: ArtifactFile {
+                filename: a.filename.clone(),
+                hashes: HashesFile {
+                    sha256: a.hashes.sha256.clone(),
+                    sha1: a.hashes.sha1.clone(),
+                    md5: a.hashes.md5.clone(),
+                },
+                size: a.size,
+                download: a.download.as_ref().map(|l| LinkFile {
+                    href: l.href.clone(),
+                }),
+            },
+            version: j.version.clone(),
+            failed_tries: j.failed_tries,
+            activations: j.activations,
+        }
+    }
+}
+
+impl From<JobFile> for Job {
+    fn from(j: JobFile) -> Job {
+        let a = j.artifact;
+        Job {
+            action_id: j.action_id,
+            link: j.link,
+            target: match j.target {
+                SlotFile::A => Slot::A,
+                SlotFile::B => Slot::B,
+            },
+            download_only: j.download_only,
+            may_activate: j.may_activate,
+            artifact: Artifact {
+                filename: a.filename,
+                hashes: Hashes {
+                    sha256: a.hashes.sha256,
+                    sha1: a.hashes.sha1,
+                    md5: a.hashes.md5,
+                },
+                size: a.size,
+                download: a.download.map(|l| Link { href: l.href }),
+            },
+            version: j.version,
+            failed_tries: j.failed_tries,
+            activations: j.activations,
+        }
+    }
+}
+
+impl From<&Outgoing> for OutgoingFile {
+    fn from(o: &Outgoing) -> OutgoingFile {
+        let f = &o.feedback;
+        OutgoingFile {
+            seq: o.seq,
+            channel: match o.channel {
+                Channel::Deployment => ChannelFile::Deployment,
+                Channel::Cancel => ChannelFile::Cancel,
+            },
+            link: o.link.clone(),
+            feedback: FeedbackFile {
+                action_id: f.action_id.clone(),
+                execution: match f.execution {
+                    Execution::Closed => ExecutionFile::Closed,
+                    Execution::Proceeding => ExecutionFile::Proceeding,
+                    Execution::Canceled => ExecutionFile::Canceled,
+                    Execution::Scheduled => ExecutionFile::Scheduled,
+                    Execution::Rejected => ExecutionFile::Rejected,
+                    Execution::Resumed => ExecutionFile::Resumed,
+                    Execution::Downloaded => ExecutionFile::Downloaded,
+                    Execution::Download => ExecutionFile::Download,
+                },
+                finished: match f.finished {
+                    Finished::Success => FinishedFile::Success,
+                    Finished::Failure => FinishedFile::Failure,
+                    Finished::None => FinishedFile::None,
+                },
+                progress: f.progress,
+                details: f.details.clone(),
+            },
+        }
+    }
+}
+
+impl From<OutgoingFile> for Outgoing {
+    fn from(o: OutgoingFile) -> Outgoing {
+        let f = o.feedback;
+        Outgoing {
+            seq: o.seq,
+            channel: match o.channel {
+                ChannelFile::Deployment => Channel::Deployment,
+                ChannelFile::Cancel => Channel::Cancel,
+            },
+            link: o.link,
+            feedback: Feedback {
+                action_id: f.action_id,
+                execution: match f.execution {
+                    ExecutionFile::Closed => Execution::Closed,
+                    ExecutionFile::Proceeding => Execution::Proceeding,
+                    ExecutionFile::Canceled => Execution::Canceled,
+                    ExecutionFile::Scheduled => Execution::Scheduled,
+                    ExecutionFile::Rejected => Execution::Rejected,
+                    ExecutionFile::Resumed => Execution::Resumed,
+                    ExecutionFile::Downloaded => Execution::Downloaded,
+                    ExecutionFile::Download => Execution::Download,
+                },
+                finished: match f.finished {
+                    FinishedFile::Success => Finished::Success,
+                    FinishedFile::Failure => Finished::Failure,
+                    FinishedFile::None => Finished::None,
+                },
+                progress: f.progress,
+                details: f.details,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/state");
+
+    /// Every committed fixture reads, and writing it back gives the same JSON plus `format`:
+    /// no field is lost or renamed, so an older agent reads what this one writes.
+    #[test]
+    fn fixtures_read_and_write_back_unchanged() {
+        let mut seen = 0;
+        for release in std::fs::read_dir(FIXTURES).unwrap() {
+            for phase in std::fs::read_dir(release.unwrap().path()).unwrap() {
+                let path = phase.unwrap().path().join("state.json");
+                let bytes = std::fs::read(&path).unwrap();
+                let state = decode(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                let mut original: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                let written: serde_json::Value = serde_json::from_slice(&encode(&state)).unwrap();
+                original
+                    .as_object_mut()
+                    .unwrap()
+                    .entry("format")
+                    .or_insert(FORMAT.into());
+                assert_eq!(written, original, "{}", path.display());
+                seen += 1;
+            }
+        }
+        assert!(seen >= 7, "only {seen} fixtures");
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_and_missing_new_fields_default() {
+        let text =
+            br#"{"format": 1, "added_later": {"x": 1}, "phase": {"phase": "idle", "extra": 2},
+            "outbox": [{"seq": 3, "channel": "cancel", "link": "l", "future": true,
+              "feedback": {"action_id": "9", "execution": "closed", "finished": "success",
+                           "progress": null, "details": []}}]}"#;
+        let s = decode(text).unwrap();
+        assert_eq!(s.phase, Phase::Idle);
+        assert_eq!(s.outbox.len(), 1);
+        assert_eq!(s.outbox[0].seq, 3);
+        assert_eq!(s.next_seq, 0);
+        assert_eq!(decode(b"{}").unwrap(), State::default());
+    }
+
+    proptest::proptest! {
+        /// Damaged files (bytes changed, cut short) never panic the reader or the salvage, and
+        /// whatever still decodes writes back to the same state.
+        #[test]
+        fn damaged_files_never_panic(
+            cut in 0usize..2000,
+            changes in proptest::collection::vec((0usize..2000, proptest::num::u8::ANY), 0..6),
+        ) {
+            let path = format!("{FIXTURES}/main-3e7abd1/feedback_owed/state.json");
+            let mut bytes = std::fs::read(path).unwrap();
+            for (at, byte) in changes {
+                let at = at % bytes.len();
+                bytes[at] = byte;
+            }
+            bytes.truncate(cut.max(1));
+            if let Ok(state) = decode(&bytes) {
+                proptest::prop_assert_eq!(decode(&encode(&state)).unwrap(), state);
+            }
+            let s = salvage(&bytes);
+            proptest::prop_assert!(s.outbox.iter().all(|o| o.seq < s.next_seq || o.seq == u64::MAX));
+        }
+    }
+
+    #[test]
+    fn salvage_of_the_largest_sequence_number_does_not_overflow() {
+        let text = br#"{"outbox": [{"seq": 18446744073709551615, "channel": "cancel",
+            "link": "l", "feedback": {"action_id": "1", "execution": "closed",
+            "finished": "success", "progress": null, "details": []}}]}"#;
+        assert_eq!(salvage(text).next_seq, u64::MAX);
+    }
+
+    #[test]
+    fn a_newer_format_is_refused_by_number() {
+        let e = decode(br#"{"format": 2}"#).unwrap_err();
+        assert_eq!(e, FormatError::Newer { found: 2 });
+        assert!(e.to_string().contains("format 2 is newer"), "{e}");
+    }
+
+    #[test]
+    fn salvage_takes_the_open_action_and_every_readable_outbox_entry() {
+        let text = br#"{"phase": {"phase": "awaiting_reboot", "job": {"action_id": "5",
+              "link": "http://h/deploymentBase/5", "target": "C"}},
+            "outbox": [{"seq": 7, "channel": "deployment", "link": "http://h/deploymentBase/4",
+              "feedback": {"action_id": "4", "execution": "closed", "finished": "failure",
+                           "progress": null, "details": ["x"]}},
+              {"seq": 8, "channel": "nowhere"}],
+            "next_seq": 2, "finished_actions": ["4", 3]}"#;
+        assert!(decode(text).is_err());
+        let s = salvage(text);
+        assert_eq!(
+            s.open_action,
+            Some(("5".into(), "http://h/deploymentBase/5".into()))
+        );
+        assert_eq!(s.outbox.len(), 1);
+        assert_eq!(s.outbox[0].feedback.action_id, "4");
+        assert_eq!(s.next_seq, 8);
+        assert_eq!(s.finished_actions, vec!["4".to_string()]);
+        assert_eq!(salvage(b"{not json"), Salvage::default());
+    }
+}
