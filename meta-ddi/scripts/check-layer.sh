@@ -281,7 +281,8 @@ check_rauc_scheme() {
     need_task_outputs || return 1
     need fw_printenv || return 1
     local rbb=$SCRATCH/bb-rauc task shims=$SCRATCH/shims
-    BBPARSE_LOCAL_CONF="DDI_SCHEME=rauc DDI_BOOT_ATTEMPTS=12" PYTHONPATH=$SCRATCH/pystubs \
+    BBPARSE_LOCAL_CONF="DDI_SCHEME=rauc DDI_BOOT_ATTEMPTS=12 DDI_ENV_FILE_1=ddi-a.env DDI_ENV_FILE_2=ddi-b.env DDI_ENV_SIZE=0x8000 DDI_BOOT_SCRATCH_ADDR=0x50000000" \
+        PYTHONPATH=$SCRATCH/pystubs \
         "$VENV/bin/python" "$LAYER/scripts/bbparse.py" "$LAYER" "$rbb" >"$rbb.log" 2>&1 || {
         cat "$rbb.log"
         return 1
@@ -298,6 +299,16 @@ check_rauc_scheme() {
         echo "boot.scr is not the rauc script"
         return 1
     }
+    # The script follows the env names and size and the scratch address.
+    local cmd=$rbb/tmp/work/ddi-bootscript/sources/boot.cmd
+    if [ ! -f "$cmd" ] || ! grep -q 'ddi-a\.env' "$cmd" || ! grep -q 'ddi-b\.env' "$cmd" ||
+        grep -qE 'uboot(-redund)?\.env|\b0x4000\b|\b0x3fff\b|\b0x60[0-9a-f]{5}\b' "$cmd" ||
+        ! grep -q 'env import -c 0x50000001 0x7fff' "$cmd"; then
+        echo "boot.cmd does not use DDI_ENV_FILE_1/2, DDI_ENV_SIZE, DDI_BOOT_SCRATCH_ADDR:"
+        grep -nE 'fatload|fatwrite|env import' "$cmd"
+        return 1
+    fi
+    echo "boot script: ddi-a.env/ddi-b.env, 0x8000 bytes, scratch at 0x50000000"
     local dir=$SCRATCH/env-rauc
     mkdir -p "$dir"
     cp "$rbb"/tmp/work/ddi-uboot-env/deploy/*.env "$dir/"
@@ -487,6 +498,11 @@ check_boot_scripts() {
     need_task_outputs || return 1
     if ! mkimage -l "$(work_of ddi-bootscript)/deploy/boot.scr" | grep -q 'Image Name:.*(bootcount)'; then
         echo "the ddi-bootscript recipe did not deploy the bootcount boot.scr"
+        return 1
+    fi
+    # With the default variables the recipe compiles the very source the qemu/ tests boot.
+    if ! cmp "$BOOTSCRIPT_FILES/boot-bootcount.cmd" "$(work_of ddi-bootscript)/sources/boot.cmd"; then
+        diff "$BOOTSCRIPT_FILES/boot-bootcount.cmd" "$(work_of ddi-bootscript)/sources/boot.cmd" | head -20
         return 1
     fi
     echo "the ddi-bootscript recipe deploys boot.scr for DDI_SCHEME=bootcount"

@@ -13,6 +13,7 @@
 # Every check prints PASS or FAIL with the reason; the last line is
 # "check-oe-core: N passed, M failed" and the exit status is non-zero when M > 0.
 # --keep leaves the work folder (build directory, logs) for inspection.
+# shellcheck disable=SC2317 # the checks run through run_check, cleanup through trap
 set -uo pipefail
 
 LAYER=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -53,35 +54,6 @@ find_tarball() {
     printf '%s' "$REPO/../$SNAPSHOT"
 }
 
-TARBALL=$(find_tarball)
-[ -f "$TARBALL" ] || fatal "the OE-core snapshot $TARBALL is missing (expected $SNAPSHOT beside the repository; DDI_OE_CORE_TARBALL=PATH names another copy)"
-
-if [ "$(id -u)" = 0 ]; then
-    missing=
-    for package in $HOST_PACKAGES; do
-        dpkg-query -W -f '${Status}' "$package" 2>/dev/null | grep -q 'ok installed' || missing="$missing $package"
-    done
-    if [ -n "$missing" ]; then
-        echo "installing host packages:$missing"
-        # shellcheck disable=SC2086 # a list of package names
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >/dev/null ||
-            fatal "apt-get install$missing failed"
-    fi
-    if ! locale -a | grep -qix 'en_US.utf-\?8'; then
-        if ! sed -i 's/^# *en_US.UTF-8/en_US.UTF-8/' /etc/locale.gen || ! locale-gen >/dev/null; then
-            fatal "could not generate the en_US.UTF-8 locale"
-        fi
-    fi
-    id -u "$BUILDER" >/dev/null 2>&1 || useradd -m "$BUILDER" || fatal "useradd $BUILDER failed"
-else
-    BUILDER=$(id -un)
-    for tool in chrpath diffstat gawk; do
-        command -v "$tool" >/dev/null || fatal "missing host tool $tool (apt-get install $HOST_PACKAGES)"
-    done
-fi
-
-rm -rf "$WORK"
-mkdir -p "$WORK" || fatal "cannot create $WORK"
 cleanup() {
     if [ "$keep" = 1 ]; then
         echo "work folder kept: $WORK"
@@ -89,17 +61,50 @@ cleanup() {
         rm -rf "$WORK"
     fi
 }
-trap cleanup EXIT
-SCRATCH=$WORK/scratch
-mkdir -p "$SCRATCH"
-started=$(date +%s)
-tar -xJf "$TARBALL" -C "$WORK" || fatal "cannot extract $TARBALL"
-[ -x "$WORK/openembedded-core/bitbake/bin/bitbake" ] || fatal "$TARBALL holds no openembedded-core/bitbake"
-# A copy of the layer as it is in the working tree (bitbake's user must own its files).
-cp -a "$LAYER" "$WORK/meta-ddi"
-BUILD=$WORK/build
-mkdir -p "$BUILD/conf"
-cat >"$BUILD/conf/local.conf" <<EOF
+
+# Extracts the snapshot, copies the layer, writes the build configuration; as root, also
+# the host packages, the locale and the unprivileged user.
+setup() {
+    TARBALL=$(readlink -m "$(find_tarball)")
+    [ -f "$TARBALL" ] || fatal "the OE-core snapshot $TARBALL is missing (expected $SNAPSHOT beside the repository; DDI_OE_CORE_TARBALL=PATH names another copy)"
+
+    if [ "$(id -u)" = 0 ]; then
+        missing=
+        for package in $HOST_PACKAGES; do
+            dpkg-query -W -f '${Status}' "$package" 2>/dev/null | grep -q 'ok installed' || missing="$missing $package"
+        done
+        if [ -n "$missing" ]; then
+            echo "installing host packages:$missing"
+            # shellcheck disable=SC2086 # a list of package names
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >/dev/null ||
+                fatal "apt-get install$missing failed"
+        fi
+        if ! locale -a | grep -qix 'en_US.utf-\?8'; then
+            if ! sed -i 's/^# *en_US.UTF-8/en_US.UTF-8/' /etc/locale.gen || ! locale-gen >/dev/null; then
+                fatal "could not generate the en_US.UTF-8 locale"
+            fi
+        fi
+        id -u "$BUILDER" >/dev/null 2>&1 || useradd -m "$BUILDER" || fatal "useradd $BUILDER failed"
+    else
+        BUILDER=$(id -un)
+        for tool in chrpath diffstat gawk; do
+            command -v "$tool" >/dev/null || fatal "missing host tool $tool (apt-get install $HOST_PACKAGES)"
+        done
+    fi
+
+    rm -rf "$WORK"
+    mkdir -p "$WORK" || fatal "cannot create $WORK"
+    trap cleanup EXIT
+    SCRATCH=$WORK/scratch
+    mkdir -p "$SCRATCH"
+    started=$(date +%s)
+    tar -xJf "$TARBALL" -C "$WORK" || fatal "cannot extract $TARBALL"
+    [ -x "$WORK/openembedded-core/bitbake/bin/bitbake" ] || fatal "$TARBALL holds no openembedded-core/bitbake"
+    # A copy of the layer as it is in the working tree (bitbake's user must own its files).
+    cp -a "$LAYER" "$WORK/meta-ddi"
+    BUILD=$WORK/build
+    mkdir -p "$BUILD/conf"
+    cat >"$BUILD/conf/local.conf" <<EOF
 MACHINE ??= "qemux86-64"
 DISTRO ?= "nodistro"
 PACKAGE_CLASSES ?= "package_ipk"
@@ -114,32 +119,39 @@ BB_NUMBER_THREADS = "2"
 PARALLEL_MAKE = "-j 2"
 # One server for the commands of this run (they share its parse cache).
 BB_SERVER_TIMEOUT = "60"
-# What a distro adds to the agent must survive the recipe (checked in its bitbake -e).
-RDEPENDS:ddi-agent += "bash"
+# What a distro adds to the agent (through a global class, parsed before the recipe) must
+# survive the recipe (checked in its bitbake -e).
+INHERIT += "ddi-check-distro"
 # A signing key, so that the image's task graph has the bundle step (nothing is built:
 # its contents are never read).
 DDI_BUNDLE_KEYS = "$WORK/keys/test.key"
 EOF
-mkdir -p "$WORK/keys" "$BUILD/conf/machine"
-echo "not a key" >"$WORK/keys/test.key"
-# A second machine of qemux86-64's tune: a package of that tune must come out the same
-# for both (what yocto-check-layer's signature test asks).
-cat >"$BUILD/conf/machine/ddi-check-x86-64.conf" <<EOF
+    mkdir -p "$WORK/keys" "$BUILD/conf/machine" "$BUILD/classes-global"
+    cat >"$BUILD/classes-global/ddi-check-distro.bbclass" <<'EOF'
+# A distro's addition to ddi-agent's runtime dependencies.
+RDEPENDS:${PN} += "${@'bash' if d.getVar('PN') == 'ddi-agent' else ''}"
+EOF
+    echo "not a key" >"$WORK/keys/test.key"
+    # A second machine of qemux86-64's tune: a package of that tune must come out the same
+    # for both (what yocto-check-layer's signature test asks).
+    cat >"$BUILD/conf/machine/ddi-check-x86-64.conf" <<EOF
 #@TYPE: Machine
 #@NAME: second machine of qemux86-64's tune, for meta-ddi's check
 require conf/machine/qemux86-64.conf
 EOF
-cat >"$BUILD/conf/bblayers.conf" <<EOF
+    cat >"$BUILD/conf/bblayers.conf" <<EOF
 BBPATH = "\${TOPDIR}"
 BBFILES ?= ""
 BBLAYERS = "$WORK/openembedded-core/meta $WORK/meta-ddi"
 EOF
-if [ "$(id -u)" = 0 ]; then
-    chown -R "$BUILDER:" "$WORK"
-    runuser -u "$BUILDER" -- test -w "$BUILD" ||
-        fatal "user $BUILDER cannot write $BUILD (a parent folder is not searchable for it; set DDI_OE_WORK to a folder it can reach)"
-fi
-echo "OE-core snapshot extracted and configured in $(($(date +%s) - started)) s ($WORK, bitbake as $BUILDER)"
+    if [ "$(id -u)" = 0 ]; then
+        chown -R "$BUILDER:" "$WORK"
+        runuser -u "$BUILDER" -- test -w "$BUILD" ||
+            fatal "user $BUILDER cannot write $BUILD (a parent folder is not searchable for it; set DDI_OE_WORK to a folder it can reach)"
+    fi
+    echo "OE-core snapshot extracted and configured in $(($(date +%s) - started)) s ($WORK, bitbake as $BUILDER)"
+}
+
 
 # bb CMD...: runs a command in the build environment as the builder user, machine from $MACHINE.
 # shellcheck disable=SC2016 # the bash -c script is expanded by the inner shell
@@ -174,7 +186,7 @@ timed() {
     "$@"
     local rc=$?
     echo "($((SECONDS - t0)) s)"
-    return $rc
+    return "$rc"
 }
 
 # ---- checks ---------------------------------------------------------------------------
@@ -201,7 +213,7 @@ check_parse() {
     for machine in qemuarm64 qemux86-64; do
         MACHINE=$machine timed parse_machine || status=1
     done
-    return $status
+    return "$status"
 }
 
 # recipe_env RECIPE MACHINE: `bitbake -e -b` of the layer's recipe (parses that file only)
@@ -227,6 +239,8 @@ check_agent_env() {
         recipe_env ddi-agent "$machine" || return 1
     done
     recipe_env ddi-fw-env qemux86-64 || return 1
+    recipe_env ddi-uboot-env qemux86-64 || return 1
+    recipe_env ddi-uboot-env qemuarm64 || return 1
     python3 "$LAYER/scripts/oe-env-assert.py" "$SCRATCH" "$LAYER"
 }
 
@@ -333,15 +347,22 @@ check_bundle_key_checksum() {
 
 # ---- run ------------------------------------------------------------------------------
 
-echo "meta-ddi against the real OE-core ($TARBALL)"
-run_check "bitbake-layers show-layers lists ddi" check_show_layers
-run_check "bitbake -p: no warnings or errors (qemuarm64, qemux86-64)" check_parse
-run_check "bitbake -e ddi-agent, ddi-fw-env: arch, depends, source, crates, systemd, per-machine values" check_agent_env
-run_check "SRCREV is a commit of this repository with the checkout's Cargo.lock" check_srcrev
-run_check "bitbake -c update_crates ddi-agent reproduces ddi-agent-crates.inc" check_update_crates
-run_check "bitbake -g ddi-image-minimal: the task graph" check_image_graph
-run_check "do_ddi_bundle reads the signing key's contents (file-checksums)" check_bundle_key_checksum
-bb bitbake -m >/dev/null 2>&1
-echo "check-oe-core took $SECONDS s"
+# One function, called on the last line: bash has read the whole script before it runs, so
+# editing the script during a run cannot change that run.
+main() {
+    setup
+    echo "meta-ddi against the real OE-core ($TARBALL)"
+    run_check "bitbake-layers show-layers lists ddi" check_show_layers
+    run_check "bitbake -p: no warnings or errors (qemuarm64, qemux86-64)" check_parse
+    run_check "bitbake -e ddi-agent, ddi-fw-env, ddi-uboot-env: arch, depends, source, crates, systemd, per-machine values" check_agent_env
+    run_check "SRCREV is a commit of this repository with the checkout's Cargo.lock" check_srcrev
+    run_check "bitbake -c update_crates ddi-agent reproduces ddi-agent-crates.inc" check_update_crates
+    run_check "bitbake -g ddi-image-minimal: the task graph" check_image_graph
+    run_check "do_ddi_bundle reads the signing key's contents (file-checksums)" check_bundle_key_checksum
+    bb bitbake -m >/dev/null 2>&1
+    echo "check-oe-core took $SECONDS s"
 
-report_checks check-oe-core
+    report_checks check-oe-core
+}
+
+main "$@"; exit $?

@@ -3,8 +3,9 @@
 
 Usage: oe-env-assert.py SCRATCH LAYER
 
-Reads SCRATCH/env-ddi-agent-{qemux86-64,qemuarm64,ddi-check-x86-64} and
-SCRATCH/env-ddi-fw-env-qemux86-64 (written by check-oe-core.sh) and prints one ok/FAIL
+Reads SCRATCH/env-ddi-agent-{qemux86-64,qemuarm64,ddi-check-x86-64},
+SCRATCH/env-ddi-fw-env-qemux86-64 and SCRATCH/env-ddi-uboot-env-{qemux86-64,qemuarm64}
+(written by check-oe-core.sh) and prints one ok/FAIL
 line per assertion; exit 1 if any fails.
 """
 
@@ -61,7 +62,7 @@ def main():
         print("     RDEPENDS:ddi-agent = %s" % " ".join(rdepends))
         for needed in ("ddi-fw-env", "ca-certificates"):
             want(needed in rdepends, "RDEPENDS:ddi-agent has %s" % needed)
-        want("bash" in rdepends, "RDEPENDS:ddi-agent keeps what local.conf adds (bash)")
+        want("bash" in rdepends, "RDEPENDS:ddi-agent keeps what a distro class adds (bash)")
         want("ddi-fw-env" in env.get("RDEPENDS:ddi-bootctl", "").split(), "RDEPENDS:ddi-bootctl has ddi-fw-env")
         want("ddi-bootctl" in env.get("RRECOMMENDS:ddi-agent", "").split(), "RRECOMMENDS:ddi-agent has ddi-bootctl")
 
@@ -82,6 +83,17 @@ def main():
     want(fw_env["PACKAGE_ARCH"] == fw_env["MACHINE_ARCH"], "PACKAGE_ARCH is the machine's (%s)" % fw_env["PACKAGE_ARCH"])
     want("u-boot-env" in fw_env.get("RCONFLICTS:ddi-fw-env", "").split(),
          "RCONFLICTS:ddi-fw-env has u-boot-env (OE-core's package for a BSP's fw_env.config)")
+
+    print("-- ddi-uboot-env: the boot command and console follow the machine")
+    for machine, console, boot in (("qemux86-64", "ttyS0,115200", ""),
+                                   ("qemuarm64", "ttyAMA0,115200", "booti ${ddi_kaddr} ${ddi_raddr}:${filesize} ${ddi_fdt}")):
+        _, functions = load(scratch / ("env-ddi-uboot-env-%s" % machine))
+        compile_ = functions.get("do_compile", "")
+        want('echo "bootctl_console=%s"' % console in compile_, "%s: bootctl_console=%s" % (machine, console))
+        if boot:
+            want("echo 'bootctl_boot=%s'" % boot in compile_, "%s: bootctl_boot=%s" % (machine, boot))
+        else:
+            want("if [ -n '' ]" in compile_, "%s: no bootctl_boot (the script's zboot)" % machine)
     sys.exit(1 if problems else 0)
 
 
