@@ -241,6 +241,8 @@ check_agent_env() {
     recipe_env ddi-fw-env qemux86-64 || return 1
     recipe_env ddi-uboot-env qemux86-64 || return 1
     recipe_env ddi-uboot-env qemuarm64 || return 1
+    recipe_env ddi-bootscript qemux86-64 || return 1
+    recipe_env ddi-bootscript qemuarm64 || return 1
     python3 "$LAYER/scripts/oe-env-assert.py" "$SCRATCH" "$LAYER"
 }
 
@@ -300,12 +302,11 @@ check_update_crates() {
 }
 
 check_image_graph() {
-    local log=$SCRATCH/graph.log dir=$SCRATCH/graph
-    mkdir -p "$dir"
-    chmod 0777 "$dir"
-    # shellcheck disable=SC2016 # expanded by the inner shell
-    bb_clean "$log" sh -c 'cd "$1" && bitbake -g ddi-image-minimal' sh "$dir" || return 1
-    python3 - "$dir/task-depends.dot" <<'EOF'
+    local log=$SCRATCH/graph.log
+    # bitbake -g writes task-depends.dot into the build directory.
+    rm -f "$BUILD/task-depends.dot"
+    bb_clean "$log" bitbake -g ddi-image-minimal || return 1
+    python3 - "$BUILD/task-depends.dot" <<'EOF'
 import re, sys
 edges = re.findall(r'^"([^"]+)" -> "([^"]+)"', open(sys.argv[1]).read(), re.M)
 recipes = {node.rsplit(".", 1)[0] for edge in edges for node in edge}
@@ -354,7 +355,7 @@ main() {
     echo "meta-ddi against the real OE-core ($TARBALL)"
     run_check "bitbake-layers show-layers lists ddi" check_show_layers
     run_check "bitbake -p: no warnings or errors (qemuarm64, qemux86-64)" check_parse
-    run_check "bitbake -e ddi-agent, ddi-fw-env, ddi-uboot-env: arch, depends, source, crates, systemd, per-machine values" check_agent_env
+    run_check "bitbake -e ddi-agent, ddi-fw-env, ddi-uboot-env, ddi-bootscript: arch, depends, source, crates, systemd, per-machine values" check_agent_env
     run_check "SRCREV is a commit of this repository with the checkout's Cargo.lock" check_srcrev
     run_check "bitbake -c update_crates ddi-agent reproduces ddi-agent-crates.inc" check_update_crates
     run_check "bitbake -g ddi-image-minimal: the task graph" check_image_graph

@@ -4,7 +4,7 @@
 Usage: oe-env-assert.py SCRATCH LAYER
 
 Reads SCRATCH/env-ddi-agent-{qemux86-64,qemuarm64,ddi-check-x86-64},
-SCRATCH/env-ddi-fw-env-qemux86-64 and SCRATCH/env-ddi-uboot-env-{qemux86-64,qemuarm64}
+SCRATCH/env-ddi-fw-env-qemux86-64 and SCRATCH/env-ddi-{uboot-env,bootscript}-{qemux86-64,qemuarm64}
 (written by check-oe-core.sh) and prints one ok/FAIL
 line per assertion; exit 1 if any fails.
 """
@@ -94,6 +94,14 @@ def main():
             want("echo 'bootctl_boot=%s'" % boot in compile_, "%s: bootctl_boot=%s" % (machine, boot))
         else:
             want("if [ -n '' ]" in compile_, "%s: no bootctl_boot (the script's zboot)" % machine)
+
+    print("-- ddi-bootscript: scratch memory in RAM of the machine")
+    for machine, prefix in (("qemux86-64", "0x60"), ("qemuarm64", "0x500")):
+        _, functions = load(scratch / ("env-ddi-bootscript-%s" % machine))
+        compile_ = functions.get("do_compile", "")
+        want(r"s/\b0x60([0-9a-f]{5})\b/%s\1/g" % prefix in compile_,
+             "%s: the script's scratch addresses become %sXXXXX" % (machine, prefix))
+        want(r"s/\buboot\.env\b/uboot.env/g" in compile_, "%s: env file names from DDI_ENV_FILE_1/2" % machine)
     sys.exit(1 if problems else 0)
 
 
