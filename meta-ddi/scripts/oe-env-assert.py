@@ -3,8 +3,9 @@
 
 Usage: oe-env-assert.py SCRATCH LAYER
 
-Reads SCRATCH/env-ddi-agent-{qemux86-64,qemuarm64,ddi-check-x86-64},
-SCRATCH/env-ddi-fw-env-qemux86-64 and SCRATCH/env-ddi-{uboot-env,bootscript}-{qemux86-64,qemuarm64}
+Reads SCRATCH/env-ddi-agent-{qemux86-64,qemuarm64,ddi-check-x86-64,qemux86-64-distro},
+SCRATCH/env-ddi-fw-env-qemux86-64 and
+SCRATCH/env-ddi-{uboot-env,bootscript,image-minimal}-{qemux86-64,qemuarm64}
 (written by check-oe-core.sh) and prints one ok/FAIL
 line per assertion; exit 1 if any fails.
 """
@@ -62,7 +63,6 @@ def main():
         print("     RDEPENDS:ddi-agent = %s" % " ".join(rdepends))
         for needed in ("ddi-fw-env", "ca-certificates"):
             want(needed in rdepends, "RDEPENDS:ddi-agent has %s" % needed)
-        want("bash" in rdepends, "RDEPENDS:ddi-agent keeps what a distro class adds (bash)")
         want("ddi-fw-env" in env.get("RDEPENDS:ddi-bootctl", "").split(), "RDEPENDS:ddi-bootctl has ddi-fw-env")
         want("ddi-bootctl" in env.get("RRECOMMENDS:ddi-agent", "").split(), "RRECOMMENDS:ddi-agent has ddi-bootctl")
 
@@ -77,6 +77,12 @@ def main():
         if mine != theirs:
             changed = sorted(line.strip() for line in set(mine.splitlines()) ^ set(theirs.splitlines()))
             want(False, "%s differs between two machines of one tune: %s" % (name, "; ".join(changed)[:400]))
+
+    distro, _ = load(scratch / "env-ddi-agent-qemux86-64-distro")
+    print("-- ddi-agent with a distro class that adds RDEPENDS:${PN} += \"bash\"")
+    rdepends = distro.get("RDEPENDS:ddi-agent", "").split()
+    want("bash" in rdepends and "ca-certificates" in rdepends,
+         "RDEPENDS:ddi-agent keeps the distro's addition: %s" % " ".join(rdepends))
 
     fw_env, _ = load(scratch / "env-ddi-fw-env-qemux86-64")
     print("-- ddi-fw-env, MACHINE=qemux86-64")
@@ -102,6 +108,12 @@ def main():
         want(r"s/\b0x60([0-9a-f]{5})\b/%s\1/g" % prefix in compile_,
              "%s: the script's scratch addresses become %sXXXXX" % (machine, prefix))
         want(r"s/\buboot\.env\b/uboot.env/g" in compile_, "%s: env file names from DDI_ENV_FILE_1/2" % machine)
+
+    print("-- ddi-image-minimal: wic pulls in no bootloader")
+    for machine in ("qemux86-64", "qemuarm64"):
+        image, _ = load(scratch / ("env-ddi-image-minimal-%s" % machine))
+        extra = set(image.get("WKS_FILE_DEPENDS", "").split()) & {"grub-efi", "systemd-boot", "syslinux"}
+        want(not extra, "%s: WKS_FILE_DEPENDS has no bootloader (%s)" % (machine, " ".join(sorted(extra)) or "none"))
     sys.exit(1 if problems else 0)
 
 
