@@ -117,6 +117,10 @@ INHERIT:remove = "uninative"
 BB_DISKMON_DIRS = ""
 BB_NUMBER_THREADS = "2"
 PARALLEL_MAKE = "-j 2"
+# Nothing is built: no hash equivalence server (its socket goes away with the server
+# between commands of different configurations).
+BB_HASHSERVE = ""
+BB_SIGNATURE_HANDLER = "OEBasicHash"
 # One server for the commands of this run (they share its parse cache).
 BB_SERVER_TIMEOUT = "60"
 # A signing key, so that the image's task graph has the bundle step (nothing is built:
@@ -222,7 +226,7 @@ recipe_env() {
     shift 2
     [ $# -gt 0 ] && shift
     [ -s "$out" ] && return 0
-    file=$(cd "$WORK/meta-ddi" && find . -name "${recipe}_*.bb" | head -n1)
+    file=$(cd "$WORK/meta-ddi" && find . \( -name "${recipe}_*.bb" -o -name "${recipe}.bb" \) | head -n1)
     [ -n "$file" ] || {
         echo "no recipe file for $recipe"
         return 1
