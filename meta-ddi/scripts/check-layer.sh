@@ -5,7 +5,9 @@
 # Needs (Debian 12, as root): apt-get install python3 python3-venv u-boot-tools
 #   libubootenv-tool shellcheck systemd; cargo (it builds ddi-agent, ddi-bootctl and
 #   ddi-bundle in debug mode - a no-op after `cargo build --workspace --bins` - and runs
-#   `cargo fetch --locked`); PyPI for the venv with the pinned tools below.
+#   `cargo fetch --locked`); PyPI for the venv with the pinned tools below. The last check
+#   runs check-oe-core.sh: the OE-core snapshot in shared/reference/yocto/ beside the
+#   repository (see that script).
 # Every check prints PASS or FAIL with the reason; the last line is
 # "check-layer: N passed, M failed" and the exit status is non-zero when M > 0.
 # --keep leaves the scratch directory (task outputs, temp roots) for inspection.
@@ -625,6 +627,11 @@ check_shellcheck() {
     return $status
 }
 
+# The layer parsed by the real OE-core (its own PASS/FAIL lines are in the output).
+check_real_oe_core() {
+    bash "$LAYER/scripts/check-oe-core.sh"
+}
+
 # ---- run ------------------------------------------------------------------------------
 
 echo "meta-ddi offline checks ($LAYER)"
@@ -645,5 +652,6 @@ run_check "initial redundant env (ddi-uboot-env + ddi-fw-env) reads back" check_
 run_check "wks: boot, slot A, slot B (equal size), data" check_wks
 run_check "kas file matches the kas schema" check_kas
 run_check "shellcheck (layer scripts and recipe shell tasks)" check_shellcheck
+run_check "the layer against the real OE-core (check-oe-core.sh)" check_real_oe_core
 
 report_checks check-layer
