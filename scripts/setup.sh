@@ -68,6 +68,11 @@ debian_requirements=(
     "layer             python3-venv      py:ensurepip"
     "layer             shellcheck        cmd:shellcheck"
     "layer             systemd           cmd:systemd-analyze cmd:systemd-tmpfiles"
+    # BitBake on the real OE-core (meta-ddi/scripts/check-oe-core.sh; it makes the locale).
+    "layer             chrpath           cmd:chrpath"
+    "layer             diffstat          cmd:diffstat"
+    "layer             gawk              cmd:gawk"
+    "layer             locales           cmd:locale-gen"
     "qemu              qemu-system-x86   cmd:qemu-system-x86_64"
     "qemu              u-boot-qemu       file:/usr/lib/u-boot/qemu-x86/u-boot.rom"
     "qemu              busybox-static    static:/bin/busybox"

@@ -23,6 +23,10 @@ DDI_ENV_FILE_2 ??= "uboot-redund.env"
 DDI_ENV_LOCATION_1 ??= "${DDI_BOOT_MOUNT}/${DDI_ENV_FILE_1} 0x0"
 DDI_ENV_LOCATION_2 ??= "${DDI_BOOT_MOUNT}/${DDI_ENV_FILE_2} 0x0"
 DDI_FW_ENV_CONFIG ??= "${sysconfdir}/fw_env.config"
+# The package that installs that fw_env.config. A BSP whose u-boot recipe (u-boot-env) or
+# libubootenv append already ships the board's file sets this to that package, and the
+# DDI_ENV_* values to what its file says (the agent's sandbox and the initial env use them).
+DDI_FW_ENV_PROVIDER ??= "ddi-fw-env"
 
 # Where the boot script finds the kernel: the root device prefix and the slot partitions.
 DDI_ROOT_DEVICE ??= "/dev/vda"

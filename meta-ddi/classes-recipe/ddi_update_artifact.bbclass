@@ -54,6 +54,8 @@ do_ddi_bundle[dirs] = "${DDI_BUNDLE_DEPLOYDIR}"
 do_ddi_bundle[cleandirs] = "${DDI_BUNDLE_DEPLOYDIR}"
 do_ddi_bundle[depends] += "${@'ddi-bundle-native:do_populate_sysroot' if d.getVar('DDI_BUNDLE_KEYS') else ''}"
 do_ddi_bundle[vardeps] += "DDI_BUNDLE_KEYS"
+# The keys' contents are inputs too: a new key at the same path must sign again.
+do_ddi_bundle[file-checksums] += "${@' '.join('%s:True' % key for key in (d.getVar('DDI_BUNDLE_KEYS') or '').split())}"
 
 do_ddi_bundle_setscene[doc] = "Restores the signed bundle from the shared state cache"
 python do_ddi_bundle_setscene() {

@@ -26,6 +26,7 @@ import sys
 # The tasks check-layer.sh runs, per recipe.
 TASKS = {
     "ddi-agent": ["do_install"],
+    "ddi-agent-config": ["do_install"],
     "ddi-fw-env": ["do_install"],
     "ddi-uboot-env": ["do_compile", "do_deploy"],
     "ddi-bootscript": ["do_compile", "do_deploy"],
@@ -58,6 +59,7 @@ IMAGE_NAME = "${PN}-${MACHINE}.rootfs-20260101000000"
 IMAGE_LINK_NAME = "${PN}-${MACHINE}.rootfs"
 FILESPATH = "${FILE_DIRNAME}/${BP}:${FILE_DIRNAME}/${BPN}:${FILE_DIRNAME}/files"
 FILE_DIRNAME = "${@os.path.dirname(d.getVar('FILE', False))}"
+THISDIR = "${@os.path.dirname(d.getVar('FILE', True))}"
 COMMON_LICENSE_DIR = "${TOPDIR}/licenses"
 MACHINE = "qemux86-64"
 MACHINE_ARCH = "qemux86_64"

@@ -6,7 +6,9 @@
 #   libubootenv-tool shellcheck systemd; cargo (it builds ddi-agent, ddi-bootctl and
 #   ddi-bundle in debug mode - a no-op after `cargo build --workspace --bins` - and runs
 #   `cargo fetch --locked`); PyPI for the venv with the pinned tools of venv.sh.
-#   scripts/setup.sh (run by scripts/test.sh) installs all of it.
+#   scripts/setup.sh (run by scripts/test.sh) installs all of it. The last check runs
+#   check-oe-core.sh: the OE-core snapshot in shared/reference/yocto/ beside the repository
+#   (see that script).
 # Every check prints PASS or FAIL with the reason; the last line is
 # "check-layer: N passed, M failed" and the exit status is non-zero when M > 0.
 # --keep leaves the scratch directory (task outputs, temp roots) for inspection.
@@ -36,45 +38,19 @@ cleanup() {
 }
 trap cleanup EXIT
 
-passed=0
-failed=0
-failures=()
-
-# run_check NAME FUNCTION: runs FUNCTION with its output indented; PASS/FAIL by exit status.
-run_check() {
-    local name=$1 func=$2 log=$SCRATCH/check.log rc
-    printf '==> %s\n' "$name"
-    "$func" >"$log" 2>&1
-    rc=$?
-    sed 's/^/    /' "$log"
-    if [ "$rc" -eq 0 ]; then
-        printf 'PASS %s\n' "$name"
-        passed=$((passed + 1))
-    else
-        printf 'FAIL %s\n' "$name"
-        failed=$((failed + 1))
-        failures+=("$name")
-    fi
-}
-
-need() {
-    local tool
-    for tool in "$@"; do
-        if ! command -v "$tool" >/dev/null 2>&1; then
-            echo "missing tool '$tool' (see the apt packages at the top of $0)"
-            return 1
-        fi
-    done
-}
+# shellcheck disable=SC1091 # check-lib.sh is linted on its own
+. "$LAYER/scripts/check-lib.sh"
 
 # ---- outputs of the recipes' own tasks (check_bitbake_tasks) ------------------------
 
 BB=$SCRATCH/bb
 work_of() { printf '%s' "$BB/tmp/work/$1"; }
 AGENT_IMAGE=$BB/tmp/work/ddi-agent/image
+# The machine-arch part of the agent's files (config template, defaults, sandbox drop-in).
+CONFIG_IMAGE=$BB/tmp/work/ddi-agent-config/image
 
 need_task_outputs() {
-    if [ ! -f "$AGENT_IMAGE/usr/lib/systemd/system/ddi-agent.service" ]; then
+    if [ ! -f "$AGENT_IMAGE/usr/lib/systemd/system/ddi-agent.service" ] || [ ! -f "$CONFIG_IMAGE/etc/ddi-agent/config.toml.in" ]; then
         echo "needs the files the recipes' tasks produce: see the failed bitbake check above"
         return 1
     fi
@@ -101,6 +77,12 @@ check_crates_vendoring() {
     # when they are there); vendor-check.py then works offline from that cache.
     (cd "$REPO" && cargo fetch --locked -q) || return 1
     python3 "$LAYER/scripts/vendor-check.py" "$LAYER/recipes-ddi/ddi-agent/ddi-agent-crates.inc" "$REPO" "$SCRATCH/vendor"
+}
+
+check_crate_licenses() {
+    need cargo || return 1
+    (cd "$REPO" && cargo fetch --locked -q) || return 1
+    python3 "$LAYER/scripts/crate-licenses.py" "$LAYER/recipes-ddi/ddi-agent/ddi-workspace.inc" "$REPO" ddi-agent bootctl ddi-bundle
 }
 
 check_gen_crates_inc_tests() {
@@ -238,7 +220,7 @@ check_bitbake_tasks() {
     head -c 65536 /dev/urandom | gzip -c >"$deploy/ddi-image-minimal-qemux86-64.rootfs.ext4.gz"
 
     local task
-    for task in ddi-agent.do_install ddi-fw-env.do_install ddi-uboot-env.do_compile ddi-uboot-env.do_deploy \
+    for task in ddi-agent.do_install ddi-agent-config.do_install ddi-fw-env.do_install ddi-uboot-env.do_compile ddi-uboot-env.do_deploy \
         ddi-bootscript.do_compile ddi-bootscript.do_deploy ddi-image-minimal.ddi_rootfs_layout \
         ddi-image-minimal.do_ddi_bundle; do
         if ! PATH="$shims:$PATH" sh "$BB/tasks/$task.sh" >"$BB/$task.log" 2>&1; then
@@ -251,7 +233,13 @@ check_bitbake_tasks() {
 
     echo "-- ddi-agent: installed files"
     (cd "$AGENT_IMAGE" && find . \( -type f -o -type l \) | sort | sed 's/^/   /')
-    if [ "$(readlink "$AGENT_IMAGE/etc/ddi-agent/config.toml")" != /run/ddi-agent/config.toml ]; then
+    echo "-- ddi-agent-config: installed files"
+    (cd "$CONFIG_IMAGE" && find . \( -type f -o -type l \) | sort | sed 's/^/   /')
+    if [ -e "$AGENT_IMAGE/etc" ]; then
+        echo "ddi-agent (one package per CPU tune) installs configuration: it belongs in ddi-agent-config"
+        return 1
+    fi
+    if [ "$(readlink "$CONFIG_IMAGE/etc/ddi-agent/config.toml")" != /run/ddi-agent/config.toml ]; then
         echo "/etc/ddi-agent/config.toml should link to the rendered /run/ddi-agent/config.toml"
         return 1
     fi
@@ -279,12 +267,13 @@ check_rauc_scheme() {
     need_task_outputs || return 1
     need fw_printenv || return 1
     local rbb=$SCRATCH/bb-rauc task shims=$SCRATCH/shims
-    BBPARSE_LOCAL_CONF="DDI_SCHEME=rauc DDI_BOOT_ATTEMPTS=12" PYTHONPATH=$SCRATCH/pystubs \
+    BBPARSE_LOCAL_CONF="DDI_SCHEME=rauc DDI_BOOT_ATTEMPTS=12 DDI_ENV_FILE_1=ddi-a.env DDI_ENV_FILE_2=ddi-b.env DDI_ENV_SIZE=0x8000 DDI_BOOT_SCRATCH_ADDR=0x50000000" \
+        PYTHONPATH=$SCRATCH/pystubs \
         "$VENV/bin/python" "$LAYER/scripts/bbparse.py" "$LAYER" "$rbb" >"$rbb.log" 2>&1 || {
         cat "$rbb.log"
         return 1
     }
-    for task in ddi-agent.do_install ddi-fw-env.do_install ddi-uboot-env.do_compile ddi-uboot-env.do_deploy \
+    for task in ddi-agent.do_install ddi-agent-config.do_install ddi-fw-env.do_install ddi-uboot-env.do_compile ddi-uboot-env.do_deploy \
         ddi-bootscript.do_compile ddi-bootscript.do_deploy; do
         if ! PATH="$shims:$PATH" sh "$rbb/tasks/$task.sh" >"$rbb/$task.log" 2>&1; then
             echo "task $task failed:"
@@ -296,6 +285,16 @@ check_rauc_scheme() {
         echo "boot.scr is not the rauc script"
         return 1
     }
+    # The script follows the env names and size and the scratch address.
+    local cmd=$rbb/tmp/work/ddi-bootscript/sources/boot.cmd
+    if [ ! -f "$cmd" ] || ! grep -q 'ddi-a\.env' "$cmd" || ! grep -q 'ddi-b\.env' "$cmd" ||
+        grep -qE 'uboot(-redund)?\.env|\b0x4000\b|\b0x3fff\b|\b0x60[0-9a-f]{5}\b' "$cmd" ||
+        ! grep -q 'env import -c 0x50000001 0x7fff' "$cmd"; then
+        echo "boot.cmd does not use DDI_ENV_FILE_1/2, DDI_ENV_SIZE, DDI_BOOT_SCRATCH_ADDR:"
+        grep -nE 'fatload|fatwrite|env import' "$cmd"
+        return 1
+    fi
+    echo "boot script: ddi-a.env/ddi-b.env, 0x8000 bytes, scratch at 0x50000000"
     local dir=$SCRATCH/env-rauc
     mkdir -p "$dir"
     cp "$rbb"/tmp/work/ddi-uboot-env/deploy/*.env "$dir/"
@@ -314,7 +313,7 @@ check_rauc_scheme() {
         return 1
     fi
     echo "initial env: BOOT_ORDER=A B, BOOT_A_LEFT=c, BOOT_B_LEFT=c (12 attempts, hex)"
-    local config=$rbb/tmp/work/ddi-agent/image/etc/ddi-agent/config.toml.in
+    local config=$rbb/tmp/work/ddi-agent-config/image/etc/ddi-agent/config.toml.in
     if ! grep -qx 'scheme = "rauc"' "$config" || ! grep -qx 'attempts = 12' "$config"; then
         echo "agent config does not follow DDI_SCHEME/DDI_BOOT_ATTEMPTS:"
         grep -A4 '^\[boot\]' "$config"
@@ -325,7 +324,7 @@ check_rauc_scheme() {
 
 check_templates_render() {
     need_task_outputs || return 1
-    local out=$SCRATCH/render template=$AGENT_IMAGE/etc/ddi-agent/config.toml.in rc
+    local out=$SCRATCH/render template=$CONFIG_IMAGE/etc/ddi-agent/config.toml.in rc
     mkdir -p "$out"
     printf 'test-token-123\n' >"$out/target-token"
     echo "-- render-config: static id + target token file"
@@ -367,9 +366,9 @@ PYEOF
         sh "$AGENT_FILES/render-config" "$template" "$out/config-mac.toml" || return 1
     grep -qx 'controller_id = "fixed"' "$out/config-mac.toml" || { echo "static: must not use the stored id"; return 1; }
     echo "-- the defaults file the unit reads names machine-id and the token files"
-    grep -qx 'DDI_CONTROLLER_ID_SOURCE=machine-id' "$AGENT_IMAGE/etc/default/ddi-agent" || return 1
-    grep -qx 'DDI_TARGET_TOKEN_FILE=/data/ddi-agent/target-token' "$AGENT_IMAGE/etc/default/ddi-agent" || return 1
-    grep -qx 'DDI_CONTROLLER_ID_FILE=/data/ddi-agent/controller-id' "$AGENT_IMAGE/etc/default/ddi-agent" || return 1
+    grep -qx 'DDI_CONTROLLER_ID_SOURCE=machine-id' "$CONFIG_IMAGE/etc/default/ddi-agent" || return 1
+    grep -qx 'DDI_TARGET_TOKEN_FILE=/data/ddi-agent/target-token' "$CONFIG_IMAGE/etc/default/ddi-agent" || return 1
+    grep -qx 'DDI_CONTROLLER_ID_FILE=/data/ddi-agent/controller-id' "$CONFIG_IMAGE/etc/default/ddi-agent" || return 1
     echo "-- render-config: refuses unsafe values with exit 3"
     DDI_CONTROLLER_ID_SOURCE='static:bad"id' sh "$AGENT_FILES/render-config" "$template" "$out/bad.toml" 2>"$out/bad.err"
     rc=$?
@@ -404,7 +403,7 @@ make_unit_root() {
     need_task_outputs || return 1
     mkdir -p "$root/usr/lib/systemd" "$root/usr/bin"
     cp -a /usr/lib/systemd/system "$root/usr/lib/systemd/" || return 1
-    cp -a "$AGENT_IMAGE/." "$root/" || return 1
+    cp -a "$AGENT_IMAGE/." "$CONFIG_IMAGE/." "$root/" || return 1
     ln -sfn usr/lib "$root/lib"
     ln -sfn usr/bin "$root/bin"
     # What systemd's own tmpfiles.d/legacy.conf provides on a real system.
@@ -485,6 +484,11 @@ check_boot_scripts() {
     need_task_outputs || return 1
     if ! mkimage -l "$(work_of ddi-bootscript)/deploy/boot.scr" | grep -q 'Image Name:.*(bootcount)'; then
         echo "the ddi-bootscript recipe did not deploy the bootcount boot.scr"
+        return 1
+    fi
+    # With the default variables the recipe compiles the very source the qemu/ tests boot.
+    if ! cmp "$BOOTSCRIPT_FILES/boot-bootcount.cmd" "$(work_of ddi-bootscript)/sources/boot.cmd"; then
+        diff "$BOOTSCRIPT_FILES/boot-bootcount.cmd" "$(work_of ddi-bootscript)/sources/boot.cmd" | head -20
         return 1
     fi
     echo "the ddi-bootscript recipe deploys boot.scr for DDI_SCHEME=bootcount"
@@ -608,11 +612,17 @@ check_shellcheck() {
     return $status
 }
 
+# The layer parsed by the real OE-core (its own PASS/FAIL lines are in the output).
+check_real_oe_core() {
+    bash "$LAYER/scripts/check-oe-core.sh"
+}
+
 # ---- run ------------------------------------------------------------------------------
 
 echo "meta-ddi offline checks ($LAYER)"
 run_check "crates.inc matches Cargo.lock" check_crates_inc
 run_check "crates.inc is enough for cargo --frozen (checksums, vendored like bitbake)" check_crates_vendoring
+run_check "LICENSE covers every linked crate" check_crate_licenses
 run_check "gen-crates-inc unit tests" check_gen_crates_inc_tests
 run_check "layer.conf (collection ddi, _ddi variables, whinlatter+wrynose)" check_layer_conf
 run_check "oelint-adv $OELINT_ADV_VERSION: no findings (warning/error)" check_oelint
@@ -627,10 +637,6 @@ run_check "initial redundant env (ddi-uboot-env + ddi-fw-env) reads back" check_
 run_check "wks: boot, slot A, slot B (equal size), data" check_wks
 run_check "kas file matches the kas schema" check_kas
 run_check "shellcheck (layer scripts and recipe shell tasks)" check_shellcheck
+run_check "the layer against the real OE-core (check-oe-core.sh)" check_real_oe_core
 
-echo
-if [ "$failed" -gt 0 ]; then
-    printf 'failed: %s\n' "${failures[@]}"
-fi
-echo "check-layer: $passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+report_checks check-layer

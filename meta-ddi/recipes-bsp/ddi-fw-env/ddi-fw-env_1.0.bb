@@ -32,4 +32,7 @@ do_install() {
 }
 
 FILES:${PN} += "${DDI_FW_ENV_CONFIG}"
+# OE-core's u-boot recipe puts a BSP's fw_env.config into u-boot-env: one image cannot
+# hold both files. Use the BSP's file instead with DDI_FW_ENV_PROVIDER = "u-boot-env".
+RCONFLICTS:${PN} = "u-boot-env"
 CONFFILES:${PN} = "${DDI_FW_ENV_CONFIG}"

@@ -19,10 +19,26 @@ inherit deploy nopackages ddi_defaults
 PACKAGE_ARCH = "${MACHINE_ARCH}"
 
 # Board variables the boot script reads from the environment (see its header).
-DDI_CONSOLE ??= "ttyS0,115200"
+# The kernel console: the machine's first SERIAL_CONSOLES entry (ttyS0,115200 without one).
+DDI_CONSOLE ??= "${@ddi_first_serial_console(d)}"
 DDI_KERNEL_ARGS ??= ""
-# More NAME=value lines for the initial environment, separated by spaces.
+# The U-Boot command that boots the loaded kernel (bootctl_boot). Empty: the boot script's
+# x86 default (zboot). It runs after the script imported the stored environment, where
+# ${ddi_kaddr} (kernel), ${ddi_raddr} (initrd), ${filesize} (initrd size) and ${ddi_fdt}
+# (U-Boot's control device tree) are set; BitBake leaves these names as they are.
+DDI_BOOT_COMMAND ??= ""
+DDI_BOOT_COMMAND:aarch64 ??= "booti ${ddi_kaddr} ${ddi_raddr}:${filesize} ${ddi_fdt}"
+# More NAME=value words for the initial environment, separated by spaces (so a value
+# cannot hold a space: the boot command has DDI_BOOT_COMMAND).
 DDI_INITIAL_ENV_EXTRA ??= ""
+
+def ddi_first_serial_console(d):
+    """'ttyAMA0,115200' from SERIAL_CONSOLES = "115200;ttyAMA0 ..." (the kernel's console= form)."""
+    for entry in (d.getVar("SERIAL_CONSOLES") or "").split():
+        speed, _, tty = entry.partition(";")
+        if tty:
+            return "%s,%s" % (tty, speed)
+    return "ttyS0,115200"
 
 do_configure[noexec] = "1"
 
@@ -39,6 +55,9 @@ do_compile() {
         echo "bootctl_console=${DDI_CONSOLE}"
         if [ -n "${DDI_KERNEL_ARGS}" ]; then
             echo "bootctl_args=${DDI_KERNEL_ARGS}"
+        fi
+        if [ -n '${DDI_BOOT_COMMAND}' ]; then
+            echo 'bootctl_boot=${DDI_BOOT_COMMAND}'
         fi
         for line in ${DDI_INITIAL_ENV_EXTRA}; do
             echo "$line"

@@ -19,6 +19,9 @@ DDI_DATA_PART_SIZE ??= "128M"
 
 IMAGE_FSTYPES:append = " wic wic.qcow2"
 WKS_FILE = "ddi-ab.wks.in"
+# U-Boot and boot.scr boot this disk: wic needs none of GRUB, systemd-boot or syslinux
+# (WKS_FILE_DEPENDS_BOOTLOADERS has per-arch overrides, so set the whole list).
+WKS_FILE_DEPENDS = "${WKS_FILE_DEPENDS_DEFAULT}"
 IMAGE_BOOT_FILES = "boot.scr ${DDI_ENV_FILE_1} ${DDI_ENV_FILE_2}"
 do_image_wic[depends] += "ddi-bootscript:do_deploy ddi-uboot-env:do_deploy"
 
