@@ -416,14 +416,20 @@ fn rolled_back(params: &Params, s: &mut State, actions: &mut Vec<Action>, job: J
         "rolled back to slot {booted} after {} attempts: slot {} did not boot",
         params.attempts, job.target
     );
+    // The bootloader may still list the failed slot (rauc: in BOOT_ORDER, to be tried again once
+    // the running slot's attempts run out): take it out.
+    fail_job(s, actions, &job, message);
+}
+
+/// Ends the job `closed`/`failure` with `message`, its slot marked bad (one save, none when it
+/// already is), the result durable and its delivery tried.
+fn fail_job(s: &mut State, actions: &mut Vec<Action>, job: &Job, message: String) {
     s.queue(
         Channel::Deployment,
         &job.link,
         Feedback::new(&job.action_id, Execution::Closed, Finished::Failure).detail(message.clone()),
     );
     s.finish(&job.action_id, ResultKind::Failure, message);
-    // The bootloader may still list the failed slot (rauc: in BOOT_ORDER, to be tried again once
-    // the running slot's attempts run out): take it out.
     actions.extend([
         Action::MarkBad(job.target),
         Action::Persist,
@@ -442,18 +448,8 @@ fn job_slot_running_unverified(s: &mut State, actions: &mut Vec<Action>, job: Jo
         job.target,
         job.target.other()
     );
-    s.queue(
-        Channel::Deployment,
-        &job.link,
-        Feedback::new(&job.action_id, Execution::Closed, Finished::Failure).detail(message.clone()),
-    );
-    s.finish(&job.action_id, ResultKind::Failure, message);
-    actions.extend([
-        Action::MarkBad(job.target),
-        Action::Persist,
-        Action::DeliverOutbox,
-        Action::Reboot,
-    ]);
+    fail_job(s, actions, &job, message);
+    actions.push(Action::Reboot);
 }
 
 /// Picks the artifact to install, or says why the layout cannot be honoured.
@@ -600,18 +596,7 @@ fn on_deployment(
                         "slot {} could not be activated ({} tries); slot marked bad",
                         job.target, job.activations
                     );
-                    s.queue(
-                        Channel::Deployment,
-                        &job.link,
-                        Feedback::new(&job.action_id, Execution::Closed, Finished::Failure)
-                            .detail(message.clone()),
-                    );
-                    s.finish(&job.action_id, ResultKind::Failure, message);
-                    actions.extend([
-                        Action::MarkBad(job.target),
-                        Action::Persist,
-                        Action::DeliverOutbox,
-                    ]);
+                    fail_job(s, actions, &job, message);
                 }
                 Phase::Installed(_) => {
                     s.phase = Phase::Installed(job.clone());
