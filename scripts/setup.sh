@@ -131,10 +131,11 @@ missing_tools=()    # crate@version
 need_venv=0
 need_rust=0
 need_apt_lists=0
+need_history=0
 
 probe() {
     missing_debs=() missing_lines=() missing_components=() missing_targets=() missing_tools=()
-    need_venv=0 need_rust=0 need_apt_lists=0
+    need_venv=0 need_rust=0 need_apt_lists=0 need_history=0
     local line stage_list package proofs proof lacking entry name crate program installed
     for line in "${debian_requirements[@]}"; do
         read -r stage_list package proofs <<<"$line"
@@ -201,6 +202,13 @@ probe() {
         need_venv=1
         missing_lines+=("Python venv of the layer check: $VENV_PINS (stages layer)")
     fi
+    # The two-version tests build an earlier agent and the layer checks its SRCREV: both need
+    # the commits before this one.
+    if wanted cargo,layer &&
+        [ "$(git -C "$root" rev-parse --is-shallow-repository 2>/dev/null)" = true ]; then
+        need_history=1
+        missing_lines+=("the git history of this clone (it is shallow; stages cargo, layer)")
+    fi
 }
 
 # The commands that install what probe found missing, one per line.
@@ -218,6 +226,7 @@ install_commands() {
     [ ${#missing_components[@]} -eq 0 ] || echo "  rustup component add ${missing_components[*]}"
     [ ${#missing_targets[@]} -eq 0 ] || echo "  rustup target add ${missing_targets[*]}"
     [ ${#missing_tools[@]} -eq 0 ] || echo "  cargo install --locked ${missing_tools[*]}"
+    [ "$need_history" = 0 ] || echo "  git -C $root fetch --unshallow"
     [ "$need_venv" = 0 ] || echo "  python3 -m venv $VENV && $VENV/bin/pip install $VENV_PINS && echo '$VENV_PINS' >$VENV/.ddi-pins"
 }
 
@@ -275,6 +284,10 @@ done
 if [ "$need_venv" = 1 ]; then
     echo "setup: Python venv for the layer check ($VENV_PINS)"
     ensure_venv
+fi
+if [ "$need_history" = 1 ]; then
+    echo "setup: git fetch --unshallow (the tests need earlier commits)"
+    git -C "$root" fetch --quiet --unshallow
 fi
 
 # Whatever is still missing now was not installed by the step meant for it.
