@@ -261,6 +261,14 @@ pub struct SinkPlan {
     pub checkpoint_interval: u64,
 }
 
+impl SinkPlan {
+    /// A raw image that is not in a bundle is the artifact byte for byte (including a resumed
+    /// prefix, which both hashes covered), so its sha256 artifact hash is the image hash.
+    fn artifact_is_image_sha256(&self) -> bool {
+        self.bundle.is_none() && self.algorithm == HashAlgorithm::Sha256
+    }
+}
+
 impl ImageSink for SlotWriter<'_> {
     fn expect_size(&mut self, size: u64) -> Result<(), InstallError> {
         SlotWriter::expect_size(self, size)
@@ -352,10 +360,6 @@ fn write_image<R: Read>(
     counters: &Counters,
 ) -> Result<Format, InstallError> {
     let offset = || counters.consumed();
-    let resumable = plan.bundle.is_none();
-    // A raw image that is not in a bundle is the artifact byte for byte (including a resumed
-    // prefix, which both hashes covered), so its sha256 artifact hash is the image hash.
-    let artifact_is_image_sha256 = plan.bundle.is_none() && plan.algorithm == HashAlgorithm::Sha256;
     if plan.start > 0 {
         if plan.bundle.is_some() {
             // A resumed prefix would never pass the bundle reader: the caller never does this.
@@ -364,10 +368,10 @@ fn write_image<R: Read>(
             ));
         }
         // Only raw images are resumed (see resume.rs).
-        if artifact_is_image_sha256 {
+        if plan.artifact_is_image_sha256() {
             writer.leave_hash_to_caller();
         }
-        copy_all(hashing, writer, Format::Raw, plan, resumable, &offset)?;
+        copy_all(hashing, writer, Format::Raw, plan, true, &offset)?;
         return Ok(Format::Raw);
     }
     let reader: Box<dyn Read + '_> = match &plan.bundle {
@@ -410,7 +414,6 @@ fn decode_into_slot<R: Read>(
 ) -> Result<Format, InstallError> {
     let offset = || counters.consumed();
     let resumable = plan.bundle.is_none();
-    let artifact_is_image_sha256 = plan.bundle.is_none() && plan.algorithm == HashAlgorithm::Sha256;
     let member = plan.archive_member.as_deref();
     if decode::is_gzip(head) {
         let mut gz = MultiGzDecoder::new(sniffed);
@@ -443,7 +446,7 @@ fn decode_into_slot<R: Read>(
                 writer.expect_size(total)?;
             }
         }
-        if artifact_is_image_sha256 {
+        if plan.artifact_is_image_sha256() {
             writer.leave_hash_to_caller();
         }
         copy_all(sniffed, writer, Format::Raw, plan, resumable, &offset)?;
