@@ -207,31 +207,14 @@ impl Shared {
             source,
         };
         let json = serde_json::to_vec_pretty(st).map_err(|e| err(std::io::Error::other(e)))?;
-        write_atomically(path, &json).map_err(err)
+        // The state file survives a crash mid-write.
+        bootctl::fsutil::write_atomic(path, &json, 0o666).map_err(|e| err(e.into()))
     }
 
     /// Directory for uploaded artifact files.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }
-}
-
-/// temp file, fsync, rename, fsync dir: the state file survives a crash mid-write.
-fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("state")
-    ));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Builds the shared state from options (loading the state file if present).
