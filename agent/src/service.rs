@@ -335,7 +335,7 @@ async fn run(mut driver: RealDriver, reboot_timeout: Duration) -> u8 {
                 };
                 notify(&[NotifyState::Status(&status)]);
                 let server_sleep = r.sleep.unwrap_or(Duration::from_secs(300));
-                let jitter = (crate::ddi::client::pseudo_random() % 1001) as f64 / 1000.0;
+                let jitter = crate::http_policy::jitter_unit();
                 let sleep = poll_interval(server_sleep, jitter);
                 if sleep != server_sleep {
                     debug!(
@@ -350,8 +350,11 @@ async fn run(mut driver: RealDriver, reboot_timeout: Duration) -> u8 {
                 failures += 1;
                 warn!(error = %e, failures, "cycle not completed");
                 notify(&[NotifyState::Status(&format!("cycle not completed: {e}"))]);
-                let base = Duration::from_secs(30);
-                crate::ddi::client::backoff(base, failures).min(Duration::from_secs(600))
+                let cycle_backoff = crate::http_policy::Backoff {
+                    first: Duration::from_secs(30),
+                    max: Duration::from_secs(300),
+                };
+                cycle_backoff.delay(failures)
             }
         };
         tokio::select! {
