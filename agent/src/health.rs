@@ -25,6 +25,16 @@ pub enum HealthCheck {
     Argv(Vec<String>),
 }
 
+impl HealthCheck {
+    /// Nothing to run: a blank shell string or an argv without a program.
+    pub fn is_empty(&self) -> bool {
+        match self {
+            HealthCheck::Shell(s) => s.trim().is_empty(),
+            HealthCheck::Argv(v) => v.first().is_none_or(|p| p.is_empty()),
+        }
+    }
+}
+
 impl fmt::Display for HealthCheck {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -14,15 +14,26 @@ use ddi_bundle::{looks_like_bundle, BundleError, BundleReader, Policy, PublicKey
 
 use super::InstallError;
 
-/// The signature policy from the `[bundle]` configuration.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The signature policy: the `[bundle]` table of the configuration, read straight into this.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BundlePolicy {
     /// Public keys accepted for bundle signatures.
+    #[serde(default)]
     pub trusted_keys: Vec<PathBuf>,
     /// Refuse artifacts that are not signed bundles.
+    #[serde(default)]
     pub require_signature: bool,
     /// The `compatible` string a bundle must name.
     pub compatible: Option<String>,
+}
+
+impl BundlePolicy {
+    /// The policy for an install request: `None` (plain images only) when no key is trusted
+    /// and no signature is required.
+    pub fn for_install(&self) -> Option<BundlePolicy> {
+        (self.require_signature || !self.trusted_keys.is_empty()).then(|| self.clone())
+    }
 }
 
 /// Bytes read ahead to recognise a bundle: one tar header.
