@@ -784,7 +784,7 @@ pub struct Checks {
 
 impl HealthChecker for Checks {
     async fn check(&self) -> Result<(), String> {
-        crate::health::run_checks_async(self.checks.clone(), self.timeout)
+        crate::health::run_checks(&self.checks, self.timeout)
             .await
             .map_err(|f| f.to_string())
     }
