@@ -1,5 +1,5 @@
-//! Health checks run after a reboot into a new slot (on `tokio::process`): each configured command must exit 0
-//! within the timeout. A string runs through `sh -c`, an array is an argv. Each check runs in
+//! Health checks run after a reboot into a new slot, on `tokio::process`: each configured
+//! command must exit 0 within the timeout. A string runs through `sh -c`, an array is an argv. Each check runs in
 //! its own process group, so a timeout kills the check and everything it started; the
 //! failure carries the command, how it ended and the tail of its output (stdout and stderr
 //! interleaved).
