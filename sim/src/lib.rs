@@ -41,7 +41,7 @@
 //!
 //! # Rust API (for tests)
 //! ```no_run
-//! use ddi_tests::server::{Assignment, Fault, FaultKind, ServerOptions, TestServer};
+//! use ddi_sim::{Assignment, Fault, FaultKind, ServerOptions, TestServer};
 //! use std::time::Duration;
 //!
 //! let server = TestServer::start(ServerOptions::default().polling(Duration::from_secs(1)));

@@ -1,5 +1,5 @@
 //! The management interface over HTTP (`/mgmt/...`, JSON, documented in the module doc of
-//! [`crate::server`]) and the JSON views it shares with the Rust API and the `ddi-sim` client.
+//! [`crate`]) and the JSON views it shares with the Rust API and the `ddi-sim` client.
 
 use super::model::{
     now_ms, Action, ActionStatus, ActionType, Artifact, Assignment, Config, FeedbackRecord,

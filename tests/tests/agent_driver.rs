@@ -17,7 +17,7 @@ use ddi_agent::driver::{
 use ddi_agent::install::{InstallRequest, Progress};
 use ddi_agent::machine::{InstallFailure, Phase, Slot};
 use ddi_agent::persist::Store;
-use ddi_tests::server::{ActionStatus, Assignment, ServerOptions, TestServer};
+use ddi_sim::{ActionStatus, Assignment, ServerOptions, TestServer};
 
 const TARGET: &str = "drv-1";
 const TOKEN: &str = "driver-token";

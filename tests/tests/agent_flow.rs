@@ -5,12 +5,12 @@
 use std::time::Duration;
 
 use bootctl::scheme::Slot;
-use ddi_tests::device::{DeviceOptions, FileDevice, Image};
-use ddi_tests::harness::{Background, CommandOutput};
-use ddi_tests::server::{
+use ddi_sim::{
     ActionStatus, Assignment, Endpoint, Fault, FaultKind, HawkbitVersion, MaintenanceWindow,
     ServerOptions, TestServer,
 };
+use ddi_tests::device::{DeviceOptions, FileDevice, Image};
+use ddi_tests::harness::{Background, CommandOutput};
 
 const TARGET: &str = "dev-1";
 const TOKEN: &str = "s3cret-target-token";
@@ -187,8 +187,8 @@ fn soft_and_timeforced_updates_complete() {
     let rig = Rig::new();
     full_update(&rig, &Assignment::soft());
     let rig = Rig::new();
-    let mut how = Assignment::new(ddi_tests::server::ActionType::Timeforced);
-    how.forced_at_ms = Some(ddi_tests::server::model::now_ms() + 3_600_000);
+    let mut how = Assignment::new(ddi_sim::ActionType::Timeforced);
+    how.forced_at_ms = Some(ddi_sim::model::now_ms() + 3_600_000);
     full_update(&rig, &how);
 }
 
@@ -214,7 +214,7 @@ fn maintenance_window_writes_now_and_activates_when_open() {
     let rig = Rig::new();
     let image = Image::good("4.0", IMAGE_SIZE);
     let mut how = Assignment::forced();
-    let opens = ddi_tests::server::model::now_ms() + 4_000;
+    let opens = ddi_sim::model::now_ms() + 4_000;
     how.maintenance = Some(MaintenanceWindow {
         start_ms: opens,
         duration_ms: 600_000,
@@ -240,7 +240,7 @@ fn maintenance_window_writes_now_and_activates_when_open() {
         "{}",
         out.describe()
     );
-    while ddi_tests::server::model::now_ms() < opens + 200 {
+    while ddi_sim::model::now_ms() < opens + 200 {
         std::thread::sleep(Duration::from_millis(200));
     }
     rig.once_expect(0);
@@ -318,7 +318,7 @@ fn cancel_before_activation_stops_and_leaves_slot_bad() {
     let rig = Rig::new();
     let mut how = Assignment::forced();
     how.maintenance = Some(MaintenanceWindow {
-        start_ms: ddi_tests::server::model::now_ms() + 3_600_000,
+        start_ms: ddi_sim::model::now_ms() + 3_600_000,
         duration_ms: 60_000,
         every_ms: None,
     });
@@ -497,7 +497,7 @@ fn malformed_poll_answer_fails_the_cycle() {
 
 #[test]
 fn hash_mismatch_fails_without_activation() {
-    use ddi_tests::server::{Fault, FaultKind};
+    use ddi_sim::{Fault, FaultKind};
     let rig = Rig::new();
     rig.server.add_fault(Fault::new(FaultKind::WrongHash));
     let action = rig.deploy(&Image::good("10.0", IMAGE_SIZE), &Assignment::forced());

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use bootctl::scheme::Slot;
+use ddi_sim::{ActionStatus, Assignment, ServerOptions, TestServer};
 use ddi_tests::device::{DeviceOptions, FileDevice, Image};
-use ddi_tests::server::{ActionStatus, Assignment, ServerOptions, TestServer};
 
 const TARGET: &str = "guard-1";
 const TOKEN: &str = "guard-token";

@@ -10,12 +10,10 @@
 use std::time::{Duration, Instant};
 
 use bootctl::scheme::Slot;
+use ddi_sim::{ActionStatus, Assignment, Endpoint, Fault, FaultKind, ServerOptions, TestServer};
 use ddi_tests::device::{DeviceOptions, FileDevice, Image};
 use ddi_tests::harness::Background;
 use ddi_tests::harness::Rng;
-use ddi_tests::server::{
-    ActionStatus, Assignment, Endpoint, Fault, FaultKind, ServerOptions, TestServer,
-};
 
 const TARGET: &str = "dev-kill";
 const TOKEN: &str = "kill-token";

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use bootctl::scheme::Slot;
 use ddi_bundle::{create_bundle, generate_keypair, CreateOptions, SecretKey};
+use ddi_sim::{Assignment, ServerOptions, TestServer};
 use ddi_tests::demo::{closed_result, ended_as, summary};
 use ddi_tests::device::{tar_member_ranges, DeviceOptions, FileDevice, Image};
-use ddi_tests::server::{Assignment, ServerOptions, TestServer};
 
 const CONTROLLER: &str = "bundle-e2e";
 const TOKEN: &str = "bundle-e2e-token";

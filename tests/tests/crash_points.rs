@@ -53,10 +53,10 @@ use std::time::{Duration, Instant};
 use bootctl::scheme::{self, bootcount_vars, rauc_vars, SchemeKind, Slot};
 use bytes::Bytes;
 use ddi_bundle::{create_bundle, generate_keypair, CreateOptions};
+use ddi_sim::{Assignment, ServerOptions, TestServer};
 use ddi_tests::demo::{closed_result, ended_as, summary};
 use ddi_tests::device::{DeviceOptions, FileDevice, Health, Image};
 use ddi_tests::harness::{env_number, run_with_timeout};
-use ddi_tests::server::{Assignment, ServerOptions, TestServer};
 
 const TOKEN: &str = "crash-token";
 const COMPATIBLE: &str = "acme-gw-rev2";

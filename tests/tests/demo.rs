@@ -6,9 +6,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use bootctl::SchemeKind;
+use ddi_sim::{ActionStatus, Channel, FeedbackRecord};
 use ddi_tests::demo::{self, DemoOptions};
 use ddi_tests::harness::run_with_timeout;
-use ddi_tests::server::{ActionStatus, Channel, FeedbackRecord};
 
 fn closing_feedback(feedback: &[FeedbackRecord]) -> Vec<&FeedbackRecord> {
     feedback

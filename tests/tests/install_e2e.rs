@@ -6,9 +6,9 @@
 use std::time::Duration;
 
 use bootctl::scheme::Slot;
+use ddi_sim::{Assignment, Fault, FaultKind, ServerOptions, TestServer};
 use ddi_tests::demo::{closed_result, ended_as, summary};
 use ddi_tests::device::{self, DeviceOptions, FileDevice, Image};
-use ddi_tests::server::{Assignment, Fault, FaultKind, ServerOptions, TestServer};
 
 const CONTROLLER: &str = "install-e2e";
 const TOKEN: &str = "install-e2e-token";

@@ -14,10 +14,10 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bootctl::scheme::Slot;
+use ddi_sim::{Assignment, ServerOptions, TestServer};
 use ddi_tests::demo::{closed_result, ended_as, summary};
 use ddi_tests::device::{DeviceOptions, FileDevice, Image};
 use ddi_tests::harness::{env_number, Rng};
-use ddi_tests::server::{Assignment, ServerOptions, TestServer};
 
 const TOKEN: &str = "kill-token";
 const AGENT_TIMEOUT: Duration = Duration::from_secs(60);

@@ -18,10 +18,10 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bootctl::scheme::Slot;
+use ddi_sim::{Assignment, Endpoint, Fault, FaultKind, ServerOptions, TestServer};
 use ddi_tests::demo::{closed_result, ended_as, summary};
 use ddi_tests::device::{DeviceOptions, FileDevice, Image};
 use ddi_tests::harness::{env_number, Rng};
-use ddi_tests::server::{Assignment, Endpoint, Fault, FaultKind, ServerOptions, TestServer};
 
 const TOKEN: &str = "faults-token";
 const AGENT_TIMEOUT: Duration = Duration::from_secs(90);

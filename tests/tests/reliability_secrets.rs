@@ -7,9 +7,9 @@
 
 use std::time::Duration;
 
+use ddi_sim::{Assignment, ServerOptions, TestServer};
 use ddi_tests::demo::{closed_result, ended_as, summary};
 use ddi_tests::device::{DeviceOptions, FileDevice, Image};
-use ddi_tests::server::{Assignment, ServerOptions, TestServer};
 
 /// Long and unusual, so that any leak (even a substring of it) is unmistakable.
 const TOKEN: &str = "s3cr3t-T0KEN-7f4e9a1c0b2d8e6f5a3c";

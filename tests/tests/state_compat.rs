@@ -16,12 +16,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bootctl::scheme::Slot;
-use ddi_tests::device::{DeviceOptions, FileDevice, Image};
-use ddi_tests::harness::{run_with_timeout, Background, CommandOutput};
-use ddi_tests::server::{
+use ddi_sim::{
     ActionStatus, Assignment, Endpoint, Fault, FaultKind, MaintenanceWindow, ServerOptions,
     TestServer,
 };
+use ddi_tests::device::{DeviceOptions, FileDevice, Image};
+use ddi_tests::harness::{run_with_timeout, Background, CommandOutput};
 
 const TARGET: &str = "dev-1";
 const TOKEN: &str = "s3cret-target-token";
@@ -235,7 +235,7 @@ impl Phase {
             Phase::Installed => {
                 let mut how = Assignment::forced();
                 how.maintenance = Some(MaintenanceWindow {
-                    start_ms: ddi_tests::server::model::now_ms() + 3_000,
+                    start_ms: ddi_sim::model::now_ms() + 3_000,
                     duration_ms: 600_000,
                     every_ms: None,
                 });

@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use bootctl::scheme::{rauc_vars, SchemeKind, Slot};
 use ddi_bundle::{create_bundle, generate_keypair, BundleReader, CreateOptions, Policy, SecretKey};
+use ddi_sim::{ActionView, Assignment, ServerOptions, TestServer};
 use ddi_tests::demo::{closed_result, ended_as, summary};
 use ddi_tests::device::{tar_member_ranges, tar_of, DeviceOptions, FileDevice, Health, Image};
-use ddi_tests::server::{ActionView, Assignment, ServerOptions, TestServer};
 
 const TOKEN: &str = "tamper-token";
 const COMPATIBLE: &str = "acme-gw-rev2";

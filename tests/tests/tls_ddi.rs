@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use ddi_agent::config::{Auth, ServerConfig};
 use ddi_agent::ddi::DdiClient;
-use ddi_tests::server::{ServerOptions, TestServer};
+use ddi_sim::{ServerOptions, TestServer};
 use rcgen::{
     date_time_ymd, BasicConstraints, Certificate, CertificateParams, DnType,
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,

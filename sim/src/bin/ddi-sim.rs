@@ -3,9 +3,9 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use ddi_tests::server::client::MgmtClient;
-use ddi_tests::server::model::{now_ms, parse_interval, ActionType, Assignment, MaintenanceWindow};
-use ddi_tests::server::{ActionView, Endpoint, Fault, FaultKind, HawkbitVersion, ServerOptions};
+use ddi_sim::client::MgmtClient;
+use ddi_sim::model::{now_ms, parse_interval, ActionType, Assignment, MaintenanceWindow};
+use ddi_sim::{ActionView, Endpoint, Fault, FaultKind, HawkbitVersion, ServerOptions};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
@@ -289,7 +289,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     opts.config.download_link_host = args.download_link_host;
     opts.state_file = args.state_file;
     opts.data_dir = args.data_dir;
-    let shared = ddi_tests::server::shared_from_options(&opts)?;
+    let shared = ddi_sim::shared_from_options(&opts)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -314,7 +314,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             let mut out = std::io::stdout();
             let _ = out.write_all(banner.as_bytes()).and_then(|_| out.flush());
         }
-        axum::serve(listener, ddi_tests::server::router(shared))
+        axum::serve(listener, ddi_sim::router(shared))
             .with_graceful_shutdown(async {
                 let _ = tokio::signal::ctrl_c().await;
             })
@@ -542,7 +542,7 @@ fn main() -> Result<()> {
 
 /// Text or JSON output of target lists.
 mod listing {
-    use ddi_tests::server::TargetView;
+    use ddi_sim::TargetView;
 
     pub trait Show {
         fn show(&self, json: bool);

@@ -1,10 +1,8 @@
 //! Cancellation with hawkBit's real semantics on the test server (spec §7, §12.4, §14).
 
-mod server_common;
-
-use ddi_tests::server::{ActionStatus, Assignment};
+use crate::common::*;
+use ddi_sim::{ActionStatus, Assignment};
 use serde_json::Value;
-use server_common::*;
 
 #[test]
 fn cancel_link_replaces_deployment_and_blocks_deployment_and_artifacts() {

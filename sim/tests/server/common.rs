@@ -1,7 +1,7 @@
-//! Shared setup of the `server_*` tests: a test server with one target and a raw DDI client.
+//! Shared setup of the server tests: a test server with one target and a raw DDI client.
 #![allow(dead_code)]
 
-use ddi_tests::server::{Assignment, ServerOptions, TestServer};
+use ddi_sim::{Assignment, ServerOptions, TestServer};
 use reqwest::blocking::{Client, RequestBuilder, Response};
 use serde_json::Value;
 

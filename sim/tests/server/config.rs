@@ -1,11 +1,9 @@
 //! configData, confirmationBase, auto-confirm and installedBase on the test server
 //! (spec §8, §9, §10).
 
-mod server_common;
-
-use ddi_tests::server::{ActionStatus, Assignment, HawkbitVersion, ServerOptions};
+use crate::common::*;
+use ddi_sim::{ActionStatus, Assignment, HawkbitVersion, ServerOptions};
 use serde_json::{json, Value};
-use server_common::*;
 use std::collections::BTreeMap;
 
 fn attrs(e: &Env) -> BTreeMap<String, String> {
@@ -216,7 +214,7 @@ fn confirmation_flow_confirm_and_deny() {
     assert_eq!(
         feedback
             .iter()
-            .filter(|f| f.channel == ddi_tests::server::Channel::Confirmation)
+            .filter(|f| f.channel == ddi_sim::Channel::Confirmation)
             .count(),
         4
     );

@@ -1,13 +1,9 @@
 //! deploymentBase and its feedback on the test server (spec §5, §6, §13, §14).
 
-mod server_common;
-
-use ddi_tests::server::model::now_ms;
-use ddi_tests::server::{
-    ActionStatus, Assignment, HawkbitVersion, MaintenanceWindow, ServerOptions,
-};
+use crate::common::*;
+use ddi_sim::model::now_ms;
+use ddi_sim::{ActionStatus, Assignment, HawkbitVersion, MaintenanceWindow, ServerOptions};
 use serde_json::Value;
-use server_common::*;
 
 fn modes(e: &Env, id: u64) -> (String, String, Option<String>) {
     let d = e.get_json(&format!("/deploymentBase/{id}"));

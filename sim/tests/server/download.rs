@@ -1,11 +1,9 @@
 //! Artifact list and download on the test server: Range (206/416), ETag, If-Match (412),
 //! If-Range, MD5SUM, streaming from disk (spec §11, §12).
 
-mod server_common;
-
-use ddi_tests::server::{Assignment, HawkbitVersion, ServerOptions};
+use crate::common::*;
+use ddi_sim::{Assignment, HawkbitVersion, ServerOptions};
 use serde_json::Value;
-use server_common::*;
 
 fn data(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i * 7 % 251) as u8).collect()

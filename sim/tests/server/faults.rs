@@ -1,10 +1,8 @@
 //! Fault injection of the test server: status codes with Retry-After, dropped and truncated
 //! downloads, slow links, wrong hashes, malformed JSON; per target or global, counted.
 
-mod server_common;
-
-use ddi_tests::server::{Assignment, Endpoint, Fault, FaultKind};
-use server_common::*;
+use crate::common::*;
+use ddi_sim::{Assignment, Endpoint, Fault, FaultKind};
 use std::time::{Duration, Instant};
 
 #[test]

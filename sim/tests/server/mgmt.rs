@@ -1,15 +1,13 @@
 //! The management interface of the test server: HTTP (`/mgmt`, via `MgmtClient`), the `ddi-sim`
 //! command line, and the state file.
 
-mod server_common;
-
-use ddi_tests::server::client::MgmtClient;
-use ddi_tests::server::model::now_ms;
-use ddi_tests::server::{
+use crate::common::*;
+use ddi_sim::client::MgmtClient;
+use ddi_sim::model::now_ms;
+use ddi_sim::{
     ActionStatus, ActionType, ActionView, Assignment, Fault, FaultKind, MaintenanceWindow,
     ServerOptions, TestServer,
 };
-use server_common::*;
 use std::io::BufRead;
 use std::process::{Command, Stdio};
 

@@ -1,9 +1,7 @@
 //! Root poll, authentication, content negotiation and ETag of the test server (spec §2-§4).
 
-mod server_common;
-
-use ddi_tests::server::{Assignment, HawkbitVersion, MaintenanceWindow, ServerOptions};
-use server_common::*;
+use crate::common::*;
+use ddi_sim::{Assignment, HawkbitVersion, MaintenanceWindow, ServerOptions};
 use std::time::Duration;
 
 #[test]
@@ -199,7 +197,7 @@ fn long_intervals_are_iso_8601_since_0_10_and_capped_before() {
 fn sleep_shortens_before_a_maintenance_window() {
     let e = env();
     e.server.configure(|c| c.min_polling_ms = 1000);
-    let start = ddi_tests::server::model::now_ms() + 600_000;
+    let start = ddi_sim::model::now_ms() + 600_000;
     let w = MaintenanceWindow {
         start_ms: start,
         duration_ms: 60_000,
@@ -220,7 +218,7 @@ fn sleep_shortens_before_a_maintenance_window() {
 #[test]
 fn lapsed_maintenance_schedule_cancels_the_action() {
     let e = env();
-    let now = ddi_tests::server::model::now_ms();
+    let now = ddi_sim::model::now_ms();
     let w = MaintenanceWindow {
         start_ms: now,
         duration_ms: 300,
@@ -249,7 +247,7 @@ fn anonymous_access_exists_only_up_to_0_7() {
 
 #[test]
 fn cbor_is_a_one_to_one_re_encoding_of_json() {
-    use ddi_tests::server::cbor;
+    use ddi_sim::cbor;
     let e = env();
     let id = e.deploy(b"x", &Assignment::forced());
     let r = e
@@ -392,7 +390,7 @@ fn polling_deviation_gives_fractional_iso_intervals() {
             .as_str()
             .unwrap()
             .to_string();
-        let d = ddi_tests::server::model::parse_interval(&sleep).unwrap();
+        let d = ddi_sim::model::parse_interval(&sleep).unwrap();
         assert!(sleep.starts_with("PT"), "{sleep}");
         let secs = d.as_secs_f64();
         assert!(
