@@ -412,7 +412,7 @@ fn every_released_state_file_finishes_with_the_current_agent() {
 
 /// Records the state files of every phase as the current agent writes them, into
 /// `tests/fixtures/state/$DDI_STATE_FIXTURES/`. Run at each release:
-/// `DDI_STATE_FIXTURES=<version> cargo test -p ddi-tests --test state_compat -- --ignored`.
+/// `DDI_STATE_FIXTURES=<version> cargo test -p ddi-tests --test it state_compat:: -- --ignored`.
 #[test]
 #[ignore = "records fixtures: run by hand at a release"]
 fn write_fixtures() {

@@ -1,5 +1,5 @@
 /*
- * Crash-point shim for tests/tests/crash_points.rs, loaded into `ddi-agent` with LD_PRELOAD.
+ * Crash-point shim for tests/tests/it/crash_points.rs, loaded into `ddi-agent` with LD_PRELOAD.
  *
  * It sees every durable step of the agent and numbers them across all agent processes of one
  * update cycle (the number lives in a counter file):
