@@ -8,6 +8,7 @@
 //! - [`state_file`]: the versioned format of the state file, read across agent versions.
 //! - [`driver`]: runs the machine against the server, the bootloader and the installer.
 //! - [`install`]: the streaming download/verify/write pipeline for a slot.
+//! - [`local_install`]: installs no server assigned (`ddi-agent install --check`).
 //! - [`health`]: the health checks run after booting a new slot.
 //! - [`service`]: daemon plumbing (systemd notify, logging, signals) and the CLI commands.
 
@@ -17,6 +18,7 @@ pub mod driver;
 pub mod health;
 pub mod http_policy;
 pub mod install;
+pub mod local_install;
 pub mod machine;
 pub mod persist;
 pub mod service;

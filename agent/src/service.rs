@@ -48,8 +48,17 @@ pub fn poll_interval(server_sleep: Duration, jitter: f64) -> Duration {
 pub enum Command {
     Run,
     Once,
-    Status { json: bool },
-    Consent { accept: bool },
+    Status {
+        json: bool,
+    },
+    Consent {
+        accept: bool,
+    },
+    /// `install [--check] SOURCE`: an image no server assigned (file or http(s) URL).
+    Install {
+        source: String,
+        check: bool,
+    },
 }
 
 /// Runs `command` with the config at `config_path`; returns the exit status.
@@ -64,6 +73,23 @@ pub fn main(config_path: &Path, command: Command) -> u8 {
     match command {
         Command::Status { json } => status(&cfg, json),
         Command::Consent { accept } => consent(&cfg, accept),
+        Command::Install { source, check } => {
+            if !check {
+                eprintln!("ddi-agent: installing without --check is not available yet");
+                return exit::CONFIG;
+            }
+            init_logging();
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(check_source(&cfg, &source)),
+                Err(e) => {
+                    eprintln!("ddi-agent: cannot start the async runtime: {e}");
+                    exit::INCOMPLETE
+                }
+            }
+        }
         Command::Once | Command::Run => {
             init_logging();
             let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -493,6 +519,66 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
         }
     }
     exit::OK
+}
+
+/// `install --check SOURCE`: the dry run of [`crate::local_install::check`] against the slot
+/// an install would write (the one not booted). Exit 0 = installable, 1 = refused.
+async fn check_source(cfg: &Config, source: &str) -> u8 {
+    use crate::local_install::{self, CheckRequest, Source};
+    let source = Source::parse(source);
+    let target = match BootCtl::open(cfg).and_then(|b| b.booted()) {
+        Ok(booted) => booted.other(),
+        Err(e) => {
+            eprintln!("ddi-agent: cannot tell the booted slot: {}", e.0);
+            return exit::INCOMPLETE;
+        }
+    };
+    let slot_path = match target {
+        bootctl::Slot::A => cfg.slot_a.clone(),
+        bootctl::Slot::B => cfg.slot_b.clone(),
+    };
+    let slot_capacity = match local_install::slot_capacity(&slot_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ddi-agent: slot {}: {e}", slot_path.display());
+            return exit::INCOMPLETE;
+        }
+    };
+    let client = match DdiClient::new(&cfg.server) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ddi-agent: {e}");
+            return exit::CONFIG;
+        }
+    };
+    let req = CheckRequest {
+        source: source.clone(),
+        slot_path,
+        slot_capacity,
+        bundle: cfg.bundle.for_install(),
+        max_rate: cfg.agent.max_download_rate,
+        retry: crate::install::RetryPolicy::default(),
+        stall_timeout: crate::install::InstallOptions::default().stall_timeout,
+        progress_interval: Duration::from_secs(5),
+    };
+    let mut progress = |p: crate::install::Progress| {
+        if let crate::install::Progress::Downloading { done, total } = p {
+            info!(done, total, "checking");
+        }
+    };
+    match local_install::check(client.http(), &req, &mut progress).await {
+        Ok(image) => {
+            println!(
+                "{source}: installable into slot {target}: image of {} bytes, sha256 {}",
+                image.bytes_written, image.sha256_of_slot_image
+            );
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("ddi-agent: {source}: not installable: {e}");
+            exit::UPDATE_FAILED
+        }
+    }
 }
 
 fn result_name(r: &ResultKind) -> &'static str {

@@ -315,7 +315,9 @@ pub fn run(
     io::copy(&mut hashing, &mut io::sink())
         .map_err(|e| decode::read_error(e, format, counters.consumed()))?;
     let actual = hashing.into_hex();
-    if actual != plan.expected {
+    // An empty expectation: no hash was announced (a local install), the signature or the
+    // image's own trailer is the proof.
+    if !plan.expected.is_empty() && actual != plan.expected {
         return Err(InstallError::HashMismatch {
             algorithm: plan.algorithm.name(),
             expected: plan.expected.clone(),
@@ -329,6 +331,12 @@ pub fn run(
     // Without the writer's hash the image is the artifact itself, hashed with sha256 above.
     let image_sha256 = image_sha256.unwrap_or(actual);
 
+    if !dev.keeps_data() {
+        return Ok(Installed {
+            bytes_written: written,
+            sha256_of_slot_image: image_sha256,
+        });
+    }
     counters.verify_total.store(written, Ordering::Relaxed);
     counters.verifying.store(true, Ordering::Release);
     let mut read_hash = Sha256::new();

@@ -35,6 +35,10 @@ pub trait SlotDevice: Send {
     fn sync_data(&mut self) -> io::Result<()>;
     /// Drop cached pages of a range (best effort) so reads come from the device.
     fn drop_cache(&mut self, _offset: u64, _len: u64) {}
+    /// False for a sink that keeps nothing (a dry run): there is nothing to read back.
+    fn keeps_data(&self) -> bool {
+        true
+    }
 }
 
 /// A slot backed by a block device or a regular file.

@@ -104,7 +104,8 @@ impl Rig {
     }
 }
 
-fn bundle_of(dir: &Path, image: &[u8], compatible: &str, key: &SecretKey) -> Vec<u8> {
+/// A bundle of `image` signed by `key` (the image file is written in `dir`).
+pub(crate) fn bundle_of(dir: &Path, image: &[u8], compatible: &str, key: &SecretKey) -> Vec<u8> {
     let path: PathBuf = dir.join("rootfs.img.gz");
     std::fs::write(&path, image).unwrap();
     let mut out = Vec::new();

@@ -12,6 +12,7 @@ mod demo;
 mod install_e2e;
 mod install_kill;
 mod limits_network;
+mod local_install;
 mod reliability_faults;
 mod reliability_secrets;
 mod state_compat;
