@@ -108,6 +108,8 @@ pub struct CheckRequest {
     /// for writing).
     pub slot_path: PathBuf,
     pub slot_capacity: u64,
+    /// For a URL on the configured server's origin: its token (the driver's same-host rule).
+    pub auth_header: Option<(String, String)>,
     /// Signature policy; None = plain images.
     pub bundle: Option<BundlePolicy>,
     pub max_rate: Option<u64>,
@@ -184,7 +186,7 @@ pub async fn check(
             (None, Source::Url(url)) => {
                 let spec = source::SourceSpec {
                     url: url.clone(),
-                    auth_header: None,
+                    auth_header: req.auth_header.clone(),
                     size: None,
                     max_rate: req.max_rate,
                     retry: req.retry,

@@ -551,8 +551,13 @@ async fn check_source(cfg: &Config, source: &str) -> u8 {
             return exit::CONFIG;
         }
     };
+    let auth_header = match &source {
+        Source::Url(url) => client.auth_header_for(url),
+        Source::File(_) => None,
+    };
     let req = CheckRequest {
         source: source.clone(),
+        auth_header,
         slot_path,
         slot_capacity,
         bundle: cfg.bundle.for_install(),

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bootctl::scheme::Slot;
 use ddi_bundle::{generate_keypair, SecretKey};
+use ddi_sim::{Assignment, ServerOptions, TestServer};
 use ddi_tests::device::{sha256_hex, DeviceOptions, FileDevice, Image, DEFAULT_SLOT_SIZE};
 use ddi_tests::harness::{run_with_timeout, CommandOutput};
 
@@ -156,4 +157,42 @@ fn an_unsigned_image_is_refused_when_signatures_are_required() {
     );
     let bundle = rig.bundle(&image.bytes, COMPATIBLE);
     assert_installable(&rig.check(&rig.file("update.ddib", &bundle)), &image.bytes);
+}
+
+#[test]
+fn a_url_on_the_server_is_checked_with_the_devices_token() {
+    let server = TestServer::start(ServerOptions::default());
+    server
+        .create_target("local-url", Some("url-token"))
+        .unwrap();
+    let image = Image::good("2.0", 512 * 1024);
+    let module = server.create_module("os", "firmware", "2.0");
+    server.upload_bytes(module, "img.gz", image.gzip()).unwrap();
+    let ds = server
+        .create_distribution("firmware", "2.0", &[module])
+        .unwrap();
+    let action = server
+        .assign("local-url", ds, &Assignment::forced())
+        .unwrap();
+    let device =
+        FileDevice::create_temp(DeviceOptions::new(&server.url(), "local-url", "url-token"))
+            .unwrap();
+    device.reboot().unwrap();
+    let url = format!(
+        "{}/DEFAULT/controller/v1/local-url/softwaremodules/{module}/artifacts/img.gz",
+        server.url()
+    );
+    let mut cmd = device.agent_command();
+    cmd.args(["install", "--check", &url]);
+    let out = run_with_timeout(cmd, TIMEOUT).unwrap();
+    assert_installable(&out, &image.bytes);
+    // A check is no answer to the server's action: it got no feedback.
+    assert!(server.action(action).unwrap().feedback.is_empty());
+    let missing = format!(
+        "{}/DEFAULT/controller/v1/local-url/softwaremodules/{module}/artifacts/nope.gz",
+        server.url()
+    );
+    let mut cmd = device.agent_command();
+    cmd.args(["install", "--check", &missing]);
+    assert_refused(&run_with_timeout(cmd, TIMEOUT).unwrap(), "404");
 }
