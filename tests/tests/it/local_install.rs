@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bootctl::scheme::Slot;
 use ddi_bundle::{generate_keypair, SecretKey};
-use ddi_sim::{Assignment, ServerOptions, TestServer};
+use ddi_sim::{Assignment, Fault, FaultKind, ServerOptions, TestServer};
 use ddi_tests::device::{sha256_hex, DeviceOptions, FileDevice, Image, DEFAULT_SLOT_SIZE};
 use ddi_tests::harness::{run_with_timeout, CommandOutput};
 
@@ -165,7 +165,7 @@ fn a_url_on_the_server_is_checked_with_the_devices_token() {
     server
         .create_target("local-url", Some("url-token"))
         .unwrap();
-    let image = Image::good("2.0", 512 * 1024);
+    let image = Image::good("2.0", 1024 * 1024);
     let module = server.create_module("os", "firmware", "2.0");
     server.upload_bytes(module, "img.gz", image.gzip()).unwrap();
     let ds = server
@@ -188,6 +188,18 @@ fn a_url_on_the_server_is_checked_with_the_devices_token() {
     assert_installable(&out, &image.bytes);
     // A check is no answer to the server's action: it got no feedback.
     assert!(server.action(action).unwrap().feedback.is_empty());
+
+    // A connection dropped twice halfway is resumed (Range), as for server downloads.
+    server.add_fault(Fault::new(FaultKind::DropAfter { bytes: 200_000 }).times(2));
+    let mut cmd = device.agent_command();
+    cmd.args(["install", "--check", &url]);
+    let out = run_with_timeout(cmd, TIMEOUT).unwrap();
+    assert_installable(&out, &image.bytes);
+    assert!(
+        server.faults().iter().all(|f| f.times == Some(0)) || server.faults().is_empty(),
+        "the faults did not trigger: {:?}",
+        server.faults()
+    );
     let missing = format!(
         "{}/DEFAULT/controller/v1/local-url/softwaremodules/{module}/artifacts/nope.gz",
         server.url()
