@@ -9,6 +9,7 @@ use std::io::{self, Read};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use flate2::read::MultiGzDecoder;
@@ -162,6 +163,8 @@ pub struct Counters {
     pub stopped: AtomicBool,
     pub verify_done: AtomicU64,
     pub verify_total: AtomicU64,
+    /// Nanoseconds the blocking stage waited for the download (for the install timeline).
+    download_wait_ns: AtomicU64,
 }
 
 impl Counters {
@@ -175,6 +178,7 @@ impl Counters {
             stopped: AtomicBool::new(false),
             verify_done: AtomicU64::new(0),
             verify_total: AtomicU64::new(0),
+            download_wait_ns: AtomicU64::new(0),
         }
     }
 
@@ -190,6 +194,11 @@ impl Counters {
             u64::MAX => None,
             n => Some(n),
         }
+    }
+
+    /// Time the blocking stage spent waiting for artifact bytes.
+    pub fn download_wait(&self) -> Duration {
+        Duration::from_nanos(self.download_wait_ns.load(Ordering::Relaxed))
     }
 
     fn consumed(&self) -> u64 {
@@ -224,7 +233,13 @@ impl Read for ChannelReader<'_> {
                 }
                 Err(_) => {
                     self.rx.release(len, true);
-                    self.rx.rx.blocking_recv()
+                    let began = Instant::now();
+                    let next = self.rx.rx.blocking_recv();
+                    let waited = began.elapsed().as_nanos() as u64;
+                    self.counters
+                        .download_wait_ns
+                        .fetch_add(waited, Ordering::Relaxed);
+                    next
                 }
             };
             match next {
@@ -287,16 +302,18 @@ pub fn run(
     rx: ChunkReceiver,
     counters: &Counters,
 ) -> Result<Installed, InstallError> {
+    let began = Instant::now();
     let mut artifact_hash = Hasher::new(plan.algorithm);
-    let mut image_hash = Sha256::new();
+    let mut prefix_hash = Sha256::new();
     if plan.start > 0 {
-        // The hashers cannot be saved: hash the bytes already on the slot again.
+        // The hashers cannot be saved: hash the bytes already on the slot again. They are
+        // read from the device, so they also count as read back.
         slot::read_range(
             dev,
             plan.start,
             |b| {
                 artifact_hash.update(b);
-                image_hash.update(b);
+                prefix_hash.update(b);
             },
             |_| {},
         )?;
@@ -309,7 +326,7 @@ pub fn run(
         counters,
     };
     let mut hashing = HashingReader::new(channel, artifact_hash, plan.start);
-    let mut writer = SlotWriter::new(dev, plan.start, image_hash, plan.checkpoint_interval);
+    let mut writer = SlotWriter::new(dev, plan.start, prefix_hash, plan.checkpoint_interval);
     let format = write_image(plan, &mut hashing, &mut writer, counters)?;
     // The hash covers the whole artifact, including what follows the image (tar padding).
     io::copy(&mut hashing, &mut io::sink())
@@ -325,29 +342,39 @@ pub fn run(
     if writer.position() == 0 {
         return Err(InstallError::EmptyImage);
     }
-    let (written, image_sha256) = writer.finish()?;
-    // Without the writer's hash the image is the artifact itself, hashed with sha256 above.
-    let image_sha256 = image_sha256.unwrap_or(actual);
-
-    counters.verify_total.store(written, Ordering::Relaxed);
+    // Most of the image was read back while it was written; the rest follows the last sync.
+    counters
+        .verify_total
+        .store(writer.position(), Ordering::Relaxed);
+    counters
+        .verify_done
+        .store(writer.read_back(), Ordering::Relaxed);
     counters.verifying.store(true, Ordering::Release);
-    let mut read_hash = Sha256::new();
-    slot::read_range(
-        dev,
-        written,
-        |b| read_hash.update(b),
-        |done| counters.verify_done.store(done, Ordering::Relaxed),
-    )?;
-    let read = hex::encode(read_hash.finalize());
-    if read != image_sha256 {
+    let written = writer.finish()?;
+    let bytes = written.bytes;
+    counters.verify_done.store(bytes, Ordering::Relaxed);
+    // Without the writer's hash the image is the artifact itself, hashed with sha256 above.
+    let image_sha256 = written.image_sha256.unwrap_or(actual);
+    let times = written.times;
+    tracing::info!(
+        bytes,
+        total_s = began.elapsed().as_secs_f64(),
+        waiting_for_download_s = counters.download_wait().as_secs_f64(),
+        write_s = times.write.as_secs_f64(),
+        writeback_s = times.writeback.as_secs_f64(),
+        read_back_overlapped_s = times.read_back_overlapped.as_secs_f64(),
+        read_back_tail_s = times.read_back_tail.as_secs_f64(),
+        "install timeline"
+    );
+    if written.read_back_sha256 != image_sha256 {
         return Err(InstallError::ReadBackMismatch {
             slot: dev.path().to_path_buf(),
             written: image_sha256,
-            read,
+            read: written.read_back_sha256,
         });
     }
     Ok(Installed {
-        bytes_written: written,
+        bytes_written: bytes,
         sha256_of_slot_image: image_sha256,
     })
 }
