@@ -9,6 +9,8 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -38,6 +40,11 @@ pub trait SlotDevice: Send {
     fn sync_data(&mut self) -> io::Result<()>;
     /// Drop cached pages of a range (best effort) so reads come from the device.
     fn drop_cache(&mut self, _offset: u64, _len: u64) {}
+    /// A second handle for reading the slot back on another thread while this one writes;
+    /// None (the default) reads back on the writing thread.
+    fn reader(&self) -> Option<Box<dyn SlotDevice>> {
+        None
+    }
 }
 
 /// A slot backed by a block device or a regular file.
@@ -170,6 +177,15 @@ impl SlotDevice for FileSlot {
 
     fn sync_data(&mut self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn reader(&self) -> Option<Box<dyn SlotDevice>> {
+        Some(Box::new(FileSlot {
+            file: self.file.try_clone().ok()?,
+            path: self.path.clone(),
+            capacity: self.capacity,
+            direct: Direct::NotOpened,
+        }))
     }
 
     fn drop_cache(&mut self, offset: u64, len: u64) {
@@ -425,9 +441,7 @@ pub struct SlotWriter<'a> {
     /// None when the caller hashes exactly the bytes written already (see
     /// [`SlotWriter::leave_hash_to_caller`]).
     image_hash: Option<Sha256>,
-    /// sha256 of the slot's bytes before `verified`, as read back from the device.
-    read_hash: Sha256,
-    verified: u64,
+    read_back: ReadBack,
     /// Start of the window being filled.
     window_start: u64,
     /// The window whose writeback was started but not yet waited for.
@@ -450,14 +464,14 @@ impl<'a> SlotWriter<'a> {
         checkpoint_interval: u64,
     ) -> Self {
         let checkpoint_interval = checkpoint_interval.max(WRITE_BUFFER as u64);
+        let read_back = ReadBack::new(&*dev, start, prefix_hash.clone());
         SlotWriter {
             dev,
             buf: AlignedBuffer::new(WRITE_BUFFER),
             filled: 0,
             offset: start,
             image_hash: Some(prefix_hash.clone()),
-            read_hash: prefix_hash,
-            verified: start,
+            read_back,
             window_start: start,
             started: None,
             last_checkpoint: start,
@@ -599,26 +613,33 @@ impl<'a> SlotWriter<'a> {
         Ok(())
     }
 
-    /// Read the slot from `verified` to `end` back into the read-back hash. Only called with
-    /// `buf` empty (right after a flush): it doubles as the aligned read buffer.
+    /// Read the slot back up to `end` (it has reached the device): on the read-back thread,
+    /// or here with `buf` as the read buffer (only called with `buf` empty, after a flush).
     fn read_back_to(&mut self, end: u64) -> Result<(), InstallError> {
         debug_assert_eq!(self.filled, 0);
-        let read_hash = &mut self.read_hash;
-        read_into(
-            &mut *self.dev,
-            self.buf.as_mut_slice(),
-            self.verified,
-            end,
-            |b| read_hash.update(b),
-            |_| {},
-        )?;
-        self.verified = end.max(self.verified);
-        Ok(())
+        match &mut self.read_back {
+            ReadBack::Inline { hash, verified } => {
+                read_into(
+                    &mut *self.dev,
+                    self.buf.as_mut_slice(),
+                    *verified,
+                    end,
+                    |b| hash.update(b),
+                    |_| {},
+                )?;
+                *verified = end.max(*verified);
+                Ok(())
+            }
+            ReadBack::Thread(thread) => thread.request(end),
+        }
     }
 
     /// Image bytes already read back from the device.
     pub fn read_back(&self) -> u64 {
-        self.verified
+        match &self.read_back {
+            ReadBack::Inline { verified, .. } => *verified,
+            ReadBack::Thread(thread) => thread.done.load(Ordering::Relaxed),
+        }
     }
 
     /// A new durable offset since the last call: everything before it is on the device.
@@ -641,17 +662,147 @@ impl<'a> SlotWriter<'a> {
         self.dev
             .sync_data()
             .map_err(|e| self.io_error("sync", end, e))?;
-        self.dev.drop_cache(self.verified, end - self.verified);
+        self.dev.drop_cache(0, end);
         self.times.writeback += began.elapsed();
         let began = Instant::now();
         self.read_back_to(end)?;
+        let read_hash = match self.read_back {
+            ReadBack::Inline { hash, .. } => hash,
+            ReadBack::Thread(thread) => {
+                let (hash, busy) = thread.finish()?;
+                self.times.read_back_overlapped += busy;
+                hash
+            }
+        };
         self.times.read_back_tail += began.elapsed();
         Ok(Written {
             bytes: end,
             image_sha256: self.image_hash.map(|h| hex::encode(h.finalize())),
-            read_back_sha256: hex::encode(self.read_hash.finalize()),
+            read_back_sha256: hex::encode(read_hash.finalize()),
             times: self.times,
         })
+    }
+}
+
+/// Read-back buffer of the read-back thread (smaller than the write buffer: memory).
+const READ_BACK_BUFFER: usize = 512 << 10;
+
+/// Where the read-back runs.
+enum ReadBack {
+    /// On the writing thread, into the write buffer: `hash` covers the slot before `verified`.
+    Inline {
+        hash: Sha256,
+        verified: u64,
+    },
+    Thread(ReadBackThread),
+}
+
+impl ReadBack {
+    fn new(dev: &dyn SlotDevice, start: u64, prefix_hash: Sha256) -> Self {
+        match dev.reader() {
+            Some(reader) => ReadBack::Thread(ReadBackThread::spawn(reader, start, prefix_hash)),
+            None => ReadBack::Inline {
+                hash: prefix_hash,
+                verified: start,
+            },
+        }
+    }
+}
+
+type ReadBackResult = Result<(Sha256, Duration), InstallError>;
+
+/// Reads ranges back on its own thread as the writer reports them on the device, so reading
+/// and hashing them overlaps writing the next ones (and the download) instead of following.
+struct ReadBackThread {
+    /// Ends of ranges to read back; bounded, so a slow read-back holds the writer back.
+    requests: Option<mpsc::SyncSender<u64>>,
+    handle: Option<std::thread::JoinHandle<ReadBackResult>>,
+    /// Bytes read back so far (progress).
+    done: Arc<AtomicU64>,
+    /// Set when the writer goes away without finishing: stop after the current read.
+    stop: Arc<AtomicBool>,
+    requested: u64,
+}
+
+impl ReadBackThread {
+    fn spawn(mut reader: Box<dyn SlotDevice>, start: u64, mut hash: Sha256) -> Self {
+        let (tx, rx) = mpsc::sync_channel::<u64>(4);
+        let done = Arc::new(AtomicU64::new(start));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (thread_done, thread_stop) = (Arc::clone(&done), Arc::clone(&stop));
+        let handle = std::thread::spawn(move || -> ReadBackResult {
+            let mut buf = AlignedBuffer::new(READ_BACK_BUFFER);
+            let mut at = start;
+            let mut busy = Duration::ZERO;
+            while let Ok(end) = rx.recv() {
+                if thread_stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let began = Instant::now();
+                read_into(
+                    &mut *reader,
+                    buf.as_mut_slice(),
+                    at,
+                    end,
+                    |b| hash.update(b),
+                    |d| thread_done.store(d, Ordering::Relaxed),
+                )?;
+                at = end.max(at);
+                busy += began.elapsed();
+            }
+            Ok((hash, busy))
+        });
+        ReadBackThread {
+            requests: Some(tx),
+            handle: Some(handle),
+            done,
+            stop,
+            requested: start,
+        }
+    }
+
+    fn request(&mut self, end: u64) -> Result<(), InstallError> {
+        if end <= self.requested {
+            return Ok(());
+        }
+        self.requested = end;
+        let sent = self
+            .requests
+            .as_ref()
+            .is_some_and(|tx| tx.send(end).is_ok());
+        if sent {
+            return Ok(());
+        }
+        // The thread stopped early: only an error does that.
+        self.join().map(|_| ())
+    }
+
+    /// Wait for everything requested to be read back; the hash and the time spent reading.
+    fn finish(mut self) -> ReadBackResult {
+        self.requests = None;
+        self.join()
+    }
+
+    fn join(&mut self) -> ReadBackResult {
+        self.requests = None;
+        match self.handle.take().map(|h| h.join()) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(InstallError::Internal("the read-back thread died".into())),
+            None => Err(InstallError::Internal(
+                "the read-back thread is gone".into(),
+            )),
+        }
+    }
+}
+
+impl Drop for ReadBackThread {
+    fn drop(&mut self) {
+        // An unfinished install: stop reading and wait, so no thread outlives the slot.
+        self.stop.store(true, Ordering::Relaxed);
+        self.requests = None;
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
     }
 }
 
