@@ -4,9 +4,11 @@
 //! ```text
 //!  async task                    bounded channel   blocking thread
 //!  HTTP GET (Range on resume) ─► Chunk::Data … ─► hash ─► (bundle) ─► gzip? ─► tar? ─► size guard ─► slot writer
-//!   retries + backoff, rate limit                  (as served)          (magic bytes)     (capacity)   1 MiB aligned writes,
+//!   retries + backoff, rate limit                  (as served)          (magic bytes)     (capacity)   1 MiB aligned writes
+//!                                                                                                        (O_DIRECT if allowed),
 //!                                                                                                        bounded dirty pages
-//!                                       end: hash check ─► fsync ─► read back + compare sha256 ─► Installed
+//!                                                              read-back thread: every 8 MiB window that reached the device ─► sha256
+//!                                       end: hash check ─► fsync ─► read back the rest, compare sha256 ─► Installed
 //! ```
 //!
 //! Safety before the first byte: the slot is opened without create/truncate (a regular
