@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::archive::{self, ImageSink};
 use super::bundle::{self, BundlePolicy};
+use super::compress;
 use super::decode::{self, DownloadAborted, Format};
 use super::hash::{HashAlgorithm, Hasher, HashingReader};
 use super::resume::{self, ResumeRecord};
@@ -415,26 +416,33 @@ fn decode_into_slot<R: Read>(
     let offset = || counters.consumed();
     let resumable = plan.bundle.is_none();
     let member = plan.archive_member.as_deref();
-    if decode::is_gzip(head) {
-        let mut gz = MultiGzDecoder::new(sniffed);
-        let (inner_head, inner) =
-            decode::sniff(&mut gz).map_err(|e| decode::read_error(e, Format::Gzip, offset()))?;
+    if let Some(compression) = Format::compression_of(head) {
+        let mut decoder: Box<dyn Read + '_> = match compression {
+            Format::Gzip => Box::new(MultiGzDecoder::new(sniffed)),
+            Format::Zstd => Box::new(compress::ZstdReader::new(sniffed)),
+            _ => Box::new(lzma_rust2::XzReader::new(sniffed, true)),
+        };
+        let (inner_head, inner) = decode::sniff(&mut decoder)
+            .map_err(|e| decode::read_error(e, compression, offset()))?;
         let format = if decode::is_tar(&inner_head) {
             let capacity = writer.capacity();
-            archive::extract_image(inner, Format::TarGzip, member, capacity, &offset, writer)?;
-            Format::TarGzip
+            let format = compression.with_tar();
+            archive::extract_image(inner, format, member, capacity, &offset, writer)?;
+            format
         } else {
-            if plan.bundle.is_none() {
+            if plan.bundle.is_none() && compression == Format::Gzip {
                 if let Some(lower_bound) = counters.gzip_isize() {
                     // Too large for sure: fail before the first byte.
                     writer.expect_at_least(lower_bound)?;
                 }
             }
-            copy_all(inner, writer, Format::Gzip, plan, false, &offset)?;
-            Format::Gzip
+            copy_all(inner, writer, compression, plan, false, &offset)?;
+            compression
         };
-        // Read the gzip stream to its end so its CRC and length are checked.
-        io::copy(&mut gz, &mut io::sink()).map_err(|e| decode::read_error(e, format, offset()))?;
+        // Read the compressed stream to its end so its checks (gzip CRC and length, the end
+        // of the last zstd frame or xz stream) run.
+        io::copy(&mut decoder, &mut io::sink())
+            .map_err(|e| decode::read_error(e, format, offset()))?;
         Ok(format)
     } else if decode::is_tar(head) {
         let capacity = writer.capacity();
