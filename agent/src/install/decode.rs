@@ -20,6 +20,8 @@ pub enum Format {
     TarGzip,
     TarZstd,
     TarXz,
+    /// A format-2 bundle's image: one zstd frame per chunk.
+    ZstdChunks,
 }
 
 impl Format {
@@ -33,6 +35,7 @@ impl Format {
             Format::TarGzip => "tar.gz",
             Format::TarZstd => "tar.zst",
             Format::TarXz => "tar.xz",
+            Format::ZstdChunks => "zstd-chunks",
         }
     }
 

@@ -22,11 +22,12 @@
 //! raw images continue from the last durable checkpoint (see [`resume`]).
 //!
 //! Layout: [`source`] (download), [`pipeline`] (blocking stage), [`decode`] (format
-//! detection), [`compress`] (zstd and xz decoders), [`archive`] (tar rules), [`slot`] (slot safety and writer), [`hash`],
+//! detection), [`compress`] (zstd and xz decoders), [`chunked`] (format-2 bundles), [`archive`] (tar rules), [`slot`] (slot safety and writer), [`hash`],
 //! [`resume`], [`bundle`] (signed-bundle seam), [`error`].
 
 pub mod archive;
 pub mod bundle;
+pub mod chunked;
 pub mod compress;
 pub mod decode;
 pub mod error;

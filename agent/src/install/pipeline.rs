@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::archive::{self, ImageSink};
 use super::bundle::{self, BundlePolicy};
+use super::chunked;
 use super::compress;
 use super::decode::{self, DownloadAborted, Format};
 use super::hash::{HashAlgorithm, Hasher, HashingReader};
@@ -311,7 +312,7 @@ pub fn run(
     };
     let mut hashing = HashingReader::new(channel, artifact_hash, plan.start);
     let mut writer = SlotWriter::new(dev, plan.start, image_hash, plan.checkpoint_interval);
-    let format = write_image(plan, &mut hashing, &mut writer, counters)?;
+    let (format, signed_image_sha256) = write_image(plan, &mut hashing, &mut writer, counters)?;
     // The hash covers the whole artifact, including what follows the image (tar padding).
     io::copy(&mut hashing, &mut io::sink())
         .map_err(|e| decode::read_error(e, format, counters.consumed()))?;
@@ -329,6 +330,9 @@ pub fn run(
     let (written, image_sha256) = writer.finish()?;
     // Without the writer's hash the image is the artifact itself, hashed with sha256 above.
     let image_sha256 = image_sha256.unwrap_or(actual);
+    if let Some(signed) = &signed_image_sha256 {
+        chunked::check_image_hash(signed, &image_sha256)?;
+    }
 
     counters.verify_total.store(written, Ordering::Relaxed);
     counters.verifying.store(true, Ordering::Release);
@@ -353,13 +357,14 @@ pub fn run(
     })
 }
 
-/// Recognise the format and write the image; returns the format found.
+/// Recognise the format and write the image; returns the format found and, for a chunked
+/// bundle, the signed sha256 of the whole image.
 fn write_image<R: Read>(
     plan: &SinkPlan,
     hashing: &mut HashingReader<R>,
     writer: &mut SlotWriter<'_>,
     counters: &Counters,
-) -> Result<Format, InstallError> {
+) -> Result<(Format, Option<String>), InstallError> {
     let offset = || counters.consumed();
     if plan.start > 0 {
         if plan.bundle.is_some() {
@@ -373,12 +378,23 @@ fn write_image<R: Read>(
             writer.leave_hash_to_caller();
         }
         copy_all(hashing, writer, Format::Raw, plan, true, &offset)?;
-        return Ok(Format::Raw);
+        return Ok((Format::Raw, None));
     }
-    let reader: Box<dyn Read + '_> = match &plan.bundle {
-        Some(policy) => bundle::open(policy, Box::new(hashing), writer.capacity())?,
-        None => Box::new(hashing),
+    let (mut reader, signed_chunks): (Box<dyn Read + '_>, _) = match &plan.bundle {
+        Some(policy) => {
+            let opened = bundle::open_image(policy, Box::new(hashing), writer.capacity())?;
+            (opened.reader, opened.chunked)
+        }
+        None => (Box::new(hashing), None),
     };
+    if let Some(signed) = signed_chunks {
+        chunked::write_chunks(&mut reader, &signed.index, writer, &offset)?;
+        // The member's signed size and sha256 were checked by the read that completed it;
+        // this reads the end of the archive.
+        io::copy(&mut reader, &mut io::sink())
+            .map_err(|e| decode::read_error(e, Format::ZstdChunks, offset()))?;
+        return Ok((Format::ZstdChunks, Some(signed.image_sha256)));
+    }
     let (head, mut sniffed) =
         decode::sniff(reader).map_err(|e| decode::read_error(e, Format::Raw, offset()))?;
     let decoded = decode_into_slot(plan, &head, &mut sniffed, writer, counters);
@@ -402,7 +418,7 @@ fn write_image<R: Read>(
     // inner format. Without a bundle this reads what follows the image (covered by the artifact
     // hash).
     io::copy(&mut sniffed, &mut io::sink()).map_err(|e| decode::read_error(e, format, offset()))?;
-    Ok(format)
+    Ok((format, None))
 }
 
 /// Decode the (sniffed) image stream by its format and write it to the slot.
