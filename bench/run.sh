@@ -17,10 +17,10 @@ target_dir="${CARGO_TARGET_DIR:-$repo/target}"
 mkdir -p "$work"
 
 if [[ -z "${BENCH_NO_BUILD:-}" ]]; then
-    # The agent alone, as the Yocto recipe builds it: built together with ddi-tests, cargo
+    # The agent alone, as the Yocto recipe builds it: built together with ddi-sim, cargo
     # would unify features (tracing-subscriber's env-filter for ddi-sim) into the agent.
     (cd "$repo" && cargo build --release -p ddi-agent --bin ddi-agent)
-    (cd "$repo" && cargo build --release -p ddi-tests --bin ddi-sim)
+    (cd "$repo" && cargo build --release -p ddi-sim --bin ddi-sim)
 fi
 
 python3 "$repo/bench/bench.py" --bin-dir "$target_dir/release" --work "$work" "$@" \

@@ -72,7 +72,7 @@ build_bins() {
 		log "WARNING: ddi-agent did not build; images get no agent"
 	fi
 	log "cargo: ddi-sim (host test server)"
-	(cd "$REPO_ROOT" && cargo build -p ddi-tests --bin ddi-sim) || die "cargo build of ddi-sim failed"
+	(cd "$REPO_ROOT" && cargo build -p ddi-sim --bin ddi-sim) || die "cargo build of ddi-sim failed"
 	cp "$CARGO_TARGET_DIR/debug/ddi-sim" "$BIN_DIR/"
 }
 

@@ -9,8 +9,12 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use bootctl::SchemeKind;
 use serde::Deserialize;
 use toml::Spanned;
+
+use crate::health::HealthCheck;
+use crate::install::BundlePolicy;
 
 /// Default config path of the contract.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/ddi-agent/config.toml";
@@ -91,21 +95,6 @@ impl ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SchemeKind {
-    Bootcount,
-    Rauc,
-}
-
-impl fmt::Display for SchemeKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            SchemeKind::Bootcount => "bootcount",
-            SchemeKind::Rauc => "rauc",
-        })
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct BootConfig {
     pub scheme: SchemeKind,
@@ -127,18 +116,10 @@ pub enum Consent {
     Manual,
 }
 
-/// One health check: a shell string (`sh -c`) or an argv array.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
-pub enum CheckCommand {
-    Shell(String),
-    Argv(Vec<String>),
-}
-
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub state_dir: PathBuf,
-    pub health_checks: Vec<CheckCommand>,
+    pub health_checks: Vec<HealthCheck>,
     pub health_check_timeout: Duration,
     pub consent: Consent,
     /// Bytes per second.
@@ -147,13 +128,6 @@ pub struct AgentConfig {
     pub send_token_to_other_hosts: bool,
     pub version_file: PathBuf,
     pub lock_file: PathBuf,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct BundleConfig {
-    pub trusted_keys: Vec<PathBuf>,
-    pub require_signature: bool,
-    pub compatible: Option<String>,
 }
 
 /// Validated agent settings.
@@ -167,7 +141,7 @@ pub struct Config {
     pub slot_b: PathBuf,
     pub boot: BootConfig,
     pub agent: AgentConfig,
-    pub bundle: BundleConfig,
+    pub bundle: BundlePolicy,
 }
 
 // ---- file layer -------------------------------------------------------------------------------
@@ -184,7 +158,7 @@ struct FileRoot {
     #[serde(default)]
     agent: FileAgent,
     #[serde(default)]
-    bundle: FileBundle,
+    bundle: Option<Spanned<BundlePolicy>>,
 }
 
 #[derive(Deserialize)]
@@ -222,7 +196,7 @@ struct FileSlots {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct FileBoot {
-    scheme: Option<Spanned<String>>,
+    scheme: Option<SchemeKind>,
     env_config: Option<String>,
     cmdline: Option<String>,
     attempts: Option<Spanned<u32>>,
@@ -236,9 +210,9 @@ struct FileBoot {
 struct FileAgent {
     state_dir: Option<String>,
     #[serde(default)]
-    health_checks: Vec<Spanned<CheckCommand>>,
+    health_checks: Vec<Spanned<HealthCheck>>,
     health_check_timeout: Option<Spanned<u64>>,
-    consent: Option<Spanned<String>>,
+    consent: Option<Consent>,
     max_download_rate: Option<Spanned<RateValue>>,
     artifact_part: Option<Spanned<String>>,
     send_token_to_other_hosts: Option<bool>,
@@ -251,16 +225,6 @@ struct FileAgent {
 enum RateValue {
     Number(i64),
     Text(String),
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FileBundle {
-    #[serde(default)]
-    trusted_keys: Vec<String>,
-    #[serde(default)]
-    require_signature: bool,
-    compatible: Option<String>,
 }
 
 /// Parses `512k`, `2M`, `1G` (binary multiples) or plain bytes per second.
@@ -295,6 +259,25 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
     Ok(rate)
 }
 
+/// `section.key` of the `key = value` line at `offset` (a serde error names neither).
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let line_no = line_of(text, offset) - 1;
+    let lines: Vec<&str> = text.lines().collect();
+    let (key, _) = lines.get(line_no)?.split_once('=')?;
+    let key = key.trim();
+    if key.is_empty() || key.starts_with('[') {
+        return None;
+    }
+    let section = lines[..line_no].iter().rev().find_map(|l| {
+        let l = l.trim();
+        l.strip_prefix('[')?.strip_suffix(']').map(str::trim)
+    });
+    Some(match section {
+        Some(section) => format!("{section}.{key}"),
+        None => key.to_string(),
+    })
+}
+
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
@@ -323,10 +306,11 @@ impl Config {
                     .lines()
                     .nth(line_of(text, span.start) - 1)
                     .unwrap_or("");
-                at(
-                    span,
-                    format!("{} (in `{}`)", e.message().trim(), line.trim()),
-                )
+                let message = match key_at(text, span.start) {
+                    Some(key) => format!("{key}: {}", e.message().trim()),
+                    None => e.message().trim().to_string(),
+                };
+                at(span, format!("{message} (in `{}`)", line.trim()))
             }
             None => ConfigError::Invalid {
                 path: path.to_path_buf(),
@@ -475,19 +459,7 @@ impl Config {
             ));
         }
 
-        let scheme = match root.boot.scheme {
-            None => SchemeKind::Bootcount,
-            Some(s) => match s.get_ref().as_str() {
-                "bootcount" => SchemeKind::Bootcount,
-                "rauc" => SchemeKind::Rauc,
-                other => {
-                    return Err(at(
-                        s.span(),
-                        format!("boot.scheme must be \"bootcount\" or \"rauc\", got \"{other}\""),
-                    ))
-                }
-            },
-        };
+        let scheme = root.boot.scheme.unwrap_or_default();
         let attempts = match root.boot.attempts {
             None => 3,
             Some(a) if *a.get_ref() == 0 || *a.get_ref() > 255 => {
@@ -538,28 +510,12 @@ impl Config {
         for c in a.health_checks {
             let span = c.span();
             let c = c.into_inner();
-            let empty = match &c {
-                CheckCommand::Shell(s) => s.trim().is_empty(),
-                CheckCommand::Argv(v) => v.is_empty() || v[0].is_empty(),
-            };
-            if empty {
+            if c.is_empty() {
                 return Err(at(span, "agent.health_checks: empty command".into()));
             }
             health_checks.push(c);
         }
-        let consent = match a.consent {
-            None => Consent::Auto,
-            Some(c) => match c.get_ref().as_str() {
-                "auto" => Consent::Auto,
-                "manual" => Consent::Manual,
-                other => {
-                    return Err(at(
-                        c.span(),
-                        format!("agent.consent must be \"auto\" or \"manual\", got \"{other}\""),
-                    ))
-                }
-            },
-        };
+        let consent = a.consent.unwrap_or(Consent::Auto);
         let max_download_rate = match a.max_download_rate {
             None => None,
             Some(r) => {
@@ -598,24 +554,24 @@ impl Config {
             send_token_to_other_hosts: a.send_token_to_other_hosts.unwrap_or(false),
             version_file: resolve(a.version_file.as_deref().unwrap_or("/etc/os-release")),
         };
-        let bundle = BundleConfig {
-            trusted_keys: root
-                .bundle
-                .trusted_keys
-                .iter()
-                .map(|k| resolve(k))
-                .collect(),
-            require_signature: root.bundle.require_signature,
-            compatible: root.bundle.compatible,
+        let bundle = match root.bundle {
+            None => BundlePolicy::default(),
+            Some(b) => {
+                let span = b.span();
+                let mut b = b.into_inner();
+                if b.require_signature && b.trusted_keys.is_empty() {
+                    return Err(at(
+                        span,
+                        "bundle.require_signature = true needs at least one bundle.trusted_keys entry"
+                            .into(),
+                    ));
+                }
+                for key in &mut b.trusted_keys {
+                    *key = resolve(&key.to_string_lossy());
+                }
+                b
+            }
         };
-        if bundle.require_signature && bundle.trusted_keys.is_empty() {
-            return Err(ConfigError::Invalid {
-                path: path.to_path_buf(),
-                message:
-                    "bundle.require_signature = true needs at least one bundle.trusted_keys entry"
-                        .into(),
-            });
-        }
         Ok(Config {
             path: path.to_path_buf(),
             server,
@@ -767,8 +723,8 @@ compatible = "board-x"
         assert_eq!(
             c.agent.health_checks,
             vec![
-                CheckCommand::Shell("true".into()),
-                CheckCommand::Argv(vec!["test".into(), "-e".into(), "/".into()])
+                HealthCheck::Shell("true".into()),
+                HealthCheck::Argv(vec!["test".into(), "-e".into(), "/".into()])
             ]
         );
         assert_eq!(c.agent.consent, Consent::Manual);
@@ -855,6 +811,45 @@ compatible = "board-x"
         assert!(e.contains("slots"), "{e}");
         let e = err_text("[slots]\nA = \"a\"\nB = \"b\"\n");
         assert!(e.contains("server"), "{e}");
+    }
+
+    #[test]
+    fn closed_sets_name_key_line_and_the_allowed_values() {
+        for (extra, key, allowed) in [
+            (
+                "[boot]\nscheme = \"grub\"",
+                "boot.scheme",
+                "`bootcount` or `rauc`",
+            ),
+            (
+                "[agent]\nconsent = \"maybe\"",
+                "agent.consent",
+                "`auto` or `manual`",
+            ),
+        ] {
+            let text = format!("{MINIMAL}\n{extra}\n");
+            let line = text.lines().count();
+            let e = err_text(&text);
+            assert!(e.contains(&format!("config.toml:{line}: {key}:")), "{e}");
+            assert!(e.contains(allowed), "{e}");
+        }
+        let text = format!("{MINIMAL}\n[bundle]\nrequire_signature = true\n");
+        let line = text.lines().position(|l| l == "[bundle]").unwrap() + 1;
+        let e = err_text(&text);
+        assert!(e.contains(&format!("config.toml:{line}:")), "{e}");
+        let c = Config::from_toml(
+            &format!(
+                "{MINIMAL}\n[boot]\nscheme = \"rauc\"\n[bundle]\ntrusted_keys = [\"k.pub\"]\n"
+            ),
+            Path::new("/cfg/config.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.boot.scheme, SchemeKind::Rauc);
+        assert_eq!(
+            c.bundle.for_install().unwrap().trusted_keys,
+            vec![PathBuf::from("/cfg/k.pub")]
+        );
+        assert_eq!(parse(MINIMAL).unwrap().bundle.for_install(), None);
     }
 
     #[test]

@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::config::{CheckCommand, Config, SchemeKind};
+use crate::config::Config;
 use crate::ddi::client::Delivery;
 use crate::ddi::{DdiClient, DdiError, Execution, Feedback, Finished, Link, PollReply};
-use crate::install::{BundlePolicy, ExpectedHash, InstallRequest, Progress};
+use crate::install::{ExpectedHash, InstallRequest, Progress};
 use crate::machine::{self, Action, Event, InstallFailure, Job, Params, Phase, Slot, State};
 use crate::persist::{PersistError, Store};
 
@@ -534,7 +534,6 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
             .map(|l| l.href.clone())
             .unwrap_or_default();
         let auth_header = self.client.auth_header_for(&url);
-        let bundle = &self.cfg.bundle;
         InstallRequest {
             url,
             auth_header,
@@ -549,13 +548,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
             booted_slot_path: Some(self.slot_path(job.target.other())),
             resume_path: self.store.path("download.resume"),
             max_rate: self.cfg.agent.max_download_rate,
-            bundle: (bundle.require_signature || !bundle.trusted_keys.is_empty()).then(|| {
-                BundlePolicy {
-                    trusted_keys: bundle.trusted_keys.clone(),
-                    require_signature: bundle.require_signature,
-                    compatible: bundle.compatible.clone(),
-                }
-            }),
+            bundle: self.cfg.bundle.for_install(),
         }
     }
 
@@ -694,10 +687,7 @@ impl BootCtl {
     pub fn open(cfg: &Config) -> Result<BootCtl, BootError> {
         bootctl::BootControl::open(bootctl::BootOptions {
             env_config: cfg.boot.env_config.clone(),
-            scheme: match cfg.boot.scheme {
-                SchemeKind::Bootcount => bootctl::SchemeKind::Bootcount,
-                SchemeKind::Rauc => bootctl::SchemeKind::Rauc,
-            },
+            scheme: cfg.boot.scheme,
             cmdline: cfg.boot.cmdline.clone(),
             attempts: cfg.boot.attempts,
         })
@@ -788,21 +778,13 @@ impl Installer for Pipeline {
 
 /// [`HealthChecker`] over `crate::health`.
 pub struct Checks {
-    pub checks: Vec<CheckCommand>,
+    pub checks: Vec<crate::health::HealthCheck>,
     pub timeout: Duration,
 }
 
 impl HealthChecker for Checks {
     async fn check(&self) -> Result<(), String> {
-        let checks = self
-            .checks
-            .iter()
-            .map(|c| match c {
-                CheckCommand::Shell(s) => crate::health::HealthCheck::Shell(s.clone()),
-                CheckCommand::Argv(v) => crate::health::HealthCheck::Argv(v.clone()),
-            })
-            .collect();
-        crate::health::run_checks_async(checks, self.timeout)
+        crate::health::run_checks(&self.checks, self.timeout)
             .await
             .map_err(|f| f.to_string())
     }

@@ -1,5 +1,5 @@
-//! Health checks run after a reboot into a new slot: each configured command must exit 0
-//! within the timeout. A string runs through `sh -c`, an array is an argv. Each check runs in
+//! Health checks run after a reboot into a new slot, on `tokio::process`: each configured
+//! command must exit 0 within the timeout. A string runs through `sh -c`, an array is an argv. Each check runs in
 //! its own process group, so a timeout kills the check and everything it started; the
 //! failure carries the command, how it ended and the tail of its output (stdout and stderr
 //! interleaved).
@@ -7,10 +7,11 @@
 use std::fmt;
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::os::unix::process::ExitStatusExt;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
 
 use serde::Deserialize;
 
@@ -23,6 +24,16 @@ pub const OUTPUT_TAIL: usize = 4096;
 pub enum HealthCheck {
     Shell(String),
     Argv(Vec<String>),
+}
+
+impl HealthCheck {
+    /// Nothing to run: a blank shell string or an argv without a program.
+    pub fn is_empty(&self) -> bool {
+        match self {
+            HealthCheck::Shell(s) => s.trim().is_empty(),
+            HealthCheck::Argv(v) => v.first().is_none_or(|p| p.is_empty()),
+        }
+    }
 }
 
 impl fmt::Display for HealthCheck {
@@ -69,27 +80,11 @@ pub struct HealthFailure {
 }
 
 /// Run the checks in order; stop at the first failure.
-pub fn run_checks(checks: &[HealthCheck], timeout: Duration) -> Result<(), HealthFailure> {
+pub async fn run_checks(checks: &[HealthCheck], timeout: Duration) -> Result<(), HealthFailure> {
     for check in checks {
-        run_check(check, timeout)?;
+        run_check(check, timeout).await?;
     }
     Ok(())
-}
-
-/// [`run_checks`] on a blocking thread, for async callers.
-pub async fn run_checks_async(
-    checks: Vec<HealthCheck>,
-    timeout: Duration,
-) -> Result<(), HealthFailure> {
-    tokio::task::spawn_blocking(move || run_checks(&checks, timeout))
-        .await
-        .unwrap_or_else(|e| {
-            Err(HealthFailure {
-                command: "(health checks)".into(),
-                outcome: Outcome::SpawnFailed(format!("runner died: {e}")),
-                output_tail: String::new(),
-            })
-        })
 }
 
 fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
@@ -110,7 +105,7 @@ fn tail(bytes: &[u8]) -> String {
 }
 
 /// Run one check.
-pub fn run_check(check: &HealthCheck, timeout: Duration) -> Result<(), HealthFailure> {
+pub async fn run_check(check: &HealthCheck, timeout: Duration) -> Result<(), HealthFailure> {
     let command = check.to_string();
     let fail = |outcome, output_tail| HealthFailure {
         command: command.clone(),
@@ -143,16 +138,16 @@ pub fn run_check(check: &HealthCheck, timeout: Duration) -> Result<(), HealthFai
     cmd.stdin(Stdio::null())
         .stdout(Stdio::from(write_end))
         .stderr(Stdio::from(write_err))
-        .process_group(0);
+        .process_group(0)
+        .kill_on_drop(true);
     let mut child = cmd
         .spawn()
         .map_err(|e| fail(Outcome::SpawnFailed(e.to_string()), String::new()))?;
     // Drop our copies of the write end (held by `cmd`) so EOF comes when the child is done.
     drop(cmd);
 
-    // Collect output on a thread: a chatty check must never block on a full pipe.
-    let (out_tx, out_rx) = mpsc::channel();
-    std::thread::spawn(move || {
+    // Collect output on a blocking thread: a chatty check must never block on a full pipe.
+    let output = tokio::task::spawn_blocking(move || {
         let mut reader = std::fs::File::from(read_end);
         let mut kept = Vec::new();
         let mut buf = [0u8; 8192];
@@ -165,42 +160,35 @@ pub fn run_check(check: &HealthCheck, timeout: Duration) -> Result<(), HealthFai
                 kept.drain(..kept.len() - OUTPUT_TAIL);
             }
         }
-        let _ = out_tx.send(kept);
+        kept
     });
 
-    let pgid = child.id() as libc::pid_t;
-    let deadline = Instant::now() + timeout;
-    let status: Option<ExitStatus> = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Some(status),
-            Ok(None) if Instant::now() >= deadline => break None,
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => {
-                return Err(fail(
-                    Outcome::SpawnFailed(format!("wait: {e}")),
-                    String::new(),
-                ));
-            }
+    let pgid = child.id().map(|id| id as libc::pid_t);
+    let status = match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(status)) => Some(status),
+        Ok(Err(e)) => {
+            return Err(fail(
+                Outcome::SpawnFailed(format!("wait: {e}")),
+                String::new(),
+            ))
         }
+        Err(_) => None,
     };
     // Whatever it started is done too (also after a normal exit: no leftovers).
-    // SAFETY: signalling our own child's process group.
-    unsafe {
-        libc::kill(-pgid, libc::SIGKILL);
-    }
-    let status = match status {
-        Some(s) => Some(s),
-        None => {
-            let _ = child.wait();
-            None
+    if let Some(pgid) = pgid {
+        // SAFETY: signalling our own child's process group.
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
         }
-    };
+    }
+    if status.is_none() {
+        let _ = child.wait().await;
+    }
     // A grandchild that left the group may still hold the pipe: do not wait for it forever.
-    let output = tail(
-        &out_rx
-            .recv_timeout(Duration::from_secs(2))
-            .unwrap_or_default(),
-    );
+    let output = match tokio::time::timeout(Duration::from_secs(2), output).await {
+        Ok(Ok(kept)) => tail(&kept),
+        _ => String::new(),
+    };
     match status {
         None => Err(fail(Outcome::TimedOut(timeout), output)),
         Some(s) if s.success() => Ok(()),
@@ -223,8 +211,8 @@ mod tests {
         HealthCheck::Shell(s.into())
     }
 
-    #[test]
-    fn passing_checks() {
+    #[tokio::test]
+    async fn passing_checks() {
         run_checks(
             &[
                 shell("true"),
@@ -232,12 +220,13 @@ mod tests {
             ],
             Duration::from_secs(10),
         )
+        .await
         .unwrap();
-        run_checks(&[], Duration::from_secs(1)).unwrap();
+        run_checks(&[], Duration::from_secs(1)).await.unwrap();
     }
 
-    #[test]
-    fn failure_carries_status_and_output_tail() {
+    #[tokio::test]
+    async fn failure_carries_status_and_output_tail() {
         let err = run_checks(
             &[
                 shell("true"),
@@ -246,6 +235,7 @@ mod tests {
             ],
             Duration::from_secs(10),
         )
+        .await
         .unwrap_err();
         assert_eq!(err.command, "echo out; echo err >&2; exit 3");
         assert_eq!(err.outcome, Outcome::Exit(3));
@@ -253,9 +243,11 @@ mod tests {
         assert!(err.to_string().contains("exited with status 3"), "{err}");
     }
 
-    #[test]
-    fn output_is_limited_to_the_tail() {
-        let err = run_check(&shell("seq 1 100000; exit 1"), Duration::from_secs(20)).unwrap_err();
+    #[tokio::test]
+    async fn output_is_limited_to_the_tail() {
+        let err = run_check(&shell("seq 1 100000; exit 1"), Duration::from_secs(20))
+            .await
+            .unwrap_err();
         assert!(err.output_tail.len() <= OUTPUT_TAIL);
         assert!(
             err.output_tail.ends_with("99999\n100000"),
@@ -264,8 +256,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn timeout_kills_the_process_group() {
+    #[tokio::test]
+    async fn timeout_kills_the_process_group() {
         let dir = tempfile::tempdir().unwrap();
         let marker = dir.path().join("survivor");
         // A background grandchild that would write the marker if it survived the kill.
@@ -273,24 +265,46 @@ mod tests {
             "echo started; (sleep 1; touch {}) & sleep 30",
             marker.display()
         );
-        let begin = Instant::now();
-        let err = run_check(&shell(&script), Duration::from_millis(300)).unwrap_err();
+        let begin = std::time::Instant::now();
+        let err = run_check(&shell(&script), Duration::from_millis(300))
+            .await
+            .unwrap_err();
         assert!(begin.elapsed() < Duration::from_secs(5));
         assert!(matches!(err.outcome, Outcome::TimedOut(_)), "{err}");
         assert_eq!(err.output_tail, "started");
-        std::thread::sleep(Duration::from_millis(1500));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
         assert!(!marker.exists(), "the grandchild survived the timeout");
     }
 
-    #[test]
-    fn missing_program_is_a_failure() {
+    #[tokio::test]
+    async fn a_hanging_check_that_ignores_sigterm_is_killed_at_the_timeout() {
+        let begin = std::time::Instant::now();
+        let err = run_check(
+            &shell("trap '' TERM INT; echo hanging; while :; do sleep 1; done"),
+            Duration::from_millis(500),
+        )
+        .await
+        .unwrap_err();
+        let took = begin.elapsed();
+        assert!(took >= Duration::from_millis(500), "{took:?}");
+        assert!(took < Duration::from_secs(4), "{took:?}");
+        assert_eq!(err.outcome, Outcome::TimedOut(Duration::from_millis(500)));
+        assert_eq!(err.output_tail, "hanging");
+        assert!(err.to_string().contains("timed out after 0.5s"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn missing_program_is_a_failure() {
         let err = run_check(
             &HealthCheck::Argv(vec!["/nonexistent/check".into()]),
             Duration::from_secs(1),
         )
+        .await
         .unwrap_err();
         assert!(matches!(err.outcome, Outcome::SpawnFailed(_)), "{err}");
-        let err = run_check(&HealthCheck::Argv(vec![]), Duration::from_secs(1)).unwrap_err();
+        let err = run_check(&HealthCheck::Argv(vec![]), Duration::from_secs(1))
+            .await
+            .unwrap_err();
         assert!(matches!(err.outcome, Outcome::SpawnFailed(_)), "{err}");
     }
 

@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: TOML settings.
 //! - [`ddi`]: the typed DDI model and HTTP client.
+//! - [`http_policy`]: which HTTP failures are retried and how long to wait (DDI and downloads).
 //! - [`machine`]: the pure update state machine.
 //! - [`persist`]: the state file and feedback outbox in `state_dir`.
 //! - [`state_file`]: the versioned format of the state file, read across agent versions.
@@ -14,6 +15,7 @@ pub mod config;
 pub mod ddi;
 pub mod driver;
 pub mod health;
+pub mod http_policy;
 pub mod install;
 pub mod machine;
 pub mod persist;

@@ -5,8 +5,7 @@
 //! that answers the action it had open ([`Store::load_or_recover`]).
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -202,25 +201,11 @@ impl Store {
 
 /// Replaces `path` with `bytes` so that a crash leaves the old or the new content.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PersistError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io(&tmp, "create"))?;
-        f.write_all(bytes).map_err(io(&tmp, "write"))?;
-        f.sync_all().map_err(io(&tmp, "fsync"))?;
-    }
-    fs::rename(&tmp, path).map_err(io(path, "rename"))?;
-    sync_dir(dir)
+    bootctl::fsutil::write_atomic(path, bytes, 0o600).map_err(|e| PersistError::Io {
+        path: e.path,
+        op: e.op,
+        source: e.source,
+    })
 }
 
 fn sync_dir(dir: &Path) -> Result<(), PersistError> {

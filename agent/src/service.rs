@@ -4,7 +4,6 @@
 //! not completed, 3 configuration error).
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Duration;
@@ -145,11 +144,7 @@ pub struct InstanceLock {
 
 /// Takes the agent lock (flock, non-blocking) so that two agents never run at once.
 pub fn lock(path: &Path) -> Result<InstanceLock, String> {
-    if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() && !dir.exists() {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        }
-    }
+    bootctl::fsutil::create_parent_dir(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -158,19 +153,16 @@ pub fn lock(path: &Path) -> Result<InstanceLock, String> {
         .mode(0o600)
         .open(path)
         .map_err(|e| format!("lock file {}: {e}", path.display()))?;
-    // SAFETY: flock on a file descriptor we own; no memory is involved.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
-        return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+    bootctl::fsutil::flock_exclusive(&file, false).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::WouldBlock {
             format!(
                 "another ddi-agent is running (lock {} is held)",
                 path.display()
             )
         } else {
-            format!("lock file {}: {err}", path.display())
-        });
-    }
+            format!("lock file {}: {e}", path.display())
+        }
+    })?;
     Ok(InstanceLock { _file: file })
 }
 
@@ -343,7 +335,7 @@ async fn run(mut driver: RealDriver, reboot_timeout: Duration) -> u8 {
                 };
                 notify(&[NotifyState::Status(&status)]);
                 let server_sleep = r.sleep.unwrap_or(Duration::from_secs(300));
-                let jitter = (crate::ddi::client::pseudo_random() % 1001) as f64 / 1000.0;
+                let jitter = crate::http_policy::jitter_unit();
                 let sleep = poll_interval(server_sleep, jitter);
                 if sleep != server_sleep {
                     debug!(
@@ -358,8 +350,11 @@ async fn run(mut driver: RealDriver, reboot_timeout: Duration) -> u8 {
                 failures += 1;
                 warn!(error = %e, failures, "cycle not completed");
                 notify(&[NotifyState::Status(&format!("cycle not completed: {e}"))]);
-                let base = Duration::from_secs(30);
-                crate::ddi::client::backoff(base, failures).min(Duration::from_secs(600))
+                let cycle_backoff = crate::http_policy::Backoff {
+                    first: Duration::from_secs(30),
+                    max: Duration::from_secs(300),
+                };
+                cycle_backoff.delay(failures)
             }
         };
         tokio::select! {

@@ -7,6 +7,8 @@
 //! - [`booted`]: which slot is running, from the kernel command line.
 //! - [`BootControl`] ([`control`]): the facade the agent and `ddi-bootctl` use.
 //! - [`fw_env_config`], [`store`], [`lock`]: where the environment lives and how it is saved.
+//! - [`fsutil`]: atomic file replacement, `flock`, read-until-full, shared with the agent and
+//!   the tests.
 //!
 //! Every state transition is computed as one [`ChangeSet`] and written in one environment save.
 
@@ -14,6 +16,7 @@ pub mod booted;
 pub mod control;
 pub mod env;
 pub mod error;
+pub mod fsutil;
 pub mod fw_env_config;
 pub mod lock;
 pub mod scheme;

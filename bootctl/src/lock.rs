@@ -8,7 +8,6 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 /// The lock file libubootenv uses.
@@ -51,11 +50,7 @@ impl EnvLock {
             path: path.to_path_buf(),
             source,
         };
-        if let Some(dir) = path.parent() {
-            if !dir.as_os_str().is_empty() && !dir.exists() {
-                std::fs::create_dir_all(dir).map_err(err)?;
-            }
-        }
+        crate::fsutil::create_parent_dir(path).map_err(err)?;
         // Like libubootenv: create it writable by all. A user who may not write it (created
         // by root under umask 022) can still flock a read-only descriptor.
         let file = match OpenOptions::new()
@@ -71,17 +66,7 @@ impl EnvLock {
             }
             Err(e) => return Err(err(e)),
         };
-        loop {
-            // SAFETY: flock on a file descriptor we own and keep open for the call.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-            if rc == 0 {
-                break;
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(err(e));
-            }
-        }
+        crate::fsutil::flock_exclusive(&file, true).map_err(err)?;
         Ok(EnvLock {
             _file: file,
             path: path.to_path_buf(),

@@ -114,8 +114,9 @@ impl Serialize for Slot {
     }
 }
 
-/// Which set of variables drives the boot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+/// Which set of variables drives the boot. Serde spells it as [`SchemeKind::as_str`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SchemeKind {
     /// U-Boot's native boot counter (the default).
     #[default]
@@ -154,12 +155,6 @@ impl FromStr for SchemeKind {
             "rauc" => Ok(SchemeKind::Rauc),
             _ => Err(ParseSchemeError(s.to_string())),
         }
-    }
-}
-
-impl Serialize for SchemeKind {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(self.as_str())
     }
 }
 

@@ -34,7 +34,7 @@
 //! slot A and saves nothing ([`boot_file_device`] does the same).
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::Path;
 
 use crate::env::{ChangeSet, Env};
@@ -258,9 +258,11 @@ pub fn boot_store(store: &EnvStore, kind: SchemeKind, cmdline_path: &Path) -> Re
         }
     };
     let cmdline = cmdline_for(&previous, kind, slot);
-    write_atomically(cmdline_path, cmdline.as_bytes()).map_err(|source| Error::Write {
-        path: cmdline_path.to_path_buf(),
-        source,
+    crate::fsutil::write_atomic(cmdline_path, cmdline.as_bytes(), 0o666).map_err(|e| {
+        Error::Write {
+            path: cmdline_path.to_path_buf(),
+            source: e.source,
+        }
     })?;
     Ok(slot)
 }
@@ -292,30 +294,4 @@ pub fn cmdline_for(previous: &str, kind: SchemeKind, slot: Slot) -> String {
     let mut line = params.join(" ");
     line.push('\n');
     line
-}
-
-/// Temp file next to `path`, fsync, rename over `path`, fsync the folder.
-fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".tmp{}", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    let result = (|| {
-        let mut file = fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
 }

@@ -133,21 +133,13 @@ impl EnvMedium for FileMedium {
             source,
         })?;
         let offset = self.offset(index, &mut file)?;
+        let read_error = |source| StoreError::Read {
+            location: self.describe(index),
+            source,
+        };
+        file.seek(SeekFrom::Start(offset)).map_err(read_error)?;
         let mut buf = vec![0u8; len];
-        let mut filled = 0;
-        while filled < len {
-            match file.read_at(&mut buf[filled..], offset + filled as u64) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(source) => {
-                    return Err(StoreError::Read {
-                        location: self.describe(index),
-                        source,
-                    })
-                }
-            }
-        }
+        let filled = crate::fsutil::read_full(&mut file, &mut buf).map_err(read_error)?;
         buf.truncate(filled);
         Ok(buf)
     }

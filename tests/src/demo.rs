@@ -22,7 +22,7 @@ use bootctl::scheme::{SchemeKind, Slot};
 
 use crate::device::{DeviceError, DeviceOptions, FileDevice, Health, Image};
 use crate::harness::{Background, CommandOutput};
-use crate::server::{
+use ddi_sim::{
     ActionView, Assignment, Channel, FeedbackRecord, MgmtError, ServerOptions, TestServer,
 };
 

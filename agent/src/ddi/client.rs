@@ -3,9 +3,9 @@
 //! The token goes only to the server's own origin (scheme, host and port of `[server] url`),
 //! whatever link the server's JSON names, unless `send_token_to_other_hosts` allows more: one
 //! rule ([`DdiClient::auth_header_for`]) for DDI links and artifact downloads alike. The shared
-//! `reqwest::Client` itself carries no token. Transient failures (connect errors,
-//! timeouts, 429, 5xx, hawkBit's 403 quota answer before 0.10) are retried with exponential
-//! backoff and jitter, honouring `Retry-After`.
+//! `reqwest::Client` itself carries no token. Transient failures (connect errors, timeouts,
+//! and the statuses [`crate::http_policy`] names) are retried with its backoff, honouring
+//! `Retry-After`.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -19,6 +19,7 @@ use super::{
     Link, ModelError, PollReply,
 };
 use crate::config::ServerConfig;
+use crate::http_policy::{self, Backoff};
 
 /// What went wrong talking to the server.
 #[derive(Debug, thiserror::Error)]
@@ -112,7 +113,7 @@ pub struct DdiClient {
     token_to_other_hosts: bool,
     https_only: bool,
     retries: u32,
-    backoff_base: Duration,
+    backoff: Backoff,
     /// Deadline for one attempt of one DDI request, body included.
     request_deadline: Duration,
     etag: Option<(String, Vec<u8>)>,
@@ -183,7 +184,10 @@ impl DdiClient {
             token_to_other_hosts: false,
             https_only,
             retries: server.retries.max(1),
-            backoff_base: Duration::from_secs(1),
+            backoff: Backoff {
+                first: Duration::from_secs(1),
+                max: Duration::from_secs(300),
+            },
             request_deadline: server.connect_timeout + server.low_speed_timeout,
             etag: None,
         })
@@ -226,7 +230,7 @@ impl DdiClient {
 
     /// Shorter backoff for tests.
     pub fn set_backoff_base(&mut self, base: Duration) {
-        self.backoff_base = base;
+        self.backoff.first = base;
     }
 
     /// Polls the controller base; a 304 answer re-uses the previous body.
@@ -395,11 +399,7 @@ impl DdiClient {
                 match req.send().await {
                     Ok(mut resp) => {
                         let status = resp.status();
-                        let retry_after = resp
-                            .headers()
-                            .get(reqwest::header::RETRY_AFTER)
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(parse_retry_after);
+                        let retry_after = http_policy::retry_after(resp.headers());
                         let etag = resp
                             .headers()
                             .get(reqwest::header::ETAG)
@@ -426,7 +426,7 @@ impl DdiClient {
                         }
                         Ok((status, retry_after, etag, body))
                     }
-                    Err(e) => Err(Some(describe(&e))),
+                    Err(e) => Err(Some(http_policy::describe(&e))),
                 }
             })
             .await;
@@ -447,7 +447,7 @@ impl DdiClient {
             };
             let (retry_after, failure) = match outcome {
                 Ok((status, retry_after, etag, body)) => {
-                    if !is_transient(status, &body) {
+                    if !http_policy::is_transient_answer(status.as_u16(), &body) {
                         return Ok(Answer { status, etag, body });
                     }
                     (
@@ -472,9 +472,7 @@ impl DdiClient {
             if attempt >= self.retries {
                 return Err(failure);
             }
-            let wait = retry_after
-                .map(|d| d.min(Duration::from_secs(600)))
-                .unwrap_or_else(|| backoff(self.backoff_base, attempt));
+            let wait = self.backoff.wait(attempt, retry_after);
             warn!(%failure, attempt, wait_ms = wait.as_millis() as u64, "transient failure, retrying");
             tokio::time::sleep(wait).await;
         }
@@ -519,99 +517,6 @@ fn expect_ok(method: Method, url: &str, a: Answer) -> Result<Vec<u8>, DdiError> 
     }
 }
 
-/// 429, 5xx (but 501) and hawkBit <= 0.9's 403 for an exceeded quota are worth retrying.
-fn is_transient(status: StatusCode, body: &[u8]) -> bool {
-    match status.as_u16() {
-        429 | 500 | 502 | 503 | 504 => true,
-        403 => String::from_utf8_lossy(body).contains("quota"),
-        _ => false,
-    }
-}
-
-/// `Retry-After`: delta-seconds or an HTTP date.
-pub(crate) fn parse_retry_after(v: &str) -> Option<Duration> {
-    let v = v.trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let when = parse_http_date(v)?;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
-    Some(Duration::from_secs(when.saturating_sub(now)))
-}
-
-/// IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) to seconds since the epoch.
-fn parse_http_date(v: &str) -> Option<u64> {
-    let parts: Vec<&str> = v.split_whitespace().collect();
-    if parts.len() != 6 || parts[5] != "GMT" {
-        return None;
-    }
-    let day: u64 = parts[1].parse().ok()?;
-    let month = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ]
-    .iter()
-    .position(|m| *m == parts[2])? as u64
-        + 1;
-    let year: i64 = parts[3].parse().ok()?;
-    let hms: Vec<u64> = parts[4]
-        .split(':')
-        .map(|p| p.parse().ok())
-        .collect::<Option<_>>()?;
-    if hms.len() != 3 {
-        return None;
-    }
-    // days from civil (H. Hinnant)
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400) as u64;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe as i64 - 719_468;
-    let secs = days * 86400 + (hms[0] * 3600 + hms[1] * 60 + hms[2]) as i64;
-    u64::try_from(secs).ok()
-}
-
-/// Exponential backoff (base * 2^(n-1), capped at 5 min) with +-25% jitter.
-pub(crate) fn backoff(base: Duration, attempt: u32) -> Duration {
-    let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
-    let capped = exp.min(Duration::from_secs(300));
-    let jitter = (pseudo_random() % 501) as f64 / 1000.0 - 0.25; // -0.25 ..= +0.25
-    capped.mul_f64(1.0 + jitter)
-}
-
-/// Good enough randomness for jitter without another dependency.
-pub(crate) fn pseudo_random() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.finish()
-}
-
-fn describe(e: &reqwest::Error) -> String {
-    use std::error::Error;
-    let mut text = if e.is_timeout() {
-        "timed out".to_string()
-    } else if e.is_connect() {
-        "cannot connect".to_string()
-    } else {
-        "request failed".to_string()
-    };
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    debug!(error = %text, "transport error");
-    text
-}
-
 fn snippet(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     let t = text.trim();
@@ -632,36 +537,6 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn retry_after_forms() {
-        assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
-        assert_eq!(
-            parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"),
-            Some(784111777)
-        );
-        assert_eq!(
-            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT"),
-            Some(Duration::ZERO)
-        );
-        assert_eq!(parse_retry_after("soon"), None);
-    }
-
-    #[test]
-    fn backoff_grows_with_bounded_jitter() {
-        let base = Duration::from_secs(1);
-        for attempt in 1..=5u32 {
-            let nominal = 2f64.powi(attempt as i32 - 1);
-            for _ in 0..20 {
-                let b = backoff(base, attempt).as_secs_f64();
-                assert!(
-                    b >= nominal * 0.75 - 1e-9 && b <= nominal * 1.25 + 1e-9,
-                    "{b}"
-                );
-            }
-        }
-        assert!(backoff(base, 30) <= Duration::from_secs(375));
-    }
 
     fn server(extra: &str) -> ServerConfig {
         let text = format!(
@@ -732,18 +607,5 @@ mod tests {
         }
         client.set_token_to_other_hosts(true);
         assert!(on(&client, "https://evil.example.com/x"));
-    }
-
-    #[test]
-    fn transient_statuses() {
-        assert!(is_transient(StatusCode::TOO_MANY_REQUESTS, b""));
-        assert!(is_transient(StatusCode::SERVICE_UNAVAILABLE, b""));
-        assert!(is_transient(
-            StatusCode::FORBIDDEN,
-            br#"{"errorCode":"hawkbit.server.error.quota.tooManyEntries"}"#
-        ));
-        assert!(!is_transient(StatusCode::FORBIDDEN, b""));
-        assert!(!is_transient(StatusCode::UNAUTHORIZED, b""));
-        assert!(!is_transient(StatusCode::NOT_FOUND, b""));
     }
 }

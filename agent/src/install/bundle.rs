@@ -14,15 +14,26 @@ use ddi_bundle::{looks_like_bundle, BundleError, BundleReader, ChunkIndex, Polic
 
 use super::InstallError;
 
-/// The signature policy from the `[bundle]` configuration.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The signature policy: the `[bundle]` table of the configuration, read straight into this.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BundlePolicy {
     /// Public keys accepted for bundle signatures.
+    #[serde(default)]
     pub trusted_keys: Vec<PathBuf>,
     /// Refuse artifacts that are not signed bundles.
+    #[serde(default)]
     pub require_signature: bool,
     /// The `compatible` string a bundle must name.
     pub compatible: Option<String>,
+}
+
+impl BundlePolicy {
+    /// The policy for an install request: `None` (plain images only) when no key is trusted
+    /// and no signature is required.
+    pub fn for_install(&self) -> Option<BundlePolicy> {
+        (self.require_signature || !self.trusted_keys.is_empty()).then(|| self.clone())
+    }
 }
 
 /// Bytes read ahead to recognise a bundle: one tar header.
@@ -59,7 +70,7 @@ pub fn open_image<'a>(
     slot_capacity: u64,
 ) -> Result<Opened<'a>, InstallError> {
     let mut head = vec![0u8; HEADER_LEN];
-    let got = read_up_to(&mut artifact, &mut head)
+    let got = bootctl::fsutil::read_full(&mut artifact, &mut head)
         .map_err(|e| InstallError::Signature(format!("reading the artifact's first bytes: {e}")))?;
     head.truncate(got);
     let is_bundle = looks_like_bundle(&head);
@@ -116,19 +127,6 @@ pub fn open_image<'a>(
 /// hash at the end of the image), so callers can report it as what it is.
 pub fn signature_error(err: &io::Error) -> Option<InstallError> {
     BundleError::from_io(err).map(|e| InstallError::Signature(e.to_string()))
-}
-
-fn read_up_to(reader: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match reader.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
 }
 
 #[cfg(test)]

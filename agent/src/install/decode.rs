@@ -104,15 +104,7 @@ pub type Sniffed<R> = Chain<Cursor<Vec<u8>>, R>;
 /// that yields them again followed by the rest.
 pub fn sniff<R: Read>(mut reader: R) -> io::Result<(Vec<u8>, Sniffed<R>)> {
     let mut head = vec![0u8; SNIFF_LEN];
-    let mut got = 0;
-    while got < SNIFF_LEN {
-        match reader.read(&mut head[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
+    let got = bootctl::fsutil::read_full(&mut reader, &mut head)?;
     head.truncate(got);
     Ok((head.clone(), Cursor::new(head).chain(reader)))
 }

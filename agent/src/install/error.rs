@@ -134,13 +134,10 @@ impl InstallError {
     pub fn is_retryable(&self) -> bool {
         match self {
             InstallError::Network { .. } | InstallError::Truncated { .. } => true,
-            InstallError::HttpStatus { status, .. } => is_transient_status(*status),
+            InstallError::HttpStatus { status, .. } => {
+                crate::http_policy::is_transient_status(*status)
+            }
             _ => false,
         }
     }
-}
-
-/// HTTP statuses that say "try again later" rather than "no".
-pub(crate) fn is_transient_status(status: u16) -> bool {
-    matches!(status, 408 | 429 | 500..=599)
 }

@@ -117,12 +117,18 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// Exponential backoff for the `failure`-th fault in a row (1-based).
+    /// The backoff schedule of [`crate::http_policy`] for these bounds.
+    pub fn schedule(&self) -> crate::http_policy::Backoff {
+        crate::http_policy::Backoff {
+            first: self.first_backoff,
+            max: self.max_backoff,
+        }
+    }
+
+    /// The nominal backoff for the `failure`-th fault in a row (1-based); the wait adds
+    /// jitter and honours `Retry-After` ([`crate::http_policy::Backoff::wait`]).
     pub fn backoff(&self, failure: u32) -> Duration {
-        let factor = 1u32 << failure.saturating_sub(1).min(16);
-        self.first_backoff
-            .saturating_mul(factor)
-            .min(self.max_backoff)
+        self.schedule().nominal(failure)
     }
 }
 

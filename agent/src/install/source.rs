@@ -1,21 +1,17 @@
 //! The download side: HTTP GET of the artifact, resumed with `Range` requests after network
-//! faults (bounded tries with exponential backoff), paced by an optional rate limit, feeding
-//! the bounded channel to the blocking stage.
+//! faults (bounded tries with the backoff and `Retry-After` handling of [`crate::http_policy`]),
+//! paced by an optional rate limit, feeding the bounded channel to the blocking stage.
 
-use std::error::Error as _;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use reqwest::header::{CONTENT_RANGE, RANGE, RETRY_AFTER};
+use reqwest::header::{CONTENT_RANGE, RANGE};
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 
-use super::error::is_transient_status;
 use super::pipeline::{ChunkSender, Counters};
 use super::{InstallError, RetryPolicy};
-
-/// The longest `Retry-After` honoured for one retry.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+use crate::http_policy;
 
 /// What to download and how.
 #[derive(Debug, Clone)]
@@ -36,7 +32,7 @@ enum Fault {
     Transient {
         message: String,
         truncated: bool,
-        /// The server's `Retry-After` (seconds form).
+        /// The server's `Retry-After`.
         retry_after: Option<Duration>,
     },
 }
@@ -75,17 +71,6 @@ impl RateLimiter {
             sleep_until(due).await;
         }
     }
-}
-
-fn describe(e: &reqwest::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    msg
 }
 
 /// `Content-Range: bytes START-END/TOTAL` -> (START, TOTAL if given).
@@ -155,11 +140,7 @@ pub async fn fetch(
                         },
                     });
                 }
-                // Honour the server's Retry-After, within reason.
-                let backoff = spec
-                    .retry
-                    .backoff(failures)
-                    .max(retry_after.unwrap_or_default().min(MAX_RETRY_AFTER));
+                let backoff = spec.retry.schedule().wait(failures, retry_after);
                 tracing::warn!(url = %spec.url, offset, attempt = failures, ?backoff, %message, "download interrupted; resuming");
                 sleep(backoff).await;
             }
@@ -240,7 +221,7 @@ async fn fetch_once(
     };
     let mut response = match timeout(spec.stall_timeout, request.send()).await {
         Err(_) => return Err(transient("no response".into())),
-        Ok(Err(e)) => return Err(transient(describe(&e))),
+        Ok(Err(e)) => return Err(transient(http_policy::describe(&e))),
         Ok(Ok(r)) => r,
     };
     let status = response.status().as_u16();
@@ -280,13 +261,8 @@ async fn fetch_once(
             }
         }
         416 if total.is_some_and(|t| *offset >= t) => return Ok(Done::Complete),
-        s if is_transient_status(s) => {
-            let retry_after = response
-                .headers()
-                .get(RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
+        s if http_policy::is_transient_status(s) => {
+            let retry_after = http_policy::retry_after(response.headers());
             return Err(Fault::Transient {
                 message: format!("HTTP status {s}"),
                 truncated: false,
@@ -307,7 +283,7 @@ async fn fetch_once(
     loop {
         let mut chunk: Bytes = match timeout(spec.stall_timeout, response.chunk()).await {
             Err(_) => return Err(transient("the connection stalled".into())),
-            Ok(Err(e)) => return Err(transient(describe(&e))),
+            Ok(Err(e)) => return Err(transient(http_policy::describe(&e))),
             Ok(Ok(None)) => break,
             Ok(Ok(Some(c))) => c,
         };

@@ -1,0 +1,275 @@
+//! Signed bundles end to end: the real `ddi-agent` installs a bundle signed by a trusted key and
+//! confirms it after the reboot; every bad bundle (tampered image or manifest, unknown key,
+//! another device's `compatible`, no signature where one is required, manifest not first, an
+//! image too large for the slot) closes the action with `failure`, says why, and activates
+//! nothing.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bootctl::scheme::Slot;
+use ddi_bundle::{create_bundle, generate_keypair, CreateOptions, SecretKey};
+use ddi_sim::{Assignment, ServerOptions, TestServer};
+use ddi_tests::demo::{closed_result, ended_as, summary};
+use ddi_tests::device::{tar_member_ranges, DeviceOptions, FileDevice, Image};
+
+const CONTROLLER: &str = "bundle-e2e";
+const TOKEN: &str = "bundle-e2e-token";
+const COMPATIBLE: &str = "acme-gw-rev2";
+const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Rig {
+    server: TestServer,
+    device: FileDevice,
+    vendor: SecretKey,
+    keys: tempfile::TempDir,
+}
+
+impl Rig {
+    fn new(require_signature: bool) -> Rig {
+        let keys = tempfile::tempdir().unwrap();
+        let vendor = generate_keypair().unwrap();
+        let vendor_pub = keys.path().join("vendor.pub");
+        std::fs::write(&vendor_pub, vendor.public_key().to_text()).unwrap();
+
+        let server = TestServer::start(ServerOptions::default());
+        server.create_target(CONTROLLER, Some(TOKEN)).unwrap();
+        let mut options = DeviceOptions::new(&server.url(), CONTROLLER, TOKEN);
+        options.config_extra = format!(
+            "[bundle]\ntrusted_keys = [{:?}]\nrequire_signature = {require_signature}\ncompatible = {COMPATIBLE:?}\n",
+            vendor_pub.display().to_string()
+        );
+        let device = FileDevice::create_temp(options).unwrap();
+        device.reboot().unwrap();
+        Rig {
+            server,
+            device,
+            vendor,
+            keys,
+        }
+    }
+
+    fn bundle(&self, image: &[u8], compatible: &str, key: &SecretKey) -> Vec<u8> {
+        bundle_of(self.keys.path(), image, compatible, key)
+    }
+
+    fn deploy(&self, version: &str, artifact: Vec<u8>) -> u64 {
+        self.server
+            .deploy(
+                CONTROLLER,
+                version,
+                "update.ddib",
+                artifact,
+                &Assignment::forced(),
+            )
+            .unwrap()
+    }
+
+    /// Run the agent, following reboot requests, until the action is closed.
+    fn settle(&self, action: u64) {
+        for _ in 0..4 {
+            let out = self.device.agent_once(AGENT_TIMEOUT).unwrap();
+            assert!(!out.timed_out, "agent hung: {}", out.describe());
+            if self.device.take_reboot_requests().unwrap() > 0 {
+                self.device.reboot().unwrap();
+                continue;
+            }
+            if closed_result(&self.server.action(action).unwrap()).is_some() {
+                return;
+            }
+        }
+        panic!(
+            "action {action} never closed: {}",
+            summary(&self.server.action(action).unwrap())
+        );
+    }
+
+    fn assert_refused(&self, action: u64, needle: &str) {
+        let view = self.server.action(action).unwrap();
+        assert!(ended_as(&view, "failure"), "action: {}", summary(&view));
+        let details: Vec<String> = view.feedback.iter().flat_map(|f| f.details()).collect();
+        assert!(
+            details
+                .iter()
+                .any(|d| d.to_lowercase().contains(&needle.to_lowercase())),
+            "no detail mentions {needle:?}: {details:#?}"
+        );
+        // Nothing was activated: the device stays on A with its factory image.
+        let env = self.device.env_map().unwrap();
+        assert_eq!(env.get("bootctl_slot").map(String::as_str), Some("A"));
+        assert_ne!(env.get("upgrade_available").map(String::as_str), Some("1"));
+        assert_eq!(self.device.reboot().unwrap(), Slot::A);
+        let factory = self.device.options().factory_image.clone();
+        assert!(self.device.slot_holds(Slot::A, &factory).unwrap());
+    }
+}
+
+fn bundle_of(dir: &Path, image: &[u8], compatible: &str, key: &SecretKey) -> Vec<u8> {
+    let path: PathBuf = dir.join("rootfs.img.gz");
+    std::fs::write(&path, image).unwrap();
+    let mut out = Vec::new();
+    create_bundle(
+        &path,
+        &CreateOptions {
+            compatible: compatible.into(),
+            version: "2.0".into(),
+            image_name: None,
+            compression: None,
+            keys: std::slice::from_ref(key),
+        },
+        &mut out,
+    )
+    .unwrap();
+    out
+}
+
+/// Offset of the image member's data in a bundle (after manifest and signature members).
+fn image_offset(bundle: &[u8]) -> usize {
+    tar_member_ranges(bundle)[2].start
+}
+
+#[test]
+fn a_signed_gzip_bundle_installs_and_is_confirmed_after_the_reboot() {
+    let rig = Rig::new(true);
+    let image = Image::good("2.0", 1024 * 1024);
+    let action = rig.deploy("2.0", rig.bundle(&image.gzip(), COMPATIBLE, &rig.vendor));
+    rig.settle(action);
+    let view = rig.server.action(action).unwrap();
+    assert!(ended_as(&view, "success"), "action: {}", summary(&view));
+    assert_eq!(rig.device.booted().unwrap(), Slot::B);
+    assert!(rig.device.slot_holds(Slot::B, &image.bytes).unwrap());
+}
+
+#[test]
+fn a_tampered_image_is_refused() {
+    let rig = Rig::new(true);
+    let image = Image::good("2.0", 256 * 1024);
+    let mut bundle = rig.bundle(&image.bytes, COMPATIBLE, &rig.vendor);
+    let at = image_offset(&bundle) + 1000;
+    bundle[at] ^= 0x20;
+    // The server hashes what it serves, so only the signed manifest can catch this.
+    let action = rig.deploy("2.0", bundle);
+    rig.settle(action);
+    rig.assert_refused(action, "sha256");
+}
+
+#[test]
+fn a_tampered_manifest_is_refused() {
+    let rig = Rig::new(true);
+    let image = Image::good("2.0", 64 * 1024);
+    let mut bundle = rig.bundle(&image.bytes, COMPATIBLE, &rig.vendor);
+    let pos = bundle
+        .windows(COMPATIBLE.len())
+        .position(|w| w == COMPATIBLE.as_bytes())
+        .unwrap();
+    bundle[pos] = b'b';
+    let action = rig.deploy("2.0", bundle);
+    rig.settle(action);
+    rig.assert_refused(action, "does not verify with any trusted key");
+}
+
+#[test]
+fn a_bundle_signed_by_an_unknown_key_is_refused() {
+    let rig = Rig::new(true);
+    let stranger = generate_keypair().unwrap();
+    let image = Image::good("2.0", 64 * 1024);
+    let action = rig.deploy("2.0", rig.bundle(&image.bytes, COMPATIBLE, &stranger));
+    rig.settle(action);
+    rig.assert_refused(action, &stranger.public_key().key_id());
+}
+
+#[test]
+fn a_bundle_for_another_board_is_refused_even_when_signatures_are_optional() {
+    let rig = Rig::new(false);
+    let image = Image::good("2.0", 64 * 1024);
+    let action = rig.deploy("2.0", rig.bundle(&image.bytes, "other-board", &rig.vendor));
+    rig.settle(action);
+    rig.assert_refused(action, "other-board");
+}
+
+#[test]
+fn an_unsigned_image_is_refused_when_signatures_are_required() {
+    let rig = Rig::new(true);
+    let image = Image::good("2.0", 64 * 1024);
+    let action = rig.deploy("2.0", image.gzip());
+    rig.settle(action);
+    rig.assert_refused(action, "not a signed bundle");
+}
+
+#[test]
+fn a_bundle_whose_manifest_is_not_first_is_refused() {
+    let rig = Rig::new(true);
+    let image = Image::good("2.0", 64 * 1024);
+    let bundle = rig.bundle(&image.bytes, COMPATIBLE, &rig.vendor);
+    // Same members, image first: a tar that is not a bundle.
+    let manifest_len = image_offset(&bundle) - 512;
+    let image_member = &bundle[manifest_len..bundle.len() - 1024];
+    let mut reordered = image_member.to_vec();
+    reordered.extend_from_slice(&bundle[..manifest_len]);
+    reordered.extend_from_slice(&[0u8; 1024]);
+    let action = rig.deploy("2.0", reordered);
+    rig.settle(action);
+    rig.assert_refused(action, "not a signed bundle");
+}
+
+#[test]
+fn a_bundle_image_larger_than_the_slot_is_refused() {
+    let rig = Rig::new(true);
+    let slot = rig.device.options().slot_size as usize;
+    let image = Image::good("2.0", slot + 4096);
+    let slot_b_before = rig.device.slot_bytes(Slot::B).unwrap();
+    let action = rig.deploy("2.0", rig.bundle(&image.bytes, COMPATIBLE, &rig.vendor));
+    rig.settle(action);
+    rig.assert_refused(action, "bytes that fit");
+    // Refused from the signed manifest, before the first image byte reached the slot.
+    assert!(rig.device.slot_bytes(Slot::B).unwrap() == slot_b_before);
+}
+
+fn chunked_bundle_of(dir: &Path, image: &[u8], key: &SecretKey) -> Vec<u8> {
+    let path: PathBuf = dir.join("rootfs.ext4");
+    std::fs::write(&path, image).unwrap();
+    let mut out = Vec::new();
+    ddi_bundle::create_chunked_bundle(
+        &path,
+        &CreateOptions {
+            compatible: COMPATIBLE.into(),
+            version: "3.0".into(),
+            image_name: None,
+            compression: None,
+            keys: std::slice::from_ref(key),
+        },
+        &ddi_bundle::ChunkedOptions {
+            chunker: ddi_bundle::ChunkerParams::with_average(16 * 1024),
+            zstd_level: 3,
+        },
+        &mut out,
+    )
+    .unwrap();
+    out
+}
+
+#[test]
+fn a_chunked_bundle_installs_and_is_confirmed_after_the_reboot() {
+    let rig = Rig::new(true);
+    let image = Image::good("3.0", 1024 * 1024);
+    let bundle = chunked_bundle_of(rig.keys.path(), &image.bytes, &rig.vendor);
+    let action = rig.deploy("3.0", bundle);
+    rig.settle(action);
+    let view = rig.server.action(action).unwrap();
+    assert!(ended_as(&view, "success"), "action: {}", summary(&view));
+    assert_eq!(rig.device.booted().unwrap(), Slot::B);
+    assert!(rig.device.slot_holds(Slot::B, &image.bytes).unwrap());
+}
+
+#[test]
+fn a_tampered_chunk_is_refused() {
+    let rig = Rig::new(true);
+    let image = Image::good("3.0", 512 * 1024);
+    let mut bundle = chunked_bundle_of(rig.keys.path(), &image.bytes, &rig.vendor);
+    let read = ddi_bundle::read_unverified(bundle.as_slice()).unwrap();
+    let chunk = read.index.unwrap().chunks[2];
+    bundle[(read.data_offset + chunk.offset + 10) as usize] ^= 0x08;
+    let action = rig.deploy("3.0", bundle);
+    rig.settle(action);
+    rig.assert_refused(action, "chunk 2");
+}

@@ -1,0 +1,359 @@
+//! End-to-end installs with the real `ddi-agent` against the test server and a file-backed
+//! device: raw, gzip, tar and tar.gz artifacts, dropped connections, and the failures that must
+//! close the action with `failure` and activate nothing (wrong hash, oversize image, corrupt
+//! gzip, ambiguous tar, disk full while writing).
+
+use std::time::Duration;
+
+use bootctl::scheme::Slot;
+use ddi_sim::{Assignment, Fault, FaultKind, ServerOptions, TestServer};
+use ddi_tests::demo::{closed_result, ended_as, summary};
+use ddi_tests::device::{self, DeviceOptions, FileDevice, Image};
+
+const CONTROLLER: &str = "install-e2e";
+const TOKEN: &str = "install-e2e-token";
+const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Rig {
+    server: TestServer,
+    device: FileDevice,
+}
+
+impl Rig {
+    fn new(change: impl FnOnce(&mut DeviceOptions)) -> Rig {
+        let server = TestServer::start(ServerOptions::default());
+        server.create_target(CONTROLLER, Some(TOKEN)).unwrap();
+        let mut options = DeviceOptions::new(&server.url(), CONTROLLER, TOKEN);
+        change(&mut options);
+        let device = FileDevice::create_temp(options).unwrap();
+        device.reboot().unwrap();
+        Rig { server, device }
+    }
+
+    fn deploy(&self, version: &str, filename: &str, artifact: Vec<u8>) -> u64 {
+        self.server
+            .deploy(
+                CONTROLLER,
+                version,
+                filename,
+                artifact,
+                &Assignment::forced(),
+            )
+            .unwrap()
+    }
+
+    /// Run `ddi-agent once`, follow reboot requests, until the action is closed (at most
+    /// `cycles` runs). Returns the exit codes.
+    fn settle(&self, action: u64, cycles: usize) -> Vec<Option<i32>> {
+        let mut codes = Vec::new();
+        for _ in 0..cycles {
+            let out = self.device.agent_once(AGENT_TIMEOUT).unwrap();
+            assert!(!out.timed_out, "agent hung: {}", out.describe());
+            codes.push(out.code);
+            if self.device.take_reboot_requests().unwrap() > 0 {
+                self.device.reboot().unwrap();
+                continue;
+            }
+            let view = self.server.action(action).unwrap();
+            if closed_result(&view).is_some() {
+                break;
+            }
+        }
+        codes
+    }
+
+    fn factory(&self) -> Vec<u8> {
+        self.device.options().factory_image.clone()
+    }
+
+    /// Nothing was activated: the device runs A with A's factory image, U-Boot boots A next.
+    fn assert_nothing_activated(&self) {
+        let env = self.device.env_map().unwrap();
+        assert_eq!(
+            env.get("bootctl_slot").map(String::as_str),
+            Some("A"),
+            "{env:?}"
+        );
+        assert_ne!(
+            env.get("upgrade_available").map(String::as_str),
+            Some("1"),
+            "{env:?}"
+        );
+        assert_eq!(self.device.booted().unwrap(), Slot::A);
+        assert!(
+            self.device.slot_holds(Slot::A, &self.factory()).unwrap(),
+            "slot A changed"
+        );
+        assert_eq!(self.device.reboot().unwrap(), Slot::A);
+    }
+
+    fn assert_failed_with(&self, action: u64, needle: &str) {
+        let view = self.server.action(action).unwrap();
+        assert!(ended_as(&view, "failure"), "action: {}", summary(&view));
+        let details: Vec<String> = view.feedback.iter().flat_map(|f| f.details()).collect();
+        assert!(
+            details.iter().any(|d| d.to_lowercase().contains(needle)),
+            "no detail mentions {needle:?}: {details:#?}"
+        );
+    }
+}
+
+fn assert_installed(rig: &Rig, action: u64, image: &[u8]) {
+    let view = rig.server.action(action).unwrap();
+    assert!(ended_as(&view, "success"), "action: {}", summary(&view));
+    assert_eq!(rig.device.booted().unwrap(), Slot::B);
+    assert!(
+        rig.device.slot_holds(Slot::B, image).unwrap(),
+        "slot B lacks the image"
+    );
+    let slot_b = rig.device.slot_bytes(Slot::B).unwrap();
+    assert_eq!(
+        slot_b.len() as u64,
+        rig.device.options().slot_size,
+        "slot size changed"
+    );
+    assert!(
+        rig.device.slot_holds(Slot::A, &rig.factory()).unwrap(),
+        "slot A changed"
+    );
+}
+
+#[test]
+fn raw_gzip_tar_and_tar_gz_artifacts_install() {
+    let image = Image::good("2.0", 1536 * 1024);
+    for (name, artifact) in [
+        ("os.img", image.bytes.clone()),
+        ("os.img.gz", image.gzip()),
+        ("os.tar", image.tar("rootfs.img")),
+        ("os.tar.gz", image.tar_gz("rootfs.img")),
+    ] {
+        let rig = Rig::new(|_| {});
+        let action = rig.deploy("2.0", name, artifact);
+        rig.settle(action, 4);
+        assert_installed(&rig, action, &image.bytes);
+    }
+}
+
+#[test]
+fn dropped_connections_are_resumed() {
+    let rig = Rig::new(|_| {});
+    let image = Image::good("2.1", 2 << 20);
+    rig.server
+        .add_fault(Fault::new(FaultKind::DropAfter { bytes: 300_000 }).times(3));
+    let action = rig.deploy("2.1", "os.img", image.bytes.clone());
+    rig.settle(action, 4);
+    assert_installed(&rig, action, &image.bytes);
+}
+
+#[test]
+fn wrong_hash_fails_without_activation() {
+    let rig = Rig::new(|_| {});
+    rig.server.add_fault(Fault::new(FaultKind::WrongHash));
+    let image = Image::good("2.2", 1 << 20);
+    let action = rig.deploy("2.2", "os.img", image.bytes.clone());
+    rig.settle(action, 3);
+    rig.assert_failed_with(action, "mismatch");
+    rig.assert_nothing_activated();
+}
+
+#[test]
+fn oversize_image_fails_before_writing() {
+    let rig = Rig::new(|o| o.slot_size = 1 << 20);
+    let before = rig.device.slot_bytes(Slot::B).unwrap();
+    let image = Image::good("2.3", (1 << 20) + 1);
+    let action = rig.deploy("2.3", "os.img", image.bytes.clone());
+    rig.settle(action, 3);
+    rig.assert_failed_with(action, "does not fit");
+    rig.assert_nothing_activated();
+    assert_eq!(
+        rig.device.slot_bytes(Slot::B).unwrap(),
+        before,
+        "slot B was written"
+    );
+}
+
+#[test]
+fn oversize_gzip_image_fails_before_writing() {
+    let rig = Rig::new(|o| o.slot_size = 1 << 20);
+    let before = rig.device.slot_bytes(Slot::B).unwrap();
+    let image = Image::good("2.8", (1 << 20) + 1);
+    let action = rig.deploy("2.8", "os.img.gz", image.gzip());
+    rig.settle(action, 3);
+    rig.assert_failed_with(action, "does not fit");
+    rig.assert_nothing_activated();
+    assert_eq!(
+        rig.device.slot_bytes(Slot::B).unwrap(),
+        before,
+        "slot B was written"
+    );
+}
+
+#[test]
+fn responses_cut_short_are_resumed_to_the_end() {
+    let rig = Rig::new(|_| {});
+    // Every response is clean but holds only 100 kB: the agent continues with Range requests.
+    rig.server
+        .add_fault(Fault::new(FaultKind::Truncate { bytes: 100_000 }));
+    let image = Image::good("2.4", 1 << 20);
+    let action = rig.deploy("2.4", "os.img", image.bytes.clone());
+    rig.settle(action, 4);
+    assert_installed(&rig, action, &image.bytes);
+}
+
+/// A tmpfs of `size` bytes mounted for the test (needs root, which CI has).
+struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    fn mount(size: u64) -> SmallFs {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "ddi-test-full",
+            ])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mounting a tmpfs failed: this test needs root (as in CI)"
+        );
+        SmallFs { dir }
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[test]
+fn disk_full_while_writing_fails_without_activation() {
+    let rig = Rig::new(|_| {});
+    // Slot B becomes a sparse file of the full slot size on a 1 MiB filesystem: writing past
+    // 1 MiB fails with ENOSPC, as a failing or full disk would.
+    let fs = SmallFs::mount(1 << 20);
+    let sparse = fs.dir.path().join("slot-b.img");
+    let file = std::fs::File::create(&sparse).unwrap();
+    file.set_len(rig.device.options().slot_size).unwrap();
+    drop(file);
+    let slot_b = rig.device.slot_path(Slot::B);
+    std::fs::remove_file(&slot_b).unwrap();
+    std::os::unix::fs::symlink(&sparse, &slot_b).unwrap();
+
+    let image = Image::good("2.7", 3 << 20);
+    let action = rig.deploy("2.7", "os.img", image.bytes.clone());
+    rig.settle(action, 3);
+    rig.assert_failed_with(action, "no space left");
+    rig.assert_nothing_activated();
+    assert_eq!(
+        std::fs::metadata(&sparse).unwrap().len(),
+        rig.device.options().slot_size,
+        "slot size changed"
+    );
+}
+
+#[test]
+fn broken_gzip_fails_without_activation() {
+    let rig = Rig::new(|_| {});
+    let image = Image::good("2.5", 1 << 20);
+    let mut gz = device::gzip(&image.bytes);
+    let middle = gz.len() / 2;
+    gz[middle] ^= 0x55;
+    let action = rig.deploy("2.5", "os.img.gz", gz);
+    rig.settle(action, 3);
+    let view = rig.server.action(action).unwrap();
+    assert!(ended_as(&view, "failure"), "action: {}", summary(&view));
+    rig.assert_nothing_activated();
+}
+
+#[test]
+fn hostile_tar_fails_without_activation() {
+    let rig = Rig::new(|_| {});
+    let image = Image::good("2.6", 100_000);
+    let tar = device::tar_of(&[("README", b"two files"), ("rootfs.img", &image.bytes)]);
+    let action = rig.deploy("2.6", "os.tar", tar);
+    rig.settle(action, 3);
+    rig.assert_failed_with(action, "archive");
+    rig.assert_nothing_activated();
+}
+
+#[test]
+fn restart_mid_download_resumes_from_the_last_checkpoint() {
+    let rig = Rig::new(|o| {
+        o.slot_size = 24 << 20;
+        // ~2 s for the image: time to kill the agent after the first checkpoint (16 MiB).
+        o.max_download_rate = Some("10M".into());
+    });
+    let image = Image::good("2.9", 20 << 20);
+    let action = rig.deploy("2.9", "os.img", image.bytes.clone());
+    let record_path = rig.device.state_dir().join("download.resume");
+
+    let mut cmd = rig.device.agent_command();
+    cmd.arg("once");
+    let mut agent = ddi_tests::harness::Background::spawn(cmd).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !record_path.exists() {
+        assert!(
+            agent.try_exit().unwrap().is_none(),
+            "agent finished before a checkpoint"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no resume record appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    agent.stop().unwrap(); // kill -9
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record_path).unwrap()).unwrap();
+    assert_eq!(record["slot_offset"], 16 << 20, "{record}");
+    assert!(rig
+        .device
+        .slot_holds(Slot::B, &image.bytes[..16 << 20])
+        .unwrap());
+
+    let out = rig.device.agent_once(AGENT_TIMEOUT).unwrap();
+    assert!(
+        out.stderr.contains("resuming download") || out.stdout.contains("resuming download"),
+        "{}",
+        out.describe()
+    );
+    rig.device.take_reboot_requests().unwrap();
+    rig.device.reboot().unwrap();
+    rig.settle(action, 3);
+    assert_installed(&rig, action, &image.bytes);
+    assert!(!record_path.exists(), "resume record left behind");
+}
+
+#[test]
+fn download_rate_is_limited() {
+    let rig = Rig::new(|o| o.max_download_rate = Some("1M".into()));
+    let image = Image::good("3.1", 2 << 20);
+    let action = rig.deploy("3.1", "os.img", image.bytes.clone());
+    let begin = std::time::Instant::now();
+    let out = rig.device.agent_once(AGENT_TIMEOUT).unwrap();
+    let elapsed = begin.elapsed();
+    assert_eq!(
+        rig.device.take_reboot_requests().unwrap(),
+        1,
+        "{}",
+        out.describe()
+    );
+    // 2 MiB at 1 MiB/s.
+    assert!(
+        elapsed >= Duration::from_millis(1900),
+        "took only {elapsed:?}"
+    );
+    rig.device.reboot().unwrap();
+    rig.settle(action, 3);
+    assert_installed(&rig, action, &image.bytes);
+}
