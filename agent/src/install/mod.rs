@@ -30,6 +30,7 @@ pub mod bundle;
 pub mod chunked;
 pub mod compress;
 pub mod decode;
+pub mod delta;
 pub mod error;
 pub mod hash;
 pub mod pipeline;
