@@ -16,7 +16,9 @@ use crate::config::Config;
 use crate::ddi::client::Delivery;
 use crate::ddi::{DdiClient, DdiError, Execution, Feedback, Finished, Link, PollReply};
 use crate::install::{ExpectedHash, InstallRequest, Progress};
-use crate::machine::{self, Action, Event, InstallFailure, Job, Params, Phase, Slot, State};
+use bootctl::Slot;
+
+use crate::machine::{self, Action, Event, InstallFailure, Job, Params, Phase, State};
 use crate::persist::{PersistError, Store};
 
 /// A bootloader operation failed.
@@ -76,8 +78,6 @@ pub enum DriverError {
     Reboot(String),
     #[error("{0} feedback message(s) still owed to the server")]
     FeedbackOwed(usize),
-    #[error("install of action {0} failed transiently; retrying at the next poll")]
-    InstallRetry(String),
     #[error("boot environment unusable, so nothing is installed, activated or confirmed: {0}")]
     BootEnv(BootError),
 }
@@ -106,6 +106,9 @@ pub struct CycleReport {
     pub failure_reported: bool,
     /// The server's suggested sleep until the next poll.
     pub sleep: Option<Duration>,
+    /// The install of this action is under way and did not finish in this cycle (a transient
+    /// failure, or the bootloader's state made it wait): it goes on at the next poll.
+    pub unfinished_install: Option<String>,
 }
 
 /// The driver with its collaborators.
@@ -119,6 +122,8 @@ pub struct Driver<B, I, H, R> {
     rebooter: R,
     params: Params,
     state: State,
+    /// The state as last read from or written to the state file.
+    saved: State,
     failure_reported: bool,
     /// The server's last polling interval (paces the cancel watch during installs).
     last_sleep: Duration,
@@ -142,6 +147,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         let params = Params {
             attempts: cfg.boot.attempts,
             artifact_part: cfg.agent.artifact_part.clone(),
+            auto_consent: cfg.agent.consent == crate::config::Consent::Auto,
         };
         Ok(Driver {
             cfg,
@@ -152,6 +158,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
             health,
             rebooter,
             params,
+            saved: state.clone(),
             state,
             failure_reported: false,
             last_sleep: Duration::from_secs(30),
@@ -166,7 +173,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
     /// Step (1) of `once` and the start of `run`: finish what was waiting for a reboot.
     pub async fn startup(&mut self) -> Result<CycleReport, DriverError> {
         self.failure_reported = false;
-        self.state = load_state(&self.store)?;
+        self.load()?;
         let booted = self.boot.booted()?;
         let next = match self.boot.next() {
             Ok(next) => next,
@@ -176,7 +183,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
             }
         };
         self.startup_skipped = None;
-        info!(booted = %booted, next = %next, phase = self.state.phase.name(), "agent started");
+        info!(booted = %booted, next = %next, phase = self.state.update.phase.name(), "agent started");
         let rebooting = self.apply(Event::Started { booted, next }).await?;
         if let Err(e) = self.deliver().await {
             // Not fatal here: the cycle delivers first and reports what is still owed.
@@ -185,7 +192,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         Ok(CycleReport {
             rebooting,
             failure_reported: self.failure_reported,
-            sleep: None,
+            ..CycleReport::default()
         })
     }
 
@@ -193,7 +200,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
     pub async fn cycle(&mut self) -> Result<CycleReport, DriverError> {
         self.failure_reported = false;
         // Whatever an aborted previous cycle left in memory is replaced by what is on disk.
-        self.state = load_state(&self.store)?;
+        self.load()?;
         self.deliver().await?;
         let poll = self.client.poll().await?;
         self.last_sleep = poll.sleep;
@@ -207,9 +214,8 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
             warn!(error = %e, "attributes (configData) not accepted; retried next cycle");
         }
         self.installed_base(&poll).await;
-        if poll.confirmation.is_none() && self.state.pending_consent.is_some() {
-            self.state.pending_consent = None;
-            self.store.save(&self.state)?;
+        if poll.confirmation.is_none() {
+            self.apply(Event::NoConfirmation).await?;
         }
         // Without the environment nothing can be installed or decided; the server hears why.
         if let Err(problem) = self.boot.next() {
@@ -233,8 +239,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                 Err(e) => return Err(e.into()),
             }
         } else if let Some(link) = &poll.confirmation {
-            self.consent(link).await?;
-            false
+            self.consent(link).await?
         } else if let Some(link) = &poll.deployment {
             match self.client.deployment(link).await {
                 Ok(deployment) => {
@@ -272,8 +277,8 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         report.rebooting = rebooting;
         if !rebooting {
             self.deliver().await?;
-            if let Phase::Installing(job) = &self.state.phase {
-                return Err(DriverError::InstallRetry(job.action_id.clone()));
+            if let Phase::Installing(job) = &self.state.update.phase {
+                report.unfinished_install = Some(job.action_id.clone());
             }
         }
         report.failure_reported = self.failure_reported;
@@ -290,7 +295,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
             waited.as_secs()
         );
         warn!("{message}");
-        if let Phase::AwaitingReboot(job) = &self.state.phase {
+        if let Phase::AwaitingReboot(job) = &self.state.update.phase {
             let feedback = Feedback::new(&job.action_id, Execution::Proceeding, Finished::None)
                 .detail(message);
             if let Err(e) = self.client.send_feedback(&job.link, &feedback).await {
@@ -327,28 +332,33 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         Err(DriverError::BootEnv(problem))
     }
 
-    /// Feeds one event (and the events its actions produce) through the machine.
+    /// The state file's state, in memory and as the last saved.
+    fn load(&mut self) -> Result<(), DriverError> {
+        self.state = load_state(&self.store)?;
+        self.saved = self.state.clone();
+        Ok(())
+    }
+
+    fn save(&mut self) -> Result<(), DriverError> {
+        self.store.save(&self.state)?;
+        self.saved = self.state.clone();
+        Ok(())
+    }
+
+    /// Feeds one event (and the events its actions produce) through the machine; every step
+    /// ends with its state saved (nothing is written when it did not change).
     async fn apply(&mut self, event: Event) -> Result<bool, DriverError> {
         let mut next = Some(event);
         while let Some(event) = next.take() {
-            let before = self.state.phase.name();
+            let before = self.state.update.clone();
             let (state, actions) = machine::step(&self.params, self.state.clone(), event);
             self.state = state;
-            if before != self.state.phase.name() {
-                let action_id = self
-                    .state
-                    .phase
-                    .job()
-                    .map(|j| j.action_id.clone())
-                    .or_else(|| self.state.last_result.as_ref().map(|r| r.action_id.clone()))
-                    .unwrap_or_default();
-                info!(action_id = %action_id, state = self.state.phase.name(), from = before, "state changed");
-            }
-            let job = self.state.phase.job().map(|j| j.action_id.clone());
+            log_update_change(&before, &self.state.update);
+            let job = self.state.update.phase.job().map(|j| j.action_id.clone());
             for action in actions {
                 tracing::debug!(action_id = job.as_deref().unwrap_or(""), ?action, "action");
                 match action {
-                    Action::Persist => self.store.save(&self.state)?,
+                    Action::Persist => self.save()?,
                     Action::MarkBad(slot) => {
                         info!(slot = %slot, "marking slot bad");
                         self.boot.mark_bad(slot)?
@@ -391,14 +401,30 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                         warn!(action_id = job.as_deref().unwrap_or(""), %reason, "not installing now");
                     }
                     Action::Reboot => {
-                        self.store.save(&self.state)?;
+                        self.save()?;
                         info!(command = ?self.cfg.boot.reboot_command, "rebooting");
                         self.rebooter.reboot().map_err(DriverError::Reboot)?;
                         return Ok(true);
                     }
+                    Action::SendConsent {
+                        link,
+                        accept,
+                        details,
+                    } => {
+                        let delivery = self
+                            .client
+                            .send_confirmation(&link, accept, &details)
+                            .await?;
+                        let action_id = link.action_id().unwrap_or_default();
+                        info!(action_id = %action_id, accept, ?delivery, "consent sent");
+                        next = Some(Event::ConsentSent { action_id, accept });
+                    }
+                    Action::ClearConsentAnswer => self.store.clear_consent()?,
                 }
             }
-            self.store.save(&self.state)?;
+            if self.state != self.saved {
+                self.save()?;
+            }
         }
         Ok(false)
     }
@@ -433,8 +459,8 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                     return Err(DriverError::FeedbackOwed(self.state.outbox.len()));
                 }
             }
-            self.state.delivered(entry.seq);
-            self.store.save(&self.state)?;
+            // Boxed: applying an event may deliver the outbox again.
+            Box::pin(self.apply(Event::FeedbackDelivered { seq: entry.seq })).await?;
         }
         Ok(())
     }
@@ -562,22 +588,22 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
     /// configData (merge) when the server asks or the attributes changed since last accepted.
     async fn config_data(&mut self, poll: &PollReply, booted: Slot) -> Result<(), DriverError> {
         let attrs = attributes(&self.cfg, Some(booted));
-        if poll.config_data.is_none() && self.state.attributes_sent.as_ref() == Some(&attrs) {
+        if poll.config_data.is_none() && self.state.caches.attributes_sent.as_ref() == Some(&attrs)
+        {
             return Ok(());
         }
         self.client
             .put_config_data(poll.config_data.as_ref(), &attrs)
             .await?;
         info!(count = attrs.len(), "attributes sent (configData)");
-        self.state.attributes_sent = Some(attrs);
-        self.store.save(&self.state)?;
+        self.apply(Event::AttributesSent(attrs)).await?;
         Ok(())
     }
 
     /// Logs what the server considers installed (validates the body); never fatal.
     async fn installed_base(&mut self, poll: &PollReply) {
         let Some(link) = &poll.installed else { return };
-        if self.state.server_installed.as_deref() == Some(link.href.as_str()) {
+        if self.state.caches.server_installed.as_deref() == Some(link.href.as_str()) {
             return;
         }
         match self.client.deployment(link).await {
@@ -588,19 +614,25 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                     .map(|c| format!("{} {}", c.part, c.version))
                     .collect();
                 info!(action_id = %d.action_id, modules = %version.join(", "), "server reports installed base");
-                self.state.server_installed = Some(link.href.clone());
-                let _ = self.store.save(&self.state);
+                let read = Event::InstalledBaseRead {
+                    href: link.href.clone(),
+                };
+                if let Err(e) = self.apply(read).await {
+                    warn!(error = %e, "installedBase read, not saved; read again next cycle");
+                }
             }
             Err(e) => warn!(error = %e, "installedBase not readable"),
         }
     }
 
-    /// The confirmation flow: auto-confirm, or relay `ddi-agent consent accept|deny`.
-    async fn consent(&mut self, link: &Link) -> Result<(), DriverError> {
+    /// The confirmation flow: the machine decides with the user's recorded answer for this
+    /// action (`ddi-agent consent accept|deny`), if any.
+    async fn consent(&mut self, link: &Link) -> Result<bool, DriverError> {
         let action_id = link.action_id().unwrap_or_default();
-        let decision = match self.cfg.agent.consent {
-            crate::config::Consent::Auto => Some(true),
-            crate::config::Consent::Manual => match self.store.load_consent() {
+        let answer = if self.params.auto_consent {
+            None
+        } else {
+            match self.store.load_consent() {
                 Ok(Some(d)) if d.action_id == action_id => Some(d.accept),
                 Ok(_) => None,
                 Err(e @ PersistError::Corrupt { .. }) => {
@@ -610,36 +642,31 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                     None
                 }
                 Err(e) => return Err(e.into()),
-            },
+            }
         };
-        match decision {
-            None => {
-                if self.state.pending_consent.as_deref() != Some(action_id.as_str()) {
-                    info!(action_id = %action_id, "action waits for consent: run `ddi-agent consent accept` or `deny`");
-                    self.state.pending_consent = Some(action_id);
-                    self.store.save(&self.state)?;
-                }
-            }
-            Some(accept) => {
-                let details = vec![if self.cfg.agent.consent == crate::config::Consent::Auto {
-                    "confirmed automatically (consent = auto)".to_string()
-                } else if accept {
-                    "accepted by the user".to_string()
-                } else {
-                    "denied by the user".to_string()
-                }];
-                let delivery = self
-                    .client
-                    .send_confirmation(link, accept, &details)
-                    .await?;
-                info!(action_id = %action_id, accept, ?delivery, "consent sent");
-                self.store.clear_consent()?;
-                // A denial keeps the action waiting on the server; it stays pending here too.
-                self.state.pending_consent = if accept { None } else { Some(action_id) };
-                self.store.save(&self.state)?;
-            }
+        self.apply(Event::ConfirmationAsked {
+            link: link.clone(),
+            answer,
+        })
+        .await
+    }
+}
+
+/// Logs what changed in the update's state: its phase, or the action waiting for consent.
+fn log_update_change(before: &machine::Update, after: &machine::Update) {
+    if before.phase.name() != after.phase.name() {
+        let action_id = after
+            .phase
+            .job()
+            .map(|j| j.action_id.as_str())
+            .or_else(|| after.last_result.as_ref().map(|r| r.action_id.as_str()))
+            .unwrap_or_default();
+        info!(action_id = %action_id, state = after.phase.name(), from = before.phase.name(), "state changed");
+    }
+    if before.pending_consent != after.pending_consent {
+        if let Some(action_id) = &after.pending_consent {
+            info!(action_id = %action_id, "action waits for consent: run `ddi-agent consent accept` or `deny`");
         }
-        Ok(())
     }
 }
 
@@ -696,36 +723,19 @@ impl BootCtl {
     }
 }
 
-fn from_bootctl(s: bootctl::Slot) -> Slot {
-    match s {
-        bootctl::Slot::A => Slot::A,
-        bootctl::Slot::B => Slot::B,
-    }
-}
-
-fn to_bootctl(s: Slot) -> bootctl::Slot {
-    match s {
-        Slot::A => bootctl::Slot::A,
-        Slot::B => bootctl::Slot::B,
-    }
-}
-
 impl Bootloader for BootCtl {
     fn booted(&self) -> Result<Slot, BootError> {
-        self.0
-            .booted()
-            .map(from_bootctl)
-            .map_err(|e| BootError(e.to_string()))
+        self.0.booted().map_err(|e| BootError(e.to_string()))
     }
     fn next(&self) -> Result<Slot, BootError> {
         self.0
             .status()
-            .map(|s| from_bootctl(s.next))
+            .map(|s| s.next)
             .map_err(|e| BootError(e.to_string()))
     }
     fn activate(&mut self, slot: Slot) -> Result<(), BootError> {
         self.0
-            .activate(to_bootctl(slot))
+            .activate(slot)
             .map(|_| ())
             .map_err(|e| BootError(e.to_string()))
     }
@@ -737,7 +747,7 @@ impl Bootloader for BootCtl {
     }
     fn mark_bad(&mut self, slot: Slot) -> Result<(), BootError> {
         self.0
-            .mark_bad(to_bootctl(slot))
+            .mark_bad(slot)
             .map(|_| ())
             .map_err(|e| BootError(e.to_string()))
     }

@@ -17,47 +17,12 @@
 //!   new one means the bootloader fell back (`closed`/`failure`).
 
 use std::collections::BTreeMap;
-use std::fmt;
+
+use bootctl::Slot;
 
 use crate::ddi::{
     Artifact, CancelRequest, Deployment, Execution, Feedback, Finished, Handling, Link,
 };
-
-/// A/B slot name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Slot {
-    A,
-    B,
-}
-
-impl Slot {
-    pub fn other(self) -> Slot {
-        match self {
-            Slot::A => Slot::B,
-            Slot::B => Slot::A,
-        }
-    }
-}
-
-impl fmt::Display for Slot {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Slot::A => "A",
-            Slot::B => "B",
-        })
-    }
-}
-
-impl std::str::FromStr for Slot {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Slot, String> {
-        match s {
-            "A" | "a" => Ok(Slot::A),
-            "B" | "b" => Ok(Slot::B),
-            other => Err(format!("slot must be A or B, got \"{other}\"")),
-        }
-    }
-}
 
 /// One deployment being carried out.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,31 +118,60 @@ impl Outgoing {
     }
 }
 
-/// Everything that survives restarts and reboots (stored by [`crate::state_file`]).
+/// Everything that survives restarts and reboots (stored by [`crate::state_file`], which maps
+/// it to the file's own format). Only [`step`] changes it (and [`State::recovered`] makes one in
+/// place of an unreadable file): the driver reads it and feeds events.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct State {
-    pub phase: Phase,
-    pub last_result: Option<LastResult>,
-    pub outbox: Vec<Outgoing>,
-    pub next_seq: u64,
-    /// Attributes last accepted by the server (configData).
-    pub attributes_sent: Option<BTreeMap<String, String>>,
-    /// Action waiting for `ddi-agent consent accept|deny` (manual consent).
-    pub pending_consent: Option<String>,
-    /// The installedBase href last read (logged once per change).
-    pub server_installed: Option<String>,
-    /// Recently finished actions (newest last, bounded): never closed twice.
-    pub finished_actions: Vec<String>,
+    pub update: Update,
+    pub outbox: Outbox,
+    pub caches: Caches,
 }
 
-/// How many finished action ids are remembered.
-const FINISHED_MEMORY: usize = 32;
+/// What the update needs: where it is, how actions ended here, and which one waits for consent.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Update {
+    pub phase: Phase,
+    pub last_result: Option<LastResult>,
+    /// Recently finished actions (newest last, bounded): never closed twice.
+    pub finished_actions: Vec<String>,
+    /// Action waiting for `ddi-agent consent accept|deny` (manual consent).
+    pub pending_consent: Option<String>,
+}
 
-impl State {
+/// What the server was last told or showed. Saves requests and log lines; never decides
+/// anything about the update.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Caches {
+    /// Attributes last accepted by the server (configData).
+    pub attributes_sent: Option<BTreeMap<String, String>>,
+    /// The installedBase href last read (logged once per change).
+    pub server_installed: Option<String>,
+}
+
+/// Feedback owed to the server, oldest first, kept until delivered or refused for good. Reads
+/// as a slice; entries are added by the machine and removed by [`Event::FeedbackDelivered`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Outbox {
+    entries: Vec<Outgoing>,
+    /// The sequence number of the next entry (never reused).
+    next_seq: u64,
+}
+
+impl Outbox {
+    /// The outbox as stored (entries and the next sequence number, exactly).
+    pub fn restore(entries: Vec<Outgoing>, next_seq: u64) -> Outbox {
+        Outbox { entries, next_seq }
+    }
+
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
     fn queue(&mut self, channel: Channel, link: &str, feedback: Feedback) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.outbox.push(Outgoing {
+        self.entries.push(Outgoing {
             seq,
             channel,
             link: link.to_string(),
@@ -185,57 +179,96 @@ impl State {
         });
     }
 
-    /// Drops a delivered (or refused for good) outbox entry.
-    pub fn delivered(&mut self, seq: u64) {
-        self.outbox.retain(|o| o.seq != seq);
+    /// Drops the entry `seq`; false when there is none.
+    fn remove(&mut self, seq: u64) -> bool {
+        let before = self.entries.len();
+        self.entries.retain(|o| o.seq != seq);
+        self.entries.len() != before
     }
+}
 
+impl std::ops::Deref for Outbox {
+    type Target = [Outgoing];
+    fn deref(&self) -> &[Outgoing] {
+        &self.entries
+    }
+}
+
+impl<'a> IntoIterator for &'a Outbox {
+    type Item = &'a Outgoing;
+    type IntoIter = std::slice::Iter<'a, Outgoing>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.entries.iter()
+    }
+}
+
+/// How many finished action ids are remembered.
+const FINISHED_MEMORY: usize = 32;
+
+impl State {
     /// True when the action was finished here (result recorded or closing feedback owed).
     fn finished_locally(&self, action_id: &str) -> bool {
-        self.last_result
+        self.update
+            .last_result
             .as_ref()
             .is_some_and(|r| r.action_id == action_id && r.result != ResultKind::Abandoned)
             || self
                 .outbox
                 .iter()
                 .any(|o| o.feedback.action_id == action_id)
-            || self.finished_actions.iter().any(|a| a == action_id)
+            || self.update.finished_actions.iter().any(|a| a == action_id)
     }
 
-    /// The state file could not be read and `action_id` was open in it: answer the action
-    /// `closed`/`failure` naming `problem` (once), so the server does not wait for ever.
-    /// False when the action was already finished here.
-    pub fn fail_unreadable(&mut self, action_id: &str, link: &str, problem: &str) -> bool {
-        if self.finished_locally(action_id) {
-            return false;
-        }
-        let message = format!("action {action_id} abandoned: {problem}");
-        self.queue(
-            Channel::Deployment,
-            link,
-            Feedback::new(action_id, Execution::Closed, Finished::Failure).detail(&message),
-        );
-        self.finish(action_id, ResultKind::Failure, message);
-        true
+    /// A fresh state in place of a state file that could not be read: the owed feedback and
+    /// finished actions that could still be read, and for the action the file had open
+    /// (`(id, deploymentBase href)`) a `closed`/`failure` naming `problem`, once, so the server
+    /// does not wait for ever. Also returns that action's id when it was answered here.
+    pub fn recovered(
+        outbox: Outbox,
+        finished_actions: Vec<String>,
+        open_action: Option<(String, String)>,
+        problem: &str,
+    ) -> (State, Option<String>) {
+        let mut s = State {
+            update: Update {
+                finished_actions,
+                ..Update::default()
+            },
+            outbox,
+            caches: Caches::default(),
+        };
+        let answered = open_action.filter(|(id, link)| {
+            if s.finished_locally(id) {
+                return false;
+            }
+            let message = format!("action {id} abandoned: {problem}");
+            s.outbox.queue(
+                Channel::Deployment,
+                link,
+                Feedback::new(id, Execution::Closed, Finished::Failure).detail(&message),
+            );
+            s.finish(id, ResultKind::Failure, message);
+            true
+        });
+        (s, answered.map(|(id, _)| id))
     }
 
     fn finish(&mut self, action_id: &str, result: ResultKind, message: String) {
-        self.phase = Phase::Idle;
-        if result != ResultKind::Abandoned && !self.finished_actions.iter().any(|a| a == action_id)
-        {
-            self.finished_actions.push(action_id.to_string());
-            if self.finished_actions.len() > FINISHED_MEMORY {
-                self.finished_actions.remove(0);
+        let u = &mut self.update;
+        u.phase = Phase::Idle;
+        if result != ResultKind::Abandoned && !u.finished_actions.iter().any(|a| a == action_id) {
+            u.finished_actions.push(action_id.to_string());
+            if u.finished_actions.len() > FINISHED_MEMORY {
+                u.finished_actions.remove(0);
             }
         }
-        self.last_result = Some(LastResult {
+        u.last_result = Some(LastResult {
             action_id: action_id.to_string(),
             result,
             message,
         });
     }
 }
-
 /// Fixed parameters of the machine (from the config).
 #[derive(Debug, Clone)]
 pub struct Params {
@@ -243,6 +276,8 @@ pub struct Params {
     pub attempts: u32,
     /// Chunk `part` holding the image.
     pub artifact_part: String,
+    /// Consent is given without asking (`consent = "auto"`); otherwise the user answers.
+    pub auto_consent: bool,
 }
 
 /// What the driver must do, in order.
@@ -273,6 +308,15 @@ pub enum Action {
     Defer(String),
     /// Run the reboot command. Always last.
     Reboot,
+    /// Answer the server's consent request of `link` (confirmationBase); answered with
+    /// [`Event::ConsentSent`]. Always last.
+    SendConsent {
+        link: Link,
+        accept: bool,
+        details: Vec<String>,
+    },
+    /// The user's recorded consent answer has been sent: remove it.
+    ClearConsentAnswer,
 }
 
 /// An install failure as the machine needs it.
@@ -325,6 +369,30 @@ pub enum Event {
         link: Link,
         reason: String,
     },
+    /// The server asks for consent to the action of `link` (confirmationBase); `answer` is the
+    /// user's recorded answer for this very action (`ddi-agent consent`), if any.
+    ConfirmationAsked {
+        link: Link,
+        answer: Option<bool>,
+    },
+    /// The consent answer of [`Action::SendConsent`] reached the server.
+    ConsentSent {
+        action_id: String,
+        accept: bool,
+    },
+    /// A poll showed no consent request.
+    NoConfirmation,
+    /// The server accepted these attributes (configData).
+    AttributesSent(BTreeMap<String, String>),
+    /// The installedBase of `href` was read (and logged).
+    InstalledBaseRead {
+        href: String,
+    },
+    /// The outbox entry `seq` is not owed any more: the server took it, or refused it for good
+    /// (410 Gone, or a status saying it never will).
+    FeedbackDelivered {
+        seq: u64,
+    },
 }
 
 /// The transition function.
@@ -349,7 +417,7 @@ pub fn step(params: &Params, state: State, event: Event) -> (State, Vec<Action>)
         }
         Event::Cancel { link, request } => on_cancel(&mut s, &mut actions, link, request),
         Event::NoAction => {
-            if let Phase::Installing(job) | Phase::Installed(job) = s.phase.clone() {
+            if let Phase::Installing(job) | Phase::Installed(job) = s.update.phase.clone() {
                 // The server dropped the action (force quit, auto-close): stop, slot stays bad.
                 s.finish(
                     &job.action_id,
@@ -366,12 +434,67 @@ pub fn step(params: &Params, state: State, event: Event) -> (State, Vec<Action>)
         Event::Activated => on_activated(&mut s, &mut actions),
         Event::HealthChecked(result) => on_health(&mut s, &mut actions, result),
         Event::DeploymentRefused { link, reason } => on_refused(&mut s, &mut actions, link, reason),
+        Event::ConfirmationAsked { link, answer } => {
+            on_confirmation(params, &mut s, &mut actions, link, answer)
+        }
+        Event::ConsentSent { action_id, accept } => {
+            // A denial keeps the action waiting on the server; it stays pending here too.
+            s.update.pending_consent = (!accept).then_some(action_id);
+            actions.extend([Action::ClearConsentAnswer, Action::Persist]);
+        }
+        Event::NoConfirmation => {
+            if s.update.pending_consent.take().is_some() {
+                actions.push(Action::Persist);
+            }
+        }
+        Event::AttributesSent(attributes) => {
+            s.caches.attributes_sent = Some(attributes);
+            actions.push(Action::Persist);
+        }
+        Event::InstalledBaseRead { href } => {
+            s.caches.server_installed = Some(href);
+            actions.push(Action::Persist);
+        }
+        Event::FeedbackDelivered { seq } => {
+            if s.outbox.remove(seq) {
+                actions.push(Action::Persist);
+            }
+        }
     }
     (s, actions)
 }
 
+/// The confirmation flow: consent given automatically or by the user's answer is sent; without
+/// an answer the action waits, and `ddi-agent consent` can see which one.
+fn on_confirmation(
+    params: &Params,
+    s: &mut State,
+    actions: &mut Vec<Action>,
+    link: Link,
+    answer: Option<bool>,
+) {
+    let action_id = link.action_id().unwrap_or_default();
+    let (accept, detail) = match (params.auto_consent, answer) {
+        (true, _) => (true, "confirmed automatically (consent = auto)"),
+        (false, Some(true)) => (true, "accepted by the user"),
+        (false, Some(false)) => (false, "denied by the user"),
+        (false, None) => {
+            if s.update.pending_consent.as_deref() != Some(action_id.as_str()) {
+                s.update.pending_consent = Some(action_id);
+                actions.push(Action::Persist);
+            }
+            return;
+        }
+    };
+    actions.push(Action::SendConsent {
+        link,
+        accept,
+        details: vec![detail.to_string()],
+    });
+}
+
 fn started(params: &Params, s: &mut State, actions: &mut Vec<Action>, booted: Slot, next: Slot) {
-    match s.phase.clone() {
+    match s.update.phase.clone() {
         Phase::Idle => actions.push(Action::KeepBootedGood),
         Phase::Installing(job) if booted == job.target => {
             job_slot_running_unverified(s, actions, job);
@@ -384,12 +507,12 @@ fn started(params: &Params, s: &mut State, actions: &mut Vec<Action>, booted: Sl
         Phase::Installed(job) if booted == job.target => {
             // Power cut between the activating save and persisting it: the new slot runs on
             // trial. It is confirmed by the health checks, never by this start alone.
-            s.phase = Phase::AwaitingReboot(job);
+            s.update.phase = Phase::AwaitingReboot(job);
             actions.extend([Action::Persist, Action::RunHealthChecks]);
         }
         Phase::Installed(job) if next == job.target => {
             // The activating save happened; the reboot did not.
-            s.phase = Phase::AwaitingReboot(job);
+            s.update.phase = Phase::AwaitingReboot(job);
             actions.extend([Action::Persist, Action::Reboot]);
         }
         Phase::Installed(job) if job.activations < MAX_ACTIVATIONS => {
@@ -424,7 +547,7 @@ fn rolled_back(params: &Params, s: &mut State, actions: &mut Vec<Action>, job: J
 /// Ends the job `closed`/`failure` with `message`, its slot marked bad (one save, none when it
 /// already is), the result durable and its delivery tried.
 fn fail_job(s: &mut State, actions: &mut Vec<Action>, job: &Job, message: String) {
-    s.queue(
+    s.outbox.queue(
         Channel::Deployment,
         &job.link,
         Feedback::new(&job.action_id, Execution::Closed, Finished::Failure).detail(message.clone()),
@@ -570,24 +693,24 @@ fn on_deployment(
 ) {
     let booted = boot.booted;
     let id = d.action_id.clone();
-    if let Phase::Installing(job) = s.phase.clone() {
+    if let Phase::Installing(job) = s.update.phase.clone() {
         if job.target == booted {
             // Normally resolved at start; never write either slot while this holds.
             job_slot_running_unverified(s, actions, job);
             return;
         }
     }
-    if let Some(job) = s.phase.job() {
+    if let Some(job) = s.update.phase.job() {
         if job.action_id == id {
             let mut job = job.clone();
             job.may_activate = d.may_activate();
             job.link = link.href.clone();
-            match s.phase.clone() {
+            match s.update.phase.clone() {
                 Phase::Installing(_) => {
                     if defer_install(&boot, actions) {
                         return;
                     }
-                    s.phase = Phase::Installing(job.clone());
+                    s.update.phase = Phase::Installing(job.clone());
                     actions.extend([Action::MarkBad(job.target), Action::Install(job)]);
                 }
                 Phase::Installed(_) if job.may_activate && job.activations >= MAX_ACTIVATIONS => {
@@ -599,7 +722,7 @@ fn on_deployment(
                     fail_job(s, actions, &job, message);
                 }
                 Phase::Installed(_) => {
-                    s.phase = Phase::Installed(job.clone());
+                    s.update.phase = Phase::Installed(job.clone());
                     // Activating while another slot is set to boot, or on someone else's trial
                     // (possibly of this very slot), would take over a trial that is not ours.
                     if job.may_activate && !defer_install(&boot, actions) {
@@ -611,7 +734,7 @@ fn on_deployment(
             }
             return;
         }
-        if let Phase::AwaitingReboot(job) = &s.phase {
+        if let Phase::AwaitingReboot(job) = &s.update.phase {
             // A new slot is already activated; its confirmation comes first.
             reboot_if_pending(job, boot, actions);
             return;
@@ -634,7 +757,7 @@ fn on_deployment(
     }
     match choose_artifact(&params.artifact_part, &d) {
         Err(reason) => {
-            s.queue(
+            s.outbox.queue(
                 Channel::Deployment,
                 &link.href,
                 Feedback::new(&id, Execution::Closed, Finished::Failure).detail(reason.clone()),
@@ -654,7 +777,7 @@ fn on_deployment(
                 failed_tries: 0,
                 activations: 0,
             };
-            s.phase = Phase::Installing(job.clone());
+            s.update.phase = Phase::Installing(job.clone());
             let what = if job.download_only {
                 "download only"
             } else if d.update == Handling::Skip {
@@ -693,18 +816,18 @@ fn reboot_if_pending(job: &Job, boot: BootView, actions: &mut Vec<Action>) {
 fn activate(s: &mut State, actions: &mut Vec<Action>, mut job: Job) {
     job.activations += 1;
     let target = job.target;
-    s.phase = Phase::Installed(job);
+    s.update.phase = Phase::Installed(job);
     actions.extend([Action::Persist, Action::Activate(target)]);
 }
 
 fn on_activated(s: &mut State, actions: &mut Vec<Action>) {
-    let Phase::Installed(job) = s.phase.clone() else {
+    let Phase::Installed(job) = s.update.phase.clone() else {
         return;
     };
     if job.activations == 0 {
         return;
     }
-    s.phase = Phase::AwaitingReboot(job.clone());
+    s.update.phase = Phase::AwaitingReboot(job.clone());
     actions.extend([
         Action::Persist,
         Action::Notify {
@@ -717,7 +840,7 @@ fn on_activated(s: &mut State, actions: &mut Vec<Action>) {
 }
 
 fn on_install_done(s: &mut State, actions: &mut Vec<Action>, result: Result<(), InstallFailure>) {
-    let Phase::Installing(mut job) = s.phase.clone() else {
+    let Phase::Installing(mut job) = s.update.phase.clone() else {
         return;
     };
     match result {
@@ -726,7 +849,7 @@ fn on_install_done(s: &mut State, actions: &mut Vec<Action>, result: Result<(), 
                 "downloaded {} (version {}) to slot {}; not activated (download only)",
                 job.artifact.filename, job.version, job.target
             );
-            s.queue(
+            s.outbox.queue(
                 Channel::Deployment,
                 &job.link,
                 Feedback::new(&job.action_id, Execution::Downloaded, Finished::Success)
@@ -736,7 +859,7 @@ fn on_install_done(s: &mut State, actions: &mut Vec<Action>, result: Result<(), 
             actions.extend([Action::Persist, Action::DeliverOutbox]);
         }
         Ok(()) => {
-            s.phase = Phase::Installed(job.clone());
+            s.update.phase = Phase::Installed(job.clone());
             actions.push(Action::Notify {
                 link: job.link.clone(),
                 feedback: Feedback::new(&job.action_id, Execution::Downloaded, Finished::None)
@@ -761,11 +884,11 @@ fn on_install_done(s: &mut State, actions: &mut Vec<Action>, result: Result<(), 
         }
         Err(f) if f.retryable && job.failed_tries + 1 < MAX_INSTALL_TRIES => {
             job.failed_tries += 1;
-            s.phase = Phase::Installing(job);
+            s.update.phase = Phase::Installing(job);
             actions.push(Action::Persist);
         }
         Err(f) => {
-            s.queue(
+            s.outbox.queue(
                 Channel::Deployment,
                 &job.link,
                 Feedback::new(&job.action_id, Execution::Closed, Finished::Failure)
@@ -782,7 +905,7 @@ fn on_install_done(s: &mut State, actions: &mut Vec<Action>, result: Result<(), 
 }
 
 fn on_health(s: &mut State, actions: &mut Vec<Action>, result: Result<(), String>) {
-    let Phase::AwaitingReboot(job) = s.phase.clone() else {
+    let Phase::AwaitingReboot(job) = s.update.phase.clone() else {
         return;
     };
     match result {
@@ -791,7 +914,7 @@ fn on_health(s: &mut State, actions: &mut Vec<Action>, result: Result<(), String
                 "version {} running from slot {} and confirmed",
                 job.version, job.target
             );
-            s.queue(
+            s.outbox.queue(
                 Channel::Deployment,
                 &job.link,
                 Feedback::new(&job.action_id, Execution::Closed, Finished::Success)
@@ -811,7 +934,7 @@ fn on_health(s: &mut State, actions: &mut Vec<Action>, result: Result<(), String
             for line in output.lines().filter(|l| !l.trim().is_empty()).take(20) {
                 fb = fb.detail(line);
             }
-            s.queue(Channel::Deployment, &job.link, fb);
+            s.outbox.queue(Channel::Deployment, &job.link, fb);
             s.finish(&job.action_id, ResultKind::Failure, message);
             actions.extend([
                 Action::MarkBad(job.target),
@@ -832,13 +955,13 @@ fn on_cancel(s: &mut State, actions: &mut Vec<Action>, link: Link, req: CancelRe
         actions.push(Action::DeliverOutbox);
         return;
     }
-    match s.phase.clone() {
+    match s.update.phase.clone() {
         Phase::Installing(job) | Phase::Installed(job) if job.action_id == id => {
             let message = format!(
                 "canceled before activation; slot {} left marked bad",
                 job.target
             );
-            s.queue(
+            s.outbox.queue(
                 Channel::Cancel,
                 &link.href,
                 Feedback::new(&id, Execution::Closed, Finished::Success).detail(message.clone()),
@@ -851,7 +974,7 @@ fn on_cancel(s: &mut State, actions: &mut Vec<Action>, link: Link, req: CancelRe
             ]);
         }
         Phase::AwaitingReboot(job) if job.action_id == id => {
-            s.queue(
+            s.outbox.queue(
                 Channel::Cancel,
                 &link.href,
                 Feedback::new(&id, Execution::Rejected, Finished::None).detail(format!(
@@ -863,14 +986,14 @@ fn on_cancel(s: &mut State, actions: &mut Vec<Action>, link: Link, req: CancelRe
         }
         _ => {
             // Nothing of this action is in progress here: accept.
-            s.queue(
+            s.outbox.queue(
                 Channel::Cancel,
                 &link.href,
                 Feedback::new(&id, Execution::Closed, Finished::Success)
                     .detail("nothing in progress for this action; canceled"),
             );
-            if s.phase.job().is_none() && !s.finished_locally_result(&id) {
-                s.last_result = Some(LastResult {
+            if s.update.phase.job().is_none() && !s.finished_locally_result(&id) {
+                s.update.last_result = Some(LastResult {
                     action_id: id.clone(),
                     result: ResultKind::Canceled,
                     message: "canceled before it started".into(),
@@ -886,7 +1009,7 @@ fn on_refused(s: &mut State, actions: &mut Vec<Action>, link: Link, reason: Stri
         return;
     };
     let mut message = reason;
-    match s.phase.clone() {
+    match s.update.phase.clone() {
         // A slot is (or may be) activated: its confirmation or rollback decides the action.
         Phase::AwaitingReboot(_) => return,
         Phase::Installed(job) if job.activations > 0 => return,
@@ -905,7 +1028,7 @@ fn on_refused(s: &mut State, actions: &mut Vec<Action>, link: Link, reason: Stri
         actions.push(Action::DeliverOutbox);
         return;
     }
-    s.queue(
+    s.outbox.queue(
         Channel::Deployment,
         &link.href,
         Feedback::new(&id, Execution::Closed, Finished::Failure).detail(message.clone()),
@@ -916,7 +1039,8 @@ fn on_refused(s: &mut State, actions: &mut Vec<Action>, link: Link, reason: Stri
 
 impl State {
     fn finished_locally_result(&self, action_id: &str) -> bool {
-        self.last_result
+        self.update
+            .last_result
             .as_ref()
             .is_some_and(|r| r.action_id == action_id)
     }
@@ -931,6 +1055,7 @@ mod tests {
         Params {
             attempts: 3,
             artifact_part: "os".into(),
+            auto_consent: false,
         }
     }
 
@@ -1032,6 +1157,8 @@ mod tests {
                 Action::DeliverOutbox => "deliver",
                 Action::Defer(_) => "defer",
                 Action::Reboot => "reboot",
+                Action::SendConsent { .. } => "send_consent",
+                Action::ClearConsentAnswer => "clear_consent",
             })
             .collect()
     }
@@ -1046,11 +1173,11 @@ mod tests {
         assert_eq!(kinds(&a), ["notify", "persist", "activate"]);
         assert_eq!(a[2], Action::Activate(Slot::B));
         assert!(
-            matches!(s.phase, Phase::Installed(ref j) if j.target == Slot::B && j.activations == 1)
+            matches!(s.update.phase, Phase::Installed(ref j) if j.target == Slot::B && j.activations == 1)
         );
         let (s, a) = ev(s, Event::Activated);
         assert_eq!(kinds(&a), ["persist", "notify", "reboot"]);
-        assert!(matches!(s.phase, Phase::AwaitingReboot(ref j) if j.target == Slot::B));
+        assert!(matches!(s.update.phase, Phase::AwaitingReboot(ref j) if j.target == Slot::B));
         assert!(s.outbox.is_empty(), "nothing closed before the reboot");
         s
     }
@@ -1072,8 +1199,11 @@ mod tests {
             only_outbox(&s),
             [(Channel::Deployment, Execution::Closed, Finished::Success)]
         );
-        assert_eq!(s.phase, Phase::Idle);
-        assert_eq!(s.last_result.as_ref().unwrap().result, ResultKind::Success);
+        assert_eq!(s.update.phase, Phase::Idle);
+        assert_eq!(
+            s.update.last_result.as_ref().unwrap().result,
+            ResultKind::Success
+        );
         assert_eq!(
             s.outbox[0].link,
             "http://h/T/controller/v1/d/deploymentBase/7?c=1"
@@ -1104,7 +1234,7 @@ mod tests {
         );
         assert!(s.outbox[0].feedback.details[0].contains("rolled back to slot A after 3 attempts"));
         assert!(s.outbox[0].is_failure());
-        assert_eq!(s.phase, Phase::Idle);
+        assert_eq!(s.update.phase, Phase::Idle);
     }
 
     #[test]
@@ -1131,7 +1261,7 @@ mod tests {
         );
         let (s, a) = ev(s, Event::InstallDone(Ok(())));
         assert_eq!(a.last(), Some(&Action::Activate(Slot::B)));
-        assert!(matches!(&s.phase, Phase::Installed(j) if j.activations == 1));
+        assert!(matches!(&s.update.phase, Phase::Installed(j) if j.activations == 1));
         s
     }
 
@@ -1146,12 +1276,12 @@ mod tests {
             },
         );
         assert_eq!(kinds(&a), ["persist", "health"]);
-        assert!(matches!(s.phase, Phase::AwaitingReboot(_)));
+        assert!(matches!(s.update.phase, Phase::AwaitingReboot(_)));
         let (_, a) = ev(s.clone(), Event::HealthChecked(Err("bad".into())));
         assert_eq!(a[0], Action::MarkBad(Slot::B));
         let (s, a) = ev(s, Event::HealthChecked(Ok(())));
         assert_eq!(kinds(&a), ["mark_good", "persist", "deliver"]);
-        assert_eq!(s.last_result.unwrap().result, ResultKind::Success);
+        assert_eq!(s.update.last_result.unwrap().result, ResultKind::Success);
     }
 
     #[test]
@@ -1166,7 +1296,7 @@ mod tests {
             },
         );
         assert_eq!(kinds(&a), ["persist", "reboot"]);
-        assert!(matches!(s.phase, Phase::AwaitingReboot(_)));
+        assert!(matches!(s.update.phase, Phase::AwaitingReboot(_)));
         // The save did not happen (or B was tried and the bootloader fell back): activate once
         // more, durably counted first.
         let (s, a) = ev(
@@ -1177,17 +1307,15 @@ mod tests {
             },
         );
         assert_eq!(kinds(&a), ["persist", "activate"]);
-        assert!(matches!(&s.phase, Phase::Installed(j) if j.activations == 2));
+        assert!(matches!(&s.update.phase, Phase::Installed(j) if j.activations == 2));
         let (s, a) = ev(s, Event::Activated);
         assert_eq!(kinds(&a), ["persist", "notify", "reboot"]);
         // Cut again and still not booted: no third try, the fallback is reported.
-        let Phase::AwaitingReboot(job) = s.phase.clone() else {
-            panic!("{:?}", s.phase)
+        let Phase::AwaitingReboot(job) = s.update.phase.clone() else {
+            panic!("{:?}", s.update.phase)
         };
-        let again = State {
-            phase: Phase::Installed(job),
-            ..s
-        };
+        let mut again = s;
+        again.update.phase = Phase::Installed(job);
         let (s, a) = ev(
             again,
             Event::Started {
@@ -1197,7 +1325,7 @@ mod tests {
         );
         assert_eq!(kinds(&a), ["mark_bad", "persist", "deliver"]);
         assert!(s.outbox[0].feedback.details[0].contains("rolled back to slot A"));
-        assert_eq!(s.phase, Phase::Idle);
+        assert_eq!(s.update.phase, Phase::Idle);
     }
 
     #[test]
@@ -1219,12 +1347,12 @@ mod tests {
             only_outbox(&s),
             [(Channel::Deployment, Execution::Closed, Finished::Failure)]
         );
-        assert_eq!(s.phase, Phase::Idle);
+        assert_eq!(s.update.phase, Phase::Idle);
         // The same holds when the offer comes first.
         let (s, a) = offer(installing, deployment("7", Handling::Forced, None), Slot::B);
         assert!(!a.iter().any(|a| matches!(a, Action::Install(_))), "{a:?}");
         assert_eq!(a[0], Action::MarkBad(Slot::B));
-        assert_eq!(s.last_result.unwrap().result, ResultKind::Failure);
+        assert_eq!(s.update.last_result.unwrap().result, ResultKind::Failure);
     }
 
     #[test]
@@ -1250,7 +1378,7 @@ mod tests {
         );
         assert!(fb.details.iter().any(|d| d.contains("exited with 1")));
         assert!(fb.details.iter().any(|d| d == "last line"));
-        assert_eq!(s.phase, Phase::Idle);
+        assert_eq!(s.update.phase, Phase::Idle);
         // After the reboot into A nothing more happens but keeping A bootable.
         let (s2, a) = ev(
             s.clone(),
@@ -1278,7 +1406,7 @@ mod tests {
                 Finished::Success
             )]
         );
-        assert_eq!(s.phase, Phase::Idle);
+        assert_eq!(s.update.phase, Phase::Idle);
         // The same action offered again (server not yet updated): no second download.
         let (s2, a) = offer(s.clone(), deployment("8", Handling::Skip, None), Slot::B);
         assert_eq!(kinds(&a), ["deliver"]);
@@ -1292,11 +1420,11 @@ mod tests {
         assert!(matches!(&a[3], Action::Install(j) if !j.download_only && !j.may_activate));
         let (s, a) = ev(s, Event::InstallDone(Ok(())));
         assert_eq!(kinds(&a), ["notify", "persist", "notify"]);
-        assert!(matches!(s.phase, Phase::Installed(_)));
+        assert!(matches!(s.update.phase, Phase::Installed(_)));
         // Still unavailable: nothing.
         let (s, a) = offer(s, unavailable, Slot::A);
         assert!(a.is_empty());
-        assert!(matches!(s.phase, Phase::Installed(_)));
+        assert!(matches!(s.update.phase, Phase::Installed(_)));
         // Window opens: activate and reboot, without reinstalling.
         let (s, a) = offer(
             s,
@@ -1306,7 +1434,7 @@ mod tests {
         assert_eq!(kinds(&a), ["persist", "activate"]);
         let (s, a) = ev(s, Event::Activated);
         assert_eq!(kinds(&a), ["persist", "notify", "reboot"]);
-        assert!(matches!(s.phase, Phase::AwaitingReboot(_)));
+        assert!(matches!(s.update.phase, Phase::AwaitingReboot(_)));
     }
 
     #[test]
@@ -1324,7 +1452,7 @@ mod tests {
         };
         let (s, a) = ev(s, transient());
         assert_eq!(kinds(&a), ["persist"]);
-        assert!(matches!(&s.phase, Phase::Installing(j) if j.failed_tries == 1));
+        assert!(matches!(&s.update.phase, Phase::Installing(j) if j.failed_tries == 1));
         // Resumed on the next offer without a new "started" message.
         let (s, a) = offer(s, deployment("7", Handling::Forced, None), Slot::A);
         assert_eq!(kinds(&a), ["mark_bad", "install"]);
@@ -1348,7 +1476,7 @@ mod tests {
             })),
         );
         assert!(s.outbox[0].feedback.details[0].contains("sha256 mismatch"));
-        assert_eq!(s.last_result.unwrap().result, ResultKind::Failure);
+        assert_eq!(s.update.last_result.unwrap().result, ResultKind::Failure);
     }
 
     #[test]
@@ -1402,8 +1530,11 @@ mod tests {
             [(Channel::Cancel, Execution::Closed, Finished::Success)]
         );
         assert_eq!(s.outbox[0].link, clink("7").href);
-        assert_eq!(s.last_result.as_ref().unwrap().result, ResultKind::Canceled);
-        assert_eq!(s.phase, Phase::Idle);
+        assert_eq!(
+            s.update.last_result.as_ref().unwrap().result,
+            ResultKind::Canceled
+        );
+        assert_eq!(s.update.phase, Phase::Idle);
         // Asked again before the answer is delivered: not queued twice.
         let (s2, a) = ev(
             s.clone(),
@@ -1434,7 +1565,7 @@ mod tests {
         };
         let (s, a) = ev(s, cancel.clone());
         assert_eq!(a[0], Action::MarkBad(Slot::B));
-        assert_eq!(s.phase, Phase::Idle);
+        assert_eq!(s.update.phase, Phase::Idle);
 
         // After activation: rejected, the update goes on.
         let s = through_activation(d());
@@ -1444,7 +1575,7 @@ mod tests {
             only_outbox(&s),
             [(Channel::Cancel, Execution::Rejected, Finished::None)]
         );
-        assert!(matches!(s.phase, Phase::AwaitingReboot(_)));
+        assert!(matches!(s.update.phase, Phase::AwaitingReboot(_)));
 
         // Nothing in progress: accept.
         let (s, _) = ev(State::default(), cancel);
@@ -1452,7 +1583,7 @@ mod tests {
             only_outbox(&s),
             [(Channel::Cancel, Execution::Closed, Finished::Success)]
         );
-        assert_eq!(s.phase, Phase::Idle);
+        assert_eq!(s.update.phase, Phase::Idle);
     }
 
     #[test]
@@ -1472,7 +1603,7 @@ mod tests {
                 },
             },
         );
-        assert!(matches!(&s.phase, Phase::Installing(j) if j.action_id == "7"));
+        assert!(matches!(&s.update.phase, Phase::Installing(j) if j.action_id == "7"));
         assert_eq!(s.outbox[0].feedback.action_id, "6");
     }
 
@@ -1485,11 +1616,11 @@ mod tests {
         );
         let (s2, a) = ev(s.clone(), Event::NoAction);
         assert_eq!(a, vec![Action::MarkBad(Slot::B), Action::Persist]);
-        assert_eq!(s2.phase, Phase::Idle);
-        assert_eq!(s2.last_result.unwrap().result, ResultKind::Abandoned);
+        assert_eq!(s2.update.phase, Phase::Idle);
+        assert_eq!(s2.update.last_result.unwrap().result, ResultKind::Abandoned);
         let (s3, a) = offer(s, deployment("8", Handling::Forced, None), Slot::A);
         assert!(matches!(a.last(), Some(Action::Install(j)) if j.action_id == "8"));
-        assert!(matches!(&s3.phase, Phase::Installing(j) if j.action_id == "8"));
+        assert!(matches!(&s3.update.phase, Phase::Installing(j) if j.action_id == "8"));
         // While awaiting a reboot, a new action waits.
         let s = through_activation(deployment("7", Handling::Forced, None));
         let (s2, a) = offer(s.clone(), deployment("8", Handling::Forced, None), Slot::A);
@@ -1532,7 +1663,7 @@ mod tests {
         let (s2, a) = offer_with(s.clone(), open.clone(), Slot::B, Slot::B, true);
         assert_eq!(kinds(&a), ["defer"]);
         assert!(!a.contains(&Action::Activate(Slot::B)));
-        assert!(matches!(&s2.phase, Phase::Installed(j) if j.activations == 0));
+        assert!(matches!(&s2.update.phase, Phase::Installed(j) if j.activations == 0));
         // Booted A, but B set to boot next by someone else: reboot first, no activation.
         let (_, a) = offer_with(s.clone(), open.clone(), Slot::A, Slot::B, false);
         assert_eq!(kinds(&a), ["defer", "reboot"]);
@@ -1575,7 +1706,7 @@ mod tests {
         let (s, a) = offer(s, deployment("7", Handling::Forced, None), Slot::A);
         assert_eq!(kinds(&a), ["mark_bad", "persist", "deliver"]);
         assert!(s.outbox[0].feedback.details[0].contains("could not be activated"));
-        assert_eq!(s.phase, Phase::Idle);
+        assert_eq!(s.update.phase, Phase::Idle);
     }
 
     #[test]
@@ -1628,21 +1759,151 @@ mod tests {
 
     #[test]
     fn outbox_sequence_and_delivery() {
-        let mut s = State::default();
-        s.queue(
-            Channel::Deployment,
-            "l",
-            Feedback::new("1", Execution::Closed, Finished::Success),
+        // Two answers owed: a failed install and a cancel of another action.
+        let (s, _) = offer(
+            State::default(),
+            deployment("7", Handling::Forced, None),
+            Slot::A,
         );
-        s.queue(
-            Channel::Cancel,
-            "m",
-            Feedback::new("2", Execution::Closed, Finished::Success),
+        let (s, _) = ev(
+            s,
+            Event::InstallDone(Err(InstallFailure {
+                message: "hash".into(),
+                retryable: false,
+            })),
         );
-        assert_eq!(s.outbox[1].seq, 1);
-        s.delivered(0);
+        let (s, _) = ev(
+            s,
+            Event::Cancel {
+                link: clink("6"),
+                request: CancelRequest {
+                    action_id: "6".into(),
+                    stop_id: "6".into(),
+                },
+            },
+        );
+        assert_eq!(s.outbox.iter().map(|o| o.seq).collect::<Vec<_>>(), [0, 1]);
+        assert_eq!(s.outbox.next_seq(), 2);
+        // The first is delivered (or refused for good): it is not owed any more, durably.
+        let (s, a) = ev(s, Event::FeedbackDelivered { seq: 0 });
+        assert_eq!(kinds(&a), ["persist"]);
         assert_eq!(s.outbox.len(), 1);
         assert_eq!(s.outbox[0].seq, 1);
+        // The same answer again (a retried request): nothing changes, nothing is written.
+        let (s2, a) = ev(s.clone(), Event::FeedbackDelivered { seq: 0 });
+        assert!(a.is_empty());
+        assert_eq!(s2, s);
+        // Sequence numbers are never reused, also after the outbox runs empty.
+        let (s, _) = ev(s, Event::FeedbackDelivered { seq: 1 });
+        assert!(s.outbox.is_empty());
+        let (s, _) = ev(s, refused("9"));
+        assert_eq!(s.outbox[0].seq, 2);
+        // Delivery changes nothing else.
+        assert_eq!(s.update.last_result.as_ref().unwrap().action_id, "9");
+        let back = crate::state_file::decode(&crate::state_file::encode(&s)).unwrap();
+        assert_eq!(back, s);
+    }
+
+    fn confirmation(id: &str, answer: Option<bool>) -> Event {
+        Event::ConfirmationAsked {
+            link: Link {
+                href: format!("http://h/T/controller/v1/d/confirmationBase/{id}?c=1"),
+            },
+            answer,
+        }
+    }
+
+    #[test]
+    fn consent_waits_for_the_users_answer_and_sends_it() {
+        // No answer yet: the action waits, durably, once.
+        let (s, a) = ev(State::default(), confirmation("4", None));
+        assert_eq!(kinds(&a), ["persist"]);
+        assert_eq!(s.update.pending_consent.as_deref(), Some("4"));
+        let (s2, a) = ev(s.clone(), confirmation("4", None));
+        assert!(a.is_empty());
+        assert_eq!(s2, s);
+        // Accepted: sent first; only once the server has it is the answer forgotten.
+        let (s2, a) = ev(s.clone(), confirmation("4", Some(true)));
+        assert_eq!(
+            a,
+            [Action::SendConsent {
+                link: Link {
+                    href: "http://h/T/controller/v1/d/confirmationBase/4?c=1".into()
+                },
+                accept: true,
+                details: vec!["accepted by the user".into()],
+            }]
+        );
+        assert_eq!(s2, s, "nothing changes before the server has the answer");
+        let (s2, a) = ev(
+            s.clone(),
+            Event::ConsentSent {
+                action_id: "4".into(),
+                accept: true,
+            },
+        );
+        assert_eq!(kinds(&a), ["clear_consent", "persist"]);
+        assert_eq!(s2.update.pending_consent, None);
+        // Denied: the action keeps waiting on the server, and here.
+        let (_, a) = ev(s.clone(), confirmation("4", Some(false)));
+        assert!(
+            matches!(&a[..], [Action::SendConsent { accept: false, details, .. }]
+            if details == &["denied by the user"])
+        );
+        let (s2, a) = ev(
+            s.clone(),
+            Event::ConsentSent {
+                action_id: "4".into(),
+                accept: false,
+            },
+        );
+        assert_eq!(kinds(&a), ["clear_consent", "persist"]);
+        assert_eq!(s2.update.pending_consent.as_deref(), Some("4"));
+        // The server no longer asks: nothing waits.
+        let (s2, a) = ev(s, Event::NoConfirmation);
+        assert_eq!(kinds(&a), ["persist"]);
+        assert_eq!(s2, State::default());
+        let (s2, a) = ev(State::default(), Event::NoConfirmation);
+        assert!(a.is_empty());
+        assert_eq!(s2, State::default());
+    }
+
+    #[test]
+    fn automatic_consent_never_waits() {
+        let auto = Params {
+            auto_consent: true,
+            ..params()
+        };
+        for answer in [None, Some(false)] {
+            let (s, a) = step(&auto, State::default(), confirmation("4", answer));
+            assert_eq!(s, State::default());
+            assert!(
+                matches!(&a[..], [Action::SendConsent { accept: true, details, .. }]
+                if details == &["confirmed automatically (consent = auto)"])
+            );
+        }
+    }
+
+    #[test]
+    fn caches_record_what_the_server_took_and_showed() {
+        let attributes = BTreeMap::from([("booted_slot".to_string(), "A".to_string())]);
+        let (s, a) = ev(State::default(), Event::AttributesSent(attributes.clone()));
+        assert_eq!(kinds(&a), ["persist"]);
+        assert_eq!(s.caches.attributes_sent, Some(attributes));
+        let (s, a) = ev(
+            s,
+            Event::InstalledBaseRead {
+                href: "http://h/T/controller/v1/d/installedBase/3".into(),
+            },
+        );
+        assert_eq!(kinds(&a), ["persist"]);
+        assert_eq!(
+            s.caches.server_installed.as_deref(),
+            Some("http://h/T/controller/v1/d/installedBase/3")
+        );
+        // Caches never touch the update.
+        assert_eq!(s.update, Update::default());
+        assert!(s.outbox.is_empty());
         let back = crate::state_file::decode(&crate::state_file::encode(&s)).unwrap();
         assert_eq!(back, s);
     }
@@ -1664,13 +1925,20 @@ mod tests {
         );
         assert!(s.outbox[0].feedback.details[0].contains("integer `-1`"));
         assert_eq!(s.outbox[0].link, dlink("5").href);
-        assert_eq!(s.last_result.as_ref().unwrap().result, ResultKind::Failure);
+        assert_eq!(
+            s.update.last_result.as_ref().unwrap().result,
+            ResultKind::Failure
+        );
         // Offered again, answer still owed or delivered: never a second answer.
         let (again, a) = ev(s.clone(), refused("5"));
         assert_eq!(kinds(&a), ["deliver"]);
         assert_eq!(again, s);
-        let mut delivered = s.clone();
-        delivered.delivered(s.outbox[0].seq);
+        let (delivered, _) = ev(
+            s.clone(),
+            Event::FeedbackDelivered {
+                seq: s.outbox[0].seq,
+            },
+        );
         let (again, a) = ev(delivered.clone(), refused("5"));
         assert_eq!(kinds(&a), ["deliver"]);
         assert_eq!(again, delivered);
@@ -1699,7 +1967,7 @@ mod tests {
         );
         let (s, a) = ev(s, refused("6"));
         assert_eq!(kinds(&a), ["persist", "deliver"]);
-        assert_eq!(s.phase, Phase::Idle);
+        assert_eq!(s.update.phase, Phase::Idle);
         assert!(s.outbox[0].feedback.details[0].ends_with("slot B left marked bad"));
         // Another action in progress: abandoned, the refused one answered.
         let (s, _) = offer(
@@ -1711,7 +1979,7 @@ mod tests {
         assert_eq!(kinds(&a), ["persist", "deliver"]);
         assert_eq!(s.outbox.len(), 1);
         assert_eq!(s.outbox[0].feedback.action_id, "8");
-        assert_eq!(s.phase, Phase::Idle);
+        assert_eq!(s.update.phase, Phase::Idle);
         // A slot is (or may be: the activating save was asked for) activated: the reboot
         // decides; nothing changes.
         let (s, _) = offer(
@@ -1720,7 +1988,7 @@ mod tests {
             Slot::A,
         );
         let (activating, _) = ev(s, Event::InstallDone(Ok(())));
-        assert!(matches!(&activating.phase, Phase::Installed(j) if j.activations == 1));
+        assert!(matches!(&activating.update.phase, Phase::Installed(j) if j.activations == 1));
         let activated = through_activation(deployment("7", Handling::Forced, None));
         for s in [activating, activated] {
             for id in ["7", "9"] {
@@ -1773,6 +2041,16 @@ mod tests {
             Refused {
                 id: u8,
             },
+            /// The server asks for consent; the user's answer, if any.
+            Confirm {
+                id: u8,
+                answer: Option<bool>,
+            },
+            NoConfirmation,
+            AttributesSent,
+            InstalledBaseRead {
+                id: u8,
+            },
         }
 
         fn ev() -> impl Strategy<Value = Ev> {
@@ -1790,6 +2068,11 @@ mod tests {
                 Just(Ev::ForeignTrial),
                 Just(Ev::NoAction),
                 (1u8..4).prop_map(|id| Ev::Refused { id }),
+                (1u8..4, proptest::option::of(any::<bool>()))
+                    .prop_map(|(id, answer)| Ev::Confirm { id, answer }),
+                Just(Ev::NoConfirmation),
+                Just(Ev::AttributesSent),
+                (1u8..4).prop_map(|id| Ev::InstalledBaseRead { id }),
             ]
         }
 
@@ -1865,7 +2148,7 @@ mod tests {
                 while let Some(event) = queue.pop() {
                     let is_install_ok = matches!(event, Event::InstallDone(Ok(())));
                     let health_ok = matches!(event, Event::HealthChecked(Ok(())));
-                    let installing_job = match (&self.s.phase, is_install_ok) {
+                    let installing_job = match (&self.s.update.phase, is_install_ok) {
                         (Phase::Installing(j), true) => Some(j.clone()),
                         _ => None,
                     };
@@ -1873,7 +2156,42 @@ mod tests {
                         self.slots
                             .insert(j.target, Content::Verified(j.action_id.clone()));
                     }
+                    let bookkeeping = matches!(
+                        event,
+                        Event::ConfirmationAsked { .. }
+                            | Event::ConsentSent { .. }
+                            | Event::NoConfirmation
+                            | Event::AttributesSent(_)
+                            | Event::InstalledBaseRead { .. }
+                            | Event::FeedbackDelivered { .. }
+                    );
+                    let delivery = matches!(event, Event::FeedbackDelivered { .. });
                     let (ns, actions) = step(&params(), self.s.clone(), event);
+                    if bookkeeping {
+                        // Consent, caches and delivery never move the update or touch the
+                        // bootloader; delivery only takes entries out of the outbox.
+                        prop_assert_eq!(&ns.update.phase, &self.s.update.phase);
+                        prop_assert_eq!(&ns.update.last_result, &self.s.update.last_result);
+                        prop_assert_eq!(
+                            &ns.update.finished_actions,
+                            &self.s.update.finished_actions
+                        );
+                        if delivery {
+                            prop_assert!(ns.outbox.iter().all(|o| self.s.outbox.contains(o)));
+                        } else {
+                            prop_assert_eq!(&ns.outbox, &self.s.outbox);
+                        }
+                        prop_assert!(
+                            actions.iter().all(|a| matches!(
+                                a,
+                                Action::Persist
+                                    | Action::SendConsent { .. }
+                                    | Action::ClearConsentAnswer
+                            )),
+                            "{:?}",
+                            actions
+                        );
+                    }
                     self.s = ns;
                     for (i, a) in actions.iter().enumerate() {
                         if matches!(
@@ -1882,6 +2200,7 @@ mod tests {
                                 | Action::RunHealthChecks
                                 | Action::Reboot
                                 | Action::Activate(_)
+                                | Action::SendConsent { .. }
                         ) {
                             prop_assert_eq!(
                                 i,
@@ -1947,7 +2266,8 @@ mod tests {
                             Action::RunHealthChecks => self.awaiting = Some("health"),
                             Action::Activate(slot) => {
                                 prop_assert_ne!(slot, self.booted, "activates the running slot");
-                                let job = self.s.phase.job().expect("activation without a job");
+                                let job =
+                                    self.s.update.phase.job().expect("activation without a job");
                                 prop_assert_eq!(
                                     &self.slots[&slot],
                                     &Content::Verified(job.action_id.clone()),
@@ -1958,6 +2278,13 @@ mod tests {
                                 queue.push(Event::Activated);
                             }
                             Action::Reboot => self.awaiting = Some("reboot"),
+                            Action::SendConsent { link, accept, .. } => {
+                                queue.push(Event::ConsentSent {
+                                    action_id: link.action_id().unwrap_or_default(),
+                                    accept,
+                                });
+                            }
+                            Action::ClearConsentAnswer => {}
                             Action::Notify { .. } | Action::DeliverOutbox | Action::Defer(_) => {}
                         }
                         prop_assert!(
@@ -2073,6 +2400,15 @@ mod tests {
                         }
                         Ev::NoAction => Event::NoAction,
                         Ev::Refused { id } => refused(&id.to_string()),
+                        Ev::Confirm { id, answer } => confirmation(&id.to_string(), answer),
+                        Ev::NoConfirmation => Event::NoConfirmation,
+                        Ev::AttributesSent => Event::AttributesSent(BTreeMap::from([(
+                            "booted_slot".to_string(),
+                            m.booted.to_string(),
+                        )])),
+                        Ev::InstalledBaseRead { id } => Event::InstalledBaseRead {
+                            href: format!("http://h/T/controller/v1/d/installedBase/{id}"),
+                        },
                     };
                     if matches!(event, Event::Started { .. }) {
                         prop_assert!(m.bootable(m.booted), "booted an unverified slot {}", m.booted);
@@ -2090,8 +2426,10 @@ mod tests {
                     // Delivery happens at some point; model it as immediate half of the time.
                     if m.seen_seq.len() % 2 == 0 {
                         let seqs: Vec<u64> = m.s.outbox.iter().map(|o| o.seq).collect();
-                        for q in seqs { m.s.delivered(q); }
-                        m.disk = m.s.clone();
+                        for seq in seqs {
+                            m.run(Event::FeedbackDelivered { seq }, &mut None)?;
+                        }
+                        prop_assert!(m.disk.outbox.is_empty());
                     }
                 }
             }

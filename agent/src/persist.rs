@@ -132,16 +132,12 @@ impl Store {
             kept.display()
         );
         let salvage = state_file::salvage(&bytes);
-        let mut state = State {
-            outbox: salvage.outbox,
-            next_seq: salvage.next_seq,
-            finished_actions: salvage.finished_actions,
-            ..State::default()
-        };
-        let failed_action = salvage
-            .open_action
-            .filter(|(id, link)| state.fail_unreadable(id, link, &problem))
-            .map(|(id, _)| id);
+        let (state, failed_action) = State::recovered(
+            salvage.outbox,
+            salvage.finished_actions,
+            salvage.open_action,
+            &problem,
+        );
         self.save(&state)?;
         Ok((
             state,
@@ -218,7 +214,7 @@ fn sync_dir(dir: &Path) -> Result<(), PersistError> {
 mod tests {
     use super::*;
     use crate::ddi::{Execution, Feedback, Finished};
-    use crate::machine::{Channel, Outgoing};
+    use crate::machine::{Channel, Outbox, Outgoing};
 
     #[test]
     fn state_dir_is_created_private_and_state_round_trips() {
@@ -228,14 +224,18 @@ mod tests {
         let mode = fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
         assert_eq!(store.load().unwrap(), State::default());
-        let mut s = State::default();
-        s.outbox.push(Outgoing {
-            seq: 4,
-            channel: Channel::Deployment,
-            link: "http://h/deploymentBase/1".into(),
-            feedback: Feedback::new("1", Execution::Closed, Finished::Success),
-        });
-        s.next_seq = 5;
+        let s = State {
+            outbox: Outbox::restore(
+                vec![Outgoing {
+                    seq: 4,
+                    channel: Channel::Deployment,
+                    link: "http://h/deploymentBase/1".into(),
+                    feedback: Feedback::new("1", Execution::Closed, Finished::Success),
+                }],
+                5,
+            ),
+            ..State::default()
+        };
         store.save(&s).unwrap();
         assert_eq!(Store::open(&dir).unwrap().load().unwrap(), s);
         let names: Vec<_> = fs::read_dir(&dir)
@@ -272,7 +272,7 @@ mod tests {
         assert_eq!(recovery.failed_action.as_deref(), Some("5"));
         assert_eq!(recovery.kept, store.path(UNREADABLE_FILE));
         assert_eq!(fs::read(&recovery.kept).unwrap(), text);
-        assert_eq!(state.phase, crate::machine::Phase::Idle);
+        assert_eq!(state.update.phase, crate::machine::Phase::Idle);
         assert_eq!(state.outbox.len(), 1);
         let owed = &state.outbox[0];
         assert!(owed.is_failure());
@@ -284,7 +284,7 @@ mod tests {
             "{details}"
         );
         assert_eq!(
-            state.last_result.as_ref().map(|r| &r.result),
+            state.update.last_result.as_ref().map(|r| &r.result),
             Some(&crate::machine::ResultKind::Failure)
         );
         // The fresh state is on disk: the next start reads it and answers nothing twice.

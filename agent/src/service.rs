@@ -252,6 +252,14 @@ async fn once(mut driver: RealDriver) -> u8 {
             exit::INCOMPLETE
         }
         Ok(r) if r.failure_reported || started.failure_reported => exit::UPDATE_FAILED,
+        Ok(CycleReport {
+            unfinished_install: Some(action_id),
+            ..
+        }) => {
+            // Not an error, but the update did not get as far as a cycle takes it.
+            warn!(action_id = %action_id, "install not finished; it goes on at the next poll");
+            exit::INCOMPLETE
+        }
         Ok(_) => exit::OK,
     }
 }
@@ -328,8 +336,11 @@ async fn run(mut driver: RealDriver, reboot_timeout: Duration) -> u8 {
             }
             Ok(r) => {
                 failures = 0;
-                let phase = driver.state().phase.name();
-                let status = match driver.state().phase.job() {
+                if let Some(action_id) = &r.unfinished_install {
+                    info!(action_id = %action_id, "install not finished; it goes on at the next poll");
+                }
+                let phase = driver.state().update.phase.name();
+                let status = match driver.state().update.phase.job() {
                     Some(j) => format!("{phase}: action {} slot {}", j.action_id, j.target),
                     None => phase.to_string(),
                 };
@@ -390,7 +401,7 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
         ),
         Err(e) => (None, None, None, Some(e.0.clone())),
     };
-    let job = state.phase.job();
+    let job = state.update.phase.job();
     let consent = store.load_consent().ok().flatten();
     let unreadable_kept = Some(store.path(UNREADABLE_FILE)).filter(|p| p.exists());
     if as_json {
@@ -398,7 +409,7 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
             "booted": booted,
             "next": next,
             "trial": trial,
-            "phase": state.phase.name(),
+            "phase": state.update.phase.name(),
             "action": job.map(|j| json!({
                 "id": j.action_id,
                 "target_slot": j.target.to_string(),
@@ -407,13 +418,13 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
                 "download_only": j.download_only,
                 "may_activate": j.may_activate,
             })),
-            "last_result": state.last_result.as_ref().map(|r| json!({
+            "last_result": state.update.last_result.as_ref().map(|r| json!({
                 "action_id": r.action_id,
                 "result": result_name(&r.result),
                 "message": r.message,
             })),
             "feedback_owed": state.outbox.len(),
-            "pending_consent": state.pending_consent,
+            "pending_consent": state.update.pending_consent,
             "consent_decision": consent.map(|d| json!({"action_id": d.action_id, "accept": d.accept})),
             "state_dir": cfg.agent.state_dir,
             "boot_error": boot_error,
@@ -433,7 +444,7 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
                 None => "",
             }
         );
-        match &state.phase {
+        match &state.update.phase {
             Phase::Idle => println!("pending action: none"),
             p => {
                 let j = p.job().expect("non-idle phase has a job");
@@ -455,7 +466,7 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
                 );
             }
         }
-        match &state.last_result {
+        match &state.update.last_result {
             Some(r) => println!(
                 "last result:    action {} {}: {}",
                 r.action_id,
@@ -465,7 +476,7 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
             None => println!("last result:    none"),
         }
         println!("feedback owed:  {}", state.outbox.len());
-        if let Some(id) = &state.pending_consent {
+        if let Some(id) = &state.update.pending_consent {
             println!("consent:        action {id} waits for `ddi-agent consent accept|deny`");
         }
         if let Some(e) = boot_error {
@@ -503,7 +514,7 @@ fn consent(cfg: &Config, accept: bool) -> u8 {
             return exit::INCOMPLETE;
         }
     };
-    let Some(action_id) = state.pending_consent else {
+    let Some(action_id) = state.update.pending_consent else {
         eprintln!("ddi-agent: no action is waiting for consent");
         return exit::UPDATE_FAILED;
     };

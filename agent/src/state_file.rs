@@ -17,7 +17,11 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::ddi::{Artifact, Execution, Feedback, Finished, Hashes, Link};
-use crate::machine::{Channel, Job, LastResult, Outgoing, Phase, ResultKind, Slot, State};
+use bootctl::Slot;
+
+use crate::machine::{
+    Caches, Channel, Job, LastResult, Outbox, Outgoing, Phase, ResultKind, State, Update,
+};
 
 /// The format this agent writes, and the newest it reads.
 pub const FORMAT: u32 = 1;
@@ -52,9 +56,8 @@ pub fn encode(state: &State) -> Vec<u8> {
 pub struct Salvage {
     /// The action the file had open (id and deploymentBase href), when both are readable.
     pub open_action: Option<(String, String)>,
-    /// Outbox entries that still parse one by one.
-    pub outbox: Vec<Outgoing>,
-    pub next_seq: u64,
+    /// Outbox entries that still parse one by one, and a next sequence number above them all.
+    pub outbox: Outbox,
     pub finished_actions: Vec<String>,
 }
 
@@ -90,8 +93,7 @@ pub fn salvage(bytes: &[u8]) -> Salvage {
         .collect();
     Salvage {
         open_action,
-        outbox,
-        next_seq,
+        outbox: Outbox::restore(outbox, next_seq),
         finished_actions,
     }
 }
@@ -237,15 +239,16 @@ enum FinishedFile {
 
 impl From<&State> for StateFile {
     fn from(s: &State) -> StateFile {
+        let (u, c) = (&s.update, &s.caches);
         StateFile {
             format: FORMAT,
-            phase: match &s.phase {
+            phase: match &u.phase {
                 Phase::Idle => PhaseFile::Idle,
                 Phase::Installing(j) => PhaseFile::Installing(j.into()),
                 Phase::Installed(j) => PhaseFile::Installed(j.into()),
                 Phase::AwaitingReboot(j) => PhaseFile::AwaitingReboot(j.into()),
             },
-            last_result: s.last_result.as_ref().map(|r| LastResultFile {
+            last_result: u.last_result.as_ref().map(|r| LastResultFile {
                 action_id: r.action_id.clone(),
                 result: match r.result {
                     ResultKind::Success => ResultFile::Success,
@@ -256,18 +259,18 @@ impl From<&State> for StateFile {
                 message: r.message.clone(),
             }),
             outbox: s.outbox.iter().map(OutgoingFile::from).collect(),
-            next_seq: s.next_seq,
-            attributes_sent: s.attributes_sent.clone(),
-            pending_consent: s.pending_consent.clone(),
-            server_installed: s.server_installed.clone(),
-            finished_actions: s.finished_actions.clone(),
+            next_seq: s.outbox.next_seq(),
+            attributes_sent: c.attributes_sent.clone(),
+            pending_consent: u.pending_consent.clone(),
+            server_installed: c.server_installed.clone(),
+            finished_actions: u.finished_actions.clone(),
         }
     }
 }
 
 impl From<StateFile> for State {
     fn from(f: StateFile) -> State {
-        State {
+        let update = Update {
             phase: match f.phase {
                 PhaseFile::Idle => Phase::Idle,
                 PhaseFile::Installing(j) => Phase::Installing(j.into()),
@@ -284,12 +287,19 @@ impl From<StateFile> for State {
                 },
                 message: r.message,
             }),
-            outbox: f.outbox.into_iter().map(Outgoing::from).collect(),
-            next_seq: f.next_seq,
-            attributes_sent: f.attributes_sent,
-            pending_consent: f.pending_consent,
-            server_installed: f.server_installed,
             finished_actions: f.finished_actions,
+            pending_consent: f.pending_consent,
+        };
+        State {
+            update,
+            outbox: Outbox::restore(
+                f.outbox.into_iter().map(Outgoing::from).collect(),
+                f.next_seq,
+            ),
+            caches: Caches {
+                attributes_sent: f.attributes_sent,
+                server_installed: f.server_installed,
+            },
         }
     }
 }
@@ -460,10 +470,10 @@ mod tests {
               "feedback": {"action_id": "9", "execution": "closed", "finished": "success",
                            "progress": null, "details": []}}]}"#;
         let s = decode(text).unwrap();
-        assert_eq!(s.phase, Phase::Idle);
+        assert_eq!(s.update.phase, Phase::Idle);
         assert_eq!(s.outbox.len(), 1);
         assert_eq!(s.outbox[0].seq, 3);
-        assert_eq!(s.next_seq, 0);
+        assert_eq!(s.outbox.next_seq(), 0);
         assert_eq!(decode(b"{}").unwrap(), State::default());
     }
 
@@ -486,7 +496,8 @@ mod tests {
                 proptest::prop_assert_eq!(decode(&encode(&state)).unwrap(), state);
             }
             let s = salvage(&bytes);
-            proptest::prop_assert!(s.outbox.iter().all(|o| o.seq < s.next_seq || o.seq == u64::MAX));
+            let next = s.outbox.next_seq();
+            proptest::prop_assert!(s.outbox.iter().all(|o| o.seq < next || o.seq == u64::MAX));
         }
     }
 
@@ -495,7 +506,7 @@ mod tests {
         let text = br#"{"outbox": [{"seq": 18446744073709551615, "channel": "cancel",
             "link": "l", "feedback": {"action_id": "1", "execution": "closed",
             "finished": "success", "progress": null, "details": []}}]}"#;
-        assert_eq!(salvage(text).next_seq, u64::MAX);
+        assert_eq!(salvage(text).outbox.next_seq(), u64::MAX);
     }
 
     #[test]
@@ -522,7 +533,7 @@ mod tests {
         );
         assert_eq!(s.outbox.len(), 1);
         assert_eq!(s.outbox[0].feedback.action_id, "4");
-        assert_eq!(s.next_seq, 8);
+        assert_eq!(s.outbox.next_seq(), 8);
         assert_eq!(s.finished_actions, vec!["4".to_string()]);
         assert_eq!(salvage(b"{not json"), Salvage::default());
     }
