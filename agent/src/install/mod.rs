@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  async task                    bounded channel   blocking thread
-//!  HTTP GET (Range on resume) ─► Chunk::Data … ─► hash ─► (bundle) ─► gzip? ─► tar? ─► size guard ─► slot writer
+//!  HTTP GET (Range on resume) ─► Chunk::Data … ─► hash ─► (bundle) ─► gz/zst/xz? ─► tar? ─► size guard ─► slot writer
 //!   retries + backoff, rate limit                  (as served)          (magic bytes)     (capacity)   1 MiB aligned writes
 //!                                                                                                        (O_DIRECT if allowed),
 //!                                                                                                        bounded dirty pages
@@ -24,12 +24,15 @@
 //! raw images continue from the last durable checkpoint (see [`resume`]).
 //!
 //! Layout: [`source`] (download), [`pipeline`] (blocking stage), [`decode`] (format
-//! detection), [`archive`] (tar rules), [`slot`] (slot safety and writer), [`hash`],
+//! detection), [`compress`] (zstd and xz decoders), [`chunked`] (format-2 bundles), [`archive`] (tar rules), [`slot`] (slot safety and writer), [`hash`],
 //! [`resume`], [`bundle`] (signed-bundle seam), [`error`].
 
 pub mod archive;
 pub mod bundle;
+pub mod chunked;
+pub mod compress;
 pub mod decode;
+pub mod delta;
 pub mod error;
 pub mod hash;
 pub mod pipeline;

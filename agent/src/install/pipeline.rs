@@ -18,6 +18,8 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::archive::{self, ImageSink};
 use super::bundle::{self, BundlePolicy};
+use super::chunked;
+use super::compress;
 use super::decode::{self, DownloadAborted, Format};
 use super::hash::{HashAlgorithm, Hasher, HashingReader};
 use super::resume::{self, ResumeRecord};
@@ -327,7 +329,7 @@ pub fn run(
     };
     let mut hashing = HashingReader::new(channel, artifact_hash, plan.start);
     let mut writer = SlotWriter::new(dev, plan.start, prefix_hash, plan.checkpoint_interval);
-    let format = write_image(plan, &mut hashing, &mut writer, counters)?;
+    let (format, signed_image_sha256) = write_image(plan, &mut hashing, &mut writer, counters)?;
     // The hash covers the whole artifact, including what follows the image (tar padding).
     io::copy(&mut hashing, &mut io::sink())
         .map_err(|e| decode::read_error(e, format, counters.consumed()))?;
@@ -355,6 +357,9 @@ pub fn run(
     counters.verify_done.store(bytes, Ordering::Relaxed);
     // Without the writer's hash the image is the artifact itself, hashed with sha256 above.
     let image_sha256 = written.image_sha256.unwrap_or(actual);
+    if let Some(signed) = &signed_image_sha256 {
+        chunked::check_image_hash(signed, &image_sha256)?;
+    }
     let times = written.times;
     tracing::info!(
         bytes,
@@ -379,13 +384,14 @@ pub fn run(
     })
 }
 
-/// Recognise the format and write the image; returns the format found.
+/// Recognise the format and write the image; returns the format found and, for a chunked
+/// bundle, the signed sha256 of the whole image.
 fn write_image<R: Read>(
     plan: &SinkPlan,
     hashing: &mut HashingReader<R>,
     writer: &mut SlotWriter<'_>,
     counters: &Counters,
-) -> Result<Format, InstallError> {
+) -> Result<(Format, Option<String>), InstallError> {
     let offset = || counters.consumed();
     if plan.start > 0 {
         if plan.bundle.is_some() {
@@ -399,12 +405,23 @@ fn write_image<R: Read>(
             writer.leave_hash_to_caller();
         }
         copy_all(hashing, writer, Format::Raw, plan, true, &offset)?;
-        return Ok(Format::Raw);
+        return Ok((Format::Raw, None));
     }
-    let reader: Box<dyn Read + '_> = match &plan.bundle {
-        Some(policy) => bundle::open(policy, Box::new(hashing), writer.capacity())?,
-        None => Box::new(hashing),
+    let (mut reader, signed_chunks): (Box<dyn Read + '_>, _) = match &plan.bundle {
+        Some(policy) => {
+            let opened = bundle::open_image(policy, Box::new(hashing), writer.capacity())?;
+            (opened.reader, opened.chunked)
+        }
+        None => (Box::new(hashing), None),
     };
+    if let Some(signed) = signed_chunks {
+        chunked::write_chunks(&mut reader, &signed.index, writer, &offset)?;
+        // The member's signed size and sha256 were checked by the read that completed it;
+        // this reads the end of the archive.
+        io::copy(&mut reader, &mut io::sink())
+            .map_err(|e| decode::read_error(e, Format::ZstdChunks, offset()))?;
+        return Ok((Format::ZstdChunks, Some(signed.image_sha256)));
+    }
     let (head, mut sniffed) =
         decode::sniff(reader).map_err(|e| decode::read_error(e, Format::Raw, offset()))?;
     let decoded = decode_into_slot(plan, &head, &mut sniffed, writer, counters);
@@ -428,7 +445,7 @@ fn write_image<R: Read>(
     // inner format. Without a bundle this reads what follows the image (covered by the artifact
     // hash).
     io::copy(&mut sniffed, &mut io::sink()).map_err(|e| decode::read_error(e, format, offset()))?;
-    Ok(format)
+    Ok((format, None))
 }
 
 /// Decode the (sniffed) image stream by its format and write it to the slot.
@@ -442,26 +459,33 @@ fn decode_into_slot<R: Read>(
     let offset = || counters.consumed();
     let resumable = plan.bundle.is_none();
     let member = plan.archive_member.as_deref();
-    if decode::is_gzip(head) {
-        let mut gz = MultiGzDecoder::new(sniffed);
-        let (inner_head, inner) =
-            decode::sniff(&mut gz).map_err(|e| decode::read_error(e, Format::Gzip, offset()))?;
+    if let Some(compression) = Format::compression_of(head) {
+        let mut decoder: Box<dyn Read + '_> = match compression {
+            Format::Gzip => Box::new(MultiGzDecoder::new(sniffed)),
+            Format::Zstd => Box::new(compress::ZstdReader::new(sniffed)),
+            _ => Box::new(lzma_rust2::XzReader::new(sniffed, true)),
+        };
+        let (inner_head, inner) = decode::sniff(&mut decoder)
+            .map_err(|e| decode::read_error(e, compression, offset()))?;
         let format = if decode::is_tar(&inner_head) {
             let capacity = writer.capacity();
-            archive::extract_image(inner, Format::TarGzip, member, capacity, &offset, writer)?;
-            Format::TarGzip
+            let format = compression.with_tar();
+            archive::extract_image(inner, format, member, capacity, &offset, writer)?;
+            format
         } else {
-            if plan.bundle.is_none() {
+            if plan.bundle.is_none() && compression == Format::Gzip {
                 if let Some(lower_bound) = counters.gzip_isize() {
                     // Too large for sure: fail before the first byte.
                     writer.expect_at_least(lower_bound)?;
                 }
             }
-            copy_all(inner, writer, Format::Gzip, plan, false, &offset)?;
-            Format::Gzip
+            copy_all(inner, writer, compression, plan, false, &offset)?;
+            compression
         };
-        // Read the gzip stream to its end so its CRC and length are checked.
-        io::copy(&mut gz, &mut io::sink()).map_err(|e| decode::read_error(e, format, offset()))?;
+        // Read the compressed stream to its end so its checks (gzip CRC and length, the end
+        // of the last zstd frame or xz stream) run.
+        io::copy(&mut decoder, &mut io::sink())
+            .map_err(|e| decode::read_error(e, format, offset()))?;
         Ok(format)
     } else if decode::is_tar(head) {
         let capacity = writer.capacity();
