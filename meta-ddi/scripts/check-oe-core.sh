@@ -421,6 +421,14 @@ sys.exit(1 if problems else 0)
 EOF
 }
 
+# yocto-check-layer's common tests that need no world build, with the tool's own test code
+# (the world and signature tests: see meta-ddi/README.md).
+check_yocto_check_layer() {
+    bb python3 "$LAYER/scripts/yocto-check-common.py" "$WORK/openembedded-core/scripts" "$WORK/meta-ddi" 2>&1 |
+        grep -v 'dubious ownership\|safe.directory\|^$\|^To add an exception'
+    return "${PIPESTATUS[0]}"
+}
+
 # A new key at the same path must make do_ddi_bundle run again.
 check_bundle_key_checksum() {
     local out=$SCRATCH/file-checksums
@@ -452,6 +460,7 @@ main() {
     run_check "bitbake -g ddi-image-minimal: the task graph" check_image_graph
     run_check "bitbake -g core-image-minimal with ddi-agent added: the task graph" check_core_image_graph
     run_check "do_ddi_bundle reads the signing key's contents (file-checksums)" check_bundle_key_checksum
+    run_check "yocto-check-layer common tests: readme, security, patches, layerseries, parse, environment" check_yocto_check_layer
     bb bitbake -m >/dev/null 2>&1
     echo "check-oe-core took $SECONDS s"
 
