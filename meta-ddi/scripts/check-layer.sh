@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Offline checks of meta-ddi, run by CI (scripts/test.sh) from any directory:
+# Checks of meta-ddi, run by CI (scripts/test.sh) from any directory:
 #   bash meta-ddi/scripts/check-layer.sh [--keep]
 #
 # Needs (Debian 12, as root): apt-get install python3 python3-venv u-boot-tools
@@ -7,8 +7,8 @@
 #   ddi-bundle in debug mode - a no-op after `cargo build --workspace --bins` - and runs
 #   `cargo fetch --locked`); PyPI for the venv with the pinned tools of venv.sh.
 #   scripts/setup.sh (run by scripts/test.sh) installs all of it. The last check runs
-#   check-oe-core.sh: the OE-core snapshot in shared/reference/yocto/ beside the repository
-#   (see that script).
+#   check-oe-core.sh: the OE-core snapshot in shared/reference/yocto/ beside the repository,
+#   and the crate registry for the agent recipe's real do_fetch (see that script).
 # Every check prints PASS or FAIL with the reason; the last line is
 # "check-layer: N passed, M failed" and the exit status is non-zero when M > 0.
 # --keep leaves the scratch directory (task outputs, temp roots) for inspection.

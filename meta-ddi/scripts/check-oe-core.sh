@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# meta-ddi against the real OE-core (wrynose + BitBake 2.18), offline:
+# meta-ddi against the real OE-core (wrynose + BitBake 2.18):
 #   bash meta-ddi/scripts/check-oe-core.sh [--keep]
+# Nothing is built and the configuration is offline; the one task that needs the network
+# is ddi-agent's real do_fetch (its crates from the crate registry).
 #
 # Source: the OE-core snapshot oe-core-wrynose.tar.xz in shared/reference/yocto/ beside the
 # repository (DDI_OE_CORE_TARBALL overrides). It is extracted afresh on every run, with a

@@ -40,6 +40,15 @@ def main():
         sys.exit("%s: %d layers detected, expected 1" % (layer_dir, len(layers)))
     layer = layers[0]
     print("layer %s (%s), collections %s" % (layer["name"], layer["type"], ", ".join(layer["collections"])))
+    # test_readme skips its maintainer, patch and address checks when the file mentions
+    # another README (the word, in any case): it must not, so that the test really checks.
+    import glob
+    import re
+    readme = sorted(glob.glob(os.path.join(layer_dir, "[Rr][Ee][Aa][Dd][Mm][Ee]*")))
+    if readme and re.search("README", open(readme[0]).read(), re.IGNORECASE):
+        print("FAIL %s mentions README: test_readme would skip its maintainer, patch and address checks"
+              % os.path.basename(readme[0]))
+        return 1
     td = {"bbvars": {}, "builddir": os.environ["BUILDDIR"], "sigs": {}, "machines": None}
     context = CheckLayerTestContext(td=td, logger=logger, layer=layer, test_software_layer_signatures=False)
     context.loadTests([os.path.join(scripts, "lib", "checklayer", "cases")], modules=["common"],
