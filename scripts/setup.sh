@@ -73,6 +73,8 @@ debian_requirements=(
     "layer             diffstat          cmd:diffstat"
     "layer             gawk              cmd:gawk"
     "layer             locales           cmd:locale-gen"
+    # The crate fetcher of the agent recipe's real do_fetch (crates from the registry).
+    "layer             wget              cmd:wget"
     "qemu              qemu-system-x86   cmd:qemu-system-x86_64"
     "qemu              u-boot-qemu       file:/usr/lib/u-boot/qemu-x86/u-boot.rom"
     "qemu              busybox-static    static:/bin/busybox"
