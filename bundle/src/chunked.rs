@@ -522,6 +522,12 @@ mod tests {
             .unwrap()
             .to_vec();
         assert_eq!(raw, vec![0xAB; 128 << 10]);
+        // A frame with a content checksum is still one frame (its last 4 bytes are its own).
+        let mut checked = frame.clone();
+        checked[4] |= 0x04;
+        checked.extend_from_slice(&[0; 4]);
+        let entry = rle_entry(128 << 10, &checked);
+        assert!(ChunkDecoder::new().decode(0, &entry, &checked).is_ok());
         // A second frame after the chunk's frame is refused, not decoded.
         let mut two = frame.clone();
         two.extend_from_slice(&frame);
