@@ -64,12 +64,7 @@ build_kernel() {
 	local kver
 	kver=$(basename "$(ls -d "$KERNEL_DIR"/root/lib/modules/*)")
 	depmod -b "$KERNEL_DIR/root" "$kver"
-	if [ "$ARCH" = aarch64 ]; then
-		# a plain Image: booti takes it gzipped (kernel_comp_addr_r in the env)
-		gzip -9 -n -c "$KERNEL_DIR/root/boot/vmlinuz-$kver" >"$KERNEL_DIR/vmlinuz"
-	else
-		cp "$KERNEL_DIR/root/boot/vmlinuz-$kver" "$KERNEL_DIR/vmlinuz"
-	fi
+	cp "$KERNEL_DIR/root/boot/vmlinuz-$kver" "$KERNEL_DIR/vmlinuz"
 	echo "$kver" >"$KERNEL_DIR/kver"
 	rm -f "$KERNEL_DIR"/*.deb
 	touch "$KERNEL_DIR/${pkg%:*}.done"

@@ -34,12 +34,9 @@ aarch64)
 	MKIMAGE_ARCH=arm64
 	# The device tree is U-Boot's control FDT (QEMU's), saved by the script as ddi_fdt.
 	BOOT_COMMAND='booti ${ddi_kaddr} ${ddi_raddr}:${filesize} ${ddi_fdt}'
-	# Debian's arm64 kernel is a plain Image (32 MiB); the slots carry it gzipped (9 MiB) and
-	# booti unpacks it through kernel_comp_addr_r (it needs kernel_comp_size >= the file).
+	# The layer's qemuarm64 values (the boot script's arm defaults would do the same).
 	ARCH_ENV="bootctl_console=ttyAMA0,115200
-bootctl_boot=$BOOT_COMMAND
-kernel_comp_addr_r=0x48000000
-kernel_comp_size=0x2000000"
+bootctl_boot=$BOOT_COMMAND"
 	# RAM starts at 0x40000000 on virt (0x6000000 is flash there): the layer's
 	# DDI_BOOT_SCRATCH_ADDR for aarch64.
 	BOOT_SCRATCH_ADDR=0x50000000
@@ -65,6 +62,13 @@ BOOT_MIB=16
 SLOT_MIB=48
 DATA_MIB=16
 IMAGE_MIB=40 # slot image size (ext4), must fit into SLOT_MIB
+if [ "$ARCH" = aarch64 ]; then
+	# Debian's arm64 vmlinuz is a plain Image (32 MiB), as booti takes it: a gzipped one would
+	# need kernel_comp_addr_r/kernel_comp_size, which U-Boot's default environment lacks, so
+	# a device without a valid environment copy could not boot.
+	SLOT_MIB=64
+	IMAGE_MIB=56
+fi
 
 log() { printf '[qemu] %s\n' "$*" >&2; }
 die() {

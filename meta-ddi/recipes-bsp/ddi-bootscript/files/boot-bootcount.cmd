@@ -21,8 +21,10 @@
 # Optional variables in the stored environment (defaults in brackets):
 # bootctl_part_A [2], bootctl_part_B [3], bootctl_rootdev [/dev/vda],
 # bootctl_kernel [/boot/vmlinuz], bootctl_initrd [/boot/initrd.img],
-# bootctl_console [ttyS0,115200], bootctl_args [] (appended), bootctl_boot
-# [x86: zboot ${ddi_kaddr} 0 ${ddi_raddr} ${filesize}] = the command that boots
+# bootctl_console [ttyS0,115200; arm: none, the device tree's stdout-path],
+# bootctl_args [] (appended), bootctl_boot [x86: zboot ${ddi_kaddr} 0 ${ddi_raddr}
+# ${filesize}; arm: booti ${ddi_kaddr} ${ddi_raddr}:${filesize} ${ddi_fdt}, so that
+# a board boots without a valid environment too] = the command that boots
 # the loaded kernel, e.g. for arm64: booti ${ddi_kaddr} ${ddi_raddr}:${filesize} ${ddi_fdt}
 # (kernel at ${ddi_kaddr}, initrd at ${ddi_raddr}, ${filesize} = initrd size,
 # ${ddi_fdt} = U-Boot's fdtcontroladdr; U-Boot's other runtime variables are
@@ -44,6 +46,9 @@ if test -n "${ramdisk_addr_r}"; then ddi_raddr=${ramdisk_addr_r}; fi
 # the control device tree, for bootctl_boot on boards that pass one (the
 # running environment is replaced by the stored one below)
 ddi_fdt=${fdtcontroladdr}
+# U-Boot's architecture (arch=arm on arm64, x86): the defaults of the boot command and
+# the console when the stored environment names none (or no copy is valid)
+ddi_arch=${arch}
 
 # ---- read both copies ------------------------------------------------------
 # env import -c expects CRC32 immediately followed by the data, so the CRC of
@@ -161,19 +166,25 @@ ddi_rootdev=/dev/vda
 ddi_kernel=/boot/vmlinuz
 ddi_initrd=/boot/initrd.img
 ddi_console=ttyS0,115200
+# arm: no console= at all, the kernel takes the device tree's stdout-path
+if test "${ddi_arch}" = arm; then ddi_console=; fi
 if test -n "${bootctl_part_A}"; then ddi_pa=${bootctl_part_A}; fi
 if test -n "${bootctl_part_B}"; then ddi_pb=${bootctl_part_B}; fi
 if test -n "${bootctl_rootdev}"; then ddi_rootdev=${bootctl_rootdev}; fi
 if test -n "${bootctl_kernel}"; then ddi_kernel=${bootctl_kernel}; fi
 if test -n "${bootctl_initrd}"; then ddi_initrd=${bootctl_initrd}; fi
 if test -n "${bootctl_console}"; then ddi_console=${bootctl_console}; fi
+ddi_conarg=
+if test -n "${ddi_console}"; then ddi_conarg=console=${ddi_console}; fi
 if test ${ddi_slot} = A; then ddi_part=${ddi_pa}; else ddi_part=${ddi_pb}; fi
 
 echo "DDI-BOOT: scheme=bootcount slot=${ddi_slot} partition=${ddi_part} upgrade_available=${ddi_ua} bootcount=${ddi_bc} bootlimit=${ddi_bl}"
-setenv bootargs "console=${ddi_console} root=${ddi_rootdev}${ddi_part} rootwait panic=5 bootctl.slot=${ddi_slot} ${bootctl_args}"
+setenv bootargs "${ddi_conarg} root=${ddi_rootdev}${ddi_part} rootwait panic=5 bootctl.slot=${ddi_slot} ${bootctl_args}"
 if load ${ddi_dev} ${ddi_num}:${ddi_part} ${ddi_kaddr} ${ddi_kernel} && load ${ddi_dev} ${ddi_num}:${ddi_part} ${ddi_raddr} ${ddi_initrd}; then
   if test -n "${bootctl_boot}"; then
     run bootctl_boot
+  elif test "${ddi_arch}" = arm; then
+    booti ${ddi_kaddr} ${ddi_raddr}:${filesize} ${ddi_fdt}
   else
     zboot ${ddi_kaddr} 0 ${ddi_raddr} ${filesize}
   fi
