@@ -17,7 +17,7 @@ set -euo pipefail
 
 need apt-get apt-cache dpkg-deb depmod modprobe mkimage mkenvimage mkfs.ext4 mkfs.vfat mcopy \
 	sfdisk cpio gzip busybox cargo
-[ "$ARCH" = x86_64 ] || need "$(echo "$RUST_TARGET" | sed 's/-unknown//')-gcc"
+[ "$ARCH" = x86_64 ] || need "${RUST_TARGET/-unknown/}-gcc"
 
 KERNEL_DIR=$WORK/kernel
 BIN_DIR=$WORK/bin

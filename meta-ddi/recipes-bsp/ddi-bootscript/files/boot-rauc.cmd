@@ -24,7 +24,7 @@
 # Optional variables in the stored environment (defaults in brackets):
 # bootctl_part_A [2], bootctl_part_B [3], bootctl_rootdev [/dev/vda],
 # bootctl_kernel [/boot/vmlinuz], bootctl_initrd [/boot/initrd.img],
-# bootctl_console [ttyS0,115200; arm: none, the device tree's stdout-path],
+# bootctl_console [ttyS0,115200; arm: ttyAMA0,115200],
 # bootctl_args [] (appended), bootctl_boot [x86: zboot ${ddi_kaddr} 0 ${ddi_raddr}
 # ${filesize}; arm: booti ${ddi_kaddr} ${ddi_raddr}:${filesize} ${ddi_fdt}, so that
 # a board boots without a valid environment too] = the command that boots
@@ -168,21 +168,19 @@ ddi_rootdev=/dev/vda
 ddi_kernel=/boot/vmlinuz
 ddi_initrd=/boot/initrd.img
 ddi_console=ttyS0,115200
-# arm: no console= at all, the kernel takes the device tree's stdout-path
-if test "${ddi_arch}" = arm; then ddi_console=; fi
+# arm: the PL011 (QEMU virt, Raspberry Pi, Arm's boards); others set bootctl_console
+if test "${ddi_arch}" = arm; then ddi_console=ttyAMA0,115200; fi
 if test -n "${bootctl_part_A}"; then ddi_pa=${bootctl_part_A}; fi
 if test -n "${bootctl_part_B}"; then ddi_pb=${bootctl_part_B}; fi
 if test -n "${bootctl_rootdev}"; then ddi_rootdev=${bootctl_rootdev}; fi
 if test -n "${bootctl_kernel}"; then ddi_kernel=${bootctl_kernel}; fi
 if test -n "${bootctl_initrd}"; then ddi_initrd=${bootctl_initrd}; fi
 if test -n "${bootctl_console}"; then ddi_console=${bootctl_console}; fi
-ddi_conarg=
-if test -n "${ddi_console}"; then ddi_conarg=console=${ddi_console}; fi
 if test ${ddi_slot} = A; then ddi_part=${ddi_pa}; else ddi_part=${ddi_pb}; fi
 
 if test ${ddi_reset} = 1; then reset; fi
 echo "DDI-BOOT: scheme=rauc slot=${ddi_slot} partition=${ddi_part} BOOT_ORDER=${ddi_order} left=${ddi_left}"
-setenv bootargs "${ddi_conarg} root=${ddi_rootdev}${ddi_part} rootwait panic=5 bootctl.slot=${ddi_slot} rauc.slot=${ddi_slot} ${bootctl_args}"
+setenv bootargs "console=${ddi_console} root=${ddi_rootdev}${ddi_part} rootwait panic=5 bootctl.slot=${ddi_slot} rauc.slot=${ddi_slot} ${bootctl_args}"
 if load ${ddi_dev} ${ddi_num}:${ddi_part} ${ddi_kaddr} ${ddi_kernel} && load ${ddi_dev} ${ddi_num}:${ddi_part} ${ddi_raddr} ${ddi_initrd}; then
   if test -n "${bootctl_boot}"; then
     run bootctl_boot
