@@ -8,6 +8,8 @@
 //! on its own: that is what lets a device take chunks it already has from its active slot and
 //! download only the others, with HTTP Range requests.
 
+use std::io::Read;
+
 use sha2::{Digest, Sha256};
 
 use crate::manifest::ChunkedInfo;
@@ -177,13 +179,26 @@ impl ChunkDecoder {
     }
 
     /// The raw bytes of chunk `index` from its stored `frame`, checked against `entry`'s
-    /// length and sha256. Decompression never writes more than the signed length.
+    /// length and sha256. The frame must be exactly one zstd frame whose window is at most
+    /// [`max_chunk_window`]: the decoder holds a whole window before it can tell that the
+    /// output is longer than the signed length, and the frame is not verified yet.
+    /// Decompression never writes more than the signed length.
     pub fn decode(
         &mut self,
         index: usize,
         entry: &ChunkEntry,
         frame: &[u8],
     ) -> Result<&[u8], ChunkError> {
+        let corrupt = |reason: String| ChunkError::Corrupt { index, reason };
+        let window = frame_window_size(frame).map_err(|why| corrupt(why.into()))?;
+        let limit = max_chunk_window(entry.raw_len);
+        if window > limit {
+            return Err(corrupt(format!(
+                "its zstd frame asks for a {window}-byte window, more than the {limit} bytes \
+                 a chunk of {} bytes needs",
+                entry.raw_len
+            )));
+        }
         let want = entry.raw_len as usize;
         self.out.clear();
         // One byte of room past the signed length tells "too long" from "exactly right".
@@ -191,16 +206,35 @@ impl ChunkDecoder {
         let decoder = self
             .decoder
             .get_or_insert_with(ruzstd::decoding::FrameDecoder::new);
-        let got = match decoder.decode_all(frame, &mut self.out) {
-            Ok(n) => n,
-            Err(ruzstd::decoding::errors::FrameDecoderError::TargetTooSmall) => want + 1,
-            Err(e) => {
-                return Err(ChunkError::Corrupt {
-                    index,
-                    reason: e.to_string(),
-                })
+        let mut input = frame;
+        decoder
+            .reset(&mut input)
+            .map_err(|e| corrupt(e.to_string()))?;
+        let mut got = 0;
+        loop {
+            decoder
+                .decode_blocks(
+                    &mut input,
+                    ruzstd::decoding::BlockDecodingStrategy::UptoBytes(1 << 20),
+                )
+                .map_err(|e| corrupt(e.to_string()))?;
+            got += decoder
+                .read(&mut self.out[got..])
+                .map_err(|e| corrupt(e.to_string()))?;
+            if decoder.can_collect() != 0 {
+                got = want + 1; // more than the room: longer than signed
+                break;
             }
-        };
+            if decoder.is_finished() {
+                break;
+            }
+        }
+        if got == want && !input.is_empty() {
+            return Err(corrupt(format!(
+                "{} bytes follow its zstd frame",
+                input.len()
+            )));
+        }
         if got != want {
             return Err(ChunkError::Length {
                 index,
@@ -212,6 +246,38 @@ impl ChunkDecoder {
         check_chunk(index, entry, raw)?;
         Ok(raw)
     }
+}
+
+/// The largest zstd window a chunk of `raw_len` bytes may ask for: the window a compressor
+/// picks for it knowing its size (its length rounded up to a power of two), or the 8 MiB
+/// every zstd decoder is expected to support (RFC 8878, 3.1.1.1.2), whichever is larger.
+pub fn max_chunk_window(raw_len: u32) -> u64 {
+    u64::from(raw_len).next_power_of_two().max(8 << 20)
+}
+
+/// The window size a zstd frame's header asks for (RFC 8878, 3.1.1.1).
+fn frame_window_size(frame: &[u8]) -> Result<u64, &'static str> {
+    if !frame.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        return Err("it is not a zstd frame (no zstd magic number)");
+    }
+    let truncated = "its zstd frame header is truncated";
+    let descriptor = *frame.get(4).ok_or(truncated)?;
+    let single_segment = descriptor & 0x20 != 0;
+    if !single_segment {
+        let window_descriptor = *frame.get(5).ok_or(truncated)?;
+        let log = 10 + u32::from(window_descriptor >> 3);
+        let base = 1u64 << log;
+        return Ok(base + (base / 8) * u64::from(window_descriptor & 7));
+    }
+    // Single segment: the window is the frame content size.
+    let dict_id_len = [0usize, 1, 2, 4][usize::from(descriptor & 3)];
+    let start = 5 + dict_id_len;
+    let size_len = [1usize, 2, 4, 8][usize::from(descriptor >> 6)];
+    let field = frame.get(start..start + size_len).ok_or(truncated)?;
+    let mut le = [0u8; 8];
+    le[..size_len].copy_from_slice(field);
+    let size = u64::from_le_bytes(le);
+    Ok(if size_len == 2 { size + 256 } else { size })
 }
 
 /// Check raw chunk bytes (decompressed, or read from a seed) against the index entry.
@@ -412,6 +478,67 @@ mod tests {
         assert!(err.to_string().contains("chunk 1 starts at 5"), "{err}");
         let err = ChunkIndex::parse(&bytes[..47], &info(3, 300), 60).unwrap_err();
         assert!(err.to_string().contains("whole number"), "{err}");
+    }
+
+    /// A zstd frame of `blocks` RLE blocks of 128 KiB, with the window descriptor byte
+    /// `window_descriptor` (not single-segment).
+    fn rle_frame(window_descriptor: u8, blocks: usize) -> Vec<u8> {
+        let mut frame = vec![0x28, 0xb5, 0x2f, 0xfd, 0x00, window_descriptor];
+        for i in 0..blocks {
+            let last = u32::from(i + 1 == blocks);
+            let header = (128u32 << 10) << 3 | 1 << 1 | last;
+            frame.extend_from_slice(&header.to_le_bytes()[..3]);
+            frame.push(0xAB);
+        }
+        frame
+    }
+
+    fn rle_entry(raw_len: u32, frame: &[u8]) -> ChunkEntry {
+        let raw = vec![0xABu8; raw_len as usize];
+        ChunkEntry {
+            offset: 0,
+            stored_len: frame.len() as u32,
+            raw_len,
+            sha256: Sha256::digest(&raw).into(),
+        }
+    }
+
+    #[test]
+    fn a_chunk_frame_asking_for_a_huge_window_is_refused_before_decoding() {
+        // 64 MiB window (log 26) for a 1000-byte chunk: decoding would hold 64 MiB before it
+        // could tell the output is too long.
+        let frame = rle_frame((26 - 10) << 3, 600);
+        let entry = rle_entry(1000, &frame);
+        let err = ChunkDecoder::new().decode(0, &entry, &frame).unwrap_err();
+        assert!(
+            matches!(err, ChunkError::Corrupt { .. }) && err.to_string().contains("window"),
+            "{err}"
+        );
+        // The same bytes in a frame with a small window decode and verify.
+        let frame = rle_frame(0, 1);
+        let entry = rle_entry(128 << 10, &frame);
+        let raw = ChunkDecoder::new()
+            .decode(0, &entry, &frame)
+            .unwrap()
+            .to_vec();
+        assert_eq!(raw, vec![0xAB; 128 << 10]);
+        // A frame with a content checksum is still one frame (its last 4 bytes are its own).
+        let mut checked = frame.clone();
+        checked[4] |= 0x04;
+        checked.extend_from_slice(&[0; 4]);
+        let entry = rle_entry(128 << 10, &checked);
+        assert!(ChunkDecoder::new().decode(0, &entry, &checked).is_ok());
+        // A second frame after the chunk's frame is refused, not decoded.
+        let mut two = frame.clone();
+        two.extend_from_slice(&frame);
+        let entry = rle_entry(128 << 10, &two);
+        let err = ChunkDecoder::new().decode(0, &entry, &two).unwrap_err();
+        assert!(err.to_string().contains("follow its zstd frame"), "{err}");
+        // A frame that is longer than signed is a length error.
+        let long = rle_frame(7 << 3, 3);
+        let entry = rle_entry(100 << 10, &long);
+        let err = ChunkDecoder::new().decode(0, &entry, &long).unwrap_err();
+        assert!(matches!(err, ChunkError::Length { .. }), "{err}");
     }
 
     #[test]
