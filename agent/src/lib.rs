@@ -6,6 +6,7 @@
 //! - [`machine`]: the pure update state machine.
 //! - [`persist`]: the state file and feedback outbox in `state_dir`.
 //! - [`state_file`]: the versioned format of the state file, read across agent versions.
+//! - [`feedback_budget`]: how much progress feedback an install run may send (status quota).
 //! - [`driver`]: runs the machine against the server, the bootloader and the installer.
 //! - [`install`]: the streaming download/verify/write pipeline for a slot.
 //! - [`health`]: the health checks run after booting a new slot.
@@ -14,6 +15,7 @@
 pub mod config;
 pub mod ddi;
 pub mod driver;
+pub mod feedback_budget;
 pub mod health;
 pub mod http_policy;
 pub mod install;

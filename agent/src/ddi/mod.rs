@@ -117,7 +117,10 @@ pub fn parse_sleep(text: &str) -> Result<Duration, ModelError> {
 /// The answer to a poll of the controller base.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PollReply {
-    pub sleep: Duration,
+    /// The server's polling `sleep`; None when it cannot be parsed (`raw_sleep` has it), so the
+    /// rest of the answer is still used and the caller keeps its last good interval.
+    pub sleep: Option<Duration>,
+    pub raw_sleep: String,
     pub deployment: Option<Link>,
     pub confirmation: Option<Link>,
     pub cancel: Option<Link>,
@@ -128,11 +131,13 @@ pub struct PollReply {
 impl PollReply {
     pub fn parse(body: &[u8]) -> Result<PollReply, ModelError> {
         let raw: wire::ControllerBase = json("poll", body)?;
-        let sleep = parse_sleep(&raw.config.polling.sleep)?;
+        let sleep = parse_sleep(&raw.config.polling.sleep).ok();
+        let raw_sleep = raw.config.polling.sleep;
         let mut links = raw.links;
         let mut take = |rel: &str| links.remove(rel).map(|h| Link { href: h.href });
         let reply = PollReply {
             sleep,
+            raw_sleep,
             deployment: take("deploymentBase"),
             confirmation: take("confirmationBase"),
             cancel: take("cancelAction"),
@@ -601,7 +606,7 @@ mod tests {
             "newField": [1, 2]
         });
         let r = PollReply::parse(body.to_string().as_bytes()).unwrap();
-        assert_eq!(r.sleep, Duration::from_secs(60));
+        assert_eq!(r.sleep, Some(Duration::from_secs(60)));
         let d = r.deployment.unwrap();
         assert_eq!(d.action_id().as_deref(), Some("42"));
         assert_eq!(
@@ -614,8 +619,9 @@ mod tests {
 
     #[test]
     fn poll_reply_nonsense_is_rejected() {
+        let r = PollReply::parse(br#"{"config": {"polling": {"sleep": "soon"}}}"#).unwrap();
+        assert_eq!((r.sleep, r.raw_sleep.as_str()), (None, "soon"));
         for body in [
-            json!({"config": {"polling": {"sleep": "soon"}}}),
             json!({"config": {"polling": {}}}),
             json!({}),
             json!({"config": {"polling": {"sleep": "00:01:00"}},

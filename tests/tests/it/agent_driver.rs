@@ -9,13 +9,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bootctl::Slot;
 use ddi_agent::config::Config;
 use ddi_agent::ddi::DdiClient;
 use ddi_agent::driver::{
     BootError, Bootloader, Driver, DriverError, HealthChecker, Installer, Rebooter,
 };
 use ddi_agent::install::{InstallRequest, Progress};
-use bootctl::Slot;
 use ddi_agent::machine::{InstallFailure, Phase};
 use ddi_agent::persist::Store;
 use ddi_sim::{ActionStatus, Assignment, ServerOptions, TestServer};
