@@ -160,6 +160,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn entry_quota_answers_of_both_eras() {
+        let body = br#"{"errorCode":"hawkbit.server.error.quota.tooManyEntries"}"#;
+        assert!(is_quota_exceeded(403, body));
+        assert!(is_quota_exceeded(429, body));
+        assert!(!is_quota_exceeded(429, b""), "a plain 429 is rate limiting");
+        assert!(!is_quota_exceeded(500, body));
+    }
+
+    #[test]
     fn transient_statuses() {
         for status in [408, 429, 500, 502, 503, 504] {
             assert!(is_transient_status(status), "{status}");
