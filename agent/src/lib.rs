@@ -1,5 +1,6 @@
 //! `ddi_agent`: the hawkBit DDI update agent as a library.
 //!
+//! - [`clock`]: the device clock and whether it is synchronised (feedback `timestamp`).
 //! - [`config`]: TOML settings.
 //! - [`ddi`]: the typed DDI model and HTTP client.
 //! - [`http_policy`]: which HTTP failures are retried and how long to wait (DDI and downloads).
@@ -12,6 +13,7 @@
 //! - [`health`]: the health checks run after booting a new slot.
 //! - [`service`]: daemon plumbing (systemd notify, logging, signals) and the CLI commands.
 
+pub mod clock;
 pub mod config;
 pub mod ddi;
 pub mod driver;

@@ -8,6 +8,7 @@
 //! `Retry-After`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
@@ -18,6 +19,7 @@ use super::{
     config_data_json, confirmation_json, CancelRequest, ConfirmationState, Deployment, Feedback,
     Link, ModelError, PollReply,
 };
+use crate::clock::{Clock, SystemClock};
 use crate::config::ServerConfig;
 use crate::http_policy::{self, Backoff};
 
@@ -120,6 +122,8 @@ pub struct DdiClient {
     /// Deadline for one attempt of one DDI request, body included.
     request_deadline: Duration,
     etag: Option<(String, Vec<u8>)>,
+    /// The device clock (feedback `timestamp` only when it is synchronised).
+    clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for DdiClient {
@@ -193,7 +197,13 @@ impl DdiClient {
             },
             request_deadline: server.connect_timeout + server.low_speed_timeout,
             etag: None,
+            clock: Arc::new(SystemClock),
         })
+    }
+
+    /// Uses `clock` for feedback times (tests fake the device clock through it).
+    pub fn set_clock(&mut self, clock: Arc<dyn Clock>) {
+        self.clock = clock;
     }
 
     /// The HTTP client for artifact downloads (no token attached by itself).
@@ -312,8 +322,8 @@ impl DdiClient {
         action_link: &str,
         fb: &Feedback,
     ) -> Result<Delivery, DdiError> {
-        self.post_feedback_to(action_link, fb.to_json(now_ms()))
-            .await
+        let body = fb.to_json(self.clock.now_ms(), self.clock.synchronized());
+        self.post_feedback_to(action_link, body).await
     }
 
     pub async fn send_confirmation(

@@ -442,13 +442,14 @@ impl Feedback {
     }
 
     /// JSON body, compatible with hawkBit 0.3 .. 1.x. `now_ms` is sent as `timestamp` only when
-    /// the clock looks trustworthy (after 2020), because hawkBit orders installs by it.
-    pub fn to_json(&self, now_ms: u64) -> Vec<u8> {
+    /// the clock is known `synchronized` and looks trustworthy (after 2020), because hawkBit
+    /// moves the installed version only forward in that time (see [`crate::clock`]).
+    pub fn to_json(&self, now_ms: u64, synchronized: bool) -> Vec<u8> {
         let details = sanitize_details(&self.details);
         let body = wire::ActionFeedback {
             id: &self.action_id,
             time: legacy_time(now_ms),
-            timestamp: trustworthy(now_ms).then_some(now_ms),
+            timestamp: (synchronized && trustworthy(now_ms)).then_some(now_ms),
             status: wire::FeedbackStatus {
                 execution: self.execution.as_str(),
                 result: wire::FeedbackResult {
@@ -781,18 +782,24 @@ mod tests {
     #[test]
     fn feedback_body_is_compatible_with_all_versions() {
         let f = Feedback::new("42", Execution::Closed, Finished::Failure).detail("hash <mismatch>");
-        let v: Value = serde_json::from_slice(&f.to_json(1_733_218_554_123)).unwrap();
+        let v: Value = serde_json::from_slice(&f.to_json(1_733_218_554_123, true)).unwrap();
         assert_eq!(v["id"], "42");
         assert_eq!(v["timestamp"], 1_733_218_554_123u64);
         assert_eq!(v["time"], "20241203T093554");
         assert_eq!(v["status"]["execution"], "closed");
         assert_eq!(v["status"]["result"]["finished"], "failure");
         assert_eq!(v["status"]["details"][0], "hash (mismatch)");
-        let v: Value = serde_json::from_slice(&f.to_json(5_000)).unwrap();
+        let v: Value = serde_json::from_slice(&f.to_json(5_000, true)).unwrap();
         assert!(
             v.get("timestamp").is_none(),
             "1970 clock must not send timestamp"
         );
+        let v: Value = serde_json::from_slice(&f.to_json(1_733_218_554_123, false)).unwrap();
+        assert!(
+            v.get("timestamp").is_none(),
+            "an unsynchronised clock must not send timestamp"
+        );
+        assert_eq!(v["time"], "20241203T093554");
         let mut data = BTreeMap::new();
         data.insert("k".to_string(), "v".to_string());
         let v: Value = serde_json::from_slice(&config_data_json(&data, 0)).unwrap();

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bootctl::Slot;
+use ddi_agent::clock::{Clock, SystemClock};
 use ddi_agent::config::Config;
 use ddi_agent::ddi::DdiClient;
 use ddi_agent::driver::{
@@ -152,6 +153,23 @@ struct Setup {
     log: Log,
     requests: Arc<Mutex<Vec<InstallRequest>>>,
     unreadable_reads: Arc<AtomicU32>,
+    /// The device clock of the drivers made from now on (None: the system clock).
+    clock: Mutex<Option<Arc<dyn Clock>>>,
+}
+
+/// A device clock at a fixed offset from the real one, synchronised or not.
+struct FakeClock {
+    offset_ms: i64,
+    synchronized: bool,
+}
+
+impl Clock for FakeClock {
+    fn now_ms(&self) -> u64 {
+        SystemClock.now_ms().saturating_add_signed(self.offset_ms)
+    }
+    fn synchronized(&self) -> bool {
+        self.synchronized
+    }
 }
 
 impl Setup {
@@ -164,6 +182,7 @@ impl Setup {
             log: Log::default(),
             requests: Arc::default(),
             unreadable_reads: Arc::default(),
+            clock: Mutex::default(),
         }
     }
 
@@ -189,6 +208,9 @@ impl Setup {
     ) -> Driver<FakeBoot, FakeInstaller, FakeHealth, FakeReboot> {
         let mut client = DdiClient::new(&cfg.server).unwrap();
         client.set_backoff_base(Duration::from_millis(10));
+        if let Some(clock) = self.clock.lock().unwrap().clone() {
+            client.set_clock(clock);
+        }
         let store = Store::open(&cfg.agent.state_dir).unwrap();
         Driver::new(
             cfg,
@@ -650,4 +672,55 @@ async fn cancel_during_a_resumed_download_is_a_cancel_not_a_failure() {
         .iter()
         .all(|f| f.finished() != Some("failure")));
     assert_eq!(persisted_phase(&s.state_dir()), Phase::Idle);
+}
+
+#[tokio::test]
+async fn a_device_clock_far_in_the_past_never_decides_the_installed_version() {
+    // hawkBit >= 0.7.0 moves the installed version only forward in feedback time.
+    let s = Setup::new(ServerOptions::default().version("0.7.0".parse().unwrap()));
+    let first = s.deploy(&Assignment::forced());
+    let mut d = s.driver(s.config(""), Slot::A, Slot::A, Ok(()), None, false);
+    assert!(d.cycle().await.unwrap().rebooting);
+    let mut d = s.driver(s.config(""), Slot::B, Slot::B, Ok(()), None, false);
+    d.startup().await.unwrap();
+    assert_eq!(
+        s.server.action(first).unwrap().status,
+        ActionStatus::Finished
+    );
+
+    // No RTC: after the next reboot the clock reads ~3 years back (after 2020, so it looks
+    // plausible) and NTP has not synchronised it yet.
+    *s.clock.lock().unwrap() = Some(Arc::new(FakeClock {
+        offset_ms: -3 * 365 * 86_400_000,
+        synchronized: false,
+    }));
+    let second = s
+        .server
+        .deploy(
+            TARGET,
+            "3.0",
+            "os.img",
+            vec![9u8; 4096],
+            &Assignment::forced(),
+        )
+        .unwrap();
+    let mut d = s.driver(s.config(""), Slot::B, Slot::B, Ok(()), None, false);
+    assert!(d.cycle().await.unwrap().rebooting);
+    let mut d = s.driver(s.config(""), Slot::A, Slot::A, Ok(()), None, false);
+    d.startup().await.unwrap();
+    let fb = s.server.feedback(second);
+    assert_eq!(
+        s.server.action(second).unwrap().status,
+        ActionStatus::Finished
+    );
+    assert!(
+        fb.iter().all(|f| f.body.get("timestamp").is_none()),
+        "{fb:?}"
+    );
+    let target = s.server.target(TARGET).unwrap();
+    assert_eq!(
+        target.installed_version.as_deref(),
+        Some("firmware 3.0"),
+        "{fb:?}"
+    );
 }
