@@ -206,6 +206,38 @@ impl Setup {
         fail_install: Option<InstallFailure>,
         fail_mark_bad: bool,
     ) -> Driver<FakeBoot, FakeInstaller, FakeHealth, FakeReboot> {
+        let installer = FakeInstaller {
+            log: self.log.clone(),
+            requests: self.requests.clone(),
+            fail: fail_install,
+        };
+        self.driver_with(cfg, (booted, next), installer, health, fail_mark_bad)
+    }
+
+    /// A driver with the real install pipeline; both slots are files of `slot_size` bytes.
+    fn real_driver(
+        &self,
+        booted: Slot,
+        slot_size: usize,
+    ) -> Driver<FakeBoot, RealInstaller, FakeHealth, FakeReboot> {
+        for slot in ["slot-a", "slot-b"] {
+            let path = self.dir.path().join(slot);
+            if !path.exists() {
+                std::fs::write(path, vec![0u8; slot_size]).unwrap();
+            }
+        }
+        let installer = RealInstaller(self.log.clone());
+        self.driver_with(self.config(""), (booted, booted), installer, Ok(()), false)
+    }
+
+    fn driver_with<I: Installer>(
+        &self,
+        cfg: Config,
+        (booted, next): (Slot, Slot),
+        installer: I,
+        health: Result<(), String>,
+        fail_mark_bad: bool,
+    ) -> Driver<FakeBoot, I, FakeHealth, FakeReboot> {
         let mut client = DdiClient::new(&cfg.server).unwrap();
         client.set_backoff_base(Duration::from_millis(10));
         if let Some(clock) = self.clock.lock().unwrap().clone() {
@@ -223,46 +255,8 @@ impl Setup {
                 unreadable_reads: self.unreadable_reads.clone(),
                 log: self.log.clone(),
             },
-            FakeInstaller {
-                log: self.log.clone(),
-                requests: self.requests.clone(),
-                fail: fail_install,
-            },
+            installer,
             FakeHealth(health, self.log.clone()),
-            FakeReboot(self.log.clone()),
-        )
-        .unwrap()
-    }
-
-    /// A driver with the real install pipeline; both slots are files of `slot_size` bytes.
-    fn real_driver(
-        &self,
-        booted: Slot,
-        slot_size: usize,
-    ) -> Driver<FakeBoot, RealInstaller, FakeHealth, FakeReboot> {
-        for slot in ["slot-a", "slot-b"] {
-            let path = self.dir.path().join(slot);
-            if !path.exists() {
-                std::fs::write(path, vec![0u8; slot_size]).unwrap();
-            }
-        }
-        let cfg = self.config("");
-        let mut client = DdiClient::new(&cfg.server).unwrap();
-        client.set_backoff_base(Duration::from_millis(10));
-        let store = Store::open(&cfg.agent.state_dir).unwrap();
-        Driver::new(
-            cfg,
-            client,
-            store,
-            FakeBoot {
-                booted,
-                next: booted,
-                fail_mark_bad: false,
-                unreadable_reads: self.unreadable_reads.clone(),
-                log: self.log.clone(),
-            },
-            RealInstaller(self.log.clone()),
-            FakeHealth(Ok(()), self.log.clone()),
             FakeReboot(self.log.clone()),
         )
         .unwrap()
@@ -723,4 +717,45 @@ async fn a_device_clock_far_in_the_past_never_decides_the_installed_version() {
         Some("firmware 3.0"),
         "{fb:?}"
     );
+}
+
+#[tokio::test]
+async fn a_slow_download_that_fills_the_status_quota_still_finishes() {
+    // The quota fills up while the throttled download runs (a small quota stands in for
+    // hawkBit's 1000 over hours): progress is refused, the update is not.
+    let s = Setup::new(ServerOptions::default().version("0.9.0".parse().unwrap()));
+    let image = vec![3u8; RESUME_IMAGE];
+    let action = s
+        .server
+        .deploy(
+            TARGET,
+            "2.0",
+            "os.img",
+            image.clone(),
+            &Assignment::forced(),
+        )
+        .unwrap();
+    s.server.add_fault(
+        Fault::new(FaultKind::Slow {
+            bytes_per_sec: 128 * 1024,
+        })
+        .once(),
+    );
+    let server = s.server.shared().clone();
+    let fill_quota = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        server.update(|st| st.config.max_status_entries_per_action = 1);
+    });
+    let mut d = s.real_driver(Slot::A, RESUME_IMAGE);
+    assert!(d.cycle().await.unwrap().rebooting);
+    fill_quota.await.unwrap();
+    let mut d = s.real_driver(Slot::B, RESUME_IMAGE);
+    d.startup().await.unwrap();
+    assert_eq!(
+        s.server.action(action).unwrap().status,
+        ActionStatus::Finished,
+        "{:?}",
+        s.server.feedback(action)
+    );
+    assert!(d.state().outbox.is_empty());
 }
