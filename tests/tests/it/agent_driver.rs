@@ -262,6 +262,13 @@ impl Setup {
         .unwrap()
     }
 
+    /// A forced update to `version` with this image.
+    fn deploy_image(&self, version: &str, image: Vec<u8>) -> u64 {
+        self.server
+            .deploy(TARGET, version, "os.img", image, &Assignment::forced())
+            .unwrap()
+    }
+
     fn deploy(&self, how: &Assignment) -> u64 {
         self.server
             .deploy(TARGET, "2.0", "os.img", vec![7u8; 4096], how)
@@ -604,16 +611,7 @@ fn slow_then_drop(server: &TestServer) {
 async fn resume_answered_416_restarts_from_byte_zero_once() {
     let s = Setup::new(ServerOptions::default());
     let image: Vec<u8> = (0..RESUME_IMAGE).map(|i| (i * 7 % 251) as u8).collect();
-    let action = s
-        .server
-        .deploy(
-            TARGET,
-            "2.0",
-            "os.img",
-            image.clone(),
-            &Assignment::forced(),
-        )
-        .unwrap();
+    let action = s.deploy_image("2.0", image.clone());
     slow_then_drop(&s.server);
     let server = s.server.shared().clone();
     let refuse_resume = tokio::spawn(async move {
@@ -639,16 +637,7 @@ async fn resume_answered_416_restarts_from_byte_zero_once() {
 async fn cancel_during_a_resumed_download_is_a_cancel_not_a_failure() {
     // Since 1.1.0 a CANCELING action's artifacts are 404 for Range requests too.
     let s = Setup::new(ServerOptions::default().version(HawkbitVersion::HEAD));
-    let action = s
-        .server
-        .deploy(
-            TARGET,
-            "2.0",
-            "os.img",
-            vec![5u8; RESUME_IMAGE],
-            &Assignment::forced(),
-        )
-        .unwrap();
+    let action = s.deploy_image("2.0", vec![5u8; RESUME_IMAGE]);
     slow_then_drop(&s.server);
     let server = s.server.shared().clone();
     let cancel = tokio::spawn(async move {
@@ -688,16 +677,7 @@ async fn a_device_clock_far_in_the_past_never_decides_the_installed_version() {
         offset_ms: -3 * 365 * 86_400_000,
         synchronized: false,
     }));
-    let second = s
-        .server
-        .deploy(
-            TARGET,
-            "3.0",
-            "os.img",
-            vec![9u8; 4096],
-            &Assignment::forced(),
-        )
-        .unwrap();
+    let second = s.deploy_image("3.0", vec![9u8; 4096]);
     let mut d = s.driver(s.config(""), Slot::B, Slot::B, Ok(()), None, false);
     assert!(d.cycle().await.unwrap().rebooting);
     let mut d = s.driver(s.config(""), Slot::A, Slot::A, Ok(()), None, false);
@@ -725,16 +705,7 @@ async fn a_slow_download_that_fills_the_status_quota_still_finishes() {
     // hawkBit's 1000 over hours): progress is refused, the update is not.
     let s = Setup::new(ServerOptions::default().version("0.9.0".parse().unwrap()));
     let image = vec![3u8; RESUME_IMAGE];
-    let action = s
-        .server
-        .deploy(
-            TARGET,
-            "2.0",
-            "os.img",
-            image.clone(),
-            &Assignment::forced(),
-        )
-        .unwrap();
+    let action = s.deploy_image("2.0", image.clone());
     s.server.add_fault(
         Fault::new(FaultKind::Slow {
             bytes_per_sec: 128 * 1024,
