@@ -14,7 +14,10 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::ddi::client::Delivery;
-use crate::ddi::{DdiClient, DdiError, Execution, Feedback, Finished, Link, PollReply};
+use crate::ddi::{
+    CancelRequest, DdiClient, DdiError, Execution, Feedback, Finished, Link, PollReply,
+};
+use crate::feedback_budget::{ProgressBudget, Stage};
 use crate::install::{ExpectedHash, InstallRequest, Progress};
 use bootctl::Slot;
 
@@ -203,10 +206,16 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         self.load()?;
         self.deliver().await?;
         let poll = self.client.poll().await?;
-        self.last_sleep = poll.sleep;
+        self.last_sleep = match poll.sleep {
+            Some(sleep) => sleep,
+            None => {
+                warn!(sleep = %poll.raw_sleep, kept_s = self.last_sleep.as_secs(), "server's polling sleep unparseable; keeping the last good interval");
+                self.last_sleep
+            }
+        };
         let booted = self.boot.booted()?;
         let mut report = CycleReport {
-            sleep: Some(poll.sleep),
+            sleep: Some(self.last_sleep),
             ..CycleReport::default()
         };
         // Attributes the server refuses must not block updates: log and go on.
@@ -454,6 +463,9 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                 Ok(Delivery::NotApplicable(status)) => {
                     warn!(action_id = %entry.feedback.action_id, status, "server no longer takes this feedback; dropped");
                 }
+                Ok(Delivery::Refused(status)) => {
+                    warn!(action_id = %entry.feedback.action_id, status, execution = entry.feedback.execution.as_str(), "server refuses this feedback for good; dropped so later feedback goes on");
+                }
                 Err(e) => {
                     warn!(error = %e, "feedback delivery failed");
                     return Err(DriverError::FeedbackOwed(self.state.outbox.len()));
@@ -473,18 +485,18 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         let client = self.client.clone();
         let link = job.link.clone();
         let action_id = job.action_id.clone();
-        // Progress feedback goes out from its own task, at most every few seconds.
+        // Progress feedback goes out from its own task, within the run's budget (status quota).
         let reporter = tokio::spawn(async move {
-            let mut last: Option<tokio::time::Instant> = None;
+            let run_start = tokio::time::Instant::now();
+            let mut budget = ProgressBudget::default();
             while let Some(p) = rx.recv().await {
-                let started = matches!(
-                    p,
-                    Progress::Downloading { done: 0, .. } | Progress::Verifying { done: 0, .. }
-                );
-                if started || last.is_some_and(|t| t.elapsed() < Duration::from_secs(5)) {
+                let (stage, done, total) = match p {
+                    Progress::Downloading { done, total } => (Stage::Downloading, done, total),
+                    Progress::Verifying { done, total } => (Stage::Verifying, done, Some(total)),
+                };
+                if !budget.admit(stage, done, total, run_start.elapsed()) {
                     continue;
                 }
-                last = Some(tokio::time::Instant::now());
                 let (execution, done, total, what) = match p {
                     Progress::Downloading { done, total } => {
                         (Execution::Download, done, total, "downloading")
@@ -517,14 +529,8 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         let watch = async move {
             loop {
                 tokio::time::sleep(interval).await;
-                if let Ok(poll) = watcher.poll().await {
-                    if let Some(link) = poll.cancel {
-                        if link.action_id().as_deref() == Some(watched_id.as_str()) {
-                            if let Ok(request) = watcher.cancel_request(&link).await {
-                                return (link, request);
-                            }
-                        }
-                    }
+                if let Some(canceled) = cancel_of(&mut watcher, &watched_id).await {
+                    return canceled;
                 }
             }
         };
@@ -541,6 +547,15 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                 return Event::Cancel { link, request };
             }
         };
+        if result.is_err() {
+            // hawkBit answers 404 for the artifacts of a CANCELING action: a failed download
+            // may be a cancel the watch has not seen yet. Look before calling it a failure.
+            let mut client = self.client.clone();
+            if let Some((link, request)) = cancel_of(&mut client, &job.action_id).await {
+                info!(action_id = %job.action_id, "install failed while the server cancels the action; handled as the cancel");
+                return Event::Cancel { link, request };
+            }
+        }
         match &result {
             Ok(()) => {
                 info!(action_id = %job.action_id, slot = %job.target, "image written and verified")
@@ -653,6 +668,16 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
 }
 
 /// Logs what changed in the update's state: its phase, or the action waiting for consent.
+/// Polls once: the server's cancel request for `action_id`, if it has one.
+async fn cancel_of(client: &mut DdiClient, action_id: &str) -> Option<(Link, CancelRequest)> {
+    let link = client.poll().await.ok()?.cancel?;
+    if link.action_id().as_deref() != Some(action_id) {
+        return None;
+    }
+    let request = client.cancel_request(&link).await.ok()?;
+    Some((link, request))
+}
+
 fn log_update_change(before: &machine::Update, after: &machine::Update) {
     if before.phase.name() != after.phase.name() {
         let action_id = after
