@@ -109,9 +109,19 @@ pub struct CycleReport {
     pub failure_reported: bool,
     /// The server's suggested sleep until the next poll.
     pub sleep: Option<Duration>,
-    /// The install of this action is under way and did not finish in this cycle (a transient
-    /// failure, or the bootloader's state made it wait): it goes on at the next poll.
-    pub unfinished_install: Option<String>,
+    /// The install of an action is under way and did not finish in this cycle: it goes on at
+    /// the next poll.
+    pub unfinished_install: Option<UnfinishedInstall>,
+}
+
+/// An install that did not finish in a cycle, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnfinishedInstall {
+    pub action_id: String,
+    /// A transient (network) failure stopped it in this cycle: `run` retries after the
+    /// failed-cycle backoff. Otherwise it waits (the bootloader's state, a maintenance window)
+    /// and `run` polls at the normal interval.
+    pub transient_failure: bool,
 }
 
 /// The driver with its collaborators.
@@ -128,6 +138,8 @@ pub struct Driver<B, I, H, R> {
     /// The state as last read from or written to the state file.
     saved: State,
     failure_reported: bool,
+    /// An install failed transiently (retryable) in the current cycle.
+    install_failed_transiently: bool,
     /// The server's last polling interval (paces the cancel watch during installs).
     last_sleep: Duration,
     /// Why the last [`Driver::startup`] could not read the boot environment: until a start
@@ -164,6 +176,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
             saved: state.clone(),
             state,
             failure_reported: false,
+            install_failed_transiently: false,
             last_sleep: Duration::from_secs(30),
             startup_skipped: None,
         })
@@ -202,6 +215,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
     /// Step (2): deliver what is owed, poll once and carry out what the server asks.
     pub async fn cycle(&mut self) -> Result<CycleReport, DriverError> {
         self.failure_reported = false;
+        self.install_failed_transiently = false;
         // Whatever an aborted previous cycle left in memory is replaced by what is on disk.
         self.load()?;
         self.deliver().await?;
@@ -287,7 +301,10 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         if !rebooting {
             self.deliver().await?;
             if let Phase::Installing(job) = &self.state.update.phase {
-                report.unfinished_install = Some(job.action_id.clone());
+                report.unfinished_install = Some(UnfinishedInstall {
+                    action_id: job.action_id.clone(),
+                    transient_failure: self.install_failed_transiently,
+                });
             }
         }
         report.failure_reported = self.failure_reported;
@@ -383,7 +400,11 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                     }
                     Action::KeepBootedGood => self.boot.keep_booted_good()?,
                     Action::Install(job) => {
-                        next = Some(self.install(&job).await);
+                        let done = self.install(&job).await;
+                        if let Event::InstallDone(Err(f)) = &done {
+                            self.install_failed_transiently |= f.retryable;
+                        }
+                        next = Some(done);
                     }
                     Action::RunHealthChecks => {
                         info!(

@@ -279,15 +279,25 @@ async fn once(mut driver: RealDriver) -> u8 {
         }
         Ok(r) if r.failure_reported || started.failure_reported => exit::UPDATE_FAILED,
         Ok(CycleReport {
-            unfinished_install: Some(action_id),
+            unfinished_install: Some(u),
             ..
         }) => {
             // Not an error, but the update did not get as far as a cycle takes it.
-            warn!(action_id = %action_id, "install not finished; it goes on at the next poll");
+            warn!(action_id = %u.action_id, transient_failure = u.transient_failure, "install not finished; it goes on at the next poll");
             exit::INCOMPLETE
         }
         Ok(_) => exit::OK,
     }
+}
+
+/// `run`'s wait after `failures` failed cycles in a row (an error, or an install a transient
+/// failure interrupted): 30 s doubling up to 5 min, with jitter.
+fn failed_cycle_backoff(failures: u32) -> Duration {
+    crate::http_policy::Backoff {
+        first: Duration::from_secs(30),
+        max: Duration::from_secs(300),
+    }
+    .delay(failures)
 }
 
 fn notify(states: &[NotifyState]) {
@@ -360,10 +370,29 @@ async fn run(mut driver: RealDriver, reboot_timeout: Duration) -> u8 {
                 );
                 reboot_timeout
             }
+            Ok(CycleReport {
+                unfinished_install: Some(u),
+                ..
+            }) if u.transient_failure => {
+                // A network failure: retry sooner than the polling interval, backing off.
+                failures += 1;
+                let wait = failed_cycle_backoff(failures);
+                info!(
+                    action_id = %u.action_id,
+                    failures,
+                    wait_ms = wait.as_millis() as u64,
+                    "install interrupted by a transient failure; retrying after the backoff"
+                );
+                notify(&[NotifyState::Status(&format!(
+                    "installing: action {} interrupted, retrying",
+                    u.action_id
+                ))]);
+                wait
+            }
             Ok(r) => {
                 failures = 0;
-                if let Some(action_id) = &r.unfinished_install {
-                    info!(action_id = %action_id, "install not finished; it goes on at the next poll");
+                if let Some(u) = &r.unfinished_install {
+                    info!(action_id = %u.action_id, "install waits; it goes on at the next poll");
                 }
                 let phase = driver.state().update.phase.name();
                 let status = match driver.state().update.phase.job() {
@@ -387,11 +416,7 @@ async fn run(mut driver: RealDriver, reboot_timeout: Duration) -> u8 {
                 failures += 1;
                 warn!(error = %e, failures, "cycle not completed");
                 notify(&[NotifyState::Status(&format!("cycle not completed: {e}"))]);
-                let cycle_backoff = crate::http_policy::Backoff {
-                    first: Duration::from_secs(30),
-                    max: Duration::from_secs(300),
-                };
-                cycle_backoff.delay(failures)
+                failed_cycle_backoff(failures)
             }
         };
         tokio::select! {

@@ -5,7 +5,7 @@
 //! that could not read the environment holding the cycle back.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,6 +15,7 @@ use ddi_agent::config::Config;
 use ddi_agent::ddi::DdiClient;
 use ddi_agent::driver::{
     BootError, Bootloader, Driver, DriverError, HealthChecker, Installer, Pipeline, Rebooter,
+    UnfinishedInstall,
 };
 use ddi_agent::install::{InstallRequest, Progress};
 use ddi_agent::machine::{InstallFailure, Phase};
@@ -44,12 +45,17 @@ struct FakeBoot {
     fail_mark_bad: bool,
     /// This many reads of the environment fail (then it reads again).
     unreadable_reads: Arc<AtomicU32>,
+    /// The booted slot runs on a trial the agent did not start.
+    trial: Arc<AtomicBool>,
     log: Log,
 }
 
 impl Bootloader for FakeBoot {
     fn booted(&self) -> Result<Slot, BootError> {
         Ok(self.booted)
+    }
+    fn booted_on_trial(&self) -> Result<bool, BootError> {
+        Ok(self.trial.load(Ordering::SeqCst))
     }
     fn next(&self) -> Result<Slot, BootError> {
         let unreadable = self
@@ -155,6 +161,7 @@ struct Setup {
     unreadable_reads: Arc<AtomicU32>,
     /// The device clock of the drivers made from now on (None: the system clock).
     clock: Mutex<Option<Arc<dyn Clock>>>,
+    trial: Arc<AtomicBool>,
 }
 
 /// A device clock at a fixed offset from the real one, synchronised or not.
@@ -183,6 +190,7 @@ impl Setup {
             requests: Arc::default(),
             unreadable_reads: Arc::default(),
             clock: Mutex::default(),
+            trial: Arc::default(),
         }
     }
 
@@ -253,6 +261,7 @@ impl Setup {
                 next,
                 fail_mark_bad,
                 unreadable_reads: self.unreadable_reads.clone(),
+                trial: self.trial.clone(),
                 log: self.log.clone(),
             },
             installer,
@@ -386,7 +395,14 @@ async fn transient_install_failure_is_retried_on_the_next_cycle() {
     // A normal outcome, not an error: the install goes on at the next poll.
     let report = d.cycle().await.unwrap();
     assert!(!report.rebooting && !report.failure_reported);
-    assert_eq!(report.unfinished_install, Some(action.to_string()));
+    // A transient failure: `run` retries after the failed-cycle backoff, not the poll interval.
+    assert_eq!(
+        report.unfinished_install,
+        Some(UnfinishedInstall {
+            action_id: action.to_string(),
+            transient_failure: true,
+        })
+    );
     assert!(matches!(
         persisted_phase(&s.state_dir()),
         Phase::Installing(_)
@@ -405,6 +421,31 @@ async fn transient_install_failure_is_retried_on_the_next_cycle() {
         ]
     );
     assert!(s.server.action(action).unwrap().active);
+}
+
+#[tokio::test]
+async fn an_install_waiting_for_the_bootloader_is_not_a_transient_failure() {
+    let s = Setup::new(ServerOptions::default());
+    let action = s.deploy(&Assignment::forced());
+    let failure = InstallFailure {
+        message: "connection reset".into(),
+        retryable: true,
+    };
+    let mut d = s.driver(s.config(""), Slot::A, Slot::A, Ok(()), Some(failure), false);
+    assert!(d.cycle().await.unwrap().unfinished_install.is_some());
+    s.log.take();
+    // Someone else's trial of the booted slot: nothing is written, `run` waits the poll interval.
+    s.trial.store(true, Ordering::SeqCst);
+    let mut d = s.driver(s.config(""), Slot::A, Slot::A, Ok(()), None, false);
+    let report = d.cycle().await.unwrap();
+    assert_eq!(
+        report.unfinished_install,
+        Some(UnfinishedInstall {
+            action_id: action.to_string(),
+            transient_failure: false,
+        })
+    );
+    assert!(s.log.take().is_empty());
 }
 
 #[tokio::test]

@@ -9,6 +9,7 @@ mod agent_restart;
 mod bundle_e2e;
 mod crash_points;
 mod demo;
+mod device_boot;
 mod install_e2e;
 mod install_kill;
 mod limits_network;
