@@ -444,6 +444,7 @@ def run_agent_install(
     readback = split[2] - split[1] if split else None
     span = log_span(stderr, "installing", "image written and verified")
     return {
+        "timeline": install_timeline(stderr),
         "wall": wall,
         "readback": readback,
         "install_span": span,
@@ -504,22 +505,60 @@ def run_baseline(args, server, dist, form, run_no, slot_b, expected_sha256):
     }
 
 
+# The physical floor of issue 19: the same image bytes (the decoded image for gzip) copied from
+# the page cache into the same slot with `dd conv=fsync`; and, for reference, with O_DIRECT.
+FLOORS = {
+    "floor": ["bs=4M", "conv=fsync,notrunc"],
+    "floor-direct": ["bs=4M", "oflag=direct", "conv=fsync,notrunc"],
+}
+
+
+def run_floor(args, image_path, slot_b, kind):
+    drop_dirty()
+    usage_path = os.path.join(args.work, "floor.usage")
+    cmd = ["dd", f"if={image_path}", f"of={slot_b}", *FLOORS[kind], "status=none"]
+    t0 = time.monotonic()
+    subprocess.run(timed(cmd, usage_path), check=True)
+    wall = time.monotonic() - t0
+    usage = Usage(usage_path)
+    return {"wall": wall, "maxrss": usage.maxrss, "cpu": usage.cpu, "user": usage.user, "sys": usage.sys}
+
+
+TIMELINE = re.compile(r"install timeline")
+
+
+def install_timeline(stderr_path):
+    """The fields of the agent's `install timeline` log line (seconds), or None."""
+    with open(stderr_path, errors="replace") as f:
+        for line in f:
+            if TIMELINE.search(line):
+                return {k: float(v) for k, v in re.findall(r"(\w+_s)=([0-9.]+)", line)}
+    return None
+
+
 def bench_installs(args, server, images):
     results = {}
     slot_b = os.path.join(args.work, "slot-B.img")
     with open(slot_b, "wb") as f:  # preallocated once; both contenders write into it
         f.truncate(0)
     subprocess.run(["fallocate", "-l", str(args.slot_size), slot_b], check=True)
-    for form, path, artifact_sha, image_sha, image_bytes in images:
+    raw_image = images[0][5]
+    for form, path, artifact_sha, image_sha, image_bytes, _ in images:
         dist, _ = server.upload(path, f"bench-{form}")
         agent_runs, base_runs, other_runs = [], [], []
+        floor_runs = {kind: [] for kind in FLOORS}
         for i in range(args.runs):
             # Alternate who goes first so drift (load, cache) hits both alike.
             order = ["agent", "baseline"] if i % 2 == 0 else ["baseline", "agent"]
             if args.other_agent:
                 order.insert(1, "other")
+            if not args.no_floor:
+                order[1:1] = list(FLOORS)
             for who in order:
-                if who == "agent":
+                if who in FLOORS:
+                    r = run_floor(args, raw_image, slot_b, who)
+                    floor_runs[who].append(r)
+                elif who == "agent":
                     r = run_agent_install(
                         args, server, dist, form, i, image_bytes, slot_b, args.sample_ms / 1000
                     )
@@ -542,6 +581,12 @@ def bench_installs(args, server, images):
                 got = sha256_file_prefix(slot_b, image_bytes)
                 log(f"{form}: slot B holds the image: {got == image_sha}")
         results[form] = summarize(agent_runs, base_runs, image_bytes)
+        results[form]["timelines"] = [r["timeline"] for r in agent_runs]
+        for kind, runs in floor_runs.items():
+            if runs:
+                results[form][kind] = summarize(agent_runs, runs, image_bytes)
+        if other_runs and floor_runs["floor"]:
+            results[form]["other-floor"] = summarize(other_runs, floor_runs["floor"], image_bytes)
         if other_runs:
             results[form]["other"] = summarize(other_runs, base_runs, image_bytes)
         # Samples of the median agent run, for the plot.
@@ -706,6 +751,7 @@ def main():
     p.add_argument("--forms", default="raw,gzip", help="raw,gzip")
     p.add_argument("--polls", type=int, default=30, help="seconds of 1 s polling (30)")
     p.add_argument("--sample-ms", type=int, default=50, help="/proc sampling interval (50)")
+    p.add_argument("--no-floor", action="store_true", help="do not run the dd floors")
     p.add_argument("--skip-installs", action="store_true")
     p.add_argument("--skip-polls", action="store_true")
     p.add_argument("--verify", action="store_true", help="hash slot B after the first runs")
@@ -729,7 +775,7 @@ def main():
             for form in args.forms.split(","):
                 path = raw if form == "raw" else gz
                 artifact_sha = image_sha if form == "raw" else sha256_file(gz)
-                images.append((form, path, artifact_sha, image_sha, args.size))
+                images.append((form, path, artifact_sha, image_sha, args.size, raw))
             results["installs"] = bench_installs(args, server, images)
         if not args.skip_polls:
             results["polls"] = bench_polls(args, server)

@@ -41,6 +41,37 @@ def main():
                     f" | {fmt(o['agent_maxrss_max'] / MiB, '', 1)} | {fmt(o['baseline_maxrss_max'] / MiB, '', 1)} |"
                 )
         print()
+        if any("floor" in s for s in r["installs"].values()):
+            print("Against the physical floor (issue 19): `dd if=IMAGE of=SLOT bs=4M conv=fsync` of the"
+                  " same image bytes from the page cache, and with `oflag=direct` for reference.")
+            print()
+            print("| form | agent median s | dd conv=fsync median s | ratio | dd oflag=direct median s | ratio | dd runs s | agent peak RSS MiB |")
+            print("|---|---|---|---|---|---|---|---|")
+            for form, s in r["installs"].items():
+                f, d = s.get("floor"), s.get("floor-direct")
+                if not f:
+                    continue
+                runs = ", ".join(f"{x:.2f}" for x in f["baseline_wall"])
+                print(f"| {form} | {fmt(s['agent_median'])} | {fmt(f['baseline_median'])} | **{fmt(f['ratio'], '', 2)}**"
+                      f" | {fmt(d and d['baseline_median'])} | {fmt(d and d['ratio'], '', 2)} | {runs}"
+                      f" | {fmt(s['agent_maxrss_max'] / MiB, '', 1)} |")
+                o = s.get("other-floor")
+                if o:
+                    print(f"| {form} (other agent) | {fmt(o['agent_median'])} | {fmt(o['baseline_median'])} | {fmt(o['ratio'], '', 2)}"
+                          f" | | | | {fmt(o['agent_maxrss_max'] / MiB, '', 1)} |")
+            print()
+            print("Install timeline of the agent's blocking stage (medians, s; from its `install timeline` log line):")
+            print()
+            keys = ["total_s", "waiting_for_download_s", "write_s", "writeback_s", "read_back_overlapped_s", "read_back_tail_s"]
+            print("| form | " + " | ".join(k[:-2].replace("_", " ") for k in keys) + " |")
+            print("|---|" + "---|" * len(keys))
+            for form, s in r["installs"].items():
+                tl = [t for t in s.get("timelines", []) if t]
+                if not tl:
+                    continue
+                med = [sorted(t.get(k, 0) for t in tl)[len(tl) // 2] for k in keys]
+                print(f"| {form} | " + " | ".join(f"{v:.2f}" for v in med) + " |")
+            print()
         for form, s in r["installs"].items():
             a = ", ".join(f"{x:.2f}" for x in s["agent_wall"])
             b = ", ".join(f"{x:.2f}" for x in s["baseline_wall"])

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Builds everything the QEMU scenarios need, from Debian packages and the
-# workspace, into $WORK (default <checkout>/work/qemu; DDI_QEMU_WORK overrides):
-#   kernel/      the current linux-image-amd64 kernel (apt-get download) + modules
+# Builds everything the QEMU scenarios need for one architecture (DDI_QEMU_ARCH:
+# x86_64, aarch64), from Debian packages and the workspace, into $WORK (default
+# <checkout>/work/qemu, <checkout>/work/qemu-aarch64; DDI_QEMU_WORK overrides):
+#   kernel/      the current linux-image-amd64 / -arm64 kernel (apt-get download) + modules
+#   busybox      the static busybox of the guest (the host's, or busybox-static:arm64)
 #   bin/         ddi-agent and ddi-bootctl, static (crt-static), from the workspace
 #   initrd.img   busybox initramfs: loads virtio/ext4/vfat modules, mounts root=, switch_root
 #   images/      slot images (ext4 with /boot/vmlinuz + /boot/initrd.img + the root)
 #   boot-*.scr   the boot scripts of meta-ddi compiled with mkimage
-#   u-boot.rom   Debian's qemu-x86 U-Boot ROM (bootdelay patched to 0 unless DDI_QEMU_BOOTDELAY=keep)
+#   u-boot.fw    Debian's U-Boot for qemu-x86 (ROM) or qemu_arm64 (u-boot.bin), bootdelay
+#                patched to 0 unless DDI_QEMU_BOOTDELAY=keep
 # Steps that are done already are skipped (stamp files); `build.sh clean` removes $WORK.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
@@ -14,44 +17,80 @@ set -euo pipefail
 
 need apt-get apt-cache dpkg-deb depmod modprobe mkimage mkenvimage mkfs.ext4 mkfs.vfat mcopy \
 	sfdisk cpio gzip busybox cargo
+[ "$ARCH" = x86_64 ] || need "${RUST_TARGET/-unknown/}-gcc"
 
 KERNEL_DIR=$WORK/kernel
 BIN_DIR=$WORK/bin
 IMAGES=$WORK/images
 
-# The kernel package linux-image-amd64 depends on, by the package lists.
+KERNEL_META=linux-image-$DEB_ARCH:$DEB_ARCH
+
+# The kernel package linux-image-amd64 (-arm64) depends on, by the package lists
+# (arm64: the host must have the foreign architecture, dpkg --add-architecture arm64).
 kernel_package() {
-	apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}'
+	apt-cache depends "$KERNEL_META" 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}'
 }
 
-download_kernel() { # download_kernel PKG: into $KERNEL_DIR
-	rm -rf "$KERNEL_DIR"
-	mkdir -p "$KERNEL_DIR"
-	(cd "$KERNEL_DIR" && apt-get download "$1" 2>&1 | grep -v 'Download is performed unsandboxed' >&2)
+download_into() { # download_into DIR PKG: the .deb of PKG into the empty DIR
+	rm -rf "$1"
+	mkdir -p "$1"
+	(cd "$1" && apt-get download "$2" 2>&1 | grep -v 'Download is performed unsandboxed' >&2)
+}
+
+# download_package DIR PKG: download_into, and when the package lists name a version the
+# archive has replaced, refresh them once (as root) and download again. Prints the package
+# name that was downloaded (it may change with the refresh).
+download_package() {
+	local dir=$1 pkg=$2 lookup=${3:-}
+	if ! download_into "$dir" "$pkg"; then
+		[ "$(id -u)" = 0 ] || die "apt-get download $pkg failed (old package lists? sudo apt-get update)"
+		log "apt-get download $pkg failed: apt-get update and again"
+		apt-get update -qq || die "apt-get update failed"
+		[ -z "$lookup" ] || pkg=$("$lookup")
+		download_into "$dir" "$pkg" || die "apt-get download $pkg failed"
+	fi
+	echo "$pkg"
 }
 
 build_kernel() {
 	local pkg
 	pkg=$(kernel_package)
-	[ -n "$pkg" ] || die "cannot find the kernel package that linux-image-amd64 depends on (apt-get update?)"
-	if [ -f "$KERNEL_DIR/$pkg.done" ]; then return; fi
+	[ -n "$pkg" ] || die "cannot find the kernel package that $KERNEL_META depends on (apt-get update?$(
+		[ "$DEB_ARCH" = amd64 ] || echo " dpkg --add-architecture $DEB_ARCH?"))"
+	if [ -f "$KERNEL_DIR/${pkg%:*}.done" ]; then return; fi
 	log "kernel: $pkg"
-	if ! download_kernel "$pkg"; then
-		# Old package lists name a kernel the archive has replaced: refresh them once.
-		[ "$(id -u)" = 0 ] || die "apt-get download $pkg failed (old package lists? sudo apt-get update)"
-		log "apt-get download $pkg failed: apt-get update and again"
-		apt-get update -qq || die "apt-get update failed"
-		pkg=$(kernel_package)
-		download_kernel "$pkg" || die "apt-get download $pkg failed"
-	fi
-	dpkg-deb -x "$KERNEL_DIR"/"$pkg"_*.deb "$KERNEL_DIR/root"
+	pkg=$(download_package "$KERNEL_DIR" "$pkg" kernel_package)
+	dpkg-deb -x "$KERNEL_DIR"/"${pkg%:*}"_*.deb "$KERNEL_DIR/root"
 	local kver
 	kver=$(basename "$(ls -d "$KERNEL_DIR"/root/lib/modules/*)")
 	depmod -b "$KERNEL_DIR/root" "$kver"
 	cp "$KERNEL_DIR/root/boot/vmlinuz-$kver" "$KERNEL_DIR/vmlinuz"
 	echo "$kver" >"$KERNEL_DIR/kver"
 	rm -f "$KERNEL_DIR"/*.deb
-	touch "$KERNEL_DIR/$pkg.done"
+	touch "$KERNEL_DIR/${pkg%:*}.done"
+}
+
+# The guest's busybox: the host's static one on x86-64; for arm64 Debian's
+# busybox-static:arm64, downloaded and extracted (not installed).
+build_busybox() {
+	local dir=$WORK/busybox-deb host_version guest_version
+	if [ "$ARCH" = x86_64 ]; then
+		cp /bin/busybox "$WORK/busybox"
+		return
+	fi
+	if [ ! -f "$WORK/busybox" ]; then
+		log "busybox-static:$DEB_ARCH"
+		download_package "$dir" "busybox-static:$DEB_ARCH" >/dev/null
+		dpkg-deb -x "$dir"/busybox-static_*.deb "$dir/root"
+		cp "$dir/root/bin/busybox" "$WORK/busybox"
+		rm -rf "$dir"
+	fi
+	# The applet links come from the host's busybox --list-full (the guest's cannot run
+	# here): both must be the same busybox release.
+	host_version=$(grep -a -o -m1 'BusyBox v[0-9.]*' /bin/busybox | head -n 1)
+	guest_version=$(grep -a -o -m1 'BusyBox v[0-9.]*' "$WORK/busybox" | head -n 1)
+	[ "$host_version" = "$guest_version" ] ||
+		die "the host has $host_version, busybox-static:$DEB_ARCH is $guest_version: the applet lists may differ"
 }
 
 build_bins() {
@@ -84,7 +123,7 @@ build_initramfs() {
 	log "initramfs for $kver"
 	rm -rf "$dir"
 	mkdir -p "$dir"/{bin,dev,proc,sys,newroot,lib/modules}
-	cp /bin/busybox "$dir/bin/busybox"
+	cp "$WORK/busybox" "$dir/bin/busybox"
 	# Load order computed from the real dependencies (crc32c-intel needs SSE4.2, absent under TCG).
 	: >"$dir/lib/modules/load.order"
 	while read -r mod; do
@@ -107,7 +146,7 @@ build_image() {
 	dir=$WORK/rootfs-$name
 	rm -rf "$dir"
 	mkdir -p "$dir"/{bin,sbin,usr/bin,usr/sbin,etc/ddi-agent,boot,proc,sys,dev,run,tmp,var,data,uboot,root}
-	cp /bin/busybox "$dir/bin/busybox"
+	cp "$WORK/busybox" "$dir/bin/busybox"
 	while read -r applet; do
 		[ -e "$dir/$applet" ] || ln -s /bin/busybox "$dir/$applet"
 	done < <(busybox --list-full)
@@ -134,21 +173,32 @@ build_image() {
 	rm -rf "$dir"
 }
 
+# The sources as the layer's ddi-bootscript recipe compiles them: only the scratch address
+# changes per machine (its addresses are 0x60XXXXX; the recipe puts in
+# DDI_BOOT_SCRATCH_ADDR >> 20 the same way).
 build_bootscripts() {
-	local scheme
+	local scheme src
 	for scheme in bootcount rauc; do
-		mkimage -A x86 -O linux -T script -C none -n "ddi $scheme" \
-			-d "$BOOTSCRIPT_DIR/boot-$scheme.cmd" "$WORK/boot-$scheme.scr" >/dev/null
+		src=$BOOTSCRIPT_DIR/boot-$scheme.cmd
+		if [ -n "${BOOT_SCRATCH_ADDR:-}" ]; then
+			sed -E "s/\b0x60([0-9a-f]{5})\b/0x$(printf '%x' $((BOOT_SCRATCH_ADDR >> 20)))\1/g" \
+				"$src" >"$WORK/boot-$scheme.cmd"
+			src=$WORK/boot-$scheme.cmd
+		fi
+		mkimage -A "$MKIMAGE_ARCH" -O linux -T script -C none -n "ddi $scheme" \
+			-d "$src" "$WORK/boot-$scheme.scr" >/dev/null
 	done
 }
 
-build_rom() {
-	cp "$UBOOT_ROM" "$WORK/u-boot.rom"
+build_firmware() {
+	cp "$UBOOT_FIRMWARE" "$WORK/u-boot.fw"
 	if [ "${DDI_QEMU_BOOTDELAY:-0}" != keep ]; then
-		# The compiled-in default env is the only place bootdelay is set (ENV_IS_NOWHERE);
-		# the string occurs once, and the patch keeps its length.
-		[ "$(grep -c -a 'bootdelay=2' "$WORK/u-boot.rom")" = 1 ] || die "bootdelay=2 not found once in $UBOOT_ROM"
-		sed -i 's/\x00bootdelay=2\x00/\x00bootdelay=0\x00/' "$WORK/u-boot.rom"
+		# Neither U-Boot has a stored environment of its own that Linux could change
+		# (qemu-x86: ENV_IS_NOWHERE; qemu_arm64: CFI flash, see README), so the compiled-in
+		# default env is where bootdelay is set; the string occurs once, and the patch
+		# keeps its length.
+		[ "$(grep -c -a 'bootdelay=2' "$WORK/u-boot.fw")" = 1 ] || die "bootdelay=2 not found once in $UBOOT_FIRMWARE"
+		sed -i 's/\x00bootdelay=2\x00/\x00bootdelay=0\x00/' "$WORK/u-boot.fw"
 	fi
 }
 
@@ -160,10 +210,11 @@ main() {
 	fi
 	local start=$SECONDS
 	build_kernel
+	build_busybox
 	if [ "${DDI_QEMU_SKIP_CARGO:-0}" != 1 ]; then build_bins; fi
 	build_initramfs
 	build_bootscripts
-	build_rom
+	build_firmware
 	log "slot images"
 	build_image v1 1.0 good
 	build_image v2 2.0 good

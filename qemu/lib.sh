@@ -14,10 +14,11 @@ DISK_MIB=$((P4_START + DATA_MIB))
 
 # make_device DIR SCHEME SLOT_A_IMAGE DEVICE_TOML AGENT_EXTRA_TOML [ENV_TEXT]
 # Slot A gets the image, slot B stays empty, the environment is the factory
-# one of the scheme (or ENV_TEXT: name=value lines). With ISOLATION_PROBE=HOST:PORT
-# the guest checks at boot that it cannot reach that address.
+# one of the scheme (or ENV_TEXT: name=value lines, which win over the board's
+# ARCH_ENV). With ISOLATION_PROBE=HOST:PORT the guest checks at boot that it
+# cannot reach that address.
 make_device() {
-	local dir=$1 scheme=$2 image=$3 device_toml=$4 agent_extra=$5 env_text=${6:-}
+	local dir=$1 scheme=$2 image=$3 device_toml=$4 agent_extra=$5 env_text=${6:-} line
 	rm -rf "${dir:?}"
 	mkdir -p "$dir/boot" "$dir/data/ddi"
 	# factory environment, two copies: copy 1 from mkenvimage (flag 1), copy 2 empty
@@ -30,6 +31,9 @@ make_device() {
 		esac
 		# integrator variables the boot script and the agent must keep
 		printf 'bootctl_args=%s\nvendor_serial=qemu-%s\n' "$INTEGRATOR_ARGS" "$(basename "$dir")"
+		while read -r line; do
+			[ -z "$line" ] || grep -q "^${line%%=*}=" <<<"$env_text" || printf '%s\n' "$line"
+		done <<<"$ARCH_ENV"
 	} >"$dir/env.txt"
 	mkenvimage -r -s "$ENV_SIZE" -o "$dir/boot/uboot.env" "$dir/env.txt"
 	head -c $((ENV_SIZE)) /dev/zero >"$dir/boot/uboot-redund.env"
@@ -58,14 +62,21 @@ make_device() {
 # vm_start DIR SERVER_PORT: powers the device on (in the background). Serial
 # output is appended to DIR/serial.log. The guest reaches only 10.0.2.100:80,
 # forwarded to 127.0.0.1:SERVER_PORT on the host (restrict=on: nothing else).
+# x86-64: the pc machine, U-Boot as its ROM. aarch64: the virt machine (a Cortex-A57;
+# -cpu max would emulate pointer authentication, slow under TCG), U-Boot in its boot flash;
+# U-Boot's own environment flash (the second bank) is left empty, see README.
 vm_start() {
-	local dir=$1 port=$2
+	local dir=$1 port=$2 machine
+	case "$ARCH" in
+	x86_64) machine=(-machine pc) ;;
+	aarch64) machine=(-machine virt -cpu cortex-a57) ;;
+	esac
 	echo "=== power on $(date +%T)" >>"$dir/serial.log"
-	qemu-system-x86_64 -machine pc -accel tcg -m 512 -smp 1 \
+	"$QEMU_SYSTEM" "${machine[@]}" -accel tcg -m 512 -smp 1 \
 		-nodefaults -no-user-config -display none -monitor none \
-		-bios "$WORK/u-boot.rom" \
+		-bios "$WORK/u-boot.fw" \
 		-chardev "file,id=s0,path=$dir/serial.log,append=on" -serial chardev:s0 \
-		-drive "file=$dir/disk.img,format=raw,if=virtio" \
+		-drive "file=$dir/disk.img,format=raw,if=none,id=d0" -device virtio-blk-pci,drive=d0 \
 		-netdev "user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:80-cmd:busybox nc 127.0.0.1 $port" \
 		-device virtio-net-pci,netdev=n0,romfile= \
 		-pidfile "$dir/qemu.pid" </dev/null >>"$dir/qemu.out" 2>&1 &

@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # End-to-end tests on Debian's U-Boot + Linux in QEMU with the real ddi-agent.
-# Run from the checkout root: qemu/run-tests.sh [SCENARIO...]
+# Run from the checkout root: qemu/run-tests.sh [--arch x86_64|aarch64] [SCENARIO...]
 # Builds what it needs (qemu/build.sh, skipped when done), starts `ddi-sim serve`
 # on 127.0.0.1, runs the scenarios (DDI_QEMU_JOBS at a time, default 2), prints one
 # line per scenario and ends with "N passed, M failed" (exit 1 when M > 0).
 # Logs: $WORK/logs/<scenario>.log (steps), $WORK/run/<scenario>/serial.log (console).
 set -uo pipefail
+if [ "${1:-}" = --arch ]; then
+	[ $# -ge 2 ] || { echo "usage: qemu/run-tests.sh [--arch x86_64|aarch64] [SCENARIO...]" >&2; exit 2; }
+	DDI_QEMU_ARCH=$2
+	shift 2
+fi
+export DDI_QEMU_ARCH=${DDI_QEMU_ARCH:-x86_64}
 # shellcheck source-path=SCRIPTDIR source=common.sh
 . "$(dirname "$0")/common.sh"
 
@@ -45,8 +51,8 @@ report() {
 # copy of the scripts, so editing qemu/ during a run cannot break the run.
 main() {
 	local s scenarios start server_log image ds pending running still
-	need qemu-system-x86_64 busybox jq timeout fw_printenv mcopy
-	[ -f "$UBOOT_ROM" ] || die "missing $UBOOT_ROM (apt package u-boot-qemu)"
+	need "$QEMU_SYSTEM" busybox jq timeout fw_printenv mcopy
+	[ -f "$UBOOT_FIRMWARE" ] || die "missing $UBOOT_FIRMWARE (apt package u-boot-qemu)"
 	if [ $# -gt 0 ]; then scenarios=("$@"); else scenarios=("${ALL_SCENARIOS[@]}"); fi
 
 	start=$SECONDS
@@ -57,7 +63,7 @@ main() {
 		echo "0 passed, ${#scenarios[@]} failed"
 		exit 1
 	fi
-	echo "build: $((SECONDS - start)) s"
+	echo "build ($ARCH): $((SECONDS - start)) s"
 
 	# The test server: loopback only; the guests reach it through guestfwd.
 	server_log=$WORK/logs/server.log

@@ -4,12 +4,14 @@
 #   bash scripts/setup.sh [--quick | --stage STAGE ...] [--check]
 #
 # Stages (as scripts/test.sh runs them): cargo (fmt, clippy, build, cargo test), fuzz, deny,
-# layer (meta-ddi/scripts/check-layer.sh), qemu (qemu/run-tests.sh). Default: all of them;
+# layer (meta-ddi/scripts/check-layer.sh), qemu (qemu/run-tests.sh), qemu-arm64
+# (qemu/run-tests.sh --arch aarch64). Default: all of them;
 # --quick: cargo only; --stage: the named ones. --check installs nothing.
 #
 # The check looks at PATH, a few files and `rustup component list` only (no network, no
 # package database): well under a second when everything is there. What is missing is installed when this can be done here:
-#   Debian packages   as root on Debian (`apt-get update` only when something is missing)
+#   Debian packages   as root on Debian (`apt-get update` only when something is missing;
+#                     qemu-arm64 adds the foreign architecture arm64 first)
 #   rustup components, cargo tools, the layer check's Python venv
 #                     by any user, once the Debian packages are there
 # Otherwise nothing is installed and the script exits 1 with one message: what is missing
@@ -22,7 +24,7 @@ case ":$PATH:" in *:/usr/sbin:*) ;; *) PATH=$PATH:/usr/sbin:/sbin ;; esac
 # shellcheck source-path=SCRIPTDIR source=../meta-ddi/scripts/venv.sh
 . "$root/meta-ddi/scripts/venv.sh"
 
-all_stages=(cargo fuzz deny layer qemu)
+all_stages=(cargo fuzz deny layer qemu qemu-arm64)
 stages=()
 check_only=0
 while [ $# -gt 0 ]; do
@@ -53,15 +55,15 @@ debian_requirements=(
     # Every stage builds with cargo (the linker; crates and PyPI over TLS).
     "all               gcc               cmd:cc"
     "all               ca-certificates   file:/etc/ssl/certs/ca-certificates.crt"
-    "cargo,layer,qemu  libubootenv-tool  cmd:fw_printenv cmd:fw_setenv"
-    "cargo,layer,qemu  u-boot-tools      cmd:mkenvimage cmd:mkimage"
+    "cargo,layer,qemu,qemu-arm64 libubootenv-tool cmd:fw_printenv cmd:fw_setenv"
+    "cargo,layer,qemu,qemu-arm64 u-boot-tools cmd:mkenvimage cmd:mkimage"
     "cargo             rauc              cmd:rauc"
     "cargo             dbus              cmd:dbus-daemon"
     "cargo             libfaketime       file:/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
     "cargo             util-linux        cmd:losetup cmd:partx"
     "cargo             mount             cmd:mount cmd:umount"
-    "cargo,qemu        fdisk             cmd:sfdisk"
-    "cargo,qemu        e2fsprogs         cmd:mkfs.ext4"
+    "cargo,qemu,qemu-arm64 fdisk         cmd:sfdisk"
+    "cargo,qemu,qemu-arm64 e2fsprogs     cmd:mkfs.ext4"
     "cargo             procps            cmd:kill"
     "fuzz              g++               cmd:c++"
     "layer             python3           cmd:python3"
@@ -73,20 +75,31 @@ debian_requirements=(
     "layer             diffstat          cmd:diffstat"
     "layer             gawk              cmd:gawk"
     "layer             locales           cmd:locale-gen"
+    # The crate fetcher of the agent recipe's real do_fetch (crates from the registry).
+    "layer             wget              cmd:wget"
     "qemu              qemu-system-x86   cmd:qemu-system-x86_64"
-    "qemu              u-boot-qemu       file:/usr/lib/u-boot/qemu-x86/u-boot.rom"
-    "qemu              busybox-static    static:/bin/busybox"
-    "qemu              mtools            cmd:mcopy"
-    "qemu              dosfstools        cmd:mkfs.vfat"
-    "qemu              cpio              cmd:cpio"
-    "qemu              kmod              cmd:depmod cmd:modprobe"
-    "qemu              jq                cmd:jq"
+    "qemu,qemu-arm64   u-boot-qemu       file:/usr/lib/u-boot/qemu-x86/u-boot.rom file:/usr/lib/u-boot/qemu_arm64/u-boot.bin"
+    # The host's busybox runs guestfwd's nc (and lists the applets for the arm64 guest).
+    "qemu,qemu-arm64   busybox-static    static:/bin/busybox"
+    "qemu,qemu-arm64   mtools            cmd:mcopy"
+    "qemu,qemu-arm64   dosfstools        cmd:mkfs.vfat"
+    "qemu,qemu-arm64   cpio              cmd:cpio"
+    "qemu,qemu-arm64   kmod              cmd:depmod cmd:modprobe"
+    "qemu,qemu-arm64   jq                cmd:jq"
     "qemu              libc6-dev         file:/usr/lib/x86_64-linux-gnu/libc.a"
+    # arm64: the emulator and the cross linker with its static libc (the guest's kernel and
+    # busybox are arm64 packages that qemu/build.sh downloads: see foreign_arch below).
+    "qemu-arm64        qemu-system-arm   cmd:qemu-system-aarch64"
+    "qemu-arm64        gcc-aarch64-linux-gnu cmd:aarch64-linux-gnu-gcc"
+    "qemu-arm64        libc6-dev-arm64-cross file:/usr/aarch64-linux-gnu/lib/libc.a"
 )
+# The dpkg foreign architecture whose package lists qemu/build.sh downloads from
+# (linux-image-arm64's kernel, busybox-static:arm64; downloaded and extracted, not installed).
+foreign_arch="qemu-arm64 arm64"
 # rustup components and targets: "stages name".
 rust_components=("cargo rustfmt" "cargo clippy")
 # The QEMU guests' binaries are built with --target (static, crt-static).
-rust_targets=("qemu x86_64-unknown-linux-gnu")
+rust_targets=("qemu x86_64-unknown-linux-gnu" "qemu-arm64 aarch64-unknown-linux-gnu")
 # cargo tools: "stages crate@version program".
 cargo_tools=("fuzz cargo-fuzz@0.13.2 cargo-fuzz" "deny cargo-deny@0.20.2 cargo-deny")
 # The oldest Rust the workspace builds with (Cargo.toml rust-version).
@@ -131,12 +144,13 @@ missing_tools=()    # crate@version
 need_venv=0
 need_rust=0
 need_apt_lists=0
+need_foreign_arch=0
 need_history=0
 
 probe() {
     missing_debs=() missing_lines=() missing_components=() missing_targets=() missing_tools=()
-    need_venv=0 need_rust=0 need_apt_lists=0 need_history=0
-    local line stage_list package proofs proof lacking entry name crate program installed
+    need_venv=0 need_rust=0 need_apt_lists=0 need_foreign_arch=0 need_history=0
+    local line stage_list package proofs proof lacking entry name crate program installed arch
     for line in "${debian_requirements[@]}"; do
         read -r stage_list package proofs <<<"$line"
         wanted "$stage_list" || continue
@@ -154,6 +168,17 @@ probe() {
     if wanted qemu && ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
         need_apt_lists=1
         missing_lines+=("apt package lists, to download the kernel of linux-image-amd64 (stages qemu)")
+    fi
+    read -r stage_list arch <<<"$foreign_arch"
+    if wanted "$stage_list"; then
+        if ! grep -qx "$arch" /var/lib/dpkg/arch 2>/dev/null; then
+            need_foreign_arch=1
+            missing_lines+=("dpkg foreign architecture $arch (stages $stage_list)")
+        fi
+        if ! compgen -G "/var/lib/apt/lists/*_binary-${arch}_Packages*" >/dev/null; then
+            need_apt_lists=1
+            missing_lines+=("apt package lists for $arch, to download its kernel and busybox (stages $stage_list)")
+        fi
     fi
 
     if ! on_path cargo; then
@@ -215,6 +240,7 @@ probe() {
 install_commands() {
     local sudo=
     [ "$EUID" = 0 ] || sudo="sudo "
+    [ "$need_foreign_arch" = 0 ] || echo "  ${sudo}dpkg --add-architecture ${foreign_arch#* }"
     if [ ${#missing_debs[@]} -gt 0 ] || [ "$need_apt_lists" = 1 ]; then
         printf '  %sapt-get update' "$sudo"
         if [ ${#missing_debs[@]} -gt 0 ]; then
@@ -255,11 +281,17 @@ if [ "$EUID" = 0 ] && [ -r /etc/debian_version ] && on_path apt-get; then
 fi
 # Stop before installing anything when part of it cannot be installed here.
 if [ "$check_only" = 1 ] || [ "$need_rust" = 1 ] ||
-    { [ "$is_debian_root" = 0 ] && { [ ${#missing_debs[@]} -gt 0 ] || [ "$need_apt_lists" = 1 ]; }; }; then
+    { [ "$is_debian_root" = 0 ] &&
+        { [ ${#missing_debs[@]} -gt 0 ] || [ "$need_apt_lists" = 1 ] || [ "$need_foreign_arch" = 1 ]; }; }; then
     report_missing
     exit 1
 fi
 
+if [ "$need_foreign_arch" = 1 ]; then
+    echo "setup: dpkg --add-architecture ${foreign_arch#* }"
+    dpkg --add-architecture "${foreign_arch#* }"
+    need_apt_lists=1
+fi
 if [ ${#missing_debs[@]} -gt 0 ] || [ "$need_apt_lists" = 1 ]; then
     echo "setup: apt-get update"
     export DEBIAN_FRONTEND=noninteractive

@@ -3,7 +3,7 @@
 #   requirements (scripts/setup.sh: checks, and installs what is missing when it can)
 #   -> lint (fmt, clippy) -> build -> cargo tests (unit, interop, integration, demo)
 #   -> fuzzing (fixed budget) -> cargo deny -> Yocto layer offline checks
-#   -> QEMU end-to-end scenarios on real U-Boot.
+#   -> QEMU end-to-end scenarios on real U-Boot, x86-64 and arm64.
 # `--quick` stops after the cargo tests (for a fast local loop) and needs only what they need.
 # Prints the time of each stage as it ends and a table of all of them at the end.
 set -euo pipefail
@@ -76,7 +76,7 @@ stage build "the binaries the integration tests run" cargo build --workspace --b
 stage test "cargo test (unit, property, interop, integration, demo)" cargo test --workspace --locked
 
 if [ "$quick" = 1 ]; then
-  skipped=(fuzz deny layer qemu)
+  skipped=(fuzz deny layer qemu qemu-arm64)
   summary
   echo "quick mode: stages ${skipped[*]} skipped (run without --quick for them)"
   exit 0
@@ -91,6 +91,9 @@ stage layer "meta-ddi: crates.inc matches Cargo.lock, lint, unit and boot script
   bash meta-ddi/scripts/check-layer.sh
 
 stage qemu "end-to-end scenarios (real U-Boot, real Linux, real reboots)" bash qemu/run-tests.sh
+
+stage qemu-arm64 "the same scenarios on arm64 (virt machine, U-Boot booti, TCG)" \
+  bash qemu/run-tests.sh --arch aarch64
 
 summary
 echo "all stages passed in $((SECONDS - started))s"

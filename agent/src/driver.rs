@@ -14,7 +14,10 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::ddi::client::Delivery;
-use crate::ddi::{DdiClient, DdiError, Execution, Feedback, Finished, Link, PollReply};
+use crate::ddi::{
+    CancelRequest, DdiClient, DdiError, Execution, Feedback, Finished, Link, PollReply,
+};
+use crate::feedback_budget::{ProgressBudget, Stage};
 use crate::install::{ExpectedHash, InstallRequest, Progress};
 use bootctl::Slot;
 
@@ -106,9 +109,19 @@ pub struct CycleReport {
     pub failure_reported: bool,
     /// The server's suggested sleep until the next poll.
     pub sleep: Option<Duration>,
-    /// The install of this action is under way and did not finish in this cycle (a transient
-    /// failure, or the bootloader's state made it wait): it goes on at the next poll.
-    pub unfinished_install: Option<String>,
+    /// The install of an action is under way and did not finish in this cycle: it goes on at
+    /// the next poll.
+    pub unfinished_install: Option<UnfinishedInstall>,
+}
+
+/// An install that did not finish in a cycle, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnfinishedInstall {
+    pub action_id: String,
+    /// A transient (network) failure stopped it in this cycle: `run` retries after the
+    /// failed-cycle backoff. Otherwise it waits (the bootloader's state, a maintenance window)
+    /// and `run` polls at the normal interval.
+    pub transient_failure: bool,
 }
 
 /// The driver with its collaborators.
@@ -125,6 +138,8 @@ pub struct Driver<B, I, H, R> {
     /// The state as last read from or written to the state file.
     saved: State,
     failure_reported: bool,
+    /// An install failed transiently (retryable) in the current cycle.
+    install_failed_transiently: bool,
     /// The server's last polling interval (paces the cancel watch during installs).
     last_sleep: Duration,
     /// Why the last [`Driver::startup`] could not read the boot environment: until a start
@@ -161,6 +176,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
             saved: state.clone(),
             state,
             failure_reported: false,
+            install_failed_transiently: false,
             last_sleep: Duration::from_secs(30),
             startup_skipped: None,
         })
@@ -199,14 +215,21 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
     /// Step (2): deliver what is owed, poll once and carry out what the server asks.
     pub async fn cycle(&mut self) -> Result<CycleReport, DriverError> {
         self.failure_reported = false;
+        self.install_failed_transiently = false;
         // Whatever an aborted previous cycle left in memory is replaced by what is on disk.
         self.load()?;
         self.deliver().await?;
         let poll = self.client.poll().await?;
-        self.last_sleep = poll.sleep;
+        self.last_sleep = match poll.sleep {
+            Some(sleep) => sleep,
+            None => {
+                warn!(sleep = %poll.raw_sleep, kept_s = self.last_sleep.as_secs(), "server's polling sleep unparseable; keeping the last good interval");
+                self.last_sleep
+            }
+        };
         let booted = self.boot.booted()?;
         let mut report = CycleReport {
-            sleep: Some(poll.sleep),
+            sleep: Some(self.last_sleep),
             ..CycleReport::default()
         };
         // Attributes the server refuses must not block updates: log and go on.
@@ -278,7 +301,10 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         if !rebooting {
             self.deliver().await?;
             if let Phase::Installing(job) = &self.state.update.phase {
-                report.unfinished_install = Some(job.action_id.clone());
+                report.unfinished_install = Some(UnfinishedInstall {
+                    action_id: job.action_id.clone(),
+                    transient_failure: self.install_failed_transiently,
+                });
             }
         }
         report.failure_reported = self.failure_reported;
@@ -374,7 +400,11 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                     }
                     Action::KeepBootedGood => self.boot.keep_booted_good()?,
                     Action::Install(job) => {
-                        next = Some(self.install(&job).await);
+                        let done = self.install(&job).await;
+                        if let Event::InstallDone(Err(f)) = &done {
+                            self.install_failed_transiently |= f.retryable;
+                        }
+                        next = Some(done);
                     }
                     Action::RunHealthChecks => {
                         info!(
@@ -454,6 +484,9 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                 Ok(Delivery::NotApplicable(status)) => {
                     warn!(action_id = %entry.feedback.action_id, status, "server no longer takes this feedback; dropped");
                 }
+                Ok(Delivery::Refused(status)) => {
+                    warn!(action_id = %entry.feedback.action_id, status, execution = entry.feedback.execution.as_str(), "server refuses this feedback for good; dropped so later feedback goes on");
+                }
                 Err(e) => {
                     warn!(error = %e, "feedback delivery failed");
                     return Err(DriverError::FeedbackOwed(self.state.outbox.len()));
@@ -473,18 +506,18 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         let client = self.client.clone();
         let link = job.link.clone();
         let action_id = job.action_id.clone();
-        // Progress feedback goes out from its own task, at most every few seconds.
+        // Progress feedback goes out from its own task, within the run's budget (status quota).
         let reporter = tokio::spawn(async move {
-            let mut last: Option<tokio::time::Instant> = None;
+            let run_start = tokio::time::Instant::now();
+            let mut budget = ProgressBudget::default();
             while let Some(p) = rx.recv().await {
-                let started = matches!(
-                    p,
-                    Progress::Downloading { done: 0, .. } | Progress::Verifying { done: 0, .. }
-                );
-                if started || last.is_some_and(|t| t.elapsed() < Duration::from_secs(5)) {
+                let (stage, done, total) = match p {
+                    Progress::Downloading { done, total } => (Stage::Downloading, done, total),
+                    Progress::Verifying { done, total } => (Stage::Verifying, done, Some(total)),
+                };
+                if !budget.admit(stage, done, total, run_start.elapsed()) {
                     continue;
                 }
-                last = Some(tokio::time::Instant::now());
                 let (execution, done, total, what) = match p {
                     Progress::Downloading { done, total } => {
                         (Execution::Download, done, total, "downloading")
@@ -517,14 +550,8 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         let watch = async move {
             loop {
                 tokio::time::sleep(interval).await;
-                if let Ok(poll) = watcher.poll().await {
-                    if let Some(link) = poll.cancel {
-                        if link.action_id().as_deref() == Some(watched_id.as_str()) {
-                            if let Ok(request) = watcher.cancel_request(&link).await {
-                                return (link, request);
-                            }
-                        }
-                    }
+                if let Some(canceled) = cancel_of(&mut watcher, &watched_id).await {
+                    return canceled;
                 }
             }
         };
@@ -541,6 +568,15 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                 return Event::Cancel { link, request };
             }
         };
+        if result.is_err() {
+            // hawkBit answers 404 for the artifacts of a CANCELING action: a failed download
+            // may be a cancel the watch has not seen yet. Look before calling it a failure.
+            let mut client = self.client.clone();
+            if let Some((link, request)) = cancel_of(&mut client, &job.action_id).await {
+                info!(action_id = %job.action_id, "install failed while the server cancels the action; handled as the cancel");
+                return Event::Cancel { link, request };
+            }
+        }
         match &result {
             Ok(()) => {
                 info!(action_id = %job.action_id, slot = %job.target, "image written and verified")
@@ -653,6 +689,16 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
 }
 
 /// Logs what changed in the update's state: its phase, or the action waiting for consent.
+/// Polls once: the server's cancel request for `action_id`, if it has one.
+async fn cancel_of(client: &mut DdiClient, action_id: &str) -> Option<(Link, CancelRequest)> {
+    let link = client.poll().await.ok()?.cancel?;
+    if link.action_id().as_deref() != Some(action_id) {
+        return None;
+    }
+    let request = client.cancel_request(&link).await.ok()?;
+    Some((link, request))
+}
+
 fn log_update_change(before: &machine::Update, after: &machine::Update) {
     if before.phase.name() != after.phase.name() {
         let action_id = after

@@ -29,6 +29,13 @@ pub fn is_transient_answer(status: u16, body: &[u8]) -> bool {
         || (status == 403 && String::from_utf8_lossy(body).contains("quota"))
 }
 
+/// hawkBit's answer to an exceeded entry quota (403 up to 0.9.x, 429 since 0.10.0, errorCode
+/// `hawkbit.server.error.quota.tooManyEntries`): posting the same entry again never helps,
+/// because the per-action status count only grows.
+pub fn is_quota_exceeded(status: u16, body: &[u8]) -> bool {
+    matches!(status, 403 | 429) && String::from_utf8_lossy(body).contains("quota.tooManyEntries")
+}
+
 /// The `Retry-After` of an answer, if it has a readable one.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?;
@@ -151,6 +158,15 @@ pub fn describe(e: &reqwest::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entry_quota_answers_of_both_eras() {
+        let body = br#"{"errorCode":"hawkbit.server.error.quota.tooManyEntries"}"#;
+        assert!(is_quota_exceeded(403, body));
+        assert!(is_quota_exceeded(429, body));
+        assert!(!is_quota_exceeded(429, b""), "a plain 429 is rate limiting");
+        assert!(!is_quota_exceeded(500, body));
+    }
 
     #[test]
     fn transient_statuses() {

@@ -38,6 +38,14 @@ enum Cmd {
         #[arg(value_enum)]
         decision: Decision,
     },
+    /// Install an image no server assigned, from a file or an http(s) URL.
+    Install {
+        /// Verify only (signature, compatible, size, hashes); write nothing.
+        #[arg(long)]
+        check: bool,
+        /// A file path or an http(s):// URL.
+        source: String,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -55,6 +63,7 @@ fn main() -> ExitCode {
         Cmd::Consent { decision } => Command::Consent {
             accept: matches!(decision, Decision::Accept),
         },
+        Cmd::Install { check, source } => Command::Install { source, check },
     };
     ExitCode::from(service::main(&cli.config, command))
 }

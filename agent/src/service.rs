@@ -48,8 +48,17 @@ pub fn poll_interval(server_sleep: Duration, jitter: f64) -> Duration {
 pub enum Command {
     Run,
     Once,
-    Status { json: bool },
-    Consent { accept: bool },
+    Status {
+        json: bool,
+    },
+    Consent {
+        accept: bool,
+    },
+    /// `install [--check] SOURCE`: an image no server assigned (file or http(s) URL).
+    Install {
+        source: String,
+        check: bool,
+    },
 }
 
 /// Runs `command` with the config at `config_path`; returns the exit status.
@@ -64,6 +73,23 @@ pub fn main(config_path: &Path, command: Command) -> u8 {
     match command {
         Command::Status { json } => status(&cfg, json),
         Command::Consent { accept } => consent(&cfg, accept),
+        Command::Install { source, check } => {
+            if !check {
+                eprintln!("ddi-agent: installing without --check is not available yet");
+                return exit::CONFIG;
+            }
+            init_logging();
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(check_source(&cfg, &source)),
+                Err(e) => {
+                    eprintln!("ddi-agent: cannot start the async runtime: {e}");
+                    exit::INCOMPLETE
+                }
+            }
+        }
         Command::Once | Command::Run => {
             init_logging();
             let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -253,15 +279,25 @@ async fn once(mut driver: RealDriver) -> u8 {
         }
         Ok(r) if r.failure_reported || started.failure_reported => exit::UPDATE_FAILED,
         Ok(CycleReport {
-            unfinished_install: Some(action_id),
+            unfinished_install: Some(u),
             ..
         }) => {
             // Not an error, but the update did not get as far as a cycle takes it.
-            warn!(action_id = %action_id, "install not finished; it goes on at the next poll");
+            warn!(action_id = %u.action_id, transient_failure = u.transient_failure, "install not finished; it goes on at the next poll");
             exit::INCOMPLETE
         }
         Ok(_) => exit::OK,
     }
+}
+
+/// `run`'s wait after `failures` failed cycles in a row (an error, or an install a transient
+/// failure interrupted): 30 s doubling up to 5 min, with jitter.
+fn failed_cycle_backoff(failures: u32) -> Duration {
+    crate::http_policy::Backoff {
+        first: Duration::from_secs(30),
+        max: Duration::from_secs(300),
+    }
+    .delay(failures)
 }
 
 fn notify(states: &[NotifyState]) {
@@ -334,10 +370,29 @@ async fn run(mut driver: RealDriver, reboot_timeout: Duration) -> u8 {
                 );
                 reboot_timeout
             }
+            Ok(CycleReport {
+                unfinished_install: Some(u),
+                ..
+            }) if u.transient_failure => {
+                // A network failure: retry sooner than the polling interval, backing off.
+                failures += 1;
+                let wait = failed_cycle_backoff(failures);
+                info!(
+                    action_id = %u.action_id,
+                    failures,
+                    wait_ms = wait.as_millis() as u64,
+                    "install interrupted by a transient failure; retrying after the backoff"
+                );
+                notify(&[NotifyState::Status(&format!(
+                    "installing: action {} interrupted, retrying",
+                    u.action_id
+                ))]);
+                wait
+            }
             Ok(r) => {
                 failures = 0;
-                if let Some(action_id) = &r.unfinished_install {
-                    info!(action_id = %action_id, "install not finished; it goes on at the next poll");
+                if let Some(u) = &r.unfinished_install {
+                    info!(action_id = %u.action_id, "install waits; it goes on at the next poll");
                 }
                 let phase = driver.state().update.phase.name();
                 let status = match driver.state().update.phase.job() {
@@ -361,11 +416,7 @@ async fn run(mut driver: RealDriver, reboot_timeout: Duration) -> u8 {
                 failures += 1;
                 warn!(error = %e, failures, "cycle not completed");
                 notify(&[NotifyState::Status(&format!("cycle not completed: {e}"))]);
-                let cycle_backoff = crate::http_policy::Backoff {
-                    first: Duration::from_secs(30),
-                    max: Duration::from_secs(300),
-                };
-                cycle_backoff.delay(failures)
+                failed_cycle_backoff(failures)
             }
         };
         tokio::select! {
@@ -493,6 +544,71 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
         }
     }
     exit::OK
+}
+
+/// `install --check SOURCE`: the dry run of [`crate::local_install::check`] against the slot
+/// an install would write (the one not booted). Exit 0 = installable, 1 = refused.
+async fn check_source(cfg: &Config, source: &str) -> u8 {
+    use crate::local_install::{self, CheckRequest, Source};
+    let source = Source::parse(source);
+    let target = match BootCtl::open(cfg).and_then(|b| b.booted()) {
+        Ok(booted) => booted.other(),
+        Err(e) => {
+            eprintln!("ddi-agent: cannot tell the booted slot: {}", e.0);
+            return exit::INCOMPLETE;
+        }
+    };
+    let slot_path = match target {
+        bootctl::Slot::A => cfg.slot_a.clone(),
+        bootctl::Slot::B => cfg.slot_b.clone(),
+    };
+    let slot_capacity = match local_install::slot_capacity(&slot_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ddi-agent: slot {}: {e}", slot_path.display());
+            return exit::INCOMPLETE;
+        }
+    };
+    let client = match DdiClient::new(&cfg.server) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ddi-agent: {e}");
+            return exit::CONFIG;
+        }
+    };
+    let auth_header = match &source {
+        Source::Url(url) => client.auth_header_for(url),
+        Source::File(_) => None,
+    };
+    let req = CheckRequest {
+        source: source.clone(),
+        auth_header,
+        slot_path,
+        slot_capacity,
+        bundle: cfg.bundle.for_install(),
+        max_rate: cfg.agent.max_download_rate,
+        retry: crate::install::RetryPolicy::default(),
+        stall_timeout: crate::install::InstallOptions::default().stall_timeout,
+        progress_interval: Duration::from_secs(5),
+    };
+    let mut progress = |p: crate::install::Progress| {
+        if let crate::install::Progress::Downloading { done, total } = p {
+            info!(done, total, "checking");
+        }
+    };
+    match local_install::check(client.http(), &req, &mut progress).await {
+        Ok(image) => {
+            println!(
+                "{source}: installable into slot {target}: image of {} bytes, sha256 {}",
+                image.bytes_written, image.sha256_of_slot_image
+            );
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("ddi-agent: {source}: not installable: {e}");
+            exit::UPDATE_FAILED
+        }
+    }
 }
 
 fn result_name(r: &ResultKind) -> &'static str {

@@ -11,7 +11,7 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use crate::scheme::Slot;
+use crate::slot::Slot;
 
 /// The parameter names that carry the booted slot.
 pub const SLOT_PARAMETERS: [&str; 2] = ["bootctl.slot", "rauc.slot"];

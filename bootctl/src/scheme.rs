@@ -15,148 +15,13 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::str::FromStr;
 
-use serde::{Serialize, Serializer};
-
+use crate::boot_script::non_empty;
 use crate::env::{ChangeSet, Env};
 
-/// Variable names of the `bootcount` scheme.
-pub mod bootcount_vars {
-    /// The slot U-Boot boots (`A` or `B`).
-    pub const SLOT: &str = "bootctl_slot";
-    /// `1` while a slot is on trial.
-    pub const UPGRADE_AVAILABLE: &str = "upgrade_available";
-    /// Decimal boot counter, incremented by U-Boot while a slot is on trial.
-    pub const BOOTCOUNT: &str = "bootcount";
-    /// Decimal limit; `bootcount > bootlimit` makes U-Boot fall back.
-    pub const BOOTLIMIT: &str = "bootlimit";
-}
-
-/// Variable names of the `rauc` scheme.
-pub mod rauc_vars {
-    use super::Slot;
-
-    /// Space separated slot names, first is tried first.
-    pub const BOOT_ORDER: &str = "BOOT_ORDER";
-
-    /// `BOOT_A_LEFT` / `BOOT_B_LEFT`: attempts left, hexadecimal without prefix.
-    pub fn left(slot: Slot) -> &'static str {
-        match slot {
-            Slot::A => "BOOT_A_LEFT",
-            Slot::B => "BOOT_B_LEFT",
-        }
-    }
-}
-
-/// One of the two slots.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Slot {
-    A,
-    B,
-}
-
-impl Slot {
-    /// Both slots, A first.
-    pub const ALL: [Slot; 2] = [Slot::A, Slot::B];
-
-    /// The slot that is not `self`.
-    pub fn other(self) -> Slot {
-        match self {
-            Slot::A => Slot::B,
-            Slot::B => Slot::A,
-        }
-    }
-
-    /// `"A"` or `"B"`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Slot::A => "A",
-            Slot::B => "B",
-        }
-    }
-
-    /// 0 for A, 1 for B (index into `[A, B]` pairs).
-    pub fn index(self) -> usize {
-        match self {
-            Slot::A => 0,
-            Slot::B => 1,
-        }
-    }
-}
-
-impl fmt::Display for Slot {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A string that is not a slot name.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid slot {0:?}: expected A or B")]
-pub struct ParseSlotError(pub String);
-
-impl FromStr for Slot {
-    type Err = ParseSlotError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "A" => Ok(Slot::A),
-            "B" => Ok(Slot::B),
-            _ => Err(ParseSlotError(s.to_string())),
-        }
-    }
-}
-
-impl Serialize for Slot {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(self.as_str())
-    }
-}
-
-/// Which set of variables drives the boot. Serde spells it as [`SchemeKind::as_str`] does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SchemeKind {
-    /// U-Boot's native boot counter (the default).
-    #[default]
-    Bootcount,
-    /// RAUC-compatible `BOOT_ORDER` / `BOOT_x_LEFT`.
-    Rauc,
-}
-
-impl SchemeKind {
-    /// `"bootcount"` or `"rauc"`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SchemeKind::Bootcount => "bootcount",
-            SchemeKind::Rauc => "rauc",
-        }
-    }
-}
-
-impl fmt::Display for SchemeKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A string that is not a scheme name.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid scheme {0:?}: expected bootcount or rauc")]
-pub struct ParseSchemeError(pub String);
-
-impl FromStr for SchemeKind {
-    type Err = ParseSchemeError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "bootcount" => Ok(SchemeKind::Bootcount),
-            "rauc" => Ok(SchemeKind::Rauc),
-            _ => Err(ParseSchemeError(s.to_string())),
-        }
-    }
-}
+pub use crate::slot::{
+    bootcount_vars, rauc_vars, ParseSchemeError, ParseSlotError, SchemeKind, Slot,
+};
 
 /// Why a transition was refused. Nothing must be written when one of these is returned.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -195,7 +60,7 @@ pub trait Scheme: fmt::Debug + Send + Sync {
     fn mark_good(&self, env: &Env, booted: Slot) -> Result<ChangeSet, SchemeError>;
     /// Mark `slot` as not bootable.
     fn mark_bad(&self, env: &Env, slot: Slot) -> Result<ChangeSet, SchemeError>;
-    /// The slot the boot script boots at the next power-on (the same decision as [`crate::sim`]).
+    /// The slot the boot script boots at the next power-on (the same decision as [`crate::boot_script`]).
     fn next(&self, env: &Env) -> Slot;
     /// `Some(true)` while a slot is on trial; `None` when the environment cannot tell.
     fn trial(&self, env: &Env) -> Option<bool>;
@@ -212,7 +77,7 @@ pub fn for_kind(kind: SchemeKind, attempts: u32) -> Box<dyn Scheme> {
 }
 
 /// Checks a configured attempt count for `kind`: at least 1 (0 would never boot the new slot),
-/// and for `bootcount` at most [`crate::sim::MAX_BOOTLIMIT`] (the boot script counts to 100).
+/// and for `bootcount` at most [`crate::boot_script::MAX_BOOTLIMIT`] (the boot script counts to 100).
 pub fn validate_attempts(kind: SchemeKind, attempts: u32) -> Result<u32, SchemeError> {
     if attempts == 0 {
         return Err(SchemeError::InvalidAttempts {
@@ -220,18 +85,13 @@ pub fn validate_attempts(kind: SchemeKind, attempts: u32) -> Result<u32, SchemeE
             reason: "must be at least 1",
         });
     }
-    if kind == SchemeKind::Bootcount && attempts > crate::sim::MAX_BOOTLIMIT {
+    if kind == SchemeKind::Bootcount && attempts > crate::boot_script::MAX_BOOTLIMIT {
         return Err(SchemeError::InvalidAttempts {
             attempts,
             reason: "the bootcount boot script enforces at most 99",
         });
     }
     Ok(attempts)
-}
-
-/// U-Boot drops variables with an empty value on import, so `name=` reads as missing.
-pub(crate) fn non_empty(value: Option<&str>) -> Option<&str> {
-    value.filter(|v| !v.is_empty())
 }
 
 /// Collects the desired values of a transition and keeps only the ones that change `env`.
@@ -264,29 +124,6 @@ impl<'e> Changes<'e> {
     fn finish(self) -> ChangeSet {
         self.entries.into_iter().collect()
     }
-}
-
-/// Leading decimal digits as U-Boot's `simple_strtoul(s, NULL, 10)` reads them ("3x" is 3,
-/// "x" is 0), saturating instead of wrapping.
-pub(crate) fn uboot_decimal(value: &str) -> u64 {
-    value
-        .trim_start()
-        .chars()
-        .map_while(|c| c.to_digit(10))
-        .fold(0u64, |acc, d| {
-            acc.saturating_mul(10).saturating_add(u64::from(d))
-        })
-}
-
-/// Leading hex digits as U-Boot reads `0x${VALUE}` ("a" is 10, "zz" is 0), saturating.
-pub(crate) fn uboot_hex(value: &str) -> u64 {
-    value
-        .trim_start()
-        .chars()
-        .map_while(|c| c.to_digit(16))
-        .fold(0u64, |acc, d| {
-            acc.saturating_mul(16).saturating_add(u64::from(d))
-        })
 }
 
 /// A canonical decimal variable value (no sign, no leading zeros: the boot script compares
@@ -356,10 +193,10 @@ impl Scheme for Bootcount {
             // The integrator's limit is kept, but one the boot script cannot enforce would
             // leave the trial without a fallback.
             let value = strict_decimal(bootcount_vars::BOOTLIMIT, limit)?;
-            if value > u64::from(crate::sim::MAX_BOOTLIMIT) {
+            if value > u64::from(crate::boot_script::MAX_BOOTLIMIT) {
                 return Err(SchemeError::BootlimitTooHigh {
                     value: limit.to_string(),
-                    max: crate::sim::MAX_BOOTLIMIT,
+                    max: crate::boot_script::MAX_BOOTLIMIT,
                 });
             }
         }
@@ -402,7 +239,7 @@ impl Scheme for Bootcount {
     }
 
     fn next(&self, env: &Env) -> Slot {
-        crate::sim::decide(env, SchemeKind::Bootcount, self.attempts).slot
+        crate::boot_script::decide(env, SchemeKind::Bootcount, self.attempts).slot
     }
 
     fn trial(&self, env: &Env) -> Option<bool> {
@@ -512,7 +349,7 @@ impl Scheme for Rauc {
     }
 
     fn next(&self, env: &Env) -> Slot {
-        crate::sim::decide(env, SchemeKind::Rauc, self.attempts).slot
+        crate::boot_script::decide(env, SchemeKind::Rauc, self.attempts).slot
     }
 
     fn trial(&self, _env: &Env) -> Option<bool> {

@@ -6,8 +6,10 @@ use std::fs;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
+mod common;
+
 use bootctl::env::{self, Layout};
-use bootctl::{sim, Env, SchemeKind, Slot};
+use bootctl::{Env, SchemeKind, Slot};
 use serde_json::Value;
 
 const ENV_SIZE: usize = 0x4000;
@@ -82,7 +84,7 @@ impl Device {
         let store = bootctl::store::EnvStore::open_config_file(&self.path("fw_env.config"))
             .unwrap()
             .with_lock_path(self.path("lock"));
-        sim::boot_store(&store, kind, &self.path("cmdline")).unwrap()
+        common::power_on(&store, kind, &self.path("cmdline"))
     }
 
     fn env(&self) -> Env {

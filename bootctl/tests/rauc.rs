@@ -19,8 +19,11 @@ use std::process::{Child, Command, Output, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+mod common;
+
 use bootctl::env::{self, Layout};
-use bootctl::{sim, Env, SchemeKind, Slot};
+use bootctl::store::EnvStore;
+use bootctl::{Env, SchemeKind, Slot};
 use serde_json::Value;
 
 const ENV_SIZE: usize = 0x4000;
@@ -254,12 +257,8 @@ impl Rig {
 
     /// Power-on with the boot script's decision (the environment's own lock is used).
     fn boot(&self) -> Slot {
-        sim::boot_file_device(
-            &self.path("fw_env.config"),
-            SchemeKind::Rauc,
-            &self.path("cmdline"),
-        )
-        .unwrap()
+        let store = EnvStore::open_config_file(&self.path("fw_env.config")).unwrap();
+        common::power_on(&store, SchemeKind::Rauc, &self.path("cmdline"))
     }
 
     fn printenv(&self, name: &str) -> String {

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, SigningKey, Verifier, VerifyingKey};
 use sha2::{Digest, Sha256};
 
 const PUBLIC_TAG: &str = "ddi-ed25519-public";
@@ -100,8 +100,9 @@ impl SecretKey {
         format!("{SECRET_TAG} {}\n", BASE64.encode(self.0.to_bytes()))
     }
 
+    #[cfg(feature = "create")]
     pub(crate) fn sign(&self, message: &[u8]) -> [u8; 64] {
-        self.0.sign(message).to_bytes()
+        ed25519_dalek::Signer::sign(&self.0, message).to_bytes()
     }
 }
 

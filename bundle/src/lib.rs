@@ -7,22 +7,41 @@
 //! 2. `manifest.json.sig`: one or more detached ed25519 signatures over the manifest's exact bytes;
 //! 3. the image itself (raw or gzip), named as the manifest says.
 //!
+//! Format 2 ([`chunked`]) puts a chunk index between the signature and the image, and stores the
+//! image as content-defined chunks ([`chunk`]), each its own zstd frame, so a device can reuse
+//! the chunks it already has and fetch only the others.
+//!
 //! The order is what makes streaming possible: a device reads the manifest and its signature
 //! first, checks them against its trusted keys *before a single image byte is written*, then
 //! streams the image through [`BundleReader`], which counts and hashes it and fails the read that
 //! reaches the end if the bytes are not the ones the signed manifest names. The full format is
 //! documented in `docs/bundle-format.md`.
 
+pub mod chunk;
+pub mod chunked;
 mod keys;
 mod manifest;
 mod reader;
 mod tar;
+#[cfg(feature = "create")]
 mod writer;
 
+pub use chunk::{Chunker, ChunkerParams};
+pub use chunked::{ChunkDecoder, ChunkEntry, ChunkError, ChunkIndex, DeltaPlan, FetchRange};
 pub use keys::{generate_keypair, KeyError, PublicKey, SecretKey};
-pub use manifest::{Compression, ImageInfo, Manifest, SignatureEntry, Signatures, FORMAT_VERSION};
-pub use reader::{looks_like_bundle, read_manifest_unverified, BundleReader, Policy};
-pub use writer::{create_bundle, CreateOptions};
+pub use manifest::{
+    ChunkedInfo, Compression, ImageInfo, Manifest, SignatureEntry, Signatures, FORMAT_CHUNKED,
+    FORMAT_VERSION,
+};
+pub use reader::{
+    looks_like_bundle, read_manifest_unverified, read_unverified, BundleReader, Policy,
+    UnverifiedBundle,
+};
+#[cfg(feature = "create")]
+pub use writer::{
+    compression_of, create_bundle, create_chunked_bundle, ChunkedOptions, CreateOptions,
+    DEFAULT_AVERAGE_CHUNK, INDEX_NAME,
+};
 
 /// Name of the first member of every bundle.
 pub const MANIFEST_NAME: &str = "manifest.json";
@@ -67,6 +86,8 @@ pub enum BundleError {
     TrailingData(String),
     #[error(transparent)]
     Key(#[from] KeyError),
+    #[error("bundle chunk refused: {0}")]
+    Chunk(#[from] ChunkError),
 }
 
 impl BundleError {

@@ -2,11 +2,14 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::chunk::ChunkerParams;
 use crate::BundleError;
 
-/// The only manifest format this code reads and writes. A device refuses other numbers rather
-/// than guess what a newer vendor tool meant.
+/// Format 1: one image member, raw or compressed as a whole.
 pub const FORMAT_VERSION: u32 = 1;
+/// Format 2: a chunked image (see [`crate::chunked`]). A device refuses numbers it does not
+/// know rather than guess what a newer vendor tool meant.
+pub const FORMAT_CHUNKED: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -15,6 +18,29 @@ pub struct Manifest {
     pub compatible: String,
     pub version: String,
     pub image: ImageInfo,
+    /// Format 2 only: how the image member is chunked, and the signed index of its chunks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunked: Option<ChunkedInfo>,
+}
+
+/// What a format-2 manifest says about the chunked image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkedInfo {
+    /// The chunking algorithm ([`crate::chunk::ALGORITHM`]).
+    pub algorithm: String,
+    pub chunker: ChunkerParams,
+    /// Bytes of the image once decompressed (what the slot receives).
+    pub image_size: u64,
+    /// sha256 of the decompressed image, lower-case hex.
+    pub image_sha256: String,
+    /// Number of chunks.
+    pub chunks: u64,
+    /// Name of the index member, which comes right after the signature member.
+    pub index_name: String,
+    /// Bytes of the index member.
+    pub index_size: u64,
+    /// sha256 of the index member, lower-case hex.
+    pub index_sha256: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,6 +59,11 @@ pub struct ImageInfo {
 pub enum Compression {
     None,
     Gzip,
+    Zstd,
+    Xz,
+    /// Format 2: one zstd frame per chunk.
+    #[serde(rename = "zstd-chunks")]
+    ZstdChunks,
 }
 
 /// The second member: signatures over the manifest's exact bytes. More than one lets a vendor
@@ -62,9 +93,10 @@ impl Manifest {
 
     pub fn validate(&self) -> Result<(), BundleError> {
         let fail = |why: String| Err(BundleError::Manifest(why));
-        if self.format != FORMAT_VERSION {
+        if self.format != FORMAT_VERSION && self.format != FORMAT_CHUNKED {
             return fail(format!(
-                "format {} is not supported (this device reads format {FORMAT_VERSION})",
+                "format {} is not supported (this device reads formats {FORMAT_VERSION} and \
+                 {FORMAT_CHUNKED})",
                 self.format
             ));
         }
@@ -72,21 +104,27 @@ impl Manifest {
             return fail("`compatible` is empty".into());
         }
         let name = &self.image.name;
-        if name.is_empty()
-            || name.len() > 100
-            || name.contains('/')
-            || name == crate::MANIFEST_NAME
-            || name == crate::SIGNATURE_NAME
-        {
+        if !is_member_name(name) {
             return fail(format!(
                 "image name {name:?} must be a plain file name of at most 100 bytes"
             ));
         }
         let hash = &self.image.sha256;
-        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !is_sha256_hex(hash) {
             return fail(format!("image sha256 {hash:?} is not 64 hex digits"));
         }
-        Ok(())
+        let chunked_image = self.image.compression == Compression::ZstdChunks;
+        match (&self.chunked, self.format) {
+            (None, FORMAT_VERSION) if !chunked_image => Ok(()),
+            (Some(chunked), FORMAT_CHUNKED) if chunked_image => chunked.validate(name),
+            _ => fail(format!(
+                "format {} with compression {:?} and {} chunk index: format 2, compression \
+                 zstd-chunks and a chunk index go together",
+                self.format,
+                self.image.compression,
+                if self.chunked.is_some() { "a" } else { "no" }
+            )),
+        }
     }
 
     /// The exact bytes that are signed and stored as the first member.
@@ -95,6 +133,58 @@ impl Manifest {
         bytes.push(b'\n');
         bytes
     }
+}
+
+impl ChunkedInfo {
+    fn validate(&self, image_name: &str) -> Result<(), BundleError> {
+        let fail = |why: String| Err(BundleError::Manifest(why));
+        if self.algorithm != crate::chunk::ALGORITHM {
+            return fail(format!(
+                "chunking algorithm {:?} is not supported (this device knows {:?})",
+                self.algorithm,
+                crate::chunk::ALGORITHM
+            ));
+        }
+        self.chunker.validate().map_err(BundleError::Manifest)?;
+        for (what, hash) in [("image", &self.image_sha256), ("index", &self.index_sha256)] {
+            if !is_sha256_hex(hash) {
+                return fail(format!("{what} sha256 {hash:?} is not 64 hex digits"));
+            }
+        }
+        let name = &self.index_name;
+        if !is_member_name(name) || name == image_name {
+            return fail(format!(
+                "index name {name:?} must be a plain file name of at most 100 bytes, not the image's"
+            ));
+        }
+        if self.index_size > crate::chunked::MAX_INDEX_SIZE
+            || self.index_size
+                != self
+                    .chunks
+                    .saturating_mul(crate::chunked::RECORD_LEN as u64)
+        {
+            return fail(format!(
+                "index of {} bytes for {} chunks (records of {} bytes, at most {} bytes)",
+                self.index_size,
+                self.chunks,
+                crate::chunked::RECORD_LEN,
+                crate::chunked::MAX_INDEX_SIZE
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn is_sha256_hex(hash: &str) -> bool {
+    hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn is_member_name(name: &str) -> bool {
+    !(name.is_empty()
+        || name.len() > 100
+        || name.contains('/')
+        || name == crate::MANIFEST_NAME
+        || name == crate::SIGNATURE_NAME)
 }
 
 impl Signatures {
@@ -123,6 +213,7 @@ mod tests {
                 sha256: "a".repeat(64),
                 compression: Compression::Gzip,
             },
+            chunked: None,
         }
     }
 

@@ -7,6 +7,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use sha2::{Digest, Sha256};
 
+use crate::chunked::{ChunkIndex, MAX_INDEX_SIZE};
 use crate::manifest::{Manifest, Signatures};
 use crate::tar::{self, BLOCK};
 use crate::{BundleError, PublicKey, MANIFEST_NAME, MAX_METADATA_SIZE, SIGNATURE_NAME};
@@ -35,7 +36,77 @@ pub fn looks_like_bundle(prefix: &[u8]) -> bool {
 
 /// The manifest of a bundle, read WITHOUT any verification: for display only.
 pub fn read_manifest_unverified<R: Read>(mut reader: R) -> Result<Manifest, BundleError> {
-    Manifest::parse(&read_metadata_member(&mut reader, MANIFEST_NAME)?)
+    Manifest::parse(&read_metadata_member(
+        &mut reader,
+        MANIFEST_NAME,
+        MAX_METADATA_SIZE,
+    )?)
+}
+
+/// What a bundle says about itself, read WITHOUT checking the signature: for tools that
+/// display or compare bundles. The index is checked against the manifest.
+#[derive(Debug, Clone)]
+pub struct UnverifiedBundle {
+    pub manifest: Manifest,
+    /// Format 2: the chunk index.
+    pub index: Option<ChunkIndex>,
+    /// Offset of the image member's data in the bundle (chunk offsets count from it).
+    pub data_offset: u64,
+}
+
+/// Reads a bundle up to the first byte of its image, see [`UnverifiedBundle`].
+pub fn read_unverified<R: Read>(mut reader: R) -> Result<UnverifiedBundle, BundleError> {
+    let manifest_bytes = read_metadata_member(&mut reader, MANIFEST_NAME, MAX_METADATA_SIZE)?;
+    let manifest = Manifest::parse(&manifest_bytes)?;
+    let signature_bytes = read_metadata_member(&mut reader, SIGNATURE_NAME, MAX_METADATA_SIZE)?;
+    let index = read_index(&mut reader, &manifest)?;
+    let data_offset = prefix_len(&manifest, manifest_bytes.len(), signature_bytes.len());
+    Ok(UnverifiedBundle {
+        manifest,
+        index,
+        data_offset,
+    })
+}
+
+/// Bytes before the image member's data: the metadata members and the image's header.
+fn prefix_len(manifest: &Manifest, manifest_len: usize, signature_len: usize) -> u64 {
+    let index = manifest
+        .chunked
+        .as_ref()
+        .map_or(0, |c| member_span(c.index_size));
+    member_span(manifest_len as u64) + member_span(signature_len as u64) + index + BLOCK as u64
+}
+
+/// Bytes a metadata member of `size` bytes takes in the archive (header, data, padding).
+fn member_span(size: u64) -> u64 {
+    BLOCK as u64 + size + tar::padding(size)
+}
+
+/// The chunk index member of a format-2 bundle, checked against the manifest's size and
+/// sha256 (which the caller has verified, or displays as unverified) and parsed.
+fn read_index<R: Read>(
+    reader: &mut R,
+    manifest: &Manifest,
+) -> Result<Option<ChunkIndex>, BundleError> {
+    let Some(chunked) = &manifest.chunked else {
+        return Ok(None);
+    };
+    let bytes = read_metadata_member(reader, &chunked.index_name, MAX_INDEX_SIZE)?;
+    if bytes.len() as u64 != chunked.index_size {
+        return Err(BundleError::Manifest(format!(
+            "chunk index member is {} bytes, the manifest says {}",
+            bytes.len(),
+            chunked.index_size
+        )));
+    }
+    let actual = hex::encode(Sha256::digest(&bytes));
+    if !actual.eq_ignore_ascii_case(&chunked.index_sha256) {
+        return Err(BundleError::Manifest(format!(
+            "chunk index sha256 is {actual}, the signed manifest says {}",
+            chunked.index_sha256
+        )));
+    }
+    ChunkIndex::parse(&bytes, chunked, manifest.image.size).map(Some)
 }
 
 /// The image of a verified bundle, as a `Read`. Reading to the end checks the image's size and
@@ -47,6 +118,10 @@ pub struct BundleReader<R> {
     verified_by: String,
     remaining: u64,
     hasher: Sha256,
+    /// Format 2: the verified chunk index.
+    index: Option<ChunkIndex>,
+    /// Where the image member's data starts in the bundle.
+    data_offset: u64,
     finished: bool,
     /// The end check's error, returned again by every later read: a caller that ignored it
     /// once must not see a clean end next.
@@ -60,8 +135,8 @@ impl<R: Read> BundleReader<R> {
         if policy.trusted_keys.is_empty() {
             return Err(BundleError::NoTrustedKeys);
         }
-        let manifest_bytes = read_metadata_member(&mut inner, MANIFEST_NAME)?;
-        let signature_bytes = read_metadata_member(&mut inner, SIGNATURE_NAME)?;
+        let manifest_bytes = read_metadata_member(&mut inner, MANIFEST_NAME, MAX_METADATA_SIZE)?;
+        let signature_bytes = read_metadata_member(&mut inner, SIGNATURE_NAME, MAX_METADATA_SIZE)?;
 
         // Nothing in the manifest is believed before the signature checks out.
         let signatures = Signatures::parse(&signature_bytes)?;
@@ -77,14 +152,18 @@ impl<R: Read> BundleReader<R> {
             }
         }
         if let Some(limit) = policy.max_image_size {
-            if manifest.image.compression == crate::Compression::None && manifest.image.size > limit
-            {
-                return Err(BundleError::ImageTooLarge {
-                    size: manifest.image.size,
-                    limit,
-                });
+            // The decoded size is known for raw and chunked images.
+            let decoded = match (&manifest.chunked, manifest.image.compression) {
+                (Some(chunked), _) => Some(chunked.image_size),
+                (None, crate::Compression::None) => Some(manifest.image.size),
+                _ => None,
+            };
+            if let Some(size) = decoded.filter(|&size| size > limit) {
+                return Err(BundleError::ImageTooLarge { size, limit });
             }
         }
+        let index = read_index(&mut inner, &manifest)?;
+        let data_offset = prefix_len(&manifest, manifest_bytes.len(), signature_bytes.len());
 
         let header = tar::read_header(&mut inner)?.ok_or_else(|| {
             BundleError::Archive("the archive ends before the image member".into())
@@ -107,6 +186,8 @@ impl<R: Read> BundleReader<R> {
             manifest,
             verified_by,
             hasher: Sha256::new(),
+            index,
+            data_offset,
             finished: false,
             failed: None,
         })
@@ -114,6 +195,16 @@ impl<R: Read> BundleReader<R> {
 
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// Format 2: the chunk index, verified through the signature.
+    pub fn chunk_index(&self) -> Option<&ChunkIndex> {
+        self.index.as_ref()
+    }
+
+    /// Offset of the image member's first byte in the bundle (chunk offsets count from it).
+    pub fn data_offset(&self) -> u64 {
+        self.data_offset
     }
 
     /// Key id of the trusted key whose signature verified.
@@ -189,7 +280,11 @@ impl<R: Read> Read for BundleReader<R> {
     }
 }
 
-fn read_metadata_member<R: Read>(reader: &mut R, expected: &str) -> Result<Vec<u8>, BundleError> {
+fn read_metadata_member<R: Read>(
+    reader: &mut R,
+    expected: &str,
+    limit: u64,
+) -> Result<Vec<u8>, BundleError> {
     let header = tar::read_header(reader)?.ok_or_else(|| {
         BundleError::NotABundle(format!("the archive is empty where {expected:?} must be"))
     })?;
@@ -199,11 +294,11 @@ fn read_metadata_member<R: Read>(reader: &mut R, expected: &str) -> Result<Vec<u
             found: header.name,
         });
     }
-    if header.size > MAX_METADATA_SIZE {
+    if header.size > limit {
         return Err(BundleError::MemberTooLarge {
             name: header.name,
             size: header.size,
-            limit: MAX_METADATA_SIZE,
+            limit,
         });
     }
     let padded = header.size + tar::padding(header.size);

@@ -4,7 +4,7 @@
 //! member is handed out as a plain `Read` that owns the underlying stream, and anything a bundle
 //! never contains (links, devices, long-name or pax extensions) is refused outright.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 
 use crate::BundleError;
 
@@ -75,7 +75,8 @@ pub fn parse_header(block: &[u8; BLOCK]) -> Result<Header, BundleError> {
 }
 
 /// Writes a ustar header for a regular file. Sizes of 8 GiB and more use the GNU base-256 form.
-pub fn write_header<W: Write>(writer: &mut W, name: &str, size: u64) -> io::Result<()> {
+#[cfg(any(feature = "create", test))]
+pub fn write_header<W: io::Write>(writer: &mut W, name: &str, size: u64) -> io::Result<()> {
     assert!(name.len() <= 100, "bundle member names are short");
     let mut block = [0u8; BLOCK];
     block[..name.len()].copy_from_slice(name.as_bytes());

@@ -1,7 +1,7 @@
-//! The install pipeline's blocking stage (format sniffing, gzip, tar, tar.gz, the slot size
-//! guard, the hash check) on arbitrary artifact bytes, written into a slot in memory.
-//! Whatever happens, the pipeline must return (error or success), never write past the slot,
-//! and a success must mean the slot holds exactly the image it reports.
+//! The install pipeline's blocking stage (format sniffing, gzip, zstd, xz, tar and a tar in each
+//! compression, the slot size guard, the hash check) on arbitrary artifact bytes, written into a
+//! slot in memory. Whatever happens, the pipeline must return (error or success), never write
+//! past the slot, and a success must mean the slot holds exactly the image it reports.
 #![no_main]
 
 use std::path::PathBuf;

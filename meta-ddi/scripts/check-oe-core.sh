@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# meta-ddi against the real OE-core (wrynose + BitBake 2.18), offline:
+# meta-ddi against the real OE-core (wrynose + BitBake 2.18):
 #   bash meta-ddi/scripts/check-oe-core.sh [--keep]
+# Nothing is built and the configuration is offline; the one task that needs the network
+# is ddi-agent's real do_fetch (its crates from the crate registry).
 #
 # Source: the OE-core snapshot oe-core-wrynose.tar.xz in shared/reference/yocto/ beside the
 # repository (DDI_OE_CORE_TARBALL overrides). It is extracted afresh on every run, with a
@@ -126,7 +128,15 @@ BB_SERVER_TIMEOUT = "60"
 # A signing key, so that the image's task graph has the bundle step (nothing is built:
 # its contents are never read).
 DDI_BUNDLE_KEYS = "$WORK/keys/test.key"
+# The workspace from a mirror, as an integrator sets it: a bare copy of this repository.
+DDI_GIT_URI = "git://$WORK/ddi.git;protocol=file"
+# An integrator's own image with the agent added (its task graph is checked).
+IMAGE_INSTALL:append:pn-core-image-minimal = " ddi-agent"
 EOF
+    # The mirror's main is this checkout's HEAD: SRCREV must be in its history.
+    if ! git init -q --bare "$WORK/ddi.git" || ! git -C "$REPO" push -q "$WORK/ddi.git" HEAD:refs/heads/main; then
+        fatal "cannot make the git mirror $WORK/ddi.git of $REPO"
+    fi
     mkdir -p "$WORK/keys" "$BUILD/conf/machine" "$BUILD/classes-global"
     # A distro's global class adding to every recipe's runtime dependencies (parsed before
     # the recipe): ddi-agent must keep it. Read only by one bitbake -e (-R).
@@ -203,6 +213,24 @@ check_show_layers() {
     }
 }
 
+# The layer's recipes as bitbake-layers lists them (the layer is named after its folder), none skipped.
+LAYER_RECIPES="ddi-agent ddi-agent-config ddi-bootscript ddi-bundle ddi-fw-env ddi-image-minimal ddi-uboot-env"
+check_show_recipes() {
+    local log=$SCRATCH/show-recipes.log listed
+    bb_clean "$log" bitbake-layers show-recipes -l meta-ddi || return 1
+    sed -n '/^=== /,$p' "$log"
+    if grep -q '(skipped' "$log"; then
+        echo "a recipe of the layer is skipped"
+        return 1
+    fi
+    listed=$(grep -oE '^[a-z0-9-]+:' "$log" | tr -d : | sort | xargs)
+    if [ "$listed" != "$LAYER_RECIPES" ]; then
+        echo "listed: $listed"
+        echo "wanted: $LAYER_RECIPES"
+        return 1
+    fi
+}
+
 parse_machine() {
     local log=$SCRATCH/parse-$MACHINE.log
     bb_clean "$log" bitbake -p || return 1
@@ -269,6 +297,11 @@ check_srcrev() {
         return 1
     }
     git -C "$REPO" log -1 --format='commit of %cs: %s' "$srcrev"
+    # The fetcher checks that SRCREV is on DDI_GIT_BRANCH (the mirror's main is HEAD).
+    git -C "$REPO" merge-base --is-ancestor "$srcrev" HEAD || {
+        echo "SRCREV $srcrev is not in the history of HEAD"
+        return 1
+    }
     if ! git -C "$REPO" show "$srcrev:Cargo.lock" | cmp -s - "$REPO/Cargo.lock"; then
         echo "Cargo.lock at SRCREV differs from the checkout's: bump SRCREV together with ddi-agent-crates.inc"
         return 1
@@ -276,19 +309,43 @@ check_srcrev() {
     echo "Cargo.lock at SRCREV is the checkout's"
 }
 
-# do_update_crates as `bitbake -c update_crates ddi-agent` runs it (python3-native cannot
-# be built offline: the host's python3 stands in), on an unpacked copy of the repository's
-# tracked files: it must reproduce ddi-agent-crates.inc exactly.
-check_update_crates() {
-    local env=$SCRATCH/env-ddi-agent-qemux86-64 src shims=$SCRATCH/shims inc=recipes-ddi/ddi-agent/ddi-agent-crates.inc
+# The agent's real do_fetch and do_unpack (MACHINE qemux86-64): the workspace at SRCREV
+# from the git mirror, every crate from the crate registry, checked against its sha256;
+# then cargo resolves the workspace --frozen from the unpacked crates alone.
+check_agent_unpack() {
+    local env=$SCRATCH/env-ddi-agent-qemux86-64 log=$SCRATCH/unpack.log src vendor head
     recipe_env ddi-agent qemux86-64 || return 1
-    src=$(sed -n 's/^S="\(.*\)"$/\1/p' "$env")
-    [ -n "$src" ] || {
-        echo "no S in bitbake -e"
+    # -b: this recipe's tasks only (nothing else is built); it warns that it skips dependencies.
+    bb bitbake -b "$WORK/meta-ddi/recipes-ddi/ddi-agent/ddi-agent_0.1.0.bb" -c unpack >"$log" 2>&1 || {
+        tail -30 "$log"
         return 1
     }
-    mkdir -p "$src" "$shims"
-    (cd "$REPO" && git ls-files -z | tar --null -T - -cf -) | tar -xf - -C "$src" || return 1
+    if grep -E '^(WARNING|ERROR):' "$log" | grep -v 'Buildfile specified, dependencies will not be handled'; then
+        return 1
+    fi
+    grep -E '^NOTE: Tasks Summary' "$log"
+    src=$(sed -n 's/^S="\(.*\)"$/\1/p' "$env")
+    vendor=$(sed -n 's/^CARGO_VENDORING_DIRECTORY="\(.*\)"$/\1/p' "$env")
+    head=$(git -c safe.directory='*' -C "$src" rev-parse HEAD 2>&1)
+    if [ "$head" != "$(sed -n 's/^SRCREV="\(.*\)"$/\1/p' "$env")" ]; then
+        echo "the unpacked workspace ($src) is at $head, not at SRCREV"
+        return 1
+    fi
+    echo "workspace unpacked at SRCREV $head"
+    python3 "$LAYER/scripts/vendor-check.py" "$LAYER/recipes-ddi/ddi-agent/ddi-agent-crates.inc" "$src" "$vendor"
+}
+
+# do_update_crates as `bitbake -c update_crates ddi-agent` runs it (python3-native cannot
+# be built offline: the host's python3 stands in), on the workspace do_unpack checked out:
+# it must reproduce ddi-agent-crates.inc exactly (scripts/gen-crates-inc rewrites it).
+check_update_crates() {
+    local env=$SCRATCH/env-ddi-agent-qemux86-64 src shims=$SCRATCH/shims inc=recipes-ddi/ddi-agent/ddi-agent-crates.inc
+    src=$(sed -n 's/^S="\(.*\)"$/\1/p' "$env")
+    [ -f "$src/Cargo.lock" ] || {
+        echo "no unpacked workspace in $src: see the do_unpack check"
+        return 1
+    }
+    mkdir -p "$shims"
     printf '#!/bin/sh\nexec python3 "$@"\n' >"$shims/nativepython3"
     printf '#!/bin/sh\necho "NOTE: $*"\n' >"$shims/bbnote"
     chmod 0755 "$shims"/*
@@ -302,7 +359,7 @@ check_update_crates() {
     }
     PATH="$shims:$PATH" sh -e "$SCRATCH/update_crates.sh" || return 1
     if ! diff -u "$LAYER/$inc" "$WORK/meta-ddi/$inc" >"$SCRATCH/update_crates.diff"; then
-        echo "bitbake -c update_crates ddi-agent writes another ddi-agent-crates.inc:"
+        echo "bitbake -c update_crates ddi-agent writes another ddi-agent-crates.inc (run scripts/gen-crates-inc):"
         head -30 "$SCRATCH/update_crates.diff"
         return 1
     fi
@@ -341,6 +398,39 @@ sys.exit(1 if problems else 0)
 EOF
 }
 
+# An integrator's image with the agent added (IMAGE_INSTALL in local.conf): every runtime
+# dependency has a provider, and the agent comes with its configuration and trust store.
+check_core_image_graph() {
+    local log=$SCRATCH/graph-core.log
+    rm -f "$BUILD/task-depends.dot"
+    bb_clean "$log" bitbake -g core-image-minimal || return 1
+    python3 - "$BUILD/task-depends.dot" <<'EOF'
+import re, sys
+edges = re.findall(r'^"([^"]+)" -> "([^"]+)"', open(sys.argv[1]).read(), re.M)
+recipes = {node.rsplit(".", 1)[0] for edge in edges for node in edge}
+print("task graph: %d edges, %d recipes" % (len(edges), len(recipes)))
+problems = []
+for needed in ("ddi-agent", "ddi-agent-config", "ddi-fw-env", "ca-certificates", "rust-native", "cargo-native", "libstd-rs"):
+    if needed not in recipes:
+        problems.append("%s is not in the task graph of core-image-minimal + ddi-agent" % needed)
+rootfs = {dst for src, dst in edges if src == "core-image-minimal.do_rootfs"}
+for needed in ("ddi-agent", "ddi-agent-config", "ddi-fw-env"):
+    if not any(dst.startswith(needed + ".do_package_write_") for dst in rootfs):
+        problems.append("do_rootfs does not depend on %s's package" % needed)
+for problem in problems:
+    print(problem)
+sys.exit(1 if problems else 0)
+EOF
+}
+
+# yocto-check-layer's common tests that need no world build, with the tool's own test code
+# (the world and signature tests: see meta-ddi/README.md).
+check_yocto_check_layer() {
+    bb python3 "$LAYER/scripts/yocto-check-common.py" "$WORK/openembedded-core/scripts" "$WORK/meta-ddi" 2>&1 |
+        grep -v 'dubious ownership\|safe.directory\|^$\|^To add an exception'
+    return "${PIPESTATUS[0]}"
+}
+
 # A new key at the same path must make do_ddi_bundle run again.
 check_bundle_key_checksum() {
     local out=$SCRATCH/file-checksums
@@ -363,12 +453,16 @@ main() {
     setup
     echo "meta-ddi against the real OE-core ($TARBALL)"
     run_check "bitbake-layers show-layers lists ddi" check_show_layers
+    run_check "bitbake-layers show-recipes lists the layer's recipes, none skipped" check_show_recipes
     run_check "bitbake -p: no warnings or errors (qemuarm64, qemux86-64)" check_parse
     run_check "bitbake -e of the recipes and the image: arch, depends, source, crates, systemd, per-machine values" check_agent_env
     run_check "SRCREV is a commit of this repository with the checkout's Cargo.lock" check_srcrev
+    run_check "ddi-agent's real do_fetch + do_unpack (crates checked); cargo --frozen resolves from them" check_agent_unpack
     run_check "bitbake -c update_crates ddi-agent reproduces ddi-agent-crates.inc" check_update_crates
     run_check "bitbake -g ddi-image-minimal: the task graph" check_image_graph
+    run_check "bitbake -g core-image-minimal with ddi-agent added: the task graph" check_core_image_graph
     run_check "do_ddi_bundle reads the signing key's contents (file-checksums)" check_bundle_key_checksum
+    run_check "yocto-check-layer common tests: readme, security, patches, layerseries, parse, environment" check_yocto_check_layer
     bb bitbake -m >/dev/null 2>&1
     echo "check-oe-core took $SECONDS s"
 

@@ -25,6 +25,21 @@ def load(path):
     return values, functions
 
 
+# Values that follow the CPU tune: the cargo class turns them into the target triple,
+# compiler wrappers and work directory.
+TUNE_VARIABLES = ("WORKDIR", "TUNE_CCARGS", "RUST_HOST_SYS", "RUST_TARGET_SYS", "HOST_SYS", "TARGET_SYS",
+                  "TUNE_PKGARCH", "PACKAGE_ARCH", "MACHINE_ARCH", "MACHINE", "TARGET_ARCH", "HOST_ARCH")
+
+
+def by_tune(text, env):
+    """TEXT with the values of TUNE_VARIABLES (longest first) replaced by their names."""
+    for name in sorted(TUNE_VARIABLES, key=lambda name: -len(env.get(name, ""))):
+        value = env.get(name, "").strip()
+        if value:
+            text = text.replace(value, "${%s}" % name)
+    return text
+
+
 def main():
     scratch, layer = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
     problems = []
@@ -77,6 +92,27 @@ def main():
         if mine != theirs:
             changed = sorted(line.strip() for line in set(mine.splitlines()) ^ set(theirs.splitlines()))
             want(False, "%s differs between two machines of one tune: %s" % (name, "; ".join(changed)[:400]))
+
+    print("-- ddi-agent, qemux86-64 and qemuarm64: nothing built by architecture by hand")
+    # The cargo class derives the target from the tune; once those values are named, the
+    # two architectures must run the same tasks with the same cargo flags.
+    arm, arm_functions = envs["qemuarm64"]
+    for name in sorted(set(x86_functions) | set(arm_functions)) + ["CARGO_BUILD_FLAGS"]:
+        if name == "CARGO_BUILD_FLAGS":
+            mine, theirs = x86.get(name, ""), arm.get(name, "")
+        else:
+            mine, theirs = x86_functions.get(name, ""), arm_functions.get(name, "")
+        mine, theirs = by_tune(mine, x86), by_tune(theirs, arm)
+        if mine != theirs:
+            changed = sorted(line.strip() for line in set(mine.splitlines()) ^ set(theirs.splitlines()))
+            want(False, "%s differs by architecture beyond the tune's values: %s" % (name, "; ".join(changed)[:400]))
+    want("--target %s" % arm.get("RUST_HOST_SYS") in arm.get("CARGO_BUILD_FLAGS", "")
+         and x86["CARGO_BUILD_FLAGS"].count("--target") == 1,
+         "the one --target is the class's (%s on qemuarm64)" % arm.get("RUST_HOST_SYS"))
+    for recipe in ("ddi-agent_0.1.0.bb", "ddi-bundle_0.1.0.bb", "ddi-workspace.inc"):
+        text = (layer / "recipes-ddi/ddi-agent" / recipe).read_text()
+        found = re.findall(r":(?:aarch64|arm\w*|x86[\w-]*|i[3-6]86|qemu\w+)\b|--target|\w+-linux-gnu", text)
+        want(not found, "%s names no architecture (%s)" % (recipe, " ".join(found) or "none"))
 
     distro, _ = load(scratch / "env-ddi-agent-qemux86-64-distro")
     print("-- ddi-agent with a distro class that adds RDEPENDS:${PN} += \"bash\"")

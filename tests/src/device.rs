@@ -2,7 +2,7 @@
 //! redundant U-Boot environment in a file with its `fw_env.config`, a kernel command line file,
 //! the agent's `config.toml`, a reboot command that only leaves a marker, and a health check that
 //! inspects the booted slot. [`FileDevice::reboot`] plays U-Boot at power-on with the boot
-//! script's exact decision (`bootctl::sim`), so the real `ddi-agent` sees what it would see on a
+//! script's exact decision (`bootctl::boot_script`, via [`boot_store`]), so the real `ddi-agent` sees what it would see on a
 //! board. Also builds the images tests install (good, broken, gzip, tar).
 
 use std::collections::BTreeMap;
@@ -391,7 +391,7 @@ impl FileDevice {
     /// environment, saves what it saves (one write), and starts "Linux" with `bootctl.slot=X` on
     /// the command line. Also refreshes `os-release` from the booted image.
     pub fn reboot(&self) -> Result<Slot> {
-        let slot = bootctl::sim::boot_store(
+        let slot = boot_store(
             &self.env_store()?,
             self.options.scheme,
             &self.cmdline_path(),
@@ -701,6 +701,60 @@ pub fn tar_member_ranges(archive: &[u8]) -> Vec<std::ops::Range<usize>> {
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// "Power on" a file-backed device: read the environment named by `env_config` (a
+/// `fw_env.config`), make the boot script's decision, save what the script saves (one save, none
+/// when it saves nothing) and write the kernel command line of the booted slot to
+/// `cmdline_path` (atomically: temp file, fsync, rename, fsync of the folder).
+///
+/// Parameters already in `cmdline_path` are kept; slot tokens are replaced by the ones the
+/// boot script puts into `bootargs` ([`bootctl::boot_script::cmdline_for`]). With no valid environment copy the
+/// script runs on U-Boot's defaults: slot A boots and nothing is saved.
+pub fn boot_file_device(
+    env_config: &Path,
+    kind: SchemeKind,
+    cmdline_path: &Path,
+) -> std::result::Result<Slot, bootctl::Error> {
+    let store = EnvStore::open_config_file(env_config)?;
+    boot_store(&store, kind, cmdline_path)
+}
+
+/// [`boot_file_device`] over an open store (e.g. with its own lock path).
+pub fn boot_store(
+    store: &EnvStore,
+    kind: SchemeKind,
+    cmdline_path: &Path,
+) -> std::result::Result<Slot, bootctl::Error> {
+    let slot = match store.read() {
+        Ok(env) => {
+            let (slot, changes) = bootctl::boot_script::power_on(&env, kind);
+            store.apply(&changes)?;
+            slot
+        }
+        Err(bootctl::store::StoreError::NoValidCopy { .. }) => {
+            bootctl::boot_script::power_on(&Env::new(), kind).0
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let previous = match fs::read_to_string(cmdline_path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+        Err(source) => {
+            return Err(bootctl::Error::Booted(bootctl::booted::BootedError::Read {
+                path: cmdline_path.to_path_buf(),
+                source,
+            }))
+        }
+    };
+    let cmdline = bootctl::boot_script::cmdline_for(&previous, kind, slot);
+    bootctl::fsutil::write_atomic(cmdline_path, cmdline.as_bytes(), 0o666).map_err(|e| {
+        bootctl::Error::Write {
+            path: cmdline_path.to_path_buf(),
+            source: e.source,
+        }
+    })?;
+    Ok(slot)
 }
 
 #[cfg(test)]

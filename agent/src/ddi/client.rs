@@ -8,6 +8,7 @@
 //! `Retry-After`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
@@ -18,6 +19,7 @@ use super::{
     config_data_json, confirmation_json, CancelRequest, ConfirmationState, Deployment, Feedback,
     Link, ModelError, PollReply,
 };
+use crate::clock::{Clock, SystemClock};
 use crate::config::ServerConfig;
 use crate::http_policy::{self, Backoff};
 
@@ -99,6 +101,9 @@ pub enum Delivery {
     Gone,
     /// 404/405: the server no longer wants this (action gone, not canceling any more).
     NotApplicable(u16),
+    /// A permanent refusal of this very message (the entry quota of the action is full, or a
+    /// 4xx such as 400 or 409): sending it again never helps, so it is dropped (logged here).
+    Refused(u16),
 }
 
 /// A DDI client for one controller.
@@ -117,6 +122,8 @@ pub struct DdiClient {
     /// Deadline for one attempt of one DDI request, body included.
     request_deadline: Duration,
     etag: Option<(String, Vec<u8>)>,
+    /// The device clock (feedback `timestamp` only when it is synchronised).
+    clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for DdiClient {
@@ -190,7 +197,13 @@ impl DdiClient {
             },
             request_deadline: server.connect_timeout + server.low_speed_timeout,
             etag: None,
+            clock: Arc::new(SystemClock),
         })
+    }
+
+    /// Uses `clock` for feedback times (tests fake the device clock through it).
+    pub fn set_clock(&mut self, clock: Arc<dyn Clock>) {
+        self.clock = clock;
     }
 
     /// The HTTP client for artifact downloads (no token attached by itself).
@@ -309,8 +322,8 @@ impl DdiClient {
         action_link: &str,
         fb: &Feedback,
     ) -> Result<Delivery, DdiError> {
-        self.post_feedback_to(action_link, fb.to_json(now_ms()))
-            .await
+        let body = fb.to_json(self.clock.now_ms(), self.clock.synchronized());
+        self.post_feedback_to(action_link, body).await
     }
 
     pub async fn send_confirmation(
@@ -352,9 +365,14 @@ impl DdiClient {
         let resp = self
             .send(Method::POST, url, json_headers(), Some(body))
             .await?;
-        match resp.status.as_u16() {
+        let status = resp.status.as_u16();
+        match status {
             410 => Ok(Delivery::Gone),
-            404 | 405 => Ok(Delivery::NotApplicable(resp.status.as_u16())),
+            404 | 405 => Ok(Delivery::NotApplicable(status)),
+            _ if refused_for_good(status, &resp.body) => {
+                warn!(%url, status, body = %snippet(&resp.body), "feedback refused for good");
+                Ok(Delivery::Refused(status))
+            }
             _ => expect_ok(Method::POST, url, resp).map(|_| Delivery::Accepted),
         }
     }
@@ -447,7 +465,10 @@ impl DdiClient {
             };
             let (retry_after, failure) = match outcome {
                 Ok((status, retry_after, etag, body)) => {
-                    if !http_policy::is_transient_answer(status.as_u16(), &body) {
+                    // A full entry quota stays full: a feedback POST is not retried.
+                    let quota = method == Method::POST
+                        && http_policy::is_quota_exceeded(status.as_u16(), &body);
+                    if quota || !http_policy::is_transient_answer(status.as_u16(), &body) {
                         return Ok(Answer { status, etag, body });
                     }
                     (
@@ -515,6 +536,15 @@ fn expect_ok(method: Method, url: &str, a: Answer) -> Result<Vec<u8>, DdiError> 
             body: snippet(&a.body),
         }),
     }
+}
+
+/// A 4xx answer to a feedback POST that says "never" for this message: the entry quota, or a
+/// client error other than the ones with their own meaning (401/403 credentials, which an
+/// operator fixes; 404/405/410; 408/429 "later").
+fn refused_for_good(status: u16, body: &[u8]) -> bool {
+    http_policy::is_quota_exceeded(status, body)
+        || ((400..500).contains(&status)
+            && !matches!(status, 401 | 403 | 404 | 405 | 408 | 410 | 429))
 }
 
 fn snippet(body: &[u8]) -> String {

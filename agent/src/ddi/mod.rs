@@ -117,7 +117,10 @@ pub fn parse_sleep(text: &str) -> Result<Duration, ModelError> {
 /// The answer to a poll of the controller base.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PollReply {
-    pub sleep: Duration,
+    /// The server's polling `sleep`; None when it cannot be parsed (`raw_sleep` has it), so the
+    /// rest of the answer is still used and the caller keeps its last good interval.
+    pub sleep: Option<Duration>,
+    pub raw_sleep: String,
     pub deployment: Option<Link>,
     pub confirmation: Option<Link>,
     pub cancel: Option<Link>,
@@ -128,11 +131,13 @@ pub struct PollReply {
 impl PollReply {
     pub fn parse(body: &[u8]) -> Result<PollReply, ModelError> {
         let raw: wire::ControllerBase = json("poll", body)?;
-        let sleep = parse_sleep(&raw.config.polling.sleep)?;
+        let sleep = parse_sleep(&raw.config.polling.sleep).ok();
+        let raw_sleep = raw.config.polling.sleep;
         let mut links = raw.links;
         let mut take = |rel: &str| links.remove(rel).map(|h| Link { href: h.href });
         let reply = PollReply {
             sleep,
+            raw_sleep,
             deployment: take("deploymentBase"),
             confirmation: take("confirmationBase"),
             cancel: take("cancelAction"),
@@ -437,13 +442,14 @@ impl Feedback {
     }
 
     /// JSON body, compatible with hawkBit 0.3 .. 1.x. `now_ms` is sent as `timestamp` only when
-    /// the clock looks trustworthy (after 2020), because hawkBit orders installs by it.
-    pub fn to_json(&self, now_ms: u64) -> Vec<u8> {
+    /// the clock is known `synchronized` and looks trustworthy (after 2020), because hawkBit
+    /// moves the installed version only forward in that time (see [`crate::clock`]).
+    pub fn to_json(&self, now_ms: u64, synchronized: bool) -> Vec<u8> {
         let details = sanitize_details(&self.details);
         let body = wire::ActionFeedback {
             id: &self.action_id,
             time: legacy_time(now_ms),
-            timestamp: trustworthy(now_ms).then_some(now_ms),
+            timestamp: (synchronized && trustworthy(now_ms)).then_some(now_ms),
             status: wire::FeedbackStatus {
                 execution: self.execution.as_str(),
                 result: wire::FeedbackResult {
@@ -601,7 +607,7 @@ mod tests {
             "newField": [1, 2]
         });
         let r = PollReply::parse(body.to_string().as_bytes()).unwrap();
-        assert_eq!(r.sleep, Duration::from_secs(60));
+        assert_eq!(r.sleep, Some(Duration::from_secs(60)));
         let d = r.deployment.unwrap();
         assert_eq!(d.action_id().as_deref(), Some("42"));
         assert_eq!(
@@ -614,8 +620,9 @@ mod tests {
 
     #[test]
     fn poll_reply_nonsense_is_rejected() {
+        let r = PollReply::parse(br#"{"config": {"polling": {"sleep": "soon"}}}"#).unwrap();
+        assert_eq!((r.sleep, r.raw_sleep.as_str()), (None, "soon"));
         for body in [
-            json!({"config": {"polling": {"sleep": "soon"}}}),
             json!({"config": {"polling": {}}}),
             json!({}),
             json!({"config": {"polling": {"sleep": "00:01:00"}},
@@ -775,18 +782,24 @@ mod tests {
     #[test]
     fn feedback_body_is_compatible_with_all_versions() {
         let f = Feedback::new("42", Execution::Closed, Finished::Failure).detail("hash <mismatch>");
-        let v: Value = serde_json::from_slice(&f.to_json(1_733_218_554_123)).unwrap();
+        let v: Value = serde_json::from_slice(&f.to_json(1_733_218_554_123, true)).unwrap();
         assert_eq!(v["id"], "42");
         assert_eq!(v["timestamp"], 1_733_218_554_123u64);
         assert_eq!(v["time"], "20241203T093554");
         assert_eq!(v["status"]["execution"], "closed");
         assert_eq!(v["status"]["result"]["finished"], "failure");
         assert_eq!(v["status"]["details"][0], "hash (mismatch)");
-        let v: Value = serde_json::from_slice(&f.to_json(5_000)).unwrap();
+        let v: Value = serde_json::from_slice(&f.to_json(5_000, true)).unwrap();
         assert!(
             v.get("timestamp").is_none(),
             "1970 clock must not send timestamp"
         );
+        let v: Value = serde_json::from_slice(&f.to_json(1_733_218_554_123, false)).unwrap();
+        assert!(
+            v.get("timestamp").is_none(),
+            "an unsynchronised clock must not send timestamp"
+        );
+        assert_eq!(v["time"], "20241203T093554");
         let mut data = BTreeMap::new();
         data.insert("k".to_string(), "v".to_string());
         let v: Value = serde_json::from_slice(&config_data_json(&data, 0)).unwrap();

@@ -10,7 +10,7 @@
 use std::io::{self, Cursor, Read};
 use std::path::PathBuf;
 
-use ddi_bundle::{looks_like_bundle, BundleError, BundleReader, Policy, PublicKey};
+use ddi_bundle::{looks_like_bundle, BundleError, BundleReader, ChunkIndex, Policy, PublicKey};
 
 use super::InstallError;
 
@@ -43,9 +43,32 @@ const HEADER_LEN: usize = 512;
 /// bundle image larger than `slot_capacity` is refused before its first byte is read.
 pub fn open<'a>(
     policy: &BundlePolicy,
-    mut artifact: Box<dyn Read + 'a>,
+    artifact: Box<dyn Read + 'a>,
     slot_capacity: u64,
 ) -> Result<Box<dyn Read + 'a>, InstallError> {
+    open_image(policy, artifact, slot_capacity).map(|opened| opened.reader)
+}
+
+/// The image stream of an artifact, and for a format-2 bundle its verified chunk index.
+pub struct Opened<'a> {
+    pub reader: Box<dyn Read + 'a>,
+    pub chunked: Option<SignedChunks>,
+}
+
+/// What the signature vouches for in a format-2 bundle.
+#[derive(Debug, Clone)]
+pub struct SignedChunks {
+    pub index: ChunkIndex,
+    /// sha256 of the decompressed image.
+    pub image_sha256: String,
+}
+
+/// [`open`], also handing out the chunk index of a format-2 bundle.
+pub fn open_image<'a>(
+    policy: &BundlePolicy,
+    mut artifact: Box<dyn Read + 'a>,
+    slot_capacity: u64,
+) -> Result<Opened<'a>, InstallError> {
     let mut head = vec![0u8; HEADER_LEN];
     let got = bootctl::fsutil::read_full(&mut artifact, &mut head)
         .map_err(|e| InstallError::Signature(format!("reading the artifact's first bytes: {e}")))?;
@@ -61,7 +84,10 @@ pub fn open<'a>(
                     .into(),
             ));
         }
-        return Ok(Box::new(stream));
+        return Ok(Opened {
+            reader: Box::new(stream),
+            chunked: None,
+        });
     }
 
     let trusted_keys = policy
@@ -84,7 +110,17 @@ pub fn open<'a>(
         key = %reader.verified_by(),
         "bundle signature verified; streaming its image"
     );
-    Ok(Box::new(reader))
+    let chunked = match (reader.chunk_index(), &reader.manifest().chunked) {
+        (Some(index), Some(info)) => Some(SignedChunks {
+            index: index.clone(),
+            image_sha256: info.image_sha256.clone(),
+        }),
+        _ => None,
+    };
+    Ok(Opened {
+        reader: Box::new(reader),
+        chunked,
+    })
 }
 
 /// The signature error carried by an I/O error from a bundle's image stream (wrong size or

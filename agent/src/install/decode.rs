@@ -1,4 +1,5 @@
-//! Recognising what the artifact is (raw image, gzip, tar, tar.gz) from its first bytes,
+//! Recognising what the artifact is (raw image, gzip, zstd, xz, tar, or a tar in one of the
+//! three compressions) from its first bytes,
 //! without consuming them, and mapping decoder errors to typed errors.
 
 use std::io::{self, Chain, Cursor, Read};
@@ -13,8 +14,14 @@ pub const SNIFF_LEN: usize = 512;
 pub enum Format {
     Raw,
     Gzip,
+    Zstd,
+    Xz,
     Tar,
     TarGzip,
+    TarZstd,
+    TarXz,
+    /// A format-2 bundle's image: one zstd frame per chunk.
+    ZstdChunks,
 }
 
 impl Format {
@@ -22,8 +29,36 @@ impl Format {
         match self {
             Format::Raw => "raw",
             Format::Gzip => "gzip",
+            Format::Zstd => "zstd",
+            Format::Xz => "xz",
             Format::Tar => "tar",
             Format::TarGzip => "tar.gz",
+            Format::TarZstd => "tar.zst",
+            Format::TarXz => "tar.xz",
+            Format::ZstdChunks => "zstd-chunks",
+        }
+    }
+
+    /// The compression this artifact's first bytes show, if any.
+    pub fn compression_of(head: &[u8]) -> Option<Format> {
+        if is_gzip(head) {
+            Some(Format::Gzip)
+        } else if super::compress::is_zstd(head) {
+            Some(Format::Zstd)
+        } else if super::compress::is_xz(head) {
+            Some(Format::Xz)
+        } else {
+            None
+        }
+    }
+
+    /// The format of a tar inside this compression.
+    pub fn with_tar(self) -> Format {
+        match self {
+            Format::Gzip => Format::TarGzip,
+            Format::Zstd => Format::TarZstd,
+            Format::Xz => Format::TarXz,
+            other => other,
         }
     }
 }

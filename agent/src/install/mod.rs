@@ -3,10 +3,12 @@
 //!
 //! ```text
 //!  async task                    bounded channel   blocking thread
-//!  HTTP GET (Range on resume) ─► Chunk::Data … ─► hash ─► (bundle) ─► gzip? ─► tar? ─► size guard ─► slot writer
-//!   retries + backoff, rate limit                  (as served)          (magic bytes)     (capacity)   1 MiB aligned writes,
+//!  HTTP GET (Range on resume) ─► Chunk::Data … ─► hash ─► (bundle) ─► gz/zst/xz? ─► tar? ─► size guard ─► slot writer
+//!   retries + backoff, rate limit                  (as served)          (magic bytes)     (capacity)   1 MiB aligned writes
+//!                                                                                                        (O_DIRECT if allowed),
 //!                                                                                                        bounded dirty pages
-//!                                       end: hash check ─► fsync ─► read back + compare sha256 ─► Installed
+//!                                                              read-back thread: every 8 MiB window that reached the device ─► sha256
+//!                                       end: hash check ─► fsync ─► read back the rest, compare sha256 ─► Installed
 //! ```
 //!
 //! Safety before the first byte: the slot is opened without create/truncate (a regular
@@ -22,12 +24,15 @@
 //! raw images continue from the last durable checkpoint (see [`resume`]).
 //!
 //! Layout: [`source`] (download), [`pipeline`] (blocking stage), [`decode`] (format
-//! detection), [`archive`] (tar rules), [`slot`] (slot safety and writer), [`hash`],
+//! detection), [`compress`] (zstd and xz decoders), [`chunked`] (format-2 bundles), [`archive`] (tar rules), [`slot`] (slot safety and writer), [`hash`],
 //! [`resume`], [`bundle`] (signed-bundle seam), [`error`].
 
 pub mod archive;
 pub mod bundle;
+pub mod chunked;
+pub mod compress;
 pub mod decode;
+pub mod delta;
 pub mod error;
 pub mod hash;
 pub mod pipeline;

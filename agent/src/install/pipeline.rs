@@ -9,6 +9,7 @@ use std::io::{self, Read};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use flate2::read::MultiGzDecoder;
@@ -17,6 +18,8 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::archive::{self, ImageSink};
 use super::bundle::{self, BundlePolicy};
+use super::chunked;
+use super::compress;
 use super::decode::{self, DownloadAborted, Format};
 use super::hash::{HashAlgorithm, Hasher, HashingReader};
 use super::resume::{self, ResumeRecord};
@@ -162,6 +165,8 @@ pub struct Counters {
     pub stopped: AtomicBool,
     pub verify_done: AtomicU64,
     pub verify_total: AtomicU64,
+    /// Nanoseconds the blocking stage waited for the download (for the install timeline).
+    download_wait_ns: AtomicU64,
 }
 
 impl Counters {
@@ -175,6 +180,7 @@ impl Counters {
             stopped: AtomicBool::new(false),
             verify_done: AtomicU64::new(0),
             verify_total: AtomicU64::new(0),
+            download_wait_ns: AtomicU64::new(0),
         }
     }
 
@@ -190,6 +196,11 @@ impl Counters {
             u64::MAX => None,
             n => Some(n),
         }
+    }
+
+    /// Time the blocking stage spent waiting for artifact bytes.
+    pub fn download_wait(&self) -> Duration {
+        Duration::from_nanos(self.download_wait_ns.load(Ordering::Relaxed))
     }
 
     fn consumed(&self) -> u64 {
@@ -224,7 +235,13 @@ impl Read for ChannelReader<'_> {
                 }
                 Err(_) => {
                     self.rx.release(len, true);
-                    self.rx.rx.blocking_recv()
+                    let began = Instant::now();
+                    let next = self.rx.rx.blocking_recv();
+                    let waited = began.elapsed().as_nanos() as u64;
+                    self.counters
+                        .download_wait_ns
+                        .fetch_add(waited, Ordering::Relaxed);
+                    next
                 }
             };
             match next {
@@ -287,16 +304,18 @@ pub fn run(
     rx: ChunkReceiver,
     counters: &Counters,
 ) -> Result<Installed, InstallError> {
+    let began = Instant::now();
     let mut artifact_hash = Hasher::new(plan.algorithm);
-    let mut image_hash = Sha256::new();
+    let mut prefix_hash = Sha256::new();
     if plan.start > 0 {
-        // The hashers cannot be saved: hash the bytes already on the slot again.
+        // The hashers cannot be saved: hash the bytes already on the slot again. They are
+        // read from the device, so they also count as read back.
         slot::read_range(
             dev,
             plan.start,
             |b| {
                 artifact_hash.update(b);
-                image_hash.update(b);
+                prefix_hash.update(b);
             },
             |_| {},
         )?;
@@ -309,13 +328,15 @@ pub fn run(
         counters,
     };
     let mut hashing = HashingReader::new(channel, artifact_hash, plan.start);
-    let mut writer = SlotWriter::new(dev, plan.start, image_hash, plan.checkpoint_interval);
-    let format = write_image(plan, &mut hashing, &mut writer, counters)?;
+    let mut writer = SlotWriter::new(dev, plan.start, prefix_hash, plan.checkpoint_interval);
+    let (format, signed_image_sha256) = write_image(plan, &mut hashing, &mut writer, counters)?;
     // The hash covers the whole artifact, including what follows the image (tar padding).
     io::copy(&mut hashing, &mut io::sink())
         .map_err(|e| decode::read_error(e, format, counters.consumed()))?;
     let actual = hashing.into_hex();
-    if actual != plan.expected {
+    // An empty expectation: no hash was announced (a local install), the signature or the
+    // image's own trailer is the proof.
+    if !plan.expected.is_empty() && actual != plan.expected {
         return Err(InstallError::HashMismatch {
             algorithm: plan.algorithm.name(),
             expected: plan.expected.clone(),
@@ -325,40 +346,55 @@ pub fn run(
     if writer.position() == 0 {
         return Err(InstallError::EmptyImage);
     }
-    let (written, image_sha256) = writer.finish()?;
-    // Without the writer's hash the image is the artifact itself, hashed with sha256 above.
-    let image_sha256 = image_sha256.unwrap_or(actual);
-
-    counters.verify_total.store(written, Ordering::Relaxed);
+    // Most of the image was read back while it was written; the rest follows the last sync.
+    counters
+        .verify_total
+        .store(writer.position(), Ordering::Relaxed);
+    counters
+        .verify_done
+        .store(writer.read_back(), Ordering::Relaxed);
     counters.verifying.store(true, Ordering::Release);
-    let mut read_hash = Sha256::new();
-    slot::read_range(
-        dev,
-        written,
-        |b| read_hash.update(b),
-        |done| counters.verify_done.store(done, Ordering::Relaxed),
-    )?;
-    let read = hex::encode(read_hash.finalize());
-    if read != image_sha256 {
+    let written = writer.finish()?;
+    let bytes = written.bytes;
+    counters.verify_done.store(bytes, Ordering::Relaxed);
+    // Without the writer's hash the image is the artifact itself, hashed with sha256 above.
+    let image_sha256 = written.image_sha256.unwrap_or(actual);
+    if let Some(signed) = &signed_image_sha256 {
+        chunked::check_image_hash(signed, &image_sha256)?;
+    }
+    let times = written.times;
+    tracing::info!(
+        bytes,
+        total_s = began.elapsed().as_secs_f64(),
+        waiting_for_download_s = counters.download_wait().as_secs_f64(),
+        write_s = times.write.as_secs_f64(),
+        writeback_s = times.writeback.as_secs_f64(),
+        read_back_overlapped_s = times.read_back_overlapped.as_secs_f64(),
+        read_back_tail_s = times.read_back_tail.as_secs_f64(),
+        "install timeline"
+    );
+    // A sink that keeps nothing (a dry run) has nothing to read back.
+    if dev.keeps_data() && written.read_back_sha256 != image_sha256 {
         return Err(InstallError::ReadBackMismatch {
             slot: dev.path().to_path_buf(),
             written: image_sha256,
-            read,
+            read: written.read_back_sha256,
         });
     }
     Ok(Installed {
-        bytes_written: written,
+        bytes_written: bytes,
         sha256_of_slot_image: image_sha256,
     })
 }
 
-/// Recognise the format and write the image; returns the format found.
+/// Recognise the format and write the image; returns the format found and, for a chunked
+/// bundle, the signed sha256 of the whole image.
 fn write_image<R: Read>(
     plan: &SinkPlan,
     hashing: &mut HashingReader<R>,
     writer: &mut SlotWriter<'_>,
     counters: &Counters,
-) -> Result<Format, InstallError> {
+) -> Result<(Format, Option<String>), InstallError> {
     let offset = || counters.consumed();
     if plan.start > 0 {
         if plan.bundle.is_some() {
@@ -372,12 +408,23 @@ fn write_image<R: Read>(
             writer.leave_hash_to_caller();
         }
         copy_all(hashing, writer, Format::Raw, plan, true, &offset)?;
-        return Ok(Format::Raw);
+        return Ok((Format::Raw, None));
     }
-    let reader: Box<dyn Read + '_> = match &plan.bundle {
-        Some(policy) => bundle::open(policy, Box::new(hashing), writer.capacity())?,
-        None => Box::new(hashing),
+    let (mut reader, signed_chunks): (Box<dyn Read + '_>, _) = match &plan.bundle {
+        Some(policy) => {
+            let opened = bundle::open_image(policy, Box::new(hashing), writer.capacity())?;
+            (opened.reader, opened.chunked)
+        }
+        None => (Box::new(hashing), None),
     };
+    if let Some(signed) = signed_chunks {
+        chunked::write_chunks(&mut reader, &signed.index, writer, &offset)?;
+        // The member's signed size and sha256 were checked by the read that completed it;
+        // this reads the end of the archive.
+        io::copy(&mut reader, &mut io::sink())
+            .map_err(|e| decode::read_error(e, Format::ZstdChunks, offset()))?;
+        return Ok((Format::ZstdChunks, Some(signed.image_sha256)));
+    }
     let (head, mut sniffed) =
         decode::sniff(reader).map_err(|e| decode::read_error(e, Format::Raw, offset()))?;
     let decoded = decode_into_slot(plan, &head, &mut sniffed, writer, counters);
@@ -401,7 +448,7 @@ fn write_image<R: Read>(
     // inner format. Without a bundle this reads what follows the image (covered by the artifact
     // hash).
     io::copy(&mut sniffed, &mut io::sink()).map_err(|e| decode::read_error(e, format, offset()))?;
-    Ok(format)
+    Ok((format, None))
 }
 
 /// Decode the (sniffed) image stream by its format and write it to the slot.
@@ -415,26 +462,33 @@ fn decode_into_slot<R: Read>(
     let offset = || counters.consumed();
     let resumable = plan.bundle.is_none();
     let member = plan.archive_member.as_deref();
-    if decode::is_gzip(head) {
-        let mut gz = MultiGzDecoder::new(sniffed);
-        let (inner_head, inner) =
-            decode::sniff(&mut gz).map_err(|e| decode::read_error(e, Format::Gzip, offset()))?;
+    if let Some(compression) = Format::compression_of(head) {
+        let mut decoder: Box<dyn Read + '_> = match compression {
+            Format::Gzip => Box::new(MultiGzDecoder::new(sniffed)),
+            Format::Zstd => Box::new(compress::ZstdReader::new(sniffed)),
+            _ => Box::new(lzma_rust2::XzReader::new(sniffed, true)),
+        };
+        let (inner_head, inner) = decode::sniff(&mut decoder)
+            .map_err(|e| decode::read_error(e, compression, offset()))?;
         let format = if decode::is_tar(&inner_head) {
             let capacity = writer.capacity();
-            archive::extract_image(inner, Format::TarGzip, member, capacity, &offset, writer)?;
-            Format::TarGzip
+            let format = compression.with_tar();
+            archive::extract_image(inner, format, member, capacity, &offset, writer)?;
+            format
         } else {
-            if plan.bundle.is_none() {
+            if plan.bundle.is_none() && compression == Format::Gzip {
                 if let Some(lower_bound) = counters.gzip_isize() {
                     // Too large for sure: fail before the first byte.
                     writer.expect_at_least(lower_bound)?;
                 }
             }
-            copy_all(inner, writer, Format::Gzip, plan, false, &offset)?;
-            Format::Gzip
+            copy_all(inner, writer, compression, plan, false, &offset)?;
+            compression
         };
-        // Read the gzip stream to its end so its CRC and length are checked.
-        io::copy(&mut gz, &mut io::sink()).map_err(|e| decode::read_error(e, format, offset()))?;
+        // Read the compressed stream to its end so its checks (gzip CRC and length, the end
+        // of the last zstd frame or xz stream) run.
+        io::copy(&mut decoder, &mut io::sink())
+            .map_err(|e| decode::read_error(e, format, offset()))?;
         Ok(format)
     } else if decode::is_tar(head) {
         let capacity = writer.capacity();

@@ -1,12 +1,17 @@
 //! The target slot: opening it safely (never the booted slot, never a mounted device, never
 //! created, truncated or grown), its capacity, and the writer that fills it with large aligned
-//! buffers, bounded dirty memory and durable checkpoints, plus the read-back after writing.
+//! buffers (`O_DIRECT` where the slot allows it), bounded dirty memory and durable checkpoints,
+//! and reads every range back from the device once it got there, while later ranges are still
+//! being written.
 
 use std::fs::{File, Metadata, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
@@ -35,6 +40,15 @@ pub trait SlotDevice: Send {
     fn sync_data(&mut self) -> io::Result<()>;
     /// Drop cached pages of a range (best effort) so reads come from the device.
     fn drop_cache(&mut self, _offset: u64, _len: u64) {}
+    /// A second handle for reading the slot back on another thread while this one writes;
+    /// None (the default) reads back on the writing thread.
+    fn reader(&self) -> Option<Box<dyn SlotDevice>> {
+        None
+    }
+    /// False for a sink that keeps nothing (a dry run): there is nothing to read back.
+    fn keeps_data(&self) -> bool {
+        true
+    }
 }
 
 /// A slot backed by a block device or a regular file.
@@ -43,7 +57,8 @@ pub struct FileSlot {
     file: File,
     path: PathBuf,
     capacity: u64,
-    /// Second descriptor with O_DIRECT for the read-back, opened on first use.
+    /// Second descriptor with O_DIRECT for aligned writes and the read-back, opened on first
+    /// use (without O_EXCL: `file` already holds a block device exclusively).
     direct: Direct,
 }
 
@@ -54,9 +69,36 @@ const DIRECT_ALIGN: usize = 4096;
 enum Direct {
     NotOpened,
     Open(File),
-    /// The file system refuses O_DIRECT (tmpfs, some FUSE): buffered reads after dropping
-    /// the cache.
+    /// The file system refuses O_DIRECT (tmpfs, some FUSE): buffered writes, and buffered
+    /// reads after dropping the cache.
     Unsupported,
+}
+
+fn is_direct_aligned(offset: u64, buf: &[u8]) -> bool {
+    offset % DIRECT_ALIGN as u64 == 0
+        && buf.len() % DIRECT_ALIGN == 0
+        && (buf.as_ptr() as usize) % DIRECT_ALIGN == 0
+}
+
+impl FileSlot {
+    /// The O_DIRECT descriptor, opened on first use; None where the slot refuses it.
+    fn direct(&mut self) -> Option<&File> {
+        if let Direct::NotOpened = self.direct {
+            self.direct = match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&self.path)
+            {
+                Ok(f) => Direct::Open(f),
+                Err(_) => Direct::Unsupported,
+            };
+        }
+        match &self.direct {
+            Direct::Open(f) => Some(f),
+            _ => None,
+        }
+    }
 }
 
 impl SlotDevice for FileSlot {
@@ -69,6 +111,20 @@ impl SlotDevice for FileSlot {
     }
 
     fn write_all_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        // Aligned writes bypass the page cache: no copy into it, no dirty pages to bound or
+        // drop, and the device is written while the next buffer fills. The unaligned tail
+        // (and slots that refuse O_DIRECT) go through the page cache.
+        if is_direct_aligned(offset, data) {
+            if let Some(direct) = self.direct() {
+                match direct.write_all_at(data, offset) {
+                    // Rewriting the whole buffer through the page cache is idempotent.
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        self.direct = Direct::Unsupported
+                    }
+                    result => return result,
+                }
+            }
+        }
         self.file.write_all_at(data, offset)
     }
 
@@ -76,21 +132,8 @@ impl SlotDevice for FileSlot {
         // The read-back reads the medium, not the page cache, and a direct read of a
         // dropped range is several times faster than buffered reads that must allocate
         // page cache on a busy machine.
-        let aligned = offset % DIRECT_ALIGN as u64 == 0
-            && buf.len() % DIRECT_ALIGN == 0
-            && (buf.as_ptr() as usize) % DIRECT_ALIGN == 0;
-        if aligned {
-            if let Direct::NotOpened = self.direct {
-                self.direct = match OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_DIRECT)
-                    .open(&self.path)
-                {
-                    Ok(f) => Direct::Open(f),
-                    Err(_) => Direct::Unsupported,
-                };
-            }
-            if let Direct::Open(direct) = &self.direct {
+        if is_direct_aligned(offset, buf) {
+            if let Some(direct) = self.direct() {
                 match direct.read_at(buf, offset) {
                     Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                         self.direct = Direct::Unsupported
@@ -138,6 +181,15 @@ impl SlotDevice for FileSlot {
 
     fn sync_data(&mut self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn reader(&self) -> Option<Box<dyn SlotDevice>> {
+        Some(Box::new(FileSlot {
+            file: self.file.try_clone().ok()?,
+            path: self.path.clone(),
+            capacity: self.capacity,
+            direct: Direct::NotOpened,
+        }))
     }
 
     fn drop_cache(&mut self, offset: u64, len: u64) {
@@ -353,10 +405,39 @@ impl AlignedBuffer {
     }
 }
 
+/// Where the blocking stage spent its time on the slot (for the install timeline).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SlotTimes {
+    /// In `write` calls (with O_DIRECT: until the device has the data).
+    pub write: Duration,
+    /// Starting and waiting for writeback, and the durable syncs (checkpoints, the last one).
+    pub writeback: Duration,
+    /// Reading ranges back and hashing them while later ranges were still being written.
+    pub read_back_overlapped: Duration,
+    /// Reading back the tail after the last sync (nothing left to overlap with).
+    pub read_back_tail: Duration,
+}
+
+/// What [`SlotWriter::finish`] reports: the image is on the device and was read back.
+#[derive(Debug)]
+pub struct Written {
+    /// Image bytes on the slot (including a resumed prefix).
+    pub bytes: u64,
+    /// sha256 of the bytes handed to the writer (None after
+    /// [`SlotWriter::leave_hash_to_caller`]).
+    pub image_sha256: Option<String>,
+    /// sha256 of the same range as read back from the device.
+    pub read_back_sha256: String,
+    pub times: SlotTimes,
+}
+
 /// Writes the image into a slot: guards the capacity, hashes the image bytes (sha256, for the
-/// read-back check), bounds dirty memory and reports durable checkpoints.
+/// read-back check), bounds dirty memory, reports durable checkpoints, and reads back every
+/// range that reached the device while the next ones are written (so the read-back mostly
+/// overlaps the write instead of following it).
 pub struct SlotWriter<'a> {
     dev: &'a mut dyn SlotDevice,
+    /// Gathers image bytes into aligned writes; between writes it is the read-back buffer.
     buf: AlignedBuffer,
     filled: usize,
     /// Slot offset where `buf` starts.
@@ -364,6 +445,7 @@ pub struct SlotWriter<'a> {
     /// None when the caller hashes exactly the bytes written already (see
     /// [`SlotWriter::leave_hash_to_caller`]).
     image_hash: Option<Sha256>,
+    read_back: ReadBack,
     /// Start of the window being filled.
     window_start: u64,
     /// The window whose writeback was started but not yet waited for.
@@ -372,30 +454,35 @@ pub struct SlotWriter<'a> {
     new_checkpoint: Option<u64>,
     sync_window: u64,
     checkpoint_interval: u64,
+    times: SlotTimes,
 }
 
 impl<'a> SlotWriter<'a> {
-    /// Write from `start` on; `image_hash` already covers the slot bytes before it (resume).
+    /// Write from `start` on; `prefix_hash` is the sha256 of the slot bytes before it, read
+    /// from the device (resume), and starts both the image hash and the read-back hash.
     /// A durable checkpoint is made every `checkpoint_interval` bytes.
     pub fn new(
         dev: &'a mut dyn SlotDevice,
         start: u64,
-        image_hash: Sha256,
+        prefix_hash: Sha256,
         checkpoint_interval: u64,
     ) -> Self {
         let checkpoint_interval = checkpoint_interval.max(WRITE_BUFFER as u64);
+        let read_back = ReadBack::new(&*dev, start, prefix_hash.clone());
         SlotWriter {
             dev,
             buf: AlignedBuffer::new(WRITE_BUFFER),
             filled: 0,
             offset: start,
-            image_hash: Some(image_hash),
+            image_hash: Some(prefix_hash.clone()),
+            read_back,
             window_start: start,
             started: None,
             last_checkpoint: start,
             new_checkpoint: None,
             sync_window: SYNC_WINDOW.min(checkpoint_interval),
             checkpoint_interval,
+            times: SlotTimes::default(),
         }
     }
 
@@ -475,6 +562,7 @@ impl<'a> SlotWriter<'a> {
         let offset = self.offset;
         let filled = self.filled;
         let buf = self.buf.as_mut_slice();
+        let began = Instant::now();
         self.dev
             .write_all_at(offset, &buf[..filled])
             .map_err(|e| InstallError::SlotIo {
@@ -483,43 +571,82 @@ impl<'a> SlotWriter<'a> {
                 offset,
                 source: e,
             })?;
+        self.times.write += began.elapsed();
         self.offset += filled as u64;
         self.filled = 0;
         self.bound_dirty_memory()
     }
 
+    /// At the end of each window: start its writeback, wait for the window before it, read
+    /// back everything before this window (it has reached the device) while this one is being
+    /// written back, and make a durable checkpoint when one is due.
     fn bound_dirty_memory(&mut self) -> Result<(), InstallError> {
         let window_start = self.window_start;
         if self.offset - window_start < self.sync_window {
             return Ok(());
         }
         let len = self.offset - window_start;
+        let began = Instant::now();
+        self.dev
+            .sync_range(window_start, len, false)
+            .map_err(|e| self.io_error("start writeback of", window_start, e))?;
+        if let Some((prev, prev_len)) = self.started.replace((window_start, len)) {
+            self.dev
+                .sync_range(prev, prev_len, true)
+                .map_err(|e| self.io_error("sync", prev, e))?;
+            self.dev.drop_cache(prev, prev_len);
+        }
+        self.times.writeback += began.elapsed();
+        let began = Instant::now();
+        self.read_back_to(window_start)?;
+        self.times.read_back_overlapped += began.elapsed();
         if self.offset - self.last_checkpoint >= self.checkpoint_interval {
             // A durable point: everything so far reached the device (usable for resume).
+            let began = Instant::now();
             let at = self.offset;
             self.dev
                 .sync_data()
                 .map_err(|e| self.io_error("sync", at, e))?;
-            self.dev
-                .drop_cache(self.last_checkpoint, at - self.last_checkpoint);
+            self.dev.drop_cache(window_start, at - window_start);
+            self.times.writeback += began.elapsed();
             self.last_checkpoint = at;
             self.new_checkpoint = Some(at);
             self.started = None;
-        } else {
-            // Start writeback of this window, then wait for the one started before it:
-            // the device stays busy while at most two windows are dirty.
-            self.dev
-                .sync_range(window_start, len, false)
-                .map_err(|e| self.io_error("start writeback of", window_start, e))?;
-            if let Some((prev, prev_len)) = self.started.replace((window_start, len)) {
-                self.dev
-                    .sync_range(prev, prev_len, true)
-                    .map_err(|e| self.io_error("sync", prev, e))?;
-                self.dev.drop_cache(prev, prev_len);
-            }
         }
         self.window_start = self.offset;
         Ok(())
+    }
+
+    /// Read the slot back up to `end` (it has reached the device): on the read-back thread,
+    /// or here with `buf` as the read buffer (only called with `buf` empty, after a flush).
+    fn read_back_to(&mut self, end: u64) -> Result<(), InstallError> {
+        debug_assert_eq!(self.filled, 0);
+        if !self.dev.keeps_data() {
+            return Ok(());
+        }
+        match &mut self.read_back {
+            ReadBack::Inline { hash, verified } => {
+                read_into(
+                    &mut *self.dev,
+                    self.buf.as_mut_slice(),
+                    *verified,
+                    end,
+                    |b| hash.update(b),
+                    |_| {},
+                )?;
+                *verified = end.max(*verified);
+                Ok(())
+            }
+            ReadBack::Thread(thread) => thread.request(end),
+        }
+    }
+
+    /// Image bytes already read back from the device.
+    pub fn read_back(&self) -> u64 {
+        match &self.read_back {
+            ReadBack::Inline { verified, .. } => *verified,
+            ReadBack::Thread(thread) => thread.done.load(Ordering::Relaxed),
+        }
     }
 
     /// A new durable offset since the last call: everything before it is on the device.
@@ -529,21 +656,160 @@ impl<'a> SlotWriter<'a> {
 
     /// Stop hashing the image: the caller already computes the sha256 of exactly the bytes it
     /// writes (a raw image whose artifact hash is sha256), and hashing them twice costs ~0.5 s
-    /// of CPU per GiB. [`SlotWriter::finish`] then returns no hash.
+    /// of CPU per GiB. [`SlotWriter::finish`] then returns no image hash.
     pub fn leave_hash_to_caller(&mut self) {
         self.image_hash = None;
     }
 
-    /// Flush, make everything durable; returns the image bytes and the sha256 of the image
-    /// bytes (None after [`SlotWriter::leave_hash_to_caller`]).
-    pub fn finish(mut self) -> Result<(u64, Option<String>), InstallError> {
+    /// Flush, make everything durable, read back what was not read back yet.
+    pub fn finish(mut self) -> Result<Written, InstallError> {
         self.flush_buffer()?;
         let end = self.offset;
+        let began = Instant::now();
         self.dev
             .sync_data()
             .map_err(|e| self.io_error("sync", end, e))?;
         self.dev.drop_cache(0, end);
-        Ok((end, self.image_hash.map(|h| hex::encode(h.finalize()))))
+        self.times.writeback += began.elapsed();
+        let began = Instant::now();
+        self.read_back_to(end)?;
+        let read_hash = match self.read_back {
+            ReadBack::Inline { hash, .. } => hash,
+            ReadBack::Thread(thread) => {
+                let (hash, busy) = thread.finish()?;
+                self.times.read_back_overlapped += busy;
+                hash
+            }
+        };
+        self.times.read_back_tail += began.elapsed();
+        Ok(Written {
+            bytes: end,
+            image_sha256: self.image_hash.map(|h| hex::encode(h.finalize())),
+            read_back_sha256: hex::encode(read_hash.finalize()),
+            times: self.times,
+        })
+    }
+}
+
+/// Read-back buffer of the read-back thread (smaller than the write buffer: memory).
+const READ_BACK_BUFFER: usize = 512 << 10;
+
+/// Where the read-back runs.
+enum ReadBack {
+    /// On the writing thread, into the write buffer: `hash` covers the slot before `verified`.
+    Inline {
+        hash: Sha256,
+        verified: u64,
+    },
+    Thread(ReadBackThread),
+}
+
+impl ReadBack {
+    fn new(dev: &dyn SlotDevice, start: u64, prefix_hash: Sha256) -> Self {
+        match dev.reader() {
+            Some(reader) => ReadBack::Thread(ReadBackThread::spawn(reader, start, prefix_hash)),
+            None => ReadBack::Inline {
+                hash: prefix_hash,
+                verified: start,
+            },
+        }
+    }
+}
+
+type ReadBackResult = Result<(Sha256, Duration), InstallError>;
+
+/// Reads ranges back on its own thread as the writer reports them on the device, so reading
+/// and hashing them overlaps writing the next ones (and the download) instead of following.
+struct ReadBackThread {
+    /// Ends of ranges to read back; bounded, so a slow read-back holds the writer back.
+    requests: Option<mpsc::SyncSender<u64>>,
+    handle: Option<std::thread::JoinHandle<ReadBackResult>>,
+    /// Bytes read back so far (progress).
+    done: Arc<AtomicU64>,
+    /// Set when the writer goes away without finishing: stop after the current read.
+    stop: Arc<AtomicBool>,
+    requested: u64,
+}
+
+impl ReadBackThread {
+    fn spawn(mut reader: Box<dyn SlotDevice>, start: u64, mut hash: Sha256) -> Self {
+        let (tx, rx) = mpsc::sync_channel::<u64>(4);
+        let done = Arc::new(AtomicU64::new(start));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (thread_done, thread_stop) = (Arc::clone(&done), Arc::clone(&stop));
+        let handle = std::thread::spawn(move || -> ReadBackResult {
+            let mut buf = AlignedBuffer::new(READ_BACK_BUFFER);
+            let mut at = start;
+            let mut busy = Duration::ZERO;
+            while let Ok(end) = rx.recv() {
+                if thread_stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let began = Instant::now();
+                read_into(
+                    &mut *reader,
+                    buf.as_mut_slice(),
+                    at,
+                    end,
+                    |b| hash.update(b),
+                    |d| thread_done.store(d, Ordering::Relaxed),
+                )?;
+                at = end.max(at);
+                busy += began.elapsed();
+            }
+            Ok((hash, busy))
+        });
+        ReadBackThread {
+            requests: Some(tx),
+            handle: Some(handle),
+            done,
+            stop,
+            requested: start,
+        }
+    }
+
+    fn request(&mut self, end: u64) -> Result<(), InstallError> {
+        if end <= self.requested {
+            return Ok(());
+        }
+        self.requested = end;
+        let sent = self
+            .requests
+            .as_ref()
+            .is_some_and(|tx| tx.send(end).is_ok());
+        if sent {
+            return Ok(());
+        }
+        // The thread stopped early: only an error does that.
+        self.join().map(|_| ())
+    }
+
+    /// Wait for everything requested to be read back; the hash and the time spent reading.
+    fn finish(mut self) -> ReadBackResult {
+        self.requests = None;
+        self.join()
+    }
+
+    fn join(&mut self) -> ReadBackResult {
+        self.requests = None;
+        match self.handle.take().map(|h| h.join()) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(InstallError::Internal("the read-back thread died".into())),
+            None => Err(InstallError::Internal(
+                "the read-back thread is gone".into(),
+            )),
+        }
+    }
+}
+
+impl Drop for ReadBackThread {
+    fn drop(&mut self) {
+        // An unfinished install: stop reading and wait, so no thread outlives the slot.
+        self.stop.store(true, Ordering::Relaxed);
+        self.requests = None;
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
     }
 }
 
@@ -552,15 +818,26 @@ impl<'a> SlotWriter<'a> {
 pub fn read_range(
     dev: &mut dyn SlotDevice,
     len: u64,
+    consume: impl FnMut(&[u8]),
+    done: impl FnMut(u64),
+) -> Result<(), InstallError> {
+    let mut buf = AlignedBuffer::new(WRITE_BUFFER);
+    read_into(dev, buf.as_mut_slice(), 0, len, consume, done)
+}
+
+/// Feed the slot's bytes `from..to` to `consume` in reads of up to `buf.len()`.
+fn read_into(
+    dev: &mut dyn SlotDevice,
+    buf: &mut [u8],
+    from: u64,
+    to: u64,
     mut consume: impl FnMut(&[u8]),
     mut done: impl FnMut(u64),
 ) -> Result<(), InstallError> {
-    let mut buf = AlignedBuffer::new(WRITE_BUFFER);
-    let buf = buf.as_mut_slice();
-    let mut at = 0u64;
-    while at < len {
-        let want = ((len - at) as usize).min(buf.len());
-        // Ask for whole 4 KiB blocks (O_DIRECT needs them); the bytes past `len` are ignored.
+    let mut at = from;
+    while at < to {
+        let want = ((to - at) as usize).min(buf.len());
+        // Ask for whole 4 KiB blocks (O_DIRECT needs them); the bytes past `to` are ignored.
         let ask = want
             .next_multiple_of(DIRECT_ALIGN)
             .min(buf.len())
@@ -658,8 +935,11 @@ mod tests {
             matches!(err, InstallError::TooLarge { at_least: true, .. }),
             "{err}"
         );
-        let (n, _) = w.finish().unwrap();
-        assert_eq!(n, 9_000);
+        let written = w.finish().unwrap();
+        assert_eq!(written.bytes, 9_000);
+        let sha = hex::encode(Sha256::digest([1u8; 9_000]));
+        assert_eq!(written.image_sha256.as_ref(), Some(&sha));
+        assert_eq!(written.read_back_sha256, sha);
         let bytes = std::fs::read(&a).unwrap();
         assert_eq!(bytes.len(), 10_000);
         assert!(bytes[..9_000].iter().all(|&b| b == 1));
@@ -671,7 +951,7 @@ mod tests {
 mod writeback_tests {
     use super::*;
 
-    /// An in-memory slot that records the sync calls.
+    /// An in-memory slot that records the sync calls and the reads (merged when contiguous).
     #[derive(Default)]
     struct Recorder {
         data: Vec<u8>,
@@ -679,6 +959,33 @@ mod writeback_tests {
         /// Bytes written since the last wait or full sync (dirty).
         dirty: u64,
         max_dirty: u64,
+        /// End of the bytes written so far, and of those that reached the device (waited for
+        /// or synced).
+        written_to: u64,
+        reached_to: u64,
+        /// The read in progress (offset, length), recorded when a non-contiguous call follows.
+        reading: Option<(u64, u64)>,
+    }
+
+    impl Recorder {
+        fn new(len: usize) -> Self {
+            Recorder {
+                data: vec![0; len],
+                ..Recorder::default()
+            }
+        }
+
+        fn end_read(&mut self) {
+            if let Some((offset, len)) = self.reading.take() {
+                self.calls
+                    .push(format!("read {}M+{}M", offset >> 20, len >> 20));
+            }
+        }
+
+        fn calls(&mut self) -> &[String] {
+            self.end_read();
+            &self.calls
+        }
     }
 
     impl SlotDevice for Recorder {
@@ -692,14 +999,34 @@ mod writeback_tests {
             self.data[offset as usize..offset as usize + data.len()].copy_from_slice(data);
             self.dirty += data.len() as u64;
             self.max_dirty = self.max_dirty.max(self.dirty);
+            self.written_to = self.written_to.max(offset + data.len() as u64);
             Ok(())
         }
         fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
             let n = buf.len().min(self.data.len() - offset as usize);
+            // Reads past the image (whole blocks for O_DIRECT) are ignored by the reader.
+            let image_end = (offset + n as u64).min(self.written_to);
+            assert!(
+                image_end <= self.reached_to,
+                "read back {offset}+{n} before it reached the device (up to {})",
+                self.reached_to
+            );
             buf[..n].copy_from_slice(&self.data[offset as usize..offset as usize + n]);
+            match &mut self.reading {
+                Some((start, len)) if *start + *len == offset => *len += n as u64,
+                _ => {
+                    self.end_read();
+                    self.reading = Some((offset, n as u64));
+                }
+            }
             Ok(n)
         }
         fn sync_range(&mut self, offset: u64, len: u64, wait: bool) -> io::Result<()> {
+            self.end_read();
+            if wait {
+                // Windows are waited for in order.
+                self.reached_to = self.reached_to.max(offset + len);
+            }
             self.calls.push(format!(
                 "{} {}M+{}M",
                 if wait { "wait" } else { "start" },
@@ -712,18 +1039,17 @@ mod writeback_tests {
             Ok(())
         }
         fn sync_data(&mut self) -> io::Result<()> {
+            self.end_read();
             self.calls.push("sync".into());
             self.dirty = 0;
+            self.reached_to = self.written_to;
             Ok(())
         }
     }
 
     #[test]
     fn dirty_data_is_bounded_and_checkpoints_are_durable() {
-        let mut dev = Recorder {
-            data: vec![0; 40 << 20],
-            ..Recorder::default()
-        };
+        let mut dev = Recorder::new(40 << 20);
         let mut checkpoints = Vec::new();
         let mut w = SlotWriter::new(&mut dev, 0, Sha256::new(), 16 << 20);
         let chunk = vec![0x5a; 300_000];
@@ -733,21 +1059,28 @@ mod writeback_tests {
             written += chunk.len() as u64;
             checkpoints.extend(w.take_checkpoint());
         }
-        let (n, sha) = w.finish().unwrap();
-        assert_eq!(n, written);
-        assert_eq!(
-            sha.as_deref(),
-            Some(hex::encode(Sha256::digest(vec![0x5a; written as usize])).as_str())
-        );
+        let done = w.finish().unwrap();
+        assert_eq!(done.bytes, written);
+        let expected = hex::encode(Sha256::digest(vec![0x5a; written as usize]));
+        assert_eq!(done.image_sha256.as_deref(), Some(expected.as_str()));
+        assert_eq!(done.read_back_sha256, expected);
         assert_eq!(checkpoints, vec![16 << 20, 32 << 20]);
         assert_eq!(
-            dev.calls,
+            dev.calls(),
             [
                 "start 0M+8M",
-                "sync", // 16 MiB: checkpoint
+                "start 8M+8M",
+                "wait 0M+8M",
+                "read 0M+8M", // while 8M+8M is written back
+                "sync",       // 16 MiB: checkpoint
                 "start 16M+8M",
-                "sync", // 32 MiB: checkpoint
-                "sync", // finish
+                "read 8M+8M", // synced at the checkpoint, read back while 16M+8M is written
+                "start 24M+8M",
+                "wait 16M+8M",
+                "read 16M+8M",
+                "sync",         // 32 MiB: checkpoint
+                "sync",         // finish
+                "read 24M+15M", // the rest of the 41.7 MB
             ]
         );
         // Never more than two sync windows dirty.
@@ -756,24 +1089,25 @@ mod writeback_tests {
 
     #[test]
     fn windows_between_checkpoints_are_waited_for() {
-        let mut dev = Recorder {
-            data: vec![0; 40 << 20],
-            ..Recorder::default()
-        };
+        let mut dev = Recorder::new(40 << 20);
         let mut w = SlotWriter::new(&mut dev, 0, Sha256::new(), 1 << 40);
         w.write(&vec![1; 32 << 20]).unwrap();
         w.finish().unwrap();
         assert_eq!(
-            dev.calls,
+            dev.calls(),
             [
                 "start 0M+8M",
                 "start 8M+8M",
                 "wait 0M+8M",
+                "read 0M+8M",
                 "start 16M+8M",
                 "wait 8M+8M",
+                "read 8M+8M",
                 "start 24M+8M",
                 "wait 16M+8M",
-                "sync"
+                "read 16M+8M",
+                "sync",
+                "read 24M+8M",
             ]
         );
         assert!(dev.max_dirty <= 2 * SYNC_WINDOW, "{} dirty", dev.max_dirty);

@@ -99,6 +99,7 @@ pub async fn fetch(
     let mut failures = 0u32;
     let mut limiter = RateLimiter::new(spec.max_rate);
     let mut probed = start > 0;
+    let mut range_refused = RangeRefused::No;
     loop {
         let before = offset;
         let mut link = Link {
@@ -106,6 +107,7 @@ pub async fn fetch(
             counters,
             limiter: &mut limiter,
             probed: &mut probed,
+            range_refused: &mut range_refused,
         };
         let result = fetch_once(client, spec, &mut offset, &mut total, &mut link).await;
         match result {
@@ -155,6 +157,18 @@ struct Link<'a> {
     limiter: &'a mut RateLimiter,
     /// The gzip trailer probe was done (or is not needed).
     probed: &'a mut bool,
+    /// A resume was answered 416 (the server's idea of the artifact and ours differ, or it
+    /// dropped what the Range referred to): the next request asks for the whole body, once.
+    range_refused: &'a mut RangeRefused,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RangeRefused {
+    No,
+    /// The next request goes without a Range (from byte 0, skipping what we have).
+    RestartNext,
+    /// The one restart has been used; another 416 is final.
+    Restarted,
 }
 
 /// The ISIZE field (last 4 bytes) of a gzip artifact of `total` bytes, fetched with a Range
@@ -211,7 +225,10 @@ async fn fetch_once(
     if let Some((name, value)) = &spec.auth_header {
         request = request.header(name.as_str(), value.as_str());
     }
-    if *offset > 0 {
+    let restart = *link.range_refused == RangeRefused::RestartNext;
+    if restart {
+        *link.range_refused = RangeRefused::Restarted;
+    } else if *offset > 0 {
         request = request.header(RANGE, format!("bytes={}-", *offset));
     }
     let transient = |message: String| Fault::Transient {
@@ -261,6 +278,14 @@ async fn fetch_once(
             }
         }
         416 if total.is_some_and(|t| *offset >= t) => return Ok(Done::Complete),
+        416 if *link.range_refused == RangeRefused::No => {
+            tracing::warn!(url = %spec.url, offset = *offset, "resume refused (416); restarting from byte 0 once");
+            *link.range_refused = RangeRefused::RestartNext;
+            return Err(transient(format!(
+                "HTTP status 416 for bytes from {}",
+                *offset
+            )));
+        }
         s if http_policy::is_transient_status(s) => {
             let retry_after = http_policy::retry_after(response.headers());
             return Err(Fault::Transient {

@@ -181,6 +181,21 @@ fn gzip(data: &[u8]) -> Vec<u8> {
     e.finish().unwrap()
 }
 
+/// zstd with a frame checksum, as the zstd tool writes it.
+fn zstd(data: &[u8]) -> Vec<u8> {
+    let mut c = zstd::bulk::Compressor::new(3).unwrap();
+    c.include_checksum(true).unwrap();
+    c.compress(data).unwrap()
+}
+
+fn xz(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut w =
+        lzma_rust2::XzWriter::new(Vec::new(), lzma_rust2::XzOptions::with_preset(1)).unwrap();
+    w.write_all(data).unwrap();
+    w.finish().unwrap()
+}
+
 fn tar_of(members: &[(&str, &[u8])]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     for (name, data) in members {
@@ -374,6 +389,54 @@ async fn gzip_image_is_decoded() {
         sha256_hex(&img_compressible)
     );
     fx.assert_installed(&img_compressible);
+}
+
+#[tokio::test]
+async fn zstd_and_xz_images_and_tars_in_them_are_decoded() {
+    let mut img = image(1 << 20, 40);
+    img.extend(vec![0u8; (1 << 20) + 77]);
+    // Several zstd frames with a skippable frame between them decode to their concatenation
+    // (what multi-threaded compressors write).
+    let half = img.len() / 2;
+    let mut frames = zstd(&img[..half]);
+    frames.extend_from_slice(&[0x50, 0x2a, 0x4d, 0x18, 3, 0, 0, 0, 1, 2, 3]);
+    frames.extend(zstd(&img[half..]));
+    let tar = tar_of(&[("./rootfs.ext4", &img)]);
+    for (name, artifact) in [
+        ("zstd", zstd(&img)),
+        ("zstd frames", frames),
+        ("xz", xz(&img)),
+        ("tar.zst", zstd(&tar)),
+        ("tar.xz", xz(&tar)),
+    ] {
+        assert!(artifact.len() < img.len(), "{name} compresses");
+        let server = TestServer::start(artifact.clone()).await;
+        let fx = Fixture::new(3 << 20);
+        let (result, _) = run(&fx.request(&server.url, &artifact), &fast_options()).await;
+        let installed = result.unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(installed.bytes_written, img.len() as u64, "{name}");
+        assert_eq!(installed.sha256_of_slot_image, sha256_hex(&img), "{name}");
+        fx.assert_installed(&img);
+    }
+}
+
+#[test]
+fn corrupt_or_truncated_zstd_and_xz_are_decode_errors() {
+    let img = image(256 * 1024, 41);
+    for (name, good) in [("zstd", zstd(&img)), ("xz", xz(&img))] {
+        let mut flipped = good.clone();
+        let n = flipped.len();
+        flipped[n / 2] ^= 0xff;
+        let truncated = good[..good.len() - 20].to_vec();
+        for artifact in [flipped, truncated] {
+            let (result, _) = run_pipeline_chunked(&artifact, &[4096], 512 * 1024);
+            let err = result.expect_err(name);
+            assert!(
+                matches!(err, InstallError::Decode { format, .. } if format == name),
+                "{name}: {err}"
+            );
+        }
+    }
 }
 
 #[tokio::test]
@@ -1112,6 +1175,121 @@ fn read_back_mismatch_is_detected_for_every_format() {
     }
 }
 
+/// A real file slot whose read-back handle (the read-back thread's) sees one byte flipped at
+/// `at`: a medium that returns something else than what was written, late in the image.
+struct FlippingReadBack {
+    slot: slot::FileSlot,
+    at: u64,
+}
+
+impl slot::SlotDevice for FlippingReadBack {
+    fn path(&self) -> &Path {
+        self.slot.path()
+    }
+    fn capacity(&self) -> u64 {
+        self.slot.capacity()
+    }
+    fn write_all_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.slot.write_all_at(offset, data)
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.slot.read_at(offset, buf)?;
+        if (offset..offset + n as u64).contains(&self.at) {
+            buf[(self.at - offset) as usize] ^= 1;
+        }
+        Ok(n)
+    }
+    fn sync_range(&mut self, offset: u64, len: u64, wait: bool) -> std::io::Result<()> {
+        self.slot.sync_range(offset, len, wait)
+    }
+    fn sync_data(&mut self) -> std::io::Result<()> {
+        self.slot.sync_data()
+    }
+    fn reader(&self) -> Option<Box<dyn slot::SlotDevice>> {
+        let inner = self.slot.reader()?;
+        Some(Box::new(FlippingReader { inner, at: self.at }))
+    }
+}
+
+struct FlippingReader {
+    inner: Box<dyn slot::SlotDevice>,
+    at: u64,
+}
+
+impl slot::SlotDevice for FlippingReader {
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+    fn capacity(&self) -> u64 {
+        self.inner.capacity()
+    }
+    fn write_all_at(&mut self, _: u64, _: &[u8]) -> std::io::Result<()> {
+        unreachable!("the read-back never writes")
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read_at(offset, buf)?;
+        if (offset..offset + n as u64).contains(&self.at) {
+            buf[(self.at - offset) as usize] ^= 1;
+        }
+        Ok(n)
+    }
+    fn sync_range(&mut self, _: u64, _: u64, _: bool) -> std::io::Result<()> {
+        unreachable!("the read-back never syncs")
+    }
+    fn sync_data(&mut self) -> std::io::Result<()> {
+        unreachable!("the read-back never syncs")
+    }
+}
+
+/// The read-back that overlaps the write (on its own thread, while later windows are still
+/// written) still catches a byte the device returns wrong, both in a window read back early
+/// and in the tail read back after the last sync.
+#[test]
+fn read_back_thread_detects_a_mismatch() {
+    let img = image(20 << 20, 29);
+    for at in [3 << 20, (19 << 20) + 5] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slot.img");
+        std::fs::write(&path, vec![FILL; 24 << 20]).unwrap();
+        let file_slot = slot::open(&path, None, &dir.path().join("no-mountinfo")).unwrap();
+        assert!(slot::SlotDevice::reader(&file_slot).is_some());
+        let mut dev = FlippingReadBack {
+            slot: file_slot,
+            at,
+        };
+        let plan = pipeline::SinkPlan {
+            url: "http://127.0.0.1/x".into(),
+            algorithm: hash::HashAlgorithm::Sha256,
+            expected: sha256_hex(&img),
+            size: Some(img.len() as u64),
+            start: 0,
+            resume_path: dir.path().join("resume.json"),
+            archive_member: None,
+            bundle: None,
+            checkpoint_interval: 64 << 20,
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        for chunk in img.chunks(1 << 20) {
+            tx.try_send(pipeline::Chunk::Data(bytes::Bytes::copy_from_slice(chunk)))
+                .unwrap();
+        }
+        tx.try_send(pipeline::Chunk::End).unwrap();
+        let counters = pipeline::Counters::new(0, Some(img.len() as u64));
+        let err = pipeline::run(&plan, &mut dev, rx.into(), &counters).unwrap_err();
+        match err {
+            InstallError::ReadBackMismatch { written, read, .. } => {
+                assert_eq!(written, sha256_hex(&img));
+                let mut bad = img.clone();
+                bad[at as usize] ^= 1;
+                assert_eq!(read, sha256_hex(&bad), "flipped at {at}");
+            }
+            other => panic!("unexpected {other}"),
+        }
+        // The slot itself holds the image: only the read-back was wrong.
+        assert_eq!(&std::fs::read(&path).unwrap()[..img.len()], &img[..]);
+    }
+}
+
 mod chunking {
     use super::*;
     use proptest::prelude::*;
@@ -1421,6 +1599,8 @@ fn a_signed_image_swapped_for_another_format_is_refused() {
         ("tar", tar_of(&[("rootfs.img", &other)])),
         ("gzip", gzip(&other)),
         ("tar.gz", gzip(&tar_of(&[("rootfs.img", &other)]))),
+        ("zstd", zstd(&other)),
+        ("xz", xz(&other)),
     ] {
         assert!(
             replacement.len() <= signed.len(),
@@ -1436,4 +1616,82 @@ fn a_signed_image_swapped_for_another_format_is_refused() {
         assert!(matches!(err, InstallError::Signature(_)), "{name}: {err}");
         assert!(err.to_string().contains("sha256"), "{name}: {err}");
     }
+}
+
+#[test]
+fn signed_zstd_and_xz_images_are_decoded_inside_bundles() {
+    let img = image(200 * 1024, 42);
+    for artifact in [zstd(&img), xz(&img)] {
+        let (bundle, policy, _keys) = signed_bundle(&artifact);
+        let (result, slot) = run_pipeline_with_policy(&bundle, &[4096], 256 * 1024, Some(policy));
+        assert_eq!(result.unwrap().bytes_written, img.len() as u64);
+        assert_eq!(&slot[..img.len()], &img[..]);
+    }
+}
+
+/// A genuine signed chunked (format 2) bundle of `image` with 4 KiB average chunks.
+fn chunked_bundle(image: &[u8]) -> (Vec<u8>, BundlePolicy, tempfile::TempDir) {
+    let (_, policy, dir) = signed_bundle(b"unused");
+    let key = ddi_bundle::generate_keypair().unwrap();
+    std::fs::write(dir.path().join("vendor.pub"), key.public_key().to_text()).unwrap();
+    let path = dir.path().join("rootfs.ext4");
+    std::fs::write(&path, image).unwrap();
+    let mut bundle = Vec::new();
+    ddi_bundle::create_chunked_bundle(
+        &path,
+        &ddi_bundle::CreateOptions {
+            compatible: "acme-gw".into(),
+            version: "3".into(),
+            image_name: None,
+            compression: None,
+            keys: std::slice::from_ref(&key),
+        },
+        &ddi_bundle::ChunkedOptions {
+            chunker: ddi_bundle::ChunkerParams::with_average(4096),
+            zstd_level: 3,
+        },
+        &mut bundle,
+    )
+    .unwrap();
+    (bundle, policy, dir)
+}
+
+/// Half random, half zeros: chunks of both kinds.
+fn chunky_image(len: usize, seed: u32) -> Vec<u8> {
+    let mut img = image(len / 2, seed);
+    img.resize(len, 0);
+    img
+}
+
+#[test]
+fn a_chunked_bundle_installs_chunk_by_chunk() {
+    let img = chunky_image(300_000, 50);
+    let (bundle, policy, _keys) = chunked_bundle(&img);
+    for sizes in [&[4096usize][..], &[1, 7000, 65536]] {
+        let (result, slot) =
+            run_pipeline_with_policy(&bundle, sizes, 512 * 1024, Some(policy.clone()));
+        let installed = result.unwrap();
+        assert_eq!(installed.bytes_written, img.len() as u64);
+        assert_eq!(installed.sha256_of_slot_image, sha256_hex(&img));
+        assert_eq!(&slot[..img.len()], &img[..]);
+    }
+}
+
+#[test]
+fn a_tampered_chunk_is_refused_before_it_is_written() {
+    let img = chunky_image(300_000, 51);
+    let (bundle, policy, _keys) = chunked_bundle(&img);
+    let read = ddi_bundle::read_unverified(bundle.as_slice()).unwrap();
+    let index = read.index.unwrap();
+    let victim = index.chunks[3];
+    let mut tampered = bundle.clone();
+    tampered[(read.data_offset + victim.offset + 20) as usize] ^= 0x01;
+    // The artifact hash the server gives is the tampered artifact's: only the chunk's signed
+    // sha256 can tell.
+    let (result, _) = run_pipeline_with_policy(&tampered, &[4096], 512 * 1024, Some(policy));
+    let err = result.unwrap_err();
+    assert!(matches!(err, InstallError::Signature(_)), "{err}");
+    // Refused by the chunk's own check (which runs before the chunk is written), not only by
+    // the member's hash at the end.
+    assert!(err.to_string().contains("chunk 3 "), "{err}");
 }

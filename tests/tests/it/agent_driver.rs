@@ -5,20 +5,24 @@
 //! that could not read the environment holding the cycle back.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bootctl::Slot;
+use ddi_agent::clock::{Clock, SystemClock};
 use ddi_agent::config::Config;
 use ddi_agent::ddi::DdiClient;
 use ddi_agent::driver::{
-    BootError, Bootloader, Driver, DriverError, HealthChecker, Installer, Rebooter,
+    BootError, Bootloader, Driver, DriverError, HealthChecker, Installer, Pipeline, Rebooter,
+    UnfinishedInstall,
 };
 use ddi_agent::install::{InstallRequest, Progress};
-use bootctl::Slot;
 use ddi_agent::machine::{InstallFailure, Phase};
 use ddi_agent::persist::Store;
-use ddi_sim::{ActionStatus, Assignment, ServerOptions, TestServer};
+use ddi_sim::{
+    ActionStatus, Assignment, Endpoint, Fault, FaultKind, HawkbitVersion, ServerOptions, TestServer,
+};
 
 const TARGET: &str = "drv-1";
 const TOKEN: &str = "driver-token";
@@ -41,12 +45,17 @@ struct FakeBoot {
     fail_mark_bad: bool,
     /// This many reads of the environment fail (then it reads again).
     unreadable_reads: Arc<AtomicU32>,
+    /// The booted slot runs on a trial the agent did not start.
+    trial: Arc<AtomicBool>,
     log: Log,
 }
 
 impl Bootloader for FakeBoot {
     fn booted(&self) -> Result<Slot, BootError> {
         Ok(self.booted)
+    }
+    fn booted_on_trial(&self) -> Result<bool, BootError> {
+        Ok(self.trial.load(Ordering::SeqCst))
     }
     fn next(&self) -> Result<Slot, BootError> {
         let unreadable = self
@@ -108,6 +117,24 @@ impl Installer for FakeInstaller {
     }
 }
 
+/// The real download pipeline (into file slots of the test's directory), logged like the fake.
+struct RealInstaller(Log);
+
+impl Installer for RealInstaller {
+    async fn install(
+        &self,
+        http: &reqwest::Client,
+        req: &InstallRequest,
+        progress: &mut (dyn FnMut(Progress) + Send),
+    ) -> Result<(), InstallFailure> {
+        self.0.push(format!(
+            "install {}",
+            req.slot_path.file_name().unwrap().to_string_lossy()
+        ));
+        Pipeline.install(http, req, progress).await
+    }
+}
+
 struct FakeHealth(Result<(), String>, Log);
 
 impl HealthChecker for FakeHealth {
@@ -132,6 +159,24 @@ struct Setup {
     log: Log,
     requests: Arc<Mutex<Vec<InstallRequest>>>,
     unreadable_reads: Arc<AtomicU32>,
+    /// The device clock of the drivers made from now on (None: the system clock).
+    clock: Mutex<Option<Arc<dyn Clock>>>,
+    trial: Arc<AtomicBool>,
+}
+
+/// A device clock at a fixed offset from the real one, synchronised or not.
+struct FakeClock {
+    offset_ms: i64,
+    synchronized: bool,
+}
+
+impl Clock for FakeClock {
+    fn now_ms(&self) -> u64 {
+        SystemClock.now_ms().saturating_add_signed(self.offset_ms)
+    }
+    fn synchronized(&self) -> bool {
+        self.synchronized
+    }
 }
 
 impl Setup {
@@ -144,6 +189,8 @@ impl Setup {
             log: Log::default(),
             requests: Arc::default(),
             unreadable_reads: Arc::default(),
+            clock: Mutex::default(),
+            trial: Arc::default(),
         }
     }
 
@@ -167,8 +214,43 @@ impl Setup {
         fail_install: Option<InstallFailure>,
         fail_mark_bad: bool,
     ) -> Driver<FakeBoot, FakeInstaller, FakeHealth, FakeReboot> {
+        let installer = FakeInstaller {
+            log: self.log.clone(),
+            requests: self.requests.clone(),
+            fail: fail_install,
+        };
+        self.driver_with(cfg, (booted, next), installer, health, fail_mark_bad)
+    }
+
+    /// A driver with the real install pipeline; both slots are files of `slot_size` bytes.
+    fn real_driver(
+        &self,
+        booted: Slot,
+        slot_size: usize,
+    ) -> Driver<FakeBoot, RealInstaller, FakeHealth, FakeReboot> {
+        for slot in ["slot-a", "slot-b"] {
+            let path = self.dir.path().join(slot);
+            if !path.exists() {
+                std::fs::write(path, vec![0u8; slot_size]).unwrap();
+            }
+        }
+        let installer = RealInstaller(self.log.clone());
+        self.driver_with(self.config(""), (booted, booted), installer, Ok(()), false)
+    }
+
+    fn driver_with<I: Installer>(
+        &self,
+        cfg: Config,
+        (booted, next): (Slot, Slot),
+        installer: I,
+        health: Result<(), String>,
+        fail_mark_bad: bool,
+    ) -> Driver<FakeBoot, I, FakeHealth, FakeReboot> {
         let mut client = DdiClient::new(&cfg.server).unwrap();
         client.set_backoff_base(Duration::from_millis(10));
+        if let Some(clock) = self.clock.lock().unwrap().clone() {
+            client.set_clock(clock);
+        }
         let store = Store::open(&cfg.agent.state_dir).unwrap();
         Driver::new(
             cfg,
@@ -179,17 +261,21 @@ impl Setup {
                 next,
                 fail_mark_bad,
                 unreadable_reads: self.unreadable_reads.clone(),
+                trial: self.trial.clone(),
                 log: self.log.clone(),
             },
-            FakeInstaller {
-                log: self.log.clone(),
-                requests: self.requests.clone(),
-                fail: fail_install,
-            },
+            installer,
             FakeHealth(health, self.log.clone()),
             FakeReboot(self.log.clone()),
         )
         .unwrap()
+    }
+
+    /// A forced update to `version` with this image.
+    fn deploy_image(&self, version: &str, image: Vec<u8>) -> u64 {
+        self.server
+            .deploy(TARGET, version, "os.img", image, &Assignment::forced())
+            .unwrap()
     }
 
     fn deploy(&self, how: &Assignment) -> u64 {
@@ -309,7 +395,14 @@ async fn transient_install_failure_is_retried_on_the_next_cycle() {
     // A normal outcome, not an error: the install goes on at the next poll.
     let report = d.cycle().await.unwrap();
     assert!(!report.rebooting && !report.failure_reported);
-    assert_eq!(report.unfinished_install, Some(action.to_string()));
+    // A transient failure: `run` retries after the failed-cycle backoff, not the poll interval.
+    assert_eq!(
+        report.unfinished_install,
+        Some(UnfinishedInstall {
+            action_id: action.to_string(),
+            transient_failure: true,
+        })
+    );
     assert!(matches!(
         persisted_phase(&s.state_dir()),
         Phase::Installing(_)
@@ -328,6 +421,31 @@ async fn transient_install_failure_is_retried_on_the_next_cycle() {
         ]
     );
     assert!(s.server.action(action).unwrap().active);
+}
+
+#[tokio::test]
+async fn an_install_waiting_for_the_bootloader_is_not_a_transient_failure() {
+    let s = Setup::new(ServerOptions::default());
+    let action = s.deploy(&Assignment::forced());
+    let failure = InstallFailure {
+        message: "connection reset".into(),
+        retryable: true,
+    };
+    let mut d = s.driver(s.config(""), Slot::A, Slot::A, Ok(()), Some(failure), false);
+    assert!(d.cycle().await.unwrap().unfinished_install.is_some());
+    s.log.take();
+    // Someone else's trial of the booted slot: nothing is written, `run` waits the poll interval.
+    s.trial.store(true, Ordering::SeqCst);
+    let mut d = s.driver(s.config(""), Slot::A, Slot::A, Ok(()), None, false);
+    let report = d.cycle().await.unwrap();
+    assert_eq!(
+        report.unfinished_install,
+        Some(UnfinishedInstall {
+            action_id: action.to_string(),
+            transient_failure: false,
+        })
+    );
+    assert!(s.log.take().is_empty());
 }
 
 #[tokio::test]
@@ -427,4 +545,229 @@ async fn a_start_that_could_not_read_the_environment_holds_the_cycle_back() {
     d.startup().await.unwrap();
     assert!(d.cycle().await.unwrap().rebooting);
     assert!(s.log.take().contains(&"activate B".to_string()));
+}
+
+/// A feedback refused for good at the head of the outbox (here the cancel channel's
+/// `rejected`) is dropped so the closing feedback after the reboot still reaches the server.
+async fn refused_rejected_does_not_block_the_final_feedback(
+    opts: ServerOptions,
+    refuse: impl Fn(&TestServer),
+) {
+    let s = Setup::new(opts);
+    let action = s.deploy(&Assignment::forced());
+    let mut d = s.driver(s.config(""), Slot::A, Slot::A, Ok(()), None, false);
+    assert!(d.cycle().await.unwrap().rebooting);
+    s.server.cancel(action).unwrap();
+    refuse(&s.server);
+    // The cancel comes after the activation: answered `rejected`, which the server refuses.
+    d.cycle().await.unwrap();
+    assert!(d.state().outbox.is_empty(), "{:?}", d.state().outbox);
+    // After the reboot into B the update is confirmed and closed.
+    let mut d = s.driver(s.config(""), Slot::B, Slot::B, Ok(()), None, false);
+    d.startup().await.unwrap();
+    assert_eq!(
+        s.server.action(action).unwrap().status,
+        ActionStatus::Finished,
+        "{:?}",
+        s.server.feedback(action)
+    );
+}
+
+#[tokio::test]
+async fn status_quota_refusal_never_blocks_the_outbox() {
+    // 403 up to 0.9.x, 429 since 0.10.0. A download-only action's `downloaded` counts toward
+    // the quota (only closing statuses do not): refused, it must not stay owed for ever.
+    for version in ["0.9.0", "0.10.0", "1.1.0"] {
+        let s = Setup::new(ServerOptions::default().version(version.parse().unwrap()));
+        let action = s.deploy(&Assignment::download_only());
+        s.server.configure(|c| c.max_status_entries_per_action = 1);
+        let mut d = s.driver(s.config(""), Slot::A, Slot::A, Ok(()), None, false);
+        let report = d.cycle().await;
+        assert!(report.is_ok(), "{version}: {report:?}");
+        assert!(
+            d.state().outbox.is_empty(),
+            "{version}: {:?}",
+            d.state().outbox
+        );
+        assert!(
+            s.server
+                .feedback(action)
+                .iter()
+                .all(|f| f.execution() != Some("downloaded")),
+            "{version}: the quota was not hit"
+        );
+    }
+}
+
+#[tokio::test]
+async fn permanent_4xx_at_the_head_of_the_outbox_is_dropped() {
+    refused_rejected_does_not_block_the_final_feedback(ServerOptions::default(), |server| {
+        server.add_fault(
+            Fault::new(FaultKind::Status {
+                code: 400,
+                retry_after_secs: None,
+            })
+            .on(Endpoint::CancelFeedback),
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn unparseable_sleep_keeps_the_last_good_interval() {
+    let s = Setup::new(ServerOptions::default().polling(Duration::from_secs(42)));
+    let mut d = s.driver(s.config(""), Slot::A, Slot::A, Ok(()), None, false);
+    assert_eq!(
+        d.cycle().await.unwrap().sleep,
+        Some(Duration::from_secs(42))
+    );
+    s.server.add_fault(
+        Fault::new(FaultKind::SetJson {
+            pointer: "/config/polling/sleep".into(),
+            value: "soon".into(),
+        })
+        .on(Endpoint::Poll),
+    );
+    s.deploy(&Assignment::forced());
+    // The rest of the answer is used: the deployment goes ahead.
+    let report = d.cycle().await.unwrap();
+    assert_eq!(report.sleep, Some(Duration::from_secs(42)));
+    assert!(report.rebooting);
+}
+
+const RESUME_IMAGE: usize = 256 * 1024;
+
+/// The first download stalls slowly and drops after 64 KiB, so the agent resumes with a Range.
+fn slow_then_drop(server: &TestServer) {
+    server.add_fault(
+        Fault::new(FaultKind::Slow {
+            bytes_per_sec: 64 * 1024,
+        })
+        .once(),
+    );
+    server.add_fault(Fault::new(FaultKind::DropAfter { bytes: 64 * 1024 }).once());
+}
+
+#[tokio::test]
+async fn resume_answered_416_restarts_from_byte_zero_once() {
+    let s = Setup::new(ServerOptions::default());
+    let image: Vec<u8> = (0..RESUME_IMAGE).map(|i| (i * 7 % 251) as u8).collect();
+    let action = s.deploy_image("2.0", image.clone());
+    slow_then_drop(&s.server);
+    let server = s.server.shared().clone();
+    let refuse_resume = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut fault = Fault::new(FaultKind::Status {
+            code: 416,
+            retry_after_secs: None,
+        })
+        .on(Endpoint::Download)
+        .once();
+        fault.id = 1000;
+        server.update(|st| st.faults.push(fault));
+    });
+    let mut d = s.real_driver(Slot::A, RESUME_IMAGE);
+    let report = d.cycle().await.unwrap();
+    refuse_resume.await.unwrap();
+    assert!(report.rebooting, "{:?}", s.server.feedback(action));
+    let slot_b = std::fs::read(s.dir.path().join("slot-b")).unwrap();
+    assert_eq!(&slot_b[..RESUME_IMAGE], &image[..]);
+}
+
+#[tokio::test]
+async fn cancel_during_a_resumed_download_is_a_cancel_not_a_failure() {
+    // Since 1.1.0 a CANCELING action's artifacts are 404 for Range requests too.
+    let s = Setup::new(ServerOptions::default().version(HawkbitVersion::HEAD));
+    let action = s.deploy_image("2.0", vec![5u8; RESUME_IMAGE]);
+    slow_then_drop(&s.server);
+    let server = s.server.shared().clone();
+    let cancel = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        server.update(|st| st.cancel(action, false, 0)).unwrap();
+    });
+    let mut d = s.real_driver(Slot::A, RESUME_IMAGE);
+    let report = d.cycle().await.unwrap();
+    cancel.await.unwrap();
+    assert!(!report.rebooting && !report.failure_reported);
+    let view = s.server.action(action).unwrap();
+    assert_eq!(view.status, ActionStatus::Canceled, "{:?}", view.feedback);
+    assert!(view
+        .feedback
+        .iter()
+        .all(|f| f.finished() != Some("failure")));
+    assert_eq!(persisted_phase(&s.state_dir()), Phase::Idle);
+}
+
+#[tokio::test]
+async fn a_device_clock_far_in_the_past_never_decides_the_installed_version() {
+    // hawkBit >= 0.7.0 moves the installed version only forward in feedback time.
+    let s = Setup::new(ServerOptions::default().version("0.7.0".parse().unwrap()));
+    let first = s.deploy(&Assignment::forced());
+    let mut d = s.driver(s.config(""), Slot::A, Slot::A, Ok(()), None, false);
+    assert!(d.cycle().await.unwrap().rebooting);
+    let mut d = s.driver(s.config(""), Slot::B, Slot::B, Ok(()), None, false);
+    d.startup().await.unwrap();
+    assert_eq!(
+        s.server.action(first).unwrap().status,
+        ActionStatus::Finished
+    );
+
+    // No RTC: after the next reboot the clock reads ~3 years back (after 2020, so it looks
+    // plausible) and NTP has not synchronised it yet.
+    *s.clock.lock().unwrap() = Some(Arc::new(FakeClock {
+        offset_ms: -3 * 365 * 86_400_000,
+        synchronized: false,
+    }));
+    let second = s.deploy_image("3.0", vec![9u8; 4096]);
+    let mut d = s.driver(s.config(""), Slot::B, Slot::B, Ok(()), None, false);
+    assert!(d.cycle().await.unwrap().rebooting);
+    let mut d = s.driver(s.config(""), Slot::A, Slot::A, Ok(()), None, false);
+    d.startup().await.unwrap();
+    let fb = s.server.feedback(second);
+    assert_eq!(
+        s.server.action(second).unwrap().status,
+        ActionStatus::Finished
+    );
+    assert!(
+        fb.iter().all(|f| f.body.get("timestamp").is_none()),
+        "{fb:?}"
+    );
+    let target = s.server.target(TARGET).unwrap();
+    assert_eq!(
+        target.installed_version.as_deref(),
+        Some("firmware 3.0"),
+        "{fb:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_download_that_fills_the_status_quota_still_finishes() {
+    // The quota fills up while the throttled download runs (a small quota stands in for
+    // hawkBit's 1000 over hours): progress is refused, the update is not.
+    let s = Setup::new(ServerOptions::default().version("0.9.0".parse().unwrap()));
+    let image = vec![3u8; RESUME_IMAGE];
+    let action = s.deploy_image("2.0", image.clone());
+    s.server.add_fault(
+        Fault::new(FaultKind::Slow {
+            bytes_per_sec: 128 * 1024,
+        })
+        .once(),
+    );
+    let server = s.server.shared().clone();
+    let fill_quota = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        server.update(|st| st.config.max_status_entries_per_action = 1);
+    });
+    let mut d = s.real_driver(Slot::A, RESUME_IMAGE);
+    assert!(d.cycle().await.unwrap().rebooting);
+    fill_quota.await.unwrap();
+    let mut d = s.real_driver(Slot::B, RESUME_IMAGE);
+    d.startup().await.unwrap();
+    assert_eq!(
+        s.server.action(action).unwrap().status,
+        ActionStatus::Finished,
+        "{:?}",
+        s.server.feedback(action)
+    );
+    assert!(d.state().outbox.is_empty());
 }

@@ -104,7 +104,8 @@ impl Rig {
     }
 }
 
-fn bundle_of(dir: &Path, image: &[u8], compatible: &str, key: &SecretKey) -> Vec<u8> {
+/// A bundle of `image` signed by `key` (the image file is written in `dir`).
+pub(crate) fn bundle_of(dir: &Path, image: &[u8], compatible: &str, key: &SecretKey) -> Vec<u8> {
     let path: PathBuf = dir.join("rootfs.img.gz");
     std::fs::write(&path, image).unwrap();
     let mut out = Vec::new();
@@ -223,4 +224,53 @@ fn a_bundle_image_larger_than_the_slot_is_refused() {
     rig.assert_refused(action, "bytes that fit");
     // Refused from the signed manifest, before the first image byte reached the slot.
     assert!(rig.device.slot_bytes(Slot::B).unwrap() == slot_b_before);
+}
+
+fn chunked_bundle_of(dir: &Path, image: &[u8], key: &SecretKey) -> Vec<u8> {
+    let path: PathBuf = dir.join("rootfs.ext4");
+    std::fs::write(&path, image).unwrap();
+    let mut out = Vec::new();
+    ddi_bundle::create_chunked_bundle(
+        &path,
+        &CreateOptions {
+            compatible: COMPATIBLE.into(),
+            version: "3.0".into(),
+            image_name: None,
+            compression: None,
+            keys: std::slice::from_ref(key),
+        },
+        &ddi_bundle::ChunkedOptions {
+            chunker: ddi_bundle::ChunkerParams::with_average(16 * 1024),
+            zstd_level: 3,
+        },
+        &mut out,
+    )
+    .unwrap();
+    out
+}
+
+#[test]
+fn a_chunked_bundle_installs_and_is_confirmed_after_the_reboot() {
+    let rig = Rig::new(true);
+    let image = Image::good("3.0", 1024 * 1024);
+    let bundle = chunked_bundle_of(rig.keys.path(), &image.bytes, &rig.vendor);
+    let action = rig.deploy("3.0", bundle);
+    rig.settle(action);
+    let view = rig.server.action(action).unwrap();
+    assert!(ended_as(&view, "success"), "action: {}", summary(&view));
+    assert_eq!(rig.device.booted().unwrap(), Slot::B);
+    assert!(rig.device.slot_holds(Slot::B, &image.bytes).unwrap());
+}
+
+#[test]
+fn a_tampered_chunk_is_refused() {
+    let rig = Rig::new(true);
+    let image = Image::good("3.0", 512 * 1024);
+    let mut bundle = chunked_bundle_of(rig.keys.path(), &image.bytes, &rig.vendor);
+    let read = ddi_bundle::read_unverified(bundle.as_slice()).unwrap();
+    let chunk = read.index.unwrap().chunks[2];
+    bundle[(read.data_offset + chunk.offset + 10) as usize] ^= 0x08;
+    let action = rig.deploy("3.0", bundle);
+    rig.settle(action);
+    rig.assert_refused(action, "chunk 2");
 }

@@ -390,7 +390,7 @@ impl<'a> Trial<'a> {
         if &self.slot(*booted)? != content {
             return fail(format!("the booted slot {booted} was written"));
         }
-        let (next, _) = bootctl::sim::power_on(&env, self.ctx.case.scheme);
+        let (next, _) = bootctl::boot_script::power_on(&env, self.ctx.case.scheme);
         if !self.holds(next)? {
             return fail(format!(
                 "U-Boot would boot slot {next}, which does not hold its complete image"
@@ -645,7 +645,7 @@ fn points_at_b(kind: SchemeKind, env: &bootctl::Env) -> bool {
 
 /// Why `home` is not the confirmed slot U-Boot keeps booting, if it is not.
 fn unconfirmed(kind: SchemeKind, env: &bootctl::Env, home: Slot) -> Option<String> {
-    let (next, _) = bootctl::sim::power_on(env, kind);
+    let (next, _) = bootctl::boot_script::power_on(env, kind);
     if next != home {
         return Some(format!("U-Boot would boot slot {next}"));
     }

@@ -152,7 +152,7 @@ async fn a_sane_poll_answer_is_accepted() {
     let server = Hostile::start(repeat_body(head, body, body.len() as u64, b"")).await;
     let (result, _) = poll(&server.url()).await;
     let reply = result.expect("a normal poll answer must parse");
-    assert_eq!(reply.sleep, Duration::from_secs(60));
+    assert_eq!(reply.sleep, Some(Duration::from_secs(60)));
 }
 
 #[tokio::test]

@@ -303,15 +303,26 @@ fn random_faults_over_the_whole_cycle_keep_every_invariant() {
             t.log
         );
         if name == "clock-jumps" {
-            // Every feedback was stamped by a shifted clock: no timestamp (clock before
-            // 2020) or one far from the real time. Proves libfaketime reached the agent.
+            // Every feedback was stamped by a shifted clock: no timestamp (clock before 2020 or
+            // not synchronised) or one far from the real time, and a `time` in another year.
+            // Proves libfaketime reached the agent.
             let now_ms = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .unwrap()
                 .as_millis() as i64;
             let feedback = server.feedback(action);
             assert!(!feedback.is_empty(), "trial {trial}: no feedback at all");
+            // `timestamp` goes only from a synchronised clock; the legacy `time` always goes.
+            let real_year = 1970 + now_ms / 31_556_952_000;
             for f in feedback {
+                let year = f.body["time"]
+                    .as_str()
+                    .and_then(|t| t.get(..4)?.parse::<i64>().ok());
+                assert!(
+                    year.is_some_and(|y| y != real_year),
+                    "trial {trial}: feedback time from the real clock: {}",
+                    f.body
+                );
                 if let Some(ts) = f.body.get("timestamp").and_then(|t| t.as_i64()) {
                     let days_off = (ts - now_ms).abs() / 86_400_000;
                     assert!(

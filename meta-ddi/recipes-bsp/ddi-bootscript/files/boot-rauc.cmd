@@ -24,8 +24,10 @@
 # Optional variables in the stored environment (defaults in brackets):
 # bootctl_part_A [2], bootctl_part_B [3], bootctl_rootdev [/dev/vda],
 # bootctl_kernel [/boot/vmlinuz], bootctl_initrd [/boot/initrd.img],
-# bootctl_console [ttyS0,115200], bootctl_args [] (appended), bootctl_boot
-# [x86: zboot ${ddi_kaddr} 0 ${ddi_raddr} ${filesize}] = the command that boots
+# bootctl_console [ttyS0,115200; arm: ttyAMA0,115200],
+# bootctl_args [] (appended), bootctl_boot [x86: zboot ${ddi_kaddr} 0 ${ddi_raddr}
+# ${filesize}; arm: booti ${ddi_kaddr} ${ddi_raddr}:${filesize} ${ddi_fdt}, so that
+# a board boots without a valid environment too] = the command that boots
 # the loaded kernel, e.g. for arm64: booti ${ddi_kaddr} ${ddi_raddr}:${filesize} ${ddi_fdt}
 # (kernel at ${ddi_kaddr}, initrd at ${ddi_raddr}, ${filesize} = initrd size,
 # ${ddi_fdt} = U-Boot's fdtcontroladdr; U-Boot's other runtime variables are
@@ -47,6 +49,9 @@ if test -n "${ramdisk_addr_r}"; then ddi_raddr=${ramdisk_addr_r}; fi
 # the control device tree, for bootctl_boot on boards that pass one (the
 # running environment is replaced by the stored one below)
 ddi_fdt=${fdtcontroladdr}
+# U-Boot's architecture (arch=arm on arm64, x86): the defaults of the boot command and
+# the console when the stored environment names none (or no copy is valid)
+ddi_arch=${arch}
 
 # ---- read both copies ------------------------------------------------------
 # env import -c expects CRC32 immediately followed by the data, so the CRC of
@@ -163,6 +168,8 @@ ddi_rootdev=/dev/vda
 ddi_kernel=/boot/vmlinuz
 ddi_initrd=/boot/initrd.img
 ddi_console=ttyS0,115200
+# arm: the PL011 (QEMU virt, Raspberry Pi, Arm's boards); others set bootctl_console
+if test "${ddi_arch}" = arm; then ddi_console=ttyAMA0,115200; fi
 if test -n "${bootctl_part_A}"; then ddi_pa=${bootctl_part_A}; fi
 if test -n "${bootctl_part_B}"; then ddi_pb=${bootctl_part_B}; fi
 if test -n "${bootctl_rootdev}"; then ddi_rootdev=${bootctl_rootdev}; fi
@@ -177,6 +184,8 @@ setenv bootargs "console=${ddi_console} root=${ddi_rootdev}${ddi_part} rootwait 
 if load ${ddi_dev} ${ddi_num}:${ddi_part} ${ddi_kaddr} ${ddi_kernel} && load ${ddi_dev} ${ddi_num}:${ddi_part} ${ddi_raddr} ${ddi_initrd}; then
   if test -n "${bootctl_boot}"; then
     run bootctl_boot
+  elif test "${ddi_arch}" = arm; then
+    booti ${ddi_kaddr} ${ddi_raddr}:${filesize} ${ddi_fdt}
   else
     zboot ${ddi_kaddr} 0 ${ddi_raddr} ${filesize}
   fi

@@ -1,8 +1,8 @@
 //! The boot simulator: whole update cycles (activate → trial boots → confirm or fallback) for
 //! both schemes, and the boot script's edge cases. Pure, no I/O.
 
+use bootctl::boot_script::{self, BootEvent};
 use bootctl::scheme::{self, SchemeError, SchemeKind, Slot};
-use bootctl::sim::{self, BootEvent};
 use bootctl::{ChangeSet, Env};
 use proptest::prelude::*;
 
@@ -16,7 +16,7 @@ fn changes(pairs: &[(&str, Option<&str>)]) -> ChangeSet {
 
 /// One power-on: what the script decides, saved into `env`.
 fn boot(env: &mut Env, kind: SchemeKind) -> Slot {
-    let (slot, change) = sim::power_on(env, kind);
+    let (slot, change) = boot_script::power_on(env, kind);
     env.apply(&change)
         .expect("the script saves a valid change set");
     slot
@@ -37,11 +37,14 @@ fn transition(env: &mut Env, change: ChangeSet) {
 #[test]
 fn bootcount_normal_boot_saves_nothing() {
     let base = env(&[("bootctl_slot", "B"), ("upgrade_available", "0")]);
-    let decision = sim::decide(&base, SchemeKind::Bootcount, 3);
+    let decision = boot_script::decide(&base, SchemeKind::Bootcount, 3);
     assert_eq!(decision.slot, Slot::B);
     assert!(decision.changes.is_empty());
     assert_eq!(decision.event, BootEvent::Normal);
-    assert_eq!(sim::power_on(&Env::new(), SchemeKind::Bootcount).0, Slot::A);
+    assert_eq!(
+        boot_script::power_on(&Env::new(), SchemeKind::Bootcount).0,
+        Slot::A
+    );
 }
 
 #[test]
@@ -51,7 +54,7 @@ fn bootcount_activate_trial_boot_confirm() {
     assert_eq!(boot(&mut e, SchemeKind::Bootcount), Slot::A);
     step(&mut e, |e| s.activate(e, Slot::B));
 
-    let decision = sim::decide(&e, SchemeKind::Bootcount, 3);
+    let decision = boot_script::decide(&e, SchemeKind::Bootcount, 3);
     assert_eq!(decision.slot, Slot::B);
     assert_eq!(decision.changes, changes(&[("bootcount", Some("1"))]));
     assert_eq!(decision.event, BootEvent::Trial { count: 1, limit: 3 });
@@ -65,7 +68,7 @@ fn bootcount_activate_trial_boot_confirm() {
     transition(&mut e, confirm);
     // Confirmed: B on every later boot, and U-Boot saves nothing any more.
     for _ in 0..5 {
-        let (slot, change) = sim::power_on(&e, SchemeKind::Bootcount);
+        let (slot, change) = boot_script::power_on(&e, SchemeKind::Bootcount);
         assert_eq!(slot, Slot::B);
         assert!(change.is_empty());
     }
@@ -88,7 +91,7 @@ fn bootcount_no_confirm_falls_back_after_bootlimit() {
             assert_eq!(s.trial(&e), Some(true));
         }
         assert_eq!(s.next(&e), Slot::A, "next after {attempts} trials");
-        let decision = sim::decide(&e, SchemeKind::Bootcount, 3);
+        let decision = boot_script::decide(&e, SchemeKind::Bootcount, 3);
         assert_eq!(
             decision.event,
             BootEvent::Fallback {
@@ -116,7 +119,7 @@ fn bootcount_no_confirm_falls_back_after_bootlimit() {
 #[test]
 fn bootcount_missing_bootlimit_is_the_script_default() {
     let mut e = env(&[("bootctl_slot", "B"), ("upgrade_available", "1")]);
-    for _ in 0..sim::SCRIPT_DEFAULT_ATTEMPTS {
+    for _ in 0..boot_script::SCRIPT_DEFAULT_ATTEMPTS {
         assert_eq!(boot(&mut e, SchemeKind::Bootcount), Slot::B);
     }
     assert_eq!(boot(&mut e, SchemeKind::Bootcount), Slot::A);
@@ -126,8 +129,14 @@ fn bootcount_missing_bootlimit_is_the_script_default() {
         ("upgrade_available", "1"),
         ("bootcount", "4"),
     ]);
-    assert_eq!(sim::decide(&e, SchemeKind::Bootcount, 5).slot, Slot::B);
-    assert_eq!(sim::decide(&e, SchemeKind::Bootcount, 4).slot, Slot::A);
+    assert_eq!(
+        boot_script::decide(&e, SchemeKind::Bootcount, 5).slot,
+        Slot::B
+    );
+    assert_eq!(
+        boot_script::decide(&e, SchemeKind::Bootcount, 4).slot,
+        Slot::A
+    );
     assert_eq!(scheme::for_kind(SchemeKind::Bootcount, 5).next(&e), Slot::B);
 }
 
@@ -146,12 +155,16 @@ fn bootcount_bootlimit_zero_disables_the_fallback() {
 
 #[test]
 fn bootcount_increment_is_the_scripts_lookup() {
-    assert_eq!(sim::script_increment(None), 1);
-    assert_eq!(sim::script_increment(Some("0")), 1);
-    assert_eq!(sim::script_increment(Some("9")), 10);
-    assert_eq!(sim::script_increment(Some("98")), 99);
+    assert_eq!(boot_script::script_increment(None), 1);
+    assert_eq!(boot_script::script_increment(Some("0")), 1);
+    assert_eq!(boot_script::script_increment(Some("9")), 10);
+    assert_eq!(boot_script::script_increment(Some("98")), 99);
     for beyond in ["99", "100", "250", "007", "3x", "abc", "-1", " 1"] {
-        assert_eq!(sim::script_increment(Some(beyond)), 100, "{beyond:?}");
+        assert_eq!(
+            boot_script::script_increment(Some(beyond)),
+            100,
+            "{beyond:?}"
+        );
     }
     // 99 is still enforced: 100 > 99.
     let e = env(&[
@@ -160,14 +173,20 @@ fn bootcount_increment_is_the_scripts_lookup() {
         ("bootcount", "99"),
         ("bootlimit", "99"),
     ]);
-    assert_eq!(sim::decide(&e, SchemeKind::Bootcount, 3).slot, Slot::B);
+    assert_eq!(
+        boot_script::decide(&e, SchemeKind::Bootcount, 3).slot,
+        Slot::B
+    );
     // Garbage in bootcount counts as exhausted.
     let e = env(&[
         ("bootctl_slot", "A"),
         ("upgrade_available", "1"),
         ("bootcount", "junk"),
     ]);
-    assert_eq!(sim::decide(&e, SchemeKind::Bootcount, 3).slot, Slot::B);
+    assert_eq!(
+        boot_script::decide(&e, SchemeKind::Bootcount, 3).slot,
+        Slot::B
+    );
 }
 
 #[test]
@@ -180,7 +199,10 @@ fn bootcount_reads_like_the_script() {
         ("", Slot::A),
     ] {
         let e = env(&[("bootctl_slot", slot)]);
-        assert_eq!(sim::decide(&e, SchemeKind::Bootcount, 3).slot, expected);
+        assert_eq!(
+            boot_script::decide(&e, SchemeKind::Bootcount, 3).slot,
+            expected
+        );
     }
     let e = env(&[
         ("bootctl_slot", "B"),
@@ -188,7 +210,7 @@ fn bootcount_reads_like_the_script() {
         ("bootcount", "50"),
     ]);
     assert_eq!(
-        sim::decide(&e, SchemeKind::Bootcount, 3).event,
+        boot_script::decide(&e, SchemeKind::Bootcount, 3).event,
         BootEvent::Normal
     );
 }
@@ -210,7 +232,7 @@ fn bootcount_mark_bad_during_trial_goes_back() {
 
 #[test]
 fn rauc_first_boot_saves_only_the_decremented_counter() {
-    let decision = sim::decide(&Env::new(), SchemeKind::Rauc, 3);
+    let decision = boot_script::decide(&Env::new(), SchemeKind::Rauc, 3);
     assert_eq!(decision.slot, Slot::A);
     assert_eq!(decision.event, BootEvent::Attempt { left: 2 });
     assert_eq!(decision.changes, changes(&[("BOOT_A_LEFT", Some("2"))]));
@@ -226,7 +248,7 @@ fn a_save_drops_empty_variables_like_uboot_import() {
         ("BOOT_B_LEFT", "2"),
         ("vendor", ""),
     ]);
-    let decision = sim::decide(&e, SchemeKind::Rauc, 3);
+    let decision = boot_script::decide(&e, SchemeKind::Rauc, 3);
     assert_eq!(decision.slot, Slot::B);
     assert_eq!(
         decision.changes,
@@ -238,10 +260,12 @@ fn a_save_drops_empty_variables_like_uboot_import() {
     );
     // bootcount: only when the script saves (a trial boot).
     let e = env(&[("empty", ""), ("upgrade_available", "0")]);
-    assert!(sim::decide(&e, SchemeKind::Bootcount, 3).changes.is_empty());
+    assert!(boot_script::decide(&e, SchemeKind::Bootcount, 3)
+        .changes
+        .is_empty());
     let e = env(&[("empty", ""), ("upgrade_available", "1")]);
     assert_eq!(
-        sim::decide(&e, SchemeKind::Bootcount, 3).changes,
+        boot_script::decide(&e, SchemeKind::Bootcount, 3).changes,
         changes(&[("empty", None), ("bootcount", Some("1"))])
     );
 }
@@ -257,7 +281,7 @@ fn rauc_counters_above_ff_count_down_from_ff() {
     ] {
         let e = env(&[("BOOT_ORDER", "B A"), ("BOOT_B_LEFT", value)]);
         assert_eq!(
-            sim::decide(&e, SchemeKind::Rauc, 3).changes,
+            boot_script::decide(&e, SchemeKind::Rauc, 3).changes,
             changes(&[("BOOT_B_LEFT", Some(after))]),
             "{value}"
         );
@@ -266,18 +290,24 @@ fn rauc_counters_above_ff_count_down_from_ff() {
 
 #[test]
 fn rauc_order_is_walked_like_the_script() {
-    assert_eq!(sim::script_boot_order(None), [Slot::A, Slot::B]);
-    assert_eq!(sim::script_boot_order(Some("")), [Slot::A, Slot::B]);
-    assert_eq!(sim::script_boot_order(Some("X Y")), [Slot::A, Slot::B]);
-    assert_eq!(sim::script_boot_order(Some("X B")), [Slot::B]);
-    assert_eq!(sim::script_boot_order(Some("B A")), [Slot::B, Slot::A]);
+    assert_eq!(boot_script::script_boot_order(None), [Slot::A, Slot::B]);
+    assert_eq!(boot_script::script_boot_order(Some("")), [Slot::A, Slot::B]);
+    assert_eq!(
+        boot_script::script_boot_order(Some("X Y")),
+        [Slot::A, Slot::B]
+    );
+    assert_eq!(boot_script::script_boot_order(Some("X B")), [Slot::B]);
+    assert_eq!(
+        boot_script::script_boot_order(Some("B A")),
+        [Slot::B, Slot::A]
+    );
     // Only B in the order and nothing left: reset, then B again.
     let e = env(&[
         ("BOOT_ORDER", "B"),
         ("BOOT_B_LEFT", "0"),
         ("BOOT_A_LEFT", "3"),
     ]);
-    let decision = sim::decide(&e, SchemeKind::Rauc, 3);
+    let decision = boot_script::decide(&e, SchemeKind::Rauc, 3);
     assert_eq!(decision.slot, Slot::B);
     assert_eq!(decision.event, BootEvent::CountersReset { left: 2 });
 }
@@ -358,7 +388,7 @@ fn rauc_nothing_bootable_resets_counters_like_raucs_script() {
         ("BOOT_A_LEFT", "0"),
         ("BOOT_B_LEFT", "0"),
     ]);
-    let decision = sim::decide(&e, SchemeKind::Rauc, 3);
+    let decision = boot_script::decide(&e, SchemeKind::Rauc, 3);
     assert_eq!(decision.slot, Slot::B);
     assert_eq!(decision.event, BootEvent::CountersReset { left: 2 });
     assert_eq!(
@@ -367,7 +397,7 @@ fn rauc_nothing_bootable_resets_counters_like_raucs_script() {
     );
     // Both marked bad by RAUC: the order is gone, U-Boot reads "A B".
     let e = env(&[("BOOT_A_LEFT", "0"), ("BOOT_B_LEFT", "0")]);
-    let decision = sim::decide(&e, SchemeKind::Rauc, 3);
+    let decision = boot_script::decide(&e, SchemeKind::Rauc, 3);
     assert_eq!(decision.slot, Slot::A);
     assert_eq!(
         decision.changes,
@@ -396,7 +426,7 @@ fn rauc_mark_bad_skips_the_slot() {
 fn rauc_reads_like_the_script() {
     // Unknown names are skipped; RAUC 1.8 decimal "12" is read as hex 0x12.
     let e = env(&[("BOOT_ORDER", "X B A"), ("BOOT_B_LEFT", "12")]);
-    let decision = sim::decide(&e, SchemeKind::Rauc, 3);
+    let decision = boot_script::decide(&e, SchemeKind::Rauc, 3);
     assert_eq!(decision.slot, Slot::B);
     assert_eq!(decision.event, BootEvent::Attempt { left: 0x11 });
     // An order that names no slot boots A after the reset.
@@ -405,7 +435,7 @@ fn rauc_reads_like_the_script() {
         ("BOOT_A_LEFT", "3"),
         ("BOOT_B_LEFT", "3"),
     ]);
-    assert_eq!(sim::decide(&e, SchemeKind::Rauc, 3).slot, Slot::A);
+    assert_eq!(boot_script::decide(&e, SchemeKind::Rauc, 3).slot, Slot::A);
 }
 
 // ---------------------------------------------------------------- properties
@@ -453,7 +483,7 @@ fn rauc_env() -> impl Strategy<Value = Env> {
 fn check_cycle(kind: SchemeKind, base: &Env, attempts: u32, target: Slot) {
     let s = scheme::for_kind(kind, attempts);
     // `next` is the simulator's decision.
-    assert_eq!(s.next(base), sim::decide(base, kind, attempts).slot);
+    assert_eq!(s.next(base), boot_script::decide(base, kind, attempts).slot);
     let Ok(activate) = s.activate(base, target) else {
         return; // refused (invalid variables): nothing to simulate
     };
@@ -461,7 +491,7 @@ fn check_cycle(kind: SchemeKind, base: &Env, attempts: u32, target: Slot) {
     transition(&mut e, activate);
     assert_eq!(s.next(&e), target);
     // The first trial boot runs the target; confirming keeps it.
-    let (slot, change) = sim::power_on(&e, kind);
+    let (slot, change) = boot_script::power_on(&e, kind);
     assert_eq!(slot, target);
     transition(&mut e, change);
     step(&mut e, |e| s.mark_good(e, target));

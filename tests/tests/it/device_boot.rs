@@ -1,4 +1,4 @@
-//! `sim::boot_file_device`: the boot simulator on a file-backed device (env file +
+//! `device::boot_file_device`: the boot script's decision on a file-backed device (env file +
 //! `fw_env.config` + cmdline file), as the device fixture and the demo use it.
 
 use std::fs;
@@ -6,7 +6,8 @@ use std::fs;
 use bootctl::env::{self, Layout};
 use bootctl::scheme::{self, SchemeKind, Slot};
 use bootctl::store::EnvStore;
-use bootctl::{sim, Env};
+use bootctl::{boot_script, Env};
+use ddi_tests::device::boot_file_device;
 
 struct FileDevice {
     dir: tempfile::TempDir,
@@ -31,7 +32,7 @@ impl FileDevice {
     }
 
     fn boot(&self, kind: SchemeKind) -> Slot {
-        sim::boot_file_device(
+        boot_file_device(
             &self.dir.path().join("fw_env.config"),
             kind,
             &self.dir.path().join("cmdline"),
@@ -109,7 +110,7 @@ fn rauc_boot_on_files() {
 #[test]
 fn keeps_other_parameters_and_replaces_slot_tokens() {
     assert_eq!(
-        sim::cmdline_for(
+        boot_script::cmdline_for(
             "console=ttyS0 rauc.slot=A foo=\"a b\" bootctl.slot=A\n",
             SchemeKind::Bootcount,
             Slot::B
@@ -117,12 +118,12 @@ fn keeps_other_parameters_and_replaces_slot_tokens() {
         "console=ttyS0 foo=\"a b\" bootctl.slot=B\n"
     );
     assert_eq!(
-        sim::cmdline_for("", SchemeKind::Bootcount, Slot::A),
+        boot_script::cmdline_for("", SchemeKind::Bootcount, Slot::A),
         "bootctl.slot=A\n"
     );
     // The rauc script also passes RAUC's own token.
     assert_eq!(
-        sim::cmdline_for(
+        boot_script::cmdline_for(
             "quiet bootctl.slot=A rauc.slot=A",
             SchemeKind::Rauc,
             Slot::B
@@ -157,7 +158,7 @@ fn no_valid_environment_boots_a_on_defaults_and_saves_nothing() {
 #[test]
 fn missing_config_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    let err = sim::boot_file_device(
+    let err = boot_file_device(
         &dir.path().join("fw_env.config"),
         SchemeKind::Bootcount,
         &dir.path().join("cmdline"),

@@ -2,8 +2,8 @@
 //!
 //! This is the same decision the real boot script makes (the project's `boot.cmd`, one source
 //! for QEMU and the Yocto layer): which slot boots, and what the script saves before booting it.
-//! Tests and the demo use it to "reboot" a file-backed device; [`crate::scheme::Scheme::next`]
-//! uses it to say which slot boots next.
+//! [`crate::scheme::Scheme::next`] uses it to say which slot boots next; the test crate's
+//! file-backed device and the demo use it to "reboot".
 //!
 //! `bootcount` (U-Boot's `CONFIG_BOOTCOUNT_ENV` semantics):
 //! - `upgrade_available` is not `1`: boot `bootctl_slot`, save nothing.
@@ -31,18 +31,10 @@
 //! 0), a `bootctl_slot` other than `B` boots A, and only `upgrade_available=1` is a trial.
 //!
 //! When no environment copy is valid, U-Boot runs on its built-in defaults: the script boots
-//! slot A and saves nothing ([`boot_file_device`] does the same).
-
-use std::fs;
-use std::io;
-use std::path::Path;
+//! slot A and saves nothing (the test crate's file-backed device does the same).
 
 use crate::env::{ChangeSet, Env};
-use crate::error::Error;
-use crate::scheme::{
-    bootcount_vars, non_empty, rauc_vars, uboot_decimal, uboot_hex, SchemeKind, Slot,
-};
-use crate::store::{EnvStore, StoreError};
+use crate::slot::{bootcount_vars, rauc_vars, SchemeKind, Slot};
 
 /// The attempts the boot script assumes when a variable is missing (its built-in default).
 pub const SCRIPT_DEFAULT_ATTEMPTS: u32 = 3;
@@ -219,54 +211,6 @@ fn script_save(env: &Env, sets: Vec<(&str, String)>) -> ChangeSet {
     changes
 }
 
-/// "Power on" a file-backed device: read the environment named by `env_config` (a
-/// `fw_env.config`), make the boot script's decision, save what the script saves (one save, none
-/// when it saves nothing) and write the kernel command line of the booted slot to
-/// `cmdline_path` (atomically: temp file, fsync, rename, fsync of the folder).
-///
-/// Parameters already in `cmdline_path` are kept; slot tokens are replaced by the ones the
-/// boot script puts into `bootargs` ([`cmdline_for`]). With no valid environment copy the
-/// script runs on U-Boot's defaults: slot A boots and nothing is saved.
-pub fn boot_file_device(
-    env_config: &Path,
-    kind: SchemeKind,
-    cmdline_path: &Path,
-) -> Result<Slot, Error> {
-    let store = EnvStore::open_config_file(env_config)?;
-    boot_store(&store, kind, cmdline_path)
-}
-
-/// [`boot_file_device`] over an open store (e.g. with its own lock path).
-pub fn boot_store(store: &EnvStore, kind: SchemeKind, cmdline_path: &Path) -> Result<Slot, Error> {
-    let slot = match store.read() {
-        Ok(env) => {
-            let (slot, changes) = power_on(&env, kind);
-            store.apply(&changes)?;
-            slot
-        }
-        Err(StoreError::NoValidCopy { .. }) => power_on(&Env::new(), kind).0,
-        Err(e) => return Err(e.into()),
-    };
-    let previous = match fs::read_to_string(cmdline_path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
-        Err(source) => {
-            return Err(Error::Booted(crate::booted::BootedError::Read {
-                path: cmdline_path.to_path_buf(),
-                source,
-            }))
-        }
-    };
-    let cmdline = cmdline_for(&previous, kind, slot);
-    crate::fsutil::write_atomic(cmdline_path, cmdline.as_bytes(), 0o666).map_err(|e| {
-        Error::Write {
-            path: cmdline_path.to_path_buf(),
-            source: e.source,
-        }
-    })?;
-    Ok(slot)
-}
-
 /// `previous` with its slot tokens replaced by the boot script's: `bootctl.slot=X`, plus
 /// `rauc.slot=X` for the `rauc` scheme (appended), as one line.
 pub fn cmdline_for(previous: &str, kind: SchemeKind, slot: Slot) -> String {
@@ -294,4 +238,32 @@ pub fn cmdline_for(previous: &str, kind: SchemeKind, slot: Slot) -> String {
     let mut line = params.join(" ");
     line.push('\n');
     line
+}
+
+/// U-Boot drops variables with an empty value on import, so `name=` reads as missing.
+pub(crate) fn non_empty(value: Option<&str>) -> Option<&str> {
+    value.filter(|v| !v.is_empty())
+}
+
+/// Leading decimal digits as U-Boot's `simple_strtoul(s, NULL, 10)` reads them ("3x" is 3,
+/// "x" is 0), saturating instead of wrapping.
+fn uboot_decimal(value: &str) -> u64 {
+    value
+        .trim_start()
+        .chars()
+        .map_while(|c| c.to_digit(10))
+        .fold(0u64, |acc, d| {
+            acc.saturating_mul(10).saturating_add(u64::from(d))
+        })
+}
+
+/// Leading hex digits as U-Boot reads `0x${VALUE}` ("a" is 10, "zz" is 0), saturating.
+fn uboot_hex(value: &str) -> u64 {
+    value
+        .trim_start()
+        .chars()
+        .map_while(|c| c.to_digit(16))
+        .fold(0u64, |acc, d| {
+            acc.saturating_mul(16).saturating_add(u64::from(d))
+        })
 }

@@ -1,0 +1,589 @@
+//! Format 2: the chunked image and its index.
+//!
+//! The image is cut into content-defined chunks ([`crate::chunk`]); each chunk is one zstd
+//! frame of its own, stored one after the other as the image member. The index member lists,
+//! per chunk, where its frame is in the image member and how long it is, its length once
+//! decompressed and the sha256 of the decompressed bytes. The signed manifest holds the
+//! index's size and sha256, so every chunk is trusted through the signature and can be checked
+//! on its own: that is what lets a device take chunks it already has from its active slot and
+//! download only the others, with HTTP Range requests.
+
+use std::io::Read;
+
+use sha2::{Digest, Sha256};
+
+use crate::manifest::ChunkedInfo;
+use crate::BundleError;
+
+/// Bytes per index record: offset u64, stored length u32, raw length u32 (little-endian),
+/// sha256 of the raw bytes.
+pub const RECORD_LEN: usize = 48;
+
+/// Largest index a device reads (its records are kept in memory during the install):
+/// 32 MiB = 699 050 chunks, 42 GiB of image at a 64 KiB average.
+pub const MAX_INDEX_SIZE: u64 = 32 << 20;
+
+/// One chunk of a chunked image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkEntry {
+    /// Offset of the chunk's zstd frame from the start of the image member's data.
+    pub offset: u64,
+    /// Bytes of the zstd frame.
+    pub stored_len: u32,
+    /// Bytes of the chunk decompressed.
+    pub raw_len: u32,
+    /// sha256 of the decompressed bytes.
+    pub sha256: [u8; 32],
+}
+
+impl ChunkEntry {
+    /// End of the chunk's frame in the image member.
+    pub fn end(&self) -> u64 {
+        self.offset + u64::from(self.stored_len)
+    }
+}
+
+/// The parsed, validated index: chunks in image order, frames contiguous from offset 0.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ChunkIndex {
+    pub chunks: Vec<ChunkEntry>,
+}
+
+impl ChunkIndex {
+    /// Parse and check the index against the (signed) manifest: the record count, contiguous
+    /// frames that fill the image member exactly, raw lengths that respect the chunker's
+    /// maximum and sum to the image size.
+    pub fn parse(
+        bytes: &[u8],
+        info: &ChunkedInfo,
+        member_size: u64,
+    ) -> Result<ChunkIndex, BundleError> {
+        let fail = |why: String| Err(BundleError::Manifest(format!("chunk index: {why}")));
+        if bytes.len() % RECORD_LEN != 0 {
+            return fail(format!(
+                "{} bytes is not a whole number of {RECORD_LEN}-byte records",
+                bytes.len()
+            ));
+        }
+        let count = bytes.len() / RECORD_LEN;
+        if count as u64 != info.chunks {
+            return fail(format!(
+                "{count} records, the manifest says {}",
+                info.chunks
+            ));
+        }
+        let mut chunks = Vec::with_capacity(count);
+        let (mut stored, mut raw) = (0u64, 0u64);
+        for (i, record) in bytes.chunks_exact(RECORD_LEN).enumerate() {
+            let entry = ChunkEntry {
+                offset: u64::from_le_bytes(record[0..8].try_into().expect("8 bytes")),
+                stored_len: u32::from_le_bytes(record[8..12].try_into().expect("4 bytes")),
+                raw_len: u32::from_le_bytes(record[12..16].try_into().expect("4 bytes")),
+                sha256: record[16..48].try_into().expect("32 bytes"),
+            };
+            if entry.offset != stored {
+                return fail(format!(
+                    "chunk {i} starts at {}, the previous one ends at {stored}",
+                    entry.offset
+                ));
+            }
+            if entry.raw_len == 0 || entry.raw_len > info.chunker.max_size {
+                return fail(format!(
+                    "chunk {i} is {} bytes, outside 1..={}",
+                    entry.raw_len, info.chunker.max_size
+                ));
+            }
+            if entry.stored_len == 0 || entry.stored_len > max_frame_len(info.chunker.max_size) {
+                return fail(format!(
+                    "chunk {i} is stored in {} bytes, more than a frame of {} bytes needs",
+                    entry.stored_len, info.chunker.max_size
+                ));
+            }
+            stored = entry.end();
+            raw += u64::from(entry.raw_len);
+            chunks.push(entry);
+        }
+        if stored != member_size {
+            return fail(format!(
+                "the chunks fill {stored} bytes, the image member has {member_size}"
+            ));
+        }
+        if raw != info.image_size {
+            return fail(format!(
+                "the chunks hold {raw} bytes, the manifest says the image has {}",
+                info.image_size
+            ));
+        }
+        Ok(ChunkIndex { chunks })
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.chunks.len() * RECORD_LEN);
+        for c in &self.chunks {
+            out.extend_from_slice(&c.offset.to_le_bytes());
+            out.extend_from_slice(&c.stored_len.to_le_bytes());
+            out.extend_from_slice(&c.raw_len.to_le_bytes());
+            out.extend_from_slice(&c.sha256);
+        }
+        out
+    }
+
+    /// Bytes of the image decompressed.
+    pub fn raw_size(&self) -> u64 {
+        self.chunks.iter().map(|c| u64::from(c.raw_len)).sum()
+    }
+
+    /// Bytes of the image member (all frames).
+    pub fn stored_size(&self) -> u64 {
+        self.chunks.last().map_or(0, ChunkEntry::end)
+    }
+}
+
+/// The largest zstd frame a chunk of `max_raw` bytes can need: the compressor's worst case
+/// (ZSTD_compressBound) plus room for the frame header; anything larger is not a real frame.
+pub fn max_frame_len(max_raw: u32) -> u32 {
+    let raw = max_raw as u64;
+    let bound = raw + raw / 256 + 1024;
+    bound.min(u64::from(u32::MAX)) as u32
+}
+
+/// Why a chunk's bytes were not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChunkError {
+    #[error("chunk {index} does not decompress: {reason}")]
+    Corrupt { index: usize, reason: String },
+    #[error("chunk {index} decompresses to {actual} bytes, the signed index says {expected}")]
+    Length {
+        index: usize,
+        expected: u32,
+        actual: usize,
+    },
+    #[error("chunk {index} has sha256 {actual}, the signed index says {expected}")]
+    Hash {
+        index: usize,
+        expected: String,
+        actual: String,
+    },
+}
+
+/// Decompresses chunk frames and checks them; keeps its buffers between chunks.
+#[derive(Default)]
+pub struct ChunkDecoder {
+    decoder: Option<ruzstd::decoding::FrameDecoder>,
+    out: Vec<u8>,
+}
+
+impl ChunkDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The raw bytes of chunk `index` from its stored `frame`, checked against `entry`'s
+    /// length and sha256. The frame must be exactly one zstd frame whose window is at most
+    /// [`max_chunk_window`]: the decoder holds a whole window before it can tell that the
+    /// output is longer than the signed length, and the frame is not verified yet.
+    /// Decompression never writes more than the signed length.
+    pub fn decode(
+        &mut self,
+        index: usize,
+        entry: &ChunkEntry,
+        frame: &[u8],
+    ) -> Result<&[u8], ChunkError> {
+        let corrupt = |reason: String| ChunkError::Corrupt { index, reason };
+        let window = frame_window_size(frame).map_err(|why| corrupt(why.into()))?;
+        let limit = max_chunk_window(entry.raw_len);
+        if window > limit {
+            return Err(corrupt(format!(
+                "its zstd frame asks for a {window}-byte window, more than the {limit} bytes \
+                 a chunk of {} bytes needs",
+                entry.raw_len
+            )));
+        }
+        let want = entry.raw_len as usize;
+        self.out.clear();
+        // One byte of room past the signed length tells "too long" from "exactly right".
+        self.out.resize(want + 1, 0);
+        let decoder = self
+            .decoder
+            .get_or_insert_with(ruzstd::decoding::FrameDecoder::new);
+        let mut input = frame;
+        decoder
+            .reset(&mut input)
+            .map_err(|e| corrupt(e.to_string()))?;
+        let mut got = 0;
+        loop {
+            decoder
+                .decode_blocks(
+                    &mut input,
+                    ruzstd::decoding::BlockDecodingStrategy::UptoBytes(1 << 20),
+                )
+                .map_err(|e| corrupt(e.to_string()))?;
+            got += decoder
+                .read(&mut self.out[got..])
+                .map_err(|e| corrupt(e.to_string()))?;
+            if decoder.can_collect() != 0 {
+                got = want + 1; // more than the room: longer than signed
+                break;
+            }
+            if decoder.is_finished() {
+                break;
+            }
+        }
+        if got == want && !input.is_empty() {
+            return Err(corrupt(format!(
+                "{} bytes follow its zstd frame",
+                input.len()
+            )));
+        }
+        if got != want {
+            return Err(ChunkError::Length {
+                index,
+                expected: entry.raw_len,
+                actual: got,
+            });
+        }
+        let raw = &self.out[..want];
+        check_chunk(index, entry, raw)?;
+        Ok(raw)
+    }
+}
+
+/// The largest zstd window a chunk of `raw_len` bytes may ask for: the window a compressor
+/// picks for it knowing its size (its length rounded up to a power of two), or the 8 MiB
+/// every zstd decoder is expected to support (RFC 8878, 3.1.1.1.2), whichever is larger.
+pub fn max_chunk_window(raw_len: u32) -> u64 {
+    u64::from(raw_len).next_power_of_two().max(8 << 20)
+}
+
+/// The window size a zstd frame's header asks for (RFC 8878, 3.1.1.1).
+fn frame_window_size(frame: &[u8]) -> Result<u64, &'static str> {
+    if !frame.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        return Err("it is not a zstd frame (no zstd magic number)");
+    }
+    let truncated = "its zstd frame header is truncated";
+    let descriptor = *frame.get(4).ok_or(truncated)?;
+    let single_segment = descriptor & 0x20 != 0;
+    if !single_segment {
+        let window_descriptor = *frame.get(5).ok_or(truncated)?;
+        let log = 10 + u32::from(window_descriptor >> 3);
+        let base = 1u64 << log;
+        return Ok(base + (base / 8) * u64::from(window_descriptor & 7));
+    }
+    // Single segment: the window is the frame content size.
+    let dict_id_len = [0usize, 1, 2, 4][usize::from(descriptor & 3)];
+    let start = 5 + dict_id_len;
+    let size_len = [1usize, 2, 4, 8][usize::from(descriptor >> 6)];
+    let field = frame.get(start..start + size_len).ok_or(truncated)?;
+    let mut le = [0u8; 8];
+    le[..size_len].copy_from_slice(field);
+    let size = u64::from_le_bytes(le);
+    Ok(if size_len == 2 { size + 256 } else { size })
+}
+
+/// Check raw chunk bytes (decompressed, or read from a seed) against the index entry.
+pub fn check_chunk(index: usize, entry: &ChunkEntry, raw: &[u8]) -> Result<(), ChunkError> {
+    if raw.len() != entry.raw_len as usize {
+        return Err(ChunkError::Length {
+            index,
+            expected: entry.raw_len,
+            actual: raw.len(),
+        });
+    }
+    let actual: [u8; 32] = Sha256::digest(raw).into();
+    if actual != entry.sha256 {
+        return Err(ChunkError::Hash {
+            index,
+            expected: hex::encode(entry.sha256),
+            actual: hex::encode(actual),
+        });
+    }
+    Ok(())
+}
+
+/// A byte range of the image member to fetch with one request, covering chunks
+/// `first..=last` (and, where gaps were merged, chunks that are not needed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FetchRange {
+    /// Offset from the start of the image member's data.
+    pub start: u64,
+    pub end: u64,
+    pub first: usize,
+    pub last: usize,
+}
+
+impl FetchRange {
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+}
+
+/// Gaps between needed chunks up to this size are downloaded rather than skipped: a request
+/// costs a round trip and some hundred bytes of headers, and hawkBit logs each one.
+pub const NEAR_GAP: u64 = 16 << 10;
+
+/// The ranges that fetch every chunk for which `needed` is true: adjacent chunks share a
+/// range, gaps of at most `near_gap` bytes are merged, and then the smallest gaps are merged
+/// until there are at most `max_requests` ranges.
+pub fn plan_ranges(
+    index: &ChunkIndex,
+    needed: &[bool],
+    near_gap: u64,
+    max_requests: usize,
+) -> Vec<FetchRange> {
+    assert_eq!(needed.len(), index.chunks.len());
+    let mut ranges: Vec<FetchRange> = Vec::new();
+    for (i, c) in index.chunks.iter().enumerate() {
+        if !needed[i] {
+            continue;
+        }
+        match ranges.last_mut() {
+            Some(r) if c.offset - r.end <= near_gap => {
+                r.end = c.end();
+                r.last = i;
+            }
+            _ => ranges.push(FetchRange {
+                start: c.offset,
+                end: c.end(),
+                first: i,
+                last: i,
+            }),
+        }
+    }
+    let max_requests = max_requests.max(1);
+    if ranges.len() > max_requests {
+        // Merge the smallest gaps: the (len - max) smallest gaps disappear.
+        let mut gaps: Vec<(u64, usize)> = ranges
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| (w[1].start - w[0].end, i))
+            .collect();
+        gaps.sort_unstable();
+        let mut merge_after = vec![false; ranges.len()];
+        for &(_, i) in gaps.iter().take(ranges.len() - max_requests) {
+            merge_after[i] = true;
+        }
+        let mut merged: Vec<FetchRange> = Vec::with_capacity(max_requests);
+        for (i, r) in ranges.iter().enumerate() {
+            if i > 0 && merge_after[i - 1] {
+                let last = merged.last_mut().expect("a range precedes");
+                last.end = r.end;
+                last.last = r.last;
+            } else {
+                merged.push(*r);
+            }
+        }
+        ranges = merged;
+    }
+    ranges
+}
+
+/// Range requests a device makes at most for the chunk data of one update. hawkBit up to 0.7
+/// logs every Range request as an action status, with a quota of 1000 per action; this keeps
+/// an update, with the request for the bundle's metadata and some retries, under 100.
+pub const MAX_RANGE_REQUESTS: usize = 90;
+
+/// What a device that already has some chunks must download.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeltaPlan {
+    /// Per chunk of the index: true when it must be downloaded.
+    pub needed: Vec<bool>,
+    /// The requests that fetch them.
+    pub ranges: Vec<FetchRange>,
+}
+
+impl DeltaPlan {
+    /// Plan for a device that has the chunks for which `have` is true.
+    pub fn new(index: &ChunkIndex, have: impl Fn(&ChunkEntry) -> bool) -> DeltaPlan {
+        let needed: Vec<bool> = index.chunks.iter().map(|c| !have(c)).collect();
+        let ranges = plan_ranges(index, &needed, NEAR_GAP, MAX_RANGE_REQUESTS);
+        DeltaPlan { needed, ranges }
+    }
+
+    /// Bytes of chunk data the requests fetch (including merged gaps).
+    pub fn download_bytes(&self) -> u64 {
+        self.ranges.iter().map(FetchRange::len).sum()
+    }
+
+    /// Decompressed bytes of the chunks that are not downloaded.
+    pub fn reused_bytes(&self, index: &ChunkIndex) -> u64 {
+        index
+            .chunks
+            .iter()
+            .zip(&self.needed)
+            .filter(|(_, needed)| !**needed)
+            .map(|(c, _)| u64::from(c.raw_len))
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::ChunkerParams;
+
+    fn entry(offset: u64, stored: u32, raw: u32) -> ChunkEntry {
+        ChunkEntry {
+            offset,
+            stored_len: stored,
+            raw_len: raw,
+            sha256: [0; 32],
+        }
+    }
+
+    fn index_of(stored: &[u32]) -> ChunkIndex {
+        let mut offset = 0;
+        ChunkIndex {
+            chunks: stored
+                .iter()
+                .map(|&s| {
+                    let e = entry(offset, s, 100);
+                    offset += u64::from(s);
+                    e
+                })
+                .collect(),
+        }
+    }
+
+    fn info(chunks: u64, image_size: u64) -> ChunkedInfo {
+        ChunkedInfo {
+            image_size,
+            image_sha256: "0".repeat(64),
+            chunker: ChunkerParams::with_average(1024),
+            algorithm: crate::chunk::ALGORITHM.into(),
+            index_name: "chunks.idx".into(),
+            index_size: chunks * RECORD_LEN as u64,
+            index_sha256: "0".repeat(64),
+            chunks,
+        }
+    }
+
+    #[test]
+    fn an_index_round_trips_and_inconsistent_ones_are_refused() {
+        let index = index_of(&[10, 20, 30]);
+        let bytes = index.to_bytes();
+        assert_eq!(ChunkIndex::parse(&bytes, &info(3, 300), 60).unwrap(), index);
+        let err = ChunkIndex::parse(&bytes, &info(3, 300), 61).unwrap_err();
+        assert!(err.to_string().contains("image member has 61"), "{err}");
+        let err = ChunkIndex::parse(&bytes, &info(3, 301), 60).unwrap_err();
+        assert!(err.to_string().contains("image has 301"), "{err}");
+        let err = ChunkIndex::parse(&bytes, &info(4, 300), 60).unwrap_err();
+        assert!(err.to_string().contains("3 records"), "{err}");
+        let mut overlapping = index.clone();
+        overlapping.chunks[1].offset = 5;
+        let err = ChunkIndex::parse(&overlapping.to_bytes(), &info(3, 300), 60).unwrap_err();
+        assert!(err.to_string().contains("chunk 1 starts at 5"), "{err}");
+        let err = ChunkIndex::parse(&bytes[..47], &info(3, 300), 60).unwrap_err();
+        assert!(err.to_string().contains("whole number"), "{err}");
+    }
+
+    /// A zstd frame of `blocks` RLE blocks of 128 KiB, with the window descriptor byte
+    /// `window_descriptor` (not single-segment).
+    fn rle_frame(window_descriptor: u8, blocks: usize) -> Vec<u8> {
+        let mut frame = vec![0x28, 0xb5, 0x2f, 0xfd, 0x00, window_descriptor];
+        for i in 0..blocks {
+            let last = u32::from(i + 1 == blocks);
+            let header = (128u32 << 10) << 3 | 1 << 1 | last;
+            frame.extend_from_slice(&header.to_le_bytes()[..3]);
+            frame.push(0xAB);
+        }
+        frame
+    }
+
+    fn rle_entry(raw_len: u32, frame: &[u8]) -> ChunkEntry {
+        let raw = vec![0xABu8; raw_len as usize];
+        ChunkEntry {
+            offset: 0,
+            stored_len: frame.len() as u32,
+            raw_len,
+            sha256: Sha256::digest(&raw).into(),
+        }
+    }
+
+    #[test]
+    fn a_chunk_frame_asking_for_a_huge_window_is_refused_before_decoding() {
+        // 64 MiB window (log 26) for a 1000-byte chunk: decoding would hold 64 MiB before it
+        // could tell the output is too long.
+        let frame = rle_frame((26 - 10) << 3, 600);
+        let entry = rle_entry(1000, &frame);
+        let err = ChunkDecoder::new().decode(0, &entry, &frame).unwrap_err();
+        assert!(
+            matches!(err, ChunkError::Corrupt { .. }) && err.to_string().contains("window"),
+            "{err}"
+        );
+        // The same bytes in a frame with a small window decode and verify.
+        let frame = rle_frame(0, 1);
+        let entry = rle_entry(128 << 10, &frame);
+        let raw = ChunkDecoder::new()
+            .decode(0, &entry, &frame)
+            .unwrap()
+            .to_vec();
+        assert_eq!(raw, vec![0xAB; 128 << 10]);
+        // A frame with a content checksum is still one frame (its last 4 bytes are its own).
+        let mut checked = frame.clone();
+        checked[4] |= 0x04;
+        checked.extend_from_slice(&[0; 4]);
+        let entry = rle_entry(128 << 10, &checked);
+        assert!(ChunkDecoder::new().decode(0, &entry, &checked).is_ok());
+        // A second frame after the chunk's frame is refused, not decoded.
+        let mut two = frame.clone();
+        two.extend_from_slice(&frame);
+        let entry = rle_entry(128 << 10, &two);
+        let err = ChunkDecoder::new().decode(0, &entry, &two).unwrap_err();
+        assert!(err.to_string().contains("follow its zstd frame"), "{err}");
+        // A frame that is longer than signed is a length error.
+        let long = rle_frame(7 << 3, 3);
+        let entry = rle_entry(100 << 10, &long);
+        let err = ChunkDecoder::new().decode(0, &entry, &long).unwrap_err();
+        assert!(matches!(err, ChunkError::Length { .. }), "{err}");
+    }
+
+    #[test]
+    fn ranges_join_neighbours_and_near_gaps_only() {
+        let index = index_of(&[100; 10]);
+        let needed = [
+            true, true, false, true, false, false, false, false, true, true,
+        ];
+        let ranges = plan_ranges(&index, &needed, 100, 100);
+        let spans: Vec<(u64, u64, usize, usize)> = ranges
+            .iter()
+            .map(|r| (r.start, r.end, r.first, r.last))
+            .collect();
+        assert_eq!(spans, vec![(0, 400, 0, 3), (800, 1000, 8, 9)]);
+        assert!(plan_ranges(&index, &[false; 10], 100, 100).is_empty());
+    }
+
+    #[test]
+    fn the_request_bound_merges_the_smallest_gaps_first() {
+        let stored: Vec<u32> = (0..1000).map(|i| 100 + (i % 7) * 10).collect();
+        let index = index_of(&stored);
+        // Every third chunk is needed: 334 ranges before the bound.
+        let needed: Vec<bool> = (0..1000).map(|i| i % 3 == 0).collect();
+        let unbounded = plan_ranges(&index, &needed, 0, usize::MAX);
+        assert_eq!(unbounded.len(), 334);
+        let bounded = plan_ranges(&index, &needed, 0, 90);
+        assert_eq!(bounded.len(), 90);
+        // Every needed chunk is covered, in order, without overlaps.
+        for (i, c) in index.chunks.iter().enumerate() {
+            if needed[i] {
+                assert!(bounded
+                    .iter()
+                    .any(|r| r.start <= c.offset && c.end() <= r.end));
+            }
+        }
+        assert!(bounded.windows(2).all(|w| w[0].end < w[1].start));
+        // Merging the smallest gaps costs less than any other choice would: at most the
+        // 244 smallest gaps were added.
+        let extra: u64 = bounded.iter().map(FetchRange::len).sum::<u64>()
+            - unbounded.iter().map(FetchRange::len).sum::<u64>();
+        let mut gaps: Vec<u64> = unbounded
+            .windows(2)
+            .map(|w| w[1].start - w[0].end)
+            .collect();
+        gaps.sort_unstable();
+        assert_eq!(extra, gaps[..334 - 90].iter().sum::<u64>());
+    }
+}

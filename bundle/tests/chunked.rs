@@ -1,0 +1,367 @@
+//! Format 2 (chunked) bundles: made by `create_chunked_bundle` and `ddi-bundle create
+//! --chunked`, verified chunk by chunk; a tampered index, chunk or manifest is refused; a shift
+//! of content in the image keeps the later chunks, so `ddi-bundle diff` finds them reused.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ddi_bundle::{
+    create_bundle, create_chunked_bundle, generate_keypair, read_unverified, BundleError,
+    BundleReader, ChunkDecoder, ChunkError, ChunkedOptions, ChunkerParams, Compression,
+    CreateOptions, DeltaPlan, Policy, SecretKey, FORMAT_CHUNKED,
+};
+use sha2::{Digest, Sha256};
+
+/// Compressible, non-repeating bytes: text-like lines of pseudo-random words.
+fn text(len: usize, seed: u64) -> Vec<u8> {
+    const WORDS: [&str; 16] = [
+        "update",
+        "slot",
+        "kernel",
+        "rootfs",
+        "bundle",
+        "chunk",
+        "device",
+        "signature",
+        "verify",
+        "hawkbit",
+        "range",
+        "seed",
+        "zstd",
+        "block",
+        "ext4",
+        "inode",
+    ];
+    let mut state = seed | 1;
+    let mut out = Vec::with_capacity(len + 16);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(WORDS[(state % 16) as usize].as_bytes());
+        out.push(if state % 11 == 0 { b'\n' } else { b' ' });
+        if state % 5 == 0 {
+            out.extend_from_slice(format!("{}", state % 100_000).as_bytes());
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+const SMALL: ChunkedOptions = ChunkedOptions {
+    chunker: ChunkerParams::with_average(4096),
+    zstd_level: 3,
+};
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    key: SecretKey,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        Fixture {
+            dir: tempfile::tempdir().unwrap(),
+            key: generate_keypair().unwrap(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn chunked(&self, image: &[u8], version: &str) -> Vec<u8> {
+        let path = self.path(&format!("rootfs-{version}.img"));
+        std::fs::write(&path, image).unwrap();
+        let mut out = Vec::new();
+        create_chunked_bundle(&path, &self.options(version), &SMALL, &mut out).unwrap();
+        out
+    }
+
+    fn options(&self, version: &str) -> CreateOptions<'_> {
+        CreateOptions {
+            compatible: "acme-gw".into(),
+            version: version.into(),
+            image_name: None,
+            compression: None,
+            keys: std::slice::from_ref(&self.key),
+        }
+    }
+
+    fn policy(&self) -> Policy {
+        Policy {
+            trusted_keys: vec![self.key.public_key()],
+            compatible: Some("acme-gw".into()),
+            max_image_size: None,
+        }
+    }
+}
+
+/// Verify a chunked bundle as a device does on a full download: every chunk decoded and
+/// checked in order, then the reader's end check. Returns the image or the first error.
+fn install(bundle: &[u8], policy: &Policy) -> Result<Vec<u8>, String> {
+    let mut reader = BundleReader::open(bundle, policy).map_err(|e| e.to_string())?;
+    let index = reader.chunk_index().cloned().ok_or("no chunk index")?;
+    let mut decoder = ChunkDecoder::new();
+    let mut image = Vec::new();
+    for (i, entry) in index.chunks.iter().enumerate() {
+        let mut frame = vec![0u8; entry.stored_len as usize];
+        reader.read_exact(&mut frame).map_err(|e| e.to_string())?;
+        let raw = decoder
+            .decode(i, entry, &frame)
+            .map_err(|e| e.to_string())?;
+        image.extend_from_slice(raw);
+    }
+    let mut rest = Vec::new();
+    reader.read_to_end(&mut rest).map_err(|e| {
+        BundleError::from_io(&e)
+            .map(|b| b.to_string())
+            .unwrap_or_else(|| e.to_string())
+    })?;
+    assert!(rest.is_empty());
+    Ok(image)
+}
+
+#[test]
+fn a_chunked_bundle_holds_the_image_chunk_by_chunk() {
+    let f = Fixture::new();
+    let image = text(300_001, 1);
+    let bundle = f.chunked(&image, "1");
+    let reader = BundleReader::open(bundle.as_slice(), &f.policy()).unwrap();
+    let manifest = reader.manifest().clone();
+    assert_eq!(manifest.format, FORMAT_CHUNKED);
+    assert_eq!(manifest.image.compression, Compression::ZstdChunks);
+    let chunked = manifest.chunked.as_ref().unwrap();
+    assert_eq!(chunked.image_size, image.len() as u64);
+    assert_eq!(chunked.image_sha256, hex::encode(Sha256::digest(&image)));
+    let index = reader.chunk_index().unwrap();
+    assert!(index.chunks.len() > 30, "{} chunks", index.chunks.len());
+    // Every chunk is compressed on its own, and text compresses.
+    assert!(index.stored_size() < image.len() as u64 / 2);
+    // Chunk offsets count from the image member's first byte.
+    let first = index.chunks[0];
+    let at = reader.data_offset() as usize;
+    let frame = &bundle[at..at + first.stored_len as usize];
+    assert_eq!(
+        &frame[..4],
+        &[0x28, 0xb5, 0x2f, 0xfd],
+        "a zstd frame starts there"
+    );
+    drop(reader);
+    assert_eq!(install(&bundle, &f.policy()).unwrap(), image);
+}
+
+#[test]
+fn format_one_bundles_still_verify_and_have_no_index() {
+    let f = Fixture::new();
+    let path = f.path("plain.img");
+    std::fs::write(&path, text(5000, 2)).unwrap();
+    let mut out = Vec::new();
+    create_bundle(&path, &f.options("1"), &mut out).unwrap();
+    let mut reader = BundleReader::open(out.as_slice(), &f.policy()).unwrap();
+    assert_eq!(reader.manifest().format, 1);
+    assert!(reader.chunk_index().is_none());
+    let mut image = Vec::new();
+    reader.read_to_end(&mut image).unwrap();
+    assert_eq!(image, text(5000, 2));
+}
+
+#[test]
+fn a_tampered_chunk_is_refused_by_its_own_hash() {
+    let f = Fixture::new();
+    let image = text(200_000, 3);
+    let bundle = f.chunked(&image, "1");
+    let read = read_unverified(bundle.as_slice()).unwrap();
+    let index = read.index.unwrap();
+    let victim = index.chunks[5];
+    let at = (read.data_offset + victim.offset + u64::from(victim.stored_len) / 2) as usize;
+    let mut tampered = bundle.clone();
+    tampered[at] ^= 0x40;
+    let err = install(&tampered, &f.policy()).unwrap_err();
+    assert!(err.contains("chunk 5 "), "{err}");
+
+    // The checks of one chunk on its own, as a delta install uses them.
+    let mut decoder = ChunkDecoder::new();
+    let frame =
+        &tampered[(read.data_offset + victim.offset) as usize..][..victim.stored_len as usize];
+    assert!(matches!(
+        decoder.decode(5, &victim, frame),
+        Err(ChunkError::Hash { .. } | ChunkError::Corrupt { .. } | ChunkError::Length { .. })
+    ));
+    let good = &bundle[(read.data_offset + victim.offset) as usize..][..victim.stored_len as usize];
+    assert!(decoder.decode(5, &victim, good).is_ok());
+    // A genuine frame of another chunk is refused too (its hash is not this chunk's).
+    let other = index.chunks[6];
+    let other_frame =
+        &bundle[(read.data_offset + other.offset) as usize..][..other.stored_len as usize];
+    let err = decoder.decode(5, &victim, other_frame).unwrap_err();
+    assert!(
+        matches!(err, ChunkError::Hash { .. } | ChunkError::Length { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_tampered_index_or_manifest_is_refused_before_any_chunk() {
+    let f = Fixture::new();
+    let bundle = f.chunked(&text(100_000, 4), "1");
+    let read = read_unverified(bundle.as_slice()).unwrap();
+    // The index is the third member: its data follows three 512-byte-padded members' headers.
+    let index_at = read.data_offset as usize
+        - 512
+        - (read.manifest.chunked.as_ref().unwrap().index_size as usize).div_ceil(512) * 512;
+    let mut tampered = bundle.clone();
+    tampered[index_at + 20] ^= 1; // a byte of the first chunk's sha256
+    let err = BundleReader::open(tampered.as_slice(), &f.policy())
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("chunk index sha256"), "{err}");
+
+    let mut tampered = bundle.clone();
+    let manifest_text = String::from_utf8_lossy(&bundle[512..1024]).into_owned();
+    let at = manifest_text.find("\"image_size\"").unwrap() + 512 + 15;
+    tampered[at] = if tampered[at] == b'1' { b'2' } else { b'1' };
+    let err = BundleReader::open(tampered.as_slice(), &f.policy())
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("does not verify"), "{err}");
+}
+
+#[test]
+fn a_raw_size_beyond_the_slot_is_refused_before_reading_chunks() {
+    let f = Fixture::new();
+    let bundle = f.chunked(&text(50_000, 5), "1");
+    let policy = Policy {
+        max_image_size: Some(49_999),
+        ..f.policy()
+    };
+    let err = BundleReader::open(bundle.as_slice(), &policy)
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("more than the 49999 bytes"),
+        "{err}"
+    );
+}
+
+#[test]
+fn compressed_images_are_refused_for_chunking() {
+    let f = Fixture::new();
+    let path = f.path("rootfs.img.zst");
+    let mut data = vec![0x28, 0xb5, 0x2f, 0xfd];
+    data.extend_from_slice(&[0u8; 100]);
+    std::fs::write(&path, data).unwrap();
+    let err = create_chunked_bundle(&path, &f.options("1"), &SMALL, Vec::new()).unwrap_err();
+    assert!(err.to_string().contains("raw image"), "{err}");
+}
+
+#[test]
+fn an_insertion_keeps_the_later_chunks_so_little_is_downloaded() {
+    let f = Fixture::new();
+    let old = text(400_000, 6);
+    let mut new = old[..100_000].to_vec();
+    new.extend_from_slice(&text(3_000, 7)); // inserted: shifts everything after it
+    new.extend_from_slice(&old[100_000..]);
+    let old_index = read_unverified(f.chunked(&old, "1").as_slice())
+        .unwrap()
+        .index
+        .unwrap();
+    let new_bundle = f.chunked(&new, "2");
+    let new_index = read_unverified(new_bundle.as_slice())
+        .unwrap()
+        .index
+        .unwrap();
+    let have: std::collections::HashSet<[u8; 32]> =
+        old_index.chunks.iter().map(|c| c.sha256).collect();
+    let plan = DeltaPlan::new(&new_index, |c| have.contains(&c.sha256));
+    let needed = plan.needed.iter().filter(|n| **n).count();
+    assert!((1..=6).contains(&needed), "{needed} chunks needed");
+    assert!(plan.ranges.len() <= 2, "{:?}", plan.ranges);
+    assert!(plan.download_bytes() < new_index.stored_size() / 10);
+    assert!(plan.reused_bytes(&new_index) > new.len() as u64 * 9 / 10);
+}
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ddi-bundle"))
+}
+
+fn run(dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_cli_creates_inspects_verifies_and_diffs_chunked_bundles() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert!(run(d, &["keygen", "--out", "vendor"]).0);
+    let old = text(500_000, 8);
+    let mut new = old.clone();
+    new[250_000..260_000].copy_from_slice(&text(10_000, 9));
+    std::fs::write(d.join("old.img"), &old).unwrap();
+    std::fs::write(d.join("new.img"), &new).unwrap();
+    for (image, out) in [("old.img", "old.ddib"), ("new.img", "new.ddib")] {
+        let args = [
+            "create",
+            "--key",
+            "vendor.key",
+            "--compatible",
+            "acme-gw",
+            "--version",
+            "1",
+            "--image",
+            image,
+            "-o",
+            out,
+            "--chunked",
+            "--chunk-size-kib",
+            "4",
+            "--zstd-level",
+            "3",
+        ];
+        let (ok, stdout, stderr) = run(d, &args);
+        assert!(ok, "{stderr}");
+        assert!(stdout.contains("ZstdChunks"), "{stdout}");
+    }
+    let (ok, stdout, _) = run(d, &["info", "new.ddib"]);
+    assert!(ok);
+    assert!(stdout.contains("\"format\": 2"), "{stdout}");
+    assert!(stdout.contains("chunks: "), "{stdout}");
+    let (ok, stdout, stderr) = run(d, &["verify", "--trusted-key", "vendor.pub", "new.ddib"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("(500000 bytes)"), "{stdout}");
+
+    // The same answer from the old bundle and from the old raw image.
+    for old in ["old.ddib", "old.img"] {
+        let (ok, stdout, stderr) = run(d, &["diff", old, "new.ddib", "--json"]);
+        assert!(ok, "{stderr}");
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        let downloaded = v["downloaded_bytes"].as_u64().unwrap();
+        let full = v["full_bundle_bytes"].as_u64().unwrap();
+        let needed = v["chunks_needed"].as_u64().unwrap();
+        assert!((2..=8).contains(&needed), "{stdout}");
+        assert!(downloaded < full / 5, "{stdout}");
+        assert_eq!(v["requests"].as_u64(), Some(2), "{stdout}");
+    }
+    let (ok, stdout, _) = run(d, &["diff", "old.ddib", "new.ddib"]);
+    assert!(ok);
+    assert!(stdout.contains("HTTP requests"), "{stdout}");
+
+    // A chunk flipped on disk: verify names the chunk.
+    let mut bundle = std::fs::read(d.join("new.ddib")).unwrap();
+    let at = read_unverified(bundle.as_slice()).unwrap().data_offset as usize + 50;
+    bundle[at] ^= 0x10;
+    std::fs::write(d.join("bad.ddib"), bundle).unwrap();
+    let (ok, _, stderr) = run(d, &["verify", "--trusted-key", "vendor.pub", "bad.ddib"]);
+    assert!(!ok);
+    assert!(stderr.contains("chunk"), "{stderr}");
+}
