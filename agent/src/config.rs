@@ -438,13 +438,8 @@ impl Config {
         for (k, v) in root.device.attributes {
             let span = v.span();
             let v = v.into_inner();
-            if !attribute_ok(&k) || !attribute_ok(&v) {
-                return Err(at(
-                    span,
-                    format!(
-                        "device.attributes.{k}: keys and values must be printable ASCII of at most 128 characters"
-                    ),
-                ));
+            if let Some(problem) = attribute_problem(&k, &v) {
+                return Err(at(span, problem));
             }
             attributes.insert(k, v);
         }
@@ -600,9 +595,13 @@ where
     Ok(t)
 }
 
-/// hawkBit accepts attribute keys and values of at most 128 ASCII characters.
-fn attribute_ok(s: &str) -> bool {
-    s.len() <= 128 && s.chars().all(|c| c.is_ascii() && !c.is_ascii_control())
+/// Why hawkBit would refuse the configured attribute `key = value` (it rejects the whole configData
+/// PUT, so one bad attribute would be re-sent and refused on every poll).
+pub fn attribute_problem(key: &str, value: &str) -> Option<String> {
+    use crate::ddi::attribute_problem as problem;
+    problem(key)
+        .map(|p| format!("device.attributes: key {key:?}: {p}"))
+        .or_else(|| problem(value).map(|p| format!("device.attributes.{key}: value: {p}")))
 }
 
 #[cfg(test)]
@@ -802,6 +801,11 @@ compatible = "board-x"
             ("[agent]\nhealth_checks = [\"\"]", "health_checks"),
             ("[agent]\nstate_dir = 5", "state_dir"),
             ("[device]\nattributes = { k = \"\u{e9}\" }", "attributes"),
+            (
+                "[device]\nattributes = { k = \"1.0~rc1\" }",
+                "device.attributes.k",
+            ),
+            ("[device]\nattributes = { \"a`b\" = \"1\" }", "key \"a`b\""),
             ("[bundle]\nrequire_signature = true", "trusted_keys"),
         ] {
             let e = err_text(&format!("{MINIMAL}\n{extra}\n"));

@@ -743,11 +743,7 @@ pub fn running_version(path: &std::path::Path) -> Option<String> {
             let first = text.lines().next()?.trim();
             (!first.contains('=')).then(|| first.to_string())
         })?;
-    let v: String = v
-        .chars()
-        .filter(|c| c.is_ascii() && !c.is_ascii_control())
-        .take(128)
-        .collect();
+    let v = crate::ddi::sanitise_attribute(&v);
     (!v.is_empty()).then_some(v)
 }
 

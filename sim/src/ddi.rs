@@ -659,9 +659,9 @@ fn poll(ctx: &Ctx) -> Result<Response, DdiError> {
         };
         let sleep =
             super::model::format_sleep(st.poll_sleep_ms(cid, now), st.config.version.iso_polling());
+        use super::model::ActionStatus as S;
         let mut links = Map::new();
         if let Some(a) = st.current_action(cid) {
-            use super::model::ActionStatus as S;
             match a.status {
                 S::WaitForConfirmation => {
                     links.insert(
@@ -692,7 +692,12 @@ fn poll(ctx: &Ctx) -> Result<Response, DdiError> {
             }
         }
         let t = &st.targets[cid];
-        if let Some(installed) = t.installed_action {
+        // hawkBit links the newest FINISHED action of the installed set: a closed action whose
+        // deploymentBase was fetched again is RETRIEVED and no longer linked.
+        if let Some(installed) = t
+            .installed_action
+            .filter(|id| st.actions.get(id).is_some_and(|a| a.status == S::Finished))
+        {
             links.insert(
                 "installedBase".into(),
                 link(format!("{base}/installedBase/{installed}")),

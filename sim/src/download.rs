@@ -330,7 +330,8 @@ pub async fn artifact(
                 .and_then(|f| st.artifact(module, f))
             {
                 Some(a) => (a.clone(), true),
-                None => return not_found("Artifact", filename.to_string()),
+                // hawkBit answers a module without this file with a bare `notFound()`.
+                None => return error_response(&DdiError::NotFound, version),
             },
         };
         let is_range = range_header.is_some() && !md5sum;

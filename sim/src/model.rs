@@ -186,6 +186,9 @@ pub struct Action {
     /// A RETRIEVED entry was registered since the last other status change.
     #[serde(default)]
     pub retrieved: bool,
+    /// Multi-assignment weight (0..=1000); absent counts as [`WEIGHT_IF_ABSENT`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u16>,
     pub created_ms: Millis,
     pub history: Vec<StatusEntry>,
     pub feedback: Vec<FeedbackRecord>,
@@ -662,7 +665,13 @@ pub struct Assignment {
     /// Start in WAIT_FOR_CONFIRMATION (unless the target has auto-confirm on).
     #[serde(default)]
     pub confirmation_required: bool,
+    /// A weighted assignment is a multi-assignment: the target's other active actions stay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u16>,
 }
+
+/// hawkBit's `action-weight-if-absent`: an action without weight ranks as the heaviest.
+pub const WEIGHT_IF_ABSENT: u16 = 1000;
 
 impl Assignment {
     pub fn new(action_type: ActionType) -> Self {
@@ -671,6 +680,7 @@ impl Assignment {
             forced_at_ms: None,
             maintenance: None,
             confirmation_required: false,
+            weight: None,
         }
     }
     pub fn forced() -> Self {
@@ -695,6 +705,11 @@ impl Assignment {
     }
     pub fn with_confirmation(mut self) -> Self {
         self.confirmation_required = true;
+        self
+    }
+    /// A multi-assignment with this weight (0..=1000).
+    pub fn with_weight(mut self, weight: u16) -> Self {
+        self.weight = Some(weight);
         self
     }
 }
@@ -1004,9 +1019,19 @@ impl State {
                 ));
             }
         }
+        if a.weight.is_some_and(|w| w > WEIGHT_IF_ABSENT) {
+            return Err(MgmtError::Invalid(format!(
+                "weight must be 0..={WEIGHT_IF_ABSENT}"
+            )));
+        }
         let autoclose = self.config.autoclose_obsolete;
+        let multi_assignment = a.weight.is_some();
         for old in self.actions.values_mut() {
-            if old.target == target && old.active && old.status != ActionStatus::Canceling {
+            if !multi_assignment
+                && old.target == target
+                && old.active
+                && old.status != ActionStatus::Canceling
+            {
                 if autoclose {
                     old.push_status(
                         now,
@@ -1042,6 +1067,7 @@ impl State {
             status: ActionStatus::Running,
             active: true,
             retrieved: false,
+            weight: a.weight,
             created_ms: now,
             history: Vec::new(),
             feedback: Vec::new(),
@@ -1226,15 +1252,20 @@ impl State {
             })
     }
 
-    /// The action that decides the poll link: the oldest active one (hawkBit without
-    /// multi-assignment weights).
+    /// The action that decides the poll link: the active one with the highest weight, the oldest
+    /// among equals (hawkBit's `findActiveActionWithHighestWeight`).
     pub fn current_action(&self, controller_id: &str) -> Option<&Action> {
         self.actions
             .values()
             .filter(|a| {
                 a.target == controller_id && a.active && a.status != ActionStatus::Scheduled
             })
-            .min_by_key(|a| a.id)
+            .max_by_key(|a| {
+                (
+                    a.weight.unwrap_or(WEIGHT_IF_ABSENT),
+                    std::cmp::Reverse(a.id),
+                )
+            })
     }
 
     /// Registers a poll (and cancels actions whose maintenance schedule lapsed).
@@ -1327,7 +1358,9 @@ impl State {
         Ok(self.actions.get_mut(&action_id).expect("checked above"))
     }
 
-    /// GET deploymentBase: 404 while canceling or waiting for confirmation; registers RETRIEVED once.
+    /// GET deploymentBase: 404 while canceling or waiting for confirmation; registers RETRIEVED
+    /// once, closed actions too (hawkBit's `registerRetrieved` does not look at `active`: a closed
+    /// action becomes RETRIEVED and so loses the target's `installedBase` link).
     pub fn retrieve_deployment(
         &mut self,
         controller_id: &str,
@@ -1341,7 +1374,7 @@ impl State {
             | ActionStatus::WaitForConfirmation => return Err(DdiError::NotFound),
             _ => {}
         }
-        if a.active && !a.retrieved {
+        if !a.retrieved {
             a.push_status(now, ActionStatus::Retrieved, vec![format!("{UPDATE_SERVER}Target retrieved update action and should start now the download.")], None);
             a.status = ActionStatus::Retrieved;
             a.retrieved = true;

@@ -85,9 +85,9 @@ impl HawkbitVersion {
     pub fn supports_confirmation_and_installed_base(&self) -> bool {
         self.at_least(Self::milestone(0, 3, 0, 8))
     }
-    /// `PUT installedBase` exists (0.7.0+).
+    /// `PUT installedBase` exists (0.6.0+).
     pub fn supports_put_installed_base(&self) -> bool {
-        self.at_least(Self::release(0, 7, 0))
+        self.at_least(Self::release(0, 6, 0))
     }
     /// HTTP status for an exceeded quota: 429 since 0.10.0, 403 before.
     pub fn quota_status(&self) -> u16 {
@@ -251,6 +251,8 @@ mod tests {
         );
         assert_eq!(v("1.1.0").download_access(), DownloadAccess::ActiveAction);
         assert!(!v("1.1.0").denied_revokes_confirmation());
+        assert!(!v("0.5.0").supports_put_installed_base());
+        assert!(v("0.6.0").supports_put_installed_base());
         assert!(HawkbitVersion::HEAD.denied_revokes_confirmation());
     }
 }

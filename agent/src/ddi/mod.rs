@@ -810,3 +810,52 @@ mod tests {
         assert_eq!(v["confirmation"], "denied");
     }
 }
+
+/// hawkBit's limit for a configData key or value (`Target.CONTROLLER_ATTRIBUTE_*_SIZE`).
+pub const ATTRIBUTE_MAX_CHARS: usize = 128;
+
+/// Punctuation hawkBit's controller attribute pattern allows besides ASCII letters, digits and
+/// whitespace; everything else (`~`, a backtick, non-ASCII) makes it reject the whole PUT with 400.
+const ATTRIBUTE_PUNCTUATION: &str = "_-!@#$%^&*()+=[]{}|;:'\",.<>/\\?";
+
+fn attribute_char_ok(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == ' ' || ATTRIBUTE_PUNCTUATION.contains(c)
+}
+
+/// Why hawkBit would refuse this attribute key or value, if it would.
+pub fn attribute_problem(s: &str) -> Option<String> {
+    if s.chars().count() > ATTRIBUTE_MAX_CHARS {
+        return Some(format!("longer than {ATTRIBUTE_MAX_CHARS} characters"));
+    }
+    s.chars()
+        .find(|c| !attribute_char_ok(*c))
+        .map(|c| format!("character {c:?} is not accepted by hawkBit (allowed: ASCII letters, digits, space and {ATTRIBUTE_PUNCTUATION})"))
+}
+
+/// A derived value (e.g. `VERSION_ID`) made acceptable to hawkBit: other characters become `_`,
+/// and it is cut to [`ATTRIBUTE_MAX_CHARS`]. A configured value is validated instead.
+pub fn sanitise_attribute(s: &str) -> String {
+    s.chars()
+        .filter(|c| !c.is_control())
+        .map(|c| if attribute_char_ok(c) { c } else { '_' })
+        .take(ATTRIBUTE_MAX_CHARS)
+        .collect()
+}
+
+#[cfg(test)]
+mod attribute_tests {
+    use super::*;
+
+    #[test]
+    fn attributes_follow_hawkbits_pattern() {
+        assert_eq!(attribute_problem("hw rev-2 (A/B) [x]"), None);
+        assert!(attribute_problem("1.0~rc1").unwrap().contains("'~'"));
+        assert!(attribute_problem("a`b").is_some());
+        assert!(attribute_problem("\u{e9}").is_some());
+        assert!(attribute_problem("a\tb").is_some());
+        assert_eq!(attribute_problem(&"x".repeat(128)), None);
+        assert!(attribute_problem(&"x".repeat(129)).unwrap().contains("128"));
+        assert_eq!(sanitise_attribute("1.0~rc1`\u{e9}\n"), "1.0_rc1__");
+        assert_eq!(sanitise_attribute(&"x".repeat(200)).len(), 128);
+    }
+}

@@ -323,6 +323,27 @@ fn installed_base_serves_only_finished_actions() {
 }
 
 #[test]
+fn fetching_a_closed_deployment_again_records_retrieved_and_drops_installed_base() {
+    let e = env();
+    let id = e.deploy(b"x", &Assignment::forced());
+    e.get_json(&format!("/deploymentBase/{id}"));
+    e.feedback(id, "closed", "success");
+    assert_eq!(
+        link(&e.poll(), "installedBase"),
+        Some(e.url(&format!("/installedBase/{id}")))
+    );
+    e.get_json(&format!("/deploymentBase/{id}"));
+    let a = e.server.action(id).unwrap();
+    assert_eq!(a.status, ddi_sim::ActionStatus::Retrieved);
+    assert!(!a.active, "still closed");
+    assert_eq!(
+        link(&e.poll(), "installedBase"),
+        None,
+        "hawkBit links only a FINISHED installed action"
+    );
+}
+
+#[test]
 fn put_installed_base_declares_an_offline_install() {
     let e = env();
     let m = e.server.create_module("os", "fw", "7");
@@ -357,12 +378,24 @@ fn endpoints_of_newer_versions_do_not_exist_on_old_servers() {
         env_with(ServerOptions::default().version("0.3.0M7".parse::<HawkbitVersion>().unwrap()));
     assert_eq!(e.get("/confirmationBase").status(), 404);
     assert_eq!(e.get("/installedBase/1").status(), 404);
-    let e = env_with(ServerOptions::default().version("0.6.0".parse::<HawkbitVersion>().unwrap()));
+    let e = env_with(ServerOptions::default().version("0.5.0".parse::<HawkbitVersion>().unwrap()));
     assert_eq!(
         e.put("/installedBase", r#"{"name":"a","version":"b"}"#)
             .status(),
         404
     );
+    let e = env_with(ServerOptions::default().version("0.6.0".parse::<HawkbitVersion>().unwrap()));
+    assert_eq!(
+        e.put("/installedBase", r#"{"name":"a","version":"b"}"#)
+            .status(),
+        404,
+        "PUT installedBase exists since 0.6.0: an unknown set is a 404 with a body"
+    );
+    assert!(!e
+        .put("/installedBase", r#"{"name":"a","version":"b"}"#)
+        .text()
+        .unwrap()
+        .is_empty());
     let base = e.get_json("/confirmationBase");
     assert_eq!(
         base["autoConfirm"],

@@ -255,15 +255,18 @@ fn downloads_404_for_unknown_or_unassigned_artifacts_and_need_auth() {
         .unwrap()
         .parse()
         .unwrap();
-    assert_eq!(
-        e.auth(
+    let missing = e
+        .auth(
             e.http
-                .get(format!("{base}/softwaremodules/{module}/artifacts/nope"))
+                .get(format!("{base}/softwaremodules/{module}/artifacts/nope")),
         )
         .send()
-        .unwrap()
-        .status(),
-        404
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    assert_eq!(
+        missing.text().unwrap(),
+        "",
+        "hawkBit's notFound() for a file the module lacks has no body"
     );
     assert_eq!(
         e.auth(

@@ -405,3 +405,29 @@ fn polling_deviation_gives_fractional_iso_intervals() {
         "ms granularity: {seen:?}"
     );
 }
+
+#[test]
+fn the_poll_links_the_heaviest_active_action_then_the_oldest() {
+    let e = env();
+    let light = e.deploy(b"a", &Assignment::forced().with_weight(10));
+    let heavy = e.deploy(b"b", &Assignment::forced().with_weight(500));
+    let heavy_too = e.deploy(b"c", &Assignment::forced().with_weight(500));
+    let href = link(&e.poll(), "deploymentBase").unwrap();
+    assert!(
+        href.contains(&format!("/deploymentBase/{heavy}?")),
+        "weight first, then the lower id: {href}"
+    );
+    for (id, state) in [(light, true), (heavy_too, true)] {
+        assert_eq!(
+            e.server.action(id).unwrap().active,
+            state,
+            "multi-assignment keeps {id}"
+        );
+    }
+    e.feedback(heavy, "closed", "success");
+    let href = link(&e.poll(), "deploymentBase").unwrap();
+    assert!(
+        href.contains(&format!("/deploymentBase/{heavy_too}?")),
+        "{href}"
+    );
+}

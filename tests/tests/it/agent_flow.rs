@@ -440,6 +440,21 @@ fn config_data_is_sent_when_requested() {
 }
 
 #[test]
+fn a_version_id_hawkbit_would_refuse_is_sent_sanitised() {
+    let rig = Rig::new();
+    // `~` is common in Debian-style versions and outside hawkBit's attribute pattern: sent as is,
+    // the whole configData PUT is refused (400) on every poll.
+    std::fs::write(rig.dev.os_release_path(), "ID=x\nVERSION_ID=\"1.0~rc1\"\n").unwrap();
+    rig.once_expect(0);
+    let t = rig.server.target(TARGET).unwrap().target;
+    assert_eq!(
+        t.attributes.get("running_version").map(String::as_str),
+        Some("1.0_rc1")
+    );
+    assert!(!t.request_attributes, "attributes accepted");
+}
+
+#[test]
 fn wrong_token_fails_the_cycle_without_leaking_it() {
     let rig = Rig::with(ServerOptions::default(), |o| {
         o.target_token = format!("{TOKEN}-wrong");
