@@ -57,6 +57,9 @@ pub enum FaultKind {
         pointer: String,
         value: serde_json::Value,
     },
+    /// Answer a download's `Range` with the whole artifact (200), like a server or proxy
+    /// without Range support.
+    IgnoreRange,
 }
 
 impl FaultKind {
@@ -64,9 +67,10 @@ impl FaultKind {
     pub fn default_endpoint(&self) -> Endpoint {
         match self {
             FaultKind::Status { .. } => Endpoint::Any,
-            FaultKind::DropAfter { .. } | FaultKind::Slow { .. } | FaultKind::Truncate { .. } => {
-                Endpoint::Download
-            }
+            FaultKind::DropAfter { .. }
+            | FaultKind::Slow { .. }
+            | FaultKind::Truncate { .. }
+            | FaultKind::IgnoreRange => Endpoint::Download,
             FaultKind::WrongHash | FaultKind::SetJson { .. } => Endpoint::DeploymentBase,
             FaultKind::MalformedJson => Endpoint::Poll,
         }
@@ -155,6 +159,7 @@ pub struct Triggered {
     pub wrong_hash: bool,
     pub malformed_json: bool,
     pub truncate: Option<u64>,
+    pub ignore_range: bool,
     /// (pointer, value) of a [`FaultKind::SetJson`].
     pub set_json: Option<(String, serde_json::Value)>,
 }
@@ -192,6 +197,10 @@ pub fn trigger(faults: &mut Vec<Fault>, endpoint: Endpoint, controller_id: &str)
             }
             FaultKind::Truncate { bytes } if t.truncate.is_none() => {
                 t.truncate = Some(bytes);
+                true
+            }
+            FaultKind::IgnoreRange if !t.ignore_range => {
+                t.ignore_range = true;
                 true
             }
             FaultKind::SetJson {

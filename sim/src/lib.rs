@@ -67,6 +67,7 @@ pub mod mgmt;
 pub mod model;
 pub mod version;
 
+pub use download::DownloadRequest;
 pub use faults::{Endpoint, Fault, FaultKind};
 pub use mgmt::{ActionView, ArtifactView, TargetView};
 pub use model::{
@@ -180,12 +181,30 @@ pub struct Shared {
     state_file: Option<PathBuf>,
     data_dir: PathBuf,
     _temp: Option<tempfile::TempDir>,
+    /// Every artifact request, in order (not persisted).
+    downloads: Mutex<Vec<download::DownloadRequest>>,
 }
 
 impl Shared {
     /// Locks the state.
     pub fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends to the download log.
+    pub fn log_download(&self, request: download::DownloadRequest) {
+        self.downloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(request);
+    }
+
+    /// Every artifact request so far, in order.
+    pub fn download_log(&self) -> Vec<download::DownloadRequest> {
+        self.downloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Runs `f` on the state and saves it (when a state file is configured).
@@ -256,6 +275,7 @@ pub fn shared_from_options(opts: &ServerOptions) -> Result<Arc<Shared>, ServerEr
         state_file: opts.state_file.clone(),
         data_dir,
         _temp: temp,
+        downloads: Mutex::new(Vec::new()),
     });
     shared.save(&shared.lock())?;
     Ok(shared)
@@ -513,6 +533,12 @@ impl TestServer {
         })
     }
     /// Faults still armed.
+    /// Every artifact request the server answered, in order: its `Range`, status and body
+    /// length (how many bytes and requests a download cost).
+    pub fn download_log(&self) -> Vec<download::DownloadRequest> {
+        self.shared.download_log()
+    }
+
     pub fn faults(&self) -> Vec<Fault> {
         self.shared.lock().faults.clone()
     }
