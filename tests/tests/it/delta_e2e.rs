@@ -275,8 +275,9 @@ fn a_delta_killed_in_the_middle_resumes_without_fetching_finished_chunks_again()
     let read = read_unverified(bundle.as_slice()).unwrap();
     let index = read.index.unwrap();
     // Slow enough that the delta takes some seconds.
-    rig.server
-        .add_fault(Fault::new(FaultKind::Slow { bytes_per_sec: 300_000 }));
+    rig.server.add_fault(Fault::new(FaultKind::Slow {
+        bytes_per_sec: 300_000,
+    }));
     let action = rig.deploy(bundle);
 
     let record = rig.device.state_dir().join("download.resume");
@@ -316,10 +317,8 @@ fn a_delta_killed_in_the_middle_resumes_without_fetching_finished_chunks_again()
         .iter()
         .filter_map(|c| {
             image_end += u64::from(c.raw_len);
-            (image_end <= durable).then_some((
-                read.data_offset + c.offset,
-                read.data_offset + c.end(),
-            ))
+            (image_end <= durable)
+                .then_some((read.data_offset + c.offset, read.data_offset + c.end()))
         })
         .collect();
     let data_ranges: Vec<(u64, u64)> = second_run
