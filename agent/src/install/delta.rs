@@ -29,8 +29,9 @@ use std::time::Instant;
 
 use ddi_bundle::chunked::{plan_ranges, MAX_RANGE_REQUESTS, NEAR_GAP};
 use ddi_bundle::{
-    looks_like_bundle, read_manifest_unverified, BundleReader, ChunkDecoder, ChunkEntry,
-    ChunkIndex, Chunker, ChunkerParams, DeltaPlan, FetchRange, MAX_METADATA_SIZE,
+    looks_like_bundle, read_manifest_unverified, read_prefix_unverified, BundleReader,
+    ChunkDecoder, ChunkEntry, ChunkIndex, Chunker, ChunkerParams, DeltaPlan, FetchRange,
+    MAX_METADATA_SIZE,
 };
 use sha2::{Digest, Sha256};
 
@@ -117,9 +118,13 @@ async fn probe_inner(
         .chunked
         .as_ref()
         .ok_or_else(|| format!("a format-{} bundle (not chunked)", manifest.format))?;
-    // Headers and padded members up to the image's data, at most.
-    let bound =
-        (5 * 512 + 2 * MAX_METADATA_SIZE + chunked.index_size.next_multiple_of(512)).min(size);
+    // Everything before the image's data: exact when the head holds both metadata members
+    // (what it says is checked by the verification below), else the most it can be.
+    let bound = match read_prefix_unverified(head.as_slice()) {
+        Ok((_, len)) => len,
+        Err(_) => 5 * 512 + 2 * MAX_METADATA_SIZE + chunked.index_size.next_multiple_of(512),
+    }
+    .min(size);
     if bound > head.len() as u64 {
         let rest = fetch(head.len() as u64, bound).await?;
         head.extend_from_slice(&rest);
