@@ -336,3 +336,30 @@ fn a_delta_killed_in_the_middle_resumes_without_fetching_finished_chunks_again()
         );
     }
 }
+
+#[test]
+fn dropped_connections_resume_inside_their_range() {
+    let rig = Rig::new(2 << 20, 4 << 20);
+    let v2 = version_2(&rig.v1, 4);
+    let bundle = rig.bundle(&v2);
+    // The first five requests (the head and the first chunk ranges) break off after 3000 bytes.
+    rig.server
+        .add_fault(Fault::new(FaultKind::DropAfter { bytes: 3000 }).times(5));
+    let action = rig.deploy(bundle.clone());
+    rig.settle(action);
+    rig.assert_success(action, &v2);
+    let log = rig.server.download_log();
+    assert!(
+        log.iter().all(|r| r.status == 206),
+        "no full download: {log:#?}"
+    );
+    // A broken request is continued where it broke off, not from its start.
+    let ranges: Vec<(u64, u64)> = log.iter().filter_map(range_of).collect();
+    for pair in ranges.windows(2).take(5) {
+        assert_eq!(
+            pair[1],
+            (pair[0].0 + 3000, pair[0].1),
+            "not resumed inside the range: {log:#?}"
+        );
+    }
+}
