@@ -225,6 +225,37 @@ mod tests {
     }
 
     #[test]
+    fn records_of_other_agent_versions_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("download.resume");
+        let slot = Path::new("/dev/slot-b");
+        // Written by an agent before delta installs (no image_sha256).
+        fs::write(
+            &path,
+            r#"{"version":1,"url":"http://x/a","slot":"/dev/slot-b","algorithm":"sha256","expected_hash":"ab","size":100,"format":"raw","artifact_offset":64,"slot_offset":64}"#,
+        )
+        .unwrap();
+        let old = load(&path).unwrap();
+        assert_eq!(
+            old.resume_offset(slot, "sha256", "ab", Some(100), 1000),
+            Some(64)
+        );
+        assert_eq!(old.chunks_offset(slot, "ab", "cd", 1000), None);
+        // Written by a later agent with a field this one does not know.
+        fs::write(
+            &path,
+            r#"{"version":1,"url":"u","slot":"/dev/slot-b","algorithm":"","expected_hash":"ab","size":100,"format":"chunks","artifact_offset":0,"slot_offset":32,"image_sha256":"cd","future":[1]}"#,
+        )
+        .unwrap();
+        let newer = load(&path).unwrap();
+        assert_eq!(newer.chunks_offset(slot, "ab", "cd", 1000), Some(32));
+        // A chunks record never resumes a raw download, and another image never resumes.
+        assert_eq!(newer.resume_offset(slot, "", "ab", Some(100), 1000), None);
+        assert_eq!(newer.chunks_offset(slot, "ab", "ef", 1000), None);
+        assert_eq!(newer.chunks_offset(slot, "ab", "cd", 16), None);
+    }
+
+    #[test]
     fn garbage_is_ignored() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("resume.json");
