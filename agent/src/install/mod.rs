@@ -20,11 +20,17 @@
 //! at once.
 //! The caller (the driver) marks the slot bad in the bootloader before calling [`install`].
 //!
+//! Delta: with a trusted key, the head of the artifact is read first; a signed chunked bundle
+//! then fetches only the chunks the running slot lacks ([`delta`]), anything else goes the
+//! way above.
+//!
 //! Resume: within one run, network faults are resumed with Range requests; across restarts,
-//! raw images continue from the last durable checkpoint (see [`resume`]).
+//! raw images continue from the last durable checkpoint, delta installs from the chunk at it
+//! (see [`resume`]).
 //!
 //! Layout: [`source`] (download), [`pipeline`] (blocking stage), [`decode`] (format
-//! detection), [`compress`] (zstd and xz decoders), [`chunked`] (format-2 bundles), [`archive`] (tar rules), [`slot`] (slot safety and writer), [`hash`],
+//! detection), [`compress`] (zstd and xz decoders), [`chunked`] (format-2 bundles), [`delta`]
+//! (delta installs of them), [`archive`] (tar rules), [`slot`] (slot safety and writer), [`hash`],
 //! [`resume`], [`bundle`] (signed-bundle seam), [`error`].
 
 pub mod archive;
