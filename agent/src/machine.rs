@@ -150,9 +150,9 @@ pub struct Caches {
 }
 
 // Read access for the driver, the service and the CLI; `restore` rebuilds a stored state (for
-// `crate::state_file`). Every change goes through `step`.
+// `crate::state_file`, inside this crate only). Every change goes through `step`.
 impl State {
-    pub fn restore(update: Update, outbox: Outbox, caches: Caches) -> State {
+    pub(crate) fn restore(update: Update, outbox: Outbox, caches: Caches) -> State {
         State {
             update,
             outbox,
@@ -174,7 +174,7 @@ impl State {
 }
 
 impl Update {
-    pub fn restore(
+    pub(crate) fn restore(
         phase: Phase,
         last_result: Option<LastResult>,
         finished_actions: Vec<String>,
@@ -206,7 +206,7 @@ impl Update {
 }
 
 impl Caches {
-    pub fn restore(
+    pub(crate) fn restore(
         attributes_sent: Option<BTreeMap<String, String>>,
         server_installed: Option<String>,
     ) -> Caches {
@@ -236,7 +236,7 @@ pub struct Outbox {
 
 impl Outbox {
     /// The outbox as stored (entries and the next sequence number, exactly).
-    pub fn restore(entries: Vec<Outgoing>, next_seq: u64) -> Outbox {
+    pub(crate) fn restore(entries: Vec<Outgoing>, next_seq: u64) -> Outbox {
         Outbox { entries, next_seq }
     }
 
