@@ -394,27 +394,3 @@ fn the_download_log_records_range_status_and_length_of_every_request() {
     );
     assert!(log.iter().all(|r| r.controller_id == CID));
 }
-
-#[test]
-fn ignore_range_answers_the_whole_artifact() {
-    let e = env();
-    let d = data(1000);
-    let id = e.deploy(&d, &Assignment::forced());
-    let href = e.download_href(id);
-    e.server
-        .add_fault(ddi_sim::Fault::new(ddi_sim::FaultKind::IgnoreRange).once());
-    let ranged = |range: &str| {
-        e.auth(e.http.get(&href))
-            .header("Range", range)
-            .send()
-            .unwrap()
-    };
-    let ignored = ranged("bytes=100-199");
-    assert_eq!(ignored.status(), 200);
-    assert!(ignored.headers().get("content-range").is_none());
-    assert_eq!(ignored.bytes().unwrap().as_ref(), &d[..]);
-    // The fault was used once: the next Range is honoured again.
-    let honoured = ranged("bytes=100-199");
-    assert_eq!(honoured.status(), 206);
-    assert_eq!(honoured.bytes().unwrap().as_ref(), &d[100..200]);
-}
