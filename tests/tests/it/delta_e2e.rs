@@ -13,9 +13,9 @@ use ddi_bundle::{
     create_chunked_bundle, generate_keypair, read_unverified, ChunkedOptions, ChunkerParams,
     CreateOptions, SecretKey, UnverifiedBundle,
 };
-use ddi_sim::{Assignment, DownloadRequest, Fault, FaultKind, ServerOptions, TestServer};
-use ddi_tests::demo::{closed_result, ended_as, summary};
-use ddi_tests::device::{DeviceOptions, FileDevice, Image};
+use ddi_sim::{DownloadRequest, Fault, FaultKind, ServerOptions};
+use ddi_tests::demo::{ended_as, summary};
+use ddi_tests::device::Image;
 use ddi_tests::harness::Background;
 
 const CONTROLLER: &str = "delta-e2e";
@@ -24,13 +24,20 @@ const COMPATIBLE: &str = "acme-gw-rev2";
 const AGENT_TIMEOUT: Duration = Duration::from_secs(90);
 const AVERAGE_CHUNK: u32 = 16 * 1024;
 
+/// The common rig, its device running `v1` and trusting the vendor key.
 struct Rig {
-    server: TestServer,
-    device: FileDevice,
+    rig: ddi_tests::rig::Rig,
     vendor: SecretKey,
     keys: tempfile::TempDir,
     /// What slot A holds (the version the device runs).
     v1: Vec<u8>,
+}
+
+impl std::ops::Deref for Rig {
+    type Target = ddi_tests::rig::Rig;
+    fn deref(&self) -> &Self::Target {
+        &self.rig
+    }
 }
 
 impl Rig {
@@ -40,21 +47,18 @@ impl Rig {
         let vendor = generate_keypair().unwrap();
         let vendor_pub = keys.path().join("vendor.pub");
         std::fs::write(&vendor_pub, vendor.public_key().to_text()).unwrap();
-        let server = TestServer::start(ServerOptions::default());
-        server.create_target(CONTROLLER, Some(TOKEN)).unwrap();
         let v1 = Image::good("1.0", size).bytes;
-        let mut options = DeviceOptions::new(&server.url(), CONTROLLER, TOKEN);
-        options.slot_size = slot_size;
-        options.factory_image = v1.clone();
-        options.config_extra = format!(
-            "[bundle]\ntrusted_keys = [{:?}]\nrequire_signature = true\ncompatible = {COMPATIBLE:?}\n",
-            vendor_pub.display().to_string()
-        );
-        let device = FileDevice::create_temp(options).unwrap();
-        device.reboot().unwrap();
+        let rig = ddi_tests::rig::Rig::start(ServerOptions::default(), CONTROLLER, TOKEN, |o| {
+            o.slot_size = slot_size;
+            o.factory_image = v1.clone();
+            o.config_extra = format!(
+                "[bundle]\ntrusted_keys = [{:?}]\nrequire_signature = true\ncompatible = {COMPATIBLE:?}\n",
+                vendor_pub.display().to_string()
+            );
+        });
+        rig.dev.reboot().unwrap();
         Rig {
-            server,
-            device,
+            rig,
             vendor,
             keys,
             v1,
@@ -66,41 +70,14 @@ impl Rig {
     }
 
     fn deploy(&self, artifact: Vec<u8>) -> u64 {
-        self.server
-            .deploy(
-                CONTROLLER,
-                "2.0",
-                "update.ddib",
-                artifact,
-                &Assignment::forced(),
-            )
-            .unwrap()
-    }
-
-    /// Run the agent, following reboot requests, until the action is closed.
-    fn settle(&self, action: u64) {
-        for _ in 0..4 {
-            let out = self.device.agent_once(AGENT_TIMEOUT).unwrap();
-            assert!(!out.timed_out, "agent hung: {}", out.describe());
-            if self.device.take_reboot_requests().unwrap() > 0 {
-                self.device.reboot().unwrap();
-                continue;
-            }
-            if closed_result(&self.server.action(action).unwrap()).is_some() {
-                return;
-            }
-        }
-        panic!(
-            "action {action} never closed: {}",
-            summary(&self.server.action(action).unwrap())
-        );
+        self.deploy_artifact("2.0", "update.ddib", artifact)
     }
 
     fn assert_success(&self, action: u64, image: &[u8]) {
         let view = self.server.action(action).unwrap();
         assert!(ended_as(&view, "success"), "action: {}", summary(&view));
-        assert_eq!(self.device.booted().unwrap(), Slot::B);
-        assert!(self.device.slot_holds(Slot::B, image).unwrap());
+        assert_eq!(self.dev.booted().unwrap(), Slot::B);
+        assert!(self.dev.slot_holds(Slot::B, image).unwrap());
     }
 
     fn details(&self, action: u64) -> Vec<String> {
@@ -221,10 +198,10 @@ fn a_tampered_downloaded_chunk_is_refused() {
         "no detail names chunk {victim}: {details:#?}"
     );
     // Nothing was activated: slot B is marked bad, the device stays on A.
-    let env = rig.device.env_map().unwrap();
+    let env = rig.dev.env_map().unwrap();
     assert_eq!(env.get("bootctl_slot").map(String::as_str), Some("A"));
-    assert_eq!(rig.device.reboot().unwrap(), Slot::A);
-    assert!(rig.device.slot_holds(Slot::A, &rig.v1).unwrap());
+    assert_eq!(rig.dev.reboot().unwrap(), Slot::A);
+    assert!(rig.dev.slot_holds(Slot::A, &rig.v1).unwrap());
 }
 
 #[test]
@@ -232,7 +209,7 @@ fn a_running_slot_that_differs_from_its_image_still_gives_the_signed_image() {
     let rig = Rig::new(1 << 20, 2 << 20);
     let v2 = version_2(&rig.v1, 2);
     // Slot A no longer holds exactly v1 (a writable rootfs, a bit flip): 20 KiB scribbled over.
-    let slot_a = rig.device.slot_path(Slot::A);
+    let slot_a = rig.dev.slot_path(Slot::A);
     let mut a = std::fs::read(&slot_a).unwrap();
     for b in &mut a[600_000..620_000] {
         *b ^= 0x5a;
@@ -280,9 +257,9 @@ fn a_delta_killed_in_the_middle_resumes_without_fetching_finished_chunks_again()
     }));
     let action = rig.deploy(bundle);
 
-    let record = rig.device.state_dir().join("download.resume");
+    let record = rig.dev.state_dir().join("download.resume");
     let mut agent = Background::spawn({
-        let mut cmd = rig.device.agent_command();
+        let mut cmd = rig.dev.agent_command();
         cmd.arg("once");
         cmd
     })
