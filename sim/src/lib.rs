@@ -16,7 +16,8 @@
 //! `.MD5SUM` download, with TargetToken / GatewayToken / proxy-certificate-header auth (401, empty
 //! body), ETag/304 on JSON,
 //! 405/406/415, Range (206/416), `If-Match` (412), `If-Range`; JSON, HAL+JSON and CBOR bodies.
-//! The latest DDI requests are logged with their headers ([`TestServer::requests`]).
+//! The latest DDI requests are logged with their headers ([`TestServer::requests`]); every
+//! artifact request with its answer's status and body length ([`TestServer::download_log`]).
 //!
 //! # Management API (JSON, no auth, prefix `/mgmt`)
 //! | method and path | body | answer |
