@@ -21,7 +21,7 @@ use crate::feedback_budget::{ProgressBudget, Stage};
 use crate::install::{ExpectedHash, InstallRequest, Progress};
 use bootctl::Slot;
 
-use crate::machine::{self, Action, Event, InstallFailure, Job, Params, Phase, State};
+use crate::machine::{self, Action, Event, InstallFailure, Job, Params, Phase, SlotImage, State};
 use crate::persist::{PersistError, Store};
 
 /// A bootloader operation failed.
@@ -48,14 +48,22 @@ pub trait Bootloader: Send {
     }
 }
 
-/// Downloads and writes one image.
+/// Downloads and writes one image, or checks one written earlier.
 pub trait Installer: Send + Sync {
     fn install(
         &self,
         http: &reqwest::Client,
         req: &InstallRequest,
         progress: &mut (dyn FnMut(Progress) + Send),
-    ) -> impl Future<Output = Result<(), InstallFailure>> + Send;
+    ) -> impl Future<Output = Result<SlotImage, InstallFailure>> + Send;
+
+    /// Reads `image` back from the slot of `req` (never downloads, never writes): the slot
+    /// still holds it byte for byte, or an error says what differs.
+    fn verify(
+        &self,
+        req: &InstallRequest,
+        image: &SlotImage,
+    ) -> impl Future<Output = Result<SlotImage, InstallFailure>> + Send;
 }
 
 /// Runs the configured health checks; `Err` carries the report.
@@ -499,8 +507,22 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
     }
 
     /// Installs `job` while watching the server for a cancel of it; returns the next event.
+    /// A job that reuses a downloaded image only has it read back.
     async fn install(&mut self, job: &Job) -> Event {
         let req = self.install_request(job);
+        if let Some(image) = &job.reuse {
+            info!(action_id = %job.action_id, slot = %job.target, bytes = image.bytes, "reading back the image downloaded earlier");
+            let result = self.installer.verify(&req, image).await;
+            match &result {
+                Ok(_) => {
+                    info!(action_id = %job.action_id, slot = %job.target, "downloaded image intact; no download needed")
+                }
+                Err(f) => {
+                    warn!(action_id = %job.action_id, error = %f.message, "downloaded image not usable; downloading again")
+                }
+            }
+            return Event::InstallDone(result);
+        }
         info!(action_id = %job.action_id, slot = %job.target, url = %req.url, "installing");
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
         let client = self.client.clone();
@@ -578,7 +600,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
             }
         }
         match &result {
-            Ok(()) => {
+            Ok(_) => {
                 info!(action_id = %job.action_id, slot = %job.target, "image written and verified")
             }
             Err(f) => {
@@ -817,14 +839,47 @@ impl Installer for Pipeline {
         http: &reqwest::Client,
         req: &InstallRequest,
         progress: &mut (dyn FnMut(Progress) + Send),
-    ) -> Result<(), InstallFailure> {
+    ) -> Result<SlotImage, InstallFailure> {
         crate::install::install(http, req, progress)
             .await
-            .map(|_| ())
-            .map_err(|e| InstallFailure {
-                message: e.to_string(),
-                retryable: e.is_retryable(),
+            .map(|i| SlotImage {
+                bytes: i.bytes_written,
+                sha256: i.sha256_of_slot_image,
             })
+            .map_err(install_failure)
+    }
+
+    async fn verify(
+        &self,
+        req: &InstallRequest,
+        image: &SlotImage,
+    ) -> Result<SlotImage, InstallFailure> {
+        let req = req.clone();
+        let image = image.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::install::verify_slot_image(
+                &req.slot_path,
+                req.booted_slot_path.as_deref(),
+                image.bytes,
+                &image.sha256,
+            )
+            .map(|()| image)
+            .map_err(install_failure)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(InstallFailure {
+                message: format!("read-back of the slot died: {e}"),
+                retryable: false,
+            })
+        })
+    }
+}
+
+fn install_failure(e: crate::install::InstallError) -> InstallFailure {
+    InstallFailure {
+        message: e.to_string(),
+        retryable: e.is_retryable(),
     }
 }
 

@@ -20,9 +20,7 @@ use std::collections::BTreeMap;
 
 use bootctl::Slot;
 
-use crate::ddi::{
-    Artifact, CancelRequest, Deployment, Execution, Feedback, Finished, Handling, Link,
-};
+use crate::ddi::{Artifact, CancelRequest, Deployment, Execution, Feedback, Finished, Link};
 
 /// One deployment being carried out.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +40,32 @@ pub struct Job {
     pub failed_tries: u32,
     /// Activating environment saves started for this job (counted before each save).
     pub activations: u32,
+    /// The slot already holds this image (left by a download-only action of the same
+    /// artifact): [`Action::Install`] reads it back and checks it instead of downloading.
+    pub reuse: Option<SlotImage>,
+}
+
+/// An image as it lies on a slot (after decompression or extraction): its length and the
+/// sha256 of those bytes, as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotImage {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// The image a download-only action (`update: skip`) left in the slot that is not booted. A
+/// later action with the same artifact (same sha256) activates it after reading it back,
+/// without a second download. Forgotten as soon as the slot may change hands: another job
+/// starts, or the recorded slot is the booted one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Downloaded {
+    /// The action last told `downloaded` for this image.
+    pub action_id: String,
+    pub slot: Slot,
+    /// sha256 of the artifact as the server announced it: which artifact this is.
+    pub artifact_sha256: String,
+    pub version: String,
+    pub image: SlotImage,
 }
 
 /// Where the current update is.
@@ -83,6 +107,9 @@ pub enum ResultKind {
     Failure,
     Canceled,
     Abandoned,
+    /// Downloaded for a download-only action (`update: skip`): the action may come back to be
+    /// activated (its maintenance window opened), so it does not count as finished here.
+    Downloaded,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,6 +164,8 @@ pub struct Update {
     pub finished_actions: Vec<String>,
     /// Action waiting for `ddi-agent consent accept|deny` (manual consent).
     pub pending_consent: Option<String>,
+    /// The image a download-only action left in the slot that is not booted.
+    pub downloaded: Option<Downloaded>,
 }
 
 /// What the server was last told or showed. Saves requests and log lines; never decides
@@ -206,17 +235,32 @@ impl<'a> IntoIterator for &'a Outbox {
 const FINISHED_MEMORY: usize = 32;
 
 impl State {
-    /// True when the action was finished here (result recorded or closing feedback owed).
+    /// True when the action was finished here (result recorded or closing feedback owed). A
+    /// download (`downloaded`) does not finish an action: it may come back to be activated.
     fn finished_locally(&self, action_id: &str) -> bool {
+        self.update.last_result.as_ref().is_some_and(|r| {
+            r.action_id == action_id
+                && !matches!(r.result, ResultKind::Abandoned | ResultKind::Downloaded)
+        }) || self.outbox.iter().any(|o| {
+            o.feedback.action_id == action_id && o.feedback.execution != Execution::Downloaded
+        }) || self.update.finished_actions.iter().any(|a| a == action_id)
+    }
+
+    /// True when the action's download-only image was written here, and its `downloaded` is
+    /// owed or the result says so: offered again with `update: skip`, there is nothing to do.
+    fn downloaded_here(&self, action_id: &str) -> bool {
         self.update
             .last_result
             .as_ref()
-            .is_some_and(|r| r.action_id == action_id && r.result != ResultKind::Abandoned)
+            .is_some_and(|r| r.action_id == action_id && r.result == ResultKind::Downloaded)
+            || self.outbox.iter().any(|o| {
+                o.feedback.action_id == action_id && o.feedback.execution == Execution::Downloaded
+            })
             || self
-                .outbox
-                .iter()
-                .any(|o| o.feedback.action_id == action_id)
-            || self.update.finished_actions.iter().any(|a| a == action_id)
+                .update
+                .downloaded
+                .as_ref()
+                .is_some_and(|d| d.action_id == action_id)
     }
 
     /// A fresh state in place of a state file that could not be read: the owed feedback and
@@ -256,7 +300,8 @@ impl State {
     fn finish(&mut self, action_id: &str, result: ResultKind, message: String) {
         let u = &mut self.update;
         u.phase = Phase::Idle;
-        if result != ResultKind::Abandoned && !u.finished_actions.iter().any(|a| a == action_id) {
+        let finishes = !matches!(result, ResultKind::Abandoned | ResultKind::Downloaded);
+        if finishes && !u.finished_actions.iter().any(|a| a == action_id) {
             u.finished_actions.push(action_id.to_string());
             if u.finished_actions.len() > FINISHED_MEMORY {
                 u.finished_actions.remove(0);
@@ -358,7 +403,9 @@ pub enum Event {
     },
     /// A poll showed no action link at all.
     NoAction,
-    InstallDone(Result<(), InstallFailure>),
+    /// The install (or, for a job that reuses a downloaded image, the read-back check) ended;
+    /// success says what lies on the slot.
+    InstallDone(Result<SlotImage, InstallFailure>),
     /// The environment save of [`Action::Activate`] is done.
     Activated,
     HealthChecked(Result<(), String>),
@@ -493,7 +540,21 @@ fn on_confirmation(
     });
 }
 
+/// The downloaded image is forgotten once its slot is the booted one (booted by hand, or
+/// after someone else's update): a running slot is nothing to activate.
+fn forget_download_in(s: &mut State, actions: &mut Vec<Action>, booted: Slot) {
+    if s.update
+        .downloaded
+        .as_ref()
+        .is_some_and(|r| r.slot == booted)
+    {
+        s.update.downloaded = None;
+        actions.push(Action::Persist);
+    }
+}
+
 fn started(params: &Params, s: &mut State, actions: &mut Vec<Action>, booted: Slot, next: Slot) {
+    forget_download_in(s, actions, booted);
     match s.update.phase.clone() {
         Phase::Idle => actions.push(Action::KeepBootedGood),
         Phase::Installing(job) if booted == job.target => {
@@ -747,8 +808,11 @@ fn on_deployment(
             format!("action {} replaced by action {id}", old.action_id),
         );
     }
-    if s.finished_locally(&id) {
-        // Our closing feedback is on its way; the server has not seen it yet.
+    forget_download_in(s, actions, booted);
+    let download_only = d.is_download_only();
+    if s.finished_locally(&id) || (download_only && s.downloaded_here(&id)) {
+        // Our closing feedback is on its way, the server has not seen it yet; or the image
+        // is downloaded and the action waits for its maintenance window.
         actions.push(Action::DeliverOutbox);
         return;
     }
@@ -766,31 +830,40 @@ fn on_deployment(
             actions.extend([Action::Persist, Action::DeliverOutbox]);
         }
         Ok((artifact, version)) => {
+            let recorded = s.update.downloaded.clone().filter(|r| {
+                r.slot == booted.other()
+                    && artifact.hashes.sha256.as_deref() == Some(r.artifact_sha256.as_str())
+            });
+            if let (true, Some(record)) = (download_only, &recorded) {
+                already_downloaded(s, actions, &link, &id, record);
+                return;
+            }
             let job = Job {
                 action_id: id.clone(),
                 link: link.href.clone(),
                 target: booted.other(),
-                download_only: d.is_download_only(),
+                download_only,
                 may_activate: d.may_activate(),
                 artifact,
                 version,
                 failed_tries: 0,
                 activations: 0,
+                reuse: recorded.map(|r| r.image),
             };
+            // The slot is this job's now: whatever was downloaded there is not kept.
+            s.update.downloaded = None;
             s.update.phase = Phase::Installing(job.clone());
-            let what = if job.download_only {
-                "download only"
-            } else if d.update == Handling::Skip {
-                "install now, activate in the maintenance window"
-            } else {
-                "install"
+            let what = match (job.download_only, &job.reuse) {
+                (true, _) => "download only: writing",
+                (false, None) => "install: writing",
+                (false, Some(_)) => "install: reading back the image downloaded earlier,",
             };
             actions.extend([
                 Action::Notify {
                     link: link.href.clone(),
                     feedback: Feedback::new(&id, Execution::Proceeding, Finished::None).detail(
                         format!(
-                            "{what}: writing {} (version {}) to slot {}",
+                            "{what} {} (version {}) in slot {}",
                             job.artifact.filename, job.version, job.target
                         ),
                     ),
@@ -801,6 +874,32 @@ fn on_deployment(
             ]);
         }
     }
+}
+
+/// A download-only action for the image a download-only action already left in the slot:
+/// nothing to download; the action hears `downloaded` (durably, through the outbox).
+fn already_downloaded(
+    s: &mut State,
+    actions: &mut Vec<Action>,
+    link: &Link,
+    action_id: &str,
+    record: &Downloaded,
+) {
+    let message = format!(
+        "version {} is already downloaded in slot {}; not activated (download only)",
+        record.version, record.slot
+    );
+    s.outbox.queue(
+        Channel::Deployment,
+        &link.href,
+        Feedback::new(action_id, Execution::Downloaded, Finished::Success).detail(message.clone()),
+    );
+    s.update.downloaded = Some(Downloaded {
+        action_id: action_id.to_string(),
+        ..record.clone()
+    });
+    s.finish(action_id, ResultKind::Downloaded, message);
+    actions.extend([Action::Persist, Action::DeliverOutbox]);
 }
 
 /// The activated slot is still waiting for its reboot (a reboot command that failed, or that the
@@ -839,12 +938,16 @@ fn on_activated(s: &mut State, actions: &mut Vec<Action>) {
     ]);
 }
 
-fn on_install_done(s: &mut State, actions: &mut Vec<Action>, result: Result<(), InstallFailure>) {
+fn on_install_done(
+    s: &mut State,
+    actions: &mut Vec<Action>,
+    result: Result<SlotImage, InstallFailure>,
+) {
     let Phase::Installing(mut job) = s.update.phase.clone() else {
         return;
     };
     match result {
-        Ok(()) if job.download_only => {
+        Ok(image) if job.download_only => {
             let message = format!(
                 "downloaded {} (version {}) to slot {}; not activated (download only)",
                 job.artifact.filename, job.version, job.target
@@ -855,10 +958,37 @@ fn on_install_done(s: &mut State, actions: &mut Vec<Action>, result: Result<(), 
                 Feedback::new(&job.action_id, Execution::Downloaded, Finished::Success)
                     .detail(message.clone()),
             );
-            s.finish(&job.action_id, ResultKind::Success, message);
+            // Kept for a later action of the same artifact (identified by its sha256).
+            s.update.downloaded = job.artifact.hashes.sha256.clone().map(|sha256| Downloaded {
+                action_id: job.action_id.clone(),
+                slot: job.target,
+                artifact_sha256: sha256,
+                version: job.version.clone(),
+                image,
+            });
+            s.finish(&job.action_id, ResultKind::Downloaded, message);
             actions.extend([Action::Persist, Action::DeliverOutbox]);
         }
-        Ok(()) => {
+        Err(f) if job.reuse.is_some() => {
+            // The downloaded image is not (all) there any more: download it after all.
+            job.reuse = None;
+            s.update.phase = Phase::Installing(job.clone());
+            actions.extend([
+                Action::Notify {
+                    link: job.link.clone(),
+                    feedback: Feedback::new(&job.action_id, Execution::Proceeding, Finished::None)
+                        .detail(format!(
+                            "the image downloaded earlier to slot {} does not check out ({}); \
+                             downloading it again",
+                            job.target, f.message
+                        )),
+                },
+                Action::MarkBad(job.target),
+                Action::Persist,
+                Action::Install(job),
+            ]);
+        }
+        Ok(_) => {
             s.update.phase = Phase::Installed(job.clone());
             actions.push(Action::Notify {
                 link: job.link.clone(),
@@ -909,7 +1039,7 @@ fn on_health(s: &mut State, actions: &mut Vec<Action>, result: Result<(), String
         return;
     };
     match result {
-        Ok(()) => {
+        Ok(_) => {
             let message = format!(
                 "version {} running from slot {} and confirmed",
                 job.version, job.target
@@ -1049,7 +1179,7 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ddi::{Chunk, Hashes, MaintenanceWindow};
+    use crate::ddi::{Chunk, Handling, Hashes, MaintenanceWindow};
 
     fn params() -> Params {
         Params {
@@ -1071,6 +1201,13 @@ mod tests {
             download: Some(Link {
                 href: "http://h/art/rootfs.img".into(),
             }),
+        }
+    }
+
+    fn image() -> SlotImage {
+        SlotImage {
+            bytes: 1024,
+            sha256: "cd".repeat(32),
         }
     }
 
@@ -1168,7 +1305,7 @@ mod tests {
         let (s, a) = offer(State::default(), d, Slot::A);
         assert_eq!(kinds(&a), ["notify", "mark_bad", "persist", "install"]);
         assert_eq!(a[1], Action::MarkBad(Slot::B));
-        let (s, a) = ev(s, Event::InstallDone(Ok(())));
+        let (s, a) = ev(s, Event::InstallDone(Ok(image())));
         // Installed, with the activation counted, is durable before the activating save.
         assert_eq!(kinds(&a), ["notify", "persist", "activate"]);
         assert_eq!(a[2], Action::Activate(Slot::B));
@@ -1259,7 +1396,7 @@ mod tests {
             deployment("7", Handling::Forced, None),
             Slot::A,
         );
-        let (s, a) = ev(s, Event::InstallDone(Ok(())));
+        let (s, a) = ev(s, Event::InstallDone(Ok(image())));
         assert_eq!(a.last(), Some(&Action::Activate(Slot::B)));
         assert!(matches!(&s.update.phase, Phase::Installed(j) if j.activations == 1));
         s
@@ -1393,10 +1530,48 @@ mod tests {
 
     #[test]
     fn download_only_closes_with_downloaded_and_never_activates() {
-        let d = deployment("8", Handling::Skip, None);
-        let (s, a) = offer(State::default(), d, Slot::B);
-        assert!(matches!(&a[3], Action::Install(j) if j.download_only && j.target == Slot::A));
-        let (s, a) = ev(s, Event::InstallDone(Ok(())));
+        let s = downloaded(deployment("8", Handling::Skip, None), Slot::B);
+        // The same action offered again (server not yet updated): no second download.
+        let (s2, a) = offer(s.clone(), deployment("8", Handling::Skip, None), Slot::B);
+        assert_eq!(kinds(&a), ["deliver"]);
+        assert_eq!(s2, s);
+    }
+
+    /// An image installed for a maintenance window, waiting for it: the phase agents before
+    /// "`update: skip` is download only" wrote, still found in their state files.
+    fn waiting_for_window(id: &str) -> State {
+        let (mut s, _) = offer(
+            State::default(),
+            deployment(id, Handling::Forced, None),
+            Slot::A,
+        );
+        let Phase::Installing(mut job) = s.update.phase.clone() else {
+            panic!("not installing: {:?}", s.update.phase)
+        };
+        job.may_activate = false;
+        s.update.phase = Phase::Installed(job);
+        s
+    }
+
+    /// A scheduled action outside its window, as hawkBit shows it.
+    fn window_closed(id: &str) -> Deployment {
+        deployment(id, Handling::Skip, Some(MaintenanceWindow::Unavailable))
+    }
+
+    /// The same action once its window opened.
+    fn window_open(id: &str) -> Deployment {
+        deployment(id, Handling::Forced, Some(MaintenanceWindow::Available))
+    }
+
+    /// Offers the download-only `d` with `booted` running and completes its download: checks
+    /// that `downloaded` is owed (outbox, not best effort) and the image kept.
+    fn downloaded(d: Deployment, booted: Slot) -> State {
+        let id = d.action_id.clone();
+        let (s, a) = offer(State::default(), d, booted);
+        assert!(
+            matches!(&a[3], Action::Install(j) if j.download_only && !j.may_activate && j.target == booted.other())
+        );
+        let (s, a) = ev(s, Event::InstallDone(Ok(image())));
         assert_eq!(kinds(&a), ["persist", "deliver"]);
         assert_eq!(
             only_outbox(&s),
@@ -1407,34 +1582,140 @@ mod tests {
             )]
         );
         assert_eq!(s.update.phase, Phase::Idle);
-        // The same action offered again (server not yet updated): no second download.
-        let (s2, a) = offer(s.clone(), deployment("8", Handling::Skip, None), Slot::B);
-        assert_eq!(kinds(&a), ["deliver"]);
-        assert_eq!(s2, s);
+        assert_eq!(
+            s.update.downloaded.as_ref().map(|r| r.action_id.as_str()),
+            Some(id.as_str())
+        );
+        s
     }
 
     #[test]
-    fn maintenance_window_installs_now_activates_later() {
-        let unavailable = deployment("9", Handling::Skip, Some(MaintenanceWindow::Unavailable));
-        let (s, a) = offer(State::default(), unavailable.clone(), Slot::A);
-        assert!(matches!(&a[3], Action::Install(j) if !j.download_only && !j.may_activate));
-        let (s, a) = ev(s, Event::InstallDone(Ok(())));
-        assert_eq!(kinds(&a), ["notify", "persist", "notify"]);
-        assert!(matches!(s.update.phase, Phase::Installed(_)));
-        // Still unavailable: nothing.
-        let (s, a) = offer(s, unavailable, Slot::A);
-        assert!(a.is_empty());
-        assert!(matches!(s.update.phase, Phase::Installed(_)));
-        // Window opens: activate and reboot, without reinstalling.
-        let (s, a) = offer(
-            s,
-            deployment("9", Handling::Forced, Some(MaintenanceWindow::Available)),
-            Slot::A,
+    fn maintenance_window_downloads_now_and_activates_the_same_image_later() {
+        let s = downloaded(window_closed("9"), Slot::A);
+        let record = s.update.downloaded.clone().expect("download kept");
+        assert_eq!((record.slot, record.action_id.as_str()), (Slot::B, "9"));
+        assert_eq!(record.image, image());
+        // Still unavailable: nothing, not even a second `downloaded`.
+        let (s2, a) = offer(s.clone(), window_closed("9"), Slot::A);
+        assert_eq!(kinds(&a), ["deliver"]);
+        assert_eq!(s2, s);
+        // Window opens (the `downloaded` already delivered or not): the slot is read back, not
+        // downloaded, then activated.
+        let (s, a) = offer(s, window_open("9"), Slot::A);
+        assert_eq!(kinds(&a), ["notify", "mark_bad", "persist", "install"]);
+        assert!(
+            matches!(a.last(), Some(Action::Install(j)) if j.reuse == Some(image()) && j.target == Slot::B)
         );
-        assert_eq!(kinds(&a), ["persist", "activate"]);
+        assert_eq!(s.update.downloaded, None, "the slot belongs to the job now");
+        let (s, a) = ev(s, Event::InstallDone(Ok(image())));
+        assert_eq!(kinds(&a), ["notify", "persist", "activate"]);
         let (s, a) = ev(s, Event::Activated);
         assert_eq!(kinds(&a), ["persist", "notify", "reboot"]);
-        assert!(matches!(s.update.phase, Phase::AwaitingReboot(_)));
+        let (s, _) = ev(
+            s,
+            Event::Started {
+                booted: Slot::B,
+                next: Slot::B,
+            },
+        );
+        let (s, _) = ev(s, Event::HealthChecked(Ok(())));
+        let closed: Vec<_> = s
+            .outbox
+            .iter()
+            .filter(|o| o.feedback.execution == Execution::Closed)
+            .map(|o| (o.feedback.action_id.as_str(), o.feedback.finished))
+            .collect();
+        assert_eq!(closed, [("9", Finished::Success)]);
+    }
+
+    #[test]
+    fn a_new_action_of_a_downloaded_artifact_reuses_it() {
+        let s = downloaded(deployment("8", Handling::Skip, None), Slot::A);
+        let delivered = |mut s: State| {
+            let seqs: Vec<u64> = s.outbox.iter().map(|o| o.seq).collect();
+            for seq in seqs {
+                s = ev(s, Event::FeedbackDelivered { seq }).0;
+            }
+            s
+        };
+        let s = delivered(s);
+        // Another download-only action of the same artifact: nothing downloaded, `downloaded`.
+        let (s, a) = offer(s, deployment("10", Handling::Skip, None), Slot::A);
+        assert_eq!(kinds(&a), ["persist", "deliver"]);
+        assert_eq!(
+            only_outbox(&s),
+            [(
+                Channel::Deployment,
+                Execution::Downloaded,
+                Finished::Success
+            )]
+        );
+        assert_eq!(s.update.downloaded.as_ref().unwrap().action_id, "10");
+        let s = delivered(s);
+        // A forced action of the same artifact: read back and activated, no download.
+        let (s, a) = offer(s, deployment("11", Handling::Forced, None), Slot::A);
+        assert!(matches!(a.last(), Some(Action::Install(j)) if j.reuse.is_some()));
+        // The slot no longer holds it (overwritten meanwhile): downloaded after all.
+        let (s, a) = ev(
+            s,
+            Event::InstallDone(Err(InstallFailure {
+                message: "sha256 of the slot image mismatch".into(),
+                retryable: false,
+            })),
+        );
+        assert_eq!(kinds(&a), ["notify", "mark_bad", "persist", "install"]);
+        assert!(matches!(a.last(), Some(Action::Install(j)) if j.reuse.is_none()));
+        assert!(s.outbox.is_empty(), "no failure reported: {:?}", s.outbox);
+        let (_, a) = ev(s, Event::InstallDone(Ok(image())));
+        assert_eq!(kinds(&a), ["notify", "persist", "activate"]);
+    }
+
+    #[test]
+    fn a_downloaded_image_is_not_reused_for_another_artifact_or_once_its_slot_booted() {
+        let downloaded = || downloaded(window_closed("9"), Slot::A);
+        // Another artifact: a normal download, and the record is gone (the slot is rewritten).
+        let mut other = deployment("12", Handling::Forced, None);
+        other.chunks[0].artifacts[0].hashes.sha256 = Some("ef".repeat(32));
+        let (s, a) = offer(downloaded(), other, Slot::A);
+        assert!(matches!(a.last(), Some(Action::Install(j)) if j.reuse.is_none()));
+        assert_eq!(s.update.downloaded, None);
+        // The downloaded slot was booted (by hand) meanwhile: forgotten at start ...
+        let (s, a) = ev(
+            downloaded(),
+            Event::Started {
+                booted: Slot::B,
+                next: Slot::B,
+            },
+        );
+        assert_eq!(s.update.downloaded, None);
+        assert_eq!(kinds(&a), ["persist", "keep_booted_good"]);
+        // ... and when the window opens the image is downloaded into slot A.
+        let (_, a) = offer(s, window_open("9"), Slot::B);
+        assert!(
+            matches!(a.last(), Some(Action::Install(j)) if j.reuse.is_none() && j.target == Slot::A)
+        );
+        // Found booted at an offer (no start in between): the same.
+        let (s, a) = offer(downloaded(), window_open("9"), Slot::B);
+        assert_eq!(s.update.downloaded, None);
+        assert!(
+            matches!(a.last(), Some(Action::Install(j)) if j.reuse.is_none() && j.target == Slot::A)
+        );
+    }
+
+    #[test]
+    fn a_downloaded_image_survives_the_action_going_away() {
+        let d = deployment("8", Handling::Skip, Some(MaintenanceWindow::Available));
+        let s = downloaded(d, Slot::A);
+        // hawkBit closed the DOWNLOAD_ONLY action on `downloaded`: no action any more. The
+        // slot is not given up as abandoned.
+        let (s2, a) = ev(s.clone(), Event::NoAction);
+        assert!(a.is_empty(), "{a:?}");
+        assert_eq!(s2, s);
+        assert!(s.update.downloaded.is_some());
+        assert_eq!(
+            s.update.last_result.as_ref().unwrap().result,
+            ResultKind::Downloaded
+        );
     }
 
     #[test]
@@ -1550,12 +1831,7 @@ mod tests {
         assert_eq!(s2.outbox.len(), 1);
 
         // Installed, waiting for the window.
-        let (s, _) = offer(
-            State::default(),
-            deployment("7", Handling::Skip, Some(MaintenanceWindow::Unavailable)),
-            Slot::A,
-        );
-        let (s, _) = ev(s, Event::InstallDone(Ok(())));
+        let s = waiting_for_window("7");
         let cancel = Event::Cancel {
             link: clink("7"),
             request: CancelRequest {
@@ -1655,9 +1931,7 @@ mod tests {
 
     #[test]
     fn a_waiting_slot_is_not_activated_during_a_foreign_trial() {
-        let window = || deployment("9", Handling::Skip, Some(MaintenanceWindow::Unavailable));
-        let (s, _) = offer(State::default(), window(), Slot::A);
-        let (s, _) = ev(s, Event::InstallDone(Ok(())));
+        let s = waiting_for_window("9");
         // Someone booted the waiting slot B on a trial of their own; the window opens.
         let open = deployment("9", Handling::Forced, Some(MaintenanceWindow::Available));
         let (s2, a) = offer_with(s.clone(), open.clone(), Slot::B, Slot::B, true);
@@ -1697,7 +1971,7 @@ mod tests {
         );
         // The activating save fails twice (an error, the state stays Installed): each offer
         // tries again, then gives up with a failure instead of counting on.
-        let (mut s, _) = ev(s, Event::InstallDone(Ok(())));
+        let (mut s, _) = ev(s, Event::InstallDone(Ok(image())));
         for _ in 1..MAX_ACTIVATIONS {
             let (next, a) = offer(s, deployment("7", Handling::Forced, None), Slot::A);
             assert_eq!(kinds(&a), ["persist", "activate"]);
@@ -1711,9 +1985,7 @@ mod tests {
 
     #[test]
     fn a_waiting_slot_booted_by_hand_is_not_confirmed() {
-        let window = deployment("9", Handling::Skip, Some(MaintenanceWindow::Unavailable));
-        let (s, _) = offer(State::default(), window, Slot::A);
-        let (s, _) = ev(s, Event::InstallDone(Ok(())));
+        let s = waiting_for_window("9");
         let (s2, a) = ev(
             s.clone(),
             Event::Started {
@@ -1728,7 +2000,7 @@ mod tests {
     #[test]
     fn stray_events_change_nothing() {
         for e in [
-            Event::InstallDone(Ok(())),
+            Event::InstallDone(Ok(image())),
             Event::Activated,
             Event::HealthChecked(Ok(())),
             Event::HealthChecked(Err("x".into())),
@@ -1987,7 +2259,7 @@ mod tests {
             deployment("7", Handling::Forced, None),
             Slot::A,
         );
-        let (activating, _) = ev(s, Event::InstallDone(Ok(())));
+        let (activating, _) = ev(s, Event::InstallDone(Ok(image())));
         assert!(matches!(&activating.update.phase, Phase::Installed(j) if j.activations == 1));
         let activated = through_activation(deployment("7", Handling::Forced, None));
         for s in [activating, activated] {
@@ -2146,7 +2418,7 @@ mod tests {
             fn run(&mut self, event: Event, cut: &mut Option<u8>) -> Result<bool, TestCaseError> {
                 let mut queue = vec![event];
                 while let Some(event) = queue.pop() {
-                    let is_install_ok = matches!(event, Event::InstallDone(Ok(())));
+                    let is_install_ok = matches!(event, Event::InstallDone(Ok(_)));
                     let health_ok = matches!(event, Event::HealthChecked(Ok(())));
                     let installing_job = match (&self.s.update.phase, is_install_ok) {
                         (Phase::Installing(j), true) => Some(j.clone()),
@@ -2221,6 +2493,11 @@ mod tests {
                         }
                         match a {
                             Action::Persist => self.disk = self.s.clone(),
+                            Action::Install(job) if job.reuse.is_some() => {
+                                // Only reads the slot back.
+                                prop_assert_ne!(job.target, self.booted, "reuses the running slot");
+                                self.awaiting = Some("install");
+                            }
                             Action::Install(job) => {
                                 prop_assert_ne!(job.target, self.booted, "writes the running slot");
                                 prop_assert!(
@@ -2301,10 +2578,10 @@ mod tests {
 
             fn check(&mut self) -> Result<(), TestCaseError> {
                 for o in &self.disk.outbox {
+                    // `downloaded` closes only a DOWNLOAD_ONLY action on the server; a
+                    // scheduled one comes back to be activated and closed.
                     let closes = o.channel == Channel::Deployment
-                        && (o.feedback.execution == Execution::Closed
-                            || (o.feedback.execution == Execution::Downloaded
-                                && o.feedback.finished != Finished::None));
+                        && o.feedback.execution == Execution::Closed;
                     if self.seen_seq.insert(o.seq) && closes {
                         *self
                             .closing
@@ -2327,6 +2604,19 @@ mod tests {
                 }
                 for (id, n) in &self.closing {
                     prop_assert!(*n <= 1, "action {} closed {} times", id, n);
+                }
+                if let Some(r) = &self.s.update.downloaded {
+                    prop_assert_ne!(
+                        r.slot,
+                        self.booted,
+                        "a downloaded image in the running slot"
+                    );
+                    prop_assert!(
+                        matches!(self.slots[&r.slot], Content::Verified(_)),
+                        "a downloaded image recorded for slot {} holding {:?}",
+                        r.slot,
+                        self.slots[&r.slot]
+                    );
                 }
                 let back = crate::state_file::decode(&crate::state_file::encode(&self.s)).unwrap();
                 prop_assert_eq!(&back, &self.s);
@@ -2374,7 +2664,13 @@ mod tests {
                             link: clink(&id.to_string()),
                             request: CancelRequest { action_id: id.to_string(), stop_id: id.to_string() },
                         },
-                        Ev::InstallOk => Event::InstallDone(Ok(())),
+                        Ev::InstallOk => match m.s.update.phase.job().and_then(|j| j.reuse.as_ref().map(|_| j.target)) {
+                            // The driver reads the slot back: only an image still there passes.
+                            Some(slot) if !matches!(m.slots[&slot], Content::Verified(_)) => {
+                                Event::InstallDone(Err(InstallFailure { message: "sha256 mismatch".into(), retryable: false }))
+                            }
+                            _ => Event::InstallDone(Ok(image())),
+                        },
                         Ev::InstallTransient => Event::InstallDone(Err(InstallFailure { message: "net".into(), retryable: true })),
                         Ev::InstallFatal => Event::InstallDone(Err(InstallFailure { message: "hash".into(), retryable: false })),
                         Ev::HealthOk => Event::HealthChecked(Ok(())),

@@ -471,8 +471,17 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
             })),
             "last_result": state.update.last_result.as_ref().map(|r| json!({
                 "action_id": r.action_id,
-                "result": result_name(&r.result),
+                // A download is a success in the documented set of results.
+                "result": match r.result {
+                    ResultKind::Downloaded => "success",
+                    _ => result_name(&r.result),
+                },
                 "message": r.message,
+            })),
+            "downloaded": state.update.downloaded.as_ref().map(|d| json!({
+                "action_id": d.action_id,
+                "slot": d.slot.to_string(),
+                "version": d.version,
             })),
             "feedback_owed": state.outbox.len(),
             "pending_consent": state.update.pending_consent,
@@ -525,6 +534,13 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
                 r.message
             ),
             None => println!("last result:    none"),
+        }
+        if let Some(d) = &state.update.downloaded {
+            println!(
+                "downloaded:     version {} in slot {} (action {}), activated when an action \
+                 of the same artifact allows it",
+                d.version, d.slot, d.action_id
+            );
         }
         println!("feedback owed:  {}", state.outbox.len());
         if let Some(id) = &state.update.pending_consent {
@@ -617,6 +633,7 @@ fn result_name(r: &ResultKind) -> &'static str {
         ResultKind::Failure => "failure",
         ResultKind::Canceled => "canceled",
         ResultKind::Abandoned => "abandoned",
+        ResultKind::Downloaded => "downloaded",
     }
 }
 

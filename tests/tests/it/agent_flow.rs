@@ -226,7 +226,12 @@ fn maintenance_window_writes_now_and_activates_when_open() {
     assert!(rig.dev.slot_holds(Slot::B, &image.bytes).unwrap());
     assert_eq!(rig.env("bootctl_slot").as_deref(), Some("A"));
     assert!(rig.server.action(action).unwrap().active);
-    assert_eq!(rig.status_json()["phase"], "installed");
+    // Downloaded (and reported so) while the window is closed; the action stays open.
+    assert!(rig.feedback(action).iter().any(|(e, _)| e == "downloaded"));
+    let status = rig.status_json();
+    assert_eq!(status["phase"], "idle");
+    assert_eq!(status["downloaded"]["slot"], "B");
+    assert_eq!(status["downloaded"]["action_id"], action.to_string());
     let mut cmd = rig.dev.agent_command();
     cmd.arg("status");
     let out = ddi_tests::harness::run_with_timeout(cmd, Duration::from_secs(20)).unwrap();
@@ -236,7 +241,7 @@ fn maintenance_window_writes_now_and_activates_when_open() {
         out.describe()
     );
     assert!(
-        out.stdout.contains("waiting for the maintenance window"),
+        out.stdout.contains("downloaded:     version 4.0 in slot B"),
         "{}",
         out.describe()
     );
