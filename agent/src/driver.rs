@@ -283,12 +283,14 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                     );
                     let next = self.boot.next()?;
                     let trial = self.boot.booted_on_trial()?;
+                    let consent = self.recorded_answer(&deployment.action_id)?;
                     self.apply(Event::Deployment {
                         link: link.clone(),
                         deployment,
                         booted,
                         next,
                         trial,
+                        consent,
                     })
                     .await?
                 }
@@ -685,28 +687,45 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
 
     /// The confirmation flow: the machine decides with the user's recorded answer for this
     /// action (`ddi-agent consent accept|deny`), if any.
+    /// Before anything is confirmed, the action's details are fetched: what is confirmed is
+    /// logged, shown by `status` while it waits, and named in the confirmation's details.
     async fn consent(&mut self, link: &Link) -> Result<bool, DriverError> {
         let action_id = link.action_id().unwrap_or_default();
-        let answer = if self.params.auto_consent {
-            None
-        } else {
-            match self.store.load_consent() {
-                Ok(Some(d)) if d.action_id == action_id => Some(d.accept),
-                Ok(_) => None,
-                Err(e @ PersistError::Corrupt { .. }) => {
-                    // Not a dead end: the user answers again.
-                    warn!(error = %e, action_id = %action_id, "consent decision unreadable; removed, the action waits for a new answer");
-                    self.store.clear_consent()?;
-                    None
-                }
-                Err(e) => return Err(e.into()),
+        let what = match self.client.deployment(link).await {
+            Ok(d) => machine::describe_deployment(&d),
+            Err(e) => {
+                // Never confirm blind: asked again at the next poll.
+                warn!(error = %e, action_id = %action_id, "details of the action to confirm not readable; not confirmed now");
+                return Ok(false);
             }
         };
+        info!(action_id = %action_id, what = %what, "server asks for confirmation");
+        let answer = self.recorded_answer(&action_id)?;
         self.apply(Event::ConfirmationAsked {
             link: link.clone(),
             answer,
+            what,
         })
         .await
+    }
+
+    /// The user's recorded answer (`ddi-agent consent accept|deny`) for `action_id`; none
+    /// under automatic consent.
+    fn recorded_answer(&mut self, action_id: &str) -> Result<Option<bool>, DriverError> {
+        if self.params.auto_consent {
+            return Ok(None);
+        }
+        match self.store.load_consent() {
+            Ok(Some(d)) if d.action_id == action_id => Ok(Some(d.accept)),
+            Ok(_) => Ok(None),
+            Err(e @ PersistError::Corrupt { .. }) => {
+                // Not a dead end: the user answers again.
+                warn!(error = %e, action_id = %action_id, "consent decision unreadable; removed, the action waits for a new answer");
+                self.store.clear_consent()?;
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -732,8 +751,8 @@ fn log_update_change(before: &machine::Update, after: &machine::Update) {
         info!(action_id = %action_id, state = after.phase.name(), from = before.phase.name(), "state changed");
     }
     if before.pending_consent != after.pending_consent {
-        if let Some(action_id) = &after.pending_consent {
-            info!(action_id = %action_id, "action waits for consent: run `ddi-agent consent accept` or `deny`");
+        if let Some(p) = &after.pending_consent {
+            info!(action_id = %p.action_id, why = p.reason.describe(), what = %p.what, "action waits for consent: run `ddi-agent consent accept` or `deny`");
         }
     }
 }

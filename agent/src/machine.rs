@@ -20,7 +20,9 @@ use std::collections::BTreeMap;
 
 use bootctl::Slot;
 
-use crate::ddi::{Artifact, CancelRequest, Deployment, Execution, Feedback, Finished, Link};
+use crate::ddi::{
+    Artifact, CancelRequest, Deployment, Execution, Feedback, Finished, Handling, Link,
+};
 
 /// One deployment being carried out.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,10 +164,44 @@ pub struct Update {
     pub last_result: Option<LastResult>,
     /// Recently finished actions (newest last, bounded): never closed twice.
     pub finished_actions: Vec<String>,
-    /// Action waiting for `ddi-agent consent accept|deny` (manual consent).
-    pub pending_consent: Option<String>,
+    /// Action waiting for `ddi-agent consent accept|deny` (manual consent), and why.
+    pub pending_consent: Option<PendingConsent>,
     /// The image a download-only action left in the slot that is not booted.
     pub downloaded: Option<Downloaded>,
+}
+
+/// An action waiting for the user's `ddi-agent consent accept|deny` (`consent = "manual"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingConsent {
+    pub action_id: String,
+    pub reason: ConsentReason,
+    /// What would be installed (version, artifact), when known; shown by `status`.
+    pub what: String,
+}
+
+/// Why an action needs the user's consent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsentReason {
+    /// The server asks for confirmation (confirmationBase, hawkBit's user consent flow).
+    Confirmation,
+    /// A soft update (`download` or `update` is `attempt`): the device decides when.
+    SoftUpdate,
+}
+
+impl ConsentReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            ConsentReason::Confirmation => "confirmation",
+            ConsentReason::SoftUpdate => "soft_update",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            ConsentReason::Confirmation => "the server asks to confirm it",
+            ConsentReason::SoftUpdate => "a soft update (update: attempt) needs consent",
+        }
+    }
 }
 
 /// What the server was last told or showed. Saves requests and log lines; never decides
@@ -395,6 +431,9 @@ pub enum Event {
         next: Slot,
         /// The booted slot runs on trial (not confirmed); false when the scheme cannot tell.
         trial: bool,
+        /// The user's recorded consent answer for this very action (`ddi-agent consent`), if
+        /// any: a soft update waits for it under manual consent.
+        consent: Option<bool>,
     },
     /// The server asks to cancel an action.
     Cancel {
@@ -421,6 +460,8 @@ pub enum Event {
     ConfirmationAsked {
         link: Link,
         answer: Option<bool>,
+        /// What is being confirmed (versions and artifacts of the action, as fetched).
+        what: String,
     },
     /// The consent answer of [`Action::SendConsent`] reached the server.
     ConsentSent {
@@ -454,16 +495,31 @@ pub fn step(params: &Params, state: State, event: Event) -> (State, Vec<Action>)
             booted,
             next,
             trial,
+            consent,
         } => {
             let boot = BootView {
                 booted,
                 next,
                 trial,
             };
-            on_deployment(params, &mut s, &mut actions, link, deployment, boot)
+            let offer = Offer {
+                link,
+                d: deployment,
+                consent,
+            };
+            on_deployment(params, &mut s, &mut actions, offer, boot)
         }
         Event::Cancel { link, request } => on_cancel(&mut s, &mut actions, link, request),
         Event::NoAction => {
+            if s.update
+                .pending_consent
+                .as_ref()
+                .is_some_and(|p| p.reason == ConsentReason::SoftUpdate)
+            {
+                // The soft update is gone: nothing waits any more.
+                s.update.pending_consent = None;
+                actions.push(Action::Persist);
+            }
             if let Phase::Installing(job) | Phase::Installed(job) = s.update.phase.clone() {
                 // The server dropped the action (force quit, auto-close): stop, slot stays bad.
                 s.finish(
@@ -481,16 +537,30 @@ pub fn step(params: &Params, state: State, event: Event) -> (State, Vec<Action>)
         Event::Activated => on_activated(&mut s, &mut actions),
         Event::HealthChecked(result) => on_health(&mut s, &mut actions, result),
         Event::DeploymentRefused { link, reason } => on_refused(&mut s, &mut actions, link, reason),
-        Event::ConfirmationAsked { link, answer } => {
-            on_confirmation(params, &mut s, &mut actions, link, answer)
+        Event::ConfirmationAsked { link, answer, what } => {
+            on_confirmation(params, &mut s, &mut actions, link, answer, what)
         }
         Event::ConsentSent { action_id, accept } => {
             // A denial keeps the action waiting on the server; it stays pending here too.
-            s.update.pending_consent = (!accept).then_some(action_id);
+            let u = &mut s.update;
+            u.pending_consent = match u.pending_consent.take() {
+                _ if accept => None,
+                Some(p) if p.action_id == action_id => Some(p),
+                _ => Some(PendingConsent {
+                    action_id,
+                    reason: ConsentReason::Confirmation,
+                    what: String::new(),
+                }),
+            };
             actions.extend([Action::ClearConsentAnswer, Action::Persist]);
         }
         Event::NoConfirmation => {
-            if s.update.pending_consent.take().is_some() {
+            if s.update
+                .pending_consent
+                .as_ref()
+                .is_some_and(|p| p.reason == ConsentReason::Confirmation)
+            {
+                s.update.pending_consent = None;
                 actions.push(Action::Persist);
             }
         }
@@ -519,6 +589,7 @@ fn on_confirmation(
     actions: &mut Vec<Action>,
     link: Link,
     answer: Option<bool>,
+    what: String,
 ) {
     let action_id = link.action_id().unwrap_or_default();
     let (accept, detail) = match (params.auto_consent, answer) {
@@ -526,18 +597,57 @@ fn on_confirmation(
         (false, Some(true)) => (true, "accepted by the user"),
         (false, Some(false)) => (false, "denied by the user"),
         (false, None) => {
-            if s.update.pending_consent.as_deref() != Some(action_id.as_str()) {
-                s.update.pending_consent = Some(action_id);
-                actions.push(Action::Persist);
-            }
+            wait_for_consent(s, actions, action_id, ConsentReason::Confirmation, what);
             return;
         }
     };
+    let mut details = vec![detail.to_string()];
+    if !what.is_empty() {
+        details.push(format!("confirmation of {what}"));
+    }
     actions.push(Action::SendConsent {
         link,
         accept,
-        details: vec![detail.to_string()],
+        details,
     });
+}
+
+/// Records that `action_id` waits for the user's answer (once; `status` shows it).
+fn wait_for_consent(
+    s: &mut State,
+    actions: &mut Vec<Action>,
+    action_id: String,
+    reason: ConsentReason,
+    what: String,
+) {
+    let pending = PendingConsent {
+        action_id,
+        reason,
+        what,
+    };
+    if s.update.pending_consent.as_ref() != Some(&pending) {
+        s.update.pending_consent = Some(pending);
+        actions.push(Action::Persist);
+    }
+}
+
+/// A soft update (`attempt`) needs the user's consent under `consent = "manual"`; forced ones
+/// do not.
+fn needs_consent(params: &Params, d: &Deployment) -> bool {
+    !params.auto_consent && (d.update == Handling::Attempt || d.download == Handling::Attempt)
+}
+
+/// Versions and artifacts of a deployment, for the user deciding on it.
+pub fn describe_deployment(d: &Deployment) -> String {
+    let chunks: Vec<String> = d
+        .chunks
+        .iter()
+        .map(|c| {
+            let files: Vec<&str> = c.artifacts.iter().map(|a| a.filename.as_str()).collect();
+            format!("{} {} {} ({})", c.part, c.name, c.version, files.join(", "))
+        })
+        .collect();
+    format!("action {}: {}", d.action_id, chunks.join("; "))
 }
 
 /// The downloaded image is forgotten once its slot is the booted one (booted by hand, or
@@ -744,14 +854,21 @@ fn defer_install(boot: &BootView, actions: &mut Vec<Action>) -> bool {
     true
 }
 
+/// A deployment as offered, with the user's recorded consent answer for it.
+struct Offer {
+    link: Link,
+    d: Deployment,
+    consent: Option<bool>,
+}
+
 fn on_deployment(
     params: &Params,
     s: &mut State,
     actions: &mut Vec<Action>,
-    link: Link,
-    d: Deployment,
+    offer: Offer,
     boot: BootView,
 ) {
+    let Offer { link, d, consent } = offer;
     let booted = boot.booted;
     let id = d.action_id.clone();
     if let Phase::Installing(job) = s.update.phase.clone() {
@@ -816,6 +933,32 @@ fn on_deployment(
         actions.push(Action::DeliverOutbox);
         return;
     }
+    let consented = needs_consent(params, &d);
+    if consented {
+        match consent {
+            Some(true) => {}
+            Some(false) => {
+                // Declined: the action stays open on the server (hawkBit has no refusal of a
+                // deployment); it waits here until the user accepts it after all.
+                let what = format!("{}; declined by the user", describe_deployment(&d));
+                wait_for_consent(s, actions, id.clone(), ConsentReason::SoftUpdate, what);
+                actions.extend([
+                    Action::Notify {
+                        link: link.href.clone(),
+                        feedback: Feedback::new(&id, Execution::Rejected, Finished::None)
+                            .detail("soft update declined by the user (consent = manual)"),
+                    },
+                    Action::ClearConsentAnswer,
+                ]);
+                return;
+            }
+            None => {
+                let what = describe_deployment(&d);
+                wait_for_consent(s, actions, id, ConsentReason::SoftUpdate, what);
+                return;
+            }
+        }
+    }
     if defer_install(&boot, actions) {
         return;
     }
@@ -852,6 +995,13 @@ fn on_deployment(
             };
             // The slot is this job's now: whatever was downloaded there is not kept.
             s.update.downloaded = None;
+            if s.update
+                .pending_consent
+                .as_ref()
+                .is_some_and(|p| p.action_id == id)
+            {
+                s.update.pending_consent = None;
+            }
             s.update.phase = Phase::Installing(job.clone());
             let what = match (job.download_only, &job.reuse) {
                 (true, _) => "download only: writing",
@@ -870,8 +1020,12 @@ fn on_deployment(
                 },
                 Action::MarkBad(job.target),
                 Action::Persist,
-                Action::Install(job),
             ]);
+            if consented {
+                // Used: the job is durable, so the answer is not needed again.
+                actions.push(Action::ClearConsentAnswer);
+            }
+            actions.push(Action::Install(job));
         }
     }
 }
@@ -1179,7 +1333,7 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ddi::{Chunk, Handling, Hashes, MaintenanceWindow};
+    use crate::ddi::{Chunk, Hashes, MaintenanceWindow};
 
     fn params() -> Params {
         Params {
@@ -1264,6 +1418,7 @@ mod tests {
                 booted,
                 next,
                 trial,
+                consent: None,
             },
         )
     }
@@ -1348,8 +1503,34 @@ mod tests {
     }
 
     #[test]
-    fn soft_and_timeforced_install_like_forced() {
-        through_activation(deployment("7", Handling::Attempt, None));
+    fn soft_and_timeforced_install_like_forced_once_consented() {
+        // Automatic consent (the default): as forced.
+        let auto = Params {
+            auto_consent: true,
+            ..params()
+        };
+        let (_, a) = step(
+            &auto,
+            State::default(),
+            Event::Deployment {
+                link: dlink("7"),
+                deployment: deployment("7", Handling::Attempt, None),
+                booted: Slot::A,
+                next: Slot::A,
+                trial: false,
+                consent: None,
+            },
+        );
+        assert_eq!(kinds(&a), ["notify", "mark_bad", "persist", "install"]);
+        // Manual consent, accepted: the same, and the answer is used up.
+        let soft = deployment("7", Handling::Attempt, None);
+        let (s, a) = offer_answered(State::default(), soft, Some(true));
+        assert_eq!(
+            kinds(&a),
+            ["notify", "mark_bad", "persist", "clear_consent", "install"]
+        );
+        let (_, a) = ev(s, Event::InstallDone(Ok(image())));
+        assert_eq!(kinds(&a), ["notify", "persist", "activate"]);
     }
 
     #[test]
@@ -2082,6 +2263,7 @@ mod tests {
                 href: format!("http://h/T/controller/v1/d/confirmationBase/{id}?c=1"),
             },
             answer,
+            what: String::new(),
         }
     }
 
@@ -2090,7 +2272,7 @@ mod tests {
         // No answer yet: the action waits, durably, once.
         let (s, a) = ev(State::default(), confirmation("4", None));
         assert_eq!(kinds(&a), ["persist"]);
-        assert_eq!(s.update.pending_consent.as_deref(), Some("4"));
+        assert_eq!(pending(&s), Some(("4", ConsentReason::Confirmation)));
         let (s2, a) = ev(s.clone(), confirmation("4", None));
         assert!(a.is_empty());
         assert_eq!(s2, s);
@@ -2130,7 +2312,7 @@ mod tests {
             },
         );
         assert_eq!(kinds(&a), ["clear_consent", "persist"]);
-        assert_eq!(s2.update.pending_consent.as_deref(), Some("4"));
+        assert_eq!(pending(&s2), Some(("4", ConsentReason::Confirmation)));
         // The server no longer asks: nothing waits.
         let (s2, a) = ev(s, Event::NoConfirmation);
         assert_eq!(kinds(&a), ["persist"]);
@@ -2138,6 +2320,96 @@ mod tests {
         let (s2, a) = ev(State::default(), Event::NoConfirmation);
         assert!(a.is_empty());
         assert_eq!(s2, State::default());
+    }
+
+    fn pending(s: &State) -> Option<(&str, ConsentReason)> {
+        s.update
+            .pending_consent
+            .as_ref()
+            .map(|p| (p.action_id.as_str(), p.reason))
+    }
+
+    #[test]
+    fn what_is_confirmed_is_shown_and_sent() {
+        let mut asked = confirmation("4", None);
+        if let Event::ConfirmationAsked { what, .. } = &mut asked {
+            *what = "action 4: os fw 2.0 (rootfs.img)".into();
+        }
+        let (s, _) = ev(State::default(), asked.clone());
+        assert_eq!(
+            s.update.pending_consent.as_ref().unwrap().what,
+            "action 4: os fw 2.0 (rootfs.img)"
+        );
+        if let Event::ConfirmationAsked { answer, .. } = &mut asked {
+            *answer = Some(true);
+        }
+        let (_, a) = ev(s, asked);
+        assert!(
+            matches!(&a[..], [Action::SendConsent { details, .. }]
+            if details == &["accepted by the user", "confirmation of action 4: os fw 2.0 (rootfs.img)"]),
+            "{a:?}"
+        );
+    }
+
+    fn offer_answered(s: State, d: Deployment, consent: Option<bool>) -> (State, Vec<Action>) {
+        let link = dlink(&d.action_id);
+        ev(
+            s,
+            Event::Deployment {
+                link,
+                deployment: d,
+                booted: Slot::A,
+                next: Slot::A,
+                trial: false,
+                consent,
+            },
+        )
+    }
+
+    #[test]
+    fn a_soft_update_waits_for_manual_consent_and_a_forced_one_does_not() {
+        let soft = || deployment("5", Handling::Attempt, None);
+        // Manual consent, no answer: nothing is written; the action waits, once, durably.
+        let (s, a) = offer_answered(State::default(), soft(), None);
+        assert_eq!(kinds(&a), ["persist"]);
+        assert_eq!(pending(&s), Some(("5", ConsentReason::SoftUpdate)));
+        assert_eq!(s.update.phase, Phase::Idle);
+        assert_eq!(
+            s.update.pending_consent.as_ref().unwrap().what,
+            "action 5: os fw 2.0 (rootfs.img)"
+        );
+        let (s2, a) = offer_answered(s.clone(), soft(), None);
+        assert!(a.is_empty(), "{a:?}");
+        assert_eq!(s2, s);
+        // A poll without a confirmationBase does not end a soft update's wait ...
+        let (s2, a) = ev(s.clone(), Event::NoConfirmation);
+        assert!(a.is_empty());
+        assert_eq!(s2, s);
+        // ... the action going away does.
+        let (s2, _) = ev(s.clone(), Event::NoAction);
+        assert_eq!(s2.update.pending_consent, None);
+        // Declined: told to the server (best effort), still waiting for an accept.
+        let (s2, a) = offer_answered(s.clone(), soft(), Some(false));
+        assert_eq!(kinds(&a), ["persist", "notify", "clear_consent"]);
+        assert!(
+            matches!(&a[1], Action::Notify { feedback, .. } if feedback.execution == Execution::Rejected)
+        );
+        assert_eq!(pending(&s2), Some(("5", ConsentReason::SoftUpdate)));
+        assert_eq!(s2.update.phase, Phase::Idle);
+        // Accepted: installed; the answer is cleared once the job is durable.
+        let (s2, a) = offer_answered(s.clone(), soft(), Some(true));
+        assert_eq!(
+            kinds(&a),
+            ["notify", "mark_bad", "persist", "clear_consent", "install"]
+        );
+        assert_eq!(s2.update.pending_consent, None);
+        // A forced update never waits.
+        let (_, a) = offer_answered(
+            State::default(),
+            deployment("6", Handling::Forced, None),
+            None,
+        );
+        assert!(matches!(a.last(), Some(Action::Install(_))));
     }
 
     #[test]
@@ -2290,6 +2562,8 @@ mod tests {
             Offer {
                 id: u8,
                 kind: u8,
+                /// The user's recorded answer (manual consent of soft updates).
+                consent: Option<bool>,
             },
             Cancel {
                 id: u8,
@@ -2327,7 +2601,8 @@ mod tests {
 
         fn ev() -> impl Strategy<Value = Ev> {
             prop_oneof![
-                (1u8..4, 0u8..4).prop_map(|(id, kind)| Ev::Offer { id, kind }),
+                (1u8..4, 0u8..4, proptest::option::of(any::<bool>()))
+                    .prop_map(|(id, kind, consent)| Ev::Offer { id, kind, consent }),
                 (1u8..4).prop_map(|id| Ev::Cancel { id }),
                 Just(Ev::InstallOk),
                 Just(Ev::InstallTransient),
@@ -2645,7 +2920,7 @@ mod tests {
                         continue;
                     }
                     let event = match e {
-                        Ev::Offer { id, kind } => {
+                        Ev::Offer { id, kind, consent } => {
                             let (update, window) = match kind {
                                 0 => (Handling::Forced, None),
                                 1 => (Handling::Attempt, None),
@@ -2658,6 +2933,7 @@ mod tests {
                                 booted: m.booted,
                                 next: m.next,
                                 trial: m.trial && m.next == m.booted,
+                                consent,
                             }
                         }
                         Ev::Cancel { id } => Event::Cancel {

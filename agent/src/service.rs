@@ -484,7 +484,9 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
                 "version": d.version,
             })),
             "feedback_owed": state.outbox.len(),
-            "pending_consent": state.update.pending_consent,
+            "pending_consent": state.update.pending_consent.as_ref().map(|p| &p.action_id),
+            "pending_consent_reason": state.update.pending_consent.as_ref().map(|p| p.reason.name()),
+            "pending_consent_details": state.update.pending_consent.as_ref().map(|p| &p.what),
             "consent_decision": consent.map(|d| json!({"action_id": d.action_id, "accept": d.accept})),
             "state_dir": cfg.agent.state_dir,
             "boot_error": boot_error,
@@ -543,8 +545,15 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
             );
         }
         println!("feedback owed:  {}", state.outbox.len());
-        if let Some(id) = &state.update.pending_consent {
-            println!("consent:        action {id} waits for `ddi-agent consent accept|deny`");
+        if let Some(p) = &state.update.pending_consent {
+            println!(
+                "consent:        action {} waits for `ddi-agent consent accept|deny`: {}",
+                p.action_id,
+                p.reason.describe()
+            );
+            if !p.what.is_empty() {
+                println!("                {}", p.what);
+            }
         }
         if let Some(e) = boot_error {
             println!("bootloader:     {e}");
@@ -647,7 +656,7 @@ fn consent(cfg: &Config, accept: bool) -> u8 {
             return exit::INCOMPLETE;
         }
     };
-    let Some(action_id) = state.update.pending_consent else {
+    let Some(action_id) = state.update.pending_consent.map(|p| p.action_id) else {
         eprintln!("ddi-agent: no action is waiting for consent");
         return exit::UPDATE_FAILED;
     };

@@ -20,8 +20,8 @@ use crate::ddi::{Artifact, Execution, Feedback, Finished, Hashes, Link};
 use bootctl::Slot;
 
 use crate::machine::{
-    Caches, Channel, Downloaded, Job, LastResult, Outbox, Outgoing, Phase, ResultKind, SlotImage,
-    State, Update,
+    Caches, Channel, ConsentReason, Downloaded, Job, LastResult, Outbox, Outgoing, PendingConsent,
+    Phase, ResultKind, SlotImage, State, Update,
 };
 
 /// The format this agent writes, and the newest it reads.
@@ -127,6 +127,20 @@ struct StateFile {
     /// format 1 began; optional).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     downloaded: Option<DownloadedFile>,
+    /// Why `pending_consent` waits (added later; absent: a confirmation, the only reason
+    /// before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pending_consent_reason: Option<ConsentReasonFile>,
+    /// What the action waiting for consent would install (added later; optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pending_consent_what: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ConsentReasonFile {
+    Confirmation,
+    SoftUpdate,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -289,7 +303,17 @@ impl From<&State> for StateFile {
             outbox: s.outbox.iter().map(OutgoingFile::from).collect(),
             next_seq: s.outbox.next_seq(),
             attributes_sent: c.attributes_sent.clone(),
-            pending_consent: u.pending_consent.clone(),
+            pending_consent: u.pending_consent.as_ref().map(|p| p.action_id.clone()),
+            // Absent for a confirmation, as agents before the field wrote it.
+            pending_consent_reason: u.pending_consent.as_ref().and_then(|p| match p.reason {
+                ConsentReason::Confirmation => None,
+                ConsentReason::SoftUpdate => Some(ConsentReasonFile::SoftUpdate),
+            }),
+            pending_consent_what: u
+                .pending_consent
+                .as_ref()
+                .map(|p| p.what.clone())
+                .filter(|w| !w.is_empty()),
             server_installed: c.server_installed.clone(),
             finished_actions: u.finished_actions.clone(),
             downloaded: u.downloaded.as_ref().map(|d| DownloadedFile {
@@ -324,7 +348,14 @@ impl From<StateFile> for State {
                 message: r.message,
             }),
             finished_actions: f.finished_actions,
-            pending_consent: f.pending_consent,
+            pending_consent: f.pending_consent.map(|action_id| PendingConsent {
+                action_id,
+                reason: match f.pending_consent_reason {
+                    None | Some(ConsentReasonFile::Confirmation) => ConsentReason::Confirmation,
+                    Some(ConsentReasonFile::SoftUpdate) => ConsentReason::SoftUpdate,
+                },
+                what: f.pending_consent_what.unwrap_or_default(),
+            }),
             downloaded: f.downloaded.map(|d| Downloaded {
                 action_id: d.action_id,
                 slot: d.slot.into(),
