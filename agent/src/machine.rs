@@ -1280,7 +1280,14 @@ fn on_cancel(s: &mut State, actions: &mut Vec<Action>, link: Link, req: CancelRe
                 s.update.last_result = Some(LastResult {
                     action_id: id.clone(),
                     result: ResultKind::Canceled,
-                    message: "canceled before it started".into(),
+                    // A downloaded image stays kept for a later action of its artifact.
+                    message: match &s.update.downloaded {
+                        Some(d) if d.action_id == id => format!(
+                            "canceled after its download; the image stays in slot {}",
+                            d.slot
+                        ),
+                        _ => "canceled before it started".into(),
+                    },
                 });
             }
             actions.extend([Action::Persist, Action::DeliverOutbox]);
@@ -1326,7 +1333,7 @@ impl State {
         self.update
             .last_result
             .as_ref()
-            .is_some_and(|r| r.action_id == action_id)
+            .is_some_and(|r| r.action_id == action_id && r.result != ResultKind::Downloaded)
     }
 }
 
@@ -1897,6 +1904,21 @@ mod tests {
             s.update.last_result.as_ref().unwrap().result,
             ResultKind::Downloaded
         );
+        // Canceled on the server (a scheduled action): the result says so, the image stays.
+        let (s, _) = ev(
+            s,
+            Event::Cancel {
+                link: clink("8"),
+                request: CancelRequest {
+                    action_id: "8".into(),
+                    stop_id: "8".into(),
+                },
+            },
+        );
+        let result = s.update.last_result.as_ref().unwrap();
+        assert_eq!(result.result, ResultKind::Canceled);
+        assert!(result.message.contains("stays in slot B"), "{result:?}");
+        assert!(s.update.downloaded.is_some());
     }
 
     #[test]
