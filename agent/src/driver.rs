@@ -530,10 +530,11 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         let client = self.client.clone();
         let link = job.link.clone();
         let action_id = job.action_id.clone();
+        let runs = job.download_runs;
         // Progress feedback goes out from its own task, within the run's budget (status quota).
         let reporter = tokio::spawn(async move {
             let run_start = tokio::time::Instant::now();
-            let mut budget = ProgressBudget::default();
+            let mut budget = ProgressBudget::for_run(runs);
             while let Some(p) = rx.recv().await {
                 let (stage, done, total) = match p {
                     Progress::Downloading { done, total } => (Stage::Downloading, done, total),

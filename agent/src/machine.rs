@@ -45,6 +45,9 @@ pub struct Job {
     /// The slot already holds this image (left by a download-only action of the same
     /// artifact): [`Action::Install`] reads it back and checks it instead of downloading.
     pub reuse: Option<SlotImage>,
+    /// Download runs started for this job, counted durably before each: the progress feedback
+    /// budget holds per action across restarts (see [`crate::feedback_budget`]).
+    pub download_runs: u32,
 }
 
 /// An image as it lies on a slot (after decompression or extraction): its length and the
@@ -888,8 +891,15 @@ fn on_deployment(
                     if defer_install(&boot, actions) {
                         return;
                     }
+                    if job.reuse.is_none() {
+                        job.download_runs += 1;
+                    }
                     s.update.phase = Phase::Installing(job.clone());
-                    actions.extend([Action::MarkBad(job.target), Action::Install(job)]);
+                    actions.extend([
+                        Action::MarkBad(job.target),
+                        Action::Persist,
+                        Action::Install(job),
+                    ]);
                 }
                 Phase::Installed(_) if job.may_activate && job.activations >= MAX_ACTIVATIONS => {
                     // The activating save kept failing (the bootloader errors are in the log).
@@ -991,6 +1001,7 @@ fn on_deployment(
                 version,
                 failed_tries: 0,
                 activations: 0,
+                download_runs: u32::from(recorded.is_none()),
                 reuse: recorded.map(|r| r.image),
             };
             // The slot is this job's now: whatever was downloaded there is not kept.
@@ -1126,6 +1137,7 @@ fn on_install_done(
         Err(f) if job.reuse.is_some() => {
             // The downloaded image is not (all) there any more: download it after all.
             job.reuse = None;
+            job.download_runs += 1;
             s.update.phase = Phase::Installing(job.clone());
             actions.extend([
                 Action::Notify {
@@ -1937,9 +1949,12 @@ mod tests {
         let (s, a) = ev(s, transient());
         assert_eq!(kinds(&a), ["persist"]);
         assert!(matches!(&s.update.phase, Phase::Installing(j) if j.failed_tries == 1));
-        // Resumed on the next offer without a new "started" message.
+        // Resumed on the next offer without a new "started" message; the run is counted
+        // durably first (the progress budget holds per action).
+        assert!(matches!(&s.update.phase, Phase::Installing(j) if j.download_runs == 1));
         let (s, a) = offer(s, deployment("7", Handling::Forced, None), Slot::A);
-        assert_eq!(kinds(&a), ["mark_bad", "install"]);
+        assert_eq!(kinds(&a), ["mark_bad", "persist", "install"]);
+        assert!(matches!(a.last(), Some(Action::Install(j)) if j.download_runs == 2));
         let (s, _) = ev(s, transient());
         let (s, a) = ev(s, transient());
         assert_eq!(kinds(&a), ["persist", "deliver"]);

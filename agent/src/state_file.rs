@@ -183,6 +183,13 @@ struct JobFile {
     /// The slot holds this image already (downloaded earlier): read back, not downloaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     reuse: Option<SlotImageFile>,
+    /// Download runs started (added later; absent: none counted).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    download_runs: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -403,6 +410,7 @@ impl From<&Job> for JobFile {
             failed_tries: j.failed_tries,
             activations: j.activations,
             reuse: j.reuse.as_ref().map(SlotImageFile::from),
+            download_runs: j.download_runs,
         }
     }
 }
@@ -466,6 +474,7 @@ impl From<JobFile> for Job {
             failed_tries: j.failed_tries,
             activations: j.activations,
             reuse: j.reuse.map(SlotImage::from),
+            download_runs: j.download_runs,
         }
     }
 }

@@ -956,3 +956,44 @@ async fn a_scheduled_action_downloads_first_and_activates_without_a_second_downl
         ActionStatus::Finished
     );
 }
+
+/// Restarts during a slow download (a crash loop, power cuts) do not multiply its progress
+/// feedback: the action's runs share one budget, counted in the state file.
+#[tokio::test]
+async fn restarts_during_a_slow_download_share_one_progress_budget() {
+    let s = Setup::new(ServerOptions::default());
+    let action = s.deploy_image("2.0", vec![4u8; RESUME_IMAGE]);
+    s.server.add_fault(
+        Fault::new(FaultKind::Slow {
+            bytes_per_sec: 8 * 1024,
+        })
+        .on(Endpoint::Download),
+    );
+    let progress = || {
+        s.server
+            .feedback(action)
+            .iter()
+            .filter(|f| f.execution() == Some("download"))
+            .count()
+    };
+    let mut after_run = Vec::new();
+    for _ in 0..4 {
+        // The agent dies 2.2 s into the download (longer than one progress interval).
+        let mut d = s.real_driver(Slot::A, RESUME_IMAGE);
+        let cut = tokio::time::timeout(Duration::from_millis(2200), d.cycle()).await;
+        assert!(cut.is_err(), "the download finished: {cut:?}");
+        drop(d);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        after_run.push(progress());
+    }
+    // The first runs each report; the fourth finds the action's budget used up.
+    assert!(
+        after_run[0] >= 1 && after_run[2] > after_run[1],
+        "{after_run:?}"
+    );
+    assert_eq!(after_run[3], after_run[2], "{after_run:?}");
+    assert!(matches!(
+        persisted_phase(&s.state_dir()),
+        Phase::Installing(ref j) if j.download_runs == 4
+    ));
+}
