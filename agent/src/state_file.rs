@@ -287,16 +287,16 @@ enum FinishedFile {
 
 impl From<&State> for StateFile {
     fn from(s: &State) -> StateFile {
-        let (u, c) = (&s.update, &s.caches);
+        let (u, c) = (s.update(), s.caches());
         StateFile {
             format: FORMAT,
-            phase: match &u.phase {
+            phase: match u.phase() {
                 Phase::Idle => PhaseFile::Idle,
                 Phase::Installing(j) => PhaseFile::Installing(j.into()),
                 Phase::Installed(j) => PhaseFile::Installed(j.into()),
                 Phase::AwaitingReboot(j) => PhaseFile::AwaitingReboot(j.into()),
             },
-            last_result: u.last_result.as_ref().map(|r| LastResultFile {
+            last_result: u.last_result().map(|r| LastResultFile {
                 action_id: r.action_id.clone(),
                 result: match r.result {
                     ResultKind::Success | ResultKind::Downloaded => ResultFile::Success,
@@ -307,23 +307,22 @@ impl From<&State> for StateFile {
                 message: r.message.clone(),
                 downloaded: r.result == ResultKind::Downloaded,
             }),
-            outbox: s.outbox.iter().map(OutgoingFile::from).collect(),
-            next_seq: s.outbox.next_seq(),
-            attributes_sent: c.attributes_sent.clone(),
-            pending_consent: u.pending_consent.as_ref().map(|p| p.action_id.clone()),
+            outbox: s.outbox().iter().map(OutgoingFile::from).collect(),
+            next_seq: s.outbox().next_seq(),
+            attributes_sent: c.attributes_sent().cloned(),
+            pending_consent: u.pending_consent().map(|p| p.action_id.clone()),
             // Absent for a confirmation, as agents before the field wrote it.
-            pending_consent_reason: u.pending_consent.as_ref().and_then(|p| match p.reason {
+            pending_consent_reason: u.pending_consent().and_then(|p| match p.reason {
                 ConsentReason::Confirmation => None,
                 ConsentReason::SoftUpdate => Some(ConsentReasonFile::SoftUpdate),
             }),
             pending_consent_what: u
-                .pending_consent
-                .as_ref()
+                .pending_consent()
                 .map(|p| p.what.clone())
                 .filter(|w| !w.is_empty()),
-            server_installed: c.server_installed.clone(),
-            finished_actions: u.finished_actions.clone(),
-            downloaded: u.downloaded.as_ref().map(|d| DownloadedFile {
+            server_installed: c.server_installed().map(str::to_string),
+            finished_actions: u.finished_actions().to_vec(),
+            downloaded: u.downloaded().map(|d| DownloadedFile {
                 action_id: d.action_id.clone(),
                 slot: (&d.slot).into(),
                 artifact_sha256: d.artifact_sha256.clone(),
@@ -336,14 +335,14 @@ impl From<&State> for StateFile {
 
 impl From<StateFile> for State {
     fn from(f: StateFile) -> State {
-        let update = Update {
-            phase: match f.phase {
+        let update = Update::restore(
+            match f.phase {
                 PhaseFile::Idle => Phase::Idle,
                 PhaseFile::Installing(j) => Phase::Installing(j.into()),
                 PhaseFile::Installed(j) => Phase::Installed(j.into()),
                 PhaseFile::AwaitingReboot(j) => Phase::AwaitingReboot(j.into()),
             },
-            last_result: f.last_result.map(|r| LastResult {
+            f.last_result.map(|r| LastResult {
                 action_id: r.action_id,
                 result: match r.result {
                     ResultFile::Success if r.downloaded => ResultKind::Downloaded,
@@ -354,8 +353,8 @@ impl From<StateFile> for State {
                 },
                 message: r.message,
             }),
-            finished_actions: f.finished_actions,
-            pending_consent: f.pending_consent.map(|action_id| PendingConsent {
+            f.finished_actions,
+            f.pending_consent.map(|action_id| PendingConsent {
                 action_id,
                 reason: match f.pending_consent_reason {
                     None | Some(ConsentReasonFile::Confirmation) => ConsentReason::Confirmation,
@@ -363,25 +362,22 @@ impl From<StateFile> for State {
                 },
                 what: f.pending_consent_what.unwrap_or_default(),
             }),
-            downloaded: f.downloaded.map(|d| Downloaded {
+            f.downloaded.map(|d| Downloaded {
                 action_id: d.action_id,
                 slot: d.slot.into(),
                 artifact_sha256: d.artifact_sha256,
                 version: d.version,
                 image: d.image.into(),
             }),
-        };
-        State {
+        );
+        State::restore(
             update,
-            outbox: Outbox::restore(
+            Outbox::restore(
                 f.outbox.into_iter().map(Outgoing::from).collect(),
                 f.next_seq,
             ),
-            caches: Caches {
-                attributes_sent: f.attributes_sent,
-                server_installed: f.server_installed,
-            },
-        }
+            Caches::restore(f.attributes_sent, f.server_installed),
+        )
     }
 }
 
@@ -585,10 +581,10 @@ mod tests {
               "feedback": {"action_id": "9", "execution": "closed", "finished": "success",
                            "progress": null, "details": []}}]}"#;
         let s = decode(text).unwrap();
-        assert_eq!(s.update.phase, Phase::Idle);
-        assert_eq!(s.outbox.len(), 1);
-        assert_eq!(s.outbox[0].seq, 3);
-        assert_eq!(s.outbox.next_seq(), 0);
+        assert_eq!(s.update().phase(), &Phase::Idle);
+        assert_eq!(s.outbox().len(), 1);
+        assert_eq!(s.outbox()[0].seq, 3);
+        assert_eq!(s.outbox().next_seq(), 0);
         assert_eq!(decode(b"{}").unwrap(), State::default());
     }
 
@@ -598,29 +594,45 @@ mod tests {
     #[test]
     fn a_kept_download_is_written_so_older_agents_read_the_file() {
         let text = std::fs::read(format!("{FIXTURES}/main-3e7abd1/installing/state.json")).unwrap();
-        let mut state = decode(&text).unwrap();
+        let fixture = decode(&text).unwrap();
         let image = SlotImage {
             bytes: 4096,
             sha256: "cd".repeat(32),
         };
-        let Phase::Installing(job) = &mut state.update.phase else {
+        let Phase::Installing(job) = fixture.update().phase() else {
             panic!("fixture not installing")
         };
-        job.reuse = Some(image.clone());
-        state.update.downloaded = Some(Downloaded {
-            action_id: "4".into(),
-            slot: Slot::B,
-            artifact_sha256: "ab".repeat(32),
-            version: "2.0".into(),
-            image,
-        });
-        state.update.last_result = Some(LastResult {
-            action_id: "4".into(),
-            result: ResultKind::Downloaded,
-            message: "downloaded".into(),
-        });
-        let written = encode(&state);
-        assert_eq!(decode(&written).unwrap(), state);
+        // The state as the new agent has it, and as an older one reads it back.
+        let state = |new: bool| {
+            let mut job = job.clone();
+            job.reuse = new.then(|| image.clone());
+            let downloaded = new.then(|| Downloaded {
+                action_id: "4".into(),
+                slot: Slot::B,
+                artifact_sha256: "ab".repeat(32),
+                version: "2.0".into(),
+                image: image.clone(),
+            });
+            let result = LastResult {
+                action_id: "4".into(),
+                result: if new {
+                    ResultKind::Downloaded
+                } else {
+                    ResultKind::Success
+                },
+                message: "downloaded".into(),
+            };
+            let update = Update::restore(
+                Phase::Installing(job),
+                Some(result),
+                fixture.update().finished_actions().to_vec(),
+                None,
+                downloaded,
+            );
+            State::restore(update, fixture.outbox().clone(), fixture.caches().clone())
+        };
+        let written = encode(&state(true));
+        assert_eq!(decode(&written).unwrap(), state(true));
         let mut json: serde_json::Value = serde_json::from_slice(&written).unwrap();
         assert_eq!(json["last_result"]["result"], "success");
         assert_eq!(json["last_result"]["downloaded"], true);
@@ -634,14 +646,7 @@ mod tests {
             .as_object_mut()
             .unwrap()
             .remove("reuse");
-        let old_view = decode(json.to_string().as_bytes()).unwrap();
-        let Phase::Installing(job) = &mut state.update.phase else {
-            unreachable!()
-        };
-        job.reuse = None;
-        state.update.downloaded = None;
-        state.update.last_result.as_mut().unwrap().result = ResultKind::Success;
-        assert_eq!(old_view, state);
+        assert_eq!(decode(json.to_string().as_bytes()).unwrap(), state(false));
     }
 
     proptest::proptest! {

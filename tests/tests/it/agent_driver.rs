@@ -319,7 +319,7 @@ impl Setup {
 }
 
 fn persisted_phase(dir: &Path) -> Phase {
-    Store::at(dir).load().unwrap().update.phase
+    Store::at(dir).load().unwrap().update().phase().clone()
 }
 
 #[tokio::test]
@@ -590,7 +590,7 @@ async fn refused_rejected_does_not_block_the_final_feedback(
     refuse(&s.server);
     // The cancel comes after the activation: answered `rejected`, which the server refuses.
     d.cycle().await.unwrap();
-    assert!(d.state().outbox.is_empty(), "{:?}", d.state().outbox);
+    assert!(d.state().outbox().is_empty(), "{:?}", d.state().outbox());
     // After the reboot into B the update is confirmed and closed.
     let mut d = s.driver(s.config(""), Slot::B, Slot::B, Ok(()), None, false);
     d.startup().await.unwrap();
@@ -614,9 +614,9 @@ async fn status_quota_refusal_never_blocks_the_outbox() {
         let report = d.cycle().await;
         assert!(report.is_ok(), "{version}: {report:?}");
         assert!(
-            d.state().outbox.is_empty(),
+            d.state().outbox().is_empty(),
             "{version}: {:?}",
-            d.state().outbox
+            d.state().outbox()
         );
         assert!(
             s.server
@@ -798,7 +798,7 @@ async fn a_slow_download_that_fills_the_status_quota_still_finishes() {
         "{:?}",
         s.server.feedback(action)
     );
-    assert!(d.state().outbox.is_empty());
+    assert!(d.state().outbox().is_empty());
 }
 
 /// A DOWNLOAD_ONLY action with a maintenance schedule: hawkBit shows `update: skip` and a
@@ -843,9 +843,13 @@ async fn download_only_with_a_window_closes_with_downloaded_retried_and_keeps_th
         "one download, nothing after it"
     );
     let state = Store::at(&s.state_dir()).load().unwrap();
-    let kept = state.update.downloaded.expect("downloaded image kept");
+    let kept = state
+        .update()
+        .downloaded()
+        .cloned()
+        .expect("downloaded image kept");
     assert_eq!((kept.slot, kept.action_id), (Slot::B, action.to_string()));
-    assert!(state.outbox.is_empty());
+    assert!(state.outbox().is_empty());
 }
 
 /// A later action of the same artifact (same sha256) finds it in the slot: read back, not
