@@ -56,15 +56,6 @@ need_task_outputs() {
     fi
 }
 
-# Path of a workspace binary (debug build; cargo makes it current, a no-op after CI's
-# `cargo build --workspace --bins`).
-workspace_bin() {
-    local bin=$1 package=$2 dir=${CARGO_TARGET_DIR:-$REPO/target}
-    need cargo >&2 || return 1
-    (cd "$REPO" && cargo build -q --locked -p "$package" --bin "$bin") >&2 || return 1
-    printf '%s' "$dir/debug/$bin"
-}
-
 # ---- checks ---------------------------------------------------------------------------
 
 check_crate_licenses() {
