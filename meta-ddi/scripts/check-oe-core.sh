@@ -170,7 +170,12 @@ EOF
     ln -s "$(command -v mkimage)" "$HOST_SHIMS/uboot-mkimage"
     ln -s "$(command -v mkenvimage)" "$HOST_SHIMS/uboot-mkenvimage"
     # (bitbake-worker also calls it with -S after each task, pseudo's "stop the server").
-    printf '#!/bin/sh\n# FAKEROOTCMD stand-in: runs the worker as the build user.\n[ "$1" = -S ] && exit 0\nexec "$@"\n' >"$HOST_SHIMS/no-fakeroot"
+    cat >"$HOST_SHIMS/no-fakeroot" <<'EOF'
+#!/bin/sh
+# FAKEROOTCMD stand-in: runs the worker as the build user.
+[ "$1" = -S ] && exit 0
+exec "$@"
+EOF
     chmod 0755 "$HOST_SHIMS/no-fakeroot"
     cat >"$BUILD/conf/ddi-check-data.conf" <<EOF
 ASSUME_PROVIDED += "u-boot-tools-native"
