@@ -199,7 +199,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
             }
         };
         self.startup_skipped = None;
-        info!(booted = %booted, next = %next, phase = self.state.update.phase.name(), "agent started");
+        info!(booted = %booted, next = %next, phase = self.state.update().phase().name(), "agent started");
         let rebooting = self.apply(Event::Started { booted, next }).await?;
         if let Err(e) = self.deliver().await {
             // Not fatal here: the cycle delivers first and reports what is still owed.
@@ -300,7 +300,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         report.rebooting = rebooting;
         if !rebooting {
             self.deliver().await?;
-            if let Phase::Installing(job) = &self.state.update.phase {
+            if let Phase::Installing(job) = &self.state.update().phase() {
                 report.unfinished_install = Some(UnfinishedInstall {
                     action_id: job.action_id.clone(),
                     transient_failure: self.install_failed_transiently,
@@ -321,7 +321,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
             waited.as_secs()
         );
         warn!("{message}");
-        if let Phase::AwaitingReboot(job) = &self.state.update.phase {
+        if let Phase::AwaitingReboot(job) = &self.state.update().phase() {
             let feedback = Feedback::new(&job.action_id, Execution::Proceeding, Finished::None)
                 .detail(message);
             if let Err(e) = self.client.send_feedback(&job.link, &feedback).await {
@@ -376,11 +376,16 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
     async fn apply(&mut self, event: Event) -> Result<bool, DriverError> {
         let mut next = Some(event);
         while let Some(event) = next.take() {
-            let before = self.state.update.clone();
+            let before = self.state.update().clone();
             let (state, actions) = machine::step(&self.params, self.state.clone(), event);
             self.state = state;
-            log_update_change(&before, &self.state.update);
-            let job = self.state.update.phase.job().map(|j| j.action_id.clone());
+            log_update_change(&before, self.state.update());
+            let job = self
+                .state
+                .update()
+                .phase()
+                .job()
+                .map(|j| j.action_id.clone());
             for action in actions {
                 tracing::debug!(action_id = job.as_deref().unwrap_or(""), ?action, "action");
                 match action {
@@ -461,7 +466,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
 
     /// Delivers the outbox in order; 200 and 410 both end an entry.
     async fn deliver(&mut self) -> Result<(), DriverError> {
-        while let Some(entry) = self.state.outbox.first().cloned() {
+        while let Some(entry) = self.state.outbox().first().cloned() {
             let result = self
                 .client
                 .send_feedback(&entry.link, &entry.feedback)
@@ -489,7 +494,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                 }
                 Err(e) => {
                     warn!(error = %e, "feedback delivery failed");
-                    return Err(DriverError::FeedbackOwed(self.state.outbox.len()));
+                    return Err(DriverError::FeedbackOwed(self.state.outbox().len()));
                 }
             }
             // Boxed: applying an event may deliver the outbox again.
@@ -624,8 +629,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
     /// configData (merge) when the server asks or the attributes changed since last accepted.
     async fn config_data(&mut self, poll: &PollReply, booted: Slot) -> Result<(), DriverError> {
         let attrs = attributes(&self.cfg, Some(booted));
-        if poll.config_data.is_none() && self.state.caches.attributes_sent.as_ref() == Some(&attrs)
-        {
+        if poll.config_data.is_none() && self.state.caches().attributes_sent() == Some(&attrs) {
             return Ok(());
         }
         self.client
@@ -639,7 +643,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
     /// Logs what the server considers installed (validates the body); never fatal.
     async fn installed_base(&mut self, poll: &PollReply) {
         let Some(link) = &poll.installed else { return };
-        if self.state.caches.server_installed.as_deref() == Some(link.href.as_str()) {
+        if self.state.caches().server_installed() == Some(link.href.as_str()) {
             return;
         }
         match self.client.deployment(link).await {
@@ -688,7 +692,6 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
     }
 }
 
-/// Logs what changed in the update's state: its phase, or the action waiting for consent.
 /// Polls once: the server's cancel request for `action_id`, if it has one.
 async fn cancel_of(client: &mut DdiClient, action_id: &str) -> Option<(Link, CancelRequest)> {
     let link = client.poll().await.ok()?.cancel?;
@@ -699,18 +702,19 @@ async fn cancel_of(client: &mut DdiClient, action_id: &str) -> Option<(Link, Can
     Some((link, request))
 }
 
+/// Logs what changed in the update's state: its phase, or the action waiting for consent.
 fn log_update_change(before: &machine::Update, after: &machine::Update) {
-    if before.phase.name() != after.phase.name() {
+    if before.phase().name() != after.phase().name() {
         let action_id = after
-            .phase
+            .phase()
             .job()
             .map(|j| j.action_id.as_str())
-            .or_else(|| after.last_result.as_ref().map(|r| r.action_id.as_str()))
+            .or_else(|| after.last_result().map(|r| r.action_id.as_str()))
             .unwrap_or_default();
-        info!(action_id = %action_id, state = after.phase.name(), from = before.phase.name(), "state changed");
+        info!(action_id = %action_id, state = after.phase().name(), from = before.phase().name(), "state changed");
     }
-    if before.pending_consent != after.pending_consent {
-        if let Some(action_id) = &after.pending_consent {
+    if before.pending_consent() != after.pending_consent() {
+        if let Some(action_id) = after.pending_consent() {
             info!(action_id = %action_id, "action waits for consent: run `ddi-agent consent accept` or `deny`");
         }
     }

@@ -123,20 +123,20 @@ impl Outgoing {
 /// place of an unreadable file): the driver reads it and feeds events.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct State {
-    pub update: Update,
-    pub outbox: Outbox,
-    pub caches: Caches,
+    update: Update,
+    outbox: Outbox,
+    caches: Caches,
 }
 
 /// What the update needs: where it is, how actions ended here, and which one waits for consent.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Update {
-    pub phase: Phase,
-    pub last_result: Option<LastResult>,
+    phase: Phase,
+    last_result: Option<LastResult>,
     /// Recently finished actions (newest last, bounded): never closed twice.
-    pub finished_actions: Vec<String>,
+    finished_actions: Vec<String>,
     /// Action waiting for `ddi-agent consent accept|deny` (manual consent).
-    pub pending_consent: Option<String>,
+    pending_consent: Option<String>,
 }
 
 /// What the server was last told or showed. Saves requests and log lines; never decides
@@ -144,9 +144,85 @@ pub struct Update {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Caches {
     /// Attributes last accepted by the server (configData).
-    pub attributes_sent: Option<BTreeMap<String, String>>,
+    attributes_sent: Option<BTreeMap<String, String>>,
     /// The installedBase href last read (logged once per change).
-    pub server_installed: Option<String>,
+    server_installed: Option<String>,
+}
+
+// Read access for the driver, the service and the CLI; `restore` rebuilds a stored state (for
+// `crate::state_file`, inside this crate only). Every change goes through `step`.
+impl State {
+    pub(crate) fn restore(update: Update, outbox: Outbox, caches: Caches) -> State {
+        State {
+            update,
+            outbox,
+            caches,
+        }
+    }
+
+    pub fn update(&self) -> &Update {
+        &self.update
+    }
+
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    pub fn caches(&self) -> &Caches {
+        &self.caches
+    }
+}
+
+impl Update {
+    pub(crate) fn restore(
+        phase: Phase,
+        last_result: Option<LastResult>,
+        finished_actions: Vec<String>,
+        pending_consent: Option<String>,
+    ) -> Update {
+        Update {
+            phase,
+            last_result,
+            finished_actions,
+            pending_consent,
+        }
+    }
+
+    pub fn phase(&self) -> &Phase {
+        &self.phase
+    }
+
+    pub fn last_result(&self) -> Option<&LastResult> {
+        self.last_result.as_ref()
+    }
+
+    pub fn finished_actions(&self) -> &[String] {
+        &self.finished_actions
+    }
+
+    pub fn pending_consent(&self) -> Option<&str> {
+        self.pending_consent.as_deref()
+    }
+}
+
+impl Caches {
+    pub(crate) fn restore(
+        attributes_sent: Option<BTreeMap<String, String>>,
+        server_installed: Option<String>,
+    ) -> Caches {
+        Caches {
+            attributes_sent,
+            server_installed,
+        }
+    }
+
+    pub fn attributes_sent(&self) -> Option<&BTreeMap<String, String>> {
+        self.attributes_sent.as_ref()
+    }
+
+    pub fn server_installed(&self) -> Option<&str> {
+        self.server_installed.as_deref()
+    }
 }
 
 /// Feedback owed to the server, oldest first, kept until delivered or refused for good. Reads
@@ -160,7 +236,7 @@ pub struct Outbox {
 
 impl Outbox {
     /// The outbox as stored (entries and the next sequence number, exactly).
-    pub fn restore(entries: Vec<Outgoing>, next_seq: u64) -> Outbox {
+    pub(crate) fn restore(entries: Vec<Outgoing>, next_seq: u64) -> Outbox {
         Outbox { entries, next_seq }
     }
 

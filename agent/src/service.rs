@@ -394,8 +394,8 @@ async fn run(mut driver: RealDriver, reboot_timeout: Duration) -> u8 {
                 if let Some(u) = &r.unfinished_install {
                     info!(action_id = %u.action_id, "install waits; it goes on at the next poll");
                 }
-                let phase = driver.state().update.phase.name();
-                let status = match driver.state().update.phase.job() {
+                let phase = driver.state().update().phase().name();
+                let status = match driver.state().update().phase().job() {
                     Some(j) => format!("{phase}: action {} slot {}", j.action_id, j.target),
                     None => phase.to_string(),
                 };
@@ -452,7 +452,7 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
         ),
         Err(e) => (None, None, None, Some(e.0.clone())),
     };
-    let job = state.update.phase.job();
+    let job = state.update().phase().job();
     let consent = store.load_consent().ok().flatten();
     let unreadable_kept = Some(store.path(UNREADABLE_FILE)).filter(|p| p.exists());
     if as_json {
@@ -460,7 +460,7 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
             "booted": booted,
             "next": next,
             "trial": trial,
-            "phase": state.update.phase.name(),
+            "phase": state.update().phase().name(),
             "action": job.map(|j| json!({
                 "id": j.action_id,
                 "target_slot": j.target.to_string(),
@@ -469,13 +469,13 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
                 "download_only": j.download_only,
                 "may_activate": j.may_activate,
             })),
-            "last_result": state.update.last_result.as_ref().map(|r| json!({
+            "last_result": state.update().last_result().map(|r| json!({
                 "action_id": r.action_id,
                 "result": result_name(&r.result),
                 "message": r.message,
             })),
-            "feedback_owed": state.outbox.len(),
-            "pending_consent": state.update.pending_consent,
+            "feedback_owed": state.outbox().len(),
+            "pending_consent": state.update().pending_consent(),
             "consent_decision": consent.map(|d| json!({"action_id": d.action_id, "accept": d.accept})),
             "state_dir": cfg.agent.state_dir,
             "boot_error": boot_error,
@@ -495,7 +495,7 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
                 None => "",
             }
         );
-        match &state.update.phase {
+        match &state.update().phase() {
             Phase::Idle => println!("pending action: none"),
             p => {
                 let j = p.job().expect("non-idle phase has a job");
@@ -517,7 +517,7 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
                 );
             }
         }
-        match &state.update.last_result {
+        match state.update().last_result() {
             Some(r) => println!(
                 "last result:    action {} {}: {}",
                 r.action_id,
@@ -526,8 +526,8 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
             ),
             None => println!("last result:    none"),
         }
-        println!("feedback owed:  {}", state.outbox.len());
-        if let Some(id) = &state.update.pending_consent {
+        println!("feedback owed:  {}", state.outbox().len());
+        if let Some(id) = state.update().pending_consent() {
             println!("consent:        action {id} waits for `ddi-agent consent accept|deny`");
         }
         if let Some(e) = boot_error {
@@ -630,7 +630,7 @@ fn consent(cfg: &Config, accept: bool) -> u8 {
             return exit::INCOMPLETE;
         }
     };
-    let Some(action_id) = state.update.pending_consent else {
+    let Some(action_id) = state.update().pending_consent().map(str::to_string) else {
         eprintln!("ddi-agent: no action is waiting for consent");
         return exit::UPDATE_FAILED;
     };

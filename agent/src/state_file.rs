@@ -239,16 +239,16 @@ enum FinishedFile {
 
 impl From<&State> for StateFile {
     fn from(s: &State) -> StateFile {
-        let (u, c) = (&s.update, &s.caches);
+        let (u, c) = (s.update(), s.caches());
         StateFile {
             format: FORMAT,
-            phase: match &u.phase {
+            phase: match u.phase() {
                 Phase::Idle => PhaseFile::Idle,
                 Phase::Installing(j) => PhaseFile::Installing(j.into()),
                 Phase::Installed(j) => PhaseFile::Installed(j.into()),
                 Phase::AwaitingReboot(j) => PhaseFile::AwaitingReboot(j.into()),
             },
-            last_result: u.last_result.as_ref().map(|r| LastResultFile {
+            last_result: u.last_result().map(|r| LastResultFile {
                 action_id: r.action_id.clone(),
                 result: match r.result {
                     ResultKind::Success => ResultFile::Success,
@@ -258,26 +258,26 @@ impl From<&State> for StateFile {
                 },
                 message: r.message.clone(),
             }),
-            outbox: s.outbox.iter().map(OutgoingFile::from).collect(),
-            next_seq: s.outbox.next_seq(),
-            attributes_sent: c.attributes_sent.clone(),
-            pending_consent: u.pending_consent.clone(),
-            server_installed: c.server_installed.clone(),
-            finished_actions: u.finished_actions.clone(),
+            outbox: s.outbox().iter().map(OutgoingFile::from).collect(),
+            next_seq: s.outbox().next_seq(),
+            attributes_sent: c.attributes_sent().cloned(),
+            pending_consent: u.pending_consent().map(str::to_string),
+            server_installed: c.server_installed().map(str::to_string),
+            finished_actions: u.finished_actions().to_vec(),
         }
     }
 }
 
 impl From<StateFile> for State {
     fn from(f: StateFile) -> State {
-        let update = Update {
-            phase: match f.phase {
+        let update = Update::restore(
+            match f.phase {
                 PhaseFile::Idle => Phase::Idle,
                 PhaseFile::Installing(j) => Phase::Installing(j.into()),
                 PhaseFile::Installed(j) => Phase::Installed(j.into()),
                 PhaseFile::AwaitingReboot(j) => Phase::AwaitingReboot(j.into()),
             },
-            last_result: f.last_result.map(|r| LastResult {
+            f.last_result.map(|r| LastResult {
                 action_id: r.action_id,
                 result: match r.result {
                     ResultFile::Success => ResultKind::Success,
@@ -287,20 +287,17 @@ impl From<StateFile> for State {
                 },
                 message: r.message,
             }),
-            finished_actions: f.finished_actions,
-            pending_consent: f.pending_consent,
-        };
-        State {
+            f.finished_actions,
+            f.pending_consent,
+        );
+        State::restore(
             update,
-            outbox: Outbox::restore(
+            Outbox::restore(
                 f.outbox.into_iter().map(Outgoing::from).collect(),
                 f.next_seq,
             ),
-            caches: Caches {
-                attributes_sent: f.attributes_sent,
-                server_installed: f.server_installed,
-            },
-        }
+            Caches::restore(f.attributes_sent, f.server_installed),
+        )
     }
 }
 
@@ -470,10 +467,10 @@ mod tests {
               "feedback": {"action_id": "9", "execution": "closed", "finished": "success",
                            "progress": null, "details": []}}]}"#;
         let s = decode(text).unwrap();
-        assert_eq!(s.update.phase, Phase::Idle);
-        assert_eq!(s.outbox.len(), 1);
-        assert_eq!(s.outbox[0].seq, 3);
-        assert_eq!(s.outbox.next_seq(), 0);
+        assert_eq!(s.update().phase(), &Phase::Idle);
+        assert_eq!(s.outbox().len(), 1);
+        assert_eq!(s.outbox()[0].seq, 3);
+        assert_eq!(s.outbox().next_seq(), 0);
         assert_eq!(decode(b"{}").unwrap(), State::default());
     }
 

@@ -290,7 +290,7 @@ impl Setup {
 }
 
 fn persisted_phase(dir: &Path) -> Phase {
-    Store::at(dir).load().unwrap().update.phase
+    Store::at(dir).load().unwrap().update().phase().clone()
 }
 
 #[tokio::test]
@@ -561,7 +561,7 @@ async fn refused_rejected_does_not_block_the_final_feedback(
     refuse(&s.server);
     // The cancel comes after the activation: answered `rejected`, which the server refuses.
     d.cycle().await.unwrap();
-    assert!(d.state().outbox.is_empty(), "{:?}", d.state().outbox);
+    assert!(d.state().outbox().is_empty(), "{:?}", d.state().outbox());
     // After the reboot into B the update is confirmed and closed.
     let mut d = s.driver(s.config(""), Slot::B, Slot::B, Ok(()), None, false);
     d.startup().await.unwrap();
@@ -585,9 +585,9 @@ async fn status_quota_refusal_never_blocks_the_outbox() {
         let report = d.cycle().await;
         assert!(report.is_ok(), "{version}: {report:?}");
         assert!(
-            d.state().outbox.is_empty(),
+            d.state().outbox().is_empty(),
             "{version}: {:?}",
-            d.state().outbox
+            d.state().outbox()
         );
         assert!(
             s.server
@@ -769,5 +769,5 @@ async fn a_slow_download_that_fills_the_status_quota_still_finishes() {
         "{:?}",
         s.server.feedback(action)
     );
-    assert!(d.state().outbox.is_empty());
+    assert!(d.state().outbox().is_empty());
 }

@@ -7,18 +7,23 @@ use std::time::Duration;
 use bootctl::scheme::Slot;
 use ddi_sim::{
     ActionStatus, Assignment, Endpoint, Fault, FaultKind, HawkbitVersion, MaintenanceWindow,
-    ServerOptions, TestServer,
+    ServerOptions,
 };
-use ddi_tests::device::{DeviceOptions, FileDevice, Image};
+use ddi_tests::device::{DeviceOptions, Image};
 use ddi_tests::harness::{Background, CommandOutput};
 
 const TARGET: &str = "dev-1";
 const TOKEN: &str = "s3cret-target-token";
 const IMAGE_SIZE: usize = 300 * 1024;
 
-struct Rig {
-    server: TestServer,
-    dev: FileDevice,
+/// The common rig with this module's views; the agent must never print the token.
+struct Rig(ddi_tests::rig::Rig);
+
+impl std::ops::Deref for Rig {
+    type Target = ddi_tests::rig::Rig;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl Rig {
@@ -27,41 +32,10 @@ impl Rig {
     }
 
     fn with(opts: ServerOptions, change: impl FnOnce(&mut DeviceOptions)) -> Rig {
-        let server = TestServer::start(opts.polling(Duration::from_secs(1)));
-        server.create_target(TARGET, Some(TOKEN)).unwrap();
-        let mut o = DeviceOptions::new(&server.url(), TARGET, TOKEN);
-        change(&mut o);
-        let dev = FileDevice::create_temp(o).unwrap();
-        Rig { server, dev }
-    }
-
-    fn once(&self) -> CommandOutput {
-        let out = self.dev.agent_once(Duration::from_secs(90)).unwrap();
-        assert!(!out.timed_out, "agent hung:\n{}", out.describe());
-        assert!(
-            !out.stderr.contains(TOKEN) && !out.stdout.contains(TOKEN),
-            "token leaked into the output:\n{}",
-            out.describe()
-        );
-        out
-    }
-
-    fn once_expect(&self, code: i32) -> CommandOutput {
-        let out = self.once();
-        assert_eq!(out.code, Some(code), "{}", out.describe());
-        out
-    }
-
-    fn deploy(&self, image: &Image, how: &Assignment) -> u64 {
-        self.server
-            .deploy(
-                TARGET,
-                &image.header.version,
-                "os.img",
-                image.bytes.clone(),
-                how,
-            )
-            .unwrap()
+        let opts = opts.polling(Duration::from_secs(1));
+        let mut rig = ddi_tests::rig::Rig::start(opts, TARGET, TOKEN, change);
+        rig.never_printed = Some(TOKEN.to_string());
+        Rig(rig)
     }
 
     fn status(&self, action: u64) -> ActionStatus {
@@ -97,10 +71,6 @@ impl Rig {
         let out = ddi_tests::harness::run_with_timeout(cmd, Duration::from_secs(20)).unwrap();
         assert_eq!(out.code, Some(0), "{}", out.describe());
         serde_json::from_str(&out.stdout).unwrap()
-    }
-
-    fn env(&self, name: &str) -> Option<String> {
-        self.dev.env_map().unwrap().get(name).cloned()
     }
 
     /// `ddi-agent run` in the background.
