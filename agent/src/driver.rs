@@ -21,7 +21,7 @@ use crate::feedback_budget::{ProgressBudget, Stage};
 use crate::install::{ExpectedHash, InstallRequest, Progress};
 use bootctl::Slot;
 
-use crate::machine::{self, Action, Event, InstallFailure, Job, Params, Phase, State};
+use crate::machine::{self, Action, Event, InstallFailure, Job, Params, Phase, SlotImage, State};
 use crate::persist::{PersistError, Store};
 
 /// A bootloader operation failed.
@@ -48,14 +48,22 @@ pub trait Bootloader: Send {
     }
 }
 
-/// Downloads and writes one image.
+/// Downloads and writes one image, or checks one written earlier.
 pub trait Installer: Send + Sync {
     fn install(
         &self,
         http: &reqwest::Client,
         req: &InstallRequest,
         progress: &mut (dyn FnMut(Progress) + Send),
-    ) -> impl Future<Output = Result<(), InstallFailure>> + Send;
+    ) -> impl Future<Output = Result<SlotImage, InstallFailure>> + Send;
+
+    /// Reads `image` back from the slot of `req` (never downloads, never writes): the slot
+    /// still holds it byte for byte, or an error says what differs.
+    fn verify(
+        &self,
+        req: &InstallRequest,
+        image: &SlotImage,
+    ) -> impl Future<Output = Result<SlotImage, InstallFailure>> + Send;
 }
 
 /// Runs the configured health checks; `Err` carries the report.
@@ -275,12 +283,14 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                     );
                     let next = self.boot.next()?;
                     let trial = self.boot.booted_on_trial()?;
+                    let consent = self.recorded_answer(&deployment.action_id)?;
                     self.apply(Event::Deployment {
                         link: link.clone(),
                         deployment,
                         booted,
                         next,
                         trial,
+                        consent,
                     })
                     .await?
                 }
@@ -504,18 +514,33 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
     }
 
     /// Installs `job` while watching the server for a cancel of it; returns the next event.
+    /// A job that reuses a downloaded image only has it read back.
     async fn install(&mut self, job: &Job) -> Event {
         let req = self.install_request(job);
+        if let Some(image) = &job.reuse {
+            info!(action_id = %job.action_id, slot = %job.target, bytes = image.bytes, "reading back the image downloaded earlier");
+            let result = self.installer.verify(&req, image).await;
+            match &result {
+                Ok(_) => {
+                    info!(action_id = %job.action_id, slot = %job.target, "downloaded image intact; no download needed")
+                }
+                Err(f) => {
+                    warn!(action_id = %job.action_id, error = %f.message, "downloaded image not usable; downloading again")
+                }
+            }
+            return Event::InstallDone(result);
+        }
         info!(action_id = %job.action_id, slot = %job.target, url = %req.url, "installing");
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
         let client = self.client.clone();
         let link = job.link.clone();
         let action_id = job.action_id.clone();
         let seed_slot = job.target.other();
+        let runs = job.download_runs;
         // Progress feedback goes out from its own task, within the run's budget (status quota).
         let reporter = tokio::spawn(async move {
             let run_start = tokio::time::Instant::now();
-            let mut budget = ProgressBudget::default();
+            let mut budget = ProgressBudget::for_run(runs);
             while let Some(p) = rx.recv().await {
                 let (stage, done, total) = match p {
                     Progress::Downloading { done, total } => (Stage::Downloading, done, total),
@@ -592,7 +617,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
             }
         }
         match &result {
-            Ok(()) => {
+            Ok(_) => {
                 info!(action_id = %job.action_id, slot = %job.target, "image written and verified")
             }
             Err(f) => {
@@ -676,28 +701,45 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
 
     /// The confirmation flow: the machine decides with the user's recorded answer for this
     /// action (`ddi-agent consent accept|deny`), if any.
+    /// Before anything is confirmed, the action's details are fetched: what is confirmed is
+    /// logged, shown by `status` while it waits, and named in the confirmation's details.
     async fn consent(&mut self, link: &Link) -> Result<bool, DriverError> {
         let action_id = link.action_id().unwrap_or_default();
-        let answer = if self.params.auto_consent {
-            None
-        } else {
-            match self.store.load_consent() {
-                Ok(Some(d)) if d.action_id == action_id => Some(d.accept),
-                Ok(_) => None,
-                Err(e @ PersistError::Corrupt { .. }) => {
-                    // Not a dead end: the user answers again.
-                    warn!(error = %e, action_id = %action_id, "consent decision unreadable; removed, the action waits for a new answer");
-                    self.store.clear_consent()?;
-                    None
-                }
-                Err(e) => return Err(e.into()),
+        let what = match self.client.deployment(link).await {
+            Ok(d) => machine::describe_deployment(&d),
+            Err(e) => {
+                // Never confirm blind: asked again at the next poll.
+                warn!(error = %e, action_id = %action_id, "details of the action to confirm not readable; not confirmed now");
+                return Ok(false);
             }
         };
+        info!(action_id = %action_id, what = %what, "server asks for confirmation");
+        let answer = self.recorded_answer(&action_id)?;
         self.apply(Event::ConfirmationAsked {
             link: link.clone(),
             answer,
+            what,
         })
         .await
+    }
+
+    /// The user's recorded answer (`ddi-agent consent accept|deny`) for `action_id`; none
+    /// under automatic consent.
+    fn recorded_answer(&mut self, action_id: &str) -> Result<Option<bool>, DriverError> {
+        if self.params.auto_consent {
+            return Ok(None);
+        }
+        match self.store.load_consent() {
+            Ok(Some(d)) if d.action_id == action_id => Ok(Some(d.accept)),
+            Ok(_) => Ok(None),
+            Err(e @ PersistError::Corrupt { .. }) => {
+                // Not a dead end: the user answers again.
+                warn!(error = %e, action_id = %action_id, "consent decision unreadable; removed, the action waits for a new answer");
+                self.store.clear_consent()?;
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -723,8 +765,8 @@ fn log_update_change(before: &machine::Update, after: &machine::Update) {
         info!(action_id = %action_id, state = after.phase().name(), from = before.phase().name(), "state changed");
     }
     if before.pending_consent() != after.pending_consent() {
-        if let Some(action_id) = after.pending_consent() {
-            info!(action_id = %action_id, "action waits for consent: run `ddi-agent consent accept` or `deny`");
+        if let Some(p) = after.pending_consent() {
+            info!(action_id = %p.action_id, why = p.reason.describe(), what = %p.what, "action waits for consent: run `ddi-agent consent accept` or `deny`");
         }
     }
 }
@@ -830,14 +872,47 @@ impl Installer for Pipeline {
         http: &reqwest::Client,
         req: &InstallRequest,
         progress: &mut (dyn FnMut(Progress) + Send),
-    ) -> Result<(), InstallFailure> {
+    ) -> Result<SlotImage, InstallFailure> {
         crate::install::install(http, req, progress)
             .await
-            .map(|_| ())
-            .map_err(|e| InstallFailure {
-                message: e.to_string(),
-                retryable: e.is_retryable(),
+            .map(|i| SlotImage {
+                bytes: i.bytes_written,
+                sha256: i.sha256_of_slot_image,
             })
+            .map_err(install_failure)
+    }
+
+    async fn verify(
+        &self,
+        req: &InstallRequest,
+        image: &SlotImage,
+    ) -> Result<SlotImage, InstallFailure> {
+        let req = req.clone();
+        let image = image.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::install::verify_slot_image(
+                &req.slot_path,
+                req.booted_slot_path.as_deref(),
+                image.bytes,
+                &image.sha256,
+            )
+            .map(|()| image)
+            .map_err(install_failure)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(InstallFailure {
+                message: format!("read-back of the slot died: {e}"),
+                retryable: false,
+            })
+        })
+    }
+}
+
+fn install_failure(e: crate::install::InstallError) -> InstallFailure {
+    InstallFailure {
+        message: e.to_string(),
+        retryable: e.is_retryable(),
     }
 }
 

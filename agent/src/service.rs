@@ -471,11 +471,22 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
             })),
             "last_result": state.update().last_result().map(|r| json!({
                 "action_id": r.action_id,
-                "result": result_name(&r.result),
+                // A download is a success in the documented set of results.
+                "result": match r.result {
+                    ResultKind::Downloaded => "success",
+                    _ => result_name(&r.result),
+                },
                 "message": r.message,
             })),
+            "downloaded": state.update().downloaded().map(|d| json!({
+                "action_id": d.action_id,
+                "slot": d.slot.to_string(),
+                "version": d.version,
+            })),
             "feedback_owed": state.outbox().len(),
-            "pending_consent": state.update().pending_consent(),
+            "pending_consent": state.update().pending_consent().map(|p| &p.action_id),
+            "pending_consent_reason": state.update().pending_consent().map(|p| p.reason.name()),
+            "pending_consent_details": state.update().pending_consent().map(|p| &p.what),
             "consent_decision": consent.map(|d| json!({"action_id": d.action_id, "accept": d.accept})),
             "state_dir": cfg.agent.state_dir,
             "boot_error": boot_error,
@@ -526,9 +537,23 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
             ),
             None => println!("last result:    none"),
         }
+        if let Some(d) = state.update().downloaded() {
+            println!(
+                "downloaded:     version {} in slot {} (action {}), activated when an action \
+                 of the same artifact allows it",
+                d.version, d.slot, d.action_id
+            );
+        }
         println!("feedback owed:  {}", state.outbox().len());
-        if let Some(id) = state.update().pending_consent() {
-            println!("consent:        action {id} waits for `ddi-agent consent accept|deny`");
+        if let Some(p) = state.update().pending_consent() {
+            println!(
+                "consent:        action {} waits for `ddi-agent consent accept|deny`: {}",
+                p.action_id,
+                p.reason.describe()
+            );
+            if !p.what.is_empty() {
+                println!("                {}", p.what);
+            }
         }
         if let Some(e) = boot_error {
             println!("bootloader:     {e}");
@@ -617,6 +642,7 @@ fn result_name(r: &ResultKind) -> &'static str {
         ResultKind::Failure => "failure",
         ResultKind::Canceled => "canceled",
         ResultKind::Abandoned => "abandoned",
+        ResultKind::Downloaded => "downloaded",
     }
 }
 
@@ -630,7 +656,11 @@ fn consent(cfg: &Config, accept: bool) -> u8 {
             return exit::INCOMPLETE;
         }
     };
-    let Some(action_id) = state.update().pending_consent().map(str::to_string) else {
+    let Some(action_id) = state
+        .update()
+        .pending_consent()
+        .map(|p| p.action_id.clone())
+    else {
         eprintln!("ddi-agent: no action is waiting for consent");
         return exit::UPDATE_FAILED;
     };

@@ -20,7 +20,8 @@ use crate::ddi::{Artifact, Execution, Feedback, Finished, Hashes, Link};
 use bootctl::Slot;
 
 use crate::machine::{
-    Caches, Channel, Job, LastResult, Outbox, Outgoing, Phase, ResultKind, State, Update,
+    Caches, Channel, ConsentReason, Downloaded, Job, LastResult, Outbox, Outgoing, PendingConsent,
+    Phase, ResultKind, SlotImage, State, Update,
 };
 
 /// The format this agent writes, and the newest it reads.
@@ -122,6 +123,39 @@ struct StateFile {
     server_installed: Option<String>,
     #[serde(default)]
     finished_actions: Vec<String>,
+    /// The image a download-only action left in the slot that is not booted (added after
+    /// format 1 began; optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    downloaded: Option<DownloadedFile>,
+    /// Why `pending_consent` waits (added later; absent: a confirmation, the only reason
+    /// before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pending_consent_reason: Option<ConsentReasonFile>,
+    /// What the action waiting for consent would install (added later; optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pending_consent_what: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ConsentReasonFile {
+    Confirmation,
+    SoftUpdate,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct DownloadedFile {
+    action_id: String,
+    slot: SlotFile,
+    artifact_sha256: String,
+    version: String,
+    image: SlotImageFile,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SlotImageFile {
+    bytes: u64,
+    sha256: String,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -146,6 +180,16 @@ struct JobFile {
     failed_tries: u32,
     #[serde(default)]
     activations: u32,
+    /// The slot holds this image already (downloaded earlier): read back, not downloaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reuse: Option<SlotImageFile>,
+    /// Download runs started (added later; absent: none counted).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    download_runs: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -179,6 +223,10 @@ struct LastResultFile {
     action_id: String,
     result: ResultFile,
     message: String,
+    /// With `result: success`: a download-only action's image was downloaded, not installed.
+    /// A flag beside the result rather than a new result value, so older agents read it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    downloaded: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -251,19 +299,36 @@ impl From<&State> for StateFile {
             last_result: u.last_result().map(|r| LastResultFile {
                 action_id: r.action_id.clone(),
                 result: match r.result {
-                    ResultKind::Success => ResultFile::Success,
+                    ResultKind::Success | ResultKind::Downloaded => ResultFile::Success,
                     ResultKind::Failure => ResultFile::Failure,
                     ResultKind::Canceled => ResultFile::Canceled,
                     ResultKind::Abandoned => ResultFile::Abandoned,
                 },
                 message: r.message.clone(),
+                downloaded: r.result == ResultKind::Downloaded,
             }),
             outbox: s.outbox().iter().map(OutgoingFile::from).collect(),
             next_seq: s.outbox().next_seq(),
             attributes_sent: c.attributes_sent().cloned(),
-            pending_consent: u.pending_consent().map(str::to_string),
+            pending_consent: u.pending_consent().map(|p| p.action_id.clone()),
+            // Absent for a confirmation, as agents before the field wrote it.
+            pending_consent_reason: u.pending_consent().and_then(|p| match p.reason {
+                ConsentReason::Confirmation => None,
+                ConsentReason::SoftUpdate => Some(ConsentReasonFile::SoftUpdate),
+            }),
+            pending_consent_what: u
+                .pending_consent()
+                .map(|p| p.what.clone())
+                .filter(|w| !w.is_empty()),
             server_installed: c.server_installed().map(str::to_string),
             finished_actions: u.finished_actions().to_vec(),
+            downloaded: u.downloaded().map(|d| DownloadedFile {
+                action_id: d.action_id.clone(),
+                slot: (&d.slot).into(),
+                artifact_sha256: d.artifact_sha256.clone(),
+                version: d.version.clone(),
+                image: (&d.image).into(),
+            }),
         }
     }
 }
@@ -280,6 +345,7 @@ impl From<StateFile> for State {
             f.last_result.map(|r| LastResult {
                 action_id: r.action_id,
                 result: match r.result {
+                    ResultFile::Success if r.downloaded => ResultKind::Downloaded,
                     ResultFile::Success => ResultKind::Success,
                     ResultFile::Failure => ResultKind::Failure,
                     ResultFile::Canceled => ResultKind::Canceled,
@@ -288,7 +354,21 @@ impl From<StateFile> for State {
                 message: r.message,
             }),
             f.finished_actions,
-            f.pending_consent,
+            f.pending_consent.map(|action_id| PendingConsent {
+                action_id,
+                reason: match f.pending_consent_reason {
+                    None | Some(ConsentReasonFile::Confirmation) => ConsentReason::Confirmation,
+                    Some(ConsentReasonFile::SoftUpdate) => ConsentReason::SoftUpdate,
+                },
+                what: f.pending_consent_what.unwrap_or_default(),
+            }),
+            f.downloaded.map(|d| Downloaded {
+                action_id: d.action_id,
+                slot: d.slot.into(),
+                artifact_sha256: d.artifact_sha256,
+                version: d.version,
+                image: d.image.into(),
+            }),
         );
         State::restore(
             update,
@@ -307,10 +387,7 @@ impl From<&Job> for JobFile {
         JobFile {
             action_id: j.action_id.clone(),
             link: j.link.clone(),
-            target: match j.target {
-                Slot::A => SlotFile::A,
-                Slot::B => SlotFile::B,
-            },
+            target: (&j.target).into(),
             download_only: j.download_only,
             may_activate: j.may_activate,
             artifact: ArtifactFile {
@@ -328,6 +405,44 @@ impl From<&Job> for JobFile {
             version: j.version.clone(),
             failed_tries: j.failed_tries,
             activations: j.activations,
+            reuse: j.reuse.as_ref().map(SlotImageFile::from),
+            download_runs: j.download_runs,
+        }
+    }
+}
+
+impl From<&Slot> for SlotFile {
+    fn from(s: &Slot) -> SlotFile {
+        match s {
+            Slot::A => SlotFile::A,
+            Slot::B => SlotFile::B,
+        }
+    }
+}
+
+impl From<SlotFile> for Slot {
+    fn from(s: SlotFile) -> Slot {
+        match s {
+            SlotFile::A => Slot::A,
+            SlotFile::B => Slot::B,
+        }
+    }
+}
+
+impl From<&SlotImage> for SlotImageFile {
+    fn from(i: &SlotImage) -> SlotImageFile {
+        SlotImageFile {
+            bytes: i.bytes,
+            sha256: i.sha256.clone(),
+        }
+    }
+}
+
+impl From<SlotImageFile> for SlotImage {
+    fn from(i: SlotImageFile) -> SlotImage {
+        SlotImage {
+            bytes: i.bytes,
+            sha256: i.sha256,
         }
     }
 }
@@ -338,10 +453,7 @@ impl From<JobFile> for Job {
         Job {
             action_id: j.action_id,
             link: j.link,
-            target: match j.target {
-                SlotFile::A => Slot::A,
-                SlotFile::B => Slot::B,
-            },
+            target: j.target.into(),
             download_only: j.download_only,
             may_activate: j.may_activate,
             artifact: Artifact {
@@ -357,6 +469,8 @@ impl From<JobFile> for Job {
             version: j.version,
             failed_tries: j.failed_tries,
             activations: j.activations,
+            reuse: j.reuse.map(SlotImage::from),
+            download_runs: j.download_runs,
         }
     }
 }
@@ -472,6 +586,67 @@ mod tests {
         assert_eq!(s.outbox()[0].seq, 3);
         assert_eq!(s.outbox().next_seq(), 0);
         assert_eq!(decode(b"{}").unwrap(), State::default());
+    }
+
+    /// A kept download, a job reusing it and a download result are new fields beside the old
+    /// ones, and old values in old fields: what an older agent reads of the file (the fields it
+    /// knows) is the same state without them.
+    #[test]
+    fn a_kept_download_is_written_so_older_agents_read_the_file() {
+        let text = std::fs::read(format!("{FIXTURES}/main-3e7abd1/installing/state.json")).unwrap();
+        let fixture = decode(&text).unwrap();
+        let image = SlotImage {
+            bytes: 4096,
+            sha256: "cd".repeat(32),
+        };
+        let Phase::Installing(job) = fixture.update().phase() else {
+            panic!("fixture not installing")
+        };
+        // The state as the new agent has it, and as an older one reads it back.
+        let state = |new: bool| {
+            let mut job = job.clone();
+            job.reuse = new.then(|| image.clone());
+            let downloaded = new.then(|| Downloaded {
+                action_id: "4".into(),
+                slot: Slot::B,
+                artifact_sha256: "ab".repeat(32),
+                version: "2.0".into(),
+                image: image.clone(),
+            });
+            let result = LastResult {
+                action_id: "4".into(),
+                result: if new {
+                    ResultKind::Downloaded
+                } else {
+                    ResultKind::Success
+                },
+                message: "downloaded".into(),
+            };
+            let update = Update::restore(
+                Phase::Installing(job),
+                Some(result),
+                fixture.update().finished_actions().to_vec(),
+                None,
+                downloaded,
+            );
+            State::restore(update, fixture.outbox().clone(), fixture.caches().clone())
+        };
+        let written = encode(&state(true));
+        assert_eq!(decode(&written).unwrap(), state(true));
+        let mut json: serde_json::Value = serde_json::from_slice(&written).unwrap();
+        assert_eq!(json["last_result"]["result"], "success");
+        assert_eq!(json["last_result"]["downloaded"], true);
+        // An older reader ignores what it does not know.
+        json.as_object_mut().unwrap().remove("downloaded");
+        json["last_result"]
+            .as_object_mut()
+            .unwrap()
+            .remove("downloaded");
+        json["phase"]["job"]
+            .as_object_mut()
+            .unwrap()
+            .remove("reuse");
+        assert_eq!(decode(json.to_string().as_bytes()).unwrap(), state(false));
     }
 
     proptest::proptest! {

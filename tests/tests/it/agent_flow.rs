@@ -196,7 +196,12 @@ fn maintenance_window_writes_now_and_activates_when_open() {
     assert!(rig.dev.slot_holds(Slot::B, &image.bytes).unwrap());
     assert_eq!(rig.env("bootctl_slot").as_deref(), Some("A"));
     assert!(rig.server.action(action).unwrap().active);
-    assert_eq!(rig.status_json()["phase"], "installed");
+    // Downloaded (and reported so) while the window is closed; the action stays open.
+    assert!(rig.feedback(action).iter().any(|(e, _)| e == "downloaded"));
+    let status = rig.status_json();
+    assert_eq!(status["phase"], "idle");
+    assert_eq!(status["downloaded"]["slot"], "B");
+    assert_eq!(status["downloaded"]["action_id"], action.to_string());
     let mut cmd = rig.dev.agent_command();
     cmd.arg("status");
     let out = ddi_tests::harness::run_with_timeout(cmd, Duration::from_secs(20)).unwrap();
@@ -206,7 +211,7 @@ fn maintenance_window_writes_now_and_activates_when_open() {
         out.describe()
     );
     assert!(
-        out.stdout.contains("waiting for the maintenance window"),
+        out.stdout.contains("downloaded:     version 4.0 in slot B"),
         "{}",
         out.describe()
     );
@@ -333,7 +338,15 @@ fn manual_consent_waits_for_the_user() {
     let action = rig.deploy(&image, &how);
     rig.once_expect(0);
     assert_eq!(rig.status(action), ActionStatus::WaitForConfirmation);
-    assert_eq!(rig.status_json()["pending_consent"], action.to_string());
+    let status = rig.status_json();
+    assert_eq!(status["pending_consent"], action.to_string());
+    // Why it waits, and what would be confirmed (fetched from its confirmationBase).
+    assert_eq!(status["pending_consent_reason"], "confirmation");
+    let details = status["pending_consent_details"].as_str().unwrap();
+    assert!(
+        details.contains("9.0") && details.contains("os.img"),
+        "{details}"
+    );
 
     let consent = |what: &str| {
         let mut cmd = rig.dev.agent_command();
@@ -349,12 +362,76 @@ fn manual_consent_waits_for_the_user() {
     consent("accept");
     rig.once_expect(0);
     assert_ne!(rig.status(action), ActionStatus::WaitForConfirmation);
-    // The next cycle gets the deployment.
+    // The answer names what it confirms.
+    let confirmed = rig.server.feedback(action).iter().any(|f| {
+        f.body["confirmation"] == "confirmed"
+            && f.body["details"].as_array().is_some_and(|d| {
+                d.iter().any(|line| {
+                    line.as_str().is_some_and(|l| {
+                        l.starts_with(&format!("confirmation of action {action}"))
+                            && l.contains("9.0")
+                    })
+                })
+            })
+    });
+    assert!(confirmed, "{:?}", rig.server.feedback(action));
+    // The next cycle gets the deployment (forced: no second consent).
     rig.once_expect(0);
     assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
     rig.dev.reboot().unwrap();
     rig.once_expect(0);
     assert_eq!(rig.status(action), ActionStatus::Finished);
+}
+
+/// `consent = "manual"`: a soft update (`update: attempt`) waits for `ddi-agent consent
+/// accept`; `status` says which action waits and why; a forced one does not wait.
+#[test]
+fn manual_consent_holds_a_soft_update_until_accepted() {
+    let rig = Rig::with(ServerOptions::default(), |o| {
+        o.agent_extra = "consent = \"manual\"\n".into();
+    });
+    let image = Image::good("9.2", IMAGE_SIZE);
+    let action = rig.deploy(&image, &Assignment::soft());
+    rig.once_expect(0);
+    rig.once_expect(0);
+    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 0);
+    assert!(!rig.dev.slot_holds(Slot::B, &image.bytes).unwrap());
+    let status = rig.status_json();
+    assert_eq!(status["phase"], "idle");
+    assert_eq!(status["pending_consent"], action.to_string());
+    assert_eq!(status["pending_consent_reason"], "soft_update");
+    assert!(status["pending_consent_details"]
+        .as_str()
+        .unwrap()
+        .contains("9.2"));
+    let mut cmd = rig.dev.agent_command();
+    cmd.arg("status");
+    let out = ddi_tests::harness::run_with_timeout(cmd, Duration::from_secs(20)).unwrap();
+    assert!(
+        out.stdout
+            .contains(&format!("consent:        action {action} waits"))
+            && out.stdout.contains("soft update"),
+        "{}",
+        out.describe()
+    );
+
+    let mut cmd = rig.dev.agent_command();
+    cmd.args(["consent", "accept"]);
+    let out = ddi_tests::harness::run_with_timeout(cmd, Duration::from_secs(20)).unwrap();
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    rig.once_expect(0);
+    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
+    assert!(rig.dev.slot_holds(Slot::B, &image.bytes).unwrap());
+    assert!(rig.status_json()["pending_consent"].is_null());
+    rig.dev.reboot().unwrap();
+    rig.once_expect(0);
+    assert_eq!(rig.status(action), ActionStatus::Finished);
+
+    // A forced update does not wait.
+    let forced = rig.deploy(&Image::good("9.3", IMAGE_SIZE), &Assignment::forced());
+    rig.once_expect(0);
+    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
+    assert!(rig.server.action(forced).unwrap().active);
 }
 
 #[test]
