@@ -195,6 +195,16 @@ impl Shared {
 
     /// Appends to the download log.
     pub fn log_download(&self, request: download::DownloadRequest) {
+        // Also on the server's log, so that a benchmark of the `serve` binary can count the
+        // bytes and requests of a download (bench/delta.py).
+        tracing::info!(
+            "download {} {} range={} status={} body_len={}",
+            request.controller_id,
+            request.filename,
+            request.range.as_deref().unwrap_or("-"),
+            request.status,
+            request.body_len.map_or("-".to_string(), |n| n.to_string()),
+        );
         self.downloads
             .lock()
             .unwrap_or_else(|p| p.into_inner())
