@@ -20,7 +20,8 @@ use crate::ddi::{Artifact, Execution, Feedback, Finished, Hashes, Link};
 use bootctl::Slot;
 
 use crate::machine::{
-    Caches, Channel, Job, LastResult, Outbox, Outgoing, Phase, ResultKind, State, Update,
+    Caches, Channel, Job, LastResult, LocalOrigin, LocalResult, Outbox, Outgoing, Phase,
+    ResultKind, State, Update,
 };
 
 /// The format this agent writes, and the newest it reads.
@@ -122,6 +123,28 @@ struct StateFile {
     server_installed: Option<String>,
     #[serde(default)]
     finished_actions: Vec<String>,
+    /// The phase of a local install (`ddi-agent install`). Kept out of `phase`, which then
+    /// says `idle`: an agent that predates local installs must not take it for a server
+    /// action (it would report to an empty link for ever).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    local_job: Option<PhaseFile>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_local: Option<LocalResultFile>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct LocalOriginFile {
+    source: String,
+    started_at: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct LocalResultFile {
+    source: String,
+    started_at: u64,
+    target: SlotFile,
+    result: ResultFile,
+    message: String,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -146,6 +169,8 @@ struct JobFile {
     failed_tries: u32,
     #[serde(default)]
     activations: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    local: Option<LocalOriginFile>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -240,22 +265,32 @@ enum FinishedFile {
 impl From<&State> for StateFile {
     fn from(s: &State) -> StateFile {
         let (u, c) = (&s.update, &s.caches);
+        let phase = match &u.phase {
+            Phase::Idle => PhaseFile::Idle,
+            Phase::Installing(j) => PhaseFile::Installing(j.into()),
+            Phase::Installed(j) => PhaseFile::Installed(j.into()),
+            Phase::AwaitingReboot(j) => PhaseFile::AwaitingReboot(j.into()),
+        };
+        let local = u.phase.job().is_some_and(Job::is_local);
+        let (phase, local_job) = if local {
+            (PhaseFile::Idle, Some(phase))
+        } else {
+            (phase, None)
+        };
         StateFile {
             format: FORMAT,
-            phase: match &u.phase {
-                Phase::Idle => PhaseFile::Idle,
-                Phase::Installing(j) => PhaseFile::Installing(j.into()),
-                Phase::Installed(j) => PhaseFile::Installed(j.into()),
-                Phase::AwaitingReboot(j) => PhaseFile::AwaitingReboot(j.into()),
-            },
+            phase,
+            local_job,
+            last_local: u.last_local.as_ref().map(|r| LocalResultFile {
+                source: r.origin.source.clone(),
+                started_at: r.origin.started_at,
+                target: r.target.into(),
+                result: (&r.result).into(),
+                message: r.message.clone(),
+            }),
             last_result: u.last_result.as_ref().map(|r| LastResultFile {
                 action_id: r.action_id.clone(),
-                result: match r.result {
-                    ResultKind::Success => ResultFile::Success,
-                    ResultKind::Failure => ResultFile::Failure,
-                    ResultKind::Canceled => ResultFile::Canceled,
-                    ResultKind::Abandoned => ResultFile::Abandoned,
-                },
+                result: (&r.result).into(),
                 message: r.message.clone(),
             }),
             outbox: s.outbox.iter().map(OutgoingFile::from).collect(),
@@ -270,8 +305,12 @@ impl From<&State> for StateFile {
 
 impl From<StateFile> for State {
     fn from(f: StateFile) -> State {
+        let phase = match (f.phase, f.local_job) {
+            (PhaseFile::Idle, Some(local)) => local,
+            (phase, _) => phase,
+        };
         let update = Update {
-            phase: match f.phase {
+            phase: match phase {
                 PhaseFile::Idle => Phase::Idle,
                 PhaseFile::Installing(j) => Phase::Installing(j.into()),
                 PhaseFile::Installed(j) => Phase::Installed(j.into()),
@@ -279,16 +318,20 @@ impl From<StateFile> for State {
             },
             last_result: f.last_result.map(|r| LastResult {
                 action_id: r.action_id,
-                result: match r.result {
-                    ResultFile::Success => ResultKind::Success,
-                    ResultFile::Failure => ResultKind::Failure,
-                    ResultFile::Canceled => ResultKind::Canceled,
-                    ResultFile::Abandoned => ResultKind::Abandoned,
-                },
+                result: r.result.into(),
                 message: r.message,
             }),
             finished_actions: f.finished_actions,
             pending_consent: f.pending_consent,
+            last_local: f.last_local.map(|r| LocalResult {
+                origin: LocalOrigin {
+                    source: r.source,
+                    started_at: r.started_at,
+                },
+                target: r.target.into(),
+                result: r.result.into(),
+                message: r.message,
+            }),
         };
         State {
             update,
@@ -310,10 +353,7 @@ impl From<&Job> for JobFile {
         JobFile {
             action_id: j.action_id.clone(),
             link: j.link.clone(),
-            target: match j.target {
-                Slot::A => SlotFile::A,
-                Slot::B => SlotFile::B,
-            },
+            target: j.target.into(),
             download_only: j.download_only,
             may_activate: j.may_activate,
             artifact: ArtifactFile {
@@ -331,6 +371,10 @@ impl From<&Job> for JobFile {
             version: j.version.clone(),
             failed_tries: j.failed_tries,
             activations: j.activations,
+            local: j.local.as_ref().map(|o| LocalOriginFile {
+                source: o.source.clone(),
+                started_at: o.started_at,
+            }),
         }
     }
 }
@@ -341,10 +385,7 @@ impl From<JobFile> for Job {
         Job {
             action_id: j.action_id,
             link: j.link,
-            target: match j.target {
-                SlotFile::A => Slot::A,
-                SlotFile::B => Slot::B,
-            },
+            target: j.target.into(),
             download_only: j.download_only,
             may_activate: j.may_activate,
             artifact: Artifact {
@@ -360,6 +401,50 @@ impl From<JobFile> for Job {
             version: j.version,
             failed_tries: j.failed_tries,
             activations: j.activations,
+            local: j.local.map(|o| LocalOrigin {
+                source: o.source,
+                started_at: o.started_at,
+            }),
+        }
+    }
+}
+
+impl From<Slot> for SlotFile {
+    fn from(s: Slot) -> SlotFile {
+        match s {
+            Slot::A => SlotFile::A,
+            Slot::B => SlotFile::B,
+        }
+    }
+}
+
+impl From<SlotFile> for Slot {
+    fn from(s: SlotFile) -> Slot {
+        match s {
+            SlotFile::A => Slot::A,
+            SlotFile::B => Slot::B,
+        }
+    }
+}
+
+impl From<&ResultKind> for ResultFile {
+    fn from(r: &ResultKind) -> ResultFile {
+        match r {
+            ResultKind::Success => ResultFile::Success,
+            ResultKind::Failure => ResultFile::Failure,
+            ResultKind::Canceled => ResultFile::Canceled,
+            ResultKind::Abandoned => ResultFile::Abandoned,
+        }
+    }
+}
+
+impl From<ResultFile> for ResultKind {
+    fn from(r: ResultFile) -> ResultKind {
+        match r {
+            ResultFile::Success => ResultKind::Success,
+            ResultFile::Failure => ResultKind::Failure,
+            ResultFile::Canceled => ResultKind::Canceled,
+            ResultFile::Abandoned => ResultKind::Abandoned,
         }
     }
 }

@@ -82,6 +82,12 @@ pub struct InstallRequest {
     pub max_rate: Option<u64>,
     /// Signature policy; None = plain images.
     pub bundle: Option<BundlePolicy>,
+    /// A local install (`ddi-agent install SOURCE`), never a server's artifact: no hash was
+    /// announced (a signed bundle's signature or the format's own checks are the proof, see
+    /// [`crate::local_install`]), and nothing is resumed across restarts.
+    pub local: bool,
+    /// With `local`: read the image from this file instead of downloading `url`.
+    pub local_file: Option<PathBuf>,
 }
 
 /// Progress, reported at most about once per second.
@@ -186,12 +192,21 @@ pub async fn install_with(
     options: &InstallOptions,
     progress: &mut (dyn FnMut(Progress) + Send),
 ) -> Result<Installed, InstallError> {
-    if req.url.is_empty() {
+    if req.url.is_empty() && req.local_file.is_none() {
         return Err(InstallError::InvalidRequest(
             "the artifact has no download URL".into(),
         ));
     }
-    let (algorithm, expected) = hash::choose(&req.expected)?;
+    let (algorithm, expected) = if req.local {
+        (hash::HashAlgorithm::Sha256, String::new())
+    } else {
+        hash::choose(&req.expected)?
+    };
+    // A local file is opened before the slot: a missing file touches nothing.
+    let local_file = match req.local_file.as_deref().filter(|_| req.local) {
+        Some(path) => Some(source::open_file(path).await?),
+        None => None,
+    };
     let slot = slot::open(
         &req.slot_path,
         req.booted_slot_path.as_deref(),
@@ -200,7 +215,7 @@ pub async fn install_with(
     let capacity = slot.capacity();
 
     let start = match resume::load(&req.resume_path) {
-        Some(record) if req.bundle.is_none() => record
+        Some(record) if req.bundle.is_none() && !req.local => record
             .resume_offset(
                 &req.slot_path,
                 algorithm.name(),
@@ -219,7 +234,7 @@ pub async fn install_with(
 
     tracing::info!(file = %req.filename, url = %req.url, slot = %req.slot_path.display(), capacity, "installing");
     let result = run(
-        client, req, options, progress, slot, algorithm, expected, start,
+        client, req, options, progress, slot, algorithm, expected, start, local_file,
     )
     .await;
     match &result {
@@ -246,19 +261,29 @@ async fn run(
     algorithm: hash::HashAlgorithm,
     expected: String,
     start: u64,
+    local_file: Option<source::LocalFile>,
 ) -> Result<Installed, InstallError> {
-    let counters = Arc::new(Counters::new(start, req.size));
+    let size = local_file.as_ref().map(|f| f.size).or(req.size);
+    let counters = Arc::new(Counters::new(start, size));
+    if let Some(isize) = local_file.as_ref().and_then(|f| f.gzip_isize) {
+        counters.gzip_isize.store(isize, Ordering::Release);
+    }
     let (tx, rx) = pipeline::channel(CHANNEL_CHUNKS, CHANNEL_BYTES);
     let plan = SinkPlan {
         url: req.url.clone(),
         algorithm,
         expected,
-        size: req.size,
+        size,
         start,
         resume_path: req.resume_path.clone(),
         archive_member: options.archive_member.clone(),
         bundle: req.bundle.clone(),
-        checkpoint_interval: options.checkpoint_interval,
+        // A local install is started over, never resumed: no checkpoints.
+        checkpoint_interval: if req.local {
+            u64::MAX
+        } else {
+            options.checkpoint_interval
+        },
     };
     // If this future is dropped (cancelled), the blocking stage stops at its next read.
     let _stop_on_drop = StopOnDrop(Arc::clone(&counters));
@@ -274,7 +299,12 @@ async fn run(
         retry: options.retry,
         stall_timeout: options.stall_timeout,
     };
-    let source = source::fetch(client, &spec, start, tx, &counters);
+    let source = async {
+        match local_file {
+            Some(file) => source::feed_file(file.file, tx, &counters).await,
+            None => source::fetch(client, &spec, start, tx, &counters).await,
+        }
+    };
     tokio::pin!(source);
 
     let mut ticker = tokio::time::interval(options.progress_interval);
