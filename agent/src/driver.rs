@@ -214,6 +214,24 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         if let Some(reason) = machine::local_install_refusal(&self.state, booted, next, trial) {
             return Ok(LocalOutcome::Refused(reason));
         }
+        if let Source::File(path) = Source::parse(&origin.source) {
+            // Checked before the slot is marked bad: a mistyped path changes nothing at all.
+            match std::fs::metadata(&path) {
+                Ok(m) if m.is_file() => {}
+                Ok(_) => {
+                    return Ok(LocalOutcome::Refused(format!(
+                        "{} is not a regular file",
+                        path.display()
+                    )))
+                }
+                Err(e) => {
+                    return Ok(LocalOutcome::Refused(format!(
+                        "cannot open {}: {e}",
+                        path.display()
+                    )))
+                }
+            }
+        }
         info!(source = %origin.source, slot = %booted.other(), "local install");
         self.hold_reboot = !reboot;
         let rebooting = self.apply(Event::LocalInstall {
