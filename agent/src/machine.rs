@@ -2433,6 +2433,10 @@ mod tests {
             InstalledBaseRead {
                 id: u8,
             },
+            /// `ddi-agent install SOURCE` (the `n`-th source).
+            Local {
+                n: u8,
+            },
         }
 
         fn ev() -> impl Strategy<Value = Ev> {
@@ -2455,6 +2459,7 @@ mod tests {
                 Just(Ev::NoConfirmation),
                 Just(Ev::AttributesSent),
                 (1u8..4).prop_map(|id| Ev::InstalledBaseRead { id }),
+                (0u8..3).prop_map(|n| Ev::Local { n }),
             ]
         }
 
@@ -2483,6 +2488,8 @@ mod tests {
             awaiting: Option<&'static str>,
             closing: HashMap<String, usize>,
             seen_seq: BTreeSet<u64>,
+            /// The last local result checked.
+            last_local_seen: Option<LocalResult>,
         }
 
         impl Model {
@@ -2501,6 +2508,7 @@ mod tests {
                     awaiting: None,
                     closing: HashMap::new(),
                     seen_seq: BTreeSet::new(),
+                    last_local_seen: None,
                 }
             }
 
@@ -2667,7 +2675,10 @@ mod tests {
                                 });
                             }
                             Action::ClearConsentAnswer => {}
-                            Action::Notify { .. } | Action::DeliverOutbox | Action::Defer(_) => {}
+                            Action::Notify { link, .. } => {
+                                prop_assert!(!link.is_empty(), "progress of a local job sent");
+                            }
+                            Action::DeliverOutbox | Action::Defer(_) => {}
                         }
                         prop_assert!(
                             self.bootable(self.next),
@@ -2709,6 +2720,30 @@ mod tests {
                 }
                 for (id, n) in &self.closing {
                     prop_assert!(*n <= 1, "action {} closed {} times", id, n);
+                }
+                prop_assert!(
+                    self.s
+                        .outbox
+                        .iter()
+                        .all(|o| !o.feedback.action_id.is_empty() && !o.link.is_empty()),
+                    "feedback for a local job: {:?}",
+                    self.s.outbox
+                );
+                if self.s.update.last_local != self.last_local_seen {
+                    if let Some(r) = &self.s.update.last_local {
+                        if r.result == ResultKind::Success {
+                            prop_assert_eq!(
+                                &self.slots[&self.booted],
+                                &Content::Verified(String::new()),
+                                "local success without its image running"
+                            );
+                            prop_assert!(
+                                !self.trial || self.next != self.booted,
+                                "local success while still on trial"
+                            );
+                        }
+                    }
+                    self.last_local_seen = self.s.update.last_local.clone();
                 }
                 let back = crate::state_file::decode(&crate::state_file::encode(&self.s)).unwrap();
                 prop_assert_eq!(&back, &self.s);
@@ -2790,6 +2825,15 @@ mod tests {
                         )])),
                         Ev::InstalledBaseRead { id } => Event::InstalledBaseRead {
                             href: format!("http://h/T/controller/v1/d/installedBase/{id}"),
+                        },
+                        Ev::Local { n } => Event::LocalInstall {
+                            origin: LocalOrigin {
+                                source: format!("/data/update-{n}.img"),
+                                started_at: u64::from(n),
+                            },
+                            booted: m.booted,
+                            next: m.next,
+                            trial: m.trial && m.next == m.booted,
                         },
                     };
                     if matches!(event, Event::Started { .. }) {
