@@ -1,6 +1,10 @@
 //! The update state machine. Pure: [`step`] maps (state, event) to (new state, actions) without
 //! any I/O; the driver executes the actions in order and feeds results back as events.
 //!
+//! A job is a server action, or a local install (`ddi-agent install SOURCE`, [`Job::local`]):
+//! the same phases, ordering and confirmation, but no action id, no feedback and no effect of
+//! the server's polls on it; its end goes to [`Update::last_local`].
+//!
 //! The persisted [`State`] holds the phase of the current update, the last result, and the
 //! feedback outbox (feedback that must reach the server, kept until delivered or refused with
 //! 410). Ordering rules for power cuts live here:
