@@ -241,7 +241,10 @@ scenario_local() {
 	LOCAL_IMAGE=$WORK/images/v2.ext4 new_device bootcount
 	power_on
 	expect 'DDI-GUEST: up slot=A version=1.0' 90 "factory image up"
-	expect 'activated in slot B' 180 "local install written, verified and activated"
+	expect 'local install source=/data/ddi/update.img.gz slot=B' 60 "ddi-agent install starts"
+	# The reboot command runs before the command's own last line could be printed.
+	expect 'state="awaiting_reboot" from="installed"' 180 "local install written, verified and activated"
+	expect 'DDI-GUEST: reboot requested' 30 "the install reboots"
 	expect "$BOOT_SLOT=B .*upgrade_available=1 bootcount=1 " 120 "trial boot of B after the local install"
 	expect 'DDI-GUEST: up slot=B version=2.0 ' 60 "new image up on B"
 	expect 'marking the booted slot good' 90 "the service confirms the local install"
