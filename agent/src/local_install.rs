@@ -248,8 +248,8 @@ impl ProgressDisplay {
     }
 }
 
-/// `writing 12.0 MiB / 64.0 MiB (18%), 4.0 MiB/s, ETA 13 s`; the rate is the average since
-/// `elapsed` started.
+/// `writing 12.0 MiB / 64.0 MiB (18%), 4.0 MiB/s, ETA 13 s` (the rate is the average over
+/// `elapsed`), or `verifying 8.0 MiB / 64.0 MiB (12%)`.
 pub fn progress_line(p: Progress, elapsed: Duration) -> String {
     let (what, done, total) = match p {
         Progress::Downloading { done, total } => ("writing", done, total),
@@ -265,9 +265,10 @@ pub fn progress_line(p: Progress, elapsed: Duration) -> String {
             done.min(total) * 100 / total
         );
     }
-    line += &format!(", {}/s", mib(rate));
-    if let Some(total) = total {
-        if rate > 0.0 && what == "writing" {
+    // Verifying reads back what was written, much of it while writing: no rate of its own.
+    if what == "writing" {
+        line += &format!(", {}/s", mib(rate));
+        if let Some(total) = total.filter(|_| rate > 0.0) {
             let eta = total.saturating_sub(done) as f64 / rate;
             line += &format!(", ETA {} s", eta.ceil() as u64);
         }
@@ -334,7 +335,7 @@ mod tests {
             },
             Duration::ZERO,
         );
-        assert_eq!(line, "verifying 0.0 MiB / 8.0 MiB (0%), 0.0 MiB/s");
+        assert_eq!(line, "verifying 0.0 MiB / 8.0 MiB (0%)");
     }
 
     #[test]
