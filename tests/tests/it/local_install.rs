@@ -548,3 +548,25 @@ fn kill_9_during_a_local_install_never_leaves_a_partial_bootable_slot() {
         }
     }
 }
+
+/// With the agent service running (it holds the agent lock), `install` changes nothing and says
+/// to stop the service first (docs/interface.md).
+#[test]
+fn an_install_while_the_agent_service_runs_is_refused() {
+    let rig = Rig::new(false);
+    let lock = std::fs::File::create(rig.device.dir().join("agent.lock")).unwrap();
+    bootctl::fsutil::flock_exclusive(&lock, false).unwrap();
+    let image = Image::good("2.0", 256 * 1024);
+    let source = rig.file("raw.img", &image.bytes);
+    let before = rig.snapshot();
+    let out = rig.agent(&["install", &source]);
+    assert_eq!(out.code, Some(2), "{}", out.describe());
+    assert!(
+        out.stderr.contains("another ddi-agent is running"),
+        "{}",
+        out.describe()
+    );
+    assert!(rig.snapshot() == before, "{}", out.describe());
+    drop(lock);
+    install_reboot_confirm(&rig.device, &source);
+}
