@@ -1,8 +1,10 @@
 //! Agent configuration: the TOML file of the contract turned into validated settings.
 //!
 //! Parsing is two-layered: private serde structs mirror the file (unknown keys are rejected with
-//! the key and its line), then [`Config::from_toml`] validates values and resolves relative paths
-//! against the config file's folder. Secrets never appear in `Debug` output.
+//! the key and its line; closed sets such as `boot.scheme` and `agent.consent` are serde enums),
+//! then each table turns into its validated type through its own `TryFrom`, which checks values
+//! and resolves relative paths against the config file's folder; [`Config::from_toml`] puts the
+//! line to each problem. Secrets never appear in `Debug` output.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -294,10 +296,10 @@ impl Config {
 
     /// Validates `text` as if read from `path` (relative paths resolve against its folder).
     pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let at = |span: std::ops::Range<usize>, message: String| ConfigError::AtLine {
+        let at_line = |e: Invalid| ConfigError::AtLine {
             path: path.to_path_buf(),
-            line: line_of(text, span.start),
-            message,
+            line: line_of(text, e.span.start),
+            message: e.message,
         };
         let root: FileRoot = toml::from_str(text).map_err(|e| match e.span() {
             Some(span) => {
@@ -310,7 +312,7 @@ impl Config {
                     Some(key) => format!("{key}: {}", e.message().trim()),
                     None => e.message().trim().to_string(),
                 };
-                at(span, format!("{message} (in `{}`)", line.trim()))
+                at_line(invalid(span, format!("{message} (in `{}`)", line.trim())))
             }
             None => ConfigError::Invalid {
                 path: path.to_path_buf(),
@@ -328,96 +330,176 @@ impl Config {
                 Err(_) => base,
             }
         };
-        let resolve = |p: &str| -> PathBuf {
-            let p = Path::new(p);
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                base.join(p)
-            }
-        };
+        let base = base.as_path();
 
-        let server_span = root.server.span();
-        let server = root.server.into_inner();
+        // Checked in the order of the file's tables: the first problem is reported.
+        let server = ServerConfig::try_from(Section::new(root.server.into_inner(), base))
+            .map_err(at_line)?;
+        let attributes = BTreeMap::try_from(root.device).map_err(at_line)?;
+        let slots = SlotPaths::try_from(Section::new(root.slots, base)).map_err(at_line)?;
+        let boot = BootConfig::try_from(Section::new(root.boot, base)).map_err(at_line)?;
+        let agent = AgentConfig::try_from(Section::new(root.agent, base)).map_err(at_line)?;
+        let bundle = match root.bundle {
+            None => BundlePolicy::default(),
+            Some(b) => BundlePolicy::try_from(Section::new(b, base)).map_err(at_line)?,
+        };
+        Ok(Config {
+            path: path.to_path_buf(),
+            server,
+            attributes,
+            slot_a: slots.a,
+            slot_b: slots.b,
+            boot,
+            agent,
+            bundle,
+        })
+    }
+}
+
+// ---- validation, one table at a time ----------------------------------------------------------
+
+/// A value the file holds but the agent cannot use: where it is (bytes of the file) and why.
+#[derive(Debug)]
+struct Invalid {
+    span: std::ops::Range<usize>,
+    message: String,
+}
+
+fn invalid(span: std::ops::Range<usize>, message: impl Into<String>) -> Invalid {
+    Invalid {
+        span,
+        message: message.into(),
+    }
+}
+
+/// A table of the file with the folder its relative paths resolve against.
+struct Section<'a, T> {
+    table: T,
+    base: &'a Path,
+}
+
+impl<'a, T> Section<'a, T> {
+    fn new(table: T, base: &'a Path) -> Self {
+        Section { table, base }
+    }
+}
+
+fn resolve(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// `v` when it is set and not 0, `default` when it is not set.
+fn positive(v: Option<Spanned<u64>>, key: &str, default: u64) -> Result<u64, Invalid> {
+    match v {
+        None => Ok(default),
+        Some(v) if *v.get_ref() == 0 => {
+            Err(invalid(v.span(), format!("{key} must be greater than 0")))
+        }
+        Some(v) => Ok(v.into_inner()),
+    }
+}
+
+fn non_empty(v: Spanned<String>, key: &str) -> Result<String, Invalid> {
+    let span = v.span();
+    let s = v.into_inner();
+    if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c == '/') {
+        return Err(invalid(
+            span,
+            format!("{key} must be non-empty without whitespace or '/'"),
+        ));
+    }
+    Ok(s)
+}
+
+fn token(v: Spanned<String>, key: &str) -> Result<String, Invalid> {
+    let span = v.span();
+    let t = v.into_inner();
+    if t.is_empty() || t.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(invalid(
+            span,
+            format!("{key} must be non-empty without spaces or control characters"),
+        ));
+    }
+    Ok(t)
+}
+
+impl TryFrom<Section<'_, FileServer>> for ServerConfig {
+    type Error = Invalid;
+
+    fn try_from(
+        Section {
+            table: server,
+            base,
+        }: Section<'_, FileServer>,
+    ) -> Result<Self, Invalid> {
         let url_span = server.url.span();
         let url_text = server.url.into_inner();
         let url = reqwest::Url::parse(url_text.trim())
-            .map_err(|e| at(url_span.clone(), format!("server.url \"{url_text}\": {e}")))?;
+            .map_err(|e| invalid(url_span.clone(), format!("server.url \"{url_text}\": {e}")))?;
         if url.scheme() != "http" && url.scheme() != "https" {
-            return Err(at(
+            return Err(invalid(
                 url_span,
                 format!("server.url must start with https:// or http://, got \"{url_text}\""),
             ));
         }
         if url.query().is_some() || url.fragment().is_some() || url.host_str().is_none() {
-            return Err(at(
+            return Err(invalid(
                 url_span,
                 format!(
                     "server.url must be scheme://host[:port][/context-path], got \"{url_text}\""
                 ),
             ));
         }
-        let non_empty = |v: Spanned<String>, key: &str| -> Result<String, ConfigError> {
-            let span = v.span();
-            let s = v.into_inner();
-            if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c == '/') {
-                return Err(at(
-                    span,
-                    format!("{key} must be non-empty without whitespace or '/'"),
-                ));
-            }
-            Ok(s)
-        };
         let tenant = non_empty(server.tenant, "server.tenant")?;
         let controller_id = non_empty(server.controller_id, "server.controller_id")?;
         let auth = match (server.target_token, server.gateway_token) {
             (Some(_), Some(g)) => {
-                return Err(at(
+                return Err(invalid(
                     g.span(),
-                    "server.gateway_token: target_token and gateway_token are both set; use at most one"
-                        .into(),
+                    "server.gateway_token: target_token and gateway_token are both set; use at most one",
                 ))
             }
-            (Some(t), None) => Auth::TargetToken(token(t, "server.target_token", &at)?),
-            (None, Some(g)) => Auth::GatewayToken(token(g, "server.gateway_token", &at)?),
+            (Some(t), None) => Auth::TargetToken(token(t, "server.target_token")?),
+            (None, Some(g)) => Auth::GatewayToken(token(g, "server.gateway_token")?),
             (None, None) => Auth::None,
         };
         let (client_cert, client_key) = match (server.client_cert, server.client_key) {
-            (Some(c), Some(k)) => (Some(resolve(c.get_ref())), Some(resolve(k.get_ref()))),
+            (Some(c), Some(k)) => (
+                Some(resolve(base, c.get_ref())),
+                Some(resolve(base, k.get_ref())),
+            ),
             (None, None) => (None, None),
             (Some(c), None) => {
-                return Err(at(
+                return Err(invalid(
                     c.span(),
-                    "server.client_cert needs server.client_key".into(),
+                    "server.client_cert needs server.client_key",
                 ))
             }
             (None, Some(k)) => {
-                return Err(at(
+                return Err(invalid(
                     k.span(),
-                    "server.client_key needs server.client_cert".into(),
+                    "server.client_key needs server.client_cert",
                 ))
             }
-        };
-        let positive = |v: Option<Spanned<u64>>, key: &str, default: u64| match v {
-            None => Ok(default),
-            Some(v) if *v.get_ref() == 0 => {
-                Err(at(v.span(), format!("{key} must be greater than 0")))
-            }
-            Some(v) => Ok(v.into_inner()),
         };
         let retries = match server.retries {
             None => 4,
             Some(v) if *v.get_ref() == 0 => {
-                return Err(at(v.span(), "server.retries must be at least 1".into()))
+                return Err(invalid(v.span(), "server.retries must be at least 1"))
             }
             Some(v) => v.into_inner(),
         };
-        let server = ServerConfig {
+        Ok(ServerConfig {
             url,
             tenant,
             controller_id,
             auth,
-            ca_file: server.ca_file.as_deref().map(resolve),
+            ca_file: server.ca_file.as_deref().map(|p| resolve(base, p)),
             client_cert,
             client_key,
             retries,
@@ -431,86 +513,110 @@ impl Config {
                 "server.low_speed_timeout",
                 60,
             )?),
-        };
-        let _ = server_span;
+        })
+    }
+}
 
+/// `[device]`: the attributes, each one that hawkBit would accept.
+impl TryFrom<FileDevice> for BTreeMap<String, String> {
+    type Error = Invalid;
+
+    fn try_from(device: FileDevice) -> Result<Self, Invalid> {
         let mut attributes = BTreeMap::new();
-        for (k, v) in root.device.attributes {
+        for (k, v) in device.attributes {
             let span = v.span();
             let v = v.into_inner();
             if let Some(problem) = attribute_problem(&k, &v) {
-                return Err(at(span, problem));
+                return Err(invalid(span, problem));
             }
             attributes.insert(k, v);
         }
+        Ok(attributes)
+    }
+}
 
-        let slots_span = root.slots.span();
-        let slots = root.slots.into_inner();
-        let (slot_a, slot_b) = (resolve(&slots.a), resolve(&slots.b));
-        if slots.a.is_empty() || slots.b.is_empty() || slot_a == slot_b {
-            return Err(at(
-                slots_span,
-                "slots.A and slots.B must be two different non-empty paths".into(),
+/// `[slots]`: two different devices or files.
+struct SlotPaths {
+    a: PathBuf,
+    b: PathBuf,
+}
+
+impl TryFrom<Section<'_, Spanned<FileSlots>>> for SlotPaths {
+    type Error = Invalid;
+
+    fn try_from(Section { table, base }: Section<'_, Spanned<FileSlots>>) -> Result<Self, Invalid> {
+        let span = table.span();
+        let slots = table.into_inner();
+        let (a, b) = (resolve(base, &slots.a), resolve(base, &slots.b));
+        if slots.a.is_empty() || slots.b.is_empty() || a == b {
+            return Err(invalid(
+                span,
+                "slots.A and slots.B must be two different non-empty paths",
             ));
         }
+        Ok(SlotPaths { a, b })
+    }
+}
 
-        let scheme = root.boot.scheme.unwrap_or_default();
-        let attempts = match root.boot.attempts {
+impl TryFrom<Section<'_, FileBoot>> for BootConfig {
+    type Error = Invalid;
+
+    fn try_from(Section { table: boot, base }: Section<'_, FileBoot>) -> Result<Self, Invalid> {
+        let attempts = match boot.attempts {
             None => 3,
             Some(a) if *a.get_ref() == 0 || *a.get_ref() > 255 => {
-                return Err(at(
-                    a.span(),
-                    "boot.attempts must be between 1 and 255".into(),
-                ))
+                return Err(invalid(a.span(), "boot.attempts must be between 1 and 255"))
             }
             Some(a) => a.into_inner(),
         };
-        let reboot_command = match root.boot.reboot_command {
+        let reboot_command = match boot.reboot_command {
             None => vec!["systemctl".to_string(), "reboot".to_string()],
             Some(c) if c.get_ref().is_empty() || c.get_ref()[0].is_empty() => {
-                return Err(at(
+                return Err(invalid(
                     c.span(),
-                    "boot.reboot_command must be a non-empty argv array".into(),
+                    "boot.reboot_command must be a non-empty argv array",
                 ))
             }
             Some(c) => c.into_inner(),
         };
-        let boot = BootConfig {
-            scheme,
+        Ok(BootConfig {
+            scheme: boot.scheme.unwrap_or_default(),
             env_config: resolve(
-                root.boot
-                    .env_config
-                    .as_deref()
-                    .unwrap_or("/etc/fw_env.config"),
+                base,
+                boot.env_config.as_deref().unwrap_or("/etc/fw_env.config"),
             ),
-            cmdline: resolve(root.boot.cmdline.as_deref().unwrap_or("/proc/cmdline")),
+            cmdline: resolve(base, boot.cmdline.as_deref().unwrap_or("/proc/cmdline")),
             attempts,
             reboot_command,
             reboot_timeout: Duration::from_secs(positive(
-                root.boot.reboot_timeout,
+                boot.reboot_timeout,
                 "boot.reboot_timeout",
                 300,
             )?),
             env_lock_file: resolve(
-                root.boot
-                    .env_lock_file
+                base,
+                boot.env_lock_file
                     .as_deref()
                     .unwrap_or("/var/lock/fw_printenv.lock"),
             ),
-        };
+        })
+    }
+}
 
-        let a = root.agent;
-        let state_dir = resolve(a.state_dir.as_deref().unwrap_or("/var/lib/ddi-agent"));
+impl TryFrom<Section<'_, FileAgent>> for AgentConfig {
+    type Error = Invalid;
+
+    fn try_from(Section { table: a, base }: Section<'_, FileAgent>) -> Result<Self, Invalid> {
+        let state_dir = resolve(base, a.state_dir.as_deref().unwrap_or("/var/lib/ddi-agent"));
         let mut health_checks = Vec::new();
         for c in a.health_checks {
             let span = c.span();
             let c = c.into_inner();
             if c.is_empty() {
-                return Err(at(span, "agent.health_checks: empty command".into()));
+                return Err(invalid(span, "agent.health_checks: empty command"));
             }
             health_checks.push(c);
         }
-        let consent = a.consent.unwrap_or(Consent::Auto);
         let max_download_rate = match a.max_download_rate {
             None => None,
             Some(r) => {
@@ -520,21 +626,21 @@ impl Config {
                     RateValue::Number(_) => Err("rate must be greater than 0".to_string()),
                     RateValue::Text(t) => parse_rate(&t),
                 };
-                Some(parsed.map_err(|m| at(span, format!("agent.max_download_rate: {m}")))?)
+                Some(parsed.map_err(|m| invalid(span, format!("agent.max_download_rate: {m}")))?)
             }
         };
         let artifact_part = match a.artifact_part {
             None => "os".to_string(),
             Some(p) if p.get_ref().is_empty() => {
-                return Err(at(p.span(), "agent.artifact_part must not be empty".into()))
+                return Err(invalid(p.span(), "agent.artifact_part must not be empty"))
             }
             Some(p) => p.into_inner(),
         };
-        let agent = AgentConfig {
+        Ok(AgentConfig {
             lock_file: a
                 .lock_file
                 .as_deref()
-                .map(resolve)
+                .map(|p| resolve(base, p))
                 .unwrap_or_else(|| state_dir.join("agent.lock")),
             state_dir,
             health_checks,
@@ -543,56 +649,36 @@ impl Config {
                 "agent.health_check_timeout",
                 60,
             )?),
-            consent,
+            consent: a.consent.unwrap_or(Consent::Auto),
             max_download_rate,
             artifact_part,
             send_token_to_other_hosts: a.send_token_to_other_hosts.unwrap_or(false),
-            version_file: resolve(a.version_file.as_deref().unwrap_or("/etc/os-release")),
-        };
-        let bundle = match root.bundle {
-            None => BundlePolicy::default(),
-            Some(b) => {
-                let span = b.span();
-                let mut b = b.into_inner();
-                if b.require_signature && b.trusted_keys.is_empty() {
-                    return Err(at(
-                        span,
-                        "bundle.require_signature = true needs at least one bundle.trusted_keys entry"
-                            .into(),
-                    ));
-                }
-                for key in &mut b.trusted_keys {
-                    *key = resolve(&key.to_string_lossy());
-                }
-                b
-            }
-        };
-        Ok(Config {
-            path: path.to_path_buf(),
-            server,
-            attributes,
-            slot_a,
-            slot_b,
-            boot,
-            agent,
-            bundle,
+            version_file: resolve(base, a.version_file.as_deref().unwrap_or("/etc/os-release")),
         })
     }
 }
 
-fn token<F>(v: Spanned<String>, key: &str, at: &F) -> Result<String, ConfigError>
-where
-    F: Fn(std::ops::Range<usize>, String) -> ConfigError,
-{
-    let span = v.span();
-    let t = v.into_inner();
-    if t.is_empty() || t.chars().any(|c| c.is_control() || c == ' ') {
-        return Err(at(
-            span,
-            format!("{key} must be non-empty without spaces or control characters"),
-        ));
+/// `[bundle]`: read straight into the policy; here its keys are resolved and a signature is
+/// required only with a key to check it.
+impl TryFrom<Section<'_, Spanned<BundlePolicy>>> for BundlePolicy {
+    type Error = Invalid;
+
+    fn try_from(
+        Section { table, base }: Section<'_, Spanned<BundlePolicy>>,
+    ) -> Result<Self, Invalid> {
+        let span = table.span();
+        let mut b = table.into_inner();
+        if b.require_signature && b.trusted_keys.is_empty() {
+            return Err(invalid(
+                span,
+                "bundle.require_signature = true needs at least one bundle.trusted_keys entry",
+            ));
+        }
+        for key in &mut b.trusted_keys {
+            *key = resolve(base, &key.to_string_lossy());
+        }
+        Ok(b)
     }
-    Ok(t)
 }
 
 /// Why hawkBit would refuse the configured attribute `key = value` (it rejects the whole configData
@@ -854,6 +940,52 @@ compatible = "board-x"
             vec![PathBuf::from("/cfg/k.pub")]
         );
         assert_eq!(parse(MINIMAL).unwrap().bundle.for_install(), None);
+    }
+
+    /// Every table's validation names the key, and the line of the value (or of the table's
+    /// header, for a problem of the table as a whole).
+    #[test]
+    fn a_bad_value_in_each_table_names_key_and_line() {
+        let with = |extra: &str| format!("{MINIMAL}\n{extra}\n");
+        for (text, key, line_start) in [
+            (
+                MINIMAL.replace("tenant =", "retries = 0\ntenant ="),
+                "server.retries",
+                "retries",
+            ),
+            (
+                with("[device]\nattributes = { k = \"1.0~rc1\" }"),
+                "device.attributes.k",
+                "attributes",
+            ),
+            (
+                MINIMAL.replace("B = \"/dev/mmcblk0p3\"", "B = \"slot-a.img\""),
+                "slots.A and slots.B",
+                "[slots]",
+            ),
+            (with("[boot]\nattempts = 256"), "boot.attempts", "attempts"),
+            (
+                with("[agent]\nartifact_part = \"\""),
+                "agent.artifact_part",
+                "artifact_part",
+            ),
+            (
+                with("[bundle]\nrequire_signature = true"),
+                "bundle.require_signature",
+                "[bundle]",
+            ),
+        ] {
+            let line = text
+                .lines()
+                .position(|l| l.starts_with(line_start))
+                .unwrap()
+                + 1;
+            let e = err_text(&text);
+            assert!(
+                e.starts_with(&format!("/etc/ddi-agent/config.toml:{line}: {key}")),
+                "{key}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -23,7 +23,8 @@ use bootctl::Slot;
 
 use crate::local_install::Source;
 use crate::machine::{
-    self, Action, Event, InstallFailure, Job, LocalOrigin, Params, Phase, ResultKind, State,
+    self, Action, Event, InstallFailure, Job, LocalOrigin, Params, Phase, ResultKind, SlotImage,
+    State,
 };
 use crate::persist::{PersistError, Store};
 
@@ -51,14 +52,22 @@ pub trait Bootloader: Send {
     }
 }
 
-/// Downloads and writes one image.
+/// Downloads and writes one image, or checks one written earlier.
 pub trait Installer: Send + Sync {
     fn install(
         &self,
         http: &reqwest::Client,
         req: &InstallRequest,
         progress: &mut (dyn FnMut(Progress) + Send),
-    ) -> impl Future<Output = Result<(), InstallFailure>> + Send;
+    ) -> impl Future<Output = Result<SlotImage, InstallFailure>> + Send;
+
+    /// Reads `image` back from the slot of `req` (never downloads, never writes): the slot
+    /// still holds it byte for byte, or an error says what differs.
+    fn verify(
+        &self,
+        req: &InstallRequest,
+        image: &SlotImage,
+    ) -> impl Future<Output = Result<SlotImage, InstallFailure>> + Send;
 }
 
 /// Runs the configured health checks; `Err` carries the report.
@@ -244,7 +253,10 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         self.hold_reboot = false;
         let rebooting = rebooting?;
         Ok(
-            match (&self.state.update.phase, &self.state.update.last_local) {
+            match (
+                self.state.update().phase(),
+                self.state.update().last_local(),
+            ) {
                 (Phase::AwaitingReboot(job), _) if job.local.as_ref() == Some(&origin) => {
                     LocalOutcome::Activated {
                         target: job.target,
@@ -279,7 +291,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
             }
         };
         self.startup_skipped = None;
-        info!(booted = %booted, next = %next, phase = self.state.update.phase.name(), "agent started");
+        info!(booted = %booted, next = %next, phase = self.state.update().phase().name(), "agent started");
         let rebooting = self.apply(Event::Started { booted, next }).await?;
         if let Err(e) = self.deliver().await {
             // Not fatal here: the cycle delivers first and reports what is still owed.
@@ -355,12 +367,14 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                     );
                     let next = self.boot.next()?;
                     let trial = self.boot.booted_on_trial()?;
+                    let consent = self.recorded_answer(&deployment.action_id)?;
                     self.apply(Event::Deployment {
                         link: link.clone(),
                         deployment,
                         booted,
                         next,
                         trial,
+                        consent,
                     })
                     .await?
                 }
@@ -380,7 +394,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         report.rebooting = rebooting;
         if !rebooting {
             self.deliver().await?;
-            if let Phase::Installing(job) = &self.state.update.phase {
+            if let Phase::Installing(job) = &self.state.update().phase() {
                 report.unfinished_install = Some(UnfinishedInstall {
                     action_id: job.action_id.clone(),
                     transient_failure: self.install_failed_transiently,
@@ -401,7 +415,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
             waited.as_secs()
         );
         warn!("{message}");
-        if let Phase::AwaitingReboot(job) = &self.state.update.phase {
+        if let Phase::AwaitingReboot(job) = &self.state.update().phase() {
             let feedback = Feedback::new(&job.action_id, Execution::Proceeding, Finished::None)
                 .detail(message);
             if let Err(e) = self.client.send_feedback(&job.link, &feedback).await {
@@ -456,11 +470,16 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
     async fn apply(&mut self, event: Event) -> Result<bool, DriverError> {
         let mut next = Some(event);
         while let Some(event) = next.take() {
-            let before = self.state.update.clone();
+            let before = self.state.update().clone();
             let (state, actions) = machine::step(&self.params, self.state.clone(), event);
             self.state = state;
-            log_update_change(&before, &self.state.update);
-            let job = self.state.update.phase.job().map(|j| j.action_id.clone());
+            log_update_change(&before, self.state.update());
+            let job = self
+                .state
+                .update()
+                .phase()
+                .job()
+                .map(|j| j.action_id.clone());
             for action in actions {
                 tracing::debug!(action_id = job.as_deref().unwrap_or(""), ?action, "action");
                 match action {
@@ -546,7 +565,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
 
     /// Delivers the outbox in order; 200 and 410 both end an entry.
     async fn deliver(&mut self) -> Result<(), DriverError> {
-        while let Some(entry) = self.state.outbox.first().cloned() {
+        while let Some(entry) = self.state.outbox().first().cloned() {
             let result = self
                 .client
                 .send_feedback(&entry.link, &entry.feedback)
@@ -574,7 +593,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                 }
                 Err(e) => {
                     warn!(error = %e, "feedback delivery failed");
-                    return Err(DriverError::FeedbackOwed(self.state.outbox.len()));
+                    return Err(DriverError::FeedbackOwed(self.state.outbox().len()));
                 }
             }
             // Boxed: applying an event may deliver the outbox again.
@@ -584,20 +603,35 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
     }
 
     /// Installs `job` while watching the server for a cancel of it; returns the next event.
+    /// A job that reuses a downloaded image only has it read back.
     async fn install(&mut self, job: &Job) -> Event {
         let req = self.install_request(job);
         if job.is_local() {
             return self.install_local(&req).await;
+        }
+        if let Some(image) = &job.reuse {
+            info!(action_id = %job.action_id, slot = %job.target, bytes = image.bytes, "reading back the image downloaded earlier");
+            let result = self.installer.verify(&req, image).await;
+            match &result {
+                Ok(_) => {
+                    info!(action_id = %job.action_id, slot = %job.target, "downloaded image intact; no download needed")
+                }
+                Err(f) => {
+                    warn!(action_id = %job.action_id, error = %f.message, "downloaded image not usable; downloading again")
+                }
+            }
+            return Event::InstallDone(result);
         }
         info!(action_id = %job.action_id, slot = %job.target, url = %req.url, "installing");
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
         let client = self.client.clone();
         let link = job.link.clone();
         let action_id = job.action_id.clone();
+        let runs = job.download_runs;
         // Progress feedback goes out from its own task, within the run's budget (status quota).
         let reporter = tokio::spawn(async move {
             let run_start = tokio::time::Instant::now();
-            let mut budget = ProgressBudget::default();
+            let mut budget = ProgressBudget::for_run(runs);
             while let Some(p) = rx.recv().await {
                 let (stage, done, total) = match p {
                     Progress::Downloading { done, total } => (Stage::Downloading, done, total),
@@ -666,7 +700,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
             }
         }
         match &result {
-            Ok(()) => {
+            Ok(_) => {
                 info!(action_id = %job.action_id, slot = %job.target, "image written and verified")
             }
             Err(f) => {
@@ -690,7 +724,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
             .await;
         display.finish();
         match &result {
-            Ok(()) => info!(source = %req.url, "image written and verified"),
+            Ok(_) => info!(source = %req.url, "image written and verified"),
             Err(f) => warn!(source = %req.url, error = %f.message, "local install failed"),
         }
         Event::InstallDone(result)
@@ -737,8 +771,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
     /// configData (merge) when the server asks or the attributes changed since last accepted.
     async fn config_data(&mut self, poll: &PollReply, booted: Slot) -> Result<(), DriverError> {
         let attrs = attributes(&self.cfg, Some(booted));
-        if poll.config_data.is_none() && self.state.caches.attributes_sent.as_ref() == Some(&attrs)
-        {
+        if poll.config_data.is_none() && self.state.caches().attributes_sent() == Some(&attrs) {
             return Ok(());
         }
         self.client
@@ -752,7 +785,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
     /// Logs what the server considers installed (validates the body); never fatal.
     async fn installed_base(&mut self, poll: &PollReply) {
         let Some(link) = &poll.installed else { return };
-        if self.state.caches.server_installed.as_deref() == Some(link.href.as_str()) {
+        if self.state.caches().server_installed() == Some(link.href.as_str()) {
             return;
         }
         match self.client.deployment(link).await {
@@ -776,32 +809,48 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
 
     /// The confirmation flow: the machine decides with the user's recorded answer for this
     /// action (`ddi-agent consent accept|deny`), if any.
+    /// Before anything is confirmed, the action's details are fetched: what is confirmed is
+    /// logged, shown by `status` while it waits, and named in the confirmation's details.
     async fn consent(&mut self, link: &Link) -> Result<bool, DriverError> {
         let action_id = link.action_id().unwrap_or_default();
-        let answer = if self.params.auto_consent {
-            None
-        } else {
-            match self.store.load_consent() {
-                Ok(Some(d)) if d.action_id == action_id => Some(d.accept),
-                Ok(_) => None,
-                Err(e @ PersistError::Corrupt { .. }) => {
-                    // Not a dead end: the user answers again.
-                    warn!(error = %e, action_id = %action_id, "consent decision unreadable; removed, the action waits for a new answer");
-                    self.store.clear_consent()?;
-                    None
-                }
-                Err(e) => return Err(e.into()),
+        let what = match self.client.deployment(link).await {
+            Ok(d) => machine::describe_deployment(&d),
+            Err(e) => {
+                // Never confirm blind: asked again at the next poll.
+                warn!(error = %e, action_id = %action_id, "details of the action to confirm not readable; not confirmed now");
+                return Ok(false);
             }
         };
+        info!(action_id = %action_id, what = %what, "server asks for confirmation");
+        let answer = self.recorded_answer(&action_id)?;
         self.apply(Event::ConfirmationAsked {
             link: link.clone(),
             answer,
+            what,
         })
         .await
     }
+
+    /// The user's recorded answer (`ddi-agent consent accept|deny`) for `action_id`; none
+    /// under automatic consent.
+    fn recorded_answer(&mut self, action_id: &str) -> Result<Option<bool>, DriverError> {
+        if self.params.auto_consent {
+            return Ok(None);
+        }
+        match self.store.load_consent() {
+            Ok(Some(d)) if d.action_id == action_id => Ok(Some(d.accept)),
+            Ok(_) => Ok(None),
+            Err(e @ PersistError::Corrupt { .. }) => {
+                // Not a dead end: the user answers again.
+                warn!(error = %e, action_id = %action_id, "consent decision unreadable; removed, the action waits for a new answer");
+                self.store.clear_consent()?;
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
 }
 
-/// Logs what changed in the update's state: its phase, or the action waiting for consent.
 /// Polls once: the server's cancel request for `action_id`, if it has one.
 async fn cancel_of(client: &mut DdiClient, action_id: &str) -> Option<(Link, CancelRequest)> {
     let link = client.poll().await.ok()?.cancel?;
@@ -812,19 +861,20 @@ async fn cancel_of(client: &mut DdiClient, action_id: &str) -> Option<(Link, Can
     Some((link, request))
 }
 
+/// Logs what changed in the update's state: its phase, or the action waiting for consent.
 fn log_update_change(before: &machine::Update, after: &machine::Update) {
-    if before.phase.name() != after.phase.name() {
+    if before.phase().name() != after.phase().name() {
         let action_id = after
-            .phase
+            .phase()
             .job()
             .map(|j| j.action_id.as_str())
-            .or_else(|| after.last_result.as_ref().map(|r| r.action_id.as_str()))
+            .or_else(|| after.last_result().map(|r| r.action_id.as_str()))
             .unwrap_or_default();
-        info!(action_id = %action_id, state = after.phase.name(), from = before.phase.name(), "state changed");
+        info!(action_id = %action_id, state = after.phase().name(), from = before.phase().name(), "state changed");
     }
-    if before.pending_consent != after.pending_consent {
-        if let Some(action_id) = &after.pending_consent {
-            info!(action_id = %action_id, "action waits for consent: run `ddi-agent consent accept` or `deny`");
+    if before.pending_consent() != after.pending_consent() {
+        if let Some(p) = after.pending_consent() {
+            info!(action_id = %p.action_id, why = p.reason.describe(), what = %p.what, "action waits for consent: run `ddi-agent consent accept` or `deny`");
         }
     }
 }
@@ -930,14 +980,47 @@ impl Installer for Pipeline {
         http: &reqwest::Client,
         req: &InstallRequest,
         progress: &mut (dyn FnMut(Progress) + Send),
-    ) -> Result<(), InstallFailure> {
+    ) -> Result<SlotImage, InstallFailure> {
         crate::install::install(http, req, progress)
             .await
-            .map(|_| ())
-            .map_err(|e| InstallFailure {
-                message: e.to_string(),
-                retryable: e.is_retryable(),
+            .map(|i| SlotImage {
+                bytes: i.bytes_written,
+                sha256: i.sha256_of_slot_image,
             })
+            .map_err(install_failure)
+    }
+
+    async fn verify(
+        &self,
+        req: &InstallRequest,
+        image: &SlotImage,
+    ) -> Result<SlotImage, InstallFailure> {
+        let req = req.clone();
+        let image = image.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::install::verify_slot_image(
+                &req.slot_path,
+                req.booted_slot_path.as_deref(),
+                image.bytes,
+                &image.sha256,
+            )
+            .map(|()| image)
+            .map_err(install_failure)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(InstallFailure {
+                message: format!("read-back of the slot died: {e}"),
+                retryable: false,
+            })
+        })
+    }
+}
+
+fn install_failure(e: crate::install::InstallError) -> InstallFailure {
+    InstallFailure {
+        message: e.to_string(),
+        retryable: e.is_retryable(),
     }
 }
 

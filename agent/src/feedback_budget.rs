@@ -2,7 +2,10 @@
 //! per action and refuses more (403 up to 0.9.x, 429 since 0.10.0); a full artifact GET logs one
 //! too. Progress therefore goes out in 10 % steps, otherwise at most once a minute, and never
 //! more than [`MAX_PROGRESS_PER_RUN`] times, so even a slow download with retries stays far
-//! below the quota. Pure: the caller passes the time.
+//! below the quota. The runs of one action share a budget across restarts: the job counts its
+//! download runs durably, and a run gets what the earlier ones left of
+//! [`MAX_PROGRESS_PER_ACTION`] (counting each earlier run as having used its whole share, since a
+//! crash may have cut it short without a record). Pure: the caller passes the time.
 
 use std::time::Duration;
 
@@ -13,6 +16,8 @@ pub const STEP_PERCENT: u64 = 10;
 /// Hard cap of progress messages per install run (a run of `MAX_INSTALL_TRIES` stays at a few
 /// hundred of hawkBit's 1000).
 pub const MAX_PROGRESS_PER_RUN: u32 = 100;
+/// Hard cap of progress messages per action, over all its runs (restarts and retries).
+pub const MAX_PROGRESS_PER_ACTION: u32 = 3 * MAX_PROGRESS_PER_RUN;
 
 /// Which stage a progress report is about (each has its own 10 % steps).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,18 +27,40 @@ pub enum Stage {
 }
 
 /// The progress budget of one install run.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ProgressBudget {
+    /// Messages this run may send.
+    cap: u32,
     sent: u32,
     last_sent_at: Option<Duration>,
     last_step: Option<(Stage, u64)>,
 }
 
+impl Default for ProgressBudget {
+    fn default() -> Self {
+        ProgressBudget::for_run(1)
+    }
+}
+
 impl ProgressBudget {
+    /// The budget of the action's `run`-th download run (1-based; 0, from a state written
+    /// before runs were counted, counts as the first).
+    pub fn for_run(run: u32) -> ProgressBudget {
+        let earlier = run.max(1) - 1;
+        ProgressBudget {
+            cap: MAX_PROGRESS_PER_ACTION
+                .saturating_sub(earlier.saturating_mul(MAX_PROGRESS_PER_RUN))
+                .min(MAX_PROGRESS_PER_RUN),
+            sent: 0,
+            last_sent_at: None,
+            last_step: None,
+        }
+    }
+
     /// Should the report of `done` of `total` bytes at `now` (time since the run started) be
     /// sent? Counts it when it is.
     pub fn admit(&mut self, stage: Stage, done: u64, total: Option<u64>, now: Duration) -> bool {
-        if done == 0 || self.sent >= MAX_PROGRESS_PER_RUN {
+        if done == 0 || self.sent >= self.cap {
             return false;
         }
         let step = total
@@ -108,5 +135,19 @@ mod tests {
             .filter(|t| b.admit(Stage::Downloading, *t, None, secs(t * 60)))
             .count();
         assert_eq!(sent, MAX_PROGRESS_PER_RUN as usize);
+    }
+
+    #[test]
+    fn the_runs_of_one_action_share_its_cap() {
+        let sent_in_run = |run| {
+            let mut b = ProgressBudget::for_run(run);
+            (1..=100_000u64)
+                .filter(|t| b.admit(Stage::Downloading, *t, None, secs(t * 60)))
+                .count() as u32
+        };
+        assert_eq!(sent_in_run(0), MAX_PROGRESS_PER_RUN);
+        let total: u32 = (1..=50).map(sent_in_run).sum();
+        assert_eq!(total, MAX_PROGRESS_PER_ACTION);
+        assert_eq!(sent_in_run(4), 0);
     }
 }

@@ -46,6 +46,12 @@ pub struct Job {
     pub failed_tries: u32,
     /// Activating environment saves started for this job (counted before each save).
     pub activations: u32,
+    /// The slot already holds this image (left by a download-only action of the same
+    /// artifact): [`Action::Install`] reads it back and checks it instead of downloading.
+    pub reuse: Option<SlotImage>,
+    /// Download runs started for this job, counted durably before each: the progress feedback
+    /// budget holds per action across restarts (see [`crate::feedback_budget`]).
+    pub download_runs: u32,
     /// Set for a local install (`ddi-agent install SOURCE`): no server assigned this job, so its
     /// `action_id` and `link` are empty and nothing about it is ever sent to a server.
     pub local: Option<LocalOrigin>,
@@ -74,6 +80,29 @@ impl Job {
     pub fn is_local(&self) -> bool {
         self.local.is_some()
     }
+}
+
+/// An image as it lies on a slot (after decompression or extraction): its length and the
+/// sha256 of those bytes, as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotImage {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// The image a download-only action (`update: skip`) left in the slot that is not booted. A
+/// later action with the same artifact (same sha256) activates it after reading it back,
+/// without a second download. Forgotten as soon as the slot may change hands: another job
+/// starts, or the recorded slot is the booted one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Downloaded {
+    /// The action last told `downloaded` for this image.
+    pub action_id: String,
+    pub slot: Slot,
+    /// sha256 of the artifact as the server announced it: which artifact this is.
+    pub artifact_sha256: String,
+    pub version: String,
+    pub image: SlotImage,
 }
 
 /// Where the current update is.
@@ -115,6 +144,9 @@ pub enum ResultKind {
     Failure,
     Canceled,
     Abandoned,
+    /// Downloaded for a download-only action (`update: skip`): the action may come back to be
+    /// activated (its maintenance window opened), so it does not count as finished here.
+    Downloaded,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,22 +187,58 @@ impl Outgoing {
 /// place of an unreadable file): the driver reads it and feeds events.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct State {
-    pub update: Update,
-    pub outbox: Outbox,
-    pub caches: Caches,
+    update: Update,
+    outbox: Outbox,
+    caches: Caches,
 }
 
 /// What the update needs: where it is, how actions ended here, and which one waits for consent.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Update {
-    pub phase: Phase,
-    pub last_result: Option<LastResult>,
+    phase: Phase,
+    last_result: Option<LastResult>,
     /// Recently finished actions (newest last, bounded): never closed twice.
-    pub finished_actions: Vec<String>,
-    /// Action waiting for `ddi-agent consent accept|deny` (manual consent).
-    pub pending_consent: Option<String>,
+    finished_actions: Vec<String>,
+    /// Action waiting for `ddi-agent consent accept|deny` (manual consent), and why.
+    pending_consent: Option<PendingConsent>,
+    /// The image a download-only action left in the slot that is not booted.
+    downloaded: Option<Downloaded>,
     /// The last local install (`ddi-agent install SOURCE`); never an action of the server.
-    pub last_local: Option<LocalResult>,
+    last_local: Option<LocalResult>,
+}
+
+/// An action waiting for the user's `ddi-agent consent accept|deny` (`consent = "manual"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingConsent {
+    pub action_id: String,
+    pub reason: ConsentReason,
+    /// What would be installed (version, artifact), when known; shown by `status`.
+    pub what: String,
+}
+
+/// Why an action needs the user's consent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsentReason {
+    /// The server asks for confirmation (confirmationBase, hawkBit's user consent flow).
+    Confirmation,
+    /// A soft update (`download` or `update` is `attempt`): the device decides when.
+    SoftUpdate,
+}
+
+impl ConsentReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            ConsentReason::Confirmation => "confirmation",
+            ConsentReason::SoftUpdate => "soft_update",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            ConsentReason::Confirmation => "the server asks to confirm it",
+            ConsentReason::SoftUpdate => "a soft update (update: attempt) needs consent",
+        }
+    }
 }
 
 /// What the server was last told or showed. Saves requests and log lines; never decides
@@ -178,9 +246,97 @@ pub struct Update {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Caches {
     /// Attributes last accepted by the server (configData).
-    pub attributes_sent: Option<BTreeMap<String, String>>,
+    attributes_sent: Option<BTreeMap<String, String>>,
     /// The installedBase href last read (logged once per change).
-    pub server_installed: Option<String>,
+    server_installed: Option<String>,
+}
+
+// Read access for the driver, the service and the CLI; `restore` rebuilds a stored state (for
+// `crate::state_file`, inside this crate only). Every change goes through `step`.
+impl State {
+    pub(crate) fn restore(update: Update, outbox: Outbox, caches: Caches) -> State {
+        State {
+            update,
+            outbox,
+            caches,
+        }
+    }
+
+    pub fn update(&self) -> &Update {
+        &self.update
+    }
+
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    pub fn caches(&self) -> &Caches {
+        &self.caches
+    }
+}
+
+impl Update {
+    pub(crate) fn restore(
+        phase: Phase,
+        last_result: Option<LastResult>,
+        finished_actions: Vec<String>,
+        pending_consent: Option<PendingConsent>,
+        downloaded: Option<Downloaded>,
+        last_local: Option<LocalResult>,
+    ) -> Update {
+        Update {
+            phase,
+            last_result,
+            finished_actions,
+            pending_consent,
+            downloaded,
+            last_local,
+        }
+    }
+
+    pub fn phase(&self) -> &Phase {
+        &self.phase
+    }
+
+    pub fn last_result(&self) -> Option<&LastResult> {
+        self.last_result.as_ref()
+    }
+
+    pub fn finished_actions(&self) -> &[String] {
+        &self.finished_actions
+    }
+
+    pub fn pending_consent(&self) -> Option<&PendingConsent> {
+        self.pending_consent.as_ref()
+    }
+
+    pub fn downloaded(&self) -> Option<&Downloaded> {
+        self.downloaded.as_ref()
+    }
+
+    pub fn last_local(&self) -> Option<&LocalResult> {
+        self.last_local.as_ref()
+    }
+}
+
+impl Caches {
+    pub(crate) fn restore(
+        attributes_sent: Option<BTreeMap<String, String>>,
+        server_installed: Option<String>,
+    ) -> Caches {
+        Caches {
+            attributes_sent,
+            server_installed,
+        }
+    }
+
+    pub fn attributes_sent(&self) -> Option<&BTreeMap<String, String>> {
+        self.attributes_sent.as_ref()
+    }
+
+    pub fn server_installed(&self) -> Option<&str> {
+        self.server_installed.as_deref()
+    }
 }
 
 /// Feedback owed to the server, oldest first, kept until delivered or refused for good. Reads
@@ -194,7 +350,7 @@ pub struct Outbox {
 
 impl Outbox {
     /// The outbox as stored (entries and the next sequence number, exactly).
-    pub fn restore(entries: Vec<Outgoing>, next_seq: u64) -> Outbox {
+    pub(crate) fn restore(entries: Vec<Outgoing>, next_seq: u64) -> Outbox {
         Outbox { entries, next_seq }
     }
 
@@ -240,17 +396,32 @@ impl<'a> IntoIterator for &'a Outbox {
 const FINISHED_MEMORY: usize = 32;
 
 impl State {
-    /// True when the action was finished here (result recorded or closing feedback owed).
+    /// True when the action was finished here (result recorded or closing feedback owed). A
+    /// download (`downloaded`) does not finish an action: it may come back to be activated.
     fn finished_locally(&self, action_id: &str) -> bool {
+        self.update.last_result.as_ref().is_some_and(|r| {
+            r.action_id == action_id
+                && !matches!(r.result, ResultKind::Abandoned | ResultKind::Downloaded)
+        }) || self.outbox.iter().any(|o| {
+            o.feedback.action_id == action_id && o.feedback.execution != Execution::Downloaded
+        }) || self.update.finished_actions.iter().any(|a| a == action_id)
+    }
+
+    /// True when the action's download-only image was written here, and its `downloaded` is
+    /// owed or the result says so: offered again with `update: skip`, there is nothing to do.
+    fn downloaded_here(&self, action_id: &str) -> bool {
         self.update
             .last_result
             .as_ref()
-            .is_some_and(|r| r.action_id == action_id && r.result != ResultKind::Abandoned)
+            .is_some_and(|r| r.action_id == action_id && r.result == ResultKind::Downloaded)
+            || self.outbox.iter().any(|o| {
+                o.feedback.action_id == action_id && o.feedback.execution == Execution::Downloaded
+            })
             || self
-                .outbox
-                .iter()
-                .any(|o| o.feedback.action_id == action_id)
-            || self.update.finished_actions.iter().any(|a| a == action_id)
+                .update
+                .downloaded
+                .as_ref()
+                .is_some_and(|d| d.action_id == action_id)
     }
 
     /// A fresh state in place of a state file that could not be read: the owed feedback and
@@ -290,7 +461,8 @@ impl State {
     fn finish(&mut self, action_id: &str, result: ResultKind, message: String) {
         let u = &mut self.update;
         u.phase = Phase::Idle;
-        if result != ResultKind::Abandoned && !u.finished_actions.iter().any(|a| a == action_id) {
+        let finishes = !matches!(result, ResultKind::Abandoned | ResultKind::Downloaded);
+        if finishes && !u.finished_actions.iter().any(|a| a == action_id) {
             u.finished_actions.push(action_id.to_string());
             if u.finished_actions.len() > FINISHED_MEMORY {
                 u.finished_actions.remove(0);
@@ -421,6 +593,9 @@ pub enum Event {
         next: Slot,
         /// The booted slot runs on trial (not confirmed); false when the scheme cannot tell.
         trial: bool,
+        /// The user's recorded consent answer for this very action (`ddi-agent consent`), if
+        /// any: a soft update waits for it under manual consent.
+        consent: Option<bool>,
     },
     /// The server asks to cancel an action.
     Cancel {
@@ -429,7 +604,9 @@ pub enum Event {
     },
     /// A poll showed no action link at all.
     NoAction,
-    InstallDone(Result<(), InstallFailure>),
+    /// The install (or, for a job that reuses a downloaded image, the read-back check) ended;
+    /// success says what lies on the slot.
+    InstallDone(Result<SlotImage, InstallFailure>),
     /// The environment save of [`Action::Activate`] is done.
     Activated,
     HealthChecked(Result<(), String>),
@@ -445,6 +622,8 @@ pub enum Event {
     ConfirmationAsked {
         link: Link,
         answer: Option<bool>,
+        /// What is being confirmed (versions and artifacts of the action, as fetched).
+        what: String,
     },
     /// The consent answer of [`Action::SendConsent`] reached the server.
     ConsentSent {
@@ -486,16 +665,31 @@ pub fn step(params: &Params, state: State, event: Event) -> (State, Vec<Action>)
             booted,
             next,
             trial,
+            consent,
         } => {
             let boot = BootView {
                 booted,
                 next,
                 trial,
             };
-            on_deployment(params, &mut s, &mut actions, link, deployment, boot)
+            let offer = Offer {
+                link,
+                d: deployment,
+                consent,
+            };
+            on_deployment(params, &mut s, &mut actions, offer, boot)
         }
         Event::Cancel { link, request } => on_cancel(&mut s, &mut actions, link, request),
         Event::NoAction => {
+            if s.update
+                .pending_consent
+                .as_ref()
+                .is_some_and(|p| p.reason == ConsentReason::SoftUpdate)
+            {
+                // The soft update is gone: nothing waits any more.
+                s.update.pending_consent = None;
+                actions.push(Action::Persist);
+            }
             if let Phase::Installing(job) | Phase::Installed(job) = s.update.phase.clone() {
                 if job.is_local() {
                     // The server never had this job: its absence there says nothing.
@@ -517,16 +711,30 @@ pub fn step(params: &Params, state: State, event: Event) -> (State, Vec<Action>)
         Event::Activated => on_activated(&mut s, &mut actions),
         Event::HealthChecked(result) => on_health(&mut s, &mut actions, result),
         Event::DeploymentRefused { link, reason } => on_refused(&mut s, &mut actions, link, reason),
-        Event::ConfirmationAsked { link, answer } => {
-            on_confirmation(params, &mut s, &mut actions, link, answer)
+        Event::ConfirmationAsked { link, answer, what } => {
+            on_confirmation(params, &mut s, &mut actions, link, answer, what)
         }
         Event::ConsentSent { action_id, accept } => {
             // A denial keeps the action waiting on the server; it stays pending here too.
-            s.update.pending_consent = (!accept).then_some(action_id);
+            let u = &mut s.update;
+            u.pending_consent = match u.pending_consent.take() {
+                _ if accept => None,
+                Some(p) if p.action_id == action_id => Some(p),
+                _ => Some(PendingConsent {
+                    action_id,
+                    reason: ConsentReason::Confirmation,
+                    what: String::new(),
+                }),
+            };
             actions.extend([Action::ClearConsentAnswer, Action::Persist]);
         }
         Event::NoConfirmation => {
-            if s.update.pending_consent.take().is_some() {
+            if s.update
+                .pending_consent
+                .as_ref()
+                .is_some_and(|p| p.reason == ConsentReason::Confirmation)
+            {
+                s.update.pending_consent = None;
                 actions.push(Action::Persist);
             }
         }
@@ -623,8 +831,12 @@ fn on_local_install(s: &mut State, actions: &mut Vec<Action>, origin: LocalOrigi
         version: String::new(),
         failed_tries: 0,
         activations: 0,
+        reuse: None,
+        download_runs: 0,
         local: Some(origin),
     };
+    // The slot changes hands: an image a download-only action kept there is gone.
+    s.update.downloaded = None;
     s.update.phase = Phase::Installing(job.clone());
     actions.extend([
         Action::MarkBad(job.target),
@@ -641,6 +853,7 @@ fn on_confirmation(
     actions: &mut Vec<Action>,
     link: Link,
     answer: Option<bool>,
+    what: String,
 ) {
     let action_id = link.action_id().unwrap_or_default();
     let (accept, detail) = match (params.auto_consent, answer) {
@@ -648,21 +861,74 @@ fn on_confirmation(
         (false, Some(true)) => (true, "accepted by the user"),
         (false, Some(false)) => (false, "denied by the user"),
         (false, None) => {
-            if s.update.pending_consent.as_deref() != Some(action_id.as_str()) {
-                s.update.pending_consent = Some(action_id);
-                actions.push(Action::Persist);
-            }
+            wait_for_consent(s, actions, action_id, ConsentReason::Confirmation, what);
             return;
         }
     };
+    let mut details = vec![detail.to_string()];
+    if !what.is_empty() {
+        details.push(format!("confirmation of {what}"));
+    }
     actions.push(Action::SendConsent {
         link,
         accept,
-        details: vec![detail.to_string()],
+        details,
     });
 }
 
+/// Records that `action_id` waits for the user's answer (once; `status` shows it).
+fn wait_for_consent(
+    s: &mut State,
+    actions: &mut Vec<Action>,
+    action_id: String,
+    reason: ConsentReason,
+    what: String,
+) {
+    let pending = PendingConsent {
+        action_id,
+        reason,
+        what,
+    };
+    if s.update.pending_consent.as_ref() != Some(&pending) {
+        s.update.pending_consent = Some(pending);
+        actions.push(Action::Persist);
+    }
+}
+
+/// A soft update (`attempt`) needs the user's consent under `consent = "manual"`; forced ones
+/// do not.
+fn needs_consent(params: &Params, d: &Deployment) -> bool {
+    !params.auto_consent && (d.update == Handling::Attempt || d.download == Handling::Attempt)
+}
+
+/// Versions and artifacts of a deployment, for the user deciding on it.
+pub fn describe_deployment(d: &Deployment) -> String {
+    let chunks: Vec<String> = d
+        .chunks
+        .iter()
+        .map(|c| {
+            let files: Vec<&str> = c.artifacts.iter().map(|a| a.filename.as_str()).collect();
+            format!("{} {} {} ({})", c.part, c.name, c.version, files.join(", "))
+        })
+        .collect();
+    format!("action {}: {}", d.action_id, chunks.join("; "))
+}
+
+/// The downloaded image is forgotten once its slot is the booted one (booted by hand, or
+/// after someone else's update): a running slot is nothing to activate.
+fn forget_download_in(s: &mut State, actions: &mut Vec<Action>, booted: Slot) {
+    if s.update
+        .downloaded
+        .as_ref()
+        .is_some_and(|r| r.slot == booted)
+    {
+        s.update.downloaded = None;
+        actions.push(Action::Persist);
+    }
+}
+
 fn started(params: &Params, s: &mut State, actions: &mut Vec<Action>, booted: Slot, next: Slot) {
+    forget_download_in(s, actions, booted);
     match s.update.phase.clone() {
         Phase::Idle => actions.push(Action::KeepBootedGood),
         Phase::Installing(job) if booted == job.target => {
@@ -857,14 +1123,21 @@ fn defer_install(boot: &BootView, actions: &mut Vec<Action>) -> bool {
     true
 }
 
+/// A deployment as offered, with the user's recorded consent answer for it.
+struct Offer {
+    link: Link,
+    d: Deployment,
+    consent: Option<bool>,
+}
+
 fn on_deployment(
     params: &Params,
     s: &mut State,
     actions: &mut Vec<Action>,
-    link: Link,
-    d: Deployment,
+    offer: Offer,
     boot: BootView,
 ) {
+    let Offer { link, d, consent } = offer;
     let booted = boot.booted;
     let id = d.action_id.clone();
     if let Phase::Installing(job) = s.update.phase.clone() {
@@ -884,8 +1157,15 @@ fn on_deployment(
                     if defer_install(&boot, actions) {
                         return;
                     }
+                    if job.reuse.is_none() {
+                        job.download_runs += 1;
+                    }
                     s.update.phase = Phase::Installing(job.clone());
-                    actions.extend([Action::MarkBad(job.target), Action::Install(job)]);
+                    actions.extend([
+                        Action::MarkBad(job.target),
+                        Action::Persist,
+                        Action::Install(job),
+                    ]);
                 }
                 Phase::Installed(_) if job.may_activate && job.activations >= MAX_ACTIVATIONS => {
                     // The activating save kept failing (the bootloader errors are in the log).
@@ -917,10 +1197,39 @@ fn on_deployment(
         let old = job.clone();
         s.finish_job(&old, ResultKind::Abandoned, replaced_message(&old, &id));
     }
-    if s.finished_locally(&id) {
-        // Our closing feedback is on its way; the server has not seen it yet.
+    forget_download_in(s, actions, booted);
+    let download_only = d.is_download_only();
+    if s.finished_locally(&id) || (download_only && s.downloaded_here(&id)) {
+        // Our closing feedback is on its way, the server has not seen it yet; or the image
+        // is downloaded and the action waits for its maintenance window.
         actions.push(Action::DeliverOutbox);
         return;
+    }
+    let consented = needs_consent(params, &d);
+    if consented {
+        match consent {
+            Some(true) => {}
+            Some(false) => {
+                // Declined: the action stays open on the server (hawkBit has no refusal of a
+                // deployment); it waits here until the user accepts it after all.
+                let what = format!("{}; declined by the user", describe_deployment(&d));
+                wait_for_consent(s, actions, id.clone(), ConsentReason::SoftUpdate, what);
+                actions.extend([
+                    Action::Notify {
+                        link: link.href.clone(),
+                        feedback: Feedback::new(&id, Execution::Rejected, Finished::None)
+                            .detail("soft update declined by the user (consent = manual)"),
+                    },
+                    Action::ClearConsentAnswer,
+                ]);
+                return;
+            }
+            None => {
+                let what = describe_deployment(&d);
+                wait_for_consent(s, actions, id, ConsentReason::SoftUpdate, what);
+                return;
+            }
+        }
     }
     if defer_install(&boot, actions) {
         return;
@@ -936,40 +1245,61 @@ fn on_deployment(
             actions.extend([Action::Persist, Action::DeliverOutbox]);
         }
         Ok((artifact, version)) => {
+            let recorded = s.update.downloaded.clone().filter(|r| {
+                r.slot == booted.other()
+                    && artifact.hashes.sha256.as_deref() == Some(r.artifact_sha256.as_str())
+            });
+            if let (true, Some(record)) = (download_only, &recorded) {
+                already_downloaded(s, actions, &link, &id, record);
+                return;
+            }
             let job = Job {
                 action_id: id.clone(),
                 link: link.href.clone(),
                 target: booted.other(),
-                download_only: d.is_download_only(),
+                download_only,
                 may_activate: d.may_activate(),
                 artifact,
                 version,
                 failed_tries: 0,
                 activations: 0,
                 local: None,
+                download_runs: u32::from(recorded.is_none()),
+                reuse: recorded.map(|r| r.image),
             };
+            // The slot is this job's now: whatever was downloaded there is not kept.
+            s.update.downloaded = None;
+            if s.update
+                .pending_consent
+                .as_ref()
+                .is_some_and(|p| p.action_id == id)
+            {
+                s.update.pending_consent = None;
+            }
             s.update.phase = Phase::Installing(job.clone());
-            let what = if job.download_only {
-                "download only"
-            } else if d.update == Handling::Skip {
-                "install now, activate in the maintenance window"
-            } else {
-                "install"
+            let what = match (job.download_only, &job.reuse) {
+                (true, _) => "download only: writing",
+                (false, None) => "install: writing",
+                (false, Some(_)) => "install: reading back the image downloaded earlier,",
             };
             actions.extend([
                 Action::Notify {
                     link: link.href.clone(),
                     feedback: Feedback::new(&id, Execution::Proceeding, Finished::None).detail(
                         format!(
-                            "{what}: writing {} (version {}) to slot {}",
+                            "{what} {} (version {}) in slot {}",
                             job.artifact.filename, job.version, job.target
                         ),
                     ),
                 },
                 Action::MarkBad(job.target),
                 Action::Persist,
-                Action::Install(job),
             ]);
+            if consented {
+                // Used: the job is durable, so the answer is not needed again.
+                actions.push(Action::ClearConsentAnswer);
+            }
+            actions.push(Action::Install(job));
         }
     }
 }
@@ -983,6 +1313,32 @@ fn replaced_message(old: &Job, new_action_id: &str) -> String {
             old.action_id
         )
     }
+}
+
+/// A download-only action for the image a download-only action already left in the slot:
+/// nothing to download; the action hears `downloaded` (durably, through the outbox).
+fn already_downloaded(
+    s: &mut State,
+    actions: &mut Vec<Action>,
+    link: &Link,
+    action_id: &str,
+    record: &Downloaded,
+) {
+    let message = format!(
+        "version {} is already downloaded in slot {}; not activated (download only)",
+        record.version, record.slot
+    );
+    s.outbox.queue(
+        Channel::Deployment,
+        &link.href,
+        Feedback::new(action_id, Execution::Downloaded, Finished::Success).detail(message.clone()),
+    );
+    s.update.downloaded = Some(Downloaded {
+        action_id: action_id.to_string(),
+        ..record.clone()
+    });
+    s.finish(action_id, ResultKind::Downloaded, message);
+    actions.extend([Action::Persist, Action::DeliverOutbox]);
 }
 
 /// The activated slot is still waiting for its reboot (a reboot command that failed, or that the
@@ -1019,12 +1375,16 @@ fn on_activated(s: &mut State, actions: &mut Vec<Action>) {
     actions.push(Action::Reboot);
 }
 
-fn on_install_done(s: &mut State, actions: &mut Vec<Action>, result: Result<(), InstallFailure>) {
+fn on_install_done(
+    s: &mut State,
+    actions: &mut Vec<Action>,
+    result: Result<SlotImage, InstallFailure>,
+) {
     let Phase::Installing(mut job) = s.update.phase.clone() else {
         return;
     };
     match result {
-        Ok(()) if job.download_only => {
+        Ok(image) if job.download_only => {
             let message = format!(
                 "downloaded {} (version {}) to slot {}; not activated (download only)",
                 job.artifact.filename, job.version, job.target
@@ -1035,10 +1395,38 @@ fn on_install_done(s: &mut State, actions: &mut Vec<Action>, result: Result<(), 
                 Feedback::new(&job.action_id, Execution::Downloaded, Finished::Success)
                     .detail(message.clone()),
             );
-            s.finish(&job.action_id, ResultKind::Success, message);
+            // Kept for a later action of the same artifact (identified by its sha256).
+            s.update.downloaded = job.artifact.hashes.sha256.clone().map(|sha256| Downloaded {
+                action_id: job.action_id.clone(),
+                slot: job.target,
+                artifact_sha256: sha256,
+                version: job.version.clone(),
+                image,
+            });
+            s.finish(&job.action_id, ResultKind::Downloaded, message);
             actions.extend([Action::Persist, Action::DeliverOutbox]);
         }
-        Ok(()) => {
+        Err(f) if job.reuse.is_some() => {
+            // The downloaded image is not (all) there any more: download it after all.
+            job.reuse = None;
+            job.download_runs += 1;
+            s.update.phase = Phase::Installing(job.clone());
+            actions.extend([
+                Action::Notify {
+                    link: job.link.clone(),
+                    feedback: Feedback::new(&job.action_id, Execution::Proceeding, Finished::None)
+                        .detail(format!(
+                            "the image downloaded earlier to slot {} does not check out ({}); \
+                             downloading it again",
+                            job.target, f.message
+                        )),
+                },
+                Action::MarkBad(job.target),
+                Action::Persist,
+                Action::Install(job),
+            ]);
+        }
+        Ok(_) => {
             s.update.phase = Phase::Installed(job.clone());
             actions.extend(notify(
                 &job,
@@ -1093,7 +1481,7 @@ fn on_health(s: &mut State, actions: &mut Vec<Action>, result: Result<(), String
         return;
     };
     match result {
-        Ok(()) => {
+        Ok(_) => {
             let message = if job.is_local() {
                 format!("running from slot {} and confirmed", job.target)
             } else {
@@ -1192,7 +1580,14 @@ fn on_cancel(s: &mut State, actions: &mut Vec<Action>, link: Link, req: CancelRe
                 s.update.last_result = Some(LastResult {
                     action_id: id.clone(),
                     result: ResultKind::Canceled,
-                    message: "canceled before it started".into(),
+                    // A downloaded image stays kept for a later action of its artifact.
+                    message: match &s.update.downloaded {
+                        Some(d) if d.action_id == id => format!(
+                            "canceled after its download; the image stays in slot {}",
+                            d.slot
+                        ),
+                        _ => "canceled before it started".into(),
+                    },
                 });
             }
             actions.extend([Action::Persist, Action::DeliverOutbox]);
@@ -1236,7 +1631,7 @@ impl State {
         self.update
             .last_result
             .as_ref()
-            .is_some_and(|r| r.action_id == action_id)
+            .is_some_and(|r| r.action_id == action_id && r.result != ResultKind::Downloaded)
     }
 }
 
@@ -1265,6 +1660,13 @@ mod tests {
             download: Some(Link {
                 href: "http://h/art/rootfs.img".into(),
             }),
+        }
+    }
+
+    fn image() -> SlotImage {
+        SlotImage {
+            bytes: 1024,
+            sha256: "cd".repeat(32),
         }
     }
 
@@ -1321,6 +1723,7 @@ mod tests {
                 booted,
                 next,
                 trial,
+                consent: None,
             },
         )
     }
@@ -1362,7 +1765,7 @@ mod tests {
         let (s, a) = offer(State::default(), d, Slot::A);
         assert_eq!(kinds(&a), ["notify", "mark_bad", "persist", "install"]);
         assert_eq!(a[1], Action::MarkBad(Slot::B));
-        let (s, a) = ev(s, Event::InstallDone(Ok(())));
+        let (s, a) = ev(s, Event::InstallDone(Ok(image())));
         // Installed, with the activation counted, is durable before the activating save.
         assert_eq!(kinds(&a), ["notify", "persist", "activate"]);
         assert_eq!(a[2], Action::Activate(Slot::B));
@@ -1405,8 +1808,34 @@ mod tests {
     }
 
     #[test]
-    fn soft_and_timeforced_install_like_forced() {
-        through_activation(deployment("7", Handling::Attempt, None));
+    fn soft_and_timeforced_install_like_forced_once_consented() {
+        // Automatic consent (the default): as forced.
+        let auto = Params {
+            auto_consent: true,
+            ..params()
+        };
+        let (_, a) = step(
+            &auto,
+            State::default(),
+            Event::Deployment {
+                link: dlink("7"),
+                deployment: deployment("7", Handling::Attempt, None),
+                booted: Slot::A,
+                next: Slot::A,
+                trial: false,
+                consent: None,
+            },
+        );
+        assert_eq!(kinds(&a), ["notify", "mark_bad", "persist", "install"]);
+        // Manual consent, accepted: the same, and the answer is used up.
+        let soft = deployment("7", Handling::Attempt, None);
+        let (s, a) = offer_answered(State::default(), soft, Some(true));
+        assert_eq!(
+            kinds(&a),
+            ["notify", "mark_bad", "persist", "clear_consent", "install"]
+        );
+        let (_, a) = ev(s, Event::InstallDone(Ok(image())));
+        assert_eq!(kinds(&a), ["notify", "persist", "activate"]);
     }
 
     #[test]
@@ -1453,7 +1882,7 @@ mod tests {
             deployment("7", Handling::Forced, None),
             Slot::A,
         );
-        let (s, a) = ev(s, Event::InstallDone(Ok(())));
+        let (s, a) = ev(s, Event::InstallDone(Ok(image())));
         assert_eq!(a.last(), Some(&Action::Activate(Slot::B)));
         assert!(matches!(&s.update.phase, Phase::Installed(j) if j.activations == 1));
         s
@@ -1587,10 +2016,48 @@ mod tests {
 
     #[test]
     fn download_only_closes_with_downloaded_and_never_activates() {
-        let d = deployment("8", Handling::Skip, None);
-        let (s, a) = offer(State::default(), d, Slot::B);
-        assert!(matches!(&a[3], Action::Install(j) if j.download_only && j.target == Slot::A));
-        let (s, a) = ev(s, Event::InstallDone(Ok(())));
+        let s = downloaded(deployment("8", Handling::Skip, None), Slot::B);
+        // The same action offered again (server not yet updated): no second download.
+        let (s2, a) = offer(s.clone(), deployment("8", Handling::Skip, None), Slot::B);
+        assert_eq!(kinds(&a), ["deliver"]);
+        assert_eq!(s2, s);
+    }
+
+    /// An image installed for a maintenance window, waiting for it: the phase agents before
+    /// "`update: skip` is download only" wrote, still found in their state files.
+    fn waiting_for_window(id: &str) -> State {
+        let (mut s, _) = offer(
+            State::default(),
+            deployment(id, Handling::Forced, None),
+            Slot::A,
+        );
+        let Phase::Installing(mut job) = s.update.phase.clone() else {
+            panic!("not installing: {:?}", s.update.phase)
+        };
+        job.may_activate = false;
+        s.update.phase = Phase::Installed(job);
+        s
+    }
+
+    /// A scheduled action outside its window, as hawkBit shows it.
+    fn window_closed(id: &str) -> Deployment {
+        deployment(id, Handling::Skip, Some(MaintenanceWindow::Unavailable))
+    }
+
+    /// The same action once its window opened.
+    fn window_open(id: &str) -> Deployment {
+        deployment(id, Handling::Forced, Some(MaintenanceWindow::Available))
+    }
+
+    /// Offers the download-only `d` with `booted` running and completes its download: checks
+    /// that `downloaded` is owed (outbox, not best effort) and the image kept.
+    fn downloaded(d: Deployment, booted: Slot) -> State {
+        let id = d.action_id.clone();
+        let (s, a) = offer(State::default(), d, booted);
+        assert!(
+            matches!(&a[3], Action::Install(j) if j.download_only && !j.may_activate && j.target == booted.other())
+        );
+        let (s, a) = ev(s, Event::InstallDone(Ok(image())));
         assert_eq!(kinds(&a), ["persist", "deliver"]);
         assert_eq!(
             only_outbox(&s),
@@ -1601,34 +2068,155 @@ mod tests {
             )]
         );
         assert_eq!(s.update.phase, Phase::Idle);
-        // The same action offered again (server not yet updated): no second download.
-        let (s2, a) = offer(s.clone(), deployment("8", Handling::Skip, None), Slot::B);
-        assert_eq!(kinds(&a), ["deliver"]);
-        assert_eq!(s2, s);
+        assert_eq!(
+            s.update.downloaded.as_ref().map(|r| r.action_id.as_str()),
+            Some(id.as_str())
+        );
+        s
     }
 
     #[test]
-    fn maintenance_window_installs_now_activates_later() {
-        let unavailable = deployment("9", Handling::Skip, Some(MaintenanceWindow::Unavailable));
-        let (s, a) = offer(State::default(), unavailable.clone(), Slot::A);
-        assert!(matches!(&a[3], Action::Install(j) if !j.download_only && !j.may_activate));
-        let (s, a) = ev(s, Event::InstallDone(Ok(())));
-        assert_eq!(kinds(&a), ["notify", "persist", "notify"]);
-        assert!(matches!(s.update.phase, Phase::Installed(_)));
-        // Still unavailable: nothing.
-        let (s, a) = offer(s, unavailable, Slot::A);
-        assert!(a.is_empty());
-        assert!(matches!(s.update.phase, Phase::Installed(_)));
-        // Window opens: activate and reboot, without reinstalling.
-        let (s, a) = offer(
-            s,
-            deployment("9", Handling::Forced, Some(MaintenanceWindow::Available)),
-            Slot::A,
+    fn maintenance_window_downloads_now_and_activates_the_same_image_later() {
+        let s = downloaded(window_closed("9"), Slot::A);
+        let record = s.update.downloaded.clone().expect("download kept");
+        assert_eq!((record.slot, record.action_id.as_str()), (Slot::B, "9"));
+        assert_eq!(record.image, image());
+        // Still unavailable: nothing, not even a second `downloaded`.
+        let (s2, a) = offer(s.clone(), window_closed("9"), Slot::A);
+        assert_eq!(kinds(&a), ["deliver"]);
+        assert_eq!(s2, s);
+        // Window opens (the `downloaded` already delivered or not): the slot is read back, not
+        // downloaded, then activated.
+        let (s, a) = offer(s, window_open("9"), Slot::A);
+        assert_eq!(kinds(&a), ["notify", "mark_bad", "persist", "install"]);
+        assert!(
+            matches!(a.last(), Some(Action::Install(j)) if j.reuse == Some(image()) && j.target == Slot::B)
         );
-        assert_eq!(kinds(&a), ["persist", "activate"]);
+        assert_eq!(s.update.downloaded, None, "the slot belongs to the job now");
+        let (s, a) = ev(s, Event::InstallDone(Ok(image())));
+        assert_eq!(kinds(&a), ["notify", "persist", "activate"]);
         let (s, a) = ev(s, Event::Activated);
         assert_eq!(kinds(&a), ["persist", "notify", "reboot"]);
-        assert!(matches!(s.update.phase, Phase::AwaitingReboot(_)));
+        let (s, _) = ev(
+            s,
+            Event::Started {
+                booted: Slot::B,
+                next: Slot::B,
+            },
+        );
+        let (s, _) = ev(s, Event::HealthChecked(Ok(())));
+        let closed: Vec<_> = s
+            .outbox
+            .iter()
+            .filter(|o| o.feedback.execution == Execution::Closed)
+            .map(|o| (o.feedback.action_id.as_str(), o.feedback.finished))
+            .collect();
+        assert_eq!(closed, [("9", Finished::Success)]);
+    }
+
+    #[test]
+    fn a_new_action_of_a_downloaded_artifact_reuses_it() {
+        let s = downloaded(deployment("8", Handling::Skip, None), Slot::A);
+        let delivered = |mut s: State| {
+            let seqs: Vec<u64> = s.outbox.iter().map(|o| o.seq).collect();
+            for seq in seqs {
+                s = ev(s, Event::FeedbackDelivered { seq }).0;
+            }
+            s
+        };
+        let s = delivered(s);
+        // Another download-only action of the same artifact: nothing downloaded, `downloaded`.
+        let (s, a) = offer(s, deployment("10", Handling::Skip, None), Slot::A);
+        assert_eq!(kinds(&a), ["persist", "deliver"]);
+        assert_eq!(
+            only_outbox(&s),
+            [(
+                Channel::Deployment,
+                Execution::Downloaded,
+                Finished::Success
+            )]
+        );
+        assert_eq!(s.update.downloaded.as_ref().unwrap().action_id, "10");
+        let s = delivered(s);
+        // A forced action of the same artifact: read back and activated, no download.
+        let (s, a) = offer(s, deployment("11", Handling::Forced, None), Slot::A);
+        assert!(matches!(a.last(), Some(Action::Install(j)) if j.reuse.is_some()));
+        // The slot no longer holds it (overwritten meanwhile): downloaded after all.
+        let (s, a) = ev(
+            s,
+            Event::InstallDone(Err(InstallFailure {
+                message: "sha256 of the slot image mismatch".into(),
+                retryable: false,
+            })),
+        );
+        assert_eq!(kinds(&a), ["notify", "mark_bad", "persist", "install"]);
+        assert!(matches!(a.last(), Some(Action::Install(j)) if j.reuse.is_none()));
+        assert!(s.outbox.is_empty(), "no failure reported: {:?}", s.outbox);
+        let (_, a) = ev(s, Event::InstallDone(Ok(image())));
+        assert_eq!(kinds(&a), ["notify", "persist", "activate"]);
+    }
+
+    #[test]
+    fn a_downloaded_image_is_not_reused_for_another_artifact_or_once_its_slot_booted() {
+        let downloaded = || downloaded(window_closed("9"), Slot::A);
+        // Another artifact: a normal download, and the record is gone (the slot is rewritten).
+        let mut other = deployment("12", Handling::Forced, None);
+        other.chunks[0].artifacts[0].hashes.sha256 = Some("ef".repeat(32));
+        let (s, a) = offer(downloaded(), other, Slot::A);
+        assert!(matches!(a.last(), Some(Action::Install(j)) if j.reuse.is_none()));
+        assert_eq!(s.update.downloaded, None);
+        // The downloaded slot was booted (by hand) meanwhile: forgotten at start ...
+        let (s, a) = ev(
+            downloaded(),
+            Event::Started {
+                booted: Slot::B,
+                next: Slot::B,
+            },
+        );
+        assert_eq!(s.update.downloaded, None);
+        assert_eq!(kinds(&a), ["persist", "keep_booted_good"]);
+        // ... and when the window opens the image is downloaded into slot A.
+        let (_, a) = offer(s, window_open("9"), Slot::B);
+        assert!(
+            matches!(a.last(), Some(Action::Install(j)) if j.reuse.is_none() && j.target == Slot::A)
+        );
+        // Found booted at an offer (no start in between): the same.
+        let (s, a) = offer(downloaded(), window_open("9"), Slot::B);
+        assert_eq!(s.update.downloaded, None);
+        assert!(
+            matches!(a.last(), Some(Action::Install(j)) if j.reuse.is_none() && j.target == Slot::A)
+        );
+    }
+
+    #[test]
+    fn a_downloaded_image_survives_the_action_going_away() {
+        let d = deployment("8", Handling::Skip, Some(MaintenanceWindow::Available));
+        let s = downloaded(d, Slot::A);
+        // hawkBit closed the DOWNLOAD_ONLY action on `downloaded`: no action any more. The
+        // slot is not given up as abandoned.
+        let (s2, a) = ev(s.clone(), Event::NoAction);
+        assert!(a.is_empty(), "{a:?}");
+        assert_eq!(s2, s);
+        assert!(s.update.downloaded.is_some());
+        assert_eq!(
+            s.update.last_result.as_ref().unwrap().result,
+            ResultKind::Downloaded
+        );
+        // Canceled on the server (a scheduled action): the result says so, the image stays.
+        let (s, _) = ev(
+            s,
+            Event::Cancel {
+                link: clink("8"),
+                request: CancelRequest {
+                    action_id: "8".into(),
+                    stop_id: "8".into(),
+                },
+            },
+        );
+        let result = s.update.last_result.as_ref().unwrap();
+        assert_eq!(result.result, ResultKind::Canceled);
+        assert!(result.message.contains("stays in slot B"), "{result:?}");
+        assert!(s.update.downloaded.is_some());
     }
 
     #[test]
@@ -1647,9 +2235,12 @@ mod tests {
         let (s, a) = ev(s, transient());
         assert_eq!(kinds(&a), ["persist"]);
         assert!(matches!(&s.update.phase, Phase::Installing(j) if j.failed_tries == 1));
-        // Resumed on the next offer without a new "started" message.
+        // Resumed on the next offer without a new "started" message; the run is counted
+        // durably first (the progress budget holds per action).
+        assert!(matches!(&s.update.phase, Phase::Installing(j) if j.download_runs == 1));
         let (s, a) = offer(s, deployment("7", Handling::Forced, None), Slot::A);
-        assert_eq!(kinds(&a), ["mark_bad", "install"]);
+        assert_eq!(kinds(&a), ["mark_bad", "persist", "install"]);
+        assert!(matches!(a.last(), Some(Action::Install(j)) if j.download_runs == 2));
         let (s, _) = ev(s, transient());
         let (s, a) = ev(s, transient());
         assert_eq!(kinds(&a), ["persist", "deliver"]);
@@ -1744,12 +2335,7 @@ mod tests {
         assert_eq!(s2.outbox.len(), 1);
 
         // Installed, waiting for the window.
-        let (s, _) = offer(
-            State::default(),
-            deployment("7", Handling::Skip, Some(MaintenanceWindow::Unavailable)),
-            Slot::A,
-        );
-        let (s, _) = ev(s, Event::InstallDone(Ok(())));
+        let s = waiting_for_window("7");
         let cancel = Event::Cancel {
             link: clink("7"),
             request: CancelRequest {
@@ -1849,9 +2435,7 @@ mod tests {
 
     #[test]
     fn a_waiting_slot_is_not_activated_during_a_foreign_trial() {
-        let window = || deployment("9", Handling::Skip, Some(MaintenanceWindow::Unavailable));
-        let (s, _) = offer(State::default(), window(), Slot::A);
-        let (s, _) = ev(s, Event::InstallDone(Ok(())));
+        let s = waiting_for_window("9");
         // Someone booted the waiting slot B on a trial of their own; the window opens.
         let open = deployment("9", Handling::Forced, Some(MaintenanceWindow::Available));
         let (s2, a) = offer_with(s.clone(), open.clone(), Slot::B, Slot::B, true);
@@ -1891,7 +2475,7 @@ mod tests {
         );
         // The activating save fails twice (an error, the state stays Installed): each offer
         // tries again, then gives up with a failure instead of counting on.
-        let (mut s, _) = ev(s, Event::InstallDone(Ok(())));
+        let (mut s, _) = ev(s, Event::InstallDone(Ok(image())));
         for _ in 1..MAX_ACTIVATIONS {
             let (next, a) = offer(s, deployment("7", Handling::Forced, None), Slot::A);
             assert_eq!(kinds(&a), ["persist", "activate"]);
@@ -1905,9 +2489,7 @@ mod tests {
 
     #[test]
     fn a_waiting_slot_booted_by_hand_is_not_confirmed() {
-        let window = deployment("9", Handling::Skip, Some(MaintenanceWindow::Unavailable));
-        let (s, _) = offer(State::default(), window, Slot::A);
-        let (s, _) = ev(s, Event::InstallDone(Ok(())));
+        let s = waiting_for_window("9");
         let (s2, a) = ev(
             s.clone(),
             Event::Started {
@@ -1922,7 +2504,7 @@ mod tests {
     #[test]
     fn stray_events_change_nothing() {
         for e in [
-            Event::InstallDone(Ok(())),
+            Event::InstallDone(Ok(image())),
             Event::Activated,
             Event::HealthChecked(Ok(())),
             Event::HealthChecked(Err("x".into())),
@@ -2004,6 +2586,7 @@ mod tests {
                 href: format!("http://h/T/controller/v1/d/confirmationBase/{id}?c=1"),
             },
             answer,
+            what: String::new(),
         }
     }
 
@@ -2012,7 +2595,7 @@ mod tests {
         // No answer yet: the action waits, durably, once.
         let (s, a) = ev(State::default(), confirmation("4", None));
         assert_eq!(kinds(&a), ["persist"]);
-        assert_eq!(s.update.pending_consent.as_deref(), Some("4"));
+        assert_eq!(pending(&s), Some(("4", ConsentReason::Confirmation)));
         let (s2, a) = ev(s.clone(), confirmation("4", None));
         assert!(a.is_empty());
         assert_eq!(s2, s);
@@ -2052,7 +2635,7 @@ mod tests {
             },
         );
         assert_eq!(kinds(&a), ["clear_consent", "persist"]);
-        assert_eq!(s2.update.pending_consent.as_deref(), Some("4"));
+        assert_eq!(pending(&s2), Some(("4", ConsentReason::Confirmation)));
         // The server no longer asks: nothing waits.
         let (s2, a) = ev(s, Event::NoConfirmation);
         assert_eq!(kinds(&a), ["persist"]);
@@ -2060,6 +2643,96 @@ mod tests {
         let (s2, a) = ev(State::default(), Event::NoConfirmation);
         assert!(a.is_empty());
         assert_eq!(s2, State::default());
+    }
+
+    fn pending(s: &State) -> Option<(&str, ConsentReason)> {
+        s.update
+            .pending_consent
+            .as_ref()
+            .map(|p| (p.action_id.as_str(), p.reason))
+    }
+
+    #[test]
+    fn what_is_confirmed_is_shown_and_sent() {
+        let mut asked = confirmation("4", None);
+        if let Event::ConfirmationAsked { what, .. } = &mut asked {
+            *what = "action 4: os fw 2.0 (rootfs.img)".into();
+        }
+        let (s, _) = ev(State::default(), asked.clone());
+        assert_eq!(
+            s.update.pending_consent.as_ref().unwrap().what,
+            "action 4: os fw 2.0 (rootfs.img)"
+        );
+        if let Event::ConfirmationAsked { answer, .. } = &mut asked {
+            *answer = Some(true);
+        }
+        let (_, a) = ev(s, asked);
+        assert!(
+            matches!(&a[..], [Action::SendConsent { details, .. }]
+            if details == &["accepted by the user", "confirmation of action 4: os fw 2.0 (rootfs.img)"]),
+            "{a:?}"
+        );
+    }
+
+    fn offer_answered(s: State, d: Deployment, consent: Option<bool>) -> (State, Vec<Action>) {
+        let link = dlink(&d.action_id);
+        ev(
+            s,
+            Event::Deployment {
+                link,
+                deployment: d,
+                booted: Slot::A,
+                next: Slot::A,
+                trial: false,
+                consent,
+            },
+        )
+    }
+
+    #[test]
+    fn a_soft_update_waits_for_manual_consent_and_a_forced_one_does_not() {
+        let soft = || deployment("5", Handling::Attempt, None);
+        // Manual consent, no answer: nothing is written; the action waits, once, durably.
+        let (s, a) = offer_answered(State::default(), soft(), None);
+        assert_eq!(kinds(&a), ["persist"]);
+        assert_eq!(pending(&s), Some(("5", ConsentReason::SoftUpdate)));
+        assert_eq!(s.update.phase, Phase::Idle);
+        assert_eq!(
+            s.update.pending_consent.as_ref().unwrap().what,
+            "action 5: os fw 2.0 (rootfs.img)"
+        );
+        let (s2, a) = offer_answered(s.clone(), soft(), None);
+        assert!(a.is_empty(), "{a:?}");
+        assert_eq!(s2, s);
+        // A poll without a confirmationBase does not end a soft update's wait ...
+        let (s2, a) = ev(s.clone(), Event::NoConfirmation);
+        assert!(a.is_empty());
+        assert_eq!(s2, s);
+        // ... the action going away does.
+        let (s2, _) = ev(s.clone(), Event::NoAction);
+        assert_eq!(s2.update.pending_consent, None);
+        // Declined: told to the server (best effort), still waiting for an accept.
+        let (s2, a) = offer_answered(s.clone(), soft(), Some(false));
+        assert_eq!(kinds(&a), ["persist", "notify", "clear_consent"]);
+        assert!(
+            matches!(&a[1], Action::Notify { feedback, .. } if feedback.execution == Execution::Rejected)
+        );
+        assert_eq!(pending(&s2), Some(("5", ConsentReason::SoftUpdate)));
+        assert_eq!(s2.update.phase, Phase::Idle);
+        // Accepted: installed; the answer is cleared once the job is durable.
+        let (s2, a) = offer_answered(s.clone(), soft(), Some(true));
+        assert_eq!(
+            kinds(&a),
+            ["notify", "mark_bad", "persist", "clear_consent", "install"]
+        );
+        assert_eq!(s2.update.pending_consent, None);
+        // A forced update never waits.
+        let (_, a) = offer_answered(
+            State::default(),
+            deployment("6", Handling::Forced, None),
+            None,
+        );
+        assert!(matches!(a.last(), Some(Action::Install(_))));
     }
 
     #[test]
@@ -2181,7 +2854,7 @@ mod tests {
             deployment("7", Handling::Forced, None),
             Slot::A,
         );
-        let (activating, _) = ev(s, Event::InstallDone(Ok(())));
+        let (activating, _) = ev(s, Event::InstallDone(Ok(image())));
         assert!(matches!(&activating.update.phase, Phase::Installed(j) if j.activations == 1));
         let activated = through_activation(deployment("7", Handling::Forced, None));
         for s in [activating, activated] {
@@ -2218,7 +2891,7 @@ mod tests {
         let job = s.update.phase.job().unwrap();
         assert!(job.is_local() && job.action_id.is_empty() && job.target == Slot::B);
         assert_eq!(job.artifact.filename, "update.img.gz");
-        let (s, a) = ev(s, Event::InstallDone(Ok(())));
+        let (s, a) = ev(s, Event::InstallDone(Ok(image())));
         assert_eq!(kinds(&a), ["persist", "activate"]);
         assert!(matches!(&s.update.phase, Phase::Installed(j) if j.activations == 1));
         let (s, a) = ev(s, Event::Activated);
@@ -2404,6 +3077,8 @@ mod tests {
             Offer {
                 id: u8,
                 kind: u8,
+                /// The user's recorded answer (manual consent of soft updates).
+                consent: Option<bool>,
             },
             Cancel {
                 id: u8,
@@ -2445,7 +3120,8 @@ mod tests {
 
         fn ev() -> impl Strategy<Value = Ev> {
             prop_oneof![
-                (1u8..4, 0u8..4).prop_map(|(id, kind)| Ev::Offer { id, kind }),
+                (1u8..4, 0u8..4, proptest::option::of(any::<bool>()))
+                    .prop_map(|(id, kind, consent)| Ev::Offer { id, kind, consent }),
                 (1u8..4).prop_map(|id| Ev::Cancel { id }),
                 Just(Ev::InstallOk),
                 Just(Ev::InstallTransient),
@@ -2540,7 +3216,7 @@ mod tests {
             fn run(&mut self, event: Event, cut: &mut Option<u8>) -> Result<bool, TestCaseError> {
                 let mut queue = vec![event];
                 while let Some(event) = queue.pop() {
-                    let is_install_ok = matches!(event, Event::InstallDone(Ok(())));
+                    let is_install_ok = matches!(event, Event::InstallDone(Ok(_)));
                     let health_ok = matches!(event, Event::HealthChecked(Ok(())));
                     let installing_job = match (&self.s.update.phase, is_install_ok) {
                         (Phase::Installing(j), true) => Some(j.clone()),
@@ -2615,6 +3291,11 @@ mod tests {
                         }
                         match a {
                             Action::Persist => self.disk = self.s.clone(),
+                            Action::Install(job) if job.reuse.is_some() => {
+                                // Only reads the slot back.
+                                prop_assert_ne!(job.target, self.booted, "reuses the running slot");
+                                self.awaiting = Some("install");
+                            }
                             Action::Install(job) => {
                                 prop_assert_ne!(job.target, self.booted, "writes the running slot");
                                 prop_assert!(
@@ -2698,10 +3379,10 @@ mod tests {
 
             fn check(&mut self) -> Result<(), TestCaseError> {
                 for o in &self.disk.outbox {
+                    // `downloaded` closes only a DOWNLOAD_ONLY action on the server; a
+                    // scheduled one comes back to be activated and closed.
                     let closes = o.channel == Channel::Deployment
-                        && (o.feedback.execution == Execution::Closed
-                            || (o.feedback.execution == Execution::Downloaded
-                                && o.feedback.finished != Finished::None));
+                        && o.feedback.execution == Execution::Closed;
                     if self.seen_seq.insert(o.seq) && closes {
                         *self
                             .closing
@@ -2749,6 +3430,19 @@ mod tests {
                     }
                     self.last_local_seen = self.s.update.last_local.clone();
                 }
+                if let Some(r) = &self.s.update.downloaded {
+                    prop_assert_ne!(
+                        r.slot,
+                        self.booted,
+                        "a downloaded image in the running slot"
+                    );
+                    prop_assert!(
+                        matches!(self.slots[&r.slot], Content::Verified(_)),
+                        "a downloaded image recorded for slot {} holding {:?}",
+                        r.slot,
+                        self.slots[&r.slot]
+                    );
+                }
                 let back = crate::state_file::decode(&crate::state_file::encode(&self.s)).unwrap();
                 prop_assert_eq!(&back, &self.s);
                 Ok(())
@@ -2776,7 +3470,7 @@ mod tests {
                         continue;
                     }
                     let event = match e {
-                        Ev::Offer { id, kind } => {
+                        Ev::Offer { id, kind, consent } => {
                             let (update, window) = match kind {
                                 0 => (Handling::Forced, None),
                                 1 => (Handling::Attempt, None),
@@ -2789,13 +3483,20 @@ mod tests {
                                 booted: m.booted,
                                 next: m.next,
                                 trial: m.trial && m.next == m.booted,
+                                consent,
                             }
                         }
                         Ev::Cancel { id } => Event::Cancel {
                             link: clink(&id.to_string()),
                             request: CancelRequest { action_id: id.to_string(), stop_id: id.to_string() },
                         },
-                        Ev::InstallOk => Event::InstallDone(Ok(())),
+                        Ev::InstallOk => match m.s.update.phase.job().and_then(|j| j.reuse.as_ref().map(|_| j.target)) {
+                            // The driver reads the slot back: only an image still there passes.
+                            Some(slot) if !matches!(m.slots[&slot], Content::Verified(_)) => {
+                                Event::InstallDone(Err(InstallFailure { message: "sha256 mismatch".into(), retryable: false }))
+                            }
+                            _ => Event::InstallDone(Ok(image())),
+                        },
                         Ev::InstallTransient => Event::InstallDone(Err(InstallFailure { message: "net".into(), retryable: true })),
                         Ev::InstallFatal => Event::InstallDone(Err(InstallFailure { message: "hash".into(), retryable: false })),
                         Ev::HealthOk => Event::HealthChecked(Ok(())),

@@ -214,7 +214,7 @@ fn sync_dir(dir: &Path) -> Result<(), PersistError> {
 mod tests {
     use super::*;
     use crate::ddi::{Execution, Feedback, Finished};
-    use crate::machine::{Channel, Outbox, Outgoing};
+    use crate::machine::{Caches, Channel, Outbox, Outgoing, Update};
 
     #[test]
     fn state_dir_is_created_private_and_state_round_trips() {
@@ -224,8 +224,9 @@ mod tests {
         let mode = fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
         assert_eq!(store.load().unwrap(), State::default());
-        let s = State {
-            outbox: Outbox::restore(
+        let s = State::restore(
+            Update::default(),
+            Outbox::restore(
                 vec![Outgoing {
                     seq: 4,
                     channel: Channel::Deployment,
@@ -234,8 +235,8 @@ mod tests {
                 }],
                 5,
             ),
-            ..State::default()
-        };
+            Caches::default(),
+        );
         store.save(&s).unwrap();
         assert_eq!(Store::open(&dir).unwrap().load().unwrap(), s);
         let names: Vec<_> = fs::read_dir(&dir)
@@ -272,9 +273,9 @@ mod tests {
         assert_eq!(recovery.failed_action.as_deref(), Some("5"));
         assert_eq!(recovery.kept, store.path(UNREADABLE_FILE));
         assert_eq!(fs::read(&recovery.kept).unwrap(), text);
-        assert_eq!(state.update.phase, crate::machine::Phase::Idle);
-        assert_eq!(state.outbox.len(), 1);
-        let owed = &state.outbox[0];
+        assert_eq!(state.update().phase(), &crate::machine::Phase::Idle);
+        assert_eq!(state.outbox().len(), 1);
+        let owed = &state.outbox()[0];
         assert!(owed.is_failure());
         assert_eq!(owed.link, "http://h/deploymentBase/5");
         assert_eq!(owed.seq, 3);
@@ -284,7 +285,7 @@ mod tests {
             "{details}"
         );
         assert_eq!(
-            state.update.last_result.as_ref().map(|r| &r.result),
+            state.update().last_result().map(|r| &r.result),
             Some(&crate::machine::ResultKind::Failure)
         );
         // The fresh state is on disk: the next start reads it and answers nothing twice.

@@ -440,8 +440,8 @@ async fn run(mut driver: RealDriver, reboot_timeout: Duration) -> u8 {
                 if let Some(u) = &r.unfinished_install {
                     info!(action_id = %u.action_id, "install waits; it goes on at the next poll");
                 }
-                let phase = driver.state().update.phase.name();
-                let status = match driver.state().update.phase.job() {
+                let phase = driver.state().update().phase().name();
+                let status = match driver.state().update().phase().job() {
                     Some(j) if j.is_local() => format!("{phase}: local install slot {}", j.target),
                     Some(j) => format!("{phase}: action {} slot {}", j.action_id, j.target),
                     None => phase.to_string(),
@@ -499,7 +499,7 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
         ),
         Err(e) => (None, None, None, Some(e.0.clone())),
     };
-    let (job, local_job) = match state.update.phase.job() {
+    let (job, local_job) = match state.update().phase().job() {
         Some(j) if j.is_local() => (None, Some(j)),
         j => (j, None),
     };
@@ -510,7 +510,7 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
             "booted": booted,
             "next": next,
             "trial": trial,
-            "phase": state.update.phase.name(),
+            "phase": state.update().phase().name(),
             "action": job.map(|j| json!({
                 "id": j.action_id,
                 "target_slot": j.target.to_string(),
@@ -519,26 +519,37 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
                 "download_only": j.download_only,
                 "may_activate": j.may_activate,
             })),
-            "last_result": state.update.last_result.as_ref().map(|r| json!({
+            "last_result": state.update().last_result().map(|r| json!({
                 "action_id": r.action_id,
-                "result": result_name(&r.result),
+                // A download is a success in the documented set of results.
+                "result": match r.result {
+                    ResultKind::Downloaded => "success",
+                    _ => result_name(&r.result),
+                },
                 "message": r.message,
             })),
             "local_install": local_job.and_then(|j| j.local.as_ref().map(|o| json!({
                 "source": o.source,
                 "started_at": o.started_at,
                 "target_slot": j.target.to_string(),
-                "phase": state.update.phase.name(),
+                "phase": state.update().phase().name(),
             }))),
-            "last_local": state.update.last_local.as_ref().map(|r| json!({
+            "last_local": state.update().last_local().map(|r| json!({
                 "source": r.origin.source,
                 "started_at": r.origin.started_at,
                 "target_slot": r.target.to_string(),
                 "result": result_name(&r.result),
                 "message": r.message,
             })),
-            "feedback_owed": state.outbox.len(),
-            "pending_consent": state.update.pending_consent,
+            "downloaded": state.update().downloaded().map(|d| json!({
+                "action_id": d.action_id,
+                "slot": d.slot.to_string(),
+                "version": d.version,
+            })),
+            "feedback_owed": state.outbox().len(),
+            "pending_consent": state.update().pending_consent().map(|p| &p.action_id),
+            "pending_consent_reason": state.update().pending_consent().map(|p| p.reason.name()),
+            "pending_consent_details": state.update().pending_consent().map(|p| &p.what),
             "consent_decision": consent.map(|d| json!({"action_id": d.action_id, "accept": d.accept})),
             "state_dir": cfg.agent.state_dir,
             "boot_error": boot_error,
@@ -558,7 +569,7 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
                 None => "",
             }
         );
-        match &state.update.phase {
+        match &state.update().phase() {
             Phase::Idle => println!("pending action: none"),
             p if local_job.is_some() => {
                 let j = local_job.expect("checked");
@@ -596,7 +607,7 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
                 );
             }
         }
-        match &state.update.last_result {
+        match state.update().last_result() {
             Some(r) => println!(
                 "last result:    action {} {}: {}",
                 r.action_id,
@@ -605,7 +616,7 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
             ),
             None => println!("last result:    none"),
         }
-        if let Some(r) = &state.update.last_local {
+        if let Some(r) = state.update().last_local() {
             println!(
                 "last local:     {} into slot {} (started {}) {}: {}",
                 r.origin.source,
@@ -615,9 +626,23 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
                 r.message
             );
         }
-        println!("feedback owed:  {}", state.outbox.len());
-        if let Some(id) = &state.update.pending_consent {
-            println!("consent:        action {id} waits for `ddi-agent consent accept|deny`");
+        if let Some(d) = state.update().downloaded() {
+            println!(
+                "downloaded:     version {} in slot {} (action {}), activated when an action \
+                 of the same artifact allows it",
+                d.version, d.slot, d.action_id
+            );
+        }
+        println!("feedback owed:  {}", state.outbox().len());
+        if let Some(p) = state.update().pending_consent() {
+            println!(
+                "consent:        action {} waits for `ddi-agent consent accept|deny`: {}",
+                p.action_id,
+                p.reason.describe()
+            );
+            if !p.what.is_empty() {
+                println!("                {}", p.what);
+            }
         }
         if let Some(e) = boot_error {
             println!("bootloader:     {e}");
@@ -706,6 +731,7 @@ fn result_name(r: &ResultKind) -> &'static str {
         ResultKind::Failure => "failure",
         ResultKind::Canceled => "canceled",
         ResultKind::Abandoned => "abandoned",
+        ResultKind::Downloaded => "downloaded",
     }
 }
 
@@ -719,7 +745,11 @@ fn consent(cfg: &Config, accept: bool) -> u8 {
             return exit::INCOMPLETE;
         }
     };
-    let Some(action_id) = state.update.pending_consent else {
+    let Some(action_id) = state
+        .update()
+        .pending_consent()
+        .map(|p| p.action_id.clone())
+    else {
         eprintln!("ddi-agent: no action is waiting for consent");
         return exit::UPDATE_FAILED;
     };

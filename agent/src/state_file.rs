@@ -20,8 +20,8 @@ use crate::ddi::{Artifact, Execution, Feedback, Finished, Hashes, Link};
 use bootctl::Slot;
 
 use crate::machine::{
-    Caches, Channel, Job, LastResult, LocalOrigin, LocalResult, Outbox, Outgoing, Phase,
-    ResultKind, State, Update,
+    Caches, Channel, ConsentReason, Downloaded, Job, LastResult, LocalOrigin, LocalResult, Outbox,
+    Outgoing, PendingConsent, Phase, ResultKind, SlotImage, State, Update,
 };
 
 /// The format this agent writes, and the newest it reads.
@@ -123,6 +123,17 @@ struct StateFile {
     server_installed: Option<String>,
     #[serde(default)]
     finished_actions: Vec<String>,
+    /// The image a download-only action left in the slot that is not booted (added after
+    /// format 1 began; optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    downloaded: Option<DownloadedFile>,
+    /// Why `pending_consent` waits (added later; absent: a confirmation, the only reason
+    /// before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pending_consent_reason: Option<ConsentReasonFile>,
+    /// What the action waiting for consent would install (added later; optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pending_consent_what: Option<String>,
     /// The phase of a local install (`ddi-agent install`). Kept out of `phase`, which then
     /// says `idle`: an agent that predates local installs must not take it for a server
     /// action (it would report to an empty link for ever).
@@ -145,6 +156,28 @@ struct LocalResultFile {
     target: SlotFile,
     result: ResultFile,
     message: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ConsentReasonFile {
+    Confirmation,
+    SoftUpdate,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct DownloadedFile {
+    action_id: String,
+    slot: SlotFile,
+    artifact_sha256: String,
+    version: String,
+    image: SlotImageFile,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SlotImageFile {
+    bytes: u64,
+    sha256: String,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -171,6 +204,16 @@ struct JobFile {
     activations: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     local: Option<LocalOriginFile>,
+    /// The slot holds this image already (downloaded earlier): read back, not downloaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reuse: Option<SlotImageFile>,
+    /// Download runs started (added later; absent: none counted).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    download_runs: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -204,6 +247,10 @@ struct LastResultFile {
     action_id: String,
     result: ResultFile,
     message: String,
+    /// With `result: success`: a download-only action's image was downloaded, not installed.
+    /// A flag beside the result rather than a new result value, so older agents read it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    downloaded: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -264,14 +311,14 @@ enum FinishedFile {
 
 impl From<&State> for StateFile {
     fn from(s: &State) -> StateFile {
-        let (u, c) = (&s.update, &s.caches);
-        let phase = match &u.phase {
+        let (u, c) = (s.update(), s.caches());
+        let phase = match u.phase() {
             Phase::Idle => PhaseFile::Idle,
             Phase::Installing(j) => PhaseFile::Installing(j.into()),
             Phase::Installed(j) => PhaseFile::Installed(j.into()),
             Phase::AwaitingReboot(j) => PhaseFile::AwaitingReboot(j.into()),
         };
-        let local = u.phase.job().is_some_and(Job::is_local);
+        let local = u.phase().job().is_some_and(Job::is_local);
         let (phase, local_job) = if local {
             (PhaseFile::Idle, Some(phase))
         } else {
@@ -281,24 +328,41 @@ impl From<&State> for StateFile {
             format: FORMAT,
             phase,
             local_job,
-            last_local: u.last_local.as_ref().map(|r| LocalResultFile {
+            last_local: u.last_local().map(|r| LocalResultFile {
                 source: r.origin.source.clone(),
                 started_at: r.origin.started_at,
-                target: r.target.into(),
+                target: (&r.target).into(),
                 result: (&r.result).into(),
                 message: r.message.clone(),
             }),
-            last_result: u.last_result.as_ref().map(|r| LastResultFile {
+            last_result: u.last_result().map(|r| LastResultFile {
                 action_id: r.action_id.clone(),
                 result: (&r.result).into(),
                 message: r.message.clone(),
+                downloaded: r.result == ResultKind::Downloaded,
             }),
-            outbox: s.outbox.iter().map(OutgoingFile::from).collect(),
-            next_seq: s.outbox.next_seq(),
-            attributes_sent: c.attributes_sent.clone(),
-            pending_consent: u.pending_consent.clone(),
-            server_installed: c.server_installed.clone(),
-            finished_actions: u.finished_actions.clone(),
+            outbox: s.outbox().iter().map(OutgoingFile::from).collect(),
+            next_seq: s.outbox().next_seq(),
+            attributes_sent: c.attributes_sent().cloned(),
+            pending_consent: u.pending_consent().map(|p| p.action_id.clone()),
+            // Absent for a confirmation, as agents before the field wrote it.
+            pending_consent_reason: u.pending_consent().and_then(|p| match p.reason {
+                ConsentReason::Confirmation => None,
+                ConsentReason::SoftUpdate => Some(ConsentReasonFile::SoftUpdate),
+            }),
+            pending_consent_what: u
+                .pending_consent()
+                .map(|p| p.what.clone())
+                .filter(|w| !w.is_empty()),
+            server_installed: c.server_installed().map(str::to_string),
+            finished_actions: u.finished_actions().to_vec(),
+            downloaded: u.downloaded().map(|d| DownloadedFile {
+                action_id: d.action_id.clone(),
+                slot: (&d.slot).into(),
+                artifact_sha256: d.artifact_sha256.clone(),
+                version: d.version.clone(),
+                image: (&d.image).into(),
+            }),
         }
     }
 }
@@ -309,21 +373,41 @@ impl From<StateFile> for State {
             (PhaseFile::Idle, Some(local)) => local,
             (phase, _) => phase,
         };
-        let update = Update {
-            phase: match phase {
+        let update = Update::restore(
+            match phase {
                 PhaseFile::Idle => Phase::Idle,
                 PhaseFile::Installing(j) => Phase::Installing(j.into()),
                 PhaseFile::Installed(j) => Phase::Installed(j.into()),
                 PhaseFile::AwaitingReboot(j) => Phase::AwaitingReboot(j.into()),
             },
-            last_result: f.last_result.map(|r| LastResult {
+            f.last_result.map(|r| LastResult {
                 action_id: r.action_id,
-                result: r.result.into(),
+                result: match r.result {
+                    ResultFile::Success if r.downloaded => ResultKind::Downloaded,
+                    ResultFile::Success => ResultKind::Success,
+                    ResultFile::Failure => ResultKind::Failure,
+                    ResultFile::Canceled => ResultKind::Canceled,
+                    ResultFile::Abandoned => ResultKind::Abandoned,
+                },
                 message: r.message,
             }),
-            finished_actions: f.finished_actions,
-            pending_consent: f.pending_consent,
-            last_local: f.last_local.map(|r| LocalResult {
+            f.finished_actions,
+            f.pending_consent.map(|action_id| PendingConsent {
+                action_id,
+                reason: match f.pending_consent_reason {
+                    None | Some(ConsentReasonFile::Confirmation) => ConsentReason::Confirmation,
+                    Some(ConsentReasonFile::SoftUpdate) => ConsentReason::SoftUpdate,
+                },
+                what: f.pending_consent_what.unwrap_or_default(),
+            }),
+            f.downloaded.map(|d| Downloaded {
+                action_id: d.action_id,
+                slot: d.slot.into(),
+                artifact_sha256: d.artifact_sha256,
+                version: d.version,
+                image: d.image.into(),
+            }),
+            f.last_local.map(|r| LocalResult {
                 origin: LocalOrigin {
                     source: r.source,
                     started_at: r.started_at,
@@ -332,18 +416,15 @@ impl From<StateFile> for State {
                 result: r.result.into(),
                 message: r.message,
             }),
-        };
-        State {
+        );
+        State::restore(
             update,
-            outbox: Outbox::restore(
+            Outbox::restore(
                 f.outbox.into_iter().map(Outgoing::from).collect(),
                 f.next_seq,
             ),
-            caches: Caches {
-                attributes_sent: f.attributes_sent,
-                server_installed: f.server_installed,
-            },
-        }
+            Caches::restore(f.attributes_sent, f.server_installed),
+        )
     }
 }
 
@@ -353,7 +434,7 @@ impl From<&Job> for JobFile {
         JobFile {
             action_id: j.action_id.clone(),
             link: j.link.clone(),
-            target: j.target.into(),
+            target: (&j.target).into(),
             download_only: j.download_only,
             may_activate: j.may_activate,
             artifact: ArtifactFile {
@@ -375,6 +456,44 @@ impl From<&Job> for JobFile {
                 source: o.source.clone(),
                 started_at: o.started_at,
             }),
+            reuse: j.reuse.as_ref().map(SlotImageFile::from),
+            download_runs: j.download_runs,
+        }
+    }
+}
+
+impl From<&Slot> for SlotFile {
+    fn from(s: &Slot) -> SlotFile {
+        match s {
+            Slot::A => SlotFile::A,
+            Slot::B => SlotFile::B,
+        }
+    }
+}
+
+impl From<SlotFile> for Slot {
+    fn from(s: SlotFile) -> Slot {
+        match s {
+            SlotFile::A => Slot::A,
+            SlotFile::B => Slot::B,
+        }
+    }
+}
+
+impl From<&SlotImage> for SlotImageFile {
+    fn from(i: &SlotImage) -> SlotImageFile {
+        SlotImageFile {
+            bytes: i.bytes,
+            sha256: i.sha256.clone(),
+        }
+    }
+}
+
+impl From<SlotImageFile> for SlotImage {
+    fn from(i: SlotImageFile) -> SlotImage {
+        SlotImage {
+            bytes: i.bytes,
+            sha256: i.sha256,
         }
     }
 }
@@ -401,6 +520,8 @@ impl From<JobFile> for Job {
             version: j.version,
             failed_tries: j.failed_tries,
             activations: j.activations,
+            reuse: j.reuse.map(SlotImage::from),
+            download_runs: j.download_runs,
             local: j.local.map(|o| LocalOrigin {
                 source: o.source,
                 started_at: o.started_at,
@@ -409,28 +530,11 @@ impl From<JobFile> for Job {
     }
 }
 
-impl From<Slot> for SlotFile {
-    fn from(s: Slot) -> SlotFile {
-        match s {
-            Slot::A => SlotFile::A,
-            Slot::B => SlotFile::B,
-        }
-    }
-}
-
-impl From<SlotFile> for Slot {
-    fn from(s: SlotFile) -> Slot {
-        match s {
-            SlotFile::A => Slot::A,
-            SlotFile::B => Slot::B,
-        }
-    }
-}
-
 impl From<&ResultKind> for ResultFile {
     fn from(r: &ResultKind) -> ResultFile {
         match r {
-            ResultKind::Success => ResultFile::Success,
+            // `downloaded` tells the two apart in `last_result`.
+            ResultKind::Success | ResultKind::Downloaded => ResultFile::Success,
             ResultKind::Failure => ResultFile::Failure,
             ResultKind::Canceled => ResultFile::Canceled,
             ResultKind::Abandoned => ResultFile::Abandoned,
@@ -555,11 +659,73 @@ mod tests {
               "feedback": {"action_id": "9", "execution": "closed", "finished": "success",
                            "progress": null, "details": []}}]}"#;
         let s = decode(text).unwrap();
-        assert_eq!(s.update.phase, Phase::Idle);
-        assert_eq!(s.outbox.len(), 1);
-        assert_eq!(s.outbox[0].seq, 3);
-        assert_eq!(s.outbox.next_seq(), 0);
+        assert_eq!(s.update().phase(), &Phase::Idle);
+        assert_eq!(s.outbox().len(), 1);
+        assert_eq!(s.outbox()[0].seq, 3);
+        assert_eq!(s.outbox().next_seq(), 0);
         assert_eq!(decode(b"{}").unwrap(), State::default());
+    }
+
+    /// A kept download, a job reusing it and a download result are new fields beside the old
+    /// ones, and old values in old fields: what an older agent reads of the file (the fields it
+    /// knows) is the same state without them.
+    #[test]
+    fn a_kept_download_is_written_so_older_agents_read_the_file() {
+        let text = std::fs::read(format!("{FIXTURES}/main-3e7abd1/installing/state.json")).unwrap();
+        let fixture = decode(&text).unwrap();
+        let image = SlotImage {
+            bytes: 4096,
+            sha256: "cd".repeat(32),
+        };
+        let Phase::Installing(job) = fixture.update().phase() else {
+            panic!("fixture not installing")
+        };
+        // The state as the new agent has it, and as an older one reads it back.
+        let state = |new: bool| {
+            let mut job = job.clone();
+            job.reuse = new.then(|| image.clone());
+            let downloaded = new.then(|| Downloaded {
+                action_id: "4".into(),
+                slot: Slot::B,
+                artifact_sha256: "ab".repeat(32),
+                version: "2.0".into(),
+                image: image.clone(),
+            });
+            let result = LastResult {
+                action_id: "4".into(),
+                result: if new {
+                    ResultKind::Downloaded
+                } else {
+                    ResultKind::Success
+                },
+                message: "downloaded".into(),
+            };
+            let update = Update::restore(
+                Phase::Installing(job),
+                Some(result),
+                fixture.update().finished_actions().to_vec(),
+                None,
+                downloaded,
+                None,
+            );
+            State::restore(update, fixture.outbox().clone(), fixture.caches().clone())
+        };
+        let written = encode(&state(true));
+        assert_eq!(decode(&written).unwrap(), state(true));
+        let mut json: serde_json::Value = serde_json::from_slice(&written).unwrap();
+        assert_eq!(json["last_result"]["result"], "success");
+        assert_eq!(json["last_result"]["downloaded"], true);
+        // An older reader ignores what it does not know.
+        json.as_object_mut().unwrap().remove("downloaded");
+        json["last_result"]
+            .as_object_mut()
+            .unwrap()
+            .remove("downloaded");
+        json["phase"]["job"]
+            .as_object_mut()
+            .unwrap()
+            .remove("reuse");
+        assert_eq!(decode(json.to_string().as_bytes()).unwrap(), state(false));
     }
 
     proptest::proptest! {

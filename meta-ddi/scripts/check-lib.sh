@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Shared by meta-ddi's check scripts (sourced, not run): the PASS/FAIL runner and `need`.
-# The sourcing script sets SCRATCH (a scratch directory) before calling run_check.
+# Shared by meta-ddi's check scripts (sourced, not run): the PASS/FAIL runner, `need` and
+# `workspace_bin`. The sourcing script sets SCRATCH (a scratch directory) before calling
+# run_check, and REPO (the repository root) before calling workspace_bin.
 
 passed=0
 failed=0
@@ -41,4 +42,13 @@ need() {
             return 1
         fi
     done
+}
+
+# workspace_bin BIN PACKAGE: path of a workspace binary (debug build; cargo makes it
+# current, a no-op after CI's `cargo build --workspace --bins`).
+workspace_bin() {
+    local bin=$1 package=$2 dir=${CARGO_TARGET_DIR:-$REPO/target}
+    need cargo >&2 || return 1
+    (cd "$REPO" && cargo build -q --locked -p "$package" --bin "$bin") >&2 || return 1
+    printf '%s' "$dir/debug/$bin"
 }

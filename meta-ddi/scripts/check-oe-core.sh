@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # meta-ddi against the real OE-core (wrynose + BitBake 2.18):
-#   bash meta-ddi/scripts/check-oe-core.sh [--keep]
-# Nothing is built and the configuration is offline; the one task that needs the network
-# is ddi-agent's real do_fetch (its crates from the crate registry).
+#   bash meta-ddi/scripts/check-oe-core.sh [--keep] [CHECK...]
+# Nothing is compiled and the configuration is offline; the one task that needs the network
+# is ddi-agent's real do_fetch (its crates from the crate registry). The data recipes'
+# tasks run for real, with Debian's mkimage/mkenvimage in place of u-boot-tools-native.
 #
 # Source: the OE-core snapshot oe-core-wrynose.tar.xz in shared/reference/yocto/ beside the
 # repository (DDI_OE_CORE_TARBALL overrides). It is extracted afresh on every run, with a
 # copy of this layer and a new build directory, into the git-ignored work/oe-core/ of the
 # repository (DDI_OE_WORK overrides); nothing is cached between runs.
 # BitBake refuses to run as root: run as root, the script installs the host packages
-# (apt-get: chrpath diffstat gawk locales), generates the en_US.UTF-8 locale, creates the
+# (apt-get: chrpath diffstat gawk locales u-boot-tools libubootenv-tool), generates the en_US.UTF-8 locale, creates the
 # user ddi-oe (DDI_OE_USER overrides) and runs bitbake as that user. Run as another user,
 # it runs bitbake as that user and expects the packages and the locale to be there.
 # Every check prints PASS or FAIL with the reason; the last line is
 # "check-oe-core: N passed, M failed" and the exit status is non-zero when M > 0.
-# --keep leaves the work folder (build directory, logs) for inspection.
+# --keep leaves the work folder (build directory, logs) for inspection. CHECK names run
+# only those checks (function names without check_, e.g. data_tasks; for development: a
+# check may need what an earlier one left, such as update_crates the unpack).
+# Needs cargo (scripts/vendor-check.py, and ddi-bootctl is built to read the env image).
 # shellcheck disable=SC2317 # the checks run through run_check, cleanup through trap
 set -uo pipefail
 
@@ -23,10 +27,14 @@ REPO=$(cd "$LAYER/.." && pwd)
 SNAPSHOT=shared/reference/yocto/oe-core-wrynose.tar.xz
 WORK=${DDI_OE_WORK:-$REPO/work/oe-core}
 BUILDER=${DDI_OE_USER:-ddi-oe}
-HOST_PACKAGES="chrpath diffstat gawk locales"
+HOST_PACKAGES="chrpath diffstat gawk locales u-boot-tools libubootenv-tool"
 
 keep=0
-[ "${1:-}" = "--keep" ] && keep=1
+if [ "${1:-}" = "--keep" ]; then
+    keep=1
+    shift
+fi
+ONLY=" $* "
 
 # shellcheck disable=SC1091 # check-lib.sh is linted on its own
 . "$LAYER/scripts/check-lib.sh"
@@ -89,7 +97,7 @@ setup() {
         id -u "$BUILDER" >/dev/null 2>&1 || useradd -m "$BUILDER" || fatal "useradd $BUILDER failed"
     else
         BUILDER=$(id -un)
-        for tool in chrpath diffstat gawk; do
+        for tool in chrpath diffstat gawk mkimage mkenvimage fw_printenv; do
             command -v "$tool" >/dev/null || fatal "missing host tool $tool (apt-get install $HOST_PACKAGES)"
         done
     fi
@@ -152,6 +160,28 @@ EOF
 #@NAME: second machine of qemux86-64's tune, for meta-ddi's check
 require conf/machine/qemux86-64.conf
 EOF
+    # The data recipes' real tasks (check_data_tasks) without u-boot-tools-native and
+    # pseudo-native, which cannot be built offline: Debian's tools under the names OE's
+    # u-boot-tools-native provides (linked into the task PATH as host tools), and no
+    # fakeroot for do_install (nothing it installs needs root ownership to be checked).
+    # Read only by those runs (-R).
+    HOST_SHIMS=$WORK/host-tools
+    mkdir -p "$HOST_SHIMS"
+    ln -s "$(command -v mkimage)" "$HOST_SHIMS/uboot-mkimage"
+    ln -s "$(command -v mkenvimage)" "$HOST_SHIMS/uboot-mkenvimage"
+    # (bitbake-worker also calls it with -S after each task, pseudo's "stop the server").
+    cat >"$HOST_SHIMS/no-fakeroot" <<'EOF'
+#!/bin/sh
+# FAKEROOTCMD stand-in: runs the worker as the build user.
+[ "$1" = -S ] && exit 0
+exec "$@"
+EOF
+    chmod 0755 "$HOST_SHIMS/no-fakeroot"
+    cat >"$BUILD/conf/ddi-check-data.conf" <<EOF
+ASSUME_PROVIDED += "u-boot-tools-native"
+HOSTTOOLS_NONFATAL += "uboot-mkimage uboot-mkenvimage"
+FAKEROOTCMD = "$HOST_SHIMS/no-fakeroot"
+EOF
     cat >"$BUILD/conf/bblayers.conf" <<EOF
 BBPATH = "\${TOPDIR}"
 BBFILES ?= ""
@@ -169,7 +199,8 @@ EOF
 # bb CMD...: runs a command in the build environment as the builder user, machine from $MACHINE.
 # shellcheck disable=SC2016 # the bash -c script is expanded by the inner shell
 bb() {
-    local cmd=(env -i HOME="$(getent passwd "$BUILDER" | cut -d: -f6)" USER="$BUILDER" PATH=/usr/sbin:/usr/bin:/sbin:/bin
+    # host-tools first: only the uboot-* names of the data runs' HOSTTOOLS_NONFATAL are there.
+    local cmd=(env -i HOME="$(getent passwd "$BUILDER" | cut -d: -f6)" USER="$BUILDER" PATH="$WORK/host-tools:/usr/sbin:/usr/bin:/sbin:/bin"
         LANG=en_US.UTF-8 LC_ALL=en_US.UTF-8 MACHINE="${MACHINE:-qemux86-64}" BB_ENV_PASSTHROUGH_ADDITIONS=MACHINE
         bash -c 'cd "$1" && . ./oe-init-build-env "$2" >/dev/null && shift 2 && exec "$@"' bb "$WORK/openembedded-core" "$BUILD" "$@")
     if [ "$(id -u)" = 0 ]; then
@@ -247,6 +278,36 @@ check_parse() {
     return "$status"
 }
 
+# recipe_file RECIPE: the path of the layer copy's recipe file for RECIPE.
+recipe_file() {
+    local file
+    file=$(cd "$WORK/meta-ddi" && find . \( -name "${1}_*.bb" -o -name "${1}.bb" \) | head -n1)
+    [ -n "$file" ] || {
+        echo "no recipe file for $1"
+        return 1
+    }
+    printf '%s' "$WORK/meta-ddi/${file#./}"
+}
+
+# run_task LOG RECIPE TASK [BITBAKE-OPTION...]: `bitbake -b` of the layer's RECIPE up to
+# TASK (that recipe's tasks only: dependencies on other recipes are not built), machine
+# from $MACHINE; fails on an error exit or on any warning or error but the one that -b
+# handles no dependencies.
+run_task() {
+    local log=$1 recipe=$2 task=$3 file
+    shift 3
+    file=$(recipe_file "$recipe") || return 1
+    bb bitbake "$@" -b "$file" -c "$task" >"$log" 2>&1 || {
+        echo "bitbake -b $recipe -c $task (MACHINE=${MACHINE:-qemux86-64}) failed:"
+        tail -30 "$log"
+        return 1
+    }
+    if grep -E '^(WARNING|ERROR):' "$log" | grep -v 'Buildfile specified, dependencies will not be handled'; then
+        return 1
+    fi
+    grep -E '^NOTE: Tasks Summary' "$log"
+}
+
 # recipe_env RECIPE MACHINE [SUFFIX BITBAKE-OPTION...]: `bitbake -e -b` of the layer's recipe
 # (parses that file only) into $SCRATCH/env-RECIPE-MACHINE[SUFFIX].
 recipe_env() {
@@ -254,12 +315,8 @@ recipe_env() {
     shift 2
     [ $# -gt 0 ] && shift
     [ -s "$out" ] && return 0
-    file=$(cd "$WORK/meta-ddi" && find . \( -name "${recipe}_*.bb" -o -name "${recipe}.bb" \) | head -n1)
-    [ -n "$file" ] || {
-        echo "no recipe file for $recipe"
-        return 1
-    }
-    MACHINE=$machine bb bitbake "$@" -e -b "$WORK/meta-ddi/${file#./}" >"$out" 2>"$out.err" || {
+    file=$(recipe_file "$recipe") || return 1
+    MACHINE=$machine bb bitbake "$@" -e -b "$file" >"$out" 2>"$out.err" || {
         echo "bitbake -e -b $file (MACHINE=$machine) failed:"
         tail -20 "$out" "$out.err"
         return 1
@@ -273,6 +330,7 @@ check_agent_env() {
     done
     recipe_env ddi-agent qemux86-64 -distro -R "$BUILD/conf/ddi-check-distro.conf" || return 1
     recipe_env ddi-fw-env qemux86-64 || return 1
+    recipe_env ddi-fw-env qemuarm64 || return 1
     recipe_env ddi-uboot-env qemux86-64 || return 1
     recipe_env ddi-uboot-env qemuarm64 || return 1
     recipe_env ddi-bootscript qemux86-64 || return 1
@@ -315,15 +373,7 @@ check_srcrev() {
 check_agent_unpack() {
     local env=$SCRATCH/env-ddi-agent-qemux86-64 log=$SCRATCH/unpack.log src vendor head
     recipe_env ddi-agent qemux86-64 || return 1
-    # -b: this recipe's tasks only (nothing else is built); it warns that it skips dependencies.
-    bb bitbake -b "$WORK/meta-ddi/recipes-ddi/ddi-agent/ddi-agent_0.1.0.bb" -c unpack >"$log" 2>&1 || {
-        tail -30 "$log"
-        return 1
-    }
-    if grep -E '^(WARNING|ERROR):' "$log" | grep -v 'Buildfile specified, dependencies will not be handled'; then
-        return 1
-    fi
-    grep -E '^NOTE: Tasks Summary' "$log"
+    MACHINE=qemux86-64 run_task "$log" ddi-agent unpack || return 1
     src=$(sed -n 's/^S="\(.*\)"$/\1/p' "$env")
     vendor=$(sed -n 's/^CARGO_VENDORING_DIRECTORY="\(.*\)"$/\1/p' "$env")
     head=$(git -c safe.directory='*' -C "$src" rev-parse HEAD 2>&1)
@@ -431,6 +481,31 @@ check_yocto_check_layer() {
     return "${PIPESTATUS[0]}"
 }
 
+# The data recipes' real tasks for both machines: ddi-bootscript and ddi-uboot-env up to
+# do_deploy (mkimage, mkenvimage; the files land in DEPLOY_DIR_IMAGE, where the image's
+# wic takes them), ddi-fw-env up to do_install; scripts/oe-data-assert.py checks the files
+# (decoded boot script, env CRC, size and variables, fw_env.config, read back with
+# fw_printenv and ddi-bootctl).
+check_data_tasks() {
+    local machine recipe task bootctl
+    bootctl=$(workspace_bin ddi-bootctl bootctl) || return 1
+    for machine in qemux86-64 qemuarm64; do
+        for recipe in ddi-bootscript ddi-uboot-env ddi-fw-env; do
+            recipe_env "$recipe" "$machine" || return 1
+        done
+    done
+    for machine in qemux86-64 qemuarm64; do
+        for recipe in ddi-bootscript:deploy ddi-uboot-env:deploy ddi-fw-env:install; do
+            task=${recipe#*:}
+            recipe=${recipe%:*}
+            MACHINE=$machine run_task "$SCRATCH/task-$recipe-$machine.log" "$recipe" "$task" \
+                -R "$BUILD/conf/ddi-check-data.conf" || return 1
+            echo "ran $recipe do_$task (MACHINE=$machine)"
+        done
+    done
+    python3 "$LAYER/scripts/oe-data-assert.py" "$SCRATCH" "$LAYER" "$bootctl"
+}
+
 # A new key at the same path must make do_ddi_bundle run again.
 check_bundle_key_checksum() {
     local out=$SCRATCH/file-checksums
@@ -447,22 +522,32 @@ check_bundle_key_checksum() {
 
 # ---- run ------------------------------------------------------------------------------
 
+# selected_check NAME FUNCTION: run_check, unless CHECK names on the command line leave it out.
+selected_check() {
+    if [ "$ONLY" != "  " ] && [[ "$ONLY" != *" ${2#check_} "* ]]; then
+        printf 'skipped %s\n' "$1"
+        return 0
+    fi
+    run_check "$@"
+}
+
 # One function, called on the last line: bash has read the whole script before it runs, so
 # editing the script during a run cannot change that run.
 main() {
     setup
     echo "meta-ddi against the real OE-core ($TARBALL)"
-    run_check "bitbake-layers show-layers lists ddi" check_show_layers
-    run_check "bitbake-layers show-recipes lists the layer's recipes, none skipped" check_show_recipes
-    run_check "bitbake -p: no warnings or errors (qemuarm64, qemux86-64)" check_parse
-    run_check "bitbake -e of the recipes and the image: arch, depends, source, crates, systemd, per-machine values" check_agent_env
-    run_check "SRCREV is a commit of this repository with the checkout's Cargo.lock" check_srcrev
-    run_check "ddi-agent's real do_fetch + do_unpack (crates checked); cargo --frozen resolves from them" check_agent_unpack
-    run_check "bitbake -c update_crates ddi-agent reproduces ddi-agent-crates.inc" check_update_crates
-    run_check "bitbake -g ddi-image-minimal: the task graph" check_image_graph
-    run_check "bitbake -g core-image-minimal with ddi-agent added: the task graph" check_core_image_graph
-    run_check "do_ddi_bundle reads the signing key's contents (file-checksums)" check_bundle_key_checksum
-    run_check "yocto-check-layer common tests: readme, security, patches, layerseries, parse, environment" check_yocto_check_layer
+    selected_check "bitbake-layers show-layers lists ddi" check_show_layers
+    selected_check "bitbake-layers show-recipes lists the layer's recipes, none skipped" check_show_recipes
+    selected_check "bitbake -p: no warnings or errors (qemuarm64, qemux86-64)" check_parse
+    selected_check "bitbake -e of the recipes and the image: arch, depends, source, crates, systemd, per-machine values" check_agent_env
+    selected_check "SRCREV is a commit of this repository with the checkout's Cargo.lock" check_srcrev
+    selected_check "ddi-agent's real do_fetch + do_unpack (crates checked); cargo --frozen resolves from them" check_agent_unpack
+    selected_check "bitbake -c update_crates ddi-agent reproduces ddi-agent-crates.inc" check_update_crates
+    selected_check "bitbake -g ddi-image-minimal: the task graph" check_image_graph
+    selected_check "bitbake -g core-image-minimal with ddi-agent added: the task graph" check_core_image_graph
+    selected_check "do_ddi_bundle reads the signing key's contents (file-checksums)" check_bundle_key_checksum
+    selected_check "the data recipes' real tasks (qemux86-64, qemuarm64): boot.scr, env pair, fw_env.config" check_data_tasks
+    selected_check "yocto-check-layer common tests: readme, security, patches, layerseries, parse, environment" check_yocto_check_layer
     bb bitbake -m >/dev/null 2>&1
     echo "check-oe-core took $SECONDS s"
 

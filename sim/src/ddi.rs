@@ -5,7 +5,8 @@
 use super::download;
 use super::faults::{trigger, Endpoint, Triggered};
 use super::model::{
-    now_ms, Action, ActionFeedback, ConfirmationFeedback, DdiError, State, UpdateMode,
+    now_ms, Action, ActionFeedback, ConfirmationFeedback, DdiError, RequestRecord, State,
+    UpdateMode,
 };
 use super::version::HawkbitVersion;
 use super::Shared;
@@ -132,6 +133,21 @@ impl Route {
             _ => true,
         }
     }
+}
+
+/// The headers that are text, by lower-case name (repeated ones joined with `, `).
+fn header_texts(headers: &HeaderMap) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::<String, String>::new();
+    for (name, value) in headers {
+        let Ok(value) = value.to_str() else { continue };
+        out.entry(name.as_str().to_string())
+            .and_modify(|v| {
+                v.push_str(", ");
+                v.push_str(value);
+            })
+            .or_insert_with(|| value.to_string());
+    }
+    out
 }
 
 /// Decodes `%XX` escapes of one path segment.
@@ -474,9 +490,17 @@ async fn handle_request(AxState(shared): AxState<Arc<Shared>>, req: Request) -> 
         .unwrap_or(Endpoint::Any);
     let method = parts.method.clone();
 
+    let record = RequestRecord {
+        method: method.to_string(),
+        uri: parts.uri.to_string(),
+        endpoint,
+        controller_id: controller_id.clone(),
+        headers: header_texts(&parts.headers),
+    };
     // Faults act like a proxy in front of the server: before anything else.
     let (faults, version) = {
         let mut st = shared.lock();
+        st.log_request(record);
         let t = trigger(&mut st.faults, endpoint, &controller_id);
         (t, st.config.version)
     };

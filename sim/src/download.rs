@@ -1,7 +1,8 @@
 //! Artifact download as hawkBit's FileStreamingUtil does it (Range with 206/416 and multipart,
 //! `If-Match` 412, `If-Range`, ETag per version, MD5SUM files), streamed from memory or disk in
 //! chunks so that GiB artifacts never sit in memory; plus the body faults (drop after N bytes,
-//! slow rate, truncation) for downloads and JSON bodies alike.
+//! slow rate, truncation) for downloads and JSON bodies alike, and Range ignored as by a proxy
+//! without Range support.
 
 use super::ddi::{empty, error_response};
 use super::faults::Triggered;
@@ -309,7 +310,10 @@ pub async fn artifact(
     uri: &str,
     faults: &Triggered,
 ) -> Response {
-    let range_header = header_str(headers, header::RANGE).map(str::to_string);
+    // A proxy without Range support (the IgnoreRange fault) forwards the request without it.
+    let range_header = header_str(headers, header::RANGE)
+        .filter(|_| !faults.ignore_range)
+        .map(str::to_string);
     let now = now_ms();
     let (artifact, md5sum, version) = {
         let st = shared.lock();

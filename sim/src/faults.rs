@@ -1,5 +1,6 @@
-//! Fault injection: what can go wrong on the wire, where (endpoint, target) and how often.
-//! Faults live in the server state; each matching request consumes one use of a counted fault.
+//! Fault injection: what can go wrong on the wire, where (endpoint, target), from which request
+//! on and how often. Faults live in the server state; each matching request consumes one use of
+//! a counted fault.
 
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +51,9 @@ pub enum FaultKind {
     /// Only the first `bytes` of the body, with a Content-Length that matches the cut (a clean
     /// but short response).
     Truncate { bytes: u64 },
+    /// Answer Range requests with `200` and the whole body, as a proxy or server without
+    /// Range support does.
+    IgnoreRange,
     /// Well-formed JSON the agent must refuse: the value at `pointer` (RFC 6901) of the answer
     /// becomes `value` (a key missing in an existing object is added), e.g. a negative artifact
     /// size, an unknown enum value, too many chunks, or padding past the body limit.
@@ -64,9 +68,10 @@ impl FaultKind {
     pub fn default_endpoint(&self) -> Endpoint {
         match self {
             FaultKind::Status { .. } => Endpoint::Any,
-            FaultKind::DropAfter { .. } | FaultKind::Slow { .. } | FaultKind::Truncate { .. } => {
-                Endpoint::Download
-            }
+            FaultKind::DropAfter { .. }
+            | FaultKind::Slow { .. }
+            | FaultKind::Truncate { .. }
+            | FaultKind::IgnoreRange => Endpoint::Download,
             FaultKind::WrongHash | FaultKind::SetJson { .. } => Endpoint::DeploymentBase,
             FaultKind::MalformedJson => Endpoint::Poll,
         }
@@ -90,6 +95,14 @@ pub struct Fault {
     /// Remaining uses (None = until cleared; 1 = one-shot).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub times: Option<u32>,
+    /// Requests it lets through untouched before it starts (counting only the requests of its
+    /// endpoint and target): 2 = from the third on.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub after: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Fault {
@@ -101,6 +114,7 @@ impl Fault {
             target: None,
             endpoint: None,
             times: None,
+            after: 0,
         }
     }
     /// Only for this controller id.
@@ -121,6 +135,11 @@ impl Fault {
     /// Only once.
     pub fn once(self) -> Fault {
         self.times(1)
+    }
+    /// Only from the `n+1`-th request it applies to on (the first `n` go through untouched).
+    pub fn after(mut self, n: u32) -> Fault {
+        self.after = n;
+        self
     }
 
     fn applies(&self, endpoint: Endpoint, controller_id: &str) -> bool {
@@ -155,6 +174,7 @@ pub struct Triggered {
     pub wrong_hash: bool,
     pub malformed_json: bool,
     pub truncate: Option<u64>,
+    pub ignore_range: bool,
     /// (pointer, value) of a [`FaultKind::SetJson`].
     pub set_json: Option<(String, serde_json::Value)>,
 }
@@ -164,6 +184,10 @@ pub fn trigger(faults: &mut Vec<Fault>, endpoint: Endpoint, controller_id: &str)
     let mut t = Triggered::default();
     for f in faults.iter_mut() {
         if !f.applies(endpoint, controller_id) {
+            continue;
+        }
+        if f.after > 0 {
+            f.after -= 1;
             continue;
         }
         let taken = match f.kind {
@@ -192,6 +216,10 @@ pub fn trigger(faults: &mut Vec<Fault>, endpoint: Endpoint, controller_id: &str)
             }
             FaultKind::Truncate { bytes } if t.truncate.is_none() => {
                 t.truncate = Some(bytes);
+                true
+            }
+            FaultKind::IgnoreRange if !t.ignore_range => {
+                t.ignore_range = true;
                 true
             }
             FaultKind::SetJson {
@@ -281,6 +309,25 @@ mod tests {
             trigger(&mut faults, Endpoint::Download, "a").drop_after,
             None
         );
+        assert!(faults.is_empty());
+    }
+
+    #[test]
+    fn a_fault_after_n_requests_counts_only_the_requests_it_applies_to() {
+        let mut faults = vec![Fault::new(FaultKind::Status {
+            code: 503,
+            retry_after_secs: None,
+        })
+        .on(Endpoint::Download)
+        .after(2)
+        .once()];
+        let status = |faults: &mut Vec<Fault>, e| trigger(faults, e, "a").status;
+        assert_eq!(status(&mut faults, Endpoint::Poll), None);
+        assert_eq!(status(&mut faults, Endpoint::Download), None);
+        assert_eq!(status(&mut faults, Endpoint::Poll), None);
+        assert_eq!(status(&mut faults, Endpoint::Download), None);
+        assert_eq!(status(&mut faults, Endpoint::Download), Some((503, None)));
+        assert_eq!(status(&mut faults, Endpoint::Download), None);
         assert!(faults.is_empty());
     }
 }

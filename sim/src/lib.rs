@@ -16,6 +16,7 @@
 //! `.MD5SUM` download, with TargetToken / GatewayToken / proxy-certificate-header auth (401, empty
 //! body), ETag/304 on JSON,
 //! 405/406/415, Range (206/416), `If-Match` (412), `If-Range`; JSON, HAL+JSON and CBOR bodies.
+//! The latest DDI requests are logged with their headers ([`TestServer::requests`]).
 //!
 //! # Management API (JSON, no auth, prefix `/mgmt`)
 //! | method and path | body | answer |
@@ -34,7 +35,7 @@
 //! | `POST /mgmt/distributions` | `{"name","version","modules":[id]}` | 201 `{"id"}` |
 //! | `GET /mgmt/actions/{id}` | | action view: status, history, raw feedback |
 //! | `POST /mgmt/actions/{id}/cancel` | `{"force"?: bool}` | 204 |
-//! | `GET/POST/DELETE /mgmt/faults` | [`Fault`] JSON, e.g. `{"kind":"status","code":503,"retry_after_secs":5,"times":1}` | list / 201 `{"id"}` / 204 |
+//! | `GET/POST/DELETE /mgmt/faults` | [`Fault`] JSON, e.g. `{"kind":"status","code":503,"retry_after_secs":5,"times":1,"after":2}` | list / 201 `{"id"}` / 204 |
 //! | `GET/PUT /mgmt/config` | [`model::Config`] fields (partial PUT) | config |
 //!
 //! Errors are `{"error": "..."}` with 400/404/409.
@@ -71,7 +72,7 @@ pub use faults::{Endpoint, Fault, FaultKind};
 pub use mgmt::{ActionView, ArtifactView, TargetView};
 pub use model::{
     ActionStatus, ActionType, Assignment, Channel, Config, FeedbackRecord, MaintenanceWindow,
-    MgmtError,
+    MgmtError, RequestRecord,
 };
 pub use version::HawkbitVersion;
 
@@ -519,6 +520,10 @@ impl TestServer {
     /// Removes all faults.
     pub fn clear_faults(&self) {
         self.shared.update(|s| s.faults.clear())
+    }
+    /// The latest DDI requests with their headers, oldest first (see [`RequestRecord`]).
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.shared.lock().requests.iter().cloned().collect()
     }
     /// Changes tenant settings at run time (polling interval, version, quotas, ...).
     pub fn configure(&self, f: impl FnOnce(&mut Config)) {

@@ -3,10 +3,10 @@
 //! No I/O here except hashing a registered artifact file; the HTTP layers (`ddi`, `mgmt`) translate
 //! requests into these calls and [`DdiError`]s into status codes.
 
-use super::faults::Fault;
+use super::faults::{Endpoint, Fault};
 use super::version::HawkbitVersion;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -806,6 +806,33 @@ pub struct State {
     pub faults: Vec<Fault>,
     #[serde(default)]
     pub next_id: u64,
+    /// The latest DDI requests, oldest first (at most [`REQUEST_LOG_LEN`]; not persisted).
+    #[serde(skip)]
+    pub requests: VecDeque<RequestRecord>,
+}
+
+/// How many requests [`State::requests`] keeps.
+pub const REQUEST_LOG_LEN: usize = 1000;
+
+/// One DDI request as it arrived, before faults and authentication act on it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    pub method: String,
+    /// Path and query.
+    pub uri: String,
+    pub endpoint: Endpoint,
+    pub controller_id: String,
+    /// Header names in lower case; values that are not text are left out, repeated headers
+    /// joined with `, `.
+    pub headers: BTreeMap<String, String>,
+}
+
+impl RequestRecord {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
+    }
 }
 
 /// Splits device details into <= 512-char messages and rejects HTML-like markup (hawkBit's
@@ -863,6 +890,14 @@ impl State {
             next_id: 1,
             ..State::default()
         }
+    }
+
+    /// Adds a request to the log, dropping the oldest past [`REQUEST_LOG_LEN`].
+    pub fn log_request(&mut self, record: RequestRecord) {
+        if self.requests.len() == REQUEST_LOG_LEN {
+            self.requests.pop_front();
+        }
+        self.requests.push_back(record);
     }
 
     fn alloc_id(&mut self) -> u64 {

@@ -1,6 +1,6 @@
 //! Test support for the `ddi` workspace: the file-backed device, helpers that run the real
-//! binaries, and the one-command demo. The hawkBit-compatible test server is its own crate,
-//! `ddi_sim`.
+//! binaries, the common rig of the integration tests (server, device, agent), and the
+//! one-command demo. The hawkBit-compatible test server is its own crate, `ddi_sim`.
 //!
 //! Integration tests run the real `ddi-agent` and `ddi-bootctl` binaries. They are found next to
 //! the test executable's target directory (see [`bin_path`]), so `cargo build --workspace --bins`
@@ -9,6 +9,7 @@
 pub mod demo;
 pub mod device;
 pub mod harness;
+pub mod rig;
 
 use std::path::{Path, PathBuf};
 

@@ -308,9 +308,12 @@ impl Deployment {
         })
     }
 
-    /// Download-only: the server asks to download but never to update.
+    /// Download only, now: `update: skip`, whatever `maintenanceWindow` says. hawkBit sends
+    /// that for a DOWNLOAD_ONLY action (with or without a schedule) and for a scheduled action
+    /// outside its window; either way the image is downloaded and reported `downloaded`, and an
+    /// action that comes back with `update` forced or attempt reuses it.
     pub fn is_download_only(&self) -> bool {
-        self.update == Handling::Skip && self.maintenance_window.is_none()
+        self.update == Handling::Skip
     }
 
     /// May the new slot be activated now?
@@ -734,7 +737,8 @@ mod tests {
         assert_eq!(kind("forced", "forced", None), (false, true));
         assert_eq!(kind("attempt", "attempt", None), (false, true));
         assert_eq!(kind("forced", "skip", None), (true, false));
-        assert_eq!(kind("forced", "skip", Some("unavailable")), (false, false));
+        assert_eq!(kind("forced", "skip", Some("unavailable")), (true, false));
+        assert_eq!(kind("forced", "skip", Some("available")), (true, false));
         assert_eq!(kind("forced", "forced", Some("available")), (false, true));
     }
 

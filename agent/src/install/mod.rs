@@ -179,6 +179,44 @@ pub async fn install(
     install_with(client, req, &InstallOptions::default(), progress).await
 }
 
+/// Reads the first `bytes` of the slot back and compares their sha256 with `sha256`: proves
+/// that an image written earlier (a download-only action's) is still there, byte for byte.
+/// The slot is opened as for an install (not the booted slot, nothing mounted) but only read.
+pub fn verify_slot_image(
+    slot_path: &std::path::Path,
+    booted_slot_path: Option<&std::path::Path>,
+    bytes: u64,
+    sha256: &str,
+) -> Result<(), InstallError> {
+    let mut slot = slot::open(
+        slot_path,
+        booted_slot_path,
+        std::path::Path::new("/proc/self/mountinfo"),
+    )?;
+    if bytes == 0 {
+        return Err(InstallError::EmptyImage);
+    }
+    if bytes > slot.capacity() {
+        return Err(InstallError::TooLarge {
+            slot: slot_path.to_path_buf(),
+            image_size: bytes,
+            at_least: false,
+            capacity: slot.capacity(),
+        });
+    }
+    let mut hasher = hash::Hasher::new(hash::HashAlgorithm::Sha256);
+    slot::read_range(&mut slot, bytes, |data| hasher.update(data), |_| {})?;
+    let actual = hasher.finish_hex();
+    if !actual.eq_ignore_ascii_case(sha256) {
+        return Err(InstallError::HashMismatch {
+            algorithm: "sha256 of the slot image",
+            expected: sha256.to_string(),
+            actual,
+        });
+    }
+    Ok(())
+}
+
 /// Channel between download and write: at most this many chunks ...
 const CHANNEL_CHUNKS: usize = 64;
 /// ... and about this many bytes (hyper's chunks reach ~400 KiB on a fast link, so the

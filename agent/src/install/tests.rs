@@ -1,161 +1,91 @@
-//! Pipeline tests against a hand-written local HTTP/1.1 server (Range support and fault
-//! injection) and regular-file slots.
+//! Pipeline tests against the simulator `ddi-sim` (its artifact download with Range support,
+//! its faults and its request log) and regular-file slots.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ddi_sim::{Endpoint, Fault, FaultKind, ServerOptions, TestServer};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 use super::*;
 
-/// What the server does on one connection.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Fault {
-    /// Send this many body bytes, then close.
-    DropAfter(usize),
-    /// Answer with this status and no body.
-    Status(u16),
-    /// 503 with `Retry-After: N` seconds.
-    RetryAfter(u64),
-    /// Announce the full length but send only this many bytes, then close.
-    Truncate(usize),
-    /// A clean 200 response holding only the first bytes (Content-Length matches the cut).
-    Short(usize),
-}
+const CONTROLLER: &str = "device";
+const TOKEN: &str = "secret";
 
-#[derive(Default)]
-struct ServerState {
-    /// Faults for the next connections, in order; afterwards connections are served normally.
-    faults: Vec<Fault>,
-    /// The fault for every connection once `faults` is used up.
-    always: Option<Fault>,
-    /// Answer Range requests with the full body (status 200).
-    ignore_range: bool,
-    /// (range start, authorization header) of each request.
-    requests: Vec<(Option<u64>, Option<String>)>,
-}
-
-struct TestServer {
+/// One artifact served by the simulator to one device (token [`TOKEN`]).
+struct ArtifactServer {
+    sim: TestServer,
     url: String,
-    state: Arc<Mutex<ServerState>>,
 }
 
-impl TestServer {
-    async fn start(body: Vec<u8>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/artifact.bin", listener.local_addr().unwrap());
-        let state = Arc::new(Mutex::new(ServerState::default()));
-        let body = Arc::new(body);
-        let shared = Arc::clone(&state);
-        tokio::spawn(async move {
-            loop {
-                let Ok((conn, _)) = listener.accept().await else {
-                    return;
-                };
-                tokio::spawn(serve(conn, Arc::clone(&body), Arc::clone(&shared)));
-            }
-        });
-        TestServer { url, state }
+impl ArtifactServer {
+    fn start(body: Vec<u8>) -> Self {
+        let sim = TestServer::start(ServerOptions::default());
+        // Served without an assignment: these tests are about the download, not the action.
+        sim.configure(|c| c.skip_artifact_access_check = true);
+        sim.create_target(CONTROLLER, Some(TOKEN)).unwrap();
+        let module = sim.create_module("os", "image", "1.0");
+        sim.upload_bytes(module, "artifact.bin", body).unwrap();
+        let url = format!(
+            "{}/softwaremodules/{module}/artifacts/artifact.bin",
+            sim.controller_url(CONTROLLER)
+        );
+        ArtifactServer { sim, url }
     }
 
-    fn set(&self, f: impl FnOnce(&mut ServerState)) {
-        f(&mut self.state.lock().unwrap());
+    /// The i-th download request meets the i-th fault; later ones are served normally.
+    fn in_turn(&self, faults: Vec<FaultKind>) {
+        for (i, kind) in faults.into_iter().enumerate() {
+            let fault = Fault::new(kind).on(Endpoint::Download);
+            self.sim.add_fault(fault.after(i as u32).once());
+        }
     }
 
+    /// Every download request from now on meets `kind`, until [`ArtifactServer::clear`].
+    fn always(&self, kind: FaultKind) {
+        self.sim.add_fault(Fault::new(kind).on(Endpoint::Download));
+    }
+
+    fn clear(&self) {
+        self.sim.clear_faults();
+    }
+
+    /// (Range start, Authorization header) of each download request.
     fn requests(&self) -> Vec<(Option<u64>, Option<String>)> {
-        self.state.lock().unwrap().requests.clone()
+        let range_start = |range: &str| {
+            let (start, _) = range.strip_prefix("bytes=")?.split_once('-')?;
+            start.parse().ok()
+        };
+        self.sim
+            .requests()
+            .iter()
+            .filter(|r| r.endpoint == Endpoint::Download)
+            .map(|r| {
+                (
+                    r.header("range").and_then(range_start),
+                    r.header("authorization").map(str::to_string),
+                )
+            })
+            .collect()
     }
 }
 
-async fn serve(
-    mut conn: tokio::net::TcpStream,
-    body: Arc<Vec<u8>>,
-    state: Arc<Mutex<ServerState>>,
-) {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match conn.read(&mut byte).await {
-            Ok(1) => head.push(byte[0]),
-            _ => return,
-        }
+fn status(code: u16) -> FaultKind {
+    FaultKind::Status {
+        code,
+        retry_after_secs: None,
     }
-    let head = String::from_utf8_lossy(&head).to_string();
-    let header = |name: &str| {
-        head.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_string())
-        })
-    };
-    // "bytes=START-" or "bytes=START-END" (inclusive).
-    let range: Option<(u64, Option<u64>)> = header("range").and_then(|r| {
-        let (start, end) = r.strip_prefix("bytes=")?.split_once('-')?;
-        let end = if end.is_empty() {
-            None
-        } else {
-            Some(end.parse().ok()?)
-        };
-        Some((start.parse().ok()?, end))
-    });
-    let (fault, ignore_range) = {
-        let mut s = state.lock().unwrap();
-        s.requests
-            .push((range.map(|r| r.0), header("authorization")));
-        let fault = if s.faults.is_empty() {
-            s.always
-        } else {
-            Some(s.faults.remove(0))
-        };
-        (fault, s.ignore_range)
-    };
-    let total = body.len() as u64;
-    let response = match (fault, range) {
-        (Some(Fault::Short(n)), _) => {
-            let mut r = format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n").into_bytes();
-            r.extend_from_slice(&body[..n]);
-            r
-        }
-        (Some(Fault::RetryAfter(secs)), _) => format!(
-            "HTTP/1.1 503 Busy\r\nRetry-After: {secs}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )
-        .into_bytes(),
-        (Some(Fault::Status(code)), _) => {
-            format!("HTTP/1.1 {code} Injected\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").into_bytes()
-        }
-        (_, Some((start, _))) if start >= total && !ignore_range => {
-            format!("HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{total}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").into_bytes()
-        }
-        (_, Some((start, end))) if !ignore_range => {
-            let last = end.unwrap_or(total - 1).min(total - 1);
-            let mut r = format!(
-                "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{last}/{total}\r\nConnection: close\r\n\r\n",
-                last + 1 - start
-            )
-            .into_bytes();
-            r.extend_from_slice(&body[start as usize..=last as usize]);
-            r
-        }
-        _ => {
-            let mut r = format!("HTTP/1.1 200 OK\r\nContent-Length: {total}\r\nConnection: close\r\n\r\n").into_bytes();
-            r.extend_from_slice(&body);
-            r
-        }
-    };
-    let header_len = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    let send = match fault {
-        Some(Fault::DropAfter(n)) | Some(Fault::Truncate(n)) => {
-            (header_len + n).min(response.len())
-        }
-        _ => response.len(),
-    };
-    let _ = conn.write_all(&response[..send]).await;
-    let _ = conn.shutdown().await;
+}
+
+/// The response announces the whole body and the connection breaks after `bytes`.
+fn drop_after(bytes: u64) -> FaultKind {
+    FaultKind::DropAfter { bytes }
+}
+
+/// A clean response whose Content-Length matches the first `bytes` it holds.
+fn short(bytes: u64) -> FaultKind {
+    FaultKind::Truncate { bytes }
 }
 
 /// Deterministic incompressible-ish bytes.
@@ -322,7 +252,7 @@ async fn run(
 #[tokio::test]
 async fn raw_image_is_written_verified_and_reported() {
     let img = image(3 << 20, 1);
-    let server = TestServer::start(img.clone()).await;
+    let server = ArtifactServer::start(img.clone());
     let fx = Fixture::new(4 << 20);
     let (result, progress) = run(&fx.request(&server.url, &img), &fast_options()).await;
     let installed = result.unwrap();
@@ -350,7 +280,7 @@ async fn raw_image_is_written_verified_and_reported() {
 #[tokio::test]
 async fn progress_is_rate_limited() {
     let img = image(1 << 20, 2);
-    let server = TestServer::start(img.clone()).await;
+    let server = ArtifactServer::start(img.clone());
     let fx = Fixture::new(1 << 20);
     let mut req = fx.request(&server.url, &img);
     req.max_rate = Some(2 << 20); // ~0.5 s
@@ -381,7 +311,7 @@ async fn gzip_image_is_decoded() {
     let mut img_compressible = img.clone();
     img_compressible.extend(vec![0u8; 1 << 20]);
     let gz = gzip(&img_compressible);
-    let server = TestServer::start(gz.clone()).await;
+    let server = ArtifactServer::start(gz.clone());
     let fx = Fixture::new(4 << 20);
     let (result, _) = run(&fx.request(&server.url, &gz), &fast_options()).await;
     let installed = result.unwrap();
@@ -412,7 +342,7 @@ async fn zstd_and_xz_images_and_tars_in_them_are_decoded() {
         ("tar.xz", xz(&tar)),
     ] {
         assert!(artifact.len() < img.len(), "{name} compresses");
-        let server = TestServer::start(artifact.clone()).await;
+        let server = ArtifactServer::start(artifact.clone());
         let fx = Fixture::new(3 << 20);
         let (result, _) = run(&fx.request(&server.url, &artifact), &fast_options()).await;
         let installed = result.unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -446,7 +376,7 @@ async fn tar_and_tar_gz_images_are_extracted() {
     let img = image((1 << 20) + 333, 4);
     let tar = tar_of(&[("./rootfs.ext4", &img)]);
     for artifact in [tar.clone(), gzip(&tar)] {
-        let server = TestServer::start(artifact.clone()).await;
+        let server = ArtifactServer::start(artifact.clone());
         let fx = Fixture::new(2 << 20);
         let (result, _) = run(&fx.request(&server.url, &artifact), &fast_options()).await;
         let installed = result.unwrap();
@@ -459,7 +389,7 @@ async fn tar_and_tar_gz_images_are_extracted() {
 async fn tar_with_named_member_among_others() {
     let img = image(100_000, 5);
     let tar = tar_of(&[("manifest.json", b"{}"), ("rootfs.ext4", &img)]);
-    let server = TestServer::start(tar.clone()).await;
+    let server = ArtifactServer::start(tar.clone());
     let fx = Fixture::new(1 << 20);
     let options = InstallOptions {
         archive_member: Some("rootfs.ext4".into()),
@@ -498,7 +428,7 @@ async fn hostile_tar_members_are_rejected_before_writing() {
     link.append_link(&mut h, "image", "/dev/mmcblk0").unwrap();
     let link = link.into_inner().unwrap();
     for artifact in [hostile, link.clone(), gzip(&link)] {
-        let server = TestServer::start(artifact.clone()).await;
+        let server = ArtifactServer::start(artifact.clone());
         let fx = Fixture::new(1 << 20);
         let err = run(&fx.request(&server.url, &artifact), &fast_options())
             .await
@@ -512,14 +442,8 @@ async fn hostile_tar_members_are_rejected_before_writing() {
 #[tokio::test]
 async fn dropped_connections_are_resumed_with_range() {
     let img = image(3 << 20, 6);
-    let server = TestServer::start(img.clone()).await;
-    server.set(|s| {
-        s.faults = vec![
-            Fault::DropAfter(700_000),
-            Fault::DropAfter(900_000),
-            Fault::Status(503),
-        ]
-    });
+    let server = ArtifactServer::start(img.clone());
+    server.in_turn(vec![drop_after(700_000), drop_after(900_000), status(503)]);
     let fx = Fixture::new(4 << 20);
     run(&fx.request(&server.url, &img), &fast_options())
         .await
@@ -537,8 +461,11 @@ async fn dropped_connections_are_resumed_with_range() {
 #[tokio::test]
 async fn retry_after_is_honoured() {
     let img = image(100_000, 23);
-    let server = TestServer::start(img.clone()).await;
-    server.set(|s| s.faults = vec![Fault::RetryAfter(1)]);
+    let server = ArtifactServer::start(img.clone());
+    server.in_turn(vec![FaultKind::Status {
+        code: 503,
+        retry_after_secs: Some(1),
+    }]);
     let fx = Fixture::new(1 << 20);
     let begin = Instant::now();
     run(&fx.request(&server.url, &img), &fast_options())
@@ -557,11 +484,9 @@ async fn retry_after_is_honoured() {
 async fn server_ignoring_range_is_handled() {
     let img = image(2 << 20, 7);
     let gz = gzip(&img);
-    let server = TestServer::start(gz.clone()).await;
-    server.set(|s| {
-        s.ignore_range = true;
-        s.faults = vec![Fault::DropAfter(500_000), Fault::DropAfter(1_000_000)];
-    });
+    let server = ArtifactServer::start(gz.clone());
+    server.always(FaultKind::IgnoreRange);
+    server.in_turn(vec![drop_after(500_000), drop_after(1_000_000)]);
     let fx = Fixture::new(3 << 20);
     run(&fx.request(&server.url, &gz), &fast_options())
         .await
@@ -573,8 +498,8 @@ async fn server_ignoring_range_is_handled() {
 #[tokio::test]
 async fn exhausted_retries_are_retryable_errors() {
     let img = image(1 << 20, 8);
-    let server = TestServer::start(img.clone()).await;
-    server.set(|s| s.always = Some(Fault::Status(503)));
+    let server = ArtifactServer::start(img.clone());
+    server.always(status(503));
     let fx = Fixture::new(2 << 20);
     let err = run(&fx.request(&server.url, &img), &fast_options())
         .await
@@ -592,22 +517,23 @@ async fn exhausted_retries_are_retryable_errors() {
 #[tokio::test]
 async fn truncated_body_fails_retryable() {
     let img = image(1 << 20, 9);
-    let server = TestServer::start(img.clone()).await;
+    let server = ArtifactServer::start(img.clone());
     // Every connection announces the whole body and stops short of its end.
-    server.set(|s| s.always = Some(Fault::Truncate(0)));
+    server.always(drop_after(0));
     let fx = Fixture::new(2 << 20);
     let mut req = fx.request(&server.url, &img);
     let err = run(&req, &fast_options()).await.0.unwrap_err();
     assert!(err.is_retryable(), "{err}");
     // A clean but short response is resumed like a dropped connection...
-    let server = TestServer::start(img.clone()).await;
-    server.set(|s| s.faults = vec![Fault::Short(300_000)]);
+    let server = ArtifactServer::start(img.clone());
+    server.in_turn(vec![short(300_000)]);
     req.url = server.url.clone();
     run(&req, &fast_options()).await.0.unwrap();
     fx.assert_installed(&img);
     assert_eq!(server.requests()[1].0, Some(300_000));
-    // ...and fails as truncated when it keeps happening.
-    server.set(|s| s.always = Some(Fault::Short(300_000)));
+    // ...and fails as truncated when it keeps happening (every answer the same first bytes).
+    server.always(FaultKind::IgnoreRange);
+    server.always(short(300_000));
     let err = run(&req, &fast_options()).await.0.unwrap_err();
     assert!(
         matches!(
@@ -621,7 +547,7 @@ async fn truncated_body_fails_retryable() {
     );
     assert!(err.is_retryable());
     // Without a declared size a complete-looking short body is caught by the hash.
-    let server = TestServer::start(img[..1000].to_vec()).await;
+    let server = ArtifactServer::start(img[..1000].to_vec());
     req.url = server.url.clone();
     req.size = None;
     let err = run(&req, &fast_options()).await.0.unwrap_err();
@@ -631,7 +557,7 @@ async fn truncated_body_fails_retryable() {
 #[tokio::test]
 async fn hash_mismatch_fails_permanently() {
     let img = image(2 << 20, 10);
-    let server = TestServer::start(img.clone()).await;
+    let server = ArtifactServer::start(img.clone());
     let fx = Fixture::new(4 << 20);
     for expected in [
         ExpectedHash {
@@ -671,7 +597,7 @@ async fn hash_mismatch_fails_permanently() {
 #[tokio::test]
 async fn oversize_raw_image_fails_before_writing() {
     let img = image(1 << 20, 11);
-    let server = TestServer::start(img.clone()).await;
+    let server = ArtifactServer::start(img.clone());
     let fx = Fixture::new((1 << 20) - 1);
     let err = run(&fx.request(&server.url, &img), &fast_options())
         .await
@@ -688,7 +614,7 @@ async fn oversize_raw_image_fails_before_writing() {
 async fn oversize_gzip_fails_before_writing() {
     let img = vec![0x55u8; 3 << 20];
     let gz = gzip(&img);
-    let server = TestServer::start(gz.clone()).await;
+    let server = ArtifactServer::start(gz.clone());
     let fx = Fixture::new(2 << 20);
     let err = run(&fx.request(&server.url, &gz), &fast_options())
         .await
@@ -715,8 +641,8 @@ async fn oversize_gzip_fails_before_writing() {
 async fn oversize_gzip_without_range_support_stops_at_the_slot_end() {
     let img = vec![0x55u8; 3 << 20];
     let gz = gzip(&img);
-    let server = TestServer::start(gz.clone()).await;
-    server.set(|s| s.ignore_range = true);
+    let server = ArtifactServer::start(gz.clone());
+    server.always(FaultKind::IgnoreRange);
     let fx = Fixture::new(2 << 20);
     let err = run(&fx.request(&server.url, &gz), &fast_options())
         .await
@@ -736,7 +662,7 @@ async fn corrupt_gzip_is_a_decode_error() {
     let mut gz = gzip(&img);
     let n = gz.len();
     gz[n / 2] ^= 0xff;
-    let server = TestServer::start(gz.clone()).await;
+    let server = ArtifactServer::start(gz.clone());
     let fx = Fixture::new(2 << 20);
     let err = run(&fx.request(&server.url, &gz), &fast_options())
         .await
@@ -749,8 +675,8 @@ async fn corrupt_gzip_is_a_decode_error() {
 #[tokio::test]
 async fn http_errors_and_bad_requests() {
     let img = image(1000, 13);
-    let server = TestServer::start(img.clone()).await;
-    server.set(|s| s.always = Some(Fault::Status(404)));
+    let server = ArtifactServer::start(img.clone());
+    server.always(status(404));
     let fx = Fixture::new(4096);
     let err = run(&fx.request(&server.url, &img), &fast_options())
         .await
@@ -780,7 +706,7 @@ async fn http_errors_and_bad_requests() {
     ));
 
     // The server sends more than the artifact's declared size.
-    server.set(|s| s.always = None);
+    server.clear();
     let mut req = fx.request(&server.url, &img);
     req.size = Some(999);
     let err = run(&req, &fast_options()).await.0.unwrap_err();
@@ -790,7 +716,7 @@ async fn http_errors_and_bad_requests() {
 #[tokio::test]
 async fn booted_slot_is_never_written() {
     let img = image(1000, 14);
-    let server = TestServer::start(img.clone()).await;
+    let server = ArtifactServer::start(img.clone());
     let fx = Fixture::new(4096);
     let mut req = fx.request(&server.url, &img);
     req.slot_path = fx.booted.clone();
@@ -811,8 +737,8 @@ async fn booted_slot_is_never_written() {
 
 /// Install that stops (retryable) after `limit` bytes, like a power cut mid-download.
 async fn interrupted_install(fx: &Fixture, img: &[u8], limit: usize) -> InstallError {
-    let server = TestServer::start(img.to_vec()).await;
-    server.set(|s| s.always = Some(Fault::DropAfter(limit)));
+    let server = ArtifactServer::start(img.to_vec());
+    server.always(drop_after(limit as u64));
     let mut options = fast_options();
     options.retry.attempts = 0;
     run(&fx.request(&server.url, img), &options)
@@ -831,7 +757,7 @@ async fn restart_resumes_raw_image_from_checkpoint() {
     assert_eq!(record.slot_offset, 3 << 20);
 
     // "After the restart": a new install of the same artifact continues at the checkpoint.
-    let server = TestServer::start(img.clone()).await;
+    let server = ArtifactServer::start(img.clone());
     let installed = run(&fx.request(&server.url, &img), &fast_options())
         .await
         .0
@@ -857,7 +783,7 @@ async fn resumed_prefix_is_reverified() {
         .open(&fx.slot)
         .unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &[img[1000] ^ 1], 1000).unwrap();
-    let server = TestServer::start(img.clone()).await;
+    let server = ArtifactServer::start(img.clone());
     let err = run(&fx.request(&server.url, &img), &fast_options())
         .await
         .0
@@ -881,7 +807,7 @@ async fn resume_record_of_another_artifact_is_ignored() {
     let fx = Fixture::new(4 << 20);
     interrupted_install(&fx, &img, (2 << 20) + 1).await;
     let other = image(3 << 20, 18);
-    let server = TestServer::start(other.clone()).await;
+    let server = ArtifactServer::start(other.clone());
     run(&fx.request(&server.url, &other), &fast_options())
         .await
         .0
@@ -999,7 +925,7 @@ fn aborted_download_is_not_mistaken_for_the_end() {
 #[tokio::test]
 async fn required_signature_without_verifier_refuses() {
     let img = image(1000, 21);
-    let server = TestServer::start(img.clone()).await;
+    let server = ArtifactServer::start(img.clone());
     let fx = Fixture::new(4096);
     let mut req = fx.request(&server.url, &img);
     req.bundle = Some(BundlePolicy {
@@ -1014,7 +940,7 @@ async fn required_signature_without_verifier_refuses() {
 #[tokio::test]
 async fn empty_images_are_refused() {
     for artifact in [Vec::new(), gzip(b""), tar_of(&[("rootfs.img", b"")])] {
-        let server = TestServer::start(artifact.clone()).await;
+        let server = ArtifactServer::start(artifact.clone());
         let fx = Fixture::new(4096);
         let err = run(&fx.request(&server.url, &artifact), &fast_options())
             .await
@@ -1410,7 +1336,7 @@ mod block {
     #[tokio::test]
     async fn installs_into_a_block_device_of_its_own_size() {
         let img = image((2 << 20) + 4096, 30);
-        let server = TestServer::start(img.clone()).await;
+        let server = ArtifactServer::start(img.clone());
         let fx = Fixture::new(4 << 20);
         let dev = Loop::attach(&fx.slot);
         let mut req = fx.request(&server.url, &img);
@@ -1422,7 +1348,7 @@ mod block {
 
         // Too large for the device: refused before writing.
         let big = image((4 << 20) + 1, 31);
-        let server = TestServer::start(big.clone()).await;
+        let server = ArtifactServer::start(big.clone());
         let fx = Fixture::new(4 << 20);
         let dev = Loop::attach(&fx.slot);
         let mut req = fx.request(&server.url, &big);
@@ -1439,7 +1365,7 @@ mod block {
     #[tokio::test]
     async fn refuses_mounted_devices_and_the_booted_device_by_number() {
         let img = image(4096, 32);
-        let server = TestServer::start(img.clone()).await;
+        let server = ArtifactServer::start(img.clone());
         let fx = Fixture::new(8 << 20);
         let dev = Loop::attach(&fx.slot);
         let mut req = fx.request(&server.url, &img);
@@ -1476,7 +1402,7 @@ mod block {
     #[tokio::test]
     async fn refuses_a_slot_file_mounted_through_a_loop_device() {
         let img = image(4096, 33);
-        let server = TestServer::start(img.clone()).await;
+        let server = ArtifactServer::start(img.clone());
         let fx = Fixture::new(8 << 20);
         let dev = Loop::attach(&fx.slot);
         let mnt = tempfile::tempdir().unwrap();
@@ -1496,7 +1422,7 @@ mod block {
     #[tokio::test]
     async fn refuses_a_disk_whose_partition_is_mounted() {
         let img = image(4096, 34);
-        let server = TestServer::start(img.clone()).await;
+        let server = ArtifactServer::start(img.clone());
         let fx = Fixture::new(16 << 20);
         let mut sfdisk = Command::new("sfdisk")
             .args(["--quiet", "--no-reread"])

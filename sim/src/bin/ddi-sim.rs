@@ -216,6 +216,9 @@ enum FaultCmd {
         /// Only this many times (default: until cleared)
         #[arg(long, global = true)]
         times: Option<u32>,
+        /// Let this many requests through first (it starts at the next one)
+        #[arg(long, global = true, default_value_t = 0)]
+        after: u32,
     },
     List,
     Clear,
@@ -239,6 +242,8 @@ enum FaultSpec {
     MalformedJson,
     /// Send only the first N bytes (with a matching Content-Length)
     Truncate { bytes: u64 },
+    /// Answer Range requests with 200 and the whole body
+    IgnoreRange,
 }
 
 fn print_action(a: &ActionView) {
@@ -492,6 +497,7 @@ fn main() -> Result<()> {
                 target,
                 endpoint,
                 times,
+                after,
             } => {
                 let kind = match kind {
                     FaultSpec::Status { code, retry_after } => FaultKind::Status {
@@ -503,8 +509,9 @@ fn main() -> Result<()> {
                     FaultSpec::WrongHash => FaultKind::WrongHash,
                     FaultSpec::MalformedJson => FaultKind::MalformedJson,
                     FaultSpec::Truncate { bytes } => FaultKind::Truncate { bytes },
+                    FaultSpec::IgnoreRange => FaultKind::IgnoreRange,
                 };
-                let mut f = Fault::new(kind);
+                let mut f = Fault::new(kind).after(after);
                 f.target = target;
                 f.times = times;
                 if let Some(e) = endpoint {

@@ -1,5 +1,6 @@
 //! Fault injection of the test server: status codes with Retry-After, dropped and truncated
-//! downloads, slow links, wrong hashes, malformed JSON; per target or global, counted.
+//! downloads, slow links, wrong hashes, malformed JSON, Range ignored; per target or global,
+//! counted, from the Nth request on; and the request log.
 
 use crate::common::*;
 use ddi_sim::{Assignment, Endpoint, Fault, FaultKind};
@@ -200,4 +201,94 @@ fn truncated_json_and_download_faults_on_chosen_endpoints() {
             .status(),
         500
     );
+}
+
+#[test]
+fn ignore_range_answers_200_with_the_whole_body() {
+    let e = env();
+    let d: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+    let id = e.deploy(&d, &Assignment::forced());
+    let href = e.download_href(id);
+    let ranged = || {
+        e.auth(e.http.get(&href))
+            .header("Range", "bytes=4000-")
+            .send()
+            .unwrap()
+    };
+    e.server
+        .add_fault(Fault::new(FaultKind::IgnoreRange).once());
+    let r = ranged();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("content-range").is_none());
+    assert_eq!(r.bytes().unwrap(), d, "the whole body from byte 0");
+    // The mode ends with its uses: Range is honoured again.
+    let r = ranged();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().unwrap(), d[4000..]);
+}
+
+#[test]
+fn request_log_records_each_request_with_its_headers() {
+    let e = env();
+    let id = e.deploy(b"0123456789", &Assignment::forced());
+    let href = e.download_href(id);
+    // Logged before faults and authentication act: a refused request is there too.
+    e.server.add_fault(
+        Fault::new(FaultKind::Status {
+            code: 503,
+            retry_after_secs: None,
+        })
+        .on(Endpoint::Download)
+        .once(),
+    );
+    assert_eq!(e.auth(e.http.get(&href)).send().unwrap().status(), 503);
+    let r = e
+        .auth(e.http.get(&href))
+        .header("Range", "bytes=4-")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    let unauthenticated = e.http.get(e.url("")).send().unwrap();
+    assert_eq!(unauthenticated.status(), 401);
+
+    let log = e.server.requests();
+    let downloads: Vec<_> = log
+        .iter()
+        .filter(|r| r.endpoint == Endpoint::Download)
+        .collect();
+    assert_eq!(downloads.len(), 2, "{log:?}");
+    assert_eq!(downloads[0].header("Range"), None);
+    assert_eq!(downloads[1].header("Range"), Some("bytes=4-"));
+    for d in &downloads {
+        assert_eq!(d.method, "GET");
+        assert_eq!(d.controller_id, CID);
+        assert_eq!(
+            d.header("authorization"),
+            Some(&*format!("TargetToken {TOKEN}"))
+        );
+        assert!(href.ends_with(&d.uri), "{} vs {href}", d.uri);
+    }
+    let last = log.last().unwrap();
+    assert_eq!(last.endpoint, Endpoint::Poll);
+    assert_eq!(last.header("Authorization"), None);
+}
+
+#[test]
+fn a_fault_starts_at_the_request_after_the_ones_it_lets_through() {
+    let e = env();
+    e.server.add_fault(
+        Fault::new(FaultKind::Status {
+            code: 503,
+            retry_after_secs: None,
+        })
+        .on(Endpoint::Poll)
+        .after(2)
+        .once(),
+    );
+    let id = e.deploy(b"x", &Assignment::forced());
+    // Requests to other endpoints do not count.
+    assert_eq!(e.get(&format!("/deploymentBase/{id}")).status(), 200);
+    let polls: Vec<u16> = (0..4).map(|_| e.get("").status().as_u16()).collect();
+    assert_eq!(polls, [200, 200, 503, 200]);
+    assert!(e.server.faults().is_empty());
 }

@@ -18,7 +18,7 @@ use ddi_agent::driver::{
     UnfinishedInstall,
 };
 use ddi_agent::install::{InstallRequest, Progress};
-use ddi_agent::machine::{InstallFailure, Phase};
+use ddi_agent::machine::{InstallFailure, Phase, SlotImage};
 use ddi_agent::persist::Store;
 use ddi_sim::{
     ActionStatus, Assignment, Endpoint, Fault, FaultKind, HawkbitVersion, ServerOptions, TestServer,
@@ -100,11 +100,8 @@ impl Installer for FakeInstaller {
         _http: &reqwest::Client,
         req: &InstallRequest,
         progress: &mut (dyn FnMut(Progress) + Send),
-    ) -> Result<(), InstallFailure> {
-        self.log.push(format!(
-            "install {}",
-            req.slot_path.file_name().unwrap().to_string_lossy()
-        ));
+    ) -> Result<SlotImage, InstallFailure> {
+        self.log.push(format!("install {}", slot_name(req)));
         progress(Progress::Downloading {
             done: 10,
             total: req.size,
@@ -112,9 +109,29 @@ impl Installer for FakeInstaller {
         self.requests.lock().unwrap().push(req.clone());
         match &self.fail {
             Some(f) => Err(f.clone()),
-            None => Ok(()),
+            None => Ok(SlotImage {
+                bytes: req.size.unwrap_or(0),
+                sha256: req.expected.sha256.clone().unwrap_or_default(),
+            }),
         }
     }
+
+    async fn verify(
+        &self,
+        req: &InstallRequest,
+        image: &SlotImage,
+    ) -> Result<SlotImage, InstallFailure> {
+        self.log.push(format!("verify {}", slot_name(req)));
+        Ok(image.clone())
+    }
+}
+
+fn slot_name(req: &InstallRequest) -> String {
+    req.slot_path
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// The real download pipeline (into file slots of the test's directory), logged like the fake.
@@ -126,12 +143,20 @@ impl Installer for RealInstaller {
         http: &reqwest::Client,
         req: &InstallRequest,
         progress: &mut (dyn FnMut(Progress) + Send),
-    ) -> Result<(), InstallFailure> {
-        self.0.push(format!(
-            "install {}",
-            req.slot_path.file_name().unwrap().to_string_lossy()
-        ));
+    ) -> Result<SlotImage, InstallFailure> {
+        self.0.push(format!("install {}", slot_name(req)));
         Pipeline.install(http, req, progress).await
+    }
+
+    async fn verify(
+        &self,
+        req: &InstallRequest,
+        image: &SlotImage,
+    ) -> Result<SlotImage, InstallFailure> {
+        let result = Pipeline.verify(req, image).await;
+        let outcome = if result.is_ok() { "ok" } else { "mismatch" };
+        self.0.push(format!("verify {} {outcome}", slot_name(req)));
+        result
     }
 }
 
@@ -273,8 +298,12 @@ impl Setup {
 
     /// A forced update to `version` with this image.
     fn deploy_image(&self, version: &str, image: Vec<u8>) -> u64 {
+        self.deploy_image_as(version, image, &Assignment::forced())
+    }
+
+    fn deploy_image_as(&self, version: &str, image: Vec<u8>, how: &Assignment) -> u64 {
         self.server
-            .deploy(TARGET, version, "os.img", image, &Assignment::forced())
+            .deploy(TARGET, version, "os.img", image, how)
             .unwrap()
     }
 
@@ -290,7 +319,7 @@ impl Setup {
 }
 
 fn persisted_phase(dir: &Path) -> Phase {
-    Store::at(dir).load().unwrap().update.phase
+    Store::at(dir).load().unwrap().update().phase().clone()
 }
 
 #[tokio::test]
@@ -561,7 +590,7 @@ async fn refused_rejected_does_not_block_the_final_feedback(
     refuse(&s.server);
     // The cancel comes after the activation: answered `rejected`, which the server refuses.
     d.cycle().await.unwrap();
-    assert!(d.state().outbox.is_empty(), "{:?}", d.state().outbox);
+    assert!(d.state().outbox().is_empty(), "{:?}", d.state().outbox());
     // After the reboot into B the update is confirmed and closed.
     let mut d = s.driver(s.config(""), Slot::B, Slot::B, Ok(()), None, false);
     d.startup().await.unwrap();
@@ -585,9 +614,9 @@ async fn status_quota_refusal_never_blocks_the_outbox() {
         let report = d.cycle().await;
         assert!(report.is_ok(), "{version}: {report:?}");
         assert!(
-            d.state().outbox.is_empty(),
+            d.state().outbox().is_empty(),
             "{version}: {:?}",
-            d.state().outbox
+            d.state().outbox()
         );
         assert!(
             s.server
@@ -769,5 +798,206 @@ async fn a_slow_download_that_fills_the_status_quota_still_finishes() {
         "{:?}",
         s.server.feedback(action)
     );
-    assert!(d.state().outbox.is_empty());
+    assert!(d.state().outbox().is_empty());
+}
+
+/// A DOWNLOAD_ONLY action with a maintenance schedule: hawkBit shows `update: skip` and a
+/// window. It is download only whatever the window says: `downloaded` is owed (retried until
+/// delivered, which closes the action), and the slot is kept, not given up as abandoned.
+#[tokio::test]
+async fn download_only_with_a_window_closes_with_downloaded_retried_and_keeps_the_slot() {
+    let s = Setup::new(ServerOptions::default());
+    let window = ddi_sim::MaintenanceWindow {
+        start_ms: ddi_sim::model::now_ms() + 3_600_000,
+        duration_ms: 600_000,
+        every_ms: None,
+    };
+    let action = s.deploy(&Assignment::download_only().with_maintenance(window));
+    // No feedback gets through in the first cycle, `downloaded` included.
+    s.server.add_fault(
+        Fault::new(FaultKind::Status {
+            code: 503,
+            retry_after_secs: Some(0),
+        })
+        .on(Endpoint::DeploymentFeedback),
+    );
+    let mut d = s.driver(s.config(""), Slot::A, Slot::A, Ok(()), None, false);
+    let _ = d.cycle().await;
+    assert_ne!(
+        s.server.action(action).unwrap().status,
+        ActionStatus::Downloaded
+    );
+    s.server.clear_faults();
+    for _ in 0..3 {
+        let mut d = s.driver(s.config(""), Slot::A, Slot::A, Ok(()), None, false);
+        let report = d.cycle().await.unwrap();
+        assert!(!report.rebooting);
+    }
+    let view = s.server.action(action).unwrap();
+    assert_eq!(view.status, ActionStatus::Downloaded, "{:?}", view.feedback);
+    assert!(!view.active);
+    let log = s.log.take();
+    assert_eq!(
+        log,
+        ["mark_bad B", "install slot-b"],
+        "one download, nothing after it"
+    );
+    let state = Store::at(&s.state_dir()).load().unwrap();
+    let kept = state
+        .update()
+        .downloaded()
+        .cloned()
+        .expect("downloaded image kept");
+    assert_eq!((kept.slot, kept.action_id), (Slot::B, action.to_string()));
+    assert!(state.outbox().is_empty());
+}
+
+/// A later action of the same artifact (same sha256) finds it in the slot: read back, not
+/// downloaded again, and activated. A slot that no longer holds it is downloaded normally.
+#[tokio::test]
+async fn a_later_action_of_a_downloaded_artifact_is_read_back_not_downloaded() {
+    let s = Setup::new(ServerOptions::default());
+    let image: Vec<u8> = (0..64 * 1024).map(|i| (i * 13 % 251) as u8).collect();
+    let first = s.deploy_image_as("2.0", image.clone(), &Assignment::download_only());
+    let mut d = s.real_driver(Slot::A, 128 * 1024);
+    assert!(!d.cycle().await.unwrap().rebooting);
+    assert_eq!(
+        s.server.action(first).unwrap().status,
+        ActionStatus::Downloaded
+    );
+    assert_eq!(s.log.take(), ["mark_bad B", "install slot-b"]);
+
+    // The agent restarts (a power cut, say), then the same image comes as a forced update.
+    let second = s.deploy_image_as("2.0-rollout", image.clone(), &Assignment::forced());
+    let mut d = s.real_driver(Slot::A, 128 * 1024);
+    d.startup().await.unwrap();
+    assert!(d.cycle().await.unwrap().rebooting);
+    assert_eq!(
+        s.log.take(),
+        ["mark_bad B", "verify slot-b ok", "activate B", "reboot"]
+    );
+    let mut d = s.real_driver(Slot::B, 128 * 1024);
+    d.startup().await.unwrap();
+    assert_eq!(
+        s.server.action(second).unwrap().status,
+        ActionStatus::Finished
+    );
+
+    // Downloaded into A, then A overwritten before the forced update comes: downloaded again.
+    let third_image: Vec<u8> = image.iter().map(|b| b ^ 0x5a).collect();
+    s.deploy_image_as("3.0", third_image.clone(), &Assignment::download_only());
+    let mut d = s.real_driver(Slot::B, 128 * 1024);
+    d.cycle().await.unwrap();
+    s.log.take();
+    let slot_a = s.dir.path().join("slot-a");
+    let mut bytes = std::fs::read(&slot_a).unwrap();
+    bytes[1000] ^= 0xff;
+    std::fs::write(&slot_a, bytes).unwrap();
+    let fourth = s.deploy_image_as("3.0-rollout", third_image.clone(), &Assignment::forced());
+    let mut d = s.real_driver(Slot::B, 128 * 1024);
+    assert!(d.cycle().await.unwrap().rebooting);
+    assert_eq!(
+        s.log.take(),
+        [
+            "mark_bad A",
+            "verify slot-a mismatch",
+            "mark_bad A",
+            "install slot-a",
+            "activate A",
+            "reboot"
+        ]
+    );
+    assert_eq!(
+        &std::fs::read(&slot_a).unwrap()[..third_image.len()],
+        &third_image[..]
+    );
+    assert!(s.server.action(fourth).unwrap().active);
+}
+
+/// A forced action with a maintenance schedule, outside its window, is `update: skip`: the
+/// image is downloaded now (`downloaded` reported, the action stays open), and when the window
+/// opens the same action activates it without a second download.
+#[tokio::test]
+async fn a_scheduled_action_downloads_first_and_activates_without_a_second_download() {
+    let s = Setup::new(ServerOptions::default());
+    let opens = ddi_sim::model::now_ms() + 3_000;
+    let window = ddi_sim::MaintenanceWindow {
+        start_ms: opens,
+        duration_ms: 600_000,
+        every_ms: None,
+    };
+    let action = s.deploy(&Assignment::forced().with_maintenance(window));
+    let mut d = s.driver(s.config(""), Slot::A, Slot::A, Ok(()), None, false);
+    assert!(!d.cycle().await.unwrap().rebooting);
+    assert!(!d.cycle().await.unwrap().rebooting);
+    let view = s.server.action(action).unwrap();
+    assert!(view.active);
+    let downloaded = view
+        .feedback
+        .iter()
+        .filter(|f| f.execution() == Some("downloaded"))
+        .count();
+    assert_eq!(downloaded, 1, "{:?}", view.feedback);
+    while ddi_sim::model::now_ms() < opens + 200 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(d.cycle().await.unwrap().rebooting);
+    assert_eq!(
+        s.log.take(),
+        [
+            "mark_bad B",
+            "install slot-b",
+            "mark_bad B",
+            "verify slot-b",
+            "activate B",
+            "reboot"
+        ]
+    );
+    let mut d = s.driver(s.config(""), Slot::B, Slot::B, Ok(()), None, false);
+    d.startup().await.unwrap();
+    assert_eq!(
+        s.server.action(action).unwrap().status,
+        ActionStatus::Finished
+    );
+}
+
+/// Restarts during a slow download (a crash loop, power cuts) do not multiply its progress
+/// feedback: the action's runs share one budget, counted in the state file.
+#[tokio::test]
+async fn restarts_during_a_slow_download_share_one_progress_budget() {
+    let s = Setup::new(ServerOptions::default());
+    let action = s.deploy_image("2.0", vec![4u8; RESUME_IMAGE]);
+    s.server.add_fault(
+        Fault::new(FaultKind::Slow {
+            bytes_per_sec: 8 * 1024,
+        })
+        .on(Endpoint::Download),
+    );
+    let progress = || {
+        s.server
+            .feedback(action)
+            .iter()
+            .filter(|f| f.execution() == Some("download"))
+            .count()
+    };
+    let mut after_run = Vec::new();
+    for _ in 0..4 {
+        // The agent dies 2.2 s into the download (longer than one progress interval).
+        let mut d = s.real_driver(Slot::A, RESUME_IMAGE);
+        let cut = tokio::time::timeout(Duration::from_millis(2200), d.cycle()).await;
+        assert!(cut.is_err(), "the download finished: {cut:?}");
+        drop(d);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        after_run.push(progress());
+    }
+    // The first runs each report; the fourth finds the action's budget used up.
+    assert!(
+        after_run[0] >= 1 && after_run[2] > after_run[1],
+        "{after_run:?}"
+    );
+    assert_eq!(after_run[3], after_run[2], "{after_run:?}");
+    assert!(matches!(
+        persisted_phase(&s.state_dir()),
+        Phase::Installing(ref j) if j.download_runs == 4
+    ));
 }

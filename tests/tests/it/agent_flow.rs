@@ -7,18 +7,23 @@ use std::time::Duration;
 use bootctl::scheme::Slot;
 use ddi_sim::{
     ActionStatus, Assignment, Endpoint, Fault, FaultKind, HawkbitVersion, MaintenanceWindow,
-    ServerOptions, TestServer,
+    ServerOptions,
 };
-use ddi_tests::device::{DeviceOptions, FileDevice, Image};
+use ddi_tests::device::{DeviceOptions, Image};
 use ddi_tests::harness::{Background, CommandOutput};
 
 const TARGET: &str = "dev-1";
 const TOKEN: &str = "s3cret-target-token";
 const IMAGE_SIZE: usize = 300 * 1024;
 
-struct Rig {
-    server: TestServer,
-    dev: FileDevice,
+/// The common rig with this module's views; the agent must never print the token.
+struct Rig(ddi_tests::rig::Rig);
+
+impl std::ops::Deref for Rig {
+    type Target = ddi_tests::rig::Rig;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl Rig {
@@ -27,41 +32,10 @@ impl Rig {
     }
 
     fn with(opts: ServerOptions, change: impl FnOnce(&mut DeviceOptions)) -> Rig {
-        let server = TestServer::start(opts.polling(Duration::from_secs(1)));
-        server.create_target(TARGET, Some(TOKEN)).unwrap();
-        let mut o = DeviceOptions::new(&server.url(), TARGET, TOKEN);
-        change(&mut o);
-        let dev = FileDevice::create_temp(o).unwrap();
-        Rig { server, dev }
-    }
-
-    fn once(&self) -> CommandOutput {
-        let out = self.dev.agent_once(Duration::from_secs(90)).unwrap();
-        assert!(!out.timed_out, "agent hung:\n{}", out.describe());
-        assert!(
-            !out.stderr.contains(TOKEN) && !out.stdout.contains(TOKEN),
-            "token leaked into the output:\n{}",
-            out.describe()
-        );
-        out
-    }
-
-    fn once_expect(&self, code: i32) -> CommandOutput {
-        let out = self.once();
-        assert_eq!(out.code, Some(code), "{}", out.describe());
-        out
-    }
-
-    fn deploy(&self, image: &Image, how: &Assignment) -> u64 {
-        self.server
-            .deploy(
-                TARGET,
-                &image.header.version,
-                "os.img",
-                image.bytes.clone(),
-                how,
-            )
-            .unwrap()
+        let opts = opts.polling(Duration::from_secs(1));
+        let mut rig = ddi_tests::rig::Rig::start(opts, TARGET, TOKEN, change);
+        rig.never_printed = Some(TOKEN.to_string());
+        Rig(rig)
     }
 
     fn status(&self, action: u64) -> ActionStatus {
@@ -97,10 +71,6 @@ impl Rig {
         let out = ddi_tests::harness::run_with_timeout(cmd, Duration::from_secs(20)).unwrap();
         assert_eq!(out.code, Some(0), "{}", out.describe());
         serde_json::from_str(&out.stdout).unwrap()
-    }
-
-    fn env(&self, name: &str) -> Option<String> {
-        self.dev.env_map().unwrap().get(name).cloned()
     }
 
     /// `ddi-agent run` in the background.
@@ -226,7 +196,12 @@ fn maintenance_window_writes_now_and_activates_when_open() {
     assert!(rig.dev.slot_holds(Slot::B, &image.bytes).unwrap());
     assert_eq!(rig.env("bootctl_slot").as_deref(), Some("A"));
     assert!(rig.server.action(action).unwrap().active);
-    assert_eq!(rig.status_json()["phase"], "installed");
+    // Downloaded (and reported so) while the window is closed; the action stays open.
+    assert!(rig.feedback(action).iter().any(|(e, _)| e == "downloaded"));
+    let status = rig.status_json();
+    assert_eq!(status["phase"], "idle");
+    assert_eq!(status["downloaded"]["slot"], "B");
+    assert_eq!(status["downloaded"]["action_id"], action.to_string());
     let mut cmd = rig.dev.agent_command();
     cmd.arg("status");
     let out = ddi_tests::harness::run_with_timeout(cmd, Duration::from_secs(20)).unwrap();
@@ -236,7 +211,7 @@ fn maintenance_window_writes_now_and_activates_when_open() {
         out.describe()
     );
     assert!(
-        out.stdout.contains("waiting for the maintenance window"),
+        out.stdout.contains("downloaded:     version 4.0 in slot B"),
         "{}",
         out.describe()
     );
@@ -363,7 +338,15 @@ fn manual_consent_waits_for_the_user() {
     let action = rig.deploy(&image, &how);
     rig.once_expect(0);
     assert_eq!(rig.status(action), ActionStatus::WaitForConfirmation);
-    assert_eq!(rig.status_json()["pending_consent"], action.to_string());
+    let status = rig.status_json();
+    assert_eq!(status["pending_consent"], action.to_string());
+    // Why it waits, and what would be confirmed (fetched from its confirmationBase).
+    assert_eq!(status["pending_consent_reason"], "confirmation");
+    let details = status["pending_consent_details"].as_str().unwrap();
+    assert!(
+        details.contains("9.0") && details.contains("os.img"),
+        "{details}"
+    );
 
     let consent = |what: &str| {
         let mut cmd = rig.dev.agent_command();
@@ -379,12 +362,76 @@ fn manual_consent_waits_for_the_user() {
     consent("accept");
     rig.once_expect(0);
     assert_ne!(rig.status(action), ActionStatus::WaitForConfirmation);
-    // The next cycle gets the deployment.
+    // The answer names what it confirms.
+    let confirmed = rig.server.feedback(action).iter().any(|f| {
+        f.body["confirmation"] == "confirmed"
+            && f.body["details"].as_array().is_some_and(|d| {
+                d.iter().any(|line| {
+                    line.as_str().is_some_and(|l| {
+                        l.starts_with(&format!("confirmation of action {action}"))
+                            && l.contains("9.0")
+                    })
+                })
+            })
+    });
+    assert!(confirmed, "{:?}", rig.server.feedback(action));
+    // The next cycle gets the deployment (forced: no second consent).
     rig.once_expect(0);
     assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
     rig.dev.reboot().unwrap();
     rig.once_expect(0);
     assert_eq!(rig.status(action), ActionStatus::Finished);
+}
+
+/// `consent = "manual"`: a soft update (`update: attempt`) waits for `ddi-agent consent
+/// accept`; `status` says which action waits and why; a forced one does not wait.
+#[test]
+fn manual_consent_holds_a_soft_update_until_accepted() {
+    let rig = Rig::with(ServerOptions::default(), |o| {
+        o.agent_extra = "consent = \"manual\"\n".into();
+    });
+    let image = Image::good("9.2", IMAGE_SIZE);
+    let action = rig.deploy(&image, &Assignment::soft());
+    rig.once_expect(0);
+    rig.once_expect(0);
+    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 0);
+    assert!(!rig.dev.slot_holds(Slot::B, &image.bytes).unwrap());
+    let status = rig.status_json();
+    assert_eq!(status["phase"], "idle");
+    assert_eq!(status["pending_consent"], action.to_string());
+    assert_eq!(status["pending_consent_reason"], "soft_update");
+    assert!(status["pending_consent_details"]
+        .as_str()
+        .unwrap()
+        .contains("9.2"));
+    let mut cmd = rig.dev.agent_command();
+    cmd.arg("status");
+    let out = ddi_tests::harness::run_with_timeout(cmd, Duration::from_secs(20)).unwrap();
+    assert!(
+        out.stdout
+            .contains(&format!("consent:        action {action} waits"))
+            && out.stdout.contains("soft update"),
+        "{}",
+        out.describe()
+    );
+
+    let mut cmd = rig.dev.agent_command();
+    cmd.args(["consent", "accept"]);
+    let out = ddi_tests::harness::run_with_timeout(cmd, Duration::from_secs(20)).unwrap();
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    rig.once_expect(0);
+    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
+    assert!(rig.dev.slot_holds(Slot::B, &image.bytes).unwrap());
+    assert!(rig.status_json()["pending_consent"].is_null());
+    rig.dev.reboot().unwrap();
+    rig.once_expect(0);
+    assert_eq!(rig.status(action), ActionStatus::Finished);
+
+    // A forced update does not wait.
+    let forced = rig.deploy(&Image::good("9.3", IMAGE_SIZE), &Assignment::forced());
+    rig.once_expect(0);
+    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
+    assert!(rig.server.action(forced).unwrap().active);
 }
 
 #[test]

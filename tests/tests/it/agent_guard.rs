@@ -7,17 +7,16 @@ use std::time::Duration;
 
 use bootctl::scheme::Slot;
 use ddi_sim::{ActionStatus, Assignment, ServerOptions, TestServer};
-use ddi_tests::device::{DeviceOptions, FileDevice, Image};
+use ddi_tests::device::{FileDevice, Image};
+use ddi_tests::rig::Rig;
 
 const TARGET: &str = "guard-1";
 const TOKEN: &str = "guard-token";
 
 fn rig() -> (TestServer, FileDevice, Vec<u8>) {
-    let server = TestServer::start(ServerOptions::default().polling(Duration::from_secs(1)));
-    server.create_target(TARGET, Some(TOKEN)).unwrap();
-    let options = DeviceOptions::new(&server.url(), TARGET, TOKEN);
-    let factory = options.factory_image.clone();
-    let dev = FileDevice::create_temp(options).unwrap();
+    let opts = ServerOptions::default().polling(Duration::from_secs(1));
+    let Rig { server, dev, .. } = Rig::start(opts, TARGET, TOKEN, |_| {});
+    let factory = dev.options().factory_image.clone();
     (server, dev, factory)
 }
 

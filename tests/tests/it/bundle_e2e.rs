@@ -9,20 +9,28 @@ use std::time::Duration;
 
 use bootctl::scheme::Slot;
 use ddi_bundle::{create_bundle, generate_keypair, CreateOptions, SecretKey};
-use ddi_sim::{Assignment, ServerOptions, TestServer};
+use ddi_sim::{Assignment, ServerOptions};
 use ddi_tests::demo::{closed_result, ended_as, summary};
-use ddi_tests::device::{tar_member_ranges, DeviceOptions, FileDevice, Image};
+use ddi_tests::device::{tar_member_ranges, Image};
 
 const CONTROLLER: &str = "bundle-e2e";
 const TOKEN: &str = "bundle-e2e-token";
 const COMPATIBLE: &str = "acme-gw-rev2";
 const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The common rig, its device trusting the vendor key, with the key pair and this module's
+/// deploy, settle and checks.
 struct Rig {
-    server: TestServer,
-    device: FileDevice,
+    rig: ddi_tests::rig::Rig,
     vendor: SecretKey,
     keys: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Rig {
+    type Target = ddi_tests::rig::Rig;
+    fn deref(&self) -> &Self::Target {
+        &self.rig
+    }
 }
 
 impl Rig {
@@ -32,21 +40,14 @@ impl Rig {
         let vendor_pub = keys.path().join("vendor.pub");
         std::fs::write(&vendor_pub, vendor.public_key().to_text()).unwrap();
 
-        let server = TestServer::start(ServerOptions::default());
-        server.create_target(CONTROLLER, Some(TOKEN)).unwrap();
-        let mut options = DeviceOptions::new(&server.url(), CONTROLLER, TOKEN);
-        options.config_extra = format!(
-            "[bundle]\ntrusted_keys = [{:?}]\nrequire_signature = {require_signature}\ncompatible = {COMPATIBLE:?}\n",
-            vendor_pub.display().to_string()
-        );
-        let device = FileDevice::create_temp(options).unwrap();
-        device.reboot().unwrap();
-        Rig {
-            server,
-            device,
-            vendor,
-            keys,
-        }
+        let rig = ddi_tests::rig::Rig::start(ServerOptions::default(), CONTROLLER, TOKEN, |o| {
+            o.config_extra = format!(
+                "[bundle]\ntrusted_keys = [{:?}]\nrequire_signature = {require_signature}\ncompatible = {COMPATIBLE:?}\n",
+                vendor_pub.display().to_string()
+            );
+        });
+        rig.dev.reboot().unwrap();
+        Rig { rig, vendor, keys }
     }
 
     fn bundle(&self, image: &[u8], compatible: &str, key: &SecretKey) -> Vec<u8> {
@@ -68,10 +69,10 @@ impl Rig {
     /// Run the agent, following reboot requests, until the action is closed.
     fn settle(&self, action: u64) {
         for _ in 0..4 {
-            let out = self.device.agent_once(AGENT_TIMEOUT).unwrap();
+            let out = self.dev.agent_once(AGENT_TIMEOUT).unwrap();
             assert!(!out.timed_out, "agent hung: {}", out.describe());
-            if self.device.take_reboot_requests().unwrap() > 0 {
-                self.device.reboot().unwrap();
+            if self.dev.take_reboot_requests().unwrap() > 0 {
+                self.dev.reboot().unwrap();
                 continue;
             }
             if closed_result(&self.server.action(action).unwrap()).is_some() {
@@ -95,12 +96,12 @@ impl Rig {
             "no detail mentions {needle:?}: {details:#?}"
         );
         // Nothing was activated: the device stays on A with its factory image.
-        let env = self.device.env_map().unwrap();
+        let env = self.dev.env_map().unwrap();
         assert_eq!(env.get("bootctl_slot").map(String::as_str), Some("A"));
         assert_ne!(env.get("upgrade_available").map(String::as_str), Some("1"));
-        assert_eq!(self.device.reboot().unwrap(), Slot::A);
-        let factory = self.device.options().factory_image.clone();
-        assert!(self.device.slot_holds(Slot::A, &factory).unwrap());
+        assert_eq!(self.dev.reboot().unwrap(), Slot::A);
+        let factory = self.dev.options().factory_image.clone();
+        assert!(self.dev.slot_holds(Slot::A, &factory).unwrap());
     }
 }
 
@@ -137,8 +138,8 @@ fn a_signed_gzip_bundle_installs_and_is_confirmed_after_the_reboot() {
     rig.settle(action);
     let view = rig.server.action(action).unwrap();
     assert!(ended_as(&view, "success"), "action: {}", summary(&view));
-    assert_eq!(rig.device.booted().unwrap(), Slot::B);
-    assert!(rig.device.slot_holds(Slot::B, &image.bytes).unwrap());
+    assert_eq!(rig.dev.booted().unwrap(), Slot::B);
+    assert!(rig.dev.slot_holds(Slot::B, &image.bytes).unwrap());
 }
 
 #[test]
@@ -216,14 +217,14 @@ fn a_bundle_whose_manifest_is_not_first_is_refused() {
 #[test]
 fn a_bundle_image_larger_than_the_slot_is_refused() {
     let rig = Rig::new(true);
-    let slot = rig.device.options().slot_size as usize;
+    let slot = rig.dev.options().slot_size as usize;
     let image = Image::good("2.0", slot + 4096);
-    let slot_b_before = rig.device.slot_bytes(Slot::B).unwrap();
+    let slot_b_before = rig.dev.slot_bytes(Slot::B).unwrap();
     let action = rig.deploy("2.0", rig.bundle(&image.bytes, COMPATIBLE, &rig.vendor));
     rig.settle(action);
     rig.assert_refused(action, "bytes that fit");
     // Refused from the signed manifest, before the first image byte reached the slot.
-    assert!(rig.device.slot_bytes(Slot::B).unwrap() == slot_b_before);
+    assert!(rig.dev.slot_bytes(Slot::B).unwrap() == slot_b_before);
 }
 
 fn chunked_bundle_of(dir: &Path, image: &[u8], key: &SecretKey) -> Vec<u8> {
@@ -258,8 +259,8 @@ fn a_chunked_bundle_installs_and_is_confirmed_after_the_reboot() {
     rig.settle(action);
     let view = rig.server.action(action).unwrap();
     assert!(ended_as(&view, "success"), "action: {}", summary(&view));
-    assert_eq!(rig.device.booted().unwrap(), Slot::B);
-    assert!(rig.device.slot_holds(Slot::B, &image.bytes).unwrap());
+    assert_eq!(rig.dev.booted().unwrap(), Slot::B);
+    assert!(rig.dev.slot_holds(Slot::B, &image.bytes).unwrap());
 }
 
 #[test]

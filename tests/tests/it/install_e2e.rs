@@ -6,28 +6,29 @@
 use std::time::Duration;
 
 use bootctl::scheme::Slot;
-use ddi_sim::{Assignment, Fault, FaultKind, ServerOptions, TestServer};
+use ddi_sim::{Assignment, Fault, FaultKind, ServerOptions};
 use ddi_tests::demo::{closed_result, ended_as, summary};
-use ddi_tests::device::{self, DeviceOptions, FileDevice, Image};
+use ddi_tests::device::{self, DeviceOptions, Image};
 
 const CONTROLLER: &str = "install-e2e";
 const TOKEN: &str = "install-e2e-token";
 const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
 
-struct Rig {
-    server: TestServer,
-    device: FileDevice,
+/// The common rig, its device powered on, with this module's deploy, settle and checks.
+struct Rig(ddi_tests::rig::Rig);
+
+impl std::ops::Deref for Rig {
+    type Target = ddi_tests::rig::Rig;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl Rig {
     fn new(change: impl FnOnce(&mut DeviceOptions)) -> Rig {
-        let server = TestServer::start(ServerOptions::default());
-        server.create_target(CONTROLLER, Some(TOKEN)).unwrap();
-        let mut options = DeviceOptions::new(&server.url(), CONTROLLER, TOKEN);
-        change(&mut options);
-        let device = FileDevice::create_temp(options).unwrap();
-        device.reboot().unwrap();
-        Rig { server, device }
+        let rig = ddi_tests::rig::Rig::start(ServerOptions::default(), CONTROLLER, TOKEN, change);
+        rig.dev.reboot().unwrap();
+        Rig(rig)
     }
 
     fn deploy(&self, version: &str, filename: &str, artifact: Vec<u8>) -> u64 {
@@ -47,11 +48,11 @@ impl Rig {
     fn settle(&self, action: u64, cycles: usize) -> Vec<Option<i32>> {
         let mut codes = Vec::new();
         for _ in 0..cycles {
-            let out = self.device.agent_once(AGENT_TIMEOUT).unwrap();
+            let out = self.dev.agent_once(AGENT_TIMEOUT).unwrap();
             assert!(!out.timed_out, "agent hung: {}", out.describe());
             codes.push(out.code);
-            if self.device.take_reboot_requests().unwrap() > 0 {
-                self.device.reboot().unwrap();
+            if self.dev.take_reboot_requests().unwrap() > 0 {
+                self.dev.reboot().unwrap();
                 continue;
             }
             let view = self.server.action(action).unwrap();
@@ -63,12 +64,12 @@ impl Rig {
     }
 
     fn factory(&self) -> Vec<u8> {
-        self.device.options().factory_image.clone()
+        self.dev.options().factory_image.clone()
     }
 
     /// Nothing was activated: the device runs A with A's factory image, U-Boot boots A next.
     fn assert_nothing_activated(&self) {
-        let env = self.device.env_map().unwrap();
+        let env = self.dev.env_map().unwrap();
         assert_eq!(
             env.get("bootctl_slot").map(String::as_str),
             Some("A"),
@@ -79,12 +80,12 @@ impl Rig {
             Some("1"),
             "{env:?}"
         );
-        assert_eq!(self.device.booted().unwrap(), Slot::A);
+        assert_eq!(self.dev.booted().unwrap(), Slot::A);
         assert!(
-            self.device.slot_holds(Slot::A, &self.factory()).unwrap(),
+            self.dev.slot_holds(Slot::A, &self.factory()).unwrap(),
             "slot A changed"
         );
-        assert_eq!(self.device.reboot().unwrap(), Slot::A);
+        assert_eq!(self.dev.reboot().unwrap(), Slot::A);
     }
 
     fn assert_failed_with(&self, action: u64, needle: &str) {
@@ -101,19 +102,19 @@ impl Rig {
 fn assert_installed(rig: &Rig, action: u64, image: &[u8]) {
     let view = rig.server.action(action).unwrap();
     assert!(ended_as(&view, "success"), "action: {}", summary(&view));
-    assert_eq!(rig.device.booted().unwrap(), Slot::B);
+    assert_eq!(rig.dev.booted().unwrap(), Slot::B);
     assert!(
-        rig.device.slot_holds(Slot::B, image).unwrap(),
+        rig.dev.slot_holds(Slot::B, image).unwrap(),
         "slot B lacks the image"
     );
-    let slot_b = rig.device.slot_bytes(Slot::B).unwrap();
+    let slot_b = rig.dev.slot_bytes(Slot::B).unwrap();
     assert_eq!(
         slot_b.len() as u64,
-        rig.device.options().slot_size,
+        rig.dev.options().slot_size,
         "slot size changed"
     );
     assert!(
-        rig.device.slot_holds(Slot::A, &rig.factory()).unwrap(),
+        rig.dev.slot_holds(Slot::A, &rig.factory()).unwrap(),
         "slot A changed"
     );
 }
@@ -159,14 +160,14 @@ fn wrong_hash_fails_without_activation() {
 #[test]
 fn oversize_image_fails_before_writing() {
     let rig = Rig::new(|o| o.slot_size = 1 << 20);
-    let before = rig.device.slot_bytes(Slot::B).unwrap();
+    let before = rig.dev.slot_bytes(Slot::B).unwrap();
     let image = Image::good("2.3", (1 << 20) + 1);
     let action = rig.deploy("2.3", "os.img", image.bytes.clone());
     rig.settle(action, 3);
     rig.assert_failed_with(action, "does not fit");
     rig.assert_nothing_activated();
     assert_eq!(
-        rig.device.slot_bytes(Slot::B).unwrap(),
+        rig.dev.slot_bytes(Slot::B).unwrap(),
         before,
         "slot B was written"
     );
@@ -175,14 +176,14 @@ fn oversize_image_fails_before_writing() {
 #[test]
 fn oversize_gzip_image_fails_before_writing() {
     let rig = Rig::new(|o| o.slot_size = 1 << 20);
-    let before = rig.device.slot_bytes(Slot::B).unwrap();
+    let before = rig.dev.slot_bytes(Slot::B).unwrap();
     let image = Image::good("2.8", (1 << 20) + 1);
     let action = rig.deploy("2.8", "os.img.gz", image.gzip());
     rig.settle(action, 3);
     rig.assert_failed_with(action, "does not fit");
     rig.assert_nothing_activated();
     assert_eq!(
-        rig.device.slot_bytes(Slot::B).unwrap(),
+        rig.dev.slot_bytes(Slot::B).unwrap(),
         before,
         "slot B was written"
     );
@@ -243,9 +244,9 @@ fn disk_full_while_writing_fails_without_activation() {
     let fs = SmallFs::mount(1 << 20);
     let sparse = fs.dir.path().join("slot-b.img");
     let file = std::fs::File::create(&sparse).unwrap();
-    file.set_len(rig.device.options().slot_size).unwrap();
+    file.set_len(rig.dev.options().slot_size).unwrap();
     drop(file);
-    let slot_b = rig.device.slot_path(Slot::B);
+    let slot_b = rig.dev.slot_path(Slot::B);
     std::fs::remove_file(&slot_b).unwrap();
     std::os::unix::fs::symlink(&sparse, &slot_b).unwrap();
 
@@ -256,7 +257,7 @@ fn disk_full_while_writing_fails_without_activation() {
     rig.assert_nothing_activated();
     assert_eq!(
         std::fs::metadata(&sparse).unwrap().len(),
-        rig.device.options().slot_size,
+        rig.dev.options().slot_size,
         "slot size changed"
     );
 }
@@ -295,9 +296,9 @@ fn restart_mid_download_resumes_from_the_last_checkpoint() {
     });
     let image = Image::good("2.9", 20 << 20);
     let action = rig.deploy("2.9", "os.img", image.bytes.clone());
-    let record_path = rig.device.state_dir().join("download.resume");
+    let record_path = rig.dev.state_dir().join("download.resume");
 
-    let mut cmd = rig.device.agent_command();
+    let mut cmd = rig.dev.agent_command();
     cmd.arg("once");
     let mut agent = ddi_tests::harness::Background::spawn(cmd).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -317,18 +318,18 @@ fn restart_mid_download_resumes_from_the_last_checkpoint() {
         serde_json::from_slice(&std::fs::read(&record_path).unwrap()).unwrap();
     assert_eq!(record["slot_offset"], 16 << 20, "{record}");
     assert!(rig
-        .device
+        .dev
         .slot_holds(Slot::B, &image.bytes[..16 << 20])
         .unwrap());
 
-    let out = rig.device.agent_once(AGENT_TIMEOUT).unwrap();
+    let out = rig.dev.agent_once(AGENT_TIMEOUT).unwrap();
     assert!(
         out.stderr.contains("resuming download") || out.stdout.contains("resuming download"),
         "{}",
         out.describe()
     );
-    rig.device.take_reboot_requests().unwrap();
-    rig.device.reboot().unwrap();
+    rig.dev.take_reboot_requests().unwrap();
+    rig.dev.reboot().unwrap();
     rig.settle(action, 3);
     assert_installed(&rig, action, &image.bytes);
     assert!(!record_path.exists(), "resume record left behind");
@@ -340,10 +341,10 @@ fn download_rate_is_limited() {
     let image = Image::good("3.1", 2 << 20);
     let action = rig.deploy("3.1", "os.img", image.bytes.clone());
     let begin = std::time::Instant::now();
-    let out = rig.device.agent_once(AGENT_TIMEOUT).unwrap();
+    let out = rig.dev.agent_once(AGENT_TIMEOUT).unwrap();
     let elapsed = begin.elapsed();
     assert_eq!(
-        rig.device.take_reboot_requests().unwrap(),
+        rig.dev.take_reboot_requests().unwrap(),
         1,
         "{}",
         out.describe()
@@ -353,7 +354,7 @@ fn download_rate_is_limited() {
         elapsed >= Duration::from_millis(1900),
         "took only {elapsed:?}"
     );
-    rig.device.reboot().unwrap();
+    rig.dev.reboot().unwrap();
     rig.settle(action, 3);
     assert_installed(&rig, action, &image.bytes);
 }

@@ -18,10 +18,9 @@ use std::time::Duration;
 use bootctl::scheme::Slot;
 use ddi_sim::{
     ActionStatus, Assignment, Endpoint, Fault, FaultKind, MaintenanceWindow, ServerOptions,
-    TestServer,
 };
-use ddi_tests::device::{DeviceOptions, FileDevice, Image};
-use ddi_tests::harness::{run_with_timeout, Background, CommandOutput};
+use ddi_tests::device::{DeviceOptions, Image};
+use ddi_tests::harness::{run_with_timeout, Background};
 
 const TARGET: &str = "dev-1";
 const TOKEN: &str = "s3cret-target-token";
@@ -33,59 +32,29 @@ fn fixtures_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/state")
 }
 
-/// A server and a device, with the agent binary that runs on the device.
-struct Rig {
-    server: TestServer,
-    dev: FileDevice,
-    agent: PathBuf,
+/// The common rig (server, device, the agent binary installed on it, which changes across an
+/// update) with the state files and `closed` feedback views of this module.
+struct Rig(ddi_tests::rig::Rig);
+
+impl std::ops::Deref for Rig {
+    type Target = ddi_tests::rig::Rig;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Rig {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
 }
 
 impl Rig {
     fn new(agent: &Path, change: impl FnOnce(&mut DeviceOptions)) -> Rig {
-        let server = TestServer::start(ServerOptions::default().polling(Duration::from_secs(1)));
-        server.create_target(TARGET, Some(TOKEN)).unwrap();
-        let mut o = DeviceOptions::new(&server.url(), TARGET, TOKEN);
-        change(&mut o);
-        let dev = FileDevice::create_temp(o).unwrap();
-        Rig {
-            server,
-            dev,
-            agent: agent.to_path_buf(),
-        }
-    }
-
-    /// Runs the agent the device has now (the "installed" binary) with `args`.
-    fn command(&self, args: &[&str]) -> std::process::Command {
-        let mut cmd = std::process::Command::new(&self.agent);
-        cmd.arg("-c")
-            .arg(self.dev.config_path())
-            .args(args)
-            .env("NO_COLOR", "1");
-        cmd
-    }
-
-    fn once(&self) -> CommandOutput {
-        let out = run_with_timeout(self.command(&["once"]), Duration::from_secs(90)).unwrap();
-        assert!(!out.timed_out, "agent hung:\n{}", out.describe());
-        out
-    }
-
-    fn once_expect(&self, code: i32) -> CommandOutput {
-        let out = self.once();
-        assert_eq!(out.code, Some(code), "{}", out.describe());
-        out
-    }
-
-    fn deploy(&self, image: &Image, how: &Assignment) -> u64 {
-        self.server
-            .deploy(
-                TARGET,
-                &image.header.version,
-                "os.img",
-                image.bytes.clone(),
-                how,
-            )
-            .unwrap()
+        let opts = ServerOptions::default().polling(Duration::from_secs(1));
+        let mut rig = ddi_tests::rig::Rig::start(opts, TARGET, TOKEN, change);
+        rig.agent = agent.to_path_buf();
+        Rig(rig)
     }
 
     /// (finished, details) of every `closed` feedback the server accepted for the action.
@@ -108,10 +77,6 @@ impl Rig {
         assert_eq!(closed.len(), 1, "action {action}: {closed:?}");
         assert_eq!(closed[0].0, finished, "action {action}: {closed:?}");
         closed[0].1.clone()
-    }
-
-    fn env(&self, name: &str) -> Option<String> {
-        self.dev.env_map().unwrap().get(name).cloned()
     }
 
     /// The state files in `state_dir`, machine-specific parts replaced by placeholders.

@@ -1,0 +1,100 @@
+//! The common start of the integration tests: a test server (`ddi_sim`) that knows one target,
+//! a file-backed device configured for it, and the agent binary run against both. Test modules
+//! wrap [`Rig`] with the views and checks of their own.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use ddi_sim::{Assignment, ServerOptions, TestServer};
+
+use crate::device::{DeviceOptions, FileDevice, Image};
+use crate::harness::{run_with_timeout, CommandOutput};
+
+/// How long one `ddi-agent once` may take before the test calls it hung.
+pub const ONCE_TIMEOUT: Duration = Duration::from_secs(90);
+
+pub struct Rig {
+    pub server: TestServer,
+    pub dev: FileDevice,
+    /// The controller id the server knows the device by.
+    pub target: String,
+    /// The agent binary [`Rig::command`] runs: this workspace's, unless a test installs another
+    /// one (an earlier release, for the state format across versions).
+    pub agent: PathBuf,
+    /// Text the agent's output must never hold (a secret), checked by [`Rig::once`].
+    pub never_printed: Option<String>,
+}
+
+impl Rig {
+    /// A server started with `opts` that knows `target` by `token`, and a device configured for
+    /// it (`change` adjusts the device's options before it is created).
+    pub fn start(
+        opts: ServerOptions,
+        target: &str,
+        token: &str,
+        change: impl FnOnce(&mut DeviceOptions),
+    ) -> Rig {
+        let server = TestServer::start(opts);
+        server.create_target(target, Some(token)).unwrap();
+        let mut options = DeviceOptions::new(&server.url(), target, token);
+        change(&mut options);
+        let dev = FileDevice::create_temp(options).unwrap();
+        Rig {
+            server,
+            dev,
+            target: target.to_string(),
+            agent: crate::bin_path("ddi-agent"),
+            never_printed: None,
+        }
+    }
+
+    /// `ddi-agent -c CONFIG ARGS` of the installed agent binary.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.agent);
+        cmd.arg("-c")
+            .arg(self.dev.config_path())
+            .args(args)
+            .env("NO_COLOR", "1");
+        cmd
+    }
+
+    /// Runs `ddi-agent once`; the test fails when it hangs or prints [`Rig::never_printed`].
+    pub fn once(&self) -> CommandOutput {
+        let out = run_with_timeout(self.command(&["once"]), ONCE_TIMEOUT).unwrap();
+        assert!(!out.timed_out, "agent hung:\n{}", out.describe());
+        if let Some(secret) = &self.never_printed {
+            assert!(
+                !out.stderr.contains(secret) && !out.stdout.contains(secret),
+                "token leaked into the output:\n{}",
+                out.describe()
+            );
+        }
+        out
+    }
+
+    /// [`Rig::once`], which must exit with `code`.
+    pub fn once_expect(&self, code: i32) -> CommandOutput {
+        let out = self.once();
+        assert_eq!(out.code, Some(code), "{}", out.describe());
+        out
+    }
+
+    /// Deploys `image` (as `os.img`) to the target; returns the action id.
+    pub fn deploy(&self, image: &Image, how: &Assignment) -> u64 {
+        self.server
+            .deploy(
+                &self.target,
+                &image.header.version,
+                "os.img",
+                image.bytes.clone(),
+                how,
+            )
+            .unwrap()
+    }
+
+    /// A variable of the device's U-Boot environment.
+    pub fn env(&self, name: &str) -> Option<String> {
+        self.dev.env_map().unwrap().get(name).cloned()
+    }
+}
