@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bootctl::scheme::Slot;
 use ddi_bundle::{generate_keypair, SecretKey};
-use ddi_sim::{Assignment, Fault, FaultKind, MaintenanceWindow, ServerOptions, TestServer};
+use ddi_sim::{Assignment, Fault, FaultKind, ServerOptions, TestServer};
 use ddi_tests::device::{sha256_hex, DeviceOptions, FileDevice, Image, DEFAULT_SLOT_SIZE};
 use ddi_tests::harness::{env_number, run_with_timeout, Background, CommandOutput, Rng};
 
@@ -451,7 +451,7 @@ fn a_url_is_installed_resumed_after_drops_and_the_server_hears_nothing() {
 fn a_local_install_is_refused_while_a_server_action_is_in_progress() {
     let server = TestServer::start(ServerOptions::default());
     server.create_target("busy", Some("busy-token")).unwrap();
-    let image = Image::good("2.0", 256 * 1024);
+    let image = Image::good("2.0", 1024 * 1024);
     let module = server.create_module("os", "firmware", "2.0");
     server
         .upload_bytes(module, "img", image.bytes.clone())
@@ -459,37 +459,60 @@ fn a_local_install_is_refused_while_a_server_action_is_in_progress() {
     let ds = server
         .create_distribution("firmware", "2.0", &[module])
         .unwrap();
-    let mut how = Assignment::forced();
-    // Installed now, activated in a window that has not opened yet.
-    how.maintenance = Some(MaintenanceWindow {
-        start_ms: ddi_sim::model::now_ms() + 600_000,
-        duration_ms: 600_000,
-        every_ms: None,
-    });
-    let action = server.assign("busy", ds, &how).unwrap();
+    let action = server.assign("busy", ds, &Assignment::forced()).unwrap();
     let device =
         FileDevice::create_temp(DeviceOptions::new(&server.url(), "busy", "busy-token")).unwrap();
     device.reboot().unwrap();
-    let out = run_agent(&device, &["once"]);
-    assert_eq!(out.code, Some(0), "{}", out.describe());
-    assert_eq!(status_json(&device)["phase"], "installed");
     let files = tempfile::tempdir().unwrap();
     let other = files.path().join("other.img");
     std::fs::write(&other, Image::good("9.9", 256 * 1024).bytes).unwrap();
-    let before = (
-        device.slot_bytes(Slot::B).unwrap(),
-        device.env_vars().unwrap(),
-    );
-    let out = run_agent(&device, &["install", &other.display().to_string()]);
-    assert_refused(&out, &format!("server action {action} is in progress"));
-    assert_eq!(
-        (
+    let other = other.display().to_string();
+    let untouched = |what: &str| {
+        let before = (
             device.slot_bytes(Slot::B).unwrap(),
-            device.env_vars().unwrap()
-        ),
-        before,
-        "the server's slot was touched"
+            device.env_vars().unwrap(),
+        );
+        let out = run_agent(&device, &["install", &other]);
+        assert_refused(&out, what);
+        assert_eq!(
+            (
+                device.slot_bytes(Slot::B).unwrap(),
+                device.env_vars().unwrap()
+            ),
+            before,
+            "the server's slot was touched"
+        );
+    };
+    // The server's install interrupted halfway (a slow download, the agent killed): in progress.
+    server.add_fault(Fault::new(FaultKind::Slow {
+        bytes_per_sec: 100_000,
+    }));
+    let mut cmd = device.agent_command();
+    cmd.arg("once");
+    let agent = Background::spawn(cmd).unwrap();
+    let state = device.state_dir().join("state.json");
+    assert!(
+        ddi_tests::harness::wait_until(TIMEOUT, Duration::from_millis(50), || {
+            std::fs::read_to_string(&state).is_ok_and(|s| s.contains("\"installing\""))
+        }),
+        "the server's install never started"
     );
+    agent.stop().unwrap();
+    assert_eq!(status_json(&device)["phase"], "installing");
+    untouched(&format!("server action {action} is in progress"));
+    // The server's install done and activated: its reboot and confirmation come first.
+    server.clear_faults();
+    assert_eq!(run_agent(&device, &["once"]).code, Some(0));
+    assert_eq!(device.take_reboot_requests().unwrap(), 1);
+    untouched(&format!(
+        "waits for its reboot and confirmation (server action {action})"
+    ));
+    assert!(server
+        .action(action)
+        .unwrap()
+        .feedback
+        .iter()
+        .all(|f| f.execution() != Some("closed")));
 }
 
 /// kill -9 at random points of a local install: the slot U-Boot boots never holds a partial
@@ -536,10 +559,16 @@ fn kill_9_during_a_local_install_never_leaves_a_partial_bootable_slot() {
                 "slot {target} activated with a partial image; {context}"
             );
         }
-        // Power cut, then the agent's post-reboot step settles whatever was left.
-        let now = rig.device.reboot().unwrap();
-        rig.agent(&["once"]);
-        rig.device.take_reboot_requests().unwrap();
+        // Power cut, then the agent's post-reboot step settles whatever was left (an activation
+        // the cut interrupted is done again and rebooted into).
+        let mut now = rig.device.reboot().unwrap();
+        for _ in 0..3 {
+            rig.agent(&["once"]);
+            if rig.device.take_reboot_requests().unwrap() == 0 {
+                break;
+            }
+            now = rig.device.reboot().unwrap();
+        }
         let status = rig.status();
         assert_eq!(status["phase"], "idle", "{status}; {context}");
         if now == target {
