@@ -226,7 +226,9 @@ impl ProgressDisplay {
     }
 
     pub fn show(&mut self, p: Progress) {
-        let line = progress_line(p, self.started.elapsed());
+        let Some(line) = progress_line(p, self.started.elapsed()) else {
+            return;
+        };
         if self.terminal {
             use std::io::Write;
             let mut err = std::io::stderr().lock();
@@ -250,10 +252,12 @@ impl ProgressDisplay {
 
 /// `writing 12.0 MiB / 64.0 MiB (18%), 4.0 MiB/s, ETA 13 s` (the rate is the average over
 /// `elapsed`), or `verifying 8.0 MiB / 64.0 MiB (12%)`.
-pub fn progress_line(p: Progress, elapsed: Duration) -> String {
+pub fn progress_line(p: Progress, elapsed: Duration) -> Option<String> {
     let (what, done, total) = match p {
         Progress::Downloading { done, total } => ("writing", done, total),
         Progress::Verifying { done, total } => ("verifying", done, Some(total)),
+        // Local installs are never delta installs.
+        Progress::Delta(_) => return None,
     };
     let secs = elapsed.as_secs_f64();
     let rate = if secs > 0.0 { done as f64 / secs } else { 0.0 };
@@ -273,7 +277,7 @@ pub fn progress_line(p: Progress, elapsed: Duration) -> String {
             line += &format!(", ETA {} s", eta.ceil() as u64);
         }
     }
-    line
+    Some(line)
 }
 
 fn mib(bytes: f64) -> String {
@@ -317,7 +321,7 @@ mod tests {
             Duration::from_secs(4),
         );
         assert_eq!(
-            line,
+            line.unwrap(),
             "writing 16.0 MiB / 64.0 MiB (25%), 4.0 MiB/s, ETA 12 s"
         );
         let line = progress_line(
@@ -327,7 +331,7 @@ mod tests {
             },
             Duration::from_secs(2),
         );
-        assert_eq!(line, "writing 1.0 MiB, 0.5 MiB/s");
+        assert_eq!(line.unwrap(), "writing 1.0 MiB, 0.5 MiB/s");
         let line = progress_line(
             Progress::Verifying {
                 done: 0,
@@ -335,7 +339,7 @@ mod tests {
             },
             Duration::ZERO,
         );
-        assert_eq!(line, "verifying 0.0 MiB / 8.0 MiB (0%)");
+        assert_eq!(line.unwrap(), "verifying 0.0 MiB / 8.0 MiB (0%)");
     }
 
     #[test]
