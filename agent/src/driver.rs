@@ -535,6 +535,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         let client = self.client.clone();
         let link = job.link.clone();
         let action_id = job.action_id.clone();
+        let seed_slot = job.target.other();
         let runs = job.download_runs;
         // Progress feedback goes out from its own task, within the run's budget (status quota).
         let reporter = tokio::spawn(async move {
@@ -544,6 +545,13 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                 let (stage, done, total) = match p {
                     Progress::Downloading { done, total } => (Stage::Downloading, done, total),
                     Progress::Verifying { done, total } => (Stage::Verifying, done, Some(total)),
+                    Progress::Delta(summary) => {
+                        // Once per install: what a delta install downloads and reuses.
+                        let fb = Feedback::new(&action_id, Execution::Download, Finished::None)
+                            .detail(summary.describe(&format!("slot {seed_slot}")));
+                        let _ = client.send_feedback(&link, &fb).await;
+                        continue;
+                    }
                 };
                 if !budget.admit(stage, done, total, run_start.elapsed()) {
                     continue;
@@ -555,6 +563,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                     Progress::Verifying { done, total } => {
                         (Execution::Proceeding, done, Some(total), "verifying")
                     }
+                    Progress::Delta(_) => continue,
                 };
                 let amount = match total.filter(|t| *t > 0) {
                     Some(total) => format!("{done} of {total} bytes"),

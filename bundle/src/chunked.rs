@@ -256,7 +256,7 @@ pub fn max_chunk_window(raw_len: u32) -> u64 {
 }
 
 /// The window size a zstd frame's header asks for (RFC 8878, 3.1.1.1).
-fn frame_window_size(frame: &[u8]) -> Result<u64, &'static str> {
+pub fn frame_window_size(frame: &[u8]) -> Result<u64, &'static str> {
     if !frame.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         return Err("it is not a zstd frame (no zstd magic number)");
     }

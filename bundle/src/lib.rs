@@ -34,8 +34,8 @@ pub use manifest::{
     FORMAT_VERSION,
 };
 pub use reader::{
-    looks_like_bundle, read_manifest_unverified, read_unverified, BundleReader, Policy,
-    UnverifiedBundle,
+    looks_like_bundle, read_manifest_unverified, read_prefix_unverified, read_unverified,
+    BundleReader, Policy, UnverifiedBundle,
 };
 #[cfg(feature = "create")]
 pub use writer::{

@@ -43,6 +43,17 @@ pub fn read_manifest_unverified<R: Read>(mut reader: R) -> Result<Manifest, Bund
     )?)
 }
 
+/// The manifest and the length of everything before the image member's data (metadata
+/// members, index, the image's header), read from the first two members WITHOUT any
+/// verification: how much of a bundle a device fetches before its chunks.
+pub fn read_prefix_unverified<R: Read>(mut reader: R) -> Result<(Manifest, u64), BundleError> {
+    let manifest_bytes = read_metadata_member(&mut reader, MANIFEST_NAME, MAX_METADATA_SIZE)?;
+    let manifest = Manifest::parse(&manifest_bytes)?;
+    let signature_bytes = read_metadata_member(&mut reader, SIGNATURE_NAME, MAX_METADATA_SIZE)?;
+    let len = prefix_len(&manifest, manifest_bytes.len(), signature_bytes.len());
+    Ok((manifest, len))
+}
+
 /// What a bundle says about itself, read WITHOUT checking the signature: for tools that
 /// display or compare bundles. The index is checked against the manifest.
 #[derive(Debug, Clone)]

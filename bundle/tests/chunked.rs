@@ -365,3 +365,21 @@ fn the_cli_creates_inspects_verifies_and_diffs_chunked_bundles() {
     assert!(!ok);
     assert!(stderr.contains("chunk"), "{stderr}");
 }
+
+#[test]
+fn the_prefix_length_is_known_from_the_first_two_members() {
+    let f = Fixture::new();
+    let bundle = f.chunked(&text(300_000, 9), "1");
+    let read = read_unverified(bundle.as_slice()).unwrap();
+    // Only the manifest and the signature are needed: not the index (which may be MiBs).
+    let index_span = read
+        .manifest
+        .chunked
+        .unwrap()
+        .index_size
+        .next_multiple_of(512);
+    let first_two = (read.data_offset - 512 - index_span - 512) as usize;
+    let (manifest, len) = ddi_bundle::read_prefix_unverified(&bundle[..first_two]).unwrap();
+    assert_eq!(len, read.data_offset);
+    assert_eq!(manifest.format, 2);
+}

@@ -6,6 +6,10 @@
 #   <image>.ddibundle        the same image as a signed bundle (`ddi-bundle create`,
 #                            built by ddi-bundle-native), when DDI_BUNDLE_KEYS names
 #                            secret key files; the agent verifies it before writing.
+#                            With DDI_BUNDLE_FORMAT = "2" it is a chunked bundle made
+#                            from the raw slot image: devices download only the chunks
+#                            their running slot lacks (delta updates; agents from the
+#                            release that reads format 2 on).
 # Both are deployed to DEPLOY_DIR_IMAGE with the usual <IMAGE_LINK_NAME> symlinks.
 
 # The filesystem type of a slot (the same as the wks slot partitions).
@@ -16,8 +20,16 @@ DDI_ARTIFACT_FSTYPE ??= "ext4"
 DDI_BUNDLE_KEYS ??= ""
 DDI_BUNDLE_VERSION ??= "${DISTRO_VERSION}"
 DDI_BUNDLE_COMPATIBLE ??= "${MACHINE}"
+# 1: the gzip image signed as it is; 2: chunked (delta updates), from the raw image.
+DDI_BUNDLE_FORMAT ??= "1"
+# Format 2: average chunk size in KiB (a power of two; BENCHMARKS.md has the trade-off)
+# and the zstd level of each chunk.
+DDI_BUNDLE_CHUNK_KIB ??= "64"
+DDI_BUNDLE_ZSTD_LEVEL ??= "19"
 
 IMAGE_FSTYPES:append = " ${DDI_ARTIFACT_FSTYPE}.gz"
+# A chunked bundle is cut from the raw slot image.
+IMAGE_FSTYPES:append = "${@' ' + d.getVar('DDI_ARTIFACT_FSTYPE') if d.getVar('DDI_BUNDLE_FORMAT') == '2' and d.getVar('DDI_BUNDLE_KEYS') else ''}"
 
 DDI_BUNDLE_DEPLOYDIR = "${WORKDIR}/ddi-bundle-deploy"
 
@@ -33,15 +45,28 @@ do_ddi_bundle() {
         fi
         set -- "$@" --key "$key"
     done
-    image="${DEPLOY_DIR_IMAGE}/${IMAGE_LINK_NAME}.${DDI_ARTIFACT_FSTYPE}.gz"
+    case "${DDI_BUNDLE_FORMAT}" in
+    1)
+        name="${IMAGE_LINK_NAME}.${DDI_ARTIFACT_FSTYPE}.gz"
+        ;;
+    2)
+        name="${IMAGE_LINK_NAME}.${DDI_ARTIFACT_FSTYPE}"
+        set -- "$@" --chunked --chunk-size-kib "${DDI_BUNDLE_CHUNK_KIB}" \
+            --zstd-level "${DDI_BUNDLE_ZSTD_LEVEL}"
+        ;;
+    *)
+        bbfatal "DDI_BUNDLE_FORMAT = \"${DDI_BUNDLE_FORMAT}\": expected 1 or 2"
+        ;;
+    esac
+    image="${DEPLOY_DIR_IMAGE}/$name"
     if [ ! -e "$image" ]; then
-        bbfatal "$image is missing: IMAGE_FSTYPES must contain ${DDI_ARTIFACT_FSTYPE}.gz"
+        bbfatal "$image is missing: IMAGE_FSTYPES must contain ${name#${IMAGE_LINK_NAME}.}"
     fi
     ddi-bundle create "$@" \
         --compatible "${DDI_BUNDLE_COMPATIBLE}" \
         --version "${DDI_BUNDLE_VERSION}" \
         --image "$image" \
-        --image-name "${IMAGE_LINK_NAME}.${DDI_ARTIFACT_FSTYPE}.gz" \
+        --image-name "$name" \
         --output "${DDI_BUNDLE_DEPLOYDIR}/${IMAGE_NAME}.ddibundle"
     ln -sf "${IMAGE_NAME}.ddibundle" "${DDI_BUNDLE_DEPLOYDIR}/${IMAGE_LINK_NAME}.ddibundle"
 }
@@ -53,7 +78,7 @@ do_ddi_bundle[sstate-outputdirs] = "${DEPLOY_DIR_IMAGE}"
 do_ddi_bundle[dirs] = "${DDI_BUNDLE_DEPLOYDIR}"
 do_ddi_bundle[cleandirs] = "${DDI_BUNDLE_DEPLOYDIR}"
 do_ddi_bundle[depends] += "${@'ddi-bundle-native:do_populate_sysroot' if d.getVar('DDI_BUNDLE_KEYS') else ''}"
-do_ddi_bundle[vardeps] += "DDI_BUNDLE_KEYS"
+do_ddi_bundle[vardeps] += "DDI_BUNDLE_KEYS DDI_BUNDLE_FORMAT DDI_BUNDLE_CHUNK_KIB DDI_BUNDLE_ZSTD_LEVEL"
 # The keys' contents are inputs too: a new key at the same path must sign again.
 do_ddi_bundle[file-checksums] += "${@' '.join('%s:True' % key for key in (d.getVar('DDI_BUNDLE_KEYS') or '').split())}"
 

@@ -300,8 +300,55 @@ fn set(r: &mut Response, name: header::HeaderName, value: &str) {
     }
 }
 
-/// GET `softwaremodules/{module}/artifacts/{filename}` (or `{filename}.MD5SUM`).
+/// One artifact request as the server answered it (see [`crate::TestServer::download_log`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DownloadRequest {
+    pub controller_id: String,
+    pub filename: String,
+    /// The request's `Range` header.
+    pub range: Option<String>,
+    pub status: u16,
+    /// The body's announced length (`Content-Length`; none for multipart bodies).
+    pub body_len: Option<u64>,
+}
+
+/// GET `softwaremodules/{module}/artifacts/{filename}` (or `{filename}.MD5SUM`), recorded in
+/// the download log.
 pub async fn artifact(
+    shared: &Arc<Shared>,
+    controller_id: &str,
+    module: u64,
+    filename: &str,
+    headers: &HeaderMap,
+    uri: &str,
+    faults: &Triggered,
+) -> Response {
+    let response = answer_artifact(
+        shared,
+        controller_id,
+        module,
+        filename,
+        headers,
+        uri,
+        faults,
+    )
+    .await;
+    let body_len = response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    shared.log_download(DownloadRequest {
+        controller_id: controller_id.to_string(),
+        filename: filename.to_string(),
+        range: header_str(headers, header::RANGE).map(str::to_string),
+        status: response.status().as_u16(),
+        body_len,
+    });
+    response
+}
+
+async fn answer_artifact(
     shared: &Arc<Shared>,
     controller_id: &str,
     module: u64,

@@ -16,7 +16,8 @@
 //! `.MD5SUM` download, with TargetToken / GatewayToken / proxy-certificate-header auth (401, empty
 //! body), ETag/304 on JSON,
 //! 405/406/415, Range (206/416), `If-Match` (412), `If-Range`; JSON, HAL+JSON and CBOR bodies.
-//! The latest DDI requests are logged with their headers ([`TestServer::requests`]).
+//! The latest DDI requests are logged with their headers ([`TestServer::requests`]); every
+//! artifact request with its answer's status and body length ([`TestServer::download_log`]).
 //!
 //! # Management API (JSON, no auth, prefix `/mgmt`)
 //! | method and path | body | answer |
@@ -68,6 +69,7 @@ pub mod mgmt;
 pub mod model;
 pub mod version;
 
+pub use download::DownloadRequest;
 pub use faults::{Endpoint, Fault, FaultKind};
 pub use mgmt::{ActionView, ArtifactView, TargetView};
 pub use model::{
@@ -181,12 +183,30 @@ pub struct Shared {
     state_file: Option<PathBuf>,
     data_dir: PathBuf,
     _temp: Option<tempfile::TempDir>,
+    /// Every artifact request, in order (not persisted).
+    downloads: Mutex<Vec<download::DownloadRequest>>,
 }
 
 impl Shared {
     /// Locks the state.
     pub fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends to the download log.
+    pub fn log_download(&self, request: download::DownloadRequest) {
+        self.downloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(request);
+    }
+
+    /// Every artifact request so far, in order.
+    pub fn download_log(&self) -> Vec<download::DownloadRequest> {
+        self.downloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Runs `f` on the state and saves it (when a state file is configured).
@@ -257,6 +277,7 @@ pub fn shared_from_options(opts: &ServerOptions) -> Result<Arc<Shared>, ServerEr
         state_file: opts.state_file.clone(),
         data_dir,
         _temp: temp,
+        downloads: Mutex::new(Vec::new()),
     });
     shared.save(&shared.lock())?;
     Ok(shared)
@@ -514,6 +535,12 @@ impl TestServer {
         })
     }
     /// Faults still armed.
+    /// Every artifact request the server answered, in order: its `Range`, status and body
+    /// length (how many bytes and requests a download cost).
+    pub fn download_log(&self) -> Vec<download::DownloadRequest> {
+        self.shared.download_log()
+    }
+
     pub fn faults(&self) -> Vec<Fault> {
         self.shared.lock().faults.clone()
     }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use ddi_sim::{Assignment, ServerOptions, TestServer};
 
+use crate::demo::{closed_result, summary};
 use crate::device::{DeviceOptions, FileDevice, Image};
 use crate::harness::{run_with_timeout, CommandOutput};
 
@@ -91,6 +92,40 @@ impl Rig {
                 how,
             )
             .unwrap()
+    }
+
+    /// Deploys `artifact` as `filename` of software version `version`, forced; returns the
+    /// action id.
+    pub fn deploy_artifact(&self, version: &str, filename: &str, artifact: Vec<u8>) -> u64 {
+        self.server
+            .deploy(
+                &self.target,
+                version,
+                filename,
+                artifact,
+                &Assignment::forced(),
+            )
+            .unwrap()
+    }
+
+    /// Runs `ddi-agent once` with the device's own agent, rebooting the device whenever the
+    /// agent asks, until `action` is closed (at most four runs).
+    pub fn settle(&self, action: u64) {
+        for _ in 0..4 {
+            let out = self.dev.agent_once(ONCE_TIMEOUT).unwrap();
+            assert!(!out.timed_out, "agent hung: {}", out.describe());
+            if self.dev.take_reboot_requests().unwrap() > 0 {
+                self.dev.reboot().unwrap();
+                continue;
+            }
+            if closed_result(&self.server.action(action).unwrap()).is_some() {
+                return;
+            }
+        }
+        panic!(
+            "action {action} never closed: {}",
+            summary(&self.server.action(action).unwrap())
+        );
     }
 
     /// A variable of the device's U-Boot environment.

@@ -34,6 +34,22 @@ impl BundlePolicy {
     pub fn for_install(&self) -> Option<BundlePolicy> {
         (self.require_signature || !self.trusted_keys.is_empty()).then(|| self.clone())
     }
+
+    /// The bundle reader's policy: the trusted keys loaded, images larger than
+    /// `slot_capacity` refused.
+    pub fn verifier(&self, slot_capacity: u64) -> Result<Policy, InstallError> {
+        let trusted_keys = self
+            .trusted_keys
+            .iter()
+            .map(|path| PublicKey::load(path))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| InstallError::Signature(e.to_string()))?;
+        Ok(Policy {
+            trusted_keys,
+            compatible: self.compatible.clone(),
+            max_image_size: Some(slot_capacity),
+        })
+    }
 }
 
 /// Bytes read ahead to recognise a bundle: one tar header.
@@ -90,21 +106,8 @@ pub fn open_image<'a>(
         });
     }
 
-    let trusted_keys = policy
-        .trusted_keys
-        .iter()
-        .map(|path| PublicKey::load(path))
-        .collect::<Result<Vec<_>, _>>()
+    let reader = BundleReader::open(stream, &policy.verifier(slot_capacity)?)
         .map_err(|e| InstallError::Signature(e.to_string()))?;
-    let reader = BundleReader::open(
-        stream,
-        &Policy {
-            trusted_keys,
-            compatible: policy.compatible.clone(),
-            max_image_size: Some(slot_capacity),
-        },
-    )
-    .map_err(|e| InstallError::Signature(e.to_string()))?;
     tracing::info!(
         version = %reader.manifest().version,
         key = %reader.verified_by(),

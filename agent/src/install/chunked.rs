@@ -39,7 +39,8 @@ pub fn chunk_refused(err: ddi_bundle::ChunkError) -> InstallError {
     InstallError::Signature(format!("bundle chunk refused: {err}"))
 }
 
-fn read_frame<R: Read>(member: &mut R, frame: &mut [u8]) -> io::Result<()> {
+/// Read one stored frame (its length is the index entry's).
+pub fn read_frame<R: Read>(member: &mut R, frame: &mut [u8]) -> io::Result<()> {
     member.read_exact(frame).map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             io::Error::new(

@@ -1,29 +1,370 @@
-//! Seeding for delta installs of format-2 bundles: which chunks of the new image the active
-//! slot already holds.
+//! Delta installs of format-2 (chunked) bundles: download only the chunks the device lacks.
 //!
-//! The active slot is opened read-only (it is never written) and cut with the chunker
-//! parameters of the new bundle; a chunk of the slot whose sha256 is one the signed index lists
-//! is a candidate. Candidates are checked again when they are used ([`SeedSlot::take`]): the
-//! slot may have changed since the scan, or the hash collided; a chunk that does not match is
-//! downloaded instead, never fails the update.
+//! ```text
+//!  probe: Range 0..256 KiB (+ the rest of the index) ─► signature, chunk index (BundleReader)
+//!  seed:  active slot, read-only ─► cut with the bundle's chunker ─► chunks the index lists
+//!  plan:  chunks neither in the seed nor durably on the slot (resume) ─► ≤ 90 coalesced ranges
+//!  async: Range GET per range, resumed after faults ─► channel ─► blocking: for every chunk in
+//!         order: frame from the stream, or bytes from the seed (checked again), or one Range
+//!         request for a seed chunk that no longer matches ─► sha256 against the signed index
+//!         ─► slot writer ─► whole-image sha256 against the signed one, read back
+//! ```
 //!
-//! Not yet wired into the download (see BENCHMARKS.md, "Delta updates", for what is left): the
-//! Range requests for the missing chunks are planned by [`ddi_bundle::DeltaPlan`].
+//! Only for bundles whose signature a trusted key verifies (the chunk index is trusted through
+//! it; without the whole artifact the server's hash cannot be checked). Anything else (no
+//! trusted key, not a chunked bundle, a server that answers a Range with the whole artifact, a
+//! probe that fails) goes the full-download way ([`Probe::Full`]) and is judged there.
+//! A seed that cannot be read or a seed chunk whose bytes changed is downloaded instead, never
+//! a failure. Resume across restarts: at every durable checkpoint of the slot writer a
+//! `chunks` record ([`super::resume`]) says how far the image is on the slot.
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, Cursor, Read};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
 
-use ddi_bundle::{ChunkEntry, ChunkIndex, Chunker, ChunkerParams, DeltaPlan};
+use ddi_bundle::chunked::{plan_ranges, MAX_RANGE_REQUESTS, NEAR_GAP};
+use ddi_bundle::{
+    looks_like_bundle, read_manifest_unverified, read_prefix_unverified, BundleReader,
+    ChunkDecoder, ChunkEntry, ChunkIndex, Chunker, ChunkerParams, DeltaPlan, FetchRange,
+    MAX_METADATA_SIZE,
+};
 use sha2::{Digest, Sha256};
 
-/// Where the active slot holds a chunk the new image needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SeedChunk {
-    pub offset: u64,
-    pub len: u32,
+use super::bundle::BundlePolicy;
+use super::chunked;
+use super::decode::{self, Format};
+use super::pipeline::{self, ChunkReceiver, Counters};
+use super::resume::{self, ResumeRecord};
+use super::slot::{self, SlotDevice, SlotWriter};
+use super::source::{self, SourceSpec};
+use super::{InstallError, Installed};
+
+/// Bytes of the artifact's head fetched first: enough for any manifest (the cost of the probe
+/// for a bundle that is not chunked); the signatures and the chunk index follow in one more
+/// request.
+const HEAD_PROBE: u64 = 64 << 10;
+
+/// A seed chunk that no longer matches is fetched with the chunks after it that are not
+/// planned for download anyway, up to this many stored bytes in one request.
+const SIDE_FETCH: u64 = 1 << 20;
+
+/// What the signature vouches for, and where the chunks are in the artifact.
+#[derive(Debug)]
+pub struct SignedBundle {
+    pub index: ChunkIndex,
+    pub params: ChunkerParams,
+    pub image_size: u64,
+    pub image_sha256: String,
+    /// Offset of the image member's data in the artifact.
+    pub data_offset: u64,
+    /// Bytes of the artifact read to learn all this.
+    pub probe_bytes: u64,
+}
+
+/// How to install a bundle.
+#[derive(Debug)]
+pub enum Probe {
+    Delta(SignedBundle),
+    /// Download the whole artifact, for this reason.
+    Full(String),
+}
+
+/// Read the head of the artifact with Range requests and verify it: a chunked bundle signed by
+/// a trusted key installs as a delta.
+pub async fn probe(
+    client: &reqwest::Client,
+    spec: &SourceSpec,
+    policy: &BundlePolicy,
+    capacity: u64,
+) -> Probe {
+    match probe_inner(client, spec, policy, capacity).await {
+        Ok(signed) => Probe::Delta(signed),
+        Err(why) => Probe::Full(why),
+    }
+}
+
+async fn probe_inner(
+    client: &reqwest::Client,
+    spec: &SourceSpec,
+    policy: &BundlePolicy,
+    capacity: u64,
+) -> Result<SignedBundle, String> {
+    if policy.trusted_keys.is_empty() {
+        return Err("no trusted key".into());
+    }
+    let size = spec.size.ok_or("the server gives no artifact size")?;
+    let counters = Counters::new(0, None);
+    let fetch = |start: u64, end: u64| {
+        let counters = &counters;
+        async move {
+            match source::fetch_bytes(client, spec, start, end, counters).await {
+                Ok(Some(bytes)) => Ok(bytes),
+                Ok(None) => Err("the server ignores Range requests".to_string()),
+                Err(e) => Err(format!("reading the artifact's head: {e}")),
+            }
+        }
+    };
+    let mut head = fetch(0, size.min(HEAD_PROBE)).await?;
+    if !looks_like_bundle(&head) {
+        return Err("not a bundle".into());
+    }
+    let manifest = read_manifest_unverified(head.as_slice()).map_err(|e| e.to_string())?;
+    let chunked = manifest
+        .chunked
+        .as_ref()
+        .ok_or_else(|| format!("a format-{} bundle (not chunked)", manifest.format))?;
+    // Everything before the image's data: exact when the head holds both metadata members
+    // (what it says is checked by the verification below), else the most it can be.
+    let bound = match read_prefix_unverified(head.as_slice()) {
+        Ok((_, len)) => len,
+        Err(_) => 5 * 512 + 2 * MAX_METADATA_SIZE + chunked.index_size.next_multiple_of(512),
+    }
+    .min(size);
+    if bound > head.len() as u64 {
+        let rest = fetch(head.len() as u64, bound).await?;
+        head.extend_from_slice(&rest);
+    }
+    let probe_bytes = head.len() as u64;
+    let verifier = policy.verifier(capacity).map_err(|e| e.to_string())?;
+    let reader = BundleReader::open(Cursor::new(head), &verifier).map_err(|e| e.to_string())?;
+    let info = reader
+        .manifest()
+        .chunked
+        .clone()
+        .ok_or("the signed manifest is not chunked")?;
+    let index = reader.chunk_index().cloned().ok_or("no chunk index")?;
+    Ok(SignedBundle {
+        index,
+        params: info.chunker,
+        image_size: info.image_size,
+        image_sha256: info.image_sha256,
+        data_offset: reader.data_offset(),
+        probe_bytes,
+    })
+}
+
+/// How much a delta install downloads and reuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeltaSummary {
+    /// Artifact bytes the plan downloads (head probe and ranges).
+    pub download: u64,
+    pub requests: usize,
+    /// Image bytes taken from the seed.
+    pub reused: u64,
+    /// Image bytes already on the slot (resumed).
+    pub resumed: u64,
+    pub image_size: u64,
+}
+
+impl DeltaSummary {
+    /// "delta: downloading 14.2 of 212.0 MiB in 12 requests, 93 % reused from slot A"
+    /// (`seed` names the slot).
+    pub fn describe(&self, seed: &str) -> String {
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let reused = self.reused * 100 / self.image_size.max(1);
+        let mut text = format!(
+            "delta: downloading {:.1} of {:.1} MiB in {} requests, {reused} % reused from {seed}",
+            mib(self.download),
+            mib(self.image_size),
+            self.requests,
+        );
+        if self.resumed > 0 {
+            text.push_str(&format!(
+                ", {:.1} MiB already on the slot",
+                mib(self.resumed)
+            ));
+        }
+        text
+    }
+}
+
+/// Everything the blocking stage of a delta install needs.
+pub struct DeltaJob {
+    pub signed: Arc<SignedBundle>,
+    /// The planned requests (offsets in the image member).
+    pub ranges: Vec<FetchRange>,
+    /// Image bytes durably on the slot already.
+    pub resume_at: u64,
+    pub checkpoint_interval: u64,
+    /// For resume records.
+    pub url: String,
+    pub resume_path: PathBuf,
+    pub expected_hash: String,
+    pub artifact_size: Option<u64>,
+    /// For the Range requests that replace seed chunks that no longer match.
+    pub side: SideFetch,
+}
+
+/// Fetches a few chunks from the blocking stage (a seed chunk that no longer matches).
+pub struct SideFetch {
+    pub runtime: tokio::runtime::Handle,
+    pub client: reqwest::Client,
+    pub spec: SourceSpec,
+}
+
+impl SideFetch {
+    fn fetch(&self, start: u64, end: u64, counters: &Counters) -> Result<Vec<u8>, InstallError> {
+        let got = self.runtime.block_on(source::fetch_bytes(
+            &self.client,
+            &self.spec,
+            start,
+            end,
+            counters,
+        ))?;
+        // A server that ignored the Range was read up to `end`: the bytes are the same.
+        got.map_or_else(|| Err(InstallError::Internal("no bytes".into())), Ok)
+    }
+}
+
+/// Which chunks to download: those neither durably on the slot before `resume_at` nor in the
+/// seed; and the coalesced requests.
+pub fn plan(index: &ChunkIndex, seed: Option<&SeedSlot>, resume_at: u64) -> DeltaPlan {
+    let mut image_end = 0u64;
+    let needed: Vec<bool> = index
+        .chunks
+        .iter()
+        .map(|c| {
+            image_end += u64::from(c.raw_len);
+            image_end > resume_at && !seed.is_some_and(|s| s.has(c))
+        })
+        .collect();
+    let ranges = plan_ranges(index, &needed, NEAR_GAP, MAX_RANGE_REQUESTS);
+    DeltaPlan { needed, ranges }
+}
+
+/// The summary of `plan` for `signed`.
+pub fn summarize(signed: &SignedBundle, plan: &DeltaPlan, resume_at: u64) -> DeltaSummary {
+    let mut image_end = 0u64;
+    let mut reused = 0u64;
+    for (c, needed) in signed.index.chunks.iter().zip(&plan.needed) {
+        let start = image_end;
+        image_end += u64::from(c.raw_len);
+        if !needed && image_end > resume_at {
+            reused += image_end - start.max(resume_at);
+        }
+    }
+    DeltaSummary {
+        download: signed.probe_bytes + plan.download_bytes(),
+        requests: plan.ranges.len(),
+        reused,
+        resumed: resume_at,
+        image_size: signed.image_size,
+    }
+}
+
+/// The blocking stage: write every chunk in order from the stream of planned ranges or the
+/// seed, each checked against the signed index first; then the whole image as for every
+/// install.
+pub fn write_delta(
+    job: &DeltaJob,
+    dev: &mut dyn SlotDevice,
+    rx: ChunkReceiver,
+    counters: &Counters,
+    seed: Option<&SeedSlot>,
+) -> Result<Installed, InstallError> {
+    let began = Instant::now();
+    let signed = &*job.signed;
+    let mut prefix_hash = Sha256::new();
+    if job.resume_at > 0 {
+        // The hasher cannot be saved: hash the bytes already on the slot again.
+        slot::read_range(dev, job.resume_at, |b| prefix_hash.update(b), |_| {})?;
+    }
+    let mut stream = pipeline::channel_reader(rx, counters);
+    let mut writer = SlotWriter::new(dev, job.resume_at, prefix_hash, job.checkpoint_interval);
+    writer.expect_size(signed.image_size)?;
+    let offset = || counters.consumed.load(Ordering::Relaxed);
+    let mut decoder = ChunkDecoder::new();
+    let mut frame = Vec::new();
+    let mut seed_buf = Vec::new();
+    // Chunks fetched to replace seed chunks that no longer match: (first, last, frames, read).
+    let mut side: Option<(usize, usize, Vec<u8>, usize)> = None;
+    let mut ranges = job.ranges.iter().peekable();
+    let mut image_end = 0u64;
+    for (i, entry) in signed.index.chunks.iter().enumerate() {
+        if counters.stopped.load(Ordering::Acquire) {
+            return Err(InstallError::Aborted);
+        }
+        let start = image_end;
+        image_end += u64::from(entry.raw_len);
+        while ranges.peek().is_some_and(|r| r.last < i) {
+            ranges.next();
+        }
+        let downloaded = ranges.peek().is_some_and(|r| r.first <= i);
+        if !downloaded && image_end <= job.resume_at {
+            continue;
+        }
+        let raw: &[u8] = if downloaded {
+            frame.resize(entry.stored_len as usize, 0);
+            chunked::read_frame(&mut stream, &mut frame)
+                .map_err(|e| decode::read_error(e, Format::ZstdChunks, offset()))?;
+            decoder
+                .decode(i, entry, &frame)
+                .map_err(chunked::chunk_refused)?
+        } else if let Some(bytes) = seed.and_then(|s| s.take(i, entry, &mut seed_buf)) {
+            bytes
+        } else {
+            if !side.as_ref().is_some_and(|s| s.0 <= i && i <= s.1) {
+                let next_planned = ranges.peek().map_or(usize::MAX, |r| r.first);
+                let chunks = &signed.index.chunks;
+                let mut last = i;
+                while last + 1 < next_planned.min(chunks.len())
+                    && chunks[last + 1].end() - entry.offset <= SIDE_FETCH
+                {
+                    last += 1;
+                }
+                tracing::info!(first = i, last, "seed chunks unusable; downloading them");
+                let base = signed.data_offset;
+                let bytes =
+                    job.side
+                        .fetch(base + entry.offset, base + chunks[last].end(), counters)?;
+                side = Some((i, last, bytes, 0));
+            }
+            let (_, _, bytes, read) = side.as_mut().expect("fetched above");
+            let stored = entry.stored_len as usize;
+            let frame = bytes.get(*read..*read + stored).ok_or_else(|| {
+                InstallError::Internal("the side fetch returned too few bytes".into())
+            })?;
+            *read += stored;
+            decoder
+                .decode(i, entry, frame)
+                .map_err(chunked::chunk_refused)?
+        };
+        // The part of the chunk before `resume_at` is on the slot already.
+        let skip = job.resume_at.saturating_sub(start) as usize;
+        if skip < raw.len() {
+            writer.write(&raw[skip..])?;
+        }
+        if let Some(at) = writer.take_checkpoint() {
+            let record = ResumeRecord::chunks(
+                &job.url,
+                writer.slot_path(),
+                &job.expected_hash,
+                job.artifact_size,
+                &signed.image_sha256,
+                at,
+            );
+            // Resuming is an optimisation: without a record the next try starts over.
+            if let Err(e) = resume::save(&job.resume_path, &record) {
+                tracing::warn!(error = %e, "cannot save the resume record");
+            }
+        }
+    }
+    let mut rest = [0u8; 1];
+    match stream.read(&mut rest) {
+        Ok(0) => {}
+        Ok(_) => {
+            return Err(InstallError::Internal(
+                "the download delivered more than the planned chunks".into(),
+            ))
+        }
+        Err(e) => return Err(decode::read_error(e, Format::ZstdChunks, offset())),
+    }
+    pipeline::finish(writer, counters, None, Some(&signed.image_sha256), began)
 }
 
 /// The active slot, read-only, with the chunks of the new image found in it.
@@ -31,6 +372,13 @@ pub struct SeedChunk {
 pub struct SeedSlot {
     file: File,
     found: HashMap<[u8; 32], SeedChunk>,
+}
+
+/// Where the active slot holds a chunk the new image needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeedChunk {
+    pub offset: u64,
+    pub len: u32,
 }
 
 impl SeedSlot {
@@ -61,7 +409,6 @@ impl SeedSlot {
         })?;
         Ok(SeedSlot { file, found })
     }
-
     /// Chunks of the new image that the slot holds (by the scan).
     pub fn has(&self, entry: &ChunkEntry) -> bool {
         self.found

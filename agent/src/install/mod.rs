@@ -20,11 +20,17 @@
 //! at once.
 //! The caller (the driver) marks the slot bad in the bootloader before calling [`install`].
 //!
+//! Delta: with a trusted key, the head of the artifact is read first; a signed chunked bundle
+//! then fetches only the chunks the running slot lacks ([`delta`]), anything else goes the
+//! way above.
+//!
 //! Resume: within one run, network faults are resumed with Range requests; across restarts,
-//! raw images continue from the last durable checkpoint (see [`resume`]).
+//! raw images continue from the last durable checkpoint, delta installs from the chunk at it
+//! (see [`resume`]).
 //!
 //! Layout: [`source`] (download), [`pipeline`] (blocking stage), [`decode`] (format
-//! detection), [`compress`] (zstd and xz decoders), [`chunked`] (format-2 bundles), [`archive`] (tar rules), [`slot`] (slot safety and writer), [`hash`],
+//! detection), [`compress`] (zstd and xz decoders), [`chunked`] (format-2 bundles), [`delta`]
+//! (delta installs of them), [`archive`] (tar rules), [`slot`] (slot safety and writer), [`hash`],
 //! [`resume`], [`bundle`] (signed-bundle seam), [`error`].
 
 pub mod archive;
@@ -87,8 +93,16 @@ pub struct InstallRequest {
 /// Progress, reported at most about once per second.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Progress {
-    Downloading { done: u64, total: Option<u64> },
-    Verifying { done: u64, total: u64 },
+    Downloading {
+        done: u64,
+        total: Option<u64>,
+    },
+    Verifying {
+        done: u64,
+        total: u64,
+    },
+    /// Once, before a delta install downloads: what it downloads and reuses.
+    Delta(delta::DeltaSummary),
 }
 
 /// The result of a successful install.
@@ -239,7 +253,8 @@ pub async fn install_with(
     )?;
     let capacity = slot.capacity();
 
-    let start = match resume::load(&req.resume_path) {
+    let record = resume::load(&req.resume_path);
+    let start = match &record {
         Some(record) if req.bundle.is_none() => record
             .resume_offset(
                 &req.slot_path,
@@ -251,17 +266,57 @@ pub async fn install_with(
             .unwrap_or(0),
         _ => 0,
     };
-    if start == 0 {
-        resume::remove(&req.resume_path)?;
-    } else {
-        tracing::info!(slot = %req.slot_path.display(), offset = start, "resuming download");
-    }
+    let spec = source_spec(req, options);
+    // A chunked bundle signed by a trusted key downloads only what the device lacks.
+    let delta = match &req.bundle {
+        Some(policy) => match delta::probe(client, &spec, policy, capacity).await {
+            delta::Probe::Delta(signed) => Some(signed),
+            delta::Probe::Full(why) => {
+                tracing::info!(reason = %why, "no delta install; downloading the whole artifact");
+                None
+            }
+        },
+        None => None,
+    };
 
-    tracing::info!(file = %req.filename, url = %req.url, slot = %req.slot_path.display(), capacity, "installing");
-    let result = run(
-        client, req, options, progress, slot, algorithm, expected, start,
-    )
-    .await;
+    let result = if let Some(signed) = delta {
+        let resume_at = record
+            .and_then(|r| {
+                r.chunks_offset(
+                    &req.slot_path,
+                    &expected,
+                    &signed.image_sha256,
+                    signed.image_size,
+                )
+            })
+            .unwrap_or(0);
+        if resume_at == 0 {
+            resume::remove(&req.resume_path)?;
+        }
+        let expected_hash = expected.clone();
+        run_delta(
+            client,
+            req,
+            options,
+            progress,
+            slot,
+            signed,
+            resume_at,
+            expected_hash,
+        )
+        .await
+    } else {
+        if start == 0 {
+            resume::remove(&req.resume_path)?;
+        } else {
+            tracing::info!(slot = %req.slot_path.display(), offset = start, "resuming download");
+        }
+        tracing::info!(file = %req.filename, url = %req.url, slot = %req.slot_path.display(), capacity, "installing");
+        run(
+            client, req, options, progress, slot, algorithm, expected, start,
+        )
+        .await
+    };
     match &result {
         // Keep the record: a later attempt continues from it.
         Err(e) if e.is_retryable() || matches!(e, InstallError::Aborted) => {}
@@ -274,6 +329,97 @@ pub async fn install_with(
         }
     }
     result
+}
+
+fn source_spec(req: &InstallRequest, options: &InstallOptions) -> source::SourceSpec {
+    source::SourceSpec {
+        url: req.url.clone(),
+        auth_header: req.auth_header.clone(),
+        size: req.size,
+        max_rate: req.max_rate,
+        retry: options.retry,
+        stall_timeout: options.stall_timeout,
+    }
+}
+
+/// A delta install (see [`delta`]): scan the seed, plan, fetch the missing chunks.
+#[allow(clippy::too_many_arguments)]
+async fn run_delta(
+    client: &reqwest::Client,
+    req: &InstallRequest,
+    options: &InstallOptions,
+    progress: &mut (dyn FnMut(Progress) + Send),
+    mut slot: slot::FileSlot,
+    signed: delta::SignedBundle,
+    resume_at: u64,
+    expected_hash: String,
+) -> Result<Installed, InstallError> {
+    let signed = Arc::new(signed);
+    let seed = match &req.booted_slot_path {
+        Some(path) => {
+            let (path, scan_signed) = (path.clone(), Arc::clone(&signed));
+            // An older image is rarely more than twice the size of the new one; the rest of a
+            // large partition is not worth reading.
+            let limit = signed.image_size.saturating_mul(2);
+            let scanned = tokio::task::spawn_blocking(move || {
+                let scan =
+                    delta::SeedSlot::scan(&path, scan_signed.params, &scan_signed.index, limit);
+                (path, scan)
+            })
+            .await
+            .map_err(|e| InstallError::Internal(format!("seed scan died: {e}")))?;
+            match scanned {
+                (_, Ok(seed)) => Some(seed),
+                (path, Err(e)) => {
+                    tracing::warn!(seed = %path.display(), error = %e, "the running slot cannot be read; downloading every chunk");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    let plan = delta::plan(&signed.index, seed.as_ref(), resume_at);
+    let summary = delta::summarize(&signed, &plan, resume_at);
+    tracing::info!(file = %req.filename, slot = %req.slot_path.display(), "{}", summary.describe("the running slot"));
+    progress(Progress::Delta(summary));
+
+    let counters = Arc::new(Counters::new(signed.probe_bytes, Some(summary.download)));
+    let (tx, rx) = pipeline::channel(CHANNEL_CHUNKS, CHANNEL_BYTES);
+    let spec = source_spec(req, options);
+    let base = signed.data_offset;
+    let ranges: Vec<(u64, u64)> = plan
+        .ranges
+        .iter()
+        .map(|r| (base + r.start, base + r.end))
+        .collect();
+    let job = delta::DeltaJob {
+        signed,
+        ranges: plan.ranges,
+        resume_at,
+        checkpoint_interval: options.checkpoint_interval,
+        url: req.url.clone(),
+        resume_path: req.resume_path.clone(),
+        expected_hash,
+        artifact_size: req.size,
+        side: delta::SideFetch {
+            runtime: tokio::runtime::Handle::current(),
+            client: client.clone(),
+            spec: spec.clone(),
+        },
+    };
+    let _stop_on_drop = StopOnDrop(Arc::clone(&counters));
+    let sink_counters = Arc::clone(&counters);
+    let sink = tokio::task::spawn_blocking(move || {
+        delta::write_delta(
+            &job,
+            &mut slot as &mut dyn SlotDevice,
+            rx,
+            &sink_counters,
+            seed.as_ref(),
+        )
+    });
+    let source = source::fetch_ranges(client, &spec, &ranges, tx, &counters);
+    drive(source, sink, &counters, options, progress).await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -303,18 +449,22 @@ async fn run(
     // If this future is dropped (cancelled), the blocking stage stops at its next read.
     let _stop_on_drop = StopOnDrop(Arc::clone(&counters));
     let sink_counters = Arc::clone(&counters);
-    let mut sink = tokio::task::spawn_blocking(move || {
+    let sink = tokio::task::spawn_blocking(move || {
         pipeline::run(&plan, &mut slot as &mut dyn SlotDevice, rx, &sink_counters)
     });
-    let spec = source::SourceSpec {
-        url: req.url.clone(),
-        auth_header: req.auth_header.clone(),
-        size: req.size,
-        max_rate: req.max_rate,
-        retry: options.retry,
-        stall_timeout: options.stall_timeout,
-    };
+    let spec = source_spec(req, options);
     let source = source::fetch(client, &spec, start, tx, &counters);
+    drive(source, sink, &counters, options, progress).await
+}
+
+/// Run the download and the blocking stage to their end, reporting progress.
+async fn drive(
+    source: impl std::future::Future<Output = Result<(), InstallError>>,
+    mut sink: tokio::task::JoinHandle<Result<Installed, InstallError>>,
+    counters: &Counters,
+    options: &InstallOptions,
+    progress: &mut (dyn FnMut(Progress) + Send),
+) -> Result<Installed, InstallError> {
     tokio::pin!(source);
 
     let mut ticker = tokio::time::interval(options.progress_interval);
@@ -326,7 +476,7 @@ async fn run(
             r = &mut source, if source_result.is_none() => source_result = Some(r),
             r = &mut sink => break r,
             _ = ticker.tick() => {
-                let now = current_progress(&counters);
+                let now = current_progress(counters);
                 if last_reported != Some(now) {
                     progress(now);
                     last_reported = Some(now);

@@ -345,6 +345,26 @@ pub fn run(
             actual,
         });
     }
+    // Without the writer's hash the image is the artifact itself, hashed with sha256 above.
+    finish(
+        writer,
+        counters,
+        Some(actual),
+        signed_image_sha256.as_deref(),
+        began,
+    )
+}
+
+/// Sync the slot, read back what was not read back yet, and check the image: its sha256 is the
+/// writer's (or `artifact_sha256` when the writer left it to the caller), equal to `signed`
+/// (a chunked bundle's signed image hash) when given, and equal to what was read back.
+pub fn finish(
+    writer: SlotWriter<'_>,
+    counters: &Counters,
+    artifact_sha256: Option<String>,
+    signed: Option<&str>,
+    began: Instant,
+) -> Result<Installed, InstallError> {
     if writer.position() == 0 {
         return Err(InstallError::EmptyImage);
     }
@@ -356,12 +376,16 @@ pub fn run(
         .verify_done
         .store(writer.read_back(), Ordering::Relaxed);
     counters.verifying.store(true, Ordering::Release);
+    let slot_path = writer.slot_path().to_path_buf();
+    let keeps_data = writer.keeps_data();
     let written = writer.finish()?;
     let bytes = written.bytes;
     counters.verify_done.store(bytes, Ordering::Relaxed);
-    // Without the writer's hash the image is the artifact itself, hashed with sha256 above.
-    let image_sha256 = written.image_sha256.unwrap_or(actual);
-    if let Some(signed) = &signed_image_sha256 {
+    let image_sha256 = match (written.image_sha256, artifact_sha256) {
+        (Some(hash), _) | (None, Some(hash)) => hash,
+        (None, None) => return Err(InstallError::Internal("nothing hashed the image".into())),
+    };
+    if let Some(signed) = signed {
         chunked::check_image_hash(signed, &image_sha256)?;
     }
     let times = written.times;
@@ -376,9 +400,9 @@ pub fn run(
         "install timeline"
     );
     // A sink that keeps nothing (a dry run) has nothing to read back.
-    if dev.keeps_data() && written.read_back_sha256 != image_sha256 {
+    if keeps_data && written.read_back_sha256 != image_sha256 {
         return Err(InstallError::ReadBackMismatch {
-            slot: dev.path().to_path_buf(),
+            slot: slot_path,
             written: image_sha256,
             read: written.read_back_sha256,
         });
@@ -387,6 +411,18 @@ pub fn run(
         bytes_written: bytes,
         sha256_of_slot_image: image_sha256,
     })
+}
+
+/// The channel as a blocking reader: `Ok(0)` after the download's end, an error when the
+/// download was aborted or the install dropped.
+pub fn channel_reader(rx: ChunkReceiver, counters: &Counters) -> impl Read + '_ {
+    ChannelReader {
+        rx,
+        current: Bytes::new(),
+        current_len: 0,
+        ended: false,
+        counters,
+    }
 }
 
 /// Recognise the format and write the image; returns the format found and, for a chunked
@@ -468,7 +504,11 @@ fn decode_into_slot<R: Read>(
         let mut decoder: Box<dyn Read + '_> = match compression {
             Format::Gzip => Box::new(MultiGzDecoder::new(sniffed)),
             Format::Zstd => Box::new(compress::ZstdReader::new(sniffed)),
-            _ => Box::new(lzma_rust2::XzReader::new(sniffed, true)),
+            _ => {
+                compress::check_xz_dictionary(head)
+                    .map_err(|e| decode::read_error(e, compression, offset()))?;
+                Box::new(lzma_rust2::XzReader::new(sniffed, true))
+            }
         };
         let (inner_head, inner) = decode::sniff(&mut decoder)
             .map_err(|e| decode::read_error(e, compression, offset()))?;

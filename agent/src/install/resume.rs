@@ -8,6 +8,11 @@
 //! with a Range request from N; the final hash check then covers the bytes already on the
 //! slot too, so a corrupted prefix fails the install instead of being activated.
 //!
+//! **Delta installs of chunked bundles** (format `chunks`): the record names the signed image
+//! (its sha256) and how far the slot holds it durably; a restart scans the seed again, re-hashes
+//! the slot's prefix, and fetches or reuses only the chunks from the one that straddles that
+//! offset on.
+//!
 //! gzip, tar and tar.gz artifacts restart from the beginning after a restart: a deflate or
 //! tar reader's state cannot be rebuilt from the slot. (Within one run they resume after
 //! network faults like raw images: the decoder just waits for the next bytes.)
@@ -22,9 +27,9 @@ use super::InstallError;
 
 const VERSION: u32 = 1;
 
-/// What was durably written for which artifact.
+/// What was durably written for which artifact. Fields are added, never changed: a new field is
+/// optional, and a reader ignores fields it does not know.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ResumeRecord {
     pub version: u32,
     pub url: String,
@@ -32,12 +37,16 @@ pub struct ResumeRecord {
     pub algorithm: String,
     pub expected_hash: String,
     pub size: Option<u64>,
-    /// Always "raw" for now (see the module doc).
+    /// "raw" (artifact byte N is slot byte N) or "chunks" (a delta install of a chunked
+    /// bundle; see the module doc).
     pub format: String,
     /// Bytes of the artifact (as served) covered by the record.
     pub artifact_offset: u64,
     /// Bytes of the slot durably written; equal to `artifact_offset` for raw images.
     pub slot_offset: u64,
+    /// "chunks": the signed sha256 of the whole image being written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_sha256: Option<String>,
 }
 
 impl ResumeRecord {
@@ -59,7 +68,50 @@ impl ResumeRecord {
             format: "raw".into(),
             artifact_offset: offset,
             slot_offset: offset,
+            image_sha256: None,
         }
+    }
+
+    /// A delta install of a chunked bundle whose image (signed sha256 `image_sha256`) is on the
+    /// slot up to `slot_offset`.
+    pub fn chunks(
+        url: &str,
+        slot: &Path,
+        expected_hash: &str,
+        size: Option<u64>,
+        image_sha256: &str,
+        slot_offset: u64,
+    ) -> Self {
+        ResumeRecord {
+            version: VERSION,
+            url: url.to_string(),
+            slot: slot.to_path_buf(),
+            algorithm: String::new(),
+            expected_hash: expected_hash.to_string(),
+            size,
+            format: "chunks".into(),
+            artifact_offset: 0,
+            slot_offset,
+            image_sha256: Some(image_sha256.to_string()),
+        }
+    }
+
+    /// Where a delta install of the same bundle into the same slot continues: the slot
+    /// offset up to which the image is durably written.
+    pub fn chunks_offset(
+        &self,
+        slot: &Path,
+        expected_hash: &str,
+        image_sha256: &str,
+        image_size: u64,
+    ) -> Option<u64> {
+        let same = self.version == VERSION
+            && self.format == "chunks"
+            && self.slot == slot
+            && self.expected_hash == expected_hash
+            && self.image_sha256.as_deref() == Some(image_sha256)
+            && self.slot_offset <= image_size;
+        same.then_some(self.slot_offset)
     }
 
     /// The offset to resume from when this record belongs to the same artifact and slot.
@@ -170,6 +222,37 @@ mod tests {
         remove(&path).unwrap();
         remove(&path).unwrap();
         assert_eq!(load(&path), None);
+    }
+
+    #[test]
+    fn records_of_other_agent_versions_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("download.resume");
+        let slot = Path::new("/dev/slot-b");
+        // Written by an agent before delta installs (no image_sha256).
+        fs::write(
+            &path,
+            r#"{"version":1,"url":"http://x/a","slot":"/dev/slot-b","algorithm":"sha256","expected_hash":"ab","size":100,"format":"raw","artifact_offset":64,"slot_offset":64}"#,
+        )
+        .unwrap();
+        let old = load(&path).unwrap();
+        assert_eq!(
+            old.resume_offset(slot, "sha256", "ab", Some(100), 1000),
+            Some(64)
+        );
+        assert_eq!(old.chunks_offset(slot, "ab", "cd", 1000), None);
+        // Written by a later agent with a field this one does not know.
+        fs::write(
+            &path,
+            r#"{"version":1,"url":"u","slot":"/dev/slot-b","algorithm":"","expected_hash":"ab","size":100,"format":"chunks","artifact_offset":0,"slot_offset":32,"image_sha256":"cd","future":[1]}"#,
+        )
+        .unwrap();
+        let newer = load(&path).unwrap();
+        assert_eq!(newer.chunks_offset(slot, "ab", "cd", 1000), Some(32));
+        // A chunks record never resumes a raw download, and another image never resumes.
+        assert_eq!(newer.resume_offset(slot, "", "ab", Some(100), 1000), None);
+        assert_eq!(newer.chunks_offset(slot, "ab", "ef", 1000), None);
+        assert_eq!(newer.chunks_offset(slot, "ab", "cd", 16), None);
     }
 
     #[test]

@@ -494,6 +494,11 @@ impl<'a> SlotWriter<'a> {
         self.dev.path()
     }
 
+    /// False for a sink that keeps nothing (a dry run): nothing to read back.
+    pub fn keeps_data(&self) -> bool {
+        self.dev.keeps_data()
+    }
+
     /// Image bytes accepted so far (including a resumed prefix).
     pub fn position(&self) -> u64 {
         self.offset + self.filled as u64

@@ -94,28 +94,141 @@ pub async fn fetch(
     tx: ChunkSender,
     counters: &Counters,
 ) -> Result<(), InstallError> {
-    let mut offset = start;
+    let mut out = Out::Channel(&tx);
+    let mut limiter = RateLimiter::new(spec.max_rate);
+    let span = Span {
+        start,
+        end: None,
+        probed: start > 0,
+    };
+    if let Done::Complete = fetch_span(client, spec, span, &mut out, counters, &mut limiter).await?
+    {
+        tx.send_end().await;
+    }
+    Ok(())
+}
+
+/// Download the byte ranges `ranges` (`start..end` of the artifact, in this order) into `tx`,
+/// one after the other, each resumed after faults where it broke off.
+pub async fn fetch_ranges(
+    client: &reqwest::Client,
+    spec: &SourceSpec,
+    ranges: &[(u64, u64)],
+    tx: ChunkSender,
+    counters: &Counters,
+) -> Result<(), InstallError> {
+    let mut out = Out::Channel(&tx);
+    let mut limiter = RateLimiter::new(spec.max_rate);
+    for &(start, end) in ranges {
+        let span = Span {
+            start,
+            end: Some(end),
+            probed: true,
+        };
+        let done = fetch_span(client, spec, span, &mut out, counters, &mut limiter).await?;
+        if let Done::ReceiverGone = done {
+            return Ok(());
+        }
+    }
+    tx.send_end().await;
+    Ok(())
+}
+
+/// Bytes `start..end` of the artifact, in memory, with the retries of [`fetch`]; `None` when
+/// the server ignored the Range and answered with the whole artifact (the body is dropped at
+/// `end`).
+pub async fn fetch_bytes(
+    client: &reqwest::Client,
+    spec: &SourceSpec,
+    start: u64,
+    end: u64,
+    counters: &Counters,
+) -> Result<Option<Vec<u8>>, InstallError> {
+    let mut out = Out::Buffer {
+        bytes: Vec::with_capacity((end - start).min(1 << 20) as usize),
+        whole_body: false,
+    };
+    let mut limiter = RateLimiter::new(spec.max_rate);
+    let span = Span {
+        start,
+        end: Some(end),
+        probed: true,
+    };
+    fetch_span(client, spec, span, &mut out, counters, &mut limiter).await?;
+    match out {
+        Out::Buffer {
+            whole_body: true, ..
+        } => Ok(None),
+        Out::Buffer { bytes, .. } => Ok(Some(bytes)),
+        Out::Channel(_) => unreachable!("a buffer was passed"),
+    }
+}
+
+/// Where received bytes go.
+enum Out<'a> {
+    Channel(&'a ChunkSender),
+    Buffer {
+        bytes: Vec<u8>,
+        /// A request with a Range was answered with the whole artifact (200).
+        whole_body: bool,
+    },
+}
+
+impl Out<'_> {
+    /// False when the blocking stage is gone.
+    async fn send(&mut self, data: Bytes) -> bool {
+        match self {
+            Out::Channel(tx) => tx.send_data(data).await,
+            Out::Buffer { bytes, .. } => {
+                bytes.extend_from_slice(&data);
+                true
+            }
+        }
+    }
+
+    fn saw_whole_body(&mut self) {
+        if let Out::Buffer { whole_body, .. } = self {
+            *whole_body = true;
+        }
+    }
+}
+
+/// The bytes one [`fetch_span`] downloads: from `start` to `end` (the artifact's end when
+/// `None`).
+#[derive(Clone, Copy)]
+struct Span {
+    start: u64,
+    end: Option<u64>,
+    /// The gzip trailer probe was done (or is not needed).
+    probed: bool,
+}
+
+async fn fetch_span(
+    client: &reqwest::Client,
+    spec: &SourceSpec,
+    span: Span,
+    out: &mut Out<'_>,
+    counters: &Counters,
+    limiter: &mut RateLimiter,
+) -> Result<Done, InstallError> {
+    let mut offset = span.start;
     let mut total = spec.size;
     let mut failures = 0u32;
-    let mut limiter = RateLimiter::new(spec.max_rate);
-    let mut probed = start > 0;
+    let mut probed = span.probed;
     let mut range_refused = RangeRefused::No;
     loop {
         let before = offset;
         let mut link = Link {
-            tx: &tx,
+            out: &mut *out,
             counters,
-            limiter: &mut limiter,
+            limiter: &mut *limiter,
             probed: &mut probed,
             range_refused: &mut range_refused,
+            end: span.end,
         };
         let result = fetch_once(client, spec, &mut offset, &mut total, &mut link).await;
         match result {
-            Ok(Done::Complete) => {
-                tx.send_end().await;
-                return Ok(());
-            }
-            Ok(Done::ReceiverGone) => return Ok(()),
+            Ok(done) => return Ok(done),
             Err(Fault::Permanent(e)) => return Err(e),
             Err(Fault::Transient {
                 message,
@@ -151,8 +264,10 @@ pub async fn fetch(
 }
 
 /// Where received bytes go, and state kept across connections.
-struct Link<'a> {
-    tx: &'a ChunkSender,
+struct Link<'a, 'o> {
+    out: &'a mut Out<'o>,
+    /// End of the span (exclusive); `None`: the artifact's end.
+    end: Option<u64>,
     counters: &'a Counters,
     limiter: &'a mut RateLimiter,
     /// The gzip trailer probe was done (or is not needed).
@@ -206,9 +321,9 @@ async fn fetch_once(
     spec: &SourceSpec,
     offset: &mut u64,
     total: &mut Option<u64>,
-    link: &mut Link<'_>,
+    link: &mut Link<'_, '_>,
 ) -> Result<Done, Fault> {
-    let (tx, counters) = (link.tx, link.counters);
+    let counters = link.counters;
     let size_mismatch = |expected: u64, actual: u64| {
         Fault::Permanent(InstallError::SizeMismatch {
             url: spec.url.clone(),
@@ -216,8 +331,8 @@ async fn fetch_once(
             actual,
         })
     };
-    if let Some(t) = *total {
-        if *offset == t {
+    if let Some(t) = link.end.or(*total) {
+        if *offset >= t {
             return Ok(Done::Complete);
         }
     }
@@ -228,6 +343,8 @@ async fn fetch_once(
     let restart = *link.range_refused == RangeRefused::RestartNext;
     if restart {
         *link.range_refused = RangeRefused::Restarted;
+    } else if let Some(end) = link.end {
+        request = request.header(RANGE, format!("bytes={}-{}", *offset, end - 1));
     } else if *offset > 0 {
         request = request.header(RANGE, format!("bytes={}-", *offset));
     }
@@ -270,6 +387,9 @@ async fn fetch_once(
         200 => {
             // A full body (the server ignored or was not sent a Range).
             skip = *offset;
+            if link.end.is_some() && !restart {
+                link.out.saw_whole_body();
+            }
             match (*total, response.content_length()) {
                 // A shorter body is handled like a dropped connection (resumed with Range).
                 (Some(t), Some(cl)) if cl > t => return Err(size_mismatch(t, cl)),
@@ -301,7 +421,7 @@ async fn fetch_once(
             }))
         }
     }
-    if let Some(t) = *total {
+    if let (Some(t), None) = (*total, link.end) {
         counters.total.store(t, Ordering::Release);
     }
     link.limiter.restart();
@@ -317,7 +437,17 @@ async fn fetch_once(
             chunk = chunk.slice(n as usize..);
             skip -= n;
         }
+        if let Some(span_end) = link.end {
+            // A server that ignored the Range sends more than the span.
+            let room = span_end.saturating_sub(*offset);
+            if (chunk.len() as u64) > room {
+                chunk.truncate(room as usize);
+            }
+        }
         if chunk.is_empty() {
+            if link.end.is_some_and(|e| *offset >= e) {
+                return Ok(Done::Complete);
+            }
             continue;
         }
         let end = *offset + chunk.len() as u64;
@@ -337,14 +467,17 @@ async fn fetch_once(
             }
         }
         let n = chunk.len();
-        if !tx.send_data(chunk).await {
+        if !link.out.send(chunk).await {
             return Ok(Done::ReceiverGone);
         }
         *offset = end;
-        counters.downloaded.store(end, Ordering::Relaxed);
+        counters.downloaded.fetch_add(n as u64, Ordering::Relaxed);
         link.limiter.consumed(n).await;
+        if link.end == Some(end) {
+            return Ok(Done::Complete);
+        }
     }
-    match *total {
+    match link.end.or(*total) {
         Some(t) if *offset < t => Err(Fault::Transient {
             message: format!("body ended at byte {} of {t}", *offset),
             truncated: true,

@@ -1621,3 +1621,87 @@ fn a_tampered_chunk_is_refused_before_it_is_written() {
     // the member's hash at the end.
     assert!(err.to_string().contains("chunk 3 "), "{err}");
 }
+
+/// A seed chunk that no longer matches when it is used (the running slot changed after the
+/// scan) is downloaded with one Range request, and the image is still the signed one.
+#[tokio::test]
+async fn a_seed_chunk_that_changed_after_the_scan_is_downloaded() {
+    let old = chunky_image(300_000, 60);
+    let mut new = old.clone();
+    for b in &mut new[100_000..100_100] {
+        *b ^= 0x33;
+    }
+    let (bundle, _policy, _keys) = chunked_bundle(&new);
+    let read = ddi_bundle::read_unverified(bundle.as_slice()).unwrap();
+    let index = read.index.unwrap();
+    let base = read.data_offset;
+    let server = ArtifactServer::start(bundle.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let (seed_path, slot_path) = (dir.path().join("slot-a"), dir.path().join("slot-b"));
+    std::fs::write(&seed_path, &old).unwrap();
+    std::fs::write(&slot_path, vec![0u8; 400_000]).unwrap();
+    let params = ddi_bundle::ChunkerParams::with_average(4096);
+    let seed = delta::SeedSlot::scan(&seed_path, params, &index, u64::MAX).unwrap();
+    let plan = delta::plan(&index, Some(&seed), 0);
+    assert!(!plan.needed[0] && plan.needed.iter().any(|n| *n));
+    // The running slot changes after the scan: chunk 0, planned from the seed, is gone.
+    let mut changed = old.clone();
+    changed[10] ^= 1;
+    std::fs::write(&seed_path, &changed).unwrap();
+
+    let (tx, rx) = pipeline::channel(1024, 4 << 20);
+    for r in &plan.ranges {
+        let bytes = &bundle[(base + r.start) as usize..(base + r.end) as usize];
+        assert!(tx.send_data(bytes::Bytes::copy_from_slice(bytes)).await);
+    }
+    tx.send_end().await;
+    let spec = source::SourceSpec {
+        url: server.url.clone(),
+        auth_header: Some(("Authorization".into(), format!("TargetToken {TOKEN}"))),
+        size: Some(bundle.len() as u64),
+        max_rate: None,
+        retry: RetryPolicy::default(),
+        stall_timeout: Duration::from_secs(10),
+    };
+    let signed = delta::SignedBundle {
+        image_size: index.raw_size(),
+        index,
+        params,
+        image_sha256: sha256_hex(&new),
+        data_offset: base,
+        probe_bytes: 0,
+    };
+    let first_planned = plan.ranges[0].first;
+    let job = delta::DeltaJob {
+        signed: Arc::new(signed),
+        ranges: plan.ranges,
+        resume_at: 0,
+        checkpoint_interval: slot::CHECKPOINT_INTERVAL,
+        url: server.url.clone(),
+        resume_path: dir.path().join("download.resume"),
+        expected_hash: String::new(),
+        artifact_size: Some(bundle.len() as u64),
+        side: delta::SideFetch {
+            runtime: tokio::runtime::Handle::current(),
+            client: reqwest::Client::new(),
+            spec,
+        },
+    };
+    let mountinfo = dir.path().join("no-mountinfo");
+    let written_to = slot_path.clone();
+    let installed = tokio::task::spawn_blocking(move || {
+        let mut slot = slot::open(&written_to, None, &mountinfo).unwrap();
+        let counters = pipeline::Counters::new(0, None);
+        delta::write_delta(&job, &mut slot, rx, &counters, Some(&seed))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(installed.sha256_of_slot_image, sha256_hex(&new));
+    assert_eq!(&std::fs::read(&slot_path).unwrap()[..new.len()], &new[..]);
+    // One request: chunk 0 and the seed chunks after it, up to the first planned range.
+    let requests = server.requests();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!(requests[0].0, Some(base));
+    assert!(first_planned > 0);
+}

@@ -357,3 +357,40 @@ fn file_backed_artifacts_stream_from_disk() {
     assert_eq!(r.status(), 206);
     assert!(r.bytes().unwrap().as_ref() == &d[2_000_000..]);
 }
+
+#[test]
+fn the_download_log_records_range_status_and_length_of_every_request() {
+    let e = env();
+    let d = data(1000);
+    let id = e.deploy(&d, &Assignment::forced());
+    let href = e.download_href(id);
+    assert!(e.server.download_log().is_empty());
+    let full = e.auth(e.http.get(&href)).send().unwrap();
+    assert_eq!(full.bytes().unwrap().len(), 1000);
+    let part = e
+        .auth(e.http.get(&href))
+        .header("Range", "bytes=100-199")
+        .send()
+        .unwrap();
+    assert_eq!(part.bytes().unwrap().len(), 100);
+    let refused = e
+        .auth(e.http.get(&href))
+        .header("Range", "bytes=2000-")
+        .send()
+        .unwrap();
+    assert_eq!(refused.status(), 416);
+    let log = e.server.download_log();
+    let seen: Vec<(Option<&str>, u16, Option<u64>)> = log
+        .iter()
+        .map(|r| (r.range.as_deref(), r.status, r.body_len))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (None, 200, Some(1000)),
+            (Some("bytes=100-199"), 206, Some(100)),
+            (Some("bytes=2000-"), 416, None),
+        ]
+    );
+    assert!(log.iter().all(|r| r.controller_id == CID));
+}

@@ -5,18 +5,16 @@
 //! nothing.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use bootctl::scheme::Slot;
 use ddi_bundle::{create_bundle, generate_keypair, CreateOptions, SecretKey};
-use ddi_sim::{Assignment, ServerOptions};
-use ddi_tests::demo::{closed_result, ended_as, summary};
+use ddi_sim::ServerOptions;
+use ddi_tests::demo::{ended_as, summary};
 use ddi_tests::device::{tar_member_ranges, Image};
 
 const CONTROLLER: &str = "bundle-e2e";
 const TOKEN: &str = "bundle-e2e-token";
 const COMPATIBLE: &str = "acme-gw-rev2";
-const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The common rig, its device trusting the vendor key, with the key pair and this module's
 /// deploy, settle and checks.
@@ -55,34 +53,7 @@ impl Rig {
     }
 
     fn deploy(&self, version: &str, artifact: Vec<u8>) -> u64 {
-        self.server
-            .deploy(
-                CONTROLLER,
-                version,
-                "update.ddib",
-                artifact,
-                &Assignment::forced(),
-            )
-            .unwrap()
-    }
-
-    /// Run the agent, following reboot requests, until the action is closed.
-    fn settle(&self, action: u64) {
-        for _ in 0..4 {
-            let out = self.dev.agent_once(AGENT_TIMEOUT).unwrap();
-            assert!(!out.timed_out, "agent hung: {}", out.describe());
-            if self.dev.take_reboot_requests().unwrap() > 0 {
-                self.dev.reboot().unwrap();
-                continue;
-            }
-            if closed_result(&self.server.action(action).unwrap()).is_some() {
-                return;
-            }
-        }
-        panic!(
-            "action {action} never closed: {}",
-            summary(&self.server.action(action).unwrap())
-        );
+        self.deploy_artifact(version, "update.ddib", artifact)
     }
 
     fn assert_refused(&self, action: u64, needle: &str) {

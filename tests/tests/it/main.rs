@@ -8,6 +8,7 @@ mod agent_guard;
 mod agent_restart;
 mod bundle_e2e;
 mod crash_points;
+mod delta_e2e;
 mod demo;
 mod device_boot;
 mod install_e2e;
