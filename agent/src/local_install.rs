@@ -135,7 +135,7 @@ pub async fn check(
             .gzip_isize
             .store(isize, std::sync::atomic::Ordering::Release);
     }
-    let (tx, rx) = pipeline::channel(64, 2 << 20);
+    let (tx, rx) = pipeline::channel(64, crate::install::CHANNEL_BYTES);
     let plan = SinkPlan {
         url: req.source.to_string(),
         algorithm: HashAlgorithm::Sha256,
