@@ -60,7 +60,6 @@ INTEGRATOR_ARGS="no_timer_check"
 # Disk layout in MiB: p1 boot (FAT), p2 slot A, p3 slot B, p4 data (ext4).
 BOOT_MIB=16
 SLOT_MIB=48
-DATA_MIB=16
 IMAGE_MIB=40 # slot image size (ext4), must fit into SLOT_MIB
 if [ "$ARCH" = aarch64 ]; then
 	# Debian's arm64 vmlinuz is a plain Image (32 MiB), as booti takes it: a gzipped one would
@@ -69,6 +68,8 @@ if [ "$ARCH" = aarch64 ]; then
 	SLOT_MIB=64
 	IMAGE_MIB=56
 fi
+# The data partition holds a whole (gzipped) slot image in scenario local: a slot's size.
+DATA_MIB=$SLOT_MIB
 
 log() { printf '[qemu] %s\n' "$*" >&2; }
 die() {

@@ -16,7 +16,8 @@ DISK_MIB=$((P4_START + DATA_MIB))
 # Slot A gets the image, slot B stays empty, the environment is the factory
 # one of the scheme (or ENV_TEXT: name=value lines, which win over the board's
 # ARCH_ENV). With ISOLATION_PROBE=HOST:PORT the guest checks at boot that it
-# cannot reach that address.
+# cannot reach that address. With LOCAL_IMAGE=PATH the data partition holds that
+# image as ddi/update.img.gz, which the guest installs with `ddi-agent install`.
 make_device() {
 	local dir=$1 scheme=$2 image=$3 device_toml=$4 agent_extra=$5 env_text=${6:-} line
 	rm -rf "${dir:?}"
@@ -43,6 +44,8 @@ make_device() {
 	printf '%s\n' "$device_toml" >"$dir/data/ddi/device.toml"
 	printf '%s\n' "$agent_extra" >"$dir/data/ddi/agent-extra.toml"
 	if [ -n "${ISOLATION_PROBE:-}" ]; then echo "$ISOLATION_PROBE" >"$dir/data/ddi/isolation-probe"; fi
+	# LOCAL_IMAGE=PATH: a slot image the guest installs itself from the data partition (gzip)
+	if [ -n "${LOCAL_IMAGE:-}" ]; then gzip -9 -c "$LOCAL_IMAGE" >"$dir/data/ddi/update.img.gz"; fi
 	mkfs.ext4 -q -F -L data -E root_owner=0:0 -d "$dir/data" "$dir/data.img" "${DATA_MIB}M" >/dev/null
 	truncate -s "${DISK_MIB}M" "$dir/disk.img"
 	sfdisk -q "$dir/disk.img" <<-EOF

@@ -15,7 +15,7 @@ export DDI_QEMU_ARCH=${DDI_QEMU_ARCH:-x86_64}
 # shellcheck source-path=SCRIPTDIR source=common.sh
 . "$(dirname "$0")/common.sh"
 
-ALL_SCENARIOS=(good panic unhealthy cut-download cut-write-switch torn-env rauc bad-env)
+ALL_SCENARIOS=(good panic unhealthy cut-download cut-write-switch torn-env rauc bad-env local)
 JOBS=${DDI_QEMU_JOBS:-2}
 SCENARIO_TIMEOUT=${DDI_QEMU_TIMEOUT:-420}
 passed=0

@@ -2,7 +2,8 @@
 # One end-to-end scenario on a QEMU device: qemu/scenario.sh NAME SERVER_URL
 # Exit 0 = passed. Everything it does goes to stdout (run-tests.sh keeps it in
 # $WORK/run/NAME/scenario.log); the last line says why it failed.
-# Scenarios: good, panic, unhealthy, cut-download, cut-write-switch, torn-env, rauc, bad-env.
+# Scenarios: good, panic, unhealthy, cut-download, cut-write-switch, torn-env, rauc, bad-env,
+# local.
 set -uo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
 . "$(dirname "$0")/common.sh"
@@ -233,6 +234,35 @@ scenario_unhealthy() {
 	env_keeps_integrator_vars
 }
 
+# (3b) field-service install (issue 18): no server action; the guest runs
+# `ddi-agent install` on an image on its data partition, reboots into B, and the
+# service confirms it after its health checks; the server never hears of it
+scenario_local() {
+	LOCAL_IMAGE=$WORK/images/v2.ext4 new_device bootcount
+	power_on
+	expect 'DDI-GUEST: up slot=A version=1.0' 90 "factory image up"
+	expect 'local install source=/data/ddi/update.img.gz slot=B' 60 "ddi-agent install starts"
+	# The reboot command runs before the command's own last line could be printed.
+	expect 'state="awaiting_reboot" from="installed"' 180 "local install written, verified and activated"
+	expect 'DDI-GUEST: reboot requested' 30 "the install reboots"
+	expect "$BOOT_SLOT=B .*upgrade_available=1 bootcount=1 " 120 "trial boot of B after the local install"
+	expect 'DDI-GUEST: up slot=B version=2.0 ' 60 "new image up on B"
+	expect 'marking the booted slot good' 90 "the service confirms the local install"
+	sleep 2
+	power_cut
+	env_expect bootctl_slot=B upgrade_available=0 bootcount=0
+	env_keeps_integrator_vars
+	power_on
+	expect "$BOOT_SLOT=B .*upgrade_available=0" 60 "later boot: U-Boot boots B, no trial"
+	expect 'DDI-GUEST: last local: /data/ddi/update.img.gz into slot B .* success' 60 "status shows the local install's success"
+	sleep 2
+	power_cut
+	local n
+	n=$(sim --json actions "$TARGET" | jq 'length') || fail "cannot list the actions of $TARGET"
+	[ "$n" = 0 ] || fail "the server has $n actions for $TARGET; a local install invents none"
+	step "the server has no action for $TARGET"
+}
+
 # (4) power cut during the download -> the next boot resumes and completes
 scenario_cut_download() {
 	new_device bootcount
@@ -377,7 +407,7 @@ scenario_bad_env() {
 }
 
 case "$NAME" in
-good | panic | unhealthy | rauc) "scenario_$NAME" ;;
+good | panic | unhealthy | rauc | local) "scenario_$NAME" ;;
 bad-env) scenario_bad_env ;;
 cut-download) scenario_cut_download ;;
 cut-write-switch) scenario_cut_write_switch ;;

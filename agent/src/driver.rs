@@ -21,7 +21,11 @@ use crate::feedback_budget::{ProgressBudget, Stage};
 use crate::install::{ExpectedHash, InstallRequest, Progress};
 use bootctl::Slot;
 
-use crate::machine::{self, Action, Event, InstallFailure, Job, Params, Phase, SlotImage, State};
+use crate::local_install::Source;
+use crate::machine::{
+    self, Action, Event, InstallFailure, Job, LocalOrigin, Params, Phase, ResultKind, SlotImage,
+    State,
+};
 use crate::persist::{PersistError, Store};
 
 /// A bootloader operation failed.
@@ -153,6 +157,19 @@ pub struct Driver<B, I, H, R> {
     /// Why the last [`Driver::startup`] could not read the boot environment: until a start
     /// succeeds, a cycle does nothing the post-reboot step should have decided first.
     startup_skipped: Option<String>,
+    /// `ddi-agent install --no-reboot`: a reboot the machine asks for is left to the user.
+    hold_reboot: bool,
+}
+
+/// How `ddi-agent install SOURCE` ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalOutcome {
+    /// Not started, for this reason; nothing was written.
+    Refused(String),
+    /// Written, verified and activated in `target`; `rebooting` when the reboot command ran.
+    Activated { target: Slot, rebooting: bool },
+    /// Failed; the message names the problem (the booted slot and its boot entry untouched).
+    Failed(String),
 }
 
 impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H, R> {
@@ -187,7 +204,74 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
             install_failed_transiently: false,
             last_sleep: Duration::from_secs(30),
             startup_skipped: None,
+            hold_reboot: false,
         })
+    }
+
+    /// `ddi-agent install SOURCE`: a local job through the machine, as far as the activating
+    /// save and (unless `reboot` is false) the reboot. Its confirmation after the reboot is the
+    /// post-reboot step of `once`/`run`, as for a server action.
+    pub async fn local_install(
+        &mut self,
+        origin: LocalOrigin,
+        reboot: bool,
+    ) -> Result<LocalOutcome, DriverError> {
+        self.load()?;
+        let booted = self.boot.booted()?;
+        let next = self.boot.next().map_err(DriverError::BootEnv)?;
+        let trial = self.boot.booted_on_trial()?;
+        if let Some(reason) = machine::local_install_refusal(&self.state, booted, next, trial) {
+            return Ok(LocalOutcome::Refused(reason));
+        }
+        if let Source::File(path) = Source::parse(&origin.source) {
+            // Checked before the slot is marked bad: a mistyped path changes nothing at all.
+            match std::fs::metadata(&path) {
+                Ok(m) if m.is_file() => {}
+                Ok(_) => {
+                    return Ok(LocalOutcome::Refused(format!(
+                        "{} is not a regular file",
+                        path.display()
+                    )))
+                }
+                Err(e) => {
+                    return Ok(LocalOutcome::Refused(format!(
+                        "cannot open {}: {e}",
+                        path.display()
+                    )))
+                }
+            }
+        }
+        info!(source = %origin.source, slot = %booted.other(), "local install");
+        self.hold_reboot = !reboot;
+        let rebooting = self.apply(Event::LocalInstall {
+            origin: origin.clone(),
+            booted,
+            next,
+            trial,
+        });
+        let rebooting = rebooting.await;
+        self.hold_reboot = false;
+        let rebooting = rebooting?;
+        Ok(
+            match (
+                self.state.update().phase(),
+                self.state.update().last_local(),
+            ) {
+                (Phase::AwaitingReboot(job), _) if job.local.as_ref() == Some(&origin) => {
+                    LocalOutcome::Activated {
+                        target: job.target,
+                        rebooting,
+                    }
+                }
+                (Phase::Idle, Some(r)) if r.origin == origin && r.result != ResultKind::Success => {
+                    LocalOutcome::Failed(r.message.clone())
+                }
+                (phase, _) => LocalOutcome::Failed(format!(
+                    "the install stopped in phase {} (see the log)",
+                    phase.name()
+                )),
+            },
+        )
     }
 
     pub fn state(&self) -> &State {
@@ -445,6 +529,11 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
                     Action::Defer(reason) => {
                         warn!(action_id = job.as_deref().unwrap_or(""), %reason, "not installing now");
                     }
+                    Action::Reboot if self.hold_reboot => {
+                        self.save()?;
+                        info!("reboot needed; not rebooting (--no-reboot)");
+                        return Ok(false);
+                    }
                     Action::Reboot => {
                         self.save()?;
                         info!(command = ?self.cfg.boot.reboot_command, "rebooting");
@@ -517,6 +606,9 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
     /// A job that reuses a downloaded image only has it read back.
     async fn install(&mut self, job: &Job) -> Event {
         let req = self.install_request(job);
+        if job.is_local() {
+            return self.install_local(&req).await;
+        }
         if let Some(image) = &job.reuse {
             info!(action_id = %job.action_id, slot = %job.target, bytes = image.bytes, "reading back the image downloaded earlier");
             let result = self.installer.verify(&req, image).await;
@@ -627,6 +719,26 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         Event::InstallDone(result)
     }
 
+    /// A local job's install: no server to watch or tell; progress goes to the terminal or
+    /// the log.
+    async fn install_local(&self, req: &InstallRequest) -> Event {
+        use std::io::IsTerminal;
+        info!(source = %req.url, slot = %req.slot_path.display(), "installing");
+        let mut display =
+            crate::local_install::ProgressDisplay::new(std::io::stderr().is_terminal());
+        let mut progress = |p: Progress| display.show(p);
+        let result = self
+            .installer
+            .install(self.client.http(), req, &mut progress)
+            .await;
+        display.finish();
+        match &result {
+            Ok(_) => info!(source = %req.url, "image written and verified"),
+            Err(f) => warn!(source = %req.url, error = %f.message, "local install failed"),
+        }
+        Event::InstallDone(result)
+    }
+
     fn install_request(&self, job: &Job) -> InstallRequest {
         let url = job
             .artifact
@@ -650,6 +762,11 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
             resume_path: self.store.path("download.resume"),
             max_rate: self.cfg.agent.max_download_rate,
             bundle: self.cfg.bundle.for_install(),
+            local: job.is_local(),
+            local_file: match job.local.as_ref().map(|o| Source::parse(&o.source)) {
+                Some(Source::File(path)) => Some(path),
+                _ => None,
+            },
         }
     }
 

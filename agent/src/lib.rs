@@ -10,7 +10,8 @@
 //! - [`feedback_budget`]: how much progress feedback an install run may send (status quota).
 //! - [`driver`]: runs the machine against the server, the bootloader and the installer.
 //! - [`install`]: the streaming download/verify/write pipeline for a slot.
-//! - [`local_install`]: installs no server assigned (`ddi-agent install --check`).
+//! - [`local_install`]: installs no server assigned: the dry run (`ddi-agent install --check`)
+//!   and the progress display of `ddi-agent install`.
 //! - [`health`]: the health checks run after booting a new slot.
 //! - [`service`]: daemon plumbing (systemd notify, logging, signals) and the CLI commands.
 

@@ -1,4 +1,6 @@
-//! Installs that no server assigned (issue 18): `ddi-agent install --check SOURCE`, the field
+//! Installs that no server assigned (issue 18). `ddi-agent install SOURCE` runs as a local job
+//! of the update machine (see [`crate::machine::LocalOrigin`] and `Driver::local_install`);
+//! this module holds its progress display and `ddi-agent install --check SOURCE`, the field
 //! technician's dry run. SOURCE is a local file or an `http(s)://` URL; it goes through the same
 //! streaming pipeline as a server's artifact (signature policy, `compatible`, formats, the size
 //! guard against the slot the image would go to, a bundle's signed sizes and hashes) into a sink
@@ -13,11 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
-
 use crate::install::hash::HashAlgorithm;
-use crate::install::pipeline::{self, ChunkSender, Counters, SinkPlan};
+use crate::install::pipeline::{self, Counters, SinkPlan};
 use crate::install::slot::SlotDevice;
 use crate::install::{source, BundlePolicy, InstallError, Installed, Progress, RetryPolicy};
 
@@ -125,35 +124,18 @@ pub async fn check(
     req: &CheckRequest,
     progress: &mut (dyn FnMut(Progress) + Send),
 ) -> Result<Installed, InstallError> {
-    let mut file = None;
-    let size = match &req.source {
-        Source::File(path) => {
-            let f = tokio::fs::File::open(path).await.map_err(|e| {
-                InstallError::InvalidRequest(format!("cannot open {}: {e}", path.display()))
-            })?;
-            let meta = f.metadata().await.map_err(|e| {
-                InstallError::InvalidRequest(format!("cannot read {}: {e}", path.display()))
-            })?;
-            if !meta.is_file() {
-                return Err(InstallError::InvalidRequest(format!(
-                    "{} is not a regular file",
-                    path.display()
-                )));
-            }
-            file = Some(f);
-            Some(meta.len())
-        }
+    let file = match &req.source {
+        Source::File(path) => Some(source::open_file(path).await?),
         Source::Url(_) => None,
     };
+    let size = file.as_ref().map(|f| f.size);
     let counters = Arc::new(Counters::new(0, size));
-    if let Some(f) = &mut file {
-        if let Some(isize) = gzip_isize(f).await? {
-            counters
-                .gzip_isize
-                .store(isize, std::sync::atomic::Ordering::Release);
-        }
+    if let Some(isize) = file.as_ref().and_then(|f| f.gzip_isize) {
+        counters
+            .gzip_isize
+            .store(isize, std::sync::atomic::Ordering::Release);
     }
-    let (tx, rx) = pipeline::channel(64, 2 << 20);
+    let (tx, rx) = pipeline::channel(64, crate::install::CHANNEL_BYTES);
     let plan = SinkPlan {
         url: req.source.to_string(),
         algorithm: HashAlgorithm::Sha256,
@@ -182,7 +164,7 @@ pub async fn check(
     });
     let feed = async {
         match (file, &req.source) {
-            (Some(f), _) => feed_file(f, tx, &counters).await,
+            (Some(f), _) => source::feed_file(f.file, tx, &counters).await,
             (None, Source::Url(url)) => {
                 let spec = source::SourceSpec {
                     url: url.clone(),
@@ -221,49 +203,149 @@ pub async fn check(
     }
 }
 
-/// The ISIZE of a gzip file's trailer (a lower bound of its decoded size), so that an image
-/// that cannot fit fails before the first byte, as for a download.
-async fn gzip_isize(f: &mut tokio::fs::File) -> Result<Option<u64>, InstallError> {
-    let mut head = [0u8; 2];
-    let mut trailer = [0u8; 4];
-    let found = f.read_exact(&mut head).await.is_ok()
-        && crate::install::decode::is_gzip(&head)
-        && f.seek(io::SeekFrom::End(-4)).await.is_ok()
-        && f.read_exact(&mut trailer).await.is_ok();
-    f.seek(io::SeekFrom::Start(0))
-        .await
-        .map_err(|e| InstallError::InvalidRequest(format!("reading the source: {e}")))?;
-    Ok(found.then(|| u64::from(u32::from_le_bytes(trailer))))
+/// How often a non-terminal gets a progress log line.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Shows an install's progress: on a terminal one line rewritten in place (bytes, rate, ETA),
+/// otherwise a log line every [`LOG_EVERY`].
+pub struct ProgressDisplay {
+    terminal: bool,
+    started: std::time::Instant,
+    last_log: Option<std::time::Instant>,
+    drawn: bool,
 }
 
-const FILE_CHUNK: usize = 256 * 1024;
-
-/// Stream a local file into the pipeline.
-async fn feed_file(
-    mut f: tokio::fs::File,
-    tx: ChunkSender,
-    counters: &Counters,
-) -> Result<(), InstallError> {
-    let mut done = 0u64;
-    loop {
-        let mut buf = vec![0u8; FILE_CHUNK];
-        let n = f
-            .read(&mut buf)
-            .await
-            .map_err(|e| InstallError::InvalidRequest(format!("reading the source: {e}")))?;
-        if n == 0 {
-            break;
+impl ProgressDisplay {
+    pub fn new(terminal: bool) -> ProgressDisplay {
+        ProgressDisplay {
+            terminal,
+            started: std::time::Instant::now(),
+            last_log: None,
+            drawn: false,
         }
-        buf.truncate(n);
-        if !tx.send_data(Bytes::from(buf)).await {
-            // The pipeline stopped; its error is the one that counts.
-            return Ok(());
-        }
-        done += n as u64;
-        counters
-            .downloaded
-            .store(done, std::sync::atomic::Ordering::Relaxed);
     }
-    tx.send_end().await;
-    Ok(())
+
+    pub fn show(&mut self, p: Progress) {
+        let Some(line) = progress_line(p, self.started.elapsed()) else {
+            return;
+        };
+        if self.terminal {
+            use std::io::Write;
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r\x1b[K{line}");
+            let _ = err.flush();
+            self.drawn = true;
+        } else if self.last_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+            tracing::info!("{line}");
+            self.last_log = Some(std::time::Instant::now());
+        }
+    }
+
+    /// Ends the terminal's progress line.
+    pub fn finish(&mut self) {
+        if self.drawn {
+            eprintln!();
+            self.drawn = false;
+        }
+    }
+}
+
+/// `writing 12.0 MiB / 64.0 MiB (18%), 4.0 MiB/s, ETA 13 s` (the rate is the average over
+/// `elapsed`), or `verifying 8.0 MiB / 64.0 MiB (12%)`.
+pub fn progress_line(p: Progress, elapsed: Duration) -> Option<String> {
+    let (what, done, total) = match p {
+        Progress::Downloading { done, total } => ("writing", done, total),
+        Progress::Verifying { done, total } => ("verifying", done, Some(total)),
+        // Local installs are never delta installs.
+        Progress::Delta(_) => return None,
+    };
+    let secs = elapsed.as_secs_f64();
+    let rate = if secs > 0.0 { done as f64 / secs } else { 0.0 };
+    let mut line = format!("{what} {}", mib(done as f64));
+    if let Some(total) = total.filter(|t| *t > 0) {
+        line += &format!(
+            " / {} ({}%)",
+            mib(total as f64),
+            done.min(total) * 100 / total
+        );
+    }
+    // Verifying reads back what was written, much of it while writing: no rate of its own.
+    if what == "writing" {
+        line += &format!(", {}/s", mib(rate));
+        if let Some(total) = total.filter(|_| rate > 0.0) {
+            let eta = total.saturating_sub(done) as f64 / rate;
+            line += &format!(", ETA {} s", eta.ceil() as u64);
+        }
+    }
+    Some(line)
+}
+
+fn mib(bytes: f64) -> String {
+    format!("{:.1} MiB", bytes / (1024.0 * 1024.0))
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC` of Unix seconds (status output).
+pub fn utc_time(unix_secs: u64) -> String {
+    let days = (unix_secs / 86_400) as i64;
+    let rem = unix_secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_lines_tell_bytes_rate_and_eta() {
+        let mib = 1024 * 1024;
+        let line = progress_line(
+            Progress::Downloading {
+                done: 16 * mib,
+                total: Some(64 * mib),
+            },
+            Duration::from_secs(4),
+        );
+        assert_eq!(
+            line.unwrap(),
+            "writing 16.0 MiB / 64.0 MiB (25%), 4.0 MiB/s, ETA 12 s"
+        );
+        let line = progress_line(
+            Progress::Downloading {
+                done: mib,
+                total: None,
+            },
+            Duration::from_secs(2),
+        );
+        assert_eq!(line.unwrap(), "writing 1.0 MiB, 0.5 MiB/s");
+        let line = progress_line(
+            Progress::Verifying {
+                done: 0,
+                total: 8 * mib,
+            },
+            Duration::ZERO,
+        );
+        assert_eq!(line.unwrap(), "verifying 0.0 MiB / 8.0 MiB (0%)");
+    }
+
+    #[test]
+    fn utc_times() {
+        assert_eq!(utc_time(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc_time(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc_time(1_796_464_445), "2026-12-05 09:54:05 UTC");
+    }
 }

@@ -1,6 +1,10 @@
 //! The update state machine. Pure: [`step`] maps (state, event) to (new state, actions) without
 //! any I/O; the driver executes the actions in order and feeds results back as events.
 //!
+//! A job is a server action, or a local install (`ddi-agent install SOURCE`, [`Job::local`]):
+//! the same phases, ordering and confirmation, but no action id, no feedback and no effect of
+//! the server's polls on it; its end goes to [`Update::last_local`].
+//!
 //! The persisted [`State`] holds the phase of the current update, the last result, and the
 //! feedback outbox (feedback that must reach the server, kept until delivered or refused with
 //! 410). Ordering rules for power cuts live here:
@@ -48,6 +52,34 @@ pub struct Job {
     /// Download runs started for this job, counted durably before each: the progress feedback
     /// budget holds per action across restarts (see [`crate::feedback_budget`]).
     pub download_runs: u32,
+    /// Set for a local install (`ddi-agent install SOURCE`): no server assigned this job, so its
+    /// `action_id` and `link` are empty and nothing about it is ever sent to a server.
+    pub local: Option<LocalOrigin>,
+}
+
+/// Where a local install's image came from, and when it started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalOrigin {
+    /// The file path or http(s) URL given to `ddi-agent install`.
+    pub source: String,
+    /// Unix seconds.
+    pub started_at: u64,
+}
+
+/// How the last local install ended (shown by `ddi-agent status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalResult {
+    pub origin: LocalOrigin,
+    /// The slot it was written to.
+    pub target: Slot,
+    pub result: ResultKind,
+    pub message: String,
+}
+
+impl Job {
+    pub fn is_local(&self) -> bool {
+        self.local.is_some()
+    }
 }
 
 /// An image as it lies on a slot (after decompression or extraction): its length and the
@@ -171,6 +203,8 @@ pub struct Update {
     pending_consent: Option<PendingConsent>,
     /// The image a download-only action left in the slot that is not booted.
     downloaded: Option<Downloaded>,
+    /// The last local install (`ddi-agent install SOURCE`); never an action of the server.
+    last_local: Option<LocalResult>,
 }
 
 /// An action waiting for the user's `ddi-agent consent accept|deny` (`consent = "manual"`).
@@ -248,6 +282,7 @@ impl Update {
         finished_actions: Vec<String>,
         pending_consent: Option<PendingConsent>,
         downloaded: Option<Downloaded>,
+        last_local: Option<LocalResult>,
     ) -> Update {
         Update {
             phase,
@@ -255,6 +290,7 @@ impl Update {
             finished_actions,
             pending_consent,
             downloaded,
+            last_local,
         }
     }
 
@@ -276,6 +312,10 @@ impl Update {
 
     pub fn downloaded(&self) -> Option<&Downloaded> {
         self.downloaded.as_ref()
+    }
+
+    pub fn last_local(&self) -> Option<&LocalResult> {
+        self.last_local.as_ref()
     }
 }
 
@@ -434,6 +474,43 @@ impl State {
             message,
         });
     }
+
+    /// Ends `job`: a server job as [`State::finish`], a local one in `last_local` (no action
+    /// of the server is touched).
+    fn finish_job(&mut self, job: &Job, result: ResultKind, message: String) {
+        match &job.local {
+            None => self.finish(&job.action_id, result, message),
+            Some(origin) => {
+                self.update.phase = Phase::Idle;
+                self.update.last_local = Some(LocalResult {
+                    origin: origin.clone(),
+                    target: job.target,
+                    result,
+                    message,
+                });
+            }
+        }
+    }
+
+    /// Queues `feedback` on the job's deployment channel; a local job has no server to tell.
+    fn report(&mut self, job: &Job, feedback: Feedback) {
+        if !job.is_local() {
+            self.outbox.queue(Channel::Deployment, &job.link, feedback);
+        }
+    }
+}
+
+/// Delivery of the job's closing feedback; a local job has none (and may have no server).
+fn deliver(job: &Job) -> Option<Action> {
+    (!job.is_local()).then_some(Action::DeliverOutbox)
+}
+
+/// Progress feedback on the job's action, none for a local job.
+fn notify(job: &Job, feedback: Feedback) -> Option<Action> {
+    (!job.is_local()).then(|| Action::Notify {
+        link: job.link.clone(),
+        feedback,
+    })
 }
 /// Fixed parameters of the machine (from the config).
 #[derive(Debug, Clone)]
@@ -561,6 +638,14 @@ pub enum Event {
     InstalledBaseRead {
         href: String,
     },
+    /// `ddi-agent install SOURCE`: write the image of `origin` to the slot not booted and
+    /// activate it. Nothing happens when [`local_install_refusal`] has a reason.
+    LocalInstall {
+        origin: LocalOrigin,
+        booted: Slot,
+        next: Slot,
+        trial: bool,
+    },
     /// The outbox entry `seq` is not owed any more: the server took it, or refused it for good
     /// (410 Gone, or a status saying it never will).
     FeedbackDelivered {
@@ -606,6 +691,10 @@ pub fn step(params: &Params, state: State, event: Event) -> (State, Vec<Action>)
                 actions.push(Action::Persist);
             }
             if let Phase::Installing(job) | Phase::Installed(job) = s.update.phase.clone() {
+                if job.is_local() {
+                    // The server never had this job: its absence there says nothing.
+                    return (s, actions);
+                }
                 // The server dropped the action (force quit, auto-close): stop, slot stays bad.
                 s.finish(
                     &job.action_id,
@@ -662,8 +751,98 @@ pub fn step(params: &Params, state: State, event: Event) -> (State, Vec<Action>)
                 actions.push(Action::Persist);
             }
         }
+        Event::LocalInstall {
+            origin,
+            booted,
+            next,
+            trial,
+        } => {
+            let boot = BootView {
+                booted,
+                next,
+                trial,
+            };
+            on_local_install(&mut s, &mut actions, origin, boot)
+        }
     }
     (s, actions)
+}
+
+/// Why a local install may not start now, or `None`. A server action in progress keeps its
+/// slot (the local install never abandons it); an activated slot is confirmed first; and the
+/// bootloader's state must allow writing the other slot, as for a server action.
+pub fn local_install_refusal(s: &State, booted: Slot, next: Slot, trial: bool) -> Option<String> {
+    let busy = match &s.update.phase {
+        Phase::Idle => None,
+        // An interrupted local install (its slot is marked bad) is simply replaced.
+        Phase::Installing(j) if j.is_local() => None,
+        Phase::AwaitingReboot(j) | Phase::Installed(j) if j.activations > 0 => Some(format!(
+            "slot {} is activated and waits for its reboot and confirmation{}; reboot first",
+            j.target,
+            if j.is_local() {
+                String::new()
+            } else {
+                format!(" (server action {})", j.action_id)
+            }
+        )),
+        Phase::Installing(j) | Phase::Installed(j) | Phase::AwaitingReboot(j) => Some(format!(
+            "server action {} is in progress ({}, slot {}); let it finish or cancel it on the \
+             server first",
+            j.action_id,
+            s.update.phase.name(),
+            j.target
+        )),
+    };
+    busy.or_else(|| {
+        BootView {
+            booted,
+            next,
+            trial,
+        }
+        .write_blocked()
+        .map(|(reason, _)| reason)
+    })
+}
+
+fn on_local_install(s: &mut State, actions: &mut Vec<Action>, origin: LocalOrigin, boot: BootView) {
+    if local_install_refusal(s, boot.booted, boot.next, boot.trial).is_some() {
+        return;
+    }
+    let filename = origin
+        .source
+        .rsplit('/')
+        .find(|part| !part.is_empty())
+        .unwrap_or(&origin.source)
+        .to_string();
+    let job = Job {
+        action_id: String::new(),
+        link: String::new(),
+        target: boot.booted.other(),
+        download_only: false,
+        may_activate: true,
+        artifact: Artifact {
+            filename,
+            hashes: Default::default(),
+            size: None,
+            download: Some(Link {
+                href: origin.source.clone(),
+            }),
+        },
+        version: String::new(),
+        failed_tries: 0,
+        activations: 0,
+        reuse: None,
+        download_runs: 0,
+        local: Some(origin),
+    };
+    // The slot changes hands: an image a download-only action kept there is gone.
+    s.update.downloaded = None;
+    s.update.phase = Phase::Installing(job.clone());
+    actions.extend([
+        Action::MarkBad(job.target),
+        Action::Persist,
+        Action::Install(job),
+    ]);
 }
 
 /// The confirmation flow: consent given automatically or by the user's answer is sent; without
@@ -755,6 +934,15 @@ fn started(params: &Params, s: &mut State, actions: &mut Vec<Action>, booted: Sl
         Phase::Installing(job) if booted == job.target => {
             job_slot_running_unverified(s, actions, job);
         }
+        Phase::Installing(job) if job.is_local() => {
+            // Nobody carries an interrupted local install on: it ended here.
+            let message = format!(
+                "interrupted before the image was written and verified; slot {} left marked bad",
+                job.target
+            );
+            s.finish_job(&job, ResultKind::Failure, message);
+            actions.extend([Action::Persist, Action::KeepBootedGood]);
+        }
         Phase::Installing(_) => actions.push(Action::KeepBootedGood),
         Phase::Installed(job) if job.activations == 0 => {
             // Waiting for the maintenance window; the next poll decides. Should someone have
@@ -803,17 +991,13 @@ fn rolled_back(params: &Params, s: &mut State, actions: &mut Vec<Action>, job: J
 /// Ends the job `closed`/`failure` with `message`, its slot marked bad (one save, none when it
 /// already is), the result durable and its delivery tried.
 fn fail_job(s: &mut State, actions: &mut Vec<Action>, job: &Job, message: String) {
-    s.outbox.queue(
-        Channel::Deployment,
-        &job.link,
+    s.report(
+        job,
         Feedback::new(&job.action_id, Execution::Closed, Finished::Failure).detail(message.clone()),
     );
-    s.finish(&job.action_id, ResultKind::Failure, message);
-    actions.extend([
-        Action::MarkBad(job.target),
-        Action::Persist,
-        Action::DeliverOutbox,
-    ]);
+    s.finish_job(job, ResultKind::Failure, message);
+    actions.extend([Action::MarkBad(job.target), Action::Persist]);
+    actions.extend(deliver(job));
 }
 
 /// The slot being written (marked bad, never verified) is running: someone switched to it by
@@ -1011,11 +1195,7 @@ fn on_deployment(
         }
         // Replaced without a cancel (auto-close on the server): the old one is dropped.
         let old = job.clone();
-        s.finish(
-            &old.action_id,
-            ResultKind::Abandoned,
-            format!("action {} replaced by action {id}", old.action_id),
-        );
+        s.finish_job(&old, ResultKind::Abandoned, replaced_message(&old, &id));
     }
     forget_download_in(s, actions, booted);
     let download_only = d.is_download_only();
@@ -1083,6 +1263,7 @@ fn on_deployment(
                 version,
                 failed_tries: 0,
                 activations: 0,
+                local: None,
                 download_runs: u32::from(recorded.is_none()),
                 reuse: recorded.map(|r| r.image),
             };
@@ -1120,6 +1301,17 @@ fn on_deployment(
             }
             actions.push(Action::Install(job));
         }
+    }
+}
+
+fn replaced_message(old: &Job, new_action_id: &str) -> String {
+    if old.is_local() {
+        format!("local install replaced by server action {new_action_id}")
+    } else {
+        format!(
+            "action {} replaced by action {new_action_id}",
+            old.action_id
+        )
     }
 }
 
@@ -1174,15 +1366,13 @@ fn on_activated(s: &mut State, actions: &mut Vec<Action>) {
         return;
     }
     s.update.phase = Phase::AwaitingReboot(job.clone());
-    actions.extend([
-        Action::Persist,
-        Action::Notify {
-            link: job.link.clone(),
-            feedback: Feedback::new(&job.action_id, Execution::Proceeding, Finished::None)
-                .detail(format!("slot {} activated; rebooting", job.target)),
-        },
-        Action::Reboot,
-    ]);
+    actions.push(Action::Persist);
+    actions.extend(notify(
+        &job,
+        Feedback::new(&job.action_id, Execution::Proceeding, Finished::None)
+            .detail(format!("slot {} activated; rebooting", job.target)),
+    ));
+    actions.push(Action::Reboot);
 }
 
 fn on_install_done(
@@ -1238,11 +1428,11 @@ fn on_install_done(
         }
         Ok(_) => {
             s.update.phase = Phase::Installed(job.clone());
-            actions.push(Action::Notify {
-                link: job.link.clone(),
-                feedback: Feedback::new(&job.action_id, Execution::Downloaded, Finished::None)
+            actions.extend(notify(
+                &job,
+                Feedback::new(&job.action_id, Execution::Downloaded, Finished::None)
                     .detail(format!("written and verified in slot {}", job.target)),
-            });
+            ));
             if job.may_activate {
                 activate(s, actions, job);
             } else {
@@ -1260,24 +1450,28 @@ fn on_install_done(
                 ]);
             }
         }
-        Err(f) if f.retryable && job.failed_tries + 1 < MAX_INSTALL_TRIES => {
+        // A local install is not polled again: the pipeline's own retries were its chances.
+        Err(f) if f.retryable && !job.is_local() && job.failed_tries + 1 < MAX_INSTALL_TRIES => {
             job.failed_tries += 1;
             s.update.phase = Phase::Installing(job);
             actions.push(Action::Persist);
         }
         Err(f) => {
-            s.outbox.queue(
-                Channel::Deployment,
-                &job.link,
+            let left = format!("slot {} left marked bad; nothing activated", job.target);
+            s.report(
+                &job,
                 Feedback::new(&job.action_id, Execution::Closed, Finished::Failure)
                     .detail(f.message.clone())
-                    .detail(format!(
-                        "slot {} left marked bad; nothing activated",
-                        job.target
-                    )),
+                    .detail(left.clone()),
             );
-            s.finish(&job.action_id, ResultKind::Failure, f.message);
-            actions.extend([Action::Persist, Action::DeliverOutbox]);
+            let message = if job.is_local() {
+                format!("{}; {left}", f.message)
+            } else {
+                f.message
+            };
+            s.finish_job(&job, ResultKind::Failure, message);
+            actions.push(Action::Persist);
+            actions.extend(deliver(&job));
         }
     }
 }
@@ -1288,18 +1482,22 @@ fn on_health(s: &mut State, actions: &mut Vec<Action>, result: Result<(), String
     };
     match result {
         Ok(_) => {
-            let message = format!(
-                "version {} running from slot {} and confirmed",
-                job.version, job.target
-            );
-            s.outbox.queue(
-                Channel::Deployment,
-                &job.link,
+            let message = if job.is_local() {
+                format!("running from slot {} and confirmed", job.target)
+            } else {
+                format!(
+                    "version {} running from slot {} and confirmed",
+                    job.version, job.target
+                )
+            };
+            s.report(
+                &job,
                 Feedback::new(&job.action_id, Execution::Closed, Finished::Success)
                     .detail(message.clone()),
             );
-            s.finish(&job.action_id, ResultKind::Success, message);
-            actions.extend([Action::MarkGood, Action::Persist, Action::DeliverOutbox]);
+            s.finish_job(&job, ResultKind::Success, message);
+            actions.extend([Action::MarkGood, Action::Persist]);
+            actions.extend(deliver(&job));
         }
         Err(output) => {
             let message = format!(
@@ -1307,19 +1505,27 @@ fn on_health(s: &mut State, actions: &mut Vec<Action>, result: Result<(), String
                 job.target,
                 job.target.other()
             );
+            let report: Vec<&str> = output
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .take(20)
+                .collect();
             let mut fb = Feedback::new(&job.action_id, Execution::Closed, Finished::Failure)
                 .detail(message.clone());
-            for line in output.lines().filter(|l| !l.trim().is_empty()).take(20) {
-                fb = fb.detail(line);
+            for line in &report {
+                fb = fb.detail(*line);
             }
-            s.outbox.queue(Channel::Deployment, &job.link, fb);
-            s.finish(&job.action_id, ResultKind::Failure, message);
-            actions.extend([
-                Action::MarkBad(job.target),
-                Action::Persist,
-                Action::DeliverOutbox,
-                Action::Reboot,
-            ]);
+            s.report(&job, fb);
+            let message = if job.is_local() && !report.is_empty() {
+                // No server keeps the check's report: the local result does.
+                format!("{message}: {}", report.join(" | "))
+            } else {
+                message
+            };
+            s.finish_job(&job, ResultKind::Failure, message);
+            actions.extend([Action::MarkBad(job.target), Action::Persist]);
+            actions.extend(deliver(&job));
+            actions.push(Action::Reboot);
         }
     }
 }
@@ -1401,11 +1607,9 @@ fn on_refused(s: &mut State, actions: &mut Vec<Action>, link: Link, reason: Stri
         Phase::Installing(job) | Phase::Installed(job) if job.action_id == id => {
             message = format!("{message}; slot {} left marked bad", job.target);
         }
-        Phase::Installing(job) | Phase::Installed(job) => s.finish(
-            &job.action_id,
-            ResultKind::Abandoned,
-            format!("action {} replaced by action {id}", job.action_id),
-        ),
+        Phase::Installing(job) | Phase::Installed(job) => {
+            s.finish_job(&job, ResultKind::Abandoned, replaced_message(&job, &id))
+        }
         Phase::Idle => {}
     }
     if s.finished_locally(&id) {
@@ -2660,6 +2864,198 @@ mod tests {
         }
     }
 
+    fn origin() -> LocalOrigin {
+        LocalOrigin {
+            source: "/data/update.img.gz".into(),
+            started_at: 1_800_000_000,
+        }
+    }
+
+    fn local(s: State, booted: Slot, next: Slot, trial: bool) -> (State, Vec<Action>) {
+        ev(
+            s,
+            Event::LocalInstall {
+                origin: origin(),
+                booted,
+                next,
+                trial,
+            },
+        )
+    }
+
+    /// A local install up to its reboot: no feedback, no notify, the same durable order.
+    fn local_through_activation() -> State {
+        let (s, a) = local(State::default(), Slot::A, Slot::A, false);
+        assert_eq!(kinds(&a), ["mark_bad", "persist", "install"]);
+        assert_eq!(a[0], Action::MarkBad(Slot::B));
+        let job = s.update.phase.job().unwrap();
+        assert!(job.is_local() && job.action_id.is_empty() && job.target == Slot::B);
+        assert_eq!(job.artifact.filename, "update.img.gz");
+        let (s, a) = ev(s, Event::InstallDone(Ok(image())));
+        assert_eq!(kinds(&a), ["persist", "activate"]);
+        assert!(matches!(&s.update.phase, Phase::Installed(j) if j.activations == 1));
+        let (s, a) = ev(s, Event::Activated);
+        assert_eq!(kinds(&a), ["persist", "reboot"]);
+        assert!(matches!(s.update.phase, Phase::AwaitingReboot(_)));
+        assert!(s.outbox.is_empty());
+        s
+    }
+
+    #[test]
+    fn a_local_install_confirms_after_reboot_and_never_reports_to_a_server() {
+        let s = local_through_activation();
+        let (s, a) = ev(
+            s,
+            Event::Started {
+                booted: Slot::B,
+                next: Slot::B,
+            },
+        );
+        assert_eq!(kinds(&a), ["health"]);
+        let (s, a) = ev(s, Event::HealthChecked(Ok(())));
+        assert_eq!(kinds(&a), ["mark_good", "persist"]);
+        assert_eq!(s.update.phase, Phase::Idle);
+        assert!(s.outbox.is_empty());
+        assert_eq!(s.update.last_result, None, "no server action was invented");
+        assert!(s.update.finished_actions.is_empty());
+        let r = s.update.last_local.as_ref().unwrap();
+        assert_eq!((r.result.clone(), r.target), (ResultKind::Success, Slot::B));
+        assert_eq!(r.origin, origin());
+    }
+
+    #[test]
+    fn a_local_install_failing_its_health_check_rolls_back_and_keeps_why() {
+        let s = local_through_activation();
+        let (s, _) = ev(
+            s,
+            Event::Started {
+                booted: Slot::B,
+                next: Slot::B,
+            },
+        );
+        let (s, a) = ev(s, Event::HealthChecked(Err("check-app: exit 3\n".into())));
+        assert_eq!(kinds(&a), ["mark_bad", "persist", "reboot"]);
+        assert_eq!(a[0], Action::MarkBad(Slot::B));
+        let r = s.update.last_local.as_ref().unwrap();
+        assert_eq!(r.result, ResultKind::Failure);
+        assert!(r.message.contains("health check failed"), "{}", r.message);
+        assert!(r.message.contains("check-app: exit 3"), "{}", r.message);
+        assert!(s.outbox.is_empty());
+        // The bootloader falling back instead (the slot did not boot) is recorded the same way.
+        let s = local_through_activation();
+        let (s, a) = ev(
+            s,
+            Event::Started {
+                booted: Slot::A,
+                next: Slot::A,
+            },
+        );
+        assert_eq!(kinds(&a), ["mark_bad", "persist"]);
+        assert!(s.update.last_local.unwrap().message.contains("rolled back"));
+        assert!(s.outbox.is_empty());
+    }
+
+    #[test]
+    fn a_local_install_fails_at_once_and_never_retries_on_a_poll() {
+        let (s, _) = local(State::default(), Slot::A, Slot::A, false);
+        let failure = InstallFailure {
+            message: "connection reset".into(),
+            retryable: true,
+        };
+        let (s, a) = ev(s, Event::InstallDone(Err(failure)));
+        assert_eq!(kinds(&a), ["persist"]);
+        assert_eq!(s.update.phase, Phase::Idle);
+        let r = s.update.last_local.unwrap();
+        assert_eq!(r.result, ResultKind::Failure);
+        assert!(r.message.contains("connection reset") && r.message.contains("marked bad"));
+        assert!(s.outbox.is_empty());
+    }
+
+    #[test]
+    fn a_local_install_is_refused_while_anything_else_is_in_progress() {
+        // A server action installing: refused, nothing changes.
+        let (busy, _) = offer(
+            State::default(),
+            deployment("7", Handling::Forced, None),
+            Slot::A,
+        );
+        let reason = local_install_refusal(&busy, Slot::A, Slot::A, false).unwrap();
+        assert!(reason.contains("server action 7"), "{reason}");
+        assert_eq!(local(busy.clone(), Slot::A, Slot::A, false), (busy, vec![]));
+        // Activated and waiting for its reboot (server or local).
+        for s in [
+            through_activation(deployment("7", Handling::Forced, None)),
+            local_through_activation(),
+        ] {
+            let reason = local_install_refusal(&s, Slot::A, Slot::B, false).unwrap();
+            assert!(reason.contains("waits for its reboot"), "{reason}");
+        }
+        // The bootloader's state forbids writing the other slot.
+        let reason = local_install_refusal(&State::default(), Slot::A, Slot::A, true).unwrap();
+        assert!(reason.contains("on trial"), "{reason}");
+        assert!(local_install_refusal(&State::default(), Slot::A, Slot::B, false).is_some());
+        // An interrupted local install is replaced.
+        let (interrupted, _) = local(State::default(), Slot::A, Slot::A, false);
+        assert_eq!(
+            local_install_refusal(&interrupted, Slot::A, Slot::A, false),
+            None
+        );
+    }
+
+    #[test]
+    fn the_server_never_sees_nor_abandons_a_local_job() {
+        let (installing, _) = local(State::default(), Slot::A, Slot::A, false);
+        assert_eq!(
+            ev(installing.clone(), Event::NoAction),
+            (installing.clone(), vec![])
+        );
+        let waiting = local_through_activation();
+        assert_eq!(
+            ev(waiting.clone(), Event::NoAction),
+            (waiting.clone(), vec![])
+        );
+        // A server deployment waits for the local slot's confirmation (reboots if pending).
+        let (s, a) = offer_with(
+            waiting.clone(),
+            deployment("8", Handling::Forced, None),
+            Slot::A,
+            Slot::B,
+            false,
+        );
+        assert_eq!(kinds(&a), ["reboot"]);
+        assert_eq!(s, waiting);
+        // An interrupted local install is ended at start, not resumed, and reported nowhere.
+        let (s, a) = ev(
+            installing,
+            Event::Started {
+                booted: Slot::A,
+                next: Slot::A,
+            },
+        );
+        assert_eq!(kinds(&a), ["persist", "keep_booted_good"]);
+        assert_eq!(s.update.phase, Phase::Idle);
+        assert!(s.update.last_local.unwrap().message.contains("interrupted"));
+        assert!(s.outbox.is_empty());
+    }
+
+    #[test]
+    fn a_local_job_is_stored_where_an_older_agent_sees_no_action() {
+        let (installing, _) = local(State::default(), Slot::A, Slot::A, false);
+        for s in [installing, local_through_activation()] {
+            let bytes = crate::state_file::encode(&s);
+            let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(value["phase"]["phase"], "idle", "{value}");
+            assert!(value["phase"].get("job").is_none());
+            assert_eq!(crate::state_file::salvage(&bytes).open_action, None);
+            assert_eq!(crate::state_file::decode(&bytes).unwrap(), s);
+        }
+        let (s, _) = ev(local_through_activation(), Event::HealthChecked(Ok(())));
+        assert_eq!(
+            crate::state_file::decode(&crate::state_file::encode(&s)).unwrap(),
+            s
+        );
+    }
+
     #[test]
     fn every_state_survives_serialization() {
         let s = through_activation(deployment("7", Handling::Forced, None));
@@ -2716,6 +3112,10 @@ mod tests {
             InstalledBaseRead {
                 id: u8,
             },
+            /// `ddi-agent install SOURCE` (the `n`-th source).
+            Local {
+                n: u8,
+            },
         }
 
         fn ev() -> impl Strategy<Value = Ev> {
@@ -2739,6 +3139,7 @@ mod tests {
                 Just(Ev::NoConfirmation),
                 Just(Ev::AttributesSent),
                 (1u8..4).prop_map(|id| Ev::InstalledBaseRead { id }),
+                (0u8..3).prop_map(|n| Ev::Local { n }),
             ]
         }
 
@@ -2767,6 +3168,8 @@ mod tests {
             awaiting: Option<&'static str>,
             closing: HashMap<String, usize>,
             seen_seq: BTreeSet<u64>,
+            /// The last local result checked.
+            last_local_seen: Option<LocalResult>,
         }
 
         impl Model {
@@ -2785,6 +3188,7 @@ mod tests {
                     awaiting: None,
                     closing: HashMap::new(),
                     seen_seq: BTreeSet::new(),
+                    last_local_seen: None,
                 }
             }
 
@@ -2956,7 +3360,10 @@ mod tests {
                                 });
                             }
                             Action::ClearConsentAnswer => {}
-                            Action::Notify { .. } | Action::DeliverOutbox | Action::Defer(_) => {}
+                            Action::Notify { link, .. } => {
+                                prop_assert!(!link.is_empty(), "progress of a local job sent");
+                            }
+                            Action::DeliverOutbox | Action::Defer(_) => {}
                         }
                         prop_assert!(
                             self.bootable(self.next),
@@ -2998,6 +3405,30 @@ mod tests {
                 }
                 for (id, n) in &self.closing {
                     prop_assert!(*n <= 1, "action {} closed {} times", id, n);
+                }
+                prop_assert!(
+                    self.s
+                        .outbox
+                        .iter()
+                        .all(|o| !o.feedback.action_id.is_empty() && !o.link.is_empty()),
+                    "feedback for a local job: {:?}",
+                    self.s.outbox
+                );
+                if self.s.update.last_local != self.last_local_seen {
+                    if let Some(r) = &self.s.update.last_local {
+                        if r.result == ResultKind::Success {
+                            prop_assert_eq!(
+                                &self.slots[&self.booted],
+                                &Content::Verified(String::new()),
+                                "local success without its image running"
+                            );
+                            prop_assert!(
+                                !self.trial || self.next != self.booted,
+                                "local success while still on trial"
+                            );
+                        }
+                    }
+                    self.last_local_seen = self.s.update.last_local.clone();
                 }
                 if let Some(r) = &self.s.update.downloaded {
                     prop_assert_ne!(
@@ -3099,6 +3530,15 @@ mod tests {
                         )])),
                         Ev::InstalledBaseRead { id } => Event::InstalledBaseRead {
                             href: format!("http://h/T/controller/v1/d/installedBase/{id}"),
+                        },
+                        Ev::Local { n } => Event::LocalInstall {
+                            origin: LocalOrigin {
+                                source: format!("/data/update-{n}.img"),
+                                started_at: u64::from(n),
+                            },
+                            booted: m.booted,
+                            next: m.next,
+                            trial: m.trial && m.next == m.booted,
                         },
                     };
                     if matches!(event, Event::Started { .. }) {

@@ -38,11 +38,15 @@ enum Cmd {
         #[arg(value_enum)]
         decision: Decision,
     },
-    /// Install an image no server assigned, from a file or an http(s) URL.
+    /// Install an image no server assigned, from a file or an http(s) URL; confirmed after the
+    /// reboot by `once`/`run`.
     Install {
         /// Verify only (signature, compatible, size, hashes); write nothing.
         #[arg(long)]
         check: bool,
+        /// Activate without rebooting (the reboot is left to you).
+        #[arg(long)]
+        no_reboot: bool,
         /// A file path or an http(s):// URL.
         source: String,
     },
@@ -63,7 +67,15 @@ fn main() -> ExitCode {
         Cmd::Consent { decision } => Command::Consent {
             accept: matches!(decision, Decision::Accept),
         },
-        Cmd::Install { check, source } => Command::Install { source, check },
+        Cmd::Install {
+            check,
+            no_reboot,
+            source,
+        } => Command::Install {
+            source,
+            check,
+            reboot: !no_reboot,
+        },
     };
     ExitCode::from(service::main(&cli.config, command))
 }

@@ -54,10 +54,13 @@ pub enum Command {
     Consent {
         accept: bool,
     },
-    /// `install [--check] SOURCE`: an image no server assigned (file or http(s) URL).
+    /// `install [--check] [--no-reboot] SOURCE`: an image no server assigned (file or http(s)
+    /// URL).
     Install {
         source: String,
         check: bool,
+        /// Reboot after activating (the default); `--no-reboot` leaves it to the user.
+        reboot: bool,
     },
 }
 
@@ -73,17 +76,18 @@ pub fn main(config_path: &Path, command: Command) -> u8 {
     match command {
         Command::Status { json } => status(&cfg, json),
         Command::Consent { accept } => consent(&cfg, accept),
-        Command::Install { source, check } => {
-            if !check {
-                eprintln!("ddi-agent: installing without --check is not available yet");
-                return exit::CONFIG;
-            }
+        Command::Install {
+            source,
+            check,
+            reboot,
+        } => {
             init_logging();
             match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
             {
-                Ok(runtime) => runtime.block_on(check_source(&cfg, &source)),
+                Ok(runtime) if check => runtime.block_on(check_source(&cfg, &source)),
+                Ok(runtime) => runtime.block_on(install_source(cfg, &source, reboot)),
                 Err(e) => {
                     eprintln!("ddi-agent: cannot start the async runtime: {e}");
                     exit::INCOMPLETE
@@ -193,51 +197,93 @@ pub fn lock(path: &Path) -> Result<InstanceLock, String> {
 }
 
 async fn agent(cfg: Config, daemon: bool) -> u8 {
-    let store = match Store::open(&cfg.agent.state_dir) {
-        Ok(s) => s,
-        Err(e) => {
-            error!("{e}");
-            return exit::INCOMPLETE;
-        }
-    };
-    let _lock = match lock(&cfg.agent.lock_file) {
-        Ok(l) => l,
-        Err(e) => {
-            error!("{e}");
-            return exit::INCOMPLETE;
-        }
-    };
-    let client = match DdiClient::new(&cfg.server) {
-        Ok(c) => c,
-        Err(e) => {
-            error!("{e}");
-            return exit::CONFIG;
-        }
-    };
-    let boot = match BootCtl::open(&cfg) {
-        Ok(b) => b,
-        Err(e) => {
-            error!("{e}");
-            return exit::INCOMPLETE;
-        }
-    };
-    let health = Checks {
-        checks: cfg.agent.health_checks.clone(),
-        timeout: cfg.agent.health_check_timeout,
-    };
-    let reboot = RebootCommand(cfg.boot.reboot_command.clone());
     let reboot_timeout = cfg.boot.reboot_timeout;
-    let driver = match Driver::new(cfg, client, store, boot, Pipeline, health, reboot) {
+    let (driver, _lock) = match open_driver(cfg) {
         Ok(d) => d,
-        Err(e) => {
-            error!("{e}");
-            return exit::INCOMPLETE;
-        }
+        Err(status) => return status,
     };
     if daemon {
         run(driver, reboot_timeout).await
     } else {
         once(driver).await
+    }
+}
+
+/// The real driver, with the single-instance lock held; `Err` is the exit status (the
+/// problem is logged).
+fn open_driver(cfg: Config) -> Result<(RealDriver, InstanceLock), u8> {
+    let store = logged(Store::open(&cfg.agent.state_dir), exit::INCOMPLETE)?;
+    let lock = logged(lock(&cfg.agent.lock_file), exit::INCOMPLETE)?;
+    let client = logged(DdiClient::new(&cfg.server), exit::CONFIG)?;
+    let boot = logged(BootCtl::open(&cfg), exit::INCOMPLETE)?;
+    let health = Checks {
+        checks: cfg.agent.health_checks.clone(),
+        timeout: cfg.agent.health_check_timeout,
+    };
+    let reboot = RebootCommand(cfg.boot.reboot_command.clone());
+    let driver = logged(
+        Driver::new(cfg, client, store, boot, Pipeline, health, reboot),
+        exit::INCOMPLETE,
+    )?;
+    Ok((driver, lock))
+}
+
+/// `r`, or its error logged and `status` in its place.
+fn logged<T, E: std::fmt::Display>(r: Result<T, E>, status: u8) -> Result<T, u8> {
+    r.map_err(|e| {
+        error!("{e}");
+        status
+    })
+}
+
+/// `install SOURCE`: a local job (see [`Driver::local_install`]). Exit 0 = activated (and
+/// rebooting unless `--no-reboot`), 1 = refused or failed (nothing activated), 2 = not
+/// completed (the agent lock, the state or the bootloader).
+async fn install_source(cfg: Config, source: &str, reboot: bool) -> u8 {
+    use crate::driver::LocalOutcome;
+    let (mut driver, _lock) = match open_driver(cfg) {
+        Ok(d) => d,
+        Err(status) => return status,
+    };
+    // The path as the status shows it later: absolute when the file exists.
+    let source = match crate::local_install::Source::parse(source) {
+        crate::local_install::Source::File(path) => std::fs::canonicalize(&path)
+            .unwrap_or(path)
+            .display()
+            .to_string(),
+        crate::local_install::Source::Url(url) => url,
+    };
+    let started_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let origin = crate::machine::LocalOrigin {
+        source: source.clone(),
+        started_at,
+    };
+    match driver.local_install(origin, reboot).await {
+        Ok(LocalOutcome::Activated { target, rebooting }) => {
+            let next = if rebooting {
+                "rebooting; after the reboot `ddi-agent once` or `run` confirms it (health checks)"
+            } else {
+                "reboot to try it; after the reboot `ddi-agent once` or `run` confirms it \
+                 (health checks)"
+            };
+            println!("{source}: written, verified and activated in slot {target}; {next}");
+            exit::OK
+        }
+        Ok(LocalOutcome::Refused(reason)) => {
+            eprintln!("ddi-agent: {source}: not installed: {reason}");
+            exit::UPDATE_FAILED
+        }
+        Ok(LocalOutcome::Failed(message)) => {
+            eprintln!("ddi-agent: {source}: not installed: {message}");
+            exit::UPDATE_FAILED
+        }
+        Err(e) => {
+            eprintln!("ddi-agent: {source}: {e}");
+            exit::INCOMPLETE
+        }
     }
 }
 
@@ -396,6 +442,7 @@ async fn run(mut driver: RealDriver, reboot_timeout: Duration) -> u8 {
                 }
                 let phase = driver.state().update().phase().name();
                 let status = match driver.state().update().phase().job() {
+                    Some(j) if j.is_local() => format!("{phase}: local install slot {}", j.target),
                     Some(j) => format!("{phase}: action {} slot {}", j.action_id, j.target),
                     None => phase.to_string(),
                 };
@@ -452,7 +499,10 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
         ),
         Err(e) => (None, None, None, Some(e.0.clone())),
     };
-    let job = state.update().phase().job();
+    let (job, local_job) = match state.update().phase().job() {
+        Some(j) if j.is_local() => (None, Some(j)),
+        j => (j, None),
+    };
     let consent = store.load_consent().ok().flatten();
     let unreadable_kept = Some(store.path(UNREADABLE_FILE)).filter(|p| p.exists());
     if as_json {
@@ -476,6 +526,19 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
                     ResultKind::Downloaded => "success",
                     _ => result_name(&r.result),
                 },
+                "message": r.message,
+            })),
+            "local_install": local_job.and_then(|j| j.local.as_ref().map(|o| json!({
+                "source": o.source,
+                "started_at": o.started_at,
+                "target_slot": j.target.to_string(),
+                "phase": state.update().phase().name(),
+            }))),
+            "last_local": state.update().last_local().map(|r| json!({
+                "source": r.origin.source,
+                "started_at": r.origin.started_at,
+                "target_slot": r.target.to_string(),
+                "result": result_name(&r.result),
                 "message": r.message,
             })),
             "downloaded": state.update().downloaded().map(|d| json!({
@@ -508,6 +571,22 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
         );
         match &state.update().phase() {
             Phase::Idle => println!("pending action: none"),
+            p if local_job.is_some() => {
+                let j = local_job.expect("checked");
+                let origin = j.local.as_ref().expect("a local job has its origin");
+                let note = match p {
+                    Phase::AwaitingReboot(_) => ", waiting for the reboot",
+                    _ => "",
+                };
+                println!("pending action: none");
+                println!(
+                    "local install:  {} ({}{note}) into slot {}, started {}",
+                    origin.source,
+                    p.name(),
+                    j.target,
+                    crate::local_install::utc_time(origin.started_at)
+                );
+            }
             p => {
                 let j = p.job().expect("non-idle phase has a job");
                 let note = match p {
@@ -536,6 +615,16 @@ fn status(cfg: &Config, as_json: bool) -> u8 {
                 r.message
             ),
             None => println!("last result:    none"),
+        }
+        if let Some(r) = state.update().last_local() {
+            println!(
+                "last local:     {} into slot {} (started {}) {}: {}",
+                r.origin.source,
+                r.target,
+                crate::local_install::utc_time(r.origin.started_at),
+                result_name(&r.result),
+                r.message
+            );
         }
         if let Some(d) = state.update().downloaded() {
             println!(

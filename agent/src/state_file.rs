@@ -20,8 +20,8 @@ use crate::ddi::{Artifact, Execution, Feedback, Finished, Hashes, Link};
 use bootctl::Slot;
 
 use crate::machine::{
-    Caches, Channel, ConsentReason, Downloaded, Job, LastResult, Outbox, Outgoing, PendingConsent,
-    Phase, ResultKind, SlotImage, State, Update,
+    Caches, Channel, ConsentReason, Downloaded, Job, LastResult, LocalOrigin, LocalResult, Outbox,
+    Outgoing, PendingConsent, Phase, ResultKind, SlotImage, State, Update,
 };
 
 /// The format this agent writes, and the newest it reads.
@@ -134,6 +134,28 @@ struct StateFile {
     /// What the action waiting for consent would install (added later; optional).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pending_consent_what: Option<String>,
+    /// The phase of a local install (`ddi-agent install`). Kept out of `phase`, which then
+    /// says `idle`: an agent that predates local installs must not take it for a server
+    /// action (it would report to an empty link for ever).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    local_job: Option<PhaseFile>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_local: Option<LocalResultFile>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct LocalOriginFile {
+    source: String,
+    started_at: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct LocalResultFile {
+    source: String,
+    started_at: u64,
+    target: SlotFile,
+    result: ResultFile,
+    message: String,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -180,6 +202,8 @@ struct JobFile {
     failed_tries: u32,
     #[serde(default)]
     activations: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    local: Option<LocalOriginFile>,
     /// The slot holds this image already (downloaded earlier): read back, not downloaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     reuse: Option<SlotImageFile>,
@@ -288,22 +312,32 @@ enum FinishedFile {
 impl From<&State> for StateFile {
     fn from(s: &State) -> StateFile {
         let (u, c) = (s.update(), s.caches());
+        let phase = match u.phase() {
+            Phase::Idle => PhaseFile::Idle,
+            Phase::Installing(j) => PhaseFile::Installing(j.into()),
+            Phase::Installed(j) => PhaseFile::Installed(j.into()),
+            Phase::AwaitingReboot(j) => PhaseFile::AwaitingReboot(j.into()),
+        };
+        let local = u.phase().job().is_some_and(Job::is_local);
+        let (phase, local_job) = if local {
+            (PhaseFile::Idle, Some(phase))
+        } else {
+            (phase, None)
+        };
         StateFile {
             format: FORMAT,
-            phase: match u.phase() {
-                Phase::Idle => PhaseFile::Idle,
-                Phase::Installing(j) => PhaseFile::Installing(j.into()),
-                Phase::Installed(j) => PhaseFile::Installed(j.into()),
-                Phase::AwaitingReboot(j) => PhaseFile::AwaitingReboot(j.into()),
-            },
+            phase,
+            local_job,
+            last_local: u.last_local().map(|r| LocalResultFile {
+                source: r.origin.source.clone(),
+                started_at: r.origin.started_at,
+                target: (&r.target).into(),
+                result: (&r.result).into(),
+                message: r.message.clone(),
+            }),
             last_result: u.last_result().map(|r| LastResultFile {
                 action_id: r.action_id.clone(),
-                result: match r.result {
-                    ResultKind::Success | ResultKind::Downloaded => ResultFile::Success,
-                    ResultKind::Failure => ResultFile::Failure,
-                    ResultKind::Canceled => ResultFile::Canceled,
-                    ResultKind::Abandoned => ResultFile::Abandoned,
-                },
+                result: (&r.result).into(),
                 message: r.message.clone(),
                 downloaded: r.result == ResultKind::Downloaded,
             }),
@@ -335,8 +369,12 @@ impl From<&State> for StateFile {
 
 impl From<StateFile> for State {
     fn from(f: StateFile) -> State {
+        let phase = match (f.phase, f.local_job) {
+            (PhaseFile::Idle, Some(local)) => local,
+            (phase, _) => phase,
+        };
         let update = Update::restore(
-            match f.phase {
+            match phase {
                 PhaseFile::Idle => Phase::Idle,
                 PhaseFile::Installing(j) => Phase::Installing(j.into()),
                 PhaseFile::Installed(j) => Phase::Installed(j.into()),
@@ -368,6 +406,15 @@ impl From<StateFile> for State {
                 artifact_sha256: d.artifact_sha256,
                 version: d.version,
                 image: d.image.into(),
+            }),
+            f.last_local.map(|r| LocalResult {
+                origin: LocalOrigin {
+                    source: r.source,
+                    started_at: r.started_at,
+                },
+                target: r.target.into(),
+                result: r.result.into(),
+                message: r.message,
             }),
         );
         State::restore(
@@ -405,6 +452,10 @@ impl From<&Job> for JobFile {
             version: j.version.clone(),
             failed_tries: j.failed_tries,
             activations: j.activations,
+            local: j.local.as_ref().map(|o| LocalOriginFile {
+                source: o.source.clone(),
+                started_at: o.started_at,
+            }),
             reuse: j.reuse.as_ref().map(SlotImageFile::from),
             download_runs: j.download_runs,
         }
@@ -471,6 +522,33 @@ impl From<JobFile> for Job {
             activations: j.activations,
             reuse: j.reuse.map(SlotImage::from),
             download_runs: j.download_runs,
+            local: j.local.map(|o| LocalOrigin {
+                source: o.source,
+                started_at: o.started_at,
+            }),
+        }
+    }
+}
+
+impl From<&ResultKind> for ResultFile {
+    fn from(r: &ResultKind) -> ResultFile {
+        match r {
+            // `downloaded` tells the two apart in `last_result`.
+            ResultKind::Success | ResultKind::Downloaded => ResultFile::Success,
+            ResultKind::Failure => ResultFile::Failure,
+            ResultKind::Canceled => ResultFile::Canceled,
+            ResultKind::Abandoned => ResultFile::Abandoned,
+        }
+    }
+}
+
+impl From<ResultFile> for ResultKind {
+    fn from(r: ResultFile) -> ResultKind {
+        match r {
+            ResultFile::Success => ResultKind::Success,
+            ResultFile::Failure => ResultKind::Failure,
+            ResultFile::Canceled => ResultKind::Canceled,
+            ResultFile::Abandoned => ResultKind::Abandoned,
         }
     }
 }
@@ -628,6 +706,7 @@ mod tests {
                 fixture.update().finished_actions().to_vec(),
                 None,
                 downloaded,
+                None,
             );
             State::restore(update, fixture.outbox().clone(), fixture.caches().clone())
         };

@@ -88,6 +88,12 @@ pub struct InstallRequest {
     pub max_rate: Option<u64>,
     /// Signature policy; None = plain images.
     pub bundle: Option<BundlePolicy>,
+    /// A local install (`ddi-agent install SOURCE`), never a server's artifact: no hash was
+    /// announced (a signed bundle's signature or the format's own checks are the proof, see
+    /// [`crate::local_install`]), and nothing is resumed across restarts.
+    pub local: bool,
+    /// With `local`: read the image from this file instead of downloading `url`.
+    pub local_file: Option<PathBuf>,
 }
 
 /// Progress, reported at most about once per second.
@@ -228,8 +234,10 @@ pub fn verify_slot_image(
 /// Channel between download and write: at most this many chunks ...
 const CHANNEL_CHUNKS: usize = 64;
 /// ... and about this many bytes (hyper's chunks reach ~400 KiB on a fast link, so the
-/// chunk count alone would let ~30 MiB pile up while the slot waits for writeback).
-const CHANNEL_BYTES: usize = 2 << 20;
+/// chunk count alone would let ~30 MiB pile up while the slot waits for writeback). 512 KiB
+/// still holds the largest chunk; the socket buffer absorbs the rest while the slot writes.
+/// 2 MiB cost ~2 MiB of peak RSS, 1 MiB ~0.5 MiB (issue 19, BENCHMARKS.md).
+pub(crate) const CHANNEL_BYTES: usize = 512 << 10;
 
 /// [`install`] with explicit options.
 pub async fn install_with(
@@ -238,12 +246,21 @@ pub async fn install_with(
     options: &InstallOptions,
     progress: &mut (dyn FnMut(Progress) + Send),
 ) -> Result<Installed, InstallError> {
-    if req.url.is_empty() {
+    if req.url.is_empty() && req.local_file.is_none() {
         return Err(InstallError::InvalidRequest(
             "the artifact has no download URL".into(),
         ));
     }
-    let (algorithm, expected) = hash::choose(&req.expected)?;
+    let (algorithm, expected) = if req.local {
+        (hash::HashAlgorithm::Sha256, String::new())
+    } else {
+        hash::choose(&req.expected)?
+    };
+    // A local file is opened before the slot: a missing file touches nothing.
+    let local_file = match req.local_file.as_deref().filter(|_| req.local) {
+        Some(path) => Some(source::open_file(path).await?),
+        None => None,
+    };
     let slot = slot::open(
         &req.slot_path,
         req.booted_slot_path.as_deref(),
@@ -253,7 +270,7 @@ pub async fn install_with(
 
     let record = resume::load(&req.resume_path);
     let start = match &record {
-        Some(record) if req.bundle.is_none() => record
+        Some(record) if req.bundle.is_none() && !req.local => record
             .resume_offset(
                 &req.slot_path,
                 algorithm.name(),
@@ -266,7 +283,8 @@ pub async fn install_with(
     };
     let spec = source_spec(req, options);
     // A chunked bundle signed by a trusted key downloads only what the device lacks.
-    let delta = match &req.bundle {
+    // Not for a local install: its source is a file, or a URL resumed from nothing.
+    let delta = match req.bundle.as_ref().filter(|_| !req.local) {
         Some(policy) => match delta::probe(client, &spec, policy, capacity).await {
             delta::Probe::Delta(signed) => Some(signed),
             delta::Probe::Full(why) => {
@@ -311,7 +329,7 @@ pub async fn install_with(
         }
         tracing::info!(file = %req.filename, url = %req.url, slot = %req.slot_path.display(), capacity, "installing");
         run(
-            client, req, options, progress, slot, algorithm, expected, start,
+            client, req, options, progress, slot, algorithm, expected, start, local_file,
         )
         .await
     };
@@ -430,19 +448,29 @@ async fn run(
     algorithm: hash::HashAlgorithm,
     expected: String,
     start: u64,
+    local_file: Option<source::LocalFile>,
 ) -> Result<Installed, InstallError> {
-    let counters = Arc::new(Counters::new(start, req.size));
+    let size = local_file.as_ref().map(|f| f.size).or(req.size);
+    let counters = Arc::new(Counters::new(start, size));
+    if let Some(isize) = local_file.as_ref().and_then(|f| f.gzip_isize) {
+        counters.gzip_isize.store(isize, Ordering::Release);
+    }
     let (tx, rx) = pipeline::channel(CHANNEL_CHUNKS, CHANNEL_BYTES);
     let plan = SinkPlan {
         url: req.url.clone(),
         algorithm,
         expected,
-        size: req.size,
+        size,
         start,
         resume_path: req.resume_path.clone(),
         archive_member: options.archive_member.clone(),
         bundle: req.bundle.clone(),
-        checkpoint_interval: options.checkpoint_interval,
+        // A local install is started over, never resumed: no checkpoints.
+        checkpoint_interval: if req.local {
+            u64::MAX
+        } else {
+            options.checkpoint_interval
+        },
     };
     // If this future is dropped (cancelled), the blocking stage stops at its next read.
     let _stop_on_drop = StopOnDrop(Arc::clone(&counters));
@@ -451,7 +479,12 @@ async fn run(
         pipeline::run(&plan, &mut slot as &mut dyn SlotDevice, rx, &sink_counters)
     });
     let spec = source_spec(req, options);
-    let source = source::fetch(client, &spec, start, tx, &counters);
+    let source = async {
+        match local_file {
+            Some(file) => source::feed_file(file.file, tx, &counters).await,
+            None => source::fetch(client, &spec, start, tx, &counters).await,
+        }
+    };
     drive(source, sink, &counters, options, progress).await
 }
 

@@ -295,7 +295,9 @@ impl ImageSink for SlotWriter<'_> {
     }
 }
 
-const READ_BUFFER: usize = 256 * 1024;
+/// Decoded bytes are copied through this buffer into the slot writer's aligned buffer; it
+/// need not be large (a copy is a copy), and 256 KiB were peak RSS (issue 19).
+const READ_BUFFER: usize = 64 * 1024;
 
 /// Run the blocking stage to the end: the image is on the slot, synced and verified.
 pub fn run(

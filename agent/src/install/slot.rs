@@ -696,8 +696,9 @@ impl<'a> SlotWriter<'a> {
     }
 }
 
-/// Read-back buffer of the read-back thread (smaller than the write buffer: memory).
-const READ_BACK_BUFFER: usize = 512 << 10;
+/// Read-back buffer of the read-back thread (smaller than the write buffer: memory; 256 KiB
+/// O_DIRECT reads still keep a device busy, and 512 KiB were peak RSS, issue 19).
+const READ_BACK_BUFFER: usize = 256 << 10;
 
 /// Where the read-back runs.
 enum ReadBack {

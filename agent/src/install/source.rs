@@ -1,6 +1,7 @@
 //! The download side: HTTP GET of the artifact, resumed with `Range` requests after network
 //! faults (bounded tries with the backoff and `Retry-After` handling of [`crate::http_policy`]),
-//! paced by an optional rate limit, feeding the bounded channel to the blocking stage.
+//! paced by an optional rate limit, feeding the bounded channel to the blocking stage; and a
+//! local file (`ddi-agent install FILE`) fed the same way.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -501,4 +502,85 @@ mod tests {
         assert_eq!(parse_content_range("items 0-1/2"), None);
         assert_eq!(parse_content_range("bytes x-1/2"), None);
     }
+}
+
+// ---- local files (`ddi-agent install FILE`) ---------------------------------------------------
+
+/// A local image file, opened, with what the size guard needs before the first byte.
+#[derive(Debug)]
+pub struct LocalFile {
+    pub file: tokio::fs::File,
+    /// The file's length (the artifact size, as for a server's artifact).
+    pub size: u64,
+    /// A gzip file's trailer ISIZE (a lower bound of its decoded size).
+    pub gzip_isize: Option<u64>,
+}
+
+/// Opens `path` for reading; a missing file, a directory or a device is refused by name.
+pub async fn open_file(path: &std::path::Path) -> Result<LocalFile, InstallError> {
+    let mut file = tokio::fs::File::open(path).await.map_err(|e| {
+        InstallError::InvalidRequest(format!("cannot open {}: {e}", path.display()))
+    })?;
+    let meta = file.metadata().await.map_err(|e| {
+        InstallError::InvalidRequest(format!("cannot read {}: {e}", path.display()))
+    })?;
+    if !meta.is_file() {
+        return Err(InstallError::InvalidRequest(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    let gzip_isize = gzip_isize(&mut file).await?;
+    Ok(LocalFile {
+        file,
+        size: meta.len(),
+        gzip_isize,
+    })
+}
+
+/// The ISIZE of a gzip file's trailer (a lower bound of its decoded size), so that an image
+/// that cannot fit fails before the first byte, as for a download.
+async fn gzip_isize(f: &mut tokio::fs::File) -> Result<Option<u64>, InstallError> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut head = [0u8; 2];
+    let mut trailer = [0u8; 4];
+    let found = f.read_exact(&mut head).await.is_ok()
+        && crate::install::decode::is_gzip(&head)
+        && f.seek(std::io::SeekFrom::End(-4)).await.is_ok()
+        && f.read_exact(&mut trailer).await.is_ok();
+    f.seek(std::io::SeekFrom::Start(0))
+        .await
+        .map_err(|e| InstallError::InvalidRequest(format!("reading the source: {e}")))?;
+    Ok(found.then(|| u64::from(u32::from_le_bytes(trailer))))
+}
+
+const FILE_CHUNK: usize = 256 * 1024;
+
+/// Streams a local file into the pipeline. Returns Ok also when the receiver went away (the
+/// blocking stage reports why).
+pub async fn feed_file(
+    mut f: tokio::fs::File,
+    tx: ChunkSender,
+    counters: &Counters,
+) -> Result<(), InstallError> {
+    use tokio::io::AsyncReadExt;
+    let mut done = 0u64;
+    loop {
+        let mut buf = vec![0u8; FILE_CHUNK];
+        let n = f
+            .read(&mut buf)
+            .await
+            .map_err(|e| InstallError::InvalidRequest(format!("reading the source: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        buf.truncate(n);
+        if !tx.send_data(Bytes::from(buf)).await {
+            return Ok(());
+        }
+        done += n as u64;
+        counters.downloaded.store(done, Ordering::Relaxed);
+    }
+    tx.send_end().await;
+    Ok(())
 }

@@ -178,6 +178,8 @@ impl Fixture {
             resume_path: self.resume_path(),
             max_rate: None,
             bundle: None,
+            local: false,
+            local_file: None,
         }
     }
 

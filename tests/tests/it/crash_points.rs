@@ -38,7 +38,12 @@
 //! confirmed. A good image ends with `success` after any cut.
 //!
 //! Cases: good raw image, good gzip image, good signed bundle, an image failing its health
-//! check, an image that never boots; each for the `bootcount` and `rauc` schemes. The cases run
+//! check, an image that never boots; each for the `bootcount` and `rauc` schemes. Local cases
+//! (`-local`, issue 18) play the same cycle started by `ddi-agent install FILE` instead of a
+//! server action: no feedback at all; at the end the state's `last_local` says `success` exactly
+//! when the new image runs confirmed from slot B, else `failure` with slot A running confirmed,
+//! and a good image fails only when the cut hit the install run before its image was verified
+//! (an interrupted local install is not resumed). The cases run
 //! in `DDI_CRASH_THREADS` threads (default 2). `DDI_CRASH_CASE=<part of a case name>` runs
 //! matching cases only, `DDI_CRASH_STEP=<i>` only the trials of step `i`. Needs `cc`,
 //! `fw_printenv` (Debian `libubootenv-tool`) and `cargo build --workspace --bins` first.
@@ -84,6 +89,8 @@ struct Case {
     scheme: SchemeKind,
     payload: Payload,
     health: Health,
+    /// Started by `ddi-agent install FILE` (issue 18), not by a server action.
+    local: bool,
 }
 
 impl Case {
@@ -101,8 +108,22 @@ impl Case {
                     scheme,
                     payload,
                     health,
+                    local: false,
                 });
             }
+        }
+        for (scheme, payload, health) in [
+            (SchemeKind::Bootcount, Payload::Gzip, Health::Good),
+            (SchemeKind::Bootcount, Payload::Raw, Health::Broken),
+            (SchemeKind::Rauc, Payload::Raw, Health::Good),
+            (SchemeKind::Rauc, Payload::Raw, Health::Hangs),
+        ] {
+            cases.push(Case {
+                scheme,
+                payload,
+                health,
+                local: true,
+            });
         }
         cases
     }
@@ -118,7 +139,8 @@ impl Case {
             Payload::Gzip => "gzip",
             Payload::Bundle => "signed-bundle",
         };
-        format!("{}/{health}-{payload}", self.scheme.as_str())
+        let local = if self.local { "-local" } else { "" };
+        format!("{}/{health}-{payload}{local}", self.scheme.as_str())
     }
 
     /// How the action must close and which slot must run, confirmed, at the end.
@@ -280,6 +302,8 @@ struct Trial<'a> {
     log_path: PathBuf,
     /// Variables the scheme does not own, as the board shipped them.
     foreign: BTreeMap<String, String>,
+    /// The image file of a local case (`install FILE` is its first agent run).
+    local_source: Option<PathBuf>,
     /// The slot running now and its content when it booted.
     booted: (Slot, Vec<u8>),
     agent_runs: usize,
@@ -305,16 +329,23 @@ impl<'a> Trial<'a> {
         let foreign = foreign_variables(ctx.case.scheme, &env);
         let counter = device.dir().join("crash-counter");
         let log_path = device.dir().join("crash-steps.log");
-        let action = ctx
-            .server
-            .deploy(
-                &controller,
-                "2.0",
-                ctx.filename,
-                ctx.artifact.clone(),
-                &Assignment::forced(),
-            )
-            .map_err(|e| format!("deploy: {e}"))?;
+        let mut local_source = None;
+        let action = if ctx.case.local {
+            let path = device.dir().join(ctx.filename);
+            std::fs::write(&path, &ctx.artifact).map_err(|e| format!("write image: {e}"))?;
+            local_source = Some(path);
+            0
+        } else {
+            ctx.server
+                .deploy(
+                    &controller,
+                    "2.0",
+                    ctx.filename,
+                    ctx.artifact.clone(),
+                    &Assignment::forced(),
+                )
+                .map_err(|e| format!("deploy: {e}"))?
+        };
         Ok(Trial {
             ctx,
             cut,
@@ -323,6 +354,7 @@ impl<'a> Trial<'a> {
             counter,
             log_path,
             foreign,
+            local_source,
             booted: (Slot::A, Vec::new()),
             agent_runs: 0,
             torn_invalid: false,
@@ -402,6 +434,9 @@ impl<'a> Trial<'a> {
                 scheme::for_kind(self.ctx.case.scheme, ATTEMPTS).variables(&env)
             ));
         }
+        if self.ctx.case.local {
+            return Ok(());
+        }
         let closed = self
             .ctx
             .server
@@ -449,8 +484,11 @@ impl<'a> Trial<'a> {
     fn agent_run(&mut self) -> Result<ddi_tests::harness::CommandOutput, String> {
         self.agent_runs += 1;
         let mut cmd = self.device.agent_command();
-        cmd.arg("once")
-            .env("LD_PRELOAD", &self.ctx.shim)
+        match &self.local_source {
+            Some(source) if self.agent_runs == 1 => cmd.arg("install").arg(source),
+            _ => cmd.arg("once"),
+        };
+        cmd.env("LD_PRELOAD", &self.ctx.shim)
             .env("DDI_CRASH_COUNTER", &self.counter)
             .env("DDI_CRASH_LOG", &self.log_path)
             .env("DDI_CRASH_ENV_FILE", self.device.env_file_path())
@@ -527,12 +565,7 @@ impl<'a> Trial<'a> {
                 quiet_runs = 0;
                 continue;
             }
-            let view = self
-                .ctx
-                .server
-                .action(self.action)
-                .ok_or("the action vanished")?;
-            if closed_result(&view).is_some() && !view.active {
+            if self.settled()? {
                 quiet_runs += 1;
             } else {
                 quiet_runs = 0;
@@ -591,20 +624,84 @@ impl<'a> Trial<'a> {
             .map_or_else(|| "no action".to_string(), |v| summary(&v))
     }
 
-    /// Exactly one `closed`, with `success` iff the new image runs and is confirmed.
-    fn check_end(&self) -> Result<(), String> {
-        let (result, home) = self.ctx.case.expected();
+    /// The update has ended: the action is closed, or a local install's result is recorded.
+    fn settled(&self) -> Result<bool, String> {
+        if self.ctx.case.local {
+            // No local job left (a cut before its first commit leaves none, nor a result).
+            return Ok(self.local_state()?.get("local_job").is_none());
+        }
         let view = self
             .ctx
             .server
             .action(self.action)
             .ok_or("the action vanished")?;
-        if !ended_as(&view, result) {
+        Ok(closed_result(&view).is_some() && !view.active)
+    }
+
+    fn local_state(&self) -> Result<serde_json::Value, String> {
+        let path = self.device.state_dir().join("state.json");
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(serde_json::json!({})),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// A local case's end: `last_local` says `success` iff the new image runs confirmed; a good
+    /// image fails only when the cut interrupted the install run before its image was verified.
+    /// Returns the result as `check_end` names it, the slot that must run, and whether the
+    /// install was recorded at all.
+    fn local_result(&self) -> Result<(&'static str, Slot, bool), String> {
+        let state = self.local_state()?;
+        let last = &state["last_local"];
+        let result = last["result"].as_str().unwrap_or_default().to_string();
+        let message = last["message"].as_str().unwrap_or_default();
+        let cut_in_install = self.cut.is_some_and(|c| {
+            read_log(&self.log_path)
+                .ok()
+                .and_then(|log| log.steps.into_iter().find(|s| s.index == c.at))
+                .is_some_and(|step| step.run == "run-1")
+        });
+        let (expected, _) = self.ctx.case.expected();
+        let ok = result == expected
+            || (result == "failure" && cut_in_install && message.contains("interrupted"))
+            // Cut before the install's first commit: it never started, as far as anyone knows.
+            || (last.is_null() && cut_in_install);
+        if !ok {
             return Err(format!(
-                "the action ended {}, expected exactly one closed/{result}",
-                summary(&view)
+                "the local install ended {result:?} ({message}), expected {expected}"
             ));
         }
+        Ok(if result == "success" {
+            ("success", Slot::B, true)
+        } else {
+            ("failure", Slot::A, !last.is_null())
+        })
+    }
+
+    /// Exactly one `closed`, with `success` iff the new image runs and is confirmed.
+    fn check_end(&self) -> Result<(), String> {
+        let mut recorded = true;
+        let (result, home) = if self.ctx.case.local {
+            let (result, home, was_recorded) = self.local_result()?;
+            recorded = was_recorded;
+            (result, home)
+        } else {
+            let (result, home) = self.ctx.case.expected();
+            let view = self
+                .ctx
+                .server
+                .action(self.action)
+                .ok_or("the action vanished")?;
+            if !ended_as(&view, result) {
+                return Err(format!(
+                    "the action ended {}, expected exactly one closed/{result}",
+                    summary(&view)
+                ));
+            }
+            (result, home)
+        };
         let booted = self.device.booted().map_err(|e| e.to_string())?;
         if booted != home {
             return Err(format!(
@@ -615,6 +712,17 @@ impl<'a> Trial<'a> {
             return Err(format!("slot {home} does not hold its image at the end"));
         }
         let env = self.device.env().map_err(|e| e.to_string())?;
+        if !recorded {
+            // Cut before the local install's first commit: the board's environment may still be
+            // as shipped (under `rauc` without `BOOT_ORDER`); U-Boot must keep booting A.
+            let (next, _) = bootctl::boot_script::power_on(&env, self.ctx.case.scheme);
+            return match next {
+                Slot::A => Ok(()),
+                other => Err(format!(
+                    "nothing installed, yet U-Boot would boot slot {other}"
+                )),
+            };
+        }
         if let Some(problem) = unconfirmed(self.ctx.case.scheme, &env, home) {
             return Err(format!("slot {home} runs but is not confirmed: {problem}"));
         }

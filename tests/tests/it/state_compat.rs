@@ -635,3 +635,51 @@ fn new_image_fails_its_health_check_and_the_old_agent_delivers_the_failure_once(
     rig.once_expect(0);
     assert_eq!(rig.closed(action).len(), 1);
 }
+
+/// (c) A local install (issue 18) brings the old agent (a downgrade from a USB stick): the old
+/// agent reads the state the local job left as no action at all. It reports nothing (the
+/// server never had an action), never confirms the trial it knows nothing of, so U-Boot falls
+/// back; the new agent there goes on, and a server action afterwards completes as usual.
+#[test]
+fn old_agent_reads_a_pending_local_install_as_no_action() {
+    let new = ddi_tests::bin_path("ddi-agent");
+    let mut rig = Rig::new(&new, |_| {});
+    let file = rig.dev.dir().join("local.img");
+    fs::write(&file, Image::good("1.9", IMAGE_SIZE).bytes).unwrap();
+    let out = run_with_timeout(
+        rig.command(&["install", &file.display().to_string()]),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
+    let state = fs::read_to_string(rig.dev.state_dir().join("state.json")).unwrap();
+    assert!(state.contains("local_job"), "{state}");
+    assert_eq!(rig.dev.reboot().unwrap(), Slot::B);
+    rig.agent = old_agent();
+    rig.once_expect(0);
+    let status =
+        run_with_timeout(rig.command(&["status", "--json"]), Duration::from_secs(20)).unwrap();
+    assert_eq!(status.code, Some(0), "{}", status.describe());
+    let status: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(status["phase"], "idle", "{status}");
+    assert!(rig.server.actions(TARGET).is_empty());
+    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 0);
+    let mut booted = Slot::B;
+    for _ in 0..10 {
+        booted = rig.dev.reboot().unwrap();
+        if booted == Slot::A {
+            break;
+        }
+        rig.once_expect(0);
+    }
+    assert_eq!(booted, Slot::A, "the unconfirmed trial never fell back");
+    rig.agent = new;
+    rig.once_expect(0);
+    let action = rig.deploy(&Image::good("2.0", IMAGE_SIZE), &Assignment::forced());
+    rig.once_expect(0);
+    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
+    assert_eq!(rig.dev.reboot().unwrap(), Slot::B);
+    rig.once_expect(0);
+    rig.assert_closed_once(action, "success");
+}
