@@ -1,7 +1,7 @@
 //! Delta installs of format-2 (chunked) bundles: download only the chunks the device lacks.
 //!
 //! ```text
-//!  probe: Range 0..256 KiB (+ the rest of the index) ─► signature, chunk index (BundleReader)
+//!  probe: Range 0..64 KiB (+ the rest of the index) ─► signature, chunk index (BundleReader)
 //!  seed:  active slot, read-only ─► cut with the bundle's chunker ─► chunks the index lists
 //!  plan:  chunks neither in the seed nor durably on the slot (resume) ─► ≤ 90 coalesced ranges
 //!  async: Range GET per range, resumed after faults ─► channel ─► blocking: for every chunk in
@@ -281,8 +281,8 @@ pub fn write_delta(
     let mut decoder = ChunkDecoder::new();
     let mut frame = Vec::new();
     let mut seed_buf = Vec::new();
-    // Chunks fetched to replace seed chunks that no longer match: (first, last, frames, read).
-    let mut side: Option<(usize, usize, Vec<u8>, usize)> = None;
+    // Chunks fetched to replace seed chunks that no longer match: (first, last, their frames).
+    let mut side: Option<(usize, usize, Vec<u8>)> = None;
     let mut ranges = job.ranges.iter().peekable();
     let mut image_end = 0u64;
     for (i, entry) in signed.index.chunks.iter().enumerate() {
@@ -322,14 +322,16 @@ pub fn write_delta(
                 let bytes =
                     job.side
                         .fetch(base + entry.offset, base + chunks[last].end(), counters)?;
-                side = Some((i, last, bytes, 0));
+                side = Some((i, last, bytes));
             }
-            let (_, _, bytes, read) = side.as_mut().expect("fetched above");
+            // By position, not by a cursor: chunks between `first` and `i` may have come from
+            // the seed after all, and their frames are still in the buffer.
+            let (first, _, bytes) = side.as_ref().expect("fetched above");
+            let at = (entry.offset - signed.index.chunks[*first].offset) as usize;
             let stored = entry.stored_len as usize;
-            let frame = bytes.get(*read..*read + stored).ok_or_else(|| {
+            let frame = bytes.get(at..at + stored).ok_or_else(|| {
                 InstallError::Internal("the side fetch returned too few bytes".into())
             })?;
-            *read += stored;
             decoder
                 .decode(i, entry, frame)
                 .map_err(chunked::chunk_refused)?

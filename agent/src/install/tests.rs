@@ -1628,6 +1628,19 @@ fn a_tampered_chunk_is_refused_before_it_is_written() {
 /// scan) is downloaded with one Range request, and the image is still the signed one.
 #[tokio::test]
 async fn a_seed_chunk_that_changed_after_the_scan_is_downloaded() {
+    seed_changed_after_the_scan(&[0]).await;
+}
+
+/// Chunks 0 and 2 changed, chunk 1 still good: the one download covers 0..=2, chunk 1 comes
+/// from the seed, and chunk 2's frame is taken from its own place in the downloaded bytes.
+#[tokio::test]
+async fn seed_chunks_changed_around_a_good_one_are_taken_from_the_right_place() {
+    seed_changed_after_the_scan(&[0, 2]).await;
+}
+
+/// Installs a delta whose seed chunks `changed` no longer match after the scan; asserts the
+/// signed image lands and one Range request fetched the replacements.
+async fn seed_changed_after_the_scan(changed_chunks: &[usize]) {
     let old = chunky_image(300_000, 60);
     let mut new = old.clone();
     for b in &mut new[100_000..100_100] {
@@ -1645,10 +1658,14 @@ async fn a_seed_chunk_that_changed_after_the_scan_is_downloaded() {
     let params = ddi_bundle::ChunkerParams::with_average(4096);
     let seed = delta::SeedSlot::scan(&seed_path, params, &index, u64::MAX).unwrap();
     let plan = delta::plan(&index, Some(&seed), 0);
-    assert!(!plan.needed[0] && plan.needed.iter().any(|n| *n));
-    // The running slot changes after the scan: chunk 0, planned from the seed, is gone.
+    let last_changed = *changed_chunks.iter().max().unwrap();
+    assert!(!plan.needed[..=last_changed].iter().any(|n| *n) && plan.needed.iter().any(|n| *n));
+    // The running slot changes after the scan: these chunks, planned from the seed, are gone.
     let mut changed = old.clone();
-    changed[10] ^= 1;
+    for &c in changed_chunks {
+        let raw_offset: usize = index.chunks[..c].iter().map(|e| e.raw_len as usize).sum();
+        changed[raw_offset + 10] ^= 1;
+    }
     std::fs::write(&seed_path, &changed).unwrap();
 
     let (tx, rx) = pipeline::channel(1024, 4 << 20);
