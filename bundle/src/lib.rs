@@ -34,7 +34,7 @@ pub use manifest::{
     FORMAT_VERSION,
 };
 pub use reader::{
-    looks_like_bundle, read_manifest_unverified, read_prefix_unverified, read_unverified,
+    looks_like_bundle, read_manifest_unverified, read_prefix_verified, read_unverified,
     BundleReader, Policy, UnverifiedBundle,
 };
 #[cfg(feature = "create")]

@@ -43,13 +43,26 @@ pub fn read_manifest_unverified<R: Read>(mut reader: R) -> Result<Manifest, Bund
     )?)
 }
 
-/// The manifest and the length of everything before the image member's data (metadata
-/// members, index, the image's header), read from the first two members WITHOUT any
-/// verification: how much of a bundle a device fetches before its chunks.
-pub fn read_prefix_unverified<R: Read>(mut reader: R) -> Result<(Manifest, u64), BundleError> {
+/// The signed manifest and the length of everything before the image member's data
+/// (metadata members, index, the image's header), read from the first two members and
+/// verified against `trusted_keys`: how much of a bundle a device fetches before its chunks.
+/// Nothing the manifest says (such as the index size) is believed before the signature
+/// checks out, so a hostile server cannot make the device fetch MiBs it never signed.
+pub fn read_prefix_verified<R: Read>(
+    mut reader: R,
+    trusted_keys: &[PublicKey],
+) -> Result<(Manifest, u64), BundleError> {
+    if trusted_keys.is_empty() {
+        return Err(BundleError::NoTrustedKeys);
+    }
     let manifest_bytes = read_metadata_member(&mut reader, MANIFEST_NAME, MAX_METADATA_SIZE)?;
-    let manifest = Manifest::parse(&manifest_bytes)?;
     let signature_bytes = read_metadata_member(&mut reader, SIGNATURE_NAME, MAX_METADATA_SIZE)?;
+    verify_any(
+        &manifest_bytes,
+        &Signatures::parse(&signature_bytes)?,
+        trusted_keys,
+    )?;
+    let manifest = Manifest::parse(&manifest_bytes)?;
     let len = prefix_len(&manifest, manifest_bytes.len(), signature_bytes.len());
     Ok((manifest, len))
 }

@@ -379,7 +379,23 @@ fn the_prefix_length_is_known_from_the_first_two_members() {
         .index_size
         .next_multiple_of(512);
     let first_two = (read.data_offset - 512 - index_span - 512) as usize;
-    let (manifest, len) = ddi_bundle::read_prefix_unverified(&bundle[..first_two]).unwrap();
+    let trusted = f.policy().trusted_keys;
+    let (manifest, len) = ddi_bundle::read_prefix_verified(&bundle[..first_two], &trusted).unwrap();
     assert_eq!(len, read.data_offset);
     assert_eq!(manifest.format, 2);
+    // Not from an unknown key, nor with a manifest changed after signing (a larger index).
+    let other = Fixture::new().policy().trusted_keys;
+    assert!(ddi_bundle::read_prefix_verified(&bundle[..first_two], &other).is_err());
+    let mut tampered = bundle[..first_two].to_vec();
+    let at = tampered
+        .windows(12)
+        .position(|w| w == b"\"index_size\"")
+        .unwrap();
+    let digit = tampered[at..].iter().position(u8::is_ascii_digit).unwrap() + at;
+    tampered[digit] = if tampered[digit] == b'9' {
+        b'1'
+    } else {
+        tampered[digit] + 1
+    };
+    assert!(ddi_bundle::read_prefix_verified(tampered.as_slice(), &trusted).is_err());
 }

@@ -29,9 +29,8 @@ use std::time::Instant;
 
 use ddi_bundle::chunked::{plan_ranges, MAX_RANGE_REQUESTS, NEAR_GAP};
 use ddi_bundle::{
-    looks_like_bundle, read_manifest_unverified, read_prefix_unverified, BundleReader,
-    ChunkDecoder, ChunkEntry, ChunkIndex, Chunker, ChunkerParams, DeltaPlan, FetchRange,
-    MAX_METADATA_SIZE,
+    looks_like_bundle, read_prefix_verified, BundleReader, ChunkDecoder, ChunkEntry, ChunkIndex,
+    Chunker, ChunkerParams, DeltaPlan, FetchRange, MAX_METADATA_SIZE,
 };
 use sha2::{Digest, Sha256};
 
@@ -109,28 +108,35 @@ async fn probe_inner(
             }
         }
     };
+    let verifier = policy.verifier(capacity).map_err(|e| e.to_string())?;
     let mut head = fetch(0, size.min(HEAD_PROBE)).await?;
     if !looks_like_bundle(&head) {
         return Err("not a bundle".into());
     }
-    let manifest = read_manifest_unverified(head.as_slice()).map_err(|e| e.to_string())?;
-    let chunked = manifest
-        .chunked
-        .as_ref()
-        .ok_or_else(|| format!("a format-{} bundle (not chunked)", manifest.format))?;
-    // Everything before the image's data: exact when the head holds both metadata members
-    // (what it says is checked by the verification below), else the most it can be.
-    let bound = match read_prefix_unverified(head.as_slice()) {
-        Ok((_, len)) => len,
-        Err(_) => 5 * 512 + 2 * MAX_METADATA_SIZE + chunked.index_size.next_multiple_of(512),
+    // The manifest and its signature first (two metadata members, ~130 KiB at most): nothing
+    // the manifest says, such as the index size, decides what is fetched before the signature
+    // checks out.
+    let metadata_end = (2 * (512 + MAX_METADATA_SIZE)).min(size);
+    let (manifest, bound) = match read_prefix_verified(head.as_slice(), &verifier.trusted_keys) {
+        Ok(read) => read,
+        Err(_) if (head.len() as u64) < metadata_end => {
+            let rest = fetch(head.len() as u64, metadata_end).await?;
+            head.extend_from_slice(&rest);
+            read_prefix_verified(head.as_slice(), &verifier.trusted_keys)
+                .map_err(|e| e.to_string())?
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    if manifest.chunked.is_none() {
+        return Err(format!("a format-{} bundle (not chunked)", manifest.format));
     }
-    .min(size);
+    // Everything before the image's data, as the signed manifest gives it.
+    let bound = bound.min(size);
     if bound > head.len() as u64 {
         let rest = fetch(head.len() as u64, bound).await?;
         head.extend_from_slice(&rest);
     }
     let probe_bytes = head.len() as u64;
-    let verifier = policy.verifier(capacity).map_err(|e| e.to_string())?;
     let reader = BundleReader::open(Cursor::new(head), &verifier).map_err(|e| e.to_string())?;
     let info = reader
         .manifest()

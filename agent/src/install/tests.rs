@@ -1,7 +1,7 @@
 //! Pipeline tests against the simulator `ddi-sim` (its artifact download with Range support,
 //! its faults and its request log) and regular-file slots.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -1723,4 +1723,68 @@ async fn seed_changed_after_the_scan(changed_chunks: &[usize]) {
     assert_eq!(requests.len(), 1, "{requests:?}");
     assert_eq!(requests[0].0, Some(base));
     assert!(first_planned > 0);
+}
+
+/// A hostile server's manifest that claims a huge chunk index (not signed as such): the probe
+/// verifies the manifest before it believes the index size, so it fetches the two metadata
+/// members at most and falls back to a full download.
+#[tokio::test]
+async fn an_unsigned_index_size_never_decides_what_the_probe_fetches() {
+    let (genuine, policy, _keys) = chunked_bundle(&chunky_image(100_000, 61));
+    let mut members = tar::Archive::new(genuine.as_slice());
+    let mut manifest = String::new();
+    let mut signature = Vec::new();
+    for member in members.entries().unwrap() {
+        let mut member = member.unwrap();
+        let name = member.path().unwrap().to_string_lossy().into_owned();
+        if name == ddi_bundle::MANIFEST_NAME {
+            member.read_to_string(&mut manifest).unwrap();
+        } else if name == ddi_bundle::SIGNATURE_NAME {
+            member.read_to_end(&mut signature).unwrap();
+        }
+    }
+    let mut json: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    let records = (30u64 << 20) / ddi_bundle::chunked::RECORD_LEN as u64;
+    json["chunked"]["chunks"] = serde_json::json!(records);
+    json["chunked"]["index_size"] =
+        serde_json::json!(records * ddi_bundle::chunked::RECORD_LEN as u64);
+    let mut hostile = tar::Builder::new(Vec::new());
+    for (name, bytes) in [
+        (
+            ddi_bundle::MANIFEST_NAME,
+            serde_json::to_vec(&json).unwrap(),
+        ),
+        (ddi_bundle::SIGNATURE_NAME, signature),
+        ("rootfs.ext4.idx", vec![0u8; 8 << 20]),
+    ] {
+        let mut header = tar::Header::new_ustar();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        hostile
+            .append_data(&mut header, name, bytes.as_slice())
+            .unwrap();
+    }
+    let hostile = hostile.into_inner().unwrap();
+    let server = ArtifactServer::start(hostile.clone());
+    let spec = source::SourceSpec {
+        url: server.url.clone(),
+        auth_header: Some(("Authorization".into(), format!("TargetToken {TOKEN}"))),
+        size: Some(hostile.len() as u64),
+        max_rate: None,
+        retry: RetryPolicy::default(),
+        stall_timeout: Duration::from_secs(10),
+    };
+    let probe = delta::probe(&reqwest::Client::new(), &spec, &policy, 64 << 20).await;
+    assert!(matches!(probe, delta::Probe::Full(_)), "{probe:?}");
+    let fetched: u64 = server
+        .sim
+        .download_log()
+        .iter()
+        .map(|r| r.body_len.unwrap_or(u64::MAX))
+        .sum();
+    assert!(
+        fetched <= 2 * (512 + ddi_bundle::MAX_METADATA_SIZE),
+        "the probe fetched {fetched} bytes before the signature was checked"
+    );
 }
