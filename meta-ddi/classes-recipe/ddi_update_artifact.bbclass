@@ -29,7 +29,7 @@ DDI_BUNDLE_ZSTD_LEVEL ??= "19"
 
 IMAGE_FSTYPES:append = " ${DDI_ARTIFACT_FSTYPE}.gz"
 # A chunked bundle is cut from the raw slot image.
-IMAGE_FSTYPES:append = "${@' ' + d.getVar('DDI_ARTIFACT_FSTYPE') if d.getVar('DDI_BUNDLE_FORMAT') == '2' and d.getVar('DDI_BUNDLE_KEYS') else ''}"
+IMAGE_FSTYPES:append = " ${@d.getVar('DDI_ARTIFACT_FSTYPE') if d.getVar('DDI_BUNDLE_FORMAT') == '2' and d.getVar('DDI_BUNDLE_KEYS') else ''}"
 
 DDI_BUNDLE_DEPLOYDIR = "${WORKDIR}/ddi-bundle-deploy"
 
