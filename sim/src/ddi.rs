@@ -151,7 +151,7 @@ fn header_texts(headers: &HeaderMap) -> BTreeMap<String, String> {
 }
 
 /// Decodes `%XX` escapes of one path segment.
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -451,15 +451,31 @@ fn parse_id(s: &str) -> Result<u64, DdiError> {
 }
 
 /// The router fallback: every `/{tenant}/controller/v1/{controllerId}/...` request (logged at
-/// info level with its status, for test and demo logs).
+/// info level with its status, for test and demo logs, and in the request log with its answer).
 pub async fn handle(state: AxState<Arc<Shared>>, req: Request) -> Response {
     let line = format!("{} {}", req.method(), req.uri());
-    let response = handle_request(state, req).await;
-    tracing::info!("{line} -> {}", response.status().as_u16());
+    let shared = Arc::clone(&state.0);
+    let mut logged = None;
+    let response = handle_request(state, req, &mut logged).await;
+    let status = response.status().as_u16();
+    tracing::info!("{line} -> {status}");
+    if let Some(seq) = logged {
+        let body_len = response
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        shared.log_answer(seq, status, body_len);
+    }
     response
 }
 
-async fn handle_request(AxState(shared): AxState<Arc<Shared>>, req: Request) -> Response {
+/// Answers a request; `logged` gets its sequence number in the request log.
+async fn handle_request(
+    AxState(shared): AxState<Arc<Shared>>,
+    req: Request,
+    logged: &mut Option<u64>,
+) -> Response {
     let (parts, body) = req.into_parts();
     let segments: Vec<String> = parts
         .uri
@@ -491,16 +507,19 @@ async fn handle_request(AxState(shared): AxState<Arc<Shared>>, req: Request) -> 
     let method = parts.method.clone();
 
     let record = RequestRecord {
+        seq: 0, // assigned by the log
         method: method.to_string(),
         uri: parts.uri.to_string(),
         endpoint,
         controller_id: controller_id.clone(),
         headers: header_texts(&parts.headers),
+        status: None,
+        body_len: None,
     };
     // Faults act like a proxy in front of the server: before anything else.
     let (faults, version) = {
         let mut st = shared.lock();
-        st.log_request(record);
+        *logged = Some(st.log_request(record));
         let t = trigger(&mut st.faults, endpoint, &controller_id);
         (t, st.config.version)
     };

@@ -4,9 +4,9 @@
 //! slow rate, truncation) for downloads and JSON bodies alike, and Range ignored as by a proxy
 //! without Range support.
 
-use super::ddi::{empty, error_response};
-use super::faults::Triggered;
-use super::model::{now_ms, ArtifactSource, DdiError};
+use super::ddi::{empty, error_response, percent_decode};
+use super::faults::{Endpoint, Triggered};
+use super::model::{now_ms, ArtifactSource, DdiError, RequestRecord};
 use super::Shared;
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -300,7 +300,8 @@ fn set(r: &mut Response, name: header::HeaderName, value: &str) {
     }
 }
 
-/// One artifact request as the server answered it (see [`crate::TestServer::download_log`]).
+/// One artifact request as the server answered it: a view of a [`RequestRecord`] of the
+/// download endpoint (see [`crate::TestServer::download_log`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DownloadRequest {
     pub controller_id: String,
@@ -312,43 +313,37 @@ pub struct DownloadRequest {
     pub body_len: Option<u64>,
 }
 
-/// GET `softwaremodules/{module}/artifacts/{filename}` (or `{filename}.MD5SUM`), recorded in
-/// the download log.
-pub async fn artifact(
-    shared: &Arc<Shared>,
-    controller_id: &str,
-    module: u64,
-    filename: &str,
-    headers: &HeaderMap,
-    uri: &str,
-    faults: &Triggered,
-) -> Response {
-    let response = answer_artifact(
-        shared,
-        controller_id,
-        module,
-        filename,
-        headers,
-        uri,
-        faults,
-    )
-    .await;
-    let body_len = response
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok());
-    shared.log_download(DownloadRequest {
-        controller_id: controller_id.to_string(),
-        filename: filename.to_string(),
-        range: header_str(headers, header::RANGE).map(str::to_string),
-        status: response.status().as_u16(),
-        body_len,
-    });
-    response
+impl DownloadRequest {
+    /// The view of an answered artifact (or `.MD5SUM`) request; None for anything else.
+    pub fn of(record: &RequestRecord) -> Option<DownloadRequest> {
+        if record.endpoint != Endpoint::Download {
+            return None;
+        }
+        let path = record.uri.split('?').next().unwrap_or_default();
+        Some(DownloadRequest {
+            controller_id: record.controller_id.clone(),
+            filename: percent_decode(path.rsplit('/').next().unwrap_or_default()),
+            range: record.header("range").map(str::to_string),
+            status: record.status?,
+            body_len: record.body_len,
+        })
+    }
+
+    /// The server log line a benchmark counts bytes and requests by (bench/delta_install.py).
+    pub fn log_line(&self) -> String {
+        format!(
+            "download {} {} range={} status={} body_len={}",
+            self.controller_id,
+            self.filename,
+            self.range.as_deref().unwrap_or("-"),
+            self.status,
+            self.body_len.map_or("-".to_string(), |n| n.to_string()),
+        )
+    }
 }
 
-async fn answer_artifact(
+/// GET `softwaremodules/{module}/artifacts/{filename}` (or `{filename}.MD5SUM`).
+pub async fn artifact(
     shared: &Arc<Shared>,
     controller_id: &str,
     module: u64,

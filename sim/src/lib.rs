@@ -16,8 +16,9 @@
 //! `.MD5SUM` download, with TargetToken / GatewayToken / proxy-certificate-header auth (401, empty
 //! body), ETag/304 on JSON,
 //! 405/406/415, Range (206/416), `If-Match` (412), `If-Range`; JSON, HAL+JSON and CBOR bodies.
-//! The latest DDI requests are logged with their headers ([`TestServer::requests`]); every
-//! artifact request with its answer's status and body length ([`TestServer::download_log`]).
+//! The latest DDI requests are logged with their headers and their answer's status and body
+//! length ([`TestServer::requests`]); [`TestServer::download_log`] is its view of the artifact
+//! requests (each also written to the server's log as a `download ...` line).
 //!
 //! # Management API (JSON, no auth, prefix `/mgmt`)
 //! | method and path | body | answer |
@@ -183,8 +184,6 @@ pub struct Shared {
     state_file: Option<PathBuf>,
     data_dir: PathBuf,
     _temp: Option<tempfile::TempDir>,
-    /// Every artifact request, in order (not persisted).
-    downloads: Mutex<Vec<download::DownloadRequest>>,
 }
 
 impl Shared {
@@ -193,30 +192,27 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends to the download log.
-    pub fn log_download(&self, request: download::DownloadRequest) {
-        // Also on the server's log, so that a benchmark of the `serve` binary can count the
-        // bytes and requests of a download (bench/delta.py).
-        tracing::info!(
-            "download {} {} range={} status={} body_len={}",
-            request.controller_id,
-            request.filename,
-            request.range.as_deref().unwrap_or("-"),
-            request.status,
-            request.body_len.map_or("-".to_string(), |n| n.to_string()),
-        );
-        self.downloads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(request);
+    /// Records the answer to logged request `seq`.
+    pub fn log_answer(&self, seq: u64, status: u16, body_len: Option<u64>) {
+        let mut st = self.lock();
+        let download = st
+            .log_answer(seq, status, body_len)
+            .and_then(download::DownloadRequest::of);
+        drop(st);
+        if let Some(download) = download {
+            // On the server's log too, so that a benchmark of the `serve` binary can count the
+            // bytes and requests of a download (bench/delta_install.py).
+            tracing::info!("{}", download.log_line());
+        }
     }
 
-    /// Every artifact request so far, in order.
+    /// The answered artifact requests of the request log, in order.
     pub fn download_log(&self) -> Vec<download::DownloadRequest> {
-        self.downloads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.lock()
+            .requests
+            .iter()
+            .filter_map(download::DownloadRequest::of)
+            .collect()
     }
 
     /// Runs `f` on the state and saves it (when a state file is configured).
@@ -287,7 +283,6 @@ pub fn shared_from_options(opts: &ServerOptions) -> Result<Arc<Shared>, ServerEr
         state_file: opts.state_file.clone(),
         data_dir,
         _temp: temp,
-        downloads: Mutex::new(Vec::new()),
     });
     shared.save(&shared.lock())?;
     Ok(shared)
@@ -544,13 +539,14 @@ impl TestServer {
             id
         })
     }
-    /// Faults still armed.
-    /// Every artifact request the server answered, in order: its `Range`, status and body
-    /// length (how many bytes and requests a download cost).
+    /// The artifact requests of the request log ([`TestServer::requests`], the latest
+    /// [`model::REQUEST_LOG_LEN`] requests) that were answered, in order: their `Range`, status
+    /// and body length (how many bytes and requests a download cost).
     pub fn download_log(&self) -> Vec<download::DownloadRequest> {
         self.shared.download_log()
     }
 
+    /// Faults still armed.
     pub fn faults(&self) -> Vec<Fault> {
         self.shared.lock().faults.clone()
     }
@@ -558,7 +554,8 @@ impl TestServer {
     pub fn clear_faults(&self) {
         self.shared.update(|s| s.faults.clear())
     }
-    /// The latest DDI requests with their headers, oldest first (see [`RequestRecord`]).
+    /// The latest DDI requests with their headers and answers, oldest first (see
+    /// [`RequestRecord`]).
     pub fn requests(&self) -> Vec<RequestRecord> {
         self.shared.lock().requests.iter().cloned().collect()
     }

@@ -809,14 +809,21 @@ pub struct State {
     /// The latest DDI requests, oldest first (at most [`REQUEST_LOG_LEN`]; not persisted).
     #[serde(skip)]
     pub requests: VecDeque<RequestRecord>,
+    /// Requests logged so far (the last one's [`RequestRecord::seq`]).
+    #[serde(skip)]
+    pub requests_logged: u64,
 }
 
 /// How many requests [`State::requests`] keeps.
 pub const REQUEST_LOG_LEN: usize = 1000;
 
-/// One DDI request as it arrived, before faults and authentication act on it.
+/// One DDI request as it arrived, before faults and authentication act on it, and how it was
+/// answered (filled in once the answer's head is ready; the body may still be streaming).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestRecord {
+    /// Assigned by the server when it logs the request: 1, 2, ...
+    #[serde(default)]
+    pub seq: u64,
     pub method: String,
     /// Path and query.
     pub uri: String,
@@ -825,6 +832,12 @@ pub struct RequestRecord {
     /// Header names in lower case; values that are not text are left out, repeated headers
     /// joined with `, `.
     pub headers: BTreeMap<String, String>,
+    /// The answer's status (None while unanswered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// The answer's announced body length (`Content-Length`; None for a multipart body).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_len: Option<u64>,
 }
 
 impl RequestRecord {
@@ -892,12 +905,29 @@ impl State {
         }
     }
 
-    /// Adds a request to the log, dropping the oldest past [`REQUEST_LOG_LEN`].
-    pub fn log_request(&mut self, record: RequestRecord) {
+    /// Adds a request to the log, dropping the oldest past [`REQUEST_LOG_LEN`]; returns its
+    /// sequence number.
+    pub fn log_request(&mut self, mut record: RequestRecord) -> u64 {
         if self.requests.len() == REQUEST_LOG_LEN {
             self.requests.pop_front();
         }
+        self.requests_logged += 1;
+        record.seq = self.requests_logged;
         self.requests.push_back(record);
+        self.requests_logged
+    }
+
+    /// Records the answer to request `seq` (if it is still in the log).
+    pub fn log_answer(
+        &mut self,
+        seq: u64,
+        status: u16,
+        body_len: Option<u64>,
+    ) -> Option<&RequestRecord> {
+        let record = self.requests.iter_mut().rev().find(|r| r.seq == seq)?;
+        record.status = Some(status);
+        record.body_len = body_len;
+        Some(record)
     }
 
     fn alloc_id(&mut self) -> u64 {

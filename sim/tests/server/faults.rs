@@ -292,3 +292,80 @@ fn a_fault_starts_at_the_request_after_the_ones_it_lets_through() {
     assert_eq!(polls, [200, 200, 503, 200]);
     assert!(e.server.faults().is_empty());
 }
+
+/// A truncation fault without a count cuts every answer, Range answers too (a server that ends
+/// each answer after a few bytes); the request log holds each request with its answer's status
+/// and announced length, and the download log is its view of the artifact requests.
+#[test]
+fn every_answer_is_cut_and_logged_with_its_status_and_length() {
+    let e = env();
+    let id = e.deploy(&[9u8; 5000], &Assignment::forced());
+    let href = e.download_href(id);
+    e.server
+        .add_fault(Fault::new(FaultKind::Truncate { bytes: 3 }));
+    let ranges = [None, Some("bytes=100-"), Some("bytes=4000-4999")];
+    for range in ranges {
+        let mut request = e.auth(e.http.get(&href));
+        if let Some(range) = range {
+            request = request.header("Range", range);
+        }
+        let r = request.send().unwrap();
+        assert_eq!(r.status(), if range.is_some() { 206 } else { 200 });
+        assert_eq!(r.headers()["content-length"], "3");
+        assert_eq!(r.bytes().unwrap().len(), 3);
+    }
+    e.server.clear_faults();
+    let r = e
+        .auth(e.http.get(&href))
+        .header("Range", "bytes=10-19")
+        .send()
+        .unwrap();
+    assert_eq!(r.bytes().unwrap().len(), 10);
+    assert_eq!(e.get("").status(), 200);
+
+    let log = e.server.requests();
+    let answered: Vec<_> = log
+        .iter()
+        .filter(|r| r.endpoint == Endpoint::Download)
+        .map(|r| (r.status, r.body_len))
+        .collect();
+    assert_eq!(
+        answered,
+        [
+            (Some(200), Some(3)),
+            (Some(206), Some(3)),
+            (Some(206), Some(3)),
+            (Some(206), Some(10))
+        ]
+    );
+    assert!(log.windows(2).all(|w| w[0].seq < w[1].seq), "{log:?}");
+    let last = log.last().unwrap();
+    assert_eq!((last.endpoint, last.status), (Endpoint::Poll, Some(200)));
+
+    let downloads = e.server.download_log();
+    let view: Vec<_> = downloads
+        .iter()
+        .map(|d| {
+            (
+                d.filename.as_str(),
+                d.range.as_deref(),
+                d.status,
+                d.body_len,
+            )
+        })
+        .collect();
+    assert_eq!(
+        view,
+        [
+            ("fw.bin", None, 200, Some(3)),
+            ("fw.bin", Some("bytes=100-"), 206, Some(3)),
+            ("fw.bin", Some("bytes=4000-4999"), 206, Some(3)),
+            ("fw.bin", Some("bytes=10-19"), 206, Some(10)),
+        ]
+    );
+    assert!(downloads.iter().all(|d| d.controller_id == CID));
+    assert_eq!(
+        downloads[1].log_line(),
+        format!("download {CID} fw.bin range=bytes=100- status=206 body_len=3")
+    );
+}
