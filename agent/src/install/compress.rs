@@ -27,10 +27,14 @@ pub struct ZstdReader<R: Read> {
     in_frame: bool,
 }
 
+/// The compressed side's buffer: ruzstd reads a block's bytes (up to 128 KiB) at once, and
+/// reads that large bypass the buffer; it only serves the small header reads.
+const SOURCE_BUFFER: usize = 16 * 1024;
+
 impl<R: Read> ZstdReader<R> {
     pub fn new(source: R) -> Self {
         ZstdReader {
-            source: BufReader::with_capacity(128 * 1024, source),
+            source: BufReader::with_capacity(SOURCE_BUFFER, source),
             decoder: FrameDecoder::new(),
             in_frame: false,
         }
@@ -69,24 +73,228 @@ impl<R: Read> ZstdReader<R> {
 /// whole dictionary before the first byte, and a hostile header may ask for 4 GiB).
 pub const MAX_XZ_DICTIONARY: u64 = 64 << 20;
 
-/// Refuse an xz stream whose first block asks for a dictionary above [`MAX_XZ_DICTIONARY`];
-/// `head` is the stream's first bytes. Only the first block of the first stream is checked
-/// (what lzma-rust2 0.15 lets a caller see): a hostile later block is not caught here.
-pub fn check_xz_dictionary(head: &[u8]) -> io::Result<()> {
-    let xz = |msg: String| io::Error::new(io::ErrorKind::InvalidData, format!("xz: {msg}"));
-    // Stream header (12 bytes), then a block header or the index (0x00).
-    let Some(&size_byte) = head.get(12) else {
-        return Ok(()); // the decoder reports the short stream
-    };
-    if size_byte == 0 {
-        return Ok(()); // no block: an empty stream
+/// An xz stream on its way to the decoder, followed through its container (stream header,
+/// blocks of LZMA2 chunks with their padding and check, index, footer, stream padding, further
+/// streams) without decoding it: every block header's LZMA2 dictionary is checked against
+/// [`MAX_XZ_DICTIONARY`] before the decoder gets the header's last byte (lzma-rust2 allocates
+/// the dictionary as soon as it has parsed a block header, and checks no limit itself).
+pub struct XzGuard<R> {
+    inner: R,
+    state: XzState,
+    /// Bytes of the block header being collected (its size byte first).
+    header: Vec<u8>,
+    /// Check field size of the current stream (from its header's flags).
+    check_len: u64,
+    /// Compressed bytes of the current block, or bytes of the current index.
+    counted: u64,
+    blocks: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum XzState {
+    /// `got` of the 12 stream header bytes seen (the check type is the 8th).
+    StreamHeader { got: u8 },
+    /// A block header's size byte, or 0: the index.
+    BlockStart,
+    /// Collecting a block header of this many bytes.
+    BlockHeader { len: usize },
+    /// An LZMA2 chunk's control byte (0: the block's data ends).
+    ChunkControl,
+    /// The rest of an LZMA2 chunk's header: `left` bytes, the sizes big-endian in `value`.
+    ChunkHeader { control: u8, left: u8, value: u64 },
+    /// Bytes to pass over, then `then`.
+    Skip { left: u64, then: AfterSkip },
+    /// The index's record count, a variable-length integer (`shift` bits read).
+    IndexCount { value: u64, shift: u32 },
+    /// `left` variable-length integers of index records.
+    IndexRecords { left: u64 },
+    /// Zeros between streams, or the next stream's magic.
+    StreamPadding,
+    /// Past what the decoder accepts: it reports the error.
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterSkip {
+    Chunk,
+    /// Block padding done: the check follows.
+    Check,
+    Block,
+    /// Index padding done: its CRC32 and the stream footer follow.
+    IndexEnd,
+    StreamPadding,
+}
+
+impl<R> XzGuard<R> {
+    pub fn new(inner: R) -> Self {
+        XzGuard {
+            inner,
+            state: XzState::StreamHeader { got: 0 },
+            header: Vec::new(),
+            check_len: 0,
+            counted: 0,
+            blocks: 0,
+        }
     }
-    let header_len = (usize::from(size_byte) + 1) * 4;
-    let header = head.get(12..12 + header_len).ok_or_else(|| {
-        xz(format!(
-            "a {header_len}-byte block header, too long to check its dictionary size"
-        ))
-    })?;
+
+    /// Follow the container through `data` (the next bytes of the stream).
+    fn watch(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while let Some((&byte, rest)) = data.split_first() {
+            if let XzState::Skip { left, then } = self.state {
+                let n = left.min(data.len() as u64);
+                data = &data[n as usize..];
+                self.counted += n;
+                self.state = match left - n {
+                    0 => self.after_skip(then),
+                    left => XzState::Skip { left, then },
+                };
+                continue;
+            }
+            data = rest;
+            self.state = self.step(byte)?;
+        }
+        Ok(())
+    }
+
+    fn after_skip(&mut self, then: AfterSkip) -> XzState {
+        match then {
+            AfterSkip::Chunk => XzState::ChunkControl,
+            AfterSkip::Check => skip(self.check_len, AfterSkip::Block),
+            AfterSkip::Block => XzState::BlockStart,
+            AfterSkip::IndexEnd => skip(4 + 12, AfterSkip::StreamPadding),
+            AfterSkip::StreamPadding => XzState::StreamPadding,
+        }
+    }
+
+    fn step(&mut self, byte: u8) -> io::Result<XzState> {
+        Ok(match self.state {
+            XzState::StreamHeader { got } => {
+                if got == 7 {
+                    self.check_len = match byte & 0x0f {
+                        0 => 0,
+                        id => 4u64 << ((id - 1) / 3),
+                    };
+                }
+                match got + 1 {
+                    12 => XzState::BlockStart,
+                    got => XzState::StreamHeader { got },
+                }
+            }
+            XzState::BlockStart if byte == 0 => {
+                self.counted = 1;
+                XzState::IndexCount { value: 0, shift: 0 }
+            }
+            XzState::BlockStart => {
+                self.header.clear();
+                self.header.push(byte);
+                XzState::BlockHeader {
+                    len: (usize::from(byte) + 1) * 4,
+                }
+            }
+            XzState::BlockHeader { len } => {
+                self.header.push(byte);
+                if self.header.len() < len {
+                    return Ok(self.state);
+                }
+                self.blocks += 1;
+                check_block_header(&self.header, self.blocks)?;
+                self.counted = 0;
+                XzState::ChunkControl
+            }
+            XzState::ChunkControl => {
+                self.counted += 1;
+                match byte {
+                    0 => skip((4 - self.counted % 4) % 4, AfterSkip::Check),
+                    1 | 2 => XzState::ChunkHeader {
+                        control: byte,
+                        left: 2,
+                        value: 0,
+                    },
+                    0x80.. => XzState::ChunkHeader {
+                        control: byte,
+                        // Uncompressed and compressed size, and the properties after a reset.
+                        left: if byte >= 0xc0 { 5 } else { 4 },
+                        value: 0,
+                    },
+                    _ => XzState::Done, // not LZMA2: the decoder refuses it
+                }
+            }
+            XzState::ChunkHeader {
+                control,
+                left,
+                value,
+            } => {
+                self.counted += 1;
+                let value = (value << 8) | u64::from(byte);
+                let left = left - 1;
+                let data_len = match (control, left) {
+                    (_, 1..) => {
+                        return Ok(XzState::ChunkHeader {
+                            control,
+                            left,
+                            value,
+                        })
+                    }
+                    (1 | 2, 0) => value + 1,
+                    // The properties byte comes after the compressed size.
+                    (0xc0.., 0) => ((value >> 8) & 0xffff) + 1,
+                    _ => (value & 0xffff) + 1,
+                };
+                skip(data_len, AfterSkip::Chunk)
+            }
+            XzState::IndexCount { value, shift } => {
+                self.counted += 1;
+                let value = value | (u64::from(byte & 0x7f) << shift.min(63));
+                match byte & 0x80 {
+                    0 => self.index_records(value.saturating_mul(2)),
+                    _ => XzState::IndexCount {
+                        value,
+                        shift: shift.saturating_add(7),
+                    },
+                }
+            }
+            XzState::IndexRecords { left } => {
+                self.counted += 1;
+                match byte & 0x80 {
+                    0 => self.index_records(left - 1),
+                    _ => XzState::IndexRecords { left },
+                }
+            }
+            XzState::StreamPadding => match byte {
+                0 => XzState::StreamPadding,
+                0xfd => XzState::StreamHeader { got: 1 },
+                _ => XzState::Done,
+            },
+            XzState::Skip { .. } => unreachable!("skipped in bulk"),
+            XzState::Done => XzState::Done,
+        })
+    }
+
+    /// `left` more integers of index records, then the index's padding.
+    fn index_records(&self, left: u64) -> XzState {
+        match left {
+            0 => skip((4 - self.counted % 4) % 4, AfterSkip::IndexEnd),
+            left => XzState::IndexRecords { left },
+        }
+    }
+}
+
+fn skip(left: u64, then: AfterSkip) -> XzState {
+    XzState::Skip { left, then }
+}
+
+impl<R: Read> Read for XzGuard<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.watch(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+/// Refuse a block header (`header`, from its size byte to its CRC) whose LZMA2 dictionary is
+/// above [`MAX_XZ_DICTIONARY`]; `block` numbers the block for the message (1 = first).
+fn check_block_header(header: &[u8], block: u64) -> io::Result<()> {
+    let xz = |msg: String| io::Error::new(io::ErrorKind::InvalidData, format!("xz: {msg}"));
     let flags = header[1];
     let mut at = 2;
     let varint = |at: &mut usize| -> io::Result<u64> {
@@ -112,7 +320,7 @@ pub fn check_xz_dictionary(head: &[u8]) -> io::Result<()> {
         let id = varint(&mut at)?;
         let props_len = varint(&mut at)? as usize;
         let props = header
-            .get(at..at + props_len)
+            .get(at..at.saturating_add(props_len))
             .ok_or_else(|| xz("a truncated block header".into()))?;
         at += props_len;
         if id == 0x21 {
@@ -124,7 +332,7 @@ pub fn check_xz_dictionary(head: &[u8]) -> io::Result<()> {
             };
             if dictionary > MAX_XZ_DICTIONARY {
                 return Err(xz(format!(
-                    "the image asks for a {dictionary}-byte dictionary, more than the \
+                    "block {block} asks for a {dictionary}-byte dictionary, more than the \
                      {MAX_XZ_DICTIONARY} bytes this device decodes"
                 )));
             }
@@ -261,20 +469,95 @@ mod tests {
     fn xz(data: &[u8], dict_size: u32) -> Vec<u8> {
         let mut options = lzma_rust2::XzOptions::with_preset(1);
         options.lzma_options.dict_size = dict_size;
+        xz_with(data, options)
+    }
+
+    fn xz_with(data: &[u8], options: lzma_rust2::XzOptions) -> Vec<u8> {
         let mut writer = lzma_rust2::XzWriter::new(Vec::new(), options).unwrap();
         io::Write::write_all(&mut writer, data).unwrap();
         writer.finish().unwrap()
+    }
+
+    /// Pass `stream` through the guard alone.
+    fn guard(stream: &[u8]) -> io::Result<()> {
+        io::copy(&mut XzGuard::new(stream), &mut io::sink()).map(|_| ())
+    }
+
+    /// Decode `stream` as the install does: the guard between the bytes and the decoder.
+    fn unxz(stream: &[u8]) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        lzma_rust2::XzReader::new(XzGuard::new(stream), true).read_to_end(&mut out)?;
+        Ok(out)
+    }
+
+    /// Compressible text with stretches of noise (the encoder stores those uncompressed).
+    fn mixed(len: usize) -> Vec<u8> {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        (0..len)
+            .map(|i| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                if (i / 20_000) % 3 == 2 {
+                    state as u8
+                } else {
+                    b"the quick brown fox\n"[(state % 20) as usize]
+                }
+            })
+            .collect()
+    }
+
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = (crc >> 1) ^ (0xedb8_8320 & (crc & 1).wrapping_neg());
+            }
+        }
+        !crc
+    }
+
+    /// Offsets of the block headers of a one-stream xz file, from its index (not from the
+    /// block contents, which is what the guard follows).
+    fn block_offsets(stream: &[u8]) -> Vec<usize> {
+        let footer = &stream[stream.len() - 12..];
+        let backward = u32::from_le_bytes(footer[4..8].try_into().unwrap()) as usize;
+        let mut at = stream.len() - 12 - (backward + 1) * 4 + 1;
+        let mut varint = || {
+            let mut value = 0usize;
+            for shift in (0..).step_by(7) {
+                let byte = stream[at];
+                at += 1;
+                value |= usize::from(byte & 0x7f) << shift;
+                if byte & 0x80 == 0 {
+                    break;
+                }
+            }
+            value
+        };
+        let count = varint();
+        let mut offsets = vec![12];
+        for _ in 0..count {
+            let unpadded = varint();
+            varint(); // uncompressed size
+            offsets.push(offsets.last().unwrap() + unpadded.div_ceil(4) * 4);
+        }
+        offsets.pop();
+        offsets
     }
 
     #[test]
     fn an_xz_dictionary_above_the_cap_is_refused() {
         let data = vec![7u8; 10_000];
         for ok in [4096, 8 << 20, 64 << 20] {
-            check_xz_dictionary(&xz(&data, ok)).unwrap();
+            guard(&xz(&data, ok)).unwrap();
         }
-        let err = check_xz_dictionary(&xz(&data, 96 << 20)).unwrap_err();
+        let err = guard(&xz(&data, 96 << 20)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         assert!(
-            err.to_string().contains("100663296-byte dictionary"),
+            err.to_string()
+                .contains("block 1 asks for a 100663296-byte dictionary"),
             "{err}"
         );
         // A hostile header: 4 GiB - 1 (property byte 40), as a forger would write it.
@@ -284,11 +567,87 @@ mod tests {
             .unwrap()
             + 2;
         hostile[props_at] = 40;
-        let err = check_xz_dictionary(&hostile).unwrap_err();
+        let err = guard(&hostile).unwrap_err();
         assert!(err.to_string().contains("4294967295-byte"), "{err}");
         // Empty streams and short heads are left to the decoder.
-        check_xz_dictionary(&xz(&[], 4096)).unwrap();
-        check_xz_dictionary(&[0xfd, b'7']).unwrap();
+        guard(&xz(&[], 4096)).unwrap();
+        guard(&[0xfd, b'7']).unwrap();
+    }
+
+    /// A later block's header is checked too (lzma-rust2 would allocate what it asks for as
+    /// soon as it reaches it): here the second block of a genuine multi-block stream asks for
+    /// 96 MiB, with a correct header CRC, so the decoder alone would take it.
+    #[test]
+    fn a_huge_dictionary_in_a_later_block_is_refused_before_it_is_allocated() {
+        let data = mixed(200_000);
+        let mut options = lzma_rust2::XzOptions::with_preset(1);
+        options.lzma_options.dict_size = 4096;
+        options.block_size = std::num::NonZeroU64::new(64 << 10);
+        let mut stream = xz_with(&data, options);
+        let blocks = block_offsets(&stream);
+        assert!(blocks.len() >= 3, "{blocks:?}");
+        let second = blocks[1];
+        let header_len = (usize::from(stream[second]) + 1) * 4;
+        let props_at = (second + 2..second + header_len)
+            .find(|&i| stream[i] == 0x21 && stream[i + 1] == 1)
+            .unwrap()
+            + 2;
+        stream[props_at] = 29; // 3 << 25: 96 MiB
+        let crc_at = second + header_len - 4;
+        let crc = crc32(&stream[second..crc_at]);
+        stream[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
+        // The crafted stream is valid: without the guard it decodes (allocating 96 MiB).
+        let mut plain = Vec::new();
+        lzma_rust2::XzReader::new(stream.as_slice(), true)
+            .read_to_end(&mut plain)
+            .unwrap();
+        assert!(plain == data);
+
+        let err = unxz(&stream).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(
+            err.to_string()
+                .contains("block 2 asks for a 100663296-byte dictionary"),
+            "{err}"
+        );
+    }
+
+    /// The guard follows every layout the decoder takes without a false alarm: many blocks,
+    /// stored (uncompressed) LZMA2 chunks, every check type, filters before LZMA2, several
+    /// streams with stream padding between them; and a later stream's blocks are checked.
+    #[test]
+    fn the_xz_guard_follows_every_container_layout() {
+        use lzma_rust2::{CheckType, FilterConfig, XzOptions};
+        let data = mixed(300_000);
+        let mut expected = Vec::new();
+        let mut stream = Vec::new();
+        let checks = [
+            CheckType::None,
+            CheckType::Crc32,
+            CheckType::Crc64,
+            CheckType::Sha256,
+        ];
+        for (i, check) in checks.into_iter().enumerate() {
+            let mut options = XzOptions::with_preset(i as u32 * 2);
+            options.check_type = check;
+            options.lzma_options.dict_size = 1 << 16;
+            options.block_size = std::num::NonZeroU64::new(50_000 + i as u64 * 30_000);
+            if i == 1 {
+                options.filters = vec![FilterConfig::new_delta(4)];
+            }
+            if i == 2 {
+                options.filters = vec![FilterConfig::new_bcj_x86(0)];
+            }
+            let part = &data[i * 50_000..];
+            stream.extend(xz_with(part, options));
+            stream.extend_from_slice(&[0u8; 8]); // stream padding
+            expected.extend_from_slice(part);
+        }
+        assert!(unxz(&stream).unwrap() == expected);
+        // Still watching in the last stream: its first block asks for too much.
+        stream.extend(xz(b"more", 96 << 20));
+        let err = unxz(&stream).unwrap_err();
+        assert!(err.to_string().contains("100663296-byte"), "{err}");
     }
 
     #[test]

@@ -504,11 +504,10 @@ fn decode_into_slot<R: Read>(
         let mut decoder: Box<dyn Read + '_> = match compression {
             Format::Gzip => Box::new(MultiGzDecoder::new(sniffed)),
             Format::Zstd => Box::new(compress::ZstdReader::new(sniffed)),
-            _ => {
-                compress::check_xz_dictionary(head)
-                    .map_err(|e| decode::read_error(e, compression, offset()))?;
-                Box::new(lzma_rust2::XzReader::new(sniffed, true))
-            }
+            _ => Box::new(lzma_rust2::XzReader::new(
+                compress::XzGuard::new(sniffed),
+                true,
+            )),
         };
         let (inner_head, inner) = decode::sniff(&mut decoder)
             .map_err(|e| decode::read_error(e, compression, offset()))?;
