@@ -173,6 +173,7 @@ pub async fn check(
                     max_rate: req.max_rate,
                     retry: req.retry,
                     stall_timeout: req.stall_timeout,
+                    requests: source::RequestBudget::default(),
                 };
                 source::fetch(client, &spec, 0, tx, &counters).await
             }

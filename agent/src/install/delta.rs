@@ -15,8 +15,10 @@
 //! trusted key, not a chunked bundle, a server that answers a Range with the whole artifact, a
 //! probe that fails) goes the full-download way ([`Probe::Full`]) and is judged there.
 //! A seed that cannot be read or a seed chunk whose bytes changed is downloaded instead, never
-//! a failure. Resume across restarts: at every durable checkpoint of the slot writer a
-//! `chunks` record ([`super::resume`]) says how far the image is on the slot.
+//! a failure (a server that answers that Range with the whole artifact is read up to the
+//! chunks' end, the bytes before them skipped as they arrive). Resume across restarts: at
+//! every durable checkpoint of the slot writer a `chunks` record ([`super::resume`]) says how
+//! far the image is on the slot.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -102,8 +104,8 @@ async fn probe_inner(
         let counters = &counters;
         async move {
             match source::fetch_bytes(client, spec, start, end, counters).await {
-                Ok(Some(bytes)) => Ok(bytes),
-                Ok(None) => Err("the server ignores Range requests".to_string()),
+                Ok(got) if got.range_ignored => Err("the server ignores Range requests".into()),
+                Ok(got) => Ok(got.bytes),
                 Err(e) => Err(format!("reading the artifact's head: {e}")),
             }
         }
@@ -222,8 +224,15 @@ impl SideFetch {
             end,
             counters,
         ))?;
-        // A server that ignored the Range was read up to `end`: the bytes are the same.
-        got.map_or_else(|| Err(InstallError::Internal("no bytes".into())), Ok)
+        if got.range_ignored {
+            // The whole body was streamed up to `end` and only these bytes kept: the same.
+            tracing::info!(
+                start,
+                end,
+                "the server ignored the Range; took the chunks from the whole artifact"
+            );
+        }
+        Ok(got.bytes)
     }
 }
 

@@ -37,6 +37,18 @@ pub enum InstallError {
         attempts: u32,
     },
 
+    /// The install used up its request budget
+    /// ([`super::source::MAX_REQUESTS_PER_INSTALL`]): the server kept ending its answers early.
+    #[error(
+        "download of {url} stopped after {requests} requests at byte {offset}: the server keeps \
+         ending its answers early (each Range request may cost the server an action status)"
+    )]
+    TooManyRequests {
+        url: String,
+        requests: u32,
+        offset: u64,
+    },
+
     /// The server sent more bytes, or announced another size, than the artifact's size.
     #[error("download of {url}: server sent {actual} bytes, the artifact has {expected}")]
     SizeMismatch {

@@ -319,6 +319,7 @@ pub async fn install_with(
             signed,
             resume_at,
             expected_hash,
+            spec,
         )
         .await
     } else {
@@ -329,7 +330,7 @@ pub async fn install_with(
         }
         tracing::info!(file = %req.filename, url = %req.url, slot = %req.slot_path.display(), capacity, "installing");
         run(
-            client, req, options, progress, slot, algorithm, expected, start, local_file,
+            client, req, options, progress, slot, algorithm, expected, start, local_file, spec,
         )
         .await
     };
@@ -355,6 +356,7 @@ fn source_spec(req: &InstallRequest, options: &InstallOptions) -> source::Source
         max_rate: req.max_rate,
         retry: options.retry,
         stall_timeout: options.stall_timeout,
+        requests: source::RequestBudget::default(),
     }
 }
 
@@ -369,6 +371,7 @@ async fn run_delta(
     signed: delta::SignedBundle,
     resume_at: u64,
     expected_hash: String,
+    spec: source::SourceSpec,
 ) -> Result<Installed, InstallError> {
     let signed = Arc::new(signed);
     let seed = match &req.booted_slot_path {
@@ -401,7 +404,6 @@ async fn run_delta(
 
     let counters = Arc::new(Counters::new(signed.probe_bytes, Some(summary.download)));
     let (tx, rx) = pipeline::channel(CHANNEL_CHUNKS, CHANNEL_BYTES);
-    let spec = source_spec(req, options);
     let base = signed.data_offset;
     let ranges: Vec<(u64, u64)> = plan
         .ranges
@@ -449,6 +451,7 @@ async fn run(
     expected: String,
     start: u64,
     local_file: Option<source::LocalFile>,
+    spec: source::SourceSpec,
 ) -> Result<Installed, InstallError> {
     let size = local_file.as_ref().map(|f| f.size).or(req.size);
     let counters = Arc::new(Counters::new(start, size));
@@ -478,7 +481,6 @@ async fn run(
     let sink = tokio::task::spawn_blocking(move || {
         pipeline::run(&plan, &mut slot as &mut dyn SlotDevice, rx, &sink_counters)
     });
-    let spec = source_spec(req, options);
     let source = async {
         match local_file {
             Some(file) => source::feed_file(file.file, tx, &counters).await,

@@ -1,9 +1,11 @@
 //! The download side: HTTP GET of the artifact, resumed with `Range` requests after network
-//! faults (bounded tries with the backoff and `Retry-After` handling of [`crate::http_policy`]),
+//! faults (bounded tries with the backoff and `Retry-After` handling of [`crate::http_policy`],
+//! and at most [`MAX_REQUESTS_PER_INSTALL`] requests in all),
 //! paced by an optional rate limit, feeding the bounded channel to the blocking stage; and a
 //! local file (`ddi-agent install FILE`) fed the same way.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,6 +27,31 @@ pub struct SourceSpec {
     pub retry: RetryPolicy,
     /// A connection that delivers nothing for this long is a network fault.
     pub stall_timeout: Duration,
+    /// The install's requests so far (shared by the clones of one install's spec).
+    pub requests: RequestBudget,
+}
+
+/// HTTP requests one install may make for its artifact (head probe, ranges, resumes, the
+/// re-download of seed chunks): the retry budget of [`fetch`] resets whenever a connection
+/// delivers a byte, so without this a server that ends every answer after a few bytes is asked
+/// again forever, and hawkBit up to 0.7 records every Range request as an action status (at
+/// most 1000 per action, the agent's own feedback included). A delta plans at most ~90.
+pub const MAX_REQUESTS_PER_INSTALL: u32 = 500;
+
+/// Counts an install's requests against [`MAX_REQUESTS_PER_INSTALL`]; clones share the count.
+#[derive(Debug, Clone, Default)]
+pub struct RequestBudget(Arc<AtomicU32>);
+
+impl RequestBudget {
+    /// Take one request; false once the budget is spent.
+    fn take(&self) -> bool {
+        self.0.fetch_add(1, Ordering::Relaxed) < MAX_REQUESTS_PER_INSTALL
+    }
+
+    /// Requests made (or refused) so far.
+    pub fn used(&self) -> u32 {
+        self.0.load(Ordering::Relaxed).min(MAX_REQUESTS_PER_INSTALL)
+    }
 }
 
 /// One failed attempt.
@@ -135,16 +162,22 @@ pub async fn fetch_ranges(
     Ok(())
 }
 
-/// Bytes `start..end` of the artifact, in memory, with the retries of [`fetch`]; `None` when
-/// the server ignored the Range and answered with the whole artifact (the body is dropped at
-/// `end`).
+/// Bytes `start..end` of the artifact, in memory, with the retries of [`fetch`].
+pub struct RangeBytes {
+    pub bytes: Vec<u8>,
+    /// The server ignored the Range and answered with the whole artifact (200): the body was
+    /// read up to `end`, the bytes before `start` skipped as they arrived, the rest dropped.
+    pub range_ignored: bool,
+}
+
+/// Bytes `start..end` of the artifact, in memory (see [`RangeBytes`]).
 pub async fn fetch_bytes(
     client: &reqwest::Client,
     spec: &SourceSpec,
     start: u64,
     end: u64,
     counters: &Counters,
-) -> Result<Option<Vec<u8>>, InstallError> {
+) -> Result<RangeBytes, InstallError> {
     let mut out = Out::Buffer {
         bytes: Vec::with_capacity((end - start).min(1 << 20) as usize),
         whole_body: false,
@@ -157,10 +190,10 @@ pub async fn fetch_bytes(
     };
     fetch_span(client, spec, span, &mut out, counters, &mut limiter).await?;
     match out {
-        Out::Buffer {
-            whole_body: true, ..
-        } => Ok(None),
-        Out::Buffer { bytes, .. } => Ok(Some(bytes)),
+        Out::Buffer { bytes, whole_body } => Ok(RangeBytes {
+            bytes,
+            range_ignored: whole_body,
+        }),
         Out::Channel(_) => unreachable!("a buffer was passed"),
     }
 }
@@ -290,8 +323,8 @@ enum RangeRefused {
 /// The ISIZE field (last 4 bytes) of a gzip artifact of `total` bytes, fetched with a Range
 /// request; None when the server cannot tell (no Range support, error, timeout).
 async fn probe_gzip_isize(client: &reqwest::Client, spec: &SourceSpec, total: u64) -> Option<u64> {
-    if total < 18 {
-        return None; // smaller than any gzip member
+    if total < 18 || !spec.requests.take() {
+        return None; // smaller than any gzip member, or no request left
     }
     let mut request = client
         .get(&spec.url)
@@ -336,6 +369,13 @@ async fn fetch_once(
         if *offset >= t {
             return Ok(Done::Complete);
         }
+    }
+    if !spec.requests.take() {
+        return Err(Fault::Permanent(InstallError::TooManyRequests {
+            url: spec.url.clone(),
+            requests: spec.requests.used(),
+            offset: *offset,
+        }));
     }
     let mut request = client.get(&spec.url);
     if let Some((name, value)) = &spec.auth_header {

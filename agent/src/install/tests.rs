@@ -554,6 +554,34 @@ async fn truncated_body_fails_retryable() {
     assert!(matches!(err, InstallError::HashMismatch { .. }), "{err}");
 }
 
+/// A server that ends every answer after 3 bytes: each connection makes progress, so the
+/// retries in a row never run out, but the install's request budget does; the install then
+/// fails for good (hawkBit up to 0.7 would record every one of those Range requests), saying
+/// why, with the booted slot untouched.
+#[tokio::test]
+async fn a_server_that_cuts_every_answer_short_gets_a_bounded_number_of_requests() {
+    let img = image(64 << 10, 70);
+    let server = ArtifactServer::start(img.clone());
+    server.always(short(3));
+    let fx = Fixture::new(1 << 20);
+    let err = run(&fx.request(&server.url, &img), &fast_options())
+        .await
+        .0
+        .unwrap_err();
+    let budget = source::MAX_REQUESTS_PER_INSTALL;
+    assert!(
+        matches!(err, InstallError::TooManyRequests { requests, .. } if requests == budget),
+        "{err}"
+    );
+    assert!(!err.is_retryable(), "{err}");
+    assert!(
+        err.to_string().contains("ending its answers early"),
+        "{err}"
+    );
+    assert_eq!(server.requests().len(), budget as usize);
+    fx.assert_booted_untouched();
+}
+
 #[tokio::test]
 async fn hash_mismatch_fails_permanently() {
     let img = image(2 << 20, 10);
@@ -1628,19 +1656,27 @@ fn a_tampered_chunk_is_refused_before_it_is_written() {
 /// scan) is downloaded with one Range request, and the image is still the signed one.
 #[tokio::test]
 async fn a_seed_chunk_that_changed_after_the_scan_is_downloaded() {
-    seed_changed_after_the_scan(&[0]).await;
+    seed_changed_after_the_scan(&[0], false).await;
+}
+
+/// The same when the server answers that Range with the whole artifact (200, e.g. a proxy
+/// that drops Range headers after a while): the chunks come from their place in the body.
+#[tokio::test]
+async fn a_seed_chunk_fetched_from_a_server_that_ignores_range_installs() {
+    seed_changed_after_the_scan(&[0, 2], true).await;
 }
 
 /// Chunks 0 and 2 changed, chunk 1 still good: the one download covers 0..=2, chunk 1 comes
 /// from the seed, and chunk 2's frame is taken from its own place in the downloaded bytes.
 #[tokio::test]
 async fn seed_chunks_changed_around_a_good_one_are_taken_from_the_right_place() {
-    seed_changed_after_the_scan(&[0, 2]).await;
+    seed_changed_after_the_scan(&[0, 2], false).await;
 }
 
 /// Installs a delta whose seed chunks `changed` no longer match after the scan; asserts the
-/// signed image lands and one Range request fetched the replacements.
-async fn seed_changed_after_the_scan(changed_chunks: &[usize]) {
+/// signed image lands and one Range request fetched the replacements (answered with the whole
+/// artifact when `range_ignored`).
+async fn seed_changed_after_the_scan(changed_chunks: &[usize], range_ignored: bool) {
     let old = chunky_image(300_000, 60);
     let mut new = old.clone();
     for b in &mut new[100_000..100_100] {
@@ -1651,6 +1687,9 @@ async fn seed_changed_after_the_scan(changed_chunks: &[usize]) {
     let index = read.index.unwrap();
     let base = read.data_offset;
     let server = ArtifactServer::start(bundle.clone());
+    if range_ignored {
+        server.always(FaultKind::IgnoreRange);
+    }
     let dir = tempfile::tempdir().unwrap();
     let (seed_path, slot_path) = (dir.path().join("slot-a"), dir.path().join("slot-b"));
     std::fs::write(&seed_path, &old).unwrap();
@@ -1681,6 +1720,7 @@ async fn seed_changed_after_the_scan(changed_chunks: &[usize]) {
         max_rate: None,
         retry: RetryPolicy::default(),
         stall_timeout: Duration::from_secs(10),
+        requests: source::RequestBudget::default(),
     };
     let signed = delta::SignedBundle {
         image_size: index.raw_size(),
@@ -1723,6 +1763,8 @@ async fn seed_changed_after_the_scan(changed_chunks: &[usize]) {
     assert_eq!(requests.len(), 1, "{requests:?}");
     assert_eq!(requests[0].0, Some(base));
     assert!(first_planned > 0);
+    let answered = server.sim.download_log()[0].status;
+    assert_eq!(answered, if range_ignored { 200 } else { 206 });
 }
 
 /// A hostile server's manifest that claims a huge chunk index (not signed as such): the probe
@@ -1774,6 +1816,7 @@ async fn an_unsigned_index_size_never_decides_what_the_probe_fetches() {
         max_rate: None,
         retry: RetryPolicy::default(),
         stall_timeout: Duration::from_secs(10),
+        requests: source::RequestBudget::default(),
     };
     let probe = delta::probe(&reqwest::Client::new(), &spec, &policy, 64 << 20).await;
     assert!(matches!(probe, delta::Probe::Full(_)), "{probe:?}");
