@@ -226,6 +226,11 @@ impl<R: Read> BundleReader<R> {
         self.index.as_ref()
     }
 
+    /// Format 2: the chunk index, moved out (no copy; [`Self::chunk_index`] is `None` after).
+    pub fn take_chunk_index(&mut self) -> Option<ChunkIndex> {
+        self.index.take()
+    }
+
     /// Offset of the image member's first byte in the bundle (chunk offsets count from it).
     pub fn data_offset(&self) -> u64 {
         self.data_offset

@@ -106,16 +106,17 @@ pub fn open_image<'a>(
         });
     }
 
-    let reader = BundleReader::open(stream, &policy.verifier(slot_capacity)?)
+    let mut reader = BundleReader::open(stream, &policy.verifier(slot_capacity)?)
         .map_err(|e| InstallError::Signature(e.to_string()))?;
     tracing::info!(
         version = %reader.manifest().version,
         key = %reader.verified_by(),
         "bundle signature verified; streaming its image"
     );
-    let chunked = match (reader.chunk_index(), &reader.manifest().chunked) {
+    // Moved out of the reader (which does not need it to stream the image), not copied.
+    let chunked = match (reader.take_chunk_index(), &reader.manifest().chunked) {
         (Some(index), Some(info)) => Some(SignedChunks {
-            index: index.clone(),
+            index,
             image_sha256: info.image_sha256.clone(),
         }),
         _ => None,

@@ -136,22 +136,25 @@ async fn probe_inner(
     let bound = bound.min(size);
     if bound > head.len() as u64 {
         let rest = fetch(head.len() as u64, bound).await?;
+        head.reserve_exact(rest.len());
         head.extend_from_slice(&rest);
     }
     let probe_bytes = head.len() as u64;
-    let reader = BundleReader::open(Cursor::new(head), &verifier).map_err(|e| e.to_string())?;
+    let mut reader = BundleReader::open(Cursor::new(head), &verifier).map_err(|e| e.to_string())?;
     let info = reader
         .manifest()
         .chunked
         .clone()
         .ok_or("the signed manifest is not chunked")?;
-    let index = reader.chunk_index().cloned().ok_or("no chunk index")?;
+    let data_offset = reader.data_offset();
+    // Moved out of the reader, not copied: one index lives on (the head's bytes go).
+    let index = reader.take_chunk_index().ok_or("no chunk index")?;
     Ok(SignedBundle {
         index,
         params: info.chunker,
         image_size: info.image_size,
         image_sha256: info.image_sha256,
-        data_offset: reader.data_offset(),
+        data_offset,
         probe_bytes,
     })
 }
@@ -409,28 +412,37 @@ impl SeedSlot {
         limit: u64,
     ) -> io::Result<SeedSlot> {
         let chunker = Chunker::new(params).map_err(io::Error::other)?;
-        let wanted: std::collections::HashSet<[u8; 32]> =
-            index.chunks.iter().map(|c| c.sha256).collect();
+        // One map for "wanted" and "found": a wanted chunk not (yet) found has length 0.
+        let mut found: HashMap<[u8; 32], SeedChunk> = index
+            .chunks
+            .iter()
+            .map(|c| (c.sha256, SeedChunk { offset: 0, len: 0 }))
+            .collect();
         let file = File::open(path)?;
-        let mut found = HashMap::new();
         let reader = io::BufReader::with_capacity(1 << 20, (&file).take(limit));
         chunker.for_each::<_, io::Error>(reader, |offset, chunk| {
             let hash: [u8; 32] = Sha256::digest(chunk).into();
-            if wanted.contains(&hash) {
-                found.entry(hash).or_insert(SeedChunk {
+            if let Some(seed) = found.get_mut(&hash).filter(|s| s.len == 0) {
+                *seed = SeedChunk {
                     offset,
                     len: chunk.len() as u32,
-                });
+                };
             }
             Ok(())
         })?;
         Ok(SeedSlot { file, found })
     }
-    /// Chunks of the new image that the slot holds (by the scan).
-    pub fn has(&self, entry: &ChunkEntry) -> bool {
+
+    /// Where the scan found `entry`'s bytes.
+    fn find(&self, entry: &ChunkEntry) -> Option<&SeedChunk> {
         self.found
             .get(&entry.sha256)
-            .is_some_and(|s| s.len == entry.raw_len)
+            .filter(|s| s.len == entry.raw_len)
+    }
+
+    /// Chunks of the new image that the slot holds (by the scan).
+    pub fn has(&self, entry: &ChunkEntry) -> bool {
+        self.find(entry).is_some()
     }
 
     /// The download plan: every chunk the slot does not hold, in coalesced Range requests.
@@ -446,7 +458,7 @@ impl SeedSlot {
         entry: &ChunkEntry,
         buf: &'b mut Vec<u8>,
     ) -> Option<&'b [u8]> {
-        let at = self.found.get(&entry.sha256)?;
+        let at = self.find(entry)?;
         buf.resize(entry.raw_len as usize, 0);
         if let Err(e) = self.file.read_exact_at(buf, at.offset) {
             tracing::warn!(chunk = index_no, offset = at.offset, error = %e, "seed slot unreadable; downloading the chunk");
