@@ -2,8 +2,9 @@
 //! a file-backed device running the previous image, reusing the chunks slot A already holds and
 //! fetching the others with Range requests from `ddi-sim`, whose download log shows what was
 //! requested. Also: a tampered downloaded chunk is refused, a modified running slot still gives
-//! the right image, a server without Range support gets a full download, and a kill -9 in the
-//! middle resumes without fetching the finished chunks again.
+//! the right image, a server without Range support gets a full download (and one that stops
+//! honouring Range after the probe still gives the image), and a kill -9 in the middle resumes
+//! without fetching the finished chunks again.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -339,4 +340,26 @@ fn dropped_connections_resume_inside_their_range() {
             "not resumed inside the range: {log:#?}"
         );
     }
+}
+
+#[test]
+fn a_server_that_stops_honouring_range_after_the_probe_still_gives_the_image() {
+    let rig = Rig::new(1 << 20, 2 << 20);
+    let v2 = version_2(&rig.v1, 2);
+    let bundle = rig.bundle(&v2);
+    // The head's two requests get their ranges; every later one the whole artifact (200), as
+    // from a proxy that starts dropping Range headers (`ddi-sim fault ignore-range --after 2`).
+    rig.server
+        .add_fault(Fault::new(FaultKind::IgnoreRange).after(2));
+    let action = rig.deploy(bundle.clone());
+    rig.settle(action);
+    rig.assert_success(action, &v2);
+    let log = rig.server.download_log();
+    assert_eq!(log[0].status, 206, "{log:#?}");
+    assert!(
+        log[2..]
+            .iter()
+            .all(|r| r.status == 200 && r.range.is_some()),
+        "{log:#?}"
+    );
 }
