@@ -130,7 +130,7 @@ fn read_index<R: Read>(
             chunked.index_sha256
         )));
     }
-    ChunkIndex::parse(&bytes, chunked, manifest.image.size).map(Some)
+    ChunkIndex::parse(&bytes, chunked, manifest.image.size, manifest.format).map(Some)
 }
 
 /// The image of a verified bundle, as a `Read`. Reading to the end checks the image's size and
