@@ -41,8 +41,12 @@ fn text(len: usize, seed: u64) -> Vec<u8> {
         state ^= state >> 7;
         state ^= state << 17;
         out.extend_from_slice(WORDS[(state % 16) as usize].as_bytes());
-        out.push(if state % 11 == 0 { b'\n' } else { b' ' });
-        if state % 5 == 0 {
+        out.push(if state.is_multiple_of(11) {
+            b'\n'
+        } else {
+            b' '
+        });
+        if state.is_multiple_of(5) {
             out.extend_from_slice(format!("{}", state % 100_000).as_bytes());
         }
     }

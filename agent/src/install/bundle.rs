@@ -77,6 +77,8 @@ pub struct SignedChunks {
     pub index: ChunkIndex,
     /// sha256 of the decompressed image.
     pub image_sha256: String,
+    /// Format 3: image bytes before each chunk its frame is compressed with (0: format 2).
+    pub history: u32,
 }
 
 /// [`open`], also handing out the chunk index of a format-2 bundle.
@@ -117,6 +119,7 @@ pub fn open_image<'a>(
         (Some(index), Some(info)) => Some(SignedChunks {
             index: index.clone(),
             image_sha256: info.image_sha256.clone(),
+            history: info.history.unwrap_or(0),
         }),
         _ => None,
     };

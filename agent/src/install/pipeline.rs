@@ -456,7 +456,7 @@ fn write_image<R: Read>(
         None => (Box::new(hashing), None),
     };
     if let Some(signed) = signed_chunks {
-        chunked::write_chunks(&mut reader, &signed.index, writer, &offset)?;
+        chunked::write_chunks(&mut reader, &signed.index, signed.history, writer, &offset)?;
         // The member's signed size and sha256 were checked by the read that completed it;
         // this reads the end of the archive.
         io::copy(&mut reader, &mut io::sink())

@@ -75,9 +75,9 @@ enum Direct {
 }
 
 fn is_direct_aligned(offset: u64, buf: &[u8]) -> bool {
-    offset % DIRECT_ALIGN as u64 == 0
-        && buf.len() % DIRECT_ALIGN == 0
-        && (buf.as_ptr() as usize) % DIRECT_ALIGN == 0
+    offset.is_multiple_of(DIRECT_ALIGN as u64)
+        && buf.len().is_multiple_of(DIRECT_ALIGN)
+        && (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
 }
 
 impl FileSlot {
