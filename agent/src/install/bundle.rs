@@ -65,13 +65,13 @@ pub fn open<'a>(
     open_image(policy, artifact, slot_capacity).map(|opened| opened.reader)
 }
 
-/// The image stream of an artifact, and for a format-2 bundle its verified chunk index.
+/// The image stream of an artifact, and for a chunked (format 2 or 3) bundle its verified chunk index.
 pub struct Opened<'a> {
     pub reader: Box<dyn Read + 'a>,
     pub chunked: Option<SignedChunks>,
 }
 
-/// What the signature vouches for in a format-2 bundle.
+/// What the signature vouches for in a chunked (format 2 or 3) bundle.
 #[derive(Debug, Clone)]
 pub struct SignedChunks {
     pub index: ChunkIndex,
@@ -81,7 +81,7 @@ pub struct SignedChunks {
     pub history: u32,
 }
 
-/// [`open`], also handing out the chunk index of a format-2 bundle.
+/// [`open`], also handing out the chunk index of a chunked bundle.
 pub fn open_image<'a>(
     policy: &BundlePolicy,
     mut artifact: Box<dyn Read + 'a>,

@@ -1,4 +1,4 @@
-//! Delta installs of format-2 (chunked) bundles: download only the chunks the device lacks.
+//! Delta installs of chunked (format 2 and 3) bundles: download only the chunks the device lacks.
 //!
 //! ```text
 //!  probe: Range 0..64 KiB (+ the rest of the index) ─► signature, chunk index (BundleReader)

@@ -29,9 +29,9 @@
 //! (see [`resume`]).
 //!
 //! Layout: [`source`] (download), [`pipeline`] (blocking stage), [`decode`] (format
-//! detection), [`compress`] (zstd and xz decoders), [`chunked`] (format-2 bundles), [`delta`]
-//! (delta installs of them), [`archive`] (tar rules), [`slot`] (slot safety and writer), [`hash`],
-//! [`resume`], [`bundle`] (signed-bundle seam), [`error`].
+//! detection), [`compress`] (zstd and xz decoders), [`chunked`] (chunked bundles, formats 2
+//! and 3), [`delta`] (delta installs of them), [`archive`] (tar rules), [`slot`] (slot safety
+//! and writer), [`hash`], [`resume`], [`bundle`] (signed-bundle seam), [`error`].
 
 pub mod archive;
 pub mod bundle;
