@@ -128,7 +128,7 @@ build_keys() {
 	"$BIN_DIR/ddi-bundle" keygen --out "${VENDOR_KEY%.key}" >/dev/null || die "ddi-bundle keygen failed"
 }
 
-# build_chunked_bundle NAME VERSION: images/NAME.ddib, a chunked (format 2) bundle of
+# build_chunked_bundle NAME VERSION: images/NAME.ddib, a chunked (format 3) bundle of
 # images/NAME.ext4 signed with the vendor key, the tool's default chunking.
 build_chunked_bundle() {
 	local name=$1 version=$2
