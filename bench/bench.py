@@ -12,8 +12,8 @@ What it measures (see BENCHMARKS.md for the method and the figures):
   * idle RSS of `ddi-agent run` between polls and CPU time per poll (1 s polling interval);
   * size of the stripped `ddi-agent` release binary;
   * one sampled agent install (write/read progress and VmRSS every 50 ms) for the plot;
-  * with --block-slot, slot B is a loop device over a file (as root), for the agent, the
-    baseline and both dd floors;
+  * with --block-slot, all installs and dd floors once more with slot B a loop device over
+    the slot file (as root);
   * the decoders' own speed (gzip: flate2 on zlib-rs, zstd: ruzstd, as in the agent) with the
     `decode_speed` example binary, when BIN_DIR/examples/decode_speed exists.
 """
@@ -627,22 +627,26 @@ class LoopDevices:
 LOOPS = LoopDevices()
 
 
-def bench_installs(args, server, images):
+def bench_installs(args, server, images, block=False):
+    """All forms into slot B: the preallocated file, or (`block`) a loop device over it."""
     results = {}
     backing = os.path.join(args.work, "slot-B.img")
     with open(backing, "wb") as f:  # preallocated once; both contenders write into it
         f.truncate(0)
     subprocess.run(["fallocate", "-l", str(args.slot_size), backing], check=True)
     slot_b = backing
-    if args.block_slot:
+    tag = ""  # distinguishes the block-device pass's targets and sample files
+    if block:
         slot_b, direct_io = LOOPS.attach(backing)
         args.block_slot_info = {"device": slot_b, "loop_direct_io": direct_io}
+        tag = "-block"
     raw_image = images[0][5]
     for form, path, artifact_sha, image_sha, image_bytes, _ in images:
-        dist, _ = server.upload(path, f"bench-{form}")
+        dist, _ = server.upload(path, f"bench-{form}{tag}")
         agent_runs, base_runs, other_runs = [], [], []
         floor_runs = {kind: [] for kind in FLOORS}
         for i in range(args.runs):
+            run_id = f"{i}{tag}"
             # Alternate who goes first so drift (load, cache) hits both alike.
             order = ["agent", "baseline"] if i % 2 == 0 else ["baseline", "agent"]
             if args.other_agent:
@@ -655,20 +659,20 @@ def bench_installs(args, server, images):
                     floor_runs[who].append(r)
                 elif who == "agent":
                     r = run_agent_install(
-                        args, server, dist, form, i, image_bytes, slot_b, args.sample_ms / 1000
+                        args, server, dist, form, run_id, image_bytes, slot_b, args.sample_ms / 1000
                     )
                     agent_runs.append(r)
                 elif who == "other":
                     r = run_agent_install(
-                        args, server, dist, form, i, image_bytes, slot_b, args.sample_ms / 1000,
+                        args, server, dist, form, run_id, image_bytes, slot_b, args.sample_ms / 1000,
                         agent=args.other_agent, label="other",
                     )
                     other_runs.append(r)
                 else:
-                    r = run_baseline(args, server, dist, form, i, slot_b, artifact_sha)
+                    r = run_baseline(args, server, dist, form, run_id, slot_b, artifact_sha)
                     base_runs.append(r)
                 log(
-                    f"{form} run {i} {who}: {r['wall']:.2f} s, maxrss {r['maxrss'] / MiB:.1f} MiB,"
+                    f"{form} run {run_id} {who}: {r['wall']:.2f} s, maxrss {r['maxrss'] / MiB:.1f} MiB,"
                     f" cpu {r['cpu']:.2f} s"
                     + (f", read-back {r['readback']:.2f} s" if r.get("readback") else "")
                 )
@@ -688,10 +692,10 @@ def bench_installs(args, server, images):
             results[form]["other"] = summarize(other_runs, base_runs, image_bytes)
         # Samples of the median agent run, for the plot.
         med = sorted(agent_runs, key=lambda r: r["wall"])[len(agent_runs) // 2]
-        write_samples(os.path.join(args.work, f"samples-{form}.csv"), med, image_bytes)
+        write_samples(os.path.join(args.work, f"samples-{form}{tag}.csv"), med, image_bytes)
         if other_runs:
             med = sorted(other_runs, key=lambda r: r["wall"])[len(other_runs) // 2]
-            write_samples(os.path.join(args.work, f"samples-{form}-other.csv"), med, image_bytes)
+            write_samples(os.path.join(args.work, f"samples-{form}{tag}-other.csv"), med, image_bytes)
     return results
 
 
@@ -865,7 +869,8 @@ def main():
     p.add_argument(
         "--block-slot",
         action="store_true",
-        help="slot B is a loop device over a file (losetup, as root) instead of the file itself",
+        help="also run every install and dd floor with slot B a loop device over the slot file"
+        " (losetup, as root)",
     )
     p.add_argument("--decoder-runs", type=int, default=3, help="runs of decode_speed per form (3)")
     p.add_argument("--polls", type=int, default=30, help="seconds of 1 s polling (30)")
@@ -919,7 +924,10 @@ def main():
                 log(f"no {args.decoder}: the decoders' own speed is not measured")
             results["installs"] = bench_installs(args, server, images)
             if args.block_slot:
+                # The same again into a loop device: the issue's "same on a block-device slot".
+                results["installs_block"] = bench_installs(args, server, images, block=True)
                 results["block_slot"] = args.block_slot_info
+                LOOPS.detach_all()
         if not args.skip_polls:
             results["polls"] = bench_polls(args, server)
     finally:

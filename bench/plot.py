@@ -66,34 +66,38 @@ def plot_timeline(ax, results):
     """One row per form (the blocking stage's phases, serial, and the read-back thread's busy
     time below it) and one per dd floor, in seconds, medians of the runs."""
     rows = []  # (label, [(start, length, color, legend label)])
-    installs = results.get("installs", {})
-    for form, s in installs.items():
-        timelines = [t for t in s.get("timelines", []) if t]
-        if timelines:
-            segments, at = [], 0.0
-            for key, name, color in SERIAL_PHASES:
-                d = median_of(timelines, key)
-                segments.append((at, d, color, name))
-                at += d
-            rest = max(median_of(timelines, "total_s") - at, 0.0)
-            segments.append((at, rest, "tab:olive", "decode, hash, copy (the rest)"))
-            wall = s["agent_median"]
-            segments.append((at + rest, max(wall - at - rest, 0.0), "lightgray", "process start, poll, feedback"))
-            rows.append((f"agent {form} ({wall:.2f} s)", segments))
-            rb = median_of(timelines, "read_back_overlapped_s")
-            rows.append((f"  read-back thread ({form})", [(0.0, rb, "tab:pink", "read-back thread busy (overlaps the row above)")]))
-        dec = results.get("decoders", {}).get(form)
-        if dec:
-            d = dec["decoder"]["cpu_s"]
-            h = dec["with_hashes"]["cpu_s"]
-            rows.append((f"  {form} decoder alone", [(0.0, d, "tab:orange", "decoder alone (CPU)")]))
-            rows.append((f"  {form} decoder + 2 sha256", [(0.0, h, "gold", "decoder + both hashes (CPU)")]))
-    first = next(iter(installs.values()), {})
-    for kind, label in (("floor", "dd conv=fsync"), ("floor-direct", "dd oflag=direct")):
-        f = first.get(kind)
-        if f:
-            rows.append((f"{label} ({f['baseline_median']:.2f} s)",
-                         [(0.0, f["baseline_median"], "black", "dd floor")]))
+    for key, slot in (("installs", ""), ("installs_block", ", block slot")):
+        installs = results.get(key, {})
+        for form, s in installs.items():
+            timelines = [t for t in s.get("timelines", []) if t]
+            if timelines:
+                segments, at = [], 0.0
+                for phase, name, color in SERIAL_PHASES:
+                    d = median_of(timelines, phase)
+                    segments.append((at, d, color, name))
+                    at += d
+                rest = max(median_of(timelines, "total_s") - at, 0.0)
+                segments.append((at, rest, "tab:olive", "decode, hash, copy (the rest)"))
+                wall = s["agent_median"]
+                segments.append((at + rest, max(wall - at - rest, 0.0), "lightgray",
+                                 "process start, poll, feedback"))
+                rows.append((f"agent {form}{slot} ({wall:.2f} s)", segments))
+                rb = median_of(timelines, "read_back_overlapped_s")
+                rows.append((f"  read-back thread ({form}{slot})",
+                             [(0.0, rb, "tab:pink", "read-back thread busy (overlaps the row above)")]))
+            dec = results.get("decoders", {}).get(form) if not slot else None
+            if dec:
+                d = dec["decoder"]["cpu_s"]
+                h = dec["with_hashes"]["cpu_s"]
+                rows.append((f"  {form} decoder alone", [(0.0, d, "tab:orange", "decoder alone (CPU)")]))
+                rows.append((f"  {form} decoder + 2 sha256",
+                             [(0.0, h, "gold", "decoder + both hashes (CPU)")]))
+        first = next(iter(installs.values()), {})
+        for kind, label in (("floor", "dd conv=fsync"), ("floor-direct", "dd oflag=direct")):
+            f = first.get(kind)
+            if f:
+                rows.append((f"{label}{slot} ({f['baseline_median']:.2f} s)",
+                             [(0.0, f["baseline_median"], "black", "dd floor")]))
     seen = set()
     for y, (label, segments) in enumerate(rows):
         for start, length, color, name in segments:
@@ -105,8 +109,7 @@ def plot_timeline(ax, results):
     ax.invert_yaxis()
     ax.set_xlabel("seconds (medians; the agent's phases from its `install timeline` log line)")
     size = results.get("size", 0) / (1 << 20)
-    ax.set_title(f"install timeline against the dd floor, {size:.0f} MiB"
-                 + (" (block-device slot)" if results.get("block_slot") else ""))
+    ax.set_title(f"install timeline against the dd floor, {size:.0f} MiB")
 
 
 def main():
@@ -119,8 +122,9 @@ def main():
         del argv[i : i + 2]
     out_png, inputs = argv[0], argv[1:]
     if results and results.get("installs"):
-        fig = plt.figure(figsize=(13, 12))
-        grid = fig.add_gridspec(3, 1, height_ratios=[1, 1, 1.1])
+        rows = 6 * len(results["installs"]) * (2 if results.get("installs_block") else 1)
+        fig = plt.figure(figsize=(13, 8 + rows * 0.25))
+        grid = fig.add_gridspec(3, 1, height_ratios=[1, 1, max(1.1, rows * 0.07)])
         ax_rate = fig.add_subplot(grid[0])
         ax_rss = fig.add_subplot(grid[1], sharex=ax_rate)
         plot_timeline(fig.add_subplot(grid[2]), results)

@@ -11,21 +11,7 @@ def fmt(v, unit="", digits=2):
     return "n/a" if v is None else f"{v:.{digits}f}{unit}"
 
 
-def main():
-    with open(sys.argv[1]) as f:
-        r = json.load(f)
-    m = r["machine"]
-    print(f"Machine: {m['nproc']} CPUs ({m['cpu']}, SHA-NI: {m['sha_ni']}), kernel {m['kernel']},"
-          f" RAM {m['mem']}, storage {m['storage']}, load average at start {' '.join(m['loadavg'])}")
-    print()
-    print(f"Image: {r['size'] / MiB:.0f} MiB, {r['runs']} alternating runs per contender and form.")
-    print()
-    if r.get("block_slot"):
-        b = r["block_slot"]
-        print(f"Slot B: loop device {b['device']} over a file"
-              f" ({'direct I/O to the file' if b['loop_direct_io'] else 'buffered'});"
-              " agent, baseline and dd floors all write into it.")
-        print()
+def print_installs(r):
     if "installs" in r:
         print("| form | agent median s | baseline median s | ratio | agent w/o read-back s | ratio w/o read-back | read-back s | agent MiB/s | baseline MiB/s | agent CPU s | baseline CPU s | agent peak RSS MiB | baseline largest RSS MiB |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -107,6 +93,24 @@ def main():
                 runs = ", ".join(f"{x:.2f}" for x in o["agent_wall"])
                 print(f"- {form}: other agent runs {runs} s")
         print()
+
+
+def main():
+    with open(sys.argv[1]) as f:
+        r = json.load(f)
+    m = r["machine"]
+    print(f"Machine: {m['nproc']} CPUs ({m['cpu']}, SHA-NI: {m['sha_ni']}), kernel {m['kernel']},"
+          f" RAM {m['mem']}, storage {m['storage']}, load average at start {' '.join(m['loadavg'])}")
+    print()
+    print(f"Image: {r['size'] / MiB:.0f} MiB, {r['runs']} alternating runs per contender and form.")
+    print()
+    print_installs(r)
+    if "installs_block" in r:
+        b = r.get("block_slot", {})
+        print(f"### The same into a block-device slot: loop device over the slot file"
+              f" ({'direct I/O to the file' if b.get('loop_direct_io') else 'buffered'})")
+        print()
+        print_installs(dict(r, installs=r["installs_block"], decoders={}))
     for form, s in r.get("installs", {}).items():
         for i, b in enumerate(s.get("rss_breakdowns") or []):
             if not b:

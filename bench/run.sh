@@ -3,7 +3,7 @@
 #
 #   bash bench/run.sh                 # 1 GiB image, 3 alternating runs per contender and form
 #   bash bench/run.sh --size 64M --runs 1 --polls 10   # quick check
-#   bash bench/run.sh --block-slot    # slot B is a loop device over a file (as root)
+#   bash bench/run.sh --block-slot    # and everything again into a loop device (as root)
 #
 # Builds ddi-agent and ddi-sim with the workspace release profile (the one the Yocto recipe
 # uses), runs bench/bench.py, then draws docs/benchmarks.png with bench/plot.py (matplotlib in
@@ -31,7 +31,7 @@ python3 "$repo/bench/bench.py" --bin-dir "$target_dir/release" --work "$work" "$
     > "$work/results.stdout.json"
 
 plots=()
-for f in "$work"/samples-{raw,gzip,zstd}.csv "$work"/samples-{raw,gzip,zstd}-other.csv; do
+for f in "$work"/samples-{raw,gzip,zstd}{,-block}.csv "$work"/samples-{raw,gzip,zstd}{,-block}-other.csv; do
     [[ -f "$f" ]] && plots+=("$f")
 done
 if ((${#plots[@]})); then
