@@ -4,7 +4,7 @@
 //! ```text
 //!  async task                    bounded channel   blocking thread
 //!  HTTP GET (Range on resume) ─► Chunk::Data … ─► hash ─► (bundle) ─► gz/zst/xz? ─► tar? ─► size guard ─► slot writer
-//!   retries + backoff, rate limit                  (as served)          (magic bytes)     (capacity)   1 MiB aligned writes
+//!   retries + backoff, rate limit                  (as served)          (magic bytes)     (capacity) 512 KiB aligned writes
 //!                                                                                                        (O_DIRECT if allowed),
 //!                                                                                                        bounded dirty pages
 //!                                                              read-back thread: every 8 MiB window that reached the device ─► sha256
