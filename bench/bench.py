@@ -11,7 +11,11 @@ What it measures (see BENCHMARKS.md for the method and the figures):
     runs, medians; peak RSS and CPU time of each;
   * idle RSS of `ddi-agent run` between polls and CPU time per poll (1 s polling interval);
   * size of the stripped `ddi-agent` release binary;
-  * one sampled agent install (write/read progress and VmRSS every 50 ms) for the plot.
+  * one sampled agent install (write/read progress and VmRSS every 50 ms) for the plot;
+  * with --block-slot, all installs and dd floors once more with slot B a loop device over
+    the slot file (as root);
+  * the decoders' own speed (gzip: flate2 on zlib-rs, zstd: ruzstd, as in the agent) with the
+    `decode_speed` example binary, when BIN_DIR/examples/decode_speed exists.
 """
 
 import argparse
@@ -21,6 +25,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import statistics
 import struct
@@ -100,18 +105,32 @@ def sha256_file(path):
             h.update(b)
 
 
-def prepare_images(work, size):
+# How each compressed form is made from the raw image, and the baseline's decoder for it.
+COMPRESSORS = {
+    "gzip": (".gz", ["gzip", "-6", "-n", "-c"], "gzip -d"),
+    "zstd": (".zst", ["zstd", "-3", "-q", "-c"], "zstd -d -q"),
+}
+
+
+def prepare_images(work, size, forms):
+    """The raw image and, per compressed form in `forms`, its compressed file: {form: path}."""
     raw = os.path.join(work, f"image-{size}.img")
-    gz = raw + ".gz"
     if not os.path.exists(raw):
         log(f"generating {raw} ({size} bytes)")
         make_image(raw, size)
-    if not os.path.exists(gz):
-        log(f"compressing {gz} (gzip -6)")
-        with open(gz + ".tmp", "wb") as out:
-            subprocess.run(["gzip", "-6", "-n", "-c", raw], stdout=out, check=True)
-        os.replace(gz + ".tmp", gz)
-    return raw, gz
+    paths = {"raw": raw}
+    for form in forms:
+        if form == "raw":
+            continue
+        suffix, cmd, _ = COMPRESSORS[form]
+        path = raw + suffix
+        if not os.path.exists(path):
+            log(f"compressing {path} ({' '.join(cmd[:2])})")
+            with open(path + ".tmp", "wb") as out:
+                subprocess.run([*cmd, raw], stdout=out, check=True)
+            os.replace(path + ".tmp", path)
+        paths[form] = path
+    return paths
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,11 +348,40 @@ def child_pid(pid):
     return None
 
 
-def run_sampled(cmd, stderr_path, interval, env=None):
-    """Run cmd under /usr/bin/time; sample its /proc every `interval` s.
+def smaps_breakdown(pid):
+    """Resident bytes of `pid` by kind of mapping: each mapped file by name, `[heap]` (the main
+    malloc arena), `[stack]`, and other anonymous mappings by size (a thread's stack is
+    a 2 MiB mapping, a thread's malloc arena one of up to 64 MiB, a large allocation its
+    own mapping), or None once the process is gone."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            key = None
+            for line in f:
+                if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+                    parts = line.split(None, 5)
+                    start, end = (int(x, 16) for x in parts[0].split("-"))
+                    name = parts[5].strip() if len(parts) > 5 else ""
+                    if name.startswith("/"):
+                        key = "file " + os.path.basename(name)
+                    elif name:
+                        key = name
+                    else:
+                        key = f"anonymous {(end - start) >> 10} KiB mapping"
+                elif line.startswith("Rss:") and key:
+                    out[key] = out.get(key, 0) + int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return out or None
 
-    Returns (exit code, wall s, Usage, samples)."""
+
+def run_sampled(cmd, stderr_path, interval, env=None, breakdown=False):
+    """Run cmd under /usr/bin/time; sample its /proc every `interval` s (and with `breakdown`,
+    its smaps, keeping the one of the largest RSS).
+
+    Returns (exit code, wall s, Usage, samples, breakdown at the peak or None)."""
     usage_path = stderr_path + ".usage"
+    peak, peak_total = None, 0
     with open(stderr_path, "wb") as err:
         t0 = time.monotonic()
         proc = subprocess.Popen(timed(cmd, usage_path), stdout=err, stderr=err, env=env)
@@ -343,9 +391,13 @@ def run_sampled(cmd, stderr_path, interval, env=None):
             s = read_proc(pid) if pid else None
             if s:
                 samples.append((time.monotonic() - t0,) + s)
+            if breakdown and pid:
+                b = smaps_breakdown(pid)
+                if b and sum(b.values()) > peak_total:
+                    peak, peak_total = b, sum(b.values())
             time.sleep(interval)
         wall = time.monotonic() - t0
-    return proc.returncode, wall, Usage(usage_path), samples
+    return proc.returncode, wall, Usage(usage_path), samples, peak
 
 
 def split_readback(samples, image_bytes, wall=None):
@@ -430,8 +482,9 @@ def run_agent_install(
     server.assign(cid, dist)
     drop_dirty()
     stderr = os.path.join(args.work, f"{label}-{form}-{run_no}.log")
-    code, wall, usage, samples = run_sampled(
-        [agent or args.agent, "-c", config, "once"], stderr, interval
+    code, wall, usage, samples, peak = run_sampled(
+        [agent or args.agent, "-c", config, "once"], stderr, interval,
+        breakdown=args.rss_breakdown,
     )
     if code != 0 or not os.path.exists(marker):
         raise RuntimeError(f"ddi-agent once failed (exit {code}); see {stderr}")
@@ -444,6 +497,7 @@ def run_agent_install(
     readback = split[2] - split[1] if split else None
     span = log_span(stderr, "installing", "image written and verified")
     return {
+        "rss_breakdown": peak,
         "timeline": install_timeline(stderr),
         "wall": wall,
         "readback": readback,
@@ -481,7 +535,7 @@ def run_baseline(args, server, dist, form, run_no, slot_b, expected_sha256):
     hash_out = os.path.join(args.work, "baseline.sha256")
     if os.path.exists(hash_out):
         os.remove(hash_out)
-    script = BASELINE % ("| gzip -d " if form == "gzip" else "")
+    script = BASELINE % (f"| {COMPRESSORS[form][2]} " if form in COMPRESSORS else "")
     env = dict(os.environ, TOKEN=token, URL=url, HASH_OUT=hash_out, SLOT=slot_b)
     drop_dirty()
     usage_path = os.path.join(args.work, "baseline.usage")
@@ -536,18 +590,63 @@ def install_timeline(stderr_path):
     return None
 
 
-def bench_installs(args, server, images):
+class LoopDevices:
+    """Loop devices attached by this run, detached whatever happens (exceptions, SIGINT and
+    SIGTERM through `finally`; a loop device left by a killed earlier run over the same file
+    is detached before a new one is attached)."""
+
+    def __init__(self):
+        self.devices = []
+
+    def attach(self, backing):
+        for line in subprocess.run(
+            ["losetup", "-j", backing], capture_output=True, text=True
+        ).stdout.splitlines():
+            stale = line.split(":", 1)[0]
+            log(f"detaching {stale}, left over over {backing}")
+            subprocess.run(["losetup", "-d", stale], check=False)
+        # Direct I/O from the loop driver to the backing file: one page cache (the loop
+        # device's), as for a partition; not every file system allows it.
+        for extra in (["--direct-io=on"], []):
+            out = subprocess.run(
+                ["losetup", "--find", "--show", *extra, backing], capture_output=True, text=True
+            )
+            if out.returncode == 0:
+                dev = out.stdout.strip()
+                self.devices.append(dev)
+                log(f"slot B is {dev} over {backing} ({' '.join(extra) or 'buffered'})")
+                return dev, bool(extra)
+        raise RuntimeError(f"losetup failed (needs root): {out.stderr.strip()}")
+
+    def detach_all(self):
+        while self.devices:
+            dev = self.devices.pop()
+            subprocess.run(["losetup", "-d", dev], check=False)
+
+
+LOOPS = LoopDevices()
+
+
+def bench_installs(args, server, images, block=False):
+    """All forms into slot B: the preallocated file, or (`block`) a loop device over it."""
     results = {}
-    slot_b = os.path.join(args.work, "slot-B.img")
-    with open(slot_b, "wb") as f:  # preallocated once; both contenders write into it
+    backing = os.path.join(args.work, "slot-B.img")
+    with open(backing, "wb") as f:  # preallocated once; both contenders write into it
         f.truncate(0)
-    subprocess.run(["fallocate", "-l", str(args.slot_size), slot_b], check=True)
+    subprocess.run(["fallocate", "-l", str(args.slot_size), backing], check=True)
+    slot_b = backing
+    tag = ""  # distinguishes the block-device pass's targets and sample files
+    if block:
+        slot_b, direct_io = LOOPS.attach(backing)
+        args.block_slot_info = {"device": slot_b, "loop_direct_io": direct_io}
+        tag = "-block"
     raw_image = images[0][5]
     for form, path, artifact_sha, image_sha, image_bytes, _ in images:
-        dist, _ = server.upload(path, f"bench-{form}")
+        dist, _ = server.upload(path, f"bench-{form}{tag}")
         agent_runs, base_runs, other_runs = [], [], []
         floor_runs = {kind: [] for kind in FLOORS}
         for i in range(args.runs):
+            run_id = f"{i}{tag}"
             # Alternate who goes first so drift (load, cache) hits both alike.
             order = ["agent", "baseline"] if i % 2 == 0 else ["baseline", "agent"]
             if args.other_agent:
@@ -560,20 +659,20 @@ def bench_installs(args, server, images):
                     floor_runs[who].append(r)
                 elif who == "agent":
                     r = run_agent_install(
-                        args, server, dist, form, i, image_bytes, slot_b, args.sample_ms / 1000
+                        args, server, dist, form, run_id, image_bytes, slot_b, args.sample_ms / 1000
                     )
                     agent_runs.append(r)
                 elif who == "other":
                     r = run_agent_install(
-                        args, server, dist, form, i, image_bytes, slot_b, args.sample_ms / 1000,
+                        args, server, dist, form, run_id, image_bytes, slot_b, args.sample_ms / 1000,
                         agent=args.other_agent, label="other",
                     )
                     other_runs.append(r)
                 else:
-                    r = run_baseline(args, server, dist, form, i, slot_b, artifact_sha)
+                    r = run_baseline(args, server, dist, form, run_id, slot_b, artifact_sha)
                     base_runs.append(r)
                 log(
-                    f"{form} run {i} {who}: {r['wall']:.2f} s, maxrss {r['maxrss'] / MiB:.1f} MiB,"
+                    f"{form} run {run_id} {who}: {r['wall']:.2f} s, maxrss {r['maxrss'] / MiB:.1f} MiB,"
                     f" cpu {r['cpu']:.2f} s"
                     + (f", read-back {r['readback']:.2f} s" if r.get("readback") else "")
                 )
@@ -582,6 +681,8 @@ def bench_installs(args, server, images):
                 log(f"{form}: slot B holds the image: {got == image_sha}")
         results[form] = summarize(agent_runs, base_runs, image_bytes)
         results[form]["timelines"] = [r["timeline"] for r in agent_runs]
+        if args.rss_breakdown:
+            results[form]["rss_breakdowns"] = [r["rss_breakdown"] for r in agent_runs]
         for kind, runs in floor_runs.items():
             if runs:
                 results[form][kind] = summarize(agent_runs, runs, image_bytes)
@@ -591,10 +692,10 @@ def bench_installs(args, server, images):
             results[form]["other"] = summarize(other_runs, base_runs, image_bytes)
         # Samples of the median agent run, for the plot.
         med = sorted(agent_runs, key=lambda r: r["wall"])[len(agent_runs) // 2]
-        write_samples(os.path.join(args.work, f"samples-{form}.csv"), med, image_bytes)
+        write_samples(os.path.join(args.work, f"samples-{form}{tag}.csv"), med, image_bytes)
         if other_runs:
             med = sorted(other_runs, key=lambda r: r["wall"])[len(other_runs) // 2]
-            write_samples(os.path.join(args.work, f"samples-{form}-other.csv"), med, image_bytes)
+            write_samples(os.path.join(args.work, f"samples-{form}{tag}-other.csv"), med, image_bytes)
     return results
 
 
@@ -654,6 +755,22 @@ def write_samples(path, run, image_bytes):
     meta = {"image_bytes": image_bytes, "wall": run["wall"], "split": run["split"]}
     with open(path + ".json", "w") as f:
         json.dump(meta, f)
+
+
+def bench_decoders(args, paths):
+    """The decoder alone per compressed form (decode_speed example: from memory into a
+    buffer, no I/O), and with the blocking stage's two sha256 hashes."""
+    out = {}
+    for form, path in paths.items():
+        if form == "raw":
+            continue
+        run = subprocess.run(
+            [args.decoder, path, str(args.decoder_runs)], capture_output=True, text=True, check=True
+        )
+        out[form] = json.loads(run.stdout)
+        d = out[form]["decoder"]
+        log(f"{form} decoder alone: {d['cpu_s']:.2f} s CPU, {d['decoded_mib_per_cpu_s']:.0f} MiB/s")
+    return out
 
 
 def proc_cpu_seconds(pid):
@@ -748,10 +865,22 @@ def main():
     p.add_argument("--work", required=True, help="scratch folder (slot and image files)")
     p.add_argument("--size", type=parse_size, default=GiB, help="image size (default 1G)")
     p.add_argument("--runs", type=int, default=3, help="runs of each contender per form (3)")
-    p.add_argument("--forms", default="raw,gzip", help="raw,gzip")
+    p.add_argument("--forms", default="raw,gzip,zstd", help="raw,gzip,zstd (zstd needs the zstd tool)")
+    p.add_argument(
+        "--block-slot",
+        action="store_true",
+        help="also run every install and dd floor with slot B a loop device over the slot file"
+        " (losetup, as root)",
+    )
+    p.add_argument("--decoder-runs", type=int, default=3, help="runs of decode_speed per form (3)")
     p.add_argument("--polls", type=int, default=30, help="seconds of 1 s polling (30)")
     p.add_argument("--sample-ms", type=int, default=50, help="/proc sampling interval (50)")
     p.add_argument("--no-floor", action="store_true", help="do not run the dd floors")
+    p.add_argument(
+        "--rss-breakdown",
+        action="store_true",
+        help="sample the agent's /proc/PID/smaps too and report its peak RSS by mapping",
+    )
     p.add_argument("--skip-installs", action="store_true")
     p.add_argument("--skip-polls", action="store_true")
     p.add_argument("--verify", action="store_true", help="hash slot B after the first runs")
@@ -764,22 +893,45 @@ def main():
     args.work = os.path.abspath(args.work)
     args.slot_size = args.size + 64 * MiB
 
+    forms = [f.strip() for f in args.forms.split(",") if f.strip()]
+    for form in forms:
+        if form != "raw" and form not in COMPRESSORS:
+            p.error(f"unknown form {form!r} (raw, gzip, zstd)")
+        if form in COMPRESSORS and shutil.which(COMPRESSORS[form][1][0]) is None:
+            p.error(f"form {form} needs the {COMPRESSORS[form][1][0]} tool")
+    if args.block_slot and os.geteuid() != 0:
+        p.error("--block-slot needs root (losetup)")
+    args.decoder = os.path.join(args.bin_dir, "examples", "decode_speed")
+    # SIGTERM ends the run through the `finally` below (loop devices, server).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
     results = {"machine": machine(args.work), "size": args.size, "runs": args.runs}
     results["binary"] = binary_size(args)
     server = Server(args.ddi_sim, args.work)
     try:
         if not args.skip_installs:
-            raw, gz = prepare_images(args.work, args.size)
+            paths = prepare_images(args.work, args.size, forms)
+            raw = paths["raw"]
             image_sha = sha256_file(raw)
             images = []
-            for form in args.forms.split(","):
-                path = raw if form == "raw" else gz
-                artifact_sha = image_sha if form == "raw" else sha256_file(gz)
+            for form in forms:
+                path = paths[form]
+                artifact_sha = image_sha if form == "raw" else sha256_file(path)
                 images.append((form, path, artifact_sha, image_sha, args.size, raw))
+            if os.path.exists(args.decoder):
+                results["decoders"] = bench_decoders(args, paths)
+            else:
+                log(f"no {args.decoder}: the decoders' own speed is not measured")
             results["installs"] = bench_installs(args, server, images)
+            if args.block_slot:
+                # The same again into a loop device: the issue's "same on a block-device slot".
+                results["installs_block"] = bench_installs(args, server, images, block=True)
+                results["block_slot"] = args.block_slot_info
+                LOOPS.detach_all()
         if not args.skip_polls:
             results["polls"] = bench_polls(args, server)
     finally:
+        LOOPS.detach_all()
         server.stop()
         if not args.keep:
             for name in os.listdir(args.work):

@@ -10,15 +10,19 @@ Then:
 - the floor: the 4 KiB blocks of version 2 that occur nowhere in version 1, compressed with
   `zstd -LEVEL` as one stream;
 - the plain `.zst` of version 2 at the same level (a full download today);
-- for each average chunk size: a chunked bundle of each version (`ddi-bundle create --chunked`),
-  its size against the plain `.zst`, and `ddi-bundle diff` (bytes and HTTP requests a device
-  running version 1 downloads).
+- for each average chunk size: a chunked bundle of each version (`ddi-bundle create --chunked`,
+  format --chunk-format with --history-kib of context for format 3), its size against the plain
+  `.zst`, and `ddi-bundle diff` (bytes and HTTP requests a device running version 1 downloads).
 
 Prints a JSON summary (and writes it to WORK/delta-results.json). Python standard library,
 e2fsprogs (mkfs.ext4) and zstd only. Usage:
 
     bench/delta.py --bundle-tool target/release/ddi-bundle [--size-mib 256] [--level 19]
-        [--chunk-kib 16,32,64,128] [--work DIR] [--keep]
+        [--chunk-kib 16,32,64,128] [--chunk-format 3] [--history-kib 128] [--work DIR] [--keep]
+        [--reuse-images]
+
+--reuse-images keeps v1.ext4 and v2.ext4 of an earlier run in the same work folder (the
+figures about the changed files are then not known and left out).
 """
 
 import argparse
@@ -115,6 +119,9 @@ def main():
     ap.add_argument("--change", type=float, default=0.05)
     ap.add_argument("--level", type=int, default=19)
     ap.add_argument("--chunk-kib", default="16,32,64,128")
+    ap.add_argument("--chunk-format", type=int, default=3)
+    ap.add_argument("--history-kib", type=int, default=128)
+    ap.add_argument("--reuse-images", action="store_true")
     ap.add_argument("--work", default=os.environ.get("BENCH_WORK", "work/bench-delta"))
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
@@ -122,6 +129,15 @@ def main():
     os.makedirs(work, exist_ok=True)
     tool = os.path.abspath(args.bundle_tool)
 
+    v1, v2 = os.path.join(work, "v1.ext4"), os.path.join(work, "v2.ext4")
+    if args.reuse_images and os.path.exists(v1) and os.path.exists(v2):
+        total, changed = None, None
+    else:
+        total, changed = build_images(args, work, v1, v2)
+    measure(args, work, tool, v1, v2, total, changed)
+
+
+def build_images(args, work, v1, v2):
     budget = int(args.size_mib * (1 << 20) * args.fill)
     files_v1 = real_files(budget)
     total = sum(s for _, s in files_v1)
@@ -162,10 +178,15 @@ def main():
         target = os.path.join(t2, "added", path.lstrip("/"))
         os.makedirs(os.path.dirname(target), exist_ok=True)
         shutil.copyfile(path, target)
-    v1, v2 = os.path.join(work, "v1.ext4"), os.path.join(work, "v2.ext4")
     mkfs(t1, v1, args.size_mib)
     mkfs(t2, v2, args.size_mib)
+    if not args.keep:
+        for t in (t1, t2):
+            shutil.rmtree(t, ignore_errors=True)
+    return total, changed
 
+
+def measure(args, work, tool, v1, v2, total, changed):
     novel_blocks, floor = floor_bytes(v1, v2, args.level, work)
     started = time.monotonic()
     plain_zst = zstd_size(v2, args.level)
@@ -175,6 +196,8 @@ def main():
         "file_bytes_v1": total,
         "changed_bytes": changed,
         "zstd_level": args.level,
+        "chunk_format": args.chunk_format,
+        "history_kib": args.history_kib if args.chunk_format == 3 else None,
         "novel_4k_blocks": novel_blocks,
         "floor_bytes": floor,
         "plain_zst_bytes": plain_zst,
@@ -188,11 +211,12 @@ def main():
         bundles = []
         seconds = []
         for version, image in (("1", v1), ("2", v2)):
-            out = os.path.join(work, "v%s-%dk.ddib" % (version, kib))
+            out = os.path.join(work, "v%s-%dk-f%d.ddib" % (version, kib, args.chunk_format))
             started = time.monotonic()
             run([tool, "create", "--key", key + ".key", "--compatible", "bench", "--version",
                  version, "--image", image, "-o", out, "--chunked", "--chunk-size-kib",
-                 str(kib), "--zstd-level", str(args.level)])
+                 str(kib), "--zstd-level", str(args.level), "--chunk-format",
+                 str(args.chunk_format), "--history-kib", str(args.history_kib)])
             seconds.append(time.monotonic() - started)
             bundles.append(out)
         diff = json.loads(run([tool, "diff", bundles[0], bundles[1], "--json"]))
@@ -207,9 +231,6 @@ def main():
     print(text)
     with open(os.path.join(work, "delta-results.json"), "w") as f:
         f.write(text + "\n")
-    if not args.keep:
-        for t in (t1, t2):
-            shutil.rmtree(t, ignore_errors=True)
 
 
 if __name__ == "__main__":

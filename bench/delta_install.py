@@ -2,7 +2,7 @@
 """Delta-update install benchmark: the release agent installing version 2 against `ddi-sim`.
 
 Runs after `bench/delta.py` (same --work; it leaves v1.ext4, v2.ext4, the chunked bundles
-v{1,2}-{N}k.ddib and the signing key bench.key/bench.pub there). Three installs of version 2,
+v{1,2}-{N}k-f{F}.ddib and the signing key bench.key/bench.pub there). Three installs of version 2,
 each a fresh device booted from slot A with `ddi-agent once` under GNU time:
 
 - delta: slot A holds version 1, the artifact is the signed chunked bundle of version 2 (the
@@ -15,7 +15,7 @@ download log lines on its stderr), wall time, peak RSS and CPU time of the agent
 slot B ends up holding version 2. Prints JSON and writes WORK/delta-install-results.json.
 The stripped size of the agent binary is recorded too. Usage:
 
-    bench/delta_install.py --bin-dir target/release [--work work/bench-delta] [--chunk-kib 64]
+    bench/delta_install.py --bin-dir target/release [--work work/bench-delta] [--chunk-kib 16] [--chunk-format 3]
         [--level 3]
 """
 
@@ -113,7 +113,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin-dir", required=True, help="folder with release ddi-agent and ddi-sim")
     ap.add_argument("--work", default=os.environ.get("BENCH_WORK", "work/bench-delta"))
-    ap.add_argument("--chunk-kib", type=int, default=64)
+    ap.add_argument("--chunk-kib", type=int, default=16)
+    ap.add_argument("--chunk-format", type=int, default=3)
     ap.add_argument("--level", type=int, default=3)
     args = ap.parse_args()
     args.work = os.path.abspath(args.work)
@@ -122,7 +123,7 @@ def main():
     v1 = os.path.join(args.work, "v1.ext4")
     args.v2 = os.path.join(args.work, "v2.ext4")
     args.v2_sha256 = prefix_sha256(args.v2, os.path.getsize(args.v2))
-    bundle = os.path.join(args.work, "v2-%dk.ddib" % args.chunk_kib)
+    bundle = os.path.join(args.work, "v2-%dk-f%d.ddib" % (args.chunk_kib, args.chunk_format))
     plain = os.path.join(args.work, "v2.ext4.zst")
     subprocess.run(["zstd", "-q", "-f", "-%d" % args.level, "--single-thread", args.v2, "-o", plain],
                    check=True)
@@ -134,6 +135,7 @@ def main():
         result = {
             "image_bytes": os.path.getsize(args.v2),
             "chunk_kib": args.chunk_kib,
+            "chunk_format": args.chunk_format,
             "delta": install(args, server, "delta", bundle, v1, policy),
             "chunked_no_seed": install(args, server, "chunked-full", bundle, None, policy),
             "plain_zst": install(args, server, "plain-zst", plain, None, None),

@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
-"""Plot throughput and memory of one sampled `ddi-agent once` install over the image's bytes.
+"""Plot throughput and memory of one sampled `ddi-agent once` install over the image's bytes,
+and (with --results) the install timeline of each form next to the dd floors.
 
 Input: the samples-<form>.csv files bench.py writes (t, rchar, wchar, read_bytes, write_bytes,
-VmRSS every ~50 ms of the median agent run). Needs matplotlib (bench/run.sh puts it in a venv).
+VmRSS every ~50 ms of the median agent run) and its results.json (medians of the agent's
+`install timeline` log line, the dd floors, the decoders' own speed). Needs matplotlib
+(bench/run.sh puts it in a venv).
 
-    plot.py OUT.png WORK/samples-raw.csv [WORK/samples-gzip.csv ...]
+    plot.py OUT.png [--results WORK/results.json] WORK/samples-raw.csv [WORK/samples-gzip.csv ...]
 """
 
 import csv
@@ -44,14 +47,96 @@ def rates(rows, key, start, stop, window=0.25):
     return out
 
 
+# Phases of the blocking stage, in the order they happen on its thread (from the agent's
+# `install timeline` log line); what is left of its total is decoding, hashing and copies.
+SERIAL_PHASES = [
+    ("waiting_for_download_s", "waiting for the download", "tab:gray"),
+    ("write_s", "write (O_DIRECT)", "tab:blue"),
+    ("writeback_s", "writeback + syncs", "tab:purple"),
+    ("read_back_tail_s", "read-back after the last sync", "tab:red"),
+]
+
+
+def median_of(timelines, key):
+    values = sorted(t.get(key, 0.0) for t in timelines)
+    return values[len(values) // 2]
+
+
+def plot_timeline(ax, results):
+    """One row per form (the blocking stage's phases, serial, and the read-back thread's busy
+    time below it) and one per dd floor, in seconds, medians of the runs."""
+    rows = []  # (label, [(start, length, color, legend label)])
+    for key, slot in (("installs", ""), ("installs_block", ", block slot")):
+        installs = results.get(key, {})
+        for form, s in installs.items():
+            timelines = [t for t in s.get("timelines", []) if t]
+            if timelines:
+                segments, at = [], 0.0
+                for phase, name, color in SERIAL_PHASES:
+                    d = median_of(timelines, phase)
+                    segments.append((at, d, color, name))
+                    at += d
+                rest = max(median_of(timelines, "total_s") - at, 0.0)
+                segments.append((at, rest, "tab:olive", "decode, hash, copy (the rest)"))
+                wall = s["agent_median"]
+                segments.append((at + rest, max(wall - at - rest, 0.0), "lightgray",
+                                 "process start, poll, feedback"))
+                rows.append((f"agent {form}{slot} ({wall:.2f} s)", segments))
+                rb = median_of(timelines, "read_back_overlapped_s")
+                rows.append((f"  read-back thread ({form}{slot})",
+                             [(0.0, rb, "tab:pink", "read-back thread busy (overlaps the row above)")]))
+            dec = results.get("decoders", {}).get(form) if not slot else None
+            if dec:
+                d = dec["decoder"]["cpu_s"]
+                h = dec["with_hashes"]["cpu_s"]
+                rows.append((f"  {form} decoder alone", [(0.0, d, "tab:orange", "decoder alone (CPU)")]))
+                rows.append((f"  {form} decoder + 2 sha256",
+                             [(0.0, h, "gold", "decoder + both hashes (CPU)")]))
+        first = next(iter(installs.values()), {})
+        for kind, label in (("floor", "dd conv=fsync"), ("floor-direct", "dd oflag=direct")):
+            f = first.get(kind)
+            if f:
+                rows.append((f"{label}{slot} ({f['baseline_median']:.2f} s)",
+                             [(0.0, f["baseline_median"], "black", "dd floor")]))
+    seen = set()
+    for y, (label, segments) in enumerate(rows):
+        for start, length, color, name in segments:
+            ax.barh(y, length, left=start, color=color, height=0.6,
+                    label=None if name in seen else name)
+            seen.add(name)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([r[0] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds (medians; the agent's phases from its `install timeline` log line)")
+    size = results.get("size", 0) / (1 << 20)
+    ax.set_title(f"install timeline against the dd floor, {size:.0f} MiB")
+
+
 def main():
-    out_png, inputs = sys.argv[1], sys.argv[2:]
-    fig, (ax_rate, ax_rss) = plt.subplots(2, 1, figsize=(13, 8), sharex=True)
+    argv = sys.argv[1:]
+    results = None
+    if "--results" in argv:
+        i = argv.index("--results")
+        with open(argv[i + 1]) as f:
+            results = json.load(f)
+        del argv[i : i + 2]
+    out_png, inputs = argv[0], argv[1:]
+    if results and results.get("installs"):
+        rows = 6 * len(results["installs"]) * (2 if results.get("installs_block") else 1)
+        fig = plt.figure(figsize=(13, 8 + rows * 0.25))
+        grid = fig.add_gridspec(3, 1, height_ratios=[1, 1, max(1.1, rows * 0.07)])
+        ax_rate = fig.add_subplot(grid[0])
+        ax_rss = fig.add_subplot(grid[1], sharex=ax_rate)
+        plot_timeline(fig.add_subplot(grid[2]), results)
+    else:
+        fig, (ax_rate, ax_rss) = plt.subplots(2, 1, figsize=(13, 8), sharex=True)
     colors = {
         "raw": "tab:blue",
         "gzip": "tab:orange",
+        "zstd": "tab:brown",
         "raw-other": "tab:green",
         "gzip-other": "tab:red",
+        "zstd-other": "tab:pink",
     }
     label = os.environ.get("BENCH_OTHER_LABEL", "other build")
     for path in inputs:
@@ -80,10 +165,10 @@ def main():
     ax_rate.set_ylabel("throughput, MiB/s (0.25 s window)")
     ax_rss.set_ylabel("VmRSS, MiB")
     ax_rss.set_xlabel("image bytes done, MiB")
-    ax_rss.axhline(12, color="red", linewidth=0.8, linestyle=":", label="target 12 MiB")
+    ax_rss.axhline(8, color="red", linewidth=0.8, linestyle=":", label="target 8 MiB (issue 19)")
     ax_rss.set_ylim(bottom=0)
     ax_rate.set_ylim(bottom=0)
-    for ax in (ax_rate, ax_rss):
+    for ax in fig.axes:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()

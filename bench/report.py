@@ -11,15 +11,7 @@ def fmt(v, unit="", digits=2):
     return "n/a" if v is None else f"{v:.{digits}f}{unit}"
 
 
-def main():
-    with open(sys.argv[1]) as f:
-        r = json.load(f)
-    m = r["machine"]
-    print(f"Machine: {m['nproc']} CPUs ({m['cpu']}, SHA-NI: {m['sha_ni']}), kernel {m['kernel']},"
-          f" RAM {m['mem']}, storage {m['storage']}, load average at start {' '.join(m['loadavg'])}")
-    print()
-    print(f"Image: {r['size'] / MiB:.0f} MiB, {r['runs']} alternating runs per contender and form.")
-    print()
+def print_installs(r):
     if "installs" in r:
         print("| form | agent median s | baseline median s | ratio | agent w/o read-back s | ratio w/o read-back | read-back s | agent MiB/s | baseline MiB/s | agent CPU s | baseline CPU s | agent peak RSS MiB | baseline largest RSS MiB |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -72,6 +64,22 @@ def main():
                 med = [sorted(t.get(k, 0) for t in tl)[len(tl) // 2] for k in keys]
                 print(f"| {form} | " + " | ".join(f"{v:.2f}" for v in med) + " |")
             print()
+        decoders = r.get("decoders", {})
+        if decoders:
+            print("The decoders' own speed (`decode_speed` example: the agent's decoder from memory into a"
+                  " 512 KiB buffer, no I/O; medians, CPU s) against the install of the same form:")
+            print()
+            print("| form | decoder alone CPU s | MiB/s | + both sha256 CPU s | MiB/s | agent install median s | agent CPU s | install / decoder+hashes |")
+            print("|---|---|---|---|---|---|---|---|")
+            for form, d in decoders.items():
+                s = r["installs"].get(form)
+                dec, both = d["decoder"], d["with_hashes"]
+                agent = s["agent_median"] if s else None
+                print(f"| {form} | {fmt(dec['cpu_s'])} | {fmt(dec['decoded_mib_per_cpu_s'], '', 0)}"
+                      f" | {fmt(both['cpu_s'])} | {fmt(both['decoded_mib_per_cpu_s'], '', 0)}"
+                      f" | {fmt(agent)} | {fmt(s and s['agent_cpu_median'])}"
+                      f" | {fmt(agent and agent / both['cpu_s'], '', 2)} |")
+            print()
         for form, s in r["installs"].items():
             a = ", ".join(f"{x:.2f}" for x in s["agent_wall"])
             b = ", ".join(f"{x:.2f}" for x in s["baseline_wall"])
@@ -85,6 +93,35 @@ def main():
                 runs = ", ".join(f"{x:.2f}" for x in o["agent_wall"])
                 print(f"- {form}: other agent runs {runs} s")
         print()
+
+
+def main():
+    with open(sys.argv[1]) as f:
+        r = json.load(f)
+    m = r["machine"]
+    print(f"Machine: {m['nproc']} CPUs ({m['cpu']}, SHA-NI: {m['sha_ni']}), kernel {m['kernel']},"
+          f" RAM {m['mem']}, storage {m['storage']}, load average at start {' '.join(m['loadavg'])}")
+    print()
+    print(f"Image: {r['size'] / MiB:.0f} MiB, {r['runs']} alternating runs per contender and form.")
+    print()
+    print_installs(r)
+    if "installs_block" in r:
+        b = r.get("block_slot", {})
+        print(f"### The same into a block-device slot: loop device over the slot file"
+              f" ({'direct I/O to the file' if b.get('loop_direct_io') else 'buffered'})")
+        print()
+        print_installs(dict(r, installs=r["installs_block"], decoders={}))
+    for form, s in r.get("installs", {}).items():
+        for i, b in enumerate(s.get("rss_breakdowns") or []):
+            if not b:
+                continue
+            total = sum(b.values())
+            files = sum(v for k, v in b.items() if k.startswith("file "))
+            parts = ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in sorted(b.items(), key=lambda kv: -kv[1]) if v >= 32 << 10)
+            print(f"- {form} run {i}, sampled peak {total / MiB:.2f} MiB: file-backed {files / MiB:.2f} MiB,"
+                  f" the rest {(total - files) / MiB:.2f} MiB ({parts})")
+        if s.get("rss_breakdowns"):
+            print()
     if "polls" in r:
         p = r["polls"]
         print(f"Idle `ddi-agent run` (1 s polling, {p['seconds']} s, {p['polls']} polls, {p['threads']} threads):"

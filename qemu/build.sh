@@ -4,9 +4,12 @@
 # <checkout>/work/qemu, <checkout>/work/qemu-aarch64; DDI_QEMU_WORK overrides):
 #   kernel/      the current linux-image-amd64 / -arm64 kernel (apt-get download) + modules
 #   busybox      the static busybox of the guest (the host's, or busybox-static:arm64)
-#   bin/         ddi-agent and ddi-bootctl, static (crt-static), from the workspace
+#   bin/         ddi-agent and ddi-bootctl, static (crt-static), from the workspace; ddi-sim
+#                and ddi-bundle for the host
+#   keys/        the vendor's signing key pair (made once), trusted by the images
 #   initrd.img   busybox initramfs: loads virtio/ext4/vfat modules, mounts root=, switch_root
-#   images/      slot images (ext4 with /boot/vmlinuz + /boot/initrd.img + the root)
+#   images/      slot images (ext4 with /boot/vmlinuz + /boot/initrd.img + the root) and the
+#                signed chunked bundle v2-delta.ddib
 #   boot-*.scr   the boot scripts of meta-ddi compiled with mkimage
 #   u-boot.fw    Debian's U-Boot for qemu-x86 (ROM) or qemu_arm64 (u-boot.bin), bootdelay
 #                patched to 0 unless DDI_QEMU_BOOTDELAY=keep
@@ -110,9 +113,29 @@ build_bins() {
 	else
 		log "WARNING: ddi-agent did not build; images get no agent"
 	fi
-	log "cargo: ddi-sim (host test server)"
-	(cd "$REPO_ROOT" && cargo build -p ddi-sim --bin ddi-sim) || die "cargo build of ddi-sim failed"
-	cp "$CARGO_TARGET_DIR/debug/ddi-sim" "$BIN_DIR/"
+	# One cargo call for both host tools (the CI build stage has built them already).
+	log "cargo: ddi-sim (host test server), ddi-bundle (bundle tool)"
+	(cd "$REPO_ROOT" && cargo build -p ddi-sim --bin ddi-sim -p ddi-bundle --bin ddi-bundle) ||
+		die "cargo build of ddi-sim and ddi-bundle failed"
+	cp "$CARGO_TARGET_DIR/debug/ddi-sim" "$CARGO_TARGET_DIR/debug/ddi-bundle" "$BIN_DIR/"
+}
+
+# The vendor's key pair, made once per $WORK (the images carry its public half).
+build_keys() {
+	[ -x "$BIN_DIR/ddi-bundle" ] || die "no $BIN_DIR/ddi-bundle (DDI_QEMU_SKIP_CARGO=1 before a first build?)"
+	if [ -f "$VENDOR_KEY" ] && [ -f "$VENDOR_PUB" ]; then return; fi
+	mkdir -p "$(dirname "$VENDOR_KEY")"
+	"$BIN_DIR/ddi-bundle" keygen --out "${VENDOR_KEY%.key}" >/dev/null || die "ddi-bundle keygen failed"
+}
+
+# build_chunked_bundle NAME VERSION: images/NAME.ddib, a chunked (format 3) bundle of
+# images/NAME.ext4 signed with the vendor key, the tool's default chunking.
+build_chunked_bundle() {
+	local name=$1 version=$2
+	rm -f "$IMAGES/$name.ddib"
+	"$BIN_DIR/ddi-bundle" create --chunked --key "$VENDOR_KEY" --compatible "$BUNDLE_COMPATIBLE" \
+		--version "$version" --image "$IMAGES/$name.ext4" -o "$IMAGES/$name.ddib" >/dev/null ||
+		die "ddi-bundle create --chunked of $name failed"
 }
 
 build_initramfs() {
@@ -140,7 +163,8 @@ build_initramfs() {
 }
 
 # build_image NAME VERSION KIND: KIND is good, panic (no /sbin/init: the kernel
-# panics, every boot), unhealthy (the health check fails).
+# panics, every boot), unhealthy (the health check fails), delta (good plus a few files:
+# a small real change for a delta update).
 build_image() {
 	local name=$1 version=$2 kind=$3 dir applet
 	dir=$WORK/rootfs-$name
@@ -162,11 +186,17 @@ build_image() {
 	if [ "$kind" = unhealthy ]; then
 		echo "service 'app' failed to start (test image $name)" >"$dir/etc/ddi-unhealthy"
 	fi
+	if [ "$kind" = delta ]; then
+		mkdir -p "$dir/usr/share/ddi-qemu"
+		seq 1 5000 | sed 's/^/release note /' >"$dir/usr/share/ddi-qemu/release-notes.txt"
+		busybox --list-full >"$dir/usr/share/ddi-qemu/applets.txt"
+	fi
 	printf 'ID=ddi-qemu\nNAME="ddi qemu test image"\nVERSION_ID=%s\nIMAGE_NAME=%s\n' \
 		"$version" "$name" >"$dir/etc/os-release"
 	printf '/uboot/uboot.env 0x0000 %s\n/uboot/uboot-redund.env 0x0000 %s\n' "$ENV_SIZE" "$ENV_SIZE" \
 		>"$dir/etc/fw_env.config"
 	cp "$QEMU_DIR/guest/image.toml" "$dir/etc/ddi-agent/image.toml"
+	cp "$VENDOR_PUB" "$dir/etc/ddi-agent/vendor.pub"
 	mkdir -p "$IMAGES"
 	rm -f "$IMAGES/$name.ext4"
 	mkfs.ext4 -q -F -L "$name" -E root_owner=0:0 -d "$dir" "$IMAGES/$name.ext4" "${IMAGE_MIB}M" >/dev/null
@@ -212,6 +242,7 @@ main() {
 	build_kernel
 	build_busybox
 	if [ "${DDI_QEMU_SKIP_CARGO:-0}" != 1 ]; then build_bins; fi
+	build_keys
 	build_initramfs
 	build_bootscripts
 	build_firmware
@@ -221,6 +252,8 @@ main() {
 	build_image v3 3.0 good
 	build_image v2-panic 2.0-panic panic
 	build_image v2-unhealthy 2.0-unhealthy unhealthy
+	build_image v2-delta 2.0-delta delta
+	build_chunked_bundle v2-delta 2.0-delta
 	log "build done in $((SECONDS - start)) s"
 }
 

@@ -71,6 +71,13 @@ fi
 # The data partition holds a whole (gzipped) slot image in scenario local: a slot's size.
 DATA_MIB=$SLOT_MIB
 
+# Signed bundles (scenario delta): build.sh signs with VENDOR_KEY (made once per $WORK), the
+# images carry VENDOR_PUB as /etc/ddi-agent/vendor.pub, and a device that trusts it says
+# [bundle] compatible = BUNDLE_COMPATIBLE.
+VENDOR_KEY=$WORK/keys/vendor.key
+VENDOR_PUB=$WORK/keys/vendor.pub
+BUNDLE_COMPATIBLE=ddi-qemu-$ARCH
+
 log() { printf '[qemu] %s\n' "$*" >&2; }
 die() {
 	printf '[qemu] ERROR: %s\n' "$*" >&2

@@ -130,3 +130,14 @@ env_print() {
 		"$dir/env-read/uboot-redund.env" "$ENV_SIZE" >"$dir/env-read/fw_env.config"
 	fw_printenv -c "$dir/env-read/fw_env.config"
 }
+
+# slot_sha256 DIR SLOT BYTES: sha256 of the first BYTES of slot A or B (VM off).
+slot_sha256() {
+	local start
+	case "$2" in
+	A) start=$P2_START ;;
+	B) start=$P3_START ;;
+	*) return 1 ;;
+	esac
+	dd if="$1/disk.img" bs=1M skip="$start" count="$SLOT_MIB" status=none | head -c "$3" | sha256sum | cut -d' ' -f1
+}

@@ -15,7 +15,7 @@ export DDI_QEMU_ARCH=${DDI_QEMU_ARCH:-x86_64}
 # shellcheck source-path=SCRIPTDIR source=common.sh
 . "$(dirname "$0")/common.sh"
 
-ALL_SCENARIOS=(good panic unhealthy cut-download cut-write-switch torn-env rauc bad-env local)
+ALL_SCENARIOS=(good panic unhealthy cut-download cut-write-switch torn-env rauc bad-env local delta)
 JOBS=${DDI_QEMU_JOBS:-2}
 SCENARIO_TIMEOUT=${DDI_QEMU_TIMEOUT:-420}
 passed=0
@@ -82,14 +82,17 @@ main() {
 	}
 	echo "server: $url"
 
-	# Each image is registered once (served from disk) and assigned to many targets.
+	# Each artifact (a file of images/) is registered once (served from disk) and assigned
+	# to many targets.
 	DDI_QEMU_DISTRIBUTIONS=
-	for image in v2:2.0 v2-panic:2.0-panic v2-unhealthy:2.0-unhealthy; do
-		ds=$("$WORK/bin/ddi-sim" --server "$url" --json upload "$WORK/images/${image%%:*}.ext4" --link \
-			--name "qemu-${image%%:*}" --version "${image#*:}" | jq -r .distribution) || die "cannot register ${image%%:*}"
+	for image in v2.ext4:2.0 v2-panic.ext4:2.0-panic v2-unhealthy.ext4:2.0-unhealthy v2-delta.ddib:2.0-delta; do
+		ds=$("$WORK/bin/ddi-sim" --server "$url" --json upload "$WORK/images/${image%%:*}" --link \
+			--name "qemu-${image%%.*}" --version "${image#*:}" | jq -r .distribution) || die "cannot register ${image%%:*}"
 		DDI_QEMU_DISTRIBUTIONS="$DDI_QEMU_DISTRIBUTIONS ${image%%:*}=$ds"
 	done
-	export DDI_QEMU_DISTRIBUTIONS
+	# The scenarios read the server's download log (scenario delta).
+	DDI_QEMU_SERVER_LOG=$server_log
+	export DDI_QEMU_DISTRIBUTIONS DDI_QEMU_SERVER_LOG
 
 	rm -rf "$results" "$WORK/scripts"
 	mkdir -p "$results" "$WORK/scripts"

@@ -3,7 +3,7 @@
 # Exit 0 = passed. Everything it does goes to stdout (run-tests.sh keeps it in
 # $WORK/run/NAME/scenario.log); the last line says why it failed.
 # Scenarios: good, panic, unhealthy, cut-download, cut-write-switch, torn-env, rauc, bad-env,
-# local.
+# local, delta.
 set -uo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
 . "$(dirname "$0")/common.sh"
@@ -29,8 +29,8 @@ trap cleanup EXIT
 trap 'fail "interrupted (timeout?)"' TERM INT
 
 # --- server side ---------------------------------------------------------------
-# distribution IMAGE VERSION: the distribution id of the image (run-tests.sh registers
-# the images once and passes DDI_QEMU_DISTRIBUTIONS="image=id ..."; else register it now)
+# distribution FILE VERSION: the distribution id of the artifact images/FILE (run-tests.sh
+# registers them once and passes DDI_QEMU_DISTRIBUTIONS="file=id ..."; else register it now)
 distribution() {
 	local entry
 	for entry in ${DDI_QEMU_DISTRIBUTIONS:-}; do
@@ -39,7 +39,7 @@ distribution() {
 			return
 		fi
 	done
-	sim --json upload "$WORK/images/$1.ext4" --link --name "qemu-$1" --version "$2" | jq -r .distribution
+	sim --json upload "$WORK/images/$1" --link --name "qemu-${1%%.*}" --version "$2" | jq -r .distribution
 }
 action_json() { sim --json action "$1"; }
 action_status() { action_json "$1" | jq -r .status; }
@@ -150,10 +150,13 @@ newest_copy() {
 	fi
 }
 
+# new_device SCHEME [REBOOT_ARG [ENV_TEXT]]: the target on the server and its disk (slot A:
+# v1); AGENT_EXTRA=TOML adds to the guest's agent config
 new_device() {
 	local scheme=$1 reboot_arg=${2:-} env_text=${3:-}
 	sim target create "$TARGET" --token "token-$TARGET" >/dev/null || fail "cannot create target $TARGET"
-	make_device "$DEV" "$scheme" "$WORK/images/v1.ext4" "$(device_toml "$scheme" "$reboot_arg")" "" "$env_text" ||
+	make_device "$DEV" "$scheme" "$WORK/images/v1.ext4" "$(device_toml "$scheme" "$reboot_arg")" \
+		"${AGENT_EXTRA:-}" "$env_text" ||
 		fail "cannot build the disk"
 	step "device $TARGET ($scheme) built"
 }
@@ -164,27 +167,46 @@ assign() {
 	step "assigned $1 ($2) as action $act"
 	echo "$act"
 }
+# slot_holds SLOT FILE: slot A or B starts with images/FILE, byte for byte (VM off)
+slot_holds() {
+	local want got
+	want=$(sha256sum <"$WORK/images/$2" | cut -d' ' -f1)
+	got=$(slot_sha256 "$DEV" "$1" "$(stat -c %s "$WORK/images/$2")")
+	[ "$got" = "$want" ] || fail "slot $1 does not hold $2 (sha256 $got, expected $want)"
+	step "slot $1 holds $2 (sha256 $want)"
+}
 
 # --- the scenarios --------------------------------------------------------------
 BOOT_SLOT='DDI-BOOT: scheme=bootcount slot'
+
+# ended_on ACT STATUS SLOT: the action ends as STATUS (FINISHED: closed/success, ERROR:
+# closed/failure) with exactly one closed feedback; powered off, the env boots SLOT for good
+ended_on() {
+	wait_action "$1" "$2" 90 || fail "action $1 did not end as $2"
+	power_cut
+	check_one_closed "$1"
+	env_expect "bootctl_slot=$3" upgrade_available=0 bootcount=0
+	env_keeps_integrator_vars
+}
+# trial_boot_confirmed ACT VERSION TIMEOUT: U-Boot trial-boots B within TIMEOUT, VERSION comes
+# up there and the agent confirms it
+trial_boot_confirmed() {
+	expect "$BOOT_SLOT=B .*upgrade_available=1 bootcount=1 " "$3" "trial boot of B after the update"
+	expect "DDI-GUEST: up slot=B version=$2 " 60 "new image up on B"
+	ended_on "$1" FINISHED B
+}
 
 # (1) good update -> reboot -> confirm -> closed/success; later boots stay on B
 scenario_good() {
 	# the test server itself, at the host's slirp address: must be unreachable
 	ISOLATION_PROBE=10.0.2.2:$PORT new_device bootcount
 	local act
-	act=$(assign v2 2.0) || exit 1
+	act=$(assign v2.ext4 2.0) || exit 1
 	power_on
 	expect "$BOOT_SLOT=A " 60 "U-Boot boots the factory slot A"
 	expect 'DDI-GUEST: up slot=A version=1.0' 60 "factory image up"
 	expect 'DDI-GUEST: isolation ok' 60 "the guest cannot reach the host's loopback except through guestfwd"
-	expect "$BOOT_SLOT=B .*upgrade_available=1 bootcount=1 " 180 "trial boot of B after the update"
-	expect 'DDI-GUEST: up slot=B version=2.0 ' 60 "new image up on B"
-	wait_action "$act" FINISHED 90 || fail "no closed/success"
-	power_cut
-	check_one_closed "$act"
-	env_expect bootctl_slot=B upgrade_available=0 bootcount=0
-	env_keeps_integrator_vars
+	trial_boot_confirmed "$act" 2.0 180
 	power_on
 	expect "$BOOT_SLOT=B .*upgrade_available=0" 60 "later boot: U-Boot boots B, no trial"
 	expect 'DDI-GUEST: up slot=B version=2.0 ' 60 "later boot: new image up"
@@ -198,7 +220,7 @@ scenario_good() {
 scenario_panic() {
 	new_device bootcount
 	local act
-	act=$(assign v2-panic 2.0-panic) || exit 1
+	act=$(assign v2-panic.ext4 2.0-panic) || exit 1
 	power_on
 	expect 'DDI-GUEST: up slot=A version=1.0' 90 "factory image up"
 	local n
@@ -208,18 +230,14 @@ scenario_panic() {
 	done
 	expect 'DDI: bootcount 4 > bootlimit 3: falling back to slot A' 60 "U-Boot falls back"
 	expect 'DDI-GUEST: up slot=A version=1.0' 60 "old image up again"
-	wait_action "$act" ERROR 90 || fail "no closed/failure after the rollback"
-	power_cut
-	check_one_closed "$act"
-	env_expect bootctl_slot=A upgrade_available=0 bootcount=0
-	env_keeps_integrator_vars
+	ended_on "$act" ERROR A
 }
 
 # (3) health check fails on the new slot -> failure reported, device back on the old slot
 scenario_unhealthy() {
 	new_device bootcount
 	local act
-	act=$(assign v2-unhealthy 2.0-unhealthy) || exit 1
+	act=$(assign v2-unhealthy.ext4 2.0-unhealthy) || exit 1
 	power_on
 	expect 'DDI-GUEST: up slot=A version=1.0' 90 "factory image up"
 	expect "$BOOT_SLOT=B .*upgrade_available=1 bootcount=1 " 180 "trial boot of B"
@@ -268,7 +286,7 @@ scenario_cut_download() {
 	new_device bootcount
 	sim fault add slow 2000000 --target "$TARGET" >/dev/null || fail "cannot add the slow-download fault"
 	local act
-	act=$(assign v2 2.0) || exit 1
+	act=$(assign v2.ext4 2.0) || exit 1
 	power_on
 	expect 'DDI-GUEST: up slot=A version=1.0' 90 "factory image up"
 	wait_feedback "$act" 1 120 || fail "the device never reported progress"
@@ -280,12 +298,7 @@ scenario_cut_download() {
 	power_on
 	expect "$BOOT_SLOT=A " 60 "U-Boot still boots A"
 	expect 'resuming download' 120 "the agent resumes the download"
-	expect "$BOOT_SLOT=B .*upgrade_available=1 bootcount=1 " 180 "trial boot of B"
-	expect 'DDI-GUEST: up slot=B version=2.0 ' 60 "new image up"
-	wait_action "$act" FINISHED 90 || fail "no closed/success"
-	power_cut
-	check_one_closed "$act"
-	env_expect bootctl_slot=B upgrade_available=0 bootcount=0
+	trial_boot_confirmed "$act" 2.0 180
 }
 
 # (5) power cut during the slot write, then right after the env switch (before the
@@ -294,7 +307,7 @@ scenario_cut_write_switch() {
 	new_device bootcount --hang
 	sim fault add slow 4000000 --target "$TARGET" >/dev/null || fail "cannot add the slow-download fault"
 	local act
-	act=$(assign v2 2.0) || exit 1
+	act=$(assign v2.ext4 2.0) || exit 1
 	power_on
 	expect 'DDI-GUEST: up slot=A version=1.0' 90 "factory image up"
 	wait_feedback "$act" 1 120 || fail "the device never reported progress"
@@ -309,12 +322,7 @@ scenario_cut_write_switch() {
 	env_expect bootctl_slot=B upgrade_available=1 bootcount=0
 	env_keeps_integrator_vars
 	power_on
-	expect "$BOOT_SLOT=B .*upgrade_available=1 bootcount=1 " 60 "trial boot of B"
-	expect 'DDI-GUEST: up slot=B version=2.0 ' 60 "new image up"
-	wait_action "$act" FINISHED 90 || fail "no closed/success"
-	power_cut
-	check_one_closed "$act"
-	env_expect bootctl_slot=B upgrade_available=0 bootcount=0
+	trial_boot_confirmed "$act" 2.0 60
 }
 
 # (5b) the env switch is torn by a power cut (the new copy's CRC is broken):
@@ -322,7 +330,7 @@ scenario_cut_write_switch() {
 scenario_torn_env() {
 	new_device bootcount --hang
 	local act copy
-	act=$(assign v2 2.0) || exit 1
+	act=$(assign v2.ext4 2.0) || exit 1
 	power_on
 	expect 'DDI-GUEST: up slot=A version=1.0' 90 "factory image up"
 	expect 'DDI-GUEST: reboot requested' 180 "the agent switched the env and asks for a reboot"
@@ -357,7 +365,7 @@ scenario_rauc() {
 	printf '\377' | dd of="$DEV/uboot.env" bs=1 seek=4 conv=notrunc status=none
 	mcopy -o -i "$DEV/disk.img@@${P1_START}M" "$DEV/uboot.env" ::uboot.env || fail "cannot set flag 255"
 	local act n
-	act=$(assign v2 2.0) || exit 1
+	act=$(assign v2.ext4 2.0) || exit 1
 	power_on
 	expect 'DDI-BOOT: scheme=rauc slot=A .*left=9' 60 "U-Boot boots A and counts 0xa down to 9"
 	expect 'DDI: integrator boot command' 30 "U-Boot runs bootctl_boot from the stored env"
@@ -406,8 +414,41 @@ scenario_bad_env() {
 	step "both copies are still the broken ones: nothing repaired them"
 }
 
+# (8) delta update (issue 20): the device trusts the vendor key and requires signatures; the
+# server offers a signed chunked bundle of v2-delta (v1 plus a few files): the agent reuses
+# what slot A holds and fetches only the rest, with Range requests
+scenario_delta() {
+	AGENT_EXTRA=$(printf '[bundle]\ntrusted_keys = ["/etc/ddi-agent/vendor.pub"]\nrequire_signature = true\ncompatible = "%s"' \
+		"$BUNDLE_COMPATIBLE") new_device bootcount
+	local act reuse
+	act=$(assign v2-delta.ddib 2.0-delta) || exit 1
+	power_on
+	expect 'DDI-GUEST: up slot=A version=1.0' 90 "factory image up"
+	trial_boot_confirmed "$act" 2.0-delta 180
+	reuse=$(details "$act" | grep -E '% reused from slot A' | head -n 1)
+	[ -n "$reuse" ] || fail "no feedback says what was reused from slot A: $(details "$act" | tr '\n' '|')"
+	step "feedback: $reuse"
+	delta_downloads_only v2-delta.ddib 10
+	slot_holds B v2-delta.ext4
+	slot_holds A v1.ext4
+}
+# delta_downloads_only FILE PARTS: the server's download log has this target's requests of
+# FILE, every one a Range request answered 206, together less than 1/PARTS of the file
+delta_downloads_only() {
+	local file=$1 log=${DDI_QEMU_SERVER_LOG:-$WORK/logs/server.log} lines other n bytes size
+	lines=$(grep -a -o -E "download $TARGET [^ ]+ range=[^ ]+ status=[0-9]+ body_len=[^ ]+" "$log") ||
+		fail "no artifact request of $TARGET in the server log $log"
+	other=$(grep -v -E "^download $TARGET $file range=bytes=[0-9]+-[0-9]+ status=206 body_len=[0-9]+$" <<<"$lines")
+	[ -z "$other" ] || fail "not every artifact request was a Range request of $file answered 206: $(tr '\n' '|' <<<"$other")"
+	n=$(wc -l <<<"$lines")
+	bytes=$(awk -F 'body_len=' '{ s += $2 } END { print s }' <<<"$lines")
+	size=$(stat -c %s "$WORK/images/$file")
+	[ $((bytes * $2)) -lt "$size" ] || fail "downloaded $bytes bytes of the $size-byte $file in $n requests"
+	step "downloaded $bytes bytes of the $size-byte $file in $n Range requests, all answered 206"
+}
+
 case "$NAME" in
-good | panic | unhealthy | rauc | local) "scenario_$NAME" ;;
+good | panic | unhealthy | rauc | local | delta) "scenario_$NAME" ;;
 bad-env) scenario_bad_env ;;
 cut-download) scenario_cut_download ;;
 cut-write-switch) scenario_cut_write_switch ;;

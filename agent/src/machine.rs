@@ -3555,7 +3555,7 @@ mod tests {
                     }
                     m.check()?;
                     // Delivery happens at some point; model it as immediate half of the time.
-                    if m.seen_seq.len() % 2 == 0 {
+                    if m.seen_seq.len().is_multiple_of(2) {
                         let seqs: Vec<u64> = m.s.outbox.iter().map(|o| o.seq).collect();
                         for seq in seqs {
                             m.run(Event::FeedbackDelivered { seq }, &mut None)?;

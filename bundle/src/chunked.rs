@@ -1,4 +1,4 @@
-//! Format 2: the chunked image and its index.
+//! Formats 2 and 3: the chunked image and its index.
 //!
 //! The image is cut into content-defined chunks ([`crate::chunk`]); each chunk is one zstd
 //! frame of its own, stored one after the other as the image member. The index member lists,
@@ -7,6 +7,11 @@
 //! index's size and sha256, so every chunk is trusted through the signature and can be checked
 //! on its own: that is what lets a device take chunks it already has from its active slot and
 //! download only the others, with HTTP Range requests.
+//!
+//! Format 3 compresses each chunk's frame with the `history` image bytes before the chunk as a
+//! zstd raw-content prefix (the device has them: it writes the image in order), and stores a
+//! compact index: frame and raw lengths and the first 16 bytes of each chunk's sha256, the
+//! whole zstd-compressed. BENCHMARKS.md ("Delta updates") has what each part saves.
 
 use std::io::Read;
 
@@ -15,9 +20,28 @@ use sha2::{Digest, Sha256};
 use crate::manifest::ChunkedInfo;
 use crate::BundleError;
 
-/// Bytes per index record: offset u64, stored length u32, raw length u32 (little-endian),
-/// sha256 of the raw bytes.
+/// Bytes per format-2 index record: offset u64, stored length u32, raw length u32
+/// (little-endian), sha256 of the raw bytes.
 pub const RECORD_LEN: usize = 48;
+
+/// Bytes per format-3 index record: stored length u32, raw length u32 (little-endian), the
+/// first [`COMPACT_HASH_LEN`] bytes of the sha256 of the raw bytes. Offsets follow from the
+/// stored lengths (frames are contiguous).
+pub const COMPACT_RECORD_LEN: usize = 24;
+
+/// Bytes of a chunk's sha256 a format-3 index keeps: 128 bits, so that forging a chunk for a
+/// signed entry stays a 2^128 second-preimage search; the whole image's full sha256 is still
+/// checked before a slot is used.
+pub const COMPACT_HASH_LEN: usize = 16;
+
+/// Bytes per index record of a bundle format (2 or 3).
+pub fn record_len(format: u32) -> usize {
+    if format == crate::FORMAT_CHUNKED {
+        RECORD_LEN
+    } else {
+        COMPACT_RECORD_LEN
+    }
+}
 
 /// Largest index a device reads (its records are kept in memory during the install):
 /// 32 MiB = 699 050 chunks, 42 GiB of image at a 64 KiB average.
@@ -32,7 +56,8 @@ pub struct ChunkEntry {
     pub stored_len: u32,
     /// Bytes of the chunk decompressed.
     pub raw_len: u32,
-    /// sha256 of the decompressed bytes.
+    /// sha256 of the decompressed bytes; in a format-3 index only its first
+    /// [`ChunkIndex::hash_len`] bytes, the rest zero ([`chunk_key`]).
     pub sha256: [u8; 32],
 }
 
@@ -44,28 +69,64 @@ impl ChunkEntry {
 }
 
 /// The parsed, validated index: chunks in image order, frames contiguous from offset 0.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChunkIndex {
     pub chunks: Vec<ChunkEntry>,
+    /// Bytes of each chunk's sha256 the index holds: 32 (format 2) or 16 (format 3).
+    pub hash_len: usize,
+}
+
+impl Default for ChunkIndex {
+    fn default() -> Self {
+        ChunkIndex {
+            chunks: Vec::new(),
+            hash_len: 32,
+        }
+    }
 }
 
 impl ChunkIndex {
-    /// Parse and check the index against the (signed) manifest: the record count, contiguous
-    /// frames that fill the image member exactly, raw lengths that respect the chunker's
-    /// maximum and sum to the image size.
+    /// Parse and check the index member of a bundle of `format` (2 or 3) against the (signed)
+    /// manifest: the record count, contiguous frames that fill the image member exactly, raw
+    /// lengths that respect the chunker's maximum and sum to the image size. A format-3 index
+    /// is decompressed first, to exactly the size its record count gives.
     pub fn parse(
         bytes: &[u8],
         info: &ChunkedInfo,
         member_size: u64,
+        format: u32,
     ) -> Result<ChunkIndex, BundleError> {
         let fail = |why: String| Err(BundleError::Manifest(format!("chunk index: {why}")));
-        if bytes.len() % RECORD_LEN != 0 {
+        let record_len = record_len(format);
+        let decompressed;
+        let bytes = if format == crate::FORMAT_CHUNKED {
+            bytes
+        } else {
+            let want = info
+                .chunks
+                .saturating_mul(record_len as u64)
+                .min(MAX_INDEX_SIZE) as usize;
+            let mut decoder = ruzstd::decoding::FrameDecoder::new();
+            let mut out = Vec::new();
+            let got = decompress_exact(&mut decoder, bytes, want, &mut out)
+                .map_err(|why| BundleError::Manifest(format!("chunk index: {why}")))?;
+            if got != want {
+                return fail(format!(
+                    "it decompresses to {got} bytes, {} records need {want}",
+                    info.chunks
+                ));
+            }
+            out.truncate(want);
+            decompressed = out;
+            &decompressed[..]
+        };
+        if bytes.len() % record_len != 0 {
             return fail(format!(
-                "{} bytes is not a whole number of {RECORD_LEN}-byte records",
+                "{} bytes is not a whole number of {record_len}-byte records",
                 bytes.len()
             ));
         }
-        let count = bytes.len() / RECORD_LEN;
+        let count = bytes.len() / record_len;
         if count as u64 != info.chunks {
             return fail(format!(
                 "{count} records, the manifest says {}",
@@ -74,12 +135,24 @@ impl ChunkIndex {
         }
         let mut chunks = Vec::with_capacity(count);
         let (mut stored, mut raw) = (0u64, 0u64);
-        for (i, record) in bytes.chunks_exact(RECORD_LEN).enumerate() {
-            let entry = ChunkEntry {
-                offset: u64::from_le_bytes(record[0..8].try_into().expect("8 bytes")),
-                stored_len: u32::from_le_bytes(record[8..12].try_into().expect("4 bytes")),
-                raw_len: u32::from_le_bytes(record[12..16].try_into().expect("4 bytes")),
-                sha256: record[16..48].try_into().expect("32 bytes"),
+        for (i, record) in bytes.chunks_exact(record_len).enumerate() {
+            let u32_at = |at: usize| u32::from_le_bytes(record[at..at + 4].try_into().expect("4"));
+            let entry = if record_len == RECORD_LEN {
+                ChunkEntry {
+                    offset: u64::from_le_bytes(record[0..8].try_into().expect("8 bytes")),
+                    stored_len: u32_at(8),
+                    raw_len: u32_at(12),
+                    sha256: record[16..48].try_into().expect("32 bytes"),
+                }
+            } else {
+                let mut sha256 = [0u8; 32];
+                sha256[..COMPACT_HASH_LEN].copy_from_slice(&record[8..]);
+                ChunkEntry {
+                    offset: stored,
+                    stored_len: u32_at(0),
+                    raw_len: u32_at(4),
+                    sha256,
+                }
             };
             if entry.offset != stored {
                 return fail(format!(
@@ -114,9 +187,15 @@ impl ChunkIndex {
                 info.image_size
             ));
         }
-        Ok(ChunkIndex { chunks })
+        let hash_len = if record_len == RECORD_LEN {
+            32
+        } else {
+            COMPACT_HASH_LEN
+        };
+        Ok(ChunkIndex { chunks, hash_len })
     }
 
+    /// The format-2 records (48 bytes each).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.chunks.len() * RECORD_LEN);
         for c in &self.chunks {
@@ -126,6 +205,22 @@ impl ChunkIndex {
             out.extend_from_slice(&c.sha256);
         }
         out
+    }
+
+    /// The format-3 records (24 bytes each), before compression.
+    pub fn to_compact_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.chunks.len() * COMPACT_RECORD_LEN);
+        for c in &self.chunks {
+            out.extend_from_slice(&c.stored_len.to_le_bytes());
+            out.extend_from_slice(&c.raw_len.to_le_bytes());
+            out.extend_from_slice(&c.sha256[..COMPACT_HASH_LEN]);
+        }
+        out
+    }
+
+    /// What an entry of this index holds for the chunk `raw` (see [`chunk_key`]).
+    pub fn key_of(&self, raw: &[u8]) -> [u8; 32] {
+        chunk_key(raw, self.hash_len)
     }
 
     /// Bytes of the image decompressed.
@@ -167,22 +262,114 @@ pub enum ChunkError {
 }
 
 /// Decompresses chunk frames and checks them; keeps its buffers between chunks.
-#[derive(Default)]
+///
+/// For format 3 ([`ChunkDecoder::for_index`] with a history) it also keeps the last
+/// `history` bytes of the image, the context every frame is compressed with: the caller hands
+/// it every chunk in image order, decoded here or taken from elsewhere ([`Self::remember`]).
 pub struct ChunkDecoder {
     decoder: Option<ruzstd::decoding::FrameDecoder>,
     out: Vec<u8>,
+    hash_len: usize,
+    /// Format 3: how many image bytes before a chunk its frame was compressed with.
+    history: usize,
+    /// The image bytes before the next chunk (the last `history` of them are used); grows to
+    /// twice `history` before the old half is dropped, so each byte is moved about once.
+    recent: Vec<u8>,
+    /// The chunk the next one follows: a frame decodes only after its predecessor was seen.
+    next: usize,
 }
 
+impl Default for ChunkDecoder {
+    fn default() -> Self {
+        ChunkDecoder {
+            decoder: None,
+            out: Vec::new(),
+            hash_len: 32,
+            history: 0,
+            recent: Vec::new(),
+            next: 0,
+        }
+    }
+}
+
+/// The tables of a zstd dictionary whose content is replaced by each chunk's history: ruzstd
+/// takes a raw-content prefix only as a dictionary. Frames compressed with a raw-content
+/// prefix never refer to these tables (a compressor has no entropy tables for raw content),
+/// so they only have to be valid. Made once by the C library (`ZDICT_trainFromBuffer`);
+/// `tests::the_prefix_template_is_a_valid_dictionary` checks it.
+const PREFIX_TEMPLATE: [u8; 167] = [
+    55, 164, 48, 236, 5, 102, 1, 111, 78, 16, 16, 106, 89, 117, 39, 242, 53, 23, 78, 55, 124, 79,
+    219, 243, 39, 190, 86, 131, 74, 44, 198, 158, 156, 222, 53, 225, 206, 170, 56, 223, 124, 19,
+    97, 47, 129, 173, 197, 63, 209, 15, 199, 115, 238, 184, 88, 187, 41, 197, 140, 27, 142, 198, 1,
+    117, 175, 149, 223, 43, 93, 122, 176, 122, 40, 63, 212, 120, 167, 146, 200, 2, 26, 27, 223,
+    247, 183, 45, 83, 115, 5, 32, 28, 28, 15, 9, 229, 202, 182, 75, 0, 4, 64, 147, 145, 76, 140,
+    71, 18, 217, 32, 6, 242, 24, 68, 65, 140, 81, 18, 1, 0, 8, 0, 132, 0, 0, 24, 128, 33, 2, 0, 0,
+    0, 0, 212, 134, 209, 209, 71, 67, 129, 52, 202, 130, 28, 134, 81, 200, 49, 133, 24, 170, 25, 1,
+    0, 0, 0, 1, 0, 0, 0, 4, 0, 0, 0, 8, 0, 0, 0,
+];
+
+/// The dictionary id in [`PREFIX_TEMPLATE`] (bytes 4..8).
+const PREFIX_DICT_ID: u32 = u32::from_le_bytes([5, 102, 1, 111]);
+
 impl ChunkDecoder {
+    /// A decoder for format-2 frames (no history, full sha256).
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A decoder for the chunks of `index`, whose frames were compressed with `history`
+    /// bytes of context (format 3; 0 for format 2).
+    pub fn for_index(index: &ChunkIndex, history: u32) -> Self {
+        ChunkDecoder {
+            hash_len: index.hash_len,
+            history: history as usize,
+            ..Self::default()
+        }
+    }
+
+    /// Chunk `index` was obtained without decoding (from a seed, or already on the slot):
+    /// its bytes are the context of the next frame. Call in image order.
+    pub fn remember(&mut self, index: usize, raw: &[u8]) {
+        if self.history == 0 {
+            return;
+        }
+        if index != self.next {
+            // A gap (resumed chunks): the caller hands the bytes before `index` first.
+            self.recent.clear();
+        }
+        self.push_recent(raw);
+        self.next = index + 1;
+    }
+
+    /// The image bytes right before chunk `index` are `bytes` (at most `history` are kept):
+    /// for a resume that starts in the middle of the image.
+    pub fn set_context(&mut self, index: usize, bytes: &[u8]) {
+        self.recent.clear();
+        self.push_recent(bytes);
+        self.next = index;
+    }
+
+    fn push_recent(&mut self, raw: &[u8]) {
+        if raw.len() >= self.history {
+            self.recent.clear();
+            self.recent
+                .extend_from_slice(&raw[raw.len() - self.history..]);
+            return;
+        }
+        if self.recent.len() + raw.len() > 2 * self.history {
+            let keep = self.history - raw.len();
+            let drop = self.recent.len() - keep.min(self.recent.len());
+            self.recent.drain(..drop);
+        }
+        self.recent.extend_from_slice(raw);
     }
 
     /// The raw bytes of chunk `index` from its stored `frame`, checked against `entry`'s
     /// length and sha256. The frame must be exactly one zstd frame whose window is at most
     /// [`max_chunk_window`]: the decoder holds a whole window before it can tell that the
     /// output is longer than the signed length, and the frame is not verified yet.
-    /// Decompression never writes more than the signed length.
+    /// Decompression never writes more than the signed length. With a history, chunk
+    /// `index - 1` must have been decoded or [remembered](Self::remember) just before.
     pub fn decode(
         &mut self,
         index: usize,
@@ -199,42 +386,23 @@ impl ChunkDecoder {
                 entry.raw_len
             )));
         }
-        let want = entry.raw_len as usize;
-        self.out.clear();
-        // One byte of room past the signed length tells "too long" from "exactly right".
-        self.out.resize(want + 1, 0);
         let decoder = self
             .decoder
             .get_or_insert_with(ruzstd::decoding::FrameDecoder::new);
-        let mut input = frame;
-        decoder
-            .reset(&mut input)
-            .map_err(|e| corrupt(e.to_string()))?;
-        let mut got = 0;
-        loop {
-            decoder
-                .decode_blocks(
-                    &mut input,
-                    ruzstd::decoding::BlockDecodingStrategy::UptoBytes(1 << 20),
-                )
-                .map_err(|e| corrupt(e.to_string()))?;
-            got += decoder
-                .read(&mut self.out[got..])
-                .map_err(|e| corrupt(e.to_string()))?;
-            if decoder.can_collect() != 0 {
-                got = want + 1; // more than the room: longer than signed
-                break;
+        let context = if self.history > 0 {
+            if index != self.next {
+                return Err(corrupt(format!(
+                    "its context (the image before it) is unknown: chunk {} came last",
+                    self.next as i64 - 1
+                )));
             }
-            if decoder.is_finished() {
-                break;
-            }
-        }
-        if got == want && !input.is_empty() {
-            return Err(corrupt(format!(
-                "{} bytes follow its zstd frame",
-                input.len()
-            )));
-        }
+            let at = self.recent.len().saturating_sub(self.history);
+            Some(&self.recent[at..])
+        } else {
+            None
+        };
+        let want = entry.raw_len as usize;
+        let got = decompress_with(decoder, frame, context, want, &mut self.out).map_err(corrupt)?;
         if got != want {
             return Err(ChunkError::Length {
                 index,
@@ -242,10 +410,84 @@ impl ChunkDecoder {
                 actual: got,
             });
         }
-        let raw = &self.out[..want];
-        check_chunk(index, entry, raw)?;
-        Ok(raw)
+        check_chunk(index, entry, &self.out[..want], self.hash_len)?;
+        if self.history > 0 {
+            let out = std::mem::take(&mut self.out);
+            self.push_recent(&out[..want]);
+            self.out = out;
+            self.next = index + 1;
+        }
+        Ok(&self.out[..want])
     }
+}
+
+/// Decompress the single zstd `frame` into `out` (resized), writing at most `want` + 1 bytes;
+/// returns how many it held (`want` + 1 means "longer than `want`"). Anything after the frame
+/// is an error.
+fn decompress_exact(
+    decoder: &mut ruzstd::decoding::FrameDecoder,
+    frame: &[u8],
+    want: usize,
+    out: &mut Vec<u8>,
+) -> Result<usize, String> {
+    if let Ok(window) = frame_window_size(frame) {
+        let limit = (want as u64).next_power_of_two().max(8 << 20);
+        if window > limit {
+            return Err(format!(
+                "its zstd frame asks for a {window}-byte window, more than the {limit} bytes \
+                 it may"
+            ));
+        }
+    }
+    decompress_with(decoder, frame, None, want, out)
+}
+
+/// [`decompress_exact`] with `context` as the frame's raw-content prefix.
+fn decompress_with(
+    decoder: &mut ruzstd::decoding::FrameDecoder,
+    frame: &[u8],
+    context: Option<&[u8]>,
+    want: usize,
+    out: &mut Vec<u8>,
+) -> Result<usize, String> {
+    out.clear();
+    // One byte of room past the signed length tells "too long" from "exactly right".
+    out.resize(want + 1, 0);
+    let mut input = frame;
+    decoder.reset(&mut input).map_err(|e| e.to_string())?;
+    if let Some(context) = context {
+        let mut dict = ruzstd::decoding::Dictionary::decode_dict(&PREFIX_TEMPLATE)
+            .map_err(|e| format!("the context template: {e}"))?;
+        dict.dict_content = context.to_vec();
+        decoder.add_dict(dict).map_err(|e| e.to_string())?;
+        decoder
+            .force_dict(PREFIX_DICT_ID)
+            .map_err(|e| e.to_string())?;
+        // The decoder copied the context; do not keep a second copy until the next chunk.
+        if let Ok(empty) = ruzstd::decoding::Dictionary::decode_dict(&PREFIX_TEMPLATE) {
+            let _ = decoder.add_dict(empty);
+        }
+    }
+    let mut got = 0;
+    loop {
+        decoder
+            .decode_blocks(
+                &mut input,
+                ruzstd::decoding::BlockDecodingStrategy::UptoBytes(1 << 20),
+            )
+            .map_err(|e| e.to_string())?;
+        got += decoder.read(&mut out[got..]).map_err(|e| e.to_string())?;
+        if decoder.can_collect() != 0 {
+            return Ok(want + 1); // more than the room: longer than signed
+        }
+        if decoder.is_finished() {
+            break;
+        }
+    }
+    if got == want && !input.is_empty() {
+        return Err(format!("{} bytes follow its zstd frame", input.len()));
+    }
+    Ok(got)
 }
 
 /// The largest zstd window a chunk of `raw_len` bytes may ask for: the window a compressor
@@ -280,8 +522,22 @@ pub fn frame_window_size(frame: &[u8]) -> Result<u64, &'static str> {
     Ok(if size_len == 2 { size + 256 } else { size })
 }
 
-/// Check raw chunk bytes (decompressed, or read from a seed) against the index entry.
-pub fn check_chunk(index: usize, entry: &ChunkEntry, raw: &[u8]) -> Result<(), ChunkError> {
+/// The sha256 of `raw` as an index with `hash_len`-byte hashes holds it: its first
+/// `hash_len` bytes, the rest zero.
+pub fn chunk_key(raw: &[u8], hash_len: usize) -> [u8; 32] {
+    let mut key: [u8; 32] = Sha256::digest(raw).into();
+    key[hash_len.min(32)..].fill(0);
+    key
+}
+
+/// Check raw chunk bytes (decompressed, or read from a seed) against the index entry (of an
+/// index with `hash_len`-byte hashes).
+pub fn check_chunk(
+    index: usize,
+    entry: &ChunkEntry,
+    raw: &[u8],
+    hash_len: usize,
+) -> Result<(), ChunkError> {
     if raw.len() != entry.raw_len as usize {
         return Err(ChunkError::Length {
             index,
@@ -289,12 +545,13 @@ pub fn check_chunk(index: usize, entry: &ChunkEntry, raw: &[u8]) -> Result<(), C
             actual: raw.len(),
         });
     }
-    let actual: [u8; 32] = Sha256::digest(raw).into();
+    let actual = chunk_key(raw, hash_len);
     if actual != entry.sha256 {
+        let len = hash_len.min(32);
         return Err(ChunkError::Hash {
             index,
-            expected: hex::encode(entry.sha256),
-            actual: hex::encode(actual),
+            expected: hex::encode(&entry.sha256[..len]),
+            actual: hex::encode(&actual[..len]),
         });
     }
     Ok(())
@@ -323,7 +580,7 @@ impl FetchRange {
 
 /// Gaps between needed chunks up to this size are downloaded rather than skipped: a request
 /// costs a round trip and some hundred bytes of headers, and hawkBit logs each one.
-pub const NEAR_GAP: u64 = 16 << 10;
+pub const NEAR_GAP: u64 = 4 << 10;
 
 /// The ranges that fetch every chunk for which `needed` is true: adjacent chunks share a
 /// range, gaps of at most `near_gap` bytes are merged, and then the smallest gaps are merged
@@ -437,6 +694,7 @@ mod tests {
     fn index_of(stored: &[u32]) -> ChunkIndex {
         let mut offset = 0;
         ChunkIndex {
+            hash_len: 32,
             chunks: stored
                 .iter()
                 .map(|&s| {
@@ -458,6 +716,7 @@ mod tests {
             index_size: chunks * RECORD_LEN as u64,
             index_sha256: "0".repeat(64),
             chunks,
+            history: None,
         }
     }
 
@@ -465,18 +724,21 @@ mod tests {
     fn an_index_round_trips_and_inconsistent_ones_are_refused() {
         let index = index_of(&[10, 20, 30]);
         let bytes = index.to_bytes();
-        assert_eq!(ChunkIndex::parse(&bytes, &info(3, 300), 60).unwrap(), index);
-        let err = ChunkIndex::parse(&bytes, &info(3, 300), 61).unwrap_err();
+        assert_eq!(
+            ChunkIndex::parse(&bytes, &info(3, 300), 60, 2).unwrap(),
+            index
+        );
+        let err = ChunkIndex::parse(&bytes, &info(3, 300), 61, 2).unwrap_err();
         assert!(err.to_string().contains("image member has 61"), "{err}");
-        let err = ChunkIndex::parse(&bytes, &info(3, 301), 60).unwrap_err();
+        let err = ChunkIndex::parse(&bytes, &info(3, 301), 60, 2).unwrap_err();
         assert!(err.to_string().contains("image has 301"), "{err}");
-        let err = ChunkIndex::parse(&bytes, &info(4, 300), 60).unwrap_err();
+        let err = ChunkIndex::parse(&bytes, &info(4, 300), 60, 2).unwrap_err();
         assert!(err.to_string().contains("3 records"), "{err}");
         let mut overlapping = index.clone();
         overlapping.chunks[1].offset = 5;
-        let err = ChunkIndex::parse(&overlapping.to_bytes(), &info(3, 300), 60).unwrap_err();
+        let err = ChunkIndex::parse(&overlapping.to_bytes(), &info(3, 300), 60, 2).unwrap_err();
         assert!(err.to_string().contains("chunk 1 starts at 5"), "{err}");
-        let err = ChunkIndex::parse(&bytes[..47], &info(3, 300), 60).unwrap_err();
+        let err = ChunkIndex::parse(&bytes[..47], &info(3, 300), 60, 2).unwrap_err();
         assert!(err.to_string().contains("whole number"), "{err}");
     }
 
@@ -539,6 +801,147 @@ mod tests {
         let entry = rle_entry(100 << 10, &long);
         let err = ChunkDecoder::new().decode(0, &entry, &long).unwrap_err();
         assert!(matches!(err, ChunkError::Length { .. }), "{err}");
+    }
+
+    #[test]
+    fn the_prefix_template_is_a_valid_dictionary() {
+        let dict = ruzstd::decoding::Dictionary::decode_dict(&PREFIX_TEMPLATE).unwrap();
+        assert_eq!(dict.id, PREFIX_DICT_ID);
+        // The repeat offsets a compressor starts with when given raw content (RFC 8878).
+        assert_eq!(dict.offset_hist, [1, 4, 8]);
+        assert!(dict.dict_content.is_empty());
+    }
+
+    /// Text-like bytes that repeat across chunks (so that the history matters).
+    fn words(len: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed | 1;
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            out.extend_from_slice(
+                [&b"slot "[..], b"chunk ", b"delta ", b"zstd\n"][(state % 4) as usize],
+            );
+            out.extend_from_slice(format!("{} ", state % 1000).as_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+
+    /// Frames of `chunks` compressed as format 3 does (each with the `history` bytes before it).
+    fn context_frames(chunks: &[&[u8]], history: usize) -> (ChunkIndex, Vec<Vec<u8>>) {
+        let mut image = Vec::new();
+        let mut index = ChunkIndex {
+            chunks: Vec::new(),
+            hash_len: COMPACT_HASH_LEN,
+        };
+        let mut frames = Vec::new();
+        let mut offset = 0;
+        for chunk in chunks {
+            let mut cctx = zstd::zstd_safe::CCtx::create();
+            let context = &image[image.len().saturating_sub(history)..];
+            if !context.is_empty() {
+                cctx.ref_prefix(context).unwrap();
+            }
+            let mut frame = Vec::with_capacity(chunk.len() + 1024);
+            cctx.compress2(&mut frame, chunk).unwrap();
+            drop(cctx);
+            index.chunks.push(ChunkEntry {
+                offset,
+                stored_len: frame.len() as u32,
+                raw_len: chunk.len() as u32,
+                sha256: chunk_key(chunk, COMPACT_HASH_LEN),
+            });
+            offset += frame.len() as u64;
+            frames.push(frame);
+            image.extend_from_slice(chunk);
+        }
+        (index, frames)
+    }
+
+    #[test]
+    fn context_frames_decode_in_order_with_the_image_before_them() {
+        // Chunks that repeat an earlier one, as file systems repeat blocks.
+        let image: Vec<u8> = (0..9)
+            .flat_map(|i| words(7_000, 10 + 2 * (i % 2)))
+            .collect();
+        let chunks: Vec<&[u8]> = image.chunks(7_000).collect();
+        let (index, frames) = context_frames(&chunks, 16_384);
+        // The context pays: a chunk like one in the history costs next to nothing.
+        let alone = zstd::bulk::compress(chunks[5], 3).unwrap();
+        assert!(
+            frames[5].len() < alone.len() / 10,
+            "{} vs {}",
+            frames[5].len(),
+            alone.len()
+        );
+
+        let mut decoder = ChunkDecoder::for_index(&index, 16_384);
+        let mut rebuilt = Vec::new();
+        for (i, (entry, frame)) in index.chunks.iter().zip(&frames).enumerate() {
+            if i == 3 {
+                // A chunk taken from elsewhere (a seed) is remembered, not decoded.
+                decoder.remember(i, chunks[i]);
+                rebuilt.extend_from_slice(chunks[i]);
+                continue;
+            }
+            rebuilt.extend_from_slice(decoder.decode(i, entry, frame).unwrap());
+        }
+        assert_eq!(rebuilt, image);
+
+        // Out of order: the decoder does not know the context and says so.
+        let mut decoder = ChunkDecoder::for_index(&index, 16_384);
+        let err = decoder.decode(4, &index.chunks[4], &frames[4]).unwrap_err();
+        assert!(err.to_string().contains("context"), "{err}");
+        // With the image before it given (a resume), the same frame decodes.
+        decoder.set_context(4, &image[..4 * 7_000]);
+        assert_eq!(
+            decoder.decode(4, &index.chunks[4], &frames[4]).unwrap(),
+            chunks[4]
+        );
+        // With the wrong context it does not give the signed bytes.
+        decoder.set_context(6, &words(6 * 7_000, 2));
+        assert!(decoder.decode(6, &index.chunks[6], &frames[6]).is_err());
+    }
+
+    fn compact_info(chunks: u64, image_size: u64, index_size: u64) -> ChunkedInfo {
+        ChunkedInfo {
+            index_size,
+            history: Some(4096),
+            ..info(chunks, image_size)
+        }
+    }
+
+    #[test]
+    fn a_compact_index_round_trips_and_bad_ones_are_refused() {
+        let mut index = index_of(&[10, 20, 30]);
+        index.hash_len = COMPACT_HASH_LEN;
+        for (i, c) in index.chunks.iter_mut().enumerate() {
+            c.sha256 = chunk_key(&[i as u8], COMPACT_HASH_LEN);
+        }
+        let stored = zstd::bulk::compress(&index.to_compact_bytes(), 19).unwrap();
+        let info = compact_info(3, 300, stored.len() as u64);
+        assert_eq!(ChunkIndex::parse(&stored, &info, 60, 3).unwrap(), index);
+        // Fewer records than the manifest says, or more: refused, and never decoded past
+        // the size the record count gives.
+        let err = ChunkIndex::parse(&stored, &compact_info(4, 300, 1), 60, 3).unwrap_err();
+        assert!(
+            err.to_string().contains("decompresses to 72 bytes"),
+            "{err}"
+        );
+        let err = ChunkIndex::parse(&stored, &compact_info(2, 300, 1), 60, 3).unwrap_err();
+        assert!(err.to_string().contains("chunk index"), "{err}");
+        // Not zstd, or a frame asking for a huge window: refused before decoding.
+        let err = ChunkIndex::parse(&[1, 2, 3, 4, 5, 6], &info, 60, 3).unwrap_err();
+        assert!(err.to_string().contains("chunk index"), "{err}");
+        let huge = rle_frame((30 - 10) << 3, 2);
+        let err = ChunkIndex::parse(&huge, &info, 60, 3).unwrap_err();
+        assert!(err.to_string().contains("window"), "{err}");
+        // A frame that decompresses to much more than the records: refused at the limit.
+        let bomb = zstd::bulk::compress(&vec![0u8; 10 << 20], 19).unwrap();
+        let err = ChunkIndex::parse(&bomb, &info, 60, 3).unwrap_err();
+        assert!(err.to_string().contains("records need 72"), "{err}");
     }
 
     #[test]

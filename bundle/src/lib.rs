@@ -9,7 +9,8 @@
 //!
 //! Format 2 ([`chunked`]) puts a chunk index between the signature and the image, and stores the
 //! image as content-defined chunks ([`chunk`]), each its own zstd frame, so a device can reuse
-//! the chunks it already has and fetch only the others.
+//! the chunks it already has and fetch only the others. Format 3 compresses each frame with the
+//! image bytes before it as context and compacts the index.
 //!
 //! The order is what makes streaming possible: a device reads the manifest and its signature
 //! first, checks them against its trusted keys *before a single image byte is written*, then
@@ -27,11 +28,13 @@ mod tar;
 mod writer;
 
 pub use chunk::{Chunker, ChunkerParams};
-pub use chunked::{ChunkDecoder, ChunkEntry, ChunkError, ChunkIndex, DeltaPlan, FetchRange};
+pub use chunked::{
+    chunk_key, ChunkDecoder, ChunkEntry, ChunkError, ChunkIndex, DeltaPlan, FetchRange,
+};
 pub use keys::{generate_keypair, KeyError, PublicKey, SecretKey};
 pub use manifest::{
     ChunkedInfo, Compression, ImageInfo, Manifest, SignatureEntry, Signatures, FORMAT_CHUNKED,
-    FORMAT_VERSION,
+    FORMAT_CHUNKED_CONTEXT, FORMAT_VERSION, MAX_HISTORY,
 };
 pub use reader::{
     looks_like_bundle, read_manifest_unverified, read_prefix_verified, read_unverified,
@@ -40,7 +43,7 @@ pub use reader::{
 #[cfg(feature = "create")]
 pub use writer::{
     compression_of, create_bundle, create_chunked_bundle, ChunkedOptions, CreateOptions,
-    DEFAULT_AVERAGE_CHUNK, INDEX_NAME,
+    DEFAULT_AVERAGE_CHUNK, DEFAULT_HISTORY, INDEX_NAME,
 };
 
 /// Name of the first member of every bundle.

@@ -10,6 +10,14 @@ pub const FORMAT_VERSION: u32 = 1;
 /// Format 2: a chunked image (see [`crate::chunked`]). A device refuses numbers it does not
 /// know rather than guess what a newer vendor tool meant.
 pub const FORMAT_CHUNKED: u32 = 2;
+/// Format 3: a chunked image whose frames are compressed with the image bytes before them as
+/// context (`chunked.history`), with a compact, compressed index (see [`crate::chunked`]).
+/// A device that reads only formats 1 and 2 refuses it up front (`format 3 is not supported`).
+pub const FORMAT_CHUNKED_CONTEXT: u32 = 3;
+
+/// Largest `chunked.history` a device accepts: it keeps that many bytes of the image in
+/// memory (twice, once in its decoder) while it installs.
+pub const MAX_HISTORY: u32 = 1 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -41,6 +49,10 @@ pub struct ChunkedInfo {
     pub index_size: u64,
     /// sha256 of the index member, lower-case hex.
     pub index_sha256: String,
+    /// Format 3 only: every chunk's zstd frame is compressed with the `history` image bytes
+    /// right before the chunk (fewer at the image's start) as a raw-content prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,10 +105,10 @@ impl Manifest {
 
     pub fn validate(&self) -> Result<(), BundleError> {
         let fail = |why: String| Err(BundleError::Manifest(why));
-        if self.format != FORMAT_VERSION && self.format != FORMAT_CHUNKED {
+        if ![FORMAT_VERSION, FORMAT_CHUNKED, FORMAT_CHUNKED_CONTEXT].contains(&self.format) {
             return fail(format!(
-                "format {} is not supported (this device reads formats {FORMAT_VERSION} and \
-                 {FORMAT_CHUNKED})",
+                "format {} is not supported (this device reads formats {FORMAT_VERSION}, \
+                 {FORMAT_CHUNKED} and {FORMAT_CHUNKED_CONTEXT})",
                 self.format
             ));
         }
@@ -116,10 +128,12 @@ impl Manifest {
         let chunked_image = self.image.compression == Compression::ZstdChunks;
         match (&self.chunked, self.format) {
             (None, FORMAT_VERSION) if !chunked_image => Ok(()),
-            (Some(chunked), FORMAT_CHUNKED) if chunked_image => chunked.validate(name),
+            (Some(chunked), FORMAT_CHUNKED | FORMAT_CHUNKED_CONTEXT) if chunked_image => {
+                chunked.validate(name, self.format)
+            }
             _ => fail(format!(
-                "format {} with compression {:?} and {} chunk index: format 2, compression \
-                 zstd-chunks and a chunk index go together",
+                "format {} with compression {:?} and {} chunk index: format 2 or 3, \
+                 compression zstd-chunks and a chunk index go together",
                 self.format,
                 self.image.compression,
                 if self.chunked.is_some() { "a" } else { "no" }
@@ -136,7 +150,7 @@ impl Manifest {
 }
 
 impl ChunkedInfo {
-    fn validate(&self, image_name: &str) -> Result<(), BundleError> {
+    fn validate(&self, image_name: &str, format: u32) -> Result<(), BundleError> {
         let fail = |why: String| Err(BundleError::Manifest(why));
         if self.algorithm != crate::chunk::ALGORITHM {
             return fail(format!(
@@ -157,21 +171,34 @@ impl ChunkedInfo {
                 "index name {name:?} must be a plain file name of at most 100 bytes, not the image's"
             ));
         }
+        let record = crate::chunked::record_len(format) as u64;
+        let records = self.chunks.saturating_mul(record);
+        // Format 3 stores its records zstd-compressed: any size up to the cap.
+        let stored_ok = match format {
+            FORMAT_CHUNKED => self.index_size == records,
+            _ => self.index_size > 0,
+        };
         if self.index_size > crate::chunked::MAX_INDEX_SIZE
-            || self.index_size
-                != self
-                    .chunks
-                    .saturating_mul(crate::chunked::RECORD_LEN as u64)
+            || records > crate::chunked::MAX_INDEX_SIZE
+            || !stored_ok
         {
             return fail(format!(
-                "index of {} bytes for {} chunks (records of {} bytes, at most {} bytes)",
+                "index of {} bytes for {} chunks (records of {record} bytes, at most {} bytes)",
                 self.index_size,
                 self.chunks,
-                crate::chunked::RECORD_LEN,
                 crate::chunked::MAX_INDEX_SIZE
             ));
         }
-        Ok(())
+        match (format, self.history) {
+            (FORMAT_CHUNKED, None) => Ok(()),
+            (FORMAT_CHUNKED_CONTEXT, Some(history)) if (1..=MAX_HISTORY).contains(&history) => {
+                Ok(())
+            }
+            (format, history) => fail(format!(
+                "format {format} with chunk history {history:?}: format 3 needs a history of \
+                 1 to {MAX_HISTORY} bytes, format 2 has none"
+            )),
+        }
     }
 }
 
@@ -247,5 +274,65 @@ mod tests {
             Manifest::parse(b"{not json"),
             Err(BundleError::Manifest(_))
         ));
+    }
+
+    fn chunked(format: u32, history: Option<u32>) -> Manifest {
+        Manifest {
+            format,
+            image: ImageInfo {
+                name: "rootfs.chunks".into(),
+                compression: Compression::ZstdChunks,
+                ..sample().image
+            },
+            chunked: Some(ChunkedInfo {
+                algorithm: crate::chunk::ALGORITHM.into(),
+                chunker: ChunkerParams::with_average(16384),
+                image_size: 1 << 20,
+                image_sha256: "b".repeat(64),
+                chunks: 64,
+                index_name: "chunks.idx".into(),
+                index_size: if format == FORMAT_CHUNKED {
+                    64 * 48
+                } else {
+                    900
+                },
+                index_sha256: "c".repeat(64),
+                history,
+            }),
+            ..sample()
+        }
+    }
+
+    #[test]
+    fn formats_2_and_3_go_with_their_history_and_index() {
+        let ok = chunked(FORMAT_CHUNKED, None);
+        assert_eq!(Manifest::parse(&ok.to_bytes()).unwrap(), ok);
+        let ok = chunked(FORMAT_CHUNKED_CONTEXT, Some(128 << 10));
+        assert_eq!(Manifest::parse(&ok.to_bytes()).unwrap(), ok);
+        for (format, history) in [
+            (FORMAT_CHUNKED, Some(4096)),
+            (FORMAT_CHUNKED_CONTEXT, None),
+            (FORMAT_CHUNKED_CONTEXT, Some(0)),
+            (FORMAT_CHUNKED_CONTEXT, Some(MAX_HISTORY + 1)),
+        ] {
+            let err = Manifest::parse(&chunked(format, history).to_bytes()).unwrap_err();
+            assert!(
+                err.to_string().contains("history"),
+                "{format} {history:?}: {err}"
+            );
+        }
+        // A format-3 index larger than a device reads, compressed or not, is refused.
+        let mut big = chunked(FORMAT_CHUNKED_CONTEXT, Some(4096));
+        big.chunked.as_mut().unwrap().chunks = crate::chunked::MAX_INDEX_SIZE;
+        let err = Manifest::parse(&big.to_bytes()).unwrap_err();
+        assert!(err.to_string().contains("at most"), "{err}");
+        // A later format is refused by its number.
+        let mut later = chunked(FORMAT_CHUNKED_CONTEXT, Some(4096));
+        later.format = 4;
+        let err = Manifest::parse(&later.to_bytes()).unwrap_err();
+        assert!(
+            err.to_string().contains("format 4 is not supported"),
+            "{err}"
+        );
     }
 }

@@ -106,7 +106,7 @@ fn member_span(size: u64) -> u64 {
     BLOCK as u64 + size + tar::padding(size)
 }
 
-/// The chunk index member of a format-2 bundle, checked against the manifest's size and
+/// The chunk index member of a chunked (format 2 or 3) bundle, checked against the manifest's size and
 /// sha256 (which the caller has verified, or displays as unverified) and parsed.
 fn read_index<R: Read>(
     reader: &mut R,
@@ -130,7 +130,7 @@ fn read_index<R: Read>(
             chunked.index_sha256
         )));
     }
-    ChunkIndex::parse(&bytes, chunked, manifest.image.size).map(Some)
+    ChunkIndex::parse(&bytes, chunked, manifest.image.size, manifest.format).map(Some)
 }
 
 /// The image of a verified bundle, as a `Read`. Reading to the end checks the image's size and

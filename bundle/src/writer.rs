@@ -12,6 +12,7 @@ use crate::chunk::{Chunker, ChunkerParams};
 use crate::chunked::{ChunkEntry, ChunkIndex};
 use crate::manifest::{
     ChunkedInfo, Compression, ImageInfo, Manifest, SignatureEntry, Signatures, FORMAT_CHUNKED,
+    FORMAT_CHUNKED_CONTEXT,
 };
 use crate::tar;
 use crate::{BundleError, SecretKey, FORMAT_VERSION, MANIFEST_NAME, SIGNATURE_NAME};
@@ -65,12 +66,17 @@ pub fn create_bundle<W: Write>(
     Ok(manifest)
 }
 
-/// How a format-2 bundle is cut and compressed.
+/// How a chunked (format 2 or 3) bundle is cut and compressed.
 #[derive(Debug, Clone, Copy)]
 pub struct ChunkedOptions {
     pub chunker: ChunkerParams,
     /// zstd level of every chunk (1..=22).
     pub zstd_level: i32,
+    /// [`FORMAT_CHUNKED_CONTEXT`] (3, the default) or [`FORMAT_CHUNKED`] (2, for agents
+    /// that read only formats 1 and 2).
+    pub format: u32,
+    /// Format 3: bytes of the image before each chunk its frame is compressed with.
+    pub history: u32,
 }
 
 impl Default for ChunkedOptions {
@@ -78,17 +84,22 @@ impl Default for ChunkedOptions {
         ChunkedOptions {
             chunker: ChunkerParams::with_average(DEFAULT_AVERAGE_CHUNK),
             zstd_level: 19,
+            format: FORMAT_CHUNKED_CONTEXT,
+            history: DEFAULT_HISTORY,
         }
     }
 }
 
-/// Default average chunk size (BENCHMARKS.md, "chunk size", has the measurements).
-pub const DEFAULT_AVERAGE_CHUNK: u32 = 64 << 10;
+/// Default average chunk size (BENCHMARKS.md, "Delta updates", has the measurements).
+pub const DEFAULT_AVERAGE_CHUNK: u32 = 16 << 10;
+
+/// Default context of every format-3 frame: the 128 KiB of the image before its chunk.
+pub const DEFAULT_HISTORY: u32 = 128 << 10;
 
 /// Name of the chunk index member of bundles this tool writes.
 pub const INDEX_NAME: &str = "chunks.idx";
 
-/// Writes a format-2 (chunked) bundle of the raw image at `image` to `out`. The compressed
+/// Writes a chunked (format 2 or 3) bundle of the raw image at `image` to `out`. The compressed
 /// chunks go to an unlinked temporary file first, because the manifest that comes first names
 /// their sizes and hashes.
 pub fn create_chunked_bundle<W: Write>(
@@ -112,7 +123,41 @@ pub fn create_chunked_bundle<W: Write>(
 
     let mut frames = unlinked_temp_file()?;
     let mut frames_out = io::BufWriter::with_capacity(1 << 20, &mut frames);
-    let mut compressor = zstd::bulk::Compressor::new(chunked.zstd_level)?;
+    let history = match chunked.format {
+        FORMAT_CHUNKED => 0,
+        FORMAT_CHUNKED_CONTEXT => chunked.history as usize,
+        other => {
+            return Err(BundleError::Manifest(format!(
+            "chunked bundles are format {FORMAT_CHUNKED} or {FORMAT_CHUNKED_CONTEXT}, not {other}"
+        )))
+        }
+    };
+    // The image bytes before the next chunk: up to twice `history`, trimmed to `history`.
+    let mut recent: Vec<u8> = Vec::new();
+    let mut compress = |chunk: &[u8]| -> Result<Vec<u8>, BundleError> {
+        let mut cctx = zstd::zstd_safe::CCtx::create();
+        let zstd_error =
+            |code| io::Error::other(format!("zstd: {}", zstd::zstd_safe::get_error_name(code)));
+        cctx.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(
+            chunked.zstd_level,
+        ))
+        .map_err(zstd_error)?;
+        let context = &recent[recent.len().saturating_sub(history)..];
+        if !context.is_empty() {
+            cctx.ref_prefix(context).map_err(zstd_error)?;
+        }
+        let mut frame = Vec::with_capacity(chunk.len() + chunk.len() / 128 + 1024);
+        cctx.compress2(&mut frame, chunk).map_err(zstd_error)?;
+        drop(cctx);
+        if history > 0 {
+            if recent.len() + chunk.len() > 2 * history {
+                let keep = history.saturating_sub(chunk.len()).min(recent.len());
+                recent.drain(..recent.len() - keep);
+            }
+            recent.extend_from_slice(chunk);
+        }
+        Ok(frame)
+    };
     let (mut image_hash, mut stored_hash) = (Sha256::new(), Sha256::new());
     let mut index = ChunkIndex::default();
     let mut stored = 0u64;
@@ -120,7 +165,7 @@ pub fn create_chunked_bundle<W: Write>(
         BufReader::with_capacity(1 << 20, source),
         |_, chunk| {
             image_hash.update(chunk);
-            let frame = compressor.compress(chunk)?;
+            let frame = compress(chunk)?;
             stored_hash.update(&frame);
             frames_out.write_all(&frame)?;
             index.chunks.push(ChunkEntry {
@@ -141,9 +186,13 @@ pub fn create_chunked_bundle<W: Write>(
             image.display()
         )));
     }
-    let index_bytes = index.to_bytes();
+    let index_bytes = if history == 0 {
+        index.to_bytes()
+    } else {
+        zstd::bulk::compress(&index.to_compact_bytes(), 19)?
+    };
     let manifest = Manifest {
-        format: FORMAT_CHUNKED,
+        format: chunked.format,
         compatible: options.compatible.clone(),
         version: options.version.clone(),
         image: ImageInfo {
@@ -161,6 +210,7 @@ pub fn create_chunked_bundle<W: Write>(
             index_name: INDEX_NAME.into(),
             index_size: index_bytes.len() as u64,
             index_sha256: hex::encode(Sha256::digest(&index_bytes)),
+            history: (history > 0).then_some(chunked.history),
         }),
     };
     let mut out = io::BufWriter::new(out);

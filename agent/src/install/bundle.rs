@@ -65,21 +65,23 @@ pub fn open<'a>(
     open_image(policy, artifact, slot_capacity).map(|opened| opened.reader)
 }
 
-/// The image stream of an artifact, and for a format-2 bundle its verified chunk index.
+/// The image stream of an artifact, and for a chunked (format 2 or 3) bundle its verified chunk index.
 pub struct Opened<'a> {
     pub reader: Box<dyn Read + 'a>,
     pub chunked: Option<SignedChunks>,
 }
 
-/// What the signature vouches for in a format-2 bundle.
+/// What the signature vouches for in a chunked (format 2 or 3) bundle.
 #[derive(Debug, Clone)]
 pub struct SignedChunks {
     pub index: ChunkIndex,
     /// sha256 of the decompressed image.
     pub image_sha256: String,
+    /// Format 3: image bytes before each chunk its frame is compressed with (0: format 2).
+    pub history: u32,
 }
 
-/// [`open`], also handing out the chunk index of a format-2 bundle.
+/// [`open`], also handing out the chunk index of a chunked bundle.
 pub fn open_image<'a>(
     policy: &BundlePolicy,
     mut artifact: Box<dyn Read + 'a>,
@@ -118,6 +120,7 @@ pub fn open_image<'a>(
         (Some(index), Some(info)) => Some(SignedChunks {
             index,
             image_sha256: info.image_sha256.clone(),
+            history: info.history.unwrap_or(0),
         }),
         _ => None,
     };

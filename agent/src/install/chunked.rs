@@ -1,4 +1,4 @@
-//! Format-2 (chunked) bundles in the streaming install: the image member is read one zstd frame
+//! Chunked (format 2 and 3) bundles in the streaming install: the image member is read one zstd frame
 //! at a time, and every chunk is decompressed and checked against its signed length and sha256
 //! **before** it is written, so not even one unverified chunk reaches the slot. The caller then
 //! checks the whole image's sha256 (the slot writer's hash) against the signed one and reads the
@@ -13,14 +13,16 @@ use super::slot::SlotWriter;
 use super::InstallError;
 
 /// Write the chunks of `index` from `member` (the bundle reader positioned at the image
-/// member's first byte) in order. Returns the decompressed bytes written.
+/// member's first byte) in order; `history` is the signed context of format-3 frames (0 for
+/// format 2). Returns the decompressed bytes written.
 pub fn write_chunks<R: Read>(
     member: &mut R,
     index: &ChunkIndex,
+    history: u32,
     writer: &mut SlotWriter<'_>,
     offset: &dyn Fn() -> u64,
 ) -> Result<u64, InstallError> {
-    let mut decoder = ChunkDecoder::new();
+    let mut decoder = ChunkDecoder::for_index(index, history);
     let mut frame = Vec::new();
     let mut written = 0u64;
     for (i, entry) in index.chunks.iter().enumerate() {

@@ -20,7 +20,7 @@ pub enum Format {
     TarGzip,
     TarZstd,
     TarXz,
-    /// A format-2 bundle's image: one zstd frame per chunk.
+    /// A chunked (format 2 or 3) bundle's image: one zstd frame per chunk.
     ZstdChunks,
 }
 

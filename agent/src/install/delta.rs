@@ -1,4 +1,4 @@
-//! Delta installs of format-2 (chunked) bundles: download only the chunks the device lacks.
+//! Delta installs of chunked (format 2 and 3) bundles: download only the chunks the device lacks.
 //!
 //! ```text
 //!  probe: Range 0..64 KiB (+ the rest of the index) ─► signature, chunk index (BundleReader)
@@ -61,6 +61,8 @@ pub struct SignedBundle {
     pub params: ChunkerParams,
     pub image_size: u64,
     pub image_sha256: String,
+    /// Format 3: image bytes before each chunk its frame is compressed with (0: format 2).
+    pub history: u32,
     /// Offset of the image member's data in the artifact.
     pub data_offset: u64,
     /// Bytes of the artifact read to learn all this.
@@ -154,6 +156,7 @@ async fn probe_inner(
         params: info.chunker,
         image_size: info.image_size,
         image_sha256: info.image_sha256,
+        history: info.history.unwrap_or(0),
         data_offset,
         probe_bytes,
     })
@@ -287,16 +290,36 @@ pub fn write_delta(
 ) -> Result<Installed, InstallError> {
     let began = Instant::now();
     let signed = &*job.signed;
+    let mut decoder = ChunkDecoder::for_index(&signed.index, signed.history);
     let mut prefix_hash = Sha256::new();
     if job.resume_at > 0 {
-        // The hasher cannot be saved: hash the bytes already on the slot again.
-        slot::read_range(dev, job.resume_at, |b| prefix_hash.update(b), |_| {})?;
+        // The hasher cannot be saved: hash the bytes already on the slot again. Format 3:
+        // keep the image bytes before the first chunk written again (its frame's context).
+        let (first, first_start) = first_unfinished(&signed.index, job.resume_at);
+        let keep_from = first_start.saturating_sub(u64::from(signed.history));
+        let mut context = Vec::new();
+        let mut at = 0u64;
+        slot::read_range(
+            dev,
+            job.resume_at,
+            |b| {
+                prefix_hash.update(b);
+                let end = at + b.len() as u64;
+                if signed.history > 0 && end > keep_from && at < first_start {
+                    let from = keep_from.saturating_sub(at) as usize;
+                    let to = (first_start.min(end) - at) as usize;
+                    context.extend_from_slice(&b[from..to]);
+                }
+                at = end;
+            },
+            |_| {},
+        )?;
+        decoder.set_context(first, &context);
     }
     let mut stream = pipeline::channel_reader(rx, counters);
     let mut writer = SlotWriter::new(dev, job.resume_at, prefix_hash, job.checkpoint_interval);
     writer.expect_size(signed.image_size)?;
     let offset = || counters.consumed.load(Ordering::Relaxed);
-    let mut decoder = ChunkDecoder::new();
     let mut frame = Vec::new();
     let mut seed_buf = Vec::new();
     // Chunks fetched to replace seed chunks that no longer match: (first, last, their frames).
@@ -324,6 +347,7 @@ pub fn write_delta(
                 .decode(i, entry, &frame)
                 .map_err(chunked::chunk_refused)?
         } else if let Some(bytes) = seed.and_then(|s| s.take(i, entry, &mut seed_buf)) {
+            decoder.remember(i, bytes);
             bytes
         } else {
             if !side.as_ref().is_some_and(|s| s.0 <= i && i <= s.1) {
@@ -387,11 +411,25 @@ pub fn write_delta(
     pipeline::finish(writer, counters, None, Some(&signed.image_sha256), began)
 }
 
+/// The first chunk that ends after `resume_at`, and where it starts in the image.
+fn first_unfinished(index: &ChunkIndex, resume_at: u64) -> (usize, u64) {
+    let mut start = 0u64;
+    for (i, c) in index.chunks.iter().enumerate() {
+        if start + u64::from(c.raw_len) > resume_at {
+            return (i, start);
+        }
+        start += u64::from(c.raw_len);
+    }
+    (index.chunks.len(), start)
+}
+
 /// The active slot, read-only, with the chunks of the new image found in it.
 #[derive(Debug)]
 pub struct SeedSlot {
     file: File,
     found: HashMap<[u8; 32], SeedChunk>,
+    /// Bytes of each chunk's sha256 the index holds.
+    hash_len: usize,
 }
 
 /// Where the active slot holds a chunk the new image needs.
@@ -421,7 +459,7 @@ impl SeedSlot {
         let file = File::open(path)?;
         let reader = io::BufReader::with_capacity(1 << 20, (&file).take(limit));
         chunker.for_each::<_, io::Error>(reader, |offset, chunk| {
-            let hash: [u8; 32] = Sha256::digest(chunk).into();
+            let hash = index.key_of(chunk);
             if let Some(seed) = found.get_mut(&hash).filter(|s| s.len == 0) {
                 *seed = SeedChunk {
                     offset,
@@ -430,7 +468,11 @@ impl SeedSlot {
             }
             Ok(())
         })?;
-        Ok(SeedSlot { file, found })
+        Ok(SeedSlot {
+            file,
+            found,
+            hash_len: index.hash_len,
+        })
     }
 
     /// Where the scan found `entry`'s bytes.
@@ -464,7 +506,7 @@ impl SeedSlot {
             tracing::warn!(chunk = index_no, offset = at.offset, error = %e, "seed slot unreadable; downloading the chunk");
             return None;
         }
-        match ddi_bundle::chunked::check_chunk(index_no, entry, buf) {
+        match ddi_bundle::chunked::check_chunk(index_no, entry, buf, self.hash_len) {
             Ok(()) => Some(buf),
             Err(e) => {
                 tracing::warn!(error = %e, "seed chunk changed since the scan; downloading it");

@@ -4,7 +4,7 @@
 //! ```text
 //!  async task                    bounded channel   blocking thread
 //!  HTTP GET (Range on resume) ─► Chunk::Data … ─► hash ─► (bundle) ─► gz/zst/xz? ─► tar? ─► size guard ─► slot writer
-//!   retries + backoff, rate limit                  (as served)          (magic bytes)     (capacity)   1 MiB aligned writes
+//!   retries + backoff, rate limit                  (as served)          (magic bytes)     (capacity) 512 KiB aligned writes
 //!                                                                                                        (O_DIRECT if allowed),
 //!                                                                                                        bounded dirty pages
 //!                                                              read-back thread: every 8 MiB window that reached the device ─► sha256
@@ -29,9 +29,9 @@
 //! (see [`resume`]).
 //!
 //! Layout: [`source`] (download), [`pipeline`] (blocking stage), [`decode`] (format
-//! detection), [`compress`] (zstd and xz decoders), [`chunked`] (format-2 bundles), [`delta`]
-//! (delta installs of them), [`archive`] (tar rules), [`slot`] (slot safety and writer), [`hash`],
-//! [`resume`], [`bundle`] (signed-bundle seam), [`error`].
+//! detection), [`compress`] (zstd and xz decoders), [`chunked`] (chunked bundles, formats 2
+//! and 3), [`delta`] (delta installs of them), [`archive`] (tar rules), [`slot`] (slot safety
+//! and writer), [`hash`], [`resume`], [`bundle`] (signed-bundle seam), [`error`].
 
 pub mod archive;
 pub mod bundle;
@@ -234,10 +234,11 @@ pub fn verify_slot_image(
 /// Channel between download and write: at most this many chunks ...
 const CHANNEL_CHUNKS: usize = 64;
 /// ... and about this many bytes (hyper's chunks reach ~400 KiB on a fast link, so the
-/// chunk count alone would let ~30 MiB pile up while the slot waits for writeback). 512 KiB
-/// still holds the largest chunk; the socket buffer absorbs the rest while the slot writes.
-/// 2 MiB cost ~2 MiB of peak RSS, 1 MiB ~0.5 MiB (issue 19, BENCHMARKS.md).
-pub(crate) const CHANNEL_BYTES: usize = 512 << 10;
+/// chunk count alone would let ~30 MiB pile up while the slot waits for writeback). Chunks
+/// travel as 64 KiB copies, so 256 KiB keeps four in flight; the socket buffer absorbs the
+/// rest while the slot writes. 2 MiB cost ~2 MiB of peak RSS, 1 MiB ~0.5 MiB (issue 19,
+/// BENCHMARKS.md).
+pub(crate) const CHANNEL_BYTES: usize = 256 << 10;
 
 /// [`install`] with explicit options.
 pub async fn install_with(

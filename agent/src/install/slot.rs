@@ -17,8 +17,10 @@ use sha2::{Digest, Sha256};
 
 use super::InstallError;
 
-/// Size of one write to the slot (and of the read-back reads).
-pub const WRITE_BUFFER: usize = 1 << 20;
+/// Size of one write to the slot (and of the inline read-back's reads). 512 KiB O_DIRECT writes
+/// kept the write time of 1 MiB ones in the benchmark; 1 MiB cost 0.5 MiB of peak RSS
+/// (issue 19, BENCHMARKS.md).
+pub const WRITE_BUFFER: usize = 512 << 10;
 /// Writeback is started for every window of this size, and the previous window is waited for,
 /// so at most about two windows of dirty pages are outstanding.
 pub const SYNC_WINDOW: u64 = 8 << 20;
@@ -75,9 +77,9 @@ enum Direct {
 }
 
 fn is_direct_aligned(offset: u64, buf: &[u8]) -> bool {
-    offset % DIRECT_ALIGN as u64 == 0
-        && buf.len() % DIRECT_ALIGN == 0
-        && (buf.as_ptr() as usize) % DIRECT_ALIGN == 0
+    offset.is_multiple_of(DIRECT_ALIGN as u64)
+        && buf.len().is_multiple_of(DIRECT_ALIGN)
+        && (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
 }
 
 impl FileSlot {
@@ -398,8 +400,12 @@ impl AlignedBuffer {
         AlignedBuffer(vec![Page([0; 4096]); len.div_ceil(4096)])
     }
 
+    fn len(&self) -> usize {
+        self.0.len() * 4096
+    }
+
     fn as_mut_slice(&mut self) -> &mut [u8] {
-        let len = self.0.len() * 4096;
+        let len = self.len();
         // SAFETY: `Page` is a plain `[u8; 4096]` with no padding; the Vec owns `len` bytes.
         unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast::<u8>(), len) }
     }
@@ -540,13 +546,40 @@ impl<'a> SlotWriter<'a> {
             hash.update(data);
         }
         while !data.is_empty() {
-            let n = (WRITE_BUFFER - self.filled).min(data.len());
+            let n = (self.buf.len() - self.filled).min(data.len());
             self.buf.as_mut_slice()[self.filled..self.filled + n].copy_from_slice(&data[..n]);
             self.filled += n;
             data = &data[n..];
-            if self.filled == WRITE_BUFFER {
+            if self.filled == self.buf.len() {
                 self.flush_buffer()?;
             }
+        }
+        Ok(())
+    }
+
+    /// The free part of the write buffer, up to the slot's end: a reader (the channel, a
+    /// decoder) fills it directly, without a copy buffer of its own, and [`SlotWriter::commit`]
+    /// takes what it filled. Empty only when the slot is full.
+    pub fn spare(&mut self) -> &mut [u8] {
+        let room = self.dev.capacity().saturating_sub(self.position());
+        let free = (self.buf.len() - self.filled).min(usize::try_from(room).unwrap_or(usize::MAX));
+        &mut self.buf.as_mut_slice()[self.filled..self.filled + free]
+    }
+
+    /// Take the first `n` bytes of [`SlotWriter::spare`] as the next image bytes.
+    pub fn commit(&mut self, n: usize) -> Result<(), InstallError> {
+        let free = self.buf.len() - self.filled;
+        assert!(
+            n <= free,
+            "committed {n} bytes of a {free}-byte spare buffer"
+        );
+        let filled = self.filled;
+        if let Some(hash) = &mut self.image_hash {
+            hash.update(&self.buf.as_mut_slice()[filled..filled + n]);
+        }
+        self.filled += n;
+        if self.filled == self.buf.len() {
+            self.flush_buffer()?;
         }
         Ok(())
     }
@@ -696,9 +729,9 @@ impl<'a> SlotWriter<'a> {
     }
 }
 
-/// Read-back buffer of the read-back thread (smaller than the write buffer: memory; 256 KiB
-/// O_DIRECT reads still keep a device busy, and 512 KiB were peak RSS, issue 19).
-const READ_BACK_BUFFER: usize = 256 << 10;
+/// Read-back buffer of the read-back thread (smaller than the write buffer: memory; 128 KiB
+/// O_DIRECT reads still keep a device busy, and each 128 KiB more were peak RSS, issue 19).
+const READ_BACK_BUFFER: usize = 128 << 10;
 
 /// Where the read-back runs.
 enum ReadBack {
@@ -950,6 +983,38 @@ mod tests {
         assert_eq!(bytes.len(), 10_000);
         assert!(bytes[..9_000].iter().all(|&b| b == 1));
         assert!(bytes[9_000..].iter().all(|&b| b == 7));
+    }
+
+    #[test]
+    fn spare_ends_at_the_slot_end_and_commit_writes_what_was_filled() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.img");
+        std::fs::write(&a, vec![7u8; 10_000]).unwrap();
+        let mut slot = open(&a, None, &dir.path().join("none")).unwrap();
+        let mut w = SlotWriter::new(&mut slot, 0, Sha256::new(), CHECKPOINT_INTERVAL);
+        let mut image = Vec::new();
+        loop {
+            let spare = w.spare();
+            if spare.is_empty() {
+                break;
+            }
+            let n = spare.len().min(3_000);
+            let byte = (image.len() / 3_000) as u8;
+            spare[..n].fill(byte);
+            image.extend(std::iter::repeat_n(byte, n));
+            w.commit(n).unwrap();
+        }
+        assert_eq!(
+            image.len(),
+            10_000,
+            "the spare buffer stops at the slot's end"
+        );
+        let written = w.finish().unwrap();
+        let sha = hex::encode(Sha256::digest(&image));
+        assert_eq!(written.bytes, 10_000);
+        assert_eq!(written.image_sha256.as_ref(), Some(&sha));
+        assert_eq!(written.read_back_sha256, sha);
+        assert_eq!(std::fs::read(&a).unwrap(), image);
     }
 }
 

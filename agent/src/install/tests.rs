@@ -1585,8 +1585,13 @@ fn signed_zstd_and_xz_images_are_decoded_inside_bundles() {
     }
 }
 
-/// A genuine signed chunked (format 2) bundle of `image` with 4 KiB average chunks.
+/// A genuine signed chunked (format 3) bundle of `image` with 4 KiB average chunks.
 fn chunked_bundle(image: &[u8]) -> (Vec<u8>, BundlePolicy, tempfile::TempDir) {
+    chunked_bundle_as(image, ddi_bundle::FORMAT_CHUNKED_CONTEXT)
+}
+
+/// [`chunked_bundle`] of format 2 or 3.
+fn chunked_bundle_as(image: &[u8], format: u32) -> (Vec<u8>, BundlePolicy, tempfile::TempDir) {
     let (_, policy, dir) = signed_bundle(b"unused");
     let key = ddi_bundle::generate_keypair().unwrap();
     std::fs::write(dir.path().join("vendor.pub"), key.public_key().to_text()).unwrap();
@@ -1605,6 +1610,8 @@ fn chunked_bundle(image: &[u8]) -> (Vec<u8>, BundlePolicy, tempfile::TempDir) {
         &ddi_bundle::ChunkedOptions {
             chunker: ddi_bundle::ChunkerParams::with_average(4096),
             zstd_level: 3,
+            format,
+            history: 16 << 10,
         },
         &mut bundle,
     )
@@ -1622,14 +1629,24 @@ fn chunky_image(len: usize, seed: u32) -> Vec<u8> {
 #[test]
 fn a_chunked_bundle_installs_chunk_by_chunk() {
     let img = chunky_image(300_000, 50);
-    let (bundle, policy, _keys) = chunked_bundle(&img);
+    for format in [
+        ddi_bundle::FORMAT_CHUNKED_CONTEXT,
+        ddi_bundle::FORMAT_CHUNKED,
+    ] {
+        let (bundle, policy, _keys) = chunked_bundle_as(&img, format);
+        install_in_pieces(&bundle, &policy, &img);
+    }
+}
+
+/// The pipeline writes `img` from `bundle` whatever the sizes of the pieces that arrive.
+fn install_in_pieces(bundle: &[u8], policy: &BundlePolicy, img: &[u8]) {
     for sizes in [&[4096usize][..], &[1, 7000, 65536]] {
         let (result, slot) =
-            run_pipeline_with_policy(&bundle, sizes, 512 * 1024, Some(policy.clone()));
+            run_pipeline_with_policy(bundle, sizes, 512 * 1024, Some(policy.clone()));
         let installed = result.unwrap();
         assert_eq!(installed.bytes_written, img.len() as u64);
-        assert_eq!(installed.sha256_of_slot_image, sha256_hex(&img));
-        assert_eq!(&slot[..img.len()], &img[..]);
+        assert_eq!(installed.sha256_of_slot_image, sha256_hex(img));
+        assert_eq!(&slot[..img.len()], img);
     }
 }
 
@@ -1727,6 +1744,7 @@ async fn seed_changed_after_the_scan(changed_chunks: &[usize], range_ignored: bo
         index,
         params,
         image_sha256: sha256_hex(&new),
+        history: read.manifest.chunked.as_ref().unwrap().history.unwrap_or(0),
         data_offset: base,
         probe_bytes: 0,
     };

@@ -55,14 +55,21 @@ enum Command {
         /// Format 1: none, gzip, zstd or xz (default: detected from the image's magic bytes).
         #[arg(long)]
         compression: Option<String>,
-        /// Write a chunked (format 2) bundle from the raw image, for delta updates. Devices
-        /// with an agent older than format 2 refuse it.
+        /// Write a chunked bundle (format 3, or --chunk-format 2) from the raw image, for delta
+        /// updates. Devices whose agent does not read that format refuse it.
         #[arg(long)]
         chunked: bool,
-        /// Format 2: average chunk size in KiB (a power of two; min = 1/4, max = 4 x).
+        /// Chunked: 3 (each chunk compressed with the image before it as context, compact
+        /// index) or 2 (for agents that read formats 1 and 2 only).
+        #[arg(long, default_value_t = ddi_bundle::FORMAT_CHUNKED_CONTEXT)]
+        chunk_format: u32,
+        /// Chunked: average chunk size in KiB (a power of two; min = 1/4, max = 4 x).
         #[arg(long, default_value_t = ddi_bundle::DEFAULT_AVERAGE_CHUNK / 1024)]
         chunk_size_kib: u32,
-        /// Format 2: zstd level of every chunk.
+        /// Format 3: KiB of the image before each chunk that its frame is compressed with.
+        #[arg(long, default_value_t = ddi_bundle::DEFAULT_HISTORY / 1024)]
+        history_kib: u32,
+        /// Chunked: zstd level of every chunk.
         #[arg(long, default_value_t = 19)]
         zstd_level: i32,
         /// Where to write the bundle.
@@ -111,7 +118,9 @@ fn run(cli: Cli) -> Result<()> {
             image_name,
             compression,
             chunked,
+            chunk_format,
             chunk_size_kib,
+            history_kib,
             zstd_level,
             output,
         } => {
@@ -143,6 +152,8 @@ fn run(cli: Cli) -> Result<()> {
                 let chunked = ChunkedOptions {
                     chunker: ChunkerParams::with_average(chunk_size_kib.saturating_mul(1024)),
                     zstd_level,
+                    format: chunk_format,
+                    history: history_kib.saturating_mul(1024),
                 };
                 create_chunked_bundle(&image, &options, &chunked, file)
             } else {
@@ -183,7 +194,10 @@ fn run(cli: Cli) -> Result<()> {
                 File::open(&bundle).with_context(|| format!("opening {}", bundle.display()))?;
             let mut reader = BundleReader::open(io::BufReader::new(file), &policy)?;
             let copied = match reader.chunk_index().cloned() {
-                Some(index) => verify_chunks(&mut reader, &index)?,
+                Some(index) => {
+                    let history = reader.manifest().chunked.as_ref().and_then(|c| c.history);
+                    verify_chunks(&mut reader, &index, history.unwrap_or(0))?
+                }
                 None => io::copy(&mut reader, &mut io::sink()).map_err(|e| {
                     match ddi_bundle::BundleError::from_io(&e) {
                         Some(inner) => anyhow::anyhow!("{inner}"),
@@ -222,8 +236,9 @@ fn run(cli: Cli) -> Result<()> {
 fn verify_chunks<R: io::Read>(
     reader: &mut BundleReader<R>,
     index: &ddi_bundle::ChunkIndex,
+    history: u32,
 ) -> Result<u64> {
-    let mut decoder = ChunkDecoder::new();
+    let mut decoder = ChunkDecoder::for_index(index, history);
     let mut frame = Vec::new();
     let mut image_hash = Sha256::new();
     let mut total = 0u64;
@@ -305,7 +320,10 @@ fn diff(old: &Path, new: &Path, json: bool) -> Result<()> {
     let have: HashSet<[u8; 32]> = if ddi_bundle::looks_like_bundle(&old_head[..got]) {
         let old_bundle = read_bundle(old)?;
         match (&old_bundle.index, &old_bundle.manifest.chunked) {
-            (Some(old_index), Some(old_chunked)) if old_chunked.chunker == chunked.chunker => {
+            (Some(old_index), Some(old_chunked))
+                if old_chunked.chunker == chunked.chunker
+                    && old_index.hash_len == index.hash_len =>
+            {
                 old_index.chunks.iter().map(|c| c.sha256).collect()
             }
             _ => bail!(
@@ -319,7 +337,7 @@ fn diff(old: &Path, new: &Path, json: bool) -> Result<()> {
         let mut set = HashSet::new();
         let file = File::open(old)?;
         chunker.for_each::<_, io::Error>(io::BufReader::new(file), |_, chunk| {
-            set.insert(Sha256::digest(chunk).into());
+            set.insert(index.key_of(chunk));
             Ok(())
         })?;
         set

@@ -117,7 +117,7 @@ fn kill_at_random_points_resumes_correctly() {
             cmd.arg("once");
             let agent = Background::spawn(cmd).unwrap();
             // Every fifth run goes undisturbed so the update always makes progress.
-            let limit = if iteration % 5 == 0 {
+            let limit = if iteration.is_multiple_of(5) {
                 Duration::from_secs(60)
             } else {
                 Duration::from_millis(rng.below(500))

@@ -199,6 +199,10 @@ fn a_bundle_image_larger_than_the_slot_is_refused() {
 }
 
 fn chunked_bundle_of(dir: &Path, image: &[u8], key: &SecretKey) -> Vec<u8> {
+    chunked_bundle_as(dir, image, key, ddi_bundle::FORMAT_CHUNKED_CONTEXT)
+}
+
+fn chunked_bundle_as(dir: &Path, image: &[u8], key: &SecretKey, format: u32) -> Vec<u8> {
     let path: PathBuf = dir.join("rootfs.ext4");
     std::fs::write(&path, image).unwrap();
     let mut out = Vec::new();
@@ -214,6 +218,8 @@ fn chunked_bundle_of(dir: &Path, image: &[u8], key: &SecretKey) -> Vec<u8> {
         &ddi_bundle::ChunkedOptions {
             chunker: ddi_bundle::ChunkerParams::with_average(16 * 1024),
             zstd_level: 3,
+            format,
+            history: 64 << 10,
         },
         &mut out,
     )
@@ -231,6 +237,24 @@ fn a_chunked_bundle_installs_and_is_confirmed_after_the_reboot() {
     let view = rig.server.action(action).unwrap();
     assert!(ended_as(&view, "success"), "action: {}", summary(&view));
     assert_eq!(rig.dev.booted().unwrap(), Slot::B);
+    assert!(rig.dev.slot_holds(Slot::B, &image.bytes).unwrap());
+}
+
+/// A format-2 bundle (made before format 3) still installs as a full download.
+#[test]
+fn a_format_2_chunked_bundle_still_installs() {
+    let rig = Rig::new(true);
+    let image = Image::good("3.0", 512 * 1024);
+    let bundle = chunked_bundle_as(
+        rig.keys.path(),
+        &image.bytes,
+        &rig.vendor,
+        ddi_bundle::FORMAT_CHUNKED,
+    );
+    let action = rig.deploy("3.0", bundle);
+    rig.settle(action);
+    let view = rig.server.action(action).unwrap();
+    assert!(ended_as(&view, "success"), "action: {}", summary(&view));
     assert!(rig.dev.slot_holds(Slot::B, &image.bytes).unwrap());
 }
 

@@ -66,8 +66,13 @@ impl Rig {
         }
     }
 
+    /// A format-3 bundle of `image`.
     fn bundle(&self, image: &[u8]) -> Vec<u8> {
-        chunked_bundle(self.keys.path(), image, &self.vendor)
+        self.bundle_as(image, ddi_bundle::FORMAT_CHUNKED_CONTEXT)
+    }
+
+    fn bundle_as(&self, image: &[u8], format: u32) -> Vec<u8> {
+        chunked_bundle(self.keys.path(), image, &self.vendor, format)
     }
 
     fn deploy(&self, artifact: Vec<u8>) -> u64 {
@@ -87,7 +92,7 @@ impl Rig {
     }
 }
 
-fn chunked_bundle(dir: &Path, image: &[u8], key: &SecretKey) -> Vec<u8> {
+fn chunked_bundle(dir: &Path, image: &[u8], key: &SecretKey, format: u32) -> Vec<u8> {
     let path = dir.join("rootfs.ext4");
     std::fs::write(&path, image).unwrap();
     let mut out = Vec::new();
@@ -103,6 +108,8 @@ fn chunked_bundle(dir: &Path, image: &[u8], key: &SecretKey) -> Vec<u8> {
         &ChunkedOptions {
             chunker: ChunkerParams::with_average(AVERAGE_CHUNK),
             zstd_level: 3,
+            format,
+            history: 64 << 10,
         },
         &mut out,
     )
@@ -165,6 +172,24 @@ fn a_delta_update_downloads_only_what_changed_and_is_confirmed_after_the_reboot(
         details.iter().any(|d| d.contains("% reused from slot A")),
         "no feedback says what was reused: {details:#?}"
     );
+}
+
+/// Format-2 bundles (made before format 3) still install as deltas.
+#[test]
+fn a_format_2_bundle_still_installs_as_a_delta() {
+    let rig = Rig::new(1 << 20, 2 << 20);
+    let v2 = version_2(&rig.v1, 2);
+    let bundle = rig.bundle_as(&v2, ddi_bundle::FORMAT_CHUNKED);
+    assert_eq!(
+        read_unverified(bundle.as_slice()).unwrap().manifest.format,
+        2
+    );
+    let action = rig.deploy(bundle.clone());
+    rig.settle(action);
+    rig.assert_success(action, &v2);
+    let log = rig.server.download_log();
+    assert!(log.iter().all(|r| r.status == 206), "{log:#?}");
+    assert!(bytes_of(&log) < bundle.len() as u64 / 4, "{log:#?}");
 }
 
 #[test]
