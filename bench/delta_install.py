@@ -90,7 +90,7 @@ def install(args, server, label, artifact, seed, bundle_policy):
     dist, _ = server.upload(artifact, label)
     server.assign(cid, dist)
     stderr = os.path.join(args.work, "agent-%s.log" % label)
-    code, wall, usage, _ = bench.run_sampled([args.agent, "-c", config, "once"], stderr, 0.5)
+    code, wall, usage, _, _ = bench.run_sampled([args.agent, "-c", config, "once"], stderr, 0.5)
     if code != 0 or not os.path.exists(marker):
         raise RuntimeError("ddi-agent once failed (exit %d); see %s" % (code, stderr))
     sent, requests = downloads(os.path.join(args.work, "server.log"), cid)
