@@ -4,7 +4,7 @@
 //! paced by an optional rate limit, feeding the bounded channel to the blocking stage; and a
 //! local file (`ddi-agent install FILE`) fed the same way.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,19 +38,44 @@ pub struct SourceSpec {
 /// most 1000 per action, the agent's own feedback included). A delta plans at most ~90.
 pub const MAX_REQUESTS_PER_INSTALL: u32 = 500;
 
-/// Counts an install's requests against [`MAX_REQUESTS_PER_INSTALL`]; clones share the count.
+/// A connection that delivered at least this many new bytes before it ended does not count
+/// against [`MAX_REQUESTS_PER_INSTALL`]: a flaky link that keeps making progress (a large image
+/// over a link that drops every few MiB) must finish, while a server that ends every answer
+/// after a few bytes still runs out of requests.
+pub const PRODUCTIVE_CONNECTION_BYTES: u64 = 64 * 1024;
+
+/// Counts an install's requests against [`MAX_REQUESTS_PER_INSTALL`], and the bytes it read
+/// and threw away because the server answered a Range request with the whole artifact (200);
+/// clones share the counts.
 #[derive(Debug, Clone, Default)]
-pub struct RequestBudget(Arc<AtomicU32>);
+pub struct RequestBudget(Arc<(AtomicU32, AtomicU64)>);
 
 impl RequestBudget {
     /// Take one request; false once the budget is spent.
     fn take(&self) -> bool {
-        self.0.fetch_add(1, Ordering::Relaxed) < MAX_REQUESTS_PER_INSTALL
+        self.0 .0.fetch_add(1, Ordering::Relaxed) < MAX_REQUESTS_PER_INSTALL
+    }
+
+    /// Give back the request of a connection that delivered [`PRODUCTIVE_CONNECTION_BYTES`].
+    fn refund(&self) {
+        let _ = self
+            .0
+             .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
     /// Requests made (or refused) so far.
     pub fn used(&self) -> u32 {
-        self.0.load(Ordering::Relaxed).min(MAX_REQUESTS_PER_INSTALL)
+        self.0
+             .0
+            .load(Ordering::Relaxed)
+            .min(MAX_REQUESTS_PER_INSTALL)
+    }
+
+    /// Count `n` bytes read only to be skipped; false once the install would have thrown away
+    /// more than `limit` (the artifact's size) in all.
+    fn discard(&self, n: u64, limit: u64) -> bool {
+        self.0 .1.fetch_add(n, Ordering::Relaxed).saturating_add(n) <= limit
     }
 }
 
@@ -272,6 +297,9 @@ async fn fetch_span(
                 if offset > before {
                     failures = 0; // progress: the fault budget is per stretch without progress
                 }
+                if offset - before >= PRODUCTIVE_CONNECTION_BYTES {
+                    spec.requests.refund();
+                }
                 failures += 1;
                 if failures > spec.retry.attempts {
                     return Err(match (truncated, total) {
@@ -430,6 +458,20 @@ async fn fetch_once(
             skip = *offset;
             if link.end.is_some() && !restart {
                 link.out.saw_whole_body();
+                // A delta's ranges read that way each re-read the artifact from byte 0: at
+                // most one artifact's worth of such bytes, then a retryable failure (the next
+                // attempt's probe sees the 200 and downloads the whole artifact once).
+                let limit = spec.size.or(*total).unwrap_or(u64::MAX);
+                if !spec.requests.discard(skip, limit) {
+                    return Err(Fault::Permanent(InstallError::Network {
+                        url: spec.url.clone(),
+                        offset: *offset,
+                        attempts: 1,
+                        message: "the server answers Range requests with the whole artifact; \
+                                  reading each range from byte 0 would download it many times"
+                            .into(),
+                    }));
+                }
             }
             match (*total, response.content_length()) {
                 // A shorter body is handled like a dropped connection (resumed with Range).

@@ -582,6 +582,20 @@ async fn a_server_that_cuts_every_answer_short_gets_a_bounded_number_of_requests
     fx.assert_booted_untouched();
 }
 
+/// A flaky link that keeps making progress (every answer cut at 64 KiB of a 36 MiB image: more
+/// connections than the request budget) still completes: connections that deliver
+/// [`source::PRODUCTIVE_CONNECTION_BYTES`] are not counted.
+#[tokio::test]
+async fn a_flaky_but_progressing_link_completes_a_large_download() {
+    let img = image(36 << 20, 71);
+    let server = ArtifactServer::start(img.clone());
+    server.always(short(source::PRODUCTIVE_CONNECTION_BYTES));
+    let fx = Fixture::new(40 << 20);
+    let result = run(&fx.request(&server.url, &img), &fast_options()).await.0;
+    assert!(result.is_ok(), "{:?}", result.err().map(|e| e.to_string()));
+    assert!(server.requests().len() > source::MAX_REQUESTS_PER_INSTALL as usize);
+}
+
 #[tokio::test]
 async fn hash_mismatch_fails_permanently() {
     let img = image(2 << 20, 10);
@@ -1681,6 +1695,61 @@ async fn a_seed_chunk_that_changed_after_the_scan_is_downloaded() {
 #[tokio::test]
 async fn a_seed_chunk_fetched_from_a_server_that_ignores_range_installs() {
     seed_changed_after_the_scan(&[0, 2], true).await;
+}
+
+/// A server that stops honouring Range after the probe: each planned range answered with the
+/// whole artifact would be read from byte 0. At most one artifact's worth of bytes is thrown
+/// away; then the attempt fails as retryable, and the next one downloads the bundle once.
+#[tokio::test]
+async fn ranges_answered_with_the_whole_artifact_are_not_read_from_the_start_each_time() {
+    let old = image(2 << 20, 90);
+    let mut new = old.clone();
+    for at in (0..new.len()).step_by(64 << 10) {
+        new[at + 100] ^= 0xff;
+    }
+    let (bundle, policy, _keys) = chunked_bundle(&new);
+    let server = ArtifactServer::start(bundle.clone());
+    server.sim.add_fault(
+        Fault::new(FaultKind::IgnoreRange)
+            .on(Endpoint::Download)
+            .after(2),
+    );
+    let fx = Fixture::new(4 << 20);
+    let mut booted = old.clone();
+    booted.resize(4 << 20, 0);
+    std::fs::write(&fx.booted, &booted).unwrap();
+    let mut req = fx.request(&server.url, &bundle);
+    req.bundle = Some(policy);
+    let first = run(&req, &fast_options()).await.0;
+    let read_for_200 = |server: &ArtifactServer| -> u64 {
+        let mut total = 0;
+        for r in server.sim.requests().iter() {
+            if r.endpoint != Endpoint::Download || r.status != Some(200) {
+                continue;
+            }
+            let end = r
+                .header("range")
+                .and_then(|v| v.strip_prefix("bytes="))
+                .and_then(|v| v.split_once('-'))
+                .and_then(|(_, e)| e.parse::<u64>().ok());
+            total += end.map_or(bundle.len() as u64, |e| e + 1);
+        }
+        total
+    };
+    let after_first = read_for_200(&server);
+    assert!(
+        after_first <= 2 * bundle.len() as u64,
+        "{after_first} bytes read for a {}-byte artifact",
+        bundle.len()
+    );
+    if let Err(e) = first {
+        assert!(e.is_retryable(), "{e}");
+        assert!(e.to_string().contains("whole artifact"), "{e}");
+        run(&req, &fast_options()).await.0.unwrap();
+    }
+    assert!(read_for_200(&server) <= 3 * bundle.len() as u64);
+    let slot = std::fs::read(&fx.slot).unwrap();
+    assert_eq!(&slot[..new.len()], new.as_slice());
 }
 
 /// Chunks 0 and 2 changed, chunk 1 still good: the one download covers 0..=2, chunk 1 comes
