@@ -25,6 +25,9 @@ if [ "${DENY_OFFLINE:-0}" = 1 ]; then
     extra+=(--disable-fetch)
 fi
 
+# cargo-deny reads the metadata of every platform's crates (windows-sys, wasm's bumpalo, ...),
+# which the builds of this machine never downloaded: fetch them first (a no-op when cached).
+cargo fetch --locked -q
 # --offline: cargo must not update the index; the lock file already pins everything.
 cargo deny --offline --all-features --locked check "${extra[@]}" "${checks[@]}"
 echo "deny: ${checks[*]} ok"
