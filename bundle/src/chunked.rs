@@ -47,6 +47,31 @@ pub fn record_len(format: u32) -> usize {
 /// 32 MiB = 699 050 chunks, 42 GiB of image at a 64 KiB average.
 pub const MAX_INDEX_SIZE: u64 = 32 << 20;
 
+/// Most chunks an image may have, in either format: a format-2 index of [`MAX_INDEX_SIZE`]
+/// holds 699 050. A device keeps one [`ChunkEntry`] (48 bytes) per chunk during the install
+/// whatever the format, so the cap is on the count: by bytes alone, a format-3 index (24-byte
+/// records) could list twice as many.
+pub const MAX_CHUNKS: u64 = MAX_INDEX_SIZE / RECORD_LEN as u64;
+
+/// A (signed) manifest announces more chunks than a device holds in memory.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("it announces {chunks} chunks, more than the {limit} a device holds in memory")]
+pub struct TooManyChunks {
+    pub chunks: u64,
+    pub limit: u64,
+}
+
+/// Refuse a chunk count above [`MAX_CHUNKS`]; called before anything is sized by it.
+pub fn check_chunk_count(chunks: u64) -> Result<(), TooManyChunks> {
+    if chunks > MAX_CHUNKS {
+        return Err(TooManyChunks {
+            chunks,
+            limit: MAX_CHUNKS,
+        });
+    }
+    Ok(())
+}
+
 /// One chunk of a chunked image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkEntry {
@@ -97,6 +122,8 @@ impl ChunkIndex {
         format: u32,
     ) -> Result<ChunkIndex, BundleError> {
         let fail = |why: String| Err(BundleError::Manifest(format!("chunk index: {why}")));
+        // Before anything below is sized by the count (the manifest's parser checks it too).
+        check_chunk_count(info.chunks)?;
         let record_len = record_len(format);
         let decompressed;
         let bytes = if format == crate::FORMAT_CHUNKED {

@@ -164,6 +164,8 @@ pub fn create_chunked_bundle<W: Write>(
     let raw_size = chunker.for_each::<_, BundleError>(
         BufReader::with_capacity(1 << 20, source),
         |_, chunk| {
+            // A device refuses a manifest with more chunks: stop before compressing them all.
+            crate::chunked::check_chunk_count(index.chunks.len() as u64 + 1)?;
             image_hash.update(chunk);
             let frame = compress(chunk)?;
             stored_hash.update(&frame);
