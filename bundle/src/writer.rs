@@ -12,7 +12,7 @@ use crate::chunk::{Chunker, ChunkerParams};
 use crate::chunked::{ChunkEntry, ChunkIndex};
 use crate::manifest::{
     ChunkedInfo, Compression, ImageInfo, Manifest, SignatureEntry, Signatures, FORMAT_CHUNKED,
-    FORMAT_CHUNKED_CONTEXT,
+    FORMAT_CHUNKED_CONTEXT, MAX_HISTORY,
 };
 use crate::tar;
 use crate::{BundleError, SecretKey, FORMAT_VERSION, MANIFEST_NAME, SIGNATURE_NAME};
@@ -125,6 +125,14 @@ pub fn create_chunked_bundle<W: Write>(
     let mut frames_out = io::BufWriter::with_capacity(1 << 20, &mut frames);
     let history = match chunked.format {
         FORMAT_CHUNKED => 0,
+        // Checked before any chunk is compressed: a device refuses any other history.
+        FORMAT_CHUNKED_CONTEXT if !(1..=MAX_HISTORY).contains(&chunked.history) => {
+            return Err(BundleError::Manifest(format!(
+                "a format-{FORMAT_CHUNKED_CONTEXT} history of {} bytes: it must be 1 to \
+                 {MAX_HISTORY} bytes",
+                chunked.history
+            )))
+        }
         FORMAT_CHUNKED_CONTEXT => chunked.history as usize,
         other => {
             return Err(BundleError::Manifest(format!(
