@@ -74,6 +74,9 @@ pub enum BundleError {
     Manifest(String),
     #[error("bundle manifest is invalid: {0}")]
     TooManyChunks(#[from] chunked::TooManyChunks),
+    /// The index member is not the one the manifest names (tampered with, or another's).
+    #[error("bundle chunk index does not match the manifest: {0}")]
+    IndexMismatch(String),
     #[error("bundle signature file is invalid: {0}")]
     SignatureFile(String),
     #[error("bundle signature does not verify with any trusted key (signed by key(s) {signed_by}; trusted: {trusted})")]

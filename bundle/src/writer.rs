@@ -4,14 +4,12 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use base64::engine::general_purpose::STANDARD as BASE64;
-use base64::Engine;
 use sha2::{Digest, Sha256};
 
 use crate::chunk::{Chunker, ChunkerParams};
 use crate::chunked::{ChunkEntry, ChunkIndex};
 use crate::manifest::{
-    ChunkedInfo, Compression, ImageInfo, Manifest, SignatureEntry, Signatures, FORMAT_CHUNKED,
+    ChunkedInfo, Compression, ImageInfo, Manifest, Signatures, FORMAT_CHUNKED,
     FORMAT_CHUNKED_CONTEXT, MAX_HISTORY,
 };
 use crate::tar;
@@ -296,11 +294,7 @@ fn write_signed_metadata<W: Write>(
     let signatures = Signatures {
         signatures: keys
             .iter()
-            .map(|key| SignatureEntry {
-                algorithm: "ed25519".into(),
-                key_id: key.public_key().key_id(),
-                signature: BASE64.encode(key.sign(&manifest_bytes)),
-            })
+            .map(|key| key.signature_entry(&manifest_bytes))
             .collect(),
     };
     let mut signature_bytes = serde_json::to_vec_pretty(&signatures).expect("serializes");

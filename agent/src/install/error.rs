@@ -122,6 +122,12 @@ pub enum InstallError {
     #[error("signature: {0}")]
     Signature(String),
 
+    /// The bundle's manifest breaks the format's rules (a chunk table or count that does not
+    /// add up, a format this agent does not read): the vendor tool's output, not its signature,
+    /// is wrong.
+    #[error("bundle manifest is invalid: {0}")]
+    Bundle(String),
+
     /// The resume state file could not be written.
     #[error("resume state {}: {source}", path.display())]
     ResumeState {
