@@ -47,6 +47,31 @@ pub fn record_len(format: u32) -> usize {
 /// 32 MiB = 699 050 chunks, 42 GiB of image at a 64 KiB average.
 pub const MAX_INDEX_SIZE: u64 = 32 << 20;
 
+/// Most chunks an image may have, in either format: a format-2 index of [`MAX_INDEX_SIZE`]
+/// holds 699 050. A device keeps one [`ChunkEntry`] (48 bytes) per chunk during the install
+/// whatever the format, so the cap is on the count: by bytes alone, a format-3 index (24-byte
+/// records) could list twice as many.
+pub const MAX_CHUNKS: u64 = MAX_INDEX_SIZE / RECORD_LEN as u64;
+
+/// A (signed) manifest announces more chunks than a device holds in memory.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("it announces {chunks} chunks, more than the {limit} a device holds in memory")]
+pub struct TooManyChunks {
+    pub chunks: u64,
+    pub limit: u64,
+}
+
+/// Refuse a chunk count above [`MAX_CHUNKS`]; called before anything is sized by it.
+pub fn check_chunk_count(chunks: u64) -> Result<(), TooManyChunks> {
+    if chunks > MAX_CHUNKS {
+        return Err(TooManyChunks {
+            chunks,
+            limit: MAX_CHUNKS,
+        });
+    }
+    Ok(())
+}
+
 /// One chunk of a chunked image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkEntry {
@@ -97,6 +122,8 @@ impl ChunkIndex {
         format: u32,
     ) -> Result<ChunkIndex, BundleError> {
         let fail = |why: String| Err(BundleError::Manifest(format!("chunk index: {why}")));
+        // Before anything below is sized by the count (the manifest's parser checks it too).
+        check_chunk_count(info.chunks)?;
         let record_len = record_len(format);
         let decompressed;
         let bytes = if format == crate::FORMAT_CHUNKED {
@@ -268,6 +295,9 @@ pub enum ChunkError {
 /// it every chunk in image order, decoded here or taken from elsewhere ([`Self::remember`]).
 pub struct ChunkDecoder {
     decoder: Option<ruzstd::decoding::FrameDecoder>,
+    /// Format 3: [`PREFIX_TEMPLATE`] parsed (its entropy tables built) once, on the first
+    /// frame with a context; each frame's dictionary copies its tables.
+    template: Option<ruzstd::decoding::Dictionary>,
     out: Vec<u8>,
     hash_len: usize,
     /// Format 3: how many image bytes before a chunk its frame was compressed with.
@@ -283,6 +313,7 @@ impl Default for ChunkDecoder {
     fn default() -> Self {
         ChunkDecoder {
             decoder: None,
+            template: None,
             out: Vec::new(),
             hash_len: 32,
             history: 0,
@@ -401,6 +432,17 @@ impl ChunkDecoder {
         } else {
             None
         };
+        let context = match context {
+            Some(bytes) => {
+                if self.template.is_none() {
+                    let parsed = parse_prefix_template()
+                        .map_err(|e| corrupt(format!("the context template: {e}")))?;
+                    self.template = Some(parsed);
+                }
+                self.template.as_ref().map(|template| (template, bytes))
+            }
+            None => None,
+        };
         let want = entry.raw_len as usize;
         let got = decompress_with(decoder, frame, context, want, &mut self.out).map_err(corrupt)?;
         if got != want {
@@ -442,11 +484,44 @@ fn decompress_exact(
     decompress_with(decoder, frame, None, want, out)
 }
 
-/// [`decompress_exact`] with `context` as the frame's raw-content prefix.
+#[cfg(test)]
+thread_local! {
+    /// How often this thread parsed [`PREFIX_TEMPLATE`] (tests check it is once per decoder).
+    static TEMPLATE_PARSES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// [`PREFIX_TEMPLATE`] parsed: its entropy tables built.
+fn parse_prefix_template(
+) -> Result<ruzstd::decoding::Dictionary, ruzstd::decoding::errors::DictionaryDecodeError> {
+    #[cfg(test)]
+    TEMPLATE_PARSES.with(|n| n.set(n.get() + 1));
+    ruzstd::decoding::Dictionary::decode_dict(&PREFIX_TEMPLATE)
+}
+
+/// A dictionary with `template`'s tables and `content`: copies of tables built once, where
+/// parsing [`PREFIX_TEMPLATE`] would build them again for every frame.
+fn dictionary_like(
+    template: &ruzstd::decoding::Dictionary,
+    content: Vec<u8>,
+) -> ruzstd::decoding::Dictionary {
+    let mut dict = ruzstd::decoding::Dictionary {
+        id: template.id,
+        fse: Default::default(),
+        huf: Default::default(),
+        dict_content: content,
+        offset_hist: template.offset_hist,
+    };
+    dict.fse.reinit_from(&template.fse);
+    dict.huf.table.reinit_from(&template.huf.table);
+    dict
+}
+
+/// [`decompress_exact`] with `context` as the frame's raw-content prefix, given as the
+/// dictionary `template` (parsed once) and the prefix's bytes.
 fn decompress_with(
     decoder: &mut ruzstd::decoding::FrameDecoder,
     frame: &[u8],
-    context: Option<&[u8]>,
+    context: Option<(&ruzstd::decoding::Dictionary, &[u8])>,
     want: usize,
     out: &mut Vec<u8>,
 ) -> Result<usize, String> {
@@ -455,18 +530,16 @@ fn decompress_with(
     out.resize(want + 1, 0);
     let mut input = frame;
     decoder.reset(&mut input).map_err(|e| e.to_string())?;
-    if let Some(context) = context {
-        let mut dict = ruzstd::decoding::Dictionary::decode_dict(&PREFIX_TEMPLATE)
-            .map_err(|e| format!("the context template: {e}"))?;
-        dict.dict_content = context.to_vec();
-        decoder.add_dict(dict).map_err(|e| e.to_string())?;
+    if let Some((template, context)) = context {
+        // ruzstd takes a prefix only as a dictionary it owns, and copies it into the decoder.
+        decoder
+            .add_dict(dictionary_like(template, context.to_vec()))
+            .map_err(|e| e.to_string())?;
         decoder
             .force_dict(PREFIX_DICT_ID)
             .map_err(|e| e.to_string())?;
         // The decoder copied the context; do not keep a second copy until the next chunk.
-        if let Ok(empty) = ruzstd::decoding::Dictionary::decode_dict(&PREFIX_TEMPLATE) {
-            let _ = decoder.add_dict(empty);
-        }
+        let _ = decoder.add_dict(dictionary_like(template, Vec::new()));
     }
     let mut got = 0;
     loop {
@@ -903,6 +976,22 @@ mod tests {
         // With the wrong context it does not give the signed bytes.
         decoder.set_context(6, &words(6 * 7_000, 2));
         assert!(decoder.decode(6, &index.chunks[6], &frames[6]).is_err());
+    }
+
+    #[test]
+    fn the_context_template_is_parsed_once_per_decoder() {
+        let image: Vec<u8> = (0..12).flat_map(|i| words(5_000, 30 + i % 3)).collect();
+        let chunks: Vec<&[u8]> = image.chunks(5_000).collect();
+        let (index, frames) = context_frames(&chunks, 8_192);
+        let before = TEMPLATE_PARSES.with(|n| n.get());
+        let mut decoder = ChunkDecoder::for_index(&index, 8_192);
+        let mut rebuilt = Vec::new();
+        for (i, (entry, frame)) in index.chunks.iter().zip(&frames).enumerate() {
+            rebuilt.extend_from_slice(decoder.decode(i, entry, frame).unwrap());
+        }
+        assert_eq!(rebuilt, image);
+        // Parsing it builds entropy tables; 12 frames reuse the first parse.
+        assert_eq!(TEMPLATE_PARSES.with(|n| n.get()) - before, 1);
     }
 
     fn compact_info(chunks: u64, image_size: u64, index_size: u64) -> ChunkedInfo {

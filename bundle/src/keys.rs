@@ -104,6 +104,17 @@ impl SecretKey {
     pub(crate) fn sign(&self, message: &[u8]) -> [u8; 64] {
         ed25519_dalek::Signer::sign(&self.0, message).to_bytes()
     }
+
+    /// The entry of the signature member that signs `manifest` (its exact bytes) with this
+    /// key.
+    #[cfg(feature = "create")]
+    pub fn signature_entry(&self, manifest: &[u8]) -> crate::SignatureEntry {
+        crate::SignatureEntry {
+            algorithm: "ed25519".into(),
+            key_id: self.public_key().key_id(),
+            signature: BASE64.encode(self.sign(manifest)),
+        }
+    }
 }
 
 impl fmt::Debug for SecretKey {

@@ -30,6 +30,7 @@ mod writer;
 pub use chunk::{Chunker, ChunkerParams};
 pub use chunked::{
     chunk_key, ChunkDecoder, ChunkEntry, ChunkError, ChunkIndex, DeltaPlan, FetchRange,
+    TooManyChunks, MAX_CHUNKS,
 };
 pub use keys::{generate_keypair, KeyError, PublicKey, SecretKey};
 pub use manifest::{
@@ -71,6 +72,11 @@ pub enum BundleError {
     MemberTooLarge { name: String, size: u64, limit: u64 },
     #[error("bundle manifest is invalid: {0}")]
     Manifest(String),
+    #[error("bundle manifest is invalid: {0}")]
+    TooManyChunks(#[from] chunked::TooManyChunks),
+    /// The index member is not the one the manifest names (tampered with, or another's).
+    #[error("bundle chunk index does not match the manifest: {0}")]
+    IndexMismatch(String),
     #[error("bundle signature file is invalid: {0}")]
     SignatureFile(String),
     #[error("bundle signature does not verify with any trusted key (signed by key(s) {signed_by}; trusted: {trusted})")]

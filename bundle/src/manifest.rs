@@ -152,6 +152,8 @@ impl Manifest {
 impl ChunkedInfo {
     fn validate(&self, image_name: &str, format: u32) -> Result<(), BundleError> {
         let fail = |why: String| Err(BundleError::Manifest(why));
+        // First: a reader sizes the index and its records by this count.
+        crate::chunked::check_chunk_count(self.chunks)?;
         if self.algorithm != crate::chunk::ALGORITHM {
             return fail(format!(
                 "chunking algorithm {:?} is not supported (this device knows {:?})",
@@ -321,9 +323,9 @@ mod tests {
                 "{format} {history:?}: {err}"
             );
         }
-        // A format-3 index larger than a device reads, compressed or not, is refused.
+        // A format-3 index member larger than a device reads is refused.
         let mut big = chunked(FORMAT_CHUNKED_CONTEXT, Some(4096));
-        big.chunked.as_mut().unwrap().chunks = crate::chunked::MAX_INDEX_SIZE;
+        big.chunked.as_mut().unwrap().index_size = crate::chunked::MAX_INDEX_SIZE + 1;
         let err = Manifest::parse(&big.to_bytes()).unwrap_err();
         assert!(err.to_string().contains("at most"), "{err}");
         // A later format is refused by its number.
@@ -334,5 +336,53 @@ mod tests {
             err.to_string().contains("format 4 is not supported"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn more_chunks_than_a_device_holds_are_refused_in_both_formats() {
+        use crate::chunked::{ChunkIndex, TooManyChunks, MAX_CHUNKS};
+        assert_eq!(MAX_CHUNKS, 699_050);
+        for (format, history) in [(FORMAT_CHUNKED_CONTEXT, Some(4096)), (FORMAT_CHUNKED, None)] {
+            let record = crate::chunked::record_len(format) as u64;
+            let with_chunks = |chunks: u64| {
+                let mut m = chunked(format, history);
+                let info = m.chunked.as_mut().unwrap();
+                info.chunks = chunks;
+                info.image_size = chunks * 1024;
+                if format == FORMAT_CHUNKED {
+                    // Format 2's index size follows from the count; keep it consistent.
+                    info.index_size = chunks * record;
+                }
+                m
+            };
+            // The limit itself is accepted.
+            let at_limit = with_chunks(MAX_CHUNKS);
+            assert_eq!(Manifest::parse(&at_limit.to_bytes()).unwrap(), at_limit);
+            // One more is refused by name, count and limit (format 3's 24-byte records
+            // would still fit the index's byte limit).
+            let over = with_chunks(MAX_CHUNKS + 1);
+            let err = Manifest::parse(&over.to_bytes()).unwrap_err();
+            let expected = TooManyChunks {
+                chunks: MAX_CHUNKS + 1,
+                limit: MAX_CHUNKS,
+            };
+            assert!(
+                matches!(&err, BundleError::TooManyChunks(e) if *e == expected),
+                "format {format}: {err:?}"
+            );
+            assert_eq!(
+                err.to_string(),
+                "bundle manifest is invalid: it announces 699051 chunks, more than the \
+                 699050 a device holds in memory"
+            );
+            // The index parser refuses the count before it sizes anything by it, even when
+            // given chunk info that did not come through the manifest's checks.
+            let info = over.chunked.as_ref().unwrap();
+            let err = ChunkIndex::parse(&[], info, 0, format).unwrap_err();
+            assert!(
+                matches!(&err, BundleError::TooManyChunks(e) if *e == expected),
+                "format {format}: {err:?}"
+            );
+        }
     }
 }

@@ -117,7 +117,7 @@ fn read_index<R: Read>(
     };
     let bytes = read_metadata_member(reader, &chunked.index_name, MAX_INDEX_SIZE)?;
     if bytes.len() as u64 != chunked.index_size {
-        return Err(BundleError::Manifest(format!(
+        return Err(BundleError::IndexMismatch(format!(
             "chunk index member is {} bytes, the manifest says {}",
             bytes.len(),
             chunked.index_size
@@ -125,7 +125,7 @@ fn read_index<R: Read>(
     }
     let actual = hex::encode(Sha256::digest(&bytes));
     if !actual.eq_ignore_ascii_case(&chunked.index_sha256) {
-        return Err(BundleError::Manifest(format!(
+        return Err(BundleError::IndexMismatch(format!(
             "chunk index sha256 is {actual}, the signed manifest says {}",
             chunked.index_sha256
         )));

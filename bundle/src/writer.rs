@@ -4,15 +4,13 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use base64::engine::general_purpose::STANDARD as BASE64;
-use base64::Engine;
 use sha2::{Digest, Sha256};
 
 use crate::chunk::{Chunker, ChunkerParams};
 use crate::chunked::{ChunkEntry, ChunkIndex};
 use crate::manifest::{
-    ChunkedInfo, Compression, ImageInfo, Manifest, SignatureEntry, Signatures, FORMAT_CHUNKED,
-    FORMAT_CHUNKED_CONTEXT,
+    ChunkedInfo, Compression, ImageInfo, Manifest, Signatures, FORMAT_CHUNKED,
+    FORMAT_CHUNKED_CONTEXT, MAX_HISTORY,
 };
 use crate::tar;
 use crate::{BundleError, SecretKey, FORMAT_VERSION, MANIFEST_NAME, SIGNATURE_NAME};
@@ -125,6 +123,14 @@ pub fn create_chunked_bundle<W: Write>(
     let mut frames_out = io::BufWriter::with_capacity(1 << 20, &mut frames);
     let history = match chunked.format {
         FORMAT_CHUNKED => 0,
+        // Checked before any chunk is compressed: a device refuses any other history.
+        FORMAT_CHUNKED_CONTEXT if !(1..=MAX_HISTORY).contains(&chunked.history) => {
+            return Err(BundleError::Manifest(format!(
+                "a format-{FORMAT_CHUNKED_CONTEXT} history of {} bytes: it must be 1 to \
+                 {MAX_HISTORY} bytes",
+                chunked.history
+            )))
+        }
         FORMAT_CHUNKED_CONTEXT => chunked.history as usize,
         other => {
             return Err(BundleError::Manifest(format!(
@@ -164,6 +170,8 @@ pub fn create_chunked_bundle<W: Write>(
     let raw_size = chunker.for_each::<_, BundleError>(
         BufReader::with_capacity(1 << 20, source),
         |_, chunk| {
+            // A device refuses a manifest with more chunks: stop before compressing them all.
+            crate::chunked::check_chunk_count(index.chunks.len() as u64 + 1)?;
             image_hash.update(chunk);
             let frame = compress(chunk)?;
             stored_hash.update(&frame);
@@ -286,11 +294,7 @@ fn write_signed_metadata<W: Write>(
     let signatures = Signatures {
         signatures: keys
             .iter()
-            .map(|key| SignatureEntry {
-                algorithm: "ed25519".into(),
-                key_id: key.public_key().key_id(),
-                signature: BASE64.encode(key.sign(&manifest_bytes)),
-            })
+            .map(|key| key.signature_entry(&manifest_bytes))
             .collect(),
     };
     let mut signature_bytes = serde_json::to_vec_pretty(&signatures).expect("serializes");

@@ -336,6 +336,35 @@ fn run(dir: &Path, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// A folder with a vendor key pair (`vendor.key`, `vendor.pub`) and `image.img` of `len`
+/// bytes, for the CLI.
+fn cli_folder(len: usize, seed: u64) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(run(dir.path(), &["keygen", "--out", "vendor"]).0);
+    std::fs::write(dir.path().join("image.img"), text(len, seed)).unwrap();
+    dir
+}
+
+/// `ddi-bundle create` in `dir` of `image` into `out`, signed with `vendor.key` for
+/// `acme-gw` version 1, with the `extra` arguments.
+fn create(dir: &Path, image: &str, out: &str, extra: &[&str]) -> (bool, String, String) {
+    let mut args = vec![
+        "create",
+        "--key",
+        "vendor.key",
+        "--compatible",
+        "acme-gw",
+        "--version",
+        "1",
+        "--image",
+        image,
+        "-o",
+        out,
+    ];
+    args.extend_from_slice(extra);
+    run(dir, &args)
+}
+
 #[test]
 fn the_cli_creates_inspects_verifies_and_diffs_chunked_bundles() {
     let dir = tempfile::tempdir().unwrap();
@@ -347,25 +376,8 @@ fn the_cli_creates_inspects_verifies_and_diffs_chunked_bundles() {
     std::fs::write(d.join("old.img"), &old).unwrap();
     std::fs::write(d.join("new.img"), &new).unwrap();
     for (image, out) in [("old.img", "old.ddib"), ("new.img", "new.ddib")] {
-        let args = [
-            "create",
-            "--key",
-            "vendor.key",
-            "--compatible",
-            "acme-gw",
-            "--version",
-            "1",
-            "--image",
-            image,
-            "-o",
-            out,
-            "--chunked",
-            "--chunk-size-kib",
-            "4",
-            "--zstd-level",
-            "3",
-        ];
-        let (ok, stdout, stderr) = run(d, &args);
+        let extra = ["--chunked", "--chunk-size-kib", "4", "--zstd-level", "3"];
+        let (ok, stdout, stderr) = create(d, image, out, &extra);
         assert!(ok, "{stderr}");
         assert!(stdout.contains("ZstdChunks"), "{stdout}");
     }
@@ -439,31 +451,10 @@ fn the_prefix_length_is_known_from_the_first_two_members() {
 
 #[test]
 fn the_cli_still_makes_format_2_bundles_for_older_agents() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = cli_folder(200_000, 10);
     let d = dir.path();
-    assert!(run(d, &["keygen", "--out", "vendor"]).0);
-    std::fs::write(d.join("image.img"), text(200_000, 10)).unwrap();
-    let (ok, _, stderr) = run(
-        d,
-        &[
-            "create",
-            "--key",
-            "vendor.key",
-            "--compatible",
-            "acme-gw",
-            "--version",
-            "1",
-            "--image",
-            "image.img",
-            "-o",
-            "two.ddib",
-            "--chunked",
-            "--chunk-format",
-            "2",
-            "--chunk-size-kib",
-            "4",
-        ],
-    );
+    let extra = ["--chunked", "--chunk-format", "2", "--chunk-size-kib", "4"];
+    let (ok, _, stderr) = create(d, "image.img", "two.ddib", &extra);
     assert!(ok, "{stderr}");
     let (ok, stdout, _) = run(d, &["info", "two.ddib"]);
     assert!(ok);
@@ -472,6 +463,62 @@ fn the_cli_still_makes_format_2_bundles_for_older_agents() {
     let (ok, stdout, stderr) = run(d, &["verify", "--trusted-key", "vendor.pub", "two.ddib"]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("(200000 bytes)"), "{stdout}");
+}
+
+#[test]
+fn the_cli_checks_history_kib_up_front_and_notes_when_a_format_ignores_it() {
+    let dir = cli_folder(100_000, 11);
+    let d = dir.path();
+    let create = |out: &str, extra: &[&str]| create(d, "image.img", out, extra);
+    // Outside what a device accepts (1 B to 1 MiB): refused when the arguments are read,
+    // before any chunk is compressed, and nothing is written.
+    for bad in ["0", "1025", "4294967295", "12.5"] {
+        let (ok, _, stderr) = create("bad.ddib", &["--chunked", "--history-kib", bad]);
+        assert!(!ok, "--history-kib {bad} was accepted");
+        assert!(
+            stderr.contains("--history-kib") && stderr.contains("from 1 to 1024"),
+            "{bad}: {stderr}"
+        );
+        assert!(!d.join("bad.ddib").exists() && !d.join("bad.partial").exists());
+    }
+    // The largest value a device accepts makes a bundle that verifies.
+    let (ok, _, stderr) = create("max.ddib", &["--chunked", "--history-kib", "1024"]);
+    assert!(ok, "{stderr}");
+    assert!(!stderr.contains("note"), "{stderr}");
+    let (ok, stdout, _) = run(d, &["info", "max.ddib"]);
+    assert!(ok && stdout.contains("\"history\": 1048576"), "{stdout}");
+    let (ok, _, stderr) = run(d, &["verify", "--trusted-key", "vendor.pub", "max.ddib"]);
+    assert!(ok, "{stderr}");
+    // Formats that have no history say that the value is ignored, and still work.
+    for (out, extra) in [
+        ("two.ddib", &["--chunked", "--chunk-format", "2"][..]),
+        ("one.ddib", &[][..]),
+    ] {
+        let mut extra = extra.to_vec();
+        extra.extend_from_slice(&["--history-kib", "64"]);
+        let (ok, _, stderr) = create(out, &extra);
+        assert!(ok, "{stderr}");
+        assert!(
+            stderr.contains("note: --history-kib is ignored"),
+            "{out}: {stderr}"
+        );
+        let (ok, stdout, _) = run(d, &["info", out]);
+        assert!(ok && !stdout.contains("history"), "{stdout}");
+    }
+    // The library refuses such a history too, before it compresses anything.
+    let f = Fixture::new();
+    let options = ChunkedOptions {
+        history: 0,
+        ..ChunkedOptions::default()
+    };
+    let err = create_chunked_bundle(
+        &d.join("image.img"),
+        &f.options("1"),
+        &options,
+        &mut Vec::new(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("history of 0 bytes"), "{err}");
 }
 
 /// What an agent that reads formats 1 and 2 does with a format-3 bundle: it refuses the

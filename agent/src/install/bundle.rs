@@ -109,7 +109,7 @@ pub fn open_image<'a>(
     }
 
     let mut reader = BundleReader::open(stream, &policy.verifier(slot_capacity)?)
-        .map_err(|e| InstallError::Signature(e.to_string()))?;
+        .map_err(|e| bundle_error(&e))?;
     tracing::info!(
         version = %reader.manifest().version,
         key = %reader.verified_by(),
@@ -130,10 +130,21 @@ pub fn open_image<'a>(
     })
 }
 
-/// The signature error carried by an I/O error from a bundle's image stream (wrong size or
+/// A bundle's error as an install reports it: a manifest that breaks the format's rules is
+/// [`InstallError::Bundle`] (its signature may well be fine), anything else a
+/// [`InstallError::Signature`] (trust, tampering, a member that is not the signed one).
+pub fn bundle_error(err: &BundleError) -> InstallError {
+    match err {
+        BundleError::Manifest(why) => InstallError::Bundle(why.clone()),
+        BundleError::TooManyChunks(too_many) => InstallError::Bundle(too_many.to_string()),
+        other => InstallError::Signature(other.to_string()),
+    }
+}
+
+/// The bundle error carried by an I/O error from a bundle's image stream (wrong size or
 /// hash at the end of the image), so callers can report it as what it is.
-pub fn signature_error(err: &io::Error) -> Option<InstallError> {
-    BundleError::from_io(err).map(|e| InstallError::Signature(e.to_string()))
+pub fn bundle_error_in(err: &io::Error) -> Option<InstallError> {
+    BundleError::from_io(err).map(bundle_error)
 }
 
 #[cfg(test)]
@@ -187,7 +198,7 @@ mod tests {
         let mut out = Vec::new();
         reader
             .read_to_end(&mut out)
-            .map_err(|e| signature_error(&e).unwrap_or(InstallError::Internal(e.to_string())))?;
+            .map_err(|e| bundle_error_in(&e).unwrap_or(InstallError::Internal(e.to_string())))?;
         Ok(out)
     }
 
@@ -247,6 +258,64 @@ mod tests {
             err.to_string().contains("more than the 4096 bytes"),
             "{err}"
         );
+    }
+
+    /// A tar archive of the manifest `manifest` and its signature by `key`: correctly signed,
+    /// whatever the manifest says.
+    fn signed_metadata(manifest: &[u8], key: &SecretKey) -> Vec<u8> {
+        let signatures = ddi_bundle::Signatures {
+            signatures: vec![key.signature_entry(manifest)],
+        };
+        let signatures = serde_json::to_vec(&signatures).unwrap();
+        crate::install::tests::tar_of(&[
+            (ddi_bundle::MANIFEST_NAME, manifest),
+            (ddi_bundle::SIGNATURE_NAME, &signatures),
+        ])
+    }
+
+    #[test]
+    fn a_signed_manifest_that_breaks_the_rules_is_a_bundle_error_not_a_signature_error() {
+        let keys = Keys::new();
+        let mut manifest = read_manifest(&keys.bundle(&[9u8; 100], "acme-gw"));
+        // A chunked manifest whose chunk table does not add up: 3 chunks in 100 index bytes
+        // (format 2 records are 48 bytes each).
+        manifest.format = ddi_bundle::FORMAT_CHUNKED;
+        manifest.image.compression = ddi_bundle::Compression::ZstdChunks;
+        manifest.chunked = Some(ddi_bundle::ChunkedInfo {
+            algorithm: "fastcdc-ddi-1".into(),
+            chunker: ddi_bundle::ChunkerParams::with_average(4096),
+            image_size: 100,
+            image_sha256: "d".repeat(64),
+            chunks: 3,
+            index_name: "chunks.idx".into(),
+            index_size: 100,
+            index_sha256: "e".repeat(64),
+            history: None,
+        });
+        let bundle = signed_metadata(&manifest.to_bytes(), &keys.vendor);
+        let err = open(&keys.policy(), Box::new(Cursor::new(bundle)), u64::MAX)
+            .err()
+            .unwrap();
+        assert!(matches!(err, InstallError::Bundle(_)), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.starts_with("bundle manifest is invalid: index of 100 bytes for 3 chunks"),
+            "{text}"
+        );
+        assert!(!text.contains("signature"), "{text}");
+
+        // The same manifest signed by a key the device does not trust is a signature error.
+        let stranger = generate_keypair().unwrap();
+        let bundle = signed_metadata(&manifest.to_bytes(), &stranger);
+        let err = open(&keys.policy(), Box::new(Cursor::new(bundle)), u64::MAX)
+            .err()
+            .unwrap();
+        assert!(matches!(err, InstallError::Signature(_)), "{err:?}");
+        assert!(err.to_string().starts_with("signature: "), "{err}");
+    }
+
+    fn read_manifest(bundle: &[u8]) -> ddi_bundle::Manifest {
+        ddi_bundle::read_manifest_unverified(bundle).unwrap()
     }
 
     #[test]

@@ -131,8 +131,8 @@ pub fn read_error(e: io::Error, format: Format, artifact_offset: u64) -> Install
     if let Some(inner) = e.get_ref().and_then(|i| i.downcast_ref::<ArchiveRule>()) {
         return InstallError::ArchiveRejected(inner.0.clone());
     }
-    if let Some(signature) = super::bundle::signature_error(&e) {
-        return signature;
+    if let Some(bundle) = super::bundle::bundle_error_in(&e) {
+        return bundle;
     }
     InstallError::Decode {
         format: format.name(),

@@ -18,7 +18,8 @@
 //! a failure (a server that answers that Range with the whole artifact is read up to the
 //! chunks' end, the bytes before them skipped as they arrive). Resume across restarts: at
 //! every durable checkpoint of the slot writer a `chunks` record ([`super::resume`]) says how
-//! far the image is on the slot.
+//! far the image is on the slot; a resumed prefix that is not the signed chunks any more is
+//! [`InstallError::ResumedPrefixMismatch`], and the caller starts over from byte 0 once.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -292,18 +293,24 @@ pub fn write_delta(
     let signed = &*job.signed;
     let mut decoder = ChunkDecoder::for_index(&signed.index, signed.history);
     let mut prefix_hash = Sha256::new();
+    // The resumed prefix's part of the chunk that straddles `resume_at`: (chunk, sha256 of
+    // those bytes), compared with the chunk's signed bytes once they are known.
+    let mut straddling: Option<(usize, [u8; 32])> = None;
     if job.resume_at > 0 {
-        // The hasher cannot be saved: hash the bytes already on the slot again. Format 3:
+        // The hasher cannot be saved: hash the bytes already on the slot again, and check
+        // them against the signed chunks (the slot may have been written since). Format 3:
         // keep the image bytes before the first chunk written again (its frame's context).
         let (first, first_start) = first_unfinished(&signed.index, job.resume_at);
         let keep_from = first_start.saturating_sub(u64::from(signed.history));
         let mut context = Vec::new();
+        let mut check = PrefixCheck::new(&signed.index);
         let mut at = 0u64;
         slot::read_range(
             dev,
             job.resume_at,
             |b| {
                 prefix_hash.update(b);
+                check.update(b);
                 let end = at + b.len() as u64;
                 if signed.history > 0 && end > keep_from && at < first_start {
                     let from = keep_from.saturating_sub(at) as usize;
@@ -314,6 +321,13 @@ pub fn write_delta(
             },
             |_| {},
         )?;
+        let (partial, mismatch) = check.finish();
+        if let Some((chunk, offset)) = mismatch {
+            return Err(prefix_mismatch(dev.path(), job.resume_at, chunk, offset));
+        }
+        if job.resume_at > first_start {
+            straddling = Some((first, partial));
+        }
         decoder.set_context(first, &context);
     }
     let mut stream = pipeline::channel_reader(rx, counters);
@@ -380,6 +394,16 @@ pub fn write_delta(
         };
         // The part of the chunk before `resume_at` is on the slot already.
         let skip = job.resume_at.saturating_sub(start) as usize;
+        if let Some((chunk, on_slot)) = straddling.filter(|(chunk, _)| *chunk == i) {
+            if Sha256::digest(&raw[..skip.min(raw.len())]).as_slice() != on_slot {
+                return Err(prefix_mismatch(
+                    writer.slot_path(),
+                    job.resume_at,
+                    chunk,
+                    start,
+                ));
+            }
+        }
         if skip < raw.len() {
             writer.write(&raw[skip..])?;
         }
@@ -409,6 +433,70 @@ pub fn write_delta(
         Err(e) => return Err(decode::read_error(e, Format::ZstdChunks, offset())),
     }
     pipeline::finish(writer, counters, None, Some(&signed.image_sha256), began)
+}
+
+fn prefix_mismatch(slot: &Path, resume_at: u64, chunk: usize, offset: u64) -> InstallError {
+    InstallError::ResumedPrefixMismatch {
+        slot: slot.to_path_buf(),
+        resume_at,
+        chunk,
+        offset,
+    }
+}
+
+/// Checks a resumed prefix of the slot, as it is read, against the signed chunks: every chunk
+/// wholly in it must have its signed hash; of the chunk that straddles its end, the sha256 of
+/// the bytes read is kept (the caller compares it with the chunk's signed bytes when it has
+/// them). Costs one more sha256 pass over the prefix, no buffer.
+struct PrefixCheck<'a> {
+    index: &'a ChunkIndex,
+    /// The chunk being read, where it starts, and its bytes hashed so far.
+    chunk: usize,
+    start: u64,
+    read: u64,
+    hash: Sha256,
+    /// The first chunk that is not the signed one, and where it starts.
+    mismatch: Option<(usize, u64)>,
+}
+
+impl<'a> PrefixCheck<'a> {
+    fn new(index: &'a ChunkIndex) -> Self {
+        PrefixCheck {
+            index,
+            chunk: 0,
+            start: 0,
+            read: 0,
+            hash: Sha256::new(),
+            mismatch: None,
+        }
+    }
+
+    fn update(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() && self.mismatch.is_none() {
+            let Some(entry) = self.index.chunks.get(self.chunk) else {
+                return; // past the image: the caller never reads that far
+            };
+            let n = (u64::from(entry.raw_len) - self.read).min(bytes.len() as u64) as usize;
+            self.hash.update(&bytes[..n]);
+            self.read += n as u64;
+            bytes = &bytes[n..];
+            if self.read == u64::from(entry.raw_len) {
+                let mut key: [u8; 32] = std::mem::take(&mut self.hash).finalize().into();
+                key[self.index.hash_len.min(32)..].fill(0);
+                if key != entry.sha256 {
+                    self.mismatch = Some((self.chunk, self.start));
+                }
+                self.start += u64::from(entry.raw_len);
+                self.chunk += 1;
+                self.read = 0;
+            }
+        }
+    }
+
+    /// The sha256 of the straddling chunk's bytes read, and the first chunk that did not match.
+    fn finish(self) -> ([u8; 32], Option<(usize, u64)>) {
+        (self.hash.finalize().into(), self.mismatch)
+    }
 }
 
 /// The first chunk that ends after `resume_at`, and where it starts in the image.

@@ -122,6 +122,27 @@ pub enum InstallError {
     #[error("signature: {0}")]
     Signature(String),
 
+    /// The bundle's manifest breaks the format's rules (a chunk table or count that does not
+    /// add up, a format this agent does not read): the vendor tool's output, not its signature,
+    /// is wrong.
+    #[error("bundle manifest is invalid: {0}")]
+    Bundle(String),
+
+    /// A resumed install found that the slot's bytes before its resume point are not the
+    /// signed image's any more (the slot was written behind the agent's back): the install
+    /// starts over from byte 0 once; this is the error if that happens again.
+    #[error(
+        "slot {} no longer holds what this install wrote before byte {resume_at}: chunk {chunk} \
+         (at byte {offset}) is not the signed one",
+        slot.display()
+    )]
+    ResumedPrefixMismatch {
+        slot: PathBuf,
+        resume_at: u64,
+        chunk: usize,
+        offset: u64,
+    },
+
     /// The resume state file could not be written.
     #[error("resume state {}: {source}", path.display())]
     ResumeState {

@@ -297,6 +297,7 @@ pub async fn install_with(
     };
 
     let result = if let Some(signed) = delta {
+        let signed = Arc::new(signed);
         let resume_at = record
             .and_then(|r| {
                 r.chunks_offset(
@@ -310,19 +311,44 @@ pub async fn install_with(
         if resume_at == 0 {
             resume::remove(&req.resume_path)?;
         }
-        let expected_hash = expected.clone();
-        run_delta(
+        let resumed = run_delta(
             client,
             req,
             options,
             progress,
             slot,
-            signed,
+            Arc::clone(&signed),
             resume_at,
-            expected_hash,
-            spec,
+            expected.clone(),
+            spec.clone(),
         )
-        .await
+        .await;
+        match resumed {
+            // The slot was written behind the agent's back since the checkpoint: what is on
+            // it cannot be trusted, but the bundle may well be fine. Start over, once.
+            Err(e @ InstallError::ResumedPrefixMismatch { .. }) => {
+                tracing::warn!(error = %e, "starting the install over from byte 0");
+                resume::remove(&req.resume_path)?;
+                let slot = slot::open(
+                    &req.slot_path,
+                    req.booted_slot_path.as_deref(),
+                    &options.mountinfo,
+                )?;
+                run_delta(
+                    client,
+                    req,
+                    options,
+                    progress,
+                    slot,
+                    signed,
+                    0,
+                    expected.clone(),
+                    spec,
+                )
+                .await
+            }
+            other => other,
+        }
     } else {
         if start == 0 {
             resume::remove(&req.resume_path)?;
@@ -369,12 +395,11 @@ async fn run_delta(
     options: &InstallOptions,
     progress: &mut (dyn FnMut(Progress) + Send),
     mut slot: slot::FileSlot,
-    signed: delta::SignedBundle,
+    signed: Arc<delta::SignedBundle>,
     resume_at: u64,
     expected_hash: String,
     spec: source::SourceSpec,
 ) -> Result<Installed, InstallError> {
-    let signed = Arc::new(signed);
     let seed = match &req.booted_slot_path {
         Some(path) => {
             let (path, scan_signed) = (path.clone(), Arc::clone(&signed));

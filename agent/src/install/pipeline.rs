@@ -493,7 +493,7 @@ fn write_image<R: Read>(
             // Signed content that does not decode is most likely not what was signed: the
             // signed hash at the end of the image tells, and names the real problem.
             return match io::copy(&mut sniffed, &mut io::sink()) {
-                Err(e) => Err(bundle::signature_error(&e).unwrap_or(err)),
+                Err(e) => Err(bundle::bundle_error_in(&e).unwrap_or(err)),
                 Ok(_) => Err(err),
             };
         }

@@ -11,7 +11,10 @@
 //! **Delta installs of chunked bundles** (format `chunks`): the record names the signed image
 //! (its sha256) and how far the slot holds it durably; a restart scans the seed again, re-hashes
 //! the slot's prefix, and fetches or reuses only the chunks from the one that straddles that
-//! offset on.
+//! offset on. The prefix is checked against the signed chunks as it is re-read (and the
+//! straddling chunk's part once its signed bytes are known): a slot written behind the
+//! agent's back makes that install start over from byte 0, once
+//! ([`super::InstallError::ResumedPrefixMismatch`]).
 //!
 //! gzip, tar and tar.gz artifacts restart from the beginning after a restart: a deflate or
 //! tar reader's state cannot be rebuilt from the slot. (Within one run they resume after

@@ -126,7 +126,8 @@ fn xz(data: &[u8]) -> Vec<u8> {
     w.finish().unwrap()
 }
 
-fn tar_of(members: &[(&str, &[u8])]) -> Vec<u8> {
+/// A tar archive of `members` (also the bundle tests' hand-made bundles).
+pub(super) fn tar_of(members: &[(&str, &[u8])]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     for (name, data) in members {
         let mut h = tar::Header::new_gnu();

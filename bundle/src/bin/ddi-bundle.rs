@@ -66,9 +66,10 @@ enum Command {
         /// Chunked: average chunk size in KiB (a power of two; min = 1/4, max = 4 x).
         #[arg(long, default_value_t = ddi_bundle::DEFAULT_AVERAGE_CHUNK / 1024)]
         chunk_size_kib: u32,
-        /// Format 3: KiB of the image before each chunk that its frame is compressed with.
-        #[arg(long, default_value_t = ddi_bundle::DEFAULT_HISTORY / 1024)]
-        history_kib: u32,
+        /// Format 3: KiB of the image before each chunk that its frame is compressed with,
+        /// 1 to 1024 (what a device accepts) [default: 128]. Formats 1 and 2 have none.
+        #[arg(long, value_parser = history_kib)]
+        history_kib: Option<u32>,
         /// Chunked: zstd level of every chunk.
         #[arg(long, default_value_t = 19)]
         zstd_level: i32,
@@ -136,6 +137,14 @@ fn run(cli: Cli) -> Result<()> {
                 Some("xz") => Some(Compression::Xz),
                 Some(other) => bail!("--compression {other:?}: expected none, gzip, zstd or xz"),
             };
+            let history_format = chunked && chunk_format == ddi_bundle::FORMAT_CHUNKED_CONTEXT;
+            if let (Some(_), false) = (history_kib, history_format) {
+                let format = if chunked { chunk_format } else { 1 };
+                eprintln!(
+                    "ddi-bundle: note: --history-kib is ignored: format {format} compresses \
+                     no chunk with the image before it (only --chunked format 3 does)"
+                );
+            }
             if chunked && compression.is_some() {
                 bail!("--compression is for format 1; a chunked bundle compresses each chunk with zstd");
             }
@@ -153,7 +162,7 @@ fn run(cli: Cli) -> Result<()> {
                     chunker: ChunkerParams::with_average(chunk_size_kib.saturating_mul(1024)),
                     zstd_level,
                     format: chunk_format,
-                    history: history_kib.saturating_mul(1024),
+                    history: history_kib.map_or(ddi_bundle::DEFAULT_HISTORY, |kib| kib * 1024),
                 };
                 create_chunked_bundle(&image, &options, &chunked, file)
             } else {
@@ -233,6 +242,21 @@ fn run(cli: Cli) -> Result<()> {
 
 /// Reads the image member chunk by chunk, checking each against the index; the reader checks
 /// the member's size and sha256 at its end. Returns the decompressed size.
+/// `--history-kib`: a whole number of KiB from 1 to [`ddi_bundle::MAX_HISTORY`] (1 MiB), the
+/// range a device accepts in a format-3 manifest; checked here so that no bundle is written
+/// that every device refuses.
+fn history_kib(value: &str) -> Result<u32, String> {
+    let max = ddi_bundle::MAX_HISTORY / 1024;
+    match value.parse::<u32>() {
+        Ok(kib) if (1..=max).contains(&kib) => Ok(kib),
+        _ => Err(format!(
+            "must be a whole number of KiB from 1 to {max} (a device accepts a format-3 \
+             history of 1 byte to {} bytes)",
+            ddi_bundle::MAX_HISTORY
+        )),
+    }
+}
+
 fn verify_chunks<R: io::Read>(
     reader: &mut BundleReader<R>,
     index: &ddi_bundle::ChunkIndex,

@@ -17,7 +17,7 @@ use ddi_bundle::{
 use ddi_sim::{DownloadRequest, Fault, FaultKind, ServerOptions};
 use ddi_tests::demo::{ended_as, summary};
 use ddi_tests::device::Image;
-use ddi_tests::harness::Background;
+use ddi_tests::harness::{Background, CommandOutput};
 
 const CONTROLLER: &str = "delta-e2e";
 const TOKEN: &str = "delta-e2e-token";
@@ -277,36 +277,9 @@ fn a_delta_killed_in_the_middle_resumes_without_fetching_finished_chunks_again()
     let bundle = rig.bundle(&v2);
     let read = read_unverified(bundle.as_slice()).unwrap();
     let index = read.index.unwrap();
-    // Slow enough that the delta takes some seconds.
-    rig.server.add_fault(Fault::new(FaultKind::Slow {
-        bytes_per_sec: 300_000,
-    }));
     let action = rig.deploy(bundle);
-
-    let record = rig.dev.state_dir().join("download.resume");
-    let mut agent = Background::spawn({
-        let mut cmd = rig.dev.agent_command();
-        cmd.arg("once");
-        cmd
-    })
-    .unwrap();
-    let deadline = Instant::now() + AGENT_TIMEOUT;
-    while !record.exists() {
-        assert!(
-            agent.try_exit().unwrap().is_none(),
-            "the agent ended before a resume record was written: {:?}",
-            agent.output_so_far()
-        );
-        assert!(Instant::now() < deadline, "no resume record");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let killed = agent.stop().unwrap(); // kill -9
+    let (killed, durable) = kill_after_the_first_checkpoint(&rig);
     let first_run = rig.server.download_log();
-    let resume: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
-    assert_eq!(resume["format"], "chunks", "{resume}");
-    let durable = resume["slot_offset"].as_u64().unwrap();
-    assert!(durable >= 16 << 20, "{resume}");
 
     rig.server.clear_faults();
     rig.settle(action);
@@ -336,6 +309,83 @@ fn a_delta_killed_in_the_middle_resumes_without_fetching_finished_chunks_again()
             "bytes {start}..{end} were fetched again although on the slot up to {durable}:\n\
              first run: {first_run:#?}\nkilled agent: {}",
             killed.describe()
+        );
+    }
+}
+
+/// Run the agent on the deployed delta, slowed down, and kill it (-9) once its first durable
+/// checkpoint has a resume record; returns what it did and the durable slot offset.
+fn kill_after_the_first_checkpoint(rig: &Rig) -> (CommandOutput, u64) {
+    // Slow enough that the delta takes some seconds.
+    rig.server.add_fault(Fault::new(FaultKind::Slow {
+        bytes_per_sec: 300_000,
+    }));
+    let record = rig.dev.state_dir().join("download.resume");
+    let mut agent = Background::spawn({
+        let mut cmd = rig.dev.agent_command();
+        cmd.arg("once");
+        cmd
+    })
+    .unwrap();
+    let deadline = Instant::now() + AGENT_TIMEOUT;
+    while !record.exists() {
+        assert!(
+            agent.try_exit().unwrap().is_none(),
+            "the agent ended before a resume record was written: {:?}",
+            agent.output_so_far()
+        );
+        assert!(Instant::now() < deadline, "no resume record");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let killed = agent.stop().unwrap(); // kill -9
+    let resume: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    assert_eq!(resume["format"], "chunks", "{resume}");
+    let durable = resume["slot_offset"].as_u64().unwrap();
+    assert!(durable >= 16 << 20, "{resume}");
+    (killed, durable)
+}
+
+#[test]
+fn a_resume_whose_slot_prefix_was_changed_starts_over_and_gives_the_signed_image() {
+    // Someone writes into what the killed agent had durably written (a tool, bit rot): 4 KiB
+    // in the middle of the resumed prefix (whole chunks, checked as the prefix is read again),
+    // or the byte right before the checkpoint (the chunk that straddles it, checked when its
+    // signed bytes are known).
+    let in_the_middle = |_: u64| (5usize << 20)..(5 << 20) + 4096;
+    let before_the_checkpoint = |durable: u64| durable as usize - 1..durable as usize;
+    for corrupted in [
+        &in_the_middle as &dyn Fn(u64) -> std::ops::Range<usize>,
+        &before_the_checkpoint,
+    ] {
+        let rig = Rig::new(24 << 20, 32 << 20);
+        let v2 = version_2(&rig.v1, 24);
+        let action = rig.deploy(rig.bundle(&v2));
+        let (_, durable) = kill_after_the_first_checkpoint(&rig);
+        let slot_b = rig.dev.slot_path(Slot::B);
+        let mut b = std::fs::read(&slot_b).unwrap();
+        assert!(b[..durable as usize] == v2[..durable as usize]);
+        let range = corrupted(durable);
+        for byte in &mut b[range.clone()] {
+            *byte ^= 0xa5;
+        }
+        std::fs::write(&slot_b, &b).unwrap();
+
+        rig.server.clear_faults();
+        rig.settle(action);
+        // Not a failure at the whole-image check: the resumed prefix was refused, the install
+        // started over from byte 0 and wrote the signed image.
+        let view = rig.server.action(action).unwrap();
+        assert!(
+            ended_as(&view, "success"),
+            "bytes {range:?} changed: {}",
+            summary(&view)
+        );
+        rig.assert_success(action, &v2);
+        let b = std::fs::read(&slot_b).unwrap();
+        assert!(
+            b[..v2.len()] == v2[..],
+            "slot B is not exactly the signed image"
         );
     }
 }
