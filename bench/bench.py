@@ -14,7 +14,7 @@ What it measures (see BENCHMARKS.md for the method and the figures):
   * one sampled agent install (write/read progress and VmRSS every 50 ms) for the plot;
   * with --block-slot, all installs and dd floors once more with slot B a loop device over
     the slot file (as root);
-  * the decoders' own speed (gzip: flate2 on zlib-rs, zstd: ruzstd, as in the agent) with the
+  * the decoders' own speed (gzip: flate2 on zlib-rs, zstd: the C library, as in the agent) with the
     `decode_speed` example binary, when BIN_DIR/examples/decode_speed exists.
 """
 

@@ -1,8 +1,9 @@
 //! The decoders' own speed, for the benchmarks (bench/bench.py; not shipped, not a test):
 //! decodes a gzip or zstd image from memory with the decoder the agent uses (flate2 on
-//! zlib-rs, `MultiGzDecoder`; ruzstd through the agent's `ZstdReader`) into a buffer the size of
-//! the slot writer's, and once more with the two hashes the blocking stage computes (sha256 of
-//! the artifact as served and of the decoded image). Prints one JSON object.
+//! zlib-rs, `MultiGzDecoder`; the C zstd library through the agent's `ZstdReader`) into a
+//! buffer the size of the slot writer's, and once more with the two hashes the blocking stage
+//! computes (sha256 of the artifact as served and of the decoded image). Prints one JSON
+//! object.
 //!
 //! ```sh
 //! cargo build --release -p ddi-agent --example decode_speed

@@ -13,9 +13,9 @@
 //! compact index: frame and raw lengths and the first 16 bytes of each chunk's sha256, the
 //! whole zstd-compressed. BENCHMARKS.md ("Delta updates") has what each part saves.
 
-use std::io::Read;
-
 use sha2::{Digest, Sha256};
+use zstd::zstd_safe::zstd_sys::ZSTD_ErrorCode;
+use zstd::zstd_safe::DCtx;
 
 use crate::manifest::ChunkedInfo;
 use crate::BundleError;
@@ -133,9 +133,17 @@ impl ChunkIndex {
                 .chunks
                 .saturating_mul(record_len as u64)
                 .min(MAX_INDEX_SIZE) as usize;
-            let mut decoder = ruzstd::decoding::FrameDecoder::new();
+            if let Ok(window) = frame_window_size(bytes) {
+                let limit = max_chunk_window(want as u32);
+                if window > limit {
+                    return fail(format!(
+                        "its zstd frame asks for a {window}-byte window, more than the {limit} \
+                         bytes it may"
+                    ));
+                }
+            }
             let mut out = Vec::new();
-            let got = decompress_exact(&mut decoder, bytes, want, &mut out)
+            let got = decompress_exact(&mut DCtx::create(), bytes, want, &mut out)
                 .map_err(|why| BundleError::Manifest(format!("chunk index: {why}")))?;
             if got != want {
                 return fail(format!(
@@ -294,10 +302,9 @@ pub enum ChunkError {
 /// `history` bytes of the image, the context every frame is compressed with: the caller hands
 /// it every chunk in image order, decoded here or taken from elsewhere ([`Self::remember`]).
 pub struct ChunkDecoder {
-    decoder: Option<ruzstd::decoding::FrameDecoder>,
-    /// Format 3: [`PREFIX_TEMPLATE`] parsed (its entropy tables built) once, on the first
-    /// frame with a context; each frame's dictionary copies its tables.
-    template: Option<ruzstd::decoding::Dictionary>,
+    /// The C library's decoder (kept between format-2 chunks; a format-3 chunk takes one of
+    /// its own, since a prefix is borrowed for the decoder's lifetime).
+    decoder: Option<DCtx<'static>>,
     out: Vec<u8>,
     hash_len: usize,
     /// Format 3: how many image bytes before a chunk its frame was compressed with.
@@ -313,7 +320,6 @@ impl Default for ChunkDecoder {
     fn default() -> Self {
         ChunkDecoder {
             decoder: None,
-            template: None,
             out: Vec::new(),
             hash_len: 32,
             history: 0,
@@ -322,25 +328,6 @@ impl Default for ChunkDecoder {
         }
     }
 }
-
-/// The tables of a zstd dictionary whose content is replaced by each chunk's history: ruzstd
-/// takes a raw-content prefix only as a dictionary. Frames compressed with a raw-content
-/// prefix never refer to these tables (a compressor has no entropy tables for raw content),
-/// so they only have to be valid. Made once by the C library (`ZDICT_trainFromBuffer`);
-/// `tests::the_prefix_template_is_a_valid_dictionary` checks it.
-const PREFIX_TEMPLATE: [u8; 167] = [
-    55, 164, 48, 236, 5, 102, 1, 111, 78, 16, 16, 106, 89, 117, 39, 242, 53, 23, 78, 55, 124, 79,
-    219, 243, 39, 190, 86, 131, 74, 44, 198, 158, 156, 222, 53, 225, 206, 170, 56, 223, 124, 19,
-    97, 47, 129, 173, 197, 63, 209, 15, 199, 115, 238, 184, 88, 187, 41, 197, 140, 27, 142, 198, 1,
-    117, 175, 149, 223, 43, 93, 122, 176, 122, 40, 63, 212, 120, 167, 146, 200, 2, 26, 27, 223,
-    247, 183, 45, 83, 115, 5, 32, 28, 28, 15, 9, 229, 202, 182, 75, 0, 4, 64, 147, 145, 76, 140,
-    71, 18, 217, 32, 6, 242, 24, 68, 65, 140, 81, 18, 1, 0, 8, 0, 132, 0, 0, 24, 128, 33, 2, 0, 0,
-    0, 0, 212, 134, 209, 209, 71, 67, 129, 52, 202, 130, 28, 134, 81, 200, 49, 133, 24, 170, 25, 1,
-    0, 0, 0, 1, 0, 0, 0, 4, 0, 0, 0, 8, 0, 0, 0,
-];
-
-/// The dictionary id in [`PREFIX_TEMPLATE`] (bytes 4..8).
-const PREFIX_DICT_ID: u32 = u32::from_le_bytes([5, 102, 1, 111]);
 
 impl ChunkDecoder {
     /// A decoder for format-2 frames (no history, full sha256).
@@ -397,8 +384,9 @@ impl ChunkDecoder {
 
     /// The raw bytes of chunk `index` from its stored `frame`, checked against `entry`'s
     /// length and sha256. The frame must be exactly one zstd frame whose window is at most
-    /// [`max_chunk_window`]: the decoder holds a whole window before it can tell that the
-    /// output is longer than the signed length, and the frame is not verified yet.
+    /// [`max_chunk_window`] (the format's rule: a streaming decoder would hold a whole window
+    /// before it could tell that the output is longer than the signed length, and the frame is
+    /// not verified yet).
     /// Decompression never writes more than the signed length. With a history, chunk
     /// `index - 1` must have been decoded or [remembered](Self::remember) just before.
     pub fn decode(
@@ -417,10 +405,8 @@ impl ChunkDecoder {
                 entry.raw_len
             )));
         }
-        let decoder = self
-            .decoder
-            .get_or_insert_with(ruzstd::decoding::FrameDecoder::new);
-        let context = if self.history > 0 {
+        let want = entry.raw_len as usize;
+        let got = if self.history > 0 {
             if index != self.next {
                 return Err(corrupt(format!(
                     "its context (the image before it) is unknown: chunk {} came last",
@@ -428,23 +414,16 @@ impl ChunkDecoder {
                 )));
             }
             let at = self.recent.len().saturating_sub(self.history);
-            Some(&self.recent[at..])
+            // The history is referenced, not copied (RFC 8878's raw-content dictionary).
+            let mut decoder = DCtx::create();
+            decoder
+                .ref_prefix(&self.recent[at..])
+                .map_err(|code| corrupt(zstd_error(code)))?;
+            decompress_exact(&mut decoder, frame, want, &mut self.out).map_err(corrupt)?
         } else {
-            None
+            let decoder = self.decoder.get_or_insert_with(DCtx::create);
+            decompress_exact(decoder, frame, want, &mut self.out).map_err(corrupt)?
         };
-        let context = match context {
-            Some(bytes) => {
-                if self.template.is_none() {
-                    let parsed = parse_prefix_template()
-                        .map_err(|e| corrupt(format!("the context template: {e}")))?;
-                    self.template = Some(parsed);
-                }
-                self.template.as_ref().map(|template| (template, bytes))
-            }
-            None => None,
-        };
-        let want = entry.raw_len as usize;
-        let got = decompress_with(decoder, frame, context, want, &mut self.out).map_err(corrupt)?;
         if got != want {
             return Err(ChunkError::Length {
                 index,
@@ -465,102 +444,49 @@ impl ChunkDecoder {
 
 /// Decompress the single zstd `frame` into `out` (resized), writing at most `want` + 1 bytes;
 /// returns how many it held (`want` + 1 means "longer than `want`"). Anything after the frame
-/// is an error.
+/// is an error. The frame's content checksum, when it has one, is checked (the C library's
+/// default).
 fn decompress_exact(
-    decoder: &mut ruzstd::decoding::FrameDecoder,
+    decoder: &mut DCtx<'_>,
     frame: &[u8],
     want: usize,
     out: &mut Vec<u8>,
 ) -> Result<usize, String> {
-    if let Ok(window) = frame_window_size(frame) {
-        let limit = (want as u64).next_power_of_two().max(8 << 20);
-        if window > limit {
-            return Err(format!(
-                "its zstd frame asks for a {window}-byte window, more than the {limit} bytes \
-                 it may"
-            ));
-        }
+    // The one-shot call decodes every frame it is given: refuse a second one before it.
+    let frame_len = zstd::zstd_safe::find_frame_compressed_size(frame).map_err(zstd_error)?;
+    if frame_len < frame.len() {
+        return Err(format!(
+            "{} bytes follow its zstd frame",
+            frame.len() - frame_len
+        ));
     }
-    decompress_with(decoder, frame, None, want, out)
-}
-
-#[cfg(test)]
-thread_local! {
-    /// How often this thread parsed [`PREFIX_TEMPLATE`] (tests check it is once per decoder).
-    static TEMPLATE_PARSES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// [`PREFIX_TEMPLATE`] parsed: its entropy tables built.
-fn parse_prefix_template(
-) -> Result<ruzstd::decoding::Dictionary, ruzstd::decoding::errors::DictionaryDecodeError> {
-    #[cfg(test)]
-    TEMPLATE_PARSES.with(|n| n.set(n.get() + 1));
-    ruzstd::decoding::Dictionary::decode_dict(&PREFIX_TEMPLATE)
-}
-
-/// A dictionary with `template`'s tables and `content`: copies of tables built once, where
-/// parsing [`PREFIX_TEMPLATE`] would build them again for every frame.
-fn dictionary_like(
-    template: &ruzstd::decoding::Dictionary,
-    content: Vec<u8>,
-) -> ruzstd::decoding::Dictionary {
-    let mut dict = ruzstd::decoding::Dictionary {
-        id: template.id,
-        fse: Default::default(),
-        huf: Default::default(),
-        dict_content: content,
-        offset_hist: template.offset_hist,
-    };
-    dict.fse.reinit_from(&template.fse);
-    dict.huf.table.reinit_from(&template.huf.table);
-    dict
-}
-
-/// [`decompress_exact`] with `context` as the frame's raw-content prefix, given as the
-/// dictionary `template` (parsed once) and the prefix's bytes.
-fn decompress_with(
-    decoder: &mut ruzstd::decoding::FrameDecoder,
-    frame: &[u8],
-    context: Option<(&ruzstd::decoding::Dictionary, &[u8])>,
-    want: usize,
-    out: &mut Vec<u8>,
-) -> Result<usize, String> {
-    out.clear();
-    // One byte of room past the signed length tells "too long" from "exactly right".
+    // One byte of room past the signed length tells "too long" from "exactly right"; the
+    // decoder writes into this buffer directly (its window is the output), so nothing larger
+    // than it is ever allocated.
     out.resize(want + 1, 0);
-    let mut input = frame;
-    decoder.reset(&mut input).map_err(|e| e.to_string())?;
-    if let Some((template, context)) = context {
-        // ruzstd takes a prefix only as a dictionary it owns, and copies it into the decoder.
-        decoder
-            .add_dict(dictionary_like(template, context.to_vec()))
-            .map_err(|e| e.to_string())?;
-        decoder
-            .force_dict(PREFIX_DICT_ID)
-            .map_err(|e| e.to_string())?;
-        // The decoder copied the context; do not keep a second copy until the next chunk.
-        let _ = decoder.add_dict(dictionary_like(template, Vec::new()));
-    }
-    let mut got = 0;
-    loop {
-        decoder
-            .decode_blocks(
-                &mut input,
-                ruzstd::decoding::BlockDecodingStrategy::UptoBytes(1 << 20),
-            )
-            .map_err(|e| e.to_string())?;
-        got += decoder.read(&mut out[got..]).map_err(|e| e.to_string())?;
-        if decoder.can_collect() != 0 {
-            return Ok(want + 1); // more than the room: longer than signed
+    match decoder.decompress(&mut out[..want + 1], frame) {
+        Ok(got) => Ok(got),
+        Err(code) if error_code(code) == ZSTD_ErrorCode::ZSTD_error_dstSize_tooSmall => {
+            Ok(want + 1)
         }
-        if decoder.is_finished() {
-            break;
+        Err(code) => Err(zstd_error(code)),
+    }
+}
+
+/// The C library's code for a failed call's result.
+pub fn error_code(code: usize) -> ZSTD_ErrorCode {
+    // SAFETY: a pure function of the number.
+    unsafe { zstd::zstd_safe::zstd_sys::ZSTD_getErrorCode(code) }
+}
+
+/// What a failed zstd call says, for messages.
+pub fn zstd_error(code: usize) -> String {
+    match error_code(code) {
+        ZSTD_ErrorCode::ZSTD_error_checksum_wrong => {
+            "frame checksum mismatch: the data is corrupt".into()
         }
+        _ => zstd::zstd_safe::get_error_name(code).into(),
     }
-    if got == want && !input.is_empty() {
-        return Err(format!("{} bytes follow its zstd frame", input.len()));
-    }
-    Ok(got)
 }
 
 /// The largest zstd window a chunk of `raw_len` bytes may ask for: the window a compressor
@@ -857,12 +783,23 @@ mod tests {
             .unwrap()
             .to_vec();
         assert_eq!(raw, vec![0xAB; 128 << 10]);
-        // A frame with a content checksum is still one frame (its last 4 bytes are its own).
-        let mut checked = frame.clone();
-        checked[4] |= 0x04;
-        checked.extend_from_slice(&[0; 4]);
+        // A frame with a content checksum is still one frame (its last 4 bytes are its own),
+        // and the checksum is checked: a wrong one is refused before the sha256.
+        let mut cctx = zstd::zstd_safe::CCtx::create();
+        cctx.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
+            .unwrap();
+        let mut checked = Vec::with_capacity(1024);
+        cctx.compress2(&mut checked, &[0xAB; 128 << 10]).unwrap();
+        assert_ne!(checked[4] & 0x04, 0);
         let entry = rle_entry(128 << 10, &checked);
         assert!(ChunkDecoder::new().decode(0, &entry, &checked).is_ok());
+        let at = checked.len() - 1;
+        checked[at] ^= 1;
+        let err = ChunkDecoder::new().decode(0, &entry, &checked).unwrap_err();
+        assert!(
+            matches!(err, ChunkError::Corrupt { .. }) && err.to_string().contains("checksum"),
+            "{err}"
+        );
         // A second frame after the chunk's frame is refused, not decoded.
         let mut two = frame.clone();
         two.extend_from_slice(&frame);
@@ -874,15 +811,6 @@ mod tests {
         let entry = rle_entry(100 << 10, &long);
         let err = ChunkDecoder::new().decode(0, &entry, &long).unwrap_err();
         assert!(matches!(err, ChunkError::Length { .. }), "{err}");
-    }
-
-    #[test]
-    fn the_prefix_template_is_a_valid_dictionary() {
-        let dict = ruzstd::decoding::Dictionary::decode_dict(&PREFIX_TEMPLATE).unwrap();
-        assert_eq!(dict.id, PREFIX_DICT_ID);
-        // The repeat offsets a compressor starts with when given raw content (RFC 8878).
-        assert_eq!(dict.offset_hist, [1, 4, 8]);
-        assert!(dict.dict_content.is_empty());
     }
 
     /// Text-like bytes that repeat across chunks (so that the history matters).
@@ -976,22 +904,6 @@ mod tests {
         // With the wrong context it does not give the signed bytes.
         decoder.set_context(6, &words(6 * 7_000, 2));
         assert!(decoder.decode(6, &index.chunks[6], &frames[6]).is_err());
-    }
-
-    #[test]
-    fn the_context_template_is_parsed_once_per_decoder() {
-        let image: Vec<u8> = (0..12).flat_map(|i| words(5_000, 30 + i % 3)).collect();
-        let chunks: Vec<&[u8]> = image.chunks(5_000).collect();
-        let (index, frames) = context_frames(&chunks, 8_192);
-        let before = TEMPLATE_PARSES.with(|n| n.get());
-        let mut decoder = ChunkDecoder::for_index(&index, 8_192);
-        let mut rebuilt = Vec::new();
-        for (i, (entry, frame)) in index.chunks.iter().zip(&frames).enumerate() {
-            rebuilt.extend_from_slice(decoder.decode(i, entry, frame).unwrap());
-        }
-        assert_eq!(rebuilt, image);
-        // Parsing it builds entropy tables; 12 frames reuse the first parse.
-        assert_eq!(TEMPLATE_PARSES.with(|n| n.get()) - before, 1);
     }
 
     fn compact_info(chunks: u64, image_size: u64, index_size: u64) -> ChunkedInfo {

@@ -1,11 +1,12 @@
-//! Decoders for the compressions an image may be shipped in besides gzip: zstd and xz, both
-//! in pure Rust (ruzstd, lzma-rust2) to keep the agent binary small (BENCHMARKS.md has the
-//! sizes). Each is a `Read` that yields the decompressed image.
+//! Decoders for the compressions an image may be shipped in besides gzip: zstd (the C
+//! library's decoder, which chunked bundles use too) and xz (lzma-rust2, pure Rust; BENCHMARKS.md
+//! has the sizes and speeds). Each is a `Read` that yields the decompressed image.
 
 use std::io::{self, BufRead, BufReader, Read};
 
-use ruzstd::decoding::errors::{FrameDecoderError, ReadFrameHeaderError};
-use ruzstd::decoding::FrameDecoder;
+use ddi_bundle::chunked::{error_code, zstd_error};
+use zstd::zstd_safe::zstd_sys::ZSTD_ErrorCode;
+use zstd::zstd_safe::{DCtx, DParameter, InBuffer, OutBuffer};
 
 /// zstd magic number (RFC 8878), little-endian.
 pub fn is_zstd(head: &[u8]) -> bool {
@@ -19,28 +20,39 @@ pub fn is_xz(head: &[u8]) -> bool {
 
 /// Decodes a zstd stream of one or more frames (concatenated frames decode to the
 /// concatenation of their contents, RFC 8878 section 3.1; skippable frames are skipped), so
-/// that multi-threaded and chunked compressors' output streams like a single frame.
+/// that multi-threaded and chunked compressors' output streams like a single frame. Every
+/// frame's header is checked against [`MAX_ZSTD_WINDOW`] before the decoder sees it, and a
+/// frame's content checksum, when it has one, is checked at its end.
 pub struct ZstdReader<R: Read> {
     source: BufReader<R>,
-    decoder: FrameDecoder,
+    /// The C library's streaming decoder: it holds the frame's window (plus two blocks) and
+    /// the compressed block being read (up to 128 KiB).
+    decoder: DCtx<'static>,
     /// A frame is being decoded.
     in_frame: bool,
 }
 
-/// The compressed side's buffer: ruzstd reads a block's bytes (up to 128 KiB) at once, and
-/// reads that large bypass the buffer; it only serves the small header reads.
+/// The compressed side's buffer: the decoder gathers a block that is not whole in it into its
+/// own input buffer, so this one only has to keep the reads from the source few.
 const SOURCE_BUFFER: usize = 16 * 1024;
 
 impl<R: Read> ZstdReader<R> {
     pub fn new(source: R) -> Self {
+        let mut decoder = DCtx::create();
+        // The decoder's own limit, above ours (which is checked on every frame header first):
+        // a frame it would not take is refused with our message, not its own.
+        decoder
+            .set_parameter(DParameter::WindowLogMax(MAX_ZSTD_WINDOW_LOG))
+            .expect("a valid window log");
         ZstdReader {
             source: BufReader::with_capacity(SOURCE_BUFFER, source),
-            decoder: FrameDecoder::new(),
+            decoder,
             in_frame: false,
         }
     }
 
-    /// Start the next frame; false at the clean end of the stream.
+    /// Start the next frame: check its header and hand it to the decoder; skip skippable
+    /// frames. False at the clean end of the stream.
     fn next_frame(&mut self) -> io::Result<bool> {
         loop {
             if self.source.fill_buf()?.is_empty() {
@@ -48,24 +60,41 @@ impl<R: Read> ZstdReader<R> {
             }
             let mut header = [0u8; MAX_FRAME_HEADER];
             let len = read_frame_header(&mut self.source, &mut header)?;
-            let header = io::Cursor::new(&header[..len]);
-            match self.decoder.reset(header.chain(&mut self.source)) {
-                Ok(()) => return Ok(true),
-                Err(FrameDecoderError::ReadFrameHeaderError(ReadFrameHeaderError::SkipFrame {
-                    length,
-                    ..
-                })) => {
-                    let skipped = io::copy(
-                        &mut (&mut self.source).take(u64::from(length)),
-                        &mut io::sink(),
-                    )?;
-                    if skipped < u64::from(length) {
-                        return Err(invalid("the stream ends inside a skippable frame"));
-                    }
-                }
-                Err(e) => return Err(invalid(&e.to_string())),
+            if !is_zstd(&header) {
+                self.skip_frame(&header[..len])?;
+                continue;
             }
+            let mut input = InBuffer::around(&header[..len]);
+            let mut none = [0u8; 0];
+            while input.pos() < len {
+                self.decoder
+                    .decompress_stream(&mut OutBuffer::around(&mut none[..]), &mut input)
+                    .map_err(decoder_error)?;
+            }
+            return Ok(true);
         }
+    }
+
+    /// Pass over a skippable frame (RFC 8878, 3.1.2) whose first `head` bytes were read;
+    /// anything else is not zstd.
+    fn skip_frame(&mut self, head: &[u8]) -> io::Result<()> {
+        if head[0] & 0xf0 != 0x50 || head[1..4] != [0x2a, 0x4d, 0x18] {
+            return Err(invalid("not a zstd frame (unknown magic number)"));
+        }
+        let mut size = [head[4], 0, 0, 0];
+        self.source.read_exact(&mut size[1..]).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                invalid("the stream ends inside a skippable frame")
+            } else {
+                e
+            }
+        })?;
+        let length = u64::from(u32::from_le_bytes(size));
+        let skipped = io::copy(&mut (&mut self.source).take(length), &mut io::sink())?;
+        if skipped < length {
+            return Err(invalid("the stream ends inside a skippable frame"));
+        }
+        Ok(())
     }
 }
 
@@ -341,9 +370,12 @@ fn check_block_header(header: &[u8], block: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// The largest window a plain zstd image may ask for: ruzstd's own limit, which it applies to
-/// every frame but the first (for that one it reserves whatever the header asks, up to TiBs).
+/// The largest window a plain zstd image may ask for: 100 MiB, what the agent's earlier zstd
+/// decoder allowed (`zstd -19` of a large image asks for 8 MiB, `--long` for 128 MiB at most).
 pub const MAX_ZSTD_WINDOW: u64 = 100 << 20;
+
+/// The decoder's own window limit, the power of two above [`MAX_ZSTD_WINDOW`].
+const MAX_ZSTD_WINDOW_LOG: u32 = 27;
 
 /// Magic, descriptor, window descriptor, dictionary id, content size (RFC 8878, 3.1.1.1).
 const MAX_FRAME_HEADER: usize = 4 + 1 + 1 + 4 + 8;
@@ -364,7 +396,7 @@ fn read_frame_header<R: Read>(
     };
     source.read_exact(&mut header[..5]).map_err(ended)?;
     if !is_zstd(&header[..4]) {
-        // A skippable frame, or garbage: the decoder tells.
+        // A skippable frame, or garbage.
         return Ok(5);
     }
     let descriptor = header[4];
@@ -390,6 +422,18 @@ fn invalid(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("zstd: {msg}"))
 }
 
+/// A failed decoder call as the install reports it.
+fn decoder_error(code: usize) -> io::Error {
+    match error_code(code) {
+        // The checks of our own header reading come first; this is a backstop.
+        ZSTD_ErrorCode::ZSTD_error_frameParameter_windowTooLarge => invalid(&format!(
+            "a frame asks for a window larger than the {MAX_ZSTD_WINDOW} bytes this device \
+             decodes"
+        )),
+        _ => invalid(&zstd_error(code)),
+    }
+}
+
 impl<R: Read> Read for ZstdReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if buf.is_empty() {
@@ -402,38 +446,43 @@ impl<R: Read> Read for ZstdReader<R> {
                 }
                 self.in_frame = true;
             }
-            // Decode until there is output or the frame is done.
+            // Decode until there is output or the frame is done. The bytes already buffered
+            // go first: the decoder may still hold output of a block it decoded, and waiting
+            // for the source before handing it out would stall on a slow network.
+            let mut wait_for_source = false;
             loop {
-                let n = self.decoder.read(buf)?;
-                if n > 0 {
-                    return Ok(n);
-                }
-                if self.decoder.is_finished() {
+                let input = if wait_for_source {
+                    self.source.fill_buf()?
+                } else {
+                    self.source.buffer()
+                };
+                let ended = input.is_empty() && wait_for_source;
+                let mut input = InBuffer::around(input);
+                let mut output = OutBuffer::around(&mut *buf);
+                let hint = self
+                    .decoder
+                    .decompress_stream(&mut output, &mut input)
+                    .map_err(decoder_error)?;
+                let (used, made) = (input.pos(), output.pos());
+                self.source.consume(used);
+                if hint == 0 {
+                    // The frame ended (its checksum, if any, matched) and all of it is out.
+                    self.in_frame = false;
+                    if made > 0 {
+                        return Ok(made);
+                    }
                     break;
                 }
-                if self.source.fill_buf()?.is_empty() {
-                    return Err(invalid("the stream ends inside a frame"));
+                if made > 0 {
+                    return Ok(made);
                 }
-                self.decoder
-                    .decode_blocks(
-                        &mut self.source,
-                        ruzstd::decoding::BlockDecodingStrategy::UptoBytes(
-                            buf.len().max(64 * 1024),
-                        ),
-                    )
-                    .map_err(|e| invalid(&e.to_string()))?;
-            }
-            // The frame's checksum (the low 32 bits of xxhash64), when it has one: what the
-            // zstd tool writes by default, the counterpart of gzip's CRC.
-            if let (Some(stored), Some(computed)) = (
-                self.decoder.get_checksum_from_data(),
-                self.decoder.get_calculated_checksum(),
-            ) {
-                if stored != computed {
-                    return Err(invalid("frame checksum mismatch: the data is corrupt"));
+                if used == 0 {
+                    if ended {
+                        return Err(invalid("the stream ends inside a frame"));
+                    }
+                    wait_for_source = true;
                 }
             }
-            self.in_frame = false;
         }
     }
 }
@@ -459,11 +508,14 @@ mod tests {
             err.to_string().contains("2199023255552-byte window"),
             "{err}"
         );
-        // The same behind a genuine first frame (the decoder's own check covers later frames
-        // too, but with its message).
+        // The same behind a genuine first frame: every frame's header is checked.
         let mut two = zstd::encode_all(&b"hello"[..], 3).unwrap();
         two.extend_from_slice(&hostile);
-        assert!(decode(&two).is_err());
+        let err = decode(&two).unwrap_err();
+        assert!(
+            err.to_string().contains("2199023255552-byte window"),
+            "{err}"
+        );
     }
 
     fn xz(data: &[u8], dict_size: u32) -> Vec<u8> {
@@ -669,5 +721,24 @@ mod tests {
         expected.extend_from_slice(&data[..70_000]);
         assert!(decode(&stream).unwrap() == expected);
         assert!(decode(&stream[..stream.len() - 3]).is_err());
+    }
+
+    #[test]
+    fn a_corrupt_frame_checksum_and_garbage_between_frames_are_refused() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let mut encoder = zstd::Encoder::new(Vec::new(), 3).unwrap();
+        encoder.include_checksum(true).unwrap();
+        io::Write::write_all(&mut encoder, &data).unwrap();
+        let mut stream = encoder.finish().unwrap();
+        assert!(decode(&stream).unwrap() == data);
+        let last = stream.len() - 1;
+        stream[last] ^= 0x40;
+        let err = decode(&stream).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("checksum mismatch"), "{err}");
+        stream[last] ^= 0x40;
+        stream.extend_from_slice(b"not zstd");
+        let err = decode(&stream).unwrap_err();
+        assert!(err.to_string().contains("not a zstd frame"), "{err}");
     }
 }
