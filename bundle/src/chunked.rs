@@ -524,9 +524,13 @@ pub fn frame_window_size(frame: &[u8]) -> Result<u64, &'static str> {
 /// The sha256 of `raw` as an index with `hash_len`-byte hashes holds it: its first
 /// `hash_len` bytes, the rest zero.
 pub fn chunk_key(raw: &[u8], hash_len: usize) -> [u8; 32] {
-    let mut key: [u8; 32] = Sha256::digest(raw).into();
-    key[hash_len.min(32)..].fill(0);
-    key
+    key_from_digest(Sha256::digest(raw).into(), hash_len)
+}
+
+/// [`chunk_key`] of a chunk whose full sha256 is `digest` (hashed piece by piece elsewhere).
+pub fn key_from_digest(mut digest: [u8; 32], hash_len: usize) -> [u8; 32] {
+    digest[hash_len.min(32)..].fill(0);
+    digest
 }
 
 /// Check raw chunk bytes (decompressed, or read from a seed) against the index entry (of an

@@ -29,8 +29,8 @@ mod writer;
 
 pub use chunk::{Chunker, ChunkerParams};
 pub use chunked::{
-    chunk_key, ChunkDecoder, ChunkEntry, ChunkError, ChunkIndex, DeltaPlan, FetchRange,
-    TooManyChunks, MAX_CHUNKS,
+    chunk_key, key_from_digest, ChunkDecoder, ChunkEntry, ChunkError, ChunkIndex, DeltaPlan,
+    FetchRange, TooManyChunks, MAX_CHUNKS,
 };
 pub use keys::{generate_keypair, KeyError, PublicKey, SecretKey};
 pub use manifest::{

@@ -32,8 +32,8 @@ use std::time::Instant;
 
 use ddi_bundle::chunked::{plan_ranges, MAX_RANGE_REQUESTS, NEAR_GAP};
 use ddi_bundle::{
-    looks_like_bundle, read_prefix_verified, BundleReader, ChunkDecoder, ChunkEntry, ChunkIndex,
-    Chunker, ChunkerParams, DeltaPlan, FetchRange, MAX_METADATA_SIZE,
+    key_from_digest, looks_like_bundle, read_prefix_verified, BundleReader, ChunkDecoder,
+    ChunkEntry, ChunkIndex, Chunker, ChunkerParams, DeltaPlan, FetchRange, MAX_METADATA_SIZE,
 };
 use sha2::{Digest, Sha256};
 
@@ -481,9 +481,8 @@ impl<'a> PrefixCheck<'a> {
             self.read += n as u64;
             bytes = &bytes[n..];
             if self.read == u64::from(entry.raw_len) {
-                let mut key: [u8; 32] = std::mem::take(&mut self.hash).finalize().into();
-                key[self.index.hash_len.min(32)..].fill(0);
-                if key != entry.sha256 {
+                let digest = std::mem::take(&mut self.hash).finalize().into();
+                if key_from_digest(digest, self.index.hash_len) != entry.sha256 {
                     self.mismatch = Some((self.chunk, self.start));
                 }
                 self.start += u64::from(entry.raw_len);
