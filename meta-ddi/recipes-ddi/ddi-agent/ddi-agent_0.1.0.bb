@@ -20,6 +20,12 @@ REQUIRED_DISTRO_FEATURES = "systemd"
 # Only the device binaries: the workspace also holds the test server and host tools.
 CARGO_BUILD_FLAGS += "--package ddi-agent --package bootctl"
 
+# Packed relative relocations for ddi-agent (agent/build.rs: a smaller binary, less memory at
+# every start). A cross build cannot ask the target's glibc; every release this layer supports
+# has glibc 2.36 or later, which loads them.
+DDI_AGENT_PACK_RELOCS ?= "${@'1' if d.getVar('TCLIBC') == 'glibc' else '0'}"
+export DDI_AGENT_PACK_RELOCS
+
 # This package is built once per CPU tune: what depends on the board or the integrator's
 # settings (config template, slot and env sandbox drop-in, defaults file) is in
 # ddi-agent-config, a machine-arch package. The unit and tmpfiles.d take DDI_STATE_DIR and
