@@ -2,13 +2,15 @@
 """Delta-update install benchmark: the release agent installing version 2 against `ddi-sim`.
 
 Runs after `bench/delta.py` (same --work; it leaves v1.ext4, v2.ext4, the chunked bundles
-v{1,2}-{N}k-f{F}.ddib and the signing key bench.key/bench.pub there). Three installs of version 2,
+v{1,2}-{N}k-f{F}.ddib and the signing key bench.key/bench.pub there). Four installs of version 2,
 each a fresh device booted from slot A with `ddi-agent once` under GNU time:
 
 - delta: slot A holds version 1, the artifact is the signed chunked bundle of version 2 (the
   agent seeds from slot A and fetches the missing chunks with Range requests);
 - chunked, no seed: slot A holds random bytes, same bundle (a full download of the bundle);
-- plain .zst: `zstd -LEVEL` of version 2, no bundle policy.
+- plain .zst: `zstd -LEVEL` of version 2, no bundle policy;
+- raw: version 2 itself, uncompressed, no bundle policy (the per-byte yardstick of issue 20:
+  a full install of a chunked bundle should be no slower than this).
 
 For each: bytes the server sent and HTTP requests for the artifact (from `ddi-sim serve`'s
 download log lines on its stderr), wall time, peak RSS and CPU time of the agent, and whether
@@ -139,6 +141,7 @@ def main():
             "delta": install(args, server, "delta", bundle, v1, policy),
             "chunked_no_seed": install(args, server, "chunked-full", bundle, None, policy),
             "plain_zst": install(args, server, "plain-zst", plain, None, None),
+            "raw": install(args, server, "raw", args.v2, None, None),
         }
     finally:
         server.stop()
