@@ -92,7 +92,7 @@ def install(args, server, label, artifact, seed, bundle_policy):
     dist, _ = server.upload(artifact, label)
     server.assign(cid, dist)
     stderr = os.path.join(args.work, "agent-%s.log" % label)
-    code, wall, usage, _, _ = bench.run_sampled([args.agent, "-c", config, "once"], stderr, 0.5)
+    code, wall, usage, _, _ = bench.run_sampled([args.agent, "-c", config, "once"], stderr, 0.05)
     if code != 0 or not os.path.exists(marker):
         raise RuntimeError("ddi-agent once failed (exit %d); see %s" % (code, stderr))
     sent, requests = downloads(os.path.join(args.work, "server.log"), cid)
@@ -103,7 +103,7 @@ def install(args, server, label, artifact, seed, bundle_policy):
         "artifact_bytes": os.path.getsize(artifact),
         "downloaded_bytes": sent,
         "requests": requests,
-        "wall_seconds": round(wall, 1),
+        "wall_seconds": round(wall, 2),
         "cpu_seconds": round(usage.cpu, 2),
         "peak_rss_bytes": usage.maxrss,
         "slot_b_holds_v2": slot_b_ok,
