@@ -15,7 +15,7 @@
 
 use sha2::{Digest, Sha256};
 use zstd::zstd_safe::zstd_sys::ZSTD_ErrorCode;
-use zstd::zstd_safe::DCtx;
+use zstd::zstd_safe::{DCtx, ResetDirective};
 
 use crate::manifest::ChunkedInfo;
 use crate::BundleError;
@@ -142,7 +142,7 @@ impl ChunkIndex {
                     ));
                 }
             }
-            let mut out = Vec::new();
+            let mut out = vec![0; want + 1];
             let got = decompress_exact(&mut DCtx::create(), bytes, want, &mut out)
                 .map_err(|why| BundleError::Manifest(format!("chunk index: {why}")))?;
             if got != want {
@@ -302,16 +302,23 @@ pub enum ChunkError {
 /// `history` bytes of the image, the context every frame is compressed with: the caller hands
 /// it every chunk in image order, decoded here or taken from elsewhere ([`Self::remember`]).
 pub struct ChunkDecoder {
-    /// The C library's decoder (kept between format-2 chunks; a format-3 chunk takes one of
-    /// its own, since a prefix is borrowed for the decoder's lifetime).
+    /// The C library's decoder, kept between chunks: creating one costs a CPUID instruction
+    /// (its BMI2 check), which traps to the hypervisor in a virtual machine (~25 µs, a quarter
+    /// of a second for 10 000 chunks). A format-3 chunk's prefix is referenced by it only for
+    /// the duration of one [`decompress_prefixed`] call.
     decoder: Option<DCtx<'static>>,
+    /// Format 2: the last chunk decoded (and one byte of room).
     out: Vec<u8>,
     hash_len: usize,
     /// Format 3: how many image bytes before a chunk its frame was compressed with.
     history: usize,
-    /// The image bytes before the next chunk (the last `history` of them are used); grows to
-    /// twice `history` before the old half is dropped, so each byte is moved about once.
+    /// Format 3: the image bytes before the next chunk in `recent[..filled]` (the last
+    /// `history` of them are used), and room after them that the next chunk is decoded into,
+    /// so that a decoded chunk is its successor's context without being copied. Grows to about
+    /// twice `history` plus a chunk before the old bytes are dropped, so each byte is moved
+    /// about once.
     recent: Vec<u8>,
+    filled: usize,
     /// The chunk the next one follows: a frame decodes only after its predecessor was seen.
     next: usize,
 }
@@ -324,6 +331,7 @@ impl Default for ChunkDecoder {
             hash_len: 32,
             history: 0,
             recent: Vec::new(),
+            filled: 0,
             next: 0,
         }
     }
@@ -353,7 +361,7 @@ impl ChunkDecoder {
         }
         if index != self.next {
             // A gap (resumed chunks): the caller hands the bytes before `index` first.
-            self.recent.clear();
+            self.filled = 0;
         }
         self.push_recent(raw);
         self.next = index + 1;
@@ -362,24 +370,30 @@ impl ChunkDecoder {
     /// The image bytes right before chunk `index` are `bytes` (at most `history` are kept):
     /// for a resume that starts in the middle of the image.
     pub fn set_context(&mut self, index: usize, bytes: &[u8]) {
-        self.recent.clear();
+        self.filled = 0;
         self.push_recent(bytes);
         self.next = index;
     }
 
     fn push_recent(&mut self, raw: &[u8]) {
-        if raw.len() >= self.history {
-            self.recent.clear();
-            self.recent
-                .extend_from_slice(&raw[raw.len() - self.history..]);
-            return;
+        let raw = &raw[raw.len().saturating_sub(self.history)..];
+        let at = self.make_room(raw.len());
+        self.recent[at..at + raw.len()].copy_from_slice(raw);
+        self.filled += raw.len();
+    }
+
+    /// Room for `n` more bytes after the context: drops all but the last `history` bytes when
+    /// the buffer would grow past twice `history` (and `n`). Returns where the room starts.
+    fn make_room(&mut self, n: usize) -> usize {
+        if self.filled + n > 2 * self.history.max(n) {
+            let keep = self.history.min(self.filled);
+            self.recent.copy_within(self.filled - keep..self.filled, 0);
+            self.filled = keep;
         }
-        if self.recent.len() + raw.len() > 2 * self.history {
-            let keep = self.history - raw.len();
-            let drop = self.recent.len() - keep.min(self.recent.len());
-            self.recent.drain(..drop);
+        if self.recent.len() < self.filled + n {
+            self.recent.resize(self.filled + n, 0);
         }
-        self.recent.extend_from_slice(raw);
+        self.filled
     }
 
     /// The raw bytes of chunk `index` from its stored `frame`, checked against `entry`'s
@@ -406,51 +420,57 @@ impl ChunkDecoder {
             )));
         }
         let want = entry.raw_len as usize;
-        let got = if self.history > 0 {
-            if index != self.next {
-                return Err(corrupt(format!(
-                    "its context (the image before it) is unknown: chunk {} came last",
-                    self.next as i64 - 1
-                )));
-            }
-            let at = self.recent.len().saturating_sub(self.history);
-            // The history is referenced, not copied (RFC 8878's raw-content dictionary).
-            let mut decoder = DCtx::create();
-            decoder
-                .ref_prefix(&self.recent[at..])
-                .map_err(|code| corrupt(zstd_error(code)))?;
-            decompress_exact(&mut decoder, frame, want, &mut self.out).map_err(corrupt)?
-        } else {
+        if self.history == 0 {
             let decoder = self.decoder.get_or_insert_with(DCtx::create);
-            decompress_exact(decoder, frame, want, &mut self.out).map_err(corrupt)?
-        };
-        if got != want {
-            return Err(ChunkError::Length {
-                index,
-                expected: entry.raw_len,
-                actual: got,
-            });
+            self.out.resize(want + 1, 0);
+            let got = decompress_exact(decoder, frame, want, &mut self.out).map_err(corrupt)?;
+            check_length(index, entry, got)?;
+            check_chunk(index, entry, &self.out[..want], self.hash_len)?;
+            return Ok(&self.out[..want]);
         }
-        check_chunk(index, entry, &self.out[..want], self.hash_len)?;
-        if self.history > 0 {
-            let out = std::mem::take(&mut self.out);
-            self.push_recent(&out[..want]);
-            self.out = out;
-            self.next = index + 1;
+        if index != self.next {
+            return Err(corrupt(format!(
+                "its context (the image before it) is unknown: chunk {} came last",
+                self.next as i64 - 1
+            )));
         }
-        Ok(&self.out[..want])
+        // The chunk is decoded right after its context; `filled` moves past it only once it
+        // checks out, so a refused chunk is never anyone's context.
+        let at = self.make_room(want + 1);
+        let decoder = self.decoder.get_or_insert_with(DCtx::create);
+        let (context, room) = self.recent.split_at_mut(at);
+        let prefix = &context[at.saturating_sub(self.history)..];
+        let got = decompress_prefixed(decoder, prefix, frame, want, &mut room[..want + 1])
+            .map_err(corrupt)?;
+        check_length(index, entry, got)?;
+        let raw = &self.recent[at..at + want];
+        check_chunk(index, entry, raw, self.hash_len)?;
+        self.filled = at + want;
+        self.next = index + 1;
+        Ok(raw)
     }
 }
 
-/// Decompress the single zstd `frame` into `out` (resized), writing at most `want` + 1 bytes;
-/// returns how many it held (`want` + 1 means "longer than `want`"). Anything after the frame
-/// is an error. The frame's content checksum, when it has one, is checked (the C library's
+fn check_length(index: usize, entry: &ChunkEntry, got: usize) -> Result<(), ChunkError> {
+    if got != entry.raw_len as usize {
+        return Err(ChunkError::Length {
+            index,
+            expected: entry.raw_len,
+            actual: got,
+        });
+    }
+    Ok(())
+}
+
+/// Decompress the single zstd `frame` into `out` (`want` + 1 bytes long); returns how many
+/// bytes it held (`want` + 1 means "longer than `want`"). Anything after the frame is an
+/// error. The frame's content checksum, when it has one, is checked (the C library's
 /// default).
 fn decompress_exact(
     decoder: &mut DCtx<'_>,
     frame: &[u8],
     want: usize,
-    out: &mut Vec<u8>,
+    out: &mut [u8],
 ) -> Result<usize, String> {
     // The one-shot call decodes every frame it is given: refuse a second one before it.
     let frame_len = zstd::zstd_safe::find_frame_compressed_size(frame).map_err(zstd_error)?;
@@ -463,7 +483,6 @@ fn decompress_exact(
     // One byte of room past the signed length tells "too long" from "exactly right"; the
     // decoder writes into this buffer directly (its window is the output), so nothing larger
     // than it is ever allocated.
-    out.resize(want + 1, 0);
     match decoder.decompress(&mut out[..want + 1], frame) {
         Ok(got) => Ok(got),
         Err(code) if error_code(code) == ZSTD_ErrorCode::ZSTD_error_dstSize_tooSmall => {
@@ -471,6 +490,32 @@ fn decompress_exact(
         }
         Err(code) => Err(zstd_error(code)),
     }
+}
+
+/// [`decompress_exact`] with `prefix` as the frame's raw-content history (RFC 8878), on a
+/// context kept between frames. The context holds a reference to the prefix only within this
+/// call: it is reset (the reference dropped) before returning, whatever the outcome.
+fn decompress_prefixed(
+    decoder: &mut DCtx<'static>,
+    prefix: &[u8],
+    frame: &[u8],
+    want: usize,
+    out: &mut [u8],
+) -> Result<usize, String> {
+    // SAFETY: `ZSTD_DCtx_refPrefix` keeps a pointer to the prefix, not a copy. The context
+    // reads it only in the `decompress` below and forgets it in the reset that follows, both
+    // within this call, while `prefix` is borrowed; should the reset fail, the context is
+    // dropped instead (freeing a context does not read the prefix).
+    let prefix: &'static [u8] =
+        unsafe { std::slice::from_raw_parts(prefix.as_ptr(), prefix.len()) };
+    let got = decoder
+        .ref_prefix(prefix)
+        .map_err(zstd_error)
+        .and_then(|_| decompress_exact(decoder, frame, want, out));
+    if decoder.reset(ResetDirective::SessionAndParameters).is_err() {
+        *decoder = DCtx::create();
+    }
+    got
 }
 
 /// The C library's code for a failed call's result.
@@ -908,6 +953,53 @@ mod tests {
         // With the wrong context it does not give the signed bytes.
         decoder.set_context(6, &words(6 * 7_000, 2));
         assert!(decoder.decode(6, &index.chunks[6], &frames[6]).is_err());
+    }
+
+    #[test]
+    fn one_decoder_keeps_the_context_over_many_chunks_and_refusals() {
+        // Chunks shorter and longer than the history, so that the context buffer is compacted
+        // often, in both of its ways (a chunk longer than the history replaces it all).
+        let sizes = [
+            3_000, 9_000, 500, 20_000, 4_096, 7_000, 13_000, 1, 8_192, 6_000,
+        ];
+        let mut image = Vec::new();
+        for (i, len) in sizes.iter().cycle().take(40).enumerate() {
+            image.extend_from_slice(&words(*len, 20 + (i % 3) as u64));
+        }
+        let mut chunks: Vec<&[u8]> = Vec::new();
+        let mut at = 0;
+        for len in sizes.iter().cycle().take(40) {
+            chunks.push(&image[at..at + len]);
+            at += len;
+        }
+        for history in [4_096, 16_384] {
+            let (index, frames) = context_frames(&chunks, history);
+            let mut decoder = ChunkDecoder::for_index(&index, history as u32);
+            let mut rebuilt = Vec::new();
+            for (i, (entry, frame)) in index.chunks.iter().zip(&frames).enumerate() {
+                if i % 7 == 3 {
+                    decoder.remember(i, chunks[i]);
+                    rebuilt.extend_from_slice(chunks[i]);
+                    continue;
+                }
+                if i % 5 == 2 {
+                    // A frame that is not this chunk's (the next one's) is refused, and
+                    // leaves nothing behind: the right frame still decodes after it.
+                    let other = &frames[(i + 1) % frames.len()];
+                    assert!(decoder.decode(i, entry, other).is_err(), "chunk {i}");
+                }
+                let raw = decoder.decode(i, entry, frame).unwrap();
+                assert_eq!(raw, chunks[i], "chunk {i}, history {history}");
+                rebuilt.extend_from_slice(raw);
+            }
+            assert_eq!(rebuilt, image);
+            // Never more than twice the history (or a chunk) and a chunk.
+            assert!(
+                decoder.recent.len() <= 2 * history.max(20_001) + 1,
+                "{}",
+                decoder.recent.len()
+            );
+        }
     }
 
     fn compact_info(chunks: u64, image_size: u64, index_size: u64) -> ChunkedInfo {
