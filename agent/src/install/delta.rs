@@ -519,6 +519,26 @@ pub struct SeedSlot {
     hash_len: usize,
 }
 
+/// Chunk lengths, as a bitmap (the index's lengths are bounded by the chunker's maximum).
+#[derive(Debug, Default)]
+struct LengthSet(Vec<u64>);
+
+impl LengthSet {
+    fn insert(&mut self, len: u32) {
+        let (word, bit) = (len as usize / 64, len % 64);
+        if self.0.len() <= word {
+            self.0.resize(word + 1, 0);
+        }
+        self.0[word] |= 1 << bit;
+    }
+
+    fn contains(&self, len: usize) -> bool {
+        self.0
+            .get(len / 64)
+            .is_some_and(|w| w & (1 << (len % 64)) != 0)
+    }
+}
+
 /// Where the active slot holds a chunk the new image needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SeedChunk {
@@ -543,9 +563,18 @@ impl SeedSlot {
             .iter()
             .map(|c| (c.sha256, SeedChunk { offset: 0, len: 0 }))
             .collect();
+        // A seed chunk can only stand for an entry of its length: the others are not hashed
+        // (most of the scan's sha256 work when the seed shares little with the new image).
+        let mut lengths = LengthSet::default();
+        for c in &index.chunks {
+            lengths.insert(c.raw_len);
+        }
         let file = File::open(path)?;
-        let reader = io::BufReader::with_capacity(1 << 20, (&file).take(limit));
-        chunker.for_each::<_, io::Error>(reader, |offset, chunk| {
+        // The chunker reads in blocks of a MiB or more itself: no buffer (and copy) between.
+        chunker.for_each::<_, io::Error>((&file).take(limit), |offset, chunk| {
+            if !lengths.contains(chunk.len()) {
+                return Ok(());
+            }
             let hash = index.key_of(chunk);
             if let Some(seed) = found.get_mut(&hash).filter(|s| s.len == 0) {
                 *seed = SeedChunk {
@@ -700,6 +729,20 @@ mod tests {
         let mut buf = Vec::new();
         assert!(seed.take(2, &victim, &mut buf).is_none());
         assert!(seed.take(1, &index.chunks[1], &mut buf).is_some());
+    }
+
+    #[test]
+    fn the_length_set_holds_what_was_inserted_and_nothing_else() {
+        let mut set = LengthSet::default();
+        for len in [1, 63, 64, 4096, 65_536] {
+            set.insert(len);
+        }
+        for len in [1, 63, 64, 4096, 65_536] {
+            assert!(set.contains(len as usize), "{len}");
+        }
+        for len in [0, 2, 62, 65, 4095, 4097, 65_535, 65_537, 1 << 24] {
+            assert!(!set.contains(len), "{len}");
+        }
     }
 
     #[test]
