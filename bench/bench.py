@@ -586,7 +586,8 @@ def install_timeline(stderr_path):
     with open(stderr_path, errors="replace") as f:
         for line in f:
             if TIMELINE.search(line):
-                return {k: float(v) for k, v in re.findall(r"(\w+_s)=([0-9.]+)", line)}
+                # Small values come in exponent notation (`4.96e-5`).
+                return {k: float(v) for k, v in re.findall(r"(\w+_s)=([0-9.]+(?:e-?[0-9]+)?)", line)}
     return None
 
 
@@ -681,6 +682,8 @@ def bench_installs(args, server, images, block=False):
                 log(f"{form}: slot B holds the image: {got == image_sha}")
         results[form] = summarize(agent_runs, base_runs, image_bytes)
         results[form]["timelines"] = [r["timeline"] for r in agent_runs]
+        if other_runs:
+            results[form]["other_timelines"] = [r["timeline"] for r in other_runs]
         if args.rss_breakdown:
             results[form]["rss_breakdowns"] = [r["rss_breakdown"] for r in agent_runs]
         for kind, runs in floor_runs.items():

@@ -49,11 +49,19 @@ def rates(rows, key, start, stop, window=0.25):
 
 # Phases of the blocking stage, in the order they happen on its thread (from the agent's
 # `install timeline` log line); what is left of its total is decoding, hashing and copies.
+# Since the writer thread (issue 19), `write_s` is the time the blocking stage waited for it
+# (a free buffer, the last writes) and `writeback_s` runs on the writer thread; builds before
+# it log no `last_sync_s` (their `writeback_s` includes the last sync and is serial).
 SERIAL_PHASES = [
     ("waiting_for_download_s", "waiting for the download", "tab:gray"),
-    ("write_s", "write (O_DIRECT)", "tab:blue"),
-    ("writeback_s", "writeback + syncs", "tab:purple"),
+    ("write_s", "waiting for the writer thread", "tab:blue"),
+    ("last_sync_s", "last sync", "tab:purple"),
     ("read_back_tail_s", "read-back after the last sync", "tab:red"),
+]
+# Busy time of the writer thread (overlaps the blocking stage's row).
+WRITER_PHASES = [
+    ("device_write_s", "writer thread: write (O_DIRECT)", "tab:cyan"),
+    ("writeback_s", "writer thread: writeback + checkpoint syncs", "tab:pink"),
 ]
 
 
@@ -82,9 +90,15 @@ def plot_timeline(ax, results):
                 segments.append((at + rest, max(wall - at - rest, 0.0), "lightgray",
                                  "process start, poll, feedback"))
                 rows.append((f"agent {form}{slot} ({wall:.2f} s)", segments))
+                writer, at = [], 0.0
+                for phase, name, color in WRITER_PHASES:
+                    d = median_of(timelines, phase)
+                    writer.append((at, d, color, name))
+                    at += d
+                rows.append((f"  writer thread ({form}{slot})", writer))
                 rb = median_of(timelines, "read_back_overlapped_s")
                 rows.append((f"  read-back thread ({form}{slot})",
-                             [(0.0, rb, "tab:pink", "read-back thread busy (overlaps the row above)")]))
+                             [(0.0, rb, "tab:brown", "read-back thread busy (overlaps the agent's row)")]))
             dec = results.get("decoders", {}).get(form) if not slot else None
             if dec:
                 d = dec["decoder"]["cpu_s"]

@@ -54,7 +54,11 @@ def print_installs(r):
             print()
             print("Install timeline of the agent's blocking stage (medians, s; from its `install timeline` log line):")
             print()
-            keys = ["total_s", "waiting_for_download_s", "write_s", "writeback_s", "read_back_overlapped_s", "read_back_tail_s"]
+            # write_s: waiting for the writer thread; device_write_s and writeback_s run on it
+            # (before it, write_s was the O_DIRECT writes and writeback_s serial, with the last
+            # sync, which has a field of its own since).
+            keys = ["total_s", "waiting_for_download_s", "write_s", "device_write_s", "writeback_s",
+                    "last_sync_s", "read_back_overlapped_s", "read_back_tail_s"]
             print("| form | " + " | ".join(k[:-2].replace("_", " ") for k in keys) + " |")
             print("|---|" + "---|" * len(keys))
             for form, s in r["installs"].items():

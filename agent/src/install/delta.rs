@@ -340,73 +340,8 @@ pub fn write_delta(
     let mut side: Option<(usize, usize, Vec<u8>)> = None;
     let mut ranges = job.ranges.iter().peekable();
     let mut image_end = 0u64;
-    for (i, entry) in signed.index.chunks.iter().enumerate() {
-        if counters.stopped.load(Ordering::Acquire) {
-            return Err(InstallError::Aborted);
-        }
-        let start = image_end;
-        image_end += u64::from(entry.raw_len);
-        while ranges.peek().is_some_and(|r| r.last < i) {
-            ranges.next();
-        }
-        let downloaded = ranges.peek().is_some_and(|r| r.first <= i);
-        if !downloaded && image_end <= job.resume_at {
-            continue;
-        }
-        let raw: &[u8] = if downloaded {
-            frame.resize(entry.stored_len as usize, 0);
-            chunked::read_frame(&mut stream, &mut frame)
-                .map_err(|e| decode::read_error(e, Format::ZstdChunks, offset()))?;
-            decoder
-                .decode(i, entry, &frame)
-                .map_err(chunked::chunk_refused)?
-        } else if let Some(bytes) = seed.and_then(|s| s.take(i, entry, &mut seed_buf)) {
-            decoder.remember(i, bytes);
-            bytes
-        } else {
-            if !side.as_ref().is_some_and(|s| s.0 <= i && i <= s.1) {
-                let next_planned = ranges.peek().map_or(usize::MAX, |r| r.first);
-                let chunks = &signed.index.chunks;
-                let mut last = i;
-                while last + 1 < next_planned.min(chunks.len())
-                    && chunks[last + 1].end() - entry.offset <= SIDE_FETCH
-                {
-                    last += 1;
-                }
-                tracing::info!(first = i, last, "seed chunks unusable; downloading them");
-                let base = signed.data_offset;
-                let bytes =
-                    job.side
-                        .fetch(base + entry.offset, base + chunks[last].end(), counters)?;
-                side = Some((i, last, bytes));
-            }
-            // By position, not by a cursor: chunks between `first` and `i` may have come from
-            // the seed after all, and their frames are still in the buffer.
-            let (first, _, bytes) = side.as_ref().expect("fetched above");
-            let at = (entry.offset - signed.index.chunks[*first].offset) as usize;
-            let stored = entry.stored_len as usize;
-            let frame = bytes.get(at..at + stored).ok_or_else(|| {
-                InstallError::Internal("the side fetch returned too few bytes".into())
-            })?;
-            decoder
-                .decode(i, entry, frame)
-                .map_err(chunked::chunk_refused)?
-        };
-        // The part of the chunk before `resume_at` is on the slot already.
-        let skip = job.resume_at.saturating_sub(start) as usize;
-        if let Some((chunk, on_slot)) = straddling.filter(|(chunk, _)| *chunk == i) {
-            if Sha256::digest(&raw[..skip.min(raw.len())]).as_slice() != on_slot {
-                return Err(prefix_mismatch(
-                    writer.slot_path(),
-                    job.resume_at,
-                    chunk,
-                    start,
-                ));
-            }
-        }
-        if skip < raw.len() {
-            writer.write(&raw[skip..])?;
-        }
+    // Record a checkpoint the slot writer made durable: a restart continues from its chunk.
+    let record = |writer: &mut SlotWriter<'_>| {
         if let Some(at) = writer.take_checkpoint() {
             let record = ResumeRecord::chunks(
                 &job.url,
@@ -421,6 +356,84 @@ pub fn write_delta(
                 tracing::warn!(error = %e, "cannot save the resume record");
             }
         }
+    };
+    let streamed = (|| -> Result<(), InstallError> {
+        for (i, entry) in signed.index.chunks.iter().enumerate() {
+            if counters.stopped.load(Ordering::Acquire) {
+                return Err(InstallError::Aborted);
+            }
+            let start = image_end;
+            image_end += u64::from(entry.raw_len);
+            while ranges.peek().is_some_and(|r| r.last < i) {
+                ranges.next();
+            }
+            let downloaded = ranges.peek().is_some_and(|r| r.first <= i);
+            if !downloaded && image_end <= job.resume_at {
+                continue;
+            }
+            let raw: &[u8] = if downloaded {
+                frame.resize(entry.stored_len as usize, 0);
+                chunked::read_frame(&mut stream, &mut frame)
+                    .map_err(|e| decode::read_error(e, Format::ZstdChunks, offset()))?;
+                decoder
+                    .decode(i, entry, &frame)
+                    .map_err(chunked::chunk_refused)?
+            } else if let Some(bytes) = seed.and_then(|s| s.take(i, entry, &mut seed_buf)) {
+                decoder.remember(i, bytes);
+                bytes
+            } else {
+                if !side.as_ref().is_some_and(|s| s.0 <= i && i <= s.1) {
+                    let next_planned = ranges.peek().map_or(usize::MAX, |r| r.first);
+                    let chunks = &signed.index.chunks;
+                    let mut last = i;
+                    while last + 1 < next_planned.min(chunks.len())
+                        && chunks[last + 1].end() - entry.offset <= SIDE_FETCH
+                    {
+                        last += 1;
+                    }
+                    tracing::info!(first = i, last, "seed chunks unusable; downloading them");
+                    let base = signed.data_offset;
+                    let bytes =
+                        job.side
+                            .fetch(base + entry.offset, base + chunks[last].end(), counters)?;
+                    side = Some((i, last, bytes));
+                }
+                // By position, not by a cursor: chunks between `first` and `i` may have come from
+                // the seed after all, and their frames are still in the buffer.
+                let (first, _, bytes) = side.as_ref().expect("fetched above");
+                let at = (entry.offset - signed.index.chunks[*first].offset) as usize;
+                let stored = entry.stored_len as usize;
+                let frame = bytes.get(at..at + stored).ok_or_else(|| {
+                    InstallError::Internal("the side fetch returned too few bytes".into())
+                })?;
+                decoder
+                    .decode(i, entry, frame)
+                    .map_err(chunked::chunk_refused)?
+            };
+            // The part of the chunk before `resume_at` is on the slot already.
+            let skip = job.resume_at.saturating_sub(start) as usize;
+            if let Some((chunk, on_slot)) = straddling.filter(|(chunk, _)| *chunk == i) {
+                if Sha256::digest(&raw[..skip.min(raw.len())]).as_slice() != on_slot {
+                    return Err(prefix_mismatch(
+                        writer.slot_path(),
+                        job.resume_at,
+                        chunk,
+                        start,
+                    ));
+                }
+            }
+            if skip < raw.len() {
+                writer.write(&raw[skip..])?;
+            }
+            record(&mut writer);
+        }
+        Ok(())
+    })();
+    if let Err(err) = streamed {
+        // The writer thread may have made a checkpoint durable that was not taken yet.
+        writer.settle();
+        record(&mut writer);
+        return Err(err);
     }
     let mut rest = [0u8; 1];
     match stream.read(&mut rest) {

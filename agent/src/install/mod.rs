@@ -4,9 +4,9 @@
 //! ```text
 //!  async task                    bounded channel   blocking thread
 //!  HTTP GET (Range on resume) ─► Chunk::Data … ─► hash ─► (bundle) ─► gz/zst/xz? ─► tar? ─► size guard ─► slot writer
-//!   retries + backoff, rate limit                  (as served)          (magic bytes)     (capacity) 512 KiB aligned writes
-//!                                                                                                        (O_DIRECT if allowed),
-//!                                                                                                        bounded dirty pages
+//!   retries + backoff, rate limit                  (as served)          (magic bytes)     (capacity) fills one 256 KiB buffer
+//!                                                              writer thread: writes the other one meanwhile (O_DIRECT if allowed),
+//!                                                                             bounded dirty pages, durable checkpoints
 //!                                                              read-back thread: every 8 MiB window that reached the device ─► sha256
 //!                                       end: hash check ─► fsync ─► read back the rest, compare sha256 ─► Installed
 //! ```

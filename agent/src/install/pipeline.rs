@@ -3,10 +3,12 @@
 //! writer; then the hash is checked, the slot synced and read back.
 //!
 //! It runs on a blocking thread (`spawn_blocking`) because decoders and file writes are
-//! blocking `Read`/`Write` code.
+//! blocking `Read`/`Write` code. The slot writer writes on a thread of its own (and reads back
+//! on another), so this thread decodes and hashes the next buffer while the previous one is
+//! written.
 
 use std::io::{self, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -408,12 +410,20 @@ pub fn finish(
         chunked::check_image_hash(signed, &image_sha256)?;
     }
     let times = written.times;
+    // This thread's phases, one after the other: waiting for the download, waiting for the
+    // slot writer (`write_s`: its thread had not freed a buffer yet, or the last writes), the
+    // last sync and the read-back after it; the rest of `total_s` is decoding, hashing and
+    // copies. `device_write_s` (the writes themselves), `writeback_s` (writeback and the
+    // checkpoints' syncs) and `read_back_overlapped_s` were spent on the writer and read-back
+    // threads meanwhile (see `slot::SlotTimes`).
     tracing::info!(
         bytes,
         total_s = began.elapsed().as_secs_f64(),
         waiting_for_download_s = counters.download_wait().as_secs_f64(),
         write_s = times.write.as_secs_f64(),
+        device_write_s = times.device_write.as_secs_f64(),
         writeback_s = times.writeback.as_secs_f64(),
+        last_sync_s = times.last_sync.as_secs_f64(),
         read_back_overlapped_s = times.read_back_overlapped.as_secs_f64(),
         read_back_tail_s = times.read_back_tail.as_secs_f64(),
         "install timeline"
@@ -568,11 +578,10 @@ fn decode_into_slot<R: Read>(
     }
 }
 
-/// Copy a stream of image bytes to the slot; raw images leave resume records at checkpoints.
-/// The reader fills the slot writer's aligned buffer directly: no copy buffer of its own (a
-/// 64 KiB one was peak RSS and a second copy of every byte, issue 19).
+/// Copy a stream of image bytes to the slot; raw images leave resume records at checkpoints
+/// (also the last one made durable before an error stopped the copy).
 fn copy_all<R: Read>(
-    mut reader: R,
+    reader: R,
     writer: &mut SlotWriter<'_>,
     format: Format,
     plan: &SinkPlan,
@@ -580,6 +589,47 @@ fn copy_all<R: Read>(
     offset: &dyn Fn() -> u64,
 ) -> Result<(), InstallError> {
     let record_resume = record_resume && format == Format::Raw;
+    let record = |writer: &mut SlotWriter<'_>| {
+        if let Some(at) = writer.take_checkpoint() {
+            if record_resume {
+                save_resume_record(plan, writer.slot_path(), at);
+            }
+        }
+    };
+    let copied = copy_to_slot(reader, writer, format, offset, record);
+    if copied.is_err() && record_resume {
+        // The writer thread may have made a checkpoint durable that was not taken yet.
+        writer.settle();
+        record(writer);
+    }
+    copied
+}
+
+fn save_resume_record(plan: &SinkPlan, slot: &Path, at: u64) {
+    let record = ResumeRecord::raw(
+        &plan.url,
+        slot,
+        plan.algorithm.name(),
+        &plan.expected,
+        plan.size,
+        at,
+    );
+    // Resuming is an optimisation: without a record the next try starts over.
+    if let Err(e) = resume::save(&plan.resume_path, &record) {
+        tracing::warn!(error = %e, "cannot save the resume record");
+    }
+}
+
+/// The copy of [`copy_all`]: the reader fills the slot writer's aligned buffer directly, no
+/// copy buffer of its own (a 64 KiB one was peak RSS and a second copy of every byte, issue
+/// 19); `committed` runs after every commit.
+fn copy_to_slot<R: Read>(
+    mut reader: R,
+    writer: &mut SlotWriter<'_>,
+    format: Format,
+    offset: &dyn Fn() -> u64,
+    committed: impl Fn(&mut SlotWriter<'_>),
+) -> Result<(), InstallError> {
     loop {
         let spare = writer.spare();
         if spare.is_empty() {
@@ -599,22 +649,7 @@ fn copy_all<R: Read>(
             Err(e) => return Err(decode::read_error(e, format, offset())),
         };
         writer.commit(n)?;
-        if let Some(at) = writer.take_checkpoint() {
-            if record_resume {
-                let record = ResumeRecord::raw(
-                    &plan.url,
-                    writer.slot_path(),
-                    plan.algorithm.name(),
-                    &plan.expected,
-                    plan.size,
-                    at,
-                );
-                // Resuming is an optimisation: without a record the next try starts over.
-                if let Err(e) = resume::save(&plan.resume_path, &record) {
-                    tracing::warn!(error = %e, "cannot save the resume record");
-                }
-            }
-        }
+        committed(writer);
     }
 }
 

@@ -1,8 +1,8 @@
 //! The target slot: opening it safely (never the booted slot, never a mounted device, never
 //! created, truncated or grown), its capacity, and the writer that fills it with large aligned
-//! buffers (`O_DIRECT` where the slot allows it), bounded dirty memory and durable checkpoints,
-//! and reads every range back from the device once it got there, while later ranges are still
-//! being written.
+//! buffers (`O_DIRECT` where the slot allows it) on its own thread while the next buffer is
+//! filled, bounded dirty memory and durable checkpoints, and reads every range back from the
+//! device once it got there, while later ranges are still being written.
 
 use std::fs::{File, Metadata, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -17,10 +17,11 @@ use sha2::{Digest, Sha256};
 
 use super::InstallError;
 
-/// Size of one write to the slot (and of the inline read-back's reads). 512 KiB O_DIRECT writes
-/// kept the write time of 1 MiB ones in the benchmark; 1 MiB cost 0.5 MiB of peak RSS
-/// (issue 19, BENCHMARKS.md).
-pub const WRITE_BUFFER: usize = 512 << 10;
+/// Size of one write to the slot (and of the inline read-back's reads). There are two such
+/// buffers, one filled by the install thread while the writer thread writes the other: the
+/// 512 KiB of the single buffer before (512 KiB O_DIRECT writes kept the write time of 1 MiB
+/// ones; 1 MiB cost 0.5 MiB of peak RSS, issue 19, BENCHMARKS.md).
+pub const WRITE_BUFFER: usize = 256 << 10;
 /// Writeback is started for every window of this size, and the previous window is waited for,
 /// so at most about two windows of dirty pages are outstanding.
 pub const SYNC_WINDOW: u64 = 8 << 20;
@@ -45,6 +46,12 @@ pub trait SlotDevice: Send {
     /// A second handle for reading the slot back on another thread while this one writes;
     /// None (the default) reads back on the writing thread.
     fn reader(&self) -> Option<Box<dyn SlotDevice>> {
+        None
+    }
+    /// A second handle that writes and syncs the slot on the writer thread while the install
+    /// thread fills the next buffer (all writes and syncs then go through it, never through
+    /// this one); None (the default) writes on the install thread.
+    fn writer(&self) -> Option<Box<dyn SlotDevice>> {
         None
     }
     /// False for a sink that keeps nothing (a dry run): there is nothing to read back.
@@ -83,6 +90,17 @@ fn is_direct_aligned(offset: u64, buf: &[u8]) -> bool {
 }
 
 impl FileSlot {
+    /// The same slot through a duplicate of the descriptor (same open file: the exclusive
+    /// open of a block device covers it) and its own O_DIRECT descriptor.
+    fn another_handle(&self) -> Option<FileSlot> {
+        Some(FileSlot {
+            file: self.file.try_clone().ok()?,
+            path: self.path.clone(),
+            capacity: self.capacity,
+            direct: Direct::NotOpened,
+        })
+    }
+
     /// The O_DIRECT descriptor, opened on first use; None where the slot refuses it.
     fn direct(&mut self) -> Option<&File> {
         if let Direct::NotOpened = self.direct {
@@ -186,12 +204,11 @@ impl SlotDevice for FileSlot {
     }
 
     fn reader(&self) -> Option<Box<dyn SlotDevice>> {
-        Some(Box::new(FileSlot {
-            file: self.file.try_clone().ok()?,
-            path: self.path.clone(),
-            capacity: self.capacity,
-            direct: Direct::NotOpened,
-        }))
+        Some(Box::new(self.another_handle()?))
+    }
+
+    fn writer(&self) -> Option<Box<dyn SlotDevice>> {
+        Some(Box::new(self.another_handle()?))
     }
 
     fn drop_cache(&mut self, offset: u64, len: u64) {
@@ -400,6 +417,11 @@ impl AlignedBuffer {
         AlignedBuffer(vec![Page([0; 4096]); len.div_ceil(4096)])
     }
 
+    /// No bytes (stands in for a buffer handed to the writer thread).
+    fn empty() -> Self {
+        AlignedBuffer(Vec::new())
+    }
+
     fn len(&self) -> usize {
         self.0.len() * 4096
     }
@@ -411,13 +433,23 @@ impl AlignedBuffer {
     }
 }
 
-/// Where the blocking stage spent its time on the slot (for the install timeline).
+/// Where the blocking stage spent its time on the slot (for the install timeline). With a
+/// writer thread (every real slot), `write`, `last_sync` and `read_back_tail` are time the
+/// install thread waited; `device_write`, `writeback` and `read_back_overlapped` were spent on
+/// the writer and read-back threads while it went on decoding and hashing.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SlotTimes {
-    /// In `write` calls (with O_DIRECT: until the device has the data).
+    /// The install thread waited to hand a full buffer over: for the writer thread to free
+    /// one, and at the end to write the last ones. Without a writer thread (a slot without
+    /// [`SlotDevice::writer`]): the writes themselves and everything done after each
+    /// (writeback, checkpoints, an inline read-back).
     pub write: Duration,
-    /// Starting and waiting for writeback, and the durable syncs (checkpoints, the last one).
+    /// In the slot's `write` calls (with O_DIRECT: until the device has the data).
+    pub device_write: Duration,
+    /// Starting and waiting for writeback, and the durable checkpoints' syncs.
     pub writeback: Duration,
+    /// The last durable sync, after the last write.
+    pub last_sync: Duration,
     /// Reading ranges back and hashing them while later ranges were still being written.
     pub read_back_overlapped: Duration,
     /// Reading back the tail after the last sync (nothing left to overlap with).
@@ -437,13 +469,24 @@ pub struct Written {
     pub times: SlotTimes,
 }
 
+fn slot_io(dev: &dyn SlotDevice, op: &'static str, offset: u64, source: io::Error) -> InstallError {
+    InstallError::SlotIo {
+        slot: dev.path().to_path_buf(),
+        op,
+        offset,
+        source,
+    }
+}
+
 /// Writes the image into a slot: guards the capacity, hashes the image bytes (sha256, for the
-/// read-back check), bounds dirty memory, reports durable checkpoints, and reads back every
-/// range that reached the device while the next ones are written (so the read-back mostly
-/// overlaps the write instead of following it).
+/// read-back check), and hands full aligned buffers to a writer thread, which writes them,
+/// bounds dirty memory, makes durable checkpoints, and has every range that reached the device
+/// read back while the next ones are written. So decoding and hashing the next buffer overlap
+/// the write of the previous one, and the read-back overlaps both.
 pub struct SlotWriter<'a> {
     dev: &'a mut dyn SlotDevice,
-    /// Gathers image bytes into aligned writes; between writes it is the read-back buffer.
+    /// The buffer being filled (one of the two the writer thread and this one pass between
+    /// them).
     buf: AlignedBuffer,
     filled: usize,
     /// Slot offset where `buf` starts.
@@ -451,16 +494,23 @@ pub struct SlotWriter<'a> {
     /// None when the caller hashes exactly the bytes written already (see
     /// [`SlotWriter::leave_hash_to_caller`]).
     image_hash: Option<Sha256>,
-    read_back: ReadBack,
-    /// Start of the window being filled.
-    window_start: u64,
-    /// The window whose writeback was started but not yet waited for.
-    started: Option<(u64, u64)>,
-    last_checkpoint: u64,
-    new_checkpoint: Option<u64>,
-    sync_window: u64,
-    checkpoint_interval: u64,
+    flush: Flush,
+    /// The latest durable checkpoint (published by the flusher after its sync returned), and
+    /// the last one [`SlotWriter::take_checkpoint`] reported.
+    durable: Arc<AtomicU64>,
+    reported: u64,
+    /// Bytes read back so far (progress).
+    read_back_done: Arc<AtomicU64>,
+    /// This thread's share of the timeline (`write`).
     times: SlotTimes,
+}
+
+/// Where full buffers go.
+enum Flush {
+    /// A slot without a second handle for writing (test doubles, the dry run's sink): written
+    /// on the install thread.
+    Inline(Box<Flusher>),
+    Thread(WriterThread),
 }
 
 impl<'a> SlotWriter<'a> {
@@ -475,19 +525,37 @@ impl<'a> SlotWriter<'a> {
     ) -> Self {
         let checkpoint_interval = checkpoint_interval.max(WRITE_BUFFER as u64);
         let read_back = ReadBack::new(&*dev, start, prefix_hash.clone());
+        let read_back_done = read_back.progress();
+        let durable = Arc::new(AtomicU64::new(start));
+        let flusher = Flusher {
+            offset: start,
+            read_back,
+            window_start: start,
+            started: None,
+            last_checkpoint: start,
+            durable: Arc::clone(&durable),
+            sync_window: SYNC_WINDOW.min(checkpoint_interval),
+            checkpoint_interval,
+            times: SlotTimes::default(),
+        };
+        let flush = match dev.writer() {
+            Some(handle) => Flush::Thread(WriterThread::spawn(
+                handle,
+                flusher,
+                AlignedBuffer::new(WRITE_BUFFER),
+            )),
+            None => Flush::Inline(Box::new(flusher)),
+        };
         SlotWriter {
             dev,
             buf: AlignedBuffer::new(WRITE_BUFFER),
             filled: 0,
             offset: start,
-            image_hash: Some(prefix_hash.clone()),
-            read_back,
-            window_start: start,
-            started: None,
-            last_checkpoint: start,
-            new_checkpoint: None,
-            sync_window: SYNC_WINDOW.min(checkpoint_interval),
-            checkpoint_interval,
+            image_hash: Some(prefix_hash),
+            flush,
+            durable,
+            reported: start,
+            read_back_done,
             times: SlotTimes::default(),
         }
     }
@@ -546,6 +614,12 @@ impl<'a> SlotWriter<'a> {
             hash.update(data);
         }
         while !data.is_empty() {
+            if self.buf.len() == 0 {
+                // A failed hand-over took the buffer along; its error was returned then.
+                return Err(InstallError::Internal(
+                    "the slot writer stopped after an error".into(),
+                ));
+            }
             let n = (self.buf.len() - self.filled).min(data.len());
             self.buf.as_mut_slice()[self.filled..self.filled + n].copy_from_slice(&data[..n]);
             self.filled += n;
@@ -584,112 +658,56 @@ impl<'a> SlotWriter<'a> {
         Ok(())
     }
 
-    fn io_error(&self, op: &'static str, offset: u64, source: io::Error) -> InstallError {
-        InstallError::SlotIo {
-            slot: self.dev.path().to_path_buf(),
-            op,
-            offset,
-            source,
-        }
-    }
-
+    /// Hand the full buffer over (to the writer thread, which gives the other one back), or
+    /// write it here.
     fn flush_buffer(&mut self) -> Result<(), InstallError> {
         if self.filled == 0 {
             return Ok(());
         }
-        let offset = self.offset;
         let filled = self.filled;
-        let buf = self.buf.as_mut_slice();
         let began = Instant::now();
-        self.dev
-            .write_all_at(offset, &buf[..filled])
-            .map_err(|e| InstallError::SlotIo {
-                slot: self.dev.path().to_path_buf(),
-                op: "write",
-                offset,
-                source: e,
-            })?;
+        match &mut self.flush {
+            Flush::Inline(flusher) => {
+                flusher.write(&mut *self.dev, self.buf.as_mut_slice(), filled)?
+            }
+            Flush::Thread(thread) => {
+                let full = std::mem::replace(&mut self.buf, AlignedBuffer::empty());
+                // Nothing is filled until a buffer comes back (none after an error).
+                self.filled = 0;
+                self.buf = thread.hand_over(full, filled)?;
+            }
+        }
         self.times.write += began.elapsed();
         self.offset += filled as u64;
         self.filled = 0;
-        self.bound_dirty_memory()
-    }
-
-    /// At the end of each window: start its writeback, wait for the window before it, read
-    /// back everything before this window (it has reached the device) while this one is being
-    /// written back, and make a durable checkpoint when one is due.
-    fn bound_dirty_memory(&mut self) -> Result<(), InstallError> {
-        let window_start = self.window_start;
-        if self.offset - window_start < self.sync_window {
-            return Ok(());
-        }
-        let len = self.offset - window_start;
-        let began = Instant::now();
-        self.dev
-            .sync_range(window_start, len, false)
-            .map_err(|e| self.io_error("start writeback of", window_start, e))?;
-        if let Some((prev, prev_len)) = self.started.replace((window_start, len)) {
-            self.dev
-                .sync_range(prev, prev_len, true)
-                .map_err(|e| self.io_error("sync", prev, e))?;
-            self.dev.drop_cache(prev, prev_len);
-        }
-        self.times.writeback += began.elapsed();
-        let began = Instant::now();
-        self.read_back_to(window_start)?;
-        self.times.read_back_overlapped += began.elapsed();
-        if self.offset - self.last_checkpoint >= self.checkpoint_interval {
-            // A durable point: everything so far reached the device (usable for resume).
-            let began = Instant::now();
-            let at = self.offset;
-            self.dev
-                .sync_data()
-                .map_err(|e| self.io_error("sync", at, e))?;
-            self.dev.drop_cache(window_start, at - window_start);
-            self.times.writeback += began.elapsed();
-            self.last_checkpoint = at;
-            self.new_checkpoint = Some(at);
-            self.started = None;
-        }
-        self.window_start = self.offset;
         Ok(())
-    }
-
-    /// Read the slot back up to `end` (it has reached the device): on the read-back thread,
-    /// or here with `buf` as the read buffer (only called with `buf` empty, after a flush).
-    fn read_back_to(&mut self, end: u64) -> Result<(), InstallError> {
-        debug_assert_eq!(self.filled, 0);
-        if !self.dev.keeps_data() {
-            return Ok(());
-        }
-        match &mut self.read_back {
-            ReadBack::Inline { hash, verified } => {
-                read_into(
-                    &mut *self.dev,
-                    self.buf.as_mut_slice(),
-                    *verified,
-                    end,
-                    |b| hash.update(b),
-                    |_| {},
-                )?;
-                *verified = end.max(*verified);
-                Ok(())
-            }
-            ReadBack::Thread(thread) => thread.request(end),
-        }
     }
 
     /// Image bytes already read back from the device.
     pub fn read_back(&self) -> u64 {
-        match &self.read_back {
-            ReadBack::Inline { verified, .. } => *verified,
-            ReadBack::Thread(thread) => thread.done.load(Ordering::Relaxed),
-        }
+        self.read_back_done.load(Ordering::Relaxed)
     }
 
-    /// A new durable offset since the last call: everything before it is on the device.
+    /// A new durable offset since the last call: everything before it was written and
+    /// synced (usable for resume). With a writer thread it shows up at the first call after
+    /// the writer's sync returned.
     pub fn take_checkpoint(&mut self) -> Option<u64> {
-        self.new_checkpoint.take()
+        let durable = self.durable.load(Ordering::Acquire);
+        if durable <= self.reported {
+            return None;
+        }
+        self.reported = durable;
+        Some(durable)
+    }
+
+    /// Wait until the writer thread has written what it was handed (and made the checkpoints
+    /// due by then), so [`SlotWriter::take_checkpoint`] reports every durable one: for an
+    /// install stopped by an error that records where a restart may resume. An error of the
+    /// writer thread is not reported here (the next write or [`SlotWriter::finish`] does).
+    pub fn settle(&mut self) {
+        if let Flush::Thread(thread) = &mut self.flush {
+            thread.settle();
+        }
     }
 
     /// Stop hashing the image: the caller already computes the sha256 of exactly the bytes it
@@ -699,18 +717,158 @@ impl<'a> SlotWriter<'a> {
         self.image_hash = None;
     }
 
-    /// Flush, make everything durable, read back what was not read back yet.
+    /// Write the rest, make everything durable, read back what was not read back yet; returns
+    /// once all of it is done (and the writer thread has ended).
     pub fn finish(mut self) -> Result<Written, InstallError> {
-        self.flush_buffer()?;
-        let end = self.offset;
+        let end = self.position();
+        let filled = std::mem::take(&mut self.filled);
         let began = Instant::now();
-        self.dev
-            .sync_data()
-            .map_err(|e| self.io_error("sync", end, e))?;
-        self.dev.drop_cache(0, end);
+        let (read_hash, mut times) = match self.flush {
+            Flush::Inline(mut flusher) => {
+                flusher.write(&mut *self.dev, self.buf.as_mut_slice(), filled)?;
+                self.times.write += began.elapsed();
+                flusher.finish(&mut *self.dev, self.buf.as_mut_slice())?
+            }
+            Flush::Thread(thread) => {
+                let (hash, times) = thread.finish(self.buf, filled)?;
+                // What the wait was not the last sync and the tail read-back, was the last
+                // writes.
+                let waited = began.elapsed();
+                self.times.write += waited.saturating_sub(times.last_sync + times.read_back_tail);
+                (hash, times)
+            }
+        };
+        times.write = self.times.write;
+        Ok(Written {
+            bytes: end,
+            image_sha256: self.image_hash.map(|h| hex::encode(h.finalize())),
+            read_back_sha256: hex::encode(read_hash.finalize()),
+            times,
+        })
+    }
+}
+
+/// The device side of [`SlotWriter`]: writes full buffers in order, bounds dirty memory, makes
+/// durable checkpoints, and has what reached the device read back. Runs on the writer thread,
+/// or on the install thread for a slot without [`SlotDevice::writer`]; it makes the same
+/// device calls in the same order either way.
+struct Flusher {
+    /// End of the bytes written.
+    offset: u64,
+    read_back: ReadBack,
+    /// Start of the window being filled.
+    window_start: u64,
+    /// The window whose writeback was started but not yet waited for.
+    started: Option<(u64, u64)>,
+    last_checkpoint: u64,
+    /// The latest durable checkpoint, published once its sync returned.
+    durable: Arc<AtomicU64>,
+    sync_window: u64,
+    checkpoint_interval: u64,
+    times: SlotTimes,
+}
+
+impl Flusher {
+    /// Write the first `len` bytes of `buf` at the next offset; then `buf` is free (the
+    /// inline read-back's buffer).
+    fn write(
+        &mut self,
+        dev: &mut dyn SlotDevice,
+        buf: &mut [u8],
+        len: usize,
+    ) -> Result<(), InstallError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let offset = self.offset;
+        let began = Instant::now();
+        dev.write_all_at(offset, &buf[..len])
+            .map_err(|e| slot_io(dev, "write", offset, e))?;
+        self.times.device_write += began.elapsed();
+        self.offset += len as u64;
+        self.bound_dirty_memory(dev, buf)
+    }
+
+    /// At the end of each window: start its writeback, wait for the window before it, read
+    /// back everything before this window (it has reached the device) while this one is being
+    /// written back, and make a durable checkpoint when one is due.
+    fn bound_dirty_memory(
+        &mut self,
+        dev: &mut dyn SlotDevice,
+        scratch: &mut [u8],
+    ) -> Result<(), InstallError> {
+        let window_start = self.window_start;
+        if self.offset - window_start < self.sync_window {
+            return Ok(());
+        }
+        let len = self.offset - window_start;
+        let began = Instant::now();
+        dev.sync_range(window_start, len, false)
+            .map_err(|e| slot_io(dev, "start writeback of", window_start, e))?;
+        if let Some((prev, prev_len)) = self.started.replace((window_start, len)) {
+            dev.sync_range(prev, prev_len, true)
+                .map_err(|e| slot_io(dev, "sync", prev, e))?;
+            dev.drop_cache(prev, prev_len);
+        }
         self.times.writeback += began.elapsed();
         let began = Instant::now();
-        self.read_back_to(end)?;
+        self.read_back_to(dev, scratch, window_start)?;
+        self.times.read_back_overlapped += began.elapsed();
+        if self.offset - self.last_checkpoint >= self.checkpoint_interval {
+            // A durable point: everything so far reached the device (usable for resume).
+            let began = Instant::now();
+            let at = self.offset;
+            dev.sync_data().map_err(|e| slot_io(dev, "sync", at, e))?;
+            dev.drop_cache(window_start, at - window_start);
+            self.times.writeback += began.elapsed();
+            self.last_checkpoint = at;
+            self.durable.store(at, Ordering::Release);
+            self.started = None;
+        }
+        self.window_start = self.offset;
+        Ok(())
+    }
+
+    /// Read the slot back up to `end` (it has reached the device): on the read-back thread,
+    /// or here with `scratch` (a written buffer) as the read buffer.
+    fn read_back_to(
+        &mut self,
+        dev: &mut dyn SlotDevice,
+        scratch: &mut [u8],
+        end: u64,
+    ) -> Result<(), InstallError> {
+        if !dev.keeps_data() {
+            return Ok(());
+        }
+        match &mut self.read_back {
+            ReadBack::Inline {
+                hash,
+                verified,
+                done,
+            } => {
+                read_into(dev, scratch, *verified, end, |b| hash.update(b), |_| {})?;
+                *verified = end.max(*verified);
+                done.store(*verified, Ordering::Relaxed);
+                Ok(())
+            }
+            ReadBack::Thread(thread) => thread.request(end),
+        }
+    }
+
+    /// Make everything written durable and read back what was not read back yet: the
+    /// read-back hash and the times.
+    fn finish(
+        mut self,
+        dev: &mut dyn SlotDevice,
+        scratch: &mut [u8],
+    ) -> Result<(Sha256, SlotTimes), InstallError> {
+        let end = self.offset;
+        let began = Instant::now();
+        dev.sync_data().map_err(|e| slot_io(dev, "sync", end, e))?;
+        dev.drop_cache(0, end);
+        self.times.last_sync += began.elapsed();
+        let began = Instant::now();
+        self.read_back_to(dev, scratch, end)?;
         let read_hash = match self.read_back {
             ReadBack::Inline { hash, .. } => hash,
             ReadBack::Thread(thread) => {
@@ -720,12 +878,134 @@ impl<'a> SlotWriter<'a> {
             }
         };
         self.times.read_back_tail += began.elapsed();
-        Ok(Written {
-            bytes: end,
-            image_sha256: self.image_hash.map(|h| hex::encode(h.finalize())),
-            read_back_sha256: hex::encode(read_hash.finalize()),
-            times: self.times,
+        Ok((read_hash, self.times))
+    }
+}
+
+/// What the install thread hands the writer thread.
+enum ToWriter {
+    /// Write the first `len` bytes of the buffer at the next offset, then hand it back.
+    Write(AlignedBuffer, usize),
+    /// Write the first `len` bytes (the tail, maybe none), make everything durable, read it
+    /// back, and end.
+    Finish(AlignedBuffer, usize),
+}
+
+type FlushResult = Result<(Sha256, SlotTimes), InstallError>;
+
+/// Writes (and syncs) full buffers on its own thread while the install thread fills the other
+/// buffer, so decoding and hashing overlap the `O_DIRECT` writes and the syncs instead of
+/// adding up with them. Two buffers in all: one filled, one written (or waiting to be).
+struct WriterThread {
+    /// A rendezvous: a full buffer is handed over when the writer is done with the previous
+    /// one.
+    full: Option<mpsc::SyncSender<ToWriter>>,
+    /// Written buffers, back to be filled again.
+    free: mpsc::Receiver<AlignedBuffer>,
+    /// The other buffer while the writer thread is idle (taken back by
+    /// [`WriterThread::settle`], or not handed over yet).
+    spare: Option<AlignedBuffer>,
+    handle: Option<std::thread::JoinHandle<FlushResult>>,
+    /// Set when the install goes away unfinished: write nothing more.
+    stop: Arc<AtomicBool>,
+}
+
+impl WriterThread {
+    fn spawn(mut dev: Box<dyn SlotDevice>, mut flusher: Flusher, spare: AlignedBuffer) -> Self {
+        let (full_tx, full_rx) = mpsc::sync_channel::<ToWriter>(0);
+        let (free_tx, free_rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = Arc::clone(&stop);
+        let handle = std::thread::spawn(move || -> FlushResult {
+            while let Ok(msg) = full_rx.recv() {
+                if thread_stop.load(Ordering::Acquire) {
+                    break;
+                }
+                match msg {
+                    ToWriter::Write(mut buf, len) => {
+                        flusher.write(&mut *dev, buf.as_mut_slice(), len)?;
+                        if free_tx.send(buf).is_err() {
+                            break;
+                        }
+                    }
+                    ToWriter::Finish(mut buf, len) => {
+                        flusher.write(&mut *dev, buf.as_mut_slice(), len)?;
+                        return flusher.finish(&mut *dev, buf.as_mut_slice());
+                    }
+                }
+            }
+            // The writer was dropped unfinished; nobody reads this.
+            Err(InstallError::Aborted)
+        });
+        WriterThread {
+            full: Some(full_tx),
+            free: free_rx,
+            spare: Some(spare),
+            handle: Some(handle),
+            stop,
+        }
+    }
+
+    /// Hand a full buffer over and take the free one back (waiting while the writer thread
+    /// still writes it). An error of the writer thread (the first write or sync that failed)
+    /// comes back here, at the first hand-over after it.
+    fn hand_over(&mut self, buf: AlignedBuffer, len: usize) -> Result<AlignedBuffer, InstallError> {
+        let sent = self
+            .full
+            .as_ref()
+            .is_some_and(|tx| tx.send(ToWriter::Write(buf, len)).is_ok());
+        if sent {
+            if let Some(free) = self.spare.take().or_else(|| self.free.recv().ok()) {
+                return Ok(free);
+            }
+        }
+        // The thread stopped early: only an error does that.
+        Err(match self.join() {
+            Err(e) => e,
+            Ok(_) => InstallError::Internal("the slot writer thread ended early".into()),
         })
+    }
+
+    /// Wait until the writer thread is idle (it gave the other buffer back) or stopped.
+    fn settle(&mut self) {
+        if self.spare.is_none() {
+            self.spare = self.free.recv().ok();
+        }
+    }
+
+    /// Write the tail, wait until everything is durable and read back.
+    fn finish(mut self, buf: AlignedBuffer, len: usize) -> FlushResult {
+        if let Some(tx) = self.full.take() {
+            // When this fails the thread has stopped with an error, which join returns.
+            let _ = tx.send(ToWriter::Finish(buf, len));
+        }
+        self.join()
+    }
+
+    fn join(&mut self) -> FlushResult {
+        self.full = None;
+        join_thread(&mut self.handle, "slot writer")
+    }
+}
+
+impl Drop for WriterThread {
+    fn drop(&mut self) {
+        // An unfinished install: write nothing more, and wait for the write in progress, so
+        // no thread writes to the slot once the writer is gone.
+        self.stop.store(true, Ordering::Release);
+        let _ = self.join();
+    }
+}
+
+/// The result of a helper thread of the writer, or why there is none.
+fn join_thread<T>(
+    handle: &mut Option<std::thread::JoinHandle<Result<T, InstallError>>>,
+    name: &str,
+) -> Result<T, InstallError> {
+    match handle.take().map(|h| h.join()) {
+        Some(Ok(result)) => result,
+        Some(Err(_)) => Err(InstallError::Internal(format!("the {name} thread died"))),
+        None => Err(InstallError::Internal(format!("the {name} thread is gone"))),
     }
 }
 
@@ -735,10 +1015,12 @@ const READ_BACK_BUFFER: usize = 128 << 10;
 
 /// Where the read-back runs.
 enum ReadBack {
-    /// On the writing thread, into the write buffer: `hash` covers the slot before `verified`.
+    /// On the writing thread, into a written buffer: `hash` covers the slot before
+    /// `verified`; `done` is `verified` for progress.
     Inline {
         hash: Sha256,
         verified: u64,
+        done: Arc<AtomicU64>,
     },
     Thread(ReadBackThread),
 }
@@ -750,7 +1032,16 @@ impl ReadBack {
             None => ReadBack::Inline {
                 hash: prefix_hash,
                 verified: start,
+                done: Arc::new(AtomicU64::new(start)),
             },
+        }
+    }
+
+    /// Bytes read back so far, updated as the read-back goes on.
+    fn progress(&self) -> Arc<AtomicU64> {
+        match self {
+            ReadBack::Inline { done, .. } => Arc::clone(done),
+            ReadBack::Thread(thread) => Arc::clone(&thread.done),
         }
     }
 }
@@ -831,13 +1122,7 @@ impl ReadBackThread {
 
     fn join(&mut self) -> ReadBackResult {
         self.requests = None;
-        match self.handle.take().map(|h| h.join()) {
-            Some(Ok(result)) => result,
-            Some(Err(_)) => Err(InstallError::Internal("the read-back thread died".into())),
-            None => Err(InstallError::Internal(
-                "the read-back thread is gone".into(),
-            )),
-        }
+        join_thread(&mut self.handle, "read-back")
     }
 }
 
@@ -845,10 +1130,7 @@ impl Drop for ReadBackThread {
     fn drop(&mut self) {
         // An unfinished install: stop reading and wait, so no thread outlives the slot.
         self.stop.store(true, Ordering::Relaxed);
-        self.requests = None;
-        if let Some(handle) = self.handle.take() {
-            let _ = handle.join();
-        }
+        let _ = self.join();
     }
 }
 
@@ -1118,11 +1400,10 @@ mod writeback_tests {
         }
     }
 
-    #[test]
-    fn dirty_data_is_bounded_and_checkpoints_are_durable() {
-        let mut dev = Recorder::new(40 << 20);
+    /// Write 41.7 MB in chunks of 300 KB, taking checkpoints as they come.
+    fn write_40m(dev: &mut dyn SlotDevice) -> Vec<u64> {
         let mut checkpoints = Vec::new();
-        let mut w = SlotWriter::new(&mut dev, 0, Sha256::new(), 16 << 20);
+        let mut w = SlotWriter::new(dev, 0, Sha256::new(), 16 << 20);
         let chunk = vec![0x5a; 300_000];
         let mut written = 0u64;
         while written + chunk.len() as u64 <= 40 << 20 {
@@ -1135,27 +1416,79 @@ mod writeback_tests {
         let expected = hex::encode(Sha256::digest(vec![0x5a; written as usize]));
         assert_eq!(done.image_sha256.as_deref(), Some(expected.as_str()));
         assert_eq!(done.read_back_sha256, expected);
+        checkpoints
+    }
+
+    const CALLS_40M: [&str; 13] = [
+        "start 0M+8M",
+        "start 8M+8M",
+        "wait 0M+8M",
+        "read 0M+8M", // while 8M+8M is written back
+        "sync",       // 16 MiB: checkpoint
+        "start 16M+8M",
+        "read 8M+8M", // synced at the checkpoint, read back while 16M+8M is written
+        "start 24M+8M",
+        "wait 16M+8M",
+        "read 16M+8M",
+        "sync",         // 32 MiB: checkpoint
+        "sync",         // finish
+        "read 24M+15M", // the rest of the 41.7 MB
+    ];
+
+    #[test]
+    fn dirty_data_is_bounded_and_checkpoints_are_durable() {
+        let mut dev = Recorder::new(40 << 20);
+        let checkpoints = write_40m(&mut dev);
         assert_eq!(checkpoints, vec![16 << 20, 32 << 20]);
-        assert_eq!(
-            dev.calls(),
-            [
-                "start 0M+8M",
-                "start 8M+8M",
-                "wait 0M+8M",
-                "read 0M+8M", // while 8M+8M is written back
-                "sync",       // 16 MiB: checkpoint
-                "start 16M+8M",
-                "read 8M+8M", // synced at the checkpoint, read back while 16M+8M is written
-                "start 24M+8M",
-                "wait 16M+8M",
-                "read 16M+8M",
-                "sync",         // 32 MiB: checkpoint
-                "sync",         // finish
-                "read 24M+15M", // the rest of the 41.7 MB
-            ]
-        );
+        assert_eq!(dev.calls(), CALLS_40M);
         // Never more than two sync windows dirty.
         assert!(dev.max_dirty <= 2 * SYNC_WINDOW, "{} dirty", dev.max_dirty);
+    }
+
+    /// A recorder behind a lock, with a writer handle to itself: the writer thread runs.
+    #[derive(Clone)]
+    struct Threaded(Arc<std::sync::Mutex<Recorder>>);
+
+    impl SlotDevice for Threaded {
+        fn path(&self) -> &Path {
+            Path::new("recorder")
+        }
+        fn capacity(&self) -> u64 {
+            self.0.lock().unwrap().capacity()
+        }
+        fn write_all_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+            self.0.lock().unwrap().write_all_at(offset, data)
+        }
+        fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().read_at(offset, buf)
+        }
+        fn sync_range(&mut self, offset: u64, len: u64, wait: bool) -> io::Result<()> {
+            self.0.lock().unwrap().sync_range(offset, len, wait)
+        }
+        fn sync_data(&mut self) -> io::Result<()> {
+            self.0.lock().unwrap().sync_data()
+        }
+        fn writer(&self) -> Option<Box<dyn SlotDevice>> {
+            Some(Box::new(self.clone()))
+        }
+    }
+
+    #[test]
+    fn the_writer_thread_makes_the_same_calls_in_the_same_order() {
+        let mut dev = Threaded(Arc::new(std::sync::Mutex::new(Recorder::new(40 << 20))));
+        let checkpoints = write_40m(&mut dev);
+        // Checkpoints show up once the writer thread synced them: maybe later, never earlier.
+        assert!(
+            checkpoints.iter().all(|c| [16 << 20, 32 << 20].contains(c)),
+            "{checkpoints:?}"
+        );
+        let mut recorder = dev.0.lock().unwrap();
+        assert_eq!(recorder.calls(), CALLS_40M);
+        assert!(
+            recorder.max_dirty <= 2 * SYNC_WINDOW,
+            "{} dirty",
+            recorder.max_dirty
+        );
     }
 
     #[test]
@@ -1182,5 +1515,258 @@ mod writeback_tests {
             ]
         );
         assert!(dev.max_dirty <= 2 * SYNC_WINDOW, "{} dirty", dev.max_dirty);
+    }
+}
+
+#[cfg(test)]
+mod writer_thread_tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// What a [`SharedSlot`] saw, shared by all its handles.
+    #[derive(Default)]
+    struct Log {
+        data: Vec<u8>,
+        /// Device calls and the test's observations, in order.
+        calls: Vec<String>,
+        /// End of the bytes written, of those that reached the device (waited for or
+        /// synced), and of those made durable (`sync_data`).
+        written_to: u64,
+        reached_to: u64,
+        synced_to: u64,
+        /// Writes that end past this offset fail with EIO.
+        fail_from: Option<u64>,
+        /// Each write takes this long (a slow device), outside the lock.
+        write_delay: Duration,
+        /// A write is in progress.
+        writing: bool,
+        writes: usize,
+    }
+
+    /// An in-memory slot whose [`SlotDevice::writer`] handle is a second handle to the same
+    /// state, so the writer thread runs; reads back on the writing thread.
+    #[derive(Clone)]
+    struct SharedSlot(Arc<Mutex<Log>>);
+
+    impl SharedSlot {
+        fn new(len: usize) -> Self {
+            SharedSlot(Arc::new(Mutex::new(Log {
+                data: vec![0; len],
+                ..Log::default()
+            })))
+        }
+
+        fn log(&self) -> std::sync::MutexGuard<'_, Log> {
+            self.0.lock().unwrap()
+        }
+    }
+
+    impl SlotDevice for SharedSlot {
+        fn path(&self) -> &Path {
+            Path::new("shared")
+        }
+        fn capacity(&self) -> u64 {
+            self.log().data.len() as u64
+        }
+        fn write_all_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+            let end = offset + data.len() as u64;
+            let delay = {
+                let mut log = self.log();
+                assert!(!log.writing, "two writes at once");
+                log.calls.push(format!("write {offset}+{}", data.len()));
+                if log.fail_from.is_some_and(|at| end > at) {
+                    return Err(io::Error::from_raw_os_error(libc::EIO));
+                }
+                log.writing = true;
+                log.write_delay
+            };
+            std::thread::sleep(delay);
+            let mut log = self.log();
+            log.data[offset as usize..end as usize].copy_from_slice(data);
+            log.written_to = log.written_to.max(end);
+            log.writing = false;
+            log.writes += 1;
+            Ok(())
+        }
+        fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+            let mut log = self.log();
+            let n = buf.len().min(log.data.len() - offset as usize);
+            let image_end = (offset + n as u64).min(log.written_to);
+            assert!(
+                image_end <= log.reached_to,
+                "read back {offset}+{n} before it reached the device (up to {})",
+                log.reached_to
+            );
+            buf[..n].copy_from_slice(&log.data[offset as usize..offset as usize + n]);
+            log.calls.push(format!("read {offset}+{n}"));
+            Ok(n)
+        }
+        fn sync_range(&mut self, offset: u64, len: u64, wait: bool) -> io::Result<()> {
+            let mut log = self.log();
+            if wait {
+                assert!(offset + len <= log.written_to, "waited for unwritten bytes");
+                log.reached_to = log.reached_to.max(offset + len);
+            }
+            log.calls.push(format!("sync_range {offset}+{len} {wait}"));
+            Ok(())
+        }
+        fn sync_data(&mut self) -> io::Result<()> {
+            let mut log = self.log();
+            log.reached_to = log.written_to;
+            log.synced_to = log.written_to;
+            let call = format!("sync {}", log.written_to);
+            log.calls.push(call);
+            Ok(())
+        }
+        fn writer(&self) -> Option<Box<dyn SlotDevice>> {
+            Some(Box::new(self.clone()))
+        }
+    }
+
+    fn byte(i: u64) -> u8 {
+        (i % 251) as u8
+    }
+
+    fn image(len: u64) -> Vec<u8> {
+        (0..len).map(byte).collect()
+    }
+
+    #[test]
+    fn a_write_error_on_the_writer_thread_surfaces_with_its_offset_promptly() {
+        let mut dev = SharedSlot::new(16 << 20);
+        let fail_at = 3 << 20;
+        dev.log().fail_from = Some(fail_at);
+        let probe = dev.clone();
+        let mut w = SlotWriter::new(&mut dev, 0, Sha256::new(), CHECKPOINT_INTERVAL);
+        let img = image(16 << 20);
+        let mut err = None;
+        for chunk in img.chunks(100_000) {
+            if let Err(e) = w.write(chunk) {
+                err = Some((e, w.position()));
+                break;
+            }
+        }
+        let (err, position) = err.expect("the write error was not reported");
+        match &err {
+            InstallError::SlotIo {
+                op, offset, source, ..
+            } => {
+                assert_eq!(*op, "write");
+                assert_eq!(*offset, fail_at);
+                assert_eq!(source.raw_os_error(), Some(libc::EIO));
+            }
+            other => panic!("unexpected {other}"),
+        }
+        // Reported at the next hand-over, not after the whole image: the failed buffer, the
+        // one filled meanwhile and the chunk being copied at most.
+        assert!(
+            position <= fail_at + 2 * WRITE_BUFFER as u64 + 100_000,
+            "reported at {position}"
+        );
+        // A caller that goes on anyway gets an error, not a hang or a panic.
+        assert!(w.write(&[1; 10]).is_err());
+        assert!(w.spare().is_empty());
+        drop(w);
+        let log = probe.log();
+        assert_eq!(log.written_to, fail_at, "wrote past the failure");
+        assert!(log
+            .calls
+            .last()
+            .unwrap()
+            .starts_with(&format!("write {fail_at}+")));
+    }
+
+    #[test]
+    fn checkpoints_never_run_ahead_of_written_and_synced_bytes() {
+        let len = 24u64 << 20;
+        let mut dev = SharedSlot::new(len as usize);
+        // A slow device: the install thread is always ahead of the writer thread.
+        dev.log().write_delay = Duration::from_micros(300);
+        let probe = dev.clone();
+        let interval = 2 << 20;
+        let mut w = SlotWriter::new(&mut dev, 0, Sha256::new(), interval);
+        let img = image(len);
+        let mut checkpoints = Vec::new();
+        for chunk in img.chunks(70_000) {
+            w.write(chunk).unwrap();
+            if let Some(at) = w.take_checkpoint() {
+                let mut log = probe.log();
+                assert!(
+                    log.synced_to >= at,
+                    "checkpoint {at} reported with {} bytes written, {} synced",
+                    log.written_to,
+                    log.synced_to
+                );
+                assert!(at <= w.position());
+                log.calls.push(format!("checkpoint {at}"));
+                checkpoints.push(at);
+            }
+        }
+        let done = w.finish().unwrap();
+        assert_eq!(done.bytes, len);
+        let sha = hex::encode(Sha256::digest(&img));
+        assert_eq!(done.image_sha256.as_deref(), Some(sha.as_str()));
+        assert_eq!(done.read_back_sha256, sha);
+        assert!(checkpoints.len() >= 5, "{checkpoints:?}");
+        assert!(
+            checkpoints.windows(2).all(|p| p[0] < p[1]),
+            "{checkpoints:?}"
+        );
+        assert!(
+            checkpoints.iter().all(|at| at % interval == 0),
+            "{checkpoints:?}"
+        );
+        let log = probe.log();
+        assert_eq!(log.data, img);
+        // `finish` returned after the last write, its sync and the read-back of the tail.
+        let last_write = log
+            .calls
+            .iter()
+            .rposition(|c| c.starts_with("write"))
+            .unwrap();
+        let last_sync = log
+            .calls
+            .iter()
+            .rposition(|c| c.starts_with("sync "))
+            .unwrap();
+        assert_eq!(log.calls[last_sync], format!("sync {len}"));
+        assert!(last_write < last_sync);
+        assert!(
+            log.calls.last().unwrap().starts_with("read"),
+            "{:?}",
+            log.calls.last()
+        );
+    }
+
+    #[test]
+    fn dropping_the_writer_mid_install_waits_for_the_writer_thread() {
+        let mut dev = SharedSlot::new(8 << 20);
+        dev.log().write_delay = Duration::from_millis(30);
+        let probe = dev.clone();
+        let mut w = SlotWriter::new(&mut dev, 0, Sha256::new(), CHECKPOINT_INTERVAL);
+        // Returns while the writer thread writes the last full buffer.
+        w.write(&image(4 * WRITE_BUFFER as u64 + 1000)).unwrap();
+        assert!(probe.log().writes < 4, "the writer thread is not behind");
+        drop(w);
+        let (writes, calls) = {
+            let log = probe.log();
+            assert!(!log.writing, "a write still runs after the drop");
+            (log.writes, log.calls.len())
+        };
+        assert_eq!(
+            writes, 4,
+            "the handed-over buffers are written, the partial one is not"
+        );
+        assert_eq!(
+            Arc::strong_count(&probe.0),
+            2,
+            "the writer thread's handle outlived the drop"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            probe.log().calls.len(),
+            calls,
+            "device calls after the drop"
+        );
     }
 }
