@@ -79,6 +79,7 @@ pub use model::{
 };
 pub use version::HawkbitVersion;
 
+use axum::serve::ListenerExt;
 use model::{now_ms, Artifact, State};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -342,6 +343,12 @@ impl TestServer {
                             return;
                         }
                     };
+                    // As hawkBit's Tomcat does (tcpNoDelay is its default): with Nagle's
+                    // algorithm a response's body waits behind its headers for the client's
+                    // delayed ACK, 40 ms a request (each Range request of a delta install).
+                    let listener = listener.tap_io(|tcp| {
+                        let _ = tcp.set_nodelay(true);
+                    });
                     tokio::select! {
                         r = axum::serve(listener, app) => if let Err(e) = r { tracing::error!("test server: {e}") },
                         _ = stopped => {}

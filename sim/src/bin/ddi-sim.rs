@@ -2,6 +2,7 @@
 //! hawkBit), and a command-line client of its management API.
 
 use anyhow::{bail, Context, Result};
+use axum::serve::ListenerExt;
 use clap::{Parser, Subcommand};
 use ddi_sim::client::MgmtClient;
 use ddi_sim::model::{now_ms, parse_interval, ActionType, Assignment, MaintenanceWindow};
@@ -319,6 +320,10 @@ fn serve(args: ServeArgs) -> Result<()> {
             let mut out = std::io::stdout();
             let _ = out.write_all(banner.as_bytes()).and_then(|_| out.flush());
         }
+        // Nagle's algorithm off, as in hawkBit's Tomcat (see `ddi_sim::TestServer`).
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(listener, ddi_sim::router(shared))
             .with_graceful_shutdown(async {
                 let _ = tokio::signal::ctrl_c().await;
