@@ -429,12 +429,11 @@ pub fn write_delta(
         }
         Ok(())
     })();
-    if let Err(err) = streamed {
-        // The writer thread may have made a checkpoint durable that was not taken yet.
-        writer.settle();
-        record(&mut writer);
-        return Err(err);
-    }
+    // The writer thread may have made a checkpoint durable that was not taken yet: after an
+    // error here, or one of `finish` (the last sync, the read-back), a restart resumes from it.
+    writer.settle();
+    record(&mut writer);
+    streamed?;
     let mut rest = [0u8; 1];
     match stream.read(&mut rest) {
         Ok(0) => {}

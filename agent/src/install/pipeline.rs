@@ -597,8 +597,10 @@ fn copy_all<R: Read>(
         }
     };
     let copied = copy_to_slot(reader, writer, format, offset, record);
-    if copied.is_err() && record_resume {
-        // The writer thread may have made a checkpoint durable that was not taken yet.
+    if record_resume {
+        // The writer thread may have made a checkpoint durable that was not taken yet: after
+        // an error here, or one of `finish` (the last sync, the read-back), a restart resumes
+        // from it.
         writer.settle();
         record(writer);
     }
@@ -635,6 +637,7 @@ fn copy_to_slot<R: Read>(
         if spare.is_empty() {
             // The slot is full: one more byte is an image too large for it.
             let mut probe = [0u8; 1];
+            writer.check_usable()?;
             return match reader.read(&mut probe) {
                 Ok(0) => Ok(()),
                 Ok(_) => writer.write(&probe),

@@ -503,6 +503,9 @@ pub struct SlotWriter<'a> {
     read_back_done: Arc<AtomicU64>,
     /// This thread's share of the timeline (`write`).
     times: SlotTimes,
+    /// A write, sync or hand-over failed: the device's state past the last checkpoint is
+    /// unknown, so nothing more is taken (a retried write could land at the wrong offset).
+    failed: bool,
 }
 
 /// Where full buffers go.
@@ -557,7 +560,18 @@ impl<'a> SlotWriter<'a> {
             reported: start,
             read_back_done,
             times: SlotTimes::default(),
+            failed: false,
         }
+    }
+
+    /// The error for every call after a failed write: the first error was returned already.
+    fn refuse_after_failure(&self) -> Result<(), InstallError> {
+        if self.failed {
+            return Err(InstallError::Internal(
+                "the slot writer stopped after an error".into(),
+            ));
+        }
+        Ok(())
     }
 
     pub fn capacity(&self) -> u64 {
@@ -605,6 +619,7 @@ impl<'a> SlotWriter<'a> {
     }
 
     pub fn write(&mut self, mut data: &[u8]) -> Result<(), InstallError> {
+        self.refuse_after_failure()?;
         let end = self.position() + data.len() as u64;
         if end > self.dev.capacity() {
             // Stop at once: nothing of this chunk is written.
@@ -614,12 +629,6 @@ impl<'a> SlotWriter<'a> {
             hash.update(data);
         }
         while !data.is_empty() {
-            if self.buf.len() == 0 {
-                // A failed hand-over took the buffer along; its error was returned then.
-                return Err(InstallError::Internal(
-                    "the slot writer stopped after an error".into(),
-                ));
-            }
             let n = (self.buf.len() - self.filled).min(data.len());
             self.buf.as_mut_slice()[self.filled..self.filled + n].copy_from_slice(&data[..n]);
             self.filled += n;
@@ -633,8 +642,12 @@ impl<'a> SlotWriter<'a> {
 
     /// The free part of the write buffer, up to the slot's end: a reader (the channel, a
     /// decoder) fills it directly, without a copy buffer of its own, and [`SlotWriter::commit`]
-    /// takes what it filled. Empty only when the slot is full.
+    /// takes what it filled. Empty when the slot is full, or after a failed write (see
+    /// [`SlotWriter::check_usable`]).
     pub fn spare(&mut self) -> &mut [u8] {
+        if self.failed {
+            return &mut [];
+        }
         let room = self.dev.capacity().saturating_sub(self.position());
         let free = (self.buf.len() - self.filled).min(usize::try_from(room).unwrap_or(usize::MAX));
         &mut self.buf.as_mut_slice()[self.filled..self.filled + free]
@@ -642,6 +655,7 @@ impl<'a> SlotWriter<'a> {
 
     /// Take the first `n` bytes of [`SlotWriter::spare`] as the next image bytes.
     pub fn commit(&mut self, n: usize) -> Result<(), InstallError> {
+        self.refuse_after_failure()?;
         let free = self.buf.len() - self.filled;
         assert!(
             n <= free,
@@ -664,6 +678,12 @@ impl<'a> SlotWriter<'a> {
         if self.filled == 0 {
             return Ok(());
         }
+        let flushed = self.flush_filled();
+        self.failed |= flushed.is_err();
+        flushed
+    }
+
+    fn flush_filled(&mut self) -> Result<(), InstallError> {
         let filled = self.filled;
         let began = Instant::now();
         match &mut self.flush {
@@ -681,6 +701,12 @@ impl<'a> SlotWriter<'a> {
         self.offset += filled as u64;
         self.filled = 0;
         Ok(())
+    }
+
+    /// An error when an earlier write failed: for a caller that found [`SlotWriter::spare`]
+    /// empty and must tell a full slot from a stopped writer.
+    pub fn check_usable(&self) -> Result<(), InstallError> {
+        self.refuse_after_failure()
     }
 
     /// Image bytes already read back from the device.
@@ -720,6 +746,7 @@ impl<'a> SlotWriter<'a> {
     /// Write the rest, make everything durable, read back what was not read back yet; returns
     /// once all of it is done (and the writer thread has ended).
     pub fn finish(mut self) -> Result<Written, InstallError> {
+        self.refuse_after_failure()?;
         let end = self.position();
         let filled = std::mem::take(&mut self.filled);
         let began = Instant::now();
@@ -1536,6 +1563,10 @@ mod writer_thread_tests {
         synced_to: u64,
         /// Writes that end past this offset fail with EIO.
         fail_from: Option<u64>,
+        /// Every sync (waited `sync_range`, `sync_data`) fails with EIO.
+        fail_syncs: bool,
+        /// No second handle: the slot writer writes on the install thread.
+        inline: bool,
         /// Each write takes this long (a slow device), outside the lock.
         write_delay: Duration,
         /// A write is in progress.
@@ -1603,6 +1634,9 @@ mod writer_thread_tests {
         }
         fn sync_range(&mut self, offset: u64, len: u64, wait: bool) -> io::Result<()> {
             let mut log = self.log();
+            if wait && log.fail_syncs {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
             if wait {
                 assert!(offset + len <= log.written_to, "waited for unwritten bytes");
                 log.reached_to = log.reached_to.max(offset + len);
@@ -1612,6 +1646,9 @@ mod writer_thread_tests {
         }
         fn sync_data(&mut self) -> io::Result<()> {
             let mut log = self.log();
+            if log.fail_syncs {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
             log.reached_to = log.written_to;
             log.synced_to = log.written_to;
             let call = format!("sync {}", log.written_to);
@@ -1619,6 +1656,9 @@ mod writer_thread_tests {
             Ok(())
         }
         fn writer(&self) -> Option<Box<dyn SlotDevice>> {
+            if self.log().inline {
+                return None;
+            }
             Some(Box::new(self.clone()))
         }
     }
@@ -1674,6 +1714,42 @@ mod writer_thread_tests {
             .last()
             .unwrap()
             .starts_with(&format!("write {fail_at}+")));
+    }
+
+    #[test]
+    fn after_a_failed_sync_the_writer_takes_nothing_more_on_either_path() {
+        for inline in [false, true] {
+            let mut dev = SharedSlot::new(32 << 20);
+            dev.log().fail_syncs = true;
+            dev.log().inline = inline;
+            let probe = dev.clone();
+            let mut w = SlotWriter::new(&mut dev, 0, Sha256::new(), CHECKPOINT_INTERVAL);
+            let img = image(32 << 20);
+            let err = img
+                .chunks(100_000)
+                .find_map(|chunk| w.write(chunk).err())
+                .expect("the failed sync was not reported");
+            assert!(
+                matches!(&err, InstallError::SlotIo { op: "sync", .. }),
+                "inline {inline}: {err}"
+            );
+            // Settle: the writer thread has nothing left in flight.
+            w.settle();
+            let writes = probe.log().writes;
+            // Every way in refuses: a retried write could land anywhere, the caller must stop.
+            assert!(w.write(&[1; 10]).is_err(), "inline {inline}");
+            assert!(w.spare().is_empty(), "inline {inline}");
+            assert!(w.check_usable().is_err(), "inline {inline}");
+            assert!(w.commit(0).is_err(), "inline {inline}");
+            assert!(w.take_checkpoint().is_none(), "inline {inline}");
+            assert!(w.finish().is_err(), "inline {inline}");
+            let log = probe.log();
+            assert_eq!(
+                log.writes, writes,
+                "inline {inline}: wrote after the failure"
+            );
+            assert_eq!(log.synced_to, 0, "inline {inline}");
+        }
     }
 
     #[test]
