@@ -503,19 +503,29 @@ fn decompress_prefixed(
     out: &mut [u8],
 ) -> Result<usize, String> {
     // SAFETY: `ZSTD_DCtx_refPrefix` keeps a pointer to the prefix, not a copy. The context
-    // reads it only in the `decompress` below and forgets it in the reset that follows, both
-    // within this call, while `prefix` is borrowed; should the reset fail, the context is
-    // dropped instead (freeing a context does not read the prefix).
+    // reads it only in the `decompress` below and forgets it when `forget` resets it, before
+    // this call returns or unwinds, while `prefix` is borrowed; should the reset fail, the
+    // context is replaced instead (freeing a context does not read the prefix).
     let prefix: &'static [u8] =
         unsafe { std::slice::from_raw_parts(prefix.as_ptr(), prefix.len()) };
-    let got = decoder
+    let forget = ForgetPrefix(decoder);
+    forget
+        .0
         .ref_prefix(prefix)
         .map_err(zstd_error)
-        .and_then(|_| decompress_exact(decoder, frame, want, out));
-    if decoder.reset(ResetDirective::SessionAndParameters).is_err() {
-        *decoder = DCtx::create();
+        .and_then(|_| decompress_exact(forget.0, frame, want, out))
+}
+
+/// Resets a context when dropped, so the prefix it references never outlives the call that
+/// lent it, not even when a panic unwinds through it.
+struct ForgetPrefix<'d>(&'d mut DCtx<'static>);
+
+impl Drop for ForgetPrefix<'_> {
+    fn drop(&mut self) {
+        if self.0.reset(ResetDirective::SessionAndParameters).is_err() {
+            *self.0 = DCtx::create();
+        }
     }
-    got
 }
 
 /// The C library's code for a failed call's result.
