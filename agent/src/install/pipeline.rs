@@ -407,7 +407,10 @@ pub fn finish(
     let bytes = written.bytes;
     counters.verify_done.store(bytes, Ordering::Relaxed);
     let image_sha256 = match (written.image_sha256, artifact_sha256) {
-        (Some(hash), _) | (None, Some(hash)) => hash,
+        (Some(hash), _) => hash,
+        // Lowercase, as the hashes computed here: a signed manifest may spell its hash in
+        // capitals, and the read-back is compared with it below.
+        (None, Some(hash)) => hash.to_ascii_lowercase(),
         (None, None) => return Err(InstallError::Internal("nothing hashed the image".into())),
     };
     if let Some(signed) = signed {

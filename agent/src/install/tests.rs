@@ -2001,6 +2001,10 @@ async fn a_delta_install_checks_the_read_back_against_the_signed_image_hash() {
     let (result, dev) = delta_without_seed(&bundle, sha256_hex(&img), slot()).await;
     assert_eq!(result.unwrap().sha256_of_slot_image, sha256_hex(&img));
     assert_eq!(&dev.data[..img.len()], &img[..]);
+    // A manifest may give the hash in capitals (any 64 hex digits): the same image.
+    let upper = sha256_hex(&img).to_ascii_uppercase();
+    let (result, _) = delta_without_seed(&bundle, upper, slot()).await;
+    assert_eq!(result.unwrap().sha256_of_slot_image, sha256_hex(&img));
 
     let (result, _) = delta_without_seed(&bundle, sha256_hex(&img), FlippingSlot(slot())).await;
     let mut bad = img.clone();
