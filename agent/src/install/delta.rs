@@ -7,7 +7,7 @@
 //!  async: Range GET per range, resumed after faults ─► channel ─► blocking: for every chunk in
 //!         order: frame from the stream, or bytes from the seed (checked again), or one Range
 //!         request for a seed chunk that no longer matches ─► sha256 against the signed index
-//!         ─► slot writer ─► whole-image sha256 against the signed one, read back
+//!         ─► slot writer ─► read back: its sha256 against the signed image hash
 //! ```
 //!
 //! Only for bundles whose signature a trusted key verifies (the chunk index is trusted through
@@ -332,6 +332,7 @@ pub fn write_delta(
     }
     let mut stream = pipeline::channel_reader(rx, counters);
     let mut writer = SlotWriter::new(dev, job.resume_at, prefix_hash, job.checkpoint_interval);
+    chunked::leave_hash_to_read_back(&mut writer);
     writer.expect_size(signed.image_size)?;
     let offset = || counters.consumed.load(Ordering::Relaxed);
     let mut frame = Vec::new();
@@ -444,7 +445,14 @@ pub fn write_delta(
         }
         Err(e) => return Err(decode::read_error(e, Format::ZstdChunks, offset())),
     }
-    pipeline::finish(writer, counters, None, Some(&signed.image_sha256), began)
+    let image_sha256 = Some(signed.image_sha256.clone());
+    pipeline::finish(
+        writer,
+        counters,
+        image_sha256,
+        Some(&signed.image_sha256),
+        began,
+    )
 }
 
 fn prefix_mismatch(slot: &Path, resume_at: u64, chunk: usize, offset: u64) -> InstallError {

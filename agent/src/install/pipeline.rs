@@ -366,19 +366,23 @@ pub fn run(
             actual,
         });
     }
-    // Without the writer's hash the image is the artifact itself, hashed with sha256 above.
+    // Without the writer's hash the image is the artifact itself, hashed with sha256 above,
+    // or a chunked bundle's image, whose hash is the signed one (see `chunked`).
+    let image_sha256 = signed_image_sha256.clone().unwrap_or(actual);
     finish(
         writer,
         counters,
-        Some(actual),
+        Some(image_sha256),
         signed_image_sha256.as_deref(),
         began,
     )
 }
 
 /// Sync the slot, read back what was not read back yet, and check the image: its sha256 is the
-/// writer's (or `artifact_sha256` when the writer left it to the caller), equal to `signed`
-/// (a chunked bundle's signed image hash) when given, and equal to what was read back.
+/// writer's (or `artifact_sha256` when the writer left it to the caller: the artifact's sha256
+/// of a raw image, the signed image hash of a chunked bundle's verified chunks), equal to
+/// `signed` (a chunked bundle's signed image hash) when given, and equal to what was read
+/// back.
 pub fn finish(
     writer: SlotWriter<'_>,
     counters: &Counters,
@@ -403,7 +407,10 @@ pub fn finish(
     let bytes = written.bytes;
     counters.verify_done.store(bytes, Ordering::Relaxed);
     let image_sha256 = match (written.image_sha256, artifact_sha256) {
-        (Some(hash), _) | (None, Some(hash)) => hash,
+        (Some(hash), _) => hash,
+        // Lowercase, as the hashes computed here: a signed manifest may spell its hash in
+        // capitals, and the read-back is compared with it below.
+        (None, Some(hash)) => hash.to_ascii_lowercase(),
         (None, None) => return Err(InstallError::Internal("nothing hashed the image".into())),
     };
     if let Some(signed) = signed {
@@ -485,6 +492,7 @@ fn write_image<R: Read>(
         None => (Box::new(hashing), None),
     };
     if let Some(signed) = signed_chunks {
+        chunked::leave_hash_to_read_back(writer);
         chunked::write_chunks(&mut reader, &signed.index, signed.history, writer, &offset)?;
         // The member's signed size and sha256 were checked by the read that completed it;
         // this reads the end of the archive.

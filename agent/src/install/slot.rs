@@ -736,9 +736,11 @@ impl<'a> SlotWriter<'a> {
         }
     }
 
-    /// Stop hashing the image: the caller already computes the sha256 of exactly the bytes it
-    /// writes (a raw image whose artifact hash is sha256), and hashing them twice costs ~0.5 s
-    /// of CPU per GiB. [`SlotWriter::finish`] then returns no image hash.
+    /// Stop hashing the image: the caller already knows the sha256 of exactly the bytes it
+    /// writes (a raw image whose artifact hash is sha256; a chunked image of verified chunks,
+    /// whose hash is the signed one), and hashing them twice costs ~0.5 s of CPU per GiB.
+    /// [`SlotWriter::finish`] then returns no image hash (the read-back hash still covers
+    /// everything, a resumed prefix included).
     pub fn leave_hash_to_caller(&mut self) {
         self.image_hash = None;
     }

@@ -1043,6 +1043,21 @@ fn run_pipeline_with_policy(
     capacity: usize,
     bundle: Option<BundlePolicy>,
 ) -> (Result<Installed, InstallError>, Vec<u8>) {
+    let mut dev = FailingSlot {
+        data: vec![FILL; capacity],
+        fail_from: u64::MAX,
+    };
+    let result = run_pipeline_on(artifact, chunk_sizes, bundle, &mut dev);
+    (result, dev.data)
+}
+
+/// The blocking stage on `artifact`, sent in chunks of the given sizes (cycled), onto `dev`.
+fn run_pipeline_on(
+    artifact: &[u8],
+    chunk_sizes: &[usize],
+    bundle: Option<BundlePolicy>,
+    dev: &mut dyn slot::SlotDevice,
+) -> Result<Installed, InstallError> {
     let plan = pipeline::SinkPlan {
         url: "http://127.0.0.1/x".into(),
         algorithm: hash::HashAlgorithm::Sha256,
@@ -1069,12 +1084,7 @@ fn run_pipeline_with_policy(
     }
     tx.try_send(pipeline::Chunk::End).unwrap();
     let counters = pipeline::Counters::new(0, Some(artifact.len() as u64));
-    let mut dev = FailingSlot {
-        data: vec![FILL; capacity],
-        fail_from: u64::MAX,
-    };
-    let result = pipeline::run(&plan, &mut dev, rx.into(), &counters);
-    (result, dev.data)
+    pipeline::run(&plan, dev, rx.into(), &counters)
 }
 
 /// A slot that reads back one byte different from what was written (a bad medium).
@@ -1105,35 +1115,26 @@ impl slot::SlotDevice for FlippingSlot {
     }
 }
 
+/// The blocking stage on `artifact`, all of it in the channel at once, onto `dev`.
+fn run_whole(
+    artifact: &[u8],
+    bundle: Option<BundlePolicy>,
+    dev: &mut dyn slot::SlotDevice,
+) -> Result<Installed, InstallError> {
+    run_pipeline_on(artifact, &[artifact.len()], bundle, dev)
+}
+
 /// The read-back is compared with the sha256 of the bytes written, whether the writer hashed
 /// them (gzip, tar) or the artifact hash stands for them (raw image with a sha256).
 #[test]
 fn read_back_mismatch_is_detected_for_every_format() {
     let img = image(200_000, 23);
     for artifact in [img.clone(), gzip(&img), tar_of(&[("rootfs.img", &img)])] {
-        let plan = pipeline::SinkPlan {
-            url: "http://127.0.0.1/x".into(),
-            algorithm: hash::HashAlgorithm::Sha256,
-            expected: sha256_hex(&artifact),
-            size: Some(artifact.len() as u64),
-            start: 0,
-            resume_path: PathBuf::from("/nonexistent/resume.json"),
-            archive_member: None,
-            bundle: None,
-            checkpoint_interval: 64 << 20,
-        };
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tx.try_send(pipeline::Chunk::Data(bytes::Bytes::copy_from_slice(
-            &artifact,
-        )))
-        .unwrap();
-        tx.try_send(pipeline::Chunk::End).unwrap();
-        let counters = pipeline::Counters::new(0, Some(artifact.len() as u64));
         let mut dev = FlippingSlot(FailingSlot {
             data: vec![FILL; 256 << 10],
             fail_from: u64::MAX,
         });
-        let err = pipeline::run(&plan, &mut dev, rx.into(), &counters).unwrap_err();
+        let err = run_whole(&artifact, None, &mut dev).unwrap_err();
         match err {
             InstallError::ReadBackMismatch { written, read, .. } => {
                 assert_eq!(written, sha256_hex(&img));
@@ -1763,6 +1764,30 @@ async fn seed_chunks_changed_around_a_good_one_are_taken_from_the_right_place() 
 /// Installs a delta whose seed chunks `changed` no longer match after the scan; asserts the
 /// signed image lands and one Range request fetched the replacements (answered with the whole
 /// artifact when `range_ignored`).
+/// A delta job from byte 0 of the artifact `spec` names (also for its side fetches).
+fn delta_job(
+    signed: delta::SignedBundle,
+    ranges: Vec<ddi_bundle::FetchRange>,
+    spec: source::SourceSpec,
+    resume_path: PathBuf,
+) -> delta::DeltaJob {
+    delta::DeltaJob {
+        signed: Arc::new(signed),
+        ranges,
+        resume_at: 0,
+        checkpoint_interval: slot::CHECKPOINT_INTERVAL,
+        url: spec.url.clone(),
+        resume_path,
+        expected_hash: String::new(),
+        artifact_size: spec.size,
+        side: delta::SideFetch {
+            runtime: tokio::runtime::Handle::current(),
+            client: reqwest::Client::new(),
+            spec,
+        },
+    }
+}
+
 async fn seed_changed_after_the_scan(changed_chunks: &[usize], range_ignored: bool) {
     let old = chunky_image(300_000, 60);
     let mut new = old.clone();
@@ -1819,21 +1844,12 @@ async fn seed_changed_after_the_scan(changed_chunks: &[usize], range_ignored: bo
         probe_bytes: 0,
     };
     let first_planned = plan.ranges[0].first;
-    let job = delta::DeltaJob {
-        signed: Arc::new(signed),
-        ranges: plan.ranges,
-        resume_at: 0,
-        checkpoint_interval: slot::CHECKPOINT_INTERVAL,
-        url: server.url.clone(),
-        resume_path: dir.path().join("download.resume"),
-        expected_hash: String::new(),
-        artifact_size: Some(bundle.len() as u64),
-        side: delta::SideFetch {
-            runtime: tokio::runtime::Handle::current(),
-            client: reqwest::Client::new(),
-            spec,
-        },
-    };
+    let job = delta_job(
+        signed,
+        plan.ranges,
+        spec,
+        dir.path().join("download.resume"),
+    );
     let mountinfo = dir.path().join("no-mountinfo");
     let written_to = slot_path.clone();
     let installed = tokio::task::spawn_blocking(move || {
@@ -1853,6 +1869,170 @@ async fn seed_changed_after_the_scan(changed_chunks: &[usize], range_ignored: bo
     assert!(first_planned > 0);
     let answered = server.sim.download_log()[0].status;
     assert_eq!(answered, if range_ignored { 200 } else { 206 });
+}
+
+/// A sink that keeps nothing (as the dry run's): nothing is read back.
+struct KeepsNothing(u64);
+
+impl slot::SlotDevice for KeepsNothing {
+    fn path(&self) -> &Path {
+        Path::new("dry-run")
+    }
+    fn capacity(&self) -> u64 {
+        self.0
+    }
+    fn write_all_at(&mut self, _: u64, _: &[u8]) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn read_at(&mut self, _: u64, _: &mut [u8]) -> std::io::Result<usize> {
+        unreachable!("nothing is read back from a sink that keeps nothing")
+    }
+    fn sync_range(&mut self, _: u64, _: u64, _: bool) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn sync_data(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn keeps_data(&self) -> bool {
+        false
+    }
+}
+
+/// The image of a chunked bundle is the signed hash's only through the read-back (the slot
+/// writer does not hash it again): a device that returns other bytes fails the install with
+/// the read-back mismatch, the signed hash as what was written.
+#[test]
+fn a_chunked_image_read_back_wrong_is_refused() {
+    let img = chunky_image(300_000, 52);
+    let (bundle, policy, _keys) = chunked_bundle(&img);
+    let mut dev = FlippingSlot(FailingSlot {
+        data: vec![FILL; 512 << 10],
+        fail_from: u64::MAX,
+    });
+    let err = run_whole(&bundle, Some(policy), &mut dev).unwrap_err();
+    let mut bad = img.clone();
+    bad[100] ^= 1;
+    match err {
+        InstallError::ReadBackMismatch { written, read, .. } => {
+            assert_eq!(written, sha256_hex(&img));
+            assert_eq!(read, sha256_hex(&bad));
+        }
+        other => panic!("unexpected {other}"),
+    }
+    // The slot itself holds the image: only the read-back was wrong.
+    assert_eq!(&dev.0.data[..img.len()], &img[..]);
+}
+
+/// A dry run of a chunked bundle reads nothing back, so there the writer still hashes the
+/// chunks and reports the sha256 the slot would hold.
+#[test]
+fn a_dry_run_of_a_chunked_bundle_still_hashes_the_image() {
+    let img = chunky_image(300_000, 53);
+    let (bundle, policy, _keys) = chunked_bundle(&img);
+    let installed =
+        run_whole(&bundle, Some(policy), &mut KeepsNothing(512 << 10)).expect("the dry run");
+    assert_eq!(installed.sha256_of_slot_image, sha256_hex(&img));
+}
+
+/// [`delta::write_delta`] of `bundle` (a chunked bundle of `img`) without a seed, every chunk
+/// downloaded, onto `dev`, with `signed_sha256` as the signed image hash.
+async fn delta_without_seed<D: slot::SlotDevice + 'static>(
+    bundle: &[u8],
+    signed_sha256: String,
+    mut dev: D,
+) -> (Result<Installed, InstallError>, D) {
+    let read = ddi_bundle::read_unverified(bundle).unwrap();
+    let index = read.index.unwrap();
+    let base = read.data_offset;
+    let plan = delta::plan(&index, None, 0);
+    let (tx, rx) = pipeline::channel(1024, 4 << 20);
+    for r in &plan.ranges {
+        let bytes = &bundle[(base + r.start) as usize..(base + r.end) as usize];
+        assert!(tx.send_data(bytes::Bytes::copy_from_slice(bytes)).await);
+    }
+    tx.send_end().await;
+    let dir = tempfile::tempdir().unwrap();
+    let signed = delta::SignedBundle {
+        image_size: index.raw_size(),
+        index,
+        params: ddi_bundle::ChunkerParams::with_average(4096),
+        image_sha256: signed_sha256,
+        history: read.manifest.chunked.as_ref().unwrap().history.unwrap_or(0),
+        data_offset: base,
+        probe_bytes: 0,
+    };
+    let spec = source::SourceSpec {
+        url: "http://127.0.0.1:9/unused".into(),
+        auth_header: None,
+        size: Some(bundle.len() as u64),
+        max_rate: None,
+        retry: RetryPolicy::default(),
+        stall_timeout: Duration::from_secs(10),
+        requests: source::RequestBudget::default(),
+    };
+    let job = delta_job(
+        signed,
+        plan.ranges,
+        spec,
+        dir.path().join("download.resume"),
+    );
+    tokio::task::spawn_blocking(move || {
+        let counters = pipeline::Counters::new(0, None);
+        let result = delta::write_delta(&job, &mut dev, rx, &counters, None);
+        (result, dev)
+    })
+    .await
+    .unwrap()
+}
+
+/// The delta path compares the read-back with the signed image hash too: a device that returns
+/// other bytes, and chunks that are each the signed ones but do not make the signed image (a
+/// signer's bug: both are under one signature), fail the install; a dry run (nothing read
+/// back) still catches the latter through the writer's own hash.
+#[tokio::test]
+async fn a_delta_install_checks_the_read_back_against_the_signed_image_hash() {
+    let img = chunky_image(300_000, 54);
+    let (bundle, _policy, _keys) = chunked_bundle(&img);
+    let slot = || FailingSlot {
+        data: vec![FILL; 512 << 10],
+        fail_from: u64::MAX,
+    };
+
+    let (result, dev) = delta_without_seed(&bundle, sha256_hex(&img), slot()).await;
+    assert_eq!(result.unwrap().sha256_of_slot_image, sha256_hex(&img));
+    assert_eq!(&dev.data[..img.len()], &img[..]);
+    // A manifest may give the hash in capitals (any 64 hex digits): the same image.
+    let upper = sha256_hex(&img).to_ascii_uppercase();
+    let (result, _) = delta_without_seed(&bundle, upper, slot()).await;
+    assert_eq!(result.unwrap().sha256_of_slot_image, sha256_hex(&img));
+
+    let (result, _) = delta_without_seed(&bundle, sha256_hex(&img), FlippingSlot(slot())).await;
+    let mut bad = img.clone();
+    bad[100] ^= 1;
+    match result.unwrap_err() {
+        InstallError::ReadBackMismatch { written, read, .. } => {
+            assert_eq!(written, sha256_hex(&img));
+            assert_eq!(read, sha256_hex(&bad));
+        }
+        other => panic!("unexpected {other}"),
+    }
+
+    let claimed = sha256_hex(b"not this image");
+    let (result, _) = delta_without_seed(&bundle, claimed.clone(), slot()).await;
+    match result.unwrap_err() {
+        InstallError::ReadBackMismatch { written, read, .. } => {
+            assert_eq!(written, claimed);
+            assert_eq!(read, sha256_hex(&img));
+        }
+        other => panic!("unexpected {other}"),
+    }
+
+    let (result, _) = delta_without_seed(&bundle, claimed, KeepsNothing(512 << 10)).await;
+    let err = result.unwrap_err();
+    assert!(
+        matches!(&err, InstallError::Signature(m) if m.contains("signed manifest says")),
+        "{err}"
+    );
 }
 
 /// A hostile server's manifest that claims a huge chunk index (not signed as such): the probe
