@@ -40,9 +40,11 @@ pub mod compress;
 pub mod decode;
 pub mod delta;
 pub mod error;
+pub mod gunzip;
 pub mod hash;
 pub mod pipeline;
 pub mod resume;
+pub mod sha256_state;
 pub mod slot;
 pub mod source;
 
