@@ -129,7 +129,7 @@ enum Stage {
 }
 
 /// Where a resumed decoder continues (from a resume record).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResumeAt {
     pub artifact_offset: u64,
     pub bits: u8,
@@ -478,7 +478,7 @@ impl<R: Read> Read for GzDecoder<R> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use flate2::write::GzEncoder;
     use flate2::{Compression, GzBuilder};
