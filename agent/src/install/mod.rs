@@ -25,13 +25,14 @@
 //! way above.
 //!
 //! Resume: within one run, network faults are resumed with Range requests; across restarts,
-//! raw images continue from the last durable checkpoint, delta installs from the chunk at it
-//! (see [`resume`]).
+//! raw images continue from the last durable checkpoint, plain gzip images from the last deflate
+//! block boundary before it ([`gunzip`]), delta installs from the chunk at it (see [`resume`]).
 //!
 //! Layout: [`source`] (download), [`pipeline`] (blocking stage), [`decode`] (format
-//! detection), [`compress`] (zstd and xz decoders), [`chunked`] (chunked bundles, formats 2
-//! and 3), [`delta`] (delta installs of them), [`archive`] (tar rules), [`slot`] (slot safety
-//! and writer), [`hash`], [`resume`], [`bundle`] (signed-bundle seam), [`error`].
+//! detection), [`gunzip`] (gzip with resume points), [`compress`] (zstd and xz decoders),
+//! [`chunked`] (chunked bundles, formats 2 and 3), [`delta`] (delta installs of them),
+//! [`archive`] (tar rules), [`slot`] (slot safety and writer), [`hash`], [`sha256_state`],
+//! [`resume`], [`bundle`] (signed-bundle seam), [`error`].
 
 pub mod archive;
 pub mod bundle;

@@ -16,9 +16,29 @@
 //! agent's back makes that install start over from byte 0, once
 //! ([`super::InstallError::ResumedPrefixMismatch`]).
 //!
-//! gzip, tar and tar.gz artifacts restart from the beginning after a restart: a deflate or
-//! tar reader's state cannot be rebuilt from the slot. (Within one run they resume after
-//! network faults like raw images: the decoder just waits for the next bytes.)
+//! **Plain gzip images** (format `gzip`; one gzip stream holding the image, artifact hash
+//! sha256): at a deflate block boundary the decoder's whole state is the last 32 KiB of output
+//! (on the slot) and a few input bits ([`super::gunzip`]). The record names the boundary (the
+//! artifact byte holding it and its unused bits, the slot offset, the CRC-32 so far), the
+//! artifact's sha256 state at that byte ([`Sha256State`]: those bytes are not on the slot to
+//! hash again) and the sha256 of the slot's bytes before the boundary as written. A boundary
+//! is recorded only once the slot writer reported a durable checkpoint at or after it, so the
+//! record never names bytes a power cut could lose. A restart reads the slot's prefix back: a
+//! different sha256 drops the record and starts over from byte 0; else its last 32 KiB become
+//! the deflate dictionary, the unused bits are primed, and the download continues with a Range
+//! request from the boundary's byte. The final checks (artifact sha256, CRC-32 and ISIZE,
+//! whole-image read-back) are unchanged, so a record tampered with either does not fit or fails
+//! the install; it cannot make a wrong image pass.
+//!
+//! Everything else restarts from the beginning after a restart: a tar (also in gzip) because a
+//! tar reader's state cannot be rebuilt from the slot; zstd and xz because their libraries'
+//! public APIs cannot restart a decoder in the middle of a frame (zstd) or block (xz); sha1
+//! and md5 artifact hashes because only a sha256 state is saved; signed bundles other than
+//! delta installs. (Within one run they resume after network faults like raw images: the
+//! decoder just waits for the next bytes.)
+//!
+//! Agents from before a format was added match records by `format` and start over on one
+//! they do not know (and remove it), so `version` stays 1.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
