@@ -71,9 +71,14 @@ impl Inflater {
         unsafe { &mut *(&mut self.stream as *mut InflateStream<'static>).cast::<z_stream>() }
     }
 
-    /// One `inflate(Z_BLOCK)`: returns the code, input bytes consumed, output bytes produced
-    /// and `data_type`.
-    fn run(&mut self, input: &[u8], output: &mut [u8]) -> (ReturnCode, usize, usize, i32) {
+    /// One `inflate`: returns the code, input bytes consumed, output bytes produced and
+    /// `data_type`. `InflateFlush::Block` stops at the next block boundary.
+    fn run(
+        &mut self,
+        input: &[u8],
+        output: &mut [u8],
+        flush: InflateFlush,
+    ) -> (ReturnCode, usize, usize, i32) {
         let avail_in = input.len().min(u32::MAX as usize);
         let avail_out = output.len().min(u32::MAX as usize);
         {
@@ -84,7 +89,7 @@ impl Inflater {
             z.avail_out = avail_out as u32;
         }
         // SAFETY: the pointers set above are valid for the lengths given, for this call.
-        let ret = unsafe { inflate::inflate(&mut self.stream, InflateFlush::Block) };
+        let ret = unsafe { inflate::inflate(&mut self.stream, flush) };
         let z = self.z();
         let consumed = avail_in - z.avail_in as usize;
         let produced = avail_out - z.avail_out as usize;
@@ -159,6 +164,8 @@ pub struct GzDecoder<R> {
     out: u64,
     member: u32,
     boundary: Option<Boundary>,
+    /// Stop at block boundaries once the output reaches this offset.
+    boundaries_from: u64,
 }
 
 fn corrupt(what: &str) -> io::Error {
@@ -185,6 +192,7 @@ impl<R: Read> GzDecoder<R> {
             out: 0,
             member: 0,
             boundary: None,
+            boundaries_from: 0,
         }
     }
 
@@ -217,6 +225,13 @@ impl<R: Read> GzDecoder<R> {
     /// Output bytes so far (including a resumed prefix).
     pub fn output_offset(&self) -> u64 {
         self.out
+    }
+
+    /// Look for block boundaries only from output offset `out` on (from 0 by default). Stopping
+    /// at every block costs ~5% more CPU (zlib-rs then copies all output into its window),
+    /// so a caller that wants a boundary per MiB asks for the next one when it needs it.
+    pub fn boundaries_from(&mut self, out: u64) {
+        self.boundaries_from = out;
     }
 
     /// The boundary the last `read` stopped at (its output ends there), if any.
@@ -374,8 +389,13 @@ impl<R: Read> GzDecoder<R> {
                     "gzip stream cut short in its deflate data",
                 ));
             }
+            let flush = if self.member == 0 && self.out >= self.boundaries_from {
+                InflateFlush::Block
+            } else {
+                InflateFlush::NoFlush
+            };
             let (ret, consumed, produced, data_type) =
-                self.inflater.run(&self.buf[self.pos..self.len], out);
+                self.inflater.run(&self.buf[self.pos..self.len], out, flush);
             self.pos += consumed;
             if produced > 0 {
                 self.crc = zlib_rs::crc32::crc32(self.crc, &out[..produced]);

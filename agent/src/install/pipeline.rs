@@ -794,7 +794,8 @@ fn copy_gzip<R: Read>(
     // A few points per checkpoint interval are plenty: one just before the checkpoint counts.
     let spacing = (plan.checkpoint_interval / 16).max(1 << 20);
     let mut pending = VecDeque::new();
-    let mut next_at = 0u64;
+    let mut next_at = decoder.output_offset().saturating_add(spacing);
+    decoder.boundaries_from(next_at);
     let copied = copy_to_slot(decoder, writer, Format::Gzip, offset, |writer, decoder| {
         if let Some(boundary) = decoder.take_boundary() {
             // The writer's hash covers exactly the output before the boundary.
@@ -803,6 +804,7 @@ fn copy_gzip<R: Read>(
                 image_hash.filter(|_| boundary.out == writer.position() && boundary.out >= next_at)
             {
                 next_at = boundary.out.saturating_add(spacing);
+                decoder.boundaries_from(next_at);
                 if pending.len() == MAX_PENDING_POINTS {
                     pending.pop_front();
                 }
