@@ -128,6 +128,27 @@ impl Rig {
         );
     }
 
+    /// Runs `ddi-agent once` (the rig's agent) and kills it (-9) as soon as it wrote a
+    /// download resume record; returns the record.
+    pub fn kill_at_the_first_resume_record(&self) -> serde_json::Value {
+        let record_path = self.dev.state_dir().join("download.resume");
+        let mut agent = crate::harness::Background::spawn(self.command(&["once"])).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !record_path.exists() {
+            assert!(
+                agent.try_exit().unwrap().is_none(),
+                "agent finished before a checkpoint"
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no resume record appeared"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        agent.stop().unwrap(); // kill -9
+        serde_json::from_slice(&std::fs::read(&record_path).unwrap()).unwrap()
+    }
+
     /// A variable of the device's U-Boot environment.
     pub fn env(&self, name: &str) -> Option<String> {
         self.dev.env_map().unwrap().get(name).cloned()

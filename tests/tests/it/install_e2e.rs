@@ -63,28 +63,6 @@ impl Rig {
         codes
     }
 
-    /// Run `ddi-agent once`, kill -9 it as soon as it wrote a resume record; the record.
-    fn kill_at_the_first_resume_record(&self) -> serde_json::Value {
-        let record_path = self.dev.state_dir().join("download.resume");
-        let mut cmd = self.dev.agent_command();
-        cmd.arg("once");
-        let mut agent = ddi_tests::harness::Background::spawn(cmd).unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while !record_path.exists() {
-            assert!(
-                agent.try_exit().unwrap().is_none(),
-                "agent finished before a checkpoint"
-            );
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no resume record appeared"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        agent.stop().unwrap(); // kill -9
-        serde_json::from_slice(&std::fs::read(&record_path).unwrap()).unwrap()
-    }
-
     /// The run after the kill resumes; the update ends installed, without a record.
     fn resume_to_the_end(&self, action: u64, image: &[u8]) {
         let out = self.dev.agent_once(AGENT_TIMEOUT).unwrap();
@@ -356,15 +334,7 @@ fn a_gzip_image_resumes_after_kill_and_power_cut_from_a_block_boundary() {
         o.max_download_rate = Some("10M".into());
     });
     let image = Image::good("2.9", 20 << 20);
-    // As Yocto compresses images (`gzip -9`, or pigz): deflate blocks every few dozen KiB.
-    // (zlib-rs's and zlib-ng's level 1, `Image::gzip`, may write one block for all of this
-    // incompressible image: no boundary to resume from.)
-    let gz = {
-        use std::io::Write;
-        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-        e.write_all(&image.bytes).unwrap();
-        e.finish().unwrap()
-    };
+    let gz = image.gzip_best();
     let action = rig.deploy("2.9", "os.img.gz", gz.clone());
 
     let record = rig.kill_at_the_first_resume_record();
