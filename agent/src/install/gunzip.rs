@@ -54,10 +54,6 @@ struct Inflater {
     stream: InflateStream<'static>,
 }
 
-// SAFETY: the stream owns its state (allocated with the Rust allocator) and holds no pointer
-// to caller memory between calls (`run` clears them).
-unsafe impl Send for Inflater {}
-
 impl Inflater {
     fn new() -> Self {
         Inflater {

@@ -362,6 +362,44 @@ fn a_gzip_image_resumes_after_kill_and_power_cut_from_a_block_boundary() {
     assert!(served < gz.len() as u64 / 3, "{served} of {}", gz.len());
 }
 
+/// A gzip image killed at its first and again at a later resume record: the second run
+/// resumes from the first record and writes its own (its artifact hash continued from the
+/// saved state), the third resumes from that; the image ends intact and each run downloads
+/// only from its resume point on.
+#[test]
+fn a_gzip_image_resumes_twice() {
+    let rig = Rig::new(|o| {
+        o.slot_size = 40 << 20;
+        o.max_download_rate = Some("12M".into());
+    });
+    let image = Image::good("3.3", 36 << 20);
+    let gz = image.gzip_best();
+    let action = rig.deploy("3.3", "os.img.gz", gz.clone());
+    let first = rig.kill_at_the_first_resume_record();
+    assert_eq!(first["format"], "gzip", "{first}");
+    let log_len = || rig.server.download_log().len();
+    let before_second = log_len();
+    let second =
+        rig.kill_at_a_resume_record(|r| r["slot_offset"].as_u64() > first["slot_offset"].as_u64());
+    assert_eq!(second["format"], "gzip", "{second}");
+    assert_eq!(rig.dev.reboot().unwrap(), Slot::A); // a power cut on top
+    let before_third = log_len();
+    rig.resume_to_the_end(action, &image.bytes);
+    let log = rig.server.download_log();
+    let range_of = |i: usize| log[i].range.clone();
+    assert_eq!(
+        range_of(before_second),
+        Some(format!("bytes={}-", first["artifact_offset"])),
+        "{log:#?}"
+    );
+    assert_eq!(
+        range_of(before_third),
+        Some(format!("bytes={}-", second["artifact_offset"])),
+        "{log:#?}"
+    );
+    assert_eq!(log.len(), before_third + 1, "{log:#?}");
+}
+
 #[test]
 fn download_rate_is_limited() {
     let rig = Rig::new(|o| o.max_download_rate = Some("1M".into()));
