@@ -148,6 +148,7 @@ pub async fn check(
         archive_member: None,
         bundle: req.bundle.clone(),
         checkpoint_interval: u64::MAX,
+        gzip_resume: None,
     };
     let mut sink_slot = DiscardSlot {
         path: req.slot_path.clone(),

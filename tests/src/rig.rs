@@ -128,6 +128,44 @@ impl Rig {
         );
     }
 
+    /// Runs `ddi-agent once` (the rig's agent) and kills it (-9) as soon as it wrote a
+    /// download resume record; returns the record.
+    pub fn kill_at_the_first_resume_record(&self) -> serde_json::Value {
+        self.kill_at_a_resume_record(|_| true)
+    }
+
+    /// Runs `ddi-agent once` (the rig's agent) and kills it (-9) as soon as the download
+    /// resume record is one `wanted` accepts; returns that record.
+    pub fn kill_at_a_resume_record(
+        &self,
+        wanted: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let record_path = self.dev.state_dir().join("download.resume");
+        let mut agent = crate::harness::Background::spawn(self.command(&["once"])).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            // Records are replaced by a rename: a read sees one whole record or none.
+            let record = std::fs::read(&record_path)
+                .ok()
+                .and_then(|text| serde_json::from_slice::<serde_json::Value>(&text).ok());
+            if let Some(record) = record.filter(|r| wanted(r)) {
+                agent.stop().unwrap(); // kill -9
+                                       // The record may have moved on between the read and the kill.
+                return serde_json::from_slice(&std::fs::read(&record_path).unwrap())
+                    .unwrap_or(record);
+            }
+            assert!(
+                agent.try_exit().unwrap().is_none(),
+                "agent finished before the resume record wanted"
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the resume record wanted never appeared"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// A variable of the device's U-Boot environment.
     pub fn env(&self, name: &str) -> Option<String> {
         self.dev.env_map().unwrap().get(name).cloned()

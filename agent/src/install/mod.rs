@@ -25,13 +25,14 @@
 //! way above.
 //!
 //! Resume: within one run, network faults are resumed with Range requests; across restarts,
-//! raw images continue from the last durable checkpoint, delta installs from the chunk at it
-//! (see [`resume`]).
+//! raw images continue from the last durable checkpoint, plain gzip images from the last deflate
+//! block boundary before it ([`gunzip`]), delta installs from the chunk at it (see [`resume`]).
 //!
 //! Layout: [`source`] (download), [`pipeline`] (blocking stage), [`decode`] (format
-//! detection), [`compress`] (zstd and xz decoders), [`chunked`] (chunked bundles, formats 2
-//! and 3), [`delta`] (delta installs of them), [`archive`] (tar rules), [`slot`] (slot safety
-//! and writer), [`hash`], [`resume`], [`bundle`] (signed-bundle seam), [`error`].
+//! detection), [`gunzip`] (gzip with resume points), [`compress`] (zstd and xz decoders),
+//! [`chunked`] (chunked bundles, formats 2 and 3), [`delta`] (delta installs of them),
+//! [`archive`] (tar rules), [`slot`] (slot safety and writer), [`hash`], [`sha256_state`],
+//! [`resume`], [`bundle`] (signed-bundle seam), [`error`].
 
 pub mod archive;
 pub mod bundle;
@@ -40,9 +41,11 @@ pub mod compress;
 pub mod decode;
 pub mod delta;
 pub mod error;
+pub mod gunzip;
 pub mod hash;
 pub mod pipeline;
 pub mod resume;
+pub mod sha256_state;
 pub mod slot;
 pub mod source;
 
@@ -270,8 +273,9 @@ pub async fn install_with(
     let capacity = slot.capacity();
 
     let record = resume::load(&req.resume_path);
+    let resumable = req.bundle.is_none() && !req.local;
     let start = match &record {
-        Some(record) if req.bundle.is_none() && !req.local => record
+        Some(record) if resumable => record
             .resume_offset(
                 &req.slot_path,
                 algorithm.name(),
@@ -281,6 +285,16 @@ pub async fn install_with(
             )
             .unwrap_or(0),
         _ => 0,
+    };
+    let gzip_point = match &record {
+        Some(record) if resumable && start == 0 => record.gzip_point(&resume::Target {
+            slot: &req.slot_path,
+            algorithm: algorithm.name(),
+            expected_hash: &expected,
+            size: req.size,
+            capacity,
+        }),
+        _ => None,
     };
     let spec = source_spec(req, options);
     // A chunked bundle signed by a trusted key downloads only what the device lacks.
@@ -350,14 +364,31 @@ pub async fn install_with(
             other => other,
         }
     } else {
-        if start == 0 {
+        // A gzip image continues only if the slot still holds what the record says.
+        let (slot, gzip_resume) = match gzip_point {
+            Some(point) => {
+                let mut slot = slot;
+                tokio::task::spawn_blocking(move || {
+                    let read = pipeline::read_gzip_prefix(&mut slot, point);
+                    read.map(|resume| (slot, resume))
+                })
+                .await
+                .map_err(|e| InstallError::Internal(format!("slot read died: {e}")))??
+            }
+            None => (slot, None),
+        };
+        if let Some(gzip) = &gzip_resume {
+            let at = &gzip.point.at;
+            tracing::info!(slot = %req.slot_path.display(), offset = at.artifact_offset, image_offset = at.out, "resuming download");
+        } else if start == 0 {
             resume::remove(&req.resume_path)?;
         } else {
             tracing::info!(slot = %req.slot_path.display(), offset = start, "resuming download");
         }
         tracing::info!(file = %req.filename, url = %req.url, slot = %req.slot_path.display(), capacity, "installing");
+        let from = Resume { start, gzip_resume };
         run(
-            client, req, options, progress, slot, algorithm, expected, start, local_file, spec,
+            client, req, options, progress, slot, algorithm, expected, from, local_file, spec,
         )
         .await
     };
@@ -466,6 +497,13 @@ async fn run_delta(
     drive(source, sink, &counters, options, progress).await
 }
 
+/// Where [`run`] continues an interrupted install: a raw image at `start`, or a gzip image at
+/// its resume point (`start` is then 0).
+struct Resume {
+    start: u64,
+    gzip_resume: Option<pipeline::GzipResume>,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run(
     client: &reqwest::Client,
@@ -475,12 +513,18 @@ async fn run(
     mut slot: slot::FileSlot,
     algorithm: hash::HashAlgorithm,
     expected: String,
-    start: u64,
+    from: Resume,
     local_file: Option<source::LocalFile>,
     spec: source::SourceSpec,
 ) -> Result<Installed, InstallError> {
+    let Resume { start, gzip_resume } = from;
+    // The artifact offset the download starts at.
+    let download_from = match &gzip_resume {
+        Some(gzip) => gzip.point.at.artifact_offset,
+        None => start,
+    };
     let size = local_file.as_ref().map(|f| f.size).or(req.size);
-    let counters = Arc::new(Counters::new(start, size));
+    let counters = Arc::new(Counters::new(download_from, size));
     if let Some(isize) = local_file.as_ref().and_then(|f| f.gzip_isize) {
         counters.gzip_isize.store(isize, Ordering::Release);
     }
@@ -500,6 +544,7 @@ async fn run(
         } else {
             options.checkpoint_interval
         },
+        gzip_resume,
     };
     // If this future is dropped (cancelled), the blocking stage stops at its next read.
     let _stop_on_drop = StopOnDrop(Arc::clone(&counters));
@@ -510,7 +555,7 @@ async fn run(
     let source = async {
         match local_file {
             Some(file) => source::feed_file(file.file, tx, &counters).await,
-            None => source::fetch(client, &spec, start, tx, &counters).await,
+            None => source::fetch(client, &spec, download_from, tx, &counters).await,
         }
     };
     drive(source, sink, &counters, options, progress).await

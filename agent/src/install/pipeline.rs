@@ -7,6 +7,7 @@
 //! on another), so this thread decodes and hashes the next buffer while the previous one is
 //! written.
 
+use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,8 +24,10 @@ use super::bundle::{self, BundlePolicy};
 use super::chunked;
 use super::compress;
 use super::decode::{self, DownloadAborted, Format};
+use super::gunzip::{self, Boundary, GzDecoder};
 use super::hash::{HashAlgorithm, Hasher, HashingReader};
-use super::resume::{self, ResumeRecord};
+use super::resume::{self, GzipPoint, ResumeRecord};
+use super::sha256_state::Sha256State;
 use super::slot::{self, SlotDevice, SlotWriter};
 use super::{InstallError, Installed};
 
@@ -301,12 +304,81 @@ pub struct SinkPlan {
     pub archive_member: Option<String>,
     pub bundle: Option<BundlePolicy>,
     pub checkpoint_interval: u64,
+    /// A plain gzip image continued from a resume record (the download starts at its
+    /// artifact offset; `start` is 0).
+    pub gzip_resume: Option<GzipResume>,
+}
+
+/// A gzip resume point whose slot prefix was read back and matched the record.
+#[derive(Clone)]
+pub struct GzipResume {
+    pub point: GzipPoint,
+    /// sha256 of the slot's bytes before the point (starts the image and read-back hashes).
+    pub prefix_hash: Sha256,
+    /// The last [`gunzip::WINDOW`] bytes of them (the deflate dictionary).
+    pub window: Vec<u8>,
+}
+
+impl std::fmt::Debug for GzipResume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GzipResume")
+            .field("point", &self.point)
+            .field("window", &self.window.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Read the slot's bytes before a gzip resume point: the resume point when they are still
+/// what the interrupted install wrote (their sha256 is the record's), None when the slot was
+/// changed since (the install must start over).
+pub fn read_gzip_prefix(
+    dev: &mut dyn SlotDevice,
+    point: GzipPoint,
+) -> Result<Option<GzipResume>, InstallError> {
+    let mut hash = Sha256::new();
+    let mut window: Vec<u8> = Vec::with_capacity(2 * gunzip::WINDOW);
+    slot::read_range(
+        dev,
+        point.at.out,
+        |b| {
+            hash.update(b);
+            if b.len() >= gunzip::WINDOW {
+                window.clear();
+                window.extend_from_slice(&b[b.len() - gunzip::WINDOW..]);
+            } else {
+                window.extend_from_slice(b);
+                let extra = window.len().saturating_sub(gunzip::WINDOW);
+                window.drain(..extra);
+            }
+        },
+        |_| {},
+    )?;
+    let actual = hex::encode(hash.clone().finalize());
+    if actual != point.slot_sha256 {
+        tracing::warn!(
+            slot = %dev.path().display(),
+            resume_at = point.at.out,
+            "the slot no longer holds what the interrupted install wrote; starting over"
+        );
+        return Ok(None);
+    }
+    Ok(Some(GzipResume {
+        point,
+        prefix_hash: hash,
+        window,
+    }))
 }
 
 impl SinkPlan {
     /// A raw image that is not in a bundle is the artifact byte for byte (including a resumed
     /// prefix, which both hashes covered), so its sha256 artifact hash is the image hash.
     fn artifact_is_image_sha256(&self) -> bool {
+        self.bundle.is_none() && self.algorithm == HashAlgorithm::Sha256
+    }
+
+    /// A plain gzip image can resume across restarts when nothing wraps it and its artifact
+    /// hash is sha256 (whose state [`Sha256State`] can save).
+    fn gzip_resumable(&self) -> bool {
         self.bundle.is_none() && self.algorithm == HashAlgorithm::Sha256
     }
 }
@@ -328,6 +400,30 @@ pub fn run(
     counters: &Counters,
 ) -> Result<Installed, InstallError> {
     let began = Instant::now();
+    let channel = channel_reader(rx, counters);
+    if let Some(resume) = &plan.gzip_resume {
+        return run_gzip(plan, dev, channel, Some(resume), counters, began);
+    }
+    if plan.start == 0 && plan.gzip_resumable() {
+        let (head, sniffed) = decode::sniff(channel)
+            .map_err(|e| decode::read_error(e, Format::Raw, counters.consumed()))?;
+        if decode::is_gzip(&head) {
+            return run_gzip(plan, dev, sniffed, None, counters, began);
+        }
+        return run_stream(plan, dev, sniffed, counters, began);
+    }
+    run_stream(plan, dev, channel, counters, began)
+}
+
+/// [`run`] for everything but plain gzip images with a sha256: hash the artifact as it
+/// arrives, decode it by its format.
+fn run_stream<R: Read>(
+    plan: &SinkPlan,
+    dev: &mut dyn SlotDevice,
+    input: R,
+    counters: &Counters,
+    began: Instant,
+) -> Result<Installed, InstallError> {
     let mut artifact_hash = Hasher::new(plan.algorithm);
     let mut prefix_hash = Sha256::new();
     if plan.start > 0 {
@@ -343,14 +439,7 @@ pub fn run(
             |_| {},
         )?;
     }
-    let channel = ChannelReader {
-        rx,
-        current: Bytes::new(),
-        current_len: 0,
-        ended: false,
-        counters,
-    };
-    let mut hashing = HashingReader::new(channel, artifact_hash, plan.start);
+    let mut hashing = HashingReader::new(input, artifact_hash, plan.start);
     let mut writer = SlotWriter::new(dev, plan.start, prefix_hash, plan.checkpoint_interval);
     let (format, signed_image_sha256) = write_image(plan, &mut hashing, &mut writer, counters)?;
     // The hash covers the whole artifact, including what follows the image (tar padding).
@@ -604,7 +693,7 @@ fn copy_all<R: Read>(
             }
         }
     };
-    let copied = copy_to_slot(reader, writer, format, offset, record);
+    let copied = copy_to_slot(reader, writer, format, offset, |w, _| record(w));
     if record_resume {
         // The writer thread may have made a checkpoint durable that was not taken yet: after
         // an error here, or one of `finish` (the last sync, the read-back), a restart resumes
@@ -613,6 +702,181 @@ fn copy_all<R: Read>(
         record(writer);
     }
     copied
+}
+
+/// [`run`] for a plain gzip image with a sha256 artifact hash: the decoder hashes the
+/// artifact (its state is saved with resume points) and reports deflate block boundaries,
+/// which become resume records once the slot is durable up to them. `input` is the artifact
+/// from its start, or from the resume point's byte.
+fn run_gzip<R: Read>(
+    plan: &SinkPlan,
+    dev: &mut dyn SlotDevice,
+    input: R,
+    resume: Option<&GzipResume>,
+    counters: &Counters,
+    began: Instant,
+) -> Result<Installed, InstallError> {
+    let offset = || counters.consumed();
+    let gzip_error = |e| decode::read_error(e, Format::Gzip, counters.consumed());
+    let interval = plan.checkpoint_interval;
+    let (mut decoder, mut writer) = match resume {
+        Some(r) => {
+            let hash = Some(r.point.artifact_hash.clone());
+            let decoder =
+                GzDecoder::resume(input, &r.point.at, hash, &r.window).map_err(gzip_error)?;
+            let start = r.point.at.out;
+            let writer = SlotWriter::new(dev, start, r.prefix_hash.clone(), interval);
+            (decoder, writer)
+        }
+        None => (
+            GzDecoder::new(input, Some(Sha256State::new())),
+            SlotWriter::new(dev, 0, Sha256::new(), interval),
+        ),
+    };
+    let format = if resume.is_some() {
+        // Only a plain image ever leaves a gzip record.
+        copy_gzip(&mut decoder, &mut writer, plan, &offset)?;
+        Format::Gzip
+    } else {
+        let mut head = vec![0u8; decode::SNIFF_LEN];
+        let got = bootctl::fsutil::read_full(&mut decoder, &mut head).map_err(gzip_error)?;
+        head.truncate(got);
+        if decode::is_tar(&head) {
+            // A tar inside: its rules, and no resume points (see resume.rs).
+            let capacity = writer.capacity();
+            let inner = Read::chain(io::Cursor::new(head), &mut decoder);
+            let member = plan.archive_member.as_deref();
+            archive::extract_image(
+                inner,
+                Format::TarGzip,
+                member,
+                capacity,
+                &offset,
+                &mut writer,
+            )?;
+            Format::TarGzip
+        } else {
+            if let Some(lower_bound) = counters.gzip_isize() {
+                // Too large for sure: fail before the first byte.
+                writer.expect_at_least(lower_bound)?;
+            }
+            writer.write(&head)?;
+            copy_gzip(&mut decoder, &mut writer, plan, &offset)?;
+            Format::Gzip
+        }
+    };
+    // To the end of the artifact: the checks of the last members, and every byte hashed.
+    io::copy(&mut decoder, &mut io::sink()).map_err(|e| decode::read_error(e, format, offset()))?;
+    let actual = decoder
+        .finish_hash()
+        .map(|h| h.finish_hex())
+        .unwrap_or_default();
+    if !plan.expected.is_empty() && actual != plan.expected {
+        return Err(InstallError::HashMismatch {
+            algorithm: plan.algorithm.name(),
+            expected: plan.expected.clone(),
+            actual,
+        });
+    }
+    finish(writer, counters, None, None, began)
+}
+
+/// At most this many boundaries wait for the slot to become durable up to them.
+const MAX_PENDING_POINTS: usize = 64;
+
+/// A block boundary written to the slot, waiting for a durable checkpoint at or after it.
+struct PendingPoint {
+    boundary: Boundary,
+    /// sha256 of the image before it.
+    image_hash: Sha256,
+}
+
+/// Decode a plain gzip image to the slot; its block boundaries become resume records once the
+/// slot is durable up to them (also after an error stopped the copy).
+fn copy_gzip<R: Read>(
+    decoder: &mut GzDecoder<R>,
+    writer: &mut SlotWriter<'_>,
+    plan: &SinkPlan,
+    offset: &dyn Fn() -> u64,
+) -> Result<(), InstallError> {
+    // A few points per checkpoint interval are plenty: one just before the checkpoint counts.
+    let spacing = (plan.checkpoint_interval / 16).max(1 << 20);
+    let mut pending = VecDeque::new();
+    let mut next_at = decoder.output_offset().saturating_add(spacing);
+    decoder.boundaries_from(next_at);
+    let copied = copy_to_slot(decoder, writer, Format::Gzip, offset, |writer, decoder| {
+        if let Some(boundary) = decoder.take_boundary() {
+            // The writer's hash covers exactly the output before the boundary.
+            let image_hash = writer.image_hash_so_far();
+            if let Some(image_hash) =
+                image_hash.filter(|_| boundary.out == writer.position() && boundary.out >= next_at)
+            {
+                next_at = boundary.out.saturating_add(spacing);
+                decoder.boundaries_from(next_at);
+                if pending.len() == MAX_PENDING_POINTS {
+                    pending.pop_front();
+                }
+                pending.push_back(PendingPoint {
+                    boundary,
+                    image_hash,
+                });
+            }
+        }
+        record_gzip_point(plan, writer, &mut pending);
+    });
+    // As for raw images: a checkpoint made durable but not taken yet still counts.
+    writer.settle();
+    record_gzip_point(plan, writer, &mut pending);
+    copied
+}
+
+/// When the slot became durable up to a new checkpoint, record the latest pending boundary
+/// at or before it.
+fn record_gzip_point(
+    plan: &SinkPlan,
+    writer: &mut SlotWriter<'_>,
+    pending: &mut VecDeque<PendingPoint>,
+) {
+    let Some(durable) = writer.take_checkpoint() else {
+        return;
+    };
+    while pending.len() > 1 && pending[1].boundary.out <= durable {
+        pending.pop_front();
+    }
+    if pending.front().is_none_or(|p| p.boundary.out > durable) {
+        return;
+    }
+    let Some(PendingPoint {
+        boundary,
+        image_hash,
+    }) = pending.pop_front()
+    else {
+        return;
+    };
+    let Some(artifact_hash) = boundary.artifact_hash else {
+        return;
+    };
+    let point = GzipPoint {
+        at: gunzip::ResumeAt {
+            artifact_offset: boundary.artifact_offset,
+            bits: boundary.bits,
+            out: boundary.out,
+            crc: boundary.crc,
+        },
+        artifact_hash,
+        slot_sha256: hex::encode(image_hash.finalize()),
+    };
+    let record = ResumeRecord::gzip(
+        &plan.url,
+        writer.slot_path(),
+        &plan.expected,
+        plan.size,
+        &point,
+    );
+    // Resuming is an optimisation: without a record the next try starts over.
+    if let Err(e) = resume::save(&plan.resume_path, &record) {
+        tracing::warn!(error = %e, "cannot save the resume record");
+    }
 }
 
 fn save_resume_record(plan: &SinkPlan, slot: &Path, at: u64) {
@@ -630,15 +894,16 @@ fn save_resume_record(plan: &SinkPlan, slot: &Path, at: u64) {
     }
 }
 
-/// The copy of [`copy_all`]: the reader fills the slot writer's aligned buffer directly, no
-/// copy buffer of its own (a 64 KiB one was peak RSS and a second copy of every byte, issue
-/// 19); `committed` runs after every commit.
+/// The copy of [`copy_all`] and [`copy_gzip`]: the reader fills the slot writer's aligned
+/// buffer directly, no copy buffer of its own (a 64 KiB one was peak RSS and a second copy of
+/// every byte, issue 19); `committed` runs after every commit (with the reader, which may
+/// tell what it stopped at).
 fn copy_to_slot<R: Read>(
     mut reader: R,
     writer: &mut SlotWriter<'_>,
     format: Format,
     offset: &dyn Fn() -> u64,
-    committed: impl Fn(&mut SlotWriter<'_>),
+    mut committed: impl FnMut(&mut SlotWriter<'_>, &mut R),
 ) -> Result<(), InstallError> {
     loop {
         let spare = writer.spare();
@@ -660,7 +925,7 @@ fn copy_to_slot<R: Read>(
             Err(e) => return Err(decode::read_error(e, format, offset())),
         };
         writer.commit(n)?;
-        committed(writer);
+        committed(writer, &mut reader);
     }
 }
 

@@ -16,9 +16,29 @@
 //! agent's back makes that install start over from byte 0, once
 //! ([`super::InstallError::ResumedPrefixMismatch`]).
 //!
-//! gzip, tar and tar.gz artifacts restart from the beginning after a restart: a deflate or
-//! tar reader's state cannot be rebuilt from the slot. (Within one run they resume after
-//! network faults like raw images: the decoder just waits for the next bytes.)
+//! **Plain gzip images** (format `gzip`; one gzip stream holding the image, artifact hash
+//! sha256): at a deflate block boundary the decoder's whole state is the last 32 KiB of output
+//! (on the slot) and a few input bits ([`super::gunzip`]). The record names the boundary (the
+//! artifact byte holding it and its unused bits, the slot offset, the CRC-32 so far), the
+//! artifact's sha256 state at that byte ([`Sha256State`]: those bytes are not on the slot to
+//! hash again) and the sha256 of the slot's bytes before the boundary as written. A boundary
+//! is recorded only once the slot writer reported a durable checkpoint at or after it, so the
+//! record never names bytes a power cut could lose. A restart reads the slot's prefix back: a
+//! different sha256 drops the record and starts over from byte 0; else its last 32 KiB become
+//! the deflate dictionary, the unused bits are primed, and the download continues with a Range
+//! request from the boundary's byte. The final checks (artifact sha256, CRC-32 and ISIZE,
+//! whole-image read-back) are unchanged, so a record tampered with either does not fit or fails
+//! the install; it cannot make a wrong image pass.
+//!
+//! Everything else restarts from the beginning after a restart: a tar (also in gzip) because a
+//! tar reader's state cannot be rebuilt from the slot; zstd and xz because their libraries'
+//! public APIs cannot restart a decoder in the middle of a frame (zstd) or block (xz); sha1
+//! and md5 artifact hashes because only a sha256 state is saved; signed bundles other than
+//! delta installs. (Within one run they resume after network faults like raw images: the
+//! decoder just waits for the next bytes.)
+//!
+//! Agents from before a format was added match records by `format` and start over on one
+//! they do not know (and remove it), so `version` stays 1.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -26,6 +46,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::gunzip::ResumeAt;
+use super::sha256_state::Sha256State;
 use super::InstallError;
 
 const VERSION: u32 = 1;
@@ -40,16 +62,41 @@ pub struct ResumeRecord {
     pub algorithm: String,
     pub expected_hash: String,
     pub size: Option<u64>,
-    /// "raw" (artifact byte N is slot byte N) or "chunks" (a delta install of a chunked
-    /// bundle; see the module doc).
+    /// "raw" (artifact byte N is slot byte N), "chunks" (a delta install of a chunked
+    /// bundle) or "gzip" (a plain gzip image; see the module doc).
     pub format: String,
-    /// Bytes of the artifact (as served) covered by the record.
+    /// Bytes of the artifact (as served) covered by the record: a resume downloads from here.
     pub artifact_offset: u64,
     /// Bytes of the slot durably written; equal to `artifact_offset` for raw images.
     pub slot_offset: u64,
     /// "chunks": the signed sha256 of the whole image being written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_sha256: Option<String>,
+    /// "gzip": bits of the artifact byte at `artifact_offset` the deflate decoder had not
+    /// used yet (0..=7, its high bits); the resume point is a deflate block boundary there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bits: Option<u8>,
+    /// "gzip": CRC-32 of the image bytes before `slot_offset` (all in the first gzip member).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crc32: Option<u32>,
+    /// "gzip": the artifact's sha256 state after its first `artifact_offset` bytes (see
+    /// [`Sha256State::to_text`]); those bytes are not on the slot, so cannot be hashed again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_sha256_state: Option<String>,
+    /// "gzip": sha256 of the slot's bytes before `slot_offset` as written: a resume reads them
+    /// back and starts over when they differ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_sha256: Option<String>,
+}
+
+/// Where a gzip image continues: a deflate block boundary of its first member, durable on the
+/// slot up to `at.out`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GzipPoint {
+    pub at: ResumeAt,
+    pub artifact_hash: Sha256State,
+    /// sha256 (hex) of the slot's bytes before `at.out`.
+    pub slot_sha256: String,
 }
 
 impl ResumeRecord {
@@ -71,7 +118,7 @@ impl ResumeRecord {
             format: "raw".into(),
             artifact_offset: offset,
             slot_offset: offset,
-            image_sha256: None,
+            ..Self::empty()
         }
     }
 
@@ -96,7 +143,83 @@ impl ResumeRecord {
             artifact_offset: 0,
             slot_offset,
             image_sha256: Some(image_sha256.to_string()),
+            ..Self::empty()
         }
+    }
+
+    fn empty() -> Self {
+        ResumeRecord {
+            version: VERSION,
+            url: String::new(),
+            slot: PathBuf::new(),
+            algorithm: String::new(),
+            expected_hash: String::new(),
+            size: None,
+            format: String::new(),
+            artifact_offset: 0,
+            slot_offset: 0,
+            image_sha256: None,
+            bits: None,
+            crc32: None,
+            artifact_sha256_state: None,
+            slot_sha256: None,
+        }
+    }
+
+    /// A plain gzip image (artifact hash sha256) written up to `point` durably.
+    pub fn gzip(
+        url: &str,
+        slot: &Path,
+        expected_hash: &str,
+        size: Option<u64>,
+        point: &GzipPoint,
+    ) -> Self {
+        ResumeRecord {
+            url: url.to_string(),
+            slot: slot.to_path_buf(),
+            algorithm: "sha256".into(),
+            expected_hash: expected_hash.to_string(),
+            size,
+            format: "gzip".into(),
+            artifact_offset: point.at.artifact_offset,
+            slot_offset: point.at.out,
+            bits: Some(point.at.bits),
+            crc32: Some(point.at.crc),
+            artifact_sha256_state: Some(point.artifact_hash.to_text()),
+            slot_sha256: Some(point.slot_sha256.clone()),
+            ..Self::empty()
+        }
+    }
+
+    /// Where a plain gzip image of the same artifact continues in the same slot; None for any
+    /// other record, or one whose fields do not fit together.
+    pub fn gzip_point(&self, target: &Target<'_>) -> Option<GzipPoint> {
+        let same = self.is_for("gzip", target)
+            && target.algorithm == "sha256"
+            && self.slot_offset > 0
+            && self.artifact_offset < target.size.unwrap_or(u64::MAX);
+        if !same {
+            return None;
+        }
+        let bits = self.bits.filter(|&b| b <= 7)?;
+        let artifact_hash = Sha256State::from_text(self.artifact_sha256_state.as_deref()?)?;
+        let slot_sha256 = self.slot_sha256.clone()?;
+        let well_formed = artifact_hash.len() == self.artifact_offset
+            && slot_sha256.len() == 64
+            && slot_sha256
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        let crc = self.crc32?;
+        well_formed.then_some(GzipPoint {
+            at: ResumeAt {
+                artifact_offset: self.artifact_offset,
+                bits,
+                out: self.slot_offset,
+                crc,
+            },
+            artifact_hash,
+            slot_sha256,
+        })
     }
 
     /// Where a delta install of the same bundle into the same slot continues: the slot
@@ -128,17 +251,39 @@ impl ResumeRecord {
         size: Option<u64>,
         capacity: u64,
     ) -> Option<u64> {
-        let same = self.version == VERSION
-            && self.format == "raw"
-            && self.slot == slot
-            && self.algorithm == algorithm
-            && self.expected_hash == expected_hash
-            && self.size == size
+        let target = Target {
+            slot,
+            algorithm,
+            expected_hash,
+            size,
+            capacity,
+        };
+        let same = self.is_for("raw", &target)
             && self.artifact_offset == self.slot_offset
-            && self.slot_offset <= capacity
             && self.slot_offset <= size.unwrap_or(u64::MAX);
         same.then_some(self.slot_offset)
     }
+
+    /// Written by this record version in `format` for this artifact and slot, and within it.
+    fn is_for(&self, format: &str, t: &Target<'_>) -> bool {
+        self.version == VERSION
+            && self.format == format
+            && self.slot == t.slot
+            && self.algorithm == t.algorithm
+            && self.expected_hash == t.expected_hash
+            && self.size == t.size
+            && self.slot_offset <= t.capacity
+    }
+}
+
+/// What a download record must match: the artifact (hash algorithm and value, size) and the
+/// slot (path, capacity).
+pub struct Target<'a> {
+    pub slot: &'a Path,
+    pub algorithm: &'a str,
+    pub expected_hash: &'a str,
+    pub size: Option<u64>,
+    pub capacity: u64,
 }
 
 /// The record at `path`, or None when there is none or it is unreadable (it is then only
@@ -256,6 +401,96 @@ mod tests {
         assert_eq!(newer.resume_offset(slot, "", "ab", Some(100), 1000), None);
         assert_eq!(newer.chunks_offset(slot, "ab", "ef", 1000), None);
         assert_eq!(newer.chunks_offset(slot, "ab", "cd", 16), None);
+    }
+
+    #[test]
+    fn gzip_records_round_trip_and_are_used_only_when_everything_fits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("download.resume");
+        let slot = Path::new("/dev/slot-b");
+        let mut hash = Sha256State::new();
+        hash.update(&[7u8; 1000]);
+        let point = GzipPoint {
+            at: ResumeAt {
+                artifact_offset: 1000,
+                bits: 3,
+                out: 4096,
+                crc: 0xdead_beef,
+            },
+            artifact_hash: hash,
+            slot_sha256: "ab".repeat(32),
+        };
+        let r = ResumeRecord::gzip("http://x/a.gz", slot, "cd", Some(5000), &point);
+        save(&path, &r).unwrap();
+        let back = load(&path).unwrap();
+        assert_eq!(back, r);
+        let target = |algorithm, size, capacity| Target {
+            slot,
+            algorithm,
+            expected_hash: "cd",
+            size,
+            capacity,
+        };
+        assert_eq!(
+            back.gzip_point(&target("sha256", Some(5000), 1 << 20)),
+            Some(point.clone())
+        );
+        assert_eq!(back.gzip_point(&target("sha1", Some(5000), 1 << 20)), None);
+        assert_eq!(back.gzip_point(&target("sha256", Some(999), 1 << 20)), None);
+        assert_eq!(back.gzip_point(&target("sha256", Some(5000), 4000)), None);
+        // A gzip record is never read as a raw or chunks one: an agent that knows only those
+        // (every earlier one: they match the format the same way) starts over.
+        assert_eq!(
+            back.resume_offset(slot, "sha256", "cd", Some(5000), 1 << 20),
+            None
+        );
+        assert_eq!(back.chunks_offset(slot, "cd", "ab", 1 << 20), None);
+        // Fields that do not fit together: not used.
+        let broken = [
+            ResumeRecord {
+                bits: Some(8),
+                ..r.clone()
+            },
+            ResumeRecord {
+                bits: None,
+                ..r.clone()
+            },
+            ResumeRecord {
+                crc32: None,
+                ..r.clone()
+            },
+            ResumeRecord {
+                artifact_offset: 999,
+                ..r.clone()
+            },
+            ResumeRecord {
+                slot_offset: 0,
+                ..r.clone()
+            },
+            ResumeRecord {
+                slot_sha256: Some("AB".repeat(32)),
+                ..r.clone()
+            },
+            ResumeRecord {
+                slot_sha256: Some("ab".into()),
+                ..r.clone()
+            },
+            ResumeRecord {
+                artifact_sha256_state: Some("x".into()),
+                ..r.clone()
+            },
+            ResumeRecord {
+                format: "raw".into(),
+                ..r.clone()
+            },
+        ];
+        for b in broken {
+            assert_eq!(
+                b.gzip_point(&target("sha256", Some(5000), 1 << 20)),
+                None,
+                "{b:?}"
+            );
+        }
     }
 
     #[test]

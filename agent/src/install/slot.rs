@@ -736,6 +736,12 @@ impl<'a> SlotWriter<'a> {
         }
     }
 
+    /// The sha256 of the image bytes accepted so far (before [`SlotWriter::position`]), as a
+    /// hasher to finalise; None after [`SlotWriter::leave_hash_to_caller`].
+    pub fn image_hash_so_far(&self) -> Option<Sha256> {
+        self.image_hash.clone()
+    }
+
     /// Stop hashing the image: the caller already knows the sha256 of exactly the bytes it
     /// writes (a raw image whose artifact hash is sha256; a chunked image of verified chunks,
     /// whose hash is the signed one), and hashing them twice costs ~0.5 s of CPU per GiB.

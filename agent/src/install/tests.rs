@@ -859,6 +859,202 @@ async fn resume_record_of_another_artifact_is_ignored() {
     fx.assert_installed(&other);
 }
 
+/// A gzip image of 8 MiB (level 6: blocks of ~150 KiB) interrupted after 60% of its
+/// artifact: the record is a gzip resume point at least 1 MiB into the image.
+async fn interrupted_gzip_install(fx: &Fixture) -> (Vec<u8>, Vec<u8>, resume::ResumeRecord) {
+    let img = gunzip::tests::image(8 << 20, 21);
+    let gz = gunzip::tests::gzip(&img, 6);
+    let err = interrupted_install(fx, &gz, gz.len() * 6 / 10).await;
+    assert!(err.is_retryable(), "{err}");
+    let record = resume::load(&fx.resume_path()).expect("resume record kept");
+    assert_eq!(record.format, "gzip", "{record:?}");
+    assert!(record.slot_offset >= 1 << 20, "{record:?}");
+    assert!(record.artifact_offset > 0 && record.artifact_offset < gz.len() as u64);
+    // The slot holds the image up to the resume point.
+    let slot = fx.slot_bytes();
+    let out = record.slot_offset as usize;
+    assert!(
+        slot[..out] == img[..out],
+        "the slot's prefix is not the image"
+    );
+    (img, gz, record)
+}
+
+#[tokio::test]
+async fn restart_resumes_gzip_image_from_a_block_boundary() {
+    let fx = Fixture::new(9 << 20);
+    let (img, gz, record) = interrupted_gzip_install(&fx).await;
+    // "After the restart": the download continues at the boundary's byte.
+    let server = ArtifactServer::start(gz.clone());
+    let installed = run(&fx.request(&server.url, &gz), &fast_options())
+        .await
+        .0
+        .unwrap();
+    assert_eq!(installed.sha256_of_slot_image, sha256_hex(&img));
+    assert_eq!(installed.bytes_written, img.len() as u64);
+    fx.assert_installed(&img);
+    let requests = server.requests();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!(requests[0].0, Some(record.artifact_offset));
+    assert!(!fx.resume_path().exists());
+}
+
+#[tokio::test]
+async fn gzip_resume_over_a_changed_slot_starts_over() {
+    let fx = Fixture::new(9 << 20);
+    let (img, gz, record) = interrupted_gzip_install(&fx).await;
+    // A byte of the prefix changed behind the agent's back (in the window, and before it).
+    for at in [1000, record.slot_offset - 10] {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&fx.slot)
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[img[at as usize] ^ 1], at).unwrap();
+        let server = ArtifactServer::start(gz.clone());
+        resume::save(&fx.resume_path(), &record).unwrap();
+        run(&fx.request(&server.url, &gz), &fast_options())
+            .await
+            .0
+            .unwrap();
+        assert_eq!(server.requests()[0].0, None, "resumed over a changed slot");
+        fx.assert_installed(&img);
+    }
+}
+
+#[tokio::test]
+async fn a_tampered_gzip_record_never_gives_a_wrong_image() {
+    let fx = Fixture::new(9 << 20);
+    let (img, gz, record) = interrupted_gzip_install(&fx).await;
+    let mut other_state = sha256_state::Sha256State::new();
+    other_state.update(&vec![1u8; record.artifact_offset as usize]);
+    let tampered: Vec<(&str, resume::ResumeRecord)> = vec![
+        (
+            "crc32",
+            resume::ResumeRecord {
+                crc32: record.crc32.map(|c| c ^ 4),
+                ..record.clone()
+            },
+        ),
+        (
+            "bits",
+            resume::ResumeRecord {
+                bits: record.bits.map(|b| (b + 3) % 8),
+                ..record.clone()
+            },
+        ),
+        (
+            "artifact hash state",
+            resume::ResumeRecord {
+                artifact_sha256_state: Some(other_state.to_text()),
+                ..record.clone()
+            },
+        ),
+        (
+            "slot offset",
+            resume::ResumeRecord {
+                slot_offset: record.slot_offset - 1,
+                ..record.clone()
+            },
+        ),
+        (
+            "artifact offset",
+            resume::ResumeRecord {
+                artifact_offset: record.artifact_offset + 1,
+                ..record.clone()
+            },
+        ),
+        (
+            "slot sha256",
+            resume::ResumeRecord {
+                slot_sha256: Some("0".repeat(64)),
+                ..record.clone()
+            },
+        ),
+        (
+            "no state",
+            resume::ResumeRecord {
+                artifact_sha256_state: None,
+                ..record.clone()
+            },
+        ),
+        (
+            "version",
+            resume::ResumeRecord {
+                version: 2,
+                ..record.clone()
+            },
+        ),
+    ];
+    for (what, bad) in tampered {
+        // The slot as the interrupted install left it, with the tampered record.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&fx.slot)
+            .unwrap();
+        let out = record.slot_offset as usize;
+        std::os::unix::fs::FileExt::write_all_at(&f, &img[..out], 0).unwrap();
+        resume::save(&fx.resume_path(), &bad).unwrap();
+        let server = ArtifactServer::start(gz.clone());
+        match run(&fx.request(&server.url, &gz), &fast_options()).await.0 {
+            // Started over (the record did not fit), or ...
+            Ok(installed) => {
+                assert_eq!(installed.sha256_of_slot_image, sha256_hex(&img), "{what}");
+                fx.assert_installed(&img);
+            }
+            // ... failed closed, and the next attempt starts over.
+            Err(e) => {
+                assert!(
+                    matches!(
+                        e,
+                        InstallError::Decode { .. } | InstallError::HashMismatch { .. }
+                    ),
+                    "{what}: {e}"
+                );
+                assert!(!fx.resume_path().exists(), "{what}: the record stays");
+                run(&fx.request(&server.url, &gz), &fast_options())
+                    .await
+                    .0
+                    .unwrap();
+                fx.assert_installed(&img);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn tar_gz_and_gzip_without_sha256_restart_from_zero() {
+    let fx = Fixture::new(9 << 20);
+    let img = gunzip::tests::image(8 << 20, 22);
+    let tgz = {
+        let tar = tar_of(&[("rootfs.img", &img)]);
+        gunzip::tests::gzip(&tar, 6)
+    };
+    interrupted_install(&fx, &tgz, tgz.len() * 6 / 10).await;
+    assert!(
+        resume::load(&fx.resume_path()).is_none(),
+        "a tar.gz left a record"
+    );
+    let gz = gunzip::tests::gzip(&img, 6);
+    let server = ArtifactServer::start(gz.clone());
+    server.always(drop_after((gz.len() * 6 / 10) as u64));
+    let mut options = fast_options();
+    options.retry.attempts = 0;
+    let mut req = fx.request(&server.url, &gz);
+    req.expected = ExpectedHash {
+        sha256: None,
+        sha1: Some(hex::encode(<sha1::Sha1 as Digest>::digest(&gz))),
+        md5: None,
+    };
+    run(&req, &options).await.0.unwrap_err();
+    assert!(
+        resume::load(&fx.resume_path()).is_none(),
+        "a sha1 gzip left a record"
+    );
+    server.clear();
+    run(&req, &fast_options()).await.0.unwrap();
+    fx.assert_installed(&img);
+}
+
 /// A slot whose writes fail past a given offset (disk full, I/O error).
 struct FailingSlot {
     data: Vec<u8>,
@@ -906,6 +1102,7 @@ fn write_error_on_the_slot_is_reported() {
         archive_member: None,
         bundle: None,
         checkpoint_interval: 64 << 20,
+        gzip_resume: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     for chunk in img.chunks(100_000) {
@@ -949,6 +1146,7 @@ fn aborted_download_is_not_mistaken_for_the_end() {
         archive_member: None,
         bundle: None,
         checkpoint_interval: 64 << 20,
+        gzip_resume: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tx.try_send(pipeline::Chunk::Data(bytes::Bytes::copy_from_slice(
@@ -1007,6 +1205,7 @@ fn stopped_install_stops_reading_and_writing() {
         archive_member: None,
         bundle: None,
         checkpoint_interval: 64 << 20,
+        gzip_resume: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     for chunk in img.chunks(4096) {
@@ -1068,6 +1267,7 @@ fn run_pipeline_on(
         archive_member: None,
         bundle,
         checkpoint_interval: 64 << 20,
+        gzip_resume: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(artifact.len() + 2);
     let mut rest = artifact;
@@ -1239,6 +1439,7 @@ fn read_back_thread_detects_a_mismatch() {
             archive_member: None,
             bundle: None,
             checkpoint_interval: 64 << 20,
+            gzip_resume: None,
         };
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         for chunk in img.chunks(1 << 20) {

@@ -63,6 +63,22 @@ impl Rig {
         codes
     }
 
+    /// The run after the kill resumes; the update ends installed, without a record.
+    fn resume_to_the_end(&self, action: u64, image: &[u8]) {
+        let out = self.dev.agent_once(AGENT_TIMEOUT).unwrap();
+        assert!(
+            out.stderr.contains("resuming download") || out.stdout.contains("resuming download"),
+            "{}",
+            out.describe()
+        );
+        self.dev.take_reboot_requests().unwrap();
+        self.dev.reboot().unwrap();
+        self.settle(action, 3);
+        assert_installed(self, action, image);
+        let record_path = self.dev.state_dir().join("download.resume");
+        assert!(!record_path.exists(), "resume record left behind");
+    }
+
     fn factory(&self) -> Vec<u8> {
         self.dev.options().factory_image.clone()
     }
@@ -296,43 +312,92 @@ fn restart_mid_download_resumes_from_the_last_checkpoint() {
     });
     let image = Image::good("2.9", 20 << 20);
     let action = rig.deploy("2.9", "os.img", image.bytes.clone());
-    let record_path = rig.dev.state_dir().join("download.resume");
 
-    let mut cmd = rig.dev.agent_command();
-    cmd.arg("once");
-    let mut agent = ddi_tests::harness::Background::spawn(cmd).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !record_path.exists() {
-        assert!(
-            agent.try_exit().unwrap().is_none(),
-            "agent finished before a checkpoint"
-        );
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no resume record appeared"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    agent.stop().unwrap(); // kill -9
-    let record: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&record_path).unwrap()).unwrap();
+    let record = rig.kill_at_the_first_resume_record();
     assert_eq!(record["slot_offset"], 16 << 20, "{record}");
     assert!(rig
         .dev
         .slot_holds(Slot::B, &image.bytes[..16 << 20])
         .unwrap());
 
-    let out = rig.dev.agent_once(AGENT_TIMEOUT).unwrap();
-    assert!(
-        out.stderr.contains("resuming download") || out.stdout.contains("resuming download"),
-        "{}",
-        out.describe()
+    rig.resume_to_the_end(action, &image.bytes);
+}
+
+/// A plain gzip image (the common `.wic.gz`) killed after its first checkpoint, then a power
+/// cut: the next run continues from the deflate block boundary the record names, downloading
+/// only the rest of the artifact.
+#[test]
+fn a_gzip_image_resumes_after_kill_and_power_cut_from_a_block_boundary() {
+    let rig = Rig::new(|o| {
+        o.slot_size = 24 << 20;
+        // ~2 s for the image: time to kill the agent after the first checkpoint (16 MiB).
+        o.max_download_rate = Some("10M".into());
+    });
+    let image = Image::good("2.9", 20 << 20);
+    let gz = image.gzip_best();
+    let action = rig.deploy("2.9", "os.img.gz", gz.clone());
+
+    let record = rig.kill_at_the_first_resume_record();
+    assert_eq!(rig.dev.reboot().unwrap(), Slot::A); // and a power cut
+    assert_eq!(record["format"], "gzip", "{record}");
+    let resume_at = record["slot_offset"].as_u64().unwrap();
+    let artifact_offset = record["artifact_offset"].as_u64().unwrap();
+    // The latest block boundary before the first checkpoint (16 MiB).
+    assert!((12 << 20..=16 << 20).contains(&resume_at), "{record}");
+    assert!(rig
+        .dev
+        .slot_holds(Slot::B, &image.bytes[..resume_at as usize])
+        .unwrap());
+
+    let before = rig.server.download_log().len();
+    rig.resume_to_the_end(action, &image.bytes);
+    let resumed = &rig.server.download_log()[before..];
+    assert_eq!(
+        resumed.first().and_then(|r| r.range.clone()),
+        Some(format!("bytes={artifact_offset}-")),
+        "{resumed:#?}"
     );
-    rig.dev.take_reboot_requests().unwrap();
-    rig.dev.reboot().unwrap();
-    rig.settle(action, 3);
-    assert_installed(&rig, action, &image.bytes);
-    assert!(!record_path.exists(), "resume record left behind");
+    let served: u64 = resumed.iter().filter_map(|r| r.body_len).sum();
+    assert_eq!(served, gz.len() as u64 - artifact_offset, "{resumed:#?}");
+    assert!(served < gz.len() as u64 / 3, "{served} of {}", gz.len());
+}
+
+/// A gzip image killed at its first and again at a later resume record: the second run
+/// resumes from the first record and writes its own (its artifact hash continued from the
+/// saved state), the third resumes from that; the image ends intact and each run downloads
+/// only from its resume point on.
+#[test]
+fn a_gzip_image_resumes_twice() {
+    let rig = Rig::new(|o| {
+        o.slot_size = 40 << 20;
+        o.max_download_rate = Some("12M".into());
+    });
+    let image = Image::good("3.3", 36 << 20);
+    let gz = image.gzip_best();
+    let action = rig.deploy("3.3", "os.img.gz", gz.clone());
+    let first = rig.kill_at_the_first_resume_record();
+    assert_eq!(first["format"], "gzip", "{first}");
+    let log_len = || rig.server.download_log().len();
+    let before_second = log_len();
+    let second =
+        rig.kill_at_a_resume_record(|r| r["slot_offset"].as_u64() > first["slot_offset"].as_u64());
+    assert_eq!(second["format"], "gzip", "{second}");
+    assert_eq!(rig.dev.reboot().unwrap(), Slot::A); // a power cut on top
+    let before_third = log_len();
+    rig.resume_to_the_end(action, &image.bytes);
+    let log = rig.server.download_log();
+    let range_of = |i: usize| log[i].range.clone();
+    assert_eq!(
+        range_of(before_second),
+        Some(format!("bytes={}-", first["artifact_offset"])),
+        "{log:#?}"
+    );
+    assert_eq!(
+        range_of(before_third),
+        Some(format!("bytes={}-", second["artifact_offset"])),
+        "{log:#?}"
+    );
+    assert_eq!(log.len(), before_third + 1, "{log:#?}");
 }
 
 #[test]

@@ -683,3 +683,40 @@ fn old_agent_reads_a_pending_local_install_as_no_action() {
     rig.once_expect(0);
     rig.assert_closed_once(action, "success");
 }
+
+/// The new agent is killed in the middle of a plain gzip image, leaving a `gzip` resume
+/// record; the device then runs the old agent (which knows only `raw` records): it starts the
+/// download over from byte 0 and installs the right image, never misreading the record.
+#[test]
+fn old_agent_starts_over_from_a_gzip_resume_record() {
+    let mut rig = Rig::new(&ddi_tests::bin_path("ddi-agent"), |o| {
+        o.slot_size = 24 << 20;
+        // ~2 s for the image: time to kill the agent after the first checkpoint (16 MiB).
+        o.max_download_rate = Some("10M".into());
+    });
+    let image = Image::good("2.0", 20 << 20);
+    let gz = image.gzip_best();
+    let action = rig.deploy_artifact("2.0", "os.img.gz", gz.clone());
+    let record_path = rig.dev.state_dir().join("download.resume");
+    let record = rig.kill_at_the_first_resume_record();
+    assert_eq!(record["format"], "gzip", "{record}");
+    let before = rig.server.download_log().len();
+
+    rig.agent = old_agent();
+    rig.once_expect(0);
+    let log = rig.server.download_log();
+    let ranges: Vec<Option<String>> = log[before..].iter().map(|r| r.range.clone()).collect();
+    // The whole artifact, and the trailer probe (4 bytes) once its first bytes showed gzip.
+    let total = gz.len();
+    assert_eq!(
+        ranges,
+        vec![None, Some(format!("bytes={}-{}", total - 4, total - 1))],
+        "{log:#?}"
+    );
+    assert!(!record_path.exists(), "the old agent left the record");
+    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
+    assert_eq!(rig.dev.reboot().unwrap(), Slot::B);
+    assert!(rig.dev.slot_holds(Slot::B, &image.bytes).unwrap());
+    rig.once_expect(0);
+    rig.assert_closed_once(action, "success");
+}
