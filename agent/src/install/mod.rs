@@ -342,12 +342,7 @@ pub async fn install_with(
             // it cannot be trusted, but the bundle may well be fine. Start over, once.
             Err(e @ InstallError::ResumedPrefixMismatch { .. }) => {
                 tracing::warn!(error = %e, "starting the install over from byte 0");
-                resume::remove(&req.resume_path)?;
-                let slot = slot::open(
-                    &req.slot_path,
-                    req.booted_slot_path.as_deref(),
-                    &options.mountinfo,
-                )?;
+                let slot = start_over(req, options)?;
                 run_delta(
                     client,
                     req,
@@ -386,11 +381,44 @@ pub async fn install_with(
             tracing::info!(slot = %req.slot_path.display(), offset = start, "resuming download");
         }
         tracing::info!(file = %req.filename, url = %req.url, slot = %req.slot_path.display(), capacity, "installing");
+        let resumed_gzip = gzip_resume.is_some();
         let from = Resume { start, gzip_resume };
-        run(
-            client, req, options, progress, slot, algorithm, expected, from, local_file, spec,
+        let result = run(
+            client,
+            req,
+            options,
+            progress,
+            slot,
+            algorithm,
+            expected.clone(),
+            from,
+            local_file,
+            spec.clone(),
         )
-        .await
+        .await;
+        match result {
+            // The record's fields not covered by the slot's sha256 (the CRC-32, the unused
+            // bits, the artifact offset and hash state) were wrong, or the resume point was:
+            // a clean download may well succeed. Start over from byte 0, once, as a delta
+            // install does after `ResumedPrefixMismatch`.
+            Err(
+                e @ (InstallError::Decode { .. }
+                | InstallError::HashMismatch { .. }
+                | InstallError::TooLarge { .. }),
+            ) if resumed_gzip => {
+                tracing::warn!(error = %e, "the gzip resume failed; starting the install over from byte 0");
+                let slot = start_over(req, options)?;
+                let from = Resume {
+                    start: 0,
+                    gzip_resume: None,
+                };
+                run(
+                    client, req, options, progress, slot, algorithm, expected, from, None, spec,
+                )
+                .await
+            }
+            other => other,
+        }
     };
     match &result {
         // Keep the record: a later attempt continues from it.
@@ -404,6 +432,20 @@ pub async fn install_with(
         }
     }
     result
+}
+
+/// A resumed install failed in a way a clean download may not: drop the record and open the
+/// slot again for an install from byte 0.
+fn start_over(
+    req: &InstallRequest,
+    options: &InstallOptions,
+) -> Result<slot::FileSlot, InstallError> {
+    resume::remove(&req.resume_path)?;
+    slot::open(
+        &req.slot_path,
+        req.booted_slot_path.as_deref(),
+        &options.mountinfo,
+    )
 }
 
 fn source_spec(req: &InstallRequest, options: &InstallOptions) -> source::SourceSpec {

@@ -742,7 +742,9 @@ fn run_gzip<R: Read>(
         let got = bootctl::fsutil::read_full(&mut decoder, &mut head).map_err(gzip_error)?;
         head.truncate(got);
         if decode::is_tar(&head) {
-            // A tar inside: its rules, and no resume points (see resume.rs).
+            // A tar inside: its rules, and no resume points (see resume.rs), so no stops at
+            // block boundaries either (they cost CPU, see `boundaries_from`).
+            decoder.boundaries_from(u64::MAX);
             let capacity = writer.capacity();
             let inner = Read::chain(io::Cursor::new(head), &mut decoder);
             let member = plan.archive_member.as_deref();

@@ -28,7 +28,8 @@
 //! the deflate dictionary, the unused bits are primed, and the download continues with a Range
 //! request from the boundary's byte. The final checks (artifact sha256, CRC-32 and ISIZE,
 //! whole-image read-back) are unchanged, so a record tampered with either does not fit or fails
-//! the install; it cannot make a wrong image pass.
+//! a check; it cannot make a wrong image pass. A resumed install that fails a check (decode,
+//! hash, size) starts over from byte 0, once: a clean download may well succeed.
 //!
 //! Everything else restarts from the beginning after a restart: a tar (also in gzip) because a
 //! tar reader's state cannot be rebuilt from the slot; zstd and xz because their libraries'
