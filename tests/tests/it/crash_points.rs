@@ -38,7 +38,12 @@
 //! confirmed. A good image ends with `success` after any cut.
 //!
 //! Cases: good raw image, good gzip image, good signed bundle, an image failing its health
-//! check, an image that never boots; each for the `bootcount` and `rauc` schemes. Local cases
+//! check, an image that never boots; each for the `bootcount` and `rauc` schemes. The images are
+//! 256 KiB, except the server gzip cases': 1.5 MiB at gzip level 9 (deflate blocks every few
+//! dozen KiB) with `[agent] checkpoint_interval = "256k"`, so that their install commits its
+//! resume record (`download.resume`) at several checkpoints, each cut before like every step, and
+//! the next run resumes from the record before it (their record run must hold at least two such
+//! commits). Local cases
 //! (`-local`, issue 18) play the same cycle started by `ddi-agent install FILE` instead of a
 //! server action: no feedback at all; at the end the state's `last_local` says `success` exactly
 //! when the new image runs confirmed from slot B, else `failure` with slot A running confirmed,
@@ -833,7 +838,7 @@ fn fw_printenv(device: &FileDevice) -> Result<BTreeMap<String, String>, String> 
         .collect()
 }
 
-/// `run-1: state state env ... | run-2: ...`: the record's steps by agent run.
+/// `run-1: state state env ... | run-2: ...`: the record's steps by agent run (`rm:` a removal).
 fn step_sequence(steps: &[Step]) -> String {
     let mut text = String::new();
     let mut run = "";
@@ -847,6 +852,9 @@ fn step_sequence(steps: &[Step]) -> String {
             text.push(':');
         }
         text.push(' ');
+        if step.kind == "state-remove" {
+            text.push_str("rm:");
+        }
         text.push_str(if step.file == "state.json" || step.kind == "env" {
             &step.kind
         } else {
