@@ -42,8 +42,9 @@
 //! 256 KiB, except the server gzip cases': 1.5 MiB at gzip level 9 (deflate blocks every few
 //! dozen KiB) with `[agent] checkpoint_interval = "256k"`, so that their install commits its
 //! resume record (`download.resume`) at several checkpoints, each cut before like every step, and
-//! the next run resumes from the record before it (their record run must hold at least two such
-//! commits). Local cases
+//! the next run resumes from the record before it: their record run must hold at least two such
+//! commits, and a trial cut before one with an older record on disk must see a Range download
+//! from inside the artifact (not the 4-byte ISIZE fetch at its end). Local cases
 //! (`-local`, issue 18) play the same cycle started by `ddi-agent install FILE` instead of a
 //! server action: no feedback at all; at the end the state's `last_local` says `success` exactly
 //! when the new image runs confirmed from slot B, else `failure` with slot A running confirmed,
@@ -314,6 +315,36 @@ impl CaseContext {
             config_extra,
             _keys: keys,
         }
+    }
+}
+
+/// A cut before `step` leaves an earlier commit of the resume record on disk (no removal of it
+/// after that commit): the next run must resume from it.
+fn resumes_before(steps: &[Step], step: &Step) -> bool {
+    step.kind == "state"
+        && step.file == RESUME_FILE
+        && steps[..step.index]
+            .iter()
+            .rev()
+            .find(|s| s.file == RESUME_FILE)
+            .is_some_and(|s| s.kind == "state")
+}
+
+impl CaseContext {
+    /// The trial `label`'s agent downloaded the artifact with a Range request from inside it
+    /// (not the 4-byte ISIZE fetch at its end): it resumed.
+    fn resumed(&self, label: &str) -> bool {
+        let controller = format!("crash-{label}");
+        let isize_at = self.artifact.len().saturating_sub(4) as u64;
+        self.server.requests().iter().any(|r| {
+            r.controller_id == controller
+                && r.endpoint == ddi_sim::Endpoint::Download
+                && r.header("range")
+                    .and_then(|v| v.strip_prefix("bytes="))
+                    .and_then(|v| v.split('-').next())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .is_some_and(|start| start > 0 && start != isize_at)
+        })
     }
 }
 
@@ -1011,6 +1042,11 @@ fn run_case(case: Case, shim: &Path, only_step: Option<usize>) -> CaseReport {
                     Err(format!(
                         "the cycle is not deterministic: up to the cut it logged {seen:?}, the record {:?}",
                         &steps[..step.index + 1]
+                    ))
+                } else if resumes_before(&steps, step) && !ctx.resumed(&trial_label) {
+                    Err(format!(
+                        "cut before a commit of {RESUME_FILE} with an older one on disk, but no \
+                         run resumed the download with a Range request"
                     ))
                 } else {
                     Ok(outcome.agent_runs)
