@@ -130,7 +130,13 @@ pub struct AgentConfig {
     pub send_token_to_other_hosts: bool,
     pub version_file: PathBuf,
     pub lock_file: PathBuf,
+    /// Bytes between durable checkpoints of a server install (its resume points after a power
+    /// cut); at least [`MIN_CHECKPOINT_INTERVAL`].
+    pub checkpoint_interval: u64,
 }
+
+/// The smallest `agent.checkpoint_interval`: the slot writer's buffer.
+pub const MIN_CHECKPOINT_INTERVAL: u64 = 256 << 10;
 
 /// Validated agent settings.
 #[derive(Debug, Clone)]
@@ -220,6 +226,7 @@ struct FileAgent {
     send_token_to_other_hosts: Option<bool>,
     version_file: Option<String>,
     lock_file: Option<String>,
+    checkpoint_interval: Option<Spanned<RateValue>>,
 }
 
 #[derive(Deserialize)]
@@ -231,6 +238,11 @@ enum RateValue {
 
 /// Parses `512k`, `2M`, `1G` (binary multiples) or plain bytes per second.
 pub fn parse_rate(text: &str) -> Result<u64, String> {
+    parse_bytes(text, "rate")
+}
+
+/// `512k`, `2M`, `1G` (binary multiples) or plain bytes; `what` names the value in errors.
+fn parse_bytes(text: &str, what: &str) -> Result<u64, String> {
     let t = text.trim();
     let (digits, mult) = match t.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
@@ -240,7 +252,7 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
                 'g' => 1024 * 1024 * 1024,
                 _ => {
                     return Err(format!(
-                        "unknown unit '{c}' in rate \"{text}\" (use k, M or G)"
+                        "unknown unit '{c}' in {what} \"{text}\" (use k, M or G)"
                     ))
                 }
             };
@@ -251,14 +263,14 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
     let n: u64 = digits
         .trim()
         .parse()
-        .map_err(|_| format!("rate \"{text}\" is not a number with optional k/M/G suffix"))?;
-    let rate = n
+        .map_err(|_| format!("{what} \"{text}\" is not a number with optional k/M/G suffix"))?;
+    let bytes = n
         .checked_mul(mult)
-        .ok_or_else(|| format!("rate \"{text}\" is too large"))?;
-    if rate == 0 {
-        return Err("rate must be greater than 0".into());
+        .ok_or_else(|| format!("{what} \"{text}\" is too large"))?;
+    if bytes == 0 {
+        return Err(format!("{what} must be greater than 0"));
     }
-    Ok(rate)
+    Ok(bytes)
 }
 
 /// `section.key` of the `key = value` line at `offset` (a serde error names neither).
@@ -629,6 +641,29 @@ impl TryFrom<Section<'_, FileAgent>> for AgentConfig {
                 Some(parsed.map_err(|m| invalid(span, format!("agent.max_download_rate: {m}")))?)
             }
         };
+        let checkpoint_interval = match a.checkpoint_interval {
+            None => crate::install::slot::CHECKPOINT_INTERVAL,
+            Some(v) => {
+                let span = v.span();
+                let parsed = match v.into_inner() {
+                    RateValue::Number(n) => Ok(n.max(0) as u64),
+                    RateValue::Text(t) => parse_bytes(&t, "size"),
+                };
+                match parsed {
+                    Ok(n) if n >= MIN_CHECKPOINT_INTERVAL => n,
+                    Ok(n) => {
+                        return Err(invalid(
+                            span,
+                            format!(
+                                "agent.checkpoint_interval: {n} bytes is below the minimum \
+                                 256k ({MIN_CHECKPOINT_INTERVAL} bytes)"
+                            ),
+                        ))
+                    }
+                    Err(m) => return Err(invalid(span, format!("agent.checkpoint_interval: {m}"))),
+                }
+            }
+        };
         let artifact_part = match a.artifact_part {
             None => "os".to_string(),
             Some(p) if p.get_ref().is_empty() => {
@@ -654,6 +689,7 @@ impl TryFrom<Section<'_, FileAgent>> for AgentConfig {
             artifact_part,
             send_token_to_other_hosts: a.send_token_to_other_hosts.unwrap_or(false),
             version_file: resolve(base, a.version_file.as_deref().unwrap_or("/etc/os-release")),
+            checkpoint_interval,
         })
     }
 }
@@ -741,6 +777,7 @@ B = "/dev/mmcblk0p3"
             PathBuf::from("/var/lib/ddi-agent/agent.lock")
         );
         assert_eq!(c.agent.max_download_rate, None);
+        assert_eq!(c.agent.checkpoint_interval, 16 << 20);
         assert!(
             !format!("{c:?}").contains("secret"),
             "token leaked into Debug"
@@ -883,6 +920,30 @@ compatible = "board-x"
             ("[agent]\nconsent = \"maybe\"", "agent.consent"),
             ("[agent]\nmax_download_rate = \"fast\"", "max_download_rate"),
             ("[agent]\nmax_download_rate = 0", "max_download_rate"),
+            (
+                "[agent]\ncheckpoint_interval = 0",
+                "agent.checkpoint_interval",
+            ),
+            (
+                "[agent]\ncheckpoint_interval = \"0\"",
+                "agent.checkpoint_interval",
+            ),
+            (
+                "[agent]\ncheckpoint_interval = 262143",
+                "agent.checkpoint_interval",
+            ),
+            (
+                "[agent]\ncheckpoint_interval = \"255k\"",
+                "agent.checkpoint_interval",
+            ),
+            (
+                "[agent]\ncheckpoint_interval = -1",
+                "agent.checkpoint_interval",
+            ),
+            (
+                "[agent]\ncheckpoint_interval = \"big\"",
+                "agent.checkpoint_interval",
+            ),
             ("[agent]\nhealth_check_timeout = 0", "health_check_timeout"),
             ("[agent]\nhealth_checks = [\"\"]", "health_checks"),
             ("[agent]\nstate_dir = 5", "state_dir"),
@@ -996,6 +1057,26 @@ compatible = "board-x"
         assert!(parse_rate("2X").is_err());
         assert!(parse_rate("k").is_err());
         assert!(parse_rate("0").is_err());
+    }
+
+    #[test]
+    fn checkpoint_interval_takes_bytes_or_a_suffix_down_to_the_writer_buffer() {
+        for (value, bytes) in [
+            ("262144", 256 << 10),
+            ("\"256k\"", 256 << 10),
+            ("\"64M\"", 64 << 20),
+            ("\"1G\"", 1 << 30),
+        ] {
+            let c = parse(&format!(
+                "{MINIMAL}\n[agent]\ncheckpoint_interval = {value}\n"
+            ))
+            .unwrap();
+            assert_eq!(c.agent.checkpoint_interval, bytes, "{value}");
+        }
+        let e = err_text(&format!(
+            "{MINIMAL}\n[agent]\ncheckpoint_interval = \"128k\"\n"
+        ));
+        assert!(e.contains("below the minimum"), "{e}");
     }
 
     #[test]

@@ -980,8 +980,12 @@ impl Bootloader for BootCtl {
     }
 }
 
-/// [`Installer`] over `crate::install::install`.
-pub struct Pipeline;
+/// [`Installer`] over `crate::install::install_with` with these options (`Pipeline::default()`:
+/// the defaults).
+#[derive(Default)]
+pub struct Pipeline {
+    pub options: crate::install::InstallOptions,
+}
 
 impl Installer for Pipeline {
     async fn install(
@@ -990,7 +994,7 @@ impl Installer for Pipeline {
         req: &InstallRequest,
         progress: &mut (dyn FnMut(Progress) + Send),
     ) -> Result<SlotImage, InstallFailure> {
-        crate::install::install(http, req, progress)
+        crate::install::install_with(http, req, &self.options, progress)
             .await
             .map(|i| SlotImage {
                 bytes: i.bytes_written,

@@ -221,8 +221,14 @@ fn open_driver(cfg: Config) -> Result<(RealDriver, InstanceLock), u8> {
         timeout: cfg.agent.health_check_timeout,
     };
     let reboot = RebootCommand(cfg.boot.reboot_command.clone());
+    let pipeline = Pipeline {
+        options: crate::install::InstallOptions {
+            checkpoint_interval: cfg.agent.checkpoint_interval,
+            ..Default::default()
+        },
+    };
     let driver = logged(
-        Driver::new(cfg, client, store, boot, Pipeline, health, reboot),
+        Driver::new(cfg, client, store, boot, pipeline, health, reboot),
         exit::INCOMPLETE,
     )?;
     Ok((driver, lock))

@@ -82,6 +82,8 @@ pub struct DeviceOptions {
     pub health_check_timeout: u64,
     /// `[agent] max_download_rate`, e.g. `"2M"`.
     pub max_download_rate: Option<String>,
+    /// `[agent] checkpoint_interval`, e.g. `"256k"`.
+    pub checkpoint_interval: Option<String>,
     /// Extra `key = value` lines for the `[agent]` table.
     pub agent_extra: String,
     /// Extra TOML appended after all tables (e.g. a `[bundle]` table).
@@ -105,6 +107,7 @@ impl DeviceOptions {
             health_checks: None,
             health_check_timeout: 20,
             max_download_rate: None,
+            checkpoint_interval: None,
             agent_extra: String::new(),
             config_extra: String::new(),
         }
@@ -332,6 +335,12 @@ impl FileDevice {
         );
         if let Some(rate) = &o.max_download_rate {
             text.push_str(&format!("max_download_rate = {}\n", toml_string(rate)));
+        }
+        if let Some(interval) = &o.checkpoint_interval {
+            text.push_str(&format!(
+                "checkpoint_interval = {}\n",
+                toml_string(interval)
+            ));
         }
         if !o.agent_extra.is_empty() {
             text.push_str(&o.agent_extra);

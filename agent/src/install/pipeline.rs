@@ -336,12 +336,17 @@ pub fn read_gzip_prefix(
     point: GzipPoint,
 ) -> Result<Option<GzipResume>, InstallError> {
     let mut hash = Sha256::new();
+    // The decoder's CRC-32 of the output so far (a boundary is only ever in the first member,
+    // so it covers the whole prefix): a record whose crc32 is off would fail the trailer check
+    // only after the whole download.
+    let mut crc = 0u32;
     let mut window: Vec<u8> = Vec::with_capacity(2 * gunzip::WINDOW);
     slot::read_range(
         dev,
         point.at.out,
         |b| {
             hash.update(b);
+            crc = zlib_rs::crc32::crc32(crc, b);
             if b.len() >= gunzip::WINDOW {
                 window.clear();
                 window.extend_from_slice(&b[b.len() - gunzip::WINDOW..]);
@@ -354,7 +359,7 @@ pub fn read_gzip_prefix(
         |_| {},
     )?;
     let actual = hex::encode(hash.clone().finalize());
-    if actual != point.slot_sha256 {
+    if actual != point.slot_sha256 || crc != point.at.crc {
         tracing::warn!(
             slot = %dev.path().display(),
             resume_at = point.at.out,
@@ -802,7 +807,12 @@ fn copy_gzip<R: Read>(
     offset: &dyn Fn() -> u64,
 ) -> Result<(), InstallError> {
     // A few points per checkpoint interval are plenty: one just before the checkpoint counts.
-    let spacing = (plan.checkpoint_interval / 16).max(1 << 20);
+    // Never more than half an interval apart, so that a small interval (the config's minimum is
+    // 256 KiB) still keeps a point before each checkpoint.
+    let spacing = (plan.checkpoint_interval / 16)
+        .max(1 << 20)
+        .min(plan.checkpoint_interval / 2)
+        .max(1);
     let mut pending = VecDeque::new();
     let mut next_at = decoder.output_offset().saturating_add(spacing);
     decoder.boundaries_from(next_at);

@@ -881,6 +881,39 @@ async fn interrupted_gzip_install(fx: &Fixture) -> (Vec<u8>, Vec<u8>, resume::Re
 }
 
 #[tokio::test]
+async fn a_small_checkpoint_interval_keeps_gzip_points_before_its_first_checkpoint() {
+    // 256 KiB (the config's minimum): boundaries kept at most half an interval apart, so the
+    // first checkpoints (well before 1 MiB of output) already give a resume record.
+    let fx = Fixture::new(2 << 20);
+    let img = gunzip::tests::image(3 << 19, 22);
+    let gz = gunzip::tests::gzip(&img, 6);
+    let server = ArtifactServer::start(gz.clone());
+    server.always(drop_after(gz.len() as u64 * 45 / 100));
+    let mut options = fast_options();
+    options.retry.attempts = 0;
+    options.checkpoint_interval = 256 << 10;
+    let err = run(&fx.request(&server.url, &gz), &options)
+        .await
+        .0
+        .unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    let record = resume::load(&fx.resume_path()).expect("resume record kept");
+    assert_eq!(record.format, "gzip", "{record:?}");
+    assert!(
+        record.slot_offset > 0 && record.slot_offset < 1 << 20,
+        "{record:?}"
+    );
+    let server = ArtifactServer::start(gz.clone());
+    let installed = run(&fx.request(&server.url, &gz), &options)
+        .await
+        .0
+        .unwrap();
+    assert_eq!(installed.sha256_of_slot_image, sha256_hex(&img));
+    fx.assert_installed(&img);
+    assert_eq!(server.requests()[0].0, Some(record.artifact_offset));
+}
+
+#[tokio::test]
 async fn restart_resumes_gzip_image_from_a_block_boundary() {
     let fx = Fixture::new(9 << 20);
     let (img, gz, record) = interrupted_gzip_install(&fx).await;
@@ -918,6 +951,58 @@ async fn gzip_resume_over_a_changed_slot_starts_over() {
             .unwrap();
         assert_eq!(server.requests()[0].0, None, "resumed over a changed slot");
         fx.assert_installed(&img);
+    }
+}
+
+#[tokio::test]
+async fn a_gzip_record_whose_crc32_is_off_starts_over_before_any_range_download() {
+    let fx = Fixture::new(9 << 20);
+    let (img, gz, record) = interrupted_gzip_install(&fx).await;
+    // Like a slot sha256 mismatch: the prefix check drops the record before downloading.
+    for (what, bad) in [
+        (
+            "crc32",
+            resume::ResumeRecord {
+                crc32: record.crc32.map(|c| c ^ 4),
+                ..record.clone()
+            },
+        ),
+        (
+            "slot sha256",
+            resume::ResumeRecord {
+                slot_sha256: Some("0".repeat(64)),
+                ..record.clone()
+            },
+        ),
+    ] {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&fx.slot)
+            .unwrap();
+        let out = record.slot_offset as usize;
+        std::os::unix::fs::FileExt::write_all_at(&f, &img[..out], 0).unwrap();
+        resume::save(&fx.resume_path(), &bad).unwrap();
+        let server = ArtifactServer::start(gz.clone());
+        let installed = run(&fx.request(&server.url, &gz), &fast_options())
+            .await
+            .0
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(installed.sha256_of_slot_image, sha256_hex(&img), "{what}");
+        fx.assert_installed(&img);
+        assert!(!fx.resume_path().exists(), "{what}: the record stays");
+        // One download from byte 0 (plus the 4-byte ISIZE fetch a fresh gzip install makes),
+        // never the resume's Range request.
+        let requests = server.requests();
+        let tail = gz.len() as u64 - 4;
+        assert_eq!(
+            requests.iter().filter(|r| r.0.is_none()).count(),
+            1,
+            "{what}: {requests:?}"
+        );
+        assert!(
+            requests.iter().all(|r| r.0.is_none() || r.0 == Some(tail)),
+            "{what}: a wasted Range download: {requests:?}"
+        );
     }
 }
 

@@ -145,7 +145,7 @@ impl Installer for RealInstaller {
         progress: &mut (dyn FnMut(Progress) + Send),
     ) -> Result<SlotImage, InstallFailure> {
         self.0.push(format!("install {}", slot_name(req)));
-        Pipeline.install(http, req, progress).await
+        Pipeline::default().install(http, req, progress).await
     }
 
     async fn verify(
@@ -153,7 +153,7 @@ impl Installer for RealInstaller {
         req: &InstallRequest,
         image: &SlotImage,
     ) -> Result<SlotImage, InstallFailure> {
-        let result = Pipeline.verify(req, image).await;
+        let result = Pipeline::default().verify(req, image).await;
         let outcome = if result.is_ok() { "ok" } else { "mismatch" };
         self.0.push(format!("verify {} {outcome}", slot_name(req)));
         result

@@ -38,7 +38,13 @@
 //! confirmed. A good image ends with `success` after any cut.
 //!
 //! Cases: good raw image, good gzip image, good signed bundle, an image failing its health
-//! check, an image that never boots; each for the `bootcount` and `rauc` schemes. Local cases
+//! check, an image that never boots; each for the `bootcount` and `rauc` schemes. The images are
+//! 256 KiB, except the server gzip cases': 1.5 MiB at gzip level 9 (deflate blocks every few
+//! dozen KiB) with `[agent] checkpoint_interval = "256k"`, so that their install commits its
+//! resume record (`download.resume`) at several checkpoints, each cut before like every step, and
+//! the next run resumes from the record before it: their record run must hold at least two such
+//! commits, and a trial cut before one with an older record on disk must see a Range download
+//! from inside the artifact (not the 4-byte ISIZE fetch at its end). Local cases
 //! (`-local`, issue 18) play the same cycle started by `ddi-agent install FILE` instead of a
 //! server action: no feedback at all; at the end the state's `last_local` says `success` exactly
 //! when the new image runs confirmed from slot B, else `failure` with slot A running confirmed,
@@ -69,6 +75,15 @@ const SHIM_SOURCE: &str = include_str!("crash_points/shim.c");
 const IMAGE_SIZE: usize = 256 * 1024;
 const FACTORY_SIZE: usize = 64 * 1024;
 const SLOT_SIZE: u64 = 512 * 1024;
+/// The server gzip cases' image: large enough for several checkpoints at
+/// [`GZIP_CHECKPOINT_INTERVAL`], so that the download's resume record is written (and cut
+/// before) several times and the cycle resumes from it.
+const GZIP_IMAGE_SIZE: usize = 1536 * 1024;
+const GZIP_SLOT_SIZE: u64 = 2 << 20;
+/// `[agent] checkpoint_interval` of the server gzip cases: the minimum.
+const GZIP_CHECKPOINT_INTERVAL: &str = "256k";
+/// The resume record's file in the state directory.
+const RESUME_FILE: &str = "download.resume";
 /// Trial boots U-Boot gives the new slot.
 const ATTEMPTS: u32 = 3;
 const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -228,6 +243,10 @@ struct CaseContext {
     factory: Vec<u8>,
     filename: &'static str,
     artifact: Bytes,
+    /// Capacity of each slot.
+    slot_size: u64,
+    /// `[agent] checkpoint_interval`, when not the default.
+    checkpoint_interval: Option<&'static str>,
     config_extra: String,
     /// Keeps the bundle's public key file alive.
     _keys: Option<tempfile::TempDir>,
@@ -235,12 +254,21 @@ struct CaseContext {
 
 impl CaseContext {
     fn new(case: Case, shim: &Path) -> CaseContext {
-        let image = Image::new("demo-os", "2.0", case.health, IMAGE_SIZE);
+        // A server gzip image resumes from a deflate block boundary: big enough for several
+        // checkpoints, compressed at level 9 (deflate blocks every few dozen KiB).
+        let resumable_gzip = case.payload == Payload::Gzip && !case.local;
+        let size = if resumable_gzip {
+            GZIP_IMAGE_SIZE
+        } else {
+            IMAGE_SIZE
+        };
+        let image = Image::new("demo-os", "2.0", case.health, size);
         let factory = Image::new("factory", "1.0", Health::Good, FACTORY_SIZE).bytes;
         let mut keys = None;
         let mut config_extra = String::new();
         let (filename, artifact) = match case.payload {
             Payload::Raw => ("os.img", image.bytes.clone()),
+            Payload::Gzip if resumable_gzip => ("os.img.gz", image.gzip_best()),
             Payload::Gzip => ("os.img.gz", image.gzip()),
             Payload::Bundle => {
                 let dir = tempfile::tempdir().expect("temporary directory");
@@ -278,9 +306,45 @@ impl CaseContext {
             factory,
             filename,
             artifact: Bytes::from(artifact),
+            slot_size: if resumable_gzip {
+                GZIP_SLOT_SIZE
+            } else {
+                SLOT_SIZE
+            },
+            checkpoint_interval: resumable_gzip.then_some(GZIP_CHECKPOINT_INTERVAL),
             config_extra,
             _keys: keys,
         }
+    }
+}
+
+/// A cut before `step` leaves an earlier commit of the resume record on disk (no removal of it
+/// after that commit): the next run must resume from it.
+fn resumes_before(steps: &[Step], step: &Step) -> bool {
+    step.kind == "state"
+        && step.file == RESUME_FILE
+        && steps[..step.index]
+            .iter()
+            .rev()
+            .find(|s| s.file == RESUME_FILE)
+            .is_some_and(|s| s.kind == "state")
+}
+
+impl CaseContext {
+    /// The trial `label`'s agent downloaded the artifact with a Range request from inside it
+    /// (not the 4-byte ISIZE fetch at its end): it resumed.
+    fn resumed(&self, label: &str) -> bool {
+        let controller = format!("crash-{label}");
+        let isize_at = self.artifact.len().saturating_sub(4) as u64;
+        self.server.requests().iter().any(|r| {
+            r.controller_id == controller
+                && r.endpoint == ddi_sim::Endpoint::Download
+                && r.header("range")
+                    .and_then(|v| v.strip_prefix("bytes="))
+                    .and_then(|v| v.split('-').next())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .is_some_and(|start| start > 0 && start != isize_at)
+        })
     }
 }
 
@@ -319,7 +383,8 @@ impl<'a> Trial<'a> {
             .create_target(&controller, Some(TOKEN))
             .map_err(|e| format!("create target: {e}"))?;
         let mut options = DeviceOptions::new(&ctx.server.url(), &controller, TOKEN);
-        options.slot_size = SLOT_SIZE;
+        options.slot_size = ctx.slot_size;
+        options.checkpoint_interval = ctx.checkpoint_interval.map(str::to_string);
         options.factory_image = ctx.factory.clone();
         options.scheme = ctx.case.scheme;
         options.attempts = ATTEMPTS;
@@ -411,8 +476,11 @@ impl<'a> Trial<'a> {
         }
         for slot in [Slot::A, Slot::B] {
             let len = self.slot(slot)?.len() as u64;
-            if len != SLOT_SIZE {
-                return fail(format!("slot {slot} is {len} bytes, not {SLOT_SIZE}"));
+            if len != self.ctx.slot_size {
+                return fail(format!(
+                    "slot {slot} is {len} bytes, not {}",
+                    self.ctx.slot_size
+                ));
             }
         }
         if !self.holds(Slot::A)? {
@@ -801,7 +869,7 @@ fn fw_printenv(device: &FileDevice) -> Result<BTreeMap<String, String>, String> 
         .collect()
 }
 
-/// `run-1: state state env ... | run-2: ...`: the record's steps by agent run.
+/// `run-1: state state env ... | run-2: ...`: the record's steps by agent run (`rm:` a removal).
 fn step_sequence(steps: &[Step]) -> String {
     let mut text = String::new();
     let mut run = "";
@@ -815,6 +883,9 @@ fn step_sequence(steps: &[Step]) -> String {
             text.push(':');
         }
         text.push(' ');
+        if step.kind == "state-remove" {
+            text.push_str("rm:");
+        }
         text.push_str(if step.file == "state.json" || step.kind == "env" {
             &step.kind
         } else {
@@ -923,6 +994,18 @@ fn run_case(case: Case, shim: &Path, only_step: Option<usize>) -> CaseReport {
         steps.iter().any(|s| s.kind == "env") && steps.iter().any(|s| s.kind == "state"),
         "{name}: implausible record, no env save or no state commit: {steps:?}"
     );
+    // A small checkpoint interval must put resume-record commits into the cycle (each is then
+    // cut before, and the next run resumes from the one before it).
+    if ctx.checkpoint_interval.is_some() {
+        let resume_commits = steps
+            .iter()
+            .filter(|s| s.kind == "state" && s.file == RESUME_FILE)
+            .count();
+        assert!(
+            resume_commits >= 2,
+            "{name}: {resume_commits} commits of {RESUME_FILE} in the record: {steps:?}"
+        );
+    }
 
     let mut trials = 1;
     let mut torn_trials = 0;
@@ -959,6 +1042,11 @@ fn run_case(case: Case, shim: &Path, only_step: Option<usize>) -> CaseReport {
                     Err(format!(
                         "the cycle is not deterministic: up to the cut it logged {seen:?}, the record {:?}",
                         &steps[..step.index + 1]
+                    ))
+                } else if resumes_before(&steps, step) && !ctx.resumed(&trial_label) {
+                    Err(format!(
+                        "cut before a commit of {RESUME_FILE} with an older one on disk, but no \
+                         run resumed the download with a Range request"
                     ))
                 } else {
                     Ok(outcome.agent_runs)
