@@ -117,6 +117,8 @@ pub struct XzGuard<R> {
     /// Compressed bytes of the current block, or bytes of the current index.
     counted: u64,
     blocks: u64,
+    /// Blocks of the streams before the current one.
+    blocks_before_stream: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,6 +165,7 @@ impl<R> XzGuard<R> {
             check_len: 0,
             counted: 0,
             blocks: 0,
+            blocks_before_stream: 0,
         }
     }
 
@@ -275,7 +278,20 @@ impl<R> XzGuard<R> {
                 self.counted += 1;
                 let value = value | (u64::from(byte & 0x7f) << shift.min(63));
                 match byte & 0x80 {
-                    0 => self.index_records(value.saturating_mul(2)),
+                    0 => {
+                        // The index has one record per block of its stream (xz format
+                        // 1.2.1, 4.2); the decoder reserves memory for the count it reads,
+                        // so a forged count must stop here, before it gets to the decoder.
+                        let blocks = self.blocks - self.blocks_before_stream;
+                        if value != blocks {
+                            return Err(io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                format!("xz: the index lists {value} records for {blocks} blocks"),
+                            ));
+                        }
+                        self.blocks_before_stream = self.blocks;
+                        self.index_records(value.saturating_mul(2))
+                    }
                     _ => XzState::IndexCount {
                         value,
                         shift: shift.saturating_add(7),
@@ -667,6 +683,30 @@ mod tests {
     /// The guard follows every layout the decoder takes without a false alarm: many blocks,
     /// stored (uncompressed) LZMA2 chunks, every check type, filters before LZMA2, several
     /// streams with stream padding between them; and a later stream's blocks are checked.
+    #[test]
+    fn an_xz_index_whose_record_count_is_not_its_block_count_is_refused() {
+        let stream = xz(&mixed(100_000), 1 << 16);
+        assert!(unxz(&stream).is_ok());
+        // The index starts `backward size` bytes before the 12-byte stream footer: its
+        // indicator (0), then the record count (1 block: one byte, 1).
+        let footer = stream.len() - 12;
+        let backward = u32::from_le_bytes(stream[footer + 4..footer + 8].try_into().unwrap());
+        let index = footer - (backward as usize + 1) * 4;
+        assert_eq!(&stream[index..index + 2], &[0, 1]);
+        let mut more = stream.clone();
+        more[index + 1] = 5;
+        let err = unxz(&more).unwrap_err();
+        assert!(err.to_string().contains("5 records for 1 blocks"), "{err}");
+        // A count the decoder would reserve hundreds of GiB for never reaches it.
+        let mut huge = stream.clone();
+        huge.splice(index + 1..index + 2, [0xff, 0xff, 0xff, 0xff, 0x7f]);
+        let err = unxz(&huge).unwrap_err();
+        assert!(
+            err.to_string().contains("34359738367 records for 1 blocks"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn the_xz_guard_follows_every_container_layout() {
         use lzma_rust2::{CheckType, FilterConfig, XzOptions};
