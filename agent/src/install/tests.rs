@@ -975,24 +975,9 @@ async fn a_gzip_record_whose_crc32_is_off_starts_over_before_any_range_download(
             },
         ),
     ] {
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&fx.slot)
-            .unwrap();
-        let out = record.slot_offset as usize;
-        std::os::unix::fs::FileExt::write_all_at(&f, &img[..out], 0).unwrap();
-        resume::save(&fx.resume_path(), &bad).unwrap();
-        let server = ArtifactServer::start(gz.clone());
-        let installed = run(&fx.request(&server.url, &gz), &fast_options())
-            .await
-            .0
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
-        assert_eq!(installed.sha256_of_slot_image, sha256_hex(&img), "{what}");
-        fx.assert_installed(&img);
-        assert!(!fx.resume_path().exists(), "{what}: the record stays");
+        let requests = install_over_record(&fx, &img, &gz, &record, &bad, what).await;
         // One download from byte 0 (plus the 4-byte ISIZE fetch a fresh gzip install makes),
         // never the resume's Range request.
-        let requests = server.requests();
         let tail = gz.len() as u64 - 4;
         assert_eq!(
             requests.iter().filter(|r| r.0.is_none()).count(),
@@ -1004,6 +989,35 @@ async fn a_gzip_record_whose_crc32_is_off_starts_over_before_any_range_download(
             "{what}: a wasted Range download: {requests:?}"
         );
     }
+}
+
+/// The slot as an interrupted gzip install left it (the image up to `record`'s slot offset),
+/// with `bad` as its resume record: install `gz` again, check that the image is installed and
+/// the record gone, and return the requests the server saw.
+async fn install_over_record(
+    fx: &Fixture,
+    img: &[u8],
+    gz: &[u8],
+    record: &resume::ResumeRecord,
+    bad: &resume::ResumeRecord,
+    what: &str,
+) -> Vec<(Option<u64>, Option<String>)> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fx.slot)
+        .unwrap();
+    let out = record.slot_offset as usize;
+    std::os::unix::fs::FileExt::write_all_at(&f, &img[..out], 0).unwrap();
+    resume::save(&fx.resume_path(), bad).unwrap();
+    let server = ArtifactServer::start(gz.to_vec());
+    let installed = run(&fx.request(&server.url, gz), &fast_options())
+        .await
+        .0
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(installed.sha256_of_slot_image, sha256_hex(img), "{what}");
+    fx.assert_installed(img);
+    assert!(!fx.resume_path().exists(), "{what}: the record stays");
+    server.requests()
 }
 
 #[tokio::test]
@@ -1071,25 +1085,9 @@ async fn a_tampered_gzip_record_never_gives_a_wrong_image() {
         ),
     ];
     for (what, bad) in tampered {
-        // The slot as the interrupted install left it, with the tampered record.
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&fx.slot)
-            .unwrap();
-        let out = record.slot_offset as usize;
-        std::os::unix::fs::FileExt::write_all_at(&f, &img[..out], 0).unwrap();
-        resume::save(&fx.resume_path(), &bad).unwrap();
-        let server = ArtifactServer::start(gz.clone());
         // The record does not fit and is ignored, or the resume fails and the install starts
         // over from byte 0 once: either way a clean download installs the image.
-        let installed = run(&fx.request(&server.url, &gz), &fast_options())
-            .await
-            .0
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
-        assert_eq!(installed.sha256_of_slot_image, sha256_hex(&img), "{what}");
-        fx.assert_installed(&img);
-        assert!(!fx.resume_path().exists(), "{what}: the record stays");
-        let requests = server.requests();
+        let requests = install_over_record(&fx, &img, &gz, &record, &bad, what).await;
         // Ignored, or resumed and then started over: either way one request from byte 0.
         assert!(
             requests.iter().any(|r| r.0.is_none()),
