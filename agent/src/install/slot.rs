@@ -478,6 +478,30 @@ fn slot_io(dev: &dyn SlotDevice, op: &'static str, offset: u64, source: io::Erro
     }
 }
 
+/// Read the slot's bytes from the 4 KiB boundary below `start` up to it into `buf`, so the
+/// writer's buffers start aligned; returns how many (0 when `start` is aligned, the slot
+/// keeps nothing, or the read fails: the writer then starts at `start`, unaligned, and its
+/// writes go through the page cache).
+fn align_start(dev: &mut dyn SlotDevice, start: u64, buf: &mut [u8]) -> usize {
+    let before = (start % DIRECT_ALIGN as u64) as usize;
+    if before == 0 || !dev.keeps_data() {
+        return 0;
+    }
+    let mut got = 0;
+    while got < before {
+        match dev.read_at(start - before as u64 + got as u64, &mut buf[got..before]) {
+            Ok(0) => return 0,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::debug!(error = %e, start, "cannot align the resumed writes; writing through the page cache");
+                return 0;
+            }
+        }
+    }
+    before
+}
+
 /// Writes the image into a slot: guards the capacity, hashes the image bytes (sha256, for the
 /// read-back check), and hands full aligned buffers to a writer thread, which writes them,
 /// bounds dirty memory, makes durable checkpoints, and has every range that reached the device
@@ -520,6 +544,13 @@ impl<'a> SlotWriter<'a> {
     /// Write from `start` on; `prefix_hash` is the sha256 of the slot bytes before it, read
     /// from the device (resume), and starts both the image hash and the read-back hash.
     /// A durable checkpoint is made every `checkpoint_interval` bytes.
+    ///
+    /// A resume point is rarely 4 KiB aligned (a deflate block boundary, a chunk's end): the
+    /// slot's bytes from the aligned offset below it to `start` are read into the buffer
+    /// first, so every buffer is written at an aligned offset and the rest of the image goes
+    /// `O_DIRECT` as a fresh install does, instead of through the page cache. Those bytes are
+    /// not hashed again (`prefix_hash` covers them) and are rewritten as they are: a device
+    /// that returns other bytes than it holds fails the final read-back.
     pub fn new(
         dev: &'a mut dyn SlotDevice,
         start: u64,
@@ -527,15 +558,18 @@ impl<'a> SlotWriter<'a> {
         checkpoint_interval: u64,
     ) -> Self {
         let checkpoint_interval = checkpoint_interval.max(WRITE_BUFFER as u64);
+        let mut buf = AlignedBuffer::new(WRITE_BUFFER);
+        let filled = align_start(&mut *dev, start, buf.as_mut_slice());
+        let buf_offset = start - filled as u64;
         let read_back = ReadBack::new(&*dev, start, prefix_hash.clone());
         let read_back_done = read_back.progress();
         let durable = Arc::new(AtomicU64::new(start));
         let flusher = Flusher {
-            offset: start,
+            offset: buf_offset,
             read_back,
-            window_start: start,
+            window_start: buf_offset,
             started: None,
-            last_checkpoint: start,
+            last_checkpoint: buf_offset,
             durable: Arc::clone(&durable),
             sync_window: SYNC_WINDOW.min(checkpoint_interval),
             checkpoint_interval,
@@ -551,9 +585,9 @@ impl<'a> SlotWriter<'a> {
         };
         SlotWriter {
             dev,
-            buf: AlignedBuffer::new(WRITE_BUFFER),
-            filled: 0,
-            offset: start,
+            buf,
+            filled,
+            offset: buf_offset,
             image_hash: Some(prefix_hash),
             flush,
             durable,
@@ -1353,6 +1387,10 @@ mod writeback_tests {
         reached_to: u64,
         /// The read in progress (offset, length), recorded when a non-contiguous call follows.
         reading: Option<(u64, u64)>,
+        /// Offset of every write.
+        write_offsets: Vec<u64>,
+        /// Every read fails (a device that cannot be read).
+        refuse_reads: bool,
     }
 
     impl Recorder {
@@ -1385,12 +1423,16 @@ mod writeback_tests {
         }
         fn write_all_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
             self.data[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+            self.write_offsets.push(offset);
             self.dirty += data.len() as u64;
             self.max_dirty = self.max_dirty.max(self.dirty);
             self.written_to = self.written_to.max(offset + data.len() as u64);
             Ok(())
         }
         fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+            if self.refuse_reads {
+                return Err(io::Error::other("unreadable"));
+            }
             let n = buf.len().min(self.data.len() - offset as usize);
             // Reads past the image (whole blocks for O_DIRECT) are ignored by the reader.
             let image_end = (offset + n as u64).min(self.written_to);
@@ -1469,6 +1511,58 @@ mod writeback_tests {
         "sync",         // finish
         "read 24M+15M", // the rest of the 41.7 MB
     ];
+
+    /// A slot holding `prefix` durably from an interrupted install, written on from its end
+    /// with `rest` by a resumed writer; returns the device, the whole image and what the
+    /// writer's finish returned.
+    fn resume_at_unaligned(
+        refuse_reads: bool,
+    ) -> (Recorder, Vec<u8>, Result<Written, InstallError>) {
+        let prefix: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        let rest: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 241) as u8).collect();
+        let mut dev = Recorder::new(4 << 20);
+        dev.data[..prefix.len()].copy_from_slice(&prefix);
+        dev.written_to = prefix.len() as u64;
+        dev.reached_to = prefix.len() as u64;
+        dev.refuse_reads = refuse_reads;
+        let mut prefix_hash = Sha256::new();
+        prefix_hash.update(&prefix);
+        let mut w = SlotWriter::new(&mut dev, prefix.len() as u64, prefix_hash, 16 << 20);
+        assert_eq!(w.position(), prefix.len() as u64);
+        for part in rest.chunks(300_000) {
+            w.write(part).unwrap();
+        }
+        let done = w.finish();
+        (dev, [prefix, rest].concat(), done)
+    }
+
+    #[test]
+    fn a_writer_resumed_at_an_unaligned_offset_writes_aligned_buffers() {
+        let (dev, image, done) = resume_at_unaligned(false);
+        let done = done.unwrap();
+        // The 904 slot bytes before the resume point were read into the first buffer, so
+        // every write (but the tail) starts on a 4 KiB boundary, the first at 4096.
+        assert_eq!(dev.write_offsets.first(), Some(&4096));
+        assert!(
+            dev.write_offsets.iter().all(|o| o % 4096 == 0),
+            "{:?}",
+            dev.write_offsets
+        );
+        assert_eq!(&dev.data[..image.len()], &image[..]);
+        assert_eq!(done.bytes, image.len() as u64);
+        let expected = hex::encode(Sha256::digest(&image));
+        assert_eq!(done.image_sha256.as_deref(), Some(expected.as_str()));
+        assert_eq!(done.read_back_sha256, expected);
+    }
+
+    #[test]
+    fn a_slot_that_cannot_be_read_is_written_from_the_resume_point_unaligned() {
+        let (dev, image, done) = resume_at_unaligned(true);
+        // The final read-back cannot read either.
+        assert!(done.is_err());
+        assert_eq!(dev.write_offsets.first(), Some(&5000));
+        assert_eq!(&dev.data[..image.len()], &image[..]);
+    }
 
     #[test]
     fn dirty_data_is_bounded_and_checkpoints_are_durable() {
