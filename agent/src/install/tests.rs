@@ -1239,6 +1239,51 @@ async fn restart_resumes_a_raw_image_in_a_tar_by_replaying_its_head_and_the_slot
     assert!(!fx.resume_path().exists());
 }
 
+/// A replay needs no saved hash state: a tar announced with only an md5 resumes too, the md5
+/// covering the replayed head and slot bytes.
+#[tokio::test]
+async fn a_tar_with_only_an_md5_resumes_by_replay() {
+    let img = image(3 << 20, 38);
+    let tar = tar_of(&[("rootfs.img", &img)]);
+    let md5_only = |req: &mut InstallRequest, _: &mut InstallOptions| {
+        req.expected = ExpectedHash {
+            sha256: None,
+            sha1: None,
+            md5: Some(hex::encode(<md5::Md5 as Digest>::digest(&tar))),
+        };
+    };
+    let fx = Fixture::new(4 << 20);
+    let record = interrupted_member_install(&fx, &img, &tar, &md5_only).await;
+    assert_eq!(record.algorithm, "md5", "{record:?}");
+    let server = ArtifactServer::start(tar.clone());
+    let (req, options) = replay_request(&fx, &server, &tar, &md5_only);
+    let installed = run(&req, &options).await.0.unwrap();
+    assert_eq!(installed.sha256_of_slot_image, sha256_hex(&img));
+    fx.assert_installed(&img);
+    let requests: Vec<_> = server.requests().into_iter().map(|r| r.0).collect();
+    assert_eq!(requests, [Some(0), Some(record.artifact_offset)]);
+    // A wrong md5 is caught over the replayed bytes as well: the resume starts over once,
+    // then the install fails for good.
+    std::fs::write(&fx.slot, vec![FILL; fx.capacity]).unwrap();
+    let record = interrupted_member_install(&fx, &img, &tar, &md5_only).await;
+    let bad_md5 = |req: &mut InstallRequest, o: &mut InstallOptions| {
+        md5_only(req, o);
+        req.expected.md5 = Some("0".repeat(32));
+    };
+    let forged = resume::ResumeRecord {
+        expected_hash: "0".repeat(32),
+        ..record
+    };
+    resume::save(&fx.resume_path(), &forged).unwrap();
+    let server = ArtifactServer::start(tar.clone());
+    let (req, options) = replay_request(&fx, &server, &tar, &bad_md5);
+    let err = run(&req, &options).await.0.unwrap_err();
+    assert!(matches!(err, InstallError::HashMismatch { .. }), "{err}");
+    let requests: Vec<_> = server.requests().into_iter().map(|r| r.0).collect();
+    assert_eq!(requests, [Some(0), Some(forged.artifact_offset), None]);
+    assert!(!fx.resume_path().exists());
+}
+
 #[tokio::test]
 async fn restart_resumes_a_raw_image_in_a_signed_bundle_by_replay() {
     let img = image(5 << 20, 32);
