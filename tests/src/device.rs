@@ -440,6 +440,22 @@ impl FileDevice {
         Ok(bytes.len() >= image.len() && &bytes[..image.len()] == image)
     }
 
+    /// Invert the byte at `offset` of `slot` (written behind the agent's back: bit rot,
+    /// another writer).
+    pub fn flip_slot_byte(&self, slot: Slot, offset: u64) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let path = self.slot_path(slot);
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err("open slot", &path))?;
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, offset)
+            .and_then(|()| file.write_all_at(&[!byte[0]], offset))
+            .map_err(io_err("flip a slot byte", &path))
+    }
+
     /// The header of the image in `slot`, if it holds one built by [`Image`].
     pub fn slot_image(&self, slot: Slot) -> Option<ImageHeader> {
         let bytes = self.slot_bytes(slot).ok()?;

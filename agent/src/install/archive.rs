@@ -16,6 +16,11 @@ pub trait ImageSink {
     /// The image's size is known before its first byte: fail now if it cannot fit.
     fn expect_size(&mut self, size: u64) -> Result<(), InstallError>;
     fn write(&mut self, data: &[u8]) -> Result<(), InstallError>;
+    /// The image member's data starts at `data_offset` of the archive (called before
+    /// [`ImageSink::expect_size`]): where resume records place it.
+    fn image_member(&mut self, _data_offset: u64) -> Result<(), InstallError> {
+        Ok(())
+    }
 }
 
 fn rejected(msg: String) -> InstallError {
@@ -105,6 +110,7 @@ pub fn extract_image<R: Read>(
         if path.as_os_str().is_empty() {
             return Err(rejected("a regular file without a name".into()));
         }
+        sink.image_member(entry.raw_file_position())?;
         sink.expect_size(size)?;
         let mut written = 0u64;
         loop {

@@ -69,6 +69,9 @@ pub fn open<'a>(
 pub struct Opened<'a> {
     pub reader: Box<dyn Read + 'a>,
     pub chunked: Option<SignedChunks>,
+    /// A bundle: where its image member's data starts in the artifact (None: the artifact
+    /// is passed through as it is).
+    pub data_offset: Option<u64>,
 }
 
 /// What the signature vouches for in a chunked (format 2 or 3) bundle.
@@ -105,6 +108,7 @@ pub fn open_image<'a>(
         return Ok(Opened {
             reader: Box::new(stream),
             chunked: None,
+            data_offset: None,
         });
     }
 
@@ -124,9 +128,11 @@ pub fn open_image<'a>(
         }),
         _ => None,
     };
+    let data_offset = Some(reader.data_offset());
     Ok(Opened {
         reader: Box::new(reader),
         chunked,
+        data_offset,
     })
 }
 

@@ -143,6 +143,17 @@ pub enum InstallError {
         offset: u64,
     },
 
+    /// A replay resume (a raw image member of a tar or signed bundle, see `resume.rs`) found
+    /// that the artifact and the slot do not fit its record: the image member is elsewhere or
+    /// shorter, or the bytes read from the slot are not the image's. The install starts over
+    /// from byte 0 once.
+    #[error("slot {}: cannot resume at byte {resume_at}: {why}", slot.display())]
+    ReplayMismatch {
+        slot: PathBuf,
+        resume_at: u64,
+        why: String,
+    },
+
     /// The resume state file could not be written.
     #[error("resume state {}: {source}", path.display())]
     ResumeState {

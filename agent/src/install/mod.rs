@@ -26,7 +26,9 @@
 //!
 //! Resume: within one run, network faults are resumed with Range requests; across restarts,
 //! raw images continue from the last durable checkpoint, plain gzip images from the last deflate
-//! block boundary before it ([`gunzip`]), delta installs from the chunk at it (see [`resume`]).
+//! block boundary before it ([`gunzip`]), a raw image in a plain tar or signed bundle by
+//! replaying the artifact's head (fetched again) and the slot's bytes through the same reading
+//! path, delta installs from the chunk at it (see [`resume`]).
 //!
 //! Layout: [`source`] (download), [`pipeline`] (blocking stage), [`decode`] (format
 //! detection), [`gunzip`] (gzip with resume points), [`compress`] (zstd and xz decoders),
@@ -286,14 +288,23 @@ pub async fn install_with(
             .unwrap_or(0),
         _ => 0,
     };
+    let target = resume::Target {
+        slot: &req.slot_path,
+        algorithm: algorithm.name(),
+        expected_hash: &expected,
+        size: req.size,
+        capacity,
+    };
     let gzip_point = match &record {
-        Some(record) if resumable && start == 0 => record.gzip_point(&resume::Target {
-            slot: &req.slot_path,
-            algorithm: algorithm.name(),
-            expected_hash: &expected,
-            size: req.size,
-            capacity,
-        }),
+        Some(record) if resumable && start == 0 => record.gzip_point(&target),
+        _ => None,
+    };
+    // A raw image member of a tar or signed bundle: also under a signature policy (the
+    // replay goes through the bundle reader again).
+    let member_point = match &record {
+        Some(record) if !req.local && start == 0 => {
+            record.member_point(&target, req.bundle.is_some())
+        }
         _ => None,
     };
     let spec = source_spec(req, options);
@@ -372,9 +383,16 @@ pub async fn install_with(
             }
             None => (slot, None),
         };
+        let replay = match member_point {
+            Some(point) => replay_head(client, &spec, &slot, point).await?,
+            None => None,
+        };
         if let Some(gzip) = &gzip_resume {
             let at = &gzip.point.at;
             tracing::info!(slot = %req.slot_path.display(), offset = at.artifact_offset, image_offset = at.out, "resuming download");
+        } else if let Some(replay) = &replay {
+            let point = &replay.point;
+            tracing::info!(slot = %req.slot_path.display(), offset = point.artifact_offset(), image_offset = point.slot_offset, head = point.member_offset, "resuming download");
         } else if start == 0 {
             resume::remove(&req.resume_path)?;
         } else {
@@ -382,7 +400,12 @@ pub async fn install_with(
         }
         tracing::info!(file = %req.filename, url = %req.url, slot = %req.slot_path.display(), capacity, "installing");
         let resumed_gzip = gzip_resume.is_some();
-        let from = Resume { start, gzip_resume };
+        let replayed = replay.is_some();
+        let from = Resume {
+            start,
+            gzip_resume,
+            replay,
+        };
         let result = run(
             client,
             req,
@@ -397,20 +420,20 @@ pub async fn install_with(
         )
         .await;
         match result {
-            // The record's fields not covered by the slot's sha256 (the CRC-32, the unused
-            // bits, the artifact offset and hash state) were wrong, or the resume point was:
-            // a clean download may well succeed. Start over from byte 0, once, as a delta
-            // install does after `ResumedPrefixMismatch`.
-            Err(
-                e @ (InstallError::Decode { .. }
-                | InstallError::HashMismatch { .. }
-                | InstallError::TooLarge { .. }),
-            ) if resumed_gzip => {
-                tracing::warn!(error = %e, "the gzip resume failed; starting the install over from byte 0");
+            // gzip: the record's fields not covered by the slot's sha256 (the CRC-32, the
+            // unused bits, the artifact offset and hash state) were wrong, or the resume point
+            // was. Replay: the slot's prefix changed (a hash or the signature fails), or the
+            // record does not fit the artifact. A clean download may well succeed: start over
+            // from byte 0, once, as a delta install does after `ResumedPrefixMismatch`.
+            Err(e)
+                if (resumed_gzip && gzip_resume_failed(&e)) || (replayed && replay_failed(&e)) =>
+            {
+                tracing::warn!(error = %e, "the resume failed; starting the install over from byte 0");
                 let slot = start_over(req, options)?;
                 let from = Resume {
                     start: 0,
                     gzip_resume: None,
+                    replay: None,
                 };
                 run(
                     client, req, options, progress, slot, algorithm, expected, from, None, spec,
@@ -432,6 +455,66 @@ pub async fn install_with(
         }
     }
     result
+}
+
+/// A gzip resume failed in a way a clean download may not (see [`install_with`]).
+fn gzip_resume_failed(e: &InstallError) -> bool {
+    matches!(
+        e,
+        InstallError::Decode { .. }
+            | InstallError::HashMismatch { .. }
+            | InstallError::TooLarge { .. }
+    )
+}
+
+/// A replay resume failed in a way a clean download may not: every check of the replayed
+/// bytes, and a record that does not fit the artifact.
+fn replay_failed(e: &InstallError) -> bool {
+    gzip_resume_failed(e)
+        || matches!(
+            e,
+            InstallError::ReplayMismatch { .. }
+                | InstallError::Signature(_)
+                | InstallError::Bundle(_)
+                | InstallError::ArchiveRejected(_)
+                | InstallError::ReadBackMismatch { .. }
+                | InstallError::EmptyImage
+                | InstallError::Internal(_)
+        )
+}
+
+/// The artifact's head for a replay resume at `point` (one Range request); None when the
+/// replay is not possible (the slot has no second handle to read from, the server ignores the
+/// Range or answers something else): the install starts over. A network fault that outlasts
+/// the retries is returned (the record is kept for the next attempt).
+async fn replay_head(
+    client: &reqwest::Client,
+    spec: &source::SourceSpec,
+    slot: &slot::FileSlot,
+    point: resume::MemberPoint,
+) -> Result<Option<pipeline::Replay>, InstallError> {
+    if slot.reader().is_none() {
+        return Ok(None);
+    }
+    let counters = Counters::new(0, None);
+    let got = source::fetch_bytes(client, spec, 0, point.member_offset, &counters).await;
+    match got {
+        Ok(got) if !got.range_ignored && got.bytes.len() as u64 == point.member_offset => {
+            Ok(Some(pipeline::Replay {
+                point,
+                head: got.bytes,
+            }))
+        }
+        Ok(_) => {
+            tracing::warn!("the server does not serve the artifact's head as asked; starting over");
+            Ok(None)
+        }
+        Err(e) if e.is_retryable() => Err(e),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot fetch the artifact's head again; starting over");
+            Ok(None)
+        }
+    }
 }
 
 /// A resumed install failed in a way a clean download may not: drop the record and open the
@@ -539,11 +622,12 @@ async fn run_delta(
     drive(source, sink, &counters, options, progress).await
 }
 
-/// Where [`run`] continues an interrupted install: a raw image at `start`, or a gzip image at
-/// its resume point (`start` is then 0).
+/// Where [`run`] continues an interrupted install: a raw image at `start`, a gzip image at
+/// its resume point, or a raw image member by replay (`start` is then 0).
 struct Resume {
     start: u64,
     gzip_resume: Option<pipeline::GzipResume>,
+    replay: Option<pipeline::Replay>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -559,14 +643,23 @@ async fn run(
     local_file: Option<source::LocalFile>,
     spec: source::SourceSpec,
 ) -> Result<Installed, InstallError> {
-    let Resume { start, gzip_resume } = from;
+    let Resume {
+        start,
+        gzip_resume,
+        replay,
+    } = from;
     // The artifact offset the download starts at.
-    let download_from = match &gzip_resume {
-        Some(gzip) => gzip.point.at.artifact_offset,
-        None => start,
+    let download_from = match (&gzip_resume, &replay) {
+        (Some(gzip), _) => gzip.point.at.artifact_offset,
+        (_, Some(replay)) => replay.point.artifact_offset(),
+        _ => start,
     };
     let size = local_file.as_ref().map(|f| f.size).or(req.size);
     let counters = Arc::new(Counters::new(download_from, size));
+    if replay.is_some() {
+        // The replay reads the head and the slot's prefix first, and counts them.
+        counters.consumed.store(0, Ordering::Relaxed);
+    }
     if let Some(isize) = local_file.as_ref().and_then(|f| f.gzip_isize) {
         counters.gzip_isize.store(isize, Ordering::Release);
     }
@@ -587,6 +680,7 @@ async fn run(
             options.checkpoint_interval
         },
         gzip_resume,
+        replay,
     };
     // If this future is dropped (cancelled), the blocking stage stops at its next read.
     let _stop_on_drop = StopOnDrop(Arc::clone(&counters));

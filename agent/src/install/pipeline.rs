@@ -7,9 +7,11 @@
 //! on another), so this thread decodes and hashes the next buffer while the previous one is
 //! written.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::io::{self, Read};
+use std::io::{self, Cursor, Read};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,7 +28,7 @@ use super::compress;
 use super::decode::{self, DownloadAborted, Format};
 use super::gunzip::{self, Boundary, GzDecoder};
 use super::hash::{HashAlgorithm, Hasher, HashingReader};
-use super::resume::{self, GzipPoint, ResumeRecord};
+use super::resume::{self, GzipPoint, MemberPoint, ResumeRecord, MAX_MEMBER_OFFSET};
 use super::sha256_state::Sha256State;
 use super::slot::{self, SlotDevice, SlotWriter};
 use super::{InstallError, Installed};
@@ -307,6 +309,27 @@ pub struct SinkPlan {
     /// A plain gzip image continued from a resume record (the download starts at its
     /// artifact offset; `start` is 0).
     pub gzip_resume: Option<GzipResume>,
+    /// A raw image member of a tar or signed bundle continued from a `member` record (the
+    /// download starts after the resume point; `start` is 0).
+    pub replay: Option<Replay>,
+}
+
+/// A replay resume (format `member`, see [`resume`]): the artifact's head, fetched again, then
+/// the slot's first bytes, then the download go through the reading path of a fresh install.
+#[derive(Clone)]
+pub struct Replay {
+    pub point: MemberPoint,
+    /// The artifact's first `point.member_offset` bytes.
+    pub head: Vec<u8>,
+}
+
+impl std::fmt::Debug for Replay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replay")
+            .field("point", &self.point)
+            .field("head", &self.head.len())
+            .finish()
+    }
 }
 
 /// A gzip resume point whose slot prefix was read back and matched the record.
@@ -406,6 +429,9 @@ pub fn run(
 ) -> Result<Installed, InstallError> {
     let began = Instant::now();
     let channel = channel_reader(rx, counters);
+    if let Some(replay) = &plan.replay {
+        return run_replay(plan, dev, channel, replay, counters, began);
+    }
     if let Some(resume) = &plan.gzip_resume {
         return run_gzip(plan, dev, channel, Some(resume), counters, began);
     }
@@ -447,7 +473,301 @@ fn run_stream<R: Read>(
     let mut hashing = HashingReader::new(input, artifact_hash, plan.start);
     let mut writer = SlotWriter::new(dev, plan.start, prefix_hash, plan.checkpoint_interval);
     let (format, signed_image_sha256) = write_image(plan, &mut hashing, &mut writer, counters)?;
-    // The hash covers the whole artifact, including what follows the image (tar padding).
+    let actual = check_artifact_hash(plan, hashing, format, counters)?;
+    // Without the writer's hash the image is the artifact itself, hashed with sha256 above,
+    // or a chunked bundle's image, whose hash is the signed one (see `chunked`).
+    let image_sha256 = signed_image_sha256.clone().unwrap_or(actual);
+    finish(
+        writer,
+        counters,
+        Some(image_sha256),
+        signed_image_sha256.as_deref(),
+        began,
+    )
+}
+
+/// [`run`] for a replay resume (format `member`, see [`resume`]): the artifact's head (fetched
+/// again), the slot's first bytes and the download from after them are read as the artifact,
+/// through the artifact hash, the bundle reader or the tar rules, exactly as a fresh install
+/// reads them. The image bytes before the resume point must be the slot's bytes (same sha256)
+/// and are not written again; the slot writer starts there.
+fn run_replay<R: Read>(
+    plan: &SinkPlan,
+    dev: &mut dyn SlotDevice,
+    channel: R,
+    replay: &Replay,
+    counters: &Counters,
+    began: Instant,
+) -> Result<Installed, InstallError> {
+    let point = replay.point;
+    let prefix = slot::PrefixReader::new(&*dev, point.slot_offset).ok_or_else(|| {
+        InstallError::Internal("the slot has no second handle to replay its bytes from".into())
+    })?;
+    let slot_hash = Rc::new(RefCell::new(None));
+    let slot_part = SlotPart {
+        reader: prefix,
+        hash: Sha256::new(),
+        done: Rc::clone(&slot_hash),
+    };
+    let replayed = Counted {
+        inner: Read::chain(Cursor::new(&replay.head[..]), slot_part),
+        counters,
+    };
+    let mut hashing = HashingReader::new(replayed.chain(channel), Hasher::new(plan.algorithm), 0);
+    let capacity = dev.capacity();
+    let mut sink = ReplaySink {
+        slot: dev.path().to_path_buf(),
+        capacity,
+        stage: Stage::Skipping {
+            dev,
+            left: point.slot_offset,
+            emitted: Sha256::new(),
+        },
+        slot_hash,
+        plan,
+        point,
+    };
+    let format = replay_image(plan, &mut hashing, &mut sink, capacity, counters);
+    if let Stage::Writing(writer) = &mut sink.stage {
+        // As in `copy_all`: a checkpoint made durable but not taken yet still counts.
+        writer.settle();
+    }
+    sink.record();
+    let format = format?;
+    check_artifact_hash(plan, hashing, format, counters)?;
+    match sink.stage {
+        Stage::Writing(writer) => finish(*writer, counters, None, None, began),
+        _ => Err(sink.mismatch("the image ends before it")),
+    }
+}
+
+/// The reading path of [`run_replay`]: the same bundle reader and tar rules as a fresh install;
+/// the image must be found where the record says, and be raw.
+fn replay_image<R: Read>(
+    plan: &SinkPlan,
+    hashing: &mut HashingReader<R>,
+    sink: &mut ReplaySink<'_, '_>,
+    capacity: u64,
+    counters: &Counters,
+) -> Result<Format, InstallError> {
+    let offset = || counters.consumed();
+    let (reader, bundle_at): (Box<dyn Read + '_>, _) = match &plan.bundle {
+        Some(policy) => {
+            let opened = bundle::open_image(policy, Box::new(hashing), capacity)?;
+            let at = opened.data_offset.filter(|_| opened.chunked.is_none());
+            (opened.reader, at)
+        }
+        None => (Box::new(hashing), None),
+    };
+    let (head, mut sniffed) =
+        decode::sniff(reader).map_err(|e| decode::read_error(e, Format::Raw, offset()))?;
+    let raw = Format::compression_of(&head).is_none() && !decode::is_tar(&head);
+    let point = sink.point;
+    let format = match bundle_at {
+        Some(at) if point.in_bundle && at == point.member_offset && raw => {
+            copy_replayed(&mut sniffed, sink, &offset)?;
+            Format::Raw
+        }
+        None if !point.in_bundle && decode::is_tar(&head) => {
+            let member = plan.archive_member.as_deref();
+            archive::extract_image(&mut sniffed, Format::Tar, member, capacity, &offset, sink)?;
+            Format::Tar
+        }
+        _ => return Err(sink.mismatch("the artifact does not hold a raw image where it did")),
+    };
+    // As in `write_image`: to the end of the bundle's image member or of the archive.
+    io::copy(&mut sniffed, &mut io::sink()).map_err(|e| decode::read_error(e, format, offset()))?;
+    Ok(format)
+}
+
+/// A bundle's raw image in [`run_replay`]: through a buffer up to the resume point (skipped),
+/// then straight into the slot writer's buffer as in a fresh install.
+fn copy_replayed<R: Read>(
+    reader: &mut R,
+    sink: &mut ReplaySink<'_, '_>,
+    offset: &dyn Fn() -> u64,
+) -> Result<(), InstallError> {
+    let mut buf = vec![0u8; 64 << 10];
+    while matches!(sink.stage, Stage::Skipping { .. }) {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(decode::read_error(e, Format::Raw, offset())),
+        };
+        sink.write(&buf[..n])?;
+    }
+    drop(buf);
+    let (plan, point) = (sink.plan, sink.point);
+    match &mut sink.stage {
+        Stage::Writing(writer) => copy_all(
+            reader,
+            writer,
+            Format::Raw,
+            plan,
+            Record::Member(point),
+            offset,
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// The slot's bytes before a replay's resume point as part of the replayed artifact: hashed
+/// as they are read, the sha256 published in `done` with the last of them.
+struct SlotPart {
+    reader: slot::PrefixReader,
+    hash: Sha256,
+    done: Rc<RefCell<Option<Sha256>>>,
+}
+
+impl Read for SlotPart {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.reader.read(buf)?;
+        self.hash.update(&buf[..n]);
+        if n > 0 && self.reader.remaining() == 0 {
+            *self.done.borrow_mut() = Some(self.hash.clone());
+        }
+        Ok(n)
+    }
+}
+
+/// Counts the bytes of a replay that do not come through the channel as consumed (error
+/// offsets).
+struct Counted<'c, R> {
+    inner: R,
+    counters: &'c Counters,
+}
+
+impl<R: Read> Read for Counted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.counters
+            .consumed
+            .fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Where a replay's image bytes go: the first `slot_offset` are compared (by sha256) with the
+/// slot's and dropped; then a slot writer from there takes the rest and leaves `member`
+/// records at its checkpoints.
+struct ReplaySink<'a, 'p> {
+    slot: PathBuf,
+    capacity: u64,
+    stage: Stage<'a>,
+    /// The slot prefix's sha256, once it was read (see [`SlotPart`]).
+    slot_hash: Rc<RefCell<Option<Sha256>>>,
+    plan: &'p SinkPlan,
+    point: MemberPoint,
+}
+
+enum Stage<'a> {
+    Skipping {
+        dev: &'a mut dyn SlotDevice,
+        left: u64,
+        /// The image bytes skipped so far.
+        emitted: Sha256,
+    },
+    Writing(Box<SlotWriter<'a>>),
+    /// After the comparison failed.
+    Failed,
+}
+
+impl<'a> ReplaySink<'a, '_> {
+    fn mismatch(&self, why: &str) -> InstallError {
+        InstallError::ReplayMismatch {
+            slot: self.slot.clone(),
+            resume_at: self.point.slot_offset,
+            why: why.into(),
+        }
+    }
+
+    /// Skip what is left of the resume point's prefix in `data`; returns the rest. At the
+    /// resume point the skipped bytes must be the slot's: then the writer starts there.
+    fn skip<'d>(&mut self, data: &'d [u8]) -> Result<&'d [u8], InstallError> {
+        let Stage::Skipping { left, emitted, .. } = &mut self.stage else {
+            return Ok(data);
+        };
+        let n = usize::try_from(*left).unwrap_or(usize::MAX).min(data.len());
+        emitted.update(&data[..n]);
+        *left -= n as u64;
+        if *left > 0 {
+            return Ok(&data[n..]);
+        }
+        let Stage::Skipping { dev, emitted, .. } =
+            std::mem::replace(&mut self.stage, Stage::Failed)
+        else {
+            unreachable!("matched above");
+        };
+        let slot_hash = self.slot_hash.borrow_mut().take();
+        let same = slot_hash
+            .as_ref()
+            .is_some_and(|h| h.clone().finalize() == emitted.finalize());
+        match slot_hash.filter(|_| same) {
+            Some(prefix_hash) => {
+                let interval = self.plan.checkpoint_interval;
+                let writer = SlotWriter::new(dev, self.point.slot_offset, prefix_hash, interval);
+                self.stage = Stage::Writing(Box::new(writer));
+                Ok(&data[n..])
+            }
+            None => Err(self.mismatch("the image's bytes before it are not the slot's")),
+        }
+    }
+
+    /// Leave a record when the writer made a new checkpoint durable.
+    fn record(&mut self) {
+        if let Stage::Writing(writer) = &mut self.stage {
+            if let Some(at) = writer.take_checkpoint() {
+                let point = Record::Member(self.point);
+                save_resume_record(self.plan, writer.slot_path(), point, at);
+            }
+        }
+    }
+}
+
+impl ImageSink for ReplaySink<'_, '_> {
+    fn image_member(&mut self, data_offset: u64) -> Result<(), InstallError> {
+        if data_offset != self.point.member_offset {
+            return Err(self.mismatch("the image member is not where it was"));
+        }
+        Ok(())
+    }
+    fn expect_size(&mut self, size: u64) -> Result<(), InstallError> {
+        if size > self.capacity {
+            return Err(InstallError::TooLarge {
+                slot: self.slot.clone(),
+                image_size: size,
+                at_least: false,
+                capacity: self.capacity,
+            });
+        }
+        if size < self.point.slot_offset {
+            return Err(self.mismatch("the image ends before it"));
+        }
+        Ok(())
+    }
+    fn write(&mut self, data: &[u8]) -> Result<(), InstallError> {
+        let rest = self.skip(data)?;
+        if rest.is_empty() {
+            return Ok(());
+        }
+        match &mut self.stage {
+            Stage::Writing(writer) => writer.write(rest)?,
+            _ => return Err(InstallError::Internal("replay sink stopped".into())),
+        }
+        self.record();
+        Ok(())
+    }
+}
+
+/// Read the artifact to its end (the hash covers what follows the image too: tar padding and
+/// end blocks) and check its hash; returns it.
+fn check_artifact_hash<R: Read>(
+    plan: &SinkPlan,
+    mut hashing: HashingReader<R>,
+    format: Format,
+    counters: &Counters,
+) -> Result<String, InstallError> {
     io::copy(&mut hashing, &mut io::sink())
         .map_err(|e| decode::read_error(e, format, counters.consumed()))?;
     let actual = hashing.into_hex();
@@ -460,16 +780,7 @@ fn run_stream<R: Read>(
             actual,
         });
     }
-    // Without the writer's hash the image is the artifact itself, hashed with sha256 above,
-    // or a chunked bundle's image, whose hash is the signed one (see `chunked`).
-    let image_sha256 = signed_image_sha256.clone().unwrap_or(actual);
-    finish(
-        writer,
-        counters,
-        Some(image_sha256),
-        signed_image_sha256.as_deref(),
-        began,
-    )
+    Ok(actual)
 }
 
 /// Sync the slot, read back what was not read back yet, and check the image: its sha256 is the
@@ -575,15 +886,18 @@ fn write_image<R: Read>(
         if plan.artifact_is_image_sha256() {
             writer.leave_hash_to_caller();
         }
-        copy_all(hashing, writer, Format::Raw, plan, true, &offset)?;
+        copy_all(hashing, writer, Format::Raw, plan, Record::Raw, &offset)?;
         return Ok((Format::Raw, None));
     }
-    let (mut reader, signed_chunks): (Box<dyn Read + '_>, _) = match &plan.bundle {
+    let (mut reader, signed_chunks, within): (Box<dyn Read + '_>, _, _) = match &plan.bundle {
         Some(policy) => {
             let opened = bundle::open_image(policy, Box::new(hashing), writer.capacity())?;
-            (opened.reader, opened.chunked)
+            let within = opened
+                .data_offset
+                .map_or(Within::Artifact, Within::BundleImage);
+            (opened.reader, opened.chunked, within)
         }
-        None => (Box::new(hashing), None),
+        None => (Box::new(hashing), None, Within::Artifact),
     };
     if let Some(signed) = signed_chunks {
         chunked::leave_hash_to_read_back(writer);
@@ -596,7 +910,7 @@ fn write_image<R: Read>(
     }
     let (head, mut sniffed) =
         decode::sniff(reader).map_err(|e| decode::read_error(e, Format::Raw, offset()))?;
-    let decoded = decode_into_slot(plan, &head, &mut sniffed, writer, counters);
+    let decoded = decode_into_slot(plan, &head, &mut sniffed, writer, within, counters);
     let format = match decoded {
         Ok(format) => format,
         Err(err @ (InstallError::Decode { .. } | InstallError::ArchiveRejected(_)))
@@ -620,16 +934,25 @@ fn write_image<R: Read>(
     Ok((format, None))
 }
 
+/// Where the image stream handed to [`decode_into_slot`] starts in the artifact.
+#[derive(Debug, Clone, Copy)]
+enum Within {
+    /// At its first byte: the artifact itself (a tar's member offsets are artifact offsets).
+    Artifact,
+    /// At this byte: a signed bundle's image member.
+    BundleImage(u64),
+}
+
 /// Decode the (sniffed) image stream by its format and write it to the slot.
 fn decode_into_slot<R: Read>(
     plan: &SinkPlan,
     head: &[u8],
     sniffed: &mut R,
     writer: &mut SlotWriter<'_>,
+    within: Within,
     counters: &Counters,
 ) -> Result<Format, InstallError> {
     let offset = || counters.consumed();
-    let resumable = plan.bundle.is_none();
     let member = plan.archive_member.as_deref();
     if let Some(compression) = Format::compression_of(head) {
         let mut decoder: Box<dyn Read + '_> = match compression {
@@ -654,7 +977,7 @@ fn decode_into_slot<R: Read>(
                     writer.expect_at_least(lower_bound)?;
                 }
             }
-            copy_all(inner, writer, compression, plan, false, &offset)?;
+            copy_all(inner, writer, compression, plan, Record::Nothing, &offset)?;
             compression
         };
         // Read the compressed stream to its end so its checks (gzip CRC and length, the end
@@ -664,7 +987,20 @@ fn decode_into_slot<R: Read>(
         Ok(format)
     } else if decode::is_tar(head) {
         let capacity = writer.capacity();
-        archive::extract_image(sniffed, Format::Tar, member, capacity, &offset, writer)?;
+        // A plain tar's member is written as it is: a replay resume can continue it.
+        let records = matches!(within, Within::Artifact);
+        let mut sink = MemberSink {
+            writer,
+            plan,
+            member: None,
+            records,
+        };
+        let extracted =
+            archive::extract_image(sniffed, Format::Tar, member, capacity, &offset, &mut sink);
+        // As in `copy_all`: a checkpoint made durable but not taken yet still counts.
+        sink.writer.settle();
+        sink.record();
+        extracted?;
         Ok(Format::Tar)
     } else {
         if plan.bundle.is_none() {
@@ -675,27 +1011,94 @@ fn decode_into_slot<R: Read>(
         if plan.artifact_is_image_sha256() {
             writer.leave_hash_to_caller();
         }
-        copy_all(sniffed, writer, Format::Raw, plan, resumable, &offset)?;
+        let record = match within {
+            Within::Artifact if plan.bundle.is_none() => Record::Raw,
+            Within::BundleImage(at) if at <= MAX_MEMBER_OFFSET => Record::Member(MemberPoint {
+                member_offset: at,
+                slot_offset: 0,
+                in_bundle: true,
+            }),
+            _ => Record::Nothing,
+        };
+        copy_all(sniffed, writer, Format::Raw, plan, record, &offset)?;
         Ok(Format::Raw)
     }
 }
 
-/// Copy a stream of image bytes to the slot; raw images leave resume records at checkpoints
-/// (also the last one made durable before an error stopped the copy).
+/// Which resume records a copy of image bytes to the slot leaves at its checkpoints.
+#[derive(Debug, Clone, Copy)]
+enum Record {
+    Nothing,
+    /// "raw": the image is the artifact.
+    Raw,
+    /// "member": the image is the member whose data starts at `member_offset` (the point's
+    /// `slot_offset` is the checkpoint's).
+    Member(MemberPoint),
+}
+
+/// The slot writer as a plain tar's sink: leaves `member` records at its checkpoints once the
+/// image member's offset is known (and within [`MAX_MEMBER_OFFSET`]).
+struct MemberSink<'w, 'a> {
+    writer: &'w mut SlotWriter<'a>,
+    plan: &'w SinkPlan,
+    member: Option<MemberPoint>,
+    /// False: no records (a tar inside something else).
+    records: bool,
+}
+
+impl MemberSink<'_, '_> {
+    fn record(&mut self) {
+        if let Some(at) = self.writer.take_checkpoint() {
+            if let Some(point) = self.member {
+                save_resume_record(
+                    self.plan,
+                    self.writer.slot_path(),
+                    Record::Member(point),
+                    at,
+                );
+            }
+        }
+    }
+}
+
+impl ImageSink for MemberSink<'_, '_> {
+    fn image_member(&mut self, data_offset: u64) -> Result<(), InstallError> {
+        self.member = (self.records && data_offset <= MAX_MEMBER_OFFSET).then_some(MemberPoint {
+            member_offset: data_offset,
+            slot_offset: 0,
+            in_bundle: false,
+        });
+        Ok(())
+    }
+    fn expect_size(&mut self, size: u64) -> Result<(), InstallError> {
+        self.writer.expect_size(size)
+    }
+    fn write(&mut self, data: &[u8]) -> Result<(), InstallError> {
+        self.writer.write(data)?;
+        self.record();
+        Ok(())
+    }
+}
+
+/// Copy a stream of image bytes to the slot; raw images leave the resume records `records`
+/// at checkpoints (also the last one made durable before an error stopped the copy).
 fn copy_all<R: Read>(
     reader: R,
     writer: &mut SlotWriter<'_>,
     format: Format,
     plan: &SinkPlan,
-    record_resume: bool,
+    records: Record,
     offset: &dyn Fn() -> u64,
 ) -> Result<(), InstallError> {
-    let record_resume = record_resume && format == Format::Raw;
+    let records = if format == Format::Raw {
+        records
+    } else {
+        Record::Nothing
+    };
+    let record_resume = !matches!(records, Record::Nothing);
     let record = |writer: &mut SlotWriter<'_>| {
         if let Some(at) = writer.take_checkpoint() {
-            if record_resume {
-                save_resume_record(plan, writer.slot_path(), at);
-            }
+            save_resume_record(plan, writer.slot_path(), records, at);
         }
     };
     let copied = copy_to_slot(reader, writer, format, offset, |w, _| record(w));
@@ -891,15 +1294,20 @@ fn record_gzip_point(
     }
 }
 
-fn save_resume_record(plan: &SinkPlan, slot: &Path, at: u64) {
-    let record = ResumeRecord::raw(
-        &plan.url,
-        slot,
-        plan.algorithm.name(),
-        &plan.expected,
-        plan.size,
-        at,
-    );
+/// Save a resume record of kind `record` for a durable checkpoint at slot offset `at`.
+fn save_resume_record(plan: &SinkPlan, slot: &Path, record: Record, at: u64) {
+    let (url, algorithm, size) = (&plan.url, plan.algorithm.name(), plan.size);
+    let record = match record {
+        Record::Nothing => return,
+        Record::Raw => ResumeRecord::raw(url, slot, algorithm, &plan.expected, size, at),
+        Record::Member(point) => {
+            let point = MemberPoint {
+                slot_offset: at,
+                ..point
+            };
+            ResumeRecord::member(url, slot, algorithm, &plan.expected, size, &point)
+        }
+    };
     // Resuming is an optimisation: without a record the next try starts over.
     if let Err(e) = resume::save(&plan.resume_path, &record) {
         tracing::warn!(error = %e, "cannot save the resume record");

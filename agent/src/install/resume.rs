@@ -1,9 +1,11 @@
 //! The resume record: how far a download got, kept in `resume_path` so a restart or power cut
 //! does not start over.
 //!
-//! What is resumable across a restart: **raw images** only. For them artifact byte N is slot
-//! byte N, so the record holds one offset (always a durable checkpoint: the slot was
-//! fdatasync'ed up to it before the record was written). A hasher cannot be serialised, so on
+//! What is resumable across a restart:
+//!
+//! **Raw images** (format `raw`): artifact byte N is slot byte N, so the record holds one
+//! offset (always a durable checkpoint: the slot was fdatasync'ed up to it before the record
+//! was written). A hasher cannot be serialised, so on
 //! resume the slot's first N bytes are read and hashed again, and the download continues
 //! with a Range request from N; the final hash check then covers the bytes already on the
 //! slot too, so a corrupted prefix fails the install instead of being activated.
@@ -31,12 +33,29 @@
 //! a check; it cannot make a wrong image pass. A resumed install that fails a check (decode,
 //! hash, size) starts over from byte 0, once: a clean download may well succeed.
 //!
-//! Everything else restarts from the beginning after a restart: a tar (also in gzip) because a
-//! tar reader's state cannot be rebuilt from the slot; zstd and xz because their libraries'
-//! public APIs cannot restart a decoder in the middle of a frame (zstd) or block (xz); sha1
-//! and md5 artifact hashes because only a sha256 state is saved; signed bundles other than
-//! delta installs. (Within one run they resume after network faults like raw images: the
-//! decoder just waits for the next bytes.)
+//! **A raw image member of a plain tar or a signed bundle** (format `member`; a format-1
+//! bundle whose image is neither compressed nor a tar; any artifact hash): "replay", no reader
+//! state to save. The artifact's bytes before slot offset N are its head `[0, D)` (D =
+//! `member_offset`, where the image member's data starts: tar headers, other members, the
+//! bundle's manifest and signature; at most [`MAX_MEMBER_OFFSET`]) followed by the slot's bytes
+//! `[0, N)`. A restart fetches the head again with one Range request and feeds
+//! `head ++ slot[0, N) ++ download from D + N` through the unchanged reading path (artifact
+//! hash, bundle reader with its signature and signed image hash, tar rules); the image bytes
+//! before N must be found at D and be the slot's (their sha256 is compared with the slot's as
+//! read) and are not written again; the slot writer starts at N. Every final check therefore
+//! covers the replayed bytes: a slot prefix changed behind the agent's back fails the artifact
+//! hash or the signed hash, a record that does not fit fails before (image member elsewhere,
+//! shorter than N), and the install starts over from byte 0, once, as after a gzip resume. So
+//! does a server that answers the head's Range with the whole artifact. `member_of` says
+//! whether the record was made through a bundle reader ("bundle", used only under a signature
+//! policy) or for a plain tar ("tar"); the replay must take the same path.
+//!
+//! Everything else restarts from the beginning after a restart: a tar inside gzip, zstd or xz
+//! and a compressed image inside a tar or bundle, because a tar reader's or decoder's state
+//! cannot be rebuilt from the slot; zstd and xz because their libraries' public APIs cannot
+//! restart a decoder in the middle of a frame (zstd) or block (xz); a gzip image with a sha1
+//! or md5 artifact hash because only a sha256 state is saved. (Within one run they resume
+//! after network faults like raw images: the decoder just waits for the next bytes.)
 //!
 //! Agents from before a format was added match records by `format` and start over on one
 //! they do not know (and remove it), so `version` stays 1.
@@ -64,7 +83,8 @@ pub struct ResumeRecord {
     pub expected_hash: String,
     pub size: Option<u64>,
     /// "raw" (artifact byte N is slot byte N), "chunks" (a delta install of a chunked
-    /// bundle) or "gzip" (a plain gzip image; see the module doc).
+    /// bundle), "gzip" (a plain gzip image) or "member" (a raw image member of a plain tar or
+    /// signed bundle, resumed by replay; see the module doc).
     pub format: String,
     /// Bytes of the artifact (as served) covered by the record: a resume downloads from here.
     pub artifact_offset: u64,
@@ -88,6 +108,45 @@ pub struct ResumeRecord {
     /// back and starts over when they differ.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot_sha256: Option<String>,
+    /// "member": offset of the image member's data in the artifact (everything before it is
+    /// fetched again on resume); `artifact_offset` is `member_offset + slot_offset`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member_offset: Option<u64>,
+    /// "member": what holds the image, "tar" (a plain tar) or "bundle" (a signed bundle's
+    /// image member).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member_of: Option<String>,
+}
+
+/// Largest head (artifact bytes before the image member's data) a `member` record is made
+/// for and used with: a bundle's is a few KiB, a tar's one header per member before the image.
+pub const MAX_MEMBER_OFFSET: u64 = 1 << 20;
+
+/// Where a raw image member of a tar or a signed bundle continues: the artifact's bytes before
+/// `slot_offset` are its first `member_offset` bytes followed by the slot's first
+/// `slot_offset` bytes, durable on the slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberPoint {
+    pub member_offset: u64,
+    pub slot_offset: u64,
+    /// The image member of a signed bundle (read through the bundle reader), not of a plain
+    /// tar.
+    pub in_bundle: bool,
+}
+
+impl MemberPoint {
+    /// Where the download continues.
+    pub fn artifact_offset(&self) -> u64 {
+        self.member_offset + self.slot_offset
+    }
+
+    fn member_of(&self) -> &'static str {
+        if self.in_bundle {
+            "bundle"
+        } else {
+            "tar"
+        }
+    }
 }
 
 /// Where a gzip image continues: a deflate block boundary of its first member, durable on the
@@ -164,7 +223,60 @@ impl ResumeRecord {
             crc32: None,
             artifact_sha256_state: None,
             slot_sha256: None,
+            member_offset: None,
+            member_of: None,
         }
+    }
+
+    /// A raw image member of a tar or signed bundle (see [`MemberPoint`]) written durably up
+    /// to `point.slot_offset`.
+    pub fn member(
+        url: &str,
+        slot: &Path,
+        algorithm: &str,
+        expected_hash: &str,
+        size: Option<u64>,
+        point: &MemberPoint,
+    ) -> Self {
+        ResumeRecord {
+            url: url.to_string(),
+            slot: slot.to_path_buf(),
+            algorithm: algorithm.to_string(),
+            expected_hash: expected_hash.to_string(),
+            size,
+            format: "member".into(),
+            artifact_offset: point.artifact_offset(),
+            slot_offset: point.slot_offset,
+            member_offset: Some(point.member_offset),
+            member_of: Some(point.member_of().into()),
+            ..Self::empty()
+        }
+    }
+
+    /// Where a raw image member of the same artifact continues in the same slot; None for any
+    /// other record, one whose fields do not fit together, or a bundle's record when no
+    /// signature policy is in force (`bundle_policy`). The artifact's size must be known: the
+    /// archive goes on after the resume point.
+    pub fn member_point(&self, target: &Target<'_>, bundle_policy: bool) -> Option<MemberPoint> {
+        let member_offset = self.member_offset?;
+        let in_bundle = match self.member_of.as_deref()? {
+            "tar" => false,
+            "bundle" if bundle_policy => true,
+            _ => return None,
+        };
+        let point = MemberPoint {
+            member_offset,
+            slot_offset: self.slot_offset,
+            in_bundle,
+        };
+        let size = target.size?;
+        let fits = self.is_for("member", target)
+            && self.slot_offset > 0
+            // At least one tar header before the data, and not more than a sane head.
+            && (512..=MAX_MEMBER_OFFSET).contains(&member_offset)
+            && member_offset.checked_add(self.slot_offset) == Some(self.artifact_offset)
+            && self.artifact_offset < size;
+        fits.then_some(point)
     }
 
     /// A plain gzip image (artifact hash sha256) written up to `point` durably.
@@ -404,6 +516,30 @@ mod tests {
         assert_eq!(newer.chunks_offset(slot, "ab", "cd", 16), None);
     }
 
+    /// `r` saved at `path` and loaded again: the same record.
+    fn saved_and_loaded(path: &Path, r: &ResumeRecord) -> ResumeRecord {
+        save(path, r).unwrap();
+        let back = load(path).unwrap();
+        assert_eq!(&back, r);
+        back
+    }
+
+    /// The artifact with hash "cd" in `slot`.
+    fn target_cd<'a>(
+        slot: &'a Path,
+        algorithm: &'a str,
+        size: Option<u64>,
+        capacity: u64,
+    ) -> Target<'a> {
+        Target {
+            slot,
+            algorithm,
+            expected_hash: "cd",
+            size,
+            capacity,
+        }
+    }
+
     #[test]
     fn gzip_records_round_trip_and_are_used_only_when_everything_fits() {
         let dir = tempfile::tempdir().unwrap();
@@ -422,16 +558,8 @@ mod tests {
             slot_sha256: "ab".repeat(32),
         };
         let r = ResumeRecord::gzip("http://x/a.gz", slot, "cd", Some(5000), &point);
-        save(&path, &r).unwrap();
-        let back = load(&path).unwrap();
-        assert_eq!(back, r);
-        let target = |algorithm, size, capacity| Target {
-            slot,
-            algorithm,
-            expected_hash: "cd",
-            size,
-            capacity,
-        };
+        let back = saved_and_loaded(&path, &r);
+        let target = |algorithm, size, capacity| target_cd(slot, algorithm, size, capacity);
         assert_eq!(
             back.gzip_point(&target("sha256", Some(5000), 1 << 20)),
             Some(point.clone())
@@ -491,6 +619,114 @@ mod tests {
                 None,
                 "{b:?}"
             );
+        }
+    }
+
+    #[test]
+    fn member_records_round_trip_and_are_used_only_when_everything_fits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("download.resume");
+        let slot = Path::new("/dev/slot-b");
+        let point = MemberPoint {
+            member_offset: 1536,
+            slot_offset: 4096,
+            in_bundle: true,
+        };
+        let r = ResumeRecord::member("http://x/u.ddib", slot, "sha1", "cd", Some(9000), &point);
+        assert_eq!(r.artifact_offset, 1536 + 4096);
+        let back = saved_and_loaded(&path, &r);
+        let target = |algorithm, size, capacity| target_cd(slot, algorithm, size, capacity);
+        let good = target("sha1", Some(9000), 1 << 20);
+        assert_eq!(back.member_point(&good, true), Some(point));
+        // A bundle's record needs a signature policy; a tar's does not.
+        assert_eq!(back.member_point(&good, false), None);
+        let tar = ResumeRecord::member(
+            "u",
+            slot,
+            "sha1",
+            "cd",
+            Some(9000),
+            &MemberPoint {
+                in_bundle: false,
+                ..point
+            },
+        );
+        assert!(tar.member_point(&good, false).is_some_and(|p| !p.in_bundle));
+        assert!(tar.member_point(&good, true).is_some_and(|p| !p.in_bundle));
+        // Another artifact, slot, hash algorithm, or a slot too small: not used.
+        for other in [
+            target("sha256", Some(9000), 1 << 20),
+            target("sha1", Some(9001), 1 << 20),
+            target("sha1", None, 1 << 20),
+            target("sha1", Some(9000), 4000),
+        ] {
+            assert_eq!(back.member_point(&other, true), None);
+        }
+        let elsewhere = Target {
+            slot: Path::new("/dev/slot-a"),
+            ..target("sha1", Some(9000), 1 << 20)
+        };
+        assert_eq!(back.member_point(&elsewhere, true), None);
+        // The other formats never read it, nor it theirs.
+        assert_eq!(
+            back.resume_offset(slot, "sha1", "cd", Some(9000), 1 << 20),
+            None
+        );
+        assert_eq!(back.gzip_point(&good), None);
+        let raw = ResumeRecord::raw("u", slot, "sha1", "cd", Some(9000), 4096);
+        assert_eq!(raw.member_point(&good, true), None);
+        // Fields that do not fit together, or a head too large to fetch again: not used.
+        let broken = [
+            ResumeRecord {
+                member_offset: None,
+                ..r.clone()
+            },
+            ResumeRecord {
+                member_of: None,
+                ..r.clone()
+            },
+            ResumeRecord {
+                member_of: Some("zip".into()),
+                ..r.clone()
+            },
+            ResumeRecord {
+                member_offset: Some(1537),
+                ..r.clone()
+            },
+            ResumeRecord {
+                artifact_offset: 9000,
+                slot_offset: 9000 - 1536,
+                ..r.clone()
+            },
+            ResumeRecord {
+                member_offset: Some(0),
+                artifact_offset: 4096,
+                ..r.clone()
+            },
+            ResumeRecord {
+                slot_offset: 0,
+                artifact_offset: 1536,
+                ..r.clone()
+            },
+            ResumeRecord {
+                member_offset: Some(MAX_MEMBER_OFFSET + 1),
+                artifact_offset: MAX_MEMBER_OFFSET + 1 + 4096,
+                size: Some(2 << 20),
+                ..r.clone()
+            },
+            ResumeRecord {
+                member_offset: Some(u64::MAX),
+                artifact_offset: 4095,
+                ..r.clone()
+            },
+            ResumeRecord {
+                version: 2,
+                ..r.clone()
+            },
+        ];
+        for b in broken {
+            let target = target("sha1", b.size, 1 << 20);
+            assert_eq!(b.member_point(&target, true), None, "{b:?}");
         }
     }
 

@@ -5,7 +5,7 @@
 //! device once it got there, while later ranges are still being written.
 
 use std::fs::{File, Metadata, OpenOptions};
-use std::io::{self, Seek, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -1226,34 +1226,93 @@ fn read_into(
 ) -> Result<(), InstallError> {
     let mut at = from;
     while at < to {
-        let want = ((to - at) as usize).min(buf.len());
-        // Ask for whole 4 KiB blocks (O_DIRECT needs them); the bytes past `to` are ignored.
-        let ask = want
-            .next_multiple_of(DIRECT_ALIGN)
-            .min(buf.len())
-            .min(dev.capacity().saturating_sub(at).max(want as u64) as usize);
-        let n = dev
-            .read_at(at, &mut buf[..ask])
-            .map_err(|e| InstallError::SlotIo {
-                slot: dev.path().to_path_buf(),
-                op: "read back",
-                offset: at,
-                source: e,
-            })?;
-        if n == 0 {
-            return Err(InstallError::SlotIo {
-                slot: dev.path().to_path_buf(),
-                op: "read back",
-                offset: at,
-                source: io::ErrorKind::UnexpectedEof.into(),
-            });
-        }
-        let n = n.min(want);
+        let n = read_some(dev, buf, at, to)?;
         consume(&buf[..n]);
         at += n as u64;
         done(at);
     }
     Ok(())
+}
+
+/// One read of the slot's bytes from `at` (before `to`, which is past `at`) into the start of
+/// `buf`; returns how many (at least one).
+fn read_some(
+    dev: &mut dyn SlotDevice,
+    buf: &mut [u8],
+    at: u64,
+    to: u64,
+) -> Result<usize, InstallError> {
+    let want = usize::try_from(to - at)
+        .unwrap_or(usize::MAX)
+        .min(buf.len());
+    // Ask for whole 4 KiB blocks (O_DIRECT needs them); the bytes past `to` are ignored.
+    let ask = want
+        .next_multiple_of(DIRECT_ALIGN)
+        .min(buf.len())
+        .min(dev.capacity().saturating_sub(at).max(want as u64) as usize);
+    let read = dev.read_at(at, &mut buf[..ask]);
+    let failed = |source| InstallError::SlotIo {
+        slot: dev.path().to_path_buf(),
+        op: "read back",
+        offset: at,
+        source,
+    };
+    match read {
+        Ok(0) => Err(failed(io::ErrorKind::UnexpectedEof.into())),
+        Ok(n) => Ok(n.min(want)),
+        Err(e) => Err(failed(e)),
+    }
+}
+
+/// The slot's first bytes as a `Read` (in large aligned reads through a handle of its own),
+/// for a resume that feeds them through the reading path again.
+pub struct PrefixReader {
+    dev: Box<dyn SlotDevice>,
+    buf: AlignedBuffer,
+    /// The unread part of `buf`.
+    start: usize,
+    end: usize,
+    /// Slot offset of the next read, and where the prefix ends.
+    at: u64,
+    len: u64,
+}
+
+impl PrefixReader {
+    /// The first `len` bytes of the slot behind `dev`; None for a slot without a second
+    /// handle ([`SlotDevice::reader`]).
+    pub fn new(dev: &dyn SlotDevice, len: u64) -> Option<Self> {
+        Some(PrefixReader {
+            dev: dev.reader()?,
+            buf: AlignedBuffer::new(WRITE_BUFFER),
+            start: 0,
+            end: 0,
+            at: 0,
+            len,
+        })
+    }
+
+    /// Bytes not handed out yet.
+    pub fn remaining(&self) -> u64 {
+        self.len - self.at + (self.end - self.start) as u64
+    }
+}
+
+impl Read for PrefixReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.start == self.end {
+            if self.at == self.len {
+                return Ok(0);
+            }
+            let n = read_some(&mut *self.dev, self.buf.as_mut_slice(), self.at, self.len)
+                .map_err(io::Error::other)?;
+            self.at += n as u64;
+            (self.start, self.end) = (0, n);
+        }
+        let n = out.len().min(self.end - self.start);
+        out[..n].copy_from_slice(&self.buf.as_mut_slice()[self.start..self.start + n]);
+        self.start += n;
+        Ok(n)
+    }
 }
 
 #[cfg(test)]

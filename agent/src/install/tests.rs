@@ -780,14 +780,26 @@ async fn booted_slot_is_never_written() {
 
 /// Install that stops (retryable) after `limit` bytes, like a power cut mid-download.
 async fn interrupted_install(fx: &Fixture, img: &[u8], limit: usize) -> InstallError {
-    let server = ArtifactServer::start(img.to_vec());
+    interrupted_install_with(fx, img, limit, &|_, _| {}).await
+}
+
+/// Changes a test's request and options.
+type Adjust<'a> = &'a dyn Fn(&mut InstallRequest, &mut InstallOptions);
+
+/// [`interrupted_install`] with the request and options `adjust` makes.
+async fn interrupted_install_with(
+    fx: &Fixture,
+    artifact: &[u8],
+    limit: usize,
+    adjust: Adjust<'_>,
+) -> InstallError {
+    let server = ArtifactServer::start(artifact.to_vec());
     server.always(drop_after(limit as u64));
     let mut options = fast_options();
     options.retry.attempts = 0;
-    run(&fx.request(&server.url, img), &options)
-        .await
-        .0
-        .unwrap_err()
+    let mut req = fx.request(&server.url, artifact);
+    adjust(&mut req, &mut options);
+    run(&req, &options).await.0.unwrap_err()
 }
 
 #[tokio::test]
@@ -1084,11 +1096,23 @@ async fn a_tampered_gzip_record_never_gives_a_wrong_image() {
             },
         ),
     ];
+    install_over_tampered_records(&fx, &img, &gz, &record, tampered).await;
+}
+
+/// [`install_over_record`] for each of `tampered` on a slot that holds nothing of the image
+/// after `record`'s slot offset: the record does not fit and is ignored, or the resume fails
+/// and the install starts over from byte 0 once; either way a clean download installs the
+/// image, with one request from byte 0.
+async fn install_over_tampered_records(
+    fx: &Fixture,
+    img: &[u8],
+    artifact: &[u8],
+    record: &resume::ResumeRecord,
+    tampered: Vec<(&str, resume::ResumeRecord)>,
+) {
     for (what, bad) in tampered {
-        // The record does not fit and is ignored, or the resume fails and the install starts
-        // over from byte 0 once: either way a clean download installs the image.
-        let requests = install_over_record(&fx, &img, &gz, &record, &bad, what).await;
-        // Ignored, or resumed and then started over: either way one request from byte 0.
+        std::fs::write(&fx.slot, vec![FILL; fx.capacity]).unwrap();
+        let requests = install_over_record(fx, img, artifact, record, &bad, what).await;
         assert!(
             requests.iter().any(|r| r.0.is_none()),
             "{what}: never started over: {requests:?}"
@@ -1128,6 +1152,328 @@ async fn tar_gz_and_gzip_without_sha256_restart_from_zero() {
     server.clear();
     run(&req, &fast_options()).await.0.unwrap();
     fx.assert_installed(&img);
+}
+
+/// The request and options of the replay tests: the artifact of `server`, adjusted.
+fn replay_request(
+    fx: &Fixture,
+    server: &ArtifactServer,
+    artifact: &[u8],
+    adjust: Adjust<'_>,
+) -> (InstallRequest, InstallOptions) {
+    let mut req = fx.request(&server.url, artifact);
+    let mut options = fast_options();
+    adjust(&mut req, &mut options);
+    (req, options)
+}
+
+/// An install of `artifact` (a tar or signed bundle holding `img` raw) interrupted after 60 %
+/// of it: the record is a `member` one at a checkpoint, the slot holds the image up to it.
+async fn interrupted_member_install(
+    fx: &Fixture,
+    img: &[u8],
+    artifact: &[u8],
+    adjust: Adjust<'_>,
+) -> resume::ResumeRecord {
+    let err = interrupted_install_with(fx, artifact, artifact.len() * 6 / 10, adjust).await;
+    assert!(err.is_retryable(), "{err}");
+    let record = resume::load(&fx.resume_path()).expect("resume record kept");
+    assert_eq!(record.format, "member", "{record:?}");
+    assert!(record.slot_offset >= 1 << 20, "{record:?}");
+    assert_eq!(
+        record.slot_offset % (1 << 20),
+        0,
+        "not a checkpoint: {record:?}"
+    );
+    let out = record.slot_offset as usize;
+    assert!(
+        fx.slot_bytes()[..out] == img[..out],
+        "the slot's prefix is not the image"
+    );
+    record
+}
+
+/// Names the image member of a tar holding several files.
+fn named_rootfs(_: &mut InstallRequest, options: &mut InstallOptions) {
+    options.archive_member = Some("rootfs.img".into());
+}
+
+#[tokio::test]
+async fn restart_resumes_a_raw_image_in_a_tar_by_replaying_its_head_and_the_slot() {
+    let img = image(5 << 20, 31);
+    let tar = tar_of(&[("README", b"read me"), ("rootfs.img", &img)]);
+    let fx = Fixture::new(6 << 20);
+    let first = interrupted_member_install(&fx, &img, &tar, &named_rootfs).await;
+    // README's header and data block, then the image's header.
+    assert_eq!(first.member_offset, Some(1536), "{first:?}");
+    assert_eq!(first.member_of.as_deref(), Some("tar"), "{first:?}");
+    assert_eq!(first.artifact_offset, 1536 + first.slot_offset);
+
+    // The resumed run is cut again: it leaves its own record, further on.
+    let server = ArtifactServer::start(tar.clone());
+    server.always(drop_after(3 << 19));
+    let (req, mut options) = replay_request(&fx, &server, &tar, &named_rootfs);
+    options.retry.attempts = 0;
+    let err = run(&req, &options).await.0.unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    let second = resume::load(&fx.resume_path()).expect("resume record kept");
+    assert_eq!(second.format, "member", "{second:?}");
+    assert_eq!(second.member_offset, Some(1536));
+    assert!(second.slot_offset > first.slot_offset, "{second:?}");
+    let requests: Vec<_> = server.requests().into_iter().map(|r| r.0).collect();
+    assert_eq!(requests, [Some(0), Some(first.artifact_offset)]);
+
+    let server = ArtifactServer::start(tar.clone());
+    let (req, options) = replay_request(&fx, &server, &tar, &named_rootfs);
+    let installed = run(&req, &options).await.0.unwrap();
+    assert_eq!(installed.sha256_of_slot_image, sha256_hex(&img));
+    assert_eq!(installed.bytes_written, img.len() as u64);
+    fx.assert_installed(&img);
+    // The head (one Range request from 0), then only what follows the resume point.
+    let requests: Vec<_> = server.requests().into_iter().map(|r| r.0).collect();
+    assert_eq!(requests, [Some(0), Some(second.artifact_offset)]);
+    let log = server.sim.download_log();
+    assert_eq!(log[0].range.as_deref(), Some("bytes=0-1535"), "{log:#?}");
+    let served: u64 = log.iter().filter_map(|r| r.body_len).sum();
+    assert_eq!(served, tar.len() as u64 - second.slot_offset, "{log:#?}");
+    assert!(!fx.resume_path().exists());
+}
+
+/// A replay needs no saved hash state: a tar announced with only an md5 resumes too, the md5
+/// covering the replayed head and slot bytes.
+#[tokio::test]
+async fn a_tar_with_only_an_md5_resumes_by_replay() {
+    let img = image(3 << 20, 38);
+    let tar = tar_of(&[("rootfs.img", &img)]);
+    let md5_only = |req: &mut InstallRequest, _: &mut InstallOptions| {
+        req.expected = ExpectedHash {
+            sha256: None,
+            sha1: None,
+            md5: Some(hex::encode(<md5::Md5 as Digest>::digest(&tar))),
+        };
+    };
+    let fx = Fixture::new(4 << 20);
+    let record = interrupted_member_install(&fx, &img, &tar, &md5_only).await;
+    assert_eq!(record.algorithm, "md5", "{record:?}");
+    let server = ArtifactServer::start(tar.clone());
+    let (req, options) = replay_request(&fx, &server, &tar, &md5_only);
+    let installed = run(&req, &options).await.0.unwrap();
+    assert_eq!(installed.sha256_of_slot_image, sha256_hex(&img));
+    fx.assert_installed(&img);
+    let requests: Vec<_> = server.requests().into_iter().map(|r| r.0).collect();
+    assert_eq!(requests, [Some(0), Some(record.artifact_offset)]);
+    // A wrong md5 is caught over the replayed bytes as well: the resume starts over once,
+    // then the install fails for good.
+    std::fs::write(&fx.slot, vec![FILL; fx.capacity]).unwrap();
+    let record = interrupted_member_install(&fx, &img, &tar, &md5_only).await;
+    let bad_md5 = |req: &mut InstallRequest, o: &mut InstallOptions| {
+        md5_only(req, o);
+        req.expected.md5 = Some("0".repeat(32));
+    };
+    let forged = resume::ResumeRecord {
+        expected_hash: "0".repeat(32),
+        ..record
+    };
+    resume::save(&fx.resume_path(), &forged).unwrap();
+    let server = ArtifactServer::start(tar.clone());
+    let (req, options) = replay_request(&fx, &server, &tar, &bad_md5);
+    let err = run(&req, &options).await.0.unwrap_err();
+    assert!(matches!(err, InstallError::HashMismatch { .. }), "{err}");
+    let requests: Vec<_> = server.requests().into_iter().map(|r| r.0).collect();
+    assert_eq!(requests, [Some(0), Some(forged.artifact_offset), None]);
+    assert!(!fx.resume_path().exists());
+}
+
+#[tokio::test]
+async fn restart_resumes_a_raw_image_in_a_signed_bundle_by_replay() {
+    let img = image(5 << 20, 32);
+    let (bundle, policy, _keys) = signed_bundle(&img);
+    let at = bundle_image_offset(&bundle) as u64;
+    let signed = move |req: &mut InstallRequest, _: &mut InstallOptions| {
+        req.bundle = Some(policy.clone());
+    };
+    let fx = Fixture::new(6 << 20);
+    let record = interrupted_member_install(&fx, &img, &bundle, &signed).await;
+    assert_eq!(record.member_offset, Some(at), "{record:?}");
+    assert_eq!(record.member_of.as_deref(), Some("bundle"), "{record:?}");
+
+    // Without a signature policy the bundle's record is not used: it starts over (as a tar
+    // of three files it then needs the image named).
+    let server = ArtifactServer::start(bundle.clone());
+    let (req, options) = replay_request(&fx, &server, &bundle, &|_, o| {
+        o.archive_member = Some("rootfs.img".into());
+    });
+    resume::save(&fx.resume_path(), &record).unwrap();
+    run(&req, &options).await.0.unwrap();
+    fx.assert_installed(&img);
+    assert_eq!(server.requests()[0].0, None, "resumed without the policy");
+
+    // Under the policy it resumes, the bundle's signature and signed hash checked over the
+    // replayed bytes.
+    std::fs::write(&fx.slot, vec![FILL; fx.capacity]).unwrap();
+    let record = interrupted_member_install(&fx, &img, &bundle, &signed).await;
+    let server = ArtifactServer::start(bundle.clone());
+    let (req, options) = replay_request(&fx, &server, &bundle, &signed);
+    let installed = run(&req, &options).await.0.unwrap();
+    assert_eq!(installed.sha256_of_slot_image, sha256_hex(&img));
+    fx.assert_installed(&img);
+    // The delta probe's and the replay's head requests, then the rest.
+    let requests: Vec<_> = server.requests().into_iter().map(|r| r.0).collect();
+    assert_eq!(
+        requests.last(),
+        Some(&Some(record.artifact_offset)),
+        "{requests:?}"
+    );
+    assert!(
+        requests[..requests.len() - 1].iter().all(|r| *r == Some(0)),
+        "{requests:?}"
+    );
+    assert!(!fx.resume_path().exists());
+}
+
+#[tokio::test]
+async fn a_replay_over_a_changed_slot_starts_over_once() {
+    let img = image(4 << 20, 33);
+    let tar = tar_of(&[("rootfs.img", &img)]);
+    let (bundle, policy, _keys) = signed_bundle(&img);
+    let signed = move |req: &mut InstallRequest, _: &mut InstallOptions| {
+        req.bundle = Some(policy.clone());
+    };
+    let none = |_: &mut InstallRequest, _: &mut InstallOptions| {};
+    let cases: [(&str, &[u8], Adjust<'_>); 2] =
+        [("tar", &tar, &none), ("bundle", &bundle, &signed)];
+    for (what, artifact, adjust) in cases {
+        let fx = Fixture::new(5 << 20);
+        interrupted_member_install(&fx, &img, artifact, adjust).await;
+        // A byte of the prefix changed behind the agent's back.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&fx.slot)
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[img[1000] ^ 1], 1000).unwrap();
+        let server = ArtifactServer::start(artifact.to_vec());
+        let (req, options) = replay_request(&fx, &server, artifact, adjust);
+        let installed = run(&req, &options)
+            .await
+            .0
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(installed.sha256_of_slot_image, sha256_hex(&img), "{what}");
+        fx.assert_installed(&img);
+        let requests: Vec<_> = server.requests().into_iter().map(|r| r.0).collect();
+        assert_eq!(
+            requests.last(),
+            Some(&None),
+            "{what}: never started over: {requests:?}"
+        );
+        assert!(!fx.resume_path().exists(), "{what}");
+    }
+}
+
+#[tokio::test]
+async fn a_server_that_ignores_the_range_of_the_head_gets_a_fresh_install() {
+    let img = image(4 << 20, 34);
+    let tar = tar_of(&[("rootfs.img", &img)]);
+    let fx = Fixture::new(5 << 20);
+    let record = interrupted_member_install(&fx, &img, &tar, &|_, _| {}).await;
+    let server = ArtifactServer::start(tar.clone());
+    server.always(FaultKind::IgnoreRange);
+    run(&fx.request(&server.url, &tar), &fast_options())
+        .await
+        .0
+        .unwrap();
+    fx.assert_installed(&img);
+    let requests: Vec<_> = server.requests().into_iter().map(|r| r.0).collect();
+    assert!(
+        !requests.contains(&Some(record.artifact_offset)),
+        "resumed without the head: {requests:?}"
+    );
+    assert!(!fx.resume_path().exists());
+}
+
+#[tokio::test]
+async fn a_tampered_member_record_never_gives_a_wrong_image() {
+    let img = image(4 << 20, 35);
+    let tar = tar_of(&[("rootfs.img", &img)]);
+    let fx = Fixture::new(5 << 20);
+    let record = interrupted_member_install(&fx, &img, &tar, &|_, _| {}).await;
+    let n = record.slot_offset;
+    let with = |member_offset: u64, slot_offset: u64| resume::ResumeRecord {
+        member_offset: Some(member_offset),
+        slot_offset,
+        artifact_offset: member_offset + slot_offset,
+        ..record.clone()
+    };
+    let image_len = img.len() as u64;
+    let tampered: Vec<(&str, resume::ResumeRecord)> = vec![
+        ("head one block longer", with(1024, n)),
+        (
+            "head one block longer, slot one shorter",
+            with(1024, n - 512),
+        ),
+        ("slot offset past the checkpoint", with(512, n + (1 << 20))),
+        ("slot offset past the image", with(512, image_len + 512)),
+        ("slot offset past the slot", with(512, (5 << 20) + 4096)),
+        (
+            "artifact offset",
+            resume::ResumeRecord {
+                artifact_offset: record.artifact_offset + 1,
+                ..record.clone()
+            },
+        ),
+        (
+            "hash",
+            resume::ResumeRecord {
+                expected_hash: "0".repeat(64),
+                ..record.clone()
+            },
+        ),
+        (
+            "a bundle's without a policy",
+            resume::ResumeRecord {
+                member_of: Some("bundle".into()),
+                ..record.clone()
+            },
+        ),
+    ];
+    install_over_tampered_records(&fx, &img, &tar, &record, tampered).await;
+}
+
+/// A record naming another member whose bytes the slot holds: the replayed stream is the
+/// artifact byte for byte (its hash passes), but the image member is elsewhere. It must not
+/// leave the other member's bytes at the start of the slot.
+#[tokio::test]
+async fn a_member_record_pointing_at_another_member_never_gives_a_wrong_image() {
+    let img = image(3 << 20, 36);
+    let other = image(3 << 20, 37);
+    let tar = tar_of(&[("other.bin", &other), ("rootfs.img", &img)]);
+    let fx = Fixture::new(4 << 20);
+    let n = 2u64 << 20;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fx.slot)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &other[..n as usize], 0).unwrap();
+    let server = ArtifactServer::start(tar.clone());
+    let (req, options) = replay_request(&fx, &server, &tar, &named_rootfs);
+    let point = resume::MemberPoint {
+        member_offset: 512,
+        slot_offset: n,
+        in_bundle: false,
+    };
+    let capacity_record = resume::ResumeRecord::member(
+        &req.url,
+        &fx.slot,
+        "sha256",
+        &sha256_hex(&tar),
+        Some(tar.len() as u64),
+        &point,
+    );
+    resume::save(&fx.resume_path(), &capacity_record).unwrap();
+    let installed = run(&req, &options).await.0.unwrap();
+    assert_eq!(installed.sha256_of_slot_image, sha256_hex(&img));
+    fx.assert_installed(&img);
+    let requests: Vec<_> = server.requests().into_iter().map(|r| r.0).collect();
+    assert_eq!(requests, [Some(0), Some(512 + n), None], "{requests:?}");
 }
 
 /// A slot whose writes fail past a given offset (disk full, I/O error).
@@ -1178,6 +1524,7 @@ fn write_error_on_the_slot_is_reported() {
         bundle: None,
         checkpoint_interval: 64 << 20,
         gzip_resume: None,
+        replay: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     for chunk in img.chunks(100_000) {
@@ -1222,6 +1569,7 @@ fn aborted_download_is_not_mistaken_for_the_end() {
         bundle: None,
         checkpoint_interval: 64 << 20,
         gzip_resume: None,
+        replay: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tx.try_send(pipeline::Chunk::Data(bytes::Bytes::copy_from_slice(
@@ -1281,6 +1629,7 @@ fn stopped_install_stops_reading_and_writing() {
         bundle: None,
         checkpoint_interval: 64 << 20,
         gzip_resume: None,
+        replay: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     for chunk in img.chunks(4096) {
@@ -1343,6 +1692,7 @@ fn run_pipeline_on(
         bundle,
         checkpoint_interval: 64 << 20,
         gzip_resume: None,
+        replay: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(artifact.len() + 2);
     let mut rest = artifact;
@@ -1515,6 +1865,7 @@ fn read_back_thread_detects_a_mismatch() {
             bundle: None,
             checkpoint_interval: 64 << 20,
             gzip_resume: None,
+            replay: None,
         };
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         for chunk in img.chunks(1 << 20) {

@@ -38,9 +38,11 @@
 //! confirmed. A good image ends with `success` after any cut.
 //!
 //! Cases: good raw image, good gzip image, good signed bundle, an image failing its health
-//! check, an image that never boots; each for the `bootcount` and `rauc` schemes. The images are
-//! 256 KiB, except the server gzip cases': 1.5 MiB at gzip level 9 (deflate blocks every few
-//! dozen KiB) with `[agent] checkpoint_interval = "256k"`, so that their install commits its
+//! check, an image that never boots; each for the `bootcount` and `rauc` schemes; and a good
+//! signed bundle holding its image raw (resumed by replay) for `bootcount`. The images are
+//! 256 KiB, except the resumable cases': the server gzip cases' 1.5 MiB at gzip level 9
+//! (deflate blocks every few dozen KiB) and the raw bundle's 1.5 MiB, with `[agent]
+//! checkpoint_interval = "256k"`, so that their install commits its
 //! resume record (`download.resume`) at several checkpoints, each cut before like every step, and
 //! the next run resumes from the record before it: their record run must hold at least two such
 //! commits, and a trial cut before one with an older record on disk must see a Range download
@@ -75,13 +77,13 @@ const SHIM_SOURCE: &str = include_str!("crash_points/shim.c");
 const IMAGE_SIZE: usize = 256 * 1024;
 const FACTORY_SIZE: usize = 64 * 1024;
 const SLOT_SIZE: u64 = 512 * 1024;
-/// The server gzip cases' image: large enough for several checkpoints at
-/// [`GZIP_CHECKPOINT_INTERVAL`], so that the download's resume record is written (and cut
+/// The resumable cases' image (server gzip, raw image in a signed bundle): large enough for several checkpoints at
+/// [`RESUMABLE_CHECKPOINT_INTERVAL`], so that the download's resume record is written (and cut
 /// before) several times and the cycle resumes from it.
-const GZIP_IMAGE_SIZE: usize = 1536 * 1024;
-const GZIP_SLOT_SIZE: u64 = 2 << 20;
-/// `[agent] checkpoint_interval` of the server gzip cases: the minimum.
-const GZIP_CHECKPOINT_INTERVAL: &str = "256k";
+const RESUMABLE_IMAGE_SIZE: usize = 1536 * 1024;
+const RESUMABLE_SLOT_SIZE: u64 = 2 << 20;
+/// `[agent] checkpoint_interval` of the resumable cases: the minimum.
+const RESUMABLE_CHECKPOINT_INTERVAL: &str = "256k";
 /// The resume record's file in the state directory.
 const RESUME_FILE: &str = "download.resume";
 /// Trial boots U-Boot gives the new slot.
@@ -97,6 +99,8 @@ enum Payload {
     Raw,
     Gzip,
     Bundle,
+    /// A signed bundle holding the image raw: resumed by replay.
+    RawBundle,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -127,6 +131,12 @@ impl Case {
                 });
             }
         }
+        cases.push(Case {
+            scheme: SchemeKind::Bootcount,
+            payload: Payload::RawBundle,
+            health: Health::Good,
+            local: false,
+        });
         for (scheme, payload, health) in [
             (SchemeKind::Bootcount, Payload::Gzip, Health::Good),
             (SchemeKind::Bootcount, Payload::Raw, Health::Broken),
@@ -153,6 +163,7 @@ impl Case {
             Payload::Raw => "raw",
             Payload::Gzip => "gzip",
             Payload::Bundle => "signed-bundle",
+            Payload::RawBundle => "signed-raw-bundle",
         };
         let local = if self.local { "-local" } else { "" };
         format!("{}/{health}-{payload}{local}", self.scheme.as_str())
@@ -255,10 +266,11 @@ struct CaseContext {
 impl CaseContext {
     fn new(case: Case, shim: &Path) -> CaseContext {
         // A server gzip image resumes from a deflate block boundary: big enough for several
-        // checkpoints, compressed at level 9 (deflate blocks every few dozen KiB).
-        let resumable_gzip = case.payload == Payload::Gzip && !case.local;
-        let size = if resumable_gzip {
-            GZIP_IMAGE_SIZE
+        // checkpoints, compressed at level 9 (deflate blocks every few dozen KiB). A raw image in
+        // a signed bundle resumes by replay, as large.
+        let resumable = matches!(case.payload, Payload::Gzip | Payload::RawBundle) && !case.local;
+        let size = if resumable {
+            RESUMABLE_IMAGE_SIZE
         } else {
             IMAGE_SIZE
         };
@@ -268,9 +280,9 @@ impl CaseContext {
         let mut config_extra = String::new();
         let (filename, artifact) = match case.payload {
             Payload::Raw => ("os.img", image.bytes.clone()),
-            Payload::Gzip if resumable_gzip => ("os.img.gz", image.gzip_best()),
+            Payload::Gzip if resumable => ("os.img.gz", image.gzip_best()),
             Payload::Gzip => ("os.img.gz", image.gzip()),
-            Payload::Bundle => {
+            Payload::Bundle | Payload::RawBundle => {
                 let dir = tempfile::tempdir().expect("temporary directory");
                 let vendor = generate_keypair().expect("ed25519 key pair");
                 let public = dir.path().join("vendor.pub");
@@ -279,11 +291,15 @@ impl CaseContext {
                     "[bundle]\ntrusted_keys = [{:?}]\nrequire_signature = true\ncompatible = {COMPATIBLE:?}\n",
                     public.display().to_string()
                 );
-                let gz = dir.path().join("rootfs.img.gz");
-                std::fs::write(&gz, image.gzip()).expect("write image");
+                let (name, content) = match case.payload {
+                    Payload::RawBundle => ("rootfs.img", image.bytes.clone()),
+                    _ => ("rootfs.img.gz", image.gzip()),
+                };
+                let file = dir.path().join(name);
+                std::fs::write(&file, content).expect("write image");
                 let mut bundle = Vec::new();
                 create_bundle(
-                    &gz,
+                    &file,
                     &CreateOptions {
                         compatible: COMPATIBLE.into(),
                         version: "2.0".into(),
@@ -306,12 +322,12 @@ impl CaseContext {
             factory,
             filename,
             artifact: Bytes::from(artifact),
-            slot_size: if resumable_gzip {
-                GZIP_SLOT_SIZE
+            slot_size: if resumable {
+                RESUMABLE_SLOT_SIZE
             } else {
                 SLOT_SIZE
             },
-            checkpoint_interval: resumable_gzip.then_some(GZIP_CHECKPOINT_INTERVAL),
+            checkpoint_interval: resumable.then_some(RESUMABLE_CHECKPOINT_INTERVAL),
             config_extra,
             _keys: keys,
         }

@@ -1,5 +1,6 @@
 //! End-to-end installs with the real `ddi-agent` against the test server and a file-backed
-//! device: raw, gzip, tar and tar.gz artifacts, dropped connections, and the failures that must
+//! device: raw, gzip, tar and tar.gz artifacts, dropped connections, resume after a kill and a
+//! power cut (raw, gzip, tar), and the failures that must
 //! close the action with `failure` and activate nothing (wrong hash, oversize image, corrupt
 //! gzip, ambiguous tar, disk full while writing).
 
@@ -398,6 +399,72 @@ fn a_gzip_image_resumes_twice() {
         "{log:#?}"
     );
     assert_eq!(log.len(), before_third + 1, "{log:#?}");
+}
+
+/// A raw image in a plain tar killed after its first checkpoint, then a power cut: the next run
+/// fetches the tar's head again with one Range request, reads it and the slot's bytes through
+/// the tar rules and the artifact hash again, and downloads only from the resume point on.
+#[test]
+fn a_tar_image_resumes_after_kill_and_power_cut_by_replay() {
+    let (resumed, tar_len, resume_at) = tar_resumed_by_replay("3.4", false);
+    assert_eq!(resumed.len(), 2, "{resumed:#?}");
+    // The image bytes before the resume point were not downloaded again.
+    let served: u64 = resumed.iter().filter_map(|r| r.body_len).sum();
+    assert_eq!(served, tar_len - resume_at, "{resumed:#?}");
+}
+
+/// As above, but slot B's first bytes change between the runs: the replayed bytes fail the
+/// artifact hash, and the install starts over from byte 0, once, and ends with the right image.
+#[test]
+fn a_tar_image_replayed_over_a_changed_slot_starts_over() {
+    let (resumed, tar_len, _) = tar_resumed_by_replay("3.5", true);
+    assert_eq!(resumed.len(), 3, "{resumed:#?}");
+    assert_eq!(resumed[2].range, None, "{resumed:#?}");
+    assert_eq!(resumed[2].body_len, Some(tar_len), "{resumed:#?}");
+}
+
+/// A 20 MiB image deployed as a plain tar, the agent killed (-9) at its first resume record
+/// (the first checkpoint, 16 MiB) and the power cut; with `changed`, a byte of slot B's prefix
+/// changes. The next run resumes (the head with one Range request, then from the resume point)
+/// and the update ends installed. Returns the downloads of that run, the tar's size and the
+/// resume point.
+fn tar_resumed_by_replay(
+    version: &str,
+    changed: bool,
+) -> (Vec<ddi_sim::DownloadRequest>, u64, u64) {
+    let rig = Rig::new(|o| {
+        o.slot_size = 24 << 20;
+        // ~2 s for the image: time to kill the agent after the first checkpoint (16 MiB).
+        o.max_download_rate = Some("10M".into());
+    });
+    let image = Image::good(version, 20 << 20);
+    let tar = image.tar("rootfs.img");
+    let action = rig.deploy(version, "os.tar", tar.clone());
+    let record = rig.kill_at_the_first_resume_record();
+    assert_eq!(rig.dev.reboot().unwrap(), Slot::A); // and a power cut
+    assert_eq!(record["format"], "member", "{record}");
+    assert_eq!(record["member_of"], "tar", "{record}");
+    assert_eq!(record["member_offset"], 512, "{record}");
+    assert_eq!(record["slot_offset"], 16 << 20, "{record}");
+    assert_eq!(record["artifact_offset"], 512 + (16 << 20), "{record}");
+    assert!(rig
+        .dev
+        .slot_holds(Slot::B, &image.bytes[..16 << 20])
+        .unwrap());
+    if changed {
+        rig.dev.flip_slot_byte(Slot::B, 4096).unwrap();
+    }
+    let before = rig.server.download_log().len();
+    rig.resume_to_the_end(action, &image.bytes);
+    let resumed = rig.server.download_log().split_off(before);
+    assert_eq!(
+        resumed[0].range.as_deref(),
+        Some("bytes=0-511"),
+        "{resumed:#?}"
+    );
+    let rest = format!("bytes={}-", 512 + (16 << 20));
+    assert_eq!(resumed[1].range, Some(rest), "{resumed:#?}");
+    (resumed, tar.len() as u64, 16 << 20)
 }
 
 #[test]

@@ -684,39 +684,65 @@ fn old_agent_reads_a_pending_local_install_as_no_action() {
     rig.assert_closed_once(action, "success");
 }
 
+/// The new agent is killed in the middle of a raw image in a plain tar, leaving a `member`
+/// resume record; the device then runs the old agent (which knows only `raw` records): it
+/// starts the download over from byte 0 and installs the right image, never misreading the
+/// record.
+#[test]
+fn old_agent_starts_over_from_a_member_resume_record() {
+    let image = Image::good("2.0", 20 << 20);
+    let tar = image.tar("rootfs.img");
+    let ranges = old_agent_after_a_kill(&image, "os.tar", tar, "member");
+    // The whole artifact, once.
+    assert_eq!(ranges, vec![None]);
+}
+
 /// The new agent is killed in the middle of a plain gzip image, leaving a `gzip` resume
 /// record; the device then runs the old agent (which knows only `raw` records): it starts the
 /// download over from byte 0 and installs the right image, never misreading the record.
 #[test]
 fn old_agent_starts_over_from_a_gzip_resume_record() {
+    let image = Image::good("2.0", 20 << 20);
+    let gz = image.gzip_best();
+    let total = gz.len();
+    let ranges = old_agent_after_a_kill(&image, "os.img.gz", gz, "gzip");
+    // The whole artifact, and the trailer probe (4 bytes) once its first bytes showed gzip.
+    assert_eq!(
+        ranges,
+        vec![None, Some(format!("bytes={}-{}", total - 4, total - 1))]
+    );
+}
+
+/// The new agent installs `artifact` (holding `image`) and is killed (-9) at its first resume
+/// record, whose format must be `format`; the old agent then runs: it must install the image
+/// (the record gone) and confirm it after the reboot. Returns the Range headers of the old
+/// agent's downloads.
+fn old_agent_after_a_kill(
+    image: &Image,
+    filename: &str,
+    artifact: Vec<u8>,
+    format: &str,
+) -> Vec<Option<String>> {
     let mut rig = Rig::new(&ddi_tests::bin_path("ddi-agent"), |o| {
         o.slot_size = 24 << 20;
         // ~2 s for the image: time to kill the agent after the first checkpoint (16 MiB).
         o.max_download_rate = Some("10M".into());
     });
-    let image = Image::good("2.0", 20 << 20);
-    let gz = image.gzip_best();
-    let action = rig.deploy_artifact("2.0", "os.img.gz", gz.clone());
+    let action = rig.deploy_artifact("2.0", filename, artifact);
     let record_path = rig.dev.state_dir().join("download.resume");
     let record = rig.kill_at_the_first_resume_record();
-    assert_eq!(record["format"], "gzip", "{record}");
+    assert_eq!(record["format"], format, "{record}");
     let before = rig.server.download_log().len();
 
     rig.agent = old_agent();
     rig.once_expect(0);
     let log = rig.server.download_log();
-    let ranges: Vec<Option<String>> = log[before..].iter().map(|r| r.range.clone()).collect();
-    // The whole artifact, and the trailer probe (4 bytes) once its first bytes showed gzip.
-    let total = gz.len();
-    assert_eq!(
-        ranges,
-        vec![None, Some(format!("bytes={}-{}", total - 4, total - 1))],
-        "{log:#?}"
-    );
+    let ranges = log[before..].iter().map(|r| r.range.clone()).collect();
     assert!(!record_path.exists(), "the old agent left the record");
     assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
     assert_eq!(rig.dev.reboot().unwrap(), Slot::B);
     assert!(rig.dev.slot_holds(Slot::B, &image.bytes).unwrap());
     rig.once_expect(0);
     rig.assert_closed_once(action, "success");
+    ranges
 }
