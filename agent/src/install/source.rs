@@ -12,7 +12,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::future::{self, BoxFuture, Either, FutureExt};
 use reqwest::header::{CONTENT_RANGE, RANGE};
-use tokio::sync::oneshot;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 
 use super::pipeline::{ChunkSender, Counters};
@@ -164,7 +163,7 @@ pub async fn fetch(
 
 /// Download the byte ranges `ranges` (`start..end` of the artifact, in this order) into `tx`,
 /// one after the other, each resumed after faults where it broke off. The request of each
-/// range goes out while the range before it streams, so that its body can be read the moment
+/// range goes out when the range before it begins, so that its body can be read the moment
 /// the one before ends (see [`Pipeline`]): on a link with a long round trip, a delta of ~90
 /// ranges would otherwise spend 90 round trips (and the server's time to the first byte)
 /// idle.
@@ -190,18 +189,9 @@ pub async fn fetch_ranges(
             .get(i + 1)
             .copied()
             .filter(|_| pipeline.may_send_ahead());
-        let (streaming, started) = match next {
-            Some(_) => {
-                let (streaming, started) = oneshot::channel();
-                (Some(streaming), Some(started))
-            }
-            None => (None, None),
-        };
         let mut handoff = Handoff {
             first: ahead.take(),
-            streaming,
-            faults: 0,
-            ahead_faulted: false,
+            ..Handoff::default()
         };
         let done = {
             let fetching = std::pin::pin!(fetch_span(
@@ -213,44 +203,28 @@ pub async fn fetch_ranges(
                 &mut limiter,
                 &mut handoff,
             ));
-            match (next, started) {
-                (Some((next_start, next_end)), Some(started)) => {
-                    let send_ahead = async move {
-                        // Only once this range streams a 206 on its first attempt.
-                        started.await.ok()?;
-                        let range = format!("bytes={next_start}-{}", next_end - 1);
-                        Some(send(client, spec, Some(range), next_start).await)
-                    }
-                    .boxed();
+            match next {
+                Some((next_start, next_end)) => {
+                    let range = format!("bytes={next_start}-{}", next_end - 1);
+                    let send_ahead = send(client, spec, Some(range), next_start).boxed();
                     match future::select(fetching, send_ahead).await {
                         Either::Left((done, pending)) => {
                             ahead = Some(Ahead::Pending(pending));
                             done?
                         }
                         Either::Right((sent, fetching)) => {
-                            ahead = sent.map(Ahead::Answered);
+                            ahead = Some(Ahead::Answered(sent));
                             fetching.await?
                         }
                     }
                 }
-                _ => fetching.await?,
+                None => fetching.await?,
             }
         };
         if let Done::ReceiverGone = done {
             // A request sent ahead is dropped here: hyper closes its connection.
             return Ok(());
         }
-        // A request not sent by now never goes (this range did not stream a 206 on its first
-        // attempt); one that went is answered or on its way.
-        handoff.streaming = None;
-        ahead = match ahead.take() {
-            Some(Ahead::Pending(mut pending)) => match (&mut pending).now_or_never() {
-                Some(None) => None,
-                Some(Some(sent)) => Some(Ahead::Answered(sent)),
-                None => Some(Ahead::Pending(pending)),
-            },
-            other => other,
-        };
         pipeline.finished(&handoff);
     }
     tx.send_end().await;
@@ -261,7 +235,7 @@ pub async fn fetch_ranges(
 /// or the fault.
 type Sent = Result<reqwest::Response, Fault>;
 
-/// A range's request sent ahead by [`fetch_ranges`] while the range before it streamed.
+/// A range's request sent ahead by [`fetch_ranges`] while the range before it was fetched.
 ///
 /// Memory: its body is not read into the agent before its turn. hyper reads a body from the
 /// connection only as it is polled for it, so what the server sends ahead stays in hyper's
@@ -270,17 +244,17 @@ type Sent = Result<reqwest::Response, Fault>;
 /// there); the channel to the blocking stage stays the only place where downloaded bytes
 /// queue up.
 enum Ahead<'a> {
-    /// Sent, or waiting for the current range to stream; `None` if it never went.
-    Pending(BoxFuture<'a, Option<Sent>>),
+    /// Sent, no answer yet.
+    Pending(BoxFuture<'a, Sent>),
     Answered(Sent),
 }
 
 impl Ahead<'_> {
-    /// The answer of the request sent ahead; `None` if it never went.
-    async fn answer(self) -> Option<Sent> {
+    /// The answer of the request sent ahead.
+    async fn answer(self) -> Sent {
         match self {
             Ahead::Pending(pending) => pending.await,
-            Ahead::Answered(sent) => Some(sent),
+            Ahead::Answered(sent) => sent,
         }
     }
 }
@@ -290,19 +264,18 @@ impl Ahead<'_> {
 struct Handoff<'a> {
     /// The request sent ahead for this range: its first attempt.
     first: Option<Ahead<'a>>,
-    /// Fired when this range's first attempt streams a 206: the next range's request may go.
-    /// Dropped at the first fault or at an answer that is not a 206 (a server that ignores
-    /// Range is asked one request at a time, as before this pipeline).
-    streaming: Option<oneshot::Sender<()>>,
     /// Faulted attempts (any kind).
     faults: u32,
     /// The attempt on the request sent ahead faulted.
     ahead_faulted: bool,
+    /// An attempt was answered with the whole artifact (200): the server ignores Range.
+    whole_body: bool,
 }
 
-/// When [`fetch_ranges`] sends a range's request ahead (depth one: while range i streams, the
-/// request of range i+1 is sent and its headers received, on a second keep-alive connection of
-/// the same client).
+/// When [`fetch_ranges`] sends a range's request ahead (depth one: the request of range i+1
+/// goes out when range i's turn begins, on a second keep-alive connection of the same client,
+/// so that while range i streams, range i+1's answer is on its way or in; with ranges shorter
+/// than a round trip two go per round trip, with longer ones the round trip is hidden).
 ///
 /// Requests are counted against [`SourceSpec::requests`] when they are sent, so a request
 /// sent ahead that turns out wasted costs one of the install's requests (and one of hawkBit's
@@ -311,17 +284,20 @@ struct Handoff<'a> {
 /// and the one dropped when the fetch ends early (the current range failed for good, or the
 /// blocking stage went away). To keep that bounded:
 ///
-/// - the request of range i+1 goes only after the first attempt of range i streams a 206 (a
-///   fault in range i before that, or an answer that is not a 206, sends nothing ahead);
-/// - after a range that met any fault, the next range sends nothing ahead: after a failure,
-///   nothing goes ahead again until a range completed without one;
+/// - after a range that met any fault, or that a server answered with the whole artifact
+///   (200: it ignores Range), the next range sends nothing ahead: nothing goes ahead again
+///   until a range completed with 206 answers and without a fault. A server that ignores
+///   Range is then asked one range at a time as before (at most one request was already on
+///   its way when the first 200 came; its answer is read as any 200 for a range, from its
+///   place in the whole body), and the bytes thrown away for it are bounded as before;
 /// - a request sent ahead that fails while the range it overlapped went without a fault (the
 ///   server or a proxy does not take a second connection, or closes one that waits) turns
 ///   sending ahead off for the rest of the fetch.
 ///
 /// So every wasted request sent ahead but one follows a fault of the range before it, and the
 /// pipeline adds at most one request per fault of the serial fetch, plus one; the budget's
-/// cap holds as before (a request sent ahead takes from it like any other).
+/// cap holds as before (a request sent ahead takes from it like any other). The first range's
+/// successor goes with it: the delta probe's Range requests were just answered with 206.
 struct Pipeline {
     on: bool,
     /// The last range completed without a fault.
@@ -346,7 +322,7 @@ impl Pipeline {
             tracing::info!("a request sent ahead failed alone; fetching one range at a time");
             self.on = false;
         }
-        self.last_clean = handoff.faults == 0;
+        self.last_clean = handoff.faults == 0 && !handoff.whole_body;
     }
 }
 
@@ -476,8 +452,6 @@ async fn fetch_span(
         if result.is_err() {
             handoff.faults += 1;
             handoff.ahead_faulted |= on_ahead;
-            // Nothing goes ahead for the next range after a fault in this one.
-            handoff.streaming = None;
         }
         match result {
             Ok(done) => return Ok(done),
@@ -645,12 +619,8 @@ async fn fetch_once(
     };
     // The first attempt of a range whose request went ahead (the same Range: it asked for
     // the whole range) takes its answer.
-    let ahead = match link.handoff.first.take() {
-        Some(ahead) => ahead.answer().await,
-        None => None,
-    };
-    let mut response = match ahead {
-        Some(sent) => sent?,
+    let mut response = match link.handoff.first.take() {
+        Some(ahead) => ahead.answer().await?,
         None => send(client, spec, range, *offset).await?,
     };
     let status = response.status().as_u16();
@@ -684,6 +654,7 @@ async fn fetch_once(
             skip = *offset;
             if link.end.is_some() && !restart {
                 link.out.saw_whole_body();
+                link.handoff.whole_body = true;
                 // A delta's ranges read that way each re-read the artifact from byte 0: at
                 // most one artifact's worth of such bytes, then a retryable failure (the next
                 // attempt's probe sees the 200 and downloads the whole artifact once).
@@ -729,12 +700,6 @@ async fn fetch_once(
                 status: s,
             }))
         }
-    }
-    // The next range's request may go once this range streams a partial answer (not a 200:
-    // a server that ignores Range is asked as before, one request at a time).
-    let streaming = link.handoff.streaming.take();
-    if let (206, Some(streaming)) = (status, streaming) {
-        let _ = streaming.send(());
     }
     if let (Some(t), None) = (*total, link.end) {
         counters.total.store(t, Ordering::Release);
