@@ -18,7 +18,12 @@ slot B ends up holding version 2. Prints JSON and writes WORK/delta-install-resu
 The stripped size of the agent binary is recorded too. Usage:
 
     bench/delta_install.py --bin-dir target/release [--work work/bench-delta] [--chunk-kib 16] [--chunk-format 3]
-        [--level 3]
+        [--level 3] [--rtt-ms 50] [--installs delta,chunked-full,plain-zst,raw]
+
+--rtt-ms N puts bench/latency_proxy.py between the agent and ddi-sim: every byte passed on
+N/2 ms late in each direction, and a new connection's first bytes one more round trip late
+(its handshake), as on a link with an N ms round trip (netem does the same where the kernel
+has it). --installs picks some of the four installs.
 """
 
 import argparse
@@ -84,7 +89,7 @@ def install(args, server, label, artifact, seed, bundle_policy):
     token = server.target(cid)
     root = os.path.join(args.work, "device-" + label)
     image_bytes = os.path.getsize(args.v2)
-    config, marker = bench.make_device(root, server.url, cid, token, image_bytes)
+    config, marker = bench.make_device(root, args.agent_url, cid, token, image_bytes)
     write_slot(os.path.join(root, "slot-A.img"), seed, image_bytes)
     if bundle_policy:
         with open(config, "a") as f:
@@ -118,7 +123,12 @@ def main():
     ap.add_argument("--chunk-kib", type=int, default=16)
     ap.add_argument("--chunk-format", type=int, default=3)
     ap.add_argument("--level", type=int, default=3)
+    ap.add_argument("--rtt-ms", type=float, default=0,
+                    help="round trip added between the agent and ddi-sim (bench/latency_proxy.py)")
+    ap.add_argument("--installs", default="delta,chunked-full,plain-zst,raw",
+                    help="comma-separated subset of delta,chunked-full,plain-zst,raw")
     args = ap.parse_args()
+    wanted = set(args.installs.split(","))
     args.work = os.path.abspath(args.work)
     args.agent = os.path.abspath(os.path.join(args.bin_dir, "ddi-agent"))
     ddi_sim = os.path.abspath(os.path.join(args.bin_dir, "ddi-sim"))
@@ -133,17 +143,39 @@ def main():
         bench.toml_str(os.path.join(args.work, "bench.pub")))
 
     server = bench.Server(ddi_sim, args.work)
+    proxy = None
+    args.agent_url = server.url
+    installs = [
+        ("delta", "delta", bundle, v1, policy),
+        ("chunked_no_seed", "chunked-full", bundle, None, policy),
+        ("plain_zst", "plain-zst", plain, None, None),
+        ("raw", "raw", args.v2, None, None),
+    ]
     try:
+        if args.rtt_ms > 0:
+            port = bench.free_port()
+            here = os.path.dirname(os.path.abspath(__file__))
+            proxy = subprocess.Popen(
+                [sys.executable, os.path.join(here, "latency_proxy.py"), "--listen", str(port),
+                 "--to", str(server.port), "--rtt-ms", str(args.rtt_ms)],
+                stdout=subprocess.PIPE, text=True)
+            if proxy.stdout.readline().strip() != "ready":
+                raise RuntimeError("latency_proxy.py did not start")
+            args.agent_url = "http://127.0.0.1:%d" % port
         result = {
             "image_bytes": os.path.getsize(args.v2),
             "chunk_kib": args.chunk_kib,
             "chunk_format": args.chunk_format,
-            "delta": install(args, server, "delta", bundle, v1, policy),
-            "chunked_no_seed": install(args, server, "chunked-full", bundle, None, policy),
-            "plain_zst": install(args, server, "plain-zst", plain, None, None),
-            "raw": install(args, server, "raw", args.v2, None, None),
         }
+        if args.rtt_ms > 0:
+            result["rtt_ms"] = args.rtt_ms
+        for key, label, artifact, seed, bundle_policy in installs:
+            if label in wanted:
+                result[key] = install(args, server, label, artifact, seed, bundle_policy)
     finally:
+        if proxy:
+            proxy.terminate()
+            proxy.wait()
         server.stop()
     result["agent_binary"] = bench.binary_size(args)
     text = json.dumps(result, indent=2)

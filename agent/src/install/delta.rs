@@ -4,7 +4,8 @@
 //!  probe: Range 0..64 KiB (+ the rest of the index) ─► signature, chunk index (BundleReader)
 //!  seed:  active slot, read-only ─► cut with the bundle's chunker ─► chunks the index lists
 //!  plan:  chunks neither in the seed nor durably on the slot (resume) ─► ≤ 90 coalesced ranges
-//!  async: Range GET per range, resumed after faults ─► channel ─► blocking: for every chunk in
+//!  async: Range GET per range (the next one sent when this one begins), resumed after
+//!         faults ─► channel ─► blocking: for every chunk in
 //!         order: frame from the stream, or bytes from the seed (checked again), or one Range
 //!         request for a seed chunk that no longer matches ─► sha256 against the signed index
 //!         ─► slot writer ─► read back: its sha256 against the signed image hash

@@ -770,4 +770,6 @@ fn current_progress(counters: &Counters) -> Progress {
 }
 
 #[cfg(test)]
+mod range_tests;
+#[cfg(test)]
 mod tests;

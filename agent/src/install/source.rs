@@ -1,14 +1,16 @@
 //! The download side: HTTP GET of the artifact, resumed with `Range` requests after network
 //! faults (bounded tries with the backoff and `Retry-After` handling of [`crate::http_policy`],
 //! and at most [`MAX_REQUESTS_PER_INSTALL`] requests in all),
-//! paced by an optional rate limit, feeding the bounded channel to the blocking stage; and a
-//! local file (`ddi-agent install FILE`) fed the same way.
+//! paced by an optional rate limit, feeding the bounded channel to the blocking stage; the
+//! ranges of a delta with the next range's request sent while the current one streams
+//! ([`fetch_ranges`]); and a local file (`ddi-agent install FILE`) fed the same way.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::{self, BoxFuture, Either, FutureExt};
 use reqwest::header::{CONTENT_RANGE, RANGE};
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 
@@ -148,21 +150,23 @@ pub async fn fetch(
     counters: &Counters,
 ) -> Result<(), InstallError> {
     let mut out = Out::Channel(&tx);
-    let mut limiter = RateLimiter::new(spec.max_rate);
     let span = Span {
         start,
         end: None,
         probed: start > 0,
     };
-    if let Done::Complete = fetch_span(client, spec, span, &mut out, counters, &mut limiter).await?
-    {
+    if let Done::Complete = fetch_alone(client, spec, span, &mut out, counters).await? {
         tx.send_end().await;
     }
     Ok(())
 }
 
 /// Download the byte ranges `ranges` (`start..end` of the artifact, in this order) into `tx`,
-/// one after the other, each resumed after faults where it broke off.
+/// one after the other, each resumed after faults where it broke off. The request of each
+/// range goes out when the range before it begins, so that its body can be read the moment
+/// the one before ends (see [`Pipeline`]): on a link with a long round trip, a delta of ~90
+/// ranges would otherwise spend 90 round trips (and the server's time to the first byte)
+/// idle.
 pub async fn fetch_ranges(
     client: &reqwest::Client,
     spec: &SourceSpec,
@@ -172,19 +176,154 @@ pub async fn fetch_ranges(
 ) -> Result<(), InstallError> {
     let mut out = Out::Channel(&tx);
     let mut limiter = RateLimiter::new(spec.max_rate);
-    for &(start, end) in ranges {
+    let mut pipeline = Pipeline::new();
+    // The request of the range after the current one, sent ahead (at most one).
+    let mut ahead: Option<Ahead<'_>> = None;
+    for (i, &(start, end)) in ranges.iter().enumerate() {
         let span = Span {
             start,
             end: Some(end),
             probed: true,
         };
-        let done = fetch_span(client, spec, span, &mut out, counters, &mut limiter).await?;
+        let next = ranges
+            .get(i + 1)
+            .copied()
+            .filter(|_| pipeline.may_send_ahead());
+        let mut handoff = Handoff {
+            first: ahead.take(),
+            ..Handoff::default()
+        };
+        let done = {
+            let fetching = std::pin::pin!(fetch_span(
+                client,
+                spec,
+                span,
+                &mut out,
+                counters,
+                &mut limiter,
+                &mut handoff,
+            ));
+            match next {
+                Some((next_start, next_end)) => {
+                    let range = format!("bytes={next_start}-{}", next_end - 1);
+                    let send_ahead = send(client, spec, Some(range), next_start).boxed();
+                    match future::select(fetching, send_ahead).await {
+                        Either::Left((done, pending)) => {
+                            ahead = Some(Ahead::Pending(pending));
+                            done?
+                        }
+                        Either::Right((sent, fetching)) => {
+                            ahead = Some(Ahead::Answered(sent));
+                            fetching.await?
+                        }
+                    }
+                }
+                None => fetching.await?,
+            }
+        };
         if let Done::ReceiverGone = done {
+            // A request sent ahead is dropped here: hyper closes its connection.
             return Ok(());
         }
+        pipeline.finished(&handoff);
     }
     tx.send_end().await;
     Ok(())
+}
+
+/// The answer to one request: the response once its headers are in (the body not read yet),
+/// or the fault.
+type Sent = Result<reqwest::Response, Fault>;
+
+/// A range's request sent ahead by [`fetch_ranges`] while the range before it was fetched.
+///
+/// Memory: its body is not read into the agent before its turn. hyper reads a body from the
+/// connection only as it is polled for it, so what the server sends ahead stays in hyper's
+/// read buffer of that connection (what came with the headers, at most ~400 KiB) and the
+/// kernel's socket receive buffer (net.ipv4.tcp_rmem; TCP flow control stops the server
+/// there); the channel to the blocking stage stays the only place where downloaded bytes
+/// queue up.
+enum Ahead<'a> {
+    /// Sent, no answer yet.
+    Pending(BoxFuture<'a, Sent>),
+    Answered(Sent),
+}
+
+impl Ahead<'_> {
+    /// The answer of the request sent ahead.
+    async fn answer(self) -> Sent {
+        match self {
+            Ahead::Pending(pending) => pending.await,
+            Ahead::Answered(sent) => sent,
+        }
+    }
+}
+
+/// One range's part in the pipeline of [`fetch_ranges`] (empty for every other download).
+#[derive(Default)]
+struct Handoff<'a> {
+    /// The request sent ahead for this range: its first attempt.
+    first: Option<Ahead<'a>>,
+    /// Faulted attempts (any kind).
+    faults: u32,
+    /// The attempt on the request sent ahead faulted.
+    ahead_faulted: bool,
+    /// An attempt was answered with the whole artifact (200): the server ignores Range.
+    whole_body: bool,
+}
+
+/// When [`fetch_ranges`] sends a range's request ahead (depth one: the request of range i+1
+/// goes out when range i's turn begins, on a second keep-alive connection of the same client,
+/// so that while range i streams, range i+1's answer is on its way or in; with ranges shorter
+/// than a round trip two go per round trip, with longer ones the round trip is hidden).
+///
+/// Requests are counted against [`SourceSpec::requests`] when they are sent, so a request
+/// sent ahead that turns out wasted costs one of the install's requests (and one of hawkBit's
+/// action statuses): one that fails (its fault is the first failed attempt of its range,
+/// retried with the backoff as any), one whose connection the server closed while it waited,
+/// and the one dropped when the fetch ends early (the current range failed for good, or the
+/// blocking stage went away). To keep that bounded:
+///
+/// - after a range that met any fault, or that a server answered with the whole artifact
+///   (200: it ignores Range), the next range sends nothing ahead: nothing goes ahead again
+///   until a range completed with 206 answers and without a fault. A server that ignores
+///   Range is then asked one range at a time as before (at most one request was already on
+///   its way when the first 200 came; its answer is read as any 200 for a range, from its
+///   place in the whole body), and the bytes thrown away for it are bounded as before;
+/// - a request sent ahead that fails while the range it overlapped went without a fault (the
+///   server or a proxy does not take a second connection, or closes one that waits) turns
+///   sending ahead off for the rest of the fetch.
+///
+/// So every wasted request sent ahead but one follows a fault of the range before it, and the
+/// pipeline adds at most one request per fault of the serial fetch, plus one; the budget's
+/// cap holds as before (a request sent ahead takes from it like any other). The first range's
+/// successor goes with it: the delta probe's Range requests were just answered with 206.
+struct Pipeline {
+    on: bool,
+    /// The last range completed without a fault.
+    last_clean: bool,
+}
+
+impl Pipeline {
+    fn new() -> Self {
+        Pipeline {
+            on: true,
+            last_clean: true,
+        }
+    }
+
+    fn may_send_ahead(&self) -> bool {
+        self.on && self.last_clean
+    }
+
+    /// A range completed.
+    fn finished(&mut self, handoff: &Handoff<'_>) {
+        if handoff.ahead_faulted && self.last_clean {
+            tracing::info!("a request sent ahead failed alone; fetching one range at a time");
+            self.on = false;
+        }
+        self.last_clean = handoff.faults == 0 && !handoff.whole_body;
+    }
 }
 
 /// Bytes `start..end` of the artifact, in memory, with the retries of [`fetch`].
@@ -207,13 +346,12 @@ pub async fn fetch_bytes(
         bytes: Vec::with_capacity((end - start).min(1 << 20) as usize),
         whole_body: false,
     };
-    let mut limiter = RateLimiter::new(spec.max_rate);
     let span = Span {
         start,
         end: Some(end),
         probed: true,
     };
-    fetch_span(client, spec, span, &mut out, counters, &mut limiter).await?;
+    fetch_alone(client, spec, span, &mut out, counters).await?;
     match out {
         Out::Buffer { bytes, whole_body } => Ok(RangeBytes {
             bytes,
@@ -262,6 +400,28 @@ struct Span {
     probed: bool,
 }
 
+/// [`fetch_span`] of a download that is not part of a pipeline of ranges, at its own rate.
+async fn fetch_alone(
+    client: &reqwest::Client,
+    spec: &SourceSpec,
+    span: Span,
+    out: &mut Out<'_>,
+    counters: &Counters,
+) -> Result<Done, InstallError> {
+    let mut limiter = RateLimiter::new(spec.max_rate);
+    let mut handoff = Handoff::default();
+    fetch_span(
+        client,
+        spec,
+        span,
+        out,
+        counters,
+        &mut limiter,
+        &mut handoff,
+    )
+    .await
+}
+
 async fn fetch_span(
     client: &reqwest::Client,
     spec: &SourceSpec,
@@ -269,6 +429,7 @@ async fn fetch_span(
     out: &mut Out<'_>,
     counters: &Counters,
     limiter: &mut RateLimiter,
+    handoff: &mut Handoff<'_>,
 ) -> Result<Done, InstallError> {
     let mut offset = span.start;
     let mut total = spec.size;
@@ -277,6 +438,7 @@ async fn fetch_span(
     let mut range_refused = RangeRefused::No;
     loop {
         let before = offset;
+        let on_ahead = handoff.first.is_some();
         let mut link = Link {
             out: &mut *out,
             counters,
@@ -284,8 +446,13 @@ async fn fetch_span(
             probed: &mut probed,
             range_refused: &mut range_refused,
             end: span.end,
+            handoff: &mut *handoff,
         };
         let result = fetch_once(client, spec, &mut offset, &mut total, &mut link).await;
+        if result.is_err() {
+            handoff.faults += 1;
+            handoff.ahead_faulted |= on_ahead;
+        }
         match result {
             Ok(done) => return Ok(done),
             Err(Fault::Permanent(e)) => return Err(e),
@@ -326,7 +493,7 @@ async fn fetch_span(
 }
 
 /// Where received bytes go, and state kept across connections.
-struct Link<'a, 'o> {
+struct Link<'a, 'o, 'h> {
     out: &'a mut Out<'o>,
     /// End of the span (exclusive); `None`: the artifact's end.
     end: Option<u64>,
@@ -337,6 +504,8 @@ struct Link<'a, 'o> {
     /// A resume was answered 416 (the server's idea of the artifact and ours differ, or it
     /// dropped what the Range referred to): the next request asks for the whole body, once.
     range_refused: &'a mut RangeRefused,
+    /// This range's part in the pipeline of [`fetch_ranges`].
+    handoff: &'a mut Handoff<'h>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -378,12 +547,51 @@ async fn probe_gzip_isize(client: &reqwest::Client, spec: &SourceSpec, total: u6
     Some(u64::from(u32::from_le_bytes(bytes)))
 }
 
+/// A fault worth another try, without `Retry-After`, before the end of a body.
+fn transient(message: String) -> Fault {
+    Fault::Transient {
+        message,
+        truncated: false,
+        retry_after: None,
+    }
+}
+
+/// Take a request from the install's budget and send it: GET of the artifact, with `range`
+/// as its Range header if any; its answer once the headers are in (`offset`: where the
+/// download stands, for the error).
+async fn send(
+    client: &reqwest::Client,
+    spec: &SourceSpec,
+    range: Option<String>,
+    offset: u64,
+) -> Sent {
+    if !spec.requests.take() {
+        return Err(Fault::Permanent(InstallError::TooManyRequests {
+            url: spec.url.clone(),
+            requests: spec.requests.used(),
+            offset,
+        }));
+    }
+    let mut request = client.get(&spec.url);
+    if let Some((name, value)) = &spec.auth_header {
+        request = request.header(name.as_str(), value.as_str());
+    }
+    if let Some(range) = range {
+        request = request.header(RANGE, range);
+    }
+    match timeout(spec.stall_timeout, request.send()).await {
+        Err(_) => Err(transient("no response".into())),
+        Ok(Err(e)) => Err(transient(http_policy::describe(&e))),
+        Ok(Ok(r)) => Ok(r),
+    }
+}
+
 async fn fetch_once(
     client: &reqwest::Client,
     spec: &SourceSpec,
     offset: &mut u64,
     total: &mut Option<u64>,
-    link: &mut Link<'_, '_>,
+    link: &mut Link<'_, '_, '_>,
 ) -> Result<Done, Fault> {
     let counters = link.counters;
     let size_mismatch = |expected: u64, actual: u64| {
@@ -398,34 +606,22 @@ async fn fetch_once(
             return Ok(Done::Complete);
         }
     }
-    if !spec.requests.take() {
-        return Err(Fault::Permanent(InstallError::TooManyRequests {
-            url: spec.url.clone(),
-            requests: spec.requests.used(),
-            offset: *offset,
-        }));
-    }
-    let mut request = client.get(&spec.url);
-    if let Some((name, value)) = &spec.auth_header {
-        request = request.header(name.as_str(), value.as_str());
-    }
     let restart = *link.range_refused == RangeRefused::RestartNext;
-    if restart {
+    let range = if restart {
         *link.range_refused = RangeRefused::Restarted;
+        None
     } else if let Some(end) = link.end {
-        request = request.header(RANGE, format!("bytes={}-{}", *offset, end - 1));
+        Some(format!("bytes={}-{}", *offset, end - 1))
     } else if *offset > 0 {
-        request = request.header(RANGE, format!("bytes={}-", *offset));
-    }
-    let transient = |message: String| Fault::Transient {
-        message,
-        truncated: false,
-        retry_after: None,
+        Some(format!("bytes={}-", *offset))
+    } else {
+        None
     };
-    let mut response = match timeout(spec.stall_timeout, request.send()).await {
-        Err(_) => return Err(transient("no response".into())),
-        Ok(Err(e)) => return Err(transient(http_policy::describe(&e))),
-        Ok(Ok(r)) => r,
+    // The first attempt of a range whose request went ahead (the same Range: it asked for
+    // the whole range) takes its answer.
+    let mut response = match link.handoff.first.take() {
+        Some(ahead) => ahead.answer().await?,
+        None => send(client, spec, range, *offset).await?,
     };
     let status = response.status().as_u16();
     // Bytes at the start of this body that we already have.
@@ -458,6 +654,7 @@ async fn fetch_once(
             skip = *offset;
             if link.end.is_some() && !restart {
                 link.out.saw_whole_body();
+                link.handoff.whole_body = true;
                 // A delta's ranges read that way each re-read the artifact from byte 0: at
                 // most one artifact's worth of such bytes, then a retryable failure (the next
                 // attempt's probe sees the 200 and downloads the whole artifact once).

@@ -89,7 +89,7 @@ fn short(bytes: u64) -> FaultKind {
 }
 
 /// Deterministic incompressible-ish bytes.
-fn image(len: usize, seed: u32) -> Vec<u8> {
+pub(super) fn image(len: usize, seed: u32) -> Vec<u8> {
     let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
     (0..len)
         .map(|_| {
