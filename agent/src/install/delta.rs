@@ -294,6 +294,7 @@ pub fn write_delta(
     let signed = &*job.signed;
     let mut decoder = ChunkDecoder::for_index(&signed.index, signed.history);
     let mut prefix_hash = Sha256::new();
+    let mut tail = slot::PrefixTail::default();
     // The resumed prefix's part of the chunk that straddles `resume_at`: (chunk, sha256 of
     // those bytes), compared with the chunk's signed bytes once they are known.
     let mut straddling: Option<(usize, [u8; 32])> = None;
@@ -311,6 +312,7 @@ pub fn write_delta(
             job.resume_at,
             |b| {
                 prefix_hash.update(b);
+                tail.update(b);
                 check.update(b);
                 let end = at + b.len() as u64;
                 if signed.history > 0 && end > keep_from && at < first_start {
@@ -332,7 +334,8 @@ pub fn write_delta(
         decoder.set_context(first, &context);
     }
     let mut stream = pipeline::channel_reader(rx, counters);
-    let mut writer = SlotWriter::new(dev, job.resume_at, prefix_hash, job.checkpoint_interval);
+    let interval = job.checkpoint_interval;
+    let mut writer = SlotWriter::resume(dev, job.resume_at, prefix_hash, tail.bytes(), interval);
     chunked::leave_hash_to_read_back(&mut writer);
     writer.expect_size(signed.image_size)?;
     let offset = || counters.consumed.load(Ordering::Relaxed);

@@ -457,6 +457,7 @@ fn run_stream<R: Read>(
 ) -> Result<Installed, InstallError> {
     let mut artifact_hash = Hasher::new(plan.algorithm);
     let mut prefix_hash = Sha256::new();
+    let mut tail = slot::PrefixTail::default();
     if plan.start > 0 {
         // The hashers cannot be saved: hash the bytes already on the slot again. They are
         // read from the device, so they also count as read back.
@@ -466,12 +467,14 @@ fn run_stream<R: Read>(
             |b| {
                 artifact_hash.update(b);
                 prefix_hash.update(b);
+                tail.update(b);
             },
             |_| {},
         )?;
     }
     let mut hashing = HashingReader::new(input, artifact_hash, plan.start);
-    let mut writer = SlotWriter::new(dev, plan.start, prefix_hash, plan.checkpoint_interval);
+    let interval = plan.checkpoint_interval;
+    let mut writer = SlotWriter::resume(dev, plan.start, prefix_hash, tail.bytes(), interval);
     let (format, signed_image_sha256) = write_image(plan, &mut hashing, &mut writer, counters)?;
     let actual = check_artifact_hash(plan, hashing, format, counters)?;
     // Without the writer's hash the image is the artifact itself, hashed with sha256 above,
@@ -507,6 +510,7 @@ fn run_replay<R: Read>(
     let slot_part = SlotPart {
         reader: prefix,
         hash: Sha256::new(),
+        tail: slot::PrefixTail::default(),
         done: Rc::clone(&slot_hash),
     };
     let replayed = Counted {
@@ -613,19 +617,22 @@ fn copy_replayed<R: Read>(
 }
 
 /// The slot's bytes before a replay's resume point as part of the replayed artifact: hashed
-/// as they are read, the sha256 published in `done` with the last of them.
+/// as they are read, the sha256 and the last bytes (for the slot writer) published in `done`
+/// with the last of them.
 struct SlotPart {
     reader: slot::PrefixReader,
     hash: Sha256,
-    done: Rc<RefCell<Option<Sha256>>>,
+    tail: slot::PrefixTail,
+    done: Rc<RefCell<Option<(Sha256, slot::PrefixTail)>>>,
 }
 
 impl Read for SlotPart {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.reader.read(buf)?;
         self.hash.update(&buf[..n]);
+        self.tail.update(&buf[..n]);
         if n > 0 && self.reader.remaining() == 0 {
-            *self.done.borrow_mut() = Some(self.hash.clone());
+            *self.done.borrow_mut() = Some((self.hash.clone(), self.tail.clone()));
         }
         Ok(n)
     }
@@ -655,8 +662,8 @@ struct ReplaySink<'a, 'p> {
     slot: PathBuf,
     capacity: u64,
     stage: Stage<'a>,
-    /// The slot prefix's sha256, once it was read (see [`SlotPart`]).
-    slot_hash: Rc<RefCell<Option<Sha256>>>,
+    /// The slot prefix's sha256 and last bytes, once it was read (see [`SlotPart`]).
+    slot_hash: Rc<RefCell<Option<(Sha256, slot::PrefixTail)>>>,
     plan: &'p SinkPlan,
     point: MemberPoint,
 }
@@ -702,11 +709,11 @@ impl<'a> ReplaySink<'a, '_> {
         let slot_hash = self.slot_hash.borrow_mut().take();
         let same = slot_hash
             .as_ref()
-            .is_some_and(|h| h.clone().finalize() == emitted.finalize());
+            .is_some_and(|(h, _)| h.clone().finalize() == emitted.finalize());
         match slot_hash.filter(|_| same) {
-            Some(prefix_hash) => {
-                let interval = self.plan.checkpoint_interval;
-                let writer = SlotWriter::new(dev, self.point.slot_offset, prefix_hash, interval);
+            Some((prefix_hash, tail)) => {
+                let (start, interval) = (self.point.slot_offset, self.plan.checkpoint_interval);
+                let writer = SlotWriter::resume(dev, start, prefix_hash, tail.bytes(), interval);
                 self.stage = Stage::Writing(Box::new(writer));
                 Ok(&data[n..])
             }
@@ -1133,7 +1140,8 @@ fn run_gzip<R: Read>(
             let decoder =
                 GzDecoder::resume(input, &r.point.at, hash, &r.window).map_err(gzip_error)?;
             let start = r.point.at.out;
-            let writer = SlotWriter::new(dev, start, r.prefix_hash.clone(), interval);
+            // The window is the prefix's last bytes, as hashed.
+            let writer = SlotWriter::resume(dev, start, r.prefix_hash.clone(), &r.window, interval);
             (decoder, writer)
         }
         None => (

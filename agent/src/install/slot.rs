@@ -478,28 +478,41 @@ fn slot_io(dev: &dyn SlotDevice, op: &'static str, offset: u64, source: io::Erro
     }
 }
 
-/// Read the slot's bytes from the 4 KiB boundary below `start` up to it into `buf`, so the
-/// writer's buffers start aligned; returns how many (0 when `start` is aligned, the slot
-/// keeps nothing, or the read fails: the writer then starts at `start`, unaligned, and its
-/// writes go through the page cache).
-fn align_start(dev: &mut dyn SlotDevice, start: u64, buf: &mut [u8]) -> usize {
+/// Put the slot's bytes from the 4 KiB boundary below `start` up to it into `buf`, taken from
+/// `tail` (the last bytes before `start`, as the caller hashed them), so the writer's buffers
+/// start aligned; returns how many (0 when `start` is aligned, the slot keeps nothing, or
+/// `tail` is too short: the writer then starts at `start`, unaligned, and its writes go through
+/// the page cache).
+fn align_start(dev: &dyn SlotDevice, start: u64, tail: &[u8], buf: &mut [u8]) -> usize {
     let before = (start % DIRECT_ALIGN as u64) as usize;
-    if before == 0 || !dev.keeps_data() {
+    if before == 0 || !dev.keeps_data() || tail.len() < before {
         return 0;
     }
-    let mut got = 0;
-    while got < before {
-        match dev.read_at(start - before as u64 + got as u64, &mut buf[got..before]) {
-            Ok(0) => return 0,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                tracing::debug!(error = %e, start, "cannot align the resumed writes; writing through the page cache");
-                return 0;
-            }
+    buf[..before].copy_from_slice(&tail[tail.len() - before..]);
+    before
+}
+
+/// The last bytes of a slot prefix as it is read (at most 4 KiB): what a resumed
+/// [`SlotWriter`] writes again before its resume point to start its buffers aligned.
+#[derive(Debug, Clone, Default)]
+pub struct PrefixTail(Vec<u8>);
+
+impl PrefixTail {
+    /// The next bytes of the prefix.
+    pub fn update(&mut self, data: &[u8]) {
+        if data.len() >= DIRECT_ALIGN {
+            self.0.clear();
+            self.0.extend_from_slice(&data[data.len() - DIRECT_ALIGN..]);
+        } else {
+            self.0.extend_from_slice(data);
+            let extra = self.0.len().saturating_sub(DIRECT_ALIGN);
+            self.0.drain(..extra);
         }
     }
-    before
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 /// Writes the image into a slot: guards the capacity, hashes the image bytes (sha256, for the
@@ -543,23 +556,38 @@ enum Flush {
 impl<'a> SlotWriter<'a> {
     /// Write from `start` on; `prefix_hash` is the sha256 of the slot bytes before it, read
     /// from the device (resume), and starts both the image hash and the read-back hash.
-    /// A durable checkpoint is made every `checkpoint_interval` bytes.
-    ///
-    /// A resume point is rarely 4 KiB aligned (a deflate block boundary, a chunk's end): the
-    /// slot's bytes from the aligned offset below it to `start` are read into the buffer
-    /// first, so every buffer is written at an aligned offset and the rest of the image goes
-    /// `O_DIRECT` as a fresh install does, instead of through the page cache. Those bytes are
-    /// not hashed again (`prefix_hash` covers them) and are rewritten as they are: a device
-    /// that returns other bytes than it holds fails the final read-back.
+    /// A durable checkpoint is made every `checkpoint_interval` bytes. A writer resumed at an
+    /// offset that is not 4 KiB aligned writes through the page cache; see
+    /// [`SlotWriter::resume`].
     pub fn new(
         dev: &'a mut dyn SlotDevice,
         start: u64,
         prefix_hash: Sha256,
         checkpoint_interval: u64,
     ) -> Self {
+        Self::resume(dev, start, prefix_hash, &[], checkpoint_interval)
+    }
+
+    /// [`SlotWriter::new`] for a resume that read the slot's prefix: `tail` holds its last
+    /// bytes as they were hashed into `prefix_hash` ([`PrefixTail`]).
+    ///
+    /// A resume point is rarely 4 KiB aligned (a deflate block boundary, a chunk's end): the
+    /// slot's bytes from the aligned offset below it to `start` (from `tail`) go into the
+    /// buffer first, so every buffer is written at an aligned offset and the rest of the image
+    /// goes `O_DIRECT` as a fresh install does, instead of through the page cache. Those bytes
+    /// are written again exactly as `prefix_hash` covers them, not read from the device a
+    /// second time: the read-back starts at `start` and never sees them, so a second read that
+    /// returned other bytes would put bytes on the slot that no hash vouches for.
+    pub fn resume(
+        dev: &'a mut dyn SlotDevice,
+        start: u64,
+        prefix_hash: Sha256,
+        tail: &[u8],
+        checkpoint_interval: u64,
+    ) -> Self {
         let checkpoint_interval = checkpoint_interval.max(WRITE_BUFFER as u64);
         let mut buf = AlignedBuffer::new(WRITE_BUFFER);
-        let filled = align_start(&mut *dev, start, buf.as_mut_slice());
+        let filled = align_start(&*dev, start, tail, buf.as_mut_slice());
         let buf_offset = start - filled as u64;
         let read_back = ReadBack::new(&*dev, start, prefix_hash.clone());
         let read_back_done = read_back.progress();
@@ -1448,8 +1476,9 @@ mod writeback_tests {
         reading: Option<(u64, u64)>,
         /// Offset of every write.
         write_offsets: Vec<u64>,
-        /// Every read fails (a device that cannot be read).
-        refuse_reads: bool,
+        /// Reads that are not whole 4 KiB blocks return every byte inverted (a device that
+        /// returns other bytes than it holds, once).
+        garble_partial_reads: bool,
     }
 
     impl Recorder {
@@ -1489,9 +1518,6 @@ mod writeback_tests {
             Ok(())
         }
         fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
-            if self.refuse_reads {
-                return Err(io::Error::other("unreadable"));
-            }
             let n = buf.len().min(self.data.len() - offset as usize);
             // Reads past the image (whole blocks for O_DIRECT) are ignored by the reader.
             let image_end = (offset + n as u64).min(self.written_to);
@@ -1501,6 +1527,9 @@ mod writeback_tests {
                 self.reached_to
             );
             buf[..n].copy_from_slice(&self.data[offset as usize..offset as usize + n]);
+            if self.garble_partial_reads && !n.is_multiple_of(4096) {
+                buf[..n].iter_mut().for_each(|b| *b = !*b);
+            }
             match &mut self.reading {
                 Some((start, len)) if *start + *len == offset => *len += n as u64,
                 _ => {
@@ -1574,19 +1603,30 @@ mod writeback_tests {
     /// A slot holding `prefix` durably from an interrupted install, written on from its end
     /// with `rest` by a resumed writer; returns the device, the whole image and what the
     /// writer's finish returned.
-    fn resume_at_unaligned(
-        refuse_reads: bool,
+    fn resume_at_unaligned(with_tail: bool) -> (Recorder, Vec<u8>, Result<Written, InstallError>) {
+        resume_at_unaligned_on(Recorder::new(4 << 20), with_tail)
+    }
+
+    /// [`resume_at_unaligned`] on `dev`; `with_tail`: the writer is given the prefix's tail.
+    fn resume_at_unaligned_on(
+        mut dev: Recorder,
+        with_tail: bool,
     ) -> (Recorder, Vec<u8>, Result<Written, InstallError>) {
         let prefix: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
         let rest: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 241) as u8).collect();
-        let mut dev = Recorder::new(4 << 20);
         dev.data[..prefix.len()].copy_from_slice(&prefix);
         dev.written_to = prefix.len() as u64;
         dev.reached_to = prefix.len() as u64;
-        dev.refuse_reads = refuse_reads;
         let mut prefix_hash = Sha256::new();
-        prefix_hash.update(&prefix);
-        let mut w = SlotWriter::new(&mut dev, prefix.len() as u64, prefix_hash, 16 << 20);
+        let mut tail = PrefixTail::default();
+        // As a resume reads it: in pieces.
+        for piece in prefix.chunks(700) {
+            prefix_hash.update(piece);
+            tail.update(piece);
+        }
+        let tail = if with_tail { tail.bytes() } else { &[] };
+        let start = prefix.len() as u64;
+        let mut w = SlotWriter::resume(&mut dev, start, prefix_hash, tail, 16 << 20);
         assert_eq!(w.position(), prefix.len() as u64);
         for part in rest.chunks(300_000) {
             w.write(part).unwrap();
@@ -1597,9 +1637,10 @@ mod writeback_tests {
 
     #[test]
     fn a_writer_resumed_at_an_unaligned_offset_writes_aligned_buffers() {
-        let (dev, image, done) = resume_at_unaligned(false);
+        let (dev, image, done) = resume_at_unaligned(true);
         let done = done.unwrap();
-        // The 904 slot bytes before the resume point were read into the first buffer, so
+        // The 904 slot bytes before the resume point (the prefix's tail) went into the first
+        // buffer, so
         // every write (but the tail) starts on a 4 KiB boundary, the first at 4096.
         assert_eq!(dev.write_offsets.first(), Some(&4096));
         assert!(
@@ -1614,11 +1655,33 @@ mod writeback_tests {
         assert_eq!(done.read_back_sha256, expected);
     }
 
+    /// The slot bytes rewritten before the resume point (to align the buffers) are the ones the
+    /// caller hashed, not a second read of the device: a read that returns other bytes than
+    /// the slot holds must not end up on the slot behind the hashes' back (the read-back
+    /// starts at the resume point, so it would never see them).
     #[test]
-    fn a_slot_that_cannot_be_read_is_written_from_the_resume_point_unaligned() {
-        let (dev, image, done) = resume_at_unaligned(true);
-        // The final read-back cannot read either.
-        assert!(done.is_err());
+    fn a_resumed_writer_rewrites_the_bytes_that_were_hashed() {
+        let (dev, image, done) = resume_at_unaligned_on(
+            Recorder {
+                garble_partial_reads: true,
+                ..Recorder::new(4 << 20)
+            },
+            true,
+        );
+        let done = done.unwrap();
+        let expected = hex::encode(Sha256::digest(&image));
+        assert_eq!(done.read_back_sha256, expected);
+        assert!(
+            dev.data[..image.len()] == image[..],
+            "the slot holds other bytes than the image its hashes vouch for"
+        );
+    }
+
+    #[test]
+    fn a_writer_without_the_prefix_tail_writes_from_the_resume_point_unaligned() {
+        let (dev, image, done) = resume_at_unaligned(false);
+        let expected = hex::encode(Sha256::digest(&image));
+        assert_eq!(done.unwrap().read_back_sha256, expected);
         assert_eq!(dev.write_offsets.first(), Some(&5000));
         assert_eq!(&dev.data[..image.len()], &image[..]);
     }

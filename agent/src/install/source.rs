@@ -2,7 +2,7 @@
 //! faults (bounded tries with the backoff and `Retry-After` handling of [`crate::http_policy`],
 //! and at most [`MAX_REQUESTS_PER_INSTALL`] requests in all),
 //! paced by an optional rate limit, feeding the bounded channel to the blocking stage; the
-//! ranges of a delta with the next range's request sent while the current one streams
+//! ranges of a delta with the next range's request sent when the current one begins
 //! ([`fetch_ranges`]); and a local file (`ddi-agent install FILE`) fed the same way.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
