@@ -363,21 +363,14 @@ pub fn read_gzip_prefix(
     // so it covers the whole prefix): a record whose crc32 is off would fail the trailer check
     // only after the whole download.
     let mut crc = 0u32;
-    let mut window: Vec<u8> = Vec::with_capacity(2 * gunzip::WINDOW);
+    let mut window = slot::PrefixTail::keeping(gunzip::WINDOW);
     slot::read_range(
         dev,
         point.at.out,
         |b| {
             hash.update(b);
             crc = zlib_rs::crc32::crc32(crc, b);
-            if b.len() >= gunzip::WINDOW {
-                window.clear();
-                window.extend_from_slice(&b[b.len() - gunzip::WINDOW..]);
-            } else {
-                window.extend_from_slice(b);
-                let extra = window.len().saturating_sub(gunzip::WINDOW);
-                window.drain(..extra);
-            }
+            window.update(b);
         },
         |_| {},
     )?;
@@ -393,7 +386,7 @@ pub fn read_gzip_prefix(
     Ok(Some(GzipResume {
         point,
         prefix_hash: hash,
-        window,
+        window: window.into_bytes(),
     }))
 }
 

@@ -492,26 +492,49 @@ fn align_start(dev: &dyn SlotDevice, start: u64, tail: &[u8], buf: &mut [u8]) ->
     before
 }
 
-/// The last bytes of a slot prefix as it is read (at most 4 KiB): what a resumed
-/// [`SlotWriter`] writes again before its resume point to start its buffers aligned.
-#[derive(Debug, Clone, Default)]
-pub struct PrefixTail(Vec<u8>);
+/// The last bytes of a slot prefix as it is read: by default 4 KiB, what a resumed
+/// [`SlotWriter`] writes again before its resume point to start its buffers aligned; a gzip
+/// resume keeps its 32 KiB window this way ([`PrefixTail::keeping`]).
+#[derive(Debug, Clone)]
+pub struct PrefixTail {
+    keep: usize,
+    bytes: Vec<u8>,
+}
+
+impl Default for PrefixTail {
+    fn default() -> Self {
+        Self::keeping(DIRECT_ALIGN)
+    }
+}
 
 impl PrefixTail {
+    /// Keeps the last `keep` bytes.
+    pub fn keeping(keep: usize) -> Self {
+        PrefixTail {
+            keep,
+            bytes: Vec::with_capacity(2 * keep),
+        }
+    }
+
     /// The next bytes of the prefix.
     pub fn update(&mut self, data: &[u8]) {
-        if data.len() >= DIRECT_ALIGN {
-            self.0.clear();
-            self.0.extend_from_slice(&data[data.len() - DIRECT_ALIGN..]);
+        if data.len() >= self.keep {
+            self.bytes.clear();
+            self.bytes
+                .extend_from_slice(&data[data.len() - self.keep..]);
         } else {
-            self.0.extend_from_slice(data);
-            let extra = self.0.len().saturating_sub(DIRECT_ALIGN);
-            self.0.drain(..extra);
+            self.bytes.extend_from_slice(data);
+            let extra = self.bytes.len().saturating_sub(self.keep);
+            self.bytes.drain(..extra);
         }
     }
 
     pub fn bytes(&self) -> &[u8] {
-        &self.0
+        &self.bytes
+    }
+
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
     }
 }
 
