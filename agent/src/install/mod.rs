@@ -50,6 +50,7 @@ pub mod resume;
 pub mod sha256_state;
 pub mod slot;
 pub mod source;
+pub mod unzstd;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
