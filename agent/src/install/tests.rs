@@ -1524,6 +1524,7 @@ fn write_error_on_the_slot_is_reported() {
         bundle: None,
         checkpoint_interval: 64 << 20,
         gzip_resume: None,
+        zstd_resume: None,
         replay: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
@@ -1569,6 +1570,7 @@ fn aborted_download_is_not_mistaken_for_the_end() {
         bundle: None,
         checkpoint_interval: 64 << 20,
         gzip_resume: None,
+        zstd_resume: None,
         replay: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(8);
@@ -1629,6 +1631,7 @@ fn stopped_install_stops_reading_and_writing() {
         bundle: None,
         checkpoint_interval: 64 << 20,
         gzip_resume: None,
+        zstd_resume: None,
         replay: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
@@ -1692,6 +1695,7 @@ fn run_pipeline_on(
         bundle,
         checkpoint_interval: 64 << 20,
         gzip_resume: None,
+        zstd_resume: None,
         replay: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(artifact.len() + 2);
@@ -1865,6 +1869,7 @@ fn read_back_thread_detects_a_mismatch() {
             bundle: None,
             checkpoint_interval: 64 << 20,
             gzip_resume: None,
+            zstd_resume: None,
             replay: None,
         };
         let (tx, rx) = tokio::sync::mpsc::channel(64);
