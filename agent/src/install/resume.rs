@@ -719,6 +719,108 @@ mod tests {
         }
     }
 
+    /// The state at the first block boundary of a zstd frame (a real one: the text form is
+    /// the decoder's own).
+    fn a_zstd_state() -> ZstdState {
+        use std::io::Read;
+        let data: Vec<u8> = (0..1u32 << 20)
+            .map(|i| ((i % 251) ^ (i / 4096)) as u8)
+            .collect();
+        let mut c = zstd::bulk::Compressor::new(3).unwrap();
+        c.include_checksum(true).unwrap();
+        let zst = c.compress(&data).unwrap();
+        let mut decoder = unzstd::ZstdDecoder::new(&zst[..], None);
+        decoder.boundaries_from(0);
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            assert_ne!(decoder.read(&mut buf).unwrap(), 0, "no boundary");
+            if let Some(b) = decoder.take_boundary() {
+                return b.state;
+            }
+        }
+    }
+
+    #[test]
+    fn zstd_records_round_trip_and_are_used_only_when_everything_fits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("download.resume");
+        let slot = Path::new("/dev/slot-b");
+        let mut hash = Sha256State::new();
+        hash.update(&[7u8; 1000]);
+        let point = ZstdPoint {
+            at: unzstd::ResumeAt {
+                artifact_offset: 1000,
+                out: 4096,
+                state: a_zstd_state(),
+            },
+            artifact_hash: hash,
+            slot_sha256: "ab".repeat(32),
+        };
+        let r = ResumeRecord::zstd("http://x/a.zst", slot, "cd", Some(5000), &point);
+        assert_eq!(r.format, "zstd");
+        assert_eq!((r.bits, r.crc32), (None, None));
+        let back = saved_and_loaded(&path, &r);
+        let target = |algorithm, size, capacity| target_cd(slot, algorithm, size, capacity);
+        let good = target("sha256", Some(5000), 1 << 20);
+        assert_eq!(back.zstd_point(&good), Some(point.clone()));
+        for other in [
+            target("sha1", Some(5000), 1 << 20),
+            target("sha256", Some(999), 1 << 20),
+            target("sha256", Some(5000), 4000),
+        ] {
+            assert_eq!(back.zstd_point(&other), None);
+        }
+        // Never read as a record of another format, nor they as a zstd one.
+        assert_eq!(back.gzip_point(&good), None);
+        assert_eq!(back.member_point(&good, true), None);
+        assert_eq!(
+            back.resume_offset(slot, "sha256", "cd", Some(5000), 1 << 20),
+            None
+        );
+        let gzip = ResumeRecord {
+            format: "gzip".into(),
+            bits: Some(0),
+            crc32: Some(0),
+            ..r.clone()
+        };
+        assert_eq!(gzip.zstd_point(&good), None);
+        assert!(gzip.gzip_point(&good).is_some());
+        // Fields that do not fit together: not used.
+        let broken = [
+            ResumeRecord {
+                zstd_state: None,
+                ..r.clone()
+            },
+            ResumeRecord {
+                zstd_state: Some("not a state".into()),
+                ..r.clone()
+            },
+            ResumeRecord {
+                artifact_offset: 999,
+                ..r.clone()
+            },
+            ResumeRecord {
+                slot_offset: 0,
+                ..r.clone()
+            },
+            ResumeRecord {
+                slot_sha256: Some("AB".repeat(32)),
+                ..r.clone()
+            },
+            ResumeRecord {
+                artifact_sha256_state: None,
+                ..r.clone()
+            },
+            ResumeRecord {
+                version: 2,
+                ..r.clone()
+            },
+        ];
+        for b in broken {
+            assert_eq!(b.zstd_point(&good), None, "{b:?}");
+        }
+    }
+
     #[test]
     fn member_records_round_trip_and_are_used_only_when_everything_fits() {
         let dir = tempfile::tempdir().unwrap();

@@ -713,6 +713,18 @@ fn old_agent_starts_over_from_a_gzip_resume_record() {
     );
 }
 
+/// The new agent is killed in the middle of a plain zstd image, leaving a `zstd` resume
+/// record; the device then runs the old agent (which knows only `raw` records): it starts the
+/// download over from byte 0 and installs the right image, never misreading the record.
+#[test]
+fn old_agent_starts_over_from_a_zstd_resume_record() {
+    let image = Image::good("2.0", 20 << 20).compressible();
+    let zst = image.zstd();
+    let ranges = old_agent_after_a_kill(&image, "os.img.zst", zst, "zstd");
+    // The whole artifact, once.
+    assert_eq!(ranges, vec![None]);
+}
+
 /// The new agent installs `artifact` (holding `image`) and is killed (-9) at its first resume
 /// record, whose format must be `format`; the old agent then runs: it must install the image
 /// (the record gone) and confirm it after the reboot. Returns the Range headers of the old
