@@ -1,6 +1,6 @@
 //! The blocking stage of the install: artifact bytes arrive from the download task over a
-//! bounded channel and go through hash -> (bundle) -> gzip / tar -> size guard -> slot
-//! writer; then the hash is checked, the slot synced and read back.
+//! bounded channel and go through hash -> (bundle) -> gzip, zstd or xz / tar -> size guard ->
+//! slot writer; then the hash is checked, the slot synced and read back.
 //!
 //! It runs on a blocking thread (`spawn_blocking`) because decoders and file writes are
 //! blocking `Read`/`Write` code. The slot writer writes on a thread of its own (and reads back
