@@ -372,6 +372,35 @@ fn corrupt_or_truncated_zstd_and_xz_are_decode_errors() {
     }
 }
 
+#[test]
+fn a_zstd_frame_asking_for_a_window_above_100_mib_is_refused() {
+    // Window descriptor 0x86: 112 MiB (RFC 8878, 3.1.1.1.2), behind a genuine frame (every
+    // frame's header is checked); then empty raw blocks, which would decode.
+    let mut hostile = zstd(&image(4096, 42));
+    hostile.extend_from_slice(&[0x28, 0xb5, 0x2f, 0xfd, 0x00, 0x86]);
+    hostile.extend_from_slice(&[0u8; 64]);
+    // With a sha256 (the decoder with resume points) and a sha1 (`compress::ZstdReader`).
+    for sha256 in [true, false] {
+        let result = if sha256 {
+            run_pipeline_chunked(&hostile, &[4096], 1 << 20).0
+        } else {
+            let mut dev = FailingSlot {
+                data: vec![FILL; 1 << 20],
+                fail_from: u64::MAX,
+            };
+            let sha1 = hex::encode(<sha1::Sha1 as Digest>::digest(&hostile));
+            let hash = (hash::HashAlgorithm::Sha1, sha1);
+            run_pipeline_hashed(&hostile, &[4096], None, hash, &mut dev)
+        };
+        let err = result.unwrap_err();
+        assert!(
+            matches!(&err, InstallError::Decode { format: "zstd", .. }),
+            "{sha256}: {err}"
+        );
+        assert!(err.to_string().contains("window"), "{sha256}: {err}");
+    }
+}
+
 #[tokio::test]
 async fn tar_and_tar_gz_images_are_extracted() {
     let img = image((1 << 20) + 333, 4);
@@ -1911,10 +1940,22 @@ fn run_pipeline_on(
     bundle: Option<BundlePolicy>,
     dev: &mut dyn slot::SlotDevice,
 ) -> Result<Installed, InstallError> {
+    let sha256 = (hash::HashAlgorithm::Sha256, sha256_hex(artifact));
+    run_pipeline_hashed(artifact, chunk_sizes, bundle, sha256, dev)
+}
+
+/// [`run_pipeline_on`] with the artifact hash `(algorithm, expected)`.
+fn run_pipeline_hashed(
+    artifact: &[u8],
+    chunk_sizes: &[usize],
+    bundle: Option<BundlePolicy>,
+    (algorithm, expected): (hash::HashAlgorithm, String),
+    dev: &mut dyn slot::SlotDevice,
+) -> Result<Installed, InstallError> {
     let plan = pipeline::SinkPlan {
         url: "http://127.0.0.1/x".into(),
-        algorithm: hash::HashAlgorithm::Sha256,
-        expected: sha256_hex(artifact),
+        algorithm,
+        expected,
         size: Some(artifact.len() as u64),
         start: 0,
         resume_path: PathBuf::from("/nonexistent/resume.json"),
