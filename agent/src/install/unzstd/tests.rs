@@ -274,19 +274,29 @@ fn state_texts_that_do_not_parse_are_refused() {
     for text in [
         "",
         "frame",
-        "frame:0:131072:-:p:p:p:1,4",
-        "frame:0:131072:-:p:p:p:0,4,8",
-        "frame:0:999999999:-:p:p:p:1,4,8",
-        "frame:0:131072:zz:p:p:p:1,4,8",
-        "frame:0:131072:-:q:p:p:1,4,8",
-        "frame:0:131072:-:f00:p:p:1,4,8",
-        "frame:0:131072:-:p:p:r:1,4,8",
+        "frame:0:131072:-:8010:p:p:p:1,4",
+        "frame:0:131072:-:8010:p:p:p:0,4,8",
+        "frame:0:999999999:-:8010:p:p:p:1,4,8",
+        "frame:0:131072:-:zz:p:p:p:1,4,8",
+        "frame:0:131072:-:-:p:p:p:1,4,8",
+        "frame:0:131072:-:8010:-:p:p:1,4,8",
+        "frame:0:131072:-:8010:q:p:p:1,4,8",
+        "frame:0:131072:-:8010:f00:p:p:1,4,8",
+        "frame:0:131072:-:8010:p:p:r:1,4,8",
+        "frame:0:131072:0:8010:p:p:p:1,4,8",
+        "frame:0:131072:x:8010:p:p:p:1,4,8",
+        "frame:0:131072:8010:p:p:p:1,4,8",
         "betweenx",
     ] {
         assert_eq!(ZstdState::from_text(text), None, "{text}");
     }
-    let ok = "frame:5:131072:-:p:r1f:p:1,4,8";
-    assert_eq!(ZstdState::from_text(ok).expect("parses").to_text(), ok);
+    for ok in [
+        "frame:5:131072:-:8010:p:r1f:p:1,4,8",
+        "frame:0:131072:400000:8010:p:p:p:1,4,8",
+        "between",
+    ] {
+        assert_eq!(ZstdState::from_text(ok).expect("parses").to_text(), ok);
+    }
 }
 
 #[test]
