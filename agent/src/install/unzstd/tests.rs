@@ -899,3 +899,109 @@ fn review_bug_points_after_a_long_fill_pattern() {
         points.iter().map(|p| p.out).collect::<Vec<_>>()
     );
 }
+
+/// Random damage to the stream after a point: a resume fails, or gives what a fresh decode
+/// of the damaged stream gives (never a panic, a hang, or an image a fresh decode refuses).
+#[test]
+fn review_fuzz_damage_after_a_point_resumes_like_a_fresh_decode() {
+    let data = image(600_000, 59);
+    let mut base = compress(&data, 3, true);
+    base.extend_from_slice(&compress_streamed(&data[..100_000], 1));
+    // A skippable frame last: damage in it changes nothing.
+    base.extend_from_slice(&[0x5f, 0x2a, 0x4d, 0x18, 200, 0, 0, 0]);
+    base.extend_from_slice(&[0x33; 200]);
+    let data = [&data[..], &data[..100_000]].concat();
+    let (_, points) = decode_with_points(&base, 0);
+    let inside: Vec<_> = points
+        .iter()
+        .filter(|p| matches!(p.state, ZstdState::InFrame(_)))
+        .collect();
+    let mut rng = Rng(0x0123_4567_89ab_cdef);
+    let mut bad = Vec::new();
+    let mut resumed_ok = 0;
+    for round in 0..300 {
+        let p = inside[rng.below(inside.len())];
+        let mut s = base.clone();
+        let from = p.artifact_offset as usize;
+        match rng.below(4) {
+            3 => {
+                let i = s.len() - 1 - rng.below(200);
+                s[i] = rng.next() as u8;
+            }
+            0 => {
+                // Near the point: the next block's header and tables.
+                let i = from + rng.below(64);
+                s[i] = rng.next() as u8;
+            }
+            1 => {
+                let i = from + rng.below(s.len() - from);
+                s[i] ^= 1 << rng.below(8);
+            }
+            _ => s.truncate(from + rng.below(s.len() - from)),
+        }
+        let Ok((rest, _)) = resume(&s, &data, p) else {
+            continue;
+        };
+        resumed_ok += 1;
+        match reader_decode(&s) {
+            Ok(fresh) if fresh[p.out as usize..] == rest[..] => {}
+            other => bad.push(format!(
+                "round {round} at {}: resumed {} bytes, fresh {:?}",
+                p.out,
+                rest.len(),
+                other.map(|f| f.len())
+            )),
+        }
+    }
+    assert!(resumed_ok > 20, "{resumed_ok} damaged streams resumed");
+    assert!(bad.is_empty(), "{bad:#?}");
+}
+
+/// A block that repeats a sequence table the frame never set: a fresh decode refuses it
+/// (libzstd: no previous table), a resume after a block without sequences takes the
+/// dictionary's stand-in (`Table::Unset` becomes the predefined table) and decodes it.
+#[test]
+fn review_bug_resume_accepts_a_repeated_table_the_frame_never_set() {
+    let mut rng = Rng(0x5851_f42d_4c95_7f2d);
+    let noise: Vec<u8> = (0..131_072).map(|_| (rng.next() >> 24) as u8).collect();
+    // Few sequences: the encoder takes a predefined table for at least one of them.
+    let (data, mut stream, second, lit, seq, t) = [200usize, 500, 1000, 3000, 10_000]
+        .into_iter()
+        .find_map(|len| {
+            let data = [&noise[..], &image(len, 61)[..]].concat();
+            let stream = compress_streamed(&data, 3);
+            // Frame header: magic, descriptor, window (no content size, no dictionary).
+            assert_eq!(stream[4] & 0xe3, 0);
+            let h = |at: usize| {
+                u32::from(stream[at])
+                    | (u32::from(stream[at + 1]) << 8)
+                    | (u32::from(stream[at + 2]) << 16)
+            };
+            let first = 6;
+            assert_eq!((h(first) >> 1) & 3, 0, "the noise is a raw block");
+            let second = first + 3 + (h(first) >> 3) as usize;
+            assert_eq!((h(second) >> 1) & 3, 2, "the text is a compressed block");
+            let body = &stream[second + 3..second + 3 + (h(second) >> 3) as usize];
+            let lit = follow::literals(body).expect("literals");
+            let seq = follow::sequences(&body[lit.len..]).expect("sequences");
+            let t = (0..3).find(|&t| seq.tables[t] == Some(Table::Predefined))?;
+            (seq.count > 0).then_some((data, stream.clone(), second, lit, seq, t))
+        })
+        .expect("a second block with a predefined table");
+    let modes_at = second + 3 + lit.len + seq.modes_at;
+    stream[modes_at] |= 3 << (6 - 2 * t);
+    assert!(reader_decode(&stream).is_err(), "ZstdReader refuses it");
+    let (_, points, err) = decode_until_error(&stream);
+    assert!(err.is_some(), "a fresh decode refuses it");
+    let p = points
+        .iter()
+        .find(|p| p.out == 131_072)
+        .expect("a point after the raw block");
+    match resume(&stream, &data, p) {
+        Err(_) => {}
+        Ok((rest, _)) => panic!(
+            "a resume decodes what a fresh decode refuses ({} bytes)",
+            rest.len()
+        ),
+    }
+}
