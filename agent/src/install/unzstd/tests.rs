@@ -1006,3 +1006,91 @@ fn review_bug_resume_accepts_a_repeated_table_the_frame_never_set() {
         ),
     }
 }
+
+/// Matches 6 MiB back in an 8 MiB window (long distance matching): repeat offsets of
+/// millions, dictionaries of the whole 8 MiB window.
+#[test]
+fn review_long_offsets_in_an_8_mib_window_resume() {
+    let mut rng = Rng(0x6a09_e667_f3bc_c909);
+    let noise: Vec<u8> = (0..6 << 20).map(|_| (rng.next() >> 32) as u8).collect();
+    let data = [
+        &noise[..],
+        &noise[..1 << 20],
+        &image(300_000, 67)[..],
+        &noise[2 << 20..3 << 20],
+    ]
+    .concat();
+    let mut e = zstd::stream::Encoder::new(Vec::new(), 3).expect("encoder");
+    e.include_checksum(true).expect("checksum");
+    e.set_parameter(zstd::zstd_safe::CParameter::WindowLog(23))
+        .expect("window log");
+    e.set_parameter(zstd::zstd_safe::CParameter::EnableLongDistanceMatching(
+        true,
+    ))
+    .expect("ldm");
+    io::Write::write_all(&mut e, &data).expect("write");
+    let stream = e.finish().expect("finish");
+    assert!(
+        stream.len() < data.len() - (1 << 20),
+        "the copies were found"
+    );
+    let (out, points) = decode_with_points(&stream, 0);
+    assert!(out == data);
+    let whole = <[u8; 32]>::from(Sha256::digest(&stream));
+    let far: Vec<_> = points
+        .iter()
+        .filter(|p| p.out > 6 << 20)
+        .filter(|p| matches!(&p.state, ZstdState::InFrame(f) if f.reps[0] > 1 << 20))
+        .collect();
+    assert!(!far.is_empty(), "no point with a repeat offset above 1 MiB");
+    for p in far.iter().step_by(3) {
+        let (rest, hash) = resume(&stream, &data, p).expect("resume");
+        assert!(rest == data[p.out as usize..], "at {}", p.out);
+        assert_eq!(hash, whole);
+    }
+}
+
+/// The blocks right after points do repeat the Huffman table (treeless literals) and
+/// sequence tables (repeat mode) from the dictionary, and those points resume.
+#[test]
+fn review_points_before_treeless_literals_and_repeated_tables_resume() {
+    // Homogeneous text: the encoder keeps its Huffman table from block to block.
+    let data: Vec<u8> = (0..1_500_000u32)
+        .map(|i| b"abcdefgh\n"[(i.wrapping_mul(i) % 9) as usize])
+        .collect();
+    let (mut treeless, mut repeated) = (0, 0);
+    for level in [1, 3, 12, 19] {
+        let stream = compress_streamed(&data, level);
+        let (_, points) = decode_with_points(&stream, 0);
+        let whole = <[u8; 32]>::from(Sha256::digest(&stream));
+        for p in points
+            .iter()
+            .filter(|p| matches!(p.state, ZstdState::InFrame(_)))
+        {
+            let at = p.artifact_offset as usize;
+            let h = u32::from(stream[at])
+                | (u32::from(stream[at + 1]) << 8)
+                | (u32::from(stream[at + 2]) << 16);
+            if (h >> 1) & 3 != 2 {
+                continue;
+            }
+            let body = &stream[at + 3..at + 3 + (h >> 3) as usize];
+            let lit = follow::literals(body).expect("literals");
+            let seq = follow::sequences(&body[lit.len..]).expect("sequences");
+            let t = body[0] & 3 == 3;
+            let r = seq.count > 0 && seq.tables.iter().any(Option::is_none);
+            if !(t || r) {
+                continue;
+            }
+            treeless += usize::from(t);
+            repeated += usize::from(r);
+            let (rest, hash) = resume(&stream, &data, p).expect("resume");
+            assert!(rest == data[p.out as usize..], "level {level} at {}", p.out);
+            assert_eq!(hash, whole);
+        }
+    }
+    assert!(
+        treeless > 0 && repeated > 0,
+        "{treeless} treeless, {repeated} repeated"
+    );
+}
