@@ -191,13 +191,12 @@ impl ForwardBits<'_> {
         if self.pos >= self.bytes.len() * 8 {
             return Err(Lost);
         }
-        let mut value = 0u32;
-        for i in 0..n as usize {
-            let bit = self.pos + i;
-            let byte = self.bytes.get(bit / 8).copied().unwrap_or(0);
-            value |= u32::from((byte >> (bit % 8)) & 1) << i;
-        }
-        Ok(value)
+        let first = self.pos / 8;
+        let mut word = [0u8; 8];
+        let end = (first + 8).min(self.bytes.len());
+        word[..end - first].copy_from_slice(&self.bytes[first..end]);
+        let value = u64::from_le_bytes(word) >> (self.pos % 8);
+        Ok((value & ((1u64 << n) - 1)) as u32)
     }
 
     fn read(&mut self, n: u32) -> Result<u32, Lost> {

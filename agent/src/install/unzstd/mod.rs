@@ -61,6 +61,9 @@ pub struct FrameState {
     pub frame_start: u64,
     /// The frame's window size.
     pub window: u64,
+    /// The frame's content size, when its header has one (a resumed frame is checked
+    /// against it at its end: the decoder is not told it).
+    pub content_size: Option<u64>,
     /// The Huffman tree description the literals use when they repeat it.
     pub huffman: Option<Vec<u8>>,
     /// Literal lengths, offsets, match lengths.
@@ -69,37 +72,50 @@ pub struct FrameState {
 }
 
 impl FrameState {
+    /// What a point ever holds: a window this module makes points for, repeat offsets within
+    /// it, every table set, a tree description of a valid length.
+    fn valid(&self) -> bool {
+        self.window <= MAX_RESUME_WINDOW
+            && self
+                .reps
+                .iter()
+                .all(|&r| r > 0 && u64::from(r) <= self.window)
+            && self
+                .huffman
+                .as_ref()
+                .is_some_and(|h| (2..=129).contains(&h.len()))
+            && !self.tables.contains(&Table::Unset)
+            && self.content_size.is_none_or(|s| s > 0)
+    }
+
     /// Bytes of output before `out` the frame may refer to.
     fn window_len(&self, out: u64) -> u64 {
         self.window.min(out.saturating_sub(self.frame_start))
     }
 
     /// A zstd dictionary (RFC 8878 section 5) that starts a decoder in this state: the
-    /// tables, the repeat offsets and `window` as content.
-    fn dictionary(&self, window: &[u8]) -> Vec<u8> {
-        // A valid tree of two symbols, for a frame whose literals never set one (a block
-        // cannot repeat it then, but the dictionary must hold one).
-        const NO_HUFFMAN: [u8; 2] = [0x80, 0x10];
+    /// tables, the repeat offsets and `window` as content. None when a table is not set (no
+    /// point is made then) or not valid.
+    fn dictionary(&self, window: &[u8]) -> Option<Vec<u8>> {
         let mut dict = Vec::with_capacity(window.len() + 1024);
         dict.extend_from_slice(&0xEC30_A437u32.to_le_bytes());
         dict.extend_from_slice(&1u32.to_le_bytes());
-        dict.extend_from_slice(self.huffman.as_deref().unwrap_or(&NO_HUFFMAN));
+        dict.extend_from_slice(self.huffman.as_deref()?);
         for t in [OF, ML, LL] {
-            // An unset table is never repeated; an RLE one cannot be a dictionary's (its
-            // accuracy log would be 0) and is set again in the first block that repeats it
-            // ([`follow::set_repeated_rle`]).
+            // An RLE table cannot be a dictionary's (its accuracy log would be 0): it is set
+            // again in the first block that repeats it ([`follow::set_repeated_rle`]).
             let table = match &self.tables[t] {
-                Table::Unset | Table::Rle(_) => &Table::Predefined,
+                Table::Rle(_) => &Table::Predefined,
                 table => table,
             };
-            let (counts, log) = follow::table_counts(t, table).expect("a valid table");
+            let (counts, log) = follow::table_counts(t, table)?;
             dict.extend_from_slice(&follow::write_ncount(&counts, log));
         }
         for rep in self.reps {
             dict.extend_from_slice(&rep.to_le_bytes());
         }
         dict.extend_from_slice(window);
-        dict
+        Some(dict)
     }
 
     /// The header of the frame a resumed decoder is handed: no content size, no checksum (it
@@ -149,14 +165,16 @@ fn table_from_text(text: &str, t: usize) -> Option<Table> {
 
 impl ZstdState {
     /// A compact text form for the resume record: `between`, or
-    /// `frame:START:WINDOW:HUFFMAN:LL:OF:ML:REP1,REP2,REP3`.
+    /// `frame:START:WINDOW:SIZE:HUFFMAN:LL:OF:ML:REP1,REP2,REP3` (SIZE `-` when the frame
+    /// header has no content size).
     pub fn to_text(&self) -> String {
         match self {
             ZstdState::Between => "between".into(),
             ZstdState::InFrame(f) => format!(
-                "frame:{}:{}:{}:{}:{}:{}:{},{},{}",
+                "frame:{}:{}:{}:{}:{}:{}:{}:{},{},{}",
                 f.frame_start,
                 f.window,
+                f.content_size.map_or("-".into(), |s| s.to_string()),
                 f.huffman.as_deref().map(hex::encode).unwrap_or("-".into()),
                 table_text(&f.tables[LL]),
                 table_text(&f.tables[OF]),
@@ -174,13 +192,14 @@ impl ZstdState {
             return Some(ZstdState::Between);
         }
         let fields: Vec<&str> = text.strip_prefix("frame:")?.split(':').collect();
-        let [start, window, huffman, ll, of, ml, reps] = fields[..] else {
+        let [start, window, size, huffman, ll, of, ml, reps] = fields[..] else {
             return None;
         };
-        let huffman = match huffman {
+        let content_size = match size {
             "-" => None,
-            h => Some(hex::decode(h).ok()?),
+            s => Some(s.parse().ok()?),
         };
+        let huffman = Some(hex::decode(huffman).ok()?);
         let reps: Vec<u32> = reps
             .split(',')
             .map(|r| r.parse().ok())
@@ -188,6 +207,7 @@ impl ZstdState {
         let state = FrameState {
             frame_start: start.parse().ok()?,
             window: window.parse().ok()?,
+            content_size,
             huffman,
             tables: [
                 table_from_text(ll, LL)?,
@@ -306,6 +326,7 @@ enum Unit {
 struct Follower {
     frame_start: u64,
     window: u64,
+    content_size: Option<u64>,
     huffman: Option<Vec<u8>>,
     tables: [Table; 3],
     reps: [Rep; 3],
@@ -331,10 +352,11 @@ struct Follower {
 }
 
 impl Follower {
-    fn new(frame_start: u64, window: u64, checksum: bool) -> Self {
+    fn new(frame_start: u64, window: u64, content_size: Option<u64>, checksum: bool) -> Self {
         Follower {
             frame_start,
             window,
+            content_size,
             huffman: None,
             tables: [Table::Unset, Table::Unset, Table::Unset],
             reps: [Rep::Known(1), Rep::Known(4), Rep::Known(8)],
@@ -358,7 +380,7 @@ impl Follower {
     }
 
     fn resumed(state: &FrameState) -> Self {
-        let mut f = Follower::new(state.frame_start, state.window, true);
+        let mut f = Follower::new(state.frame_start, state.window, state.content_size, true);
         f.huffman = state.huffman.clone();
         f.tables = state.tables.clone();
         f.reps = state.reps.map(Rep::Known);
@@ -519,7 +541,11 @@ impl Follower {
         } else {
             Unit::Done
         };
-        if last || self.lost || !self.wanted {
+        // A resumed decoder's dictionary must hold every table; one the frame never set
+        // would let a block that repeats it decode after a resume where a fresh decode refuses
+        // it. (Every block with sequences sets all three; nearly every one sets a tree.)
+        let unset = self.huffman.is_none() || self.tables.contains(&Table::Unset);
+        if last || self.lost || !self.wanted || unset {
             return;
         }
         let reps = match self.reps {
@@ -529,6 +555,7 @@ impl Follower {
         self.ready = Some(FrameState {
             frame_start: self.frame_start,
             window: self.window,
+            content_size: self.content_size,
             huffman: self.huffman.clone(),
             tables: self.tables.clone(),
             reps,
@@ -560,12 +587,19 @@ impl Follower {
         if self.reps.contains(&Rep::Unknown) {
             self.tries += 1;
             if self.tries >= MAX_TRIES {
-                return Err(Lost);
+                self.tries = 0;
             }
         } else {
             self.tries = 0;
         }
         Ok(())
+    }
+
+    fn in_last_block(&self) -> bool {
+        matches!(
+            self.unit,
+            Unit::Block { last: true, .. } | Unit::Checksum { .. }
+        )
     }
 
     fn at_block_start(&self) -> bool {
@@ -640,6 +674,8 @@ pub struct ZstdDecoder<R> {
     /// A resumed frame's RLE tables, until the first block with sequences (see
     /// [`follow::set_repeated_rle`]).
     rle: Option<[Option<u8>; 3]>,
+    /// A resumed frame's start and content size (checked at its end).
+    resumed_size: Option<(u64, Option<u64>)>,
     /// A block read ahead (and rewritten) that the decoder is being handed: bytes, how many
     /// it took.
     held: Option<(Vec<u8>, usize)>,
@@ -647,6 +683,9 @@ pub struct ZstdDecoder<R> {
     boundaries_from: u64,
     pending: Option<Pending>,
     boundary: Option<Boundary>,
+    /// A byte taken out of the decoder to learn whether it held more output (see
+    /// [`Self::flushed`]), handed out first by the next read.
+    carry: Option<u8>,
 }
 
 fn decoder() -> DCtx<'static> {
@@ -655,6 +694,24 @@ fn decoder() -> DCtx<'static> {
         .set_parameter(DParameter::WindowLogMax(MAX_ZSTD_WINDOW_LOG))
         .expect("a valid window log");
     decoder
+}
+
+/// The content size field of a frame header (RFC 8878 3.1.1.1.4), if it has one.
+fn frame_content_size(header: &[u8]) -> Option<u64> {
+    let descriptor = header[4];
+    let single_segment = descriptor & 0x20 != 0;
+    let size_len = match descriptor >> 6 {
+        0 if single_segment => 1,
+        0 => return None,
+        flag => [0usize, 2, 4, 8][usize::from(flag)],
+    };
+    let dict_id_len = [0usize, 1, 2, 4][usize::from(descriptor & 3)];
+    let start = 5 + usize::from(!single_segment) + dict_id_len;
+    let field = header.get(start..start + size_len)?;
+    let mut le = [0u8; 8];
+    le[..size_len].copy_from_slice(field);
+    let size = u64::from_le_bytes(le);
+    Some(if size_len == 2 { size + 256 } else { size })
 }
 
 fn bad_point() -> io::Error {
@@ -674,11 +731,13 @@ impl<R: Read> ZstdDecoder<R> {
             follower: None,
             resumed: None,
             rle: None,
+            resumed_size: None,
             held: None,
             out: 0,
             boundaries_from: u64::MAX,
             pending: None,
             boundary: None,
+            carry: None,
         }
     }
 
@@ -697,17 +756,28 @@ impl<R: Read> ZstdDecoder<R> {
         d.source.offset = at.artifact_offset;
         d.out = at.out;
         let ZstdState::InFrame(state) = &at.state else {
+            if prefix.frame.is_some() {
+                return Err(bad_point());
+            }
             return Ok(d);
         };
         let window_len = state.window_len(at.out) as usize;
         let window = prefix.window();
-        if state.frame_start >= at.out
+        let prefix_frame = prefix.frame.as_ref().map(|(start, _)| *start);
+        if !state.valid()
+            || prefix_frame != Some(state.frame_start)
+            || state.frame_start >= at.out
             || window.len() < window_len
             || state.reps.iter().any(|&r| r as usize > window_len)
+            || state
+                .content_size
+                .is_some_and(|s| at.out - state.frame_start > s)
         {
             return Err(bad_point());
         }
-        let dictionary = state.dictionary(&window[window.len() - window_len..]);
+        let dictionary = state
+            .dictionary(&window[window.len() - window_len..])
+            .ok_or_else(bad_point)?;
         d.decoder
             .load_dictionary(&dictionary)
             .map_err(|_| bad_point())?;
@@ -719,6 +789,7 @@ impl<R: Read> ZstdDecoder<R> {
         });
         d.rle = rle.iter().any(Option::is_some).then_some(rle);
         d.resumed = prefix.frame.map(|(_, check)| check);
+        d.resumed_size = Some((state.frame_start, state.content_size));
         d.stage = Stage::InFrame;
         Ok(d)
     }
@@ -751,7 +822,8 @@ impl<R: Read> ZstdDecoder<R> {
         };
         let window = ddi_bundle::chunked::frame_window_size(&header[..len]).map_err(invalid)?;
         let checksum = header[4] & 4 != 0;
-        self.follower = Some(Follower::new(self.out, window, checksum));
+        let content_size = frame_content_size(&header[..len]);
+        self.follower = Some(Follower::new(self.out, window, content_size, checksum));
         Ok(true)
     }
 
@@ -766,6 +838,13 @@ impl<R: Read> ZstdDecoder<R> {
                     e
                 }
             })?;
+            if let Some((start, Some(size))) = self.resumed_size.take() {
+                if self.out - start != size {
+                    return Err(invalid(
+                        "the resumed zstd frame's size is not its header's content size",
+                    ));
+                }
+            }
             if u32::from_le_bytes(stored) != check.digest() as u32 {
                 return Err(invalid(
                     "the resumed zstd frame's content checksum does not match",
@@ -813,8 +892,34 @@ impl<R: Read> ZstdDecoder<R> {
         Ok(())
     }
 
+    /// Whether the decoder holds no more output (else its next byte is kept in `carry`).
+    fn flushed(&mut self) -> io::Result<bool> {
+        let mut spare = [0u8; 1];
+        let mut output = OutBuffer::around(&mut spare[..]);
+        let mut input = InBuffer::around(&[][..]);
+        self.decoder
+            .decompress_stream(&mut output, &mut input)
+            .map_err(decoder_error)?;
+        if output.pos() == 1 {
+            self.carry = Some(spare[0]);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
     fn in_frame(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
         let mut wait_for_source = false;
+        let mut pre = 0;
+        if let Some(b) = self.carry.take() {
+            buf[0] = b;
+            pre = 1;
+            if let Some(check) = &mut self.resumed {
+                check.update(&[b]);
+            }
+            self.out += 1;
+        }
+        let (head, buf) = buf.split_at_mut(pre);
+        let _ = head;
         loop {
             if let (Some(rle), None) = (self.rle, &self.held) {
                 if self.follower.as_ref().is_some_and(Follower::at_block_start) {
@@ -829,7 +934,7 @@ impl<R: Read> ZstdDecoder<R> {
             }
             let limit = if self.pending.is_some() {
                 0
-            } else if follower.wanted {
+            } else if follower.wanted && !follower.in_last_block() {
                 follower.unit_left()
             } else {
                 usize::MAX
@@ -875,7 +980,7 @@ impl<R: Read> ZstdDecoder<R> {
                 // The frame ended and all of it is out (a fresh frame's checksum matched).
                 self.pending = None;
                 self.end_frame()?;
-                if made > 0 && self.out >= self.boundaries_from {
+                if pre + made > 0 && self.out >= self.boundaries_from {
                     self.boundary = Some(Boundary {
                         artifact_offset: self.source.offset,
                         out: self.out,
@@ -883,7 +988,7 @@ impl<R: Read> ZstdDecoder<R> {
                         artifact_hash: self.source.hash.clone(),
                     });
                 }
-                return Ok((made > 0).then_some(made));
+                return Ok((pre + made > 0).then_some(pre + made));
             }
             let follower = self.follower.as_mut().expect("in a frame");
             if let Some(state) = follower.take_ready() {
@@ -893,10 +998,19 @@ impl<R: Read> ZstdDecoder<R> {
                     artifact_hash: self.source.hash.clone(),
                 });
             }
-            if self.pending.is_some() && made < buf.len() {
+            if self.pending.is_some() && (made < buf.len() || self.flushed()?) {
                 // Nothing of the blocks before the point is left inside the decoder.
                 let p = self.pending.take().expect("pending");
-                if made > 0 {
+                // A dictionary's repeat offsets must lie within its content (the first few
+                // bytes of a frame start with offsets 1, 4 and 8).
+                let fits = match &p.state {
+                    ZstdState::InFrame(f) => f
+                        .reps
+                        .iter()
+                        .all(|&r| u64::from(r) <= f.window_len(self.out)),
+                    ZstdState::Between => true,
+                };
+                if pre + made > 0 && fits {
                     self.boundary = Some(Boundary {
                         artifact_offset: p.artifact_offset,
                         out: self.out,
@@ -905,8 +1019,8 @@ impl<R: Read> ZstdDecoder<R> {
                     });
                 }
             }
-            if made > 0 {
-                return Ok(Some(made));
+            if pre + made > 0 {
+                return Ok(Some(pre + made));
             }
             if used == 0 && self.pending.is_none() {
                 if ended {
