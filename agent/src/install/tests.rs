@@ -1301,11 +1301,29 @@ async fn a_tampered_zstd_record_never_gives_a_wrong_image() {
             .find(|s| Some(s) != mine.as_ref())
             .unwrap()
     };
+    // The state of another boundary may still decode the rest of the frame right (when the
+    // blocks after the point set their own tables and new offsets before they repeat one):
+    // then the resume succeeds, else it fails the frame and starts over. Either way the image
+    // is the right one.
+    let other = resume::ResumeRecord {
+        zstd_state: Some(other_state),
+        ..record.clone()
+    };
+    std::fs::write(&fx.slot, vec![FILL; fx.capacity]).unwrap();
+    let what = "zstd state of another boundary";
+    let requests = install_over_record(&fx, &img, &zst, &record, &other, what).await;
+    assert_eq!(requests[0].0, Some(record.artifact_offset), "{requests:?}");
+    // The record's state with repeat offsets (its last field) beyond the window.
+    let far_offsets = {
+        let state = record.zstd_state.clone().unwrap();
+        let (rest, _reps) = state.rsplit_once(':').unwrap();
+        format!("{rest}:99999999,1,1")
+    };
     let tampered: Vec<(&str, resume::ResumeRecord)> = vec![
         (
-            "zstd state of another boundary",
+            "repeat offsets beyond the window",
             resume::ResumeRecord {
-                zstd_state: Some(other_state),
+                zstd_state: Some(far_offsets),
                 ..record.clone()
             },
         ),
