@@ -421,6 +421,8 @@ pub fn follow_sequences(
 /// sets one (`start..end` in the block).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Literals {
+    /// Raw 0, RLE 1, compressed with a tree 2, compressed with the previous tree 3.
+    pub kind: u8,
     pub len: usize,
     pub huffman: Option<std::ops::Range<usize>>,
 }
@@ -442,7 +444,11 @@ pub fn literals(block: &[u8]) -> Result<Literals, Lost> {
             _ => (3, usize::from(b0 >> 4) + (byte(1)? << 4) + (byte(2)? << 12)),
         };
         let len = header + if kind == 0 { size } else { 1 };
-        return Ok(Literals { len, huffman: None });
+        return Ok(Literals {
+            kind,
+            len,
+            huffman: None,
+        });
     }
     let header = match format {
         0 | 1 => 3,
@@ -475,6 +481,7 @@ pub fn literals(block: &[u8]) -> Result<Literals, Lost> {
         None
     };
     Ok(Literals {
+        kind,
         len: header + compressed,
         huffman,
     })
@@ -558,28 +565,75 @@ pub fn sequences(section: &[u8]) -> Result<Sequences, Lost> {
 /// Largest block size (RFC 8878 3.1.1.2.4).
 pub const MAX_BLOCK: usize = 128 << 10;
 
-/// A compressed block (its 3-byte header first) whose sequences repeat a table that is
-/// `rle[t]`'s RLE table, rewritten to set that table in RLE mode itself (one byte more per
-/// table; the block decodes to the same output). A block without sequences, or repeating none
-/// of them, is left as it is. Returns false when the block has sequences (the tables are all
-/// set by it from then on).
-pub fn set_repeated_rle(block: &mut Vec<u8>, rle: &[Option<u8>; 3]) -> Result<bool, Lost> {
+/// What the first blocks of a resumed frame must be checked for: the tables its dictionary
+/// could not hold as they were (see [`check_resumed_block`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fix {
+    /// RLE tables (a dictionary's tables have an accuracy log of at least 5).
+    pub rle: [Option<u8>; 3],
+    /// Tables the frame never set (the dictionary holds a stand-in).
+    pub unset: [bool; 3],
+    /// The frame never set a Huffman tree (the dictionary holds a stand-in).
+    pub no_tree: bool,
+}
+
+impl Fix {
+    pub fn done(&self) -> bool {
+        self.rle == [None; 3] && self.unset == [false; 3] && !self.no_tree
+    }
+}
+
+/// Why a block after a resume point is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// It repeats a table or tree the frame never set: a fresh decoder refuses it too.
+    Unset,
+    /// It cannot be followed (or rewritten within the block size limit).
+    Lost,
+}
+
+impl From<Lost> for Refused {
+    fn from(_: Lost) -> Self {
+        Refused::Lost
+    }
+}
+
+/// A compressed block of a resumed frame (its 3-byte header first), before the decoder gets
+/// it: one that repeats a table or tree the frame never set is refused (the dictionary's
+/// stand-ins must never decode anything); one whose sequences repeat an RLE table is
+/// rewritten to set that table in RLE mode itself (one byte more per table; the same output).
+/// `fix` is updated with what the block sets.
+pub fn check_resumed_block(block: &mut Vec<u8>, fix: &mut Fix) -> Result<(), Refused> {
     let body = block.get(3..).ok_or(Lost)?;
     let lit = literals(body)?;
+    match lit.kind {
+        3 if fix.no_tree => return Err(Refused::Unset),
+        2 => fix.no_tree = false,
+        _ => {}
+    }
     let seq = sequences(body.get(lit.len..).ok_or(Lost)?)?;
     if seq.count == 0 {
-        return Ok(true);
+        return Ok(());
     }
     let mut modes = body[lit.len + seq.modes_at];
     let mut inserts = Vec::new();
     for t in (0..3).rev() {
-        if let (None, Some(symbol)) = (&seq.tables[t], rle[t]) {
+        if seq.tables[t].is_some() {
+            continue;
+        }
+        if fix.unset[t] {
+            return Err(Refused::Unset);
+        }
+        if let Some(symbol) = fix.rle[t] {
             inserts.push((3 + lit.len + seq.ends[t], symbol));
             modes = (modes & !(3 << (6 - 2 * t))) | (1 << (6 - 2 * t));
         }
     }
+    // Every table is the block's own or a repeat of a real one from here on.
+    fix.rle = [None; 3];
+    fix.unset = [false; 3];
     if inserts.is_empty() {
-        return Ok(false);
+        return Ok(());
     }
     block[3 + lit.len + seq.modes_at] = modes;
     for (at, symbol) in inserts {
@@ -587,10 +641,10 @@ pub fn set_repeated_rle(block: &mut Vec<u8>, rle: &[Option<u8>; 3]) -> Result<bo
     }
     let size = block.len() - 3;
     if size > MAX_BLOCK {
-        return Err(Lost);
+        return Err(Refused::Lost);
     }
     let header = u32::from(block[0]) | (u32::from(block[1]) << 8) | (u32::from(block[2]) << 16);
     let header = (header & 7) | ((size as u32) << 3);
     block[..3].copy_from_slice(&header.to_le_bytes()[..3]);
-    Ok(false)
+    Ok(())
 }

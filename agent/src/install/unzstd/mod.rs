@@ -13,10 +13,17 @@
 //! tables, offsets and the window, and hands the decoder a frame header of its own followed by
 //! the rest of the frame's blocks.
 //!
-//! A resumed frame is checked end to end as a fresh one is: its content checksum (XXH64) is
-//! computed over the slot's part of the frame and the decoder's output, and compared with the
-//! frame's; frames without a checksum get no resume points. A state that is wrong (tampered
-//! with, or a bug of this module) therefore fails the frame instead of writing a wrong image.
+//! A resumed frame is checked end to end as a fresh one is: its content checksum (the low 32
+//! bits of XXH64, as in the frame) is computed over the slot's part of the frame and the
+//! decoder's output and compared with the frame's, and its content size, when its header has
+//! one, with what came out; frames without a checksum get no resume points inside. A state
+//! that is wrong (tampered with, or a bug of this module) therefore fails the frame instead of
+//! writing a wrong image. The dictionary stands in for what a state cannot hold as it was (an
+//! RLE table, a table or tree the frame never set), so the first blocks after a resume point
+//! are read ahead whole until the frame has set them all: a block repeating an RLE table is
+//! rewritten to set it itself, one repeating a table the frame never set is refused as a fresh
+//! decoder refuses it. Nothing here binds a point between two frames to the output before it:
+//! the resume record's sha256 of the slot's prefix does.
 
 mod follow;
 mod xxh64;
@@ -73,7 +80,7 @@ pub struct FrameState {
 
 impl FrameState {
     /// What a point ever holds: a window this module makes points for, repeat offsets within
-    /// it, every table set, a tree description of a valid length.
+    /// it, a tree description of a valid length.
     fn valid(&self) -> bool {
         self.window <= MAX_RESUME_WINDOW
             && self
@@ -83,8 +90,7 @@ impl FrameState {
             && self
                 .huffman
                 .as_ref()
-                .is_some_and(|h| (2..=129).contains(&h.len()))
-            && !self.tables.contains(&Table::Unset)
+                .is_none_or(|h| (2..=129).contains(&h.len()))
             && self.content_size.is_none_or(|s| s > 0)
     }
 
@@ -94,18 +100,21 @@ impl FrameState {
     }
 
     /// A zstd dictionary (RFC 8878 section 5) that starts a decoder in this state: the
-    /// tables, the repeat offsets and `window` as content. None when a table is not set (no
-    /// point is made then) or not valid.
+    /// tables, the repeat offsets and `window` as content. None when a table is not valid.
     fn dictionary(&self, window: &[u8]) -> Option<Vec<u8>> {
+        // A valid tree of two symbols, standing in for a tree the frame never set (the
+        // blocks after the point are checked not to use it, see [`follow::check_resumed_block`]).
+        const NO_TREE: [u8; 2] = [0x80, 0x10];
         let mut dict = Vec::with_capacity(window.len() + 1024);
         dict.extend_from_slice(&0xEC30_A437u32.to_le_bytes());
         dict.extend_from_slice(&1u32.to_le_bytes());
-        dict.extend_from_slice(self.huffman.as_deref()?);
+        dict.extend_from_slice(self.huffman.as_deref().unwrap_or(&NO_TREE));
         for t in [OF, ML, LL] {
             // An RLE table cannot be a dictionary's (its accuracy log would be 0): it is set
-            // again in the first block that repeats it ([`follow::set_repeated_rle`]).
+            // again in the first block that repeats it; an unset one must never be repeated
+            // ([`follow::check_resumed_block`]).
             let table = match &self.tables[t] {
-                Table::Rle(_) => &Table::Predefined,
+                Table::Rle(_) | Table::Unset => &Table::Predefined,
                 table => table,
             };
             let (counts, log) = follow::table_counts(t, table)?;
@@ -199,7 +208,10 @@ impl ZstdState {
             "-" => None,
             s => Some(s.parse().ok()?),
         };
-        let huffman = Some(hex::decode(huffman).ok()?);
+        let huffman = match huffman {
+            "-" => None,
+            h => Some(hex::decode(h).ok()?),
+        };
         let reps: Vec<u32> = reps
             .split(',')
             .map(|r| r.parse().ok())
@@ -216,16 +228,7 @@ impl ZstdState {
             ],
             reps: reps.try_into().ok()?,
         };
-        let sane = state.window <= MAX_RESUME_WINDOW
-            && state
-                .reps
-                .iter()
-                .all(|&r| r > 0 && u64::from(r) <= state.window)
-            && state
-                .huffman
-                .as_ref()
-                .is_none_or(|h| (2..=129).contains(&h.len()));
-        sane.then_some(ZstdState::InFrame(state))
+        state.valid().then_some(ZstdState::InFrame(state))
     }
 }
 
@@ -541,11 +544,7 @@ impl Follower {
         } else {
             Unit::Done
         };
-        // A resumed decoder's dictionary must hold every table; one the frame never set
-        // would let a block that repeats it decode after a resume where a fresh decode refuses
-        // it. (Every block with sequences sets all three; nearly every one sets a tree.)
-        let unset = self.huffman.is_none() || self.tables.contains(&Table::Unset);
-        if last || self.lost || !self.wanted || unset {
+        if last || self.lost || !self.wanted {
             return;
         }
         let reps = match self.reps {
@@ -671,9 +670,9 @@ pub struct ZstdDecoder<R> {
     follower: Option<Follower>,
     /// The checksum of a resumed frame, computed here.
     resumed: Option<Xxh64>,
-    /// A resumed frame's RLE tables, until the first block with sequences (see
-    /// [`follow::set_repeated_rle`]).
-    rle: Option<[Option<u8>; 3]>,
+    /// What the first blocks of a resumed frame are checked for, until none is left (see
+    /// [`follow::check_resumed_block`]).
+    fix: Option<follow::Fix>,
     /// A resumed frame's start and content size (checked at its end).
     resumed_size: Option<(u64, Option<u64>)>,
     /// A block read ahead (and rewritten) that the decoder is being handed: bytes, how many
@@ -730,7 +729,7 @@ impl<R: Read> ZstdDecoder<R> {
             stage: Stage::NextFrame,
             follower: None,
             resumed: None,
-            rle: None,
+            fix: None,
             resumed_size: None,
             held: None,
             out: 0,
@@ -783,11 +782,15 @@ impl<R: Read> ZstdDecoder<R> {
             .map_err(|_| bad_point())?;
         hand_header(&mut d.decoder, &state.frame_header()).map_err(|_| bad_point())?;
         d.follower = Some(Follower::resumed(state));
-        let rle = state.tables.clone().map(|t| match t {
-            Table::Rle(symbol) => Some(symbol),
-            _ => None,
-        });
-        d.rle = rle.iter().any(Option::is_some).then_some(rle);
+        let fix = follow::Fix {
+            rle: state.tables.clone().map(|t| match t {
+                Table::Rle(symbol) => Some(symbol),
+                _ => None,
+            }),
+            unset: state.tables.clone().map(|t| t == Table::Unset),
+            no_tree: state.huffman.is_none(),
+        };
+        d.fix = (!fix.done()).then_some(fix);
         d.resumed = prefix.frame.map(|(_, check)| check);
         d.resumed_size = Some((state.frame_start, state.content_size));
         d.stage = Stage::InFrame;
@@ -858,9 +861,9 @@ impl<R: Read> ZstdDecoder<R> {
         Ok(())
     }
 
-    /// Read the next block of a resumed frame ahead, whole, and set the RLE tables it repeats
-    /// (see [`follow::set_repeated_rle`]).
-    fn hold_block(&mut self, rle: [Option<u8>; 3]) -> io::Result<()> {
+    /// Read the next block of a resumed frame ahead, whole, and check it (see
+    /// [`follow::check_resumed_block`]).
+    fn hold_block(&mut self, mut fix: follow::Fix) -> io::Result<()> {
         let ended = |e: io::Error| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
                 invalid("the stream ends inside a frame")
@@ -882,10 +885,14 @@ impl<R: Read> ZstdDecoder<R> {
         self.source.read_exact(&mut block[3..]).map_err(ended)?;
         follower.feed(&block[3..]);
         if kind == 2 {
-            match follow::set_repeated_rle(&mut block, &rle) {
-                Ok(true) => {}
-                Ok(false) => self.rle = None,
-                Err(Lost) => return Err(bad_point()),
+            match follow::check_resumed_block(&mut block, &mut fix) {
+                Ok(()) => self.fix = (!fix.done()).then_some(fix),
+                Err(follow::Refused::Unset) => {
+                    return Err(invalid(
+                        "a zstd block repeats a table its frame never set (corrupt data)",
+                    ))
+                }
+                Err(follow::Refused::Lost) => return Err(bad_point()),
             }
         }
         self.held = Some((block, 0));
@@ -921,14 +928,14 @@ impl<R: Read> ZstdDecoder<R> {
         let (head, buf) = buf.split_at_mut(pre);
         let _ = head;
         loop {
-            if let (Some(rle), None) = (self.rle, &self.held) {
+            if let (Some(fix), None) = (self.fix, &self.held) {
                 if self.follower.as_ref().is_some_and(Follower::at_block_start) {
-                    self.hold_block(rle)?;
+                    self.hold_block(fix)?;
                 }
             }
             let follower = self.follower.as_mut().expect("in a frame");
             // No point before a resumed frame's tables are all its own again.
-            let settled = self.rle.is_none() && self.held.is_none();
+            let settled = self.fix.is_none() && self.held.is_none();
             if settled && self.pending.is_none() && self.out >= self.boundaries_from {
                 follower.want();
             }
