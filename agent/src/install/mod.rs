@@ -429,12 +429,13 @@ pub async fn install_with(
         match result {
             // gzip: the record's fields not covered by the slot's sha256 (the CRC-32, the
             // unused bits, the artifact offset and hash state) were wrong, or the resume point
-            // was; zstd: the same, its `zstd_state` for the CRC-32 and bits (a wrong one fails
-            // the frame's content checksum at the latest). Replay: the slot's prefix changed (a hash or the signature fails), or the
-            // record does not fit the artifact. A clean download may well succeed: start over
-            // from byte 0, once, as a delta install does after `ResumedPrefixMismatch`.
+            // was; zstd: the same, with its `zstd_state` for the CRC-32 and bits (a wrong one
+            // fails the frame's content checksum at the latest). Replay: the slot's prefix
+            // changed (a hash or the signature fails), or the record does not fit the artifact.
+            // A clean download may well succeed: start over from byte 0, once, as a delta
+            // install does after `ResumedPrefixMismatch`.
             Err(e)
-                if (resumed_decoder && gzip_resume_failed(&e))
+                if (resumed_decoder && decoder_resume_failed(&e))
                     || (replayed && replay_failed(&e)) =>
             {
                 tracing::warn!(error = %e, "the resume failed; starting the install over from byte 0");
@@ -468,7 +469,7 @@ pub async fn install_with(
 }
 
 /// A gzip or zstd resume failed in a way a clean download may not (see [`install_with`]).
-fn gzip_resume_failed(e: &InstallError) -> bool {
+fn decoder_resume_failed(e: &InstallError) -> bool {
     matches!(
         e,
         InstallError::Decode { .. }
@@ -480,7 +481,7 @@ fn gzip_resume_failed(e: &InstallError) -> bool {
 /// A replay resume failed in a way a clean download may not: every check of the replayed
 /// bytes, and a record that does not fit the artifact.
 fn replay_failed(e: &InstallError) -> bool {
-    gzip_resume_failed(e)
+    decoder_resume_failed(e)
         || matches!(
             e,
             InstallError::ReplayMismatch { .. }
