@@ -516,31 +516,24 @@ impl PrefixTail {
         }
     }
 
-    /// The next bytes of the prefix. The buffer grows to twice `keep` before its front is
-    /// dropped, so each byte is moved at most once more however small the pieces (a zstd
-    /// resume keeps up to 8 MiB).
+    /// The next bytes of the prefix.
     pub fn update(&mut self, data: &[u8]) {
         if data.len() >= self.keep {
             self.bytes.clear();
             self.bytes
                 .extend_from_slice(&data[data.len() - self.keep..]);
-            return;
-        }
-        if self.bytes.len() + data.len() > 2 * self.keep {
-            let extra = self.bytes.len() - self.keep;
+        } else {
+            self.bytes.extend_from_slice(data);
+            let extra = self.bytes.len().saturating_sub(self.keep);
             self.bytes.drain(..extra);
         }
-        self.bytes.extend_from_slice(data);
     }
 
-    /// The last `keep` bytes (all of them when fewer came).
     pub fn bytes(&self) -> &[u8] {
-        &self.bytes[self.bytes.len().saturating_sub(self.keep)..]
+        &self.bytes
     }
 
-    pub fn into_bytes(mut self) -> Vec<u8> {
-        let extra = self.bytes.len().saturating_sub(self.keep);
-        self.bytes.drain(..extra);
+    pub fn into_bytes(self) -> Vec<u8> {
         self.bytes
     }
 }

@@ -260,7 +260,10 @@ pub struct ResumePrefix {
     fed: u64,
     /// The frame's first byte and its checksum so far (a point inside a frame).
     frame: Option<(u64, Xxh64)>,
-    tail: super::slot::PrefixTail,
+    /// The last `keep` bytes so far: a ring, no larger than that (a window may be 8 MiB, and
+    /// the prefix comes in small pieces), made contiguous when the last byte came.
+    tail: std::collections::VecDeque<u8>,
+    keep: usize,
 }
 
 impl ResumePrefix {
@@ -277,7 +280,8 @@ impl ResumePrefix {
             out: at.out,
             fed: 0,
             frame,
-            tail: super::slot::PrefixTail::keeping(keep as usize),
+            tail: std::collections::VecDeque::with_capacity(keep as usize),
+            keep: keep as usize,
         }
     }
 
@@ -288,14 +292,21 @@ impl ResumePrefix {
             let skip = start.saturating_sub(self.fed).min(bytes.len() as u64) as usize;
             check.update(&bytes[skip..]);
         }
-        self.tail.update(bytes);
         self.fed += bytes.len() as u64;
+        let kept = &bytes[bytes.len().saturating_sub(self.keep)..];
+        let over = (self.tail.len() + kept.len()).saturating_sub(self.keep);
+        self.tail.drain(..over);
+        self.tail.extend(kept);
+        if self.fed == self.out {
+            self.tail.make_contiguous();
+        }
     }
 
     /// The prefix's last bytes that the decoder needs (at most [`MAX_RESUME_WINDOW`]; at least
     /// the last 4 KiB when the prefix is that long, for the slot writer).
     pub fn window(&self) -> &[u8] {
-        self.tail.bytes()
+        // Contiguous once the whole prefix came (else not a prefix a resume takes).
+        self.tail.as_slices().0
     }
 }
 
@@ -777,6 +788,9 @@ impl<R: Read> ZstdDecoder<R> {
         let dictionary = state
             .dictionary(&window[window.len() - window_len..])
             .ok_or_else(bad_point)?;
+        let check = prefix.frame.map(|(_, check)| check);
+        // Its window is in the dictionary now: not three copies at once.
+        drop(prefix.tail);
         d.decoder
             .load_dictionary(&dictionary)
             .map_err(|_| bad_point())?;
@@ -791,7 +805,7 @@ impl<R: Read> ZstdDecoder<R> {
             no_tree: state.huffman.is_none(),
         };
         d.fix = (!fix.done()).then_some(fix);
-        d.resumed = prefix.frame.map(|(_, check)| check);
+        d.resumed = check;
         d.resumed_size = Some((state.frame_start, state.content_size));
         d.stage = Stage::InFrame;
         Ok(d)
