@@ -149,6 +149,7 @@ pub async fn check(
         bundle: req.bundle.clone(),
         checkpoint_interval: u64::MAX,
         gzip_resume: None,
+        zstd_resume: None,
         replay: None,
     };
     let mut sink_slot = DiscardSlot {

@@ -192,6 +192,7 @@ fuzz_target!(|input: &[u8]| {
         // Never checkpoint: the resume file is not the subject here.
         checkpoint_interval: u64::MAX / 2,
         gzip_resume: None,
+        zstd_resume: None,
         replay: None,
     };
     let mut slot = MemSlot::new(CAPACITY, 0xA5);

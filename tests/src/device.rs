@@ -678,6 +678,55 @@ impl Image {
         encoder.finish().expect("writing to memory cannot fail")
     }
 
+    /// zstd at level 3 with a content checksum, as the `zstd` tool writes it by default
+    /// (`zstd -3`): one frame, blocks of up to 128 KiB output, a window of at most 2 MiB.
+    pub fn zstd(&self) -> Vec<u8> {
+        let mut encoder = zstd::Encoder::new(Vec::new(), 3).expect("a zstd encoder at level 3");
+        encoder
+            .include_checksum(true)
+            .expect("zstd content checksum");
+        encoder
+            .write_all(&self.bytes)
+            .expect("writing to memory cannot fail");
+        encoder.finish().expect("writing to memory cannot fail")
+    }
+
+    /// The image with its filler made about as compressible as a file system image, so that a
+    /// compressor writes real compressed blocks (entropy-coded literals, matches near and far,
+    /// repeated offsets) instead of storing it: in 4 KiB pieces, one in four stays random,
+    /// one is random 3-bit values, one is random letters of 16, and one is a copy of an
+    /// earlier piece (up to 1 MiB back) with every 97th byte changed. (`zstd -3` makes about
+    /// 60 % of it.)
+    pub fn compressible(mut self) -> Image {
+        const PIECE: usize = 4096;
+        let start = self
+            .bytes
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        let filler = &mut self.bytes[start..];
+        for i in 0..filler.len().div_ceil(PIECE) {
+            let at = i * PIECE;
+            let end = (at + PIECE).min(filler.len());
+            match i % 4 {
+                0 => {}
+                1 => filler[at..end].iter_mut().for_each(|b| *b &= 0x07),
+                2 => filler[at..end]
+                    .iter_mut()
+                    .for_each(|b| *b = (*b & 0x0f) | 0x60),
+                _ => {
+                    let back = 1 + usize::from(filler[at]) % i.min(256);
+                    let from = at - back * PIECE;
+                    filler.copy_within(from..from + (end - at), at);
+                    for j in (at..end).step_by(97) {
+                        filler[j] ^= 1;
+                    }
+                }
+            }
+        }
+        self
+    }
+
     /// A tar holding this image as `file_name`.
     pub fn tar(&self, file_name: &str) -> Vec<u8> {
         tar_of(&[(file_name, &self.bytes)])

@@ -51,50 +51,9 @@ impl<R: Read> ZstdReader<R> {
         }
     }
 
-    /// Start the next frame: check its header and hand it to the decoder; skip skippable
-    /// frames. False at the clean end of the stream.
+    /// Start the next frame (see [`start_frame`]). False at the clean end of the stream.
     fn next_frame(&mut self) -> io::Result<bool> {
-        loop {
-            if self.source.fill_buf()?.is_empty() {
-                return Ok(false);
-            }
-            let mut header = [0u8; MAX_FRAME_HEADER];
-            let len = read_frame_header(&mut self.source, &mut header)?;
-            if !is_zstd(&header) {
-                self.skip_frame(&header[..len])?;
-                continue;
-            }
-            let mut input = InBuffer::around(&header[..len]);
-            let mut none = [0u8; 0];
-            while input.pos() < len {
-                self.decoder
-                    .decompress_stream(&mut OutBuffer::around(&mut none[..]), &mut input)
-                    .map_err(decoder_error)?;
-            }
-            return Ok(true);
-        }
-    }
-
-    /// Pass over a skippable frame (RFC 8878, 3.1.2) whose first `head` bytes were read;
-    /// anything else is not zstd.
-    fn skip_frame(&mut self, head: &[u8]) -> io::Result<()> {
-        if head[0] & 0xf0 != 0x50 || head[1..4] != [0x2a, 0x4d, 0x18] {
-            return Err(invalid("not a zstd frame (unknown magic number)"));
-        }
-        let mut size = [head[4], 0, 0, 0];
-        self.source.read_exact(&mut size[1..]).map_err(|e| {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                invalid("the stream ends inside a skippable frame")
-            } else {
-                e
-            }
-        })?;
-        let length = u64::from(u32::from_le_bytes(size));
-        let skipped = io::copy(&mut (&mut self.source).take(length), &mut io::sink())?;
-        if skipped < length {
-            return Err(invalid("the stream ends inside a skippable frame"));
-        }
-        Ok(())
+        Ok(start_frame(&mut self.source, &mut self.decoder)?.is_some())
     }
 }
 
@@ -391,15 +350,71 @@ fn check_block_header(header: &[u8], block: u64) -> io::Result<()> {
 pub const MAX_ZSTD_WINDOW: u64 = 100 << 20;
 
 /// The decoder's own window limit, the power of two above [`MAX_ZSTD_WINDOW`].
-const MAX_ZSTD_WINDOW_LOG: u32 = 27;
+pub(super) const MAX_ZSTD_WINDOW_LOG: u32 = 27;
 
 /// Magic, descriptor, window descriptor, dictionary id, content size (RFC 8878, 3.1.1.1).
-const MAX_FRAME_HEADER: usize = 4 + 1 + 1 + 4 + 8;
+pub(super) const MAX_FRAME_HEADER: usize = 4 + 1 + 1 + 4 + 8;
 
 /// Read the header of the next frame into `header` (a skippable frame: its magic and the first
 /// byte of its length) and refuse a window above [`MAX_ZSTD_WINDOW`] before the decoder
 /// reserves it. Returns the bytes read.
-fn read_frame_header<R: Read>(
+/// A frame header, as [`read_frame_header`] reads it: its bytes and their length.
+pub(super) type FrameHeader = ([u8; MAX_FRAME_HEADER], usize);
+
+/// Start the next frame of `source`: check its header and hand it to the decoder; skip
+/// skippable frames. None at the clean end of the stream.
+pub(super) fn start_frame<R: BufRead>(
+    source: &mut R,
+    decoder: &mut DCtx<'static>,
+) -> io::Result<Option<FrameHeader>> {
+    loop {
+        if source.fill_buf()?.is_empty() {
+            return Ok(None);
+        }
+        let mut header = [0u8; MAX_FRAME_HEADER];
+        let len = read_frame_header(source, &mut header)?;
+        if !is_zstd(&header) {
+            skip_frame(source, &header[..len])?;
+            continue;
+        }
+        hand_header(decoder, &header[..len]).map_err(decoder_error)?;
+        return Ok(Some((header, len)));
+    }
+}
+
+/// Hand a frame header to the decoder (it takes it whole, with no output).
+pub(super) fn hand_header(decoder: &mut DCtx<'static>, header: &[u8]) -> Result<(), usize> {
+    let mut input = InBuffer::around(header);
+    let mut none = [0u8; 0];
+    while input.pos() < header.len() {
+        decoder.decompress_stream(&mut OutBuffer::around(&mut none[..]), &mut input)?;
+    }
+    Ok(())
+}
+
+/// Pass over a skippable frame (RFC 8878, 3.1.2) whose first `head` bytes were read from
+/// `source`; anything else is not zstd.
+pub(super) fn skip_frame<R: Read>(source: &mut R, head: &[u8]) -> io::Result<()> {
+    if head[0] & 0xf0 != 0x50 || head[1..4] != [0x2a, 0x4d, 0x18] {
+        return Err(invalid("not a zstd frame (unknown magic number)"));
+    }
+    let mut size = [head[4], 0, 0, 0];
+    source.read_exact(&mut size[1..]).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            invalid("the stream ends inside a skippable frame")
+        } else {
+            e
+        }
+    })?;
+    let length = u64::from(u32::from_le_bytes(size));
+    let skipped = io::copy(&mut source.take(length), &mut io::sink())?;
+    if skipped < length {
+        return Err(invalid("the stream ends inside a skippable frame"));
+    }
+    Ok(())
+}
+
+pub(super) fn read_frame_header<R: Read>(
     source: &mut R,
     header: &mut [u8; MAX_FRAME_HEADER],
 ) -> io::Result<usize> {
@@ -434,12 +449,12 @@ fn read_frame_header<R: Read>(
     Ok(len)
 }
 
-fn invalid(msg: &str) -> io::Error {
+pub(super) fn invalid(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("zstd: {msg}"))
 }
 
 /// A failed decoder call as the install reports it.
-fn decoder_error(code: usize) -> io::Error {
+pub(super) fn decoder_error(code: usize) -> io::Error {
     match error_code(code) {
         // The checks of our own header reading come first; this is a backstop.
         ZSTD_ErrorCode::ZSTD_error_frameParameter_windowTooLarge => invalid(&format!(

@@ -26,15 +26,17 @@
 //!
 //! Resume: within one run, network faults are resumed with Range requests; across restarts,
 //! raw images continue from the last durable checkpoint, plain gzip images from the last deflate
-//! block boundary before it ([`gunzip`]), a raw image in a plain tar or signed bundle by
-//! replaying the artifact's head (fetched again) and the slot's bytes through the same reading
-//! path, delta installs from the chunk at it (see [`resume`]).
+//! block boundary before it ([`gunzip`]), plain zstd images from the last block boundary before
+//! it (frames with a content checksum and a window of at most 8 MiB, [`unzstd`]), a raw image
+//! in a plain tar or signed bundle by replaying the artifact's head (fetched again) and the
+//! slot's bytes through the same reading path, delta installs from the chunk at it (see
+//! [`resume`]).
 //!
 //! Layout: [`source`] (download), [`pipeline`] (blocking stage), [`decode`] (format
-//! detection), [`gunzip`] (gzip with resume points), [`compress`] (zstd and xz decoders),
-//! [`chunked`] (chunked bundles, formats 2 and 3), [`delta`] (delta installs of them),
-//! [`archive`] (tar rules), [`slot`] (slot safety and writer), [`hash`], [`sha256_state`],
-//! [`resume`], [`bundle`] (signed-bundle seam), [`error`].
+//! detection), [`gunzip`] (gzip with resume points), [`unzstd`] (zstd with resume points),
+//! [`compress`] (zstd and xz decoders), [`chunked`] (chunked bundles, formats 2 and 3),
+//! [`delta`] (delta installs of them), [`archive`] (tar rules), [`slot`] (slot safety and
+//! writer), [`hash`], [`sha256_state`], [`resume`], [`bundle`] (signed-bundle seam), [`error`].
 
 pub mod archive;
 pub mod bundle;
@@ -50,6 +52,7 @@ pub mod resume;
 pub mod sha256_state;
 pub mod slot;
 pub mod source;
+pub mod unzstd;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -299,6 +302,10 @@ pub async fn install_with(
         Some(record) if resumable && start == 0 => record.gzip_point(&target),
         _ => None,
     };
+    let zstd_point = match &record {
+        Some(record) if resumable && start == 0 => record.zstd_point(&target),
+        _ => None,
+    };
     // A raw image member of a tar or signed bundle: also under a signature policy (the
     // replay goes through the bundle reader again).
     let member_point = match &record {
@@ -370,16 +377,16 @@ pub async fn install_with(
             other => other,
         }
     } else {
-        // A gzip image continues only if the slot still holds what the record says.
+        // A gzip or zstd image continues only if the slot still holds what the record says.
         let (slot, gzip_resume) = match gzip_point {
             Some(point) => {
-                let mut slot = slot;
-                tokio::task::spawn_blocking(move || {
-                    let read = pipeline::read_gzip_prefix(&mut slot, point);
-                    read.map(|resume| (slot, resume))
-                })
-                .await
-                .map_err(|e| InstallError::Internal(format!("slot read died: {e}")))??
+                read_slot_prefix(slot, move |s| pipeline::read_gzip_prefix(s, point)).await?
+            }
+            None => (slot, None),
+        };
+        let (slot, zstd_resume) = match zstd_point {
+            Some(point) => {
+                read_slot_prefix(slot, move |s| pipeline::read_zstd_prefix(s, point)).await?
             }
             None => (slot, None),
         };
@@ -387,10 +394,15 @@ pub async fn install_with(
             Some(point) => replay_head(client, &spec, &slot, point).await?,
             None => None,
         };
-        if let Some(gzip) = &gzip_resume {
-            let at = &gzip.point.at;
-            tracing::info!(slot = %req.slot_path.display(), offset = at.artifact_offset, image_offset = at.out, "resuming download");
-        } else if let Some(replay) = &replay {
+        let from = Resume {
+            start,
+            gzip_resume,
+            zstd_resume,
+            replay,
+        };
+        if let Some((offset, image_offset)) = from.decoder_point() {
+            tracing::info!(slot = %req.slot_path.display(), offset, image_offset, "resuming download");
+        } else if let Some(replay) = &from.replay {
             let point = &replay.point;
             tracing::info!(slot = %req.slot_path.display(), offset = point.artifact_offset(), image_offset = point.slot_offset, head = point.member_offset, "resuming download");
         } else if start == 0 {
@@ -399,13 +411,8 @@ pub async fn install_with(
             tracing::info!(slot = %req.slot_path.display(), offset = start, "resuming download");
         }
         tracing::info!(file = %req.filename, url = %req.url, slot = %req.slot_path.display(), capacity, "installing");
-        let resumed_gzip = gzip_resume.is_some();
-        let replayed = replay.is_some();
-        let from = Resume {
-            start,
-            gzip_resume,
-            replay,
-        };
+        let resumed_decoder = from.decoder_point().is_some();
+        let replayed = from.replay.is_some();
         let result = run(
             client,
             req,
@@ -422,17 +429,21 @@ pub async fn install_with(
         match result {
             // gzip: the record's fields not covered by the slot's sha256 (the CRC-32, the
             // unused bits, the artifact offset and hash state) were wrong, or the resume point
-            // was. Replay: the slot's prefix changed (a hash or the signature fails), or the
-            // record does not fit the artifact. A clean download may well succeed: start over
-            // from byte 0, once, as a delta install does after `ResumedPrefixMismatch`.
+            // was; zstd: the same, with its `zstd_state` for the CRC-32 and bits (a wrong one
+            // fails the frame's content checksum at the latest). Replay: the slot's prefix
+            // changed (a hash or the signature fails), or the record does not fit the artifact.
+            // A clean download may well succeed: start over from byte 0, once, as a delta
+            // install does after `ResumedPrefixMismatch`.
             Err(e)
-                if (resumed_gzip && gzip_resume_failed(&e)) || (replayed && replay_failed(&e)) =>
+                if (resumed_decoder && decoder_resume_failed(&e))
+                    || (replayed && replay_failed(&e)) =>
             {
                 tracing::warn!(error = %e, "the resume failed; starting the install over from byte 0");
                 let slot = start_over(req, options)?;
                 let from = Resume {
                     start: 0,
                     gzip_resume: None,
+                    zstd_resume: None,
                     replay: None,
                 };
                 run(
@@ -457,8 +468,8 @@ pub async fn install_with(
     result
 }
 
-/// A gzip resume failed in a way a clean download may not (see [`install_with`]).
-fn gzip_resume_failed(e: &InstallError) -> bool {
+/// A gzip or zstd resume failed in a way a clean download may not (see [`install_with`]).
+fn decoder_resume_failed(e: &InstallError) -> bool {
     matches!(
         e,
         InstallError::Decode { .. }
@@ -470,7 +481,7 @@ fn gzip_resume_failed(e: &InstallError) -> bool {
 /// A replay resume failed in a way a clean download may not: every check of the replayed
 /// bytes, and a record that does not fit the artifact.
 fn replay_failed(e: &InstallError) -> bool {
-    gzip_resume_failed(e)
+    decoder_resume_failed(e)
         || matches!(
             e,
             InstallError::ReplayMismatch { .. }
@@ -515,6 +526,17 @@ async fn replay_head(
             Ok(None)
         }
     }
+}
+
+/// Read the slot's prefix for a resume point (`read`, on a blocking thread); the slot back
+/// with what it found.
+async fn read_slot_prefix<T: Send + 'static>(
+    mut slot: slot::FileSlot,
+    read: impl FnOnce(&mut slot::FileSlot) -> Result<Option<T>, InstallError> + Send + 'static,
+) -> Result<(slot::FileSlot, Option<T>), InstallError> {
+    tokio::task::spawn_blocking(move || read(&mut slot).map(|resume| (slot, resume)))
+        .await
+        .map_err(|e| InstallError::Internal(format!("slot read died: {e}")))?
 }
 
 /// A resumed install failed in a way a clean download may not: drop the record and open the
@@ -622,12 +644,23 @@ async fn run_delta(
     drive(source, sink, &counters, options, progress).await
 }
 
-/// Where [`run`] continues an interrupted install: a raw image at `start`, a gzip image at
-/// its resume point, or a raw image member by replay (`start` is then 0).
+/// Where [`run`] continues an interrupted install: a raw image at `start`, a gzip or zstd
+/// image at its resume point, or a raw image member by replay (`start` is then 0).
 struct Resume {
     start: u64,
     gzip_resume: Option<pipeline::GzipResume>,
+    zstd_resume: Option<pipeline::ZstdResume>,
     replay: Option<pipeline::Replay>,
+}
+
+impl Resume {
+    /// The artifact and image offsets of a gzip or zstd resume point.
+    fn decoder_point(&self) -> Option<(u64, u64)> {
+        let gzip = self.gzip_resume.as_ref().map(|r| &r.point.at);
+        let zstd = self.zstd_resume.as_ref().map(|r| &r.point.at);
+        gzip.map(|at| (at.artifact_offset, at.out))
+            .or(zstd.map(|at| (at.artifact_offset, at.out)))
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -643,17 +676,18 @@ async fn run(
     local_file: Option<source::LocalFile>,
     spec: source::SourceSpec,
 ) -> Result<Installed, InstallError> {
+    // The artifact offset the download starts at.
+    let download_from = match (from.decoder_point(), &from.replay) {
+        (Some((artifact_offset, _)), _) => artifact_offset,
+        (_, Some(replay)) => replay.point.artifact_offset(),
+        _ => from.start,
+    };
     let Resume {
         start,
         gzip_resume,
+        zstd_resume,
         replay,
     } = from;
-    // The artifact offset the download starts at.
-    let download_from = match (&gzip_resume, &replay) {
-        (Some(gzip), _) => gzip.point.at.artifact_offset,
-        (_, Some(replay)) => replay.point.artifact_offset(),
-        _ => start,
-    };
     let size = local_file.as_ref().map(|f| f.size).or(req.size);
     let counters = Arc::new(Counters::new(download_from, size));
     if replay.is_some() {
@@ -680,6 +714,7 @@ async fn run(
             options.checkpoint_interval
         },
         gzip_resume,
+        zstd_resume,
         replay,
     };
     // If this future is dropped (cancelled), the blocking stage stops at its next read.

@@ -1,6 +1,6 @@
 //! The blocking stage of the install: artifact bytes arrive from the download task over a
-//! bounded channel and go through hash -> (bundle) -> gzip / tar -> size guard -> slot
-//! writer; then the hash is checked, the slot synced and read back.
+//! bounded channel and go through hash -> (bundle) -> gzip, zstd or xz / tar -> size guard ->
+//! slot writer; then the hash is checked, the slot synced and read back.
 //!
 //! It runs on a blocking thread (`spawn_blocking`) because decoders and file writes are
 //! blocking `Read`/`Write` code. The slot writer writes on a thread of its own (and reads back
@@ -13,7 +13,7 @@ use std::io::{self, Cursor, Read};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
@@ -26,11 +26,12 @@ use super::bundle::{self, BundlePolicy};
 use super::chunked;
 use super::compress;
 use super::decode::{self, DownloadAborted, Format};
-use super::gunzip::{self, Boundary, GzDecoder};
+use super::gunzip::{self, GzDecoder};
 use super::hash::{HashAlgorithm, Hasher, HashingReader};
-use super::resume::{self, GzipPoint, MemberPoint, ResumeRecord, MAX_MEMBER_OFFSET};
+use super::resume::{self, GzipPoint, MemberPoint, ResumeRecord, ZstdPoint, MAX_MEMBER_OFFSET};
 use super::sha256_state::Sha256State;
 use super::slot::{self, SlotDevice, SlotWriter};
+use super::unzstd::{self, ResumePrefix, ZstdDecoder};
 use super::{InstallError, Installed};
 
 /// What the download task sends.
@@ -309,6 +310,8 @@ pub struct SinkPlan {
     /// A plain gzip image continued from a resume record (the download starts at its
     /// artifact offset; `start` is 0).
     pub gzip_resume: Option<GzipResume>,
+    /// A plain zstd image continued from a resume record (as `gzip_resume`).
+    pub zstd_resume: Option<ZstdResume>,
     /// A raw image member of a tar or signed bundle continued from a `member` record (the
     /// download starts after the resume point; `start` is 0).
     pub replay: Option<Replay>,
@@ -358,36 +361,96 @@ pub fn read_gzip_prefix(
     dev: &mut dyn SlotDevice,
     point: GzipPoint,
 ) -> Result<Option<GzipResume>, InstallError> {
-    let mut hash = Sha256::new();
     // The decoder's CRC-32 of the output so far (a boundary is only ever in the first member,
     // so it covers the whole prefix): a record whose crc32 is off would fail the trailer check
     // only after the whole download.
     let mut crc = 0u32;
     let mut window = slot::PrefixTail::keeping(gunzip::WINDOW);
-    slot::read_range(
-        dev,
-        point.at.out,
-        |b| {
-            hash.update(b);
-            crc = zlib_rs::crc32::crc32(crc, b);
-            window.update(b);
-        },
-        |_| {},
-    )?;
-    let actual = hex::encode(hash.clone().finalize());
-    if actual != point.slot_sha256 || crc != point.at.crc {
-        tracing::warn!(
-            slot = %dev.path().display(),
-            resume_at = point.at.out,
-            "the slot no longer holds what the interrupted install wrote; starting over"
-        );
-        return Ok(None);
+    let hash = read_prefix(dev, point.at.out, |b| {
+        crc = zlib_rs::crc32::crc32(crc, b);
+        window.update(b);
+    })?;
+    if hex::encode(hash.clone().finalize()) != point.slot_sha256 || crc != point.at.crc {
+        return Ok(slot_changed(dev, point.at.out));
     }
     Ok(Some(GzipResume {
         point,
         prefix_hash: hash,
         window: window.into_bytes(),
     }))
+}
+
+/// [`read_gzip_prefix`] for a zstd resume point: the prefix also goes through the decoder's
+/// [`ResumePrefix`] (its window and the frame's checksum so far).
+pub fn read_zstd_prefix(
+    dev: &mut dyn SlotDevice,
+    point: ZstdPoint,
+) -> Result<Option<ZstdResume>, InstallError> {
+    let mut prefix = ResumePrefix::new(&point.at);
+    let hash = read_prefix(dev, point.at.out, |b| prefix.update(b))?;
+    if hex::encode(hash.clone().finalize()) != point.slot_sha256 {
+        return Ok(slot_changed(dev, point.at.out));
+    }
+    Ok(Some(ZstdResume {
+        point,
+        prefix_hash: hash,
+        prefix: Arc::new(Mutex::new(Some(prefix))),
+    }))
+}
+
+/// The sha256 of the slot's first `len` bytes, each also handed to `each` in order.
+fn read_prefix(
+    dev: &mut dyn SlotDevice,
+    len: u64,
+    mut each: impl FnMut(&[u8]),
+) -> Result<Sha256, InstallError> {
+    let mut hash = Sha256::new();
+    slot::read_range(
+        dev,
+        len,
+        |b| {
+            hash.update(b);
+            each(b);
+        },
+        |_| {},
+    )?;
+    Ok(hash)
+}
+
+/// A resume point at slot offset `at` whose prefix is not what the interrupted install wrote:
+/// none (the install starts over).
+fn slot_changed<T>(dev: &dyn SlotDevice, at: u64) -> Option<T> {
+    tracing::warn!(
+        slot = %dev.path().display(),
+        resume_at = at,
+        "the slot no longer holds what the interrupted install wrote; starting over"
+    );
+    None
+}
+
+/// A zstd resume point whose slot prefix was read back and matched the record.
+#[derive(Clone)]
+pub struct ZstdResume {
+    pub point: ZstdPoint,
+    /// sha256 of the slot's bytes before the point (starts the image and read-back hashes).
+    pub prefix_hash: Sha256,
+    /// The same bytes as the decoder needs them; taken by the blocking stage (the plan is
+    /// shared, the decoder owns it).
+    prefix: Arc<Mutex<Option<ResumePrefix>>>,
+}
+
+impl ZstdResume {
+    fn take_prefix(&self) -> Option<ResumePrefix> {
+        self.prefix.lock().ok()?.take()
+    }
+}
+
+impl std::fmt::Debug for ZstdResume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZstdResume")
+            .field("point", &self.point)
+            .finish_non_exhaustive()
+    }
 }
 
 impl SinkPlan {
@@ -397,9 +460,9 @@ impl SinkPlan {
         self.bundle.is_none() && self.algorithm == HashAlgorithm::Sha256
     }
 
-    /// A plain gzip image can resume across restarts when nothing wraps it and its artifact
-    /// hash is sha256 (whose state [`Sha256State`] can save).
-    fn gzip_resumable(&self) -> bool {
+    /// A plain gzip or zstd image can resume across restarts when nothing wraps it and its
+    /// artifact hash is sha256 (whose state [`Sha256State`] can save).
+    fn decoder_resumable(&self) -> bool {
         self.bundle.is_none() && self.algorithm == HashAlgorithm::Sha256
     }
 }
@@ -428,18 +491,22 @@ pub fn run(
     if let Some(resume) = &plan.gzip_resume {
         return run_gzip(plan, dev, channel, Some(resume), counters, began);
     }
-    if plan.start == 0 && plan.gzip_resumable() {
+    if let Some(resume) = &plan.zstd_resume {
+        return run_zstd(plan, dev, channel, Some(resume), counters, began);
+    }
+    if plan.start == 0 && plan.decoder_resumable() {
         let (head, sniffed) = decode::sniff(channel)
             .map_err(|e| decode::read_error(e, Format::Raw, counters.consumed()))?;
-        if decode::is_gzip(&head) {
-            return run_gzip(plan, dev, sniffed, None, counters, began);
+        match Format::compression_of(&head) {
+            Some(Format::Gzip) => return run_gzip(plan, dev, sniffed, None, counters, began),
+            Some(Format::Zstd) => return run_zstd(plan, dev, sniffed, None, counters, began),
+            _ => return run_stream(plan, dev, sniffed, counters, began),
         }
-        return run_stream(plan, dev, sniffed, counters, began);
     }
     run_stream(plan, dev, channel, counters, began)
 }
 
-/// [`run`] for everything but plain gzip images with a sha256: hash the artifact as it
+/// [`run`] for everything but plain gzip and zstd images with a sha256: hash the artifact as it
 /// arrives, decode it by its format.
 fn run_stream<R: Read>(
     plan: &SinkPlan,
@@ -1112,6 +1179,99 @@ fn copy_all<R: Read>(
     copied
 }
 
+/// A decoder with resume points ([`GzDecoder`], [`ZstdDecoder`]) as [`run_points`] and
+/// [`copy_points`] use it: both report boundaries where a fresh decoder could continue, and
+/// hash the artifact bytes they consume (the state at a boundary goes into its record).
+trait PointDecoder: Read {
+    type Boundary;
+    /// The plain image's format (the tar inside it is [`Format::with_tar`]).
+    const FORMAT: Format;
+    fn output_offset(&self) -> u64;
+    fn boundaries_from(&mut self, out: u64);
+    fn take_boundary(&mut self) -> Option<Self::Boundary>;
+    fn finish_hash(self) -> Option<Sha256State>;
+    /// Output bytes before `boundary`.
+    fn out(boundary: &Self::Boundary) -> u64;
+    /// The resume record of `boundary`, durable on `slot`, whose image bytes before it have
+    /// the sha256 `slot_sha256`; None when the decoder did not hash the artifact.
+    fn record(
+        plan: &SinkPlan,
+        slot: &Path,
+        boundary: Self::Boundary,
+        slot_sha256: String,
+    ) -> Option<ResumeRecord>;
+}
+
+/// The [`PointDecoder`] methods both decoders have under the same names.
+macro_rules! delegate_to_inherent {
+    ($decoder:ident) => {
+        fn output_offset(&self) -> u64 {
+            $decoder::output_offset(self)
+        }
+        fn boundaries_from(&mut self, out: u64) {
+            $decoder::boundaries_from(self, out)
+        }
+        fn take_boundary(&mut self) -> Option<Self::Boundary> {
+            $decoder::take_boundary(self)
+        }
+        fn finish_hash(self) -> Option<Sha256State> {
+            $decoder::finish_hash(self)
+        }
+        fn out(boundary: &Self::Boundary) -> u64 {
+            boundary.out
+        }
+    };
+}
+
+impl<R: Read> PointDecoder for GzDecoder<R> {
+    type Boundary = gunzip::Boundary;
+    const FORMAT: Format = Format::Gzip;
+    delegate_to_inherent!(GzDecoder);
+    fn record(
+        plan: &SinkPlan,
+        slot: &Path,
+        boundary: Self::Boundary,
+        slot_sha256: String,
+    ) -> Option<ResumeRecord> {
+        let point = GzipPoint {
+            at: gunzip::ResumeAt {
+                artifact_offset: boundary.artifact_offset,
+                bits: boundary.bits,
+                out: boundary.out,
+                crc: boundary.crc,
+            },
+            artifact_hash: boundary.artifact_hash?,
+            slot_sha256,
+        };
+        let (url, expected) = (&plan.url, &plan.expected);
+        Some(ResumeRecord::gzip(url, slot, expected, plan.size, &point))
+    }
+}
+
+impl<R: Read> PointDecoder for ZstdDecoder<R> {
+    type Boundary = unzstd::Boundary;
+    const FORMAT: Format = Format::Zstd;
+    delegate_to_inherent!(ZstdDecoder);
+    fn record(
+        plan: &SinkPlan,
+        slot: &Path,
+        boundary: Self::Boundary,
+        slot_sha256: String,
+    ) -> Option<ResumeRecord> {
+        let point = ZstdPoint {
+            at: unzstd::ResumeAt {
+                artifact_offset: boundary.artifact_offset,
+                out: boundary.out,
+                state: boundary.state,
+            },
+            artifact_hash: boundary.artifact_hash?,
+            slot_sha256,
+        };
+        let (url, expected) = (&plan.url, &plan.expected);
+        Some(ResumeRecord::zstd(url, slot, expected, plan.size, &point))
+    }
+}
+
 /// [`run`] for a plain gzip image with a sha256 artifact hash: the decoder hashes the
 /// artifact (its state is saved with resume points) and reports deflate block boundaries,
 /// which become resume records once the slot is durable up to them. `input` is the artifact
@@ -1124,10 +1284,9 @@ fn run_gzip<R: Read>(
     counters: &Counters,
     began: Instant,
 ) -> Result<Installed, InstallError> {
-    let offset = || counters.consumed();
     let gzip_error = |e| decode::read_error(e, Format::Gzip, counters.consumed());
     let interval = plan.checkpoint_interval;
-    let (mut decoder, mut writer) = match resume {
+    let (decoder, writer) = match resume {
         Some(r) => {
             let hash = Some(r.point.artifact_hash.clone());
             let decoder =
@@ -1142,13 +1301,67 @@ fn run_gzip<R: Read>(
             SlotWriter::new(dev, 0, Sha256::new(), interval),
         ),
     };
-    let format = if resume.is_some() {
-        // Only a plain image ever leaves a gzip record.
-        copy_gzip(&mut decoder, &mut writer, plan, &offset)?;
-        Format::Gzip
+    run_points(plan, decoder, writer, resume.is_some(), counters, began)
+}
+
+/// [`run`] for a plain zstd image with a sha256 artifact hash, as [`run_gzip`] for gzip: the
+/// decoder reports block boundaries ([`unzstd`]), which become resume records once the slot
+/// is durable up to them.
+fn run_zstd<R: Read>(
+    plan: &SinkPlan,
+    dev: &mut dyn SlotDevice,
+    input: R,
+    resume: Option<&ZstdResume>,
+    counters: &Counters,
+    began: Instant,
+) -> Result<Installed, InstallError> {
+    let zstd_error = |e| decode::read_error(e, Format::Zstd, counters.consumed());
+    let interval = plan.checkpoint_interval;
+    let (decoder, writer) = match resume {
+        Some(r) => {
+            let prefix = r.take_prefix().ok_or_else(|| {
+                InstallError::Internal("the zstd resume's slot prefix was used already".into())
+            })?;
+            // The slot writer rewrites the prefix's last bytes as they were hashed (the window
+            // is, and is at least as long as what the writer keeps).
+            let mut tail = slot::PrefixTail::default();
+            tail.update(prefix.window());
+            let at = &r.point.at;
+            let hash = Some(r.point.artifact_hash.clone());
+            let decoder = ZstdDecoder::resume(input, at, hash, prefix).map_err(zstd_error)?;
+            let prefix_hash = r.prefix_hash.clone();
+            let writer = SlotWriter::resume(dev, at.out, prefix_hash, tail.bytes(), interval);
+            (decoder, writer)
+        }
+        None => (
+            ZstdDecoder::new(input, Some(Sha256State::new())),
+            SlotWriter::new(dev, 0, Sha256::new(), interval),
+        ),
+    };
+    run_points(plan, decoder, writer, resume.is_some(), counters, began)
+}
+
+/// The rest of [`run_gzip`] and [`run_zstd`] once the decoder and the slot writer are made:
+/// a plain image is decoded to the slot with resume records at its boundaries, a tar inside
+/// is extracted by its rules (no resume points); then the artifact is read to its end, its
+/// hash checked and the slot finished. `resumed`: the decoder continues a plain image.
+fn run_points<D: PointDecoder>(
+    plan: &SinkPlan,
+    mut decoder: D,
+    mut writer: SlotWriter<'_>,
+    resumed: bool,
+    counters: &Counters,
+    began: Instant,
+) -> Result<Installed, InstallError> {
+    let offset = || counters.consumed();
+    let format = if resumed {
+        // Only a plain image ever leaves a gzip or zstd record.
+        copy_points(&mut decoder, &mut writer, plan, &offset)?;
+        D::FORMAT
     } else {
         let mut head = vec![0u8; decode::SNIFF_LEN];
-        let got = bootctl::fsutil::read_full(&mut decoder, &mut head).map_err(gzip_error)?;
+        let got = bootctl::fsutil::read_full(&mut decoder, &mut head)
+            .map_err(|e| decode::read_error(e, D::FORMAT, offset()))?;
         head.truncate(got);
         if decode::is_tar(&head) {
             // A tar inside: its rules, and no resume points (see resume.rs), so no stops at
@@ -1157,26 +1370,21 @@ fn run_gzip<R: Read>(
             let capacity = writer.capacity();
             let inner = Read::chain(io::Cursor::new(head), &mut decoder);
             let member = plan.archive_member.as_deref();
-            archive::extract_image(
-                inner,
-                Format::TarGzip,
-                member,
-                capacity,
-                &offset,
-                &mut writer,
-            )?;
-            Format::TarGzip
+            let format = D::FORMAT.with_tar();
+            archive::extract_image(inner, format, member, capacity, &offset, &mut writer)?;
+            format
         } else {
-            if let Some(lower_bound) = counters.gzip_isize() {
+            if let Some(lower_bound) = counters.gzip_isize().filter(|_| D::FORMAT == Format::Gzip) {
                 // Too large for sure: fail before the first byte.
                 writer.expect_at_least(lower_bound)?;
             }
             writer.write(&head)?;
-            copy_gzip(&mut decoder, &mut writer, plan, &offset)?;
-            Format::Gzip
+            copy_points(&mut decoder, &mut writer, plan, &offset)?;
+            D::FORMAT
         }
     };
-    // To the end of the artifact: the checks of the last members, and every byte hashed.
+    // To the end of the artifact: the checks of the last members or frames, and every byte
+    // hashed.
     io::copy(&mut decoder, &mut io::sink()).map_err(|e| decode::read_error(e, format, offset()))?;
     let actual = decoder
         .finish_hash()
@@ -1195,17 +1403,17 @@ fn run_gzip<R: Read>(
 /// At most this many boundaries wait for the slot to become durable up to them.
 const MAX_PENDING_POINTS: usize = 64;
 
-/// A block boundary written to the slot, waiting for a durable checkpoint at or after it.
-struct PendingPoint {
-    boundary: Boundary,
+/// A boundary written to the slot, waiting for a durable checkpoint at or after it.
+struct PendingPoint<B> {
+    boundary: B,
     /// sha256 of the image before it.
     image_hash: Sha256,
 }
 
-/// Decode a plain gzip image to the slot; its block boundaries become resume records once the
-/// slot is durable up to them (also after an error stopped the copy).
-fn copy_gzip<R: Read>(
-    decoder: &mut GzDecoder<R>,
+/// Decode a plain gzip or zstd image to the slot; its boundaries become resume records once
+/// the slot is durable up to them (also after an error stopped the copy).
+fn copy_points<D: PointDecoder>(
+    decoder: &mut D,
     writer: &mut SlotWriter<'_>,
     plan: &SinkPlan,
     offset: &dyn Fn() -> u64,
@@ -1220,14 +1428,15 @@ fn copy_gzip<R: Read>(
     let mut pending = VecDeque::new();
     let mut next_at = decoder.output_offset().saturating_add(spacing);
     decoder.boundaries_from(next_at);
-    let copied = copy_to_slot(decoder, writer, Format::Gzip, offset, |writer, decoder| {
+    let copied = copy_to_slot(decoder, writer, D::FORMAT, offset, |writer, decoder| {
         if let Some(boundary) = decoder.take_boundary() {
             // The writer's hash covers exactly the output before the boundary.
+            let out = D::out(&boundary);
             let image_hash = writer.image_hash_so_far();
             if let Some(image_hash) =
-                image_hash.filter(|_| boundary.out == writer.position() && boundary.out >= next_at)
+                image_hash.filter(|_| out == writer.position() && out >= next_at)
             {
-                next_at = boundary.out.saturating_add(spacing);
+                next_at = out.saturating_add(spacing);
                 decoder.boundaries_from(next_at);
                 if pending.len() == MAX_PENDING_POINTS {
                     pending.pop_front();
@@ -1238,28 +1447,31 @@ fn copy_gzip<R: Read>(
                 });
             }
         }
-        record_gzip_point(plan, writer, &mut pending);
+        record_point::<D>(plan, writer, &mut pending);
     });
     // As for raw images: a checkpoint made durable but not taken yet still counts.
     writer.settle();
-    record_gzip_point(plan, writer, &mut pending);
+    record_point::<D>(plan, writer, &mut pending);
     copied
 }
 
 /// When the slot became durable up to a new checkpoint, record the latest pending boundary
 /// at or before it.
-fn record_gzip_point(
+fn record_point<D: PointDecoder>(
     plan: &SinkPlan,
     writer: &mut SlotWriter<'_>,
-    pending: &mut VecDeque<PendingPoint>,
+    pending: &mut VecDeque<PendingPoint<D::Boundary>>,
 ) {
     let Some(durable) = writer.take_checkpoint() else {
         return;
     };
-    while pending.len() > 1 && pending[1].boundary.out <= durable {
+    while pending.len() > 1 && D::out(&pending[1].boundary) <= durable {
         pending.pop_front();
     }
-    if pending.front().is_none_or(|p| p.boundary.out > durable) {
+    if pending
+        .front()
+        .is_none_or(|p| D::out(&p.boundary) > durable)
+    {
         return;
     }
     let Some(PendingPoint {
@@ -1269,26 +1481,10 @@ fn record_gzip_point(
     else {
         return;
     };
-    let Some(artifact_hash) = boundary.artifact_hash else {
+    let slot_sha256 = hex::encode(image_hash.finalize());
+    let Some(record) = D::record(plan, writer.slot_path(), boundary, slot_sha256) else {
         return;
     };
-    let point = GzipPoint {
-        at: gunzip::ResumeAt {
-            artifact_offset: boundary.artifact_offset,
-            bits: boundary.bits,
-            out: boundary.out,
-            crc: boundary.crc,
-        },
-        artifact_hash,
-        slot_sha256: hex::encode(image_hash.finalize()),
-    };
-    let record = ResumeRecord::gzip(
-        &plan.url,
-        writer.slot_path(),
-        &plan.expected,
-        plan.size,
-        &point,
-    );
     // Resuming is an optimisation: without a record the next try starts over.
     if let Err(e) = resume::save(&plan.resume_path, &record) {
         tracing::warn!(error = %e, "cannot save the resume record");
@@ -1315,7 +1511,7 @@ fn save_resume_record(plan: &SinkPlan, slot: &Path, record: Record, at: u64) {
     }
 }
 
-/// The copy of [`copy_all`] and [`copy_gzip`]: the reader fills the slot writer's aligned
+/// The copy of [`copy_all`] and [`copy_points`]: the reader fills the slot writer's aligned
 /// buffer directly, no copy buffer of its own (a 64 KiB one was peak RSS and a second copy of
 /// every byte, issue 19); `committed` runs after every commit (with the reader, which may
 /// tell what it stopped at).

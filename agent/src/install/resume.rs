@@ -33,6 +33,23 @@
 //! a check; it cannot make a wrong image pass. A resumed install that fails a check (decode,
 //! hash, size) starts over from byte 0, once: a clean download may well succeed.
 //!
+//! **Plain zstd images** (format `zstd`; a zstd stream holding the image, artifact hash
+//! sha256): between two blocks the decoder's state is the frame's window (the output before
+//! the boundary, on the slot) plus its entropy tables and repeat offsets ([`super::unzstd`]).
+//! The record holds what a `gzip` record holds (the artifact offset where the next block
+//! starts, the slot offset, the artifact's sha256 state there, the slot prefix's sha256) and,
+//! instead of the unused bits and the CRC-32, `zstd_state`: the tables and offsets as text.
+//! Boundaries are made only in frames with a content checksum whose window is at most
+//! [`unzstd::MAX_RESUME_WINDOW`] (8 MiB), and recorded only once the slot is durable up to
+//! them, as for gzip. A restart reads the slot's prefix back (a different sha256 starts over,
+//! as for gzip); the frame's window, its last bytes, becomes the decoder's dictionary, and the
+//! download continues with a Range request from the boundary's byte. The frame's content
+//! checksum is checked over the slot's part of the frame and the rest as it is decoded, so a
+//! `zstd_state` that is wrong fails that frame; the resumed install then starts over from byte
+//! 0, once, as after a gzip resume. For the rest of that frame a resumed install holds up to
+//! twice the window more memory than a fresh one (the window read from the slot, the decoder's
+//! dictionary made of it): up to 16 MiB.
+//!
 //! **A raw image member of a plain tar or a signed bundle** (format `member`; a format-1
 //! bundle whose image is neither compressed nor a tar; any artifact hash): "replay", no reader
 //! state to save. The artifact's bytes before slot offset N are its head `[0, D)` (D =
@@ -52,10 +69,11 @@
 //!
 //! Everything else restarts from the beginning after a restart: a tar inside gzip, zstd or xz
 //! and a compressed image inside a tar or bundle, because a tar reader's or decoder's state
-//! cannot be rebuilt from the slot; zstd and xz because their libraries' public APIs cannot
-//! restart a decoder in the middle of a frame (zstd) or block (xz); a gzip image with a sha1
-//! or md5 artifact hash because only a sha256 state is saved. (Within one run they resume
-//! after network faults like raw images: the decoder just waits for the next bytes.)
+//! cannot be rebuilt from the slot; xz because its library's public API cannot restart a
+//! decoder in the middle of a block; a zstd frame without a content checksum or with a window
+//! above 8 MiB (no resume points are made in it); a gzip or zstd image with a sha1 or md5
+//! artifact hash because only a sha256 state is saved. (Within one run they resume after
+//! network faults like raw images: the decoder just waits for the next bytes.)
 //!
 //! Agents from before a format was added match records by `format` and start over on one
 //! they do not know (and remove it), so `version` stays 1.
@@ -68,6 +86,7 @@ use serde::{Deserialize, Serialize};
 
 use super::gunzip::ResumeAt;
 use super::sha256_state::Sha256State;
+use super::unzstd::{self, ZstdState};
 use super::InstallError;
 
 const VERSION: u32 = 1;
@@ -83,8 +102,8 @@ pub struct ResumeRecord {
     pub expected_hash: String,
     pub size: Option<u64>,
     /// "raw" (artifact byte N is slot byte N), "chunks" (a delta install of a chunked
-    /// bundle), "gzip" (a plain gzip image) or "member" (a raw image member of a plain tar or
-    /// signed bundle, resumed by replay; see the module doc).
+    /// bundle), "gzip" (a plain gzip image), "zstd" (a plain zstd image) or "member" (a raw
+    /// image member of a plain tar or signed bundle, resumed by replay; see the module doc).
     pub format: String,
     /// Bytes of the artifact (as served) covered by the record: a resume downloads from here.
     pub artifact_offset: u64,
@@ -100,12 +119,12 @@ pub struct ResumeRecord {
     /// "gzip": CRC-32 of the image bytes before `slot_offset` (all in the first gzip member).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crc32: Option<u32>,
-    /// "gzip": the artifact's sha256 state after its first `artifact_offset` bytes (see
+    /// "gzip", "zstd": the artifact's sha256 state after its first `artifact_offset` bytes (see
     /// [`Sha256State::to_text`]); those bytes are not on the slot, so cannot be hashed again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact_sha256_state: Option<String>,
-    /// "gzip": sha256 of the slot's bytes before `slot_offset` as written: a resume reads them
-    /// back and starts over when they differ.
+    /// "gzip", "zstd": sha256 of the slot's bytes before `slot_offset` as written: a resume
+    /// reads them back and starts over when they differ.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot_sha256: Option<String>,
     /// "member": offset of the image member's data in the artifact (everything before it is
@@ -116,6 +135,10 @@ pub struct ResumeRecord {
     /// image member).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub member_of: Option<String>,
+    /// "zstd": what the decoder needs at the resume point besides the window on the slot
+    /// (the tables and repeat offsets of the frame so far, see [`ZstdState::to_text`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zstd_state: Option<String>,
 }
 
 /// Largest head (artifact bytes before the image member's data) a `member` record is made
@@ -154,6 +177,16 @@ impl MemberPoint {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GzipPoint {
     pub at: ResumeAt,
+    pub artifact_hash: Sha256State,
+    /// sha256 (hex) of the slot's bytes before `at.out`.
+    pub slot_sha256: String,
+}
+
+/// Where a zstd image continues: a block (or frame) boundary, durable on the slot up to
+/// `at.out`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZstdPoint {
+    pub at: unzstd::ResumeAt,
     pub artifact_hash: Sha256State,
     /// sha256 (hex) of the slot's bytes before `at.out`.
     pub slot_sha256: String,
@@ -225,6 +258,7 @@ impl ResumeRecord {
             slot_sha256: None,
             member_offset: None,
             member_of: None,
+            zstd_state: None,
         }
     }
 
@@ -288,18 +322,59 @@ impl ResumeRecord {
         point: &GzipPoint,
     ) -> Self {
         ResumeRecord {
+            bits: Some(point.at.bits),
+            crc32: Some(point.at.crc),
+            ..Self::decoder(
+                "gzip",
+                (url, slot, expected_hash, size),
+                (point.at.artifact_offset, point.at.out),
+                &point.artifact_hash,
+                &point.slot_sha256,
+            )
+        }
+    }
+
+    /// A plain zstd image (artifact hash sha256) written up to `point` durably.
+    pub fn zstd(
+        url: &str,
+        slot: &Path,
+        expected_hash: &str,
+        size: Option<u64>,
+        point: &ZstdPoint,
+    ) -> Self {
+        ResumeRecord {
+            zstd_state: Some(point.at.state.to_text()),
+            ..Self::decoder(
+                "zstd",
+                (url, slot, expected_hash, size),
+                (point.at.artifact_offset, point.at.out),
+                &point.artifact_hash,
+                &point.slot_sha256,
+            )
+        }
+    }
+
+    /// The fields a `gzip` and a `zstd` record share: the artifact (`url`, `slot`,
+    /// `expected_hash`, `size`; hashed with sha256), the resume point (artifact and slot
+    /// offsets), the artifact's sha256 state there and the slot prefix's sha256.
+    fn decoder(
+        format: &str,
+        (url, slot, expected_hash, size): (&str, &Path, &str, Option<u64>),
+        (artifact_offset, slot_offset): (u64, u64),
+        artifact_hash: &Sha256State,
+        slot_sha256: &str,
+    ) -> Self {
+        ResumeRecord {
             url: url.to_string(),
             slot: slot.to_path_buf(),
             algorithm: "sha256".into(),
             expected_hash: expected_hash.to_string(),
             size,
-            format: "gzip".into(),
-            artifact_offset: point.at.artifact_offset,
-            slot_offset: point.at.out,
-            bits: Some(point.at.bits),
-            crc32: Some(point.at.crc),
-            artifact_sha256_state: Some(point.artifact_hash.to_text()),
-            slot_sha256: Some(point.slot_sha256.clone()),
+            format: format.into(),
+            artifact_offset,
+            slot_offset,
+            artifact_sha256_state: Some(artifact_hash.to_text()),
+            slot_sha256: Some(slot_sha256.to_string()),
             ..Self::empty()
         }
     }
@@ -307,23 +382,10 @@ impl ResumeRecord {
     /// Where a plain gzip image of the same artifact continues in the same slot; None for any
     /// other record, or one whose fields do not fit together.
     pub fn gzip_point(&self, target: &Target<'_>) -> Option<GzipPoint> {
-        let same = self.is_for("gzip", target)
-            && target.algorithm == "sha256"
-            && self.slot_offset > 0
-            && self.artifact_offset < target.size.unwrap_or(u64::MAX);
-        if !same {
-            return None;
-        }
+        let (artifact_hash, slot_sha256) = self.decoder_point("gzip", target)?;
         let bits = self.bits.filter(|&b| b <= 7)?;
-        let artifact_hash = Sha256State::from_text(self.artifact_sha256_state.as_deref()?)?;
-        let slot_sha256 = self.slot_sha256.clone()?;
-        let well_formed = artifact_hash.len() == self.artifact_offset
-            && slot_sha256.len() == 64
-            && slot_sha256
-                .bytes()
-                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
         let crc = self.crc32?;
-        well_formed.then_some(GzipPoint {
+        Some(GzipPoint {
             at: ResumeAt {
                 artifact_offset: self.artifact_offset,
                 bits,
@@ -333,6 +395,42 @@ impl ResumeRecord {
             artifact_hash,
             slot_sha256,
         })
+    }
+
+    /// Where a plain zstd image of the same artifact continues in the same slot; None for any
+    /// other record, or one whose fields do not fit together.
+    pub fn zstd_point(&self, target: &Target<'_>) -> Option<ZstdPoint> {
+        let (artifact_hash, slot_sha256) = self.decoder_point("zstd", target)?;
+        let state = ZstdState::from_text(self.zstd_state.as_deref()?)?;
+        Some(ZstdPoint {
+            at: unzstd::ResumeAt {
+                artifact_offset: self.artifact_offset,
+                out: self.slot_offset,
+                state,
+            },
+            artifact_hash,
+            slot_sha256,
+        })
+    }
+
+    /// The artifact hash state and the slot prefix's sha256 of a `format` record (`gzip` or
+    /// `zstd`) for this artifact and slot, when they fit together.
+    fn decoder_point(&self, format: &str, target: &Target<'_>) -> Option<(Sha256State, String)> {
+        let same = self.is_for(format, target)
+            && target.algorithm == "sha256"
+            && self.slot_offset > 0
+            && self.artifact_offset < target.size.unwrap_or(u64::MAX);
+        if !same {
+            return None;
+        }
+        let artifact_hash = Sha256State::from_text(self.artifact_sha256_state.as_deref()?)?;
+        let slot_sha256 = self.slot_sha256.clone()?;
+        let well_formed = artifact_hash.len() == self.artifact_offset
+            && slot_sha256.len() == 64
+            && slot_sha256
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        well_formed.then_some((artifact_hash, slot_sha256))
     }
 
     /// Where a delta install of the same bundle into the same slot continues: the slot
@@ -619,6 +717,108 @@ mod tests {
                 None,
                 "{b:?}"
             );
+        }
+    }
+
+    /// The state at the first block boundary of a zstd frame (a real one: the text form is
+    /// the decoder's own).
+    fn a_zstd_state() -> ZstdState {
+        use std::io::Read;
+        let data: Vec<u8> = (0..1u32 << 20)
+            .map(|i| ((i % 251) ^ (i / 4096)) as u8)
+            .collect();
+        let mut c = zstd::bulk::Compressor::new(3).unwrap();
+        c.include_checksum(true).unwrap();
+        let zst = c.compress(&data).unwrap();
+        let mut decoder = unzstd::ZstdDecoder::new(&zst[..], None);
+        decoder.boundaries_from(0);
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            assert_ne!(decoder.read(&mut buf).unwrap(), 0, "no boundary");
+            if let Some(b) = decoder.take_boundary() {
+                return b.state;
+            }
+        }
+    }
+
+    #[test]
+    fn zstd_records_round_trip_and_are_used_only_when_everything_fits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("download.resume");
+        let slot = Path::new("/dev/slot-b");
+        let mut hash = Sha256State::new();
+        hash.update(&[7u8; 1000]);
+        let point = ZstdPoint {
+            at: unzstd::ResumeAt {
+                artifact_offset: 1000,
+                out: 4096,
+                state: a_zstd_state(),
+            },
+            artifact_hash: hash,
+            slot_sha256: "ab".repeat(32),
+        };
+        let r = ResumeRecord::zstd("http://x/a.zst", slot, "cd", Some(5000), &point);
+        assert_eq!(r.format, "zstd");
+        assert_eq!((r.bits, r.crc32), (None, None));
+        let back = saved_and_loaded(&path, &r);
+        let target = |algorithm, size, capacity| target_cd(slot, algorithm, size, capacity);
+        let good = target("sha256", Some(5000), 1 << 20);
+        assert_eq!(back.zstd_point(&good), Some(point.clone()));
+        for other in [
+            target("sha1", Some(5000), 1 << 20),
+            target("sha256", Some(999), 1 << 20),
+            target("sha256", Some(5000), 4000),
+        ] {
+            assert_eq!(back.zstd_point(&other), None);
+        }
+        // Never read as a record of another format, nor they as a zstd one.
+        assert_eq!(back.gzip_point(&good), None);
+        assert_eq!(back.member_point(&good, true), None);
+        assert_eq!(
+            back.resume_offset(slot, "sha256", "cd", Some(5000), 1 << 20),
+            None
+        );
+        let gzip = ResumeRecord {
+            format: "gzip".into(),
+            bits: Some(0),
+            crc32: Some(0),
+            ..r.clone()
+        };
+        assert_eq!(gzip.zstd_point(&good), None);
+        assert!(gzip.gzip_point(&good).is_some());
+        // Fields that do not fit together: not used.
+        let broken = [
+            ResumeRecord {
+                zstd_state: None,
+                ..r.clone()
+            },
+            ResumeRecord {
+                zstd_state: Some("not a state".into()),
+                ..r.clone()
+            },
+            ResumeRecord {
+                artifact_offset: 999,
+                ..r.clone()
+            },
+            ResumeRecord {
+                slot_offset: 0,
+                ..r.clone()
+            },
+            ResumeRecord {
+                slot_sha256: Some("AB".repeat(32)),
+                ..r.clone()
+            },
+            ResumeRecord {
+                artifact_sha256_state: None,
+                ..r.clone()
+            },
+            ResumeRecord {
+                version: 2,
+                ..r.clone()
+            },
+        ];
+        for b in broken {
+            assert_eq!(b.zstd_point(&good), None, "{b:?}");
         }
     }
 

@@ -1,6 +1,6 @@
-//! A SHA-256 whose running state can be written down and read back: a resumed gzip install
-//! continues the artifact hash where the interrupted one stopped (the compressed bytes before
-//! the resume point are not on the slot, so they cannot be hashed again).
+//! A SHA-256 whose running state can be written down and read back: a resumed gzip or zstd
+//! install continues the artifact hash where the interrupted one stopped (the compressed bytes
+//! before the resume point are not on the slot, so they cannot be hashed again).
 //!
 //! `sha2::Sha256` cannot be serialised; its compression function can be called directly
 //! ([`sha2::compress256`], with the same hardware acceleration), so this keeps the eight state

@@ -372,6 +372,35 @@ fn corrupt_or_truncated_zstd_and_xz_are_decode_errors() {
     }
 }
 
+#[test]
+fn a_zstd_frame_asking_for_a_window_above_100_mib_is_refused() {
+    // Window descriptor 0x86: 112 MiB (RFC 8878, 3.1.1.1.2), behind a genuine frame (every
+    // frame's header is checked); then empty raw blocks, which would decode.
+    let mut hostile = zstd(&image(4096, 42));
+    hostile.extend_from_slice(&[0x28, 0xb5, 0x2f, 0xfd, 0x00, 0x86]);
+    hostile.extend_from_slice(&[0u8; 64]);
+    // With a sha256 (the decoder with resume points) and a sha1 (`compress::ZstdReader`).
+    for sha256 in [true, false] {
+        let result = if sha256 {
+            run_pipeline_chunked(&hostile, &[4096], 1 << 20).0
+        } else {
+            let mut dev = FailingSlot {
+                data: vec![FILL; 1 << 20],
+                fail_from: u64::MAX,
+            };
+            let sha1 = hex::encode(<sha1::Sha1 as Digest>::digest(&hostile));
+            let hash = (hash::HashAlgorithm::Sha1, sha1);
+            run_pipeline_hashed(&hostile, &[4096], None, hash, &mut dev)
+        };
+        let err = result.unwrap_err();
+        assert!(
+            matches!(&err, InstallError::Decode { format: "zstd", .. }),
+            "{sha256}: {err}"
+        );
+        assert!(err.to_string().contains("window"), "{sha256}: {err}");
+    }
+}
+
 #[tokio::test]
 async fn tar_and_tar_gz_images_are_extracted() {
     let img = image((1 << 20) + 333, 4);
@@ -1154,6 +1183,251 @@ async fn tar_gz_and_gzip_without_sha256_restart_from_zero() {
     fx.assert_installed(&img);
 }
 
+/// zstd at `level` with a content checksum, one frame per `frame` bytes of `data`.
+fn zstd_frames(data: &[u8], frame: usize, level: i32) -> Vec<u8> {
+    let mut c = zstd::bulk::Compressor::new(level).unwrap();
+    c.include_checksum(true).unwrap();
+    data.chunks(frame)
+        .flat_map(|part| c.compress(part).unwrap())
+        .collect()
+}
+
+/// An install of the zstd artifact `zst` (holding `img`) interrupted after 60 % of it: the
+/// record is a zstd resume point at least 1 MiB into the image, the slot holds the image up to
+/// it.
+async fn interrupted_zstd_install(fx: &Fixture, img: &[u8], zst: &[u8]) -> resume::ResumeRecord {
+    let err = interrupted_install(fx, zst, zst.len() * 6 / 10).await;
+    assert!(err.is_retryable(), "{err}");
+    let record = resume::load(&fx.resume_path()).expect("resume record kept");
+    assert_eq!(record.format, "zstd", "{record:?}");
+    assert!(record.zstd_state.is_some(), "{record:?}");
+    assert!(record.slot_offset >= 1 << 20, "{record:?}");
+    assert!(record.artifact_offset > 0 && record.artifact_offset < zst.len() as u64);
+    let out = record.slot_offset as usize;
+    assert!(
+        fx.slot_bytes()[..out] == img[..out],
+        "the slot's prefix is not the image"
+    );
+    record
+}
+
+/// An 8 MiB image at zstd level 3 (blocks of up to 128 KiB of output), interrupted: see
+/// [`interrupted_zstd_install`].
+async fn interrupted_zstd_image(fx: &Fixture) -> (Vec<u8>, Vec<u8>, resume::ResumeRecord) {
+    let img = gunzip::tests::image(8 << 20, 23);
+    let zst = zstd(&img);
+    let record = interrupted_zstd_install(fx, &img, &zst).await;
+    (img, zst, record)
+}
+
+#[tokio::test]
+async fn restart_resumes_zstd_image_from_a_block_boundary() {
+    let img = gunzip::tests::image(8 << 20, 23);
+    // One frame; frames of 3 MiB (the resume point in a later frame, whose window starts
+    // with it); and a frame at level 19 (a window of 8 MiB, the largest resumed).
+    for (what, zst) in [
+        ("one frame", zstd(&img)),
+        ("frames", zstd_frames(&img, 3 << 20, 3)),
+        ("level 19", zstd_frames(&img, img.len(), 19)),
+    ] {
+        let fx = Fixture::new(9 << 20);
+        let record = interrupted_zstd_install(&fx, &img, &zst).await;
+        // "After the restart": the download continues at the boundary's byte.
+        let server = ArtifactServer::start(zst.clone());
+        let installed = run(&fx.request(&server.url, &zst), &fast_options())
+            .await
+            .0
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(installed.sha256_of_slot_image, sha256_hex(&img), "{what}");
+        assert_eq!(installed.bytes_written, img.len() as u64, "{what}");
+        fx.assert_installed(&img);
+        let requests = server.requests();
+        assert_eq!(requests.len(), 1, "{what}: {requests:?}");
+        assert_eq!(requests[0].0, Some(record.artifact_offset), "{what}");
+        assert!(!fx.resume_path().exists(), "{what}");
+    }
+}
+
+#[tokio::test]
+async fn zstd_resume_over_a_changed_slot_starts_over() {
+    let fx = Fixture::new(9 << 20);
+    let (img, zst, record) = interrupted_zstd_image(&fx).await;
+    // A byte of the prefix changed behind the agent's back (before the window, and in it).
+    for at in [1000, record.slot_offset - 10] {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&fx.slot)
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[img[at as usize] ^ 1], at).unwrap();
+        let server = ArtifactServer::start(zst.clone());
+        resume::save(&fx.resume_path(), &record).unwrap();
+        run(&fx.request(&server.url, &zst), &fast_options())
+            .await
+            .0
+            .unwrap();
+        // One download, from byte 0: the record was dropped before any Range download.
+        assert_eq!(
+            server.requests(),
+            vec![(None, Some("TargetToken secret".into()))]
+        );
+        fx.assert_installed(&img);
+    }
+}
+
+#[tokio::test]
+async fn a_tampered_zstd_record_never_gives_a_wrong_image() {
+    let fx = Fixture::new(9 << 20);
+    let (img, zst, record) = interrupted_zstd_image(&fx).await;
+    let mut other_hash = sha256_state::Sha256State::new();
+    other_hash.update(&vec![1u8; record.artifact_offset as usize]);
+    // A well-formed state of another boundary of the same frame: it parses, but the tables
+    // and offsets are not the ones at this point.
+    let other_state = {
+        let mut decoder = unzstd::ZstdDecoder::new(&zst[..], None);
+        decoder.boundaries_from(0);
+        let mut buf = vec![0u8; 1 << 16];
+        let mut states = Vec::new();
+        while states.len() < 8 {
+            if decoder.read(&mut buf).unwrap() == 0 {
+                break;
+            }
+            if let Some(b) = decoder.take_boundary() {
+                states.push(b.state.to_text());
+            }
+        }
+        let mine = record.zstd_state.clone();
+        states
+            .into_iter()
+            .find(|s| Some(s) != mine.as_ref())
+            .unwrap()
+    };
+    // The state of another boundary may still decode the rest of the frame right (when the
+    // blocks after the point set their own tables and new offsets before they repeat one):
+    // then the resume succeeds, else it fails the frame and starts over. Either way the image
+    // is the right one.
+    let other = resume::ResumeRecord {
+        zstd_state: Some(other_state),
+        ..record.clone()
+    };
+    std::fs::write(&fx.slot, vec![FILL; fx.capacity]).unwrap();
+    let what = "zstd state of another boundary";
+    let requests = install_over_record(&fx, &img, &zst, &record, &other, what).await;
+    assert_eq!(requests[0].0, Some(record.artifact_offset), "{requests:?}");
+    // The record's state with repeat offsets (its last field) beyond the window.
+    let far_offsets = {
+        let state = record.zstd_state.clone().unwrap();
+        let (rest, _reps) = state.rsplit_once(':').unwrap();
+        format!("{rest}:99999999,1,1")
+    };
+    let tampered: Vec<(&str, resume::ResumeRecord)> = vec![
+        (
+            "repeat offsets beyond the window",
+            resume::ResumeRecord {
+                zstd_state: Some(far_offsets),
+                ..record.clone()
+            },
+        ),
+        (
+            "zstd state garbage",
+            resume::ResumeRecord {
+                zstd_state: Some("not a state".into()),
+                ..record.clone()
+            },
+        ),
+        (
+            "no zstd state",
+            resume::ResumeRecord {
+                zstd_state: None,
+                ..record.clone()
+            },
+        ),
+        (
+            "artifact hash state",
+            resume::ResumeRecord {
+                artifact_sha256_state: Some(other_hash.to_text()),
+                ..record.clone()
+            },
+        ),
+        (
+            "slot offset",
+            resume::ResumeRecord {
+                slot_offset: record.slot_offset - 1,
+                ..record.clone()
+            },
+        ),
+        (
+            "artifact offset",
+            resume::ResumeRecord {
+                artifact_offset: record.artifact_offset + 1,
+                ..record.clone()
+            },
+        ),
+        (
+            "slot sha256",
+            resume::ResumeRecord {
+                slot_sha256: Some("0".repeat(64)),
+                ..record.clone()
+            },
+        ),
+        (
+            "gzip format",
+            resume::ResumeRecord {
+                format: "gzip".into(),
+                bits: Some(0),
+                crc32: Some(0),
+                ..record.clone()
+            },
+        ),
+    ];
+    install_over_tampered_records(&fx, &img, &zst, &record, tampered).await;
+}
+
+#[tokio::test]
+async fn zstd_images_without_resume_points_restart_from_zero() {
+    let img = gunzip::tests::image(9 << 20, 24);
+    let fx = Fixture::new(10 << 20);
+    let no_checksum = zstd::bulk::compress(&img, 3).unwrap();
+    let large_window = {
+        let mut c = zstd::bulk::Compressor::new(3).unwrap();
+        c.include_checksum(true).unwrap();
+        c.set_parameter(zstd::zstd_safe::CParameter::WindowLog(24))
+            .unwrap();
+        c.compress(&img).unwrap()
+    };
+    let tar_zst = zstd(&tar_of(&[("rootfs.img", &img)]));
+    for (what, artifact) in [
+        ("no content checksum", no_checksum),
+        ("a window above 8 MiB", large_window),
+        ("tar.zst", tar_zst),
+    ] {
+        let err = interrupted_install(&fx, &artifact, artifact.len() * 6 / 10).await;
+        assert!(err.is_retryable(), "{what}: {err}");
+        assert!(
+            resume::load(&fx.resume_path()).is_none(),
+            "{what} left a record"
+        );
+    }
+    let zst = zstd(&img);
+    let server = ArtifactServer::start(zst.clone());
+    server.always(drop_after((zst.len() * 6 / 10) as u64));
+    let mut options = fast_options();
+    options.retry.attempts = 0;
+    let mut req = fx.request(&server.url, &zst);
+    req.expected = ExpectedHash {
+        sha256: None,
+        sha1: Some(hex::encode(<sha1::Sha1 as Digest>::digest(&zst))),
+        md5: None,
+    };
+    run(&req, &options).await.0.unwrap_err();
+    assert!(
+        resume::load(&fx.resume_path()).is_none(),
+        "a sha1 zstd left a record"
+    );
+    server.clear();
+    run(&req, &fast_options()).await.0.unwrap();
+    fx.assert_installed(&img);
+}
+
 /// The request and options of the replay tests: the artifact of `server`, adjusted.
 fn replay_request(
     fx: &Fixture,
@@ -1524,6 +1798,7 @@ fn write_error_on_the_slot_is_reported() {
         bundle: None,
         checkpoint_interval: 64 << 20,
         gzip_resume: None,
+        zstd_resume: None,
         replay: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
@@ -1569,6 +1844,7 @@ fn aborted_download_is_not_mistaken_for_the_end() {
         bundle: None,
         checkpoint_interval: 64 << 20,
         gzip_resume: None,
+        zstd_resume: None,
         replay: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(8);
@@ -1629,6 +1905,7 @@ fn stopped_install_stops_reading_and_writing() {
         bundle: None,
         checkpoint_interval: 64 << 20,
         gzip_resume: None,
+        zstd_resume: None,
         replay: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
@@ -1681,10 +1958,22 @@ fn run_pipeline_on(
     bundle: Option<BundlePolicy>,
     dev: &mut dyn slot::SlotDevice,
 ) -> Result<Installed, InstallError> {
+    let sha256 = (hash::HashAlgorithm::Sha256, sha256_hex(artifact));
+    run_pipeline_hashed(artifact, chunk_sizes, bundle, sha256, dev)
+}
+
+/// [`run_pipeline_on`] with the artifact hash `(algorithm, expected)`.
+fn run_pipeline_hashed(
+    artifact: &[u8],
+    chunk_sizes: &[usize],
+    bundle: Option<BundlePolicy>,
+    (algorithm, expected): (hash::HashAlgorithm, String),
+    dev: &mut dyn slot::SlotDevice,
+) -> Result<Installed, InstallError> {
     let plan = pipeline::SinkPlan {
         url: "http://127.0.0.1/x".into(),
-        algorithm: hash::HashAlgorithm::Sha256,
-        expected: sha256_hex(artifact),
+        algorithm,
+        expected,
         size: Some(artifact.len() as u64),
         start: 0,
         resume_path: PathBuf::from("/nonexistent/resume.json"),
@@ -1692,6 +1981,7 @@ fn run_pipeline_on(
         bundle,
         checkpoint_interval: 64 << 20,
         gzip_resume: None,
+        zstd_resume: None,
         replay: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(artifact.len() + 2);
@@ -1865,6 +2155,7 @@ fn read_back_thread_detects_a_mismatch() {
             bundle: None,
             checkpoint_interval: 64 << 20,
             gzip_resume: None,
+            zstd_resume: None,
             replay: None,
         };
         let (tx, rx) = tokio::sync::mpsc::channel(64);

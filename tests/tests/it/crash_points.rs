@@ -39,9 +39,11 @@
 //!
 //! Cases: good raw image, good gzip image, good signed bundle, an image failing its health
 //! check, an image that never boots; each for the `bootcount` and `rauc` schemes; and a good
-//! signed bundle holding its image raw (resumed by replay) for `bootcount`. The images are
-//! 256 KiB, except the resumable cases': the server gzip cases' 1.5 MiB at gzip level 9
-//! (deflate blocks every few dozen KiB) and the raw bundle's 1.5 MiB, with `[agent]
+//! signed bundle holding its image raw (resumed by replay) and a good zstd image (`zstd -3`,
+//! resumed from a block boundary) for `bootcount`. The images are 256 KiB, except the
+//! resumable cases': the server gzip cases' 1.5 MiB at gzip level 9 (deflate blocks every few
+//! dozen KiB), the zstd case's 1.5 MiB (made compressible, blocks of up to 128 KiB) and the raw
+//! bundle's 1.5 MiB, with `[agent]
 //! checkpoint_interval = "256k"`, so that their install commits its
 //! resume record (`download.resume`) at several checkpoints, each cut before like every step, and
 //! the next run resumes from the record before it: their record run must hold at least two such
@@ -77,7 +79,8 @@ const SHIM_SOURCE: &str = include_str!("crash_points/shim.c");
 const IMAGE_SIZE: usize = 256 * 1024;
 const FACTORY_SIZE: usize = 64 * 1024;
 const SLOT_SIZE: u64 = 512 * 1024;
-/// The resumable cases' image (server gzip, raw image in a signed bundle): large enough for several checkpoints at
+/// The resumable cases' image (server gzip and zstd, raw image in a signed bundle): large
+/// enough for several checkpoints at
 /// [`RESUMABLE_CHECKPOINT_INTERVAL`], so that the download's resume record is written (and cut
 /// before) several times and the cycle resumes from it.
 const RESUMABLE_IMAGE_SIZE: usize = 1536 * 1024;
@@ -98,6 +101,8 @@ const MAX_BOOTS: usize = 10;
 enum Payload {
     Raw,
     Gzip,
+    /// `zstd -3` (content checksum on): resumed from a block boundary.
+    Zstd,
     Bundle,
     /// A signed bundle holding the image raw: resumed by replay.
     RawBundle,
@@ -131,12 +136,14 @@ impl Case {
                 });
             }
         }
-        cases.push(Case {
-            scheme: SchemeKind::Bootcount,
-            payload: Payload::RawBundle,
-            health: Health::Good,
-            local: false,
-        });
+        for payload in [Payload::RawBundle, Payload::Zstd] {
+            cases.push(Case {
+                scheme: SchemeKind::Bootcount,
+                payload,
+                health: Health::Good,
+                local: false,
+            });
+        }
         for (scheme, payload, health) in [
             (SchemeKind::Bootcount, Payload::Gzip, Health::Good),
             (SchemeKind::Bootcount, Payload::Raw, Health::Broken),
@@ -162,6 +169,7 @@ impl Case {
         let payload = match self.payload {
             Payload::Raw => "raw",
             Payload::Gzip => "gzip",
+            Payload::Zstd => "zstd",
             Payload::Bundle => "signed-bundle",
             Payload::RawBundle => "signed-raw-bundle",
         };
@@ -266,15 +274,23 @@ struct CaseContext {
 impl CaseContext {
     fn new(case: Case, shim: &Path) -> CaseContext {
         // A server gzip image resumes from a deflate block boundary: big enough for several
-        // checkpoints, compressed at level 9 (deflate blocks every few dozen KiB). A raw image in
-        // a signed bundle resumes by replay, as large.
-        let resumable = matches!(case.payload, Payload::Gzip | Payload::RawBundle) && !case.local;
+        // checkpoints, compressed at level 9 (deflate blocks every few dozen KiB). A zstd image
+        // resumes from a block boundary (blocks of up to 128 KiB), a raw image in a signed bundle
+        // by replay, as large.
+        let resumable = matches!(
+            case.payload,
+            Payload::Gzip | Payload::Zstd | Payload::RawBundle
+        ) && !case.local;
         let size = if resumable {
             RESUMABLE_IMAGE_SIZE
         } else {
             IMAGE_SIZE
         };
-        let image = Image::new("demo-os", "2.0", case.health, size);
+        let mut image = Image::new("demo-os", "2.0", case.health, size);
+        if case.payload == Payload::Zstd {
+            // Compressed blocks (tables, matches, repeat offsets), not stored ones.
+            image = image.compressible();
+        }
         let factory = Image::new("factory", "1.0", Health::Good, FACTORY_SIZE).bytes;
         let mut keys = None;
         let mut config_extra = String::new();
@@ -282,6 +298,7 @@ impl CaseContext {
             Payload::Raw => ("os.img", image.bytes.clone()),
             Payload::Gzip if resumable => ("os.img.gz", image.gzip_best()),
             Payload::Gzip => ("os.img.gz", image.gzip()),
+            Payload::Zstd => ("os.img.zst", image.zstd()),
             Payload::Bundle | Payload::RawBundle => {
                 let dir = tempfile::tempdir().expect("temporary directory");
                 let vendor = generate_keypair().expect("ed25519 key pair");

@@ -1,6 +1,6 @@
 //! End-to-end installs with the real `ddi-agent` against the test server and a file-backed
 //! device: raw, gzip, tar and tar.gz artifacts, dropped connections, resume after a kill and a
-//! power cut (raw, gzip, tar), and the failures that must
+//! power cut (raw, gzip, zstd, tar), and the failures that must
 //! close the action with `failure` and activate nothing (wrong hash, oversize image, corrupt
 //! gzip, ambiguous tar, disk full while writing).
 
@@ -399,6 +399,83 @@ fn a_gzip_image_resumes_twice() {
         "{log:#?}"
     );
     assert_eq!(log.len(), before_third + 1, "{log:#?}");
+}
+
+/// A plain zstd image (`zstd -3`: one frame with a content checksum, blocks of up to 128 KiB)
+/// killed after its first checkpoint, then a power cut: the next run continues from the block
+/// boundary the record names, downloading only the rest of the artifact.
+#[test]
+fn a_zstd_image_resumes_after_kill_and_power_cut_from_a_block_boundary() {
+    let (resumed, zst_len, artifact_offset) = zstd_resumed("3.6", false);
+    assert_eq!(
+        resumed.first().and_then(|r| r.range.clone()),
+        Some(format!("bytes={artifact_offset}-")),
+        "{resumed:#?}"
+    );
+    let served: u64 = resumed.iter().filter_map(|r| r.body_len).sum();
+    assert_eq!(served, zst_len - artifact_offset, "{resumed:#?}");
+    assert!(served < zst_len / 3, "{served} of {zst_len}");
+}
+
+/// As above, but a byte of slot B's prefix changes between the runs: the prefix's sha256 is
+/// not the record's, so the next run drops the record and downloads the whole artifact once,
+/// and ends with the right image.
+#[test]
+fn a_zstd_image_over_a_changed_slot_starts_over() {
+    let (resumed, zst_len, _) = zstd_resumed("3.7", true);
+    assert_eq!(resumed.len(), 1, "{resumed:#?}");
+    assert_eq!(resumed[0].range, None, "{resumed:#?}");
+    assert_eq!(resumed[0].body_len, Some(zst_len), "{resumed:#?}");
+}
+
+/// A 20 MiB image about as compressible as a file system, deployed as `zstd -3`, the agent
+/// killed (-9) at its first resume record and the power cut; with `changed`, a byte of slot
+/// B's prefix changes. The next run resumes (or, `changed`, starts over) and the update ends
+/// installed. Returns the downloads of that run, the artifact's size and the record's
+/// artifact offset.
+fn zstd_resumed(version: &str, changed: bool) -> (Vec<ddi_sim::DownloadRequest>, u64, u64) {
+    let rig = Rig::new(|o| {
+        o.slot_size = 24 << 20;
+        // ~2 s for the artifact: time to kill the agent after the first checkpoint (16 MiB).
+        o.max_download_rate = Some("6M".into());
+    });
+    let image = Image::good(version, 20 << 20).compressible();
+    let zst = image.zstd();
+    assert!(zst.len() < image.bytes.len() * 3 / 4, "{} bytes", zst.len());
+    let action = rig.deploy(version, "os.img.zst", zst.clone());
+    let record = rig.kill_at_the_first_resume_record();
+    assert_eq!(rig.dev.reboot().unwrap(), Slot::A); // and a power cut
+    assert_eq!(record["format"], "zstd", "{record}");
+    assert!(record["zstd_state"].is_string(), "{record}");
+    let resume_at = record["slot_offset"].as_u64().unwrap();
+    let artifact_offset = record["artifact_offset"].as_u64().unwrap();
+    // The latest block boundary before the first checkpoint (16 MiB).
+    assert!((12 << 20..=16 << 20).contains(&resume_at), "{record}");
+    assert!(artifact_offset < zst.len() as u64, "{record}");
+    assert!(rig
+        .dev
+        .slot_holds(Slot::B, &image.bytes[..resume_at as usize])
+        .unwrap());
+    let before = rig.server.download_log().len();
+    if changed {
+        rig.dev.flip_slot_byte(Slot::B, 4096).unwrap();
+        let out = rig.dev.agent_once(AGENT_TIMEOUT).unwrap();
+        assert!(
+            out.describe()
+                .contains("the slot no longer holds what the interrupted install wrote"),
+            "{}",
+            out.describe()
+        );
+        rig.dev.take_reboot_requests().unwrap();
+        rig.dev.reboot().unwrap();
+        rig.settle(action, 3);
+        assert_installed(&rig, action, &image.bytes);
+        assert!(!rig.dev.state_dir().join("download.resume").exists());
+    } else {
+        rig.resume_to_the_end(action, &image.bytes);
+    }
+    let resumed = rig.server.download_log().split_off(before);
+    (resumed, zst.len() as u64, artifact_offset)
 }
 
 /// A raw image in a plain tar killed after its first checkpoint, then a power cut: the next run

@@ -713,6 +713,21 @@ fn old_agent_starts_over_from_a_gzip_resume_record() {
     );
 }
 
+/// The new agent is killed in the middle of a plain zstd image, leaving a `zstd` resume
+/// record; the device then runs the old agent (which knows only `raw` records, and no zstd at
+/// all: it writes a zstd artifact to the slot as it is): it starts the download over from byte
+/// 0, once, and writes the whole artifact from the slot's first byte, never misreading the
+/// record (a misread one would keep the new agent's decoded prefix).
+#[test]
+fn old_agent_starts_over_from_a_zstd_resume_record() {
+    let image = Image::good("2.0", 20 << 20).compressible();
+    let zst = image.zstd();
+    let (rig, _, ranges) = old_agent_run_after_a_kill("os.img.zst", zst.clone(), "zstd");
+    assert_eq!(ranges, vec![None]);
+    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
+    assert!(rig.dev.slot_holds(Slot::B, &zst).unwrap());
+}
+
 /// The new agent installs `artifact` (holding `image`) and is killed (-9) at its first resume
 /// record, whose format must be `format`; the old agent then runs: it must install the image
 /// (the record gone) and confirm it after the reboot. Returns the Range headers of the old
@@ -723,6 +738,23 @@ fn old_agent_after_a_kill(
     artifact: Vec<u8>,
     format: &str,
 ) -> Vec<Option<String>> {
+    let (rig, action, ranges) = old_agent_run_after_a_kill(filename, artifact, format);
+    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
+    assert_eq!(rig.dev.reboot().unwrap(), Slot::B);
+    assert!(rig.dev.slot_holds(Slot::B, &image.bytes).unwrap());
+    rig.once_expect(0);
+    rig.assert_closed_once(action, "success");
+    ranges
+}
+
+/// The first part of [`old_agent_after_a_kill`]: the new agent killed at its first resume
+/// record (of `format`), then one run of the old agent, which must leave no record. Returns the
+/// rig (its agent the old one), the action and the Range headers of the old agent's downloads.
+fn old_agent_run_after_a_kill(
+    filename: &str,
+    artifact: Vec<u8>,
+    format: &str,
+) -> (Rig, u64, Vec<Option<String>>) {
     let mut rig = Rig::new(&ddi_tests::bin_path("ddi-agent"), |o| {
         o.slot_size = 24 << 20;
         // ~2 s for the image: time to kill the agent after the first checkpoint (16 MiB).
@@ -739,10 +771,5 @@ fn old_agent_after_a_kill(
     let log = rig.server.download_log();
     let ranges = log[before..].iter().map(|r| r.range.clone()).collect();
     assert!(!record_path.exists(), "the old agent left the record");
-    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
-    assert_eq!(rig.dev.reboot().unwrap(), Slot::B);
-    assert!(rig.dev.slot_holds(Slot::B, &image.bytes).unwrap());
-    rig.once_expect(0);
-    rig.assert_closed_once(action, "success");
-    ranges
+    (rig, action, ranges)
 }
