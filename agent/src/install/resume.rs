@@ -46,9 +46,9 @@
 //! download continues with a Range request from the boundary's byte. The frame's content
 //! checksum is checked over the slot's part of the frame and the rest as it is decoded, so a
 //! `zstd_state` that is wrong fails that frame; the resumed install then starts over from byte
-//! 0, once, as after a gzip resume. For the rest of that frame a resumed install holds up to
-//! twice the window more memory than a fresh one (the window read from the slot, the decoder's
-//! dictionary made of it): up to 16 MiB.
+//! 0, once, as after a gzip resume. For the rest of that frame a resumed install holds the
+//! window once more than a fresh one (the decoder's dictionary made of it): up to 8 MiB; while
+//! it starts, twice (the window read from the slot, and the dictionary).
 //!
 //! **A raw image member of a plain tar or a signed bundle** (format `member`; a format-1
 //! bundle whose image is neither compressed nor a tar; any artifact hash): "replay", no reader
