@@ -39,14 +39,19 @@
 //! The record holds what a `gzip` record holds (the artifact offset where the next block
 //! starts, the slot offset, the artifact's sha256 state there, the slot prefix's sha256) and,
 //! instead of the unused bits and the CRC-32, `zstd_state`: the tables and offsets as text.
-//! Boundaries are made only in frames with a content checksum whose window is at most
-//! [`unzstd::MAX_RESUME_WINDOW`] (8 MiB), and recorded only once the slot is durable up to
-//! them, as for gzip. A restart reads the slot's prefix back (a different sha256 starts over,
+//! Boundaries inside a frame are made only in frames with a content checksum whose window is
+//! at most [`unzstd::MAX_RESUME_WINDOW`] (8 MiB), boundaries between two frames after any
+//! frame; they are recorded only once the slot is durable up to them, as for gzip. A restart reads the slot's prefix back (a different sha256 starts over,
 //! as for gzip); the frame's window, its last bytes, becomes the decoder's dictionary, and the
 //! download continues with a Range request from the boundary's byte. The frame's content
 //! checksum is checked over the slot's part of the frame and the rest as it is decoded, so a
 //! `zstd_state` that is wrong fails that frame; the resumed install then starts over from byte
-//! 0, once, as after a gzip resume. For the rest of that frame a resumed install holds the
+//! 0, once, as after a gzip resume. A boundary between two frames is bound to the output before
+//! it only by the record's sha256 of the slot's prefix (no checksum covers a whole stream), so
+//! a record is refused before the prefix is read when the decoder could not have made its
+//! point (`ResumeAt::plausible`: not after a first frame, or a frame's state that does not fit
+//! its offsets); a record forged with the artifact at hand could still move such a point to
+//! another frame's start. For the rest of that frame a resumed install holds the
 //! window once more than a fresh one (the decoder's dictionary made of it): up to 8 MiB; while
 //! it starts, twice (the window read from the slot, and the dictionary).
 //!
@@ -402,12 +407,14 @@ impl ResumeRecord {
     pub fn zstd_point(&self, target: &Target<'_>) -> Option<ZstdPoint> {
         let (artifact_hash, slot_sha256) = self.decoder_point("zstd", target)?;
         let state = ZstdState::from_text(self.zstd_state.as_deref()?)?;
-        Some(ZstdPoint {
-            at: unzstd::ResumeAt {
-                artifact_offset: self.artifact_offset,
-                out: self.slot_offset,
-                state,
-            },
+        let at = unzstd::ResumeAt {
+            artifact_offset: self.artifact_offset,
+            out: self.slot_offset,
+            state,
+        };
+        // Before reading the slot's prefix: a point the decoder could not have made.
+        at.plausible().then_some(ZstdPoint {
+            at,
             artifact_hash,
             slot_sha256,
         })
@@ -751,7 +758,8 @@ mod tests {
         let point = ZstdPoint {
             at: unzstd::ResumeAt {
                 artifact_offset: 1000,
-                out: 4096,
+                // Past the state's repeat offsets (a point the decoder could have made).
+                out: 65536,
                 state: a_zstd_state(),
             },
             artifact_hash: hash,
@@ -819,6 +827,44 @@ mod tests {
         ];
         for b in broken {
             assert_eq!(b.zstd_point(&good), None, "{b:?}");
+        }
+    }
+
+    /// Points the decoder could not have made are refused before the slot's prefix is read:
+    /// a point between frames at the artifact's start (whose forgery needs nothing of the
+    /// artifact: the image would be written behind the slot's old bytes, every hash passing),
+    /// a point inside a frame before the frame's start, with an offset outside its window, or
+    /// past its content size.
+    #[test]
+    fn zstd_points_the_decoder_cannot_make_are_refused() {
+        let slot = Path::new("/dev/slot-b");
+        let good = target_cd(slot, "sha256", Some(5000), 1 << 20);
+        let record = |artifact_offset: u64, out: u64, state: &str| {
+            let mut hash = Sha256State::new();
+            hash.update(&vec![0u8; artifact_offset as usize]);
+            let point = ZstdPoint {
+                at: unzstd::ResumeAt {
+                    artifact_offset,
+                    out,
+                    state: ZstdState::from_text(state).expect("a state"),
+                },
+                artifact_hash: hash,
+                slot_sha256: "ab".repeat(32),
+            };
+            ResumeRecord::zstd("http://x/a.zst", slot, "cd", Some(5000), &point)
+        };
+        let inside = "frame:0:1048576:-:8010:p:p:p:1,4,8";
+        assert!(record(1000, 4096, "between").zstd_point(&good).is_some());
+        assert!(record(1000, 4096, inside).zstd_point(&good).is_some());
+        for (artifact_offset, out, state) in [
+            (0, 4096, "between"),
+            (8, 4096, "between"),
+            (1000, 4096, "frame:4096:1048576:-:8010:p:p:p:1,4,8"),
+            (1000, 4096, "frame:4000:1048576:-:8010:p:p:p:1,4,200"),
+            (1000, 4096, "frame:0:1048576:4000:8010:p:p:p:1,4,8"),
+        ] {
+            let r = record(artifact_offset, out, state);
+            assert_eq!(r.zstd_point(&good), None, "{artifact_offset} {out} {state}");
         }
     }
 

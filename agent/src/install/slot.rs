@@ -72,7 +72,7 @@ pub struct FileSlot {
 }
 
 /// Alignment O_DIRECT needs for offsets, lengths and buffers (covers 512 and 4096 sectors).
-const DIRECT_ALIGN: usize = 4096;
+pub(crate) const DIRECT_ALIGN: usize = 4096;
 
 #[derive(Debug)]
 enum Direct {

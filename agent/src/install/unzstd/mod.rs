@@ -49,7 +49,11 @@ const SOURCE_BUFFER: usize = 16 * 1024;
 const MAX_TRIES: u32 = 8;
 
 /// The tail of the slot's prefix a resumed slot writer starts its buffers with.
-const WRITER_TAIL: u64 = 4096;
+const WRITER_TAIL: u64 = super::slot::DIRECT_ALIGN as u64;
+
+/// The smallest zstd frame: magic, frame header descriptor, window descriptor, one empty
+/// block. No resume point is before its end.
+const MIN_FRAME: u64 = 4 + 2 + 3;
 
 /// What a fresh decoder needs at a boundary besides the window bytes (saved as text in the
 /// resume record).
@@ -251,6 +255,29 @@ pub struct ResumeAt {
     pub artifact_offset: u64,
     pub out: u64,
     pub state: ZstdState,
+}
+
+impl ResumeAt {
+    /// Whether a point read from a record can be one this decoder made: checked before the
+    /// slot's prefix is read (a resume checks it again, with the prefix). A point is never
+    /// before the end of a first frame, and a point inside a frame is after the frame's start,
+    /// with offsets within its window and no more output than its content size.
+    pub fn plausible(&self) -> bool {
+        if self.artifact_offset < MIN_FRAME || self.out == 0 {
+            return false;
+        }
+        match &self.state {
+            ZstdState::Between => true,
+            ZstdState::InFrame(f) => {
+                f.valid()
+                    && f.frame_start < self.out
+                    && f.reps
+                        .iter()
+                        .all(|&r| u64::from(r) <= f.window_len(self.out))
+                    && f.content_size.is_none_or(|s| self.out - f.frame_start <= s)
+            }
+        }
+    }
 }
 
 /// What a resume needs of the slot's bytes before the resume point: fed all of them, in
@@ -759,7 +786,7 @@ impl<R: Read> ZstdDecoder<R> {
         hash: Option<Sha256State>,
         prefix: ResumePrefix,
     ) -> io::Result<Self> {
-        if prefix.out != at.out || prefix.fed != at.out || at.out == 0 {
+        if prefix.out != at.out || prefix.fed != at.out || !at.plausible() {
             return Err(bad_point());
         }
         let mut d = ZstdDecoder::new(inner, hash);
