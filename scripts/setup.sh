@@ -64,6 +64,7 @@ debian_requirements=(
     "cargo             mount             cmd:mount cmd:umount"
     "cargo,qemu,qemu-arm64 fdisk         cmd:sfdisk"
     "cargo,qemu,qemu-arm64 e2fsprogs     cmd:mkfs.ext4"
+    "cargo             xz-utils          cmd:xz"
     "cargo             procps            cmd:kill"
     "fuzz              g++               cmd:c++"
     "layer             python3           cmd:python3"

@@ -150,6 +150,7 @@ pub async fn check(
         checkpoint_interval: u64::MAX,
         gzip_resume: None,
         zstd_resume: None,
+        xz_resume: None,
         replay: None,
     };
     let mut sink_slot = DiscardSlot {

@@ -193,6 +193,7 @@ fuzz_target!(|input: &[u8]| {
         checkpoint_interval: u64::MAX / 2,
         gzip_resume: None,
         zstd_resume: None,
+        xz_resume: None,
         replay: None,
     };
     let mut slot = MemSlot::new(CAPACITY, 0xA5);

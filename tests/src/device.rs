@@ -691,6 +691,31 @@ impl Image {
         encoder.finish().expect("writing to memory cannot fail")
     }
 
+    /// xz as the `xz` tool writes it with threads (Yocto's image conversion runs
+    /// `xz --threads=N`): blocks compressed on their own, each header with its sizes, check
+    /// CRC64; blocks of `block_size` bytes (`--block-size`; three times the dictionary by
+    /// default).
+    pub fn xz_threaded(&self, block_size: usize) -> Vec<u8> {
+        use std::process::Stdio;
+        let mut xz = Command::new("xz")
+            .args(["-3", "--threads=2", "-c"])
+            .arg(format!("--block-size={block_size}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("the xz tool (Debian package xz-utils)");
+        let mut stdin = xz.stdin.take().expect("piped");
+        let bytes = self.bytes.clone();
+        let feeder = std::thread::spawn(move || stdin.write_all(&bytes));
+        let out = xz.wait_with_output().expect("xz runs");
+        feeder
+            .join()
+            .expect("no panic")
+            .expect("xz reads its input");
+        assert!(out.status.success(), "xz failed");
+        out.stdout
+    }
+
     /// The image with its filler made about as compressible as a file system image, so that a
     /// compressor writes real compressed blocks (entropy-coded literals, matches near and far,
     /// repeated offsets) instead of storing it: in 4 KiB pieces, one in four stays random,

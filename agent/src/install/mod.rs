@@ -52,6 +52,7 @@ pub mod resume;
 pub mod sha256_state;
 pub mod slot;
 pub mod source;
+pub mod unxz;
 pub mod unzstd;
 
 use std::path::PathBuf;
@@ -306,6 +307,10 @@ pub async fn install_with(
         Some(record) if resumable && start == 0 => record.zstd_point(&target),
         _ => None,
     };
+    let xz_point = match &record {
+        Some(record) if resumable && start == 0 => record.xz_point(&target),
+        _ => None,
+    };
     // A raw image member of a tar or signed bundle: also under a signature policy (the
     // replay goes through the bundle reader again).
     let member_point = match &record {
@@ -390,6 +395,12 @@ pub async fn install_with(
             }
             None => (slot, None),
         };
+        let (slot, xz_resume) = match xz_point {
+            Some(point) => {
+                read_slot_prefix(slot, move |s| pipeline::read_xz_prefix(s, point)).await?
+            }
+            None => (slot, None),
+        };
         let replay = match member_point {
             Some(point) => replay_head(client, &spec, &slot, point).await?,
             None => None,
@@ -398,6 +409,7 @@ pub async fn install_with(
             start,
             gzip_resume,
             zstd_resume,
+            xz_resume,
             replay,
         };
         if let Some((offset, image_offset)) = from.decoder_point() {
@@ -444,6 +456,7 @@ pub async fn install_with(
                     start: 0,
                     gzip_resume: None,
                     zstd_resume: None,
+                    xz_resume: None,
                     replay: None,
                 };
                 run(
@@ -650,16 +663,19 @@ struct Resume {
     start: u64,
     gzip_resume: Option<pipeline::GzipResume>,
     zstd_resume: Option<pipeline::ZstdResume>,
+    xz_resume: Option<pipeline::XzResume>,
     replay: Option<pipeline::Replay>,
 }
 
 impl Resume {
-    /// The artifact and image offsets of a gzip or zstd resume point.
+    /// The artifact and image offsets of a gzip, zstd or xz resume point.
     fn decoder_point(&self) -> Option<(u64, u64)> {
         let gzip = self.gzip_resume.as_ref().map(|r| &r.point.at);
         let zstd = self.zstd_resume.as_ref().map(|r| &r.point.at);
+        let xz = self.xz_resume.as_ref().map(|r| &r.point.at);
         gzip.map(|at| (at.artifact_offset, at.out))
             .or(zstd.map(|at| (at.artifact_offset, at.out)))
+            .or(xz.map(|at| (at.artifact_offset, at.out)))
     }
 }
 
@@ -686,6 +702,7 @@ async fn run(
         start,
         gzip_resume,
         zstd_resume,
+        xz_resume,
         replay,
     } = from;
     let size = local_file.as_ref().map(|f| f.size).or(req.size);
@@ -715,6 +732,7 @@ async fn run(
         },
         gzip_resume,
         zstd_resume,
+        xz_resume,
         replay,
     };
     // If this future is dropped (cancelled), the blocking stage stops at its next read.

@@ -28,9 +28,12 @@ use super::compress;
 use super::decode::{self, DownloadAborted, Format};
 use super::gunzip::{self, GzDecoder};
 use super::hash::{HashAlgorithm, Hasher, HashingReader};
-use super::resume::{self, GzipPoint, MemberPoint, ResumeRecord, ZstdPoint, MAX_MEMBER_OFFSET};
+use super::resume::{
+    self, GzipPoint, MemberPoint, ResumeRecord, XzPoint, ZstdPoint, MAX_MEMBER_OFFSET,
+};
 use super::sha256_state::Sha256State;
 use super::slot::{self, SlotDevice, SlotWriter};
+use super::unxz::{self, XzDecoder};
 use super::unzstd::{self, ResumePrefix, ZstdDecoder};
 use super::{InstallError, Installed};
 
@@ -312,6 +315,8 @@ pub struct SinkPlan {
     pub gzip_resume: Option<GzipResume>,
     /// A plain zstd image continued from a resume record (as `gzip_resume`).
     pub zstd_resume: Option<ZstdResume>,
+    /// A plain xz image continued from a resume record (as `gzip_resume`).
+    pub xz_resume: Option<XzResume>,
     /// A raw image member of a tar or signed bundle continued from a `member` record (the
     /// download starts after the resume point; `start` is 0).
     pub replay: Option<Replay>,
@@ -335,24 +340,31 @@ impl std::fmt::Debug for Replay {
     }
 }
 
-/// A gzip resume point whose slot prefix was read back and matched the record.
+/// A resume point whose slot prefix was read back and matched the record.
 #[derive(Clone)]
-pub struct GzipResume {
-    pub point: GzipPoint,
+pub struct PrefixResume<P> {
+    pub point: P,
     /// sha256 of the slot's bytes before the point (starts the image and read-back hashes).
     pub prefix_hash: Sha256,
-    /// The last [`gunzip::WINDOW`] bytes of them (the deflate dictionary).
+    /// The last bytes of them: gzip's [`gunzip::WINDOW`] (the deflate dictionary, also what
+    /// the slot writer keeps), what the slot writer keeps for xz.
     pub window: Vec<u8>,
 }
 
-impl std::fmt::Debug for GzipResume {
+impl<P: std::fmt::Debug> std::fmt::Debug for PrefixResume<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GzipResume")
+        f.debug_struct("PrefixResume")
             .field("point", &self.point)
             .field("window", &self.window.len())
             .finish_non_exhaustive()
     }
 }
+
+/// A gzip resume point whose slot prefix was read back and matched the record.
+pub type GzipResume = PrefixResume<GzipPoint>;
+
+/// An xz resume point whose slot prefix was read back and matched the record.
+pub type XzResume = PrefixResume<XzPoint>;
 
 /// Read the slot's bytes before a gzip resume point: the resume point when they are still
 /// what the interrupted install wrote (their sha256 is the record's), None when the slot was
@@ -395,6 +407,24 @@ pub fn read_zstd_prefix(
         point,
         prefix_hash: hash,
         prefix: Arc::new(Mutex::new(Some(prefix))),
+    }))
+}
+
+/// [`read_gzip_prefix`] for an xz resume point: the decoder needs nothing of the prefix (xz
+/// blocks are independent), the slot writer its last bytes.
+pub fn read_xz_prefix(
+    dev: &mut dyn SlotDevice,
+    point: XzPoint,
+) -> Result<Option<XzResume>, InstallError> {
+    let mut tail = slot::PrefixTail::default();
+    let hash = read_prefix(dev, point.at.out, |b| tail.update(b))?;
+    if hex::encode(hash.clone().finalize()) != point.slot_sha256 {
+        return Ok(slot_changed(dev, point.at.out));
+    }
+    Ok(Some(XzResume {
+        point,
+        prefix_hash: hash,
+        window: tail.bytes().to_vec(),
     }))
 }
 
@@ -494,19 +524,23 @@ pub fn run(
     if let Some(resume) = &plan.zstd_resume {
         return run_zstd(plan, dev, channel, Some(resume), counters, began);
     }
+    if let Some(resume) = &plan.xz_resume {
+        return run_xz(plan, dev, channel, Some(resume), counters, began);
+    }
     if plan.start == 0 && plan.decoder_resumable() {
         let (head, sniffed) = decode::sniff(channel)
             .map_err(|e| decode::read_error(e, Format::Raw, counters.consumed()))?;
         match Format::compression_of(&head) {
             Some(Format::Gzip) => return run_gzip(plan, dev, sniffed, None, counters, began),
             Some(Format::Zstd) => return run_zstd(plan, dev, sniffed, None, counters, began),
+            Some(Format::Xz) => return run_xz(plan, dev, sniffed, None, counters, began),
             _ => return run_stream(plan, dev, sniffed, counters, began),
         }
     }
     run_stream(plan, dev, channel, counters, began)
 }
 
-/// [`run`] for everything but plain gzip and zstd images with a sha256: hash the artifact as it
+/// [`run`] for everything but plain gzip, zstd and xz images with a sha256: hash the artifact as it
 /// arrives, decode it by its format.
 fn run_stream<R: Read>(
     plan: &SinkPlan,
@@ -1025,10 +1059,7 @@ fn decode_into_slot<R: Read>(
         let mut decoder: Box<dyn Read + '_> = match compression {
             Format::Gzip => Box::new(MultiGzDecoder::new(sniffed)),
             Format::Zstd => Box::new(compress::ZstdReader::new(sniffed)),
-            _ => Box::new(lzma_rust2::XzReader::new(
-                compress::XzGuard::new(sniffed),
-                true,
-            )),
+            _ => Box::new(XzDecoder::new(sniffed, None)),
         };
         let (inner_head, inner) = decode::sniff(&mut decoder)
             .map_err(|e| decode::read_error(e, compression, offset()))?;
@@ -1179,7 +1210,7 @@ fn copy_all<R: Read>(
     copied
 }
 
-/// A decoder with resume points ([`GzDecoder`], [`ZstdDecoder`]) as [`run_points`] and
+/// A decoder with resume points ([`GzDecoder`], [`ZstdDecoder`], [`XzDecoder`]) as [`run_points`] and
 /// [`copy_points`] use it: both report boundaries where a fresh decoder could continue, and
 /// hash the artifact bytes they consume (the state at a boundary goes into its record).
 trait PointDecoder: Read {
@@ -1248,29 +1279,41 @@ impl<R: Read> PointDecoder for GzDecoder<R> {
     }
 }
 
-impl<R: Read> PointDecoder for ZstdDecoder<R> {
-    type Boundary = unzstd::Boundary;
-    const FORMAT: Format = Format::Zstd;
-    delegate_to_inherent!(ZstdDecoder);
-    fn record(
-        plan: &SinkPlan,
-        slot: &Path,
-        boundary: Self::Boundary,
-        slot_sha256: String,
-    ) -> Option<ResumeRecord> {
-        let point = ZstdPoint {
-            at: unzstd::ResumeAt {
-                artifact_offset: boundary.artifact_offset,
-                out: boundary.out,
-                state: boundary.state,
-            },
-            artifact_hash: boundary.artifact_hash?,
-            slot_sha256,
-        };
-        let (url, expected) = (&plan.url, &plan.expected);
-        Some(ResumeRecord::zstd(url, slot, expected, plan.size, &point))
-    }
+/// [`PointDecoder`] for a decoder whose boundary is its module's `ResumeAt` (artifact offset,
+/// output offset, decoder state) with the artifact hash, saved as a `$point` record by
+/// `ResumeRecord::$record`.
+macro_rules! point_decoder {
+    ($decoder:ident, $module:ident, $format:expr, $point:ident, $record:ident) => {
+        impl<R: Read> PointDecoder for $decoder<R> {
+            type Boundary = $module::Boundary;
+            const FORMAT: Format = $format;
+            delegate_to_inherent!($decoder);
+            fn record(
+                plan: &SinkPlan,
+                slot: &Path,
+                boundary: Self::Boundary,
+                slot_sha256: String,
+            ) -> Option<ResumeRecord> {
+                let point = $point {
+                    at: $module::ResumeAt {
+                        artifact_offset: boundary.artifact_offset,
+                        out: boundary.out,
+                        state: boundary.state,
+                    },
+                    artifact_hash: boundary.artifact_hash?,
+                    slot_sha256,
+                };
+                let (url, expected) = (&plan.url, &plan.expected);
+                Some(ResumeRecord::$record(
+                    url, slot, expected, plan.size, &point,
+                ))
+            }
+        }
+    };
 }
+
+point_decoder!(ZstdDecoder, unzstd, Format::Zstd, ZstdPoint, zstd);
+point_decoder!(XzDecoder, unxz, Format::Xz, XzPoint, xz);
 
 /// [`run`] for a plain gzip image with a sha256 artifact hash: the decoder hashes the
 /// artifact (its state is saved with resume points) and reports deflate block boundaries,
@@ -1341,7 +1384,37 @@ fn run_zstd<R: Read>(
     run_points(plan, decoder, writer, resume.is_some(), counters, began)
 }
 
-/// The rest of [`run_gzip`] and [`run_zstd`] once the decoder and the slot writer are made:
+/// [`run`] for a plain xz image with a sha256 artifact hash, as [`run_gzip`] for gzip: the
+/// decoder reports block boundaries ([`unxz`]), which become resume records once the slot is
+/// durable up to them.
+fn run_xz<R: Read>(
+    plan: &SinkPlan,
+    dev: &mut dyn SlotDevice,
+    input: R,
+    resume: Option<&XzResume>,
+    counters: &Counters,
+    began: Instant,
+) -> Result<Installed, InstallError> {
+    let interval = plan.checkpoint_interval;
+    let (decoder, writer) = match resume {
+        Some(r) => {
+            let at = &r.point.at;
+            let hash = Some(r.point.artifact_hash.clone());
+            let decoder = XzDecoder::resume(input, at, hash)
+                .map_err(|e| decode::read_error(e, Format::Xz, counters.consumed()))?;
+            let writer =
+                SlotWriter::resume(dev, at.out, r.prefix_hash.clone(), &r.window, interval);
+            (decoder, writer)
+        }
+        None => (
+            XzDecoder::new(input, Some(Sha256State::new())),
+            SlotWriter::new(dev, 0, Sha256::new(), interval),
+        ),
+    };
+    run_points(plan, decoder, writer, resume.is_some(), counters, began)
+}
+
+/// The rest of [`run_gzip`], [`run_zstd`] and [`run_xz`] once the decoder and the slot writer are made:
 /// a plain image is decoded to the slot with resume records at its boundaries, a tar inside
 /// is extracted by its rules (no resume points); then the artifact is read to its end, its
 /// hash checked and the slot finished. `resumed`: the decoder continues a plain image.
@@ -1355,7 +1428,7 @@ fn run_points<D: PointDecoder>(
 ) -> Result<Installed, InstallError> {
     let offset = || counters.consumed();
     let format = if resumed {
-        // Only a plain image ever leaves a gzip or zstd record.
+        // Only a plain image ever leaves a gzip, zstd or xz record.
         copy_points(&mut decoder, &mut writer, plan, &offset)?;
         D::FORMAT
     } else {
@@ -1538,7 +1611,12 @@ fn copy_to_slot<R: Read>(
         let n = match reader.read(spare) {
             Ok(0) => return Ok(()),
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // A decoder may stop at a resume point this way ([`XzDecoder::boundaries_from`]):
+            // nothing after it was read yet.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                committed(writer, &mut reader);
+                continue;
+            }
             Err(e) => return Err(decode::read_error(e, format, offset())),
         };
         writer.commit(n)?;

@@ -55,6 +55,20 @@
 //! window once more than a fresh one (the decoder's dictionary made of it): up to 8 MiB; while
 //! it starts, twice (the window read from the slot, and the dictionary).
 //!
+//! **Plain xz images** (format `xz`; an xz file of one or more streams holding the image,
+//! artifact hash sha256): xz blocks are compressed independently, so between two blocks the
+//! decoder needs nothing of the output before ([`super::unxz`]). The record holds what a
+//! `gzip` record holds (the artifact offset of the next block header, the slot offset, the
+//! artifact's sha256 state there, the slot prefix's sha256) and, instead of the unused bits
+//! and the CRC-32, `xz_state`: where the block's stream starts in the artifact and in the
+//! image, its check type and its number of blocks before the point. Only files with several
+//! blocks have points (`xz --threads`, which Yocto runs, `--block-size`, pixz; single-threaded
+//! `xz` writes one block per stream). A restart reads the slot's prefix back (a different
+//! sha256 starts over, as for gzip) and downloads from the block's byte. The stream's index
+//! is checked against the point at the stream's end: the records of the blocks before it must
+//! add up to its artifact and image offsets, so a record whose point is not where the decoder
+//! made it fails (and starts over from byte 0, once) instead of writing a wrong image.
+//!
 //! **A raw image member of a plain tar or a signed bundle** (format `member`; a format-1
 //! bundle whose image is neither compressed nor a tar; any artifact hash): "replay", no reader
 //! state to save. The artifact's bytes before slot offset N are its head `[0, D)` (D =
@@ -74,9 +88,10 @@
 //!
 //! Everything else restarts from the beginning after a restart: a tar inside gzip, zstd or xz
 //! and a compressed image inside a tar or bundle, because a tar reader's or decoder's state
-//! cannot be rebuilt from the slot; xz because its library's public API cannot restart a
-//! decoder in the middle of a block; a zstd frame without a content checksum or with a window
-//! above 8 MiB (no resume points are made in it); a gzip or zstd image with a sha1 or md5
+//! cannot be rebuilt from the slot; an xz block (its library's public API cannot restart a
+//! decoder inside one, so an interrupted install continues at the block's start: an xz file of
+//! one block starts over); a zstd frame without a content checksum or with a window above
+//! 8 MiB (no resume points are made in it); a gzip, zstd or xz image with a sha1 or md5
 //! artifact hash because only a sha256 state is saved. (Within one run they resume after
 //! network faults like raw images: the decoder just waits for the next bytes.)
 //!
@@ -91,6 +106,7 @@ use serde::{Deserialize, Serialize};
 
 use super::gunzip::ResumeAt;
 use super::sha256_state::Sha256State;
+use super::unxz::{self, XzState};
 use super::unzstd::{self, ZstdState};
 use super::InstallError;
 
@@ -107,8 +123,9 @@ pub struct ResumeRecord {
     pub expected_hash: String,
     pub size: Option<u64>,
     /// "raw" (artifact byte N is slot byte N), "chunks" (a delta install of a chunked
-    /// bundle), "gzip" (a plain gzip image), "zstd" (a plain zstd image) or "member" (a raw
-    /// image member of a plain tar or signed bundle, resumed by replay; see the module doc).
+    /// bundle), "gzip" (a plain gzip image), "zstd" (a plain zstd image), "xz" (a plain xz
+    /// image) or "member" (a raw image member of a plain tar or signed bundle, resumed by
+    /// replay; see the module doc).
     pub format: String,
     /// Bytes of the artifact (as served) covered by the record: a resume downloads from here.
     pub artifact_offset: u64,
@@ -124,12 +141,13 @@ pub struct ResumeRecord {
     /// "gzip": CRC-32 of the image bytes before `slot_offset` (all in the first gzip member).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crc32: Option<u32>,
-    /// "gzip", "zstd": the artifact's sha256 state after its first `artifact_offset` bytes (see
-    /// [`Sha256State::to_text`]); those bytes are not on the slot, so cannot be hashed again.
+    /// "gzip", "zstd", "xz": the artifact's sha256 state after its first `artifact_offset`
+    /// bytes (see [`Sha256State::to_text`]); those bytes are not on the slot, so cannot be
+    /// hashed again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact_sha256_state: Option<String>,
-    /// "gzip", "zstd": sha256 of the slot's bytes before `slot_offset` as written: a resume
-    /// reads them back and starts over when they differ.
+    /// "gzip", "zstd", "xz": sha256 of the slot's bytes before `slot_offset` as written: a
+    /// resume reads them back and starts over when they differ.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot_sha256: Option<String>,
     /// "member": offset of the image member's data in the artifact (everything before it is
@@ -144,6 +162,10 @@ pub struct ResumeRecord {
     /// (the tables and repeat offsets of the frame so far, see [`ZstdState::to_text`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zstd_state: Option<String>,
+    /// "xz": the stream the resume point's block is in (where it starts in the artifact and
+    /// the image, its check type, its blocks before the point; see [`XzState::to_text`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xz_state: Option<String>,
 }
 
 /// Largest head (artifact bytes before the image member's data) a `member` record is made
@@ -182,6 +204,15 @@ impl MemberPoint {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GzipPoint {
     pub at: ResumeAt,
+    pub artifact_hash: Sha256State,
+    /// sha256 (hex) of the slot's bytes before `at.out`.
+    pub slot_sha256: String,
+}
+
+/// Where an xz image continues: a block boundary, durable on the slot up to `at.out`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XzPoint {
+    pub at: unxz::ResumeAt,
     pub artifact_hash: Sha256State,
     /// sha256 (hex) of the slot's bytes before `at.out`.
     pub slot_sha256: String,
@@ -264,6 +295,7 @@ impl ResumeRecord {
             member_offset: None,
             member_of: None,
             zstd_state: None,
+            xz_state: None,
         }
     }
 
@@ -359,7 +391,27 @@ impl ResumeRecord {
         }
     }
 
-    /// The fields a `gzip` and a `zstd` record share: the artifact (`url`, `slot`,
+    /// A plain xz image (artifact hash sha256) written up to `point` durably.
+    pub fn xz(
+        url: &str,
+        slot: &Path,
+        expected_hash: &str,
+        size: Option<u64>,
+        point: &XzPoint,
+    ) -> Self {
+        ResumeRecord {
+            xz_state: Some(point.at.state.to_text()),
+            ..Self::decoder(
+                "xz",
+                (url, slot, expected_hash, size),
+                (point.at.artifact_offset, point.at.out),
+                &point.artifact_hash,
+                &point.slot_sha256,
+            )
+        }
+    }
+
+    /// The fields a `gzip`, a `zstd` and an `xz` record share: the artifact (`url`, `slot`,
     /// `expected_hash`, `size`; hashed with sha256), the resume point (artifact and slot
     /// offsets), the artifact's sha256 state there and the slot prefix's sha256.
     fn decoder(
@@ -420,8 +472,26 @@ impl ResumeRecord {
         })
     }
 
-    /// The artifact hash state and the slot prefix's sha256 of a `format` record (`gzip` or
-    /// `zstd`) for this artifact and slot, when they fit together.
+    /// Where a plain xz image of the same artifact continues in the same slot; None for any
+    /// other record, or one whose fields do not fit together.
+    pub fn xz_point(&self, target: &Target<'_>) -> Option<XzPoint> {
+        let (artifact_hash, slot_sha256) = self.decoder_point("xz", target)?;
+        let state = XzState::from_text(self.xz_state.as_deref()?)?;
+        let at = unxz::ResumeAt {
+            artifact_offset: self.artifact_offset,
+            out: self.slot_offset,
+            state,
+        };
+        // Before reading the slot's prefix: a point the decoder could not have made.
+        at.plausible().then_some(XzPoint {
+            at,
+            artifact_hash,
+            slot_sha256,
+        })
+    }
+
+    /// The artifact hash state and the slot prefix's sha256 of a `format` record (`gzip`,
+    /// `zstd` or `xz`) for this artifact and slot, when they fit together.
     fn decoder_point(&self, format: &str, target: &Target<'_>) -> Option<(Sha256State, String)> {
         let same = self.is_for(format, target)
             && target.algorithm == "sha256"

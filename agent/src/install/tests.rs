@@ -1067,7 +1067,7 @@ async fn a_tampered_gzip_record_never_gives_a_wrong_image() {
     let (img, gz, record) = interrupted_gzip_install(&fx).await;
     let mut other_state = sha256_state::Sha256State::new();
     other_state.update(&vec![1u8; record.artifact_offset as usize]);
-    let tampered: Vec<(&str, resume::ResumeRecord)> = vec![
+    let mut tampered: Vec<(&str, resume::ResumeRecord)> = vec![
         (
             "crc32",
             resume::ResumeRecord {
@@ -1079,34 +1079,6 @@ async fn a_tampered_gzip_record_never_gives_a_wrong_image() {
             "bits",
             resume::ResumeRecord {
                 bits: record.bits.map(|b| (b + 3) % 8),
-                ..record.clone()
-            },
-        ),
-        (
-            "artifact hash state",
-            resume::ResumeRecord {
-                artifact_sha256_state: Some(other_state.to_text()),
-                ..record.clone()
-            },
-        ),
-        (
-            "slot offset",
-            resume::ResumeRecord {
-                slot_offset: record.slot_offset - 1,
-                ..record.clone()
-            },
-        ),
-        (
-            "artifact offset",
-            resume::ResumeRecord {
-                artifact_offset: record.artifact_offset + 1,
-                ..record.clone()
-            },
-        ),
-        (
-            "slot sha256",
-            resume::ResumeRecord {
-                slot_sha256: Some("0".repeat(64)),
                 ..record.clone()
             },
         ),
@@ -1125,7 +1097,34 @@ async fn a_tampered_gzip_record_never_gives_a_wrong_image() {
             },
         ),
     ];
+    tampered.extend(moved_offsets_and_hashes(&record, &other_state, 1));
     install_over_tampered_records(&fx, &img, &gz, &record, tampered).await;
+}
+
+/// The tampered records a decoder's resume record is tried with besides its own fields: another
+/// artifact hash state, the slot and artifact offsets moved by `step` bytes, another slot sha256.
+fn moved_offsets_and_hashes(
+    record: &resume::ResumeRecord,
+    other_hash: &sha256_state::Sha256State,
+    step: u64,
+) -> Vec<(&'static str, resume::ResumeRecord)> {
+    let with = |change: &dyn Fn(&mut resume::ResumeRecord)| {
+        let mut tampered = record.clone();
+        change(&mut tampered);
+        tampered
+    };
+    vec![
+        (
+            "artifact hash state",
+            with(&|r| r.artifact_sha256_state = Some(other_hash.to_text())),
+        ),
+        ("slot offset", with(&|r| r.slot_offset -= step)),
+        ("artifact offset", with(&|r| r.artifact_offset += step)),
+        (
+            "slot sha256",
+            with(&|r| r.slot_sha256 = Some("0".repeat(64))),
+        ),
+    ]
 }
 
 /// [`install_over_record`] for each of `tampered` on a slot that holds nothing of the image
@@ -1192,17 +1191,29 @@ fn zstd_frames(data: &[u8], frame: usize, level: i32) -> Vec<u8> {
         .collect()
 }
 
-/// An install of the zstd artifact `zst` (holding `img`) interrupted after 60 % of it: the
-/// record is a zstd resume point at least 1 MiB into the image, the slot holds the image up to
-/// it.
+/// An install of the zstd artifact `zst` (holding `img`) interrupted after 60 % of it: see
+/// [`interrupted_decoder_install`].
 async fn interrupted_zstd_install(fx: &Fixture, img: &[u8], zst: &[u8]) -> resume::ResumeRecord {
-    let err = interrupted_install(fx, zst, zst.len() * 6 / 10).await;
+    let record = interrupted_decoder_install(fx, img, zst, "zstd").await;
+    assert!(record.zstd_state.is_some(), "{record:?}");
+    record
+}
+
+/// An install of the compressed `artifact` (holding `img`) interrupted after 60 % of it: the
+/// record is a `format` resume point at least 1 MiB into the image, the slot holds the image
+/// up to it.
+async fn interrupted_decoder_install(
+    fx: &Fixture,
+    img: &[u8],
+    artifact: &[u8],
+    format: &str,
+) -> resume::ResumeRecord {
+    let err = interrupted_install(fx, artifact, artifact.len() * 6 / 10).await;
     assert!(err.is_retryable(), "{err}");
     let record = resume::load(&fx.resume_path()).expect("resume record kept");
-    assert_eq!(record.format, "zstd", "{record:?}");
-    assert!(record.zstd_state.is_some(), "{record:?}");
+    assert_eq!(record.format, format, "{record:?}");
     assert!(record.slot_offset >= 1 << 20, "{record:?}");
-    assert!(record.artifact_offset > 0 && record.artifact_offset < zst.len() as u64);
+    assert!(record.artifact_offset > 0 && record.artifact_offset < artifact.len() as u64);
     let out = record.slot_offset as usize;
     assert!(
         fx.slot_bytes()[..out] == img[..out],
@@ -1220,6 +1231,29 @@ async fn interrupted_zstd_image(fx: &Fixture) -> (Vec<u8>, Vec<u8>, resume::Resu
     (img, zst, record)
 }
 
+/// "After the restart": an install of `artifact` (holding `img`) over `record` downloads
+/// once, from the record's artifact offset, and ends with the image, the record gone.
+async fn resumes_from_the_record(
+    fx: &Fixture,
+    img: &[u8],
+    artifact: &[u8],
+    record: &resume::ResumeRecord,
+    what: &str,
+) {
+    let server = ArtifactServer::start(artifact.to_vec());
+    let installed = run(&fx.request(&server.url, artifact), &fast_options())
+        .await
+        .0
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(installed.sha256_of_slot_image, sha256_hex(img), "{what}");
+    assert_eq!(installed.bytes_written, img.len() as u64, "{what}");
+    fx.assert_installed(img);
+    let requests = server.requests();
+    assert_eq!(requests.len(), 1, "{what}: {requests:?}");
+    assert_eq!(requests[0].0, Some(record.artifact_offset), "{what}");
+    assert!(!fx.resume_path().exists(), "{what}");
+}
+
 #[tokio::test]
 async fn restart_resumes_zstd_image_from_a_block_boundary() {
     let img = gunzip::tests::image(8 << 20, 23);
@@ -1232,19 +1266,7 @@ async fn restart_resumes_zstd_image_from_a_block_boundary() {
     ] {
         let fx = Fixture::new(9 << 20);
         let record = interrupted_zstd_install(&fx, &img, &zst).await;
-        // "After the restart": the download continues at the boundary's byte.
-        let server = ArtifactServer::start(zst.clone());
-        let installed = run(&fx.request(&server.url, &zst), &fast_options())
-            .await
-            .0
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
-        assert_eq!(installed.sha256_of_slot_image, sha256_hex(&img), "{what}");
-        assert_eq!(installed.bytes_written, img.len() as u64, "{what}");
-        fx.assert_installed(&img);
-        let requests = server.requests();
-        assert_eq!(requests.len(), 1, "{what}: {requests:?}");
-        assert_eq!(requests[0].0, Some(record.artifact_offset), "{what}");
-        assert!(!fx.resume_path().exists(), "{what}");
+        resumes_from_the_record(&fx, &img, &zst, &record, what).await;
     }
 }
 
@@ -1254,24 +1276,36 @@ async fn zstd_resume_over_a_changed_slot_starts_over() {
     let (img, zst, record) = interrupted_zstd_image(&fx).await;
     // A byte of the prefix changed behind the agent's back (before the window, and in it).
     for at in [1000, record.slot_offset - 10] {
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&fx.slot)
-            .unwrap();
-        std::os::unix::fs::FileExt::write_all_at(&f, &[img[at as usize] ^ 1], at).unwrap();
-        let server = ArtifactServer::start(zst.clone());
-        resume::save(&fx.resume_path(), &record).unwrap();
-        run(&fx.request(&server.url, &zst), &fast_options())
-            .await
-            .0
-            .unwrap();
-        // One download, from byte 0: the record was dropped before any Range download.
-        assert_eq!(
-            server.requests(),
-            vec![(None, Some("TargetToken secret".into()))]
-        );
-        fx.assert_installed(&img);
+        starts_over_after_a_changed_byte(&fx, &img, &zst, &record, at).await;
     }
+}
+
+/// Byte `at` of the slot's prefix changed behind the agent's back: an install of `artifact`
+/// (holding `img`) over `record` downloads once, from byte 0 (the record was dropped before
+/// any Range download), and ends with the image.
+async fn starts_over_after_a_changed_byte(
+    fx: &Fixture,
+    img: &[u8],
+    artifact: &[u8],
+    record: &resume::ResumeRecord,
+    at: u64,
+) {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fx.slot)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[img[at as usize] ^ 1], at).unwrap();
+    let server = ArtifactServer::start(artifact.to_vec());
+    resume::save(&fx.resume_path(), record).unwrap();
+    run(&fx.request(&server.url, artifact), &fast_options())
+        .await
+        .0
+        .unwrap();
+    assert_eq!(
+        server.requests(),
+        vec![(None, Some("TargetToken secret".into()))]
+    );
+    fx.assert_installed(img);
 }
 
 #[tokio::test]
@@ -1319,7 +1353,7 @@ async fn a_tampered_zstd_record_never_gives_a_wrong_image() {
         let (rest, _reps) = state.rsplit_once(':').unwrap();
         format!("{rest}:99999999,1,1")
     };
-    let tampered: Vec<(&str, resume::ResumeRecord)> = vec![
+    let mut tampered: Vec<(&str, resume::ResumeRecord)> = vec![
         (
             "repeat offsets beyond the window",
             resume::ResumeRecord {
@@ -1342,34 +1376,6 @@ async fn a_tampered_zstd_record_never_gives_a_wrong_image() {
             },
         ),
         (
-            "artifact hash state",
-            resume::ResumeRecord {
-                artifact_sha256_state: Some(other_hash.to_text()),
-                ..record.clone()
-            },
-        ),
-        (
-            "slot offset",
-            resume::ResumeRecord {
-                slot_offset: record.slot_offset - 1,
-                ..record.clone()
-            },
-        ),
-        (
-            "artifact offset",
-            resume::ResumeRecord {
-                artifact_offset: record.artifact_offset + 1,
-                ..record.clone()
-            },
-        ),
-        (
-            "slot sha256",
-            resume::ResumeRecord {
-                slot_sha256: Some("0".repeat(64)),
-                ..record.clone()
-            },
-        ),
-        (
             "gzip format",
             resume::ResumeRecord {
                 format: "gzip".into(),
@@ -1379,6 +1385,7 @@ async fn a_tampered_zstd_record_never_gives_a_wrong_image() {
             },
         ),
     ];
+    tampered.extend(moved_offsets_and_hashes(&record, &other_hash, 1));
     install_over_tampered_records(&fx, &img, &zst, &record, tampered).await;
 }
 
@@ -1799,6 +1806,7 @@ fn write_error_on_the_slot_is_reported() {
         checkpoint_interval: 64 << 20,
         gzip_resume: None,
         zstd_resume: None,
+        xz_resume: None,
         replay: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
@@ -1845,6 +1853,7 @@ fn aborted_download_is_not_mistaken_for_the_end() {
         checkpoint_interval: 64 << 20,
         gzip_resume: None,
         zstd_resume: None,
+        xz_resume: None,
         replay: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(8);
@@ -1906,6 +1915,7 @@ fn stopped_install_stops_reading_and_writing() {
         checkpoint_interval: 64 << 20,
         gzip_resume: None,
         zstd_resume: None,
+        xz_resume: None,
         replay: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
@@ -1982,6 +1992,7 @@ fn run_pipeline_hashed(
         checkpoint_interval: 64 << 20,
         gzip_resume: None,
         zstd_resume: None,
+        xz_resume: None,
         replay: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(artifact.len() + 2);
@@ -2156,6 +2167,7 @@ fn read_back_thread_detects_a_mismatch() {
             checkpoint_interval: 64 << 20,
             gzip_resume: None,
             zstd_resume: None,
+            xz_resume: None,
             replay: None,
         };
         let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -3016,4 +3028,148 @@ async fn an_unsigned_index_size_never_decides_what_the_probe_fetches() {
         fetched <= 2 * (512 + ddi_bundle::MAX_METADATA_SIZE),
         "the probe fetched {fetched} bytes before the signature was checked"
     );
+}
+
+/// xz at preset 1 in blocks of `block` bytes of `data`, with `check`.
+fn xz_blocks(data: &[u8], block: u64, check: lzma_rust2::CheckType) -> Vec<u8> {
+    use std::io::Write;
+    let mut options = lzma_rust2::XzOptions::with_preset(1);
+    options.block_size = std::num::NonZeroU64::new(block);
+    options.check_type = check;
+    let mut w = lzma_rust2::XzWriter::new(Vec::new(), options).unwrap();
+    w.write_all(data).unwrap();
+    w.finish().unwrap()
+}
+
+/// An 8 MiB image in xz blocks of 512 KiB, interrupted: see [`interrupted_decoder_install`].
+async fn interrupted_xz_image(fx: &Fixture) -> (Vec<u8>, Vec<u8>, resume::ResumeRecord) {
+    let img = gunzip::tests::image(8 << 20, 25);
+    let xz = xz_blocks(&img, 512 << 10, lzma_rust2::CheckType::Crc64);
+    let record = interrupted_decoder_install(fx, &img, &xz, "xz").await;
+    assert!(record.xz_state.is_some(), "{record:?}");
+    (img, xz, record)
+}
+
+#[tokio::test]
+async fn restart_resumes_xz_image_from_a_block_boundary() {
+    let img = gunzip::tests::image(8 << 20, 25);
+    // Blocks of one stream; and two streams (the point in the second one, whose blocks the
+    // index checks from its own start) with stream padding between them.
+    let two_streams = {
+        let mut two = xz_blocks(&img[..3 << 20], 1 << 20, lzma_rust2::CheckType::Crc32);
+        two.extend_from_slice(&[0u8; 4]);
+        two.extend(xz_blocks(
+            &img[3 << 20..],
+            1 << 20,
+            lzma_rust2::CheckType::Sha256,
+        ));
+        two
+    };
+    for (what, xz) in [
+        (
+            "blocks",
+            xz_blocks(&img, 512 << 10, lzma_rust2::CheckType::Crc64),
+        ),
+        ("streams", two_streams),
+    ] {
+        let fx = Fixture::new(9 << 20);
+        let record = interrupted_decoder_install(&fx, &img, &xz, "xz").await;
+        resumes_from_the_record(&fx, &img, &xz, &record, what).await;
+    }
+}
+
+#[tokio::test]
+async fn xz_resume_over_a_changed_slot_starts_over() {
+    let fx = Fixture::new(9 << 20);
+    let (img, xz, record) = interrupted_xz_image(&fx).await;
+    starts_over_after_a_changed_byte(&fx, &img, &xz, &record, record.slot_offset - 10).await;
+}
+
+#[tokio::test]
+async fn a_tampered_xz_record_never_gives_a_wrong_image() {
+    let fx = Fixture::new(9 << 20);
+    let (img, xz, record) = interrupted_xz_image(&fx).await;
+    let mut other_hash = sha256_state::Sha256State::new();
+    other_hash.update(&vec![1u8; record.artifact_offset as usize]);
+    let state = unxz::XzState::from_text(record.xz_state.as_deref().unwrap()).unwrap();
+    let with = |change: &dyn Fn(&mut unxz::XzState)| {
+        let mut state = state;
+        change(&mut state);
+        Some(state.to_text())
+    };
+    let mut tampered: Vec<(&str, resume::ResumeRecord)> = vec![
+        (
+            "one block fewer before the point",
+            resume::ResumeRecord {
+                xz_state: with(&|s| s.blocks -= 1),
+                ..record.clone()
+            },
+        ),
+        (
+            "the stream's output moved",
+            resume::ResumeRecord {
+                xz_state: with(&|s| s.stream_out += 4),
+                ..record.clone()
+            },
+        ),
+        (
+            "another check type",
+            resume::ResumeRecord {
+                xz_state: with(&|s| s.check = 1),
+                ..record.clone()
+            },
+        ),
+        (
+            "xz state garbage",
+            resume::ResumeRecord {
+                xz_state: Some("not a state".into()),
+                ..record.clone()
+            },
+        ),
+        (
+            "no xz state",
+            resume::ResumeRecord {
+                xz_state: None,
+                ..record.clone()
+            },
+        ),
+        (
+            "zstd format",
+            resume::ResumeRecord {
+                format: "zstd".into(),
+                zstd_state: Some("between".into()),
+                ..record.clone()
+            },
+        ),
+    ];
+    tampered.extend(moved_offsets_and_hashes(&record, &other_hash, 4));
+    install_over_tampered_records(&fx, &img, &xz, &record, tampered).await;
+}
+
+#[tokio::test]
+async fn xz_images_without_resume_points_restart_from_zero() {
+    let img = gunzip::tests::image(8 << 20, 26);
+    let fx = Fixture::new(9 << 20);
+    // What plain single-threaded `xz` writes: one block, no point after its start.
+    let one_block = xz(&img);
+    let tar_xz = xz_blocks(
+        &tar_of(&[("rootfs.img", &img)]),
+        512 << 10,
+        lzma_rust2::CheckType::Crc64,
+    );
+    for (what, artifact) in [("one block", one_block), ("tar.xz", tar_xz)] {
+        let err = interrupted_install(&fx, &artifact, artifact.len() * 6 / 10).await;
+        assert!(err.is_retryable(), "{what}: {err}");
+        assert!(
+            resume::load(&fx.resume_path()).is_none(),
+            "{what} left a record"
+        );
+        let server = ArtifactServer::start(artifact.clone());
+        run(&fx.request(&server.url, &artifact), &fast_options())
+            .await
+            .0
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(server.requests()[0].0, None, "{what}");
+        fx.assert_installed(&img);
+    }
 }

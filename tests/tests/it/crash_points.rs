@@ -39,11 +39,12 @@
 //!
 //! Cases: good raw image, good gzip image, good signed bundle, an image failing its health
 //! check, an image that never boots; each for the `bootcount` and `rauc` schemes; and a good
-//! signed bundle holding its image raw (resumed by replay) and a good zstd image (`zstd -3`,
-//! resumed from a block boundary) for `bootcount`. The images are 256 KiB, except the
+//! signed bundle holding its image raw (resumed by replay), a good zstd image (`zstd -3`,
+//! resumed from a block boundary) and a good xz image (`xz --threads`, resumed from a block
+//! boundary) for `bootcount`. The images are 256 KiB, except the
 //! resumable cases': the server gzip cases' 1.5 MiB at gzip level 9 (deflate blocks every few
-//! dozen KiB), the zstd case's 1.5 MiB (made compressible, blocks of up to 128 KiB) and the raw
-//! bundle's 1.5 MiB, with `[agent]
+//! dozen KiB), the zstd case's 1.5 MiB (made compressible, blocks of up to 128 KiB), the xz
+//! case's 1.5 MiB (compressible, blocks of 256 KiB) and the raw bundle's 1.5 MiB, with `[agent]
 //! checkpoint_interval = "256k"`, so that their install commits its
 //! resume record (`download.resume`) at several checkpoints, each cut before like every step, and
 //! the next run resumes from the record before it: their record run must hold at least two such
@@ -103,6 +104,8 @@ enum Payload {
     Gzip,
     /// `zstd -3` (content checksum on): resumed from a block boundary.
     Zstd,
+    /// `xz --threads` in blocks of 256 KiB: resumed from a block boundary.
+    Xz,
     Bundle,
     /// A signed bundle holding the image raw: resumed by replay.
     RawBundle,
@@ -136,7 +139,7 @@ impl Case {
                 });
             }
         }
-        for payload in [Payload::RawBundle, Payload::Zstd] {
+        for payload in [Payload::RawBundle, Payload::Zstd, Payload::Xz] {
             cases.push(Case {
                 scheme: SchemeKind::Bootcount,
                 payload,
@@ -170,6 +173,7 @@ impl Case {
             Payload::Raw => "raw",
             Payload::Gzip => "gzip",
             Payload::Zstd => "zstd",
+            Payload::Xz => "xz",
             Payload::Bundle => "signed-bundle",
             Payload::RawBundle => "signed-raw-bundle",
         };
@@ -279,7 +283,7 @@ impl CaseContext {
         // by replay, as large.
         let resumable = matches!(
             case.payload,
-            Payload::Gzip | Payload::Zstd | Payload::RawBundle
+            Payload::Gzip | Payload::Zstd | Payload::Xz | Payload::RawBundle
         ) && !case.local;
         let size = if resumable {
             RESUMABLE_IMAGE_SIZE
@@ -287,7 +291,7 @@ impl CaseContext {
             IMAGE_SIZE
         };
         let mut image = Image::new("demo-os", "2.0", case.health, size);
-        if case.payload == Payload::Zstd {
+        if matches!(case.payload, Payload::Zstd | Payload::Xz) {
             // Compressed blocks (tables, matches, repeat offsets), not stored ones.
             image = image.compressible();
         }
@@ -299,6 +303,7 @@ impl CaseContext {
             Payload::Gzip if resumable => ("os.img.gz", image.gzip_best()),
             Payload::Gzip => ("os.img.gz", image.gzip()),
             Payload::Zstd => ("os.img.zst", image.zstd()),
+            Payload::Xz => ("os.img.xz", image.xz_threaded(256 << 10)),
             Payload::Bundle | Payload::RawBundle => {
                 let dir = tempfile::tempdir().expect("temporary directory");
                 let vendor = generate_keypair().expect("ed25519 key pair");

@@ -406,7 +406,7 @@ fn a_gzip_image_resumes_twice() {
 /// boundary the record names, downloading only the rest of the artifact.
 #[test]
 fn a_zstd_image_resumes_after_kill_and_power_cut_from_a_block_boundary() {
-    let (resumed, zst_len, artifact_offset) = zstd_resumed("3.6", false);
+    let (resumed, zst_len, artifact_offset) = compressed_resumed("3.6", false, Packed::Zstd);
     assert_eq!(
         resumed.first().and_then(|r| r.range.clone()),
         Some(format!("bytes={artifact_offset}-")),
@@ -422,36 +422,72 @@ fn a_zstd_image_resumes_after_kill_and_power_cut_from_a_block_boundary() {
 /// and ends with the right image.
 #[test]
 fn a_zstd_image_over_a_changed_slot_starts_over() {
-    let (resumed, zst_len, _) = zstd_resumed("3.7", true);
+    let (resumed, zst_len, _) = compressed_resumed("3.7", true, Packed::Zstd);
     assert_eq!(resumed.len(), 1, "{resumed:#?}");
     assert_eq!(resumed[0].range, None, "{resumed:#?}");
     assert_eq!(resumed[0].body_len, Some(zst_len), "{resumed:#?}");
 }
 
-/// A 20 MiB image about as compressible as a file system, deployed as `zstd -3`, the agent
+/// A plain xz image as `xz --threads` writes it (blocks of 2 MiB) killed after its first
+/// checkpoint, then a power cut: the next run continues from the block the record names,
+/// downloading only the rest of the artifact.
+#[test]
+fn a_threaded_xz_image_resumes_after_kill_and_power_cut_from_a_block_boundary() {
+    let (resumed, xz_len, artifact_offset) = compressed_resumed("3.8", false, Packed::XzThreaded);
+    assert_eq!(
+        resumed.first().and_then(|r| r.range.clone()),
+        Some(format!("bytes={artifact_offset}-")),
+        "{resumed:#?}"
+    );
+    let served: u64 = resumed.iter().filter_map(|r| r.body_len).sum();
+    assert_eq!(served, xz_len - artifact_offset, "{resumed:#?}");
+    assert!(served < xz_len / 3, "{served} of {xz_len}");
+}
+
+/// How [`compressed_resumed`] compresses its image.
+#[derive(Clone, Copy)]
+enum Packed {
+    /// `zstd -3` (one frame, blocks of up to 128 KiB).
+    Zstd,
+    /// `xz -3 --threads=2 --block-size=2MiB`.
+    XzThreaded,
+}
+
+/// A 20 MiB image about as compressible as a file system, deployed `packed`, the agent
 /// killed (-9) at its first resume record and the power cut; with `changed`, a byte of slot
 /// B's prefix changes. The next run resumes (or, `changed`, starts over) and the update ends
 /// installed. Returns the downloads of that run, the artifact's size and the record's
 /// artifact offset.
-fn zstd_resumed(version: &str, changed: bool) -> (Vec<ddi_sim::DownloadRequest>, u64, u64) {
+fn compressed_resumed(
+    version: &str,
+    changed: bool,
+    packed: Packed,
+) -> (Vec<ddi_sim::DownloadRequest>, u64, u64) {
     let rig = Rig::new(|o| {
         o.slot_size = 24 << 20;
         // ~2 s for the artifact: time to kill the agent after the first checkpoint (16 MiB).
         o.max_download_rate = Some("6M".into());
     });
     let image = Image::good(version, 20 << 20).compressible();
-    let zst = image.zstd();
-    assert!(zst.len() < image.bytes.len() * 3 / 4, "{} bytes", zst.len());
-    let action = rig.deploy(version, "os.img.zst", zst.clone());
+    let (artifact, name, format) = match packed {
+        Packed::Zstd => (image.zstd(), "os.img.zst", "zstd"),
+        Packed::XzThreaded => (image.xz_threaded(2 << 20), "os.img.xz", "xz"),
+    };
+    assert!(
+        artifact.len() < image.bytes.len() * 3 / 4,
+        "{} bytes",
+        artifact.len()
+    );
+    let action = rig.deploy(version, name, artifact.clone());
     let record = rig.kill_at_the_first_resume_record();
     assert_eq!(rig.dev.reboot().unwrap(), Slot::A); // and a power cut
-    assert_eq!(record["format"], "zstd", "{record}");
-    assert!(record["zstd_state"].is_string(), "{record}");
+    assert_eq!(record["format"], format, "{record}");
+    assert!(record[format!("{format}_state")].is_string(), "{record}");
     let resume_at = record["slot_offset"].as_u64().unwrap();
     let artifact_offset = record["artifact_offset"].as_u64().unwrap();
     // The latest block boundary before the first checkpoint (16 MiB).
     assert!((12 << 20..=16 << 20).contains(&resume_at), "{record}");
-    assert!(artifact_offset < zst.len() as u64, "{record}");
+    assert!(artifact_offset < artifact.len() as u64, "{record}");
     assert!(rig
         .dev
         .slot_holds(Slot::B, &image.bytes[..resume_at as usize])
@@ -475,7 +511,7 @@ fn zstd_resumed(version: &str, changed: bool) -> (Vec<ddi_sim::DownloadRequest>,
         rig.resume_to_the_end(action, &image.bytes);
     }
     let resumed = rig.server.download_log().split_off(before);
-    (resumed, zst.len() as u64, artifact_offset)
+    (resumed, artifact.len() as u64, artifact_offset)
 }
 
 /// A raw image in a plain tar killed after its first checkpoint, then a power cut: the next run

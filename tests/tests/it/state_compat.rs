@@ -728,6 +728,18 @@ fn old_agent_starts_over_from_a_zstd_resume_record() {
     assert!(rig.dev.slot_holds(Slot::B, &zst).unwrap());
 }
 
+/// As above for an `xz` record left in the middle of an image as `xz --threads` writes it
+/// (the old agent knows no xz either).
+#[test]
+fn old_agent_starts_over_from_an_xz_resume_record() {
+    let image = Image::good("2.0", 20 << 20).compressible();
+    let xz = image.xz_threaded(2 << 20);
+    let (rig, _, ranges) = old_agent_run_after_a_kill("os.img.xz", xz.clone(), "xz");
+    assert_eq!(ranges, vec![None]);
+    assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
+    assert!(rig.dev.slot_holds(Slot::B, &xz).unwrap());
+}
+
 /// The new agent installs `artifact` (holding `image`) and is killed (-9) at its first resume
 /// record, whose format must be `format`; the old agent then runs: it must install the image
 /// (the record gone) and confirm it after the reboot. Returns the Range headers of the old

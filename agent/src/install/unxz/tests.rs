@@ -1,0 +1,518 @@
+use super::*;
+use lzma_rust2::{CheckType, FilterConfig, XzOptions};
+use std::num::NonZeroU64;
+
+fn xz_with(data: &[u8], options: XzOptions) -> Vec<u8> {
+    let mut writer = lzma_rust2::XzWriter::new(Vec::new(), options).unwrap();
+    io::Write::write_all(&mut writer, data).unwrap();
+    writer.finish().unwrap()
+}
+
+fn xz(data: &[u8], dict_size: u32) -> Vec<u8> {
+    let mut options = XzOptions::with_preset(1);
+    options.lzma_options.dict_size = dict_size;
+    xz_with(data, options)
+}
+
+/// `data` in blocks of `block` bytes (check CRC64, a small dictionary).
+fn xz_blocks(data: &[u8], block: u64) -> Vec<u8> {
+    let mut options = XzOptions::with_preset(1);
+    options.lzma_options.dict_size = 1 << 16;
+    options.block_size = NonZeroU64::new(block);
+    xz_with(data, options)
+}
+
+/// Compressible text with stretches of noise (the encoder stores those uncompressed).
+fn mixed(len: usize) -> Vec<u8> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    (0..len)
+        .map(|i| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            if (i / 20_000) % 3 == 2 {
+                state as u8
+            } else {
+                b"the quick brown fox\n"[(state % 20) as usize]
+            }
+        })
+        .collect()
+}
+
+/// Several streams (every check type, filters before LZMA2, stream padding), many blocks
+/// each, with stored chunks: every layout the decoder takes. Returns the file, its content
+/// and its number of blocks.
+fn layouts() -> (Vec<u8>, Vec<u8>, usize) {
+    let data = mixed(300_000);
+    let mut expected = Vec::new();
+    let mut stream = Vec::new();
+    let mut blocks = 0;
+    let checks = [
+        CheckType::None,
+        CheckType::Crc32,
+        CheckType::Crc64,
+        CheckType::Sha256,
+    ];
+    for (i, check) in checks.into_iter().enumerate() {
+        let mut options = XzOptions::with_preset(i as u32 * 2);
+        options.check_type = check;
+        options.lzma_options.dict_size = 1 << 16;
+        options.block_size = NonZeroU64::new(50_000 + i as u64 * 30_000);
+        if i == 1 {
+            options.filters = vec![FilterConfig::new_delta(4)];
+        }
+        if i == 2 {
+            options.filters = vec![FilterConfig::new_bcj_x86(0)];
+        }
+        let part = &data[i * 50_000..];
+        let compressed = xz_with(part, options);
+        blocks += block_offsets(&compressed).len();
+        stream.extend(compressed);
+        stream.extend_from_slice(&[0u8; 8]); // stream padding
+        expected.extend_from_slice(part);
+    }
+    (stream, expected, blocks)
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Decode `stream` from its start, with reads of `buf` bytes; every block boundary from
+/// output offset 1 on is reported. Returns the output and the boundaries.
+fn decode_points(stream: &[u8], buf: usize) -> io::Result<(Vec<u8>, Vec<Boundary>)> {
+    let mut decoder = XzDecoder::new(stream, Some(Sha256State::new()));
+    decoder.boundaries_from(1);
+    let mut out = Vec::new();
+    let mut points = Vec::new();
+    let mut chunk = vec![0u8; buf];
+    loop {
+        match decoder.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                let point = decoder.take_boundary().expect("stopped at a boundary");
+                assert_eq!(point.out, out.len() as u64, "a point where the output is");
+                points.push(point);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let hash = decoder.finish_hash().unwrap().finish_hex();
+    assert_eq!(hash, sha256(stream), "the artifact hash covers every byte");
+    Ok((out, points))
+}
+
+/// Decode `stream` as an install without resume points does.
+fn unxz(stream: &[u8]) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    XzDecoder::new(stream, None).read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// Continue decoding at `point` (the artifact from its byte); the rest of the output.
+fn resume_at(stream: &[u8], point: &Boundary) -> io::Result<(Vec<u8>, String)> {
+    let at = ResumeAt {
+        artifact_offset: point.artifact_offset,
+        out: point.out,
+        state: point.state,
+    };
+    let source = &stream[point.artifact_offset as usize..];
+    let mut decoder = XzDecoder::resume(source, &at, point.artifact_hash.clone())?;
+    let mut out = Vec::new();
+    decoder.read_to_end(&mut out)?;
+    assert_eq!(decoder.output_offset(), point.out + out.len() as u64);
+    Ok((out, decoder.finish_hash().unwrap().finish_hex()))
+}
+
+/// Offsets of the block headers of a one-stream xz file, from its index (not from the
+/// block contents, which is what the decoder follows).
+fn block_offsets(stream: &[u8]) -> Vec<usize> {
+    let footer = &stream[stream.len() - 12..];
+    let backward = u32::from_le_bytes(footer[4..8].try_into().unwrap()) as usize;
+    let mut at = stream.len() - 12 - (backward + 1) * 4 + 1;
+    let mut varint = || {
+        let mut value = 0usize;
+        for shift in (0..).step_by(7) {
+            let byte = stream[at];
+            at += 1;
+            value |= usize::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        value
+    };
+    let count = varint();
+    let mut offsets = vec![12];
+    for _ in 0..count {
+        let unpadded = varint();
+        varint(); // uncompressed size
+        offsets.push(offsets.last().unwrap() + unpadded.div_ceil(4) * 4);
+    }
+    offsets.pop();
+    offsets
+}
+
+#[test]
+fn every_block_boundary_is_a_point_and_resumes_to_the_same_image() {
+    let (stream, expected, blocks) = layouts();
+    assert!(blocks >= 8, "{blocks}");
+    for buf in [1, 7, 4096, 1 << 17] {
+        let (out, points) = decode_points(&stream, buf).unwrap();
+        assert!(out == expected, "buffer {buf}");
+        // Every block but the first of the first stream.
+        assert_eq!(points.len(), blocks - 1, "buffer {buf}");
+        if buf != 4096 {
+            continue;
+        }
+        for point in &points {
+            let (rest, hash) = resume_at(&stream, point).unwrap();
+            assert!(
+                rest == expected[point.out as usize..],
+                "resumed at {point:?}"
+            );
+            assert_eq!(hash, sha256(&stream));
+        }
+    }
+    // Points of a later stream start at its first block.
+    let (_, points) = decode_points(&stream, 4096).unwrap();
+    assert!(points
+        .iter()
+        .any(|p| p.state.blocks == 0 && p.state.stream_start > 0));
+    let checks: Vec<u8> = points.iter().map(|p| p.state.check).collect();
+    for check in [0, 1, 4, 10] {
+        assert!(checks.contains(&check), "{checks:?}");
+    }
+}
+
+#[test]
+fn points_are_where_the_index_puts_the_blocks() {
+    let data = mixed(500_000);
+    let stream = xz_blocks(&data, 64 << 10);
+    let (out, points) = decode_points(&stream, 65536).unwrap();
+    assert!(out == data);
+    let offsets: Vec<u64> = points.iter().map(|p| p.artifact_offset).collect();
+    let from_index: Vec<u64> = block_offsets(&stream)[1..]
+        .iter()
+        .map(|&o| o as u64)
+        .collect();
+    assert_eq!(offsets, from_index);
+    for (i, p) in points.iter().enumerate() {
+        assert_eq!(p.out, (i as u64 + 1) * (64 << 10));
+        assert_eq!(p.state.blocks, i as u64 + 1);
+        assert_eq!((p.state.stream_start, p.state.stream_out), (0, 0));
+    }
+    // Asked from a later offset, only the points from there are reported.
+    let mut decoder = XzDecoder::new(stream.as_slice(), None);
+    decoder.boundaries_from(200_000);
+    let mut chunk = vec![0u8; 4096];
+    let mut first = None;
+    loop {
+        match decoder.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                first = first.or(decoder.take_boundary());
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(first.map(|p| p.out), Some(4 * (64 << 10)));
+}
+
+#[test]
+fn state_text_round_trips_and_odd_text_is_refused() {
+    let state = XzState {
+        stream_start: 1234,
+        stream_out: 99,
+        check: 10,
+        blocks: 7,
+    };
+    assert_eq!(state.to_text(), "1234:99:10:7");
+    assert_eq!(XzState::from_text(&state.to_text()), Some(state));
+    for odd in ["", "1:2:3", "1:2:3:4:5", "1:2:300:4", "a:2:3:4", "-1:2:3:4"] {
+        assert_eq!(XzState::from_text(odd), None, "{odd}");
+    }
+}
+
+#[test]
+fn points_the_decoder_cannot_make_are_refused_before_decoding() {
+    let at = |artifact_offset, out, stream_start, blocks, check| ResumeAt {
+        artifact_offset,
+        out,
+        state: XzState {
+            stream_start,
+            stream_out: 0,
+            check,
+            blocks,
+        },
+    };
+    assert!(at(12 + 4000, 5000, 0, 1, 4).plausible());
+    assert!(
+        at(100 + 12, 5000, 100, 0, 1).plausible(),
+        "a later stream's first block"
+    );
+    assert!(
+        !at(12, 5000, 0, 0, 4).plausible(),
+        "the artifact's first block"
+    );
+    assert!(
+        !at(12 + 4000, 0, 0, 1, 4).plausible(),
+        "no output before it"
+    );
+    assert!(
+        !at(12 + 4001, 5000, 0, 1, 4).plausible(),
+        "blocks are 4-aligned"
+    );
+    assert!(
+        !at(12 + 4000, 5000, 0, 1, 2).plausible(),
+        "an unsupported check"
+    );
+    assert!(
+        !at(12 + 4000, 5000, 0, 400, 4).plausible(),
+        "more blocks than bytes"
+    );
+    assert!(
+        !at(8, 5000, 0, 1, 4).plausible(),
+        "inside the stream header"
+    );
+    assert!(!at(112, 5000, 100, 1, 4).plausible(), "blocks in no bytes");
+    let mut stream_out_after = at(12 + 4000, 5000, 0, 1, 4);
+    stream_out_after.state.stream_out = 6000;
+    assert!(!stream_out_after.plausible());
+    let err = XzDecoder::resume(&b""[..], &at(12, 5000, 0, 0, 4), None)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("not a block boundary"), "{err}");
+}
+
+/// A point moved to another block, or with offsets that do not fit the stream, fails at the
+/// stream's index at the latest: it never makes a wrong image pass.
+#[test]
+fn a_forged_point_fails_at_the_index() {
+    let data = mixed(400_000);
+    let stream = xz_blocks(&data, 50_000);
+    let (_, points) = decode_points(&stream, 8192).unwrap();
+    assert!(points.len() >= 6);
+    let genuine = &points[2];
+    let forged = [
+        // Another block's offsets, this one's block count.
+        Boundary {
+            artifact_offset: points[3].artifact_offset,
+            out: points[3].out,
+            ..genuine.clone()
+        },
+        // This block, another output offset (the slot prefix would be a different length).
+        Boundary {
+            out: genuine.out + 50_000,
+            ..genuine.clone()
+        },
+        // This block, one block fewer before it.
+        Boundary {
+            state: XzState {
+                blocks: genuine.state.blocks - 1,
+                ..genuine.state
+            },
+            ..genuine.clone()
+        },
+        // The stream moved.
+        Boundary {
+            state: XzState {
+                stream_out: 4,
+                ..genuine.state
+            },
+            ..genuine.clone()
+        },
+    ];
+    for point in &forged {
+        let hash = point.artifact_hash.clone().map(|_| {
+            let mut h = Sha256State::new();
+            h.update(&stream[..point.artifact_offset as usize]);
+            h
+        });
+        let point = Boundary {
+            artifact_hash: hash,
+            ..point.clone()
+        };
+        let err = resume_at(&stream, &point).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{point:?}");
+        assert!(err.to_string().contains("index"), "{err}");
+    }
+    // Not at a block header at all: the first block's header is somewhere else.
+    let inside = Boundary {
+        artifact_offset: genuine.artifact_offset + 4,
+        ..genuine.clone()
+    };
+    assert!(resume_at(&stream, &inside).is_err());
+}
+
+/// Every single-byte change of a file with block checks is refused (or, where a byte does
+/// not matter, decodes to the same image): never a different image.
+#[test]
+fn damaged_files_never_give_a_wrong_image() {
+    let data = mixed(12_000);
+    let mut options = XzOptions::with_preset(1);
+    options.lzma_options.dict_size = 1 << 16;
+    options.block_size = NonZeroU64::new(4_000);
+    options.check_type = CheckType::Crc32;
+    let stream = xz_with(&data, options);
+    for at in 0..stream.len() {
+        for flip in [0x01u8, 0x80] {
+            let mut damaged = stream.clone();
+            damaged[at] ^= flip;
+            if let Ok(out) = unxz(&damaged) {
+                assert!(out == data, "byte {at} ^ {flip:#x} gave a different image");
+            }
+        }
+    }
+    // Cut short anywhere: an error, never a shorter image.
+    for len in 0..stream.len() {
+        assert!(unxz(&stream[..len]).is_err(), "cut at {len}");
+    }
+    // Garbage after the last stream, and padding that is not four zeros.
+    let mut more = stream.clone();
+    more.extend_from_slice(b"junk");
+    assert!(unxz(&more)
+        .unwrap_err()
+        .to_string()
+        .contains("not an xz stream"));
+    let mut odd = stream.clone();
+    odd.extend_from_slice(&[0, 0]);
+    assert!(unxz(&odd)
+        .unwrap_err()
+        .to_string()
+        .contains("multiple of four"));
+}
+
+#[test]
+fn an_empty_stream_and_an_empty_artifact() {
+    // What `xz` writes for no input (CRC64): a stream of no blocks.
+    let empty = [
+        0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00, 0x00, 0x04, 0xe6, 0xd6, 0xb4, 0x46, 0x00, 0x00, 0x00,
+        0x00, 0x1c, 0xdf, 0x44, 0x21, 0x1f, 0xb6, 0xf3, 0x7d, 0x01, 0x00, 0x00, 0x00, 0x00, 0x04,
+        0x59, 0x5a,
+    ];
+    assert_eq!(unxz(&empty).unwrap(), b"");
+    let (out, points) = decode_points(&empty, 4096).unwrap();
+    assert!(out.is_empty() && points.is_empty());
+    let err = unxz(&[]).unwrap_err();
+    assert!(
+        err.to_string().contains("ends inside a stream header"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_xz_dictionary_above_the_cap_is_refused() {
+    let data = vec![7u8; 10_000];
+    for ok in [4096, 8 << 20, 64 << 20] {
+        assert_eq!(unxz(&xz(&data, ok)).unwrap(), data);
+    }
+    let err = unxz(&xz(&data, 96 << 20)).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    assert!(
+        err.to_string()
+            .contains("block 1 asks for a 100663296-byte dictionary"),
+        "{err}"
+    );
+    // A hostile header: 4 GiB - 1 (property byte 40), as a forger would write it.
+    let mut hostile = xz(&data, 4096);
+    let props_at = (12..24)
+        .find(|&i| hostile[i] == 0x21 && hostile[i + 1] == 1)
+        .unwrap()
+        + 2;
+    hostile[props_at] = 40;
+    let err = unxz(&hostile).unwrap_err();
+    assert!(err.to_string().contains("4294967295-byte"), "{err}");
+}
+
+/// A later block's header is checked too (lzma-rust2 would allocate what it asks for as
+/// soon as it reaches it): here the second block of a genuine multi-block stream asks for
+/// 96 MiB, with a correct header CRC, so the decoder alone would take it.
+#[test]
+fn a_huge_dictionary_in_a_later_block_is_refused_before_it_is_allocated() {
+    let data = mixed(200_000);
+    let mut options = XzOptions::with_preset(1);
+    options.lzma_options.dict_size = 4096;
+    options.block_size = NonZeroU64::new(64 << 10);
+    let mut stream = xz_with(&data, options);
+    let blocks = block_offsets(&stream);
+    assert!(blocks.len() >= 3, "{blocks:?}");
+    let second = blocks[1];
+    let header_len = (usize::from(stream[second]) + 1) * 4;
+    let props_at = (second + 2..second + header_len)
+        .find(|&i| stream[i] == 0x21 && stream[i + 1] == 1)
+        .unwrap()
+        + 2;
+    stream[props_at] = 29; // 3 << 25: 96 MiB
+    let crc_at = second + header_len - 4;
+    let crc = crc32(0, &stream[second..crc_at]);
+    stream[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
+    // The crafted stream is valid: lzma-rust2 alone decodes it (allocating 96 MiB).
+    let mut plain = Vec::new();
+    lzma_rust2::XzReader::new(stream.as_slice(), true)
+        .read_to_end(&mut plain)
+        .unwrap();
+    assert!(plain == data);
+
+    let err = unxz(&stream).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    assert!(
+        err.to_string()
+            .contains("block 2 asks for a 100663296-byte dictionary"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_index_that_does_not_list_the_blocks_is_refused() {
+    let stream = xz_blocks(&mixed(100_000), 30_000);
+    assert!(unxz(&stream).is_ok());
+    let blocks = block_offsets(&stream).len();
+    assert!((2..5).contains(&blocks), "{blocks}");
+    // The index starts `backward size` bytes before the 12-byte stream footer: its
+    // indicator (0), then the record count (one byte).
+    let footer = stream.len() - 12;
+    let backward = u32::from_le_bytes(stream[footer + 4..footer + 8].try_into().unwrap());
+    let index = footer - (backward as usize + 1) * 4;
+    assert_eq!(&stream[index..index + 2], &[0, blocks as u8]);
+    let mut more = stream.clone();
+    more[index + 1] = 5;
+    let err = unxz(&more).unwrap_err();
+    let wanted = format!("lists 5 records for {blocks} blocks");
+    assert!(err.to_string().contains(&wanted), "{err}");
+    // A count the decoder would reserve hundreds of GiB for never reaches it.
+    let mut huge = stream.clone();
+    huge.splice(index + 1..index + 2, [0xff, 0xff, 0xff, 0xff, 0x7f]);
+    let err = unxz(&huge).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("34359738367 records for {blocks} blocks")),
+        "{err}"
+    );
+    // A record's sizes changed, with the index's CRC made right again: the records no
+    // longer match the blocks decoded.
+    let mut sizes = stream.clone();
+    let first_record = index + 2;
+    sizes[first_record] ^= 4; // the unpadded size's low byte
+    let crc_at = footer - 4;
+    let crc = crc32(0, &sizes[index..crc_at]);
+    sizes[crc_at..footer].copy_from_slice(&crc.to_le_bytes());
+    let err = unxz(&sizes).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("does not match the stream's blocks"),
+        "{err}"
+    );
+}
+
+#[test]
+fn later_streams_are_checked_like_the_first() {
+    let (mut stream, expected, _) = layouts();
+    assert!(unxz(&stream).unwrap() == expected);
+    // Still checking in the last stream: its first block asks for too much.
+    stream.extend(xz(b"more", 96 << 20));
+    let err = unxz(&stream).unwrap_err();
+    assert!(err.to_string().contains("100663296-byte"), "{err}");
+}
