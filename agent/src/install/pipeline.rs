@@ -1059,7 +1059,10 @@ fn decode_into_slot<R: Read>(
         let mut decoder: Box<dyn Read + '_> = match compression {
             Format::Gzip => Box::new(MultiGzDecoder::new(sniffed)),
             Format::Zstd => Box::new(compress::ZstdReader::new(sniffed)),
-            _ => Box::new(XzDecoder::new(sniffed, None)),
+            _ => {
+                let source: XzSource<'_> = Box::new(sniffed);
+                Box::new(XzDecoder::new(source, None))
+            }
         };
         let (inner_head, inner) = decode::sniff(&mut decoder)
             .map_err(|e| decode::read_error(e, compression, offset()))?;
@@ -1384,6 +1387,11 @@ fn run_zstd<R: Read>(
     run_points(plan, decoder, writer, resume.is_some(), counters, began)
 }
 
+/// What every [`XzDecoder`] of the install reads from: one type, so that the xz decoder
+/// (lzma-rust2's LZMA2 decoder and filters, ~40 KB of code per instance) is in the binary once,
+/// not once per reader type it is used with.
+type XzSource<'a> = Box<dyn Read + 'a>;
+
 /// [`run`] for a plain xz image with a sha256 artifact hash, as [`run_gzip`] for gzip: the
 /// decoder reports block boundaries ([`unxz`]), which become resume records once the slot is
 /// durable up to them.
@@ -1396,6 +1404,7 @@ fn run_xz<R: Read>(
     began: Instant,
 ) -> Result<Installed, InstallError> {
     let interval = plan.checkpoint_interval;
+    let input: XzSource<'_> = Box::new(input);
     let (decoder, writer) = match resume {
         Some(r) => {
             let at = &r.point.at;
