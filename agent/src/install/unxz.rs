@@ -13,7 +13,9 @@
 //! bytes (with its check) went through. lzma-rust2 thus decodes every block with its filters
 //! and checks the block's check; this module checks the container around it: the stream
 //! header's and footer's CRCs, every block header's dictionary against
-//! [`super::compress::MAX_XZ_DICTIONARY`] before the decoder allocates it, and every real
+//! [`super::compress::MAX_XZ_DICTIONARY`] before the decoder allocates it, what lzma-rust2
+//! does not check of a block header (reserved flags, LZMA2 only as the last filter, the
+//! compressed and uncompressed sizes it may declare, against the block's), and every real
 //! index against the blocks decoded (their count and, through a sha256 of the records, their
 //! sizes) without holding the index in memory (lzma-rust2 reserves memory for the record
 //! count it reads; it only ever sees the one-record indexes made here).
@@ -29,7 +31,7 @@ use std::io::{self, BufRead, BufReader, Read};
 
 use sha2::{Digest, Sha256};
 
-use super::compress::check_block_header;
+use super::compress::{check_block_header, DeclaredSizes};
 use super::sha256_state::Sha256State;
 
 const MAGIC: [u8; 6] = [0xfd, b'7', b'z', b'X', b'Z', 0];
@@ -359,6 +361,19 @@ impl<R: Read> XzDecoder<R> {
                 self.blocks, feed.uncompressed
             )));
         }
+        let DeclaredSizes {
+            compressed,
+            uncompressed,
+        } = feed.declared;
+        if compressed.is_some_and(|c| c != feed.compressed)
+            || uncompressed.is_some_and(|u| u != decoded)
+        {
+            return Err(invalid(format!(
+                "block {} has {} compressed bytes for {decoded} bytes, its header declares \
+                 {compressed:?} and {uncompressed:?}",
+                self.blocks, feed.compressed
+            )));
+        }
         let stream = self.stream.as_mut().expect("a block is in a stream");
         stream.decoded += 1;
         stream.records.update(feed.unpadded().to_le_bytes());
@@ -606,6 +621,8 @@ struct BlockFeed<R> {
     handed: usize,
     /// The block header as collected (its size byte first).
     header: Vec<u8>,
+    /// The sizes the block header declares, once it is complete.
+    declared: DeclaredSizes,
     /// Compressed bytes of the block so far (LZMA2 chunks with their headers).
     compressed: u64,
     /// Output bytes of the LZMA2 chunks so far.
@@ -654,6 +671,7 @@ impl<R: Read> BlockFeed<R> {
             made_up: head,
             handed: 0,
             header: Vec::new(),
+            declared: DeclaredSizes::default(),
             compressed: 0,
             uncompressed: 0,
         }
@@ -711,7 +729,7 @@ impl<R: Read> BlockFeed<R> {
                 self.header.extend_from_slice(data);
                 if self.header.len() == len {
                     // Before the decoder has the last byte: it allocates the dictionary.
-                    check_block_header(&self.header, self.block)?;
+                    self.declared = check_block_header(&self.header, self.block)?;
                     self.phase = Phase::ChunkControl;
                 }
             }

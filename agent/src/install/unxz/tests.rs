@@ -516,3 +516,161 @@ fn later_streams_are_checked_like_the_first() {
     let err = unxz(&stream).unwrap_err();
     assert!(err.to_string().contains("100663296-byte"), "{err}");
 }
+
+/// The LZMA2 data (chunks and end marker) of `data` compressed as one xz block.
+fn lzma2_of(data: &[u8]) -> Vec<u8> {
+    let mut options = XzOptions::with_preset(1);
+    options.check_type = CheckType::None;
+    let stream = xz_with(data, options);
+    assert_eq!(block_offsets(&stream), [12], "one block");
+    let header = (usize::from(stream[12]) + 1) * 4;
+    // The index's one record: unpadded size (header + data, no check) after indicator and count.
+    let footer = stream.len() - 12;
+    let backward = u32::from_le_bytes(stream[footer + 4..footer + 8].try_into().unwrap());
+    let index = footer - (backward as usize + 1) * 4;
+    let (mut unpadded, mut shift, mut at) = (0usize, 0, index + 2);
+    loop {
+        unpadded |= usize::from(stream[at] & 0x7f) << shift;
+        shift += 7;
+        at += 1;
+        if stream[at - 1] & 0x80 == 0 {
+            break;
+        }
+    }
+    stream[12 + header..12 + unpadded].to_vec()
+}
+
+/// A stream (check CRC32) of one block made by hand: block header flags `flags` (its filter
+/// count and size bits), then `fields` (sizes and filter flags as they go in the header),
+/// `lzma2` as the block's data, `content` what it decodes to (for the check and the index).
+fn hand_made(flags: u8, fields: &[u8], lzma2: &[u8], content: &[u8]) -> Vec<u8> {
+    let mut header = vec![0, flags];
+    header.extend_from_slice(fields);
+    while !header.len().is_multiple_of(4) {
+        header.push(0);
+    }
+    header[0] = ((header.len() + 4) / 4 - 1) as u8;
+    header.extend_from_slice(&crc32(0, &header).to_le_bytes());
+    let mut stream = MAGIC.to_vec();
+    stream.extend_from_slice(&[0, 1]);
+    stream.extend_from_slice(&crc32(0, &[0, 1]).to_le_bytes());
+    let unpadded = (header.len() + lzma2.len() + 4) as u64;
+    stream.extend(header);
+    stream.extend_from_slice(lzma2);
+    while !stream.len().is_multiple_of(4) {
+        stream.push(0);
+    }
+    stream.extend_from_slice(&crc32(0, content).to_le_bytes());
+    let mut index = vec![0];
+    for value in [1, unpadded, content.len() as u64] {
+        put_varint(&mut index, value);
+    }
+    while !index.len().is_multiple_of(4) {
+        index.push(0);
+    }
+    index.extend_from_slice(&crc32(0, &index).to_le_bytes());
+    let mut footer = ((index.len() / 4 - 1) as u32).to_le_bytes().to_vec();
+    footer.extend_from_slice(&[0, 1]);
+    stream.extend(index);
+    stream.extend_from_slice(&crc32(0, &footer).to_le_bytes());
+    stream.extend(footer);
+    stream.extend_from_slice(&FOOTER_MAGIC);
+    stream
+}
+
+/// The error decoding `stream` gives (it must give one).
+fn refused(stream: &[u8]) -> io::Error {
+    unxz(stream).map(|out| out.len()).unwrap_err()
+}
+
+/// LZMA2 with a 64 KiB dictionary, as a block header's filter flags.
+const LZMA2_FILTER: [u8; 3] = [0x21, 1, 8];
+
+/// The sizes a block header declares are the block's (liblzma refuses a block whose data
+/// does not match them, and `xz -T` writes them in every block header).
+#[test]
+fn a_block_header_whose_sizes_lie_is_refused() {
+    let content = mixed(30_000);
+    let lzma2 = lzma2_of(&content);
+    let with_sizes = |compressed: u64, uncompressed: u64| {
+        let mut fields = Vec::new();
+        put_varint(&mut fields, compressed);
+        put_varint(&mut fields, uncompressed);
+        fields.extend_from_slice(&LZMA2_FILTER);
+        hand_made(0xc0, &fields, &lzma2, &content)
+    };
+    let (compressed, len) = (lzma2.len() as u64, content.len() as u64);
+    assert!(unxz(&with_sizes(compressed, len)).unwrap() == content);
+    for (c, u) in [
+        (compressed + 4, len),
+        (compressed - 1, len),
+        (compressed, len + 1),
+        (compressed, len - 1),
+    ] {
+        let err = refused(&with_sizes(c, u));
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{c} {u}");
+        assert!(
+            err.to_string().contains("its header declares"),
+            "{c} {u}: {err}"
+        );
+    }
+    // Only one of them given.
+    let mut fields = Vec::new();
+    put_varint(&mut fields, len + 7);
+    fields.extend_from_slice(&LZMA2_FILTER);
+    refused(&hand_made(0x80, &fields, &lzma2, &content));
+}
+
+/// liblzma refuses a block header with a reserved flag bit set, and an LZMA2 filter that is
+/// not the last (lzma-rust2 would chain two LZMA2 decoders).
+#[test]
+fn block_headers_liblzma_refuses_are_refused() {
+    let content = mixed(20_000);
+    let lzma2 = lzma2_of(&content);
+    assert!(unxz(&hand_made(0, &LZMA2_FILTER, &lzma2, &content)).unwrap() == content);
+    // LZMA2 twice: the block's data is an LZMA2 stream of an LZMA2 stream of `image`, made
+    // to be as long as `image` so that the sizes the block's chunks add up to are its
+    // output's. An LZMA chunk of zeros, then `k` stored one-byte chunks, then the end.
+    let (image, inner) = (1..200)
+        .find_map(|zeros| {
+            let zeros_lzma2 = lzma2_of(&vec![0u8; zeros]);
+            let packed = &zeros_lzma2[..zeros_lzma2.len() - 1];
+            (packed[0] >= 0xe0)
+                .then(|| (zeros + 1).checked_sub(packed.len() + 2))
+                .flatten()
+                .filter(|gap| gap % 3 == 0)
+                .map(|gap| {
+                    let k = gap / 3;
+                    let mut image = vec![0u8; zeros];
+                    let mut inner = packed.to_vec();
+                    for i in 0..k {
+                        image.push(i as u8 | 1);
+                        inner.extend_from_slice(&[2, 0, 0, i as u8 | 1]);
+                    }
+                    inner.push(0);
+                    (image, inner)
+                })
+        })
+        .unwrap();
+    assert_eq!(inner.len(), image.len());
+    // lzma-rust2 takes the outer end marker for block padding: it decodes such a block only
+    // when the outer chunks end 3 bytes after a multiple of four (the header is one).
+    let pieces = (1..=4).find(|j| (3 * j + inner.len()) % 4 == 3).unwrap();
+    let mut outer = Vec::new();
+    for (i, piece) in inner.chunks(inner.len().div_ceil(pieces)).enumerate() {
+        outer.push(if i == 0 { 1 } else { 2 });
+        outer.extend_from_slice(&((piece.len() - 1) as u16).to_be_bytes());
+        outer.extend_from_slice(piece);
+    }
+    assert_eq!(outer.len() % 4, 3);
+    outer.push(0);
+    let mut filters = LZMA2_FILTER.to_vec();
+    filters.extend_from_slice(&LZMA2_FILTER);
+    let twice = hand_made(1, &filters, &outer, &image);
+    let err = refused(&twice);
+    assert!(err.to_string().contains("not the last filter"), "{err}");
+    for reserved in [0x04, 0x08, 0x10, 0x20] {
+        let err = refused(&hand_made(reserved, &LZMA2_FILTER, &lzma2, &content));
+        assert!(err.to_string().contains("reserved"), "{reserved:#x}: {err}");
+    }
+}
