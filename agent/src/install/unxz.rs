@@ -25,7 +25,9 @@
 //! resumed decoder checks the stream's index at its end against the point too: the records
 //! before the point must add up to the point's artifact and output offsets, so a point the
 //! decoder did not make, or one moved to another block, fails the install instead of writing
-//! a wrong image.
+//! a wrong image. The output offset is bound that way only relative to the stream's: the
+//! artifact's first stream has none before it ([`ResumeAt::plausible`]), a later stream's is
+//! bound by nothing here (the resume record's sha256 of the slot's prefix binds it).
 
 use std::io::{self, BufRead, BufReader, Read};
 
@@ -103,8 +105,10 @@ pub struct ResumeAt {
 impl ResumeAt {
     /// Whether a point read from a record can be one this decoder made: at a block header of a
     /// stream with a supported check, after some output, with room for its blocks between the
-    /// stream's header and the point. Checked before the slot is read; the stream's index
-    /// checks the rest at its end.
+    /// stream's header and the point, in the artifact's first stream only with no output
+    /// before the stream (the index's sums bind the point's output offset only to the
+    /// stream's). Checked before the slot is read; the stream's index checks the rest at its
+    /// end.
     pub fn plausible(&self) -> bool {
         let s = &self.state;
         let Some(span) = self
@@ -122,6 +126,7 @@ impl ResumeAt {
                 .checked_mul(MIN_BLOCK)
                 .is_some_and(|min| min <= span)
             && (s.blocks > 0 || (span == 0 && s.stream_start > 0))
+            && (s.stream_start > 0 || s.stream_out == 0)
     }
 }
 

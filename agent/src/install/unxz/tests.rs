@@ -278,6 +278,12 @@ fn points_the_decoder_cannot_make_are_refused_before_decoding() {
         "inside the stream header"
     );
     assert!(!at(112, 5000, 100, 1, 4).plausible(), "blocks in no bytes");
+    let mut first_stream_after_output = at(12 + 4000, 5000, 0, 1, 4);
+    first_stream_after_output.state.stream_out = 1000;
+    assert!(
+        !first_stream_after_output.plausible(),
+        "the artifact's first stream starts the image"
+    );
     let mut stream_out_after = at(12 + 4000, 5000, 0, 1, 4);
     stream_out_after.state.stream_out = 6000;
     assert!(!stream_out_after.plausible());
@@ -316,14 +322,6 @@ fn a_forged_point_fails_at_the_index() {
             },
             ..genuine.clone()
         },
-        // The stream moved.
-        Boundary {
-            state: XzState {
-                stream_out: 4,
-                ..genuine.state
-            },
-            ..genuine.clone()
-        },
     ];
     for point in &forged {
         let hash = point.artifact_hash.clone().map(|_| {
@@ -338,6 +336,20 @@ fn a_forged_point_fails_at_the_index() {
         let err = resume_at(&stream, &point).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{point:?}");
         assert!(err.to_string().contains("index"), "{err}");
+    }
+    // The stream moved in the output, alone or with the point (then the index's sums still
+    // fit): the artifact's first stream has no output before it.
+    for (out, stream_out) in [(genuine.out, 4), (genuine.out + 4096, 4096)] {
+        let moved = Boundary {
+            out,
+            state: XzState {
+                stream_out,
+                ..genuine.state
+            },
+            ..genuine.clone()
+        };
+        let err = resume_at(&stream, &moved).map(|r| r.0.len()).unwrap_err();
+        assert!(err.to_string().contains("not a block boundary"), "{err}");
     }
     // Not at a block header at all: the first block's header is somewhere else.
     let inside = Boundary {
