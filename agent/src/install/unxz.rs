@@ -531,8 +531,9 @@ fn read_index<R: Read>(input: &mut Input<R>, stream: &Stream) -> io::Result<()> 
     }
     if let Some((artifact_offset, point_out)) = stream.resumed_at {
         let s = &stream.state;
-        if s.stream_start + HEADER_LEN + bytes_before != artifact_offset
-            || s.stream_out + out_before != point_out
+        // A hostile index's records may add up past 2^64 (they saturated above).
+        if bytes_before.checked_add(s.stream_start + HEADER_LEN) != Some(artifact_offset)
+            || out_before.checked_add(s.stream_out) != Some(point_out)
         {
             return Err(invalid(format!(
                 "the index at byte {start} does not put a block boundary where the resume \

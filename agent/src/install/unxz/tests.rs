@@ -128,27 +128,9 @@ fn resume_at(stream: &[u8], point: &Boundary) -> io::Result<(Vec<u8>, String)> {
 /// Offsets of the block headers of a one-stream xz file, from its index (not from the
 /// block contents, which is what the decoder follows).
 fn block_offsets(stream: &[u8]) -> Vec<usize> {
-    let footer = &stream[stream.len() - 12..];
-    let backward = u32::from_le_bytes(footer[4..8].try_into().unwrap()) as usize;
-    let mut at = stream.len() - 12 - (backward + 1) * 4 + 1;
-    let mut varint = || {
-        let mut value = 0usize;
-        for shift in (0..).step_by(7) {
-            let byte = stream[at];
-            at += 1;
-            value |= usize::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
-                break;
-            }
-        }
-        value
-    };
-    let count = varint();
     let mut offsets = vec![12];
-    for _ in 0..count {
-        let unpadded = varint();
-        varint(); // uncompressed size
-        offsets.push(offsets.last().unwrap() + unpadded.div_ceil(4) * 4);
+    for (unpadded, _) in records_of(stream) {
+        offsets.push(offsets.last().unwrap() + unpadded.div_ceil(4) as usize * 4);
     }
     offsets.pop();
     offsets
@@ -536,19 +518,8 @@ fn lzma2_of(data: &[u8]) -> Vec<u8> {
     let stream = xz_with(data, options);
     assert_eq!(block_offsets(&stream), [12], "one block");
     let header = (usize::from(stream[12]) + 1) * 4;
-    // The index's one record: unpadded size (header + data, no check) after indicator and count.
-    let footer = stream.len() - 12;
-    let backward = u32::from_le_bytes(stream[footer + 4..footer + 8].try_into().unwrap());
-    let index = footer - (backward as usize + 1) * 4;
-    let (mut unpadded, mut shift, mut at) = (0usize, 0, index + 2);
-    loop {
-        unpadded |= usize::from(stream[at] & 0x7f) << shift;
-        shift += 7;
-        at += 1;
-        if stream[at - 1] & 0x80 == 0 {
-            break;
-        }
-    }
+    // The index's one record: unpadded size (header and data, no check).
+    let unpadded = records_of(&stream)[0].0 as usize;
     stream[12 + header..12 + unpadded].to_vec()
 }
 
@@ -685,4 +656,73 @@ fn block_headers_liblzma_refuses_are_refused() {
         let err = refused(&hand_made(reserved, &LZMA2_FILTER, &lzma2, &content));
         assert!(err.to_string().contains("reserved"), "{reserved:#x}: {err}");
     }
+}
+
+/// `stream` (one stream) with its index and footer made of `records` (unpadded and
+/// uncompressed sizes) instead.
+fn with_records(stream: &[u8], records: &[(u64, u64)]) -> Vec<u8> {
+    let footer = stream.len() - 12;
+    let backward = u32::from_le_bytes(stream[footer + 4..footer + 8].try_into().unwrap());
+    let mut out = stream[..footer - (backward as usize + 1) * 4].to_vec();
+    let mut index = vec![0];
+    put_varint(&mut index, records.len() as u64);
+    for &(unpadded, uncompressed) in records {
+        put_varint(&mut index, unpadded);
+        put_varint(&mut index, uncompressed);
+    }
+    while !index.len().is_multiple_of(4) {
+        index.push(0);
+    }
+    index.extend_from_slice(&crc32(0, &index).to_le_bytes());
+    let mut flags = ((index.len() / 4 - 1) as u32).to_le_bytes().to_vec();
+    flags.extend_from_slice(&stream[footer + 8..footer + 10]);
+    out.extend(index);
+    out.extend_from_slice(&crc32(0, &flags).to_le_bytes());
+    out.extend(flags);
+    out.extend_from_slice(&FOOTER_MAGIC);
+    out
+}
+
+/// A resumed stream's index whose records before the point add up past 2^64 (a hostile
+/// artifact's) is refused, not summed with an overflow.
+#[test]
+fn records_before_a_point_that_add_up_past_any_offset_are_refused() {
+    let data = mixed(200_000);
+    let stream = xz_blocks(&data, 50_000);
+    let (_, points) = decode_points(&stream, 8192).unwrap();
+    let point = points.iter().find(|p| p.state.blocks == 2).unwrap();
+    let mut records = records_of(&stream);
+    assert!(records.len() >= 3);
+    assert!(resume_at(&with_records(&stream, &records), point).is_ok());
+    for record in &mut records[..2] {
+        record.0 = u64::MAX >> 1;
+    }
+    let err = resume_at(&with_records(&stream, &records), point)
+        .map(|r| r.0.len())
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("does not put a block boundary"),
+        "{err}"
+    );
+}
+
+/// The records (unpadded and uncompressed sizes) of the index of a one-stream file.
+fn records_of(stream: &[u8]) -> Vec<(u64, u64)> {
+    let footer = stream.len() - 12;
+    let backward = u32::from_le_bytes(stream[footer + 4..footer + 8].try_into().unwrap());
+    let mut at = footer - (backward as usize + 1) * 4 + 1;
+    let mut varint = || {
+        let mut value = 0u64;
+        for shift in (0..).step_by(7) {
+            let byte = stream[at];
+            at += 1;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        value
+    };
+    let count = varint();
+    (0..count).map(|_| (varint(), varint())).collect()
 }
