@@ -92,8 +92,12 @@ pub(super) fn check_block_header(header: &[u8], block: u64) -> io::Result<Declar
                 .ok_or_else(|| xz("a truncated block header".into()))?;
             *at += 1;
             value |= u64::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
+            // A last byte 0 after the first: more bytes than the number needs.
+            if byte & 0x80 == 0 && (byte != 0 || shift == 0) {
                 return Ok(value);
+            }
+            if byte == 0 {
+                break;
             }
         }
         Err(xz("an overlong number in a block header".into()))

@@ -600,8 +600,12 @@ impl<R: Read> IndexReader<'_, R> {
         for shift in (0..63).step_by(7) {
             let b = self.byte()?;
             value |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
+            // A last byte 0 after the first: more bytes than the number needs.
+            if b & 0x80 == 0 && (b != 0 || shift == 0) {
                 return Ok(value);
+            }
+            if b == 0 {
+                break;
             }
         }
         Err(invalid(format!(

@@ -379,14 +379,15 @@ fn damaged_files_never_give_a_wrong_image() {
         .contains("multiple of four"));
 }
 
+/// What `xz` writes for no input (CRC64): a stream of no blocks.
+const EMPTY_STREAM: [u8; 32] = [
+    0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00, 0x00, 0x04, 0xe6, 0xd6, 0xb4, 0x46, 0x00, 0x00, 0x00, 0x00,
+    0x1c, 0xdf, 0x44, 0x21, 0x1f, 0xb6, 0xf3, 0x7d, 0x01, 0x00, 0x00, 0x00, 0x00, 0x04, 0x59, 0x5a,
+];
+
 #[test]
 fn an_empty_stream_and_an_empty_artifact() {
-    // What `xz` writes for no input (CRC64): a stream of no blocks.
-    let empty = [
-        0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00, 0x00, 0x04, 0xe6, 0xd6, 0xb4, 0x46, 0x00, 0x00, 0x00,
-        0x00, 0x1c, 0xdf, 0x44, 0x21, 0x1f, 0xb6, 0xf3, 0x7d, 0x01, 0x00, 0x00, 0x00, 0x00, 0x04,
-        0x59, 0x5a,
-    ];
+    let empty = EMPTY_STREAM;
     assert_eq!(unxz(&empty).unwrap(), b"");
     let (out, points) = decode_points(&empty, 4096).unwrap();
     assert!(out.is_empty() && points.is_empty());
@@ -725,4 +726,24 @@ fn records_of(stream: &[u8]) -> Vec<(u64, u64)> {
     };
     let count = varint();
     (0..count).map(|_| (varint(), varint())).collect()
+}
+
+/// A number written with more bytes than it needs (a last byte 0) is refused, in an index
+/// and in a block header, as liblzma does.
+#[test]
+fn overlong_numbers_are_refused() {
+    let content = mixed(5_000);
+    let lzma2 = lzma2_of(&content);
+    assert!(unxz(&hand_made(0, &LZMA2_FILTER, &lzma2, &content)).unwrap() == content);
+    // The filter id 0x21 in two bytes.
+    let err = refused(&hand_made(0, &[0xa1, 0, 1, 8], &lzma2, &content));
+    assert!(err.to_string().contains("overlong"), "{err}");
+    // An empty stream whose index counts its 0 records in two bytes (the padding is one
+    // byte shorter).
+    let mut overlong = EMPTY_STREAM;
+    overlong[13..16].copy_from_slice(&[0x80, 0, 0]);
+    let crc = crc32(0, &overlong[12..16]);
+    overlong[16..20].copy_from_slice(&crc.to_le_bytes());
+    let err = refused(&overlong);
+    assert!(err.to_string().contains("overlong"), "{err}");
 }
