@@ -164,7 +164,14 @@ const SOURCE_BUFFER: usize = 16 * 1024;
 
 impl<R: Read> Input<R> {
     fn peek(&mut self) -> io::Result<Option<u8>> {
-        Ok(self.source.fill_buf()?.first().copied())
+        loop {
+            match self.source.fill_buf() {
+                Ok(buf) => return Ok(buf.first().copied()),
+                // The source's, not a stop at a boundary (which `XzDecoder::read` returns).
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     fn read_exact_here(&mut self, buf: &mut [u8], what: &str) -> io::Result<()> {

@@ -747,3 +747,25 @@ fn overlong_numbers_are_refused() {
     let err = refused(&overlong);
     assert!(err.to_string().contains("overlong"), "{err}");
 }
+
+/// A source that is interrupted before every read (as a read of a pipe may be by a signal):
+/// the decoder retries it, it never takes it for one of its own stops at a boundary.
+#[test]
+fn an_interrupted_source_is_read_again() {
+    struct Interrupting<'a>(&'a [u8], bool);
+    impl Read for Interrupting<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.1 = !self.1;
+            if self.1 {
+                return Err(io::ErrorKind::Interrupted.into());
+            }
+            self.0.read(buf)
+        }
+    }
+    let (stream, expected, _) = layouts();
+    let mut out = Vec::new();
+    XzDecoder::new(Interrupting(&stream, false), None)
+        .read_to_end(&mut out)
+        .unwrap();
+    assert!(out == expected);
+}
