@@ -62,11 +62,27 @@ impl<R: Read> ZstdReader<R> {
 /// whole dictionary before the first byte, and a hostile header may ask for 4 GiB).
 pub const MAX_XZ_DICTIONARY: u64 = 64 << 20;
 
+/// The sizes a block header declares (each optional): its compressed data's (LZMA2 chunks
+/// with the end marker) and its output's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct DeclaredSizes {
+    pub compressed: Option<u64>,
+    pub uncompressed: Option<u64>,
+}
+
 /// Refuse a block header (`header`, from its size byte to its CRC) whose LZMA2 dictionary is
-/// above [`MAX_XZ_DICTIONARY`]; `block` numbers the block for the message (1 = first).
-pub(super) fn check_block_header(header: &[u8], block: u64) -> io::Result<()> {
+/// above [`MAX_XZ_DICTIONARY`], or that liblzma refuses and lzma-rust2 would take: reserved
+/// flag bits set, an LZMA2 filter before the last (lzma-rust2 would chain two LZMA2 decoders).
+/// `block` numbers the block for the message (1 = first). Returns the sizes it declares,
+/// which the block must have.
+pub(super) fn check_block_header(header: &[u8], block: u64) -> io::Result<DeclaredSizes> {
     let xz = |msg: String| io::Error::new(io::ErrorKind::InvalidData, format!("xz: {msg}"));
     let flags = header[1];
+    if flags & 0x3c != 0 {
+        return Err(xz(format!(
+            "block {block}'s header has reserved flags set ({flags:#04x})"
+        )));
+    }
     let mut at = 2;
     let varint = |at: &mut usize| -> io::Result<u64> {
         let mut value = 0u64;
@@ -76,18 +92,25 @@ pub(super) fn check_block_header(header: &[u8], block: u64) -> io::Result<()> {
                 .ok_or_else(|| xz("a truncated block header".into()))?;
             *at += 1;
             value |= u64::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
+            // A last byte 0 after the first: more bytes than the number needs.
+            if byte & 0x80 == 0 && (byte != 0 || shift == 0) {
                 return Ok(value);
+            }
+            if byte == 0 {
+                break;
             }
         }
         Err(xz("an overlong number in a block header".into()))
     };
-    for present in [flags & 0x40 != 0, flags & 0x80 != 0] {
-        if present {
-            varint(&mut at)?; // compressed / uncompressed size
-        }
+    let mut sizes = DeclaredSizes::default();
+    if flags & 0x40 != 0 {
+        sizes.compressed = Some(varint(&mut at)?);
     }
-    for _ in 0..=(flags & 3) {
+    if flags & 0x80 != 0 {
+        sizes.uncompressed = Some(varint(&mut at)?);
+    }
+    let filters = flags & 3;
+    for filter in 0..=filters {
         let id = varint(&mut at)?;
         let props_len = varint(&mut at)? as usize;
         let props = header
@@ -95,6 +118,11 @@ pub(super) fn check_block_header(header: &[u8], block: u64) -> io::Result<()> {
             .ok_or_else(|| xz("a truncated block header".into()))?;
         at += props_len;
         if id == 0x21 {
+            if filter != filters {
+                return Err(xz(format!(
+                    "block {block} has an LZMA2 filter that is not the last filter"
+                )));
+            }
             let bits = u32::from(*props.first().unwrap_or(&0));
             let dictionary = match bits {
                 40 => u64::from(u32::MAX),
@@ -109,7 +137,7 @@ pub(super) fn check_block_header(header: &[u8], block: u64) -> io::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(sizes)
 }
 
 /// The largest window a plain zstd image may ask for: 100 MiB, what the agent's earlier zstd

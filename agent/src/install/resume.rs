@@ -67,7 +67,12 @@
 //! sha256 starts over, as for gzip) and downloads from the block's byte. The stream's index
 //! is checked against the point at the stream's end: the records of the blocks before it must
 //! add up to its artifact and image offsets, so a record whose point is not where the decoder
-//! made it fails (and starts over from byte 0, once) instead of writing a wrong image.
+//! made it fails (and starts over from byte 0, once) instead of writing a wrong image. The
+//! image offset is bound that way only relative to where the stream's content starts: 0 for
+//! the artifact's first stream (`ResumeAt::plausible` refuses a record saying otherwise), for
+//! a later stream only the slot prefix's sha256, so a record forged with the slot at hand
+//! could move a point of a later stream in the image together with its stream (as a zstd
+//! point between frames).
 //!
 //! **A raw image member of a plain tar or a signed bundle** (format `member`; a format-1
 //! bundle whose image is neither compressed nor a tar; any artifact hash): "replay", no reader

@@ -3142,6 +3142,20 @@ async fn a_tampered_xz_record_never_gives_a_wrong_image() {
             },
         ),
     ];
+    // The point moved in the image together with its stream (both output offsets), with the
+    // sha256 of what the slot holds before it then: the index's sums still fit.
+    let moved = 4096;
+    let mut prefix = img[..record.slot_offset as usize].to_vec();
+    prefix.resize((record.slot_offset + moved) as usize, FILL);
+    tampered.push((
+        "the point moved in the image with its stream",
+        resume::ResumeRecord {
+            slot_offset: record.slot_offset + moved,
+            slot_sha256: Some(sha256_hex(&prefix)),
+            xz_state: with(&|s| s.stream_out += moved),
+            ..record.clone()
+        },
+    ));
     tampered.extend(moved_offsets_and_hashes(&record, &other_hash, 4));
     install_over_tampered_records(&fx, &img, &xz, &record, tampered).await;
 }

@@ -13,7 +13,9 @@
 //! bytes (with its check) went through. lzma-rust2 thus decodes every block with its filters
 //! and checks the block's check; this module checks the container around it: the stream
 //! header's and footer's CRCs, every block header's dictionary against
-//! [`super::compress::MAX_XZ_DICTIONARY`] before the decoder allocates it, and every real
+//! [`super::compress::MAX_XZ_DICTIONARY`] before the decoder allocates it, what lzma-rust2
+//! does not check of a block header (reserved flags, LZMA2 only as the last filter, the
+//! compressed and uncompressed sizes it may declare, against the block's), and every real
 //! index against the blocks decoded (their count and, through a sha256 of the records, their
 //! sizes) without holding the index in memory (lzma-rust2 reserves memory for the record
 //! count it reads; it only ever sees the one-record indexes made here).
@@ -23,13 +25,15 @@
 //! resumed decoder checks the stream's index at its end against the point too: the records
 //! before the point must add up to the point's artifact and output offsets, so a point the
 //! decoder did not make, or one moved to another block, fails the install instead of writing
-//! a wrong image.
+//! a wrong image. The output offset is bound that way only relative to the stream's: the
+//! artifact's first stream has none before it ([`ResumeAt::plausible`]), a later stream's is
+//! bound by nothing here (the resume record's sha256 of the slot's prefix binds it).
 
 use std::io::{self, BufRead, BufReader, Read};
 
 use sha2::{Digest, Sha256};
 
-use super::compress::check_block_header;
+use super::compress::{check_block_header, DeclaredSizes};
 use super::sha256_state::Sha256State;
 
 const MAGIC: [u8; 6] = [0xfd, b'7', b'z', b'X', b'Z', 0];
@@ -101,8 +105,10 @@ pub struct ResumeAt {
 impl ResumeAt {
     /// Whether a point read from a record can be one this decoder made: at a block header of a
     /// stream with a supported check, after some output, with room for its blocks between the
-    /// stream's header and the point. Checked before the slot is read; the stream's index
-    /// checks the rest at its end.
+    /// stream's header and the point, in the artifact's first stream only with no output
+    /// before the stream (the index's sums bind the point's output offset only to the
+    /// stream's). Checked before the slot is read; the stream's index checks the rest at its
+    /// end.
     pub fn plausible(&self) -> bool {
         let s = &self.state;
         let Some(span) = self
@@ -120,6 +126,7 @@ impl ResumeAt {
                 .checked_mul(MIN_BLOCK)
                 .is_some_and(|min| min <= span)
             && (s.blocks > 0 || (span == 0 && s.stream_start > 0))
+            && (s.stream_start > 0 || s.stream_out == 0)
     }
 }
 
@@ -157,7 +164,14 @@ const SOURCE_BUFFER: usize = 16 * 1024;
 
 impl<R: Read> Input<R> {
     fn peek(&mut self) -> io::Result<Option<u8>> {
-        Ok(self.source.fill_buf()?.first().copied())
+        loop {
+            match self.source.fill_buf() {
+                Ok(buf) => return Ok(buf.first().copied()),
+                // The source's, not a stop at a boundary (which `XzDecoder::read` returns).
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     fn read_exact_here(&mut self, buf: &mut [u8], what: &str) -> io::Result<()> {
@@ -359,6 +373,19 @@ impl<R: Read> XzDecoder<R> {
                 self.blocks, feed.uncompressed
             )));
         }
+        let DeclaredSizes {
+            compressed,
+            uncompressed,
+        } = feed.declared;
+        if compressed.is_some_and(|c| c != feed.compressed)
+            || uncompressed.is_some_and(|u| u != decoded)
+        {
+            return Err(invalid(format!(
+                "block {} has {} compressed bytes for {decoded} bytes, its header declares \
+                 {compressed:?} and {uncompressed:?}",
+                self.blocks, feed.compressed
+            )));
+        }
         let stream = self.stream.as_mut().expect("a block is in a stream");
         stream.decoded += 1;
         stream.records.update(feed.unpadded().to_le_bytes());
@@ -511,8 +538,9 @@ fn read_index<R: Read>(input: &mut Input<R>, stream: &Stream) -> io::Result<()> 
     }
     if let Some((artifact_offset, point_out)) = stream.resumed_at {
         let s = &stream.state;
-        if s.stream_start + HEADER_LEN + bytes_before != artifact_offset
-            || s.stream_out + out_before != point_out
+        // A hostile index's records may add up past 2^64 (they saturated above).
+        if bytes_before.checked_add(s.stream_start + HEADER_LEN) != Some(artifact_offset)
+            || out_before.checked_add(s.stream_out) != Some(point_out)
         {
             return Err(invalid(format!(
                 "the index at byte {start} does not put a block boundary where the resume \
@@ -579,8 +607,12 @@ impl<R: Read> IndexReader<'_, R> {
         for shift in (0..63).step_by(7) {
             let b = self.byte()?;
             value |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
+            // A last byte 0 after the first: more bytes than the number needs.
+            if b & 0x80 == 0 && (b != 0 || shift == 0) {
                 return Ok(value);
+            }
+            if b == 0 {
+                break;
             }
         }
         Err(invalid(format!(
@@ -606,6 +638,8 @@ struct BlockFeed<R> {
     handed: usize,
     /// The block header as collected (its size byte first).
     header: Vec<u8>,
+    /// The sizes the block header declares, once it is complete.
+    declared: DeclaredSizes,
     /// Compressed bytes of the block so far (LZMA2 chunks with their headers).
     compressed: u64,
     /// Output bytes of the LZMA2 chunks so far.
@@ -654,6 +688,7 @@ impl<R: Read> BlockFeed<R> {
             made_up: head,
             handed: 0,
             header: Vec::new(),
+            declared: DeclaredSizes::default(),
             compressed: 0,
             uncompressed: 0,
         }
@@ -711,7 +746,7 @@ impl<R: Read> BlockFeed<R> {
                 self.header.extend_from_slice(data);
                 if self.header.len() == len {
                     // Before the decoder has the last byte: it allocates the dictionary.
-                    check_block_header(&self.header, self.block)?;
+                    self.declared = check_block_header(&self.header, self.block)?;
                     self.phase = Phase::ChunkControl;
                 }
             }

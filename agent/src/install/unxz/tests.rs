@@ -128,27 +128,9 @@ fn resume_at(stream: &[u8], point: &Boundary) -> io::Result<(Vec<u8>, String)> {
 /// Offsets of the block headers of a one-stream xz file, from its index (not from the
 /// block contents, which is what the decoder follows).
 fn block_offsets(stream: &[u8]) -> Vec<usize> {
-    let footer = &stream[stream.len() - 12..];
-    let backward = u32::from_le_bytes(footer[4..8].try_into().unwrap()) as usize;
-    let mut at = stream.len() - 12 - (backward + 1) * 4 + 1;
-    let mut varint = || {
-        let mut value = 0usize;
-        for shift in (0..).step_by(7) {
-            let byte = stream[at];
-            at += 1;
-            value |= usize::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
-                break;
-            }
-        }
-        value
-    };
-    let count = varint();
     let mut offsets = vec![12];
-    for _ in 0..count {
-        let unpadded = varint();
-        varint(); // uncompressed size
-        offsets.push(offsets.last().unwrap() + unpadded.div_ceil(4) * 4);
+    for (unpadded, _) in records_of(stream) {
+        offsets.push(offsets.last().unwrap() + unpadded.div_ceil(4) as usize * 4);
     }
     offsets.pop();
     offsets
@@ -278,6 +260,12 @@ fn points_the_decoder_cannot_make_are_refused_before_decoding() {
         "inside the stream header"
     );
     assert!(!at(112, 5000, 100, 1, 4).plausible(), "blocks in no bytes");
+    let mut first_stream_after_output = at(12 + 4000, 5000, 0, 1, 4);
+    first_stream_after_output.state.stream_out = 1000;
+    assert!(
+        !first_stream_after_output.plausible(),
+        "the artifact's first stream starts the image"
+    );
     let mut stream_out_after = at(12 + 4000, 5000, 0, 1, 4);
     stream_out_after.state.stream_out = 6000;
     assert!(!stream_out_after.plausible());
@@ -316,14 +304,6 @@ fn a_forged_point_fails_at_the_index() {
             },
             ..genuine.clone()
         },
-        // The stream moved.
-        Boundary {
-            state: XzState {
-                stream_out: 4,
-                ..genuine.state
-            },
-            ..genuine.clone()
-        },
     ];
     for point in &forged {
         let hash = point.artifact_hash.clone().map(|_| {
@@ -338,6 +318,20 @@ fn a_forged_point_fails_at_the_index() {
         let err = resume_at(&stream, &point).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{point:?}");
         assert!(err.to_string().contains("index"), "{err}");
+    }
+    // The stream moved in the output, alone or with the point (then the index's sums still
+    // fit): the artifact's first stream has no output before it.
+    for (out, stream_out) in [(genuine.out, 4), (genuine.out + 4096, 4096)] {
+        let moved = Boundary {
+            out,
+            state: XzState {
+                stream_out,
+                ..genuine.state
+            },
+            ..genuine.clone()
+        };
+        let err = resume_at(&stream, &moved).map(|r| r.0.len()).unwrap_err();
+        assert!(err.to_string().contains("not a block boundary"), "{err}");
     }
     // Not at a block header at all: the first block's header is somewhere else.
     let inside = Boundary {
@@ -385,14 +379,15 @@ fn damaged_files_never_give_a_wrong_image() {
         .contains("multiple of four"));
 }
 
+/// What `xz` writes for no input (CRC64): a stream of no blocks.
+const EMPTY_STREAM: [u8; 32] = [
+    0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00, 0x00, 0x04, 0xe6, 0xd6, 0xb4, 0x46, 0x00, 0x00, 0x00, 0x00,
+    0x1c, 0xdf, 0x44, 0x21, 0x1f, 0xb6, 0xf3, 0x7d, 0x01, 0x00, 0x00, 0x00, 0x00, 0x04, 0x59, 0x5a,
+];
+
 #[test]
 fn an_empty_stream_and_an_empty_artifact() {
-    // What `xz` writes for no input (CRC64): a stream of no blocks.
-    let empty = [
-        0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00, 0x00, 0x04, 0xe6, 0xd6, 0xb4, 0x46, 0x00, 0x00, 0x00,
-        0x00, 0x1c, 0xdf, 0x44, 0x21, 0x1f, 0xb6, 0xf3, 0x7d, 0x01, 0x00, 0x00, 0x00, 0x00, 0x04,
-        0x59, 0x5a,
-    ];
+    let empty = EMPTY_STREAM;
     assert_eq!(unxz(&empty).unwrap(), b"");
     let (out, points) = decode_points(&empty, 4096).unwrap();
     assert!(out.is_empty() && points.is_empty());
@@ -515,4 +510,262 @@ fn later_streams_are_checked_like_the_first() {
     stream.extend(xz(b"more", 96 << 20));
     let err = unxz(&stream).unwrap_err();
     assert!(err.to_string().contains("100663296-byte"), "{err}");
+}
+
+/// The LZMA2 data (chunks and end marker) of `data` compressed as one xz block.
+fn lzma2_of(data: &[u8]) -> Vec<u8> {
+    let mut options = XzOptions::with_preset(1);
+    options.check_type = CheckType::None;
+    let stream = xz_with(data, options);
+    assert_eq!(block_offsets(&stream), [12], "one block");
+    let header = (usize::from(stream[12]) + 1) * 4;
+    // The index's one record: unpadded size (header and data, no check).
+    let unpadded = records_of(&stream)[0].0 as usize;
+    stream[12 + header..12 + unpadded].to_vec()
+}
+
+/// A stream (check CRC32) of one block made by hand: block header flags `flags` (its filter
+/// count and size bits), then `fields` (sizes and filter flags as they go in the header),
+/// `lzma2` as the block's data, `content` what it decodes to (for the check and the index).
+fn hand_made(flags: u8, fields: &[u8], lzma2: &[u8], content: &[u8]) -> Vec<u8> {
+    let mut header = vec![0, flags];
+    header.extend_from_slice(fields);
+    while !header.len().is_multiple_of(4) {
+        header.push(0);
+    }
+    header[0] = ((header.len() + 4) / 4 - 1) as u8;
+    header.extend_from_slice(&crc32(0, &header).to_le_bytes());
+    let mut stream = MAGIC.to_vec();
+    stream.extend_from_slice(&[0, 1]);
+    stream.extend_from_slice(&crc32(0, &[0, 1]).to_le_bytes());
+    let unpadded = (header.len() + lzma2.len() + 4) as u64;
+    stream.extend(header);
+    stream.extend_from_slice(lzma2);
+    while !stream.len().is_multiple_of(4) {
+        stream.push(0);
+    }
+    stream.extend_from_slice(&crc32(0, content).to_le_bytes());
+    let mut index = vec![0];
+    for value in [1, unpadded, content.len() as u64] {
+        put_varint(&mut index, value);
+    }
+    while !index.len().is_multiple_of(4) {
+        index.push(0);
+    }
+    index.extend_from_slice(&crc32(0, &index).to_le_bytes());
+    let mut footer = ((index.len() / 4 - 1) as u32).to_le_bytes().to_vec();
+    footer.extend_from_slice(&[0, 1]);
+    stream.extend(index);
+    stream.extend_from_slice(&crc32(0, &footer).to_le_bytes());
+    stream.extend(footer);
+    stream.extend_from_slice(&FOOTER_MAGIC);
+    stream
+}
+
+/// The error decoding `stream` gives (it must give one).
+fn refused(stream: &[u8]) -> io::Error {
+    unxz(stream).map(|out| out.len()).unwrap_err()
+}
+
+/// LZMA2 with a 64 KiB dictionary, as a block header's filter flags.
+const LZMA2_FILTER: [u8; 3] = [0x21, 1, 8];
+
+/// The sizes a block header declares are the block's (liblzma refuses a block whose data
+/// does not match them, and `xz -T` writes them in every block header).
+#[test]
+fn a_block_header_whose_sizes_lie_is_refused() {
+    let content = mixed(30_000);
+    let lzma2 = lzma2_of(&content);
+    let with_sizes = |compressed: u64, uncompressed: u64| {
+        let mut fields = Vec::new();
+        put_varint(&mut fields, compressed);
+        put_varint(&mut fields, uncompressed);
+        fields.extend_from_slice(&LZMA2_FILTER);
+        hand_made(0xc0, &fields, &lzma2, &content)
+    };
+    let (compressed, len) = (lzma2.len() as u64, content.len() as u64);
+    assert!(unxz(&with_sizes(compressed, len)).unwrap() == content);
+    for (c, u) in [
+        (compressed + 4, len),
+        (compressed - 1, len),
+        (compressed, len + 1),
+        (compressed, len - 1),
+    ] {
+        let err = refused(&with_sizes(c, u));
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{c} {u}");
+        assert!(
+            err.to_string().contains("its header declares"),
+            "{c} {u}: {err}"
+        );
+    }
+    // Only one of them given.
+    let mut fields = Vec::new();
+    put_varint(&mut fields, len + 7);
+    fields.extend_from_slice(&LZMA2_FILTER);
+    refused(&hand_made(0x80, &fields, &lzma2, &content));
+}
+
+/// liblzma refuses a block header with a reserved flag bit set, and an LZMA2 filter that is
+/// not the last (lzma-rust2 would chain two LZMA2 decoders).
+#[test]
+fn block_headers_liblzma_refuses_are_refused() {
+    let content = mixed(20_000);
+    let lzma2 = lzma2_of(&content);
+    assert!(unxz(&hand_made(0, &LZMA2_FILTER, &lzma2, &content)).unwrap() == content);
+    // LZMA2 twice: the block's data is an LZMA2 stream of an LZMA2 stream of `image`, made
+    // to be as long as `image` so that the sizes the block's chunks add up to are its
+    // output's. An LZMA chunk of zeros, then `k` stored one-byte chunks, then the end.
+    let (image, inner) = (1..200)
+        .find_map(|zeros| {
+            let zeros_lzma2 = lzma2_of(&vec![0u8; zeros]);
+            let packed = &zeros_lzma2[..zeros_lzma2.len() - 1];
+            (packed[0] >= 0xe0)
+                .then(|| (zeros + 1).checked_sub(packed.len() + 2))
+                .flatten()
+                .filter(|gap| gap % 3 == 0)
+                .map(|gap| {
+                    let k = gap / 3;
+                    let mut image = vec![0u8; zeros];
+                    let mut inner = packed.to_vec();
+                    for i in 0..k {
+                        image.push(i as u8 | 1);
+                        inner.extend_from_slice(&[2, 0, 0, i as u8 | 1]);
+                    }
+                    inner.push(0);
+                    (image, inner)
+                })
+        })
+        .unwrap();
+    assert_eq!(inner.len(), image.len());
+    // lzma-rust2 takes the outer end marker for block padding: it decodes such a block only
+    // when the outer chunks end 3 bytes after a multiple of four (the header is one).
+    let pieces = (1..=4).find(|j| (3 * j + inner.len()) % 4 == 3).unwrap();
+    let mut outer = Vec::new();
+    for (i, piece) in inner.chunks(inner.len().div_ceil(pieces)).enumerate() {
+        outer.push(if i == 0 { 1 } else { 2 });
+        outer.extend_from_slice(&((piece.len() - 1) as u16).to_be_bytes());
+        outer.extend_from_slice(piece);
+    }
+    assert_eq!(outer.len() % 4, 3);
+    outer.push(0);
+    let mut filters = LZMA2_FILTER.to_vec();
+    filters.extend_from_slice(&LZMA2_FILTER);
+    let twice = hand_made(1, &filters, &outer, &image);
+    let err = refused(&twice);
+    assert!(err.to_string().contains("not the last filter"), "{err}");
+    for reserved in [0x04, 0x08, 0x10, 0x20] {
+        let err = refused(&hand_made(reserved, &LZMA2_FILTER, &lzma2, &content));
+        assert!(err.to_string().contains("reserved"), "{reserved:#x}: {err}");
+    }
+}
+
+/// `stream` (one stream) with its index and footer made of `records` (unpadded and
+/// uncompressed sizes) instead.
+fn with_records(stream: &[u8], records: &[(u64, u64)]) -> Vec<u8> {
+    let footer = stream.len() - 12;
+    let backward = u32::from_le_bytes(stream[footer + 4..footer + 8].try_into().unwrap());
+    let mut out = stream[..footer - (backward as usize + 1) * 4].to_vec();
+    let mut index = vec![0];
+    put_varint(&mut index, records.len() as u64);
+    for &(unpadded, uncompressed) in records {
+        put_varint(&mut index, unpadded);
+        put_varint(&mut index, uncompressed);
+    }
+    while !index.len().is_multiple_of(4) {
+        index.push(0);
+    }
+    index.extend_from_slice(&crc32(0, &index).to_le_bytes());
+    let mut flags = ((index.len() / 4 - 1) as u32).to_le_bytes().to_vec();
+    flags.extend_from_slice(&stream[footer + 8..footer + 10]);
+    out.extend(index);
+    out.extend_from_slice(&crc32(0, &flags).to_le_bytes());
+    out.extend(flags);
+    out.extend_from_slice(&FOOTER_MAGIC);
+    out
+}
+
+/// A resumed stream's index whose records before the point add up past 2^64 (a hostile
+/// artifact's) is refused, not summed with an overflow.
+#[test]
+fn records_before_a_point_that_add_up_past_any_offset_are_refused() {
+    let data = mixed(200_000);
+    let stream = xz_blocks(&data, 50_000);
+    let (_, points) = decode_points(&stream, 8192).unwrap();
+    let point = points.iter().find(|p| p.state.blocks == 2).unwrap();
+    let mut records = records_of(&stream);
+    assert!(records.len() >= 3);
+    assert!(resume_at(&with_records(&stream, &records), point).is_ok());
+    for record in &mut records[..2] {
+        record.0 = u64::MAX >> 1;
+    }
+    let err = resume_at(&with_records(&stream, &records), point)
+        .map(|r| r.0.len())
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("does not put a block boundary"),
+        "{err}"
+    );
+}
+
+/// The records (unpadded and uncompressed sizes) of the index of a one-stream file.
+fn records_of(stream: &[u8]) -> Vec<(u64, u64)> {
+    let footer = stream.len() - 12;
+    let backward = u32::from_le_bytes(stream[footer + 4..footer + 8].try_into().unwrap());
+    let mut at = footer - (backward as usize + 1) * 4 + 1;
+    let mut varint = || {
+        let mut value = 0u64;
+        for shift in (0..).step_by(7) {
+            let byte = stream[at];
+            at += 1;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        value
+    };
+    let count = varint();
+    (0..count).map(|_| (varint(), varint())).collect()
+}
+
+/// A number written with more bytes than it needs (a last byte 0) is refused, in an index
+/// and in a block header, as liblzma does.
+#[test]
+fn overlong_numbers_are_refused() {
+    let content = mixed(5_000);
+    let lzma2 = lzma2_of(&content);
+    assert!(unxz(&hand_made(0, &LZMA2_FILTER, &lzma2, &content)).unwrap() == content);
+    // The filter id 0x21 in two bytes.
+    let err = refused(&hand_made(0, &[0xa1, 0, 1, 8], &lzma2, &content));
+    assert!(err.to_string().contains("overlong"), "{err}");
+    // An empty stream whose index counts its 0 records in two bytes (the padding is one
+    // byte shorter).
+    let mut overlong = EMPTY_STREAM;
+    overlong[13..16].copy_from_slice(&[0x80, 0, 0]);
+    let crc = crc32(0, &overlong[12..16]);
+    overlong[16..20].copy_from_slice(&crc.to_le_bytes());
+    let err = refused(&overlong);
+    assert!(err.to_string().contains("overlong"), "{err}");
+}
+
+/// A source that is interrupted before every read (as a read of a pipe may be by a signal):
+/// the decoder retries it, it never takes it for one of its own stops at a boundary.
+#[test]
+fn an_interrupted_source_is_read_again() {
+    struct Interrupting<'a>(&'a [u8], bool);
+    impl Read for Interrupting<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.1 = !self.1;
+            if self.1 {
+                return Err(io::ErrorKind::Interrupted.into());
+            }
+            self.0.read(buf)
+        }
+    }
+    let (stream, expected, _) = layouts();
+    let mut out = Vec::new();
+    XzDecoder::new(Interrupting(&stream, false), None)
+        .read_to_end(&mut out)
+        .unwrap();
+    assert!(out == expected);
 }
