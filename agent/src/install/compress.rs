@@ -63,11 +63,12 @@ impl<R: Read> ZstdReader<R> {
 pub const MAX_XZ_DICTIONARY: u64 = 64 << 20;
 
 /// The sizes a block header declares (each optional): its compressed data's (LZMA2 chunks
-/// with the end marker) and its output's.
+/// with the end marker) and its output's; and the LZMA2 dictionary it asks for.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(super) struct DeclaredSizes {
     pub compressed: Option<u64>,
     pub uncompressed: Option<u64>,
+    pub dictionary: u64,
 }
 
 /// Refuse a block header (`header`, from its size byte to its CRC) whose LZMA2 dictionary is
@@ -135,6 +136,7 @@ pub(super) fn check_block_header(header: &[u8], block: u64) -> io::Result<Declar
                      {MAX_XZ_DICTIONARY} bytes this device decodes"
                 )));
             }
+            sizes.dictionary = dictionary;
         }
     }
     Ok(sizes)

@@ -37,6 +37,12 @@ use super::compress::{check_block_header, DeclaredSizes};
 use super::sha256_state::Sha256State;
 
 const MAGIC: [u8; 6] = [0xfd, b'7', b'z', b'X', b'Z', 0];
+/// Dictionary bytes the blocks may ask for, in all, per byte of output before them (beyond a
+/// first [`super::compress::MAX_XZ_DICTIONARY`]): lzma-rust2 allocates and zeroes a block's
+/// whole dictionary for every block, so a file of tiny blocks with large dictionaries would
+/// cost the device seconds of CPU per KiB. `xz --threads` makes blocks of three times the
+/// dictionary; 64 allows blocks down to 1 MiB at `xz -9`, 128 KiB at `xz -6`.
+const DICTIONARY_PER_OUTPUT: u64 = 64;
 const FOOTER_MAGIC: [u8; 2] = *b"YZ";
 /// Stream header and footer size.
 const HEADER_LEN: u64 = 12;
@@ -230,6 +236,8 @@ pub struct XzDecoder<R: Read> {
     reported_at: Option<u64>,
     /// Blocks decoded, all streams (numbers blocks in messages).
     blocks: u64,
+    /// Dictionary bytes the blocks decoded asked for (see [`DICTIONARY_PER_OUTPUT`]).
+    dictionaries: u64,
 }
 
 enum Stage<R: Read> {
@@ -259,6 +267,7 @@ impl<R: Read> XzDecoder<R> {
             boundary: None,
             reported_at: None,
             blocks: 0,
+            dictionaries: 0,
         }
     }
 
@@ -290,6 +299,7 @@ impl<R: Read> XzDecoder<R> {
             boundary: None,
             reported_at: Some(at.artifact_offset),
             blocks: at.state.blocks,
+            dictionaries: 0,
         })
     }
 
@@ -357,7 +367,11 @@ impl<R: Read> XzDecoder<R> {
                     return Ok((Stage::Between(input), true));
                 }
                 self.blocks += 1;
-                let feed = BlockFeed::new(input, state.check, stream.check_len, self.blocks);
+                let budget = super::compress::MAX_XZ_DICTIONARY
+                    .saturating_add(self.out.saturating_mul(DICTIONARY_PER_OUTPUT))
+                    .saturating_sub(self.dictionaries);
+                let mut feed = BlockFeed::new(input, state.check, stream.check_len, self.blocks);
+                feed.dictionary_budget = budget;
                 let reader = lzma_rust2::XzReader::new(feed, false);
                 Ok((Stage::Block(Box::new(reader), self.out), false))
             }
@@ -376,6 +390,7 @@ impl<R: Read> XzDecoder<R> {
         let DeclaredSizes {
             compressed,
             uncompressed,
+            ..
         } = feed.declared;
         if compressed.is_some_and(|c| c != feed.compressed)
             || uncompressed.is_some_and(|u| u != decoded)
@@ -386,6 +401,7 @@ impl<R: Read> XzDecoder<R> {
                 self.blocks, feed.compressed
             )));
         }
+        self.dictionaries = self.dictionaries.saturating_add(feed.declared.dictionary);
         let stream = self.stream.as_mut().expect("a block is in a stream");
         stream.decoded += 1;
         stream.records.update(feed.unpadded().to_le_bytes());
@@ -640,6 +656,8 @@ struct BlockFeed<R> {
     header: Vec<u8>,
     /// The sizes the block header declares, once it is complete.
     declared: DeclaredSizes,
+    /// The largest dictionary the block may ask for (see [`DICTIONARY_PER_OUTPUT`]).
+    dictionary_budget: u64,
     /// Compressed bytes of the block so far (LZMA2 chunks with their headers).
     compressed: u64,
     /// Output bytes of the LZMA2 chunks so far.
@@ -689,6 +707,7 @@ impl<R: Read> BlockFeed<R> {
             handed: 0,
             header: Vec::new(),
             declared: DeclaredSizes::default(),
+            dictionary_budget: u64::MAX,
             compressed: 0,
             uncompressed: 0,
         }
@@ -747,6 +766,15 @@ impl<R: Read> BlockFeed<R> {
                 if self.header.len() == len {
                     // Before the decoder has the last byte: it allocates the dictionary.
                     self.declared = check_block_header(&self.header, self.block)?;
+                    if self.declared.dictionary > self.dictionary_budget {
+                        return Err(invalid(format!(
+                            "block {} asks for a {}-byte dictionary, more than the blocks \
+                             before it leave ({} bytes: {DICTIONARY_PER_OUTPUT} per byte of \
+                             output and one largest dictionary; tiny blocks cost a \
+                             dictionary each)",
+                            self.block, self.declared.dictionary, self.dictionary_budget
+                        )));
+                    }
                     self.phase = Phase::ChunkControl;
                 }
             }

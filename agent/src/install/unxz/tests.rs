@@ -769,3 +769,40 @@ fn an_interrupted_source_is_read_again() {
         .unwrap();
     assert!(out == expected);
 }
+
+/// A file of tiny blocks each asking for a large dictionary (which lzma-rust2 allocates and
+/// zeroes per block) is refused once the blocks' dictionaries exceed 64 bytes per byte of
+/// output; the same data in blocks of 1 MiB with the largest dictionary decodes.
+#[test]
+fn tiny_blocks_with_large_dictionaries_are_refused() {
+    // lzma-rust2 makes blocks at least as large as the dictionary: tiny blocks as streams of
+    // one block each (the budget counts the blocks of all streams).
+    let data = mixed(200_000);
+    let tiny: Vec<u8> = data
+        .chunks(4096)
+        .flat_map(|piece| {
+            let mut options = XzOptions::with_preset(1);
+            options.lzma_options.dict_size = 16 << 20;
+            xz_with(piece, options)
+        })
+        .collect();
+    let err = unxz(&tiny).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    // 4 blocks of 16 MiB take the first 64 MiB; the fifth has 64 x its output before it.
+    assert!(
+        err.to_string()
+            .contains("block 5 asks for a 16777216-byte dictionary, more than the blocks"),
+        "{err}"
+    );
+    // Blocks of 1 MiB at the largest dictionary: exactly within the budget.
+    let data = mixed(4 << 20);
+    let large: Vec<u8> = data
+        .chunks(1 << 20)
+        .flat_map(|piece| {
+            let mut options = XzOptions::with_preset(1);
+            options.lzma_options.dict_size = 64 << 20;
+            xz_with(piece, options)
+        })
+        .collect();
+    assert!(unxz(&large).unwrap() == data);
+}
