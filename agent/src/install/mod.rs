@@ -481,13 +481,16 @@ pub async fn install_with(
     result
 }
 
-/// A gzip or zstd resume failed in a way a clean download may not (see [`install_with`]).
+/// A gzip, zstd or xz resume failed in a way a clean download may not (see [`install_with`]);
+/// in a tar's image member also a head that does not fit the rest of the archive.
 fn decoder_resume_failed(e: &InstallError) -> bool {
     matches!(
         e,
         InstallError::Decode { .. }
             | InstallError::HashMismatch { .. }
             | InstallError::TooLarge { .. }
+            | InstallError::ReplayMismatch { .. }
+            | InstallError::ArchiveRejected(_)
     )
 }
 

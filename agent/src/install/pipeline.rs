@@ -29,7 +29,8 @@ use super::decode::{self, DownloadAborted, Format};
 use super::gunzip::{self, GzDecoder};
 use super::hash::{HashAlgorithm, Hasher, HashingReader};
 use super::resume::{
-    self, GzipPoint, MemberPoint, ResumeRecord, XzPoint, ZstdPoint, MAX_MEMBER_OFFSET,
+    self, DecoderPoint, GzipPoint, MemberPoint, ResumeRecord, XzPoint, ZstdPoint,
+    MAX_MEMBER_OFFSET, MAX_TAR_HEAD,
 };
 use super::sha256_state::Sha256State;
 use super::slot::{self, SlotDevice, SlotWriter};
@@ -346,9 +347,11 @@ pub struct PrefixResume<P> {
     pub point: P,
     /// sha256 of the slot's bytes before the point (starts the image and read-back hashes).
     pub prefix_hash: Sha256,
-    /// The last bytes of them: gzip's [`gunzip::WINDOW`] (the deflate dictionary, also what
-    /// the slot writer keeps), what the slot writer keeps for xz.
+    /// gzip: the output's last [`gunzip::WINDOW`] bytes before the point (the deflate
+    /// dictionary; a tar's head is output too); xz: nothing.
     pub window: Vec<u8>,
+    /// The slot's last bytes before the point, as the slot writer keeps them.
+    pub tail: Vec<u8>,
 }
 
 impl<P: std::fmt::Debug> std::fmt::Debug for PrefixResume<P> {
@@ -378,17 +381,18 @@ pub fn read_gzip_prefix(
     // only after the whole download.
     let mut crc = 0u32;
     let mut window = slot::PrefixTail::keeping(gunzip::WINDOW);
-    let hash = read_prefix(dev, point.at.out, |b| {
+    let (hash, tail) = read_prefix(dev, &point, |b| {
         crc = zlib_rs::crc32::crc32(crc, b);
         window.update(b);
     })?;
     if hex::encode(hash.clone().finalize()) != point.slot_sha256 || crc != point.at.crc {
-        return Ok(slot_changed(dev, point.at.out));
+        return Ok(slot_changed(dev, point.slot_offset()));
     }
     Ok(Some(GzipResume {
         point,
         prefix_hash: hash,
         window: window.into_bytes(),
+        tail,
     }))
 }
 
@@ -399,13 +403,14 @@ pub fn read_zstd_prefix(
     point: ZstdPoint,
 ) -> Result<Option<ZstdResume>, InstallError> {
     let mut prefix = ResumePrefix::new(&point.at);
-    let hash = read_prefix(dev, point.at.out, |b| prefix.update(b))?;
+    let (hash, tail) = read_prefix(dev, &point, |b| prefix.update(b))?;
     if hex::encode(hash.clone().finalize()) != point.slot_sha256 {
-        return Ok(slot_changed(dev, point.at.out));
+        return Ok(slot_changed(dev, point.slot_offset()));
     }
     Ok(Some(ZstdResume {
         point,
         prefix_hash: hash,
+        tail,
         prefix: Arc::new(Mutex::new(Some(prefix))),
     }))
 }
@@ -416,35 +421,42 @@ pub fn read_xz_prefix(
     dev: &mut dyn SlotDevice,
     point: XzPoint,
 ) -> Result<Option<XzResume>, InstallError> {
-    let mut tail = slot::PrefixTail::default();
-    let hash = read_prefix(dev, point.at.out, |b| tail.update(b))?;
+    let (hash, tail) = read_prefix(dev, &point, |_| {})?;
     if hex::encode(hash.clone().finalize()) != point.slot_sha256 {
-        return Ok(slot_changed(dev, point.at.out));
+        return Ok(slot_changed(dev, point.slot_offset()));
     }
     Ok(Some(XzResume {
         point,
         prefix_hash: hash,
-        window: tail.bytes().to_vec(),
+        window: Vec::new(),
+        tail,
     }))
 }
 
-/// The sha256 of the slot's first `len` bytes, each also handed to `each` in order.
+/// The decoder's output before `point` handed to `each` in order (a tar's head from the
+/// record, then the slot's bytes before the point); returns the sha256 of the slot's bytes
+/// and their last bytes as the slot writer keeps them.
 fn read_prefix(
     dev: &mut dyn SlotDevice,
-    len: u64,
+    point: &impl DecoderPoint,
     mut each: impl FnMut(&[u8]),
-) -> Result<Sha256, InstallError> {
+) -> Result<(Sha256, Vec<u8>), InstallError> {
+    if let Some(head) = point.tar_head() {
+        each(head);
+    }
     let mut hash = Sha256::new();
+    let mut tail = slot::PrefixTail::default();
     slot::read_range(
         dev,
-        len,
+        point.slot_offset(),
         |b| {
             hash.update(b);
+            tail.update(b);
             each(b);
         },
         |_| {},
     )?;
-    Ok(hash)
+    Ok((hash, tail.bytes().to_vec()))
 }
 
 /// A resume point at slot offset `at` whose prefix is not what the interrupted install wrote:
@@ -464,7 +476,9 @@ pub struct ZstdResume {
     pub point: ZstdPoint,
     /// sha256 of the slot's bytes before the point (starts the image and read-back hashes).
     pub prefix_hash: Sha256,
-    /// The same bytes as the decoder needs them; taken by the blocking stage (the plan is
+    /// The slot's last bytes before the point, as the slot writer keeps them.
+    pub tail: Vec<u8>,
+    /// The output before the point as the decoder needs it; taken by the blocking stage (the plan is
     /// shared, the decoder owns it).
     prefix: Arc<Mutex<Option<ResumePrefix>>>,
 }
@@ -490,7 +504,7 @@ impl SinkPlan {
         self.bundle.is_none() && self.algorithm == HashAlgorithm::Sha256
     }
 
-    /// A plain gzip or zstd image can resume across restarts when nothing wraps it and its
+    /// A gzip, zstd or xz image (or a tar inside one) can resume across restarts when nothing wraps it and its
     /// artifact hash is sha256 (whose state [`Sha256State`] can save).
     fn decoder_resumable(&self) -> bool {
         self.bundle.is_none() && self.algorithm == HashAlgorithm::Sha256
@@ -540,7 +554,7 @@ pub fn run(
     run_stream(plan, dev, channel, counters, began)
 }
 
-/// [`run`] for everything but plain gzip, zstd and xz images with a sha256: hash the artifact as it
+/// [`run`] for everything but gzip, zstd and xz artifacts with a sha256: hash the artifact as it
 /// arrives, decode it by its format.
 fn run_stream<R: Read>(
     plan: &SinkPlan,
@@ -1227,12 +1241,14 @@ trait PointDecoder: Read {
     /// Output bytes before `boundary`.
     fn out(boundary: &Self::Boundary) -> u64;
     /// The resume record of `boundary`, durable on `slot`, whose image bytes before it have
-    /// the sha256 `slot_sha256`; None when the decoder did not hash the artifact.
+    /// the sha256 `slot_sha256` (`tar_head`: in a tar's image member after these bytes); None
+    /// when the decoder did not hash the artifact.
     fn record(
         plan: &SinkPlan,
         slot: &Path,
         boundary: Self::Boundary,
         slot_sha256: String,
+        tar_head: Option<&[u8]>,
     ) -> Option<ResumeRecord>;
 }
 
@@ -1266,6 +1282,7 @@ impl<R: Read> PointDecoder for GzDecoder<R> {
         slot: &Path,
         boundary: Self::Boundary,
         slot_sha256: String,
+        tar_head: Option<&[u8]>,
     ) -> Option<ResumeRecord> {
         let point = GzipPoint {
             at: gunzip::ResumeAt {
@@ -1276,6 +1293,7 @@ impl<R: Read> PointDecoder for GzDecoder<R> {
             },
             artifact_hash: boundary.artifact_hash?,
             slot_sha256,
+            tar_head: tar_head.map(<[u8]>::to_vec),
         };
         let (url, expected) = (&plan.url, &plan.expected);
         Some(ResumeRecord::gzip(url, slot, expected, plan.size, &point))
@@ -1296,6 +1314,7 @@ macro_rules! point_decoder {
                 slot: &Path,
                 boundary: Self::Boundary,
                 slot_sha256: String,
+                tar_head: Option<&[u8]>,
             ) -> Option<ResumeRecord> {
                 let point = $point {
                     at: $module::ResumeAt {
@@ -1305,6 +1324,7 @@ macro_rules! point_decoder {
                     },
                     artifact_hash: boundary.artifact_hash?,
                     slot_sha256,
+                    tar_head: tar_head.map(<[u8]>::to_vec),
                 };
                 let (url, expected) = (&plan.url, &plan.expected);
                 Some(ResumeRecord::$record(
@@ -1337,9 +1357,8 @@ fn run_gzip<R: Read>(
             let hash = Some(r.point.artifact_hash.clone());
             let decoder =
                 GzDecoder::resume(input, &r.point.at, hash, &r.window).map_err(gzip_error)?;
-            let start = r.point.at.out;
-            // The window is the prefix's last bytes, as hashed.
-            let writer = SlotWriter::resume(dev, start, r.prefix_hash.clone(), &r.window, interval);
+            let start = r.point.slot_offset();
+            let writer = SlotWriter::resume(dev, start, r.prefix_hash.clone(), &r.tail, interval);
             (decoder, writer)
         }
         None => (
@@ -1347,7 +1366,8 @@ fn run_gzip<R: Read>(
             SlotWriter::new(dev, 0, Sha256::new(), interval),
         ),
     };
-    run_points(plan, decoder, writer, resume.is_some(), counters, began)
+    let from = resume.map(|r| r.point.tar_head.as_deref());
+    run_points(plan, decoder, writer, from, counters, began)
 }
 
 /// [`run`] for a plain zstd image with a sha256 artifact hash, as [`run_gzip`] for gzip: the
@@ -1368,15 +1388,11 @@ fn run_zstd<R: Read>(
             let prefix = r.take_prefix().ok_or_else(|| {
                 InstallError::Internal("the zstd resume's slot prefix was used already".into())
             })?;
-            // The slot writer rewrites the prefix's last bytes as they were hashed (the window
-            // is, and is at least as long as what the writer keeps).
-            let mut tail = slot::PrefixTail::default();
-            tail.update(prefix.window());
             let at = &r.point.at;
             let hash = Some(r.point.artifact_hash.clone());
             let decoder = ZstdDecoder::resume(input, at, hash, prefix).map_err(zstd_error)?;
-            let prefix_hash = r.prefix_hash.clone();
-            let writer = SlotWriter::resume(dev, at.out, prefix_hash, tail.bytes(), interval);
+            let (start, prefix_hash) = (r.point.slot_offset(), r.prefix_hash.clone());
+            let writer = SlotWriter::resume(dev, start, prefix_hash, &r.tail, interval);
             (decoder, writer)
         }
         None => (
@@ -1384,7 +1400,8 @@ fn run_zstd<R: Read>(
             SlotWriter::new(dev, 0, Sha256::new(), interval),
         ),
     };
-    run_points(plan, decoder, writer, resume.is_some(), counters, began)
+    let from = resume.map(|r| r.point.tar_head.as_deref());
+    run_points(plan, decoder, writer, from, counters, began)
 }
 
 /// What every [`XzDecoder`] of the install reads from: one type, so that the xz decoder
@@ -1411,8 +1428,8 @@ fn run_xz<R: Read>(
             let hash = Some(r.point.artifact_hash.clone());
             let decoder = XzDecoder::resume(input, at, hash)
                 .map_err(|e| decode::read_error(e, Format::Xz, counters.consumed()))?;
-            let writer =
-                SlotWriter::resume(dev, at.out, r.prefix_hash.clone(), &r.window, interval);
+            let start = r.point.slot_offset();
+            let writer = SlotWriter::resume(dev, start, r.prefix_hash.clone(), &r.tail, interval);
             (decoder, writer)
         }
         None => (
@@ -1420,49 +1437,62 @@ fn run_xz<R: Read>(
             SlotWriter::new(dev, 0, Sha256::new(), interval),
         ),
     };
-    run_points(plan, decoder, writer, resume.is_some(), counters, began)
+    let from = resume.map(|r| r.point.tar_head.as_deref());
+    run_points(plan, decoder, writer, from, counters, began)
 }
 
-/// The rest of [`run_gzip`], [`run_zstd`] and [`run_xz`] once the decoder and the slot writer are made:
-/// a plain image is decoded to the slot with resume records at its boundaries, a tar inside
-/// is extracted by its rules (no resume points); then the artifact is read to its end, its
-/// hash checked and the slot finished. `resumed`: the decoder continues a plain image.
+/// The rest of [`run_gzip`], [`run_zstd`] and [`run_xz`] once the decoder and the slot writer
+/// are made: a plain image is decoded to the slot with resume records at its boundaries, a tar
+/// inside is extracted by its rules with resume records at the boundaries in its image
+/// member; then the artifact is read to its end, its hash checked and the slot finished.
+/// `resumed`: the decoder continues at a resume point (`Some(None)`: of a plain image,
+/// `Some(Some(head))`: in a tar's image member, the tar's bytes before its data `head`).
 fn run_points<D: PointDecoder>(
     plan: &SinkPlan,
     mut decoder: D,
     mut writer: SlotWriter<'_>,
-    resumed: bool,
+    resumed: Option<Option<&[u8]>>,
     counters: &Counters,
     began: Instant,
 ) -> Result<Installed, InstallError> {
     let offset = || counters.consumed();
-    let format = if resumed {
-        // Only a plain image ever leaves a gzip, zstd or xz record.
-        copy_points(&mut decoder, &mut writer, plan, &offset)?;
-        D::FORMAT
-    } else {
-        let mut head = vec![0u8; decode::SNIFF_LEN];
-        let got = bootctl::fsutil::read_full(&mut decoder, &mut head)
-            .map_err(|e| decode::read_error(e, D::FORMAT, offset()))?;
-        head.truncate(got);
-        if decode::is_tar(&head) {
-            // A tar inside: its rules, and no resume points (see resume.rs), so no stops at
-            // block boundaries either (they cost CPU, see `boundaries_from`).
-            decoder.boundaries_from(u64::MAX);
-            let capacity = writer.capacity();
-            let inner = Read::chain(io::Cursor::new(head), &mut decoder);
-            let member = plan.archive_member.as_deref();
-            let format = D::FORMAT.with_tar();
-            archive::extract_image(inner, format, member, capacity, &offset, &mut writer)?;
-            format
-        } else {
-            if let Some(lower_bound) = counters.gzip_isize().filter(|_| D::FORMAT == Format::Gzip) {
-                // Too large for sure: fail before the first byte.
-                writer.expect_at_least(lower_bound)?;
-            }
-            writer.write(&head)?;
+    let format = match resumed {
+        Some(None) => {
             copy_points(&mut decoder, &mut writer, plan, &offset)?;
             D::FORMAT
+        }
+        Some(Some(head)) => {
+            let resumed = TarResumed {
+                head: head.to_vec(),
+                slot_offset: writer.position(),
+            };
+            extract_points(
+                &mut decoder,
+                &mut writer,
+                plan,
+                TarStart::Resumed(resumed),
+                &offset,
+            )?
+        }
+        None => {
+            let mut head = vec![0u8; decode::SNIFF_LEN];
+            let got = bootctl::fsutil::read_full(&mut decoder, &mut head)
+                .map_err(|e| decode::read_error(e, D::FORMAT, offset()))?;
+            head.truncate(got);
+            if decode::is_tar(&head) {
+                let start = TarStart::Fresh(head);
+                extract_points(&mut decoder, &mut writer, plan, start, &offset)?
+            } else {
+                if let Some(lower_bound) =
+                    counters.gzip_isize().filter(|_| D::FORMAT == Format::Gzip)
+                {
+                    // Too large for sure: fail before the first byte.
+                    writer.expect_at_least(lower_bound)?;
+                }
+                writer.write(&head)?;
+                copy_points(&mut decoder, &mut writer, plan, &offset)?;
+                D::FORMAT
+            }
         }
     };
     // To the end of the artifact: the checks of the last members or frames, and every byte
@@ -1492,7 +1522,7 @@ struct PendingPoint<B> {
     image_hash: Sha256,
 }
 
-/// Decode a plain gzip or zstd image to the slot; its boundaries become resume records once
+/// Decode a plain gzip, zstd or xz image to the slot; its boundaries become resume records once
 /// the slot is durable up to them (also after an error stopped the copy).
 fn copy_points<D: PointDecoder>(
     decoder: &mut D,
@@ -1500,13 +1530,7 @@ fn copy_points<D: PointDecoder>(
     plan: &SinkPlan,
     offset: &dyn Fn() -> u64,
 ) -> Result<(), InstallError> {
-    // A few points per checkpoint interval are plenty: one just before the checkpoint counts.
-    // Never more than half an interval apart, so that a small interval (the config's minimum is
-    // 256 KiB) still keeps a point before each checkpoint.
-    let spacing = (plan.checkpoint_interval / 16)
-        .max(1 << 20)
-        .min(plan.checkpoint_interval / 2)
-        .max(1);
+    let spacing = point_spacing(plan);
     let mut pending = VecDeque::new();
     let mut next_at = decoder.output_offset().saturating_add(spacing);
     decoder.boundaries_from(next_at);
@@ -1529,20 +1553,253 @@ fn copy_points<D: PointDecoder>(
                 });
             }
         }
-        record_point::<D>(plan, writer, &mut pending);
+        record_point::<D>(plan, writer, &mut pending, None);
     });
     // As for raw images: a checkpoint made durable but not taken yet still counts.
     writer.settle();
-    record_point::<D>(plan, writer, &mut pending);
+    record_point::<D>(plan, writer, &mut pending, None);
     copied
 }
 
+/// The least output between two boundaries that are kept as resume points.
+fn point_spacing(plan: &SinkPlan) -> u64 {
+    // A few points per checkpoint interval are plenty: one just before the checkpoint counts.
+    // Never more than half an interval apart, so that a small interval (the config's minimum is
+    // 256 KiB) still keeps a point before each checkpoint.
+    (plan.checkpoint_interval / 16)
+        .max(1 << 20)
+        .min(plan.checkpoint_interval / 2)
+        .max(1)
+}
+
+/// Where [`extract_points`] starts.
+enum TarStart {
+    /// At the artifact's start; the decoder's first output (read to tell the format).
+    Fresh(Vec<u8>),
+    /// At a resume point in the image member's data.
+    Resumed(TarResumed),
+}
+
+/// A resume point in a tar's image member.
+struct TarResumed {
+    /// The tar's bytes before the image member's data (from the record).
+    head: Vec<u8>,
+    /// The image's bytes on the slot before the point (the slot writer starts after them).
+    slot_offset: u64,
+}
+
+/// What the tar rules' reader ([`TarTap`]) and the image sink ([`TarSink`]) share.
+struct TarShared<B> {
+    /// The boundary the decoder last stopped at, not looked at by the sink yet.
+    boundary: Option<B>,
+    /// A fresh install's output from its start, up to [`MAX_TAR_HEAD`] bytes, until the image
+    /// member's data offset is known (the bytes before it go into the records).
+    captured: Option<Vec<u8>>,
+}
+
+/// The decoder's output as the tar rules read it: `before` first (a fresh install's sniffed
+/// bytes; a resumed install's tar head and, standing in for the image bytes on the slot, as
+/// many zeros, which the sink drops), then the decoder. Its stops at boundaries go to the
+/// shared state, never to the tar reader.
+struct TarTap<'d, D: PointDecoder> {
+    before: io::Chain<Cursor<Vec<u8>>, io::Take<io::Repeat>>,
+    decoder: &'d mut D,
+    shared: Rc<RefCell<TarShared<D::Boundary>>>,
+    spacing: u64,
+}
+
+impl<D: PointDecoder> Read for TarTap<'_, D> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut n = self.before.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            n = loop {
+                // gzip and zstd stop a read at a boundary, xz fails the read after it with
+                // `Interrupted` (see `copy_to_slot`).
+                let read = self.decoder.read(buf);
+                if let Some(boundary) = self.decoder.take_boundary() {
+                    let next = D::out(&boundary).saturating_add(self.spacing);
+                    self.decoder.boundaries_from(next);
+                    self.shared.borrow_mut().boundary = Some(boundary);
+                }
+                match read {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    other => break other?,
+                }
+            };
+        }
+        if let Some(captured) = &mut self.shared.borrow_mut().captured {
+            let room = MAX_TAR_HEAD.saturating_sub(captured.len());
+            captured.extend_from_slice(&buf[..n.min(room)]);
+        }
+        Ok(n)
+    }
+}
+
+/// The slot writer as the image sink of a tar inside a point decoder: the decoder's boundaries
+/// in the image member's data become resume records (with the tar's head) once the slot is
+/// durable up to them. Resumed, the image member must start where the record's head ends and
+/// reach past the point; its bytes before the point (on the slot) are dropped.
+struct TarSink<'w, 'a, D: PointDecoder> {
+    writer: &'w mut SlotWriter<'a>,
+    plan: &'w SinkPlan,
+    shared: Rc<RefCell<TarShared<D::Boundary>>>,
+    /// The tar's bytes before the image member's data, once known (and at most
+    /// [`MAX_TAR_HEAD`]); a resumed install's from the start.
+    head: Option<Vec<u8>>,
+    resumed: bool,
+    /// Image bytes still to drop (a resumed install's zeros standing in for the slot's).
+    skip: u64,
+    pending: VecDeque<PendingPoint<D::Boundary>>,
+}
+
+impl<D: PointDecoder> TarSink<'_, '_, D> {
+    fn mismatch(&self, why: &str) -> InstallError {
+        InstallError::ReplayMismatch {
+            slot: self.writer.slot_path().to_path_buf(),
+            resume_at: self.writer.position(),
+            why: why.into(),
+        }
+    }
+
+    /// Keep the boundary the decoder last stopped at when it is in the image member's data,
+    /// right after the image bytes the writer has (nothing of the image after it was read
+    /// yet); leave it for later while the writer has not got all the image before it.
+    fn take_boundary(&mut self) {
+        let mut shared = self.shared.borrow_mut();
+        let Some(out) = shared.boundary.as_ref().map(D::out) else {
+            return;
+        };
+        let Some(head) = &self.head else {
+            shared.boundary = None;
+            return;
+        };
+        let image_offset = out.checked_sub(head.len() as u64);
+        let position = self.writer.position();
+        if self.skip == 0 && image_offset.is_some_and(|at| at > position) {
+            return;
+        }
+        let Some(boundary) = shared.boundary.take() else {
+            return;
+        };
+        drop(shared);
+        if self.skip > 0 || image_offset != Some(position) {
+            return;
+        }
+        if let Some(image_hash) = self.writer.image_hash_so_far() {
+            if self.pending.len() == MAX_PENDING_POINTS {
+                self.pending.pop_front();
+            }
+            self.pending.push_back(PendingPoint {
+                boundary,
+                image_hash,
+            });
+        }
+    }
+
+    fn record(&mut self) {
+        let head = self.head.as_deref();
+        record_point::<D>(self.plan, self.writer, &mut self.pending, head);
+    }
+}
+
+impl<D: PointDecoder> ImageSink for TarSink<'_, '_, D> {
+    fn image_member(&mut self, data_offset: u64) -> Result<(), InstallError> {
+        if self.resumed {
+            let at = self.head.as_ref().map(|h| h.len() as u64);
+            if at != Some(data_offset) {
+                return Err(self.mismatch("the image member is not where it was"));
+            }
+            return Ok(());
+        }
+        let captured = self.shared.borrow_mut().captured.take();
+        self.head = captured
+            .filter(|c| data_offset <= c.len() as u64)
+            .map(|mut c| {
+                c.truncate(data_offset as usize);
+                c
+            });
+        Ok(())
+    }
+    fn expect_size(&mut self, size: u64) -> Result<(), InstallError> {
+        if size < self.skip {
+            return Err(self.mismatch("the image ends before it"));
+        }
+        self.writer.expect_size(size)
+    }
+    fn write(&mut self, data: &[u8]) -> Result<(), InstallError> {
+        // A boundary before this data (xz stops a read there).
+        self.take_boundary();
+        let dropped = usize::try_from(self.skip)
+            .unwrap_or(usize::MAX)
+            .min(data.len());
+        self.skip -= dropped as u64;
+        let data = &data[dropped..];
+        if !data.is_empty() {
+            self.writer.write(data)?;
+            // A boundary at the end of this data (gzip and zstd stop there).
+            self.take_boundary();
+            self.record();
+        }
+        Ok(())
+    }
+}
+
+/// Extract the image from a tar inside a point decoder by the tar rules, with resume records
+/// at the decoder's boundaries in the image member's data ([`TarSink`]); returns the format.
+fn extract_points<D: PointDecoder>(
+    decoder: &mut D,
+    writer: &mut SlotWriter<'_>,
+    plan: &SinkPlan,
+    start: TarStart,
+    offset: &dyn Fn() -> u64,
+) -> Result<Format, InstallError> {
+    let spacing = point_spacing(plan);
+    let (before, skip, head, captured) = match start {
+        TarStart::Fresh(sniffed) => (sniffed, 0, None, Some(Vec::new())),
+        TarStart::Resumed(r) => (r.head.clone(), r.slot_offset, Some(r.head), None),
+    };
+    let resumed = head.is_some();
+    decoder.boundaries_from(decoder.output_offset().saturating_add(spacing));
+    let shared = Rc::new(RefCell::new(TarShared {
+        boundary: None,
+        captured,
+    }));
+    let tap = TarTap {
+        before: Read::chain(Cursor::new(before), io::repeat(0).take(skip)),
+        decoder: &mut *decoder,
+        shared: Rc::clone(&shared),
+        spacing,
+    };
+    let capacity = writer.capacity();
+    let mut sink = TarSink::<D> {
+        writer,
+        plan,
+        shared,
+        head,
+        resumed,
+        skip,
+        pending: VecDeque::new(),
+    };
+    let format = D::FORMAT.with_tar();
+    let member = plan.archive_member.as_deref();
+    let extracted = archive::extract_image(tap, format, member, capacity, offset, &mut sink);
+    // A boundary right at the image member's end; then, as in `copy_all`, a checkpoint made
+    // durable but not taken yet still counts.
+    sink.take_boundary();
+    sink.writer.settle();
+    sink.record();
+    // What follows the archive needs no stops.
+    decoder.boundaries_from(u64::MAX);
+    extracted.map(|_| format)
+}
+
 /// When the slot became durable up to a new checkpoint, record the latest pending boundary
-/// at or before it.
+/// at or before it (`tar_head`: the boundaries are in a tar's image member after it).
 fn record_point<D: PointDecoder>(
     plan: &SinkPlan,
     writer: &mut SlotWriter<'_>,
     pending: &mut VecDeque<PendingPoint<D::Boundary>>,
+    tar_head: Option<&[u8]>,
 ) {
     let Some(durable) = writer.take_checkpoint() else {
         return;
@@ -1564,7 +1821,7 @@ fn record_point<D: PointDecoder>(
         return;
     };
     let slot_sha256 = hex::encode(image_hash.finalize());
-    let Some(record) = D::record(plan, writer.slot_path(), boundary, slot_sha256) else {
+    let Some(record) = D::record(plan, writer.slot_path(), boundary, slot_sha256, tar_head) else {
         return;
     };
     // Resuming is an optimisation: without a record the next try starts over.

@@ -91,9 +91,24 @@
 //! whether the record was made through a bundle reader ("bundle", used only under a signature
 //! policy) or for a plain tar ("tar"); the replay must take the same path.
 //!
-//! Everything else restarts from the beginning after a restart: a tar inside gzip, zstd or xz
-//! and a compressed image inside a tar or bundle, because a tar reader's or decoder's state
-//! cannot be rebuilt from the slot; an xz block (its library's public API cannot restart a
+//! **A tar inside gzip, zstd or xz** (formats `tar-gzip`, `tar-zstd`, `tar-xz`; artifact hash
+//! sha256): the decoder's points as above, kept only where they fall in the image member's
+//! data, the record also holding `tar_head`: the tar's decompressed bytes before that data
+//! (headers, and any members before the image; at most [`MAX_TAR_HEAD`]). The decoder's output
+//! before the point is that head followed by the slot's first `slot_offset` bytes: that is what
+//! a restart feeds the decoder's prefix checks (gzip's CRC-32 and window, zstd's window and
+//! checksum) while it hashes only the slot's bytes. The tar rules then read the head, as many
+//! zeros as the slot holds (standing in for the image bytes there, dropped, not written) and
+//! the decoder's output from the point: the image member must start where the head ends and
+//! reach past the point (else [`super::InstallError::ReplayMismatch`]), and the archive after
+//! it is checked as in a fresh install; a failure starts over from byte 0, once. The head is
+//! bound to the artifact only by what checks the decoder's output (gzip's CRC-32 and zstd's
+//! content checksum cover it, xz's index its length) and by the tar header checksums: a head
+//! forged with the artifact at hand could end the image member early, as a forged point between
+//! zstd frames or in a later xz stream could move it.
+//!
+//! Everything else restarts from the beginning after a restart: a compressed image inside a
+//! tar or bundle, because a decoder's state inside a container is not kept; an xz block (its library's public API cannot restart a
 //! decoder inside one, so an interrupted install continues at the block's start: an xz file of
 //! one block starts over); a zstd frame without a content checksum or with a window above
 //! 8 MiB (no resume points are made in it); a gzip, zstd or xz image with a sha1 or md5
@@ -129,8 +144,9 @@ pub struct ResumeRecord {
     pub size: Option<u64>,
     /// "raw" (artifact byte N is slot byte N), "chunks" (a delta install of a chunked
     /// bundle), "gzip" (a plain gzip image), "zstd" (a plain zstd image), "xz" (a plain xz
-    /// image) or "member" (a raw image member of a plain tar or signed bundle, resumed by
-    /// replay; see the module doc).
+    /// image), "tar-gzip", "tar-zstd", "tar-xz" (the image member of a tar inside one of them)
+    /// or "member" (a raw image member of a plain tar or signed bundle, resumed by replay; see
+    /// the module doc).
     pub format: String,
     /// Bytes of the artifact (as served) covered by the record: a resume downloads from here.
     pub artifact_offset: u64,
@@ -171,11 +187,21 @@ pub struct ResumeRecord {
     /// the image, its check type, its blocks before the point; see [`XzState::to_text`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xz_state: Option<String>,
+    /// "tar-gzip", "tar-zstd", "tar-xz": the decompressed tar's bytes before the image member's
+    /// data (its headers, and any members before it), hex; the decoder's output offset at the
+    /// resume point is their length plus `slot_offset`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tar_head: Option<String>,
 }
 
 /// Largest head (artifact bytes before the image member's data) a `member` record is made
 /// for and used with: a bundle's is a few KiB, a tar's one header per member before the image.
 pub const MAX_MEMBER_OFFSET: u64 = 1 << 20;
+
+/// Largest tar head (decompressed bytes before the image member's data) a `tar-gzip`,
+/// `tar-zstd` or `tar-xz` record holds: one header per member before the image, and their
+/// data.
+pub const MAX_TAR_HEAD: usize = 64 << 10;
 
 /// Where a raw image member of a tar or a signed bundle continues: the artifact's bytes before
 /// `slot_offset` are its first `member_offset` bytes followed by the slot's first
@@ -210,8 +236,11 @@ impl MemberPoint {
 pub struct GzipPoint {
     pub at: ResumeAt,
     pub artifact_hash: Sha256State,
-    /// sha256 (hex) of the slot's bytes before `at.out`.
+    /// sha256 (hex) of the slot's bytes before the point.
     pub slot_sha256: String,
+    /// A tar inside the compression: its bytes before the image member's data (`at.out` is
+    /// then their length plus the slot's bytes; see [`DecoderPoint::slot_offset`]).
+    pub tar_head: Option<Vec<u8>>,
 }
 
 /// Where an xz image continues: a block boundary, durable on the slot up to `at.out`.
@@ -219,8 +248,11 @@ pub struct GzipPoint {
 pub struct XzPoint {
     pub at: unxz::ResumeAt,
     pub artifact_hash: Sha256State,
-    /// sha256 (hex) of the slot's bytes before `at.out`.
+    /// sha256 (hex) of the slot's bytes before the point.
     pub slot_sha256: String,
+    /// A tar inside the compression: its bytes before the image member's data (`at.out` is
+    /// then their length plus the slot's bytes; see [`DecoderPoint::slot_offset`]).
+    pub tar_head: Option<Vec<u8>>,
 }
 
 /// Where a zstd image continues: a block (or frame) boundary, durable on the slot up to
@@ -229,9 +261,54 @@ pub struct XzPoint {
 pub struct ZstdPoint {
     pub at: unzstd::ResumeAt,
     pub artifact_hash: Sha256State,
-    /// sha256 (hex) of the slot's bytes before `at.out`.
+    /// sha256 (hex) of the slot's bytes before the point.
     pub slot_sha256: String,
+    /// A tar inside the compression: its bytes before the image member's data (`at.out` is
+    /// then their length plus the slot's bytes; see [`DecoderPoint::slot_offset`]).
+    pub tar_head: Option<Vec<u8>>,
 }
+
+/// What the gzip, zstd and xz resume points share.
+pub trait DecoderPoint {
+    /// The artifact's byte the download continues at.
+    fn artifact_offset(&self) -> u64;
+    /// The decoder's output offset at the point.
+    fn out(&self) -> u64;
+    /// The artifact's sha256 state before `artifact_offset`.
+    fn artifact_hash(&self) -> &Sha256State;
+    /// sha256 (hex) of the slot's bytes before the point.
+    fn slot_sha256(&self) -> &str;
+    /// The tar's bytes before the image member's data, when a tar is inside the compression.
+    fn tar_head(&self) -> Option<&[u8]>;
+    /// The slot's bytes before the point: the output before it, less a tar's head.
+    fn slot_offset(&self) -> u64 {
+        self.out() - self.tar_head().map_or(0, |h| h.len() as u64)
+    }
+}
+
+macro_rules! decoder_point {
+    ($($point:ident),*) => {$(
+        impl DecoderPoint for $point {
+            fn artifact_offset(&self) -> u64 {
+                self.at.artifact_offset
+            }
+            fn out(&self) -> u64 {
+                self.at.out
+            }
+            fn artifact_hash(&self) -> &Sha256State {
+                &self.artifact_hash
+            }
+            fn slot_sha256(&self) -> &str {
+                &self.slot_sha256
+            }
+            fn tar_head(&self) -> Option<&[u8]> {
+                self.tar_head.as_deref()
+            }
+        }
+    )*};
+}
+
+decoder_point!(GzipPoint, ZstdPoint, XzPoint);
 
 impl ResumeRecord {
     pub fn raw(
@@ -301,6 +378,7 @@ impl ResumeRecord {
             member_of: None,
             zstd_state: None,
             xz_state: None,
+            tar_head: None,
         }
     }
 
@@ -366,13 +444,7 @@ impl ResumeRecord {
         ResumeRecord {
             bits: Some(point.at.bits),
             crc32: Some(point.at.crc),
-            ..Self::decoder(
-                "gzip",
-                (url, slot, expected_hash, size),
-                (point.at.artifact_offset, point.at.out),
-                &point.artifact_hash,
-                &point.slot_sha256,
-            )
+            ..Self::decoder("gzip", (url, slot, expected_hash, size), point)
         }
     }
 
@@ -386,13 +458,7 @@ impl ResumeRecord {
     ) -> Self {
         ResumeRecord {
             zstd_state: Some(point.at.state.to_text()),
-            ..Self::decoder(
-                "zstd",
-                (url, slot, expected_hash, size),
-                (point.at.artifact_offset, point.at.out),
-                &point.artifact_hash,
-                &point.slot_sha256,
-            )
+            ..Self::decoder("zstd", (url, slot, expected_hash, size), point)
         }
     }
 
@@ -406,37 +472,35 @@ impl ResumeRecord {
     ) -> Self {
         ResumeRecord {
             xz_state: Some(point.at.state.to_text()),
-            ..Self::decoder(
-                "xz",
-                (url, slot, expected_hash, size),
-                (point.at.artifact_offset, point.at.out),
-                &point.artifact_hash,
-                &point.slot_sha256,
-            )
+            ..Self::decoder("xz", (url, slot, expected_hash, size), point)
         }
     }
 
     /// The fields a `gzip`, a `zstd` and an `xz` record share: the artifact (`url`, `slot`,
     /// `expected_hash`, `size`; hashed with sha256), the resume point (artifact and slot
-    /// offsets), the artifact's sha256 state there and the slot prefix's sha256.
-    fn decoder(
+    /// offsets), the artifact's sha256 state there, the slot prefix's sha256 and, for a tar
+    /// inside (format `tar-` and `format`), the tar's head.
+    fn decoder<P: DecoderPoint>(
         format: &str,
         (url, slot, expected_hash, size): (&str, &Path, &str, Option<u64>),
-        (artifact_offset, slot_offset): (u64, u64),
-        artifact_hash: &Sha256State,
-        slot_sha256: &str,
+        point: &P,
     ) -> Self {
+        let format = match point.tar_head() {
+            Some(_) => format!("tar-{format}"),
+            None => format.to_string(),
+        };
         ResumeRecord {
             url: url.to_string(),
             slot: slot.to_path_buf(),
             algorithm: "sha256".into(),
             expected_hash: expected_hash.to_string(),
             size,
-            format: format.into(),
-            artifact_offset,
-            slot_offset,
-            artifact_sha256_state: Some(artifact_hash.to_text()),
-            slot_sha256: Some(slot_sha256.to_string()),
+            format,
+            artifact_offset: point.artifact_offset(),
+            slot_offset: point.slot_offset(),
+            artifact_sha256_state: Some(point.artifact_hash().to_text()),
+            slot_sha256: Some(point.slot_sha256().to_string()),
+            tar_head: point.tar_head().map(hex::encode),
             ..Self::empty()
         }
     }
@@ -444,29 +508,30 @@ impl ResumeRecord {
     /// Where a plain gzip image of the same artifact continues in the same slot; None for any
     /// other record, or one whose fields do not fit together.
     pub fn gzip_point(&self, target: &Target<'_>) -> Option<GzipPoint> {
-        let (artifact_hash, slot_sha256) = self.decoder_point("gzip", target)?;
+        let (artifact_hash, slot_sha256, tar_head, out) = self.decoder_point("gzip", target)?;
         let bits = self.bits.filter(|&b| b <= 7)?;
         let crc = self.crc32?;
         Some(GzipPoint {
             at: ResumeAt {
                 artifact_offset: self.artifact_offset,
                 bits,
-                out: self.slot_offset,
+                out,
                 crc,
             },
             artifact_hash,
             slot_sha256,
+            tar_head,
         })
     }
 
     /// Where a plain zstd image of the same artifact continues in the same slot; None for any
     /// other record, or one whose fields do not fit together.
     pub fn zstd_point(&self, target: &Target<'_>) -> Option<ZstdPoint> {
-        let (artifact_hash, slot_sha256) = self.decoder_point("zstd", target)?;
+        let (artifact_hash, slot_sha256, tar_head, out) = self.decoder_point("zstd", target)?;
         let state = ZstdState::from_text(self.zstd_state.as_deref()?)?;
         let at = unzstd::ResumeAt {
             artifact_offset: self.artifact_offset,
-            out: self.slot_offset,
+            out,
             state,
         };
         // Before reading the slot's prefix: a point the decoder could not have made.
@@ -474,17 +539,18 @@ impl ResumeRecord {
             at,
             artifact_hash,
             slot_sha256,
+            tar_head,
         })
     }
 
     /// Where a plain xz image of the same artifact continues in the same slot; None for any
     /// other record, or one whose fields do not fit together.
     pub fn xz_point(&self, target: &Target<'_>) -> Option<XzPoint> {
-        let (artifact_hash, slot_sha256) = self.decoder_point("xz", target)?;
+        let (artifact_hash, slot_sha256, tar_head, out) = self.decoder_point("xz", target)?;
         let state = XzState::from_text(self.xz_state.as_deref()?)?;
         let at = unxz::ResumeAt {
             artifact_offset: self.artifact_offset,
-            out: self.slot_offset,
+            out,
             state,
         };
         // Before reading the slot's prefix: a point the decoder could not have made.
@@ -492,13 +558,32 @@ impl ResumeRecord {
             at,
             artifact_hash,
             slot_sha256,
+            tar_head,
         })
     }
 
-    /// The artifact hash state and the slot prefix's sha256 of a `format` record (`gzip`,
-    /// `zstd` or `xz`) for this artifact and slot, when they fit together.
-    fn decoder_point(&self, format: &str, target: &Target<'_>) -> Option<(Sha256State, String)> {
-        let same = self.is_for(format, target)
+    /// The artifact hash state, the slot prefix's sha256, the tar head and the decoder's
+    /// output offset of a `format` record (`gzip`, `zstd` or `xz`, or `tar-` and one of them)
+    /// for this artifact and slot, when they fit together.
+    fn decoder_point(
+        &self,
+        format: &str,
+        target: &Target<'_>,
+    ) -> Option<(Sha256State, String, Option<Vec<u8>>, u64)> {
+        let tar_head = if self.format == format {
+            None
+        } else if self.format.strip_prefix("tar-") == Some(format) {
+            let head = hex::decode(self.tar_head.as_deref()?).ok()?;
+            // Whole tar blocks, at least the image member's header.
+            let fits = (512..=MAX_TAR_HEAD).contains(&head.len()) && head.len() % 512 == 0;
+            Some(Some(head).filter(|_| fits)?)
+        } else {
+            return None;
+        };
+        let out = self
+            .slot_offset
+            .checked_add(tar_head.as_ref().map_or(0, |h| h.len() as u64))?;
+        let same = self.is_for(&self.format, target)
             && target.algorithm == "sha256"
             && self.slot_offset > 0
             && self.artifact_offset < target.size.unwrap_or(u64::MAX);
@@ -512,7 +597,7 @@ impl ResumeRecord {
             && slot_sha256
                 .bytes()
                 .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-        well_formed.then_some((artifact_hash, slot_sha256))
+        well_formed.then_some((artifact_hash, slot_sha256, tar_head, out))
     }
 
     /// Where a delta install of the same bundle into the same slot continues: the slot
@@ -696,6 +781,54 @@ mod tests {
         assert_eq!(newer.chunks_offset(slot, "ab", "cd", 16), None);
     }
 
+    #[test]
+    fn a_point_in_a_tar_keeps_the_head_and_counts_the_slot_without_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("download.resume");
+        let slot = Path::new("/dev/slot-b");
+        let mut hash = Sha256State::new();
+        hash.update(&[7u8; 1000]);
+        let head: Vec<u8> = (0..1024u32).map(|i| (i % 251) as u8).collect();
+        let point = GzipPoint {
+            at: ResumeAt {
+                artifact_offset: 1000,
+                bits: 3,
+                out: 1024 + 4096,
+                crc: 0xdead_beef,
+            },
+            artifact_hash: hash,
+            slot_sha256: "ab".repeat(32),
+            tar_head: Some(head.clone()),
+        };
+        let r = ResumeRecord::gzip("http://x/a.tgz", slot, "cd", Some(5000), &point);
+        assert_eq!((r.format.as_str(), r.slot_offset), ("tar-gzip", 4096));
+        assert_eq!(r.tar_head.as_deref(), Some(hex::encode(&head).as_str()));
+        let back = saved_and_loaded(&path, &r);
+        let target = target_cd(slot, "sha256", Some(5000), 1 << 20);
+        assert_eq!(back.gzip_point(&target), Some(point.clone()));
+        assert_eq!(back.xz_point(&target), None);
+        // A head that is not whole tar blocks, too long, or missing: no point.
+        for bad in [
+            Some(hex::encode(&head[..1000])),
+            Some(hex::encode(vec![0u8; MAX_TAR_HEAD + 512])),
+            Some("not hex".into()),
+            None,
+        ] {
+            let bad = ResumeRecord {
+                tar_head: bad,
+                ..r.clone()
+            };
+            assert_eq!(bad.gzip_point(&target), None, "{:?}", bad.tar_head);
+        }
+        // The plain format ignores a head: its point is at the slot offset.
+        let plain = ResumeRecord {
+            format: "gzip".into(),
+            ..r.clone()
+        };
+        let plain = plain.gzip_point(&target).unwrap();
+        assert_eq!((plain.at.out, plain.tar_head), (4096, None));
+    }
+
     /// `r` saved at `path` and loaded again: the same record.
     fn saved_and_loaded(path: &Path, r: &ResumeRecord) -> ResumeRecord {
         save(path, r).unwrap();
@@ -736,6 +869,7 @@ mod tests {
             },
             artifact_hash: hash,
             slot_sha256: "ab".repeat(32),
+            tar_head: None,
         };
         let r = ResumeRecord::gzip("http://x/a.gz", slot, "cd", Some(5000), &point);
         let back = saved_and_loaded(&path, &r);
@@ -839,6 +973,7 @@ mod tests {
             },
             artifact_hash: hash,
             slot_sha256: "ab".repeat(32),
+            tar_head: None,
         };
         let r = ResumeRecord::zstd("http://x/a.zst", slot, "cd", Some(5000), &point);
         assert_eq!(r.format, "zstd");
@@ -925,6 +1060,7 @@ mod tests {
                 },
                 artifact_hash: hash,
                 slot_sha256: "ab".repeat(32),
+                tar_head: None,
             };
             ResumeRecord::zstd("http://x/a.zst", slot, "cd", Some(5000), &point)
         };

@@ -188,6 +188,15 @@ impl Fixture {
         self.dir.path().join("resume.json")
     }
 
+    /// Slot byte `at` becomes `img`'s with one bit flipped (changed behind the agent's back).
+    fn flip_slot_byte(&self, img: &[u8], at: u64) {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.slot)
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[img[at as usize] ^ 1], at).unwrap();
+    }
+
     fn slot_bytes(&self) -> Vec<u8> {
         std::fs::read(&self.slot).unwrap()
     }
@@ -1149,18 +1158,9 @@ async fn install_over_tampered_records(
 }
 
 #[tokio::test]
-async fn tar_gz_and_gzip_without_sha256_restart_from_zero() {
+async fn gzip_without_sha256_restarts_from_zero() {
     let fx = Fixture::new(9 << 20);
     let img = gunzip::tests::image(8 << 20, 22);
-    let tgz = {
-        let tar = tar_of(&[("rootfs.img", &img)]);
-        gunzip::tests::gzip(&tar, 6)
-    };
-    interrupted_install(&fx, &tgz, tgz.len() * 6 / 10).await;
-    assert!(
-        resume::load(&fx.resume_path()).is_none(),
-        "a tar.gz left a record"
-    );
     let gz = gunzip::tests::gzip(&img, 6);
     let server = ArtifactServer::start(gz.clone());
     server.always(drop_after((gz.len() * 6 / 10) as u64));
@@ -1290,11 +1290,7 @@ async fn starts_over_after_a_changed_byte(
     record: &resume::ResumeRecord,
     at: u64,
 ) {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&fx.slot)
-        .unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&f, &[img[at as usize] ^ 1], at).unwrap();
+    fx.flip_slot_byte(img, at);
     let server = ArtifactServer::start(artifact.to_vec());
     resume::save(&fx.resume_path(), record).unwrap();
     run(&fx.request(&server.url, artifact), &fast_options())
@@ -1401,11 +1397,11 @@ async fn zstd_images_without_resume_points_restart_from_zero() {
             .unwrap();
         c.compress(&img).unwrap()
     };
-    let tar_zst = zstd(&tar_of(&[("rootfs.img", &img)]));
+    let tar_zst = zstd::bulk::compress(&tar_of(&[("rootfs.img", &img)]), 3).unwrap();
     for (what, artifact) in [
         ("no content checksum", no_checksum),
         ("a window above 8 MiB", large_window),
-        ("tar.zst", tar_zst),
+        ("tar.zst without a content checksum", tar_zst),
     ] {
         let err = interrupted_install(&fx, &artifact, artifact.len() * 6 / 10).await;
         assert!(err.is_retryable(), "{what}: {err}");
@@ -3164,13 +3160,10 @@ async fn a_tampered_xz_record_never_gives_a_wrong_image() {
 async fn xz_images_without_resume_points_restart_from_zero() {
     let img = gunzip::tests::image(8 << 20, 26);
     let fx = Fixture::new(9 << 20);
-    // What plain single-threaded `xz` writes: one block, no point after its start.
+    // What plain single-threaded `xz` writes: one block, no point after its start (in a tar
+    // too).
     let one_block = xz(&img);
-    let tar_xz = xz_blocks(
-        &tar_of(&[("rootfs.img", &img)]),
-        512 << 10,
-        lzma_rust2::CheckType::Crc64,
-    );
+    let tar_xz = xz(&tar_of(&[("rootfs.img", &img)]));
     for (what, artifact) in [("one block", one_block), ("tar.xz", tar_xz)] {
         let err = interrupted_install(&fx, &artifact, artifact.len() * 6 / 10).await;
         assert!(err.is_retryable(), "{what}: {err}");
@@ -3185,5 +3178,172 @@ async fn xz_images_without_resume_points_restart_from_zero() {
             .unwrap_or_else(|e| panic!("{what}: {e}"));
         assert_eq!(server.requests()[0].0, None, "{what}");
         fx.assert_installed(&img);
+    }
+}
+
+/// A tar inside gzip, zstd or xz: resume points in the image member's data, with the tar's
+/// head in the record.
+mod tar_inside {
+    use super::*;
+
+    /// A tar whose image member follows a directory and has a name longer than a tar header
+    /// holds (a GNU long-name member before its header): a head of four blocks.
+    fn tar_with_long_name(img: &[u8]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut dir = tar::Header::new_gnu();
+        dir.set_entry_type(tar::EntryType::Directory);
+        dir.set_size(0);
+        dir.set_mode(0o755);
+        dir.set_cksum();
+        b.append_data(&mut dir, "images/", std::io::empty())
+            .unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_size(img.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        let name = format!("images/{}/rootfs.img", "n".repeat(120));
+        b.append_data(&mut h, name, img).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    /// A test artifact: what it is, its record format, its bytes.
+    type Artifact = (&'static str, &'static str, Vec<u8>);
+
+    /// The image, and its tar compressed each way.
+    fn artifacts() -> (Vec<u8>, Vec<Artifact>) {
+        let img = gunzip::tests::image(8 << 20, 27);
+        let tar = tar_of(&[("rootfs.img", &img)]);
+        let crc64 = lzma_rust2::CheckType::Crc64;
+        let artifacts = vec![
+            ("tar.gz", "tar-gzip", gunzip::tests::gzip(&tar, 6)),
+            ("tar.zst", "tar-zstd", zstd(&tar)),
+            ("tar.xz", "tar-xz", xz_blocks(&tar, 512 << 10, crc64)),
+            (
+                "tar.gz, long name",
+                "tar-gzip",
+                gunzip::tests::gzip(&tar_with_long_name(&img), 6),
+            ),
+            (
+                "tar.xz, long name",
+                "tar-xz",
+                xz_blocks(&tar_with_long_name(&img), 512 << 10, crc64),
+            ),
+        ];
+        (img, artifacts)
+    }
+
+    #[tokio::test]
+    async fn restart_resumes_a_tar_inside_gzip_zstd_or_xz_from_a_point_in_its_image() {
+        let (img, artifacts) = artifacts();
+        for (what, format, artifact) in artifacts {
+            let fx = Fixture::new(9 << 20);
+            let record = interrupted_decoder_install(&fx, &img, &artifact, format).await;
+            let head = hex::decode(record.tar_head.as_deref().unwrap()).unwrap();
+            let blocks = if what.contains("long name") { 4 } else { 1 };
+            assert_eq!(head.len(), blocks * 512, "{what}");
+            resumes_from_the_record(&fx, &img, &artifact, &record, what).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tar_resume_over_a_changed_slot_starts_over() {
+        let (img, artifacts) = artifacts();
+        for (what, format, artifact) in artifacts.into_iter().take(3) {
+            let fx = Fixture::new(9 << 20);
+            let record = interrupted_decoder_install(&fx, &img, &artifact, format).await;
+            fx.flip_slot_byte(&img, record.slot_offset - 10);
+            let server = ArtifactServer::start(artifact.clone());
+            run(&fx.request(&server.url, &artifact), &fast_options())
+                .await
+                .0
+                .unwrap();
+            fx.assert_installed(&img);
+            // One download from byte 0 (and a fresh gzip install's 4-byte fetch of its ISIZE),
+            // never the resume's Range request.
+            let isize_at = artifact.len() as u64 - 4;
+            let requests = server.requests();
+            let ranges: Vec<_> = requests.iter().map(|r| r.0).collect();
+            assert_eq!(ranges[0], None, "{what}: {requests:?}");
+            assert!(
+                ranges[1..].is_empty() || (ranges[1..] == [Some(isize_at)] && format == "tar-gzip"),
+                "{what}: {requests:?}"
+            );
+        }
+    }
+
+    /// `head` with its first header's size field set to `size` (checksum made to fit).
+    fn with_size(head: &[u8], size: u64) -> Vec<u8> {
+        let mut head = head.to_vec();
+        let mut header = tar::Header::new_old();
+        header.as_mut_bytes().copy_from_slice(&head[..512]);
+        header.set_size(size);
+        header.set_cksum();
+        head[..512].copy_from_slice(header.as_bytes());
+        head
+    }
+
+    #[tokio::test]
+    async fn a_tampered_tar_record_never_gives_a_wrong_image() {
+        let (img, artifacts) = artifacts();
+        for (what, format, artifact) in artifacts.into_iter().take(3) {
+            let fx = Fixture::new(9 << 20);
+            let record = interrupted_decoder_install(&fx, &img, &artifact, format).await;
+            let head = hex::decode(record.tar_head.as_deref().unwrap()).unwrap();
+            let with_head = |head: Vec<u8>| resume::ResumeRecord {
+                tar_head: Some(hex::encode(head)),
+                ..record.clone()
+            };
+            let mut flipped = head.clone();
+            flipped[3] ^= 0x20;
+            let mut longer = head.clone();
+            longer.extend_from_slice(&[0u8; 512]);
+            let plain = format.strip_prefix("tar-").unwrap();
+            let mut tampered: Vec<(&str, resume::ResumeRecord)> = vec![
+                ("a byte of the head", with_head(flipped)),
+                ("a block more in the head", with_head(longer)),
+                ("a head of half a block", with_head(head[..256].to_vec())),
+                (
+                    "the image shorter than the point",
+                    with_head(with_size(&head, 4096)),
+                ),
+                (
+                    "the image longer",
+                    with_head(with_size(&head, img.len() as u64 + 4096)),
+                ),
+                (
+                    "no head",
+                    resume::ResumeRecord {
+                        tar_head: None,
+                        ..record.clone()
+                    },
+                ),
+                (
+                    "head not hex",
+                    resume::ResumeRecord {
+                        tar_head: Some("zz".repeat(512)),
+                        ..record.clone()
+                    },
+                ),
+                (
+                    "the plain format",
+                    resume::ResumeRecord {
+                        format: plain.into(),
+                        ..record.clone()
+                    },
+                ),
+            ];
+            let mut other_hash = sha256_state::Sha256State::new();
+            other_hash.update(&vec![1u8; record.artifact_offset as usize]);
+            tampered.extend(moved_offsets_and_hashes(&record, &other_hash, 4));
+            let names: Vec<String> = tampered
+                .iter()
+                .map(|(c, _)| format!("{what}: {c}"))
+                .collect();
+            let tampered = names
+                .iter()
+                .map(String::as_str)
+                .zip(tampered.into_iter().map(|t| t.1));
+            install_over_tampered_records(&fx, &img, &artifact, &record, tampered.collect()).await;
+        }
     }
 }
