@@ -671,11 +671,7 @@ impl Image {
     /// few dozen KiB, so a download can resume at one. ([`Image::gzip`]'s level 1 may write
     /// one block for a whole incompressible image.)
     pub fn gzip_best(&self) -> Vec<u8> {
-        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-        encoder
-            .write_all(&self.bytes)
-            .expect("writing to memory cannot fail");
-        encoder.finish().expect("writing to memory cannot fail")
+        gzip_best(&self.bytes)
     }
 
     /// zstd at level 3 with a content checksum, as the `zstd` tool writes it by default
@@ -760,6 +756,19 @@ impl Image {
     pub fn tar_gz(&self, file_name: &str) -> Vec<u8> {
         gzip(&self.tar(file_name))
     }
+
+    /// [`Image::tar`] at gzip level 9 (see [`Image::gzip_best`]).
+    pub fn tar_gz_best(&self, file_name: &str) -> Vec<u8> {
+        gzip_best(&self.tar(file_name))
+    }
+}
+
+fn gzip_best(bytes: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    encoder
+        .write_all(bytes)
+        .expect("writing to memory cannot fail");
+    encoder.finish().expect("writing to memory cannot fail")
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {

@@ -40,10 +40,11 @@
 //! Cases: good raw image, good gzip image, good signed bundle, an image failing its health
 //! check, an image that never boots; each for the `bootcount` and `rauc` schemes; and a good
 //! signed bundle holding its image raw (resumed by replay), a good zstd image (`zstd -3`,
-//! resumed from a block boundary) and a good xz image (`xz --threads`, resumed from a block
-//! boundary) for `bootcount`. The images are 256 KiB, except the
-//! resumable cases': the server gzip cases' 1.5 MiB at gzip level 9 (deflate blocks every few
-//! dozen KiB), the zstd case's 1.5 MiB (made compressible, blocks of up to 128 KiB), the xz
+//! resumed from a block boundary), a good xz image (`xz --threads`, resumed from a block
+//! boundary) and a good tar.gz (resumed from a deflate block boundary in its image member) for
+//! `bootcount`. The images are 256 KiB, except the
+//! resumable cases': the server gzip and tar.gz cases' 1.5 MiB at gzip level 9 (deflate blocks
+//! every few dozen KiB), the zstd case's 1.5 MiB (made compressible, blocks of up to 128 KiB), the xz
 //! case's 1.5 MiB (compressible, blocks of 256 KiB) and the raw bundle's 1.5 MiB, with `[agent]
 //! checkpoint_interval = "256k"`, so that their install commits its
 //! resume record (`download.resume`) at several checkpoints, each cut before like every step, and
@@ -106,6 +107,9 @@ enum Payload {
     Zstd,
     /// `xz --threads` in blocks of 256 KiB: resumed from a block boundary.
     Xz,
+    /// A tar of the image at `gzip -9`: resumed from a deflate block boundary in the image
+    /// member (the tar's head in the record).
+    TarGzip,
     Bundle,
     /// A signed bundle holding the image raw: resumed by replay.
     RawBundle,
@@ -139,7 +143,12 @@ impl Case {
                 });
             }
         }
-        for payload in [Payload::RawBundle, Payload::Zstd, Payload::Xz] {
+        for payload in [
+            Payload::RawBundle,
+            Payload::Zstd,
+            Payload::Xz,
+            Payload::TarGzip,
+        ] {
             cases.push(Case {
                 scheme: SchemeKind::Bootcount,
                 payload,
@@ -174,6 +183,7 @@ impl Case {
             Payload::Gzip => "gzip",
             Payload::Zstd => "zstd",
             Payload::Xz => "xz",
+            Payload::TarGzip => "tar-gzip",
             Payload::Bundle => "signed-bundle",
             Payload::RawBundle => "signed-raw-bundle",
         };
@@ -283,7 +293,7 @@ impl CaseContext {
         // by replay, as large.
         let resumable = matches!(
             case.payload,
-            Payload::Gzip | Payload::Zstd | Payload::Xz | Payload::RawBundle
+            Payload::Gzip | Payload::Zstd | Payload::Xz | Payload::TarGzip | Payload::RawBundle
         ) && !case.local;
         let size = if resumable {
             RESUMABLE_IMAGE_SIZE
@@ -304,6 +314,7 @@ impl CaseContext {
             Payload::Gzip => ("os.img.gz", image.gzip()),
             Payload::Zstd => ("os.img.zst", image.zstd()),
             Payload::Xz => ("os.img.xz", image.xz_threaded(256 << 10)),
+            Payload::TarGzip => ("os.tar.gz", image.tar_gz_best("rootfs.img")),
             Payload::Bundle | Payload::RawBundle => {
                 let dir = tempfile::tempdir().expect("temporary directory");
                 let vendor = generate_keypair().expect("ed25519 key pair");

@@ -728,6 +728,22 @@ fn old_agent_starts_over_from_a_zstd_resume_record() {
     assert!(rig.dev.slot_holds(Slot::B, &zst).unwrap());
 }
 
+/// The new agent is killed in the middle of a tar.gz's image member, leaving a `tar-gzip`
+/// record (the tar's head in it); the old agent, which resumed no tar inside gzip, starts the
+/// download over from byte 0 and installs the right image.
+#[test]
+fn old_agent_starts_over_from_a_tar_gzip_resume_record() {
+    let image = Image::good("2.0", 20 << 20).compressible();
+    let tgz = image.tar_gz_best("rootfs.img");
+    let total = tgz.len();
+    let ranges = old_agent_after_a_kill(&image, "os.tar.gz", tgz, "tar-gzip");
+    // The whole artifact, and the trailer probe (4 bytes) once its first bytes showed gzip.
+    assert_eq!(
+        ranges,
+        vec![None, Some(format!("bytes={}-{}", total - 4, total - 1))]
+    );
+}
+
 /// As above for an `xz` record left in the middle of an image as `xz --threads` writes it
 /// (the old agent knows no xz either).
 #[test]
