@@ -3346,4 +3346,78 @@ mod tar_inside {
             install_over_tampered_records(&fx, &img, &artifact, &record, tampered.collect()).await;
         }
     }
+
+    /// A tar whose image member `rootfs.img` has a PAX extended header holding its size (as
+    /// GNU tar, bsdtar and Python write for an image of 8 GiB or more, and `--format=pax`).
+    fn tar_with_pax_size(img: &[u8]) -> Vec<u8> {
+        let body = format!(" size={}\n", img.len());
+        let len = (1..)
+            .map(|digits| body.len() + digits)
+            .find(|len| len.to_string().len() + body.len() == *len)
+            .unwrap();
+        let record = format!("{len}{body}");
+        assert_eq!(record.len(), len, "{record:?}");
+        let mut b = tar::Builder::new(Vec::new());
+        let mut x = tar::Header::new_ustar();
+        x.set_entry_type(tar::EntryType::XHeader);
+        x.set_size(record.len() as u64);
+        x.set_mode(0o644);
+        x.set_cksum();
+        b.append_data(&mut x, "PaxHeaders/rootfs.img", record.as_bytes())
+            .unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_size(img.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "rootfs.img", img).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    /// Random damage to a record (one flipped bit of one digit of the head's PAX `size`, which
+    /// no tar header checksum covers) must not install a wrong image: the head of a point in a
+    /// later xz block or zstd frame is checked by nothing of the decoder's.
+    #[tokio::test]
+    async fn a_damaged_pax_size_in_the_head_never_gives_a_wrong_image() {
+        let img = gunzip::tests::image(8 << 20, 27);
+        let tar = tar_with_pax_size(&img);
+        let crc64 = lzma_rust2::CheckType::Crc64;
+        let size = format!("size={}\n", img.len());
+        for (what, format, artifact) in [
+            ("tar.gz", "tar-gzip", gunzip::tests::gzip(&tar, 6)),
+            ("tar.zst, frames", "tar-zstd", zstd_frames(&tar, 3 << 20, 3)),
+            ("tar.xz", "tar-xz", xz_blocks(&tar, 512 << 10, crc64)),
+        ] {
+            let fx = Fixture::new(9 << 20);
+            let record = interrupted_decoder_install(&fx, &img, &artifact, format).await;
+            let head = hex::decode(record.tar_head.as_deref().unwrap()).unwrap();
+            let at = head
+                .windows(size.len())
+                .position(|w| w == size.as_bytes())
+                .unwrap_or_else(|| panic!("{what}: no PAX size in the head"));
+            // The size's last digit, one bit flipped: a byte more (the image a multiple of 512
+            // bytes, the next header is still where it was); and a byte less.
+            let last = at + size.len() - 2;
+            let damaged = |digit: u8| {
+                let mut head = head.clone();
+                head[last] = digit;
+                resume::ResumeRecord {
+                    tar_head: Some(hex::encode(head)),
+                    ..record.clone()
+                }
+            };
+            let tampered = vec![
+                ("PAX size + 1", damaged(head[last] ^ 0x01)),
+                ("PAX size - 1", damaged(head[last] - 1)),
+            ];
+            let names: Vec<String> = tampered
+                .iter()
+                .map(|(c, _)| format!("{what}: {c}"))
+                .collect();
+            let tampered = names
+                .iter()
+                .map(String::as_str)
+                .zip(tampered.into_iter().map(|t| t.1));
+            install_over_tampered_records(&fx, &img, &artifact, &record, tampered.collect()).await;
+        }
+    }
 }
