@@ -3289,7 +3289,10 @@ mod tar_inside {
             let fx = Fixture::new(9 << 20);
             let record = interrupted_decoder_install(&fx, &img, &artifact, format).await;
             let head = hex::decode(record.tar_head.as_deref().unwrap()).unwrap();
+            // The head's sha256 made to fit (else the record is only refused at once): the
+            // checks after it must catch each of these.
             let with_head = |head: Vec<u8>| resume::ResumeRecord {
+                tar_head_sha256: Some(sha256_hex(&head)),
                 tar_head: Some(hex::encode(head)),
                 ..record.clone()
             };
