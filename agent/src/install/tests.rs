@@ -3350,6 +3350,51 @@ mod tar_inside {
         }
     }
 
+    /// The image member ends at an xz block boundary and another member follows it (the image
+    /// named): the slot is durable up to the image's end once its last buffer is written, so an
+    /// install interrupted in the member after it keeps the point at the image's end (as
+    /// `extract_points` means to), and a restart continues there, writing nothing more.
+    #[tokio::test]
+    async fn a_point_at_the_image_members_end_is_kept_and_resumed() {
+        let img = gunzip::tests::image(4 << 20, 28);
+        // Incompressible: the interruption lands in it.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let extra: Vec<u8> = (0..4 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let tar = tar_of(&[("rootfs.img", &img), ("extra.bin", &extra)]);
+        let crc64 = lzma_rust2::CheckType::Crc64;
+        let xz = xz_blocks(&tar, 512 + img.len() as u64, crc64);
+        let fx = Fixture::new(9 << 20);
+        let named = |_: &mut InstallRequest, o: &mut InstallOptions| {
+            o.archive_member = Some("rootfs.img".into());
+        };
+        let err = interrupted_install_with(&fx, &xz, xz.len() * 8 / 10, &named).await;
+        assert!(err.is_retryable(), "{err}");
+        let record = resume::load(&fx.resume_path()).expect("resume record kept");
+        assert_eq!(record.format, "tar-xz", "{record:?}");
+        assert_eq!(record.slot_offset, img.len() as u64, "{record:?}");
+        let server = ArtifactServer::start(xz.clone());
+        let mut options = fast_options();
+        options.archive_member = Some("rootfs.img".into());
+        let installed = run(&fx.request(&server.url, &xz), &options)
+            .await
+            .0
+            .unwrap();
+        assert_eq!(installed.sha256_of_slot_image, sha256_hex(&img));
+        assert_eq!(installed.bytes_written, img.len() as u64);
+        fx.assert_installed(&img);
+        let requests = server.requests();
+        assert_eq!(requests.len(), 1, "{requests:?}");
+        assert_eq!(requests[0].0, Some(record.artifact_offset));
+        assert!(!fx.resume_path().exists());
+    }
+
     /// A tar whose image member `rootfs.img` has a PAX extended header holding its size (as
     /// GNU tar, bsdtar and Python write for an image of 8 GiB or more, and `--format=pax`).
     fn tar_with_pax_size(img: &[u8]) -> Vec<u8> {
