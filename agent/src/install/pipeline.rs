@@ -1638,7 +1638,7 @@ impl<D: PointDecoder> Read for TarTap<'_, D> {
 /// The slot writer as the image sink of a tar inside a point decoder: the decoder's boundaries
 /// in the image member's data become resume records (with the tar's head) once the slot is
 /// durable up to them. Resumed, the image member must start where the record's head ends and
-/// reach past the point; its bytes before the point (on the slot) are dropped.
+/// reach the point (a point may be at its end); its bytes before the point (on the slot) are dropped.
 struct TarSink<'w, 'a, D: PointDecoder> {
     writer: &'w mut SlotWriter<'a>,
     plan: &'w SinkPlan,

@@ -100,7 +100,7 @@
 //! checksum) while it hashes only the slot's bytes. The tar rules then read the head, as many
 //! zeros as the slot holds (standing in for the image bytes there, dropped, not written) and
 //! the decoder's output from the point: the image member must start where the head ends and
-//! reach past the point (else [`super::InstallError::ReplayMismatch`]), and the archive after
+//! reach the point, which may be at its end (else [`super::InstallError::ReplayMismatch`]), and the archive after
 //! it is checked as in a fresh install; a failure starts over from byte 0, once. The record
 //! also holds the head's sha256 (`tar_head_sha256`), checked before the slot is read: a record
 //! damaged in its head is not used. That is all that checks a PAX or GNU long-name member's
