@@ -3395,6 +3395,56 @@ mod tar_inside {
         assert!(!fx.resume_path().exists());
     }
 
+    /// The image named, after a member with data (in the head) and before another: each way
+    /// compressed, the restart continues at the point and installs the image.
+    #[tokio::test]
+    async fn a_named_image_between_other_members_resumes() {
+        let img = gunzip::tests::image(8 << 20, 30);
+        let before = gunzip::tests::image(3000, 31);
+        let after = gunzip::tests::image(100_000, 32);
+        let tar = tar_of(&[
+            ("boot/config.txt", &before),
+            ("rootfs.img", &img),
+            ("boot/extra.bin", &after),
+        ]);
+        let crc64 = lzma_rust2::CheckType::Crc64;
+        let named = |_: &mut InstallRequest, o: &mut InstallOptions| {
+            o.archive_member = Some("rootfs.img".into());
+        };
+        for (what, format, artifact) in [
+            ("tar.gz", "tar-gzip", gunzip::tests::gzip(&tar, 6)),
+            ("tar.zst", "tar-zstd", zstd(&tar)),
+            ("tar.zst, frames", "tar-zstd", zstd_frames(&tar, 3 << 20, 3)),
+            ("tar.xz", "tar-xz", xz_blocks(&tar, 512 << 10, crc64)),
+        ] {
+            let fx = Fixture::new(9 << 20);
+            let limit = artifact.len() * 6 / 10;
+            let err = interrupted_install_with(&fx, &artifact, limit, &named).await;
+            assert!(err.is_retryable(), "{what}: {err}");
+            let record = resume::load(&fx.resume_path()).expect("resume record kept");
+            assert_eq!(record.format, format, "{what}");
+            let head = hex::decode(record.tar_head.as_deref().unwrap()).unwrap();
+            assert_eq!(head.len(), 512 + 3072 + 512, "{what}");
+            let out = record.slot_offset as usize;
+            assert!(
+                out >= 1 << 20 && fx.slot_bytes()[..out] == img[..out],
+                "{what}"
+            );
+            let server = ArtifactServer::start(artifact.clone());
+            let mut options = fast_options();
+            options.archive_member = Some("rootfs.img".into());
+            let installed = run(&fx.request(&server.url, &artifact), &options)
+                .await
+                .0
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(installed.sha256_of_slot_image, sha256_hex(&img), "{what}");
+            fx.assert_installed(&img);
+            let requests = server.requests();
+            assert_eq!(requests.len(), 1, "{what}: {requests:?}");
+            assert_eq!(requests[0].0, Some(record.artifact_offset), "{what}");
+        }
+    }
+
     /// A tar whose image member `rootfs.img` has a PAX extended header holding its size (as
     /// GNU tar, bsdtar and Python write for an image of 8 GiB or more, and `--format=pax`).
     fn tar_with_pax_size(img: &[u8]) -> Vec<u8> {
