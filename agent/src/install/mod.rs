@@ -671,14 +671,17 @@ struct Resume {
 }
 
 impl Resume {
-    /// The artifact and image offsets of a gzip, zstd or xz resume point.
+    /// The artifact and image offsets of a gzip, zstd or xz resume point (the image offset
+    /// without a tar's head).
     fn decoder_point(&self) -> Option<(u64, u64)> {
-        let gzip = self.gzip_resume.as_ref().map(|r| &r.point.at);
-        let zstd = self.zstd_resume.as_ref().map(|r| &r.point.at);
-        let xz = self.xz_resume.as_ref().map(|r| &r.point.at);
-        gzip.map(|at| (at.artifact_offset, at.out))
-            .or(zstd.map(|at| (at.artifact_offset, at.out)))
-            .or(xz.map(|at| (at.artifact_offset, at.out)))
+        use resume::DecoderPoint;
+        fn offsets(p: &impl DecoderPoint) -> (u64, u64) {
+            (p.artifact_offset(), p.slot_offset())
+        }
+        let gzip = self.gzip_resume.as_ref().map(|r| offsets(&r.point));
+        let zstd = self.zstd_resume.as_ref().map(|r| offsets(&r.point));
+        let xz = self.xz_resume.as_ref().map(|r| offsets(&r.point));
+        gzip.or(zstd).or(xz)
     }
 }
 

@@ -1638,7 +1638,7 @@ impl<D: PointDecoder> Read for TarTap<'_, D> {
 /// The slot writer as the image sink of a tar inside a point decoder: the decoder's boundaries
 /// in the image member's data become resume records (with the tar's head) once the slot is
 /// durable up to them. Resumed, the image member must start where the record's head ends and
-/// reach past the point; its bytes before the point (on the slot) are dropped.
+/// reach the point (a point may be at its end); its bytes before the point (on the slot) are dropped.
 struct TarSink<'w, 'a, D: PointDecoder> {
     writer: &'w mut SlotWriter<'a>,
     plan: &'w SinkPlan,
@@ -1804,13 +1804,14 @@ fn record_point<D: PointDecoder>(
     let Some(durable) = writer.take_checkpoint() else {
         return;
     };
-    while pending.len() > 1 && D::out(&pending[1].boundary) <= durable {
+    // The slot offset of a boundary: the decoder's output before it, less a tar's head (a
+    // pending boundary in a tar's image member is never before the head's end).
+    let head = tar_head.map_or(0, |h| h.len() as u64);
+    let slot_offset = |p: &PendingPoint<D::Boundary>| D::out(&p.boundary).saturating_sub(head);
+    while pending.len() > 1 && slot_offset(&pending[1]) <= durable {
         pending.pop_front();
     }
-    if pending
-        .front()
-        .is_none_or(|p| D::out(&p.boundary) > durable)
-    {
+    if pending.front().is_none_or(|p| slot_offset(p) > durable) {
         return;
     }
     let Some(PendingPoint {

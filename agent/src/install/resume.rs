@@ -100,12 +100,16 @@
 //! checksum) while it hashes only the slot's bytes. The tar rules then read the head, as many
 //! zeros as the slot holds (standing in for the image bytes there, dropped, not written) and
 //! the decoder's output from the point: the image member must start where the head ends and
-//! reach past the point (else [`super::InstallError::ReplayMismatch`]), and the archive after
-//! it is checked as in a fresh install; a failure starts over from byte 0, once. The head is
-//! bound to the artifact only by what checks the decoder's output (gzip's CRC-32 and zstd's
-//! content checksum cover it, xz's index its length) and by the tar header checksums: a head
-//! forged with the artifact at hand could end the image member early, as a forged point between
-//! zstd frames or in a later xz stream could move it.
+//! reach the point, which may be at its end (else [`super::InstallError::ReplayMismatch`]), and the archive after
+//! it is checked as in a fresh install; a failure starts over from byte 0, once. The record
+//! also holds the head's sha256 (`tar_head_sha256`), checked before the slot is read: a record
+//! damaged in its head is not used. That is all that checks a PAX or GNU long-name member's
+//! data in the head, or a head in an earlier xz block or zstd frame than the point: the head
+//! is bound to the artifact only by what checks the decoder's output (gzip's CRC-32 of the
+//! first member, a zstd frame's content checksum when the head is in the point's frame, xz's
+//! index its length) and by the tar header checksums, so a head forged with the artifact at
+//! hand could end the image member early, as a forged point between zstd frames or in a later
+//! xz stream could move it.
 //!
 //! Everything else restarts from the beginning after a restart: a compressed image inside a
 //! tar or bundle, because a decoder's state inside a container is not kept; an xz block (its library's public API cannot restart a
@@ -192,11 +196,23 @@ pub struct ResumeRecord {
     /// resume point is their length plus `slot_offset`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tar_head: Option<String>,
+    /// "tar-gzip", "tar-zstd", "tar-xz": the sha256 (hex) of `tar_head`'s bytes. Nothing else
+    /// checks all of the head (no tar header checksum covers a PAX or GNU long-name member's
+    /// data, no decoder check a head in an earlier xz block or zstd frame), so a record damaged
+    /// there would otherwise move the image member's end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tar_head_sha256: Option<String>,
 }
 
 /// Largest head (artifact bytes before the image member's data) a `member` record is made
 /// for and used with: a bundle's is a few KiB, a tar's one header per member before the image.
 pub const MAX_MEMBER_OFFSET: u64 = 1 << 20;
+
+/// The sha256 of `bytes`, hex.
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
 
 /// Largest tar head (decompressed bytes before the image member's data) a `tar-gzip`,
 /// `tar-zstd` or `tar-xz` record holds: one header per member before the image, and their
@@ -379,6 +395,7 @@ impl ResumeRecord {
             zstd_state: None,
             xz_state: None,
             tar_head: None,
+            tar_head_sha256: None,
         }
     }
 
@@ -501,6 +518,7 @@ impl ResumeRecord {
             artifact_sha256_state: Some(point.artifact_hash().to_text()),
             slot_sha256: Some(point.slot_sha256().to_string()),
             tar_head: point.tar_head().map(hex::encode),
+            tar_head_sha256: point.tar_head().map(sha256_hex),
             ..Self::empty()
         }
     }
@@ -574,8 +592,10 @@ impl ResumeRecord {
             None
         } else if self.format.strip_prefix("tar-") == Some(format) {
             let head = hex::decode(self.tar_head.as_deref()?).ok()?;
-            // Whole tar blocks, at least the image member's header.
-            let fits = (512..=MAX_TAR_HEAD).contains(&head.len()) && head.len() % 512 == 0;
+            // Whole tar blocks, at least the image member's header; as recorded.
+            let fits = (512..=MAX_TAR_HEAD).contains(&head.len())
+                && head.len() % 512 == 0
+                && self.tar_head_sha256.as_deref() == Some(sha256_hex(&head).as_str());
             Some(Some(head).filter(|_| fits)?)
         } else {
             return None;
@@ -807,8 +827,12 @@ mod tests {
         let target = target_cd(slot, "sha256", Some(5000), 1 << 20);
         assert_eq!(back.gzip_point(&target), Some(point.clone()));
         assert_eq!(back.xz_point(&target), None);
-        // A head that is not whole tar blocks, too long, or missing: no point.
+        // A head that is not whole tar blocks, too long, missing, or not the one recorded (a
+        // byte changed, whole blocks still): no point.
+        let mut changed = head.clone();
+        changed[100] ^= 1;
         for bad in [
+            Some(hex::encode(&changed)),
             Some(hex::encode(&head[..1000])),
             Some(hex::encode(vec![0u8; MAX_TAR_HEAD + 512])),
             Some("not hex".into()),
