@@ -504,8 +504,8 @@ impl SinkPlan {
         self.bundle.is_none() && self.algorithm == HashAlgorithm::Sha256
     }
 
-    /// A gzip, zstd or xz image (or a tar inside one) can resume across restarts when nothing wraps it and its
-    /// artifact hash is sha256 (whose state [`Sha256State`] can save).
+    /// A gzip, zstd or xz image (or a tar inside one) can resume across restarts when nothing
+    /// wraps it and its artifact hash is sha256 (whose state [`Sha256State`] can save).
     fn decoder_resumable(&self) -> bool {
         self.bundle.is_none() && self.algorithm == HashAlgorithm::Sha256
     }
@@ -1638,7 +1638,8 @@ impl<D: PointDecoder> Read for TarTap<'_, D> {
 /// The slot writer as the image sink of a tar inside a point decoder: the decoder's boundaries
 /// in the image member's data become resume records (with the tar's head) once the slot is
 /// durable up to them. Resumed, the image member must start where the record's head ends and
-/// reach the point (a point may be at its end); its bytes before the point (on the slot) are dropped.
+/// reach the point (a point may be at its end); its bytes before the point (on the slot) are
+/// dropped.
 struct TarSink<'w, 'a, D: PointDecoder> {
     writer: &'w mut SlotWriter<'a>,
     plan: &'w SinkPlan,

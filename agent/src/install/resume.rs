@@ -92,32 +92,31 @@
 //! policy) or for a plain tar ("tar"); the replay must take the same path.
 //!
 //! **A tar inside gzip, zstd or xz** (formats `tar-gzip`, `tar-zstd`, `tar-xz`; artifact hash
-//! sha256): the decoder's points as above, kept only where they fall in the image member's
-//! data, the record also holding `tar_head`: the tar's decompressed bytes before that data
-//! (headers, and any members before the image; at most [`MAX_TAR_HEAD`]). The decoder's output
-//! before the point is that head followed by the slot's first `slot_offset` bytes: that is what
-//! a restart feeds the decoder's prefix checks (gzip's CRC-32 and window, zstd's window and
-//! checksum) while it hashes only the slot's bytes. The tar rules then read the head, as many
-//! zeros as the slot holds (standing in for the image bytes there, dropped, not written) and
-//! the decoder's output from the point: the image member must start where the head ends and
-//! reach the point, which may be at its end (else [`super::InstallError::ReplayMismatch`]), and the archive after
-//! it is checked as in a fresh install; a failure starts over from byte 0, once. The record
-//! also holds the head's sha256 (`tar_head_sha256`), checked before the slot is read: a record
-//! damaged in its head is not used. That is all that checks a PAX or GNU long-name member's
-//! data in the head, or a head in an earlier xz block or zstd frame than the point: the head
-//! is bound to the artifact only by what checks the decoder's output (gzip's CRC-32 of the
-//! first member, a zstd frame's content checksum when the head is in the point's frame, xz's
-//! index its length) and by the tar header checksums, so a head forged with the artifact at
-//! hand could end the image member early, as a forged point between zstd frames or in a later
-//! xz stream could move it.
+//! sha256): the decoder's points as above, kept only where they fall in the image member's data,
+//! the record also holding `tar_head`: the tar's decompressed bytes before that data (headers, and
+//! any members before the image; at most [`MAX_TAR_HEAD`]). The decoder's output before the point
+//! is that head followed by the slot's first `slot_offset` bytes: that is what a restart feeds the
+//! decoder's prefix checks (gzip's CRC-32 and window, zstd's window and checksum) while it hashes
+//! only the slot's bytes. The tar rules then read the head, as many zeros as the slot holds
+//! (standing in for the image bytes there, dropped, not written) and the decoder's output from the
+//! point: the image member must start where the head ends and reach the point, which may be at its
+//! end (else [`super::InstallError::ReplayMismatch`]), and the archive after it is checked as in a
+//! fresh install; a failure starts over from byte 0, once. The record also holds the head's sha256
+//! (`tar_head_sha256`), checked before the slot is read: a record damaged in its head is not used.
+//! That is all that checks a PAX or GNU long-name member's data in the head, or a head in an
+//! earlier xz block or zstd frame than the point: the head is bound to the artifact only by what
+//! checks the decoder's output (gzip's CRC-32 of the first member, a zstd frame's content checksum
+//! when the head is in the point's frame, xz's index its length) and by the tar header checksums,
+//! so a head forged with the artifact at hand could end the image member early, as a forged point
+//! between zstd frames or in a later xz stream could move it.
 //!
-//! Everything else restarts from the beginning after a restart: a compressed image inside a
-//! tar or bundle, because a decoder's state inside a container is not kept; an xz block (its library's public API cannot restart a
-//! decoder inside one, so an interrupted install continues at the block's start: an xz file of
-//! one block starts over); a zstd frame without a content checksum or with a window above
-//! 8 MiB (no resume points are made in it); a gzip, zstd or xz image with a sha1 or md5
-//! artifact hash because only a sha256 state is saved. (Within one run they resume after
-//! network faults like raw images: the decoder just waits for the next bytes.)
+//! Everything else restarts from the beginning after a restart: a compressed image inside a tar or
+//! bundle, because a decoder's state inside a container is not kept; an xz block (its library's
+//! public API cannot restart a decoder inside one, so an interrupted install continues at the
+//! block's start: an xz file of one block starts over); a zstd frame without a content checksum or
+//! with a window above 8 MiB (no resume points are made in it); a gzip, zstd or xz image with a
+//! sha1 or md5 artifact hash because only a sha256 state is saved. (Within one run they resume
+//! after network faults like raw images: the decoder just waits for the next bytes.)
 //!
 //! Agents from before a format was added match records by `format` and start over on one
 //! they do not know (and remove it), so `version` stays 1.
