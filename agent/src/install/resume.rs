@@ -110,8 +110,8 @@
 //! so a head forged with the artifact at hand could end the image member early, as a forged point
 //! between zstd frames or in a later xz stream could move it.
 //!
-//! Everything else restarts from the beginning after a restart: a compressed image inside a tar or
-//! bundle, because a decoder's state inside a container is not kept; an xz block (its library's
+//! Everything else restarts from the beginning after a restart: a compressed image inside a signed
+//! bundle (format 1), because a decoder's state inside a bundle is not kept; an xz block (its library's
 //! public API cannot restart a decoder inside one, so an interrupted install continues at the
 //! block's start: an xz file of one block starts over); a zstd frame without a content checksum or
 //! with a window above 8 MiB (no resume points are made in it); a gzip, zstd or xz image with a
