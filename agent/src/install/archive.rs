@@ -50,7 +50,19 @@ fn safe_path(path: &Path) -> Result<PathBuf, InstallError> {
 /// `offset` tells where in the artifact the reader is (for error messages).
 /// Returns the image size.
 pub fn extract_image<R: Read>(
-    reader: R,
+    mut reader: R,
+    format: Format,
+    member: Option<&str>,
+    max_member: u64,
+    offset: &dyn Fn() -> u64,
+    sink: &mut dyn ImageSink,
+) -> Result<u64, InstallError> {
+    // One copy of the tar reader in the binary for all the readers it is used with.
+    extract(&mut reader, format, member, max_member, offset, sink)
+}
+
+fn extract(
+    reader: &mut dyn Read,
     format: Format,
     member: Option<&str>,
     max_member: u64,
