@@ -111,6 +111,8 @@ COMPRESSORS = {
     "zstd": (".zst", ["zstd", "-3", "-q", "-c"], "zstd -d -q"),
     # As Yocto's image conversion runs it (with threads: blocks of 24 MiB at -6).
     "xz": (".xz", ["xz", "-6", "--threads=2", "-c"], "xz -d"),
+    # The image in a tar, then gzip: the agent extracts the tar's one member.
+    "tar.gz": (".tar.gz", ["gzip", "-6", "-n", "-c"], "gzip -d | tar -xOf -"),
 }
 
 
@@ -129,7 +131,17 @@ def prepare_images(work, size, forms):
         if not os.path.exists(path):
             log(f"compressing {path} ({' '.join(cmd[:2])})")
             with open(path + ".tmp", "wb") as out:
-                subprocess.run([*cmd, raw], stdout=out, check=True)
+                if form.startswith("tar."):
+                    tar = subprocess.Popen(
+                        ["tar", "-C", os.path.dirname(raw), "-cf", "-", os.path.basename(raw)],
+                        stdout=subprocess.PIPE,
+                    )
+                    subprocess.run(cmd, stdin=tar.stdout, stdout=out, check=True)
+                    tar.stdout.close()
+                    if tar.wait() != 0:
+                        raise RuntimeError(f"tar of {raw} failed")
+                else:
+                    subprocess.run([*cmd, raw], stdout=out, check=True)
             os.replace(path + ".tmp", path)
         paths[form] = path
     return paths
@@ -870,7 +882,7 @@ def main():
     p.add_argument("--work", required=True, help="scratch folder (slot and image files)")
     p.add_argument("--size", type=parse_size, default=GiB, help="image size (default 1G)")
     p.add_argument("--runs", type=int, default=3, help="runs of each contender per form (3)")
-    p.add_argument("--forms", default="raw,gzip,zstd", help="raw,gzip,zstd,xz (zstd and xz need their tools)")
+    p.add_argument("--forms", default="raw,gzip,zstd", help="raw,gzip,zstd,xz,tar.gz (zstd and xz need their tools)")
     p.add_argument(
         "--block-slot",
         action="store_true",
@@ -901,7 +913,7 @@ def main():
     forms = [f.strip() for f in args.forms.split(",") if f.strip()]
     for form in forms:
         if form != "raw" and form not in COMPRESSORS:
-            p.error(f"unknown form {form!r} (raw, gzip, zstd, xz)")
+            p.error(f"unknown form {form!r} (raw, gzip, zstd, xz, tar.gz)")
         if form in COMPRESSORS and shutil.which(COMPRESSORS[form][1][0]) is None:
             p.error(f"form {form} needs the {COMPRESSORS[form][1][0]} tool")
     if args.block_slot and os.geteuid() != 0:
