@@ -73,7 +73,8 @@ fn extract(
     let read_err = |e| decode::read_error(e, format, offset());
     let mut archive = tar::Archive::new(reader);
     let mut image: Option<(PathBuf, u64)> = None;
-    let mut buf = vec![0u8; 256 * 1024];
+    // Small: the bytes are copied on into the slot writer's buffer (peak RSS, issue 19).
+    let mut buf = vec![0u8; 64 * 1024];
     for entry in archive.entries().map_err(read_err)? {
         let mut entry = entry.map_err(read_err)?;
         let raw_path = entry.path().map_err(read_err)?.into_owned();
