@@ -347,7 +347,7 @@ pub fn write_delta(
     let mut image_end = 0u64;
     // Record a checkpoint the slot writer made durable: a restart continues from its chunk.
     let record = |writer: &mut SlotWriter<'_>| {
-        if let Some(at) = writer.take_checkpoint() {
+        while let Some(at) = writer.take_checkpoint() {
             let record = ResumeRecord::chunks(
                 &job.url,
                 writer.slot_path(),

@@ -832,7 +832,7 @@ impl<'a> ReplaySink<'a, '_> {
     /// Leave a record when the writer made a new checkpoint durable.
     fn record(&mut self) {
         if let Stage::Writing(writer) = &mut self.stage {
-            if let Some(at) = writer.take_checkpoint() {
+            while let Some(at) = writer.take_checkpoint() {
                 let point = Record::Member(self.point);
                 save_resume_record(self.plan, writer.slot_path(), point, at);
             }
@@ -1163,7 +1163,7 @@ struct MemberSink<'w, 'a> {
 
 impl MemberSink<'_, '_> {
     fn record(&mut self) {
-        if let Some(at) = self.writer.take_checkpoint() {
+        while let Some(at) = self.writer.take_checkpoint() {
             if let Some(point) = self.member {
                 save_resume_record(
                     self.plan,
@@ -1212,7 +1212,7 @@ fn copy_all<R: Read>(
     };
     let record_resume = !matches!(records, Record::Nothing);
     let record = |writer: &mut SlotWriter<'_>| {
-        if let Some(at) = writer.take_checkpoint() {
+        while let Some(at) = writer.take_checkpoint() {
             save_resume_record(plan, writer.slot_path(), records, at);
         }
     };
@@ -1522,6 +1522,33 @@ struct PendingPoint<B> {
     image_hash: Sha256,
 }
 
+/// Boundaries written to the slot waiting for a durable checkpoint at or after them, and
+/// durable checkpoints waiting until every boundary at or before them is known.
+struct Points<B> {
+    pending: VecDeque<PendingPoint<B>>,
+    checkpoints: VecDeque<u64>,
+}
+
+impl<B> Points<B> {
+    fn new() -> Self {
+        Points {
+            pending: VecDeque::new(),
+            checkpoints: VecDeque::new(),
+        }
+    }
+
+    /// A boundary right after the image bytes whose sha256 is `image_hash`.
+    fn push(&mut self, boundary: B, image_hash: Sha256) {
+        if self.pending.len() == MAX_PENDING_POINTS {
+            self.pending.pop_front();
+        }
+        self.pending.push_back(PendingPoint {
+            boundary,
+            image_hash,
+        });
+    }
+}
+
 /// Decode a plain gzip, zstd or xz image to the slot; its boundaries become resume records once
 /// the slot is durable up to them (also after an error stopped the copy).
 fn copy_points<D: PointDecoder>(
@@ -1531,7 +1558,7 @@ fn copy_points<D: PointDecoder>(
     offset: &dyn Fn() -> u64,
 ) -> Result<(), InstallError> {
     let spacing = point_spacing(plan);
-    let mut pending = VecDeque::new();
+    let mut points = Points::new();
     let mut next_at = decoder.output_offset().saturating_add(spacing);
     decoder.boundaries_from(next_at);
     let copied = copy_to_slot(decoder, writer, D::FORMAT, offset, |writer, decoder| {
@@ -1544,20 +1571,14 @@ fn copy_points<D: PointDecoder>(
             {
                 next_at = out.saturating_add(spacing);
                 decoder.boundaries_from(next_at);
-                if pending.len() == MAX_PENDING_POINTS {
-                    pending.pop_front();
-                }
-                pending.push_back(PendingPoint {
-                    boundary,
-                    image_hash,
-                });
+                points.push(boundary, image_hash);
             }
         }
-        record_point::<D>(plan, writer, &mut pending, None);
+        record_point::<D>(plan, writer, &mut points, None, false);
     });
     // As for raw images: a checkpoint made durable but not taken yet still counts.
     writer.settle();
-    record_point::<D>(plan, writer, &mut pending, None);
+    record_point::<D>(plan, writer, &mut points, None, true);
     copied
 }
 
@@ -1650,7 +1671,7 @@ struct TarSink<'w, 'a, D: PointDecoder> {
     resumed: bool,
     /// Image bytes still to drop (a resumed install's zeros standing in for the slot's).
     skip: u64,
-    pending: VecDeque<PendingPoint<D::Boundary>>,
+    points: Points<D::Boundary>,
 }
 
 impl<D: PointDecoder> TarSink<'_, '_, D> {
@@ -1687,19 +1708,14 @@ impl<D: PointDecoder> TarSink<'_, '_, D> {
             return;
         }
         if let Some(image_hash) = self.writer.image_hash_so_far() {
-            if self.pending.len() == MAX_PENDING_POINTS {
-                self.pending.pop_front();
-            }
-            self.pending.push_back(PendingPoint {
-                boundary,
-                image_hash,
-            });
+            self.points.push(boundary, image_hash);
         }
     }
 
-    fn record(&mut self) {
+    /// Leave the records due ([`record_point`]; `all`: the image member was read to its end).
+    fn record(&mut self, all: bool) {
         let head = self.head.as_deref();
-        record_point::<D>(self.plan, self.writer, &mut self.pending, head);
+        record_point::<D>(self.plan, self.writer, &mut self.points, head, all);
     }
 }
 
@@ -1739,7 +1755,7 @@ impl<D: PointDecoder> ImageSink for TarSink<'_, '_, D> {
             self.writer.write(data)?;
             // A boundary at the end of this data (gzip and zstd stop there).
             self.take_boundary();
-            self.record();
+            self.record(false);
         }
         Ok(())
     }
@@ -1779,7 +1795,7 @@ fn extract_points<D: PointDecoder>(
         head,
         resumed,
         skip,
-        pending: VecDeque::new(),
+        points: Points::new(),
     };
     let format = D::FORMAT.with_tar();
     let member = plan.archive_member.as_deref();
@@ -1788,23 +1804,52 @@ fn extract_points<D: PointDecoder>(
     // durable but not taken yet still counts.
     sink.take_boundary();
     sink.writer.settle();
-    sink.record();
+    sink.record(true);
     // What follows the archive needs no stops.
     decoder.boundaries_from(u64::MAX);
     extracted.map(|_| format)
 }
 
-/// When the slot became durable up to a new checkpoint, record the latest pending boundary
-/// at or before it (`tar_head`: the boundaries are in a tar's image member after it).
+/// For every checkpoint the slot became durable up to, record the latest pending boundary at
+/// or before it (`tar_head`: the boundaries are in a tar's image member after it), once every
+/// boundary at or before it is known: the writer holds image bytes after it, or the copy ended
+/// (`all`). A boundary right at a checkpoint is known only once the bytes before it are
+/// written, maybe after the writer thread made the checkpoint durable; deciding later makes
+/// the records an install leaves independent of the threads' timing (the crash-point suite
+/// replays a cycle step by step).
 fn record_point<D: PointDecoder>(
     plan: &SinkPlan,
     writer: &mut SlotWriter<'_>,
+    points: &mut Points<D::Boundary>,
+    tar_head: Option<&[u8]>,
+    all: bool,
+) {
+    points
+        .checkpoints
+        .extend(std::iter::from_fn(|| writer.take_checkpoint()));
+    while let Some(&durable) = points.checkpoints.front() {
+        if !all && durable >= writer.position() {
+            return;
+        }
+        points.checkpoints.pop_front();
+        record_point_at::<D>(
+            plan,
+            writer.slot_path(),
+            &mut points.pending,
+            tar_head,
+            durable,
+        );
+    }
+}
+
+/// [`record_point`] for the checkpoint `durable`.
+fn record_point_at<D: PointDecoder>(
+    plan: &SinkPlan,
+    slot: &Path,
     pending: &mut VecDeque<PendingPoint<D::Boundary>>,
     tar_head: Option<&[u8]>,
+    durable: u64,
 ) {
-    let Some(durable) = writer.take_checkpoint() else {
-        return;
-    };
     // The slot offset of a boundary: the decoder's output before it, less a tar's head (a
     // pending boundary in a tar's image member is never before the head's end).
     let head = tar_head.map_or(0, |h| h.len() as u64);
@@ -1823,7 +1868,7 @@ fn record_point<D: PointDecoder>(
         return;
     };
     let slot_sha256 = hex::encode(image_hash.finalize());
-    let Some(record) = D::record(plan, writer.slot_path(), boundary, slot_sha256, tar_head) else {
+    let Some(record) = D::record(plan, slot, boundary, slot_sha256, tar_head) else {
         return;
     };
     // Resuming is an optimisation: without a record the next try starts over.

@@ -555,10 +555,9 @@ pub struct SlotWriter<'a> {
     /// [`SlotWriter::leave_hash_to_caller`]).
     image_hash: Option<Sha256>,
     flush: Flush,
-    /// The latest durable checkpoint (published by the flusher after its sync returned), and
-    /// the last one [`SlotWriter::take_checkpoint`] reported.
-    durable: Arc<AtomicU64>,
-    reported: u64,
+    /// The durable checkpoints the flusher made (each published after its sync returned) and
+    /// [`SlotWriter::take_checkpoint`] has not reported yet.
+    durable: Arc<Checkpoints>,
     /// Bytes read back so far (progress).
     read_back_done: Arc<AtomicU64>,
     /// This thread's share of the timeline (`write`).
@@ -574,6 +573,28 @@ enum Flush {
     /// on the install thread.
     Inline(Box<Flusher>),
     Thread(WriterThread),
+}
+
+/// Durable checkpoints from the flusher to the slot writer's caller, in the order they were
+/// made.
+#[derive(Debug, Default)]
+struct Checkpoints(std::sync::Mutex<std::collections::VecDeque<u64>>);
+
+impl Checkpoints {
+    fn push(&self, at: u64) {
+        self.queue().push_back(at);
+    }
+
+    fn pop(&self) -> Option<u64> {
+        self.queue().pop_front()
+    }
+
+    /// Nothing panics while holding the lock; were it poisoned, the queue is still whole.
+    fn queue(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<u64>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 impl<'a> SlotWriter<'a> {
@@ -614,7 +635,7 @@ impl<'a> SlotWriter<'a> {
         let buf_offset = start - filled as u64;
         let read_back = ReadBack::new(&*dev, start, prefix_hash.clone());
         let read_back_done = read_back.progress();
-        let durable = Arc::new(AtomicU64::new(start));
+        let durable = Arc::new(Checkpoints::default());
         let flusher = Flusher {
             offset: buf_offset,
             read_back,
@@ -642,7 +663,6 @@ impl<'a> SlotWriter<'a> {
             image_hash: Some(prefix_hash),
             flush,
             durable,
-            reported: start,
             read_back_done,
             times: SlotTimes::default(),
             failed: false,
@@ -799,16 +819,13 @@ impl<'a> SlotWriter<'a> {
         self.read_back_done.load(Ordering::Relaxed)
     }
 
-    /// A new durable offset since the last call: everything before it was written and
-    /// synced (usable for resume). With a writer thread it shows up at the first call after
-    /// the writer's sync returned.
+    /// The next durable checkpoint not reported yet, in order: everything before it was
+    /// written and synced (usable for resume). With a writer thread it shows up at the first
+    /// call after the writer's sync returned. Every checkpoint is reported once, however far
+    /// the writer thread got meanwhile, so the resume records an install leaves do not depend
+    /// on the threads' timing (the crash-point suite replays a cycle step by step).
     pub fn take_checkpoint(&mut self) -> Option<u64> {
-        let durable = self.durable.load(Ordering::Acquire);
-        if durable <= self.reported {
-            return None;
-        }
-        self.reported = durable;
-        Some(durable)
+        self.durable.pop()
     }
 
     /// Wait until the writer thread has written what it was handed (and made the checkpoints
@@ -881,8 +898,8 @@ struct Flusher {
     /// The window whose writeback was started but not yet waited for.
     started: Option<(u64, u64)>,
     last_checkpoint: u64,
-    /// The latest durable checkpoint, published once its sync returned.
-    durable: Arc<AtomicU64>,
+    /// The durable checkpoints, each published once its sync returned.
+    durable: Arc<Checkpoints>,
     sync_window: u64,
     checkpoint_interval: u64,
     times: SlotTimes,
@@ -942,7 +959,7 @@ impl Flusher {
             dev.drop_cache(window_start, at - window_start);
             self.times.writeback += began.elapsed();
             self.last_checkpoint = at;
-            self.durable.store(at, Ordering::Release);
+            self.durable.push(at);
             self.started = None;
         }
         self.window_start = self.offset;
@@ -1763,6 +1780,21 @@ mod writeback_tests {
             "{} dirty",
             recorder.max_dirty
         );
+    }
+
+    #[test]
+    fn checkpoints_taken_late_are_each_reported_once_in_order() {
+        // The install thread takes none while the writer thread makes them: once it settles,
+        // it gets every one, in order, not only the latest (a resume record per checkpoint,
+        // whatever the threads' timing).
+        let mut dev = Threaded(Arc::new(std::sync::Mutex::new(Recorder::new(40 << 20))));
+        let mut w = SlotWriter::new(&mut dev, 0, Sha256::new(), 4 << 20);
+        w.write(&vec![0x5a; 30 << 20]).unwrap();
+        w.settle();
+        let taken: Vec<u64> = std::iter::from_fn(|| w.take_checkpoint()).collect();
+        assert_eq!(taken, (1..=7).map(|i| i * (4 << 20)).collect::<Vec<u64>>());
+        assert_eq!(w.take_checkpoint(), None);
+        w.finish().unwrap();
     }
 
     #[test]
