@@ -35,6 +35,8 @@ pub fn write_chunks<R: Read>(
         // decoding and checking the chunk (measured by leaving it out), not worth decoding
         // into `SlotWriter::spare` for.
         writer.write(raw)?;
+        // No resume records for a streamed chunked bundle.
+        writer.drop_checkpoints();
         written += raw.len() as u64;
     }
     Ok(written)

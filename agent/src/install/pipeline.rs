@@ -516,7 +516,10 @@ impl ImageSink for SlotWriter<'_> {
         SlotWriter::expect_size(self, size)
     }
     fn write(&mut self, data: &[u8]) -> Result<(), InstallError> {
-        SlotWriter::write(self, data)
+        SlotWriter::write(self, data)?;
+        // No resume records here.
+        self.drop_checkpoints();
+        Ok(())
     }
 }
 
@@ -1941,6 +1944,29 @@ fn copy_to_slot<R: Read>(
 mod tests {
     use super::*;
     use futures_util::FutureExt;
+
+    #[test]
+    fn a_slot_writer_as_a_plain_image_sink_keeps_no_checkpoints() {
+        // A tar inside a compressed bundle image is extracted straight into the slot writer,
+        // which leaves no resume records: the checkpoints it makes durable must not pile up
+        // (one queue entry per checkpoint for the whole image otherwise).
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("a.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let mut slot = super::super::slot::open(&img, None, &dir.path().join("none")).unwrap();
+        let mut writer = SlotWriter::new(&mut slot, 0, Sha256::new(), 256 << 10);
+        let chunk = vec![0x5au8; 64 << 10];
+        for _ in 0..(32 << 20) / chunk.len() {
+            ImageSink::write(&mut writer, &chunk).unwrap();
+        }
+        writer.settle();
+        let untaken = writer.untaken_checkpoints();
+        assert!(untaken <= 2, "{untaken} checkpoints kept");
+        writer.finish().unwrap();
+    }
 
     #[tokio::test]
     async fn sender_waits_for_room_in_the_byte_budget() {

@@ -828,6 +828,19 @@ impl<'a> SlotWriter<'a> {
         self.durable.pop()
     }
 
+    /// Forget the durable checkpoints not taken yet: for a caller that leaves no resume records,
+    /// so they do not pile up (one per checkpoint of the whole image otherwise).
+    pub fn drop_checkpoints(&mut self) {
+        self.durable.queue().clear();
+    }
+
+    /// Durable checkpoints made and not taken yet (tests: a writer whose caller leaves no
+    /// records must not keep them all).
+    #[cfg(test)]
+    pub(crate) fn untaken_checkpoints(&self) -> usize {
+        self.durable.queue().len()
+    }
+
     /// Wait until the writer thread has written what it was handed (and made the checkpoints
     /// due by then), so [`SlotWriter::take_checkpoint`] reports every durable one: for an
     /// install stopped by an error that records where a restart may resume. An error of the
