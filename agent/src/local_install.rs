@@ -152,6 +152,8 @@ pub async fn check(
         zstd_resume: None,
         xz_resume: None,
         replay: None,
+        bundle_image_at: None,
+        bundle_head: None,
     };
     let mut sink_slot = DiscardSlot {
         path: req.slot_path.clone(),

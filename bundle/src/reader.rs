@@ -142,6 +142,8 @@ pub struct BundleReader<R> {
     verified_by: String,
     remaining: u64,
     hasher: Sha256,
+    /// False after [`BundleReader::continue_unhashed`]: the caller checks the image's sha256.
+    hashing: bool,
     /// Format 2: the verified chunk index.
     index: Option<ChunkIndex>,
     /// Where the image member's data starts in the bundle.
@@ -210,6 +212,7 @@ impl<R: Read> BundleReader<R> {
             manifest,
             verified_by,
             hasher: Sha256::new(),
+            hashing: true,
             index,
             data_offset,
             finished: false,
@@ -241,6 +244,29 @@ impl<R: Read> BundleReader<R> {
         &self.verified_by
     }
 
+    /// Continue the image after its first `offset` bytes, which an earlier run read (the
+    /// stream this reader was opened on goes on at the image's byte `offset`). The image's
+    /// size, padding and the archive's end are still checked, its sha256 no longer: the caller
+    /// must check the image against [`Self::image_sha256`] itself (with the hash state saved
+    /// at `offset`) before it trusts a byte of it. Call before the first image byte is read.
+    pub fn continue_unhashed(&mut self, offset: u64) -> Result<(), BundleError> {
+        let size = self.manifest.image.size;
+        if offset > size || self.remaining != size {
+            return Err(BundleError::ImageSizeMismatch {
+                manifest: size,
+                actual: offset,
+            });
+        }
+        self.remaining = size - offset;
+        self.hashing = false;
+        Ok(())
+    }
+
+    /// The signed sha256 (hex) of the image member's bytes.
+    pub fn image_sha256(&self) -> &str {
+        &self.manifest.image.sha256
+    }
+
     /// [`Self::finish`], remembering a failure for every later read.
     fn check_end(&mut self) -> io::Result<()> {
         self.finish().map_err(|err| {
@@ -251,12 +277,14 @@ impl<R: Read> BundleReader<R> {
 
     /// Called once the image's last byte was read: hash, padding and trailer checks.
     fn finish(&mut self) -> Result<(), BundleError> {
-        let actual = hex::encode(self.hasher.clone().finalize());
-        if !actual.eq_ignore_ascii_case(&self.manifest.image.sha256) {
-            return Err(BundleError::ImageHashMismatch {
-                manifest: self.manifest.image.sha256.clone(),
-                actual,
-            });
+        if self.hashing {
+            let actual = hex::encode(self.hasher.clone().finalize());
+            if !actual.eq_ignore_ascii_case(&self.manifest.image.sha256) {
+                return Err(BundleError::ImageHashMismatch {
+                    manifest: self.manifest.image.sha256.clone(),
+                    actual,
+                });
+            }
         }
         let mut pad = vec![0u8; tar::padding(self.manifest.image.size) as usize];
         let got = tar::read_full(&mut self.inner, &mut pad)?;
@@ -297,7 +325,9 @@ impl<R: Read> Read for BundleReader<R> {
             }
             .into_io());
         }
-        self.hasher.update(&buf[..n]);
+        if self.hashing {
+            self.hasher.update(&buf[..n]);
+        }
         self.remaining -= n as u64;
         if self.remaining == 0 {
             // Check at once, so the caller sees a bad image on the read that completes it

@@ -130,6 +130,59 @@ fn a_failed_end_check_is_never_followed_by_a_clean_end() {
     }
 }
 
+/// A reader opened on the bundle's head followed by the image from byte `offset` on (what a
+/// resumed download feeds it) continues there: the rest of the image, then the archive's end
+/// checks; the image's sha256 is left to the caller, so a tampered byte before or after the
+/// offset is not its error, but a wrong size or a member after the image still is.
+#[test]
+fn a_continued_image_yields_the_rest_and_checks_all_but_the_hash() {
+    let f = Fixture::new();
+    let bundle = f.bundle();
+    let image_at = member_data_offset(&bundle, 2);
+    let offset = 40_000;
+    let continued = |bundle: &[u8], offset: usize| -> Result<Vec<u8>, String> {
+        let stream = bundle[..image_at].chain(&bundle[image_at + offset..]);
+        let mut reader = BundleReader::open(stream, &f.policy()).map_err(|e| e.to_string())?;
+        assert_eq!(reader.data_offset(), image_at as u64);
+        assert_eq!(reader.image_sha256(), reader.manifest().image.sha256);
+        reader
+            .continue_unhashed(offset as u64)
+            .map_err(|e| e.to_string())?;
+        let mut rest = Vec::new();
+        reader
+            .read_to_end(&mut rest)
+            .map_err(|e| e.to_string())
+            .map(|_| rest)
+    };
+    assert_eq!(continued(&bundle, offset).unwrap(), &f.image[offset..]);
+    assert_eq!(continued(&bundle, f.image.len()).unwrap(), b"");
+
+    let mut tampered = bundle.clone();
+    tampered[image_at + offset + 10] ^= 1;
+    let rest = continued(&tampered, offset).unwrap();
+    assert_ne!(rest, &f.image[offset..]);
+
+    // Cut a byte before the image's end: the size check still holds.
+    let err = continued(&bundle[..image_at + f.image.len() - 1], offset).unwrap_err();
+    assert!(err.contains("70001"), "{err}");
+    // Beyond the image: refused before a byte is read.
+    let err = continued(&bundle, f.image.len() + 1).unwrap_err();
+    assert!(err.contains("70001"), "{err}");
+
+    // A member after the image is still refused.
+    let mut extra = bundle[..bundle.len() - 1024].to_vec();
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_ustar();
+    header.set_size(3);
+    header.set_cksum();
+    builder
+        .append_data(&mut header, "extra", &b"abc"[..])
+        .unwrap();
+    extra.extend_from_slice(&builder.into_inner().unwrap());
+    let err = continued(&extra, offset).unwrap_err();
+    assert!(err.contains("extra"), "{err}");
+}
+
 #[test]
 fn a_tampered_manifest_fails_the_signature_before_any_image_byte() {
     let f = Fixture::new();

@@ -299,18 +299,13 @@ pub async fn install_with(
         size: req.size,
         capacity,
     };
-    let gzip_point = match &record {
-        Some(record) if resumable && start == 0 => record.gzip_point(&target),
-        _ => None,
-    };
-    let zstd_point = match &record {
-        Some(record) if resumable && start == 0 => record.zstd_point(&target),
-        _ => None,
-    };
-    let xz_point = match &record {
-        Some(record) if resumable && start == 0 => record.xz_point(&target),
-        _ => None,
-    };
+    // A gzip, zstd or xz image: plain, or under a signature policy in a signed bundle (the
+    // bundle's head is fetched again and its signature checked again).
+    let signed = req.bundle.is_some();
+    let decoder_record = record.as_ref().filter(|_| !req.local && start == 0);
+    let gzip_point = decoder_record.and_then(|r| r.gzip_point(&target, signed));
+    let zstd_point = decoder_record.and_then(|r| r.zstd_point(&target, signed));
+    let xz_point = decoder_record.and_then(|r| r.xz_point(&target, signed));
     // A raw image member of a tar or signed bundle: also under a signature policy (the
     // replay goes through the bundle reader again).
     let member_point = match &record {
@@ -405,13 +400,23 @@ pub async fn install_with(
             Some(point) => replay_head(client, &spec, &slot, point).await?,
             None => None,
         };
-        let from = Resume {
+        let mut from = Resume {
             start,
             gzip_resume,
             zstd_resume,
             xz_resume,
             replay,
+            bundle_head: None,
         };
+        if let Some(len) = from.bundle_member_offset() {
+            from.bundle_head = fetch_head(client, &spec, len).await?;
+            if from.bundle_head.is_none() {
+                // Without the head the signature cannot be checked again: start over.
+                from.gzip_resume = None;
+                from.zstd_resume = None;
+                from.xz_resume = None;
+            }
+        }
         if let Some((offset, image_offset)) = from.decoder_point() {
             tracing::info!(slot = %req.slot_path.display(), offset, image_offset, "resuming download");
         } else if let Some(replay) = &from.replay {
@@ -424,7 +429,9 @@ pub async fn install_with(
         }
         tracing::info!(file = %req.filename, url = %req.url, slot = %req.slot_path.display(), capacity, "installing");
         let resumed_decoder = from.decoder_point().is_some();
-        let replayed = from.replay.is_some();
+        // A bundle's head fetched again and checked through the bundle reader fails as a
+        // replay's does.
+        let replayed = from.replay.is_some() || from.bundle_head.is_some();
         let result = run(
             client,
             req,
@@ -458,6 +465,7 @@ pub async fn install_with(
                     zstd_resume: None,
                     xz_resume: None,
                     replay: None,
+                    bundle_head: None,
                 };
                 run(
                     client, req, options, progress, slot, algorithm, expected, from, None, spec,
@@ -511,9 +519,8 @@ fn replay_failed(e: &InstallError) -> bool {
 }
 
 /// The artifact's head for a replay resume at `point` (one Range request); None when the
-/// replay is not possible (the slot has no second handle to read from, the server ignores the
-/// Range or answers something else): the install starts over. A network fault that outlasts
-/// the retries is returned (the record is kept for the next attempt).
+/// replay is not possible (the slot has no second handle to read from, or [`fetch_head`]
+/// found none): the install starts over.
 async fn replay_head(
     client: &reqwest::Client,
     spec: &source::SourceSpec,
@@ -523,15 +530,21 @@ async fn replay_head(
     if slot.reader().is_none() {
         return Ok(None);
     }
+    let head = fetch_head(client, spec, point.member_offset).await?;
+    Ok(head.map(|head| pipeline::Replay { point, head }))
+}
+
+/// The artifact's first `len` bytes, fetched again for a resume (one Range request); None when
+/// the server ignores the Range or answers something else (the install starts over). A network
+/// fault that outlasts the retries is returned (the record is kept for the next attempt).
+async fn fetch_head(
+    client: &reqwest::Client,
+    spec: &source::SourceSpec,
+    len: u64,
+) -> Result<Option<Vec<u8>>, InstallError> {
     let counters = Counters::new(0, None);
-    let got = source::fetch_bytes(client, spec, 0, point.member_offset, &counters).await;
-    match got {
-        Ok(got) if !got.range_ignored && got.bytes.len() as u64 == point.member_offset => {
-            Ok(Some(pipeline::Replay {
-                point,
-                head: got.bytes,
-            }))
-        }
+    match source::fetch_bytes(client, spec, 0, len, &counters).await {
+        Ok(got) if !got.range_ignored && got.bytes.len() as u64 == len => Ok(Some(got.bytes)),
         Ok(_) => {
             tracing::warn!("the server does not serve the artifact's head as asked; starting over");
             Ok(None)
@@ -668,19 +681,28 @@ struct Resume {
     zstd_resume: Option<pipeline::ZstdResume>,
     xz_resume: Option<pipeline::XzResume>,
     replay: Option<pipeline::Replay>,
+    /// A gzip, zstd or xz resume in a signed bundle: the artifact's bytes before its image
+    /// member's data, fetched again.
+    bundle_head: Option<Vec<u8>>,
 }
 
 impl Resume {
     /// The artifact and image offsets of a gzip, zstd or xz resume point (the image offset
     /// without a tar's head).
     fn decoder_point(&self) -> Option<(u64, u64)> {
-        use resume::DecoderPoint;
-        fn offsets(p: &impl DecoderPoint) -> (u64, u64) {
-            (p.artifact_offset(), p.slot_offset())
-        }
-        let gzip = self.gzip_resume.as_ref().map(|r| offsets(&r.point));
-        let zstd = self.zstd_resume.as_ref().map(|r| offsets(&r.point));
-        let xz = self.xz_resume.as_ref().map(|r| offsets(&r.point));
+        self.with_decoder_point(|p| (p.download_from(), p.slot_offset()))
+    }
+
+    /// Where the image member's data starts of the signed bundle a gzip, zstd or xz resume
+    /// point is in.
+    fn bundle_member_offset(&self) -> Option<u64> {
+        self.with_decoder_point(|p| p.member_offset()).flatten()
+    }
+
+    fn with_decoder_point<T>(&self, f: impl Fn(&dyn resume::DecoderPoint) -> T) -> Option<T> {
+        let gzip = self.gzip_resume.as_ref().map(|r| f(&r.point));
+        let zstd = self.zstd_resume.as_ref().map(|r| f(&r.point));
+        let xz = self.xz_resume.as_ref().map(|r| f(&r.point));
         gzip.or(zstd).or(xz)
     }
 }
@@ -704,12 +726,14 @@ async fn run(
         (_, Some(replay)) => replay.point.artifact_offset(),
         _ => from.start,
     };
+    let bundle_image_at = from.bundle_member_offset();
     let Resume {
         start,
         gzip_resume,
         zstd_resume,
         xz_resume,
         replay,
+        bundle_head,
     } = from;
     let size = local_file.as_ref().map(|f| f.size).or(req.size);
     let counters = Arc::new(Counters::new(download_from, size));
@@ -740,6 +764,8 @@ async fn run(
         zstd_resume,
         xz_resume,
         replay,
+        bundle_image_at,
+        bundle_head,
     };
     // If this future is dropped (cancelled), the blocking stage stops at its next read.
     let _stop_on_drop = StopOnDrop(Arc::clone(&counters));

@@ -321,6 +321,13 @@ pub struct SinkPlan {
     /// A raw image member of a tar or signed bundle continued from a `member` record (the
     /// download starts after the resume point; `start` is 0).
     pub replay: Option<Replay>,
+    /// The gzip, zstd or xz decoder reads a signed bundle's (format 1) image member, whose
+    /// data starts at this artifact offset: its resume records are `bundle-` ones.
+    pub bundle_image_at: Option<u64>,
+    /// A gzip, zstd or xz resume in a signed bundle's image member: the artifact's bytes
+    /// before that member's data, fetched again (the bundle's signature is checked again on
+    /// them).
+    pub bundle_head: Option<Vec<u8>>,
 }
 
 /// A replay resume (format `member`, see [`resume`]): the artifact's head, fetched again, then
@@ -536,25 +543,77 @@ pub fn run(
         return run_replay(plan, dev, channel, replay, counters, began);
     }
     if let Some(resume) = &plan.gzip_resume {
-        return run_gzip(plan, dev, channel, Some(resume), counters, began);
+        let (input, expected) = resumed_input(plan, &resume.point, channel, &*dev)?;
+        return run_gzip(plan, dev, input, Some(resume), &expected, counters, began);
     }
     if let Some(resume) = &plan.zstd_resume {
-        return run_zstd(plan, dev, channel, Some(resume), counters, began);
+        let (input, expected) = resumed_input(plan, &resume.point, channel, &*dev)?;
+        return run_zstd(plan, dev, input, Some(resume), &expected, counters, began);
     }
     if let Some(resume) = &plan.xz_resume {
-        return run_xz(plan, dev, channel, Some(resume), counters, began);
+        let (input, expected) = resumed_input(plan, &resume.point, channel, &*dev)?;
+        return run_xz(plan, dev, input, Some(resume), &expected, counters, began);
     }
     if plan.start == 0 && plan.decoder_resumable() {
         let (head, sniffed) = decode::sniff(channel)
             .map_err(|e| decode::read_error(e, Format::Raw, counters.consumed()))?;
+        let input: DecoderInput<'_> = Box::new(sniffed);
+        let expected = &plan.expected;
         match Format::compression_of(&head) {
-            Some(Format::Gzip) => return run_gzip(plan, dev, sniffed, None, counters, began),
-            Some(Format::Zstd) => return run_zstd(plan, dev, sniffed, None, counters, began),
-            Some(Format::Xz) => return run_xz(plan, dev, sniffed, None, counters, began),
-            _ => return run_stream(plan, dev, sniffed, counters, began),
+            Some(Format::Gzip) => {
+                return run_gzip(plan, dev, input, None, expected, counters, began)
+            }
+            Some(Format::Zstd) => {
+                return run_zstd(plan, dev, input, None, expected, counters, began)
+            }
+            Some(Format::Xz) => return run_xz(plan, dev, input, None, expected, counters, began),
+            _ => return run_stream(plan, dev, input, counters, began),
         }
     }
     run_stream(plan, dev, channel, counters, began)
+}
+
+/// What every gzip, zstd and xz decoder with resume points reads from: one type, so that each
+/// decoder and the code around it ([`run_points`]) is in the binary once (the xz decoder,
+/// lzma-rust2's LZMA2 decoder and filters, is ~40 KB of code per instance).
+type DecoderInput<'a> = Box<dyn Read + 'a>;
+
+/// The input of a decoder resumed at `point`, and the sha256 its input must have in the end:
+/// the download (from the point's byte on) and the artifact's hash; in a signed bundle's image
+/// member, the bundle's head (fetched again) and the download read through the bundle reader,
+/// whose signature is checked again, and the member's signed hash.
+fn resumed_input<'a>(
+    plan: &SinkPlan,
+    point: &impl DecoderPoint,
+    channel: impl Read + 'a,
+    dev: &dyn SlotDevice,
+) -> Result<(DecoderInput<'a>, String), InstallError> {
+    let Some(member_offset) = point.member_offset() else {
+        return Ok((Box::new(channel), plan.expected.clone()));
+    };
+    let (Some(policy), Some(head)) = (&plan.bundle, &plan.bundle_head) else {
+        return Err(InstallError::Internal(
+            "a resume in a signed bundle without its policy or head".into(),
+        ));
+    };
+    let stream = Read::chain(Cursor::new(head.clone()), channel);
+    let mut reader = ddi_bundle::BundleReader::open(stream, &policy.verifier(dev.capacity())?)
+        .map_err(|e| bundle::bundle_error(&e))?;
+    if reader.data_offset() != member_offset || reader.chunk_index().is_some() {
+        return Err(InstallError::ReplayMismatch {
+            slot: dev.path().to_path_buf(),
+            resume_at: point.slot_offset(),
+            why: format!(
+                "the bundle's image member is not at artifact offset {member_offset}, where \
+                 the resume record says"
+            ),
+        });
+    }
+    reader
+        .continue_unhashed(point.artifact_offset())
+        .map_err(|e| bundle::bundle_error(&e))?;
+    let expected = reader.image_sha256().to_ascii_lowercase();
+    Ok((Box::new(reader), expected))
 }
 
 /// [`run`] for everything but gzip, zstd and xz artifacts with a sha256: hash the artifact as it
@@ -1072,12 +1131,18 @@ fn decode_into_slot<R: Read>(
 ) -> Result<Format, InstallError> {
     let offset = || counters.consumed();
     let member = plan.archive_member.as_deref();
-    if let Some(compression) = Format::compression_of(head) {
+    let compression = Format::compression_of(head);
+    if let (Some(compression), Within::BundleImage(at)) = (compression, within) {
+        if at <= MAX_MEMBER_OFFSET {
+            return decode_bundle_image(plan, at, compression, sniffed, writer, counters);
+        }
+    }
+    if let Some(compression) = compression {
         let mut decoder: Box<dyn Read + '_> = match compression {
             Format::Gzip => Box::new(MultiGzDecoder::new(sniffed)),
             Format::Zstd => Box::new(compress::ZstdReader::new(sniffed)),
             _ => {
-                let source: XzSource<'_> = Box::new(sniffed);
+                let source: DecoderInput<'_> = Box::new(sniffed);
                 Box::new(XzDecoder::new(source, None))
             }
         };
@@ -1140,6 +1205,41 @@ fn decode_into_slot<R: Read>(
         };
         copy_all(sniffed, writer, Format::Raw, plan, record, &offset)?;
         Ok(Format::Raw)
+    }
+}
+
+/// A gzip, zstd or xz image in a signed bundle's (format 1) image member, whose data starts at
+/// artifact offset `at`: decoded with resume points as a plain one ([`decode_points`]), which
+/// become `bundle-` records. The decoder hashes the member's bytes for them (the state at a
+/// point is where a resumed install continues the signed hash); here the bundle reader checks
+/// the signed hash itself, as for any bundle.
+fn decode_bundle_image<R: Read>(
+    plan: &SinkPlan,
+    at: u64,
+    compression: Format,
+    sniffed: &mut R,
+    writer: &mut SlotWriter<'_>,
+    counters: &Counters,
+) -> Result<Format, InstallError> {
+    let plan = SinkPlan {
+        bundle_image_at: Some(at),
+        ..plan.clone()
+    };
+    let input: DecoderInput<'_> = Box::new(sniffed);
+    let hash = Some(Sha256State::new());
+    match compression {
+        Format::Gzip => {
+            let mut decoder = GzDecoder::new(input, hash);
+            decode_points(&plan, &mut decoder, writer, None, counters)
+        }
+        Format::Zstd => {
+            let mut decoder = ZstdDecoder::new(input, hash);
+            decode_points(&plan, &mut decoder, writer, None, counters)
+        }
+        _ => {
+            let mut decoder = XzDecoder::new(input, hash);
+            decode_points(&plan, &mut decoder, writer, None, counters)
+        }
     }
 }
 
@@ -1297,9 +1397,10 @@ impl<R: Read> PointDecoder for GzDecoder<R> {
             artifact_hash: boundary.artifact_hash?,
             slot_sha256,
             tar_head: tar_head.map(<[u8]>::to_vec),
+            member_offset: plan.bundle_image_at,
         };
-        let (url, expected) = (&plan.url, &plan.expected);
-        Some(ResumeRecord::gzip(url, slot, expected, plan.size, &point))
+        let hash = (plan.algorithm.name(), plan.expected.as_str());
+        Some(ResumeRecord::gzip(&plan.url, slot, hash, plan.size, &point))
     }
 }
 
@@ -1328,10 +1429,11 @@ macro_rules! point_decoder {
                     artifact_hash: boundary.artifact_hash?,
                     slot_sha256,
                     tar_head: tar_head.map(<[u8]>::to_vec),
+                    member_offset: plan.bundle_image_at,
                 };
-                let (url, expected) = (&plan.url, &plan.expected);
+                let hash = (plan.algorithm.name(), plan.expected.as_str());
                 Some(ResumeRecord::$record(
-                    url, slot, expected, plan.size, &point,
+                    &plan.url, slot, hash, plan.size, &point,
                 ))
             }
         }
@@ -1345,11 +1447,12 @@ point_decoder!(XzDecoder, unxz, Format::Xz, XzPoint, xz);
 /// artifact (its state is saved with resume points) and reports deflate block boundaries,
 /// which become resume records once the slot is durable up to them. `input` is the artifact
 /// from its start, or from the resume point's byte.
-fn run_gzip<R: Read>(
+fn run_gzip(
     plan: &SinkPlan,
     dev: &mut dyn SlotDevice,
-    input: R,
+    input: DecoderInput<'_>,
     resume: Option<&GzipResume>,
+    expected: &str,
     counters: &Counters,
     began: Instant,
 ) -> Result<Installed, InstallError> {
@@ -1370,17 +1473,18 @@ fn run_gzip<R: Read>(
         ),
     };
     let from = resume.map(|r| r.point.tar_head.as_deref());
-    run_points(plan, decoder, writer, from, counters, began)
+    run_points(plan, decoder, writer, from, expected, counters, began)
 }
 
 /// [`run`] for a plain zstd image with a sha256 artifact hash, as [`run_gzip`] for gzip: the
 /// decoder reports block boundaries ([`unzstd`]), which become resume records once the slot
 /// is durable up to them.
-fn run_zstd<R: Read>(
+fn run_zstd(
     plan: &SinkPlan,
     dev: &mut dyn SlotDevice,
-    input: R,
+    input: DecoderInput<'_>,
     resume: Option<&ZstdResume>,
+    expected: &str,
     counters: &Counters,
     began: Instant,
 ) -> Result<Installed, InstallError> {
@@ -1404,27 +1508,22 @@ fn run_zstd<R: Read>(
         ),
     };
     let from = resume.map(|r| r.point.tar_head.as_deref());
-    run_points(plan, decoder, writer, from, counters, began)
+    run_points(plan, decoder, writer, from, expected, counters, began)
 }
-
-/// What every [`XzDecoder`] of the install reads from: one type, so that the xz decoder
-/// (lzma-rust2's LZMA2 decoder and filters, ~40 KB of code per instance) is in the binary once,
-/// not once per reader type it is used with.
-type XzSource<'a> = Box<dyn Read + 'a>;
 
 /// [`run`] for a plain xz image with a sha256 artifact hash, as [`run_gzip`] for gzip: the
 /// decoder reports block boundaries ([`unxz`]), which become resume records once the slot is
 /// durable up to them.
-fn run_xz<R: Read>(
+fn run_xz(
     plan: &SinkPlan,
     dev: &mut dyn SlotDevice,
-    input: R,
+    input: DecoderInput<'_>,
     resume: Option<&XzResume>,
+    expected: &str,
     counters: &Counters,
     began: Instant,
 ) -> Result<Installed, InstallError> {
     let interval = plan.checkpoint_interval;
-    let input: XzSource<'_> = Box::new(input);
     let (decoder, writer) = match resume {
         Some(r) => {
             let at = &r.point.at;
@@ -1441,27 +1540,52 @@ fn run_xz<R: Read>(
         ),
     };
     let from = resume.map(|r| r.point.tar_head.as_deref());
-    run_points(plan, decoder, writer, from, counters, began)
+    run_points(plan, decoder, writer, from, expected, counters, began)
 }
 
 /// The rest of [`run_gzip`], [`run_zstd`] and [`run_xz`] once the decoder and the slot writer
-/// are made: a plain image is decoded to the slot with resume records at its boundaries, a tar
-/// inside is extracted by its rules with resume records at the boundaries in its image
-/// member; then the artifact is read to its end, its hash checked and the slot finished.
-/// `resumed`: the decoder continues at a resume point (`Some(None)`: of a plain image,
-/// `Some(Some(head))`: in a tar's image member, the tar's bytes before its data `head`).
+/// are made: [`decode_points`], then the decoder's input hash checked against `expected` (the
+/// artifact's sha256, or a signed bundle image member's) and the slot finished.
 fn run_points<D: PointDecoder>(
     plan: &SinkPlan,
     mut decoder: D,
     mut writer: SlotWriter<'_>,
     resumed: Option<Option<&[u8]>>,
+    expected: &str,
     counters: &Counters,
     began: Instant,
 ) -> Result<Installed, InstallError> {
+    decode_points(plan, &mut decoder, &mut writer, resumed, counters)?;
+    let actual = decoder
+        .finish_hash()
+        .map(|h| h.finish_hex())
+        .unwrap_or_default();
+    if !expected.is_empty() && actual != expected {
+        return Err(InstallError::HashMismatch {
+            algorithm: HashAlgorithm::Sha256.name(),
+            expected: expected.to_string(),
+            actual,
+        });
+    }
+    finish(writer, counters, None, None, began)
+}
+
+/// A plain image is decoded to the slot with resume records at its boundaries, a tar inside is
+/// extracted by its rules with resume records at the boundaries in its image member; then the
+/// decoder's input is read to its end (the checks of the last members or frames, and every
+/// byte hashed). `resumed`: the decoder continues at a resume point (`Some(None)`: of a plain
+/// image, `Some(Some(head))`: in a tar's image member, the tar's bytes before its data `head`).
+fn decode_points<D: PointDecoder>(
+    plan: &SinkPlan,
+    decoder: &mut D,
+    writer: &mut SlotWriter<'_>,
+    resumed: Option<Option<&[u8]>>,
+    counters: &Counters,
+) -> Result<Format, InstallError> {
     let offset = || counters.consumed();
     let format = match resumed {
         Some(None) => {
-            copy_points(&mut decoder, &mut writer, plan, &offset)?;
+            copy_points(decoder, writer, plan, &offset)?;
             D::FORMAT
         }
         Some(Some(head)) => {
@@ -1469,50 +1593,30 @@ fn run_points<D: PointDecoder>(
                 head: head.to_vec(),
                 slot_offset: writer.position(),
             };
-            extract_points(
-                &mut decoder,
-                &mut writer,
-                plan,
-                TarStart::Resumed(resumed),
-                &offset,
-            )?
+            extract_points(decoder, writer, plan, TarStart::Resumed(resumed), &offset)?
         }
         None => {
             let mut head = vec![0u8; decode::SNIFF_LEN];
-            let got = bootctl::fsutil::read_full(&mut decoder, &mut head)
+            let got = bootctl::fsutil::read_full(&mut *decoder, &mut head)
                 .map_err(|e| decode::read_error(e, D::FORMAT, offset()))?;
             head.truncate(got);
             if decode::is_tar(&head) {
                 let start = TarStart::Fresh(head);
-                extract_points(&mut decoder, &mut writer, plan, start, &offset)?
+                extract_points(decoder, writer, plan, start, &offset)?
             } else {
-                if let Some(lower_bound) =
-                    counters.gzip_isize().filter(|_| D::FORMAT == Format::Gzip)
-                {
+                let gzip = D::FORMAT == Format::Gzip && plan.bundle.is_none();
+                if let Some(lower_bound) = counters.gzip_isize().filter(|_| gzip) {
                     // Too large for sure: fail before the first byte.
                     writer.expect_at_least(lower_bound)?;
                 }
                 writer.write(&head)?;
-                copy_points(&mut decoder, &mut writer, plan, &offset)?;
+                copy_points(decoder, writer, plan, &offset)?;
                 D::FORMAT
             }
         }
     };
-    // To the end of the artifact: the checks of the last members or frames, and every byte
-    // hashed.
-    io::copy(&mut decoder, &mut io::sink()).map_err(|e| decode::read_error(e, format, offset()))?;
-    let actual = decoder
-        .finish_hash()
-        .map(|h| h.finish_hex())
-        .unwrap_or_default();
-    if !plan.expected.is_empty() && actual != plan.expected {
-        return Err(InstallError::HashMismatch {
-            algorithm: plan.algorithm.name(),
-            expected: plan.expected.clone(),
-            actual,
-        });
-    }
-    finish(writer, counters, None, None, began)
+    io::copy(decoder, &mut io::sink()).map_err(|e| decode::read_error(e, format, offset()))?;
+    Ok(format)
 }
 
 /// At most this many boundaries wait for the slot to become durable up to them.

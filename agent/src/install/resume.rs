@@ -110,8 +110,23 @@
 //! so a head forged with the artifact at hand could end the image member early, as a forged point
 //! between zstd frames or in a later xz stream could move it.
 //!
-//! Everything else restarts from the beginning after a restart: a compressed image inside a signed
-//! bundle (format 1), because a decoder's state inside a bundle is not kept; an xz block (its library's
+//! **A gzip, zstd or xz image (or a tar inside one) in a signed bundle's image member** (format
+//! 1; formats `bundle-` and one of the above, e.g. `bundle-gzip`, `bundle-tar-zstd`; any artifact
+//! hash, used only under a signature policy): the decoder reads the member's bytes, so its points
+//! and its sha256 state count those; the record holds them as for the plain formats, with
+//! `member_offset` where the member's data starts (the bundle's manifest, signature and tar
+//! headers before it, at most [`MAX_MEMBER_OFFSET`]) and `artifact_offset` that plus the point's
+//! member offset. A restart fetches the bundle's head (`[0, member_offset)`) again with one Range
+//! request, checks its signature through the bundle reader again (the member must start where
+//! the record says), reads the slot's prefix back as for the plain formats, and downloads from
+//! `artifact_offset`; the bundle reader still checks the member's size and the archive's end, and
+//! the member's signed sha256 is checked on the record's state continued over the rest. The
+//! artifact's own (DDI) hash is not checked on a resumed install: its state at the point is not
+//! kept, and the signature covers everything that is installed, as for a delta install. A
+//! resumed install that fails a check (a head that does not verify, a member elsewhere, decode,
+//! hash) starts over from byte 0, once.
+//!
+//! Everything else restarts from the beginning after a restart: an xz block (its library's
 //! public API cannot restart a decoder inside one, so an interrupted install continues at the
 //! block's start: an xz file of one block starts over); a zstd frame without a content checksum or
 //! with a window above 8 MiB (no resume points are made in it); a gzip, zstd or xz image with a
@@ -149,7 +164,8 @@ pub struct ResumeRecord {
     /// bundle), "gzip" (a plain gzip image), "zstd" (a plain zstd image), "xz" (a plain xz
     /// image), "tar-gzip", "tar-zstd", "tar-xz" (the image member of a tar inside one of them)
     /// or "member" (a raw image member of a plain tar or signed bundle, resumed by replay; see
-    /// the module doc).
+    /// the module doc); "bundle-" and a `gzip`, `zstd`, `xz` or `tar-` format: the same in a
+    /// signed bundle's (format 1) image member.
     pub format: String,
     /// Bytes of the artifact (as served) covered by the record: a resume downloads from here.
     pub artifact_offset: u64,
@@ -167,19 +183,21 @@ pub struct ResumeRecord {
     pub crc32: Option<u32>,
     /// "gzip", "zstd", "xz": the artifact's sha256 state after its first `artifact_offset`
     /// bytes (see [`Sha256State::to_text`]); those bytes are not on the slot, so cannot be
-    /// hashed again.
+    /// hashed again. "bundle-": the state of the image member's first `artifact_offset -
+    /// member_offset` bytes (the signed image hash continues from it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact_sha256_state: Option<String>,
     /// "gzip", "zstd", "xz": sha256 of the slot's bytes before `slot_offset` as written: a
     /// resume reads them back and starts over when they differ.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot_sha256: Option<String>,
-    /// "member": offset of the image member's data in the artifact (everything before it is
-    /// fetched again on resume); `artifact_offset` is `member_offset + slot_offset`.
+    /// "member", "bundle-": offset of the image member's data in the artifact (everything
+    /// before it is fetched again on resume); "member": `artifact_offset` is `member_offset +
+    /// slot_offset`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub member_offset: Option<u64>,
     /// "member": what holds the image, "tar" (a plain tar) or "bundle" (a signed bundle's
-    /// image member).
+    /// image member); "bundle-": "bundle".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub member_of: Option<String>,
     /// "zstd": what the decoder needs at the resume point besides the window on the slot
@@ -256,6 +274,10 @@ pub struct GzipPoint {
     /// A tar inside the compression: its bytes before the image member's data (`at.out` is
     /// then their length plus the slot's bytes; see [`DecoderPoint::slot_offset`]).
     pub tar_head: Option<Vec<u8>>,
+    /// The image member of a signed bundle (format 1): where its data starts in the artifact.
+    /// `at.artifact_offset` and `artifact_hash` then count the member's bytes, not the
+    /// artifact's (see [`DecoderPoint::download_from`]).
+    pub member_offset: Option<u64>,
 }
 
 /// Where an xz image continues: a block boundary, durable on the slot up to `at.out`.
@@ -268,6 +290,10 @@ pub struct XzPoint {
     /// A tar inside the compression: its bytes before the image member's data (`at.out` is
     /// then their length plus the slot's bytes; see [`DecoderPoint::slot_offset`]).
     pub tar_head: Option<Vec<u8>>,
+    /// The image member of a signed bundle (format 1): where its data starts in the artifact.
+    /// `at.artifact_offset` and `artifact_hash` then count the member's bytes, not the
+    /// artifact's (see [`DecoderPoint::download_from`]).
+    pub member_offset: Option<u64>,
 }
 
 /// Where a zstd image continues: a block (or frame) boundary, durable on the slot up to
@@ -281,15 +307,27 @@ pub struct ZstdPoint {
     /// A tar inside the compression: its bytes before the image member's data (`at.out` is
     /// then their length plus the slot's bytes; see [`DecoderPoint::slot_offset`]).
     pub tar_head: Option<Vec<u8>>,
+    /// The image member of a signed bundle (format 1): where its data starts in the artifact.
+    /// `at.artifact_offset` and `artifact_hash` then count the member's bytes, not the
+    /// artifact's (see [`DecoderPoint::download_from`]).
+    pub member_offset: Option<u64>,
 }
 
 /// What the gzip, zstd and xz resume points share.
 pub trait DecoderPoint {
-    /// The artifact's byte the download continues at.
+    /// The decoder's input bytes before the point: the artifact's, or in a signed bundle its
+    /// image member's.
     fn artifact_offset(&self) -> u64;
+    /// In a signed bundle: where its image member's data starts in the artifact.
+    fn member_offset(&self) -> Option<u64>;
+    /// The artifact's byte the download continues at.
+    fn download_from(&self) -> u64 {
+        self.member_offset().unwrap_or(0) + self.artifact_offset()
+    }
     /// The decoder's output offset at the point.
     fn out(&self) -> u64;
-    /// The artifact's sha256 state before `artifact_offset`.
+    /// The sha256 state of the decoder's input before `artifact_offset` (in a signed bundle,
+    /// of its image member's bytes: the signed hash continues from it).
     fn artifact_hash(&self) -> &Sha256State;
     /// sha256 (hex) of the slot's bytes before the point.
     fn slot_sha256(&self) -> &str;
@@ -306,6 +344,9 @@ macro_rules! decoder_point {
         impl DecoderPoint for $point {
             fn artifact_offset(&self) -> u64 {
                 self.at.artifact_offset
+            }
+            fn member_offset(&self) -> Option<u64> {
+                self.member_offset
             }
             fn out(&self) -> u64 {
                 self.at.out
@@ -453,14 +494,14 @@ impl ResumeRecord {
     pub fn gzip(
         url: &str,
         slot: &Path,
-        expected_hash: &str,
+        (algorithm, expected_hash): (&str, &str),
         size: Option<u64>,
         point: &GzipPoint,
     ) -> Self {
         ResumeRecord {
             bits: Some(point.at.bits),
             crc32: Some(point.at.crc),
-            ..Self::decoder("gzip", (url, slot, expected_hash, size), point)
+            ..Self::decoder("gzip", (url, slot, algorithm, expected_hash, size), point)
         }
     }
 
@@ -468,13 +509,13 @@ impl ResumeRecord {
     pub fn zstd(
         url: &str,
         slot: &Path,
-        expected_hash: &str,
+        (algorithm, expected_hash): (&str, &str),
         size: Option<u64>,
         point: &ZstdPoint,
     ) -> Self {
         ResumeRecord {
             zstd_state: Some(point.at.state.to_text()),
-            ..Self::decoder("zstd", (url, slot, expected_hash, size), point)
+            ..Self::decoder("zstd", (url, slot, algorithm, expected_hash, size), point)
         }
     }
 
@@ -482,37 +523,44 @@ impl ResumeRecord {
     pub fn xz(
         url: &str,
         slot: &Path,
-        expected_hash: &str,
+        (algorithm, expected_hash): (&str, &str),
         size: Option<u64>,
         point: &XzPoint,
     ) -> Self {
         ResumeRecord {
             xz_state: Some(point.at.state.to_text()),
-            ..Self::decoder("xz", (url, slot, expected_hash, size), point)
+            ..Self::decoder("xz", (url, slot, algorithm, expected_hash, size), point)
         }
     }
 
     /// The fields a `gzip`, a `zstd` and an `xz` record share: the artifact (`url`, `slot`,
-    /// `expected_hash`, `size`; hashed with sha256), the resume point (artifact and slot
-    /// offsets), the artifact's sha256 state there, the slot prefix's sha256 and, for a tar
-    /// inside (format `tar-` and `format`), the tar's head.
+    /// `algorithm` and `expected_hash`, `size`), the resume point (artifact and slot
+    /// offsets), the decoder input's sha256 state there, the slot prefix's sha256, for a tar
+    /// inside (format `tar-` and `format`) the tar's head and in a signed bundle (format
+    /// `bundle-` and the rest) where its image member starts.
     fn decoder<P: DecoderPoint>(
         format: &str,
-        (url, slot, expected_hash, size): (&str, &Path, &str, Option<u64>),
+        (url, slot, algorithm, expected_hash, size): (&str, &Path, &str, &str, Option<u64>),
         point: &P,
     ) -> Self {
         let format = match point.tar_head() {
             Some(_) => format!("tar-{format}"),
             None => format.to_string(),
         };
+        let format = match point.member_offset() {
+            Some(_) => format!("bundle-{format}"),
+            None => format,
+        };
         ResumeRecord {
             url: url.to_string(),
             slot: slot.to_path_buf(),
-            algorithm: "sha256".into(),
+            algorithm: algorithm.into(),
             expected_hash: expected_hash.to_string(),
             size,
             format,
-            artifact_offset: point.artifact_offset(),
+            artifact_offset: point.download_from(),
+            member_offset: point.member_offset(),
+            member_of: point.member_offset().map(|_| "bundle".into()),
             slot_offset: point.slot_offset(),
             artifact_sha256_state: Some(point.artifact_hash().to_text()),
             slot_sha256: Some(point.slot_sha256().to_string()),
@@ -522,74 +570,86 @@ impl ResumeRecord {
         }
     }
 
-    /// Where a plain gzip image of the same artifact continues in the same slot; None for any
-    /// other record, or one whose fields do not fit together.
-    pub fn gzip_point(&self, target: &Target<'_>) -> Option<GzipPoint> {
-        let (artifact_hash, slot_sha256, tar_head, out) = self.decoder_point("gzip", target)?;
+    /// Where a gzip image of the same artifact continues in the same slot (a plain one, or
+    /// under a signature policy, `bundle_policy`, one in a signed bundle); None for any other
+    /// record, or one whose fields do not fit together.
+    pub fn gzip_point(&self, target: &Target<'_>, bundle_policy: bool) -> Option<GzipPoint> {
+        let c = self.decoder_point("gzip", target, bundle_policy)?;
         let bits = self.bits.filter(|&b| b <= 7)?;
         let crc = self.crc32?;
         Some(GzipPoint {
             at: ResumeAt {
-                artifact_offset: self.artifact_offset,
+                artifact_offset: c.input_offset,
                 bits,
-                out,
+                out: c.out,
                 crc,
             },
-            artifact_hash,
-            slot_sha256,
-            tar_head,
+            artifact_hash: c.artifact_hash,
+            slot_sha256: c.slot_sha256,
+            tar_head: c.tar_head,
+            member_offset: c.member_offset,
         })
     }
 
-    /// Where a plain zstd image of the same artifact continues in the same slot; None for any
-    /// other record, or one whose fields do not fit together.
-    pub fn zstd_point(&self, target: &Target<'_>) -> Option<ZstdPoint> {
-        let (artifact_hash, slot_sha256, tar_head, out) = self.decoder_point("zstd", target)?;
+    /// Where a zstd image of the same artifact continues in the same slot, as
+    /// [`Self::gzip_point`].
+    pub fn zstd_point(&self, target: &Target<'_>, bundle_policy: bool) -> Option<ZstdPoint> {
+        let c = self.decoder_point("zstd", target, bundle_policy)?;
         let state = ZstdState::from_text(self.zstd_state.as_deref()?)?;
         let at = unzstd::ResumeAt {
-            artifact_offset: self.artifact_offset,
-            out,
+            artifact_offset: c.input_offset,
+            out: c.out,
             state,
         };
         // Before reading the slot's prefix: a point the decoder could not have made.
         at.plausible().then_some(ZstdPoint {
             at,
-            artifact_hash,
-            slot_sha256,
-            tar_head,
+            artifact_hash: c.artifact_hash,
+            slot_sha256: c.slot_sha256,
+            tar_head: c.tar_head,
+            member_offset: c.member_offset,
         })
     }
 
-    /// Where a plain xz image of the same artifact continues in the same slot; None for any
-    /// other record, or one whose fields do not fit together.
-    pub fn xz_point(&self, target: &Target<'_>) -> Option<XzPoint> {
-        let (artifact_hash, slot_sha256, tar_head, out) = self.decoder_point("xz", target)?;
+    /// Where an xz image of the same artifact continues in the same slot, as
+    /// [`Self::gzip_point`].
+    pub fn xz_point(&self, target: &Target<'_>, bundle_policy: bool) -> Option<XzPoint> {
+        let c = self.decoder_point("xz", target, bundle_policy)?;
         let state = XzState::from_text(self.xz_state.as_deref()?)?;
         let at = unxz::ResumeAt {
-            artifact_offset: self.artifact_offset,
-            out,
+            artifact_offset: c.input_offset,
+            out: c.out,
             state,
         };
         // Before reading the slot's prefix: a point the decoder could not have made.
         at.plausible().then_some(XzPoint {
             at,
-            artifact_hash,
-            slot_sha256,
-            tar_head,
+            artifact_hash: c.artifact_hash,
+            slot_sha256: c.slot_sha256,
+            tar_head: c.tar_head,
+            member_offset: c.member_offset,
         })
     }
 
-    /// The artifact hash state, the slot prefix's sha256, the tar head and the decoder's
-    /// output offset of a `format` record (`gzip`, `zstd` or `xz`, or `tar-` and one of them)
-    /// for this artifact and slot, when they fit together.
+    /// What a `format` record (`gzip`, `zstd` or `xz`, after `tar-` for a tar inside, after
+    /// `bundle-` in a signed bundle's image member, which only a `bundle_policy` uses) for this
+    /// artifact and slot says about its point, when its fields fit together.
     fn decoder_point(
         &self,
         format: &str,
         target: &Target<'_>,
-    ) -> Option<(Sha256State, String, Option<Vec<u8>>, u64)> {
-        let tar_head = if self.format == format {
+        bundle_policy: bool,
+    ) -> Option<CommonPoint> {
+        let (inner, in_bundle) = match self.format.strip_prefix("bundle-") {
+            Some(inner) => (inner, true),
+            None => (self.format.as_str(), false),
+        };
+        if in_bundle != bundle_policy {
+            return None;
+        }
+        let tar_head = if inner == format {
             None
-        } else if self.format.strip_prefix("tar-") == Some(format) {
+        } else if inner.strip_prefix("tar-") == Some(format) {
             let head = hex::decode(self.tar_head.as_deref()?).ok()?;
             // Whole tar blocks, at least the image member's header; as recorded.
             let fits = (512..=MAX_TAR_HEAD).contains(&head.len())
@@ -599,11 +659,27 @@ impl ResumeRecord {
         } else {
             return None;
         };
+        let member_offset = if in_bundle {
+            let offset = self.member_offset?;
+            // At least the manifest's, the signature's and the image's headers before it.
+            let fits = self.member_of.as_deref() == Some("bundle")
+                && (3 * 512..=MAX_MEMBER_OFFSET).contains(&offset);
+            if !fits {
+                return None;
+            }
+            Some(offset)
+        } else {
+            None
+        };
+        let input_offset = self
+            .artifact_offset
+            .checked_sub(member_offset.unwrap_or(0))?;
         let out = self
             .slot_offset
             .checked_add(tar_head.as_ref().map_or(0, |h| h.len() as u64))?;
+        // The signed bundle's image hash is sha256 whatever the artifact's hash is.
         let same = self.is_for(&self.format, target)
-            && target.algorithm == "sha256"
+            && (in_bundle || target.algorithm == "sha256")
             && self.slot_offset > 0
             && self.artifact_offset < target.size.unwrap_or(u64::MAX);
         if !same {
@@ -611,12 +687,19 @@ impl ResumeRecord {
         }
         let artifact_hash = Sha256State::from_text(self.artifact_sha256_state.as_deref()?)?;
         let slot_sha256 = self.slot_sha256.clone()?;
-        let well_formed = artifact_hash.len() == self.artifact_offset
+        let well_formed = artifact_hash.len() == input_offset
             && slot_sha256.len() == 64
             && slot_sha256
                 .bytes()
                 .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-        well_formed.then_some((artifact_hash, slot_sha256, tar_head, out))
+        well_formed.then_some(CommonPoint {
+            artifact_hash,
+            slot_sha256,
+            tar_head,
+            out,
+            input_offset,
+            member_offset,
+        })
     }
 
     /// Where a delta install of the same bundle into the same slot continues: the slot
@@ -671,6 +754,18 @@ impl ResumeRecord {
             && self.size == t.size
             && self.slot_offset <= t.capacity
     }
+}
+
+/// What a gzip, zstd and xz record say of their point alike (see [`DecoderPoint`]).
+struct CommonPoint {
+    artifact_hash: Sha256State,
+    slot_sha256: String,
+    tar_head: Option<Vec<u8>>,
+    /// The decoder's output before the point.
+    out: u64,
+    /// The decoder's input before the point.
+    input_offset: u64,
+    member_offset: Option<u64>,
 }
 
 /// What a download record must match: the artifact (hash algorithm and value, size) and the
@@ -818,14 +913,15 @@ mod tests {
             artifact_hash: hash,
             slot_sha256: "ab".repeat(32),
             tar_head: Some(head.clone()),
+            member_offset: None,
         };
-        let r = ResumeRecord::gzip("http://x/a.tgz", slot, "cd", Some(5000), &point);
+        let r = ResumeRecord::gzip("http://x/a.tgz", slot, ("sha256", "cd"), Some(5000), &point);
         assert_eq!((r.format.as_str(), r.slot_offset), ("tar-gzip", 4096));
         assert_eq!(r.tar_head.as_deref(), Some(hex::encode(&head).as_str()));
         let back = saved_and_loaded(&path, &r);
         let target = target_cd(slot, "sha256", Some(5000), 1 << 20);
-        assert_eq!(back.gzip_point(&target), Some(point.clone()));
-        assert_eq!(back.xz_point(&target), None);
+        assert_eq!(back.gzip_point(&target, false), Some(point.clone()));
+        assert_eq!(back.xz_point(&target, false), None);
         // A head that is not whole tar blocks, too long, missing, or not the one recorded (a
         // byte changed, whole blocks still): no point.
         let mut changed = head.clone();
@@ -841,15 +937,122 @@ mod tests {
                 tar_head: bad,
                 ..r.clone()
             };
-            assert_eq!(bad.gzip_point(&target), None, "{:?}", bad.tar_head);
+            assert_eq!(bad.gzip_point(&target, false), None, "{:?}", bad.tar_head);
         }
         // The plain format ignores a head: its point is at the slot offset.
         let plain = ResumeRecord {
             format: "gzip".into(),
             ..r.clone()
         };
-        let plain = plain.gzip_point(&target).unwrap();
+        let plain = plain.gzip_point(&target, false).unwrap();
         assert_eq!((plain.at.out, plain.tar_head), (4096, None));
+    }
+
+    #[test]
+    fn a_point_in_a_signed_bundle_counts_the_members_bytes_and_needs_the_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("download.resume");
+        let slot = Path::new("/dev/slot-b");
+        let point = gzip_point_after_1000_bytes(4096, None, Some(2048));
+        assert_eq!(point.download_from(), 3048);
+        // Any artifact hash: the member's signed one is sha256.
+        let r = ResumeRecord::gzip(
+            "http://x/a.bundle",
+            slot,
+            ("sha1", "cd"),
+            Some(9000),
+            &point,
+        );
+        assert_eq!(r.format, "bundle-gzip");
+        assert_eq!((r.artifact_offset, r.member_offset), (3048, Some(2048)));
+        assert_eq!(r.member_of.as_deref(), Some("bundle"));
+        let back = saved_and_loaded(&path, &r);
+        let target = target_cd(slot, "sha1", Some(9000), 1 << 20);
+        assert_eq!(back.gzip_point(&target, true), Some(point.clone()));
+        // Only under a signature policy, and a plain record never under one.
+        assert_eq!(back.gzip_point(&target, false), None);
+        let plain = ResumeRecord {
+            format: "gzip".into(),
+            member_offset: None,
+            member_of: None,
+            artifact_offset: 1000,
+            algorithm: "sha256".into(),
+            ..r.clone()
+        };
+        let sha256 = target_cd(slot, "sha256", Some(9000), 1 << 20);
+        assert!(plain.gzip_point(&sha256, false).is_some());
+        assert_eq!(plain.gzip_point(&sha256, true), None);
+        // Fields that do not fit: the member's start missing, too early (no room for the
+        // manifest's, signature's and image's headers) or too late, not a bundle's, the point
+        // before it, a state of another length.
+        for bad in [
+            ResumeRecord {
+                member_offset: None,
+                ..r.clone()
+            },
+            ResumeRecord {
+                member_offset: Some(1024),
+                artifact_offset: 2024,
+                ..r.clone()
+            },
+            ResumeRecord {
+                member_offset: Some(MAX_MEMBER_OFFSET + 512),
+                artifact_offset: MAX_MEMBER_OFFSET + 1512,
+                ..r.clone()
+            },
+            ResumeRecord {
+                member_of: Some("tar".into()),
+                ..r.clone()
+            },
+            ResumeRecord {
+                artifact_offset: 1000,
+                ..r.clone()
+            },
+            ResumeRecord {
+                artifact_offset: 3049,
+                ..r.clone()
+            },
+        ] {
+            assert_eq!(bad.gzip_point(&target, true), None, "{bad:?}");
+        }
+        // A tar inside, in a bundle.
+        let head = vec![0u8; 512];
+        let tar = GzipPoint {
+            tar_head: Some(head),
+            at: ResumeAt {
+                out: 4096 + 512,
+                ..point.at
+            },
+            ..point
+        };
+        let r = ResumeRecord::gzip("http://x/a.bundle", slot, ("sha1", "cd"), Some(9000), &tar);
+        assert_eq!(
+            (r.format.as_str(), r.slot_offset),
+            ("bundle-tar-gzip", 4096)
+        );
+        assert_eq!(r.gzip_point(&target, true), Some(tar));
+    }
+
+    /// A gzip point after 1000 input bytes (of 7s) and `out` bytes of output.
+    fn gzip_point_after_1000_bytes(
+        out: u64,
+        tar_head: Option<Vec<u8>>,
+        member_offset: Option<u64>,
+    ) -> GzipPoint {
+        let mut hash = Sha256State::new();
+        hash.update(&[7u8; 1000]);
+        GzipPoint {
+            at: ResumeAt {
+                artifact_offset: 1000,
+                bits: 3,
+                out,
+                crc: 0xdead_beef,
+            },
+            artifact_hash: hash,
+            slot_sha256: "ab".repeat(32),
+            tar_head,
+            member_offset,
+        }
     }
 
     /// `r` saved at `path` and loaded again: the same record.
@@ -881,29 +1084,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("download.resume");
         let slot = Path::new("/dev/slot-b");
-        let mut hash = Sha256State::new();
-        hash.update(&[7u8; 1000]);
-        let point = GzipPoint {
-            at: ResumeAt {
-                artifact_offset: 1000,
-                bits: 3,
-                out: 4096,
-                crc: 0xdead_beef,
-            },
-            artifact_hash: hash,
-            slot_sha256: "ab".repeat(32),
-            tar_head: None,
-        };
-        let r = ResumeRecord::gzip("http://x/a.gz", slot, "cd", Some(5000), &point);
+        let point = gzip_point_after_1000_bytes(4096, None, None);
+        let r = ResumeRecord::gzip("http://x/a.gz", slot, ("sha256", "cd"), Some(5000), &point);
         let back = saved_and_loaded(&path, &r);
         let target = |algorithm, size, capacity| target_cd(slot, algorithm, size, capacity);
         assert_eq!(
-            back.gzip_point(&target("sha256", Some(5000), 1 << 20)),
+            back.gzip_point(&target("sha256", Some(5000), 1 << 20), false),
             Some(point.clone())
         );
-        assert_eq!(back.gzip_point(&target("sha1", Some(5000), 1 << 20)), None);
-        assert_eq!(back.gzip_point(&target("sha256", Some(999), 1 << 20)), None);
-        assert_eq!(back.gzip_point(&target("sha256", Some(5000), 4000)), None);
+        assert_eq!(
+            back.gzip_point(&target("sha1", Some(5000), 1 << 20), false),
+            None
+        );
+        assert_eq!(
+            back.gzip_point(&target("sha256", Some(999), 1 << 20), false),
+            None
+        );
+        assert_eq!(
+            back.gzip_point(&target("sha256", Some(5000), 4000), false),
+            None
+        );
         // A gzip record is never read as a raw or chunks one: an agent that knows only those
         // (every earlier one: they match the format the same way) starts over.
         assert_eq!(
@@ -952,7 +1152,7 @@ mod tests {
         ];
         for b in broken {
             assert_eq!(
-                b.gzip_point(&target("sha256", Some(5000), 1 << 20)),
+                b.gzip_point(&target("sha256", Some(5000), 1 << 20), false),
                 None,
                 "{b:?}"
             );
@@ -997,23 +1197,24 @@ mod tests {
             artifact_hash: hash,
             slot_sha256: "ab".repeat(32),
             tar_head: None,
+            member_offset: None,
         };
-        let r = ResumeRecord::zstd("http://x/a.zst", slot, "cd", Some(5000), &point);
+        let r = ResumeRecord::zstd("http://x/a.zst", slot, ("sha256", "cd"), Some(5000), &point);
         assert_eq!(r.format, "zstd");
         assert_eq!((r.bits, r.crc32), (None, None));
         let back = saved_and_loaded(&path, &r);
         let target = |algorithm, size, capacity| target_cd(slot, algorithm, size, capacity);
         let good = target("sha256", Some(5000), 1 << 20);
-        assert_eq!(back.zstd_point(&good), Some(point.clone()));
+        assert_eq!(back.zstd_point(&good, false), Some(point.clone()));
         for other in [
             target("sha1", Some(5000), 1 << 20),
             target("sha256", Some(999), 1 << 20),
             target("sha256", Some(5000), 4000),
         ] {
-            assert_eq!(back.zstd_point(&other), None);
+            assert_eq!(back.zstd_point(&other, false), None);
         }
         // Never read as a record of another format, nor they as a zstd one.
-        assert_eq!(back.gzip_point(&good), None);
+        assert_eq!(back.gzip_point(&good, false), None);
         assert_eq!(back.member_point(&good, true), None);
         assert_eq!(
             back.resume_offset(slot, "sha256", "cd", Some(5000), 1 << 20),
@@ -1025,8 +1226,8 @@ mod tests {
             crc32: Some(0),
             ..r.clone()
         };
-        assert_eq!(gzip.zstd_point(&good), None);
-        assert!(gzip.gzip_point(&good).is_some());
+        assert_eq!(gzip.zstd_point(&good, false), None);
+        assert!(gzip.gzip_point(&good, false).is_some());
         // Fields that do not fit together: not used.
         let broken = [
             ResumeRecord {
@@ -1059,7 +1260,7 @@ mod tests {
             },
         ];
         for b in broken {
-            assert_eq!(b.zstd_point(&good), None, "{b:?}");
+            assert_eq!(b.zstd_point(&good, false), None, "{b:?}");
         }
     }
 
@@ -1084,12 +1285,17 @@ mod tests {
                 artifact_hash: hash,
                 slot_sha256: "ab".repeat(32),
                 tar_head: None,
+                member_offset: None,
             };
-            ResumeRecord::zstd("http://x/a.zst", slot, "cd", Some(5000), &point)
+            ResumeRecord::zstd("http://x/a.zst", slot, ("sha256", "cd"), Some(5000), &point)
         };
         let inside = "frame:0:1048576:-:8010:p:p:p:1,4,8";
-        assert!(record(1000, 4096, "between").zstd_point(&good).is_some());
-        assert!(record(1000, 4096, inside).zstd_point(&good).is_some());
+        assert!(record(1000, 4096, "between")
+            .zstd_point(&good, false)
+            .is_some());
+        assert!(record(1000, 4096, inside)
+            .zstd_point(&good, false)
+            .is_some());
         for (artifact_offset, out, state) in [
             (0, 4096, "between"),
             (8, 4096, "between"),
@@ -1098,7 +1304,11 @@ mod tests {
             (1000, 4096, "frame:0:1048576:4000:8010:p:p:p:1,4,8"),
         ] {
             let r = record(artifact_offset, out, state);
-            assert_eq!(r.zstd_point(&good), None, "{artifact_offset} {out} {state}");
+            assert_eq!(
+                r.zstd_point(&good, false),
+                None,
+                "{artifact_offset} {out} {state}"
+            );
         }
     }
 
@@ -1152,7 +1362,7 @@ mod tests {
             back.resume_offset(slot, "sha1", "cd", Some(9000), 1 << 20),
             None
         );
-        assert_eq!(back.gzip_point(&good), None);
+        assert_eq!(back.gzip_point(&good, false), None);
         let raw = ResumeRecord::raw("u", slot, "sha1", "cd", Some(9000), 4096);
         assert_eq!(raw.member_point(&good, true), None);
         // Fields that do not fit together, or a head too large to fetch again: not used.

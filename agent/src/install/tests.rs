@@ -1052,6 +1052,19 @@ async fn install_over_record(
     bad: &resume::ResumeRecord,
     what: &str,
 ) -> Vec<(Option<u64>, Option<String>)> {
+    install_over_record_with(fx, (img, gz), record, bad, what, &|_, _| {}).await
+}
+
+/// [`install_over_record`] of `artifact` holding `img`, with the request and options `adjust`
+/// makes.
+async fn install_over_record_with(
+    fx: &Fixture,
+    (img, artifact): (&[u8], &[u8]),
+    record: &resume::ResumeRecord,
+    bad: &resume::ResumeRecord,
+    what: &str,
+    adjust: Adjust<'_>,
+) -> Vec<(Option<u64>, Option<String>)> {
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(&fx.slot)
@@ -1059,15 +1072,7 @@ async fn install_over_record(
     let out = record.slot_offset as usize;
     std::os::unix::fs::FileExt::write_all_at(&f, &img[..out], 0).unwrap();
     resume::save(&fx.resume_path(), bad).unwrap();
-    let server = ArtifactServer::start(gz.to_vec());
-    let installed = run(&fx.request(&server.url, gz), &fast_options())
-        .await
-        .0
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert_eq!(installed.sha256_of_slot_image, sha256_hex(img), "{what}");
-    fx.assert_installed(img);
-    assert!(!fx.resume_path().exists(), "{what}: the record stays");
-    server.requests()
+    resumed_over_record(fx, img, artifact, what, adjust).await
 }
 
 #[tokio::test]
@@ -1208,7 +1213,19 @@ async fn interrupted_decoder_install(
     artifact: &[u8],
     format: &str,
 ) -> resume::ResumeRecord {
-    let err = interrupted_install(fx, artifact, artifact.len() * 6 / 10).await;
+    interrupted_decoder_install_with(fx, img, artifact, format, &|_, _| {}).await
+}
+
+/// [`interrupted_decoder_install`] with the request and options `adjust` makes.
+async fn interrupted_decoder_install_with(
+    fx: &Fixture,
+    img: &[u8],
+    artifact: &[u8],
+    format: &str,
+    adjust: Adjust<'_>,
+) -> resume::ResumeRecord {
+    let limit = artifact.len() * 6 / 10;
+    let err = interrupted_install_with(fx, artifact, limit, adjust).await;
     assert!(err.is_retryable(), "{err}");
     let record = resume::load(&fx.resume_path()).expect("resume record kept");
     assert_eq!(record.format, format, "{record:?}");
@@ -1240,18 +1257,33 @@ async fn resumes_from_the_record(
     record: &resume::ResumeRecord,
     what: &str,
 ) {
+    let requests = resumed_over_record(fx, img, artifact, what, &|_, _| {}).await;
+    assert_eq!(requests.len(), 1, "{what}: {requests:?}");
+    assert_eq!(requests[0].0, Some(record.artifact_offset), "{what}");
+}
+
+/// An install of `artifact` (holding `img`) with the request and options `adjust` makes ends
+/// with the image, the record gone; the requests the server saw.
+async fn resumed_over_record(
+    fx: &Fixture,
+    img: &[u8],
+    artifact: &[u8],
+    what: &str,
+    adjust: Adjust<'_>,
+) -> Vec<(Option<u64>, Option<String>)> {
     let server = ArtifactServer::start(artifact.to_vec());
-    let installed = run(&fx.request(&server.url, artifact), &fast_options())
+    let mut req = fx.request(&server.url, artifact);
+    let mut options = fast_options();
+    adjust(&mut req, &mut options);
+    let installed = run(&req, &options)
         .await
         .0
         .unwrap_or_else(|e| panic!("{what}: {e}"));
     assert_eq!(installed.sha256_of_slot_image, sha256_hex(img), "{what}");
     assert_eq!(installed.bytes_written, img.len() as u64, "{what}");
     fx.assert_installed(img);
-    let requests = server.requests();
-    assert_eq!(requests.len(), 1, "{what}: {requests:?}");
-    assert_eq!(requests[0].0, Some(record.artifact_offset), "{what}");
     assert!(!fx.resume_path().exists(), "{what}");
+    server.requests()
 }
 
 #[tokio::test]
@@ -1804,6 +1836,8 @@ fn write_error_on_the_slot_is_reported() {
         zstd_resume: None,
         xz_resume: None,
         replay: None,
+        bundle_image_at: None,
+        bundle_head: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     for chunk in img.chunks(100_000) {
@@ -1851,6 +1885,8 @@ fn aborted_download_is_not_mistaken_for_the_end() {
         zstd_resume: None,
         xz_resume: None,
         replay: None,
+        bundle_image_at: None,
+        bundle_head: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tx.try_send(pipeline::Chunk::Data(bytes::Bytes::copy_from_slice(
@@ -1913,6 +1949,8 @@ fn stopped_install_stops_reading_and_writing() {
         zstd_resume: None,
         xz_resume: None,
         replay: None,
+        bundle_image_at: None,
+        bundle_head: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     for chunk in img.chunks(4096) {
@@ -1990,6 +2028,8 @@ fn run_pipeline_hashed(
         zstd_resume: None,
         xz_resume: None,
         replay: None,
+        bundle_image_at: None,
+        bundle_head: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(artifact.len() + 2);
     let mut rest = artifact;
@@ -2165,6 +2205,8 @@ fn read_back_thread_detects_a_mismatch() {
             zstd_resume: None,
             xz_resume: None,
             replay: None,
+            bundle_image_at: None,
+            bundle_head: None,
         };
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         for chunk in img.chunks(1 << 20) {
@@ -3517,5 +3559,213 @@ mod tar_inside {
                 .zip(tampered.into_iter().map(|t| t.1));
             install_over_tampered_records(&fx, &img, &artifact, &record, tampered.collect()).await;
         }
+    }
+}
+
+/// A gzip, zstd or xz image (or a tar inside one) in a signed bundle (format 1) resumes after a
+/// restart: the bundle's head is fetched again and its signature checked, the decoder continues
+/// at the record's point, and the member's signed sha256 continues from the record's state.
+mod bundle_inside {
+    use super::*;
+
+    /// A test artifact: what it is, its record format, the signed bundle, its policy (and the
+    /// key's folder, kept while the test runs).
+    struct Signed {
+        what: &'static str,
+        format: &'static str,
+        bundle: Vec<u8>,
+        policy: BundlePolicy,
+        _keys: tempfile::TempDir,
+    }
+
+    impl Signed {
+        fn new(what: &'static str, format: &'static str, member: &[u8]) -> Signed {
+            let (bundle, policy, keys) = signed_bundle(member);
+            Signed {
+                what,
+                format,
+                bundle,
+                policy,
+                _keys: keys,
+            }
+        }
+
+        /// Installs of this bundle are under its signature policy.
+        fn adjust(&self) -> impl Fn(&mut InstallRequest, &mut InstallOptions) + '_ {
+            |req, _| req.bundle = Some(self.policy.clone())
+        }
+    }
+
+    /// The image, and signed bundles of it compressed each way.
+    fn artifacts() -> (Vec<u8>, Vec<Signed>) {
+        let img = gunzip::tests::image(8 << 20, 29);
+        let crc64 = lzma_rust2::CheckType::Crc64;
+        let tar = tar_of(&[("rootfs.img", &img)]);
+        let artifacts = vec![
+            Signed::new("gzip", "bundle-gzip", &gunzip::tests::gzip(&img, 6)),
+            Signed::new("zstd", "bundle-zstd", &zstd(&img)),
+            Signed::new("xz", "bundle-xz", &xz_blocks(&img, 512 << 10, crc64)),
+            Signed::new("tar.gz", "bundle-tar-gzip", &gunzip::tests::gzip(&tar, 6)),
+        ];
+        (img, artifacts)
+    }
+
+    /// An install of `signed` interrupted after 60 % of it: its record is a point in the
+    /// bundle's image member.
+    async fn interrupted(fx: &Fixture, img: &[u8], signed: &Signed) -> resume::ResumeRecord {
+        let adjust = signed.adjust();
+        let record =
+            interrupted_decoder_install_with(fx, img, &signed.bundle, signed.format, &adjust).await;
+        let data_offset = bundle_image_offset(&signed.bundle) as u64;
+        assert_eq!(record.member_offset, Some(data_offset), "{record:?}");
+        assert_eq!(record.member_of.as_deref(), Some("bundle"), "{record:?}");
+        assert!(record.artifact_offset > data_offset, "{record:?}");
+        record
+    }
+
+    #[tokio::test]
+    async fn restart_resumes_a_compressed_image_in_a_signed_bundle_from_its_point() {
+        let (img, artifacts) = artifacts();
+        for signed in &artifacts {
+            let what = signed.what;
+            let fx = Fixture::new(9 << 20);
+            let record = interrupted(&fx, &img, signed).await;
+            let head = record.member_offset.unwrap();
+            let adjust = signed.adjust();
+            let requests = resumed_over_record(&fx, &img, &signed.bundle, what, &adjust).await;
+            // The bundle's head (and before it the delta probe's look at it), then the rest
+            // of the artifact from the point: never the whole artifact, nothing else in the
+            // image member.
+            let starts: Vec<_> = requests.iter().map(|r| r.0).collect();
+            assert_eq!(
+                starts.last(),
+                Some(&Some(record.artifact_offset)),
+                "{what}: {requests:?}"
+            );
+            assert!(
+                starts[..starts.len() - 1].iter().all(|&s| s == Some(0)),
+                "{what}: {requests:?}"
+            );
+            assert!(head < record.artifact_offset, "{what}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resume_in_a_bundle_over_a_changed_slot_starts_over() {
+        let (img, artifacts) = artifacts();
+        for signed in artifacts.iter().take(2) {
+            let fx = Fixture::new(9 << 20);
+            let record = interrupted(&fx, &img, signed).await;
+            fx.flip_slot_byte(&img, record.slot_offset - 10);
+            let adjust = signed.adjust();
+            let requests =
+                resumed_over_record(&fx, &img, &signed.bundle, signed.what, &adjust).await;
+            // The whole artifact once, never from the point.
+            assert!(
+                requests.iter().any(|r| r.0.is_none()),
+                "{}: {requests:?}",
+                signed.what
+            );
+            assert!(
+                requests.iter().all(|r| r.0 != Some(record.artifact_offset)),
+                "{}: {requests:?}",
+                signed.what
+            );
+        }
+    }
+
+    /// A record damaged anywhere, or pointing elsewhere, never installs a wrong image: it is
+    /// refused, or the resumed install fails a check and starts over from byte 0.
+    #[tokio::test]
+    async fn a_tampered_bundle_record_never_gives_a_wrong_image() {
+        let (img, artifacts) = artifacts();
+        let signed = &artifacts[0];
+        let fx = Fixture::new(9 << 20);
+        let record = interrupted(&fx, &img, signed).await;
+        let member_offset = record.member_offset.unwrap();
+        let input = record.artifact_offset - member_offset;
+        let mut artifact_state = sha256_state::Sha256State::new();
+        artifact_state.update(&signed.bundle[..record.artifact_offset as usize]);
+        let mut other_state = sha256_state::Sha256State::new();
+        other_state.update(&vec![1u8; input as usize]);
+        let tampered: Vec<(&str, resume::ResumeRecord)> = vec![
+            (
+                "the member's state of other bytes",
+                resume::ResumeRecord {
+                    artifact_sha256_state: Some(other_state.to_text()),
+                    ..record.clone()
+                },
+            ),
+            (
+                "the artifact's state instead of the member's",
+                resume::ResumeRecord {
+                    artifact_sha256_state: Some(artifact_state.to_text()),
+                    ..record.clone()
+                },
+            ),
+            (
+                "the member a block later",
+                resume::ResumeRecord {
+                    member_offset: Some(member_offset + 512),
+                    artifact_offset: record.artifact_offset + 512,
+                    ..record.clone()
+                },
+            ),
+            (
+                "the member a block earlier, the point where it was",
+                resume::ResumeRecord {
+                    member_offset: Some(member_offset - 512),
+                    ..record.clone()
+                },
+            ),
+            (
+                "crc32",
+                resume::ResumeRecord {
+                    crc32: record.crc32.map(|c| c ^ 4),
+                    ..record.clone()
+                },
+            ),
+            (
+                "a plain gzip record",
+                resume::ResumeRecord {
+                    format: "gzip".into(),
+                    member_offset: None,
+                    member_of: None,
+                    ..record.clone()
+                },
+            ),
+        ];
+        let adjust = signed.adjust();
+        for (what, bad) in tampered {
+            std::fs::write(&fx.slot, vec![FILL; fx.capacity]).unwrap();
+            let artifact = (&img[..], &signed.bundle[..]);
+            let requests =
+                install_over_record_with(&fx, artifact, &record, &bad, what, &adjust).await;
+            assert!(
+                requests.iter().any(|r| r.0.is_none()),
+                "{what}: never started over: {requests:?}"
+            );
+        }
+    }
+
+    /// A bundle's record under a policy that no longer trusts the bundle's key: the resume
+    /// fails the signature on the head fetched again, so does the install from byte 0, and
+    /// nothing is written over the slot. (Without any policy the record is not used at all:
+    /// `resume::tests`.)
+    #[tokio::test]
+    async fn a_bundle_record_needs_the_policy_that_made_it() {
+        let (img, artifacts) = artifacts();
+        let signed = &artifacts[1];
+        let fx = Fixture::new(9 << 20);
+        let record = interrupted(&fx, &img, signed).await;
+        let (_, stranger, _other_keys) = signed_bundle(b"another vendor");
+        let server = ArtifactServer::start(signed.bundle.clone());
+        let mut req = fx.request(&server.url, &signed.bundle);
+        req.bundle = Some(stranger);
+        let err = run(&req, &fast_options()).await.0.unwrap_err();
+        assert!(matches!(err, InstallError::Signature(_)), "{err}");
+        // Nothing was written over the interrupted install's prefix.
+        let out = record.slot_offset as usize;
+        assert_eq!(&fx.slot_bytes()[..out], &img[..out]);
     }
 }
