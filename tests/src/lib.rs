@@ -10,6 +10,7 @@ pub mod demo;
 pub mod device;
 pub mod harness;
 pub mod rig;
+pub mod signing;
 
 use std::path::{Path, PathBuf};
 

@@ -154,10 +154,21 @@ impl Rig {
                 return serde_json::from_slice(&std::fs::read(&record_path).unwrap())
                     .unwrap_or(record);
             }
-            assert!(
-                agent.try_exit().unwrap().is_none(),
-                "agent finished before the resume record wanted"
-            );
+            if let Some(code) = agent.try_exit().unwrap() {
+                // Say how it ended: an install without resume points, or a failure.
+                let (stdout, stderr) = agent.output_so_far();
+                let tail = |text: &str| {
+                    let lines: Vec<&str> = text.lines().collect();
+                    lines[lines.len().saturating_sub(20)..].join("\n")
+                };
+                panic!(
+                    "agent finished (exit {code:?}) before the resume record wanted \
+                     (record now: {}); its last output:\n{}\n{}",
+                    std::fs::read_to_string(&record_path).unwrap_or_else(|_| "none".into()),
+                    tail(stdout),
+                    tail(stderr)
+                );
+            }
             assert!(
                 std::time::Instant::now() < deadline,
                 "the resume record wanted never appeared"

@@ -7,10 +7,11 @@
 use std::path::{Path, PathBuf};
 
 use bootctl::scheme::Slot;
-use ddi_bundle::{create_bundle, generate_keypair, CreateOptions, SecretKey};
+use ddi_bundle::{generate_keypair, CreateOptions, SecretKey};
 use ddi_sim::ServerOptions;
 use ddi_tests::demo::{ended_as, summary};
-use ddi_tests::device::{tar_member_ranges, DeviceOptions, Image};
+use ddi_tests::device::{DeviceOptions, Image};
+use ddi_tests::signing::{bundle_config, image_offset, signed_bundle};
 
 const CONTROLLER: &str = "bundle-e2e";
 const TOKEN: &str = "bundle-e2e-token";
@@ -44,10 +45,7 @@ impl Rig {
         std::fs::write(&vendor_pub, vendor.public_key().to_text()).unwrap();
 
         let rig = ddi_tests::rig::Rig::start(ServerOptions::default(), CONTROLLER, TOKEN, |o| {
-            o.config_extra = format!(
-                "[bundle]\ntrusted_keys = [{:?}]\nrequire_signature = {require_signature}\ncompatible = {COMPATIBLE:?}\n",
-                vendor_pub.display().to_string()
-            );
+            o.config_extra = bundle_config(&vendor_pub, require_signature, COMPATIBLE);
             change(o);
         });
         rig.dev.reboot().unwrap();
@@ -84,27 +82,7 @@ impl Rig {
 
 /// A bundle of `image` signed by `key` (the image file is written in `dir`).
 pub(crate) fn bundle_of(dir: &Path, image: &[u8], compatible: &str, key: &SecretKey) -> Vec<u8> {
-    let path: PathBuf = dir.join("rootfs.img.gz");
-    std::fs::write(&path, image).unwrap();
-    let mut out = Vec::new();
-    create_bundle(
-        &path,
-        &CreateOptions {
-            compatible: compatible.into(),
-            version: "2.0".into(),
-            image_name: None,
-            compression: None,
-            keys: std::slice::from_ref(key),
-        },
-        &mut out,
-    )
-    .unwrap();
-    out
-}
-
-/// Offset of the image member's data in a bundle (after manifest and signature members).
-fn image_offset(bundle: &[u8]) -> usize {
-    tar_member_ranges(bundle)[2].start
+    signed_bundle(dir, "rootfs.img.gz", image, compatible, key)
 }
 
 #[test]

@@ -37,28 +37,28 @@
 //! runs from slot B and is confirmed, otherwise `failure` with the factory image running and
 //! confirmed. A good image ends with `success` after any cut.
 //!
-//! Cases: good raw image, good gzip image, good signed bundle, an image failing its health
-//! check, an image that never boots; each for the `bootcount` and `rauc` schemes; and a good
-//! signed bundle holding its image raw (resumed by replay), a good zstd image (`zstd -3`,
-//! resumed from a block boundary), a good xz image (`xz --threads`, resumed from a block
-//! boundary) and a good tar.gz (resumed from a deflate block boundary in its image member) for
-//! `bootcount`. The images are 256 KiB, except the
-//! resumable cases': the server gzip and tar.gz cases' 1.5 MiB at gzip level 9 (deflate blocks
-//! every few dozen KiB), the zstd case's 1.5 MiB (made compressible, blocks of up to 128 KiB), the xz
-//! case's 1.5 MiB (compressible, blocks of 256 KiB) and the raw bundle's 1.5 MiB, with `[agent]
-//! checkpoint_interval = "256k"`, so that their install commits its
-//! resume record (`download.resume`) at several checkpoints, each cut before like every step, and
-//! the next run resumes from the record before it: their record run must hold at least two such
-//! commits, and a trial cut before one with an older record on disk must see a Range download
-//! from inside the artifact (not the 4-byte ISIZE fetch at its end). Local cases
-//! (`-local`, issue 18) play the same cycle started by `ddi-agent install FILE` instead of a
-//! server action: no feedback at all; at the end the state's `last_local` says `success` exactly
-//! when the new image runs confirmed from slot B, else `failure` with slot A running confirmed,
-//! and a good image fails only when the cut hit the install run before its image was verified
-//! (an interrupted local install is not resumed). The cases run
-//! in `DDI_CRASH_THREADS` threads (default 2). `DDI_CRASH_CASE=<part of a case name>` runs
-//! matching cases only, `DDI_CRASH_STEP=<i>` only the trials of step `i`. Needs `cc`,
-//! `fw_printenv` (Debian `libubootenv-tool`) and `cargo build --workspace --bins` first.
+//! Cases: good raw image, good gzip image, good signed bundle, an image failing its health check,
+//! an image that never boots; each for the `bootcount` and `rauc` schemes; and a good signed bundle
+//! holding its image raw (resumed by replay), a good signed bundle holding a gzip image (resumed
+//! from a deflate block boundary in its image member), a good zstd image (`zstd -3`, resumed from a
+//! block boundary), a good xz image (`xz --threads`, resumed from a block boundary) and a good
+//! tar.gz (resumed from a deflate block boundary in its image member) for `bootcount`. The images
+//! are 256 KiB, except the resumable cases': the server gzip, signed gzip bundle and tar.gz cases'
+//! 1.5 MiB at gzip level 9 (deflate blocks every few dozen KiB), the zstd case's 1.5 MiB (made
+//! compressible, blocks of up to 128 KiB), the xz case's 1.5 MiB (compressible, blocks of 256 KiB)
+//! and the raw bundle's 1.5 MiB, with `[agent] checkpoint_interval = "256k"`, so that their install
+//! commits its resume record (`download.resume`) at several checkpoints, each cut before like every
+//! step, and the next run resumes from the record before it: their record run must hold at least
+//! two such commits, and a trial cut before one with an older record on disk must see a Range
+//! download from inside the artifact (not the 4-byte ISIZE fetch at its end). Local cases
+//! (`-local`, issue 18) play the same cycle started by `ddi-agent install FILE` instead of a server
+//! action: no feedback at all; at the end the state's `last_local` says `success` exactly when the
+//! new image runs confirmed from slot B, else `failure` with slot A running confirmed, and a good
+//! image fails only when the cut hit the install run before its image was verified (an interrupted
+//! local install is not resumed). The cases run in `DDI_CRASH_THREADS` threads (default 2).
+//! `DDI_CRASH_CASE=<part of a case name>` runs matching cases only, `DDI_CRASH_STEP=<i>` only the
+//! trials of step `i`. Needs `cc`, `fw_printenv` (Debian `libubootenv-tool`) and `cargo build
+//! --workspace --bins` first.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -69,11 +69,11 @@ use std::time::{Duration, Instant};
 
 use bootctl::scheme::{self, bootcount_vars, rauc_vars, SchemeKind, Slot};
 use bytes::Bytes;
-use ddi_bundle::{create_bundle, generate_keypair, CreateOptions};
 use ddi_sim::{Assignment, ServerOptions, TestServer};
 use ddi_tests::demo::{closed_result, ended_as, summary};
 use ddi_tests::device::{DeviceOptions, FileDevice, Health, Image};
 use ddi_tests::harness::{env_number, run_with_timeout};
+use ddi_tests::signing::Vendor;
 
 const TOKEN: &str = "crash-token";
 const COMPATIBLE: &str = "acme-gw-rev2";
@@ -81,7 +81,7 @@ const SHIM_SOURCE: &str = include_str!("crash_points/shim.c");
 const IMAGE_SIZE: usize = 256 * 1024;
 const FACTORY_SIZE: usize = 64 * 1024;
 const SLOT_SIZE: u64 = 512 * 1024;
-/// The resumable cases' image (server gzip and zstd, raw image in a signed bundle): large
+/// The resumable cases' image (server gzip and zstd, raw or gzip image in a signed bundle): large
 /// enough for several checkpoints at
 /// [`RESUMABLE_CHECKPOINT_INTERVAL`], so that the download's resume record is written (and cut
 /// before) several times and the cycle resumes from it.
@@ -113,6 +113,9 @@ enum Payload {
     Bundle,
     /// A signed bundle holding the image raw: resumed by replay.
     RawBundle,
+    /// A signed bundle holding the image at `gzip -9`: resumed from a deflate block boundary
+    /// in the image member (the bundle's head fetched again).
+    GzipBundle,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -145,6 +148,7 @@ impl Case {
         }
         for payload in [
             Payload::RawBundle,
+            Payload::GzipBundle,
             Payload::Zstd,
             Payload::Xz,
             Payload::TarGzip,
@@ -186,6 +190,7 @@ impl Case {
             Payload::TarGzip => "tar-gzip",
             Payload::Bundle => "signed-bundle",
             Payload::RawBundle => "signed-raw-bundle",
+            Payload::GzipBundle => "signed-gzip-bundle",
         };
         let local = if self.local { "-local" } else { "" };
         format!("{}/{health}-{payload}{local}", self.scheme.as_str())
@@ -282,7 +287,7 @@ struct CaseContext {
     checkpoint_interval: Option<&'static str>,
     config_extra: String,
     /// Keeps the bundle's public key file alive.
-    _keys: Option<tempfile::TempDir>,
+    _vendor: Option<Vendor>,
 }
 
 impl CaseContext {
@@ -290,10 +295,15 @@ impl CaseContext {
         // A server gzip image resumes from a deflate block boundary: big enough for several
         // checkpoints, compressed at level 9 (deflate blocks every few dozen KiB). A zstd image
         // resumes from a block boundary (blocks of up to 128 KiB), a raw image in a signed bundle
-        // by replay, as large.
+        // by replay, a gzip image in one from a deflate block boundary, as large.
         let resumable = matches!(
             case.payload,
-            Payload::Gzip | Payload::Zstd | Payload::Xz | Payload::TarGzip | Payload::RawBundle
+            Payload::Gzip
+                | Payload::Zstd
+                | Payload::Xz
+                | Payload::TarGzip
+                | Payload::RawBundle
+                | Payload::GzipBundle
         ) && !case.local;
         let size = if resumable {
             RESUMABLE_IMAGE_SIZE
@@ -306,7 +316,7 @@ impl CaseContext {
             image = image.compressible();
         }
         let factory = Image::new("factory", "1.0", Health::Good, FACTORY_SIZE).bytes;
-        let mut keys = None;
+        let mut vendor = None;
         let mut config_extra = String::new();
         let (filename, artifact) = match case.payload {
             Payload::Raw => ("os.img", image.bytes.clone()),
@@ -315,35 +325,16 @@ impl CaseContext {
             Payload::Zstd => ("os.img.zst", image.zstd()),
             Payload::Xz => ("os.img.xz", image.xz_threaded(256 << 10)),
             Payload::TarGzip => ("os.tar.gz", image.tar_gz_best("rootfs.img")),
-            Payload::Bundle | Payload::RawBundle => {
-                let dir = tempfile::tempdir().expect("temporary directory");
-                let vendor = generate_keypair().expect("ed25519 key pair");
-                let public = dir.path().join("vendor.pub");
-                std::fs::write(&public, vendor.public_key().to_text()).expect("write key");
-                config_extra = format!(
-                    "[bundle]\ntrusted_keys = [{:?}]\nrequire_signature = true\ncompatible = {COMPATIBLE:?}\n",
-                    public.display().to_string()
-                );
+            Payload::Bundle | Payload::RawBundle | Payload::GzipBundle => {
+                let signer = Vendor::new();
+                config_extra = signer.config(true, COMPATIBLE);
                 let (name, content) = match case.payload {
                     Payload::RawBundle => ("rootfs.img", image.bytes.clone()),
+                    Payload::GzipBundle => ("rootfs.img.gz", image.gzip_best()),
                     _ => ("rootfs.img.gz", image.gzip()),
                 };
-                let file = dir.path().join(name);
-                std::fs::write(&file, content).expect("write image");
-                let mut bundle = Vec::new();
-                create_bundle(
-                    &file,
-                    &CreateOptions {
-                        compatible: COMPATIBLE.into(),
-                        version: "2.0".into(),
-                        image_name: None,
-                        compression: None,
-                        keys: std::slice::from_ref(&vendor),
-                    },
-                    &mut bundle,
-                )
-                .expect("bundle");
-                keys = Some(dir);
+                let bundle = signer.bundle(name, &content, COMPATIBLE);
+                vendor = Some(signer);
                 ("update.ddib", bundle)
             }
         };
@@ -362,7 +353,7 @@ impl CaseContext {
             },
             checkpoint_interval: resumable.then_some(RESUMABLE_CHECKPOINT_INTERVAL),
             config_extra,
-            _keys: keys,
+            _vendor: vendor,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! End-to-end installs with the real `ddi-agent` against the test server and a file-backed
 //! device: raw, gzip, tar and tar.gz artifacts, dropped connections, resume after a kill and a
-//! power cut (raw, gzip, zstd, tar), and the failures that must
+//! power cut (raw, gzip, zstd, xz, tar, and gzip or zstd inside a signed bundle), and the
+//! failures that must
 //! close the action with `failure` and activate nothing (wrong hash, oversize image, corrupt
 //! gzip, ambiguous tar, disk full while writing).
 
@@ -10,10 +11,13 @@ use bootctl::scheme::Slot;
 use ddi_sim::{Assignment, Fault, FaultKind, ServerOptions};
 use ddi_tests::demo::{closed_result, ended_as, summary};
 use ddi_tests::device::{self, DeviceOptions, Image};
+use ddi_tests::signing::{image_offset, Vendor};
 
 const CONTROLLER: &str = "install-e2e";
 const TOKEN: &str = "install-e2e-token";
 const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The board name of the signed bundles (the device's `[bundle] compatible`).
+const COMPATIBLE: &str = "acme-gw-rev2";
 
 /// The common rig, its device powered on, with this module's deploy, settle and checks.
 struct Rig(ddi_tests::rig::Rig);
@@ -406,8 +410,7 @@ fn a_gzip_image_resumes_twice() {
 /// boundary the record names, downloading only the rest of the artifact.
 #[test]
 fn a_zstd_image_resumes_after_kill_and_power_cut_from_a_block_boundary() {
-    let (resumed, zst_len, artifact_offset) = compressed_resumed("3.6", false, Packed::Zstd);
-    assert_downloaded_only_the_rest(&resumed, zst_len, artifact_offset);
+    resumes_downloading_only_the_rest("3.6", Packed::Zstd);
 }
 
 /// As above, but a byte of slot B's prefix changes between the runs: the prefix's sha256 is
@@ -426,8 +429,7 @@ fn a_zstd_image_over_a_changed_slot_starts_over() {
 /// downloading only the rest of the artifact.
 #[test]
 fn a_threaded_xz_image_resumes_after_kill_and_power_cut_from_a_block_boundary() {
-    let (resumed, xz_len, artifact_offset) = compressed_resumed("3.8", false, Packed::XzThreaded);
-    assert_downloaded_only_the_rest(&resumed, xz_len, artifact_offset);
+    resumes_downloading_only_the_rest("3.8", Packed::XzThreaded);
 }
 
 /// A tar.gz (`gzip -9`) killed after its first checkpoint, then a power cut: the next run
@@ -435,24 +437,92 @@ fn a_threaded_xz_image_resumes_after_kill_and_power_cut_from_a_block_boundary() 
 /// tar's head from the record), downloading only the rest of the artifact.
 #[test]
 fn a_tar_gz_image_resumes_after_kill_and_power_cut_from_a_point_in_its_image() {
-    let (resumed, tgz_len, artifact_offset) = compressed_resumed("3.9", false, Packed::TarGzip);
-    assert_downloaded_only_the_rest(&resumed, tgz_len, artifact_offset);
+    resumes_downloading_only_the_rest("3.9", Packed::TarGzip);
 }
 
-/// The downloads after a restart: one Range request from the resume point's artifact byte,
-/// then only the rest of the artifact (less than a third of it).
-fn assert_downloaded_only_the_rest(
-    resumed: &[ddi_sim::DownloadRequest],
-    artifact_len: u64,
-    artifact_offset: u64,
-) {
+/// A `.wic.gz` (`gzip -9`) as the image member of a signed format-1 bundle, killed after its
+/// first checkpoint, then a power cut: the record (`bundle-gzip`) names where the image member
+/// starts and a deflate block boundary in it; the next run fetches the bundle's head (manifest,
+/// signature, the member's header) again with one Range request to check the signature, and
+/// downloads only the rest of the artifact from the boundary's byte.
+#[test]
+fn a_gzip_image_in_a_signed_bundle_resumes_after_kill_and_power_cut() {
+    resumes_downloading_only_the_rest("4.0", Packed::GzipBundle);
+}
+
+/// As above for a `zstd -3` image member (`bundle-zstd`): resumed from a block boundary.
+#[test]
+fn a_zstd_image_in_a_signed_bundle_resumes_after_kill_and_power_cut() {
+    resumes_downloading_only_the_rest("4.1", Packed::ZstdBundle);
+}
+
+/// A gzip image in a signed bundle killed at its first resume record, and a byte of slot B's
+/// prefix changed before the next run: the prefix's sha256 is not the record's, so that run
+/// drops the record and downloads the whole bundle once (no download from the resume point),
+/// and ends with the right image.
+#[test]
+fn a_gzip_image_in_a_signed_bundle_over_a_changed_slot_starts_over() {
+    let (resumed, len, _) = compressed_resumed("4.2", true, Packed::GzipBundle);
+    // The delta probe's look at the head (the bundle is not chunked) comes first; the resume
+    // may have fetched the bundle's head again before it read the slot.
     assert_eq!(
         resumed.first().and_then(|r| r.range.clone()),
-        Some(format!("bytes={artifact_offset}-")),
+        Some(DELTA_PROBE.to_string()),
+        "{resumed:#?}"
+    );
+    let whole: Vec<_> = resumed.iter().filter(|r| r.range.is_none()).collect();
+    assert_eq!(whole.len(), 1, "{resumed:#?}");
+    assert_eq!(whole[0].body_len, Some(len), "{resumed:#?}");
+    assert!(
+        resumed.last().is_some_and(|r| r.range.is_none()),
+        "{resumed:#?}"
+    );
+    assert!(
+        resumed[1..resumed.len() - 1].iter().all(|r| r
+            .range
+            .as_deref()
+            .is_some_and(|r| r.starts_with("bytes=0-"))),
+        "a download from inside the artifact: {resumed:#?}"
+    );
+}
+
+/// The Range of the delta probe, the first request of every install under a signature policy:
+/// a look at the artifact's first 64 KiB for a chunked bundle's index.
+const DELTA_PROBE: &str = "bytes=0-65535";
+
+/// [`compressed_resumed`] (the slot unchanged); the downloads after the restart: one Range
+/// request from the resume point's artifact byte, then only the rest of the artifact (less than
+/// a third of it). A signed bundle's record (with a `member_offset`) first has the delta probe's
+/// look at the head and one Range request for the head (the bytes before the image member's
+/// data), whose signature is checked again.
+fn resumes_downloading_only_the_rest(version: &str, packed: Packed) {
+    let (resumed, artifact_len, record) = compressed_resumed(version, false, packed);
+    let artifact_offset = record["artifact_offset"].as_u64().unwrap();
+    let ranges: Vec<Option<String>> = resumed.iter().map(|r| r.range.clone()).collect();
+    let rest = Some(format!("bytes={artifact_offset}-"));
+    // The bytes served before the rest: the delta probe's 64 KiB and the head.
+    let (expected, before_rest) = match record["member_offset"].as_u64() {
+        Some(head) => (
+            vec![
+                Some(DELTA_PROBE.to_string()),
+                Some(format!("bytes=0-{}", head - 1)),
+                rest,
+            ],
+            (64 << 10) + head,
+        ),
+        None => (vec![rest], 0),
+    };
+    assert_eq!(
+        ranges[..expected.len().min(ranges.len())],
+        expected,
         "{resumed:#?}"
     );
     let served: u64 = resumed.iter().filter_map(|r| r.body_len).sum();
-    assert_eq!(served, artifact_len - artifact_offset, "{resumed:#?}");
+    assert_eq!(
+        served,
+        before_rest + artifact_len - artifact_offset,
+        "{resumed:#?}"
+    );
     assert!(served < artifact_len / 3, "{served} of {artifact_len}");
 }
 
@@ -465,28 +535,56 @@ enum Packed {
     XzThreaded,
     /// A tar of the image at `gzip -9`.
     TarGzip,
+    /// The image at `gzip -9` as the image member of a signed format-1 bundle.
+    GzipBundle,
+    /// The image at `zstd -3` as the image member of a signed format-1 bundle.
+    ZstdBundle,
 }
 
-/// A 20 MiB image about as compressible as a file system, deployed `packed`, the agent
-/// killed (-9) at its first resume record and the power cut; with `changed`, a byte of slot
-/// B's prefix changes. The next run resumes (or, `changed`, starts over) and the update ends
-/// installed. Returns the downloads of that run, the artifact's size and the record's
-/// artifact offset.
+impl Packed {
+    fn in_bundle(self) -> bool {
+        matches!(self, Packed::GzipBundle | Packed::ZstdBundle)
+    }
+}
+
+/// A 20 MiB image about as compressible as a file system, deployed `packed` (a bundle signed
+/// by a key the device trusts, which requires signatures), the agent killed (-9) at its first
+/// resume record and the power cut; with `changed`, a byte of slot B's prefix changes. The next
+/// run resumes (or, `changed`, starts over) and the update ends installed. Returns the
+/// downloads of that run, the artifact's size and the record.
 fn compressed_resumed(
     version: &str,
     changed: bool,
     packed: Packed,
-) -> (Vec<ddi_sim::DownloadRequest>, u64, u64) {
+) -> (Vec<ddi_sim::DownloadRequest>, u64, serde_json::Value) {
+    let vendor = packed.in_bundle().then(Vendor::new);
     let rig = Rig::new(|o| {
         o.slot_size = 24 << 20;
         // ~2 s for the artifact: time to kill the agent after the first checkpoint (16 MiB).
         o.max_download_rate = Some("6M".into());
+        if let Some(vendor) = &vendor {
+            o.config_extra = vendor.config(true, COMPATIBLE);
+        }
     });
     let image = Image::good(version, 20 << 20).compressible();
+    let signed = |name: &str, member: Vec<u8>| {
+        let vendor = vendor.as_ref().expect("a bundle's vendor key");
+        vendor.bundle(name, &member, COMPATIBLE)
+    };
     let (artifact, name, format) = match packed {
         Packed::Zstd => (image.zstd(), "os.img.zst", "zstd"),
         Packed::XzThreaded => (image.xz_threaded(2 << 20), "os.img.xz", "xz"),
         Packed::TarGzip => (image.tar_gz_best("rootfs.img"), "os.tar.gz", "tar-gzip"),
+        Packed::GzipBundle => (
+            signed("rootfs.img.gz", image.gzip_best()),
+            "update.ddib",
+            "bundle-gzip",
+        ),
+        Packed::ZstdBundle => (
+            signed("rootfs.img.zst", image.zstd()),
+            "update.ddib",
+            "bundle-zstd",
+        ),
     };
     assert!(
         artifact.len() < image.bytes.len() * 4 / 5,
@@ -499,12 +597,20 @@ fn compressed_resumed(
     assert_eq!(record["format"], format, "{record}");
     let state = match packed {
         Packed::TarGzip => "tar_head",
-        Packed::Zstd => "zstd_state",
+        Packed::Zstd | Packed::ZstdBundle => "zstd_state",
         Packed::XzThreaded => "xz_state",
+        Packed::GzipBundle => "artifact_sha256_state",
     };
     assert!(record[state].is_string(), "{record}");
     let resume_at = record["slot_offset"].as_u64().unwrap();
     let artifact_offset = record["artifact_offset"].as_u64().unwrap();
+    if packed.in_bundle() {
+        // The point is in the image member's data, after the head the resume fetches again.
+        assert_eq!(record["member_of"], "bundle", "{record}");
+        let head = image_offset(&artifact) as u64;
+        assert_eq!(record["member_offset"], head, "{record}");
+        assert!(head < artifact_offset, "{record}");
+    }
     // The latest block boundary before the first checkpoint (16 MiB).
     assert!((12 << 20..=16 << 20).contains(&resume_at), "{record}");
     assert!(artifact_offset < artifact.len() as u64, "{record}");
@@ -531,7 +637,7 @@ fn compressed_resumed(
         rig.resume_to_the_end(action, &image.bytes);
     }
     let resumed = rig.server.download_log().split_off(before);
-    (resumed, artifact.len() as u64, artifact_offset)
+    (resumed, artifact.len() as u64, record)
 }
 
 /// A raw image in a plain tar killed after its first checkpoint, then a power cut: the next run

@@ -21,6 +21,7 @@ use ddi_sim::{
 };
 use ddi_tests::device::{DeviceOptions, Image};
 use ddi_tests::harness::{run_with_timeout, Background};
+use ddi_tests::signing::Vendor;
 
 const TARGET: &str = "dev-1";
 const TOKEN: &str = "s3cret-target-token";
@@ -692,7 +693,7 @@ fn old_agent_reads_a_pending_local_install_as_no_action() {
 fn old_agent_starts_over_from_a_member_resume_record() {
     let image = Image::good("2.0", 20 << 20);
     let tar = image.tar("rootfs.img");
-    let ranges = old_agent_after_a_kill(&image, "os.tar", tar, "member");
+    let ranges = old_agent_after_a_kill(&image, "os.tar", tar, "member", None);
     // The whole artifact, once.
     assert_eq!(ranges, vec![None]);
 }
@@ -705,7 +706,7 @@ fn old_agent_starts_over_from_a_gzip_resume_record() {
     let image = Image::good("2.0", 20 << 20);
     let gz = image.gzip_best();
     let total = gz.len();
-    let ranges = old_agent_after_a_kill(&image, "os.img.gz", gz, "gzip");
+    let ranges = old_agent_after_a_kill(&image, "os.img.gz", gz, "gzip", None);
     // The whole artifact, and the trailer probe (4 bytes) once its first bytes showed gzip.
     assert_eq!(
         ranges,
@@ -722,7 +723,7 @@ fn old_agent_starts_over_from_a_gzip_resume_record() {
 fn old_agent_starts_over_from_a_zstd_resume_record() {
     let image = Image::good("2.0", 20 << 20).compressible();
     let zst = image.zstd();
-    let (rig, _, ranges) = old_agent_run_after_a_kill("os.img.zst", zst.clone(), "zstd");
+    let (rig, _, ranges) = old_agent_run_after_a_kill("os.img.zst", zst.clone(), "zstd", None);
     assert_eq!(ranges, vec![None]);
     assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
     assert!(rig.dev.slot_holds(Slot::B, &zst).unwrap());
@@ -736,7 +737,7 @@ fn old_agent_starts_over_from_a_tar_gzip_resume_record() {
     let image = Image::good("2.0", 20 << 20).compressible();
     let tgz = image.tar_gz_best("rootfs.img");
     let total = tgz.len();
-    let ranges = old_agent_after_a_kill(&image, "os.tar.gz", tgz, "tar-gzip");
+    let ranges = old_agent_after_a_kill(&image, "os.tar.gz", tgz, "tar-gzip", None);
     // The whole artifact, and the trailer probe (4 bytes) once its first bytes showed gzip.
     assert_eq!(
         ranges,
@@ -750,23 +751,40 @@ fn old_agent_starts_over_from_a_tar_gzip_resume_record() {
 fn old_agent_starts_over_from_an_xz_resume_record() {
     let image = Image::good("2.0", 20 << 20).compressible();
     let xz = image.xz_threaded(2 << 20);
-    let (rig, _, ranges) = old_agent_run_after_a_kill("os.img.xz", xz.clone(), "xz");
+    let (rig, _, ranges) = old_agent_run_after_a_kill("os.img.xz", xz.clone(), "xz", None);
     assert_eq!(ranges, vec![None]);
     assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
     assert!(rig.dev.slot_holds(Slot::B, &xz).unwrap());
 }
 
+/// The new agent killed in the middle of a gzip image in a signed format-1 bundle leaves a
+/// `bundle-gzip` record; the old agent (which resumed nothing under a signature policy, and
+/// knows no such format) starts the download over from byte 0 and installs the right image.
+#[test]
+fn old_agent_starts_over_from_a_bundle_gzip_resume_record() {
+    let image = Image::good("2.0", 20 << 20).compressible();
+    let (vendor, compatible) = (Vendor::new(), "acme-gw-rev2");
+    let bundle = vendor.bundle("rootfs.img.gz", &image.gzip_best(), compatible);
+    let signed = Some((&vendor, compatible));
+    let ranges = old_agent_after_a_kill(&image, "update.ddib", bundle, "bundle-gzip", signed);
+    // The whole artifact, once (the old agent has no delta probe; the artifact's first bytes
+    // are a tar's, so no gzip trailer probe either).
+    assert_eq!(ranges, vec![None]);
+}
+
 /// The new agent installs `artifact` (holding `image`) and is killed (-9) at its first resume
 /// record, whose format must be `format`; the old agent then runs: it must install the image
 /// (the record gone) and confirm it after the reboot. Returns the Range headers of the old
-/// agent's downloads.
+/// agent's downloads. With `signed`, the device trusts the vendor's key and requires signed
+/// bundles for that `compatible`.
 fn old_agent_after_a_kill(
     image: &Image,
     filename: &str,
     artifact: Vec<u8>,
     format: &str,
+    signed: Option<(&Vendor, &str)>,
 ) -> Vec<Option<String>> {
-    let (rig, action, ranges) = old_agent_run_after_a_kill(filename, artifact, format);
+    let (rig, action, ranges) = old_agent_run_after_a_kill(filename, artifact, format, signed);
     assert_eq!(rig.dev.take_reboot_requests().unwrap(), 1);
     assert_eq!(rig.dev.reboot().unwrap(), Slot::B);
     assert!(rig.dev.slot_holds(Slot::B, &image.bytes).unwrap());
@@ -782,11 +800,15 @@ fn old_agent_run_after_a_kill(
     filename: &str,
     artifact: Vec<u8>,
     format: &str,
+    signed: Option<(&Vendor, &str)>,
 ) -> (Rig, u64, Vec<Option<String>>) {
     let mut rig = Rig::new(&ddi_tests::bin_path("ddi-agent"), |o| {
         o.slot_size = 24 << 20;
         // ~2 s for the image: time to kill the agent after the first checkpoint (16 MiB).
         o.max_download_rate = Some("10M".into());
+        if let Some((vendor, compatible)) = signed {
+            o.config_extra = vendor.config(true, compatible);
+        }
     });
     let action = rig.deploy_artifact("2.0", filename, artifact);
     let record_path = rig.dev.state_dir().join("download.resume");
