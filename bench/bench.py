@@ -105,6 +105,9 @@ def sha256_file(path):
             h.update(b)
 
 
+# The image member's name in a `bundle.gz` form's bundle.
+BUNDLE_MEMBER = "rootfs.img.gz"
+
 # How each compressed form is made from the raw image, and the baseline's decoder for it.
 COMPRESSORS = {
     "gzip": (".gz", ["gzip", "-6", "-n", "-c"], "gzip -d"),
@@ -113,10 +116,34 @@ COMPRESSORS = {
     "xz": (".xz", ["xz", "-6", "--threads=2", "-c"], "xz -d"),
     # The image in a tar, then gzip: the agent extracts the tar's one member.
     "tar.gz": (".tar.gz", ["gzip", "-6", "-n", "-c"], "gzip -d | tar -xOf -"),
+    # The gzip image in a signed bundle (format 1), made by `ddi-bundle` from BIN_DIR; the
+    # device trusts its key.
+    "bundle.gz": (".gz.bundle", ["gzip", "-6", "-n", "-c"], f"tar -xOf - {BUNDLE_MEMBER} | gzip -d"),
 }
 
 
-def prepare_images(work, size, forms):
+def make_bundle(args, gz, path):
+    """A signed bundle (format 1) of the gzip image `gz` at `path`, signed by a key made in the
+    work folder (`bundle-key.pub` is what devices trust)."""
+    tool = os.path.join(args.bin_dir, "ddi-bundle")
+    prefix = os.path.join(args.work, "bundle-key")
+    if not os.path.exists(prefix + ".key"):
+        subprocess.run([tool, "keygen", "--out", prefix], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            tool, "create", "--key", prefix + ".key", "--compatible", "bench", "--version", "2",
+            "--image", gz, "--image-name", BUNDLE_MEMBER, "--output", path,
+        ],
+        check=True,
+    )
+
+
+def bundle_key(args, form):
+    """The public key a device trusts for `form` (None: not a bundle)."""
+    return os.path.join(args.work, "bundle-key.pub") if form.startswith("bundle.") else None
+
+
+def prepare_images(work, size, forms, args=None):
     """The raw image and, per compressed form in `forms`, its compressed file: {form: path}."""
     raw = os.path.join(work, f"image-{size}.img")
     if not os.path.exists(raw):
@@ -128,7 +155,13 @@ def prepare_images(work, size, forms):
             continue
         suffix, cmd, _ = COMPRESSORS[form]
         path = raw + suffix
-        if not os.path.exists(path):
+        if form == "bundle.gz":
+            gz = prepare_images(work, size, ["gzip"])["gzip"]
+            if not os.path.exists(path):
+                log(f"signing {path}")
+                make_bundle(args, gz, path + ".tmp")
+                os.replace(path + ".tmp", path)
+        elif not os.path.exists(path):
             log(f"compressing {path} ({' '.join(cmd[:2])})")
             with open(path + ".tmp", "wb") as out:
                 if form.startswith("tar."):
@@ -169,8 +202,9 @@ def toml_str(s):
     return json.dumps(str(s))
 
 
-def make_device(root, server_url, controller_id, token, slot_size, slot_b=None):
-    """A device directory booted from A; slot B is `slot_b` (shared across runs) or a new file."""
+def make_device(root, server_url, controller_id, token, slot_size, slot_b=None, trusted_key=None):
+    """A device directory booted from A; slot B is `slot_b` (shared across runs) or a new file;
+    with `trusted_key`, it installs only bundles signed by that key."""
     if os.path.exists(root):
         shutil.rmtree(root)
     os.makedirs(os.path.join(root, "state"))
@@ -220,6 +254,15 @@ version_file = {toml_str(os.path.join(root, "os-release"))}
 lock_file = {toml_str(os.path.join(root, "agent.lock"))}
 """
         )
+        if trusted_key:
+            f.write(
+                f"""
+[bundle]
+trusted_keys = [{toml_str(trusted_key)}]
+require_signature = true
+compatible = "bench"
+"""
+            )
     return config, marker
 
 
@@ -492,7 +535,9 @@ def run_agent_install(
     cid = f"{label}-{form}-{run_no}"
     token = server.target(cid)
     root = os.path.join(args.work, "device")
-    config, marker = make_device(root, server.url, cid, token, args.slot_size, slot_b)
+    config, marker = make_device(
+        root, server.url, cid, token, args.slot_size, slot_b, bundle_key(args, form)
+    )
     server.assign(cid, dist)
     drop_dirty()
     stderr = os.path.join(args.work, f"{label}-{form}-{run_no}.log")
@@ -779,7 +824,7 @@ def bench_decoders(args, paths):
     buffer, no I/O), and with the blocking stage's two sha256 hashes."""
     out = {}
     for form, path in paths.items():
-        if form == "raw":
+        if form == "raw" or form.startswith("bundle."):
             continue
         run = subprocess.run(
             [args.decoder, path, str(args.decoder_runs)], capture_output=True, text=True, check=True
@@ -882,7 +927,7 @@ def main():
     p.add_argument("--work", required=True, help="scratch folder (slot and image files)")
     p.add_argument("--size", type=parse_size, default=GiB, help="image size (default 1G)")
     p.add_argument("--runs", type=int, default=3, help="runs of each contender per form (3)")
-    p.add_argument("--forms", default="raw,gzip,zstd", help="raw,gzip,zstd,xz,tar.gz (zstd and xz need their tools)")
+    p.add_argument("--forms", default="raw,gzip,zstd", help="raw,gzip,zstd,xz,tar.gz,bundle.gz (zstd and xz need their tools, bundle.gz ddi-bundle in BIN_DIR)")
     p.add_argument(
         "--block-slot",
         action="store_true",
@@ -913,7 +958,7 @@ def main():
     forms = [f.strip() for f in args.forms.split(",") if f.strip()]
     for form in forms:
         if form != "raw" and form not in COMPRESSORS:
-            p.error(f"unknown form {form!r} (raw, gzip, zstd, xz, tar.gz)")
+            p.error(f"unknown form {form!r} (raw, gzip, zstd, xz, tar.gz, bundle.gz)")
         if form in COMPRESSORS and shutil.which(COMPRESSORS[form][1][0]) is None:
             p.error(f"form {form} needs the {COMPRESSORS[form][1][0]} tool")
     if args.block_slot and os.geteuid() != 0:
@@ -927,7 +972,7 @@ def main():
     server = Server(args.ddi_sim, args.work)
     try:
         if not args.skip_installs:
-            paths = prepare_images(args.work, args.size, forms)
+            paths = prepare_images(args.work, args.size, forms, args)
             raw = paths["raw"]
             image_sha = sha256_file(raw)
             images = []
