@@ -44,6 +44,8 @@ fuzz_target!(|input: &[u8]| {
         zstd_resume: None,
         xz_resume: None,
         replay: None,
+        bundle_image_at: None,
+        bundle_head: None,
     };
     let mut slot = MemSlot::new(CAPACITY, 0xA5);
     let split = usize::from(mode >> 3).min(artifact.len());
