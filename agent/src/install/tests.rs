@@ -3768,4 +3768,69 @@ mod bundle_inside {
         let out = record.slot_offset as usize;
         assert_eq!(&fx.slot_bytes()[..out], &img[..out]);
     }
+
+    /// After the restart the server serves the bundle's head as it was but another rest (a
+    /// byte of the image member after the point changed): the resume never passes, the
+    /// install starts over from byte 0, fails the signature there (naming the member's
+    /// sha256), and the record is gone.
+    #[tokio::test]
+    async fn a_resume_in_a_bundle_over_a_changed_rest_fails_the_signature() {
+        let (img, artifacts) = artifacts();
+        for signed in &artifacts {
+            let what = signed.what;
+            let fx = Fixture::new(9 << 20);
+            let record = interrupted(&fx, &img, signed).await;
+            let mut changed = signed.bundle.clone();
+            changed[record.artifact_offset as usize + 4000] ^= 0x10;
+            let server = ArtifactServer::start(changed);
+            // The request of the artifact the record was made for.
+            let mut req = fx.request(&server.url, &signed.bundle);
+            req.bundle = Some(signed.policy.clone());
+            let err = run(&req, &fast_options()).await.0.unwrap_err();
+            assert!(
+                matches!(&err, InstallError::Signature(why) if why.contains("sha256")),
+                "{what}: {err}"
+            );
+            let starts: Vec<_> = server.requests().iter().map(|r| r.0).collect();
+            assert!(
+                starts.contains(&Some(record.artifact_offset)),
+                "{what}: {starts:?}"
+            );
+            assert!(
+                starts.contains(&None),
+                "{what}: never started over: {starts:?}"
+            );
+            assert!(!fx.resume_path().exists(), "{what}");
+        }
+    }
+
+    /// A byte of a compressed signed image member changed anywhere (its header, its data, its
+    /// last bytes): the install fails the signature, naming the member's sha256, whatever the
+    /// decoder made of it first.
+    #[test]
+    fn a_changed_byte_of_a_compressed_signed_member_fails_the_signature() {
+        let img = image(300 * 1024, 33);
+        let crc64 = lzma_rust2::CheckType::Crc64;
+        for (what, member) in [
+            ("gzip", gzip(&img)),
+            ("zstd", zstd(&img)),
+            ("xz", xz_blocks(&img, 64 << 10, crc64)),
+            ("tar.gz", gzip(&tar_of(&[("rootfs.img", &img)]))),
+        ] {
+            let (bundle, policy, _keys) = signed_bundle(&member);
+            let start = bundle_image_offset(&bundle);
+            let len = member.len();
+            for at in [0, 3, 12, len / 3, len / 2, len - 9, len - 4, len - 1] {
+                let mut changed = bundle.clone();
+                changed[start + at] ^= 0x20;
+                let (result, _) =
+                    run_pipeline_with_policy(&changed, &[4096], 512 * 1024, Some(policy.clone()));
+                let err = result.expect_err(what);
+                assert!(
+                    matches!(&err, InstallError::Signature(why) if why.contains("sha256")),
+                    "{what} at {at}: {err}"
+                );
+            }
+        }
+    }
 }
