@@ -154,6 +154,7 @@ pub async fn check(
         replay: None,
         bundle_image_at: None,
         bundle_head: None,
+        artifact_sha256: None,
     };
     let mut sink_slot = DiscardSlot {
         path: req.slot_path.clone(),

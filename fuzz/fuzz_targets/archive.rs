@@ -46,6 +46,7 @@ fuzz_target!(|input: &[u8]| {
         replay: None,
         bundle_image_at: None,
         bundle_head: None,
+        artifact_sha256: None,
     };
     let mut slot = MemSlot::new(CAPACITY, 0xA5);
     let split = usize::from(mode >> 3).min(artifact.len());

@@ -197,6 +197,7 @@ fuzz_target!(|input: &[u8]| {
         replay: None,
         bundle_image_at: None,
         bundle_head: None,
+        artifact_sha256: None,
     };
     let mut slot = MemSlot::new(CAPACITY, 0xA5);
     let chunk_len = 64 + usize::from(chunking) * 257;

@@ -7,6 +7,7 @@ use md5::Md5;
 use sha1::Sha1;
 use sha2::{Digest, Sha256};
 
+use super::sha256_state::Sha256State;
 use super::{ExpectedHash, InstallError};
 
 /// The hash algorithm chosen from what the server offered.
@@ -65,7 +66,13 @@ pub enum Hasher {
     Sha256(Sha256),
     Sha1(Sha1),
     Md5(Md5),
+    /// sha256 whose state others can read while it hashes (a signed bundle's resume records
+    /// keep the artifact's state, see `pipeline::decode_bundle_image`).
+    SharedSha256(SharedSha256),
 }
+
+/// A sha256 state shared between the reader that hashes and whoever saves it.
+pub type SharedSha256 = std::sync::Arc<std::sync::Mutex<Sha256State>>;
 
 impl Hasher {
     pub fn new(algorithm: HashAlgorithm) -> Self {
@@ -81,6 +88,7 @@ impl Hasher {
             Hasher::Sha256(h) => h.update(data),
             Hasher::Sha1(h) => h.update(data),
             Hasher::Md5(h) => h.update(data),
+            Hasher::SharedSha256(h) => lock(h).update(data),
         }
     }
 
@@ -89,11 +97,18 @@ impl Hasher {
             Hasher::Sha256(h) => hex::encode(h.finalize()),
             Hasher::Sha1(h) => hex::encode(h.finalize()),
             Hasher::Md5(h) => hex::encode(h.finalize()),
+            Hasher::SharedSha256(h) => lock(&h).finish_hex(),
         }
     }
 }
 
 /// Hashes and counts the bytes read through it: the artifact bytes exactly as served.
+/// The state behind a [`SharedSha256`] (a panic elsewhere does not make it wrong: it is only
+/// ever updated whole).
+pub fn lock(shared: &SharedSha256) -> std::sync::MutexGuard<'_, Sha256State> {
+    shared.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 pub struct HashingReader<R> {
     inner: R,
     hasher: Hasher,

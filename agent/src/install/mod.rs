@@ -766,6 +766,7 @@ async fn run(
         replay,
         bundle_image_at,
         bundle_head,
+        artifact_sha256: None,
     };
     // If this future is dropped (cancelled), the blocking stage stops at its next read.
     let _stop_on_drop = StopOnDrop(Arc::clone(&counters));

@@ -27,7 +27,7 @@ use super::chunked;
 use super::compress;
 use super::decode::{self, DownloadAborted, Format};
 use super::gunzip::{self, GzDecoder};
-use super::hash::{HashAlgorithm, Hasher, HashingReader};
+use super::hash::{self, HashAlgorithm, Hasher, HashingReader, SharedSha256};
 use super::resume::{
     self, DecoderPoint, GzipPoint, MemberPoint, ResumeRecord, XzPoint, ZstdPoint,
     MAX_MEMBER_OFFSET, MAX_TAR_HEAD,
@@ -328,6 +328,9 @@ pub struct SinkPlan {
     /// before that member's data, fetched again (the bundle's signature is checked again on
     /// them).
     pub bundle_head: Option<Vec<u8>>,
+    /// The artifact's sha256 as it is being computed, when a signed bundle's records need its
+    /// state (set by the blocking stage itself).
+    pub artifact_sha256: Option<SharedSha256>,
 }
 
 /// A replay resume (format `member`, see [`resume`]): the artifact's head, fetched again, then
@@ -511,6 +514,13 @@ impl SinkPlan {
         self.bundle.is_none() && self.algorithm == HashAlgorithm::Sha256
     }
 
+    /// In a signed bundle's image member: the artifact hash's state now (it has read at least
+    /// as far as the decoder).
+    fn artifact_hash_ahead(&self) -> Option<Sha256State> {
+        let shared = self.artifact_sha256.as_ref()?;
+        self.bundle_image_at.map(|_| hash::lock(shared).clone())
+    }
+
     /// A gzip, zstd or xz image (or a tar inside one) can resume across restarts when nothing
     /// wraps it and its artifact hash is sha256 (whose state [`Sha256State`] can save).
     fn decoder_resumable(&self) -> bool {
@@ -543,30 +553,29 @@ pub fn run(
         return run_replay(plan, dev, channel, replay, counters, began);
     }
     if let Some(resume) = &plan.gzip_resume {
-        let (input, expected) = resumed_input(plan, &resume.point, channel, &*dev)?;
-        return run_gzip(plan, dev, input, Some(resume), &expected, counters, began);
+        let r = resumed_input(plan, &resume.point, channel, &*dev)?;
+        let check = (r.expected.as_str(), r.then);
+        return run_gzip(plan, dev, r.input, Some(resume), check, counters, began);
     }
     if let Some(resume) = &plan.zstd_resume {
-        let (input, expected) = resumed_input(plan, &resume.point, channel, &*dev)?;
-        return run_zstd(plan, dev, input, Some(resume), &expected, counters, began);
+        let r = resumed_input(plan, &resume.point, channel, &*dev)?;
+        let check = (r.expected.as_str(), r.then);
+        return run_zstd(plan, dev, r.input, Some(resume), check, counters, began);
     }
     if let Some(resume) = &plan.xz_resume {
-        let (input, expected) = resumed_input(plan, &resume.point, channel, &*dev)?;
-        return run_xz(plan, dev, input, Some(resume), &expected, counters, began);
+        let r = resumed_input(plan, &resume.point, channel, &*dev)?;
+        let check = (r.expected.as_str(), r.then);
+        return run_xz(plan, dev, r.input, Some(resume), check, counters, began);
     }
     if plan.start == 0 && plan.decoder_resumable() {
         let (head, sniffed) = decode::sniff(channel)
             .map_err(|e| decode::read_error(e, Format::Raw, counters.consumed()))?;
         let input: DecoderInput<'_> = Box::new(sniffed);
-        let expected = &plan.expected;
+        let check = (plan.expected.as_str(), None);
         match Format::compression_of(&head) {
-            Some(Format::Gzip) => {
-                return run_gzip(plan, dev, input, None, expected, counters, began)
-            }
-            Some(Format::Zstd) => {
-                return run_zstd(plan, dev, input, None, expected, counters, began)
-            }
-            Some(Format::Xz) => return run_xz(plan, dev, input, None, expected, counters, began),
+            Some(Format::Gzip) => return run_gzip(plan, dev, input, None, check, counters, began),
+            Some(Format::Zstd) => return run_zstd(plan, dev, input, None, check, counters, began),
+            Some(Format::Xz) => return run_xz(plan, dev, input, None, check, counters, began),
             _ => return run_stream(plan, dev, input, counters, began),
         }
     }
@@ -578,25 +587,71 @@ pub fn run(
 /// lzma-rust2's LZMA2 decoder and filters, is ~40 KB of code per instance).
 type DecoderInput<'a> = Box<dyn Read + 'a>;
 
-/// The input of a decoder resumed at `point`, and the sha256 its input must have in the end:
-/// the download (from the point's byte on) and the artifact's hash; in a signed bundle's image
-/// member, the bundle's head (fetched again) and the download read through the bundle reader,
-/// whose signature is checked again, and the member's signed hash.
+/// What a resumed decoder reads, and how its install is checked in the end.
+struct ResumedInput<'a> {
+    input: DecoderInput<'a>,
+    /// The sha256 the decoder's input must have: the artifact's, or a signed bundle image
+    /// member's.
+    expected: String,
+    /// In a signed bundle: the rest of the artifact read and the artifact's hash checked.
+    then: Option<ArtifactCheck<'a>>,
+}
+
+/// A check run once the decoder read its input to the end.
+type ArtifactCheck<'a> = Box<dyn FnOnce() -> Result<(), InstallError> + 'a>;
+
+/// The input of a decoder resumed at `point`: the download (from the point's byte on), whose
+/// sha256 is the artifact's; in a signed bundle's image member, the bundle's head (fetched
+/// again) and the download read through the bundle reader, whose signature is checked again,
+/// the input's sha256 the member's signed one, and the artifact's own hash continued from the
+/// record's state (which ran ahead of the point) over the rest of the download.
 fn resumed_input<'a>(
     plan: &SinkPlan,
     point: &impl DecoderPoint,
     channel: impl Read + 'a,
     dev: &dyn SlotDevice,
-) -> Result<(DecoderInput<'a>, String), InstallError> {
+) -> Result<ResumedInput<'a>, InstallError> {
     let Some(member_offset) = point.member_offset() else {
-        return Ok((Box::new(channel), plan.expected.clone()));
+        return Ok(ResumedInput {
+            input: Box::new(channel),
+            expected: plan.expected.clone(),
+            then: None,
+        });
     };
-    let (Some(policy), Some(head)) = (&plan.bundle, &plan.bundle_head) else {
+    let (Some(policy), Some(head), Some(ahead)) =
+        (&plan.bundle, &plan.bundle_head, point.artifact_hash_ahead())
+    else {
         return Err(InstallError::Internal(
-            "a resume in a signed bundle without its policy or head".into(),
+            "a resume in a signed bundle without its policy, head or artifact hash".into(),
         ));
     };
-    let stream = Read::chain(Cursor::new(head.clone()), channel);
+    let skip = ahead
+        .len()
+        .checked_sub(point.download_from())
+        .ok_or_else(|| {
+            InstallError::Internal("the artifact hash's state is before the resume point".into())
+        })?;
+    let tail = Rc::new(RefCell::new(AheadHash {
+        inner: channel,
+        skip,
+        hash: ahead.clone(),
+    }));
+    let expected_artifact = plan.expected.clone();
+    let rest = Rc::clone(&tail);
+    let then: ArtifactCheck<'a> = Box::new(move || {
+        let mut rest = rest.borrow_mut();
+        io::copy(&mut *rest, &mut io::sink()).map_err(|e| decode::read_error(e, Format::Raw, 0))?;
+        let actual = rest.hash.finish_hex();
+        if actual != expected_artifact {
+            return Err(InstallError::HashMismatch {
+                algorithm: HashAlgorithm::Sha256.name(),
+                expected: expected_artifact,
+                actual,
+            });
+        }
+        Ok(())
+    });
+    let stream = Read::chain(Cursor::new(head.clone()), SharedTail(tail));
     let mut reader = ddi_bundle::BundleReader::open(stream, &policy.verifier(dev.capacity())?)
         .map_err(|e| bundle::bundle_error(&e))?;
     if reader.data_offset() != member_offset || reader.chunk_index().is_some() {
@@ -613,7 +668,39 @@ fn resumed_input<'a>(
         .continue_unhashed(point.artifact_offset())
         .map_err(|e| bundle::bundle_error(&e))?;
     let expected = reader.image_sha256().to_ascii_lowercase();
-    Ok((Box::new(reader), expected))
+    Ok(ResumedInput {
+        input: Box::new(reader),
+        expected,
+        then: Some(then),
+    })
+}
+
+/// The download after a resume point in a signed bundle: its first `skip` bytes are in the
+/// artifact hash's saved state already, the rest is hashed on.
+struct AheadHash<R> {
+    inner: R,
+    skip: u64,
+    hash: Sha256State,
+}
+
+impl<R: Read> Read for AheadHash<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let skipped = usize::try_from(self.skip).unwrap_or(usize::MAX).min(n);
+        self.skip -= skipped as u64;
+        self.hash.update(&buf[skipped..n]);
+        Ok(n)
+    }
+}
+
+/// An [`AheadHash`] the bundle reader reads from while [`resumed_input`]'s check keeps it to
+/// read the rest of the artifact in the end.
+struct SharedTail<R>(Rc<RefCell<AheadHash<R>>>);
+
+impl<R: Read> Read for SharedTail<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.borrow_mut().read(buf)
+    }
 }
 
 /// [`run`] for everything but gzip, zstd and xz artifacts with a sha256: hash the artifact as it
@@ -625,7 +712,25 @@ fn run_stream<R: Read>(
     counters: &Counters,
     began: Instant,
 ) -> Result<Installed, InstallError> {
-    let mut artifact_hash = Hasher::new(plan.algorithm);
+    // A signed bundle's gzip, zstd or xz image keeps the artifact hash's state in its records.
+    let shared =
+        (plan.bundle.is_some() && plan.start == 0 && plan.algorithm == HashAlgorithm::Sha256)
+            .then(SharedSha256::default);
+    let with_shared;
+    let plan = match &shared {
+        Some(shared) => {
+            with_shared = SinkPlan {
+                artifact_sha256: Some(shared.clone()),
+                ..plan.clone()
+            };
+            &with_shared
+        }
+        None => plan,
+    };
+    let mut artifact_hash = match shared {
+        Some(shared) => Hasher::SharedSha256(shared),
+        None => Hasher::new(plan.algorithm),
+    };
     let mut prefix_hash = Sha256::new();
     let mut tail = slot::PrefixTail::default();
     if plan.start > 0 {
@@ -1133,7 +1238,8 @@ fn decode_into_slot<R: Read>(
     let member = plan.archive_member.as_deref();
     let compression = Format::compression_of(head);
     if let (Some(compression), Within::BundleImage(at)) = (compression, within) {
-        if at <= MAX_MEMBER_OFFSET {
+        // Records need the artifact hash's state (sha256).
+        if at <= MAX_MEMBER_OFFSET && plan.artifact_sha256.is_some() {
             return decode_bundle_image(plan, at, compression, sniffed, writer, counters);
         }
     }
@@ -1398,6 +1504,7 @@ impl<R: Read> PointDecoder for GzDecoder<R> {
             slot_sha256,
             tar_head: tar_head.map(<[u8]>::to_vec),
             member_offset: plan.bundle_image_at,
+            artifact_hash_ahead: plan.artifact_hash_ahead(),
         };
         let hash = (plan.algorithm.name(), plan.expected.as_str());
         Some(ResumeRecord::gzip(&plan.url, slot, hash, plan.size, &point))
@@ -1430,6 +1537,7 @@ macro_rules! point_decoder {
                     slot_sha256,
                     tar_head: tar_head.map(<[u8]>::to_vec),
                     member_offset: plan.bundle_image_at,
+                    artifact_hash_ahead: plan.artifact_hash_ahead(),
                 };
                 let hash = (plan.algorithm.name(), plan.expected.as_str());
                 Some(ResumeRecord::$record(
@@ -1452,7 +1560,7 @@ fn run_gzip(
     dev: &mut dyn SlotDevice,
     input: DecoderInput<'_>,
     resume: Option<&GzipResume>,
-    expected: &str,
+    check: (&str, Option<ArtifactCheck<'_>>),
     counters: &Counters,
     began: Instant,
 ) -> Result<Installed, InstallError> {
@@ -1473,7 +1581,7 @@ fn run_gzip(
         ),
     };
     let from = resume.map(|r| r.point.tar_head.as_deref());
-    run_points(plan, decoder, writer, from, expected, counters, began)
+    run_points(plan, decoder, writer, from, check, counters, began)
 }
 
 /// [`run`] for a plain zstd image with a sha256 artifact hash, as [`run_gzip`] for gzip: the
@@ -1484,7 +1592,7 @@ fn run_zstd(
     dev: &mut dyn SlotDevice,
     input: DecoderInput<'_>,
     resume: Option<&ZstdResume>,
-    expected: &str,
+    check: (&str, Option<ArtifactCheck<'_>>),
     counters: &Counters,
     began: Instant,
 ) -> Result<Installed, InstallError> {
@@ -1508,7 +1616,7 @@ fn run_zstd(
         ),
     };
     let from = resume.map(|r| r.point.tar_head.as_deref());
-    run_points(plan, decoder, writer, from, expected, counters, began)
+    run_points(plan, decoder, writer, from, check, counters, began)
 }
 
 /// [`run`] for a plain xz image with a sha256 artifact hash, as [`run_gzip`] for gzip: the
@@ -1519,7 +1627,7 @@ fn run_xz(
     dev: &mut dyn SlotDevice,
     input: DecoderInput<'_>,
     resume: Option<&XzResume>,
-    expected: &str,
+    check: (&str, Option<ArtifactCheck<'_>>),
     counters: &Counters,
     began: Instant,
 ) -> Result<Installed, InstallError> {
@@ -1540,18 +1648,19 @@ fn run_xz(
         ),
     };
     let from = resume.map(|r| r.point.tar_head.as_deref());
-    run_points(plan, decoder, writer, from, expected, counters, began)
+    run_points(plan, decoder, writer, from, check, counters, began)
 }
 
 /// The rest of [`run_gzip`], [`run_zstd`] and [`run_xz`] once the decoder and the slot writer
 /// are made: [`decode_points`], then the decoder's input hash checked against `expected` (the
-/// artifact's sha256, or a signed bundle image member's) and the slot finished.
+/// artifact's sha256, or a signed bundle image member's), the check `then` (the artifact's
+/// hash after a resume in a signed bundle) and the slot finished.
 fn run_points<D: PointDecoder>(
     plan: &SinkPlan,
     mut decoder: D,
     mut writer: SlotWriter<'_>,
     resumed: Option<Option<&[u8]>>,
-    expected: &str,
+    (expected, then): (&str, Option<ArtifactCheck<'_>>),
     counters: &Counters,
     began: Instant,
 ) -> Result<Installed, InstallError> {
@@ -1566,6 +1675,9 @@ fn run_points<D: PointDecoder>(
             expected: expected.to_string(),
             actual,
         });
+    }
+    if let Some(then) = then {
+        then()?;
     }
     finish(writer, counters, None, None, began)
 }

@@ -111,19 +111,23 @@
 //! between zstd frames or in a later xz stream could move it.
 //!
 //! **A gzip, zstd or xz image (or a tar inside one) in a signed bundle's image member** (format
-//! 1; formats `bundle-` and one of the above, e.g. `bundle-gzip`, `bundle-tar-zstd`; any artifact
-//! hash, used only under a signature policy): the decoder reads the member's bytes, so its points
-//! and its sha256 state count those; the record holds them as for the plain formats, with
-//! `member_offset` where the member's data starts (the bundle's manifest, signature and tar
-//! headers before it, at most [`MAX_MEMBER_OFFSET`]) and `artifact_offset` that plus the point's
-//! member offset. A restart fetches the bundle's head (`[0, member_offset)`) again with one Range
-//! request, checks its signature through the bundle reader again (the member must start where
-//! the record says), reads the slot's prefix back as for the plain formats, and downloads from
-//! `artifact_offset`; the bundle reader still checks the member's size and the archive's end, and
-//! the member's signed sha256 is checked on the record's state continued over the rest. The
-//! artifact's own (DDI) hash is not checked on a resumed install: its state at the point is not
-//! kept, and the signature covers everything that is installed, as for a delta install. A
-//! resumed install that fails a check (a head that does not verify, a member elsewhere, decode,
+//! 1; formats `bundle-` and one of the above, e.g. `bundle-gzip`, `bundle-tar-zstd`; artifact
+//! hash sha256; used only under a signature policy): the decoder reads the member's bytes, so its
+//! points and its sha256 state count those; the record holds them as for the plain formats (the
+//! member's state in `member_sha256_state`), with `member_offset` where the member's data starts
+//! (the bundle's manifest, signature and tar headers before it, at most [`MAX_MEMBER_OFFSET`]),
+//! `artifact_offset` that plus the point's member offset, and in `artifact_sha256_state` the
+//! artifact's own sha256 state as far as it had read when the record was made (at or after the
+//! point: the artifact is hashed as it arrives, ahead of the decoder; no second pass). A restart
+//! fetches the bundle's head (`[0, member_offset)`) again with one Range request, checks its
+//! signature through the bundle reader again (the member must start where the record says),
+//! reads the slot's prefix back as for the plain formats and downloads from `artifact_offset`;
+//! the bundle reader still checks the member's size and the archive's end, the member's signed
+//! sha256 is checked on the record's member state continued over the rest, and the artifact's
+//! hash on the record's artifact state continued over the download after the bytes it already
+//! covers. So a download host that serves another bundle signed by a trusted key (an older
+//! release, say) fails the artifact's hash after a resume as it would without one. A resumed
+//! install that fails a check (a head that does not verify, a member elsewhere, decode, either
 //! hash) starts over from byte 0, once.
 //!
 //! Everything else restarts from the beginning after a restart: an xz block (its library's
@@ -183,14 +187,19 @@ pub struct ResumeRecord {
     pub crc32: Option<u32>,
     /// "gzip", "zstd", "xz": the artifact's sha256 state after its first `artifact_offset`
     /// bytes (see [`Sha256State::to_text`]); those bytes are not on the slot, so cannot be
-    /// hashed again. "bundle-": the state of the image member's first `artifact_offset -
-    /// member_offset` bytes (the signed image hash continues from it).
+    /// hashed again. "bundle-": the artifact's state after its first N bytes, N (in the state)
+    /// at least `artifact_offset` and at most its size (the hash reads ahead of the decoder: a
+    /// resume hashes the download from byte N on).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact_sha256_state: Option<String>,
     /// "gzip", "zstd", "xz": sha256 of the slot's bytes before `slot_offset` as written: a
     /// resume reads them back and starts over when they differ.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot_sha256: Option<String>,
+    /// "bundle-": the sha256 state of the image member's first `artifact_offset -
+    /// member_offset` bytes (the signed image hash continues from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member_sha256_state: Option<String>,
     /// "member", "bundle-": offset of the image member's data in the artifact (everything
     /// before it is fetched again on resume); "member": `artifact_offset` is `member_offset +
     /// slot_offset`.
@@ -278,6 +287,10 @@ pub struct GzipPoint {
     /// `at.artifact_offset` and `artifact_hash` then count the member's bytes, not the
     /// artifact's (see [`DecoderPoint::download_from`]).
     pub member_offset: Option<u64>,
+    /// In a signed bundle: the artifact's own sha256 state after its first bytes up to some
+    /// offset at or after the point (the artifact hash reads ahead of the decoder); a resume
+    /// continues it from there, so the artifact's hash is checked too.
+    pub artifact_hash_ahead: Option<Sha256State>,
 }
 
 /// Where an xz image continues: a block boundary, durable on the slot up to `at.out`.
@@ -294,6 +307,10 @@ pub struct XzPoint {
     /// `at.artifact_offset` and `artifact_hash` then count the member's bytes, not the
     /// artifact's (see [`DecoderPoint::download_from`]).
     pub member_offset: Option<u64>,
+    /// In a signed bundle: the artifact's own sha256 state after its first bytes up to some
+    /// offset at or after the point (the artifact hash reads ahead of the decoder); a resume
+    /// continues it from there, so the artifact's hash is checked too.
+    pub artifact_hash_ahead: Option<Sha256State>,
 }
 
 /// Where a zstd image continues: a block (or frame) boundary, durable on the slot up to
@@ -311,6 +328,10 @@ pub struct ZstdPoint {
     /// `at.artifact_offset` and `artifact_hash` then count the member's bytes, not the
     /// artifact's (see [`DecoderPoint::download_from`]).
     pub member_offset: Option<u64>,
+    /// In a signed bundle: the artifact's own sha256 state after its first bytes up to some
+    /// offset at or after the point (the artifact hash reads ahead of the decoder); a resume
+    /// continues it from there, so the artifact's hash is checked too.
+    pub artifact_hash_ahead: Option<Sha256State>,
 }
 
 /// What the gzip, zstd and xz resume points share.
@@ -320,6 +341,8 @@ pub trait DecoderPoint {
     fn artifact_offset(&self) -> u64;
     /// In a signed bundle: where its image member's data starts in the artifact.
     fn member_offset(&self) -> Option<u64>;
+    /// In a signed bundle: the artifact's sha256 state at or after the point.
+    fn artifact_hash_ahead(&self) -> Option<&Sha256State>;
     /// The artifact's byte the download continues at.
     fn download_from(&self) -> u64 {
         self.member_offset().unwrap_or(0) + self.artifact_offset()
@@ -347,6 +370,9 @@ macro_rules! decoder_point {
             }
             fn member_offset(&self) -> Option<u64> {
                 self.member_offset
+            }
+            fn artifact_hash_ahead(&self) -> Option<&Sha256State> {
+                self.artifact_hash_ahead.as_ref()
             }
             fn out(&self) -> u64 {
                 self.at.out
@@ -431,6 +457,7 @@ impl ResumeRecord {
             artifact_sha256_state: None,
             slot_sha256: None,
             member_offset: None,
+            member_sha256_state: None,
             member_of: None,
             zstd_state: None,
             xz_state: None,
@@ -561,8 +588,16 @@ impl ResumeRecord {
             artifact_offset: point.download_from(),
             member_offset: point.member_offset(),
             member_of: point.member_offset().map(|_| "bundle".into()),
+            member_sha256_state: point
+                .member_offset()
+                .map(|_| point.artifact_hash().to_text()),
             slot_offset: point.slot_offset(),
-            artifact_sha256_state: Some(point.artifact_hash().to_text()),
+            artifact_sha256_state: Some(
+                point
+                    .artifact_hash_ahead()
+                    .unwrap_or(point.artifact_hash())
+                    .to_text(),
+            ),
             slot_sha256: Some(point.slot_sha256().to_string()),
             tar_head: point.tar_head().map(hex::encode),
             tar_head_sha256: point.tar_head().map(sha256_hex),
@@ -588,6 +623,7 @@ impl ResumeRecord {
             slot_sha256: c.slot_sha256,
             tar_head: c.tar_head,
             member_offset: c.member_offset,
+            artifact_hash_ahead: c.artifact_hash_ahead,
         })
     }
 
@@ -608,6 +644,7 @@ impl ResumeRecord {
             slot_sha256: c.slot_sha256,
             tar_head: c.tar_head,
             member_offset: c.member_offset,
+            artifact_hash_ahead: c.artifact_hash_ahead,
         })
     }
 
@@ -628,6 +665,7 @@ impl ResumeRecord {
             slot_sha256: c.slot_sha256,
             tar_head: c.tar_head,
             member_offset: c.member_offset,
+            artifact_hash_ahead: c.artifact_hash_ahead,
         })
     }
 
@@ -677,15 +715,26 @@ impl ResumeRecord {
         let out = self
             .slot_offset
             .checked_add(tar_head.as_ref().map_or(0, |h| h.len() as u64))?;
-        // The signed bundle's image hash is sha256 whatever the artifact's hash is.
+        let size = target.size.unwrap_or(u64::MAX);
         let same = self.is_for(&self.format, target)
-            && (in_bundle || target.algorithm == "sha256")
+            && target.algorithm == "sha256"
             && self.slot_offset > 0
-            && self.artifact_offset < target.size.unwrap_or(u64::MAX);
+            && self.artifact_offset < size;
         if !same {
             return None;
         }
-        let artifact_hash = Sha256State::from_text(self.artifact_sha256_state.as_deref()?)?;
+        let artifact_state = Sha256State::from_text(self.artifact_sha256_state.as_deref()?)?;
+        // In a bundle the decoder's input is the member, and the artifact's hash runs ahead.
+        let (artifact_hash, artifact_hash_ahead) = if in_bundle {
+            let member = Sha256State::from_text(self.member_sha256_state.as_deref()?)?;
+            let ahead = artifact_state.len();
+            if ahead < self.artifact_offset || ahead > size {
+                return None;
+            }
+            (member, Some(artifact_state))
+        } else {
+            (artifact_state, None)
+        };
         let slot_sha256 = self.slot_sha256.clone()?;
         let well_formed = artifact_hash.len() == input_offset
             && slot_sha256.len() == 64
@@ -694,6 +743,7 @@ impl ResumeRecord {
                 .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
         well_formed.then_some(CommonPoint {
             artifact_hash,
+            artifact_hash_ahead,
             slot_sha256,
             tar_head,
             out,
@@ -759,6 +809,7 @@ impl ResumeRecord {
 /// What a gzip, zstd and xz record say of their point alike (see [`DecoderPoint`]).
 struct CommonPoint {
     artifact_hash: Sha256State,
+    artifact_hash_ahead: Option<Sha256State>,
     slot_sha256: String,
     tar_head: Option<Vec<u8>>,
     /// The decoder's output before the point.
@@ -914,6 +965,7 @@ mod tests {
             slot_sha256: "ab".repeat(32),
             tar_head: Some(head.clone()),
             member_offset: None,
+            artifact_hash_ahead: None,
         };
         let r = ResumeRecord::gzip("http://x/a.tgz", slot, ("sha256", "cd"), Some(5000), &point);
         assert_eq!((r.format.as_str(), r.slot_offset), ("tar-gzip", 4096));
@@ -955,37 +1007,63 @@ mod tests {
         let slot = Path::new("/dev/slot-b");
         let point = gzip_point_after_1000_bytes(4096, None, Some(2048));
         assert_eq!(point.download_from(), 3048);
-        // Any artifact hash: the member's signed one is sha256.
         let r = ResumeRecord::gzip(
             "http://x/a.bundle",
             slot,
-            ("sha1", "cd"),
+            ("sha256", "cd"),
             Some(9000),
             &point,
         );
         assert_eq!(r.format, "bundle-gzip");
         assert_eq!((r.artifact_offset, r.member_offset), (3048, Some(2048)));
         assert_eq!(r.member_of.as_deref(), Some("bundle"));
+        // The member's state, and the artifact's, 4000 bytes in (ahead of the point).
+        let ahead = point.artifact_hash_ahead.clone().unwrap();
+        assert_eq!(r.member_sha256_state, Some(point.artifact_hash.to_text()));
+        assert_eq!(r.artifact_sha256_state, Some(ahead.to_text()));
         let back = saved_and_loaded(&path, &r);
-        let target = target_cd(slot, "sha1", Some(9000), 1 << 20);
+        let target = target_cd(slot, "sha256", Some(9000), 1 << 20);
         assert_eq!(back.gzip_point(&target, true), Some(point.clone()));
-        // Only under a signature policy, and a plain record never under one.
+        // Only under a signature policy, and a plain record never under one; only with a
+        // sha256 artifact hash (whose state is kept).
         assert_eq!(back.gzip_point(&target, false), None);
+        let sha1 = ResumeRecord {
+            algorithm: "sha1".into(),
+            ..r.clone()
+        };
+        let sha1_target = target_cd(slot, "sha1", Some(9000), 1 << 20);
+        assert_eq!(sha1.gzip_point(&sha1_target, true), None);
         let plain = ResumeRecord {
             format: "gzip".into(),
             member_offset: None,
             member_of: None,
             artifact_offset: 1000,
-            algorithm: "sha256".into(),
+            artifact_sha256_state: r.member_sha256_state.clone(),
             ..r.clone()
         };
-        let sha256 = target_cd(slot, "sha256", Some(9000), 1 << 20);
-        assert!(plain.gzip_point(&sha256, false).is_some());
-        assert_eq!(plain.gzip_point(&sha256, true), None);
+        assert!(plain.gzip_point(&target, false).is_some());
+        assert_eq!(plain.gzip_point(&target, true), None);
+        // The artifact's state behind the point, or beyond the artifact's end.
+        let mut behind = Sha256State::new();
+        behind.update(&[8u8; 3000]);
+        let mut beyond = Sha256State::new();
+        beyond.update(&vec![8u8; 9001]);
         // Fields that do not fit: the member's start missing, too early (no room for the
         // manifest's, signature's and image's headers) or too late, not a bundle's, the point
         // before it, a state of another length.
         for bad in [
+            ResumeRecord {
+                artifact_sha256_state: Some(behind.to_text()),
+                ..r.clone()
+            },
+            ResumeRecord {
+                artifact_sha256_state: Some(beyond.to_text()),
+                ..r.clone()
+            },
+            ResumeRecord {
+                member_sha256_state: None,
+                ..r.clone()
+            },
             ResumeRecord {
                 member_offset: None,
                 ..r.clone()
@@ -1025,7 +1103,13 @@ mod tests {
             },
             ..point
         };
-        let r = ResumeRecord::gzip("http://x/a.bundle", slot, ("sha1", "cd"), Some(9000), &tar);
+        let r = ResumeRecord::gzip(
+            "http://x/a.bundle",
+            slot,
+            ("sha256", "cd"),
+            Some(9000),
+            &tar,
+        );
         assert_eq!(
             (r.format.as_str(), r.slot_offset),
             ("bundle-tar-gzip", 4096)
@@ -1052,6 +1136,12 @@ mod tests {
             slot_sha256: "ab".repeat(32),
             tar_head,
             member_offset,
+            // In a bundle: the artifact hash ran 4000 bytes (of 8s) ahead.
+            artifact_hash_ahead: member_offset.map(|_| {
+                let mut ahead = Sha256State::new();
+                ahead.update(&[8u8; 4000]);
+                ahead
+            }),
         }
     }
 
@@ -1198,6 +1288,7 @@ mod tests {
             slot_sha256: "ab".repeat(32),
             tar_head: None,
             member_offset: None,
+            artifact_hash_ahead: None,
         };
         let r = ResumeRecord::zstd("http://x/a.zst", slot, ("sha256", "cd"), Some(5000), &point);
         assert_eq!(r.format, "zstd");
@@ -1286,6 +1377,7 @@ mod tests {
                 slot_sha256: "ab".repeat(32),
                 tar_head: None,
                 member_offset: None,
+                artifact_hash_ahead: None,
             };
             ResumeRecord::zstd("http://x/a.zst", slot, ("sha256", "cd"), Some(5000), &point)
         };

@@ -1838,6 +1838,7 @@ fn write_error_on_the_slot_is_reported() {
         replay: None,
         bundle_image_at: None,
         bundle_head: None,
+        artifact_sha256: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     for chunk in img.chunks(100_000) {
@@ -1887,6 +1888,7 @@ fn aborted_download_is_not_mistaken_for_the_end() {
         replay: None,
         bundle_image_at: None,
         bundle_head: None,
+        artifact_sha256: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tx.try_send(pipeline::Chunk::Data(bytes::Bytes::copy_from_slice(
@@ -1951,6 +1953,7 @@ fn stopped_install_stops_reading_and_writing() {
         replay: None,
         bundle_image_at: None,
         bundle_head: None,
+        artifact_sha256: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     for chunk in img.chunks(4096) {
@@ -2030,6 +2033,7 @@ fn run_pipeline_hashed(
         replay: None,
         bundle_image_at: None,
         bundle_head: None,
+        artifact_sha256: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(artifact.len() + 2);
     let mut rest = artifact;
@@ -2207,6 +2211,7 @@ fn read_back_thread_detects_a_mismatch() {
             replay: None,
             bundle_image_at: None,
             bundle_head: None,
+            artifact_sha256: None,
         };
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         for chunk in img.chunks(1 << 20) {
@@ -2485,10 +2490,34 @@ mod block {
 
 /// A genuine signed bundle of `image` for compatible `acme-gw`, and the policy that trusts it.
 fn signed_bundle(image: &[u8]) -> (Vec<u8>, BundlePolicy, tempfile::TempDir) {
+    let (bundle, policy, dir, _) = signed_bundle_and_key(image);
+    (bundle, policy, dir)
+}
+
+/// [`signed_bundle`], and the key that signed it.
+fn signed_bundle_and_key(
+    image: &[u8],
+) -> (
+    Vec<u8>,
+    BundlePolicy,
+    tempfile::TempDir,
+    ddi_bundle::SecretKey,
+) {
     let dir = tempfile::tempdir().unwrap();
     let key = ddi_bundle::generate_keypair().unwrap();
     std::fs::write(dir.path().join("vendor.pub"), key.public_key().to_text()).unwrap();
-    let path = dir.path().join("rootfs.img");
+    let bundle = bundle_signed_by(image, &key, dir.path());
+    let policy = BundlePolicy {
+        trusted_keys: vec![dir.path().join("vendor.pub")],
+        require_signature: true,
+        compatible: Some("acme-gw".into()),
+    };
+    (bundle, policy, dir, key)
+}
+
+/// A format-1 bundle of `image` for `acme-gw`, signed by `key` (the image file in `dir`).
+fn bundle_signed_by(image: &[u8], key: &ddi_bundle::SecretKey, dir: &Path) -> Vec<u8> {
+    let path = dir.join("rootfs.img");
     std::fs::write(&path, image).unwrap();
     let mut bundle = Vec::new();
     ddi_bundle::create_bundle(
@@ -2498,17 +2527,12 @@ fn signed_bundle(image: &[u8]) -> (Vec<u8>, BundlePolicy, tempfile::TempDir) {
             version: "2".into(),
             image_name: None,
             compression: None,
-            keys: std::slice::from_ref(&key),
+            keys: std::slice::from_ref(key),
         },
         &mut bundle,
     )
     .unwrap();
-    let policy = BundlePolicy {
-        trusted_keys: vec![dir.path().join("vendor.pub")],
-        require_signature: true,
-        compatible: Some("acme-gw".into()),
-    };
-    (bundle, policy, dir)
+    bundle
 }
 
 /// Offset of the image member's data in a bundle: after the manifest and signature members
@@ -3575,18 +3599,20 @@ mod bundle_inside {
         format: &'static str,
         bundle: Vec<u8>,
         policy: BundlePolicy,
-        _keys: tempfile::TempDir,
+        key: ddi_bundle::SecretKey,
+        keys: tempfile::TempDir,
     }
 
     impl Signed {
         fn new(what: &'static str, format: &'static str, member: &[u8]) -> Signed {
-            let (bundle, policy, keys) = signed_bundle(member);
+            let (bundle, policy, keys, key) = signed_bundle_and_key(member);
             Signed {
                 what,
                 format,
                 bundle,
                 policy,
-                _keys: keys,
+                key,
+                keys,
             }
         }
 
@@ -3684,22 +3710,37 @@ mod bundle_inside {
         let record = interrupted(&fx, &img, signed).await;
         let member_offset = record.member_offset.unwrap();
         let input = record.artifact_offset - member_offset;
-        let mut artifact_state = sha256_state::Sha256State::new();
-        artifact_state.update(&signed.bundle[..record.artifact_offset as usize]);
-        let mut other_state = sha256_state::Sha256State::new();
-        other_state.update(&vec![1u8; input as usize]);
+        let state_of = |bytes: &[u8]| {
+            let mut state = sha256_state::Sha256State::new();
+            state.update(bytes);
+            Some(state.to_text())
+        };
+        let ahead =
+            sha256_state::Sha256State::from_text(record.artifact_sha256_state.as_deref().unwrap())
+                .unwrap()
+                .len();
+        assert!(ahead >= record.artifact_offset, "{record:?}");
+        let member = &signed.bundle[member_offset as usize..];
         let tampered: Vec<(&str, resume::ResumeRecord)> = vec![
             (
                 "the member's state of other bytes",
                 resume::ResumeRecord {
-                    artifact_sha256_state: Some(other_state.to_text()),
+                    member_sha256_state: state_of(&vec![1u8; input as usize]),
                     ..record.clone()
                 },
             ),
             (
-                "the artifact's state instead of the member's",
+                "the artifact's state of other bytes",
                 resume::ResumeRecord {
-                    artifact_sha256_state: Some(artifact_state.to_text()),
+                    artifact_sha256_state: state_of(&vec![1u8; ahead as usize]),
+                    ..record.clone()
+                },
+            ),
+            (
+                "the states swapped",
+                resume::ResumeRecord {
+                    member_sha256_state: state_of(&member[..input as usize]),
+                    artifact_sha256_state: state_of(&member[..ahead as usize]),
                     ..record.clone()
                 },
             ),
@@ -3746,6 +3787,48 @@ mod bundle_inside {
                 "{what}: never started over: {requests:?}"
             );
         }
+    }
+
+    /// A download host that serves another bundle signed by the same vendor (padded to the
+    /// deployed artifact's size) and cuts the download: the restart resumes in it, as its
+    /// signature and member hash are fine, but the artifact's hash (continued from the record)
+    /// is not the deployment's, so the resume fails, the install from byte 0 fails that hash
+    /// too, and the other image is never installed.
+    #[tokio::test]
+    async fn another_signed_bundle_from_the_download_host_fails_the_artifact_hash_after_a_resume() {
+        let (img, artifacts) = artifacts();
+        let deployed = &artifacts[0];
+        let other_img = gunzip::tests::image(6 << 20, 30);
+        let other_gz = gunzip::tests::gzip(&other_img, 6);
+        let mut other = bundle_signed_by(&other_gz, &deployed.key, deployed.keys.path());
+        assert!(other.len() <= deployed.bundle.len());
+        other.resize(deployed.bundle.len(), 0);
+        let fx = Fixture::new(9 << 20);
+        let server = ArtifactServer::start(other.clone());
+        server.always(drop_after((other.len() * 6 / 10) as u64));
+        let mut options = fast_options();
+        options.retry.attempts = 0;
+        // The deployment names the deployed bundle: its hash and size.
+        let mut req = fx.request(&server.url, &deployed.bundle);
+        req.bundle = Some(deployed.policy.clone());
+        let err = run(&req, &options).await.0.unwrap_err();
+        assert!(err.is_retryable(), "{err}");
+        let record = resume::load(&fx.resume_path()).expect("resume record kept");
+        assert_eq!(record.format, "bundle-gzip", "{record:?}");
+
+        server.clear();
+        let err = run(&req, &fast_options()).await.0.unwrap_err();
+        assert!(matches!(err, InstallError::HashMismatch { .. }), "{err}");
+        assert!(!fx.resume_path().exists());
+        let requests = server.requests();
+        assert!(
+            requests.iter().any(|r| r.0 == Some(record.artifact_offset)),
+            "never resumed: {requests:?}"
+        );
+        assert!(requests.iter().any(|r| r.0.is_none()), "{requests:?}");
+        // Whatever the slot holds, it is not the deployed image, and nothing activates it (the
+        // install failed); the other image may be there, unverified.
+        assert_ne!(fx.slot_bytes()[..img.len()], img[..]);
     }
 
     /// A bundle's record under a policy that no longer trusts the bundle's key: the resume
