@@ -651,7 +651,9 @@ fn resumed_input<'a>(
         }
         Ok(())
     });
-    let stream = Read::chain(Cursor::new(head.clone()), SharedTail(tail));
+    // The same reader type as a fresh install's bundle reader: one copy of it in the binary.
+    let rest: Box<dyn Read + 'a> = Box::new(SharedTail(tail));
+    let stream = Read::chain(Cursor::new(head.clone()), rest);
     let mut reader = ddi_bundle::BundleReader::open(stream, &policy.verifier(dev.capacity())?)
         .map_err(|e| bundle::bundle_error(&e))?;
     if reader.data_offset() != member_offset || reader.chunk_index().is_some() {
