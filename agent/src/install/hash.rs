@@ -102,13 +102,13 @@ impl Hasher {
     }
 }
 
-/// Hashes and counts the bytes read through it: the artifact bytes exactly as served.
 /// The state behind a [`SharedSha256`] (a panic elsewhere does not make it wrong: it is only
 /// ever updated whole).
 pub fn lock(shared: &SharedSha256) -> std::sync::MutexGuard<'_, Sha256State> {
     shared.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Hashes and counts the bytes read through it: the artifact bytes exactly as served.
 pub struct HashingReader<R> {
     inner: R,
     hasher: Hasher,
