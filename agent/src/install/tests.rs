@@ -2603,17 +2603,30 @@ fn chunked_bundle_as(image: &[u8], format: u32) -> (Vec<u8>, BundlePolicy, tempf
     let (_, policy, dir) = signed_bundle(b"unused");
     let key = ddi_bundle::generate_keypair().unwrap();
     std::fs::write(dir.path().join("vendor.pub"), key.public_key().to_text()).unwrap();
-    let path = dir.path().join("rootfs.ext4");
+    let bundle = chunked_bundle_signed_by(image, "3", format, &key, dir.path());
+    (bundle, policy, dir)
+}
+
+/// A chunked bundle of `image` at `version` in `format`, signed by `key` (the image file in
+/// `dir`).
+fn chunked_bundle_signed_by(
+    image: &[u8],
+    version: &str,
+    format: u32,
+    key: &ddi_bundle::SecretKey,
+    dir: &Path,
+) -> Vec<u8> {
+    let path = dir.join("rootfs.ext4");
     std::fs::write(&path, image).unwrap();
     let mut bundle = Vec::new();
     ddi_bundle::create_chunked_bundle(
         &path,
         &ddi_bundle::CreateOptions {
             compatible: "acme-gw".into(),
-            version: "3".into(),
+            version: version.into(),
             image_name: None,
             compression: None,
-            keys: std::slice::from_ref(&key),
+            keys: std::slice::from_ref(key),
         },
         &ddi_bundle::ChunkedOptions {
             chunker: ddi_bundle::ChunkerParams::with_average(4096),
@@ -2624,7 +2637,7 @@ fn chunked_bundle_as(image: &[u8], format: u32) -> (Vec<u8>, BundlePolicy, tempf
         &mut bundle,
     )
     .unwrap();
-    (bundle, policy, dir)
+    bundle
 }
 
 /// Half random, half zeros: chunks of both kinds.
@@ -3030,6 +3043,35 @@ async fn a_delta_install_checks_the_read_back_against_the_signed_image_hash() {
 /// A hostile server's manifest that claims a huge chunk index (not signed as such): the probe
 /// verifies the manifest before it believes the index size, so it fetches the two metadata
 /// members at most and falls back to a full download.
+/// hawkBit announces the new release's bundle (its sha256 and size); the download host serves an
+/// older release's chunked bundle, signed by the same trusted key, padded to the announced size.
+/// The full download refuses it (the artifact's hash), and so must a delta install: else a host
+/// that serves artifacts (a CDN) can roll a fleet back to any older signed release.
+#[tokio::test]
+async fn a_delta_install_refuses_a_signed_bundle_that_is_not_the_announced_artifact() {
+    const FORMAT_3: u32 = ddi_bundle::FORMAT_CHUNKED_CONTEXT;
+    let (_, policy, keys, key) = signed_bundle_and_key(b"unused");
+    let old_img = chunky_image(200_000, 70);
+    let new_img = chunky_image(300_000, 71);
+    let old = chunked_bundle_signed_by(&old_img, "1", FORMAT_3, &key, keys.path());
+    let new = chunked_bundle_signed_by(&new_img, "2", FORMAT_3, &key, keys.path());
+    assert!(old.len() < new.len());
+    let mut served = old.clone();
+    served.resize(new.len(), 0);
+    let server = ArtifactServer::start(served);
+    let fx = Fixture::new(512 << 10);
+    let mut req = fx.request(&server.url, &new);
+    req.bundle = Some(policy);
+    let result = run(&req, &fast_options()).await.0;
+    let slot = fx.slot_bytes();
+    assert!(
+        result.is_err(),
+        "installed a bundle other than the announced one: {result:?}; the slot holds the old \
+         image: {}",
+        slot[..old_img.len()] == old_img[..]
+    );
+}
+
 #[tokio::test]
 async fn an_unsigned_index_size_never_decides_what_the_probe_fetches() {
     let (genuine, policy, _keys) = chunked_bundle(&chunky_image(100_000, 61));
