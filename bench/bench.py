@@ -307,8 +307,10 @@ class Server:
         ).stdout
         return out
 
-    def upload(self, path, name):
-        out = json.loads(self.cli("upload", path, "--link", "--name", name, "--version", "1.0"))
+    def upload(self, path, name, version="1.0"):
+        """Upload as a software module of `version` (a chunked bundle installs as a delta only
+        when the module's version is the bundle's signed one)."""
+        out = json.loads(self.cli("upload", path, "--link", "--name", name, "--version", version))
         return out["distribution"], out["artifact"]
 
     def target(self, controller_id):

@@ -94,7 +94,9 @@ def install(args, server, label, artifact, seed, bundle_policy):
     if bundle_policy:
         with open(config, "a") as f:
             f.write(bundle_policy)
-    dist, _ = server.upload(artifact, label)
+    # Version 2 (`bench/delta.py` signs the bundle as "2"): a delta needs the module's version
+    # to be the bundle's.
+    dist, _ = server.upload(artifact, label, "2")
     server.assign(cid, dist)
     stderr = os.path.join(args.work, "agent-%s.log" % label)
     code, wall, usage, _, _ = bench.run_sampled([args.agent, "-c", config, "once"], stderr, 0.05)

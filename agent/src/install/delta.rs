@@ -80,14 +80,22 @@ pub enum Probe {
 }
 
 /// Read the head of the artifact with Range requests and verify it: a chunked bundle signed by
-/// a trusted key installs as a delta.
+/// a trusted key whose signed `version` is `announced` (the software module's version the
+/// server gave for the artifact) installs as a delta.
+///
+/// The version binds what the download host serves to what the server deployed: a delta
+/// install never sees the whole artifact, so the server's hash of it cannot be checked, and
+/// without this any other chunked bundle a trusted key signed (an older release) would
+/// install in its place. A bundle of another version goes the full-download way, where the
+/// artifact's hash decides.
 pub async fn probe(
     client: &reqwest::Client,
     spec: &SourceSpec,
     policy: &BundlePolicy,
     capacity: u64,
+    announced: &str,
 ) -> Probe {
-    match probe_inner(client, spec, policy, capacity).await {
+    match probe_inner(client, spec, policy, capacity, announced).await {
         Ok(signed) => Probe::Delta(signed),
         Err(why) => Probe::Full(why),
     }
@@ -98,9 +106,13 @@ async fn probe_inner(
     spec: &SourceSpec,
     policy: &BundlePolicy,
     capacity: u64,
+    announced: &str,
 ) -> Result<SignedBundle, String> {
     if policy.trusted_keys.is_empty() {
         return Err("no trusted key".into());
+    }
+    if announced.is_empty() {
+        return Err("the server gives no version for the artifact's software module".into());
     }
     let size = spec.size.ok_or("the server gives no artifact size")?;
     let counters = Counters::new(0, None);
@@ -135,6 +147,13 @@ async fn probe_inner(
     };
     if manifest.chunked.is_none() {
         return Err(format!("a format-{} bundle (not chunked)", manifest.format));
+    }
+    if manifest.version != announced {
+        return Err(format!(
+            "the signed bundle is version {:?}, the server deployed version {announced:?} \
+             (only a full download checks the artifact's hash)",
+            manifest.version
+        ));
     }
     // Everything before the image's data, as the signed manifest gives it.
     let bound = bound.min(size);

@@ -87,6 +87,9 @@ pub struct InstallRequest {
     /// Artifact size from the server.
     pub size: Option<u64>,
     pub filename: String,
+    /// The version the server gave for the artifact's software module (the deployment chunk's
+    /// `version`; empty if none): a delta install needs a signed bundle of this version.
+    pub version: String,
     /// Target slot (block device or regular file).
     pub slot_path: PathBuf,
     /// Never written.
@@ -318,7 +321,7 @@ pub async fn install_with(
     // A chunked bundle signed by a trusted key downloads only what the device lacks.
     // Not for a local install: its source is a file, or a URL resumed from nothing.
     let delta = match req.bundle.as_ref().filter(|_| !req.local) {
-        Some(policy) => match delta::probe(client, &spec, policy, capacity).await {
+        Some(policy) => match delta::probe(client, &spec, policy, capacity, &req.version).await {
             delta::Probe::Delta(signed) => Some(signed),
             delta::Probe::Full(why) => {
                 tracing::info!(reason = %why, "no delta install; downloading the whole artifact");

@@ -128,7 +128,12 @@
 //! covers. So a download host that serves another bundle signed by a trusted key (an older
 //! release, say) fails the artifact's hash after a resume as it would without one. A resumed
 //! install that fails a check (a head that does not verify, a member elsewhere, decode, either
-//! hash) starts over from byte 0, once.
+//! hash) starts over from byte 0, once. The hashes bind the member's compressed bytes, not the
+//! decoded image, so what the plain formats admit above stays true here: a record forged with
+//! the artifact and the slot at hand (a point between zstd frames moved to a later frame's
+//! start with the genuine hash states there, a point in a later xz stream, a tar head) can make
+//! the resumed install write an image spliced from signed pieces. Records live in `state_dir`
+//! (mode 0700, root's): whoever can write there can write the slots and the environment too.
 //!
 //! Everything else restarts from the beginning after a restart: an xz block (its library's
 //! public API cannot restart a decoder inside one, so an interrupted install continues at the

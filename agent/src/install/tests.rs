@@ -174,6 +174,10 @@ impl Fixture {
             },
             size: Some(artifact.len() as u64),
             filename: "artifact.bin".into(),
+            // A bundle is uploaded as its own version, as an integrator would.
+            version: ddi_bundle::read_manifest_unverified(artifact)
+                .map(|m| m.version)
+                .unwrap_or_default(),
             slot_path: self.slot.clone(),
             booted_slot_path: Some(self.booted.clone()),
             resume_path: self.resume_path(),
@@ -3040,13 +3044,12 @@ async fn a_delta_install_checks_the_read_back_against_the_signed_image_hash() {
     );
 }
 
-/// A hostile server's manifest that claims a huge chunk index (not signed as such): the probe
-/// verifies the manifest before it believes the index size, so it fetches the two metadata
-/// members at most and falls back to a full download.
-/// hawkBit announces the new release's bundle (its sha256 and size); the download host serves an
-/// older release's chunked bundle, signed by the same trusted key, padded to the announced size.
-/// The full download refuses it (the artifact's hash), and so must a delta install: else a host
-/// that serves artifacts (a CDN) can roll a fleet back to any older signed release.
+/// hawkBit announces the new release's bundle (its sha256, size and version); the download host
+/// serves an older release's chunked bundle, signed by the same trusted key, padded to the
+/// announced size. A delta install would never see the whole artifact, so its hash cannot
+/// refuse it: the signed version, not the announced one, sends it the full-download way, where
+/// the artifact's hash does. Else a host that serves artifacts (a CDN) could roll a fleet back
+/// to any older signed release.
 #[tokio::test]
 async fn a_delta_install_refuses_a_signed_bundle_that_is_not_the_announced_artifact() {
     const FORMAT_3: u32 = ddi_bundle::FORMAT_CHUNKED_CONTEXT;
@@ -3061,17 +3064,49 @@ async fn a_delta_install_refuses_a_signed_bundle_that_is_not_the_announced_artif
     let server = ArtifactServer::start(served);
     let fx = Fixture::new(512 << 10);
     let mut req = fx.request(&server.url, &new);
+    assert_eq!(req.version, "2");
     req.bundle = Some(policy);
     let result = run(&req, &fast_options()).await.0;
     let slot = fx.slot_bytes();
     assert!(
-        result.is_err(),
+        matches!(result, Err(InstallError::HashMismatch { .. })),
         "installed a bundle other than the announced one: {result:?}; the slot holds the old \
          image: {}",
         slot[..old_img.len()] == old_img[..]
     );
+    // Past the 64 KiB head probe, one request for the whole artifact: no delta was tried.
+    let requests = server.requests();
+    assert_eq!(requests.last().unwrap().0, None, "{requests:?}");
 }
 
+/// A genuine chunked bundle deployed under another version than the one it was signed with
+/// (the software module named differently): installed as a full download, checked against the
+/// artifact's hash, never as a delta.
+#[tokio::test]
+async fn a_chunked_bundle_of_another_version_than_announced_installs_by_full_download() {
+    let img = chunky_image(300_000, 72);
+    let (bundle, policy, _keys) = chunked_bundle(&img);
+    let server = ArtifactServer::start(bundle.clone());
+    let fx = Fixture::new(512 << 10);
+    for announced in ["3.0", ""] {
+        let mut req = fx.request(&server.url, &bundle);
+        req.version = announced.into();
+        req.bundle = Some(policy.clone());
+        let (result, progress) = run(&req, &fast_options()).await;
+        result.unwrap();
+        assert_eq!(&fx.slot_bytes()[..img.len()], &img[..]);
+        assert!(
+            !progress.iter().any(|p| matches!(p, Progress::Delta(_))),
+            "a delta install under version {announced:?}: {progress:?}"
+        );
+    }
+    let whole = server.requests().iter().filter(|r| r.0.is_none()).count();
+    assert_eq!(whole, 2, "{:?}", server.requests());
+}
+
+/// A hostile server's manifest that claims a huge chunk index (not signed as such): the probe
+/// verifies the manifest before it believes the index size, so it fetches the two metadata
+/// members at most and falls back to a full download.
 #[tokio::test]
 async fn an_unsigned_index_size_never_decides_what_the_probe_fetches() {
     let (genuine, policy, _keys) = chunked_bundle(&chunky_image(100_000, 61));
@@ -3120,7 +3155,7 @@ async fn an_unsigned_index_size_never_decides_what_the_probe_fetches() {
         stall_timeout: Duration::from_secs(10),
         requests: source::RequestBudget::default(),
     };
-    let probe = delta::probe(&reqwest::Client::new(), &spec, &policy, 64 << 20).await;
+    let probe = delta::probe(&reqwest::Client::new(), &spec, &policy, 64 << 20, "3").await;
     assert!(matches!(probe, delta::Probe::Full(_)), "{probe:?}");
     let fetched: u64 = server
         .sim

@@ -174,6 +174,30 @@ fn a_delta_update_downloads_only_what_changed_and_is_confirmed_after_the_reboot(
     );
 }
 
+/// A delta install never sees the whole artifact, so it needs the signed bundle's version to be
+/// the one the server deployed (the software module's): a bundle deployed under another version
+/// is downloaded whole and checked against the server's hash, and still installs.
+#[test]
+fn a_bundle_deployed_under_another_version_is_downloaded_whole() {
+    let rig = Rig::new(1 << 20, 2 << 20);
+    let v2 = version_2(&rig.v1, 2);
+    let bundle = rig.bundle(&v2);
+    let action = rig.deploy_artifact("2.0-r1", "update.ddib", bundle.clone());
+    rig.settle(action);
+    rig.assert_success(action, &v2);
+    let log = rig.server.download_log();
+    assert!(
+        log.iter().any(|r| r.range.is_none() && r.status == 200),
+        "no full download: {log:#?}"
+    );
+    assert!(bytes_of(&log) >= bundle.len() as u64, "{log:#?}");
+    let details = rig.details(action);
+    assert!(
+        !details.iter().any(|d| d.contains("% reused from slot A")),
+        "a delta install: {details:#?}"
+    );
+}
+
 /// Format-2 bundles (made before format 3) still install as deltas.
 #[test]
 fn a_format_2_bundle_still_installs_as_a_delta() {
