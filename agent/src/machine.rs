@@ -3063,6 +3063,41 @@ mod tests {
         assert_eq!(back, s);
     }
 
+    /// Review: the activating save of action 7 took effect (B is set to boot) but persisting
+    /// `awaiting_reboot` failed, so the next cycle reloads `installed` with the activation
+    /// counted. The server meanwhile replaced 7 by 8. The agent must not reboot into B while
+    /// forgetting B's trial: after the reboot nothing would health-check or confirm B (under
+    /// `bootcount` every later action waits for ever on the foreign trial; under `rauc` the
+    /// unchecked slot is kept good as a slot booted by hand).
+    #[test]
+    fn a_replaced_action_whose_activation_took_effect_is_not_forgotten_before_the_reboot() {
+        let installed = cut_during_activation();
+        let (s, a) = offer_with(
+            installed,
+            deployment("8", Handling::Forced, None),
+            Slot::A,
+            Slot::B,
+            false,
+        );
+        if a.contains(&Action::Reboot) {
+            assert!(
+                matches!(&s.update.phase, Phase::AwaitingReboot(j) if j.target == Slot::B),
+                "rebooting into slot B's trial with phase {:?} ({:?})",
+                s.update.phase,
+                kinds(&a)
+            );
+        }
+        // After that reboot B runs on trial: it is health-checked, never left unconfirmed.
+        let (_, a) = ev(
+            s,
+            Event::Started {
+                booted: Slot::B,
+                next: Slot::B,
+            },
+        );
+        assert_eq!(a, [Action::RunHealthChecks]);
+    }
+
     mod random_sequences {
         //! Random event sequences against invariants that must hold in every reachable state,
         //! with power cuts between any two actions: the driver executes actions in order, so a
