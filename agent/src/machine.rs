@@ -3098,6 +3098,23 @@ mod tests {
         assert_eq!(a, [Action::RunHealthChecks]);
     }
 
+    /// Review: under `rauc` the boot script decrements the running slot's counter at every
+    /// boot; the contract keeps it refreshed "at every start with nothing of the agent's on
+    /// trial". A slot written for a maintenance window and not activated is not on trial, yet
+    /// starts while waiting for the window never refresh the running slot.
+    #[test]
+    fn starts_while_waiting_for_a_window_keep_the_running_slot_bootable() {
+        let s = waiting_for_window("9");
+        let (_, a) = ev(
+            s,
+            Event::Started {
+                booted: Slot::A,
+                next: Slot::A,
+            },
+        );
+        assert_eq!(a, [Action::KeepBootedGood]);
+    }
+
     mod random_sequences {
         //! Random event sequences against invariants that must hold in every reachable state,
         //! with power cuts between any two actions: the driver executes actions in order, so a
