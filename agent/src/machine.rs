@@ -1193,6 +1193,17 @@ fn on_deployment(
             reboot_if_pending(job, boot, actions);
             return;
         }
+        if let Phase::Installed(job) = &s.update.phase {
+            if job.activations > 0 && boot.next == job.target && boot.booted != job.target {
+                // Its activating save took effect though `awaiting_reboot` was not recorded:
+                // the slot is set to boot, so its confirmation comes first, as above.
+                let job = job.clone();
+                s.update.phase = Phase::AwaitingReboot(job.clone());
+                actions.push(Action::Persist);
+                reboot_if_pending(&job, boot, actions);
+                return;
+            }
+        }
         // Replaced without a cancel (auto-close on the server): the old one is dropped.
         let old = job.clone();
         s.finish_job(&old, ResultKind::Abandoned, replaced_message(&old, &id));
