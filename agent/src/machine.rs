@@ -945,8 +945,12 @@ fn started(params: &Params, s: &mut State, actions: &mut Vec<Action>, booted: Sl
         }
         Phase::Installing(_) => actions.push(Action::KeepBootedGood),
         Phase::Installed(job) if job.activations == 0 => {
-            // Waiting for the maintenance window; the next poll decides. Should someone have
-            // booted the waiting slot by hand, that trial is not ours to confirm.
+            // Waiting for the maintenance window; the next poll decides. Nothing of ours is on
+            // trial, so the running slot is kept bootable; but should someone have booted the
+            // waiting slot by hand, that trial is not ours to confirm.
+            if booted != job.target {
+                actions.push(Action::KeepBootedGood);
+            }
         }
         Phase::Installed(job) if booted == job.target => {
             // Power cut between the activating save and persisting it: the new slot runs on
