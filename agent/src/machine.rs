@@ -3130,6 +3130,36 @@ mod tests {
         assert_eq!(a, [Action::KeepBootedGood]);
     }
 
+    /// Review: DDI's cancelAction names the action to stop in `cancelAction.stopId` ("typically
+    /// identical to the id field on the cancel action itself", not necessarily;
+    /// rauc-hawkbit-updater and SWUpdate act on `stopId`). A cancel action 12 that stops action
+    /// 7 must stop the install of 7, not answer "nothing in progress" and go on to activate it.
+    #[test]
+    fn a_cancel_stops_the_action_its_stop_id_names() {
+        let (installing, _) = offer(
+            State::default(),
+            deployment("7", Handling::Forced, None),
+            Slot::A,
+        );
+        let (s, a) = ev(
+            installing,
+            Event::Cancel {
+                link: clink("12"),
+                request: CancelRequest {
+                    action_id: "12".into(),
+                    stop_id: "7".into(),
+                },
+            },
+        );
+        assert_eq!(kinds(&a), ["mark_bad", "persist", "deliver"]);
+        assert_eq!(s.update.phase, Phase::Idle);
+        assert_eq!(
+            only_outbox(&s),
+            [(Channel::Cancel, Execution::Closed, Finished::Success)]
+        );
+        assert_eq!(s.outbox[0].link, clink("12").href);
+    }
+
     mod random_sequences {
         //! Random event sequences against invariants that must hold in every reachable state,
         //! with power cuts between any two actions: the driver executes actions in order, so a
