@@ -1546,7 +1546,9 @@ fn on_health(s: &mut State, actions: &mut Vec<Action>, result: Result<(), String
 }
 
 fn on_cancel(s: &mut State, actions: &mut Vec<Action>, link: Link, req: CancelRequest) {
+    // The cancel action's own id names its feedback; `stopId` names the action it stops.
     let id = req.action_id.clone();
+    let stop = req.stop_id.clone();
     if s.outbox
         .iter()
         .any(|o| o.channel == Channel::Cancel && o.feedback.action_id == id)
@@ -1555,7 +1557,7 @@ fn on_cancel(s: &mut State, actions: &mut Vec<Action>, link: Link, req: CancelRe
         return;
     }
     match s.update.phase.clone() {
-        Phase::Installing(job) | Phase::Installed(job) if job.action_id == id => {
+        Phase::Installing(job) | Phase::Installed(job) if job.action_id == stop => {
             let message = format!(
                 "canceled before activation; slot {} left marked bad",
                 job.target
@@ -1565,14 +1567,14 @@ fn on_cancel(s: &mut State, actions: &mut Vec<Action>, link: Link, req: CancelRe
                 &link.href,
                 Feedback::new(&id, Execution::Closed, Finished::Success).detail(message.clone()),
             );
-            s.finish(&id, ResultKind::Canceled, message);
+            s.finish(&stop, ResultKind::Canceled, message);
             actions.extend([
                 Action::MarkBad(job.target),
                 Action::Persist,
                 Action::DeliverOutbox,
             ]);
         }
-        Phase::AwaitingReboot(job) if job.action_id == id => {
+        Phase::AwaitingReboot(job) if job.action_id == stop => {
             s.outbox.queue(
                 Channel::Cancel,
                 &link.href,
@@ -1591,13 +1593,13 @@ fn on_cancel(s: &mut State, actions: &mut Vec<Action>, link: Link, req: CancelRe
                 Feedback::new(&id, Execution::Closed, Finished::Success)
                     .detail("nothing in progress for this action; canceled"),
             );
-            if s.update.phase.job().is_none() && !s.finished_locally_result(&id) {
+            if s.update.phase.job().is_none() && !s.finished_locally_result(&stop) {
                 s.update.last_result = Some(LastResult {
-                    action_id: id.clone(),
+                    action_id: stop.clone(),
                     result: ResultKind::Canceled,
                     // A downloaded image stays kept for a later action of its artifact.
                     message: match &s.update.downloaded {
-                        Some(d) if d.action_id == id => format!(
+                        Some(d) if d.action_id == stop => format!(
                             "canceled after its download; the image stays in slot {}",
                             d.slot
                         ),
