@@ -186,6 +186,20 @@ mod tests {
         assert!(!is_transient_status(403));
     }
 
+    /// Review: a server's Retry-After with an absurd year must be ignored, not overflow the
+    /// date arithmetic (a panic in builds with overflow checks, a wrapped wait otherwise).
+    #[test]
+    fn retry_after_with_an_absurd_year_is_ignored() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        for value in [
+            "Mon, 01 Jan 9223372036854775807 00:00:00 GMT",
+            "Mon, 01 Feb -9223372036854775808 00:00:00 GMT",
+            "Mon, 01 Jan 100000000000000 00:00:00 GMT",
+        ] {
+            assert_eq!(parse_retry_after(value, now), None, "{value}");
+        }
+    }
+
     #[test]
     fn retry_after_in_seconds_and_as_http_date() {
         let now = UNIX_EPOCH + Duration::from_secs(784_111_777); // Sun, 06 Nov 1994 08:49:37 GMT
