@@ -66,7 +66,8 @@ fn parse_http_date(v: &str) -> Option<u64> {
     .iter()
     .position(|m| *m == parts[2])? as u64
         + 1;
-    let year: i64 = parts[3].parse().ok()?;
+    // An HTTP-date's year has four digits; anything else is garbage (and would overflow below).
+    let year: i64 = parts[3].parse().ok().filter(|y| (0..=9999).contains(y))?;
     let hms: Vec<u64> = parts[4]
         .split(':')
         .map(|p| p.parse().ok())
