@@ -800,6 +800,18 @@ mod poll_interval_tests {
         }
     }
 
+    /// Review: an ISO-8601 `sleep` parses up to 10^9 s (`PT277777H`, 31 years). One such
+    /// answer from a broken or hostile server must not silence the device until its next
+    /// reboot, long after the server is fixed.
+    #[test]
+    fn a_huge_sleep_is_capped() {
+        let huge = crate::ddi::parse_sleep("PT277777H").unwrap();
+        for jitter in [0.0, 0.5, 1.0] {
+            let wait = poll_interval(huge, jitter);
+            assert!(wait <= Duration::from_secs(7 * 86_400), "{wait:?}");
+        }
+    }
+
     #[test]
     fn a_tiny_sleep_is_raised_to_the_floor_with_bounded_jitter() {
         let ceiling = MIN_POLL_INTERVAL.mul_f64(1.5);
