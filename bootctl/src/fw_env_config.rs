@@ -348,6 +348,30 @@ mod tests {
         );
     }
 
+    /// Review: two lines naming overlapping bytes of one device are not two copies. Each save
+    /// "to the other copy" then overwrites the current one (identical lines: in place), so a
+    /// power cut during any save leaves no valid environment at all, which the redundant
+    /// layout exists to prevent. Such a config must be refused, not used.
+    #[test]
+    fn overlapping_copies_on_one_device_are_refused() {
+        for text in [
+            "/dev/mmcblk0 0x100000 0x4000\n/dev/mmcblk0 0x100000 0x4000\n",
+            "/dev/mmcblk0 0x100000 0x4000\n/dev/mmcblk0 0x102000 0x4000\n",
+            "/dev/mmcblk0 -0x8000 0x4000\n/dev/mmcblk0 -0x6000 0x4000\n",
+            "uboot.env 0 0x4000\n/etc/uboot.env 0 0x4000\n",
+        ] {
+            assert!(parse(text).is_err(), "accepted: {text}");
+        }
+        // Adjacent copies, or the same offset on two devices, are fine.
+        for text in [
+            "/dev/mmcblk0 0x100000 0x4000\n/dev/mmcblk0 0x104000 0x4000\n",
+            "/dev/mmcblk0 -0x8000 0x4000\n/dev/mmcblk0 -0x4000 0x4000\n",
+            "/boot/uboot.env 0 0x4000\n/boot/uboot-redund.env 0 0x4000\n",
+        ] {
+            assert!(parse(text).is_ok(), "refused: {text}");
+        }
+    }
+
     #[test]
     fn offsets_are_c_style() {
         let one = |off: &str| parse(&format!("f {off} 0x1000\n")).unwrap().copies[0].clone();
