@@ -115,6 +115,12 @@ pub enum ConfigError {
     },
     #[error("no environment copy configured (every line is blank or a comment)")]
     Empty,
+    #[error(
+        "line {line}: the second copy overlaps the first on {}; the two copies must not share \
+         bytes (a save would overwrite the current copy)",
+        device.display()
+    )]
+    Overlap { line: usize, device: PathBuf },
 }
 
 const OFFSET_FORMS: &str = "C-style: 0x hex, leading 0 octal, else decimal";
@@ -244,7 +250,7 @@ impl FwEnvConfig {
                 });
             }
             let device = Path::new(fields[0]);
-            copies.push(EnvLocation {
+            let location = EnvLocation {
                 device: if device.is_absolute() {
                     device.to_path_buf()
                 } else {
@@ -255,7 +261,21 @@ impl FwEnvConfig {
                 env_size,
                 sector_size,
                 sectors,
-            });
+            };
+            if let Some(first) = copies.first() {
+                // Offsets counted from the same end of the same device can be compared here;
+                // one from each end only with the device's size (not known yet).
+                if first.device == location.device
+                    && first.from_end == location.from_end
+                    && first.offset.abs_diff(location.offset) < env_size
+                {
+                    return Err(ConfigError::Overlap {
+                        line,
+                        device: location.device,
+                    });
+                }
+            }
+            copies.push(location);
         }
         if copies.is_empty() {
             return Err(ConfigError::Empty);
