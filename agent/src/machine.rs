@@ -3269,6 +3269,8 @@ mod tests {
             seen_seq: BTreeSet<u64>,
             /// The last local result checked.
             last_local_seen: Option<LocalResult>,
+            /// The trial on is someone else's (`ddi-bootctl set-next`), not the agent's.
+            foreign: bool,
         }
 
         impl Model {
@@ -3288,6 +3290,7 @@ mod tests {
                     closing: HashMap::new(),
                     seen_seq: BTreeSet::new(),
                     last_local_seen: None,
+                    foreign: false,
                 }
             }
 
@@ -3476,6 +3479,27 @@ mod tests {
                 Ok(true)
             }
 
+            /// After a power-on into a trial the agent started, the state on disk still has
+            /// the job of that slot: otherwise nothing health-checks, confirms or reports it.
+            fn no_orphaned_trial(&mut self) -> Result<(), TestCaseError> {
+                if !self.trial {
+                    self.foreign = false;
+                }
+                if self.trial && !self.foreign && self.booted == self.next {
+                    prop_assert!(
+                        self.disk
+                            .update
+                            .phase
+                            .job()
+                            .is_some_and(|j| j.target == self.booted),
+                        "booted slot {} on a trial no job owns ({:?})",
+                        self.booted,
+                        self.disk.update.phase
+                    );
+                }
+                Ok(())
+            }
+
             fn check(&mut self) -> Result<(), TestCaseError> {
                 for o in &self.disk.outbox {
                     // `downloaded` closes only a DOWNLOAD_ONLY action on the server; a
@@ -3551,7 +3575,7 @@ mod tests {
         proptest! {
             #![proptest_config(ProptestConfig::with_cases(3000))]
             #[test]
-            fn invariants_hold(events in proptest::collection::vec((ev(), proptest::option::weighted(0.2, 0u8..6)), 1..40)) {
+            fn invariants_hold(events in proptest::collection::vec((ev(), proptest::option::weighted(0.2, 0u8..12)), 1..40)) {
                 let mut m = Model::new();
                 for (e, cut) in events {
                     let answer = match e {
@@ -3616,6 +3640,7 @@ mod tests {
                             if !m.trial && m.next == m.booted && m.bootable(other) {
                                 m.next = other;
                                 m.trial = true;
+                                m.foreign = true;
                             }
                             continue;
                         }
@@ -3644,13 +3669,31 @@ mod tests {
                         prop_assert!(m.bootable(m.booted), "booted an unverified slot {}", m.booted);
                     }
                     m.awaiting = None;
-                    let mut cut = cut;
+                    if matches!(event, Event::Started { .. }) {
+                        m.no_orphaned_trial()?;
+                    }
+                    // A cut of 6 or more is a driver error there instead of a power cut: the
+                    // action fails, the rest is skipped, the next cycle starts from the state
+                    // file without a restart (a failed start is tried again first).
+                    let abort = cut.is_some_and(|c| c >= 6);
+                    let mut cut = cut.map(|c| c % 6);
+                    let starting = matches!(event, Event::Started { .. });
                     if !m.run(event, &mut cut)? {
-                        // Power cut: the memory is gone, U-Boot boots from the env as it is.
-                        let started = m.power_on(false);
-                        prop_assert!(m.bootable(m.booted), "booted an unverified slot {} after a cut", m.booted);
-                        let mut no_cut = None;
-                        m.run(started, &mut no_cut)?;
+                        if abort {
+                            m.s = m.disk.clone();
+                            m.awaiting = None;
+                            if starting {
+                                let again = Event::Started { booted: m.booted, next: m.next };
+                                m.run(again, &mut None)?;
+                            }
+                        } else {
+                            // Power cut: the memory is gone, U-Boot boots from the env as it is.
+                            let started = m.power_on(false);
+                            prop_assert!(m.bootable(m.booted), "booted an unverified slot {} after a cut", m.booted);
+                            m.no_orphaned_trial()?;
+                            let mut no_cut = None;
+                            m.run(started, &mut no_cut)?;
+                        }
                     }
                     m.check()?;
                     // Delivery happens at some point; model it as immediate half of the time.
