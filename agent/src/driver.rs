@@ -343,7 +343,7 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
         let rebooting = if let Some(link) = &poll.cancel {
             match self.client.cancel_request(link).await {
                 Ok(request) => {
-                    info!(action_id = %request.action_id, "server asks to cancel");
+                    info!(action_id = %request.stop_id, cancel_id = %request.action_id, "server asks to cancel");
                     self.apply(Event::Cancel {
                         link: link.clone(),
                         request,
@@ -864,11 +864,9 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
 /// Polls once: the server's cancel request for `action_id`, if it has one.
 async fn cancel_of(client: &mut DdiClient, action_id: &str) -> Option<(Link, CancelRequest)> {
     let link = client.poll().await.ok()?.cancel?;
-    if link.action_id().as_deref() != Some(action_id) {
-        return None;
-    }
+    // The action a cancel stops is its `stopId`, not necessarily the cancel's own id.
     let request = client.cancel_request(&link).await.ok()?;
-    Some((link, request))
+    (request.stop_id == action_id).then_some((link, request))
 }
 
 /// Logs what changed in the update's state: its phase, or the action waiting for consent.

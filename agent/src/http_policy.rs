@@ -66,7 +66,8 @@ fn parse_http_date(v: &str) -> Option<u64> {
     .iter()
     .position(|m| *m == parts[2])? as u64
         + 1;
-    let year: i64 = parts[3].parse().ok()?;
+    // An HTTP-date's year has four digits; anything else is garbage (and would overflow below).
+    let year: i64 = parts[3].parse().ok().filter(|y| (0..=9999).contains(y))?;
     let hms: Vec<u64> = parts[4]
         .split(':')
         .map(|p| p.parse().ok())
@@ -184,6 +185,20 @@ mod tests {
         ));
         assert!(!is_transient_answer(403, b"forbidden"));
         assert!(!is_transient_status(403));
+    }
+
+    /// Review: a server's Retry-After with an absurd year must be ignored, not overflow the
+    /// date arithmetic (a panic in builds with overflow checks, a wrapped wait otherwise).
+    #[test]
+    fn retry_after_with_an_absurd_year_is_ignored() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        for value in [
+            "Mon, 01 Jan 9223372036854775807 00:00:00 GMT",
+            "Mon, 01 Feb -9223372036854775808 00:00:00 GMT",
+            "Mon, 01 Jan 100000000000000 00:00:00 GMT",
+        ] {
+            assert_eq!(parse_retry_after(value, now), None, "{value}");
+        }
     }
 
     #[test]

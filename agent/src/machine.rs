@@ -945,8 +945,12 @@ fn started(params: &Params, s: &mut State, actions: &mut Vec<Action>, booted: Sl
         }
         Phase::Installing(_) => actions.push(Action::KeepBootedGood),
         Phase::Installed(job) if job.activations == 0 => {
-            // Waiting for the maintenance window; the next poll decides. Should someone have
-            // booted the waiting slot by hand, that trial is not ours to confirm.
+            // Waiting for the maintenance window; the next poll decides. Nothing of ours is on
+            // trial, so the running slot is kept bootable; but should someone have booted the
+            // waiting slot by hand, that trial is not ours to confirm.
+            if booted != job.target {
+                actions.push(Action::KeepBootedGood);
+            }
         }
         Phase::Installed(job) if booted == job.target => {
             // Power cut between the activating save and persisting it: the new slot runs on
@@ -1192,6 +1196,17 @@ fn on_deployment(
             // A new slot is already activated; its confirmation comes first.
             reboot_if_pending(job, boot, actions);
             return;
+        }
+        if let Phase::Installed(job) = &s.update.phase {
+            if job.activations > 0 && boot.next == job.target && boot.booted != job.target {
+                // Its activating save took effect though `awaiting_reboot` was not recorded:
+                // the slot is set to boot, so its confirmation comes first, as above.
+                let job = job.clone();
+                s.update.phase = Phase::AwaitingReboot(job.clone());
+                actions.push(Action::Persist);
+                reboot_if_pending(&job, boot, actions);
+                return;
+            }
         }
         // Replaced without a cancel (auto-close on the server): the old one is dropped.
         let old = job.clone();
@@ -1531,7 +1546,9 @@ fn on_health(s: &mut State, actions: &mut Vec<Action>, result: Result<(), String
 }
 
 fn on_cancel(s: &mut State, actions: &mut Vec<Action>, link: Link, req: CancelRequest) {
+    // The cancel action's own id names its feedback; `stopId` names the action it stops.
     let id = req.action_id.clone();
+    let stop = req.stop_id.clone();
     if s.outbox
         .iter()
         .any(|o| o.channel == Channel::Cancel && o.feedback.action_id == id)
@@ -1540,7 +1557,7 @@ fn on_cancel(s: &mut State, actions: &mut Vec<Action>, link: Link, req: CancelRe
         return;
     }
     match s.update.phase.clone() {
-        Phase::Installing(job) | Phase::Installed(job) if job.action_id == id => {
+        Phase::Installing(job) | Phase::Installed(job) if job.action_id == stop => {
             let message = format!(
                 "canceled before activation; slot {} left marked bad",
                 job.target
@@ -1550,14 +1567,14 @@ fn on_cancel(s: &mut State, actions: &mut Vec<Action>, link: Link, req: CancelRe
                 &link.href,
                 Feedback::new(&id, Execution::Closed, Finished::Success).detail(message.clone()),
             );
-            s.finish(&id, ResultKind::Canceled, message);
+            s.finish(&stop, ResultKind::Canceled, message);
             actions.extend([
                 Action::MarkBad(job.target),
                 Action::Persist,
                 Action::DeliverOutbox,
             ]);
         }
-        Phase::AwaitingReboot(job) if job.action_id == id => {
+        Phase::AwaitingReboot(job) if job.action_id == stop => {
             s.outbox.queue(
                 Channel::Cancel,
                 &link.href,
@@ -1576,13 +1593,13 @@ fn on_cancel(s: &mut State, actions: &mut Vec<Action>, link: Link, req: CancelRe
                 Feedback::new(&id, Execution::Closed, Finished::Success)
                     .detail("nothing in progress for this action; canceled"),
             );
-            if s.update.phase.job().is_none() && !s.finished_locally_result(&id) {
+            if s.update.phase.job().is_none() && !s.finished_locally_result(&stop) {
                 s.update.last_result = Some(LastResult {
-                    action_id: id.clone(),
+                    action_id: stop.clone(),
                     result: ResultKind::Canceled,
                     // A downloaded image stays kept for a later action of its artifact.
                     message: match &s.update.downloaded {
-                        Some(d) if d.action_id == id => format!(
+                        Some(d) if d.action_id == stop => format!(
                             "canceled after its download; the image stays in slot {}",
                             d.slot
                         ),
@@ -3063,6 +3080,88 @@ mod tests {
         assert_eq!(back, s);
     }
 
+    /// Review: the activating save of action 7 took effect (B is set to boot) but persisting
+    /// `awaiting_reboot` failed, so the next cycle reloads `installed` with the activation
+    /// counted. The server meanwhile replaced 7 by 8. The agent must not reboot into B while
+    /// forgetting B's trial: after the reboot nothing would health-check or confirm B (under
+    /// `bootcount` every later action waits for ever on the foreign trial; under `rauc` the
+    /// unchecked slot is kept good as a slot booted by hand).
+    #[test]
+    fn a_replaced_action_whose_activation_took_effect_is_not_forgotten_before_the_reboot() {
+        let installed = cut_during_activation();
+        let (s, a) = offer_with(
+            installed,
+            deployment("8", Handling::Forced, None),
+            Slot::A,
+            Slot::B,
+            false,
+        );
+        if a.contains(&Action::Reboot) {
+            assert!(
+                matches!(&s.update.phase, Phase::AwaitingReboot(j) if j.target == Slot::B),
+                "rebooting into slot B's trial with phase {:?} ({:?})",
+                s.update.phase,
+                kinds(&a)
+            );
+        }
+        // After that reboot B runs on trial: it is health-checked, never left unconfirmed.
+        let (_, a) = ev(
+            s,
+            Event::Started {
+                booted: Slot::B,
+                next: Slot::B,
+            },
+        );
+        assert_eq!(a, [Action::RunHealthChecks]);
+    }
+
+    /// Review: under `rauc` the boot script decrements the running slot's counter at every
+    /// boot; the contract keeps it refreshed "at every start with nothing of the agent's on
+    /// trial". A slot written for a maintenance window and not activated is not on trial, yet
+    /// starts while waiting for the window never refresh the running slot.
+    #[test]
+    fn starts_while_waiting_for_a_window_keep_the_running_slot_bootable() {
+        let s = waiting_for_window("9");
+        let (_, a) = ev(
+            s,
+            Event::Started {
+                booted: Slot::A,
+                next: Slot::A,
+            },
+        );
+        assert_eq!(a, [Action::KeepBootedGood]);
+    }
+
+    /// Review: DDI's cancelAction names the action to stop in `cancelAction.stopId` ("typically
+    /// identical to the id field on the cancel action itself", not necessarily;
+    /// rauc-hawkbit-updater and SWUpdate act on `stopId`). A cancel action 12 that stops action
+    /// 7 must stop the install of 7, not answer "nothing in progress" and go on to activate it.
+    #[test]
+    fn a_cancel_stops_the_action_its_stop_id_names() {
+        let (installing, _) = offer(
+            State::default(),
+            deployment("7", Handling::Forced, None),
+            Slot::A,
+        );
+        let (s, a) = ev(
+            installing,
+            Event::Cancel {
+                link: clink("12"),
+                request: CancelRequest {
+                    action_id: "12".into(),
+                    stop_id: "7".into(),
+                },
+            },
+        );
+        assert_eq!(kinds(&a), ["mark_bad", "persist", "deliver"]);
+        assert_eq!(s.update.phase, Phase::Idle);
+        assert_eq!(
+            only_outbox(&s),
+            [(Channel::Cancel, Execution::Closed, Finished::Success)]
+        );
+        assert_eq!(s.outbox[0].link, clink("12").href);
+    }
+
     mod random_sequences {
         //! Random event sequences against invariants that must hold in every reachable state,
         //! with power cuts between any two actions: the driver executes actions in order, so a
@@ -3170,6 +3269,8 @@ mod tests {
             seen_seq: BTreeSet<u64>,
             /// The last local result checked.
             last_local_seen: Option<LocalResult>,
+            /// The trial on is someone else's (`ddi-bootctl set-next`), not the agent's.
+            foreign: bool,
         }
 
         impl Model {
@@ -3189,6 +3290,7 @@ mod tests {
                     closing: HashMap::new(),
                     seen_seq: BTreeSet::new(),
                     last_local_seen: None,
+                    foreign: false,
                 }
             }
 
@@ -3377,6 +3479,27 @@ mod tests {
                 Ok(true)
             }
 
+            /// After a power-on into a trial the agent started, the state on disk still has
+            /// the job of that slot: otherwise nothing health-checks, confirms or reports it.
+            fn no_orphaned_trial(&mut self) -> Result<(), TestCaseError> {
+                if !self.trial {
+                    self.foreign = false;
+                }
+                if self.trial && !self.foreign && self.booted == self.next {
+                    prop_assert!(
+                        self.disk
+                            .update
+                            .phase
+                            .job()
+                            .is_some_and(|j| j.target == self.booted),
+                        "booted slot {} on a trial no job owns ({:?})",
+                        self.booted,
+                        self.disk.update.phase
+                    );
+                }
+                Ok(())
+            }
+
             fn check(&mut self) -> Result<(), TestCaseError> {
                 for o in &self.disk.outbox {
                     // `downloaded` closes only a DOWNLOAD_ONLY action on the server; a
@@ -3452,7 +3575,7 @@ mod tests {
         proptest! {
             #![proptest_config(ProptestConfig::with_cases(3000))]
             #[test]
-            fn invariants_hold(events in proptest::collection::vec((ev(), proptest::option::weighted(0.2, 0u8..6)), 1..40)) {
+            fn invariants_hold(events in proptest::collection::vec((ev(), proptest::option::weighted(0.2, 0u8..12)), 1..40)) {
                 let mut m = Model::new();
                 for (e, cut) in events {
                     let answer = match e {
@@ -3517,6 +3640,7 @@ mod tests {
                             if !m.trial && m.next == m.booted && m.bootable(other) {
                                 m.next = other;
                                 m.trial = true;
+                                m.foreign = true;
                             }
                             continue;
                         }
@@ -3545,13 +3669,31 @@ mod tests {
                         prop_assert!(m.bootable(m.booted), "booted an unverified slot {}", m.booted);
                     }
                     m.awaiting = None;
-                    let mut cut = cut;
+                    if matches!(event, Event::Started { .. }) {
+                        m.no_orphaned_trial()?;
+                    }
+                    // A cut of 6 or more is a driver error there instead of a power cut: the
+                    // action fails, the rest is skipped, the next cycle starts from the state
+                    // file without a restart (a failed start is tried again first).
+                    let abort = cut.is_some_and(|c| c >= 6);
+                    let mut cut = cut.map(|c| c % 6);
+                    let starting = matches!(event, Event::Started { .. });
                     if !m.run(event, &mut cut)? {
-                        // Power cut: the memory is gone, U-Boot boots from the env as it is.
-                        let started = m.power_on(false);
-                        prop_assert!(m.bootable(m.booted), "booted an unverified slot {} after a cut", m.booted);
-                        let mut no_cut = None;
-                        m.run(started, &mut no_cut)?;
+                        if abort {
+                            m.s = m.disk.clone();
+                            m.awaiting = None;
+                            if starting {
+                                let again = Event::Started { booted: m.booted, next: m.next };
+                                m.run(again, &mut None)?;
+                            }
+                        } else {
+                            // Power cut: the memory is gone, U-Boot boots from the env as it is.
+                            let started = m.power_on(false);
+                            prop_assert!(m.bootable(m.booted), "booted an unverified slot {} after a cut", m.booted);
+                            m.no_orphaned_trial()?;
+                            let mut no_cut = None;
+                            m.run(started, &mut no_cut)?;
+                        }
                     }
                     m.check()?;
                     // Delivery happens at some point; model it as immediate half of the time.

@@ -33,12 +33,16 @@ pub mod exit {
 /// a few milliseconds) must not make a device poll in a tight loop.
 pub const MIN_POLL_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Longest wait between two polls of `run`: one broken answer must not silence a device for
+/// longer (hawkBit's own maximum polling time defaults to a day).
+pub const MAX_POLL_INTERVAL: Duration = Duration::from_secs(7 * 86_400);
+
 /// The wait before the next poll: the server's `sleep`, but never less than
-/// [`MIN_POLL_INTERVAL`]; held at the floor, up to half of it again is added (`jitter` in
-/// 0.0..=1.0) so that a fleet told to poll at once spreads out.
+/// [`MIN_POLL_INTERVAL`] nor more than [`MAX_POLL_INTERVAL`]; held at the floor, up to half of
+/// it again is added (`jitter` in 0.0..=1.0) so that a fleet told to poll at once spreads out.
 pub fn poll_interval(server_sleep: Duration, jitter: f64) -> Duration {
     if server_sleep >= MIN_POLL_INTERVAL {
-        return server_sleep;
+        return server_sleep.min(MAX_POLL_INTERVAL);
     }
     MIN_POLL_INTERVAL + MIN_POLL_INTERVAL.mul_f64(0.5 * jitter.clamp(0.0, 1.0))
 }
@@ -797,6 +801,18 @@ mod poll_interval_tests {
             let d = Duration::from_secs(secs);
             assert_eq!(poll_interval(d, 0.0), d);
             assert_eq!(poll_interval(d, 1.0), d);
+        }
+    }
+
+    /// Review: an ISO-8601 `sleep` parses up to 10^9 s (`PT277777H`, 31 years). One such
+    /// answer from a broken or hostile server must not silence the device until its next
+    /// reboot, long after the server is fixed.
+    #[test]
+    fn a_huge_sleep_is_capped() {
+        let huge = crate::ddi::parse_sleep("PT277777H").unwrap();
+        for jitter in [0.0, 0.5, 1.0] {
+            let wait = poll_interval(huge, jitter);
+            assert!(wait <= Duration::from_secs(7 * 86_400), "{wait:?}");
         }
     }
 

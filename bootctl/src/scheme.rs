@@ -46,6 +46,9 @@ pub enum SchemeError {
     /// The integrator's `bootlimit` would leave the trial without a fallback.
     #[error("bootlimit={value} is above {max}, the largest limit the boot script enforces")]
     BootlimitTooHigh { value: String, max: u32 },
+    /// `bootlimit=0` turns the fallback off: a trial under it would have none.
+    #[error("bootlimit=0 turns the boot script's fallback off; a trial boot needs one")]
+    FallbackDisabled,
 }
 
 /// One A/B scheme: pure reads and transitions over the environment.
@@ -193,6 +196,9 @@ impl Scheme for Bootcount {
             // The integrator's limit is kept, but one the boot script cannot enforce would
             // leave the trial without a fallback.
             let value = strict_decimal(bootcount_vars::BOOTLIMIT, limit)?;
+            if value == 0 {
+                return Err(SchemeError::FallbackDisabled);
+            }
             if value > u64::from(crate::boot_script::MAX_BOOTLIMIT) {
                 return Err(SchemeError::BootlimitTooHigh {
                     value: limit.to_string(),

@@ -472,3 +472,14 @@ fn every_change_set_is_valid_for_the_codec() {
         }
     }
 }
+
+/// Review: `bootlimit=0` turns the boot script's fallback off, so a trial activated under it
+/// has no way back: an image that does not come up hangs or reboot-loops in the new slot for
+/// ever. A limit above 99 is refused at activation for exactly that reason; 0 must be too.
+#[test]
+fn bootcount_activate_refuses_a_bootlimit_that_turns_the_fallback_off() {
+    let s = Bootcount::new(3);
+    let base = env(&[("bootlimit", "0")]);
+    let result = s.activate(&base, Slot::B);
+    assert!(result.is_err(), "activated with no fallback: {result:?}");
+}
