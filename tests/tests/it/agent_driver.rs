@@ -914,6 +914,41 @@ async fn a_later_action_of_a_downloaded_artifact_is_read_back_not_downloaded() {
     assert!(s.server.action(fourth).unwrap().active);
 }
 
+/// A download-only action keeps a plain image while the device has no signature policy; then
+/// the device gets one (`require_signature`, a vendor key) and the same artifact comes as a
+/// forced update. The kept image was never checked under this policy (the read-back only
+/// proves the bytes are still the ones downloaded), so it must not be activated: downloaded
+/// again, it is refused. The same holds for a revoked key or another `compatible`.
+#[tokio::test]
+async fn a_downloaded_image_is_not_activated_under_another_signature_policy() {
+    let s = Setup::new(ServerOptions::default());
+    let image: Vec<u8> = (0..64 * 1024).map(|i| (i * 13 % 251) as u8).collect();
+    s.deploy_image_as("2.0", image.clone(), &Assignment::download_only());
+    let mut d = s.real_driver(Slot::A, 128 * 1024);
+    assert!(!d.cycle().await.unwrap().rebooting);
+    assert_eq!(s.log.take(), ["mark_bad B", "install slot-b"]);
+
+    let vendor = ddi_bundle::generate_keypair().unwrap();
+    let key = s.dir.path().join("vendor.pub");
+    std::fs::write(&key, vendor.public_key().to_text()).unwrap();
+    let signed_only = format!(
+        "[bundle]\ntrusted_keys = [{:?}]\nrequire_signature = true\n",
+        key.to_str().unwrap()
+    );
+    let second = s.deploy_image_as("2.0-rollout", image, &Assignment::forced());
+    let installer = RealInstaller(s.log.clone());
+    let cfg = s.config(&signed_only);
+    let mut d = s.driver_with(cfg, (Slot::A, Slot::A), installer, Ok(()), false);
+    d.startup().await.unwrap();
+    let report = d.cycle().await.unwrap();
+    let log = s.log.take();
+    assert!(
+        !report.rebooting && !log.iter().any(|l| l.starts_with("activate")),
+        "an unsigned image activated under require_signature: {log:?}"
+    );
+    assert_eq!(s.server.action(second).unwrap().status, ActionStatus::Error);
+}
+
 /// A forced action with a maintenance schedule, outside its window, is `update: skip`: the
 /// image is downloaded now (`downloaded` reported, the action stays open), and when the window
 /// opens the same action activates it without a second download.
