@@ -18,7 +18,7 @@ use crate::ddi::{
     CancelRequest, DdiClient, DdiError, Execution, Feedback, Finished, Link, PollReply,
 };
 use crate::feedback_budget::{ProgressBudget, Stage};
-use crate::install::{ExpectedHash, InstallRequest, Progress};
+use crate::install::{BundlePolicy, ExpectedHash, InstallRequest, Progress};
 use bootctl::Slot;
 
 use crate::local_install::Source;
@@ -998,6 +998,7 @@ impl Installer for Pipeline {
             .map(|i| SlotImage {
                 bytes: i.bytes_written,
                 sha256: i.sha256_of_slot_image,
+                policy: BundlePolicy::fingerprint(req.bundle.as_ref()),
             })
             .map_err(install_failure)
     }
@@ -1007,6 +1008,12 @@ impl Installer for Pipeline {
         req: &InstallRequest,
         image: &SlotImage,
     ) -> Result<SlotImage, InstallFailure> {
+        if image.policy != BundlePolicy::fingerprint(req.bundle.as_ref()) {
+            return Err(InstallFailure {
+                message: "the image was checked under another [bundle] policy".into(),
+                retryable: false,
+            });
+        }
         let req = req.clone();
         let image = image.clone();
         tokio::task::spawn_blocking(move || {

@@ -112,6 +112,7 @@ impl Installer for FakeInstaller {
             None => Ok(SlotImage {
                 bytes: req.size.unwrap_or(0),
                 sha256: req.expected.sha256.clone().unwrap_or_default(),
+                policy: 0,
             }),
         }
     }
