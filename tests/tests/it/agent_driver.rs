@@ -936,10 +936,13 @@ async fn a_downloaded_image_is_not_activated_under_another_signature_policy() {
         "[bundle]\ntrusted_keys = [{:?}]\nrequire_signature = true\n",
         key.to_str().unwrap()
     );
-    let second = s.deploy_image_as("2.0-rollout", image, &Assignment::forced());
-    let installer = RealInstaller(s.log.clone());
-    let cfg = s.config(&signed_only);
-    let mut d = s.driver_with(cfg, (Slot::A, Slot::A), installer, Ok(()), false);
+    let signed_driver = || {
+        let installer = RealInstaller(s.log.clone());
+        let cfg = s.config(&signed_only);
+        s.driver_with(cfg, (Slot::A, Slot::A), installer, Ok(()), false)
+    };
+    let second = s.deploy_image_as("2.0-rollout", image.clone(), &Assignment::forced());
+    let mut d = signed_driver();
     d.startup().await.unwrap();
     let report = d.cycle().await.unwrap();
     let log = s.log.take();
@@ -948,6 +951,20 @@ async fn a_downloaded_image_is_not_activated_under_another_signature_policy() {
         "an unsigned image activated under require_signature: {log:?}"
     );
     assert_eq!(s.server.action(second).unwrap().status, ActionStatus::Error);
+
+    // A signed bundle kept under this very policy is read back, not downloaded again.
+    let bundle = ddi_tests::signing::signed_bundle(s.dir.path(), "os.raw", &image, "x", &vendor);
+    s.deploy_image_as("3.0", bundle.clone(), &Assignment::download_only());
+    let mut d = signed_driver();
+    assert!(!d.cycle().await.unwrap().rebooting);
+    assert_eq!(s.log.take(), ["mark_bad B", "install slot-b"]);
+    s.deploy_image_as("3.0-rollout", bundle, &Assignment::forced());
+    let mut d = signed_driver();
+    assert!(d.cycle().await.unwrap().rebooting);
+    assert_eq!(
+        s.log.take(),
+        ["mark_bad B", "verify slot-b ok", "activate B", "reboot"]
+    );
 }
 
 /// A forced action with a maintenance schedule, outside its window, is `update: skip`: the
