@@ -509,6 +509,32 @@ async fn token_goes_to_other_hosts_only_when_configured() {
     assert!(req.auth_header.is_some());
 }
 
+/// `send_token_to_other_hosts` is for the links the server's JSON names (a CDN it points to),
+/// not for a URL typed into `ddi-agent install`: that gets the token only on the server's own
+/// origin, as `install --check` does (docs/interface.md).
+#[tokio::test]
+async fn a_local_install_url_on_another_host_never_gets_the_token() {
+    let s = Setup::new(ServerOptions::default());
+    let cfg = s.config("send_token_to_other_hosts = true\n");
+    let mut d = s.driver(cfg, Slot::A, Slot::A, Ok(()), None, false);
+    let origin = ddi_agent::machine::LocalOrigin {
+        source: "https://mirror.invalid/update.ddib".into(),
+        started_at: 1,
+    };
+    d.local_install(origin, false).await.unwrap();
+    let req = s
+        .requests
+        .lock()
+        .unwrap()
+        .pop()
+        .expect("the local install ran");
+    assert_eq!(req.url, "https://mirror.invalid/update.ddib");
+    assert_eq!(
+        req.auth_header, None,
+        "the device's token went to another host"
+    );
+}
+
 #[tokio::test]
 async fn failed_health_check_marks_bad_and_reboots_back() {
     let s = Setup::new(ServerOptions::default());
