@@ -746,7 +746,10 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
             .as_ref()
             .map(|l| l.href.clone())
             .unwrap_or_default();
-        let auth_header = self.client.auth_header_for(&url);
+        // `send_token_to_other_hosts` is for the server's links, not a URL typed for a local job.
+        let auth_header = self.client.auth_header_for(&url).filter(|_| {
+            !job.is_local() || crate::ddi::client::same_origin(&self.cfg.server.url, &url)
+        });
         InstallRequest {
             url,
             auth_header,
