@@ -18,7 +18,7 @@ use crate::ddi::{
     CancelRequest, DdiClient, DdiError, Execution, Feedback, Finished, Link, PollReply,
 };
 use crate::feedback_budget::{ProgressBudget, Stage};
-use crate::install::{ExpectedHash, InstallRequest, Progress};
+use crate::install::{BundlePolicy, ExpectedHash, InstallRequest, Progress};
 use bootctl::Slot;
 
 use crate::local_install::Source;
@@ -746,7 +746,10 @@ impl<B: Bootloader, I: Installer, H: HealthChecker, R: Rebooter> Driver<B, I, H,
             .as_ref()
             .map(|l| l.href.clone())
             .unwrap_or_default();
-        let auth_header = self.client.auth_header_for(&url);
+        // `send_token_to_other_hosts` is for the server's links, not a URL typed for a local job.
+        let auth_header = self.client.auth_header_for(&url).filter(|_| {
+            !job.is_local() || crate::ddi::client::same_origin(&self.cfg.server.url, &url)
+        });
         InstallRequest {
             url,
             auth_header,
@@ -998,6 +1001,7 @@ impl Installer for Pipeline {
             .map(|i| SlotImage {
                 bytes: i.bytes_written,
                 sha256: i.sha256_of_slot_image,
+                policy: BundlePolicy::fingerprint(req.bundle.as_ref()),
             })
             .map_err(install_failure)
     }
@@ -1007,6 +1011,12 @@ impl Installer for Pipeline {
         req: &InstallRequest,
         image: &SlotImage,
     ) -> Result<SlotImage, InstallFailure> {
+        if image.policy != BundlePolicy::fingerprint(req.bundle.as_ref()) {
+            return Err(InstallFailure {
+                message: "the image was checked under another [bundle] policy".into(),
+                retryable: false,
+            });
+        }
         let req = req.clone();
         let image = image.clone();
         tokio::task::spawn_blocking(move || {

@@ -88,6 +88,9 @@ impl Job {
 pub struct SlotImage {
     pub bytes: u64,
     pub sha256: String,
+    /// The signature policy it was checked under ([`crate::install::BundlePolicy::fingerprint`]):
+    /// a kept image is activated only under the same policy, else downloaded and checked again.
+    pub policy: u64,
 }
 
 /// The image a download-only action (`update: skip`) left in the slot that is not booted. A
@@ -1682,6 +1685,7 @@ mod tests {
 
     fn image() -> SlotImage {
         SlotImage {
+            policy: 0,
             bytes: 1024,
             sha256: "cd".repeat(32),
         }

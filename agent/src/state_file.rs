@@ -178,6 +178,9 @@ struct DownloadedFile {
 struct SlotImageFile {
     bytes: u64,
     sha256: String,
+    /// Added later; absent: no policy (an older agent's image is not reused under one).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    policy: u64,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -212,8 +215,8 @@ struct JobFile {
     download_runs: u32,
 }
 
-fn is_zero(n: &u32) -> bool {
-    *n == 0
+fn is_zero<T: Default + PartialEq>(n: &T) -> bool {
+    *n == T::default()
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -485,6 +488,7 @@ impl From<&SlotImage> for SlotImageFile {
         SlotImageFile {
             bytes: i.bytes,
             sha256: i.sha256.clone(),
+            policy: i.policy,
         }
     }
 }
@@ -494,6 +498,7 @@ impl From<SlotImageFile> for SlotImage {
         SlotImage {
             bytes: i.bytes,
             sha256: i.sha256,
+            policy: i.policy,
         }
     }
 }
@@ -676,6 +681,7 @@ mod tests {
         let image = SlotImage {
             bytes: 4096,
             sha256: "cd".repeat(32),
+            policy: 7,
         };
         let Phase::Installing(job) = fixture.update().phase() else {
             panic!("fixture not installing")

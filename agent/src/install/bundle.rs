@@ -15,7 +15,7 @@ use ddi_bundle::{looks_like_bundle, BundleError, BundleReader, ChunkIndex, Polic
 use super::InstallError;
 
 /// The signature policy: the `[bundle]` table of the configuration, read straight into this.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BundlePolicy {
     /// Public keys accepted for bundle signatures.
@@ -33,6 +33,22 @@ impl BundlePolicy {
     /// and no signature is required.
     pub fn for_install(&self) -> Option<BundlePolicy> {
         (self.require_signature || !self.trusted_keys.is_empty()).then(|| self.clone())
+    }
+
+    /// What `policy` accepts (its settings and the keys' contents), hashed; 0 for none: an
+    /// image checked under one policy is activated later only under the same. Not stable
+    /// across agent builds, which only costs a kept image its second download.
+    pub fn fingerprint(policy: Option<&BundlePolicy>) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let Some(p) = policy else { return 0 };
+        let keys: Vec<_> = p
+            .trusted_keys
+            .iter()
+            .map(|k| std::fs::read(k).ok())
+            .collect();
+        let mut h = std::hash::DefaultHasher::new();
+        (p, keys).hash(&mut h);
+        h.finish() | 1
     }
 
     /// The bundle reader's policy: the trusted keys loaded, images larger than

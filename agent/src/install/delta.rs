@@ -81,7 +81,7 @@ pub enum Probe {
 
 /// Read the head of the artifact with Range requests and verify it: a chunked bundle signed by
 /// a trusted key whose signed `version` is `announced` (the software module's version the
-/// server gave for the artifact) installs as a delta.
+/// server gave for the artifact) installs as a delta, on a device that sets `compatible`.
 ///
 /// The version binds what the download host serves to what the server deployed: a delta
 /// install never sees the whole artifact, so the server's hash of it cannot be checked, and
@@ -113,6 +113,10 @@ async fn probe_inner(
     }
     if announced.is_empty() {
         return Err("the server gives no version for the artifact's software module".into());
+    }
+    // The version names a release, not the board: another board's bundle of it must not pass.
+    if policy.compatible.is_none() {
+        return Err("no [bundle] compatible to bind the bundle to this board".into());
     }
     let size = spec.size.ok_or("the server gives no artifact size")?;
     let counters = Counters::new(0, None);

@@ -2620,13 +2620,25 @@ fn chunked_bundle_signed_by(
     key: &ddi_bundle::SecretKey,
     dir: &Path,
 ) -> Vec<u8> {
+    chunked_bundle_for("acme-gw", image, version, format, key, dir)
+}
+
+/// [`chunked_bundle_signed_by`] for the board `compatible`.
+fn chunked_bundle_for(
+    compatible: &str,
+    image: &[u8],
+    version: &str,
+    format: u32,
+    key: &ddi_bundle::SecretKey,
+    dir: &Path,
+) -> Vec<u8> {
     let path = dir.join("rootfs.ext4");
     std::fs::write(&path, image).unwrap();
     let mut bundle = Vec::new();
     ddi_bundle::create_chunked_bundle(
         &path,
         &ddi_bundle::CreateOptions {
-            compatible: "acme-gw".into(),
+            compatible: compatible.into(),
             version: version.into(),
             image_name: None,
             compression: None,
@@ -3044,6 +3056,25 @@ async fn a_delta_install_checks_the_read_back_against_the_signed_image_hash() {
     );
 }
 
+/// Installs `deployed` (version "2") as the server announces it, under `policy`, while the
+/// download host serves `served` zero-padded to its size: the result, the slot's bytes and the
+/// server.
+async fn install_served_in_place_of(
+    deployed: &[u8],
+    mut served: Vec<u8>,
+    policy: BundlePolicy,
+) -> (Result<Installed, InstallError>, Vec<u8>, ArtifactServer) {
+    assert!(served.len() < deployed.len());
+    served.resize(deployed.len(), 0);
+    let server = ArtifactServer::start(served);
+    let fx = Fixture::new(512 << 10);
+    let mut req = fx.request(&server.url, deployed);
+    assert_eq!(req.version, "2");
+    req.bundle = Some(policy);
+    let result = run(&req, &fast_options()).await.0;
+    (result, fx.slot_bytes(), server)
+}
+
 /// hawkBit announces the new release's bundle (its sha256, size and version); the download host
 /// serves an older release's chunked bundle, signed by the same trusted key, padded to the
 /// announced size. A delta install would never see the whole artifact, so its hash cannot
@@ -3058,16 +3089,7 @@ async fn a_delta_install_refuses_a_signed_bundle_that_is_not_the_announced_artif
     let new_img = chunky_image(300_000, 71);
     let old = chunked_bundle_signed_by(&old_img, "1", FORMAT_3, &key, keys.path());
     let new = chunked_bundle_signed_by(&new_img, "2", FORMAT_3, &key, keys.path());
-    assert!(old.len() < new.len());
-    let mut served = old.clone();
-    served.resize(new.len(), 0);
-    let server = ArtifactServer::start(served);
-    let fx = Fixture::new(512 << 10);
-    let mut req = fx.request(&server.url, &new);
-    assert_eq!(req.version, "2");
-    req.bundle = Some(policy);
-    let result = run(&req, &fast_options()).await.0;
-    let slot = fx.slot_bytes();
+    let (result, slot, server) = install_served_in_place_of(&new, old, policy).await;
     assert!(
         matches!(result, Err(InstallError::HashMismatch { .. })),
         "installed a bundle other than the announced one: {result:?}; the slot holds the old \
@@ -3077,6 +3099,27 @@ async fn a_delta_install_refuses_a_signed_bundle_that_is_not_the_announced_artif
     // Past the 64 KiB head probe, one request for the whole artifact: no delta was tried.
     let requests = server.requests();
     assert_eq!(requests.last().unwrap().0, None, "{requests:?}");
+}
+
+/// One vendor key signs a release for two boards under the same version ("2"); the device sets
+/// no `compatible`. The download host serves the other board's bundle (padded to the announced
+/// size) in place of the deployed one: a full download refuses it (the artifact's hash), and
+/// so must a delta install, or the signed version binds the release but not the board.
+#[tokio::test]
+async fn a_delta_install_refuses_another_boards_bundle_of_the_same_version() {
+    const FORMAT_3: u32 = ddi_bundle::FORMAT_CHUNKED_CONTEXT;
+    let (_, mut policy, keys, key) = signed_bundle_and_key(b"unused");
+    policy.compatible = None;
+    let ours = chunky_image(300_000, 73);
+    let theirs = chunky_image(240_000, 74);
+    let deployed = chunked_bundle_for("acme-gw", &ours, "2", FORMAT_3, &key, keys.path());
+    let served = chunked_bundle_for("other-board", &theirs, "2", FORMAT_3, &key, keys.path());
+    let (result, slot, _) = install_served_in_place_of(&deployed, served, policy).await;
+    assert!(
+        matches!(result, Err(InstallError::HashMismatch { .. })),
+        "installed another board's bundle: {result:?}; the slot holds it: {}",
+        slot[..theirs.len()] == theirs[..]
+    );
 }
 
 /// A genuine chunked bundle deployed under another version than the one it was signed with

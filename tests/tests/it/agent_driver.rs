@@ -112,6 +112,7 @@ impl Installer for FakeInstaller {
             None => Ok(SlotImage {
                 bytes: req.size.unwrap_or(0),
                 sha256: req.expected.sha256.clone().unwrap_or_default(),
+                policy: 0,
             }),
         }
     }
@@ -506,6 +507,32 @@ async fn token_goes_to_other_hosts_only_when_configured() {
     d.cycle().await.unwrap();
     let req = s.requests.lock().unwrap().pop().unwrap();
     assert!(req.auth_header.is_some());
+}
+
+/// `send_token_to_other_hosts` is for the links the server's JSON names (a CDN it points to),
+/// not for a URL typed into `ddi-agent install`: that gets the token only on the server's own
+/// origin, as `install --check` does (docs/interface.md).
+#[tokio::test]
+async fn a_local_install_url_on_another_host_never_gets_the_token() {
+    let s = Setup::new(ServerOptions::default());
+    let cfg = s.config("send_token_to_other_hosts = true\n");
+    let mut d = s.driver(cfg, Slot::A, Slot::A, Ok(()), None, false);
+    let origin = ddi_agent::machine::LocalOrigin {
+        source: "https://mirror.invalid/update.ddib".into(),
+        started_at: 1,
+    };
+    d.local_install(origin, false).await.unwrap();
+    let req = s
+        .requests
+        .lock()
+        .unwrap()
+        .pop()
+        .expect("the local install ran");
+    assert_eq!(req.url, "https://mirror.invalid/update.ddib");
+    assert_eq!(
+        req.auth_header, None,
+        "the device's token went to another host"
+    );
 }
 
 #[tokio::test]
@@ -912,6 +939,58 @@ async fn a_later_action_of_a_downloaded_artifact_is_read_back_not_downloaded() {
         &third_image[..]
     );
     assert!(s.server.action(fourth).unwrap().active);
+}
+
+/// A download-only action keeps a plain image while the device has no signature policy; then
+/// the device gets one (`require_signature`, a vendor key) and the same artifact comes as a
+/// forced update. The kept image was never checked under this policy (the read-back only
+/// proves the bytes are still the ones downloaded), so it must not be activated: downloaded
+/// again, it is refused. The same holds for a revoked key or another `compatible`.
+#[tokio::test]
+async fn a_downloaded_image_is_not_activated_under_another_signature_policy() {
+    let s = Setup::new(ServerOptions::default());
+    let image: Vec<u8> = (0..64 * 1024).map(|i| (i * 13 % 251) as u8).collect();
+    s.deploy_image_as("2.0", image.clone(), &Assignment::download_only());
+    let mut d = s.real_driver(Slot::A, 128 * 1024);
+    assert!(!d.cycle().await.unwrap().rebooting);
+    assert_eq!(s.log.take(), ["mark_bad B", "install slot-b"]);
+
+    let vendor = ddi_bundle::generate_keypair().unwrap();
+    let key = s.dir.path().join("vendor.pub");
+    std::fs::write(&key, vendor.public_key().to_text()).unwrap();
+    let signed_only = format!(
+        "[bundle]\ntrusted_keys = [{:?}]\nrequire_signature = true\n",
+        key.to_str().unwrap()
+    );
+    let signed_driver = || {
+        let installer = RealInstaller(s.log.clone());
+        let cfg = s.config(&signed_only);
+        s.driver_with(cfg, (Slot::A, Slot::A), installer, Ok(()), false)
+    };
+    let second = s.deploy_image_as("2.0-rollout", image.clone(), &Assignment::forced());
+    let mut d = signed_driver();
+    d.startup().await.unwrap();
+    let report = d.cycle().await.unwrap();
+    let log = s.log.take();
+    assert!(
+        !report.rebooting && !log.iter().any(|l| l.starts_with("activate")),
+        "an unsigned image activated under require_signature: {log:?}"
+    );
+    assert_eq!(s.server.action(second).unwrap().status, ActionStatus::Error);
+
+    // A signed bundle kept under this very policy is read back, not downloaded again.
+    let bundle = ddi_tests::signing::signed_bundle(s.dir.path(), "os.raw", &image, "x", &vendor);
+    s.deploy_image_as("3.0", bundle.clone(), &Assignment::download_only());
+    let mut d = signed_driver();
+    assert!(!d.cycle().await.unwrap().rebooting);
+    assert_eq!(s.log.take(), ["mark_bad B", "install slot-b"]);
+    s.deploy_image_as("3.0-rollout", bundle, &Assignment::forced());
+    let mut d = signed_driver();
+    assert!(d.cycle().await.unwrap().rebooting);
+    assert_eq!(
+        s.log.take(),
+        ["mark_bad B", "verify slot-b ok", "activate B", "reboot"]
+    );
 }
 
 /// A forced action with a maintenance schedule, outside its window, is `update: skip`: the
