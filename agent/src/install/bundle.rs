@@ -15,7 +15,7 @@ use ddi_bundle::{looks_like_bundle, BundleError, BundleReader, ChunkIndex, Polic
 use super::InstallError;
 
 /// The signature policy: the `[bundle]` table of the configuration, read straight into this.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BundlePolicy {
     /// Public keys accepted for bundle signatures.
@@ -36,19 +36,25 @@ impl BundlePolicy {
     }
 
     /// What `policy` accepts (its settings and the keys' contents), hashed; 0 for none: an
-    /// image checked under one policy is activated later only under the same. Not stable
-    /// across agent builds, which only costs a kept image its second download.
+    /// image checked under one policy is activated later only under the same.
     pub fn fingerprint(policy: Option<&BundlePolicy>) -> u64 {
-        use std::hash::{Hash, Hasher};
+        use std::os::unix::ffi::OsStrExt;
         let Some(p) = policy else { return 0 };
-        let keys: Vec<_> = p
-            .trusted_keys
-            .iter()
-            .map(|k| std::fs::read(k).ok())
-            .collect();
-        let mut h = std::hash::DefaultHasher::new();
-        (p, keys).hash(&mut h);
-        h.finish() | 1
+        // The resumable sha256 the pipeline has anyway (a second sha256 API costs binary).
+        let mut hash = super::sha256_state::Sha256State::new();
+        let mut field = |bytes: &[u8]| {
+            hash.update(&(bytes.len() as u64).to_le_bytes());
+            hash.update(bytes);
+        };
+        field(&[u8::from(p.require_signature), u8::from(p.compatible.is_some())]);
+        field(p.compatible.as_deref().unwrap_or_default().as_bytes());
+        for key in &p.trusted_keys {
+            field(key.as_os_str().as_bytes());
+            // A key that cannot be read verifies nothing: as good as an empty one.
+            field(&std::fs::read(key).unwrap_or_default());
+        }
+        let digest = hash.finish();
+        u64::from_le_bytes(digest[..8].try_into().expect("8 bytes")) | 1
     }
 
     /// The bundle reader's policy: the trusted keys loaded, images larger than

@@ -20,7 +20,7 @@ struct Logged {
     /// The Range asked for (`start..end`), if any.
     range: Option<(u64, u64)>,
     arrived: Instant,
-    /// When the last byte the Range asked for went out (none if it never did).
+    /// When the write of the last byte the Range asked for began (none if it never did).
     range_sent: Option<Instant>,
 }
 
@@ -155,11 +155,13 @@ fn serve(conn: usize, stream: TcpStream, body: &[u8], b: &Behaviour, log: &Mutex
             if let Some(cut) = cut {
                 next = next.min(cut);
             }
-            if stream.write_all(&body[at as usize..next as usize]).is_err() {
-                return closed();
-            }
+            // Taken before the write that completes the range: the client cannot have its
+            // last byte (and send its next request) before this instant, whatever the load.
             if at < asked_end && next >= asked_end {
                 log.lock().unwrap().requests[index].range_sent = Some(Instant::now());
+            }
+            if stream.write_all(&body[at as usize..next as usize]).is_err() {
+                return closed();
             }
             at = next;
             if cut == Some(at) {
