@@ -1025,6 +1025,8 @@ compatible = "board-x"
                 "[slots]",
             ),
             (with("[boot]\nattempts = 256"), "boot.attempts", "attempts"),
+            // The bootcount boot script counts to 99: more would fail only at activation.
+            (with("[boot]\nattempts = 100"), "boot.attempts", "attempts"),
             (
                 with("[agent]\nartifact_part = \"\""),
                 "agent.artifact_part",
@@ -1077,6 +1079,16 @@ compatible = "board-x"
             "{MINIMAL}\n[agent]\ncheckpoint_interval = \"128k\"\n"
         ));
         assert!(e.contains("below the minimum"), "{e}");
+    }
+
+    #[test]
+    fn attempts_above_99_only_under_rauc() {
+        let boot = |extra: &str| parse(&format!("{MINIMAL}\n[boot]\n{extra}\n"));
+        assert_eq!(boot("attempts = 99").unwrap().boot.attempts, 99);
+        let rauc = boot("scheme = \"rauc\"\nattempts = 100").unwrap();
+        assert_eq!(rauc.boot.attempts, 100);
+        let e = err_text(&format!("{MINIMAL}\n[boot]\nattempts = 100\n"));
+        assert!(e.contains("boot.attempts") && e.contains("99"), "{e}");
     }
 
     #[test]
