@@ -574,10 +574,19 @@ impl TryFrom<Section<'_, FileBoot>> for BootConfig {
     type Error = Invalid;
 
     fn try_from(Section { table: boot, base }: Section<'_, FileBoot>) -> Result<Self, Invalid> {
+        let scheme = boot.scheme.unwrap_or_default();
+        // What `BootControl::open` accepts, so that it is a config error and not a boot error.
+        let max = match scheme {
+            SchemeKind::Bootcount => bootctl::boot_script::MAX_BOOTLIMIT,
+            SchemeKind::Rauc => 255,
+        };
         let attempts = match boot.attempts {
             None => 3,
-            Some(a) if *a.get_ref() == 0 || *a.get_ref() > 255 => {
-                return Err(invalid(a.span(), "boot.attempts must be between 1 and 255"))
+            Some(a) if *a.get_ref() == 0 || *a.get_ref() > max => {
+                return Err(invalid(
+                    a.span(),
+                    format!("boot.attempts must be between 1 and {max} for scheme {scheme}"),
+                ))
             }
             Some(a) => a.into_inner(),
         };
@@ -592,7 +601,7 @@ impl TryFrom<Section<'_, FileBoot>> for BootConfig {
             Some(c) => c.into_inner(),
         };
         Ok(BootConfig {
-            scheme: boot.scheme.unwrap_or_default(),
+            scheme,
             env_config: resolve(
                 base,
                 boot.env_config.as_deref().unwrap_or("/etc/fw_env.config"),
