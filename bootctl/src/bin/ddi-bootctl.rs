@@ -58,6 +58,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so `ddi-bootctl status | head -1` would panic on the closed
+    // stdout; end quietly as `fw_printenv` and `cat` do.
+    // SAFETY: nothing else runs yet; restoring a signal's default action is always sound.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) if !err.use_stderr() => {
