@@ -326,6 +326,9 @@ fn usage_errors_are_one_line_with_status_2() {
         .unwrap();
     let err = one_line_error(&out);
     assert!(err.contains("grub"), "{err}");
+    // The line names what is missing.
+    let err = one_line_error(&dev.run(&["set-next"]));
+    assert!(err.contains("<SLOT>"), "{err}");
     let err = one_line_error(&dev.run(&["--attempts", "0", "set-next", "B"]));
     assert!(err.contains("at least 1"), "{err}");
     assert_eq!(dev.run(&["--help"]).status.code(), Some(0));
