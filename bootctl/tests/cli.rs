@@ -329,6 +329,13 @@ fn usage_errors_are_one_line_with_status_2() {
     // The line names what is missing.
     let err = one_line_error(&dev.run(&["set-next"]));
     assert!(err.contains("<SLOT>"), "{err}");
+    let err = one_line_error(&dev.run(&[]));
+    assert!(err.contains("subcommand"), "{err}");
+    let bare = Command::new(env!("CARGO_BIN_EXE_ddi-bootctl"))
+        .output()
+        .unwrap();
+    let err = one_line_error(&bare);
+    assert!(err.contains("a command is required"), "{err}");
     let err = one_line_error(&dev.run(&["--attempts", "0", "set-next", "B"]));
     assert!(err.contains("at least 1"), "{err}");
     assert_eq!(dev.run(&["--help"]).status.code(), Some(0));

@@ -70,12 +70,26 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(err) => {
+            // clap's first paragraph, on one line: the message, and the names of missing
+            // arguments that it puts on the lines below it.
             let rendered = err.to_string();
             let first = rendered
-                .lines()
-                .find(|line| !line.trim().is_empty())
-                .unwrap_or("invalid usage");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
+                .trim_start()
+                .split("\n\n")
+                .next()
+                .unwrap_or_default()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
+            let first = first.strip_prefix("error: ").unwrap_or(&first);
+            let first = match err.kind() {
+                // clap shows the whole help for a missing command.
+                clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                    "a command is required (status, booted, set-next, mark-good, mark-bad)"
+                }
+                _ if first.is_empty() => "invalid usage",
+                _ => first,
+            };
             eprintln!("ddi-bootctl: error: {first} (see ddi-bootctl --help)");
             return ExitCode::from(2);
         }
