@@ -446,6 +446,23 @@ fn the_result_lines_name_a_relative_source_as_given() {
     );
 }
 
+/// `ddi-agent status | head -1`: a reader that is gone ends `status` as it ends `cat`
+/// (SIGPIPE), not with a panic on stderr and status 101.
+#[test]
+fn status_into_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    const SIGPIPE: i32 = 13;
+    let rig = Rig::new(false);
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut cmd = rig.device.agent_command();
+    cmd.arg("status").stdout(writer);
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(SIGPIPE), "{:?}", out.status);
+}
+
 #[test]
 fn an_unsigned_image_is_not_installed_when_signatures_are_required() {
     let rig = Rig::new(true);
