@@ -392,6 +392,25 @@ mod tests {
         }
     }
 
+    /// The same device named two ways (the config read by a relative path, so its folder is
+    /// relative, against an absolute line; a symlink) is still one device.
+    #[test]
+    fn overlap_is_found_whatever_the_spelling_of_the_device() {
+        let cwd = std::env::current_dir().unwrap();
+        let text = format!(
+            "uboot.env 0 0x4000\n{} 0x2000 0x4000\n",
+            cwd.join("uboot.env").display()
+        );
+        assert!(FwEnvConfig::parse(&text, Path::new(".")).is_err(), "{text}");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("env.bin"), [0u8; 0x8000]).unwrap();
+        std::os::unix::fs::symlink("env.bin", dir.path().join("link.bin")).unwrap();
+        let text = "env.bin 0 0x4000\nlink.bin 0x2000 0x4000\n";
+        assert!(FwEnvConfig::parse(text, dir.path()).is_err(), "{text}");
+        let text = "env.bin 0 0x4000\nlink.bin 0x4000 0x4000\n";
+        assert!(FwEnvConfig::parse(text, dir.path()).is_ok(), "{text}");
+    }
+
     #[test]
     fn offsets_are_c_style() {
         let one = |off: &str| parse(&format!("f {off} 0x1000\n")).unwrap().copies[0].clone();
