@@ -123,6 +123,12 @@ pub enum ConfigError {
     Overlap { line: usize, device: PathBuf },
 }
 
+/// One device named two ways: the same path once made absolute, or the same file (a symlink).
+fn same_device(a: &Path, b: &Path) -> bool {
+    let key = |p: &Path| std::fs::canonicalize(p).or_else(|_| std::path::absolute(p));
+    a == b || matches!((key(a), key(b)), (Ok(x), Ok(y)) if x == y)
+}
+
 const OFFSET_FORMS: &str = "C-style: 0x hex, leading 0 octal, else decimal";
 const HEX_FORMS: &str = "hexadecimal, with or without 0x";
 
@@ -265,7 +271,7 @@ impl FwEnvConfig {
             if let Some(first) = copies.first() {
                 // Offsets counted from the same end of the same device can be compared here;
                 // one from each end only with the device's size (not known yet).
-                if first.device == location.device
+                if same_device(&first.device, &location.device)
                     && first.from_end == location.from_end
                     && first.offset.abs_diff(location.offset) < env_size
                 {
