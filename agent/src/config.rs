@@ -574,10 +574,19 @@ impl TryFrom<Section<'_, FileBoot>> for BootConfig {
     type Error = Invalid;
 
     fn try_from(Section { table: boot, base }: Section<'_, FileBoot>) -> Result<Self, Invalid> {
+        let scheme = boot.scheme.unwrap_or_default();
+        // What `BootControl::open` accepts, so that it is a config error and not a boot error.
+        let max = match scheme {
+            SchemeKind::Bootcount => bootctl::boot_script::MAX_BOOTLIMIT,
+            SchemeKind::Rauc => 255,
+        };
         let attempts = match boot.attempts {
             None => 3,
-            Some(a) if *a.get_ref() == 0 || *a.get_ref() > 255 => {
-                return Err(invalid(a.span(), "boot.attempts must be between 1 and 255"))
+            Some(a) if *a.get_ref() == 0 || *a.get_ref() > max => {
+                return Err(invalid(
+                    a.span(),
+                    format!("boot.attempts must be between 1 and {max} for scheme {scheme}"),
+                ))
             }
             Some(a) => a.into_inner(),
         };
@@ -592,7 +601,7 @@ impl TryFrom<Section<'_, FileBoot>> for BootConfig {
             Some(c) => c.into_inner(),
         };
         Ok(BootConfig {
-            scheme: boot.scheme.unwrap_or_default(),
+            scheme,
             env_config: resolve(
                 base,
                 boot.env_config.as_deref().unwrap_or("/etc/fw_env.config"),
@@ -1025,6 +1034,8 @@ compatible = "board-x"
                 "[slots]",
             ),
             (with("[boot]\nattempts = 256"), "boot.attempts", "attempts"),
+            // The bootcount boot script counts to 99: more would fail only at activation.
+            (with("[boot]\nattempts = 100"), "boot.attempts", "attempts"),
             (
                 with("[agent]\nartifact_part = \"\""),
                 "agent.artifact_part",
@@ -1077,6 +1088,16 @@ compatible = "board-x"
             "{MINIMAL}\n[agent]\ncheckpoint_interval = \"128k\"\n"
         ));
         assert!(e.contains("below the minimum"), "{e}");
+    }
+
+    #[test]
+    fn attempts_above_99_only_under_rauc() {
+        let boot = |extra: &str| parse(&format!("{MINIMAL}\n[boot]\n{extra}\n"));
+        assert_eq!(boot("attempts = 99").unwrap().boot.attempts, 99);
+        let rauc = boot("scheme = \"rauc\"\nattempts = 100").unwrap();
+        assert_eq!(rauc.boot.attempts, 100);
+        let e = err_text(&format!("{MINIMAL}\n[boot]\nattempts = 100\n"));
+        assert!(e.contains("boot.attempts") && e.contains("99"), "{e}");
     }
 
     #[test]

@@ -63,7 +63,13 @@ fn main() -> ExitCode {
     let command = match cli.command {
         Cmd::Run => Command::Run,
         Cmd::Once => Command::Once,
-        Cmd::Status { json } => Command::Status { json },
+        Cmd::Status { json } => {
+            // `status | head -1` ends quietly as `cat` does (only here: the daemon keeps
+            // EPIPE as an error on its pipes).
+            // SAFETY: one thread so far; restoring a signal's default action is sound.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+            Command::Status { json }
+        }
         Cmd::Consent { decision } => Command::Consent {
             accept: matches!(decision, Decision::Accept),
         },

@@ -255,7 +255,9 @@ async fn install_source(cfg: Config, source: &str, reboot: bool) -> u8 {
         Ok(d) => d,
         Err(status) => return status,
     };
-    // The path as the status shows it later: absolute when the file exists.
+    // The path as the status shows it later: absolute when the file exists. The result lines
+    // name SOURCE as given.
+    let given = source;
     let source = match crate::local_install::Source::parse(source) {
         crate::local_install::Source::File(path) => std::fs::canonicalize(&path)
             .unwrap_or(path)
@@ -267,10 +269,7 @@ async fn install_source(cfg: Config, source: &str, reboot: bool) -> u8 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let origin = crate::machine::LocalOrigin {
-        source: source.clone(),
-        started_at,
-    };
+    let origin = crate::machine::LocalOrigin { source, started_at };
     match driver.local_install(origin, reboot).await {
         Ok(LocalOutcome::Activated { target, rebooting }) => {
             let next = if rebooting {
@@ -279,19 +278,19 @@ async fn install_source(cfg: Config, source: &str, reboot: bool) -> u8 {
                 "reboot to try it; after the reboot `ddi-agent once` or `run` confirms it \
                  (health checks)"
             };
-            println!("{source}: written, verified and activated in slot {target}; {next}");
+            println!("{given}: written, verified and activated in slot {target}; {next}");
             exit::OK
         }
         Ok(LocalOutcome::Refused(reason)) => {
-            eprintln!("ddi-agent: {source}: not installed: {reason}");
+            eprintln!("ddi-agent: {given}: not installed: {reason}");
             exit::UPDATE_FAILED
         }
         Ok(LocalOutcome::Failed(message)) => {
-            eprintln!("ddi-agent: {source}: not installed: {message}");
+            eprintln!("ddi-agent: {given}: not installed: {message}");
             exit::UPDATE_FAILED
         }
         Err(e) => {
-            eprintln!("ddi-agent: {source}: {e}");
+            eprintln!("ddi-agent: {given}: {e}");
             exit::INCOMPLETE
         }
     }

@@ -123,6 +123,12 @@ pub enum ConfigError {
     Overlap { line: usize, device: PathBuf },
 }
 
+/// One device named two ways (relative and absolute, a symlink): the same canonical path.
+fn same_device(a: &Path, b: &Path) -> bool {
+    let key = |p: &Path| std::fs::canonicalize(p);
+    a == b || matches!((key(a), key(b)), (Ok(x), Ok(y)) if x == y)
+}
+
 const OFFSET_FORMS: &str = "C-style: 0x hex, leading 0 octal, else decimal";
 const HEX_FORMS: &str = "hexadecimal, with or without 0x";
 
@@ -265,7 +271,7 @@ impl FwEnvConfig {
             if let Some(first) = copies.first() {
                 // Offsets counted from the same end of the same device can be compared here;
                 // one from each end only with the device's size (not known yet).
-                if first.device == location.device
+                if same_device(&first.device, &location.device)
                     && first.from_end == location.from_end
                     && first.offset.abs_diff(location.offset) < env_size
                 {
@@ -390,6 +396,26 @@ mod tests {
         ] {
             assert!(parse(text).is_ok(), "refused: {text}");
         }
+    }
+
+    /// The same device named two ways (the config read by a relative path, so its folder is
+    /// relative, against an absolute line; a symlink) is still one device.
+    #[test]
+    fn overlap_is_found_whatever_the_spelling_of_the_device() {
+        // The crate's folder is the tests' working directory; any file there will do.
+        let cwd = std::env::current_dir().unwrap();
+        let text = format!(
+            "Cargo.toml 0 0x4000\n{} 0x2000 0x4000\n",
+            cwd.join("Cargo.toml").display()
+        );
+        assert!(FwEnvConfig::parse(&text, Path::new(".")).is_err(), "{text}");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("env.bin"), [0u8; 0x8000]).unwrap();
+        std::os::unix::fs::symlink("env.bin", dir.path().join("link.bin")).unwrap();
+        let text = "env.bin 0 0x4000\nlink.bin 0x2000 0x4000\n";
+        assert!(FwEnvConfig::parse(text, dir.path()).is_err(), "{text}");
+        let text = "env.bin 0 0x4000\nlink.bin 0x4000 0x4000\n";
+        assert!(FwEnvConfig::parse(text, dir.path()).is_ok(), "{text}");
     }
 
     #[test]

@@ -326,9 +326,43 @@ fn usage_errors_are_one_line_with_status_2() {
         .unwrap();
     let err = one_line_error(&out);
     assert!(err.contains("grub"), "{err}");
+    // The line names what is missing.
+    let err = one_line_error(&dev.run(&["set-next"]));
+    assert!(err.contains("<SLOT>"), "{err}");
+    let err = one_line_error(&dev.run(&[]));
+    assert!(err.contains("subcommand"), "{err}");
+    let bare = Command::new(env!("CARGO_BIN_EXE_ddi-bootctl"))
+        .output()
+        .unwrap();
+    let err = one_line_error(&bare);
+    assert!(err.contains("a command is required"), "{err}");
     let err = one_line_error(&dev.run(&["--attempts", "0", "set-next", "B"]));
     assert!(err.contains("at least 1"), "{err}");
     assert_eq!(dev.run(&["--help"]).status.code(), Some(0));
+}
+
+/// `ddi-bootctl status | head -1`: a reader that is gone ends the command the way it ends
+/// `fw_printenv` or `cat` (SIGPIPE), not with a panic's lines on stderr and status 101.
+#[test]
+fn a_closed_stdout_ends_it_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let dev = Device::new(&[("bootctl_slot", "A")], Layout::Redundant);
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_ddi-bootctl"))
+        .arg("--env-config")
+        .arg(dev.path("fw_env.config"))
+        .arg("--cmdline")
+        .arg(dev.path("cmdline"))
+        .arg("--lock-file")
+        .arg(dev.path("lock"))
+        .arg("status")
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
 }
 
 #[test]

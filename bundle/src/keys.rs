@@ -17,16 +17,11 @@ const SECRET_TAG: &str = "ddi-ed25519-secret";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("cannot read key file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("cannot write key file {path}: {source}")]
-    Write {
-        path: String,
-        source: std::io::Error,
-    },
+    // The cause is in the message, not a `source` too (else `{:#}` says it twice).
+    #[error("cannot read key file {path}: {error}")]
+    Read { path: String, error: std::io::Error },
+    #[error("cannot write key file {path}: {error}")]
+    Write { path: String, error: std::io::Error },
     #[error("{what}: expected a line `{tag} <base64 of 32 bytes>`")]
     Format { what: String, tag: &'static str },
     #[error("{what}: not a valid ed25519 public key")]
@@ -151,9 +146,9 @@ fn parse_tagged(text: &str, tag: &'static str, what: &str) -> Result<[u8; 32], K
 }
 
 fn read_small(path: &Path) -> Result<String, KeyError> {
-    let read_error = |source| KeyError::Read {
+    let read_error = |error| KeyError::Read {
         path: path.display().to_string(),
-        source,
+        error,
     };
     let mut text = String::new();
     std::fs::File::open(path)

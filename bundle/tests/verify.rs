@@ -411,6 +411,14 @@ fn the_cli_makes_keys_creates_verifies_and_refuses() {
     );
     assert_eq!(err.lines().count(), 1, "{err}");
 
+    // A key file that cannot be read: one line naming it, the cause said once.
+    let out = run(&["verify", "--trusted-key", "missing.pub", "update.ddib"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot read key file missing.pub"), "{err}");
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+
     let out = run(&["info", "update.ddib"]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);

@@ -58,6 +58,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so `ddi-bootctl status | head -1` would panic on the closed
+    // stdout; end quietly as `fw_printenv` and `cat` do.
+    // SAFETY: nothing else runs yet; restoring a signal's default action is always sound.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) if !err.use_stderr() => {
@@ -66,12 +70,26 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(err) => {
+            // clap's first paragraph, on one line: the message, and the names of missing
+            // arguments that it puts on the lines below it.
             let rendered = err.to_string();
             let first = rendered
-                .lines()
-                .find(|line| !line.trim().is_empty())
-                .unwrap_or("invalid usage");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
+                .trim_start()
+                .split("\n\n")
+                .next()
+                .unwrap_or_default()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
+            let first = first.strip_prefix("error: ").unwrap_or(&first);
+            let first = match err.kind() {
+                // clap shows the whole help for a missing command.
+                clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                    "a command is required (status, booted, set-next, mark-good, mark-bad)"
+                }
+                _ if first.is_empty() => "invalid usage",
+                _ => first,
+            };
             eprintln!("ddi-bootctl: error: {first} (see ddi-bootctl --help)");
             return ExitCode::from(2);
         }

@@ -404,6 +404,65 @@ fn bad_inputs_fail_with_the_reason_and_the_booted_slot_untouched() {
     assert!(rig.device.slot_holds(Slot::B, &image.bytes).unwrap());
 }
 
+/// The result lines name SOURCE as it was given (docs/interface.md: `SOURCE: written, …`,
+/// `ddi-agent: SOURCE: not installed: …`), as `--check` does; `status` keeps the full path.
+#[test]
+fn the_result_lines_name_a_relative_source_as_given() {
+    let rig = Rig::new(false);
+    let image = Image::good("2.0", 256 * 1024);
+    let gz = image.gzip();
+    rig.file("truncated.gz", &gz[..gz.len() / 2]);
+    let full = rig.file("good.img.gz", &gz);
+    let in_files = |args: &[&str]| {
+        let mut cmd = rig.device.agent_command();
+        cmd.args(args).current_dir(rig.files.path());
+        let out = run_with_timeout(cmd, TIMEOUT).unwrap();
+        assert!(!out.timed_out, "agent hung: {}", out.describe());
+        out
+    };
+    let out = in_files(&["install", "truncated.gz"]);
+    assert_eq!(out.code, Some(1), "{}", out.describe());
+    assert!(
+        out.stderr
+            .lines()
+            .any(|l| l.starts_with("ddi-agent: truncated.gz: not installed: ")),
+        "{}",
+        out.describe()
+    );
+    let out = in_files(&["install", "--no-reboot", "good.img.gz"]);
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    assert!(
+        out.stdout
+            .starts_with("good.img.gz: written, verified and activated in slot B; "),
+        "{}",
+        out.describe()
+    );
+    let status = rig.status();
+    let canonical = std::fs::canonicalize(&full).unwrap();
+    assert_eq!(
+        status["local_install"]["source"],
+        canonical.display().to_string().as_str(),
+        "{status}"
+    );
+}
+
+/// `ddi-agent status | head -1`: a reader that is gone ends `status` as it ends `cat`
+/// (SIGPIPE), not with a panic on stderr and status 101.
+#[test]
+fn status_into_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    const SIGPIPE: i32 = 13;
+    let rig = Rig::new(false);
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut cmd = rig.device.agent_command();
+    cmd.arg("status").stdout(writer);
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(SIGPIPE), "{:?}", out.status);
+}
+
 #[test]
 fn an_unsigned_image_is_not_installed_when_signatures_are_required() {
     let rig = Rig::new(true);
