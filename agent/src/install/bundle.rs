@@ -46,7 +46,10 @@ impl BundlePolicy {
             hash.update(&(bytes.len() as u64).to_le_bytes());
             hash.update(bytes);
         };
-        field(&[u8::from(p.require_signature), u8::from(p.compatible.is_some())]);
+        field(&[
+            u8::from(p.require_signature),
+            u8::from(p.compatible.is_some()),
+        ]);
         field(p.compatible.as_deref().unwrap_or_default().as_bytes());
         for key in &p.trusted_keys {
             field(key.as_os_str().as_bytes());
