@@ -52,6 +52,11 @@ impl Device {
     }
 
     fn run_scheme(&self, scheme: &str, args: &[&str]) -> Output {
+        self.command(scheme).args(args).output().unwrap()
+    }
+
+    /// `ddi-bootctl` on this device's files under `scheme`, its command still to add.
+    fn command(&self, scheme: &str) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ddi-bootctl"));
         cmd.arg("--env-config")
             .arg(self.path("fw_env.config"))
@@ -60,9 +65,8 @@ impl Device {
             .arg("--lock-file")
             .arg(self.path("lock"))
             .arg("--scheme")
-            .arg(scheme)
-            .args(args);
-        cmd.output().unwrap()
+            .arg(scheme);
+        cmd
     }
 
     fn ok(&self, scheme: &str, args: &[&str]) -> String {
@@ -349,13 +353,8 @@ fn a_closed_stdout_ends_it_quietly() {
     let dev = Device::new(&[("bootctl_slot", "A")], Layout::Redundant);
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
-    let out = Command::new(env!("CARGO_BIN_EXE_ddi-bootctl"))
-        .arg("--env-config")
-        .arg(dev.path("fw_env.config"))
-        .arg("--cmdline")
-        .arg(dev.path("cmdline"))
-        .arg("--lock-file")
-        .arg(dev.path("lock"))
+    let out = dev
+        .command("bootcount")
         .arg("status")
         .stdout(writer)
         .output()

@@ -2607,23 +2607,12 @@ fn chunked_bundle_as(image: &[u8], format: u32) -> (Vec<u8>, BundlePolicy, tempf
     let (_, policy, dir) = signed_bundle(b"unused");
     let key = ddi_bundle::generate_keypair().unwrap();
     std::fs::write(dir.path().join("vendor.pub"), key.public_key().to_text()).unwrap();
-    let bundle = chunked_bundle_signed_by(image, "3", format, &key, dir.path());
+    let bundle = chunked_bundle_for("acme-gw", image, "3", format, &key, dir.path());
     (bundle, policy, dir)
 }
 
-/// A chunked bundle of `image` at `version` in `format`, signed by `key` (the image file in
-/// `dir`).
-fn chunked_bundle_signed_by(
-    image: &[u8],
-    version: &str,
-    format: u32,
-    key: &ddi_bundle::SecretKey,
-    dir: &Path,
-) -> Vec<u8> {
-    chunked_bundle_for("acme-gw", image, version, format, key, dir)
-}
-
-/// [`chunked_bundle_signed_by`] for the board `compatible`.
+/// A chunked bundle of `image` for the board `compatible` at `version` in `format`, signed by
+/// `key` (the image file in `dir`).
 fn chunked_bundle_for(
     compatible: &str,
     image: &[u8],
@@ -3087,8 +3076,8 @@ async fn a_delta_install_refuses_a_signed_bundle_that_is_not_the_announced_artif
     let (_, policy, keys, key) = signed_bundle_and_key(b"unused");
     let old_img = chunky_image(200_000, 70);
     let new_img = chunky_image(300_000, 71);
-    let old = chunked_bundle_signed_by(&old_img, "1", FORMAT_3, &key, keys.path());
-    let new = chunked_bundle_signed_by(&new_img, "2", FORMAT_3, &key, keys.path());
+    let old = chunked_bundle_for("acme-gw", &old_img, "1", FORMAT_3, &key, keys.path());
+    let new = chunked_bundle_for("acme-gw", &new_img, "2", FORMAT_3, &key, keys.path());
     let (result, slot, server) = install_served_in_place_of(&new, old, policy).await;
     assert!(
         matches!(result, Err(InstallError::HashMismatch { .. })),
