@@ -692,10 +692,20 @@ impl Image {
     /// CRC64; blocks of `block_size` bytes (`--block-size`; three times the dictionary by
     /// default).
     pub fn xz_threaded(&self, block_size: usize) -> Vec<u8> {
+        self.xz_tool(&["-3", "--threads=2", &format!("--block-size={block_size}")])
+    }
+
+    /// The image as single-threaded `xz -6` writes it: one block (CRC64, an 8 MiB dictionary).
+    pub fn xz_single_block(&self) -> Vec<u8> {
+        self.xz_tool(&["-6", "--threads=1"])
+    }
+
+    /// The image through the xz tool with `args`.
+    fn xz_tool(&self, args: &[&str]) -> Vec<u8> {
         use std::process::Stdio;
         let mut xz = Command::new("xz")
-            .args(["-3", "--threads=2", "-c"])
-            .arg(format!("--block-size={block_size}"))
+            .args(args)
+            .arg("-c")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

@@ -62,22 +62,41 @@ impl<R: Read> ZstdReader<R> {
 /// whole dictionary before the first byte, and a hostile header may ask for 4 GiB).
 pub const MAX_XZ_DICTIONARY: u64 = 64 << 20;
 
-/// The sizes a block header declares (each optional): its compressed data's (LZMA2 chunks
-/// with the end marker) and its output's; and the LZMA2 dictionary it asks for.
+/// What a block header says (see [`check_block_header`]): the sizes it declares (each
+/// optional; its compressed data's, LZMA2 chunks with the end marker, and its output's), the
+/// LZMA2 dictionary it asks for and the filters before LZMA2, first (outermost) first.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(super) struct DeclaredSizes {
     pub compressed: Option<u64>,
     pub uncompressed: Option<u64>,
     pub dictionary: u64,
+    pub filters: [Option<XzFilter>; 3],
 }
 
-/// Refuse a block header (`header`, from its size byte to its CRC) whose LZMA2 dictionary is
-/// above [`MAX_XZ_DICTIONARY`], or that liblzma refuses and lzma-rust2 would take: reserved
-/// flag bits set, an LZMA2 filter before the last (lzma-rust2 would chain two LZMA2 decoders).
-/// `block` numbers the block for the message (1 = first). Returns the sizes it declares,
-/// which the block must have.
+/// A filter before LZMA2 in an xz block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum XzFilter {
+    /// Delta, with its distance (1-256).
+    Delta(usize),
+    /// A branch converter: its filter ID (0x04-0x0b) and start offset.
+    Bcj(u8, u32),
+}
+
+/// Check a block header (`header`, from its size byte to its CRC) and return what it says:
+/// no reserved flag bits set, known filters (delta, the branch converters, LZMA2)
+/// with valid properties, LZMA2 last and only there, zero padding, an LZMA2 dictionary at most
+/// [`MAX_XZ_DICTIONARY`], its CRC32, as liblzma checks. `block` numbers the block for the message (1 =
+/// first).
 pub(super) fn check_block_header(header: &[u8], block: u64) -> io::Result<DeclaredSizes> {
     let xz = |msg: String| io::Error::new(io::ErrorKind::InvalidData, format!("xz: {msg}"));
+    // The smallest header: size, flags, one filter's ID, properties size and property, CRC32.
+    if header.len() < 8 {
+        return Err(xz(format!(
+            "block {block}'s header is {} bytes, too short for one",
+            header.len()
+        )));
+    }
+    let (body, crc) = header.split_at(header.len() - 4);
     let flags = header[1];
     if flags & 0x3c != 0 {
         return Err(xz(format!(
@@ -88,7 +107,7 @@ pub(super) fn check_block_header(header: &[u8], block: u64) -> io::Result<Declar
     let varint = |at: &mut usize| -> io::Result<u64> {
         let mut value = 0u64;
         for shift in (0..63).step_by(7) {
-            let byte = *header
+            let byte = *body
                 .get(*at)
                 .ok_or_else(|| xz("a truncated block header".into()))?;
             *at += 1;
@@ -110,34 +129,80 @@ pub(super) fn check_block_header(header: &[u8], block: u64) -> io::Result<Declar
     if flags & 0x80 != 0 {
         sizes.uncompressed = Some(varint(&mut at)?);
     }
-    let filters = flags & 3;
+    let filters = usize::from(flags & 3);
     for filter in 0..=filters {
         let id = varint(&mut at)?;
-        let props_len = varint(&mut at)? as usize;
-        let props = header
-            .get(at..at.saturating_add(props_len))
+        let props_len = varint(&mut at)?;
+        let props = usize::try_from(props_len)
+            .ok()
+            .and_then(|len| body.get(at..at.checked_add(len)?))
             .ok_or_else(|| xz("a truncated block header".into()))?;
-        at += props_len;
-        if id == 0x21 {
-            if filter != filters {
-                return Err(xz(format!(
-                    "block {block} has an LZMA2 filter that is not the last filter"
-                )));
+        at += props.len();
+        let bad_props = || {
+            xz(format!(
+                "block {block} has invalid properties for filter {id:#x}"
+            ))
+        };
+        match id {
+            0x21 => {
+                if filter != filters {
+                    return Err(xz(format!(
+                        "block {block} has an LZMA2 filter that is not the last filter"
+                    )));
+                }
+                let [bits] = props else {
+                    return Err(bad_props());
+                };
+                let bits = u32::from(*bits);
+                let dictionary = match bits {
+                    40 => u64::from(u32::MAX),
+                    0..=39 => u64::from(2 | (bits & 1)) << (bits / 2 + 11),
+                    _ => return Err(xz(format!("an invalid LZMA2 dictionary size ({bits})"))),
+                };
+                if dictionary > MAX_XZ_DICTIONARY {
+                    return Err(xz(format!(
+                        "block {block} asks for a {dictionary}-byte dictionary, more than the \
+                         {MAX_XZ_DICTIONARY} bytes this device decodes"
+                    )));
+                }
+                sizes.dictionary = dictionary;
             }
-            let bits = u32::from(*props.first().unwrap_or(&0));
-            let dictionary = match bits {
-                40 => u64::from(u32::MAX),
-                0..=39 => u64::from(2 | (bits & 1)) << (bits / 2 + 11),
-                _ => return Err(xz(format!("an invalid LZMA2 dictionary size ({bits})"))),
-            };
-            if dictionary > MAX_XZ_DICTIONARY {
-                return Err(xz(format!(
-                    "block {block} asks for a {dictionary}-byte dictionary, more than the \
-                     {MAX_XZ_DICTIONARY} bytes this device decodes"
-                )));
+            _ if filter == filters => {
+                return Err(xz(format!("block {block}'s last filter is not LZMA2")));
             }
-            sizes.dictionary = dictionary;
+            0x03 => {
+                let [distance] = props else {
+                    return Err(bad_props());
+                };
+                sizes.filters[filter] = Some(XzFilter::Delta(usize::from(*distance) + 1));
+            }
+            0x04..=0x0b => {
+                let start = match props {
+                    [] => 0,
+                    [a, b, c, d] => u32::from_le_bytes([*a, *b, *c, *d]),
+                    _ => return Err(bad_props()),
+                };
+                // The instruction alignment of x86, PowerPC, IA-64, ARM, ARM-Thumb, SPARC,
+                // ARM64, RISC-V.
+                let align = [1, 4, 16, 4, 2, 4, 4, 2][id as usize - 4];
+                if start % align != 0 {
+                    return Err(bad_props());
+                }
+                sizes.filters[filter] = Some(XzFilter::Bcj(id as u8, start));
+            }
+            _ => {
+                return Err(xz(format!(
+                    "block {block} has an unsupported filter {id:#x}"
+                )))
+            }
         }
+    }
+    if body[at..].iter().any(|&b| b != 0) {
+        return Err(xz(format!("block {block}'s header has non-zero padding")));
+    }
+    // Last: what the header asks for is refused as such even when its CRC is not right.
+    if zlib_rs::crc32::crc32(0, body).to_le_bytes() != crc {
+        return Err(xz(format!("block {block}'s header is corrupt (CRC32)")));
     }
     Ok(sizes)
 }

@@ -358,7 +358,9 @@ pub struct PrefixResume<P> {
     /// sha256 of the slot's bytes before the point (starts the image and read-back hashes).
     pub prefix_hash: Sha256,
     /// gzip: the output's last [`gunzip::WINDOW`] bytes before the point (the deflate
-    /// dictionary; a tar's head is output too); xz: nothing.
+    /// dictionary; a tar's head is output too); xz: at a point inside a block, the output's
+    /// last bytes the block's LZMA2 dictionary holds there (at most
+    /// [`unxz::MAX_RESUME_DICTIONARY`]), at a block boundary nothing.
     pub window: Vec<u8>,
     /// The slot's last bytes before the point, as the slot writer keeps them.
     pub tail: Vec<u8>,
@@ -425,20 +427,31 @@ pub fn read_zstd_prefix(
     }))
 }
 
-/// [`read_gzip_prefix`] for an xz resume point: the decoder needs nothing of the prefix (xz
-/// blocks are independent), the slot writer its last bytes.
+/// [`read_gzip_prefix`] for an xz resume point: at a block boundary the decoder needs
+/// nothing of the prefix (xz blocks are independent), inside a block its LZMA2 dictionary's
+/// bytes, the output's last ones (a tar's head is output too); the slot writer its last bytes.
 pub fn read_xz_prefix(
     dev: &mut dyn SlotDevice,
     point: XzPoint,
 ) -> Result<Option<XzResume>, InstallError> {
-    let (hash, tail) = read_prefix(dev, &point, |_| {})?;
+    let keep = match &point.at.in_block {
+        // Checked with the record (`ResumeAt::plausible`): at most 8 MiB.
+        Some(b) => b.window_len().unwrap_or(0) as usize,
+        None => 0,
+    };
+    let mut window = slot::PrefixTail::keeping(keep);
+    let (hash, tail) = read_prefix(dev, &point, |b| {
+        if keep > 0 {
+            window.update(b);
+        }
+    })?;
     if hex::encode(hash.clone().finalize()) != point.slot_sha256 {
         return Ok(slot_changed(dev, point.slot_offset()));
     }
     Ok(Some(XzResume {
         point,
         prefix_hash: hash,
-        window: Vec::new(),
+        window: window.into_bytes(),
         tail,
     }))
 }
@@ -1346,6 +1359,8 @@ fn decode_bundle_image<R: Read>(
         }
         _ => {
             let mut decoder = XzDecoder::new(input, hash);
+            // As a plain xz image's (`run_xz`, which also resumes this member).
+            decoder.points_inside_blocks(true);
             decode_points(&plan, &mut decoder, writer, None, counters)
         }
     }
@@ -1530,11 +1545,7 @@ macro_rules! point_decoder {
                 tar_head: Option<&[u8]>,
             ) -> Option<ResumeRecord> {
                 let point = $point {
-                    at: $module::ResumeAt {
-                        artifact_offset: boundary.artifact_offset,
-                        out: boundary.out,
-                        state: boundary.state,
-                    },
+                    at: boundary.resume_at(),
                     artifact_hash: boundary.artifact_hash?,
                     slot_sha256,
                     tar_head: tar_head.map(<[u8]>::to_vec),
@@ -1634,11 +1645,11 @@ fn run_xz(
     began: Instant,
 ) -> Result<Installed, InstallError> {
     let interval = plan.checkpoint_interval;
-    let (decoder, writer) = match resume {
+    let (mut decoder, writer) = match resume {
         Some(r) => {
             let at = &r.point.at;
             let hash = Some(r.point.artifact_hash.clone());
-            let decoder = XzDecoder::resume(input, at, hash)
+            let decoder = XzDecoder::resume_with_window(input, at, hash, &r.window)
                 .map_err(|e| decode::read_error(e, Format::Xz, counters.consumed()))?;
             let start = r.point.slot_offset();
             let writer = SlotWriter::resume(dev, start, r.prefix_hash.clone(), &r.tail, interval);
@@ -1649,6 +1660,7 @@ fn run_xz(
             SlotWriter::new(dev, 0, Sha256::new(), interval),
         ),
     };
+    decoder.points_inside_blocks(true);
     let from = resume.map(|r| r.point.tar_head.as_deref());
     run_points(plan, decoder, writer, from, check, counters, began)
 }

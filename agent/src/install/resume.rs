@@ -61,18 +61,30 @@
 //! `gzip` record holds (the artifact offset of the next block header, the slot offset, the
 //! artifact's sha256 state there, the slot prefix's sha256) and, instead of the unused bits
 //! and the CRC-32, `xz_state`: where the block's stream starts in the artifact and in the
-//! image, its check type and its number of blocks before the point. Only files with several
-//! blocks have points (`xz --threads`, which Yocto runs, `--block-size`, pixz; single-threaded
-//! `xz` writes one block per stream). A restart reads the slot's prefix back (a different
-//! sha256 starts over, as for gzip) and downloads from the block's byte. The stream's index
-//! is checked against the point at the stream's end: the records of the blocks before it must
-//! add up to its artifact and image offsets, so a record whose point is not where the decoder
-//! made it fails (and starts over from byte 0, once) instead of writing a wrong image. The
-//! image offset is bound that way only relative to where the stream's content starts: 0 for
-//! the artifact's first stream (`ResumeAt::plausible` refuses a record saying otherwise), for
-//! a later stream only the slot prefix's sha256, so a record forged with the slot at hand
-//! could move a point of a later stream in the image together with its stream (as a zstd
-//! point between frames).
+//! image, its check type and its number of blocks before the point. Files with several
+//! blocks have such points (`xz --threads`, which Yocto runs, `--block-size`, pixz). Inside a
+//! block a point is an LZMA2 chunk boundary, made only in blocks of LZMA2 alone with a check
+//! and a dictionary of at most [`unxz::MAX_RESUME_DICTIONARY`] (8 MiB, `xz -6`'s): what
+//! single-threaded `xz` writes, one block per stream. `xz_state` then also holds the block's
+//! start (artifact and image offsets), its header, the check's state (a CRC, a sha256 state)
+//! and the LZMA2 decoder's (the LZMA probabilities, state and repeated distances, the bytes
+//! since the dictionary's reset), after the four fields an agent that knows only block
+//! boundaries reads: it refuses the longer text and starts over rather than take the point
+//! for a block header. A restart reads the slot's prefix back (a different sha256 starts over,
+//! as for gzip); inside a block its last bytes (and the tar's head's, for a tar inside) become
+//! the LZMA2 dictionary, as a zstd resume takes its window; it downloads from the point's
+//! byte. The block's check is checked over the whole block at its end, the slot's part
+//! included through the record's check state, so a state that is wrong fails there (or before:
+//! a distance beyond the dictionary, a chunk that does not end where it says) and the install
+//! starts over from byte 0, once. The stream's index is checked against the point at the
+//! stream's end: the records of the blocks before it (before its block, inside one) must add up
+//! to its artifact and image offsets, so a record whose point is not where the decoder made it
+//! fails (and starts over from byte 0, once) instead of writing a wrong image. The image offset
+//! is bound that way only relative to where the stream's content starts: 0 for the artifact's
+//! first stream (`ResumeAt::plausible` refuses a record saying otherwise, and a state inside a
+//! block that does not fit its offsets, header, check type or LZMA limits), for a later stream
+//! only the slot prefix's sha256, so a record forged with the slot at hand could move a point
+//! of a later stream in the image together with its stream (as a zstd point between frames).
 //!
 //! **A raw image member of a plain tar or a signed bundle** (format `member`; a format-1
 //! bundle whose image is neither compressed nor a tar; any artifact hash): "replay", no reader
@@ -135,9 +147,9 @@
 //! the resumed install write an image spliced from signed pieces. Records live in `state_dir`
 //! (mode 0700, root's): whoever can write there can write the slots and the environment too.
 //!
-//! Everything else restarts from the beginning after a restart: an xz block (its library's
-//! public API cannot restart a decoder inside one, so an interrupted install continues at the
-//! block's start: an xz file of one block starts over); a zstd frame without a content checksum or
+//! Everything else restarts from the beginning after a restart: an xz block without a check,
+//! with filters before LZMA2 or a dictionary above 8 MiB (an interrupted install continues at
+//! the block's start: an xz file of one such block starts over); a zstd frame without a content checksum or
 //! with a window above 8 MiB (no resume points are made in it); a gzip, zstd or xz image with a
 //! sha1 or md5 artifact hash because only a sha256 state is saved. (Within one run they resume
 //! after network faults like raw images: the decoder just waits for the next bytes.)
@@ -153,7 +165,7 @@ use serde::{Deserialize, Serialize};
 
 use super::gunzip::ResumeAt;
 use super::sha256_state::Sha256State;
-use super::unxz::{self, XzState};
+use super::unxz;
 use super::unzstd::{self, ZstdState};
 use super::InstallError;
 
@@ -560,7 +572,10 @@ impl ResumeRecord {
         point: &XzPoint,
     ) -> Self {
         ResumeRecord {
-            xz_state: Some(point.at.state.to_text()),
+            xz_state: Some(unxz::state_text(
+                &point.at.state,
+                point.at.in_block.as_deref(),
+            )),
             ..Self::decoder("xz", (url, slot, algorithm, expected_hash, size), point)
         }
     }
@@ -657,11 +672,12 @@ impl ResumeRecord {
     /// [`Self::gzip_point`].
     pub fn xz_point(&self, target: &Target<'_>, bundle_policy: bool) -> Option<XzPoint> {
         let c = self.decoder_point("xz", target, bundle_policy)?;
-        let state = XzState::from_text(self.xz_state.as_deref()?)?;
+        let (state, in_block) = unxz::state_from_text(self.xz_state.as_deref()?)?;
         let at = unxz::ResumeAt {
             artifact_offset: c.input_offset,
             out: c.out,
             state,
+            in_block,
         };
         // Before reading the slot's prefix: a point the decoder could not have made.
         at.plausible().then_some(XzPoint {

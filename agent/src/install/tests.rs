@@ -3262,11 +3262,18 @@ async fn a_tampered_xz_record_never_gives_a_wrong_image() {
     let (img, xz, record) = interrupted_xz_image(&fx).await;
     let mut other_hash = sha256_state::Sha256State::new();
     other_hash.update(&vec![1u8; record.artifact_offset as usize]);
-    let state = unxz::XzState::from_text(record.xz_state.as_deref().unwrap()).unwrap();
+    // A point inside a block (512 KiB blocks of LZMA2 chunks, a CRC64 check).
+    let (state, in_block) = unxz::state_from_text(record.xz_state.as_deref().unwrap()).unwrap();
+    let in_block = in_block.expect("a point inside a block");
     let with = |change: &dyn Fn(&mut unxz::XzState)| {
         let mut state = state;
         change(&mut state);
-        Some(state.to_text())
+        Some(unxz::state_text(&state, Some(&in_block)))
+    };
+    let inside = |change: &dyn Fn(&mut unxz::InBlock)| {
+        let mut b = (*in_block).clone();
+        change(&mut b);
+        Some(unxz::state_text(&state, Some(&b)))
     };
     let mut tampered: Vec<(&str, resume::ResumeRecord)> = vec![
         (
@@ -3294,6 +3301,31 @@ async fn a_tampered_xz_record_never_gives_a_wrong_image() {
             "xz state garbage",
             resume::ResumeRecord {
                 xz_state: Some("not a state".into()),
+                ..record.clone()
+            },
+        ),
+        (
+            "the block's check so far",
+            resume::ResumeRecord {
+                xz_state: inside(&|b| {
+                    if let unxz::Check::Crc64(crc) = &mut b.check {
+                        *crc ^= 1 << 40;
+                    }
+                }),
+                ..record.clone()
+            },
+        ),
+        (
+            "the block's start",
+            resume::ResumeRecord {
+                xz_state: inside(&|b| b.block_out += 4),
+                ..record.clone()
+            },
+        ),
+        (
+            "as the previous agent reads it: the block boundary state alone",
+            resume::ResumeRecord {
+                xz_state: Some(state.to_text()),
                 ..record.clone()
             },
         ),
@@ -3329,16 +3361,51 @@ async fn a_tampered_xz_record_never_gives_a_wrong_image() {
     ));
     tampered.extend(moved_offsets_and_hashes(&record, &other_hash, 4));
     install_over_tampered_records(&fx, &img, &xz, &record, tampered).await;
+    // The LZMA state: a change the rest of the block never reads back decodes the same image;
+    // any other fails the block's check (or a distance, a chunk's end) and starts over. The
+    // image is the right one either way.
+    let lzma_state: Vec<(&str, resume::ResumeRecord)> = vec![
+        (
+            "a probability of the LZMA state",
+            resume::ResumeRecord {
+                // "Is a match" after a literal at position 0 mod 4: the next symbol's.
+                xz_state: inside(&|b| b.lzma.probs[0] ^= 0x10),
+                ..record.clone()
+            },
+        ),
+        (
+            "a repeated distance",
+            resume::ResumeRecord {
+                xz_state: inside(&|b| b.lzma.reps[0] ^= 1),
+                ..record.clone()
+            },
+        ),
+        (
+            "the LZMA state machine's state",
+            resume::ResumeRecord {
+                xz_state: inside(&|b| b.lzma.state = (b.lzma.state + 3) % 12),
+                ..record.clone()
+            },
+        ),
+    ];
+    let mut started_over = 0;
+    for (what, bad) in lzma_state {
+        std::fs::write(&fx.slot, vec![FILL; fx.capacity]).unwrap();
+        let requests = install_over_record(&fx, &img, &xz, &record, &bad, what).await;
+        started_over += usize::from(requests.iter().any(|r| r.0.is_none()));
+    }
+    assert!(started_over >= 1, "no change to the LZMA state was noticed");
 }
 
 #[tokio::test]
 async fn xz_images_without_resume_points_restart_from_zero() {
     let img = gunzip::tests::image(8 << 20, 26);
     let fx = Fixture::new(9 << 20);
-    // What plain single-threaded `xz` writes: one block, no point after its start (in a tar
-    // too).
-    let one_block = xz(&img);
-    let tar_xz = xz(&tar_of(&[("rootfs.img", &img)]));
+    // One block without a check (`xz -C none`): no point after its start, where a wrong
+    // state could write a wrong image unnoticed (in a tar too).
+    let none = lzma_rust2::CheckType::None;
+    let one_block = xz_blocks(&img, 1 << 40, none);
+    let tar_xz = xz_blocks(&tar_of(&[("rootfs.img", &img)]), 1 << 40, none);
     for (what, artifact) in [("one block", one_block), ("tar.xz", tar_xz)] {
         let err = interrupted_install(&fx, &artifact, artifact.len() * 6 / 10).await;
         assert!(err.is_retryable(), "{what}: {err}");
@@ -3353,6 +3420,50 @@ async fn xz_images_without_resume_points_restart_from_zero() {
             .unwrap_or_else(|e| panic!("{what}: {e}"));
         assert_eq!(server.requests()[0].0, None, "{what}");
         fx.assert_installed(&img);
+    }
+}
+
+#[tokio::test]
+async fn restart_resumes_a_single_block_xz_inside_the_block() {
+    let img = gunzip::tests::image(8 << 20, 26);
+    // What plain single-threaded `xz` writes: one block per stream (CRC64 by default), in
+    // a tar too; the check types the point's state carries.
+    for (what, artifact, format, check) in [
+        ("one block", xz(&img), "xz", 4),
+        ("tar.xz", xz(&tar_of(&[("rootfs.img", &img)])), "tar-xz", 4),
+        (
+            "crc32",
+            xz_blocks(&img, 1 << 40, lzma_rust2::CheckType::Crc32),
+            "xz",
+            1,
+        ),
+        (
+            "sha256",
+            xz_blocks(&img, 1 << 40, lzma_rust2::CheckType::Sha256),
+            "xz",
+            10,
+        ),
+    ] {
+        let fx = Fixture::new(9 << 20);
+        let record = interrupted_decoder_install(&fx, &img, &artifact, format).await;
+        let (state, in_block) = unxz::state_from_text(record.xz_state.as_deref().unwrap())
+            .unwrap_or_else(|| panic!("{what}: {record:?}"));
+        assert_eq!((state.check, state.blocks), (check, 0), "{what}");
+        assert!(in_block.is_some(), "{what}: a point inside the block");
+        // The previous agent reads no point there (it starts over).
+        assert_eq!(
+            unxz::XzState::from_text(record.xz_state.as_deref().unwrap()),
+            None
+        );
+        resumes_from_the_record(&fx, &img, &artifact, &record, what).await;
+        // Interrupted after 60 % of the artifact: the rest, and what came after the last
+        // durable point, not the whole.
+        let fetched = artifact.len() as u64 - record.artifact_offset;
+        assert!(
+            fetched * 3 < artifact.len() as u64 * 2,
+            "{what}: the restart fetched {fetched} of {} bytes",
+            artifact.len()
+        );
     }
 }
 
@@ -3543,8 +3654,10 @@ mod tar_inside {
             })
             .collect();
         let tar = tar_of(&[("rootfs.img", &img), ("extra.bin", &extra)]);
-        let crc64 = lzma_rust2::CheckType::Crc64;
-        let xz = xz_blocks(&tar, 512 + img.len() as u64, crc64);
+        // Without a check: no points inside the blocks, the image's end is the first point
+        // after the one before.
+        let none = lzma_rust2::CheckType::None;
+        let xz = xz_blocks(&tar, 512 + img.len() as u64, none);
         let fx = Fixture::new(9 << 20);
         let named = |_: &mut InstallRequest, o: &mut InstallOptions| {
             o.archive_member = Some("rootfs.img".into());
@@ -3741,6 +3854,8 @@ mod bundle_inside {
             Signed::new("zstd", "bundle-zstd", &zstd(&img)),
             Signed::new("xz", "bundle-xz", &xz_blocks(&img, 512 << 10, crc64)),
             Signed::new("tar.gz", "bundle-tar-gzip", &gunzip::tests::gzip(&tar, 6)),
+            // One block, as single-threaded `xz` writes: its points are inside the block.
+            Signed::new("xz, one block", "bundle-xz", &xz(&img)),
         ];
         (img, artifacts)
     }

@@ -432,6 +432,16 @@ fn a_threaded_xz_image_resumes_after_kill_and_power_cut_from_a_block_boundary() 
     resumes_downloading_only_the_rest("3.8", Packed::XzThreaded);
 }
 
+/// A plain xz image as single-threaded `xz -6` writes it (one block, CRC64, an 8 MiB
+/// dictionary) killed after its first checkpoint, then a power cut: the next run continues
+/// inside the block, at the LZMA2 chunk boundary the record names (the dictionary read back
+/// from slot B), downloading only the rest of the artifact (before, such an image restarted
+/// from byte 0).
+#[test]
+fn a_single_block_xz_image_resumes_after_kill_and_power_cut_inside_its_block() {
+    resumes_downloading_only_the_rest("4.3", Packed::XzSingleBlock);
+}
+
 /// A tar.gz (`gzip -9`) killed after its first checkpoint, then a power cut: the next run
 /// continues from the deflate block boundary in the image member the record names (with the
 /// tar's head from the record), downloading only the rest of the artifact.
@@ -533,6 +543,8 @@ enum Packed {
     Zstd,
     /// `xz -3 --threads=2 --block-size=2MiB`.
     XzThreaded,
+    /// `xz -6 -T1`: one block.
+    XzSingleBlock,
     /// A tar of the image at `gzip -9`.
     TarGzip,
     /// The image at `gzip -9` as the image member of a signed format-1 bundle.
@@ -574,6 +586,7 @@ fn compressed_resumed(
     let (artifact, name, format) = match packed {
         Packed::Zstd => (image.zstd(), "os.img.zst", "zstd"),
         Packed::XzThreaded => (image.xz_threaded(2 << 20), "os.img.xz", "xz"),
+        Packed::XzSingleBlock => (image.xz_single_block(), "os.img.xz", "xz"),
         Packed::TarGzip => (image.tar_gz_best("rootfs.img"), "os.tar.gz", "tar-gzip"),
         Packed::GzipBundle => (
             signed("rootfs.img.gz", image.gzip_best()),
@@ -598,7 +611,7 @@ fn compressed_resumed(
     let state = match packed {
         Packed::TarGzip => "tar_head",
         Packed::Zstd | Packed::ZstdBundle => "zstd_state",
-        Packed::XzThreaded => "xz_state",
+        Packed::XzThreaded | Packed::XzSingleBlock => "xz_state",
         Packed::GzipBundle => "artifact_sha256_state",
     };
     assert!(record[state].is_string(), "{record}");

@@ -81,8 +81,18 @@ fn sha256(bytes: &[u8]) -> String {
 /// Decode `stream` from its start, with reads of `buf` bytes; every block boundary from
 /// output offset 1 on is reported. Returns the output and the boundaries.
 fn decode_points(stream: &[u8], buf: usize) -> io::Result<(Vec<u8>, Vec<Boundary>)> {
+    decode_points_with(stream, buf, false)
+}
+
+/// [`decode_points`], with points inside blocks too if `inside`.
+fn decode_points_with(
+    stream: &[u8],
+    buf: usize,
+    inside: bool,
+) -> io::Result<(Vec<u8>, Vec<Boundary>)> {
     let mut decoder = XzDecoder::new(stream, Some(Sha256State::new()));
     decoder.boundaries_from(1);
+    decoder.points_inside_blocks(inside);
     let mut out = Vec::new();
     let mut points = Vec::new();
     let mut chunk = vec![0u8; buf];
@@ -116,6 +126,7 @@ fn resume_at(stream: &[u8], point: &Boundary) -> io::Result<(Vec<u8>, String)> {
         artifact_offset: point.artifact_offset,
         out: point.out,
         state: point.state,
+        in_block: None,
     };
     let source = &stream[point.artifact_offset as usize..];
     let mut decoder = XzDecoder::resume(source, &at, point.artifact_hash.clone())?;
@@ -229,6 +240,7 @@ fn points_the_decoder_cannot_make_are_refused_before_decoding() {
             check,
             blocks,
         },
+        in_block: None,
     };
     assert!(at(12 + 4000, 5000, 0, 1, 4).plausible());
     assert!(
@@ -805,4 +817,198 @@ fn tiny_blocks_with_large_dictionaries_are_refused() {
         })
         .collect();
     assert!(unxz(&large).unwrap() == data);
+}
+
+#[test]
+fn crc64_is_xz_s_in_any_pieces() {
+    assert_eq!(crc64(0, b"123456789"), 0x995d_c9bb_df19_39fa);
+    assert_eq!(crc64(0, b""), 0);
+    let data = mixed(1000);
+    let whole = crc64(0, &data);
+    for cut in [0, 1, 7, 8, 9, 500, 999, 1000] {
+        assert_eq!(crc64(crc64(0, &data[..cut]), &data[cut..]), whole, "{cut}");
+    }
+}
+
+/// [`decode_points`] with points inside blocks too.
+fn decode_points_inside(stream: &[u8], buf: usize) -> (Vec<u8>, Vec<Boundary>) {
+    decode_points_with(stream, buf, true).unwrap()
+}
+
+/// Continue at `at` with the window the decoder needs from `before` (the output before the
+/// point); the rest of the output and the artifact hash.
+fn resume_inside(
+    stream: &[u8],
+    at: &ResumeAt,
+    hash: Option<Sha256State>,
+    before: &[u8],
+) -> io::Result<(Vec<u8>, String)> {
+    let window = match &at.in_block {
+        // A state whose header does not parse: no window (the resume is refused anyway).
+        Some(b) => {
+            &before[before.len() - (b.window_len().unwrap_or(0) as usize).min(before.len())..]
+        }
+        None => &[],
+    };
+    let source = &stream[at.artifact_offset as usize..];
+    let mut decoder = XzDecoder::resume_with_window(source, at, hash, window)?;
+    let mut out = Vec::new();
+    decoder.read_to_end(&mut out)?;
+    let hash = decoder.finish_hash().map(|h| h.finish_hex());
+    Ok((out, hash.unwrap_or_default()))
+}
+
+/// One block (as `xz -6` writes one per stream) of ~1.5 MiB, dictionary 256 KiB.
+fn one_block(check: CheckType) -> (Vec<u8>, Vec<u8>) {
+    let data = mixed(1_500_000);
+    let mut options = XzOptions::with_preset(6);
+    options.check_type = check;
+    options.lzma_options.dict_size = 256 << 10;
+    let stream = xz_with(&data, options);
+    assert_eq!(block_offsets(&stream).len(), 1);
+    (stream, data)
+}
+
+#[test]
+fn a_single_block_resumes_at_every_chunk_boundary_to_the_same_image() {
+    for check in [CheckType::Crc32, CheckType::Crc64, CheckType::Sha256] {
+        let (stream, data) = one_block(check);
+        let (out, points) = decode_points_inside(&stream, 1 << 16);
+        assert!(out == data);
+        let inside: Vec<_> = points.iter().filter(|p| p.in_block.is_some()).collect();
+        assert!(inside.len() >= 8, "{check:?}: {} points", inside.len());
+        assert_eq!(
+            inside.len(),
+            points.len(),
+            "one block: no boundary between blocks"
+        );
+        for point in inside {
+            let at = point.resume_at();
+            assert!(at.plausible(), "{at:?}");
+            // Through the record's text, as a restart reads it.
+            let text = state_text(&at.state, at.in_block.as_deref());
+            assert_eq!(
+                XzState::from_text(&text),
+                None,
+                "the previous agent refuses it"
+            );
+            let (state, in_block) = state_from_text(&text).unwrap();
+            assert_eq!(state_text(&state, in_block.as_deref()), text);
+            let b = in_block.unwrap();
+            assert_eq!(b.lzma.probs, at.in_block.as_ref().unwrap().lzma.probs);
+            let before = &data[..point.out as usize];
+            let (rest, hash) =
+                resume_inside(&stream, &at, point.artifact_hash.clone(), before).unwrap();
+            assert!(
+                rest == data[point.out as usize..],
+                "{check:?} at {}",
+                point.out
+            );
+            assert_eq!(hash, sha256(&stream));
+        }
+    }
+}
+
+#[test]
+fn blocks_without_a_check_or_with_filters_get_no_points_inside() {
+    let (stream, data) = one_block(CheckType::None);
+    let (out, points) = decode_points_inside(&stream, 1 << 16);
+    assert!(out == data);
+    assert!(points.is_empty(), "{}", points.len());
+    // Every layout: points inside blocks only where LZMA2 is alone and a check covers them,
+    // and resuming at each gives the same image.
+    let (stream, expected, _) = layouts();
+    let (out, points) = decode_points_inside(&stream, 50_000);
+    assert!(out == expected);
+    assert!(points.iter().any(|p| p.in_block.is_some()));
+    for point in &points {
+        if let Some(b) = &point.in_block {
+            assert_ne!(b.check, Check::None);
+            assert_eq!(check_block_header(&b.header, 1).unwrap().filters, [None; 3]);
+        }
+    }
+    for point in points.iter().step_by(3) {
+        let before = &expected[..point.out as usize];
+        let (rest, _) = resume_inside(
+            &stream,
+            &point.resume_at(),
+            point.artifact_hash.clone(),
+            before,
+        )
+        .unwrap();
+        assert!(rest == expected[point.out as usize..]);
+    }
+}
+
+#[test]
+fn a_tampered_state_inside_a_block_fails_or_is_refused() {
+    let (stream, data) = one_block(CheckType::Crc64);
+    let (_, points) = decode_points_inside(&stream, 1 << 16);
+    let point = &points[points.len() / 2];
+    let before = &data[..point.out as usize];
+    let expected = &data[point.out as usize..];
+    let genuine = point.resume_at();
+    let tampered = |change: &dyn Fn(&mut InBlock)| {
+        let mut at = genuine.clone();
+        change(at.in_block.as_mut().unwrap());
+        at
+    };
+    // The check's state: the block's check fails at its end.
+    let at = tampered(&|b| {
+        if let Check::Crc64(crc) = &mut b.check {
+            *crc ^= 1;
+        }
+    });
+    let err = resume_inside(&stream, &at, None, before).unwrap_err();
+    assert!(err.to_string().contains("check does not match"), "{err}");
+    // The LZMA state: a wrong image never comes out as a success.
+    let mut failed = 0;
+    let changes: [&dyn Fn(&mut InBlock); 6] = [
+        &|b| b.lzma.probs[0] = 1,
+        &|b| b.lzma.probs[2000] ^= 0x40,
+        &|b| b.lzma.reps[0] = b.lzma.reps[0].wrapping_add(1),
+        &|b| b.lzma.reps[1] ^= 1,
+        &|b| b.lzma.state = (b.lzma.state + 1) % 12,
+        &|b| b.since_reset -= 1,
+    ];
+    for change in changes {
+        let at = tampered(change);
+        match resume_inside(&stream, &at, None, before) {
+            Ok((rest, _)) => assert!(rest == expected, "a wrong image"),
+            Err(_) => failed += 1,
+        }
+    }
+    assert!(failed >= 4, "{failed}");
+    // States the decoder cannot have made: refused before anything is read.
+    let refusals: [&dyn Fn(&mut InBlock); 12] = [
+        // A header too short to be one (a record's text may say anything): no panic.
+        &|b| b.header = vec![0],
+        &|b| b.header = vec![1, 0, 0],
+        &|b| b.header.clear(),
+        // Offsets at the end of the number range: no overflow.
+        &|b| b.block_start = u64::MAX - 3,
+        &|b| b.lzma.probs[5] = 0,
+        &|b| b.lzma.probs[5] = 2048,
+        &|b| b.lzma.state = 12,
+        &|b| b.lzma.reps[2] = 1 << 30,
+        &|b| b.since_reset = 1 << 40,
+        &|b| b.block_start += 4,
+        &|b| b.header[2] ^= 1,
+        &|b| b.check = Check::Crc32(0),
+    ];
+    for change in refusals {
+        let at = tampered(change);
+        assert!(!at.plausible(), "{at:?}");
+        let err = resume_inside(&stream, &at, None, before);
+        assert!(err.is_err());
+    }
+    // A point moved to the next chunk's start with this one's state.
+    let next = &points[points.len() / 2 + 1];
+    let mut moved = genuine.clone();
+    (moved.artifact_offset, moved.out) = (next.artifact_offset, next.out);
+    let before_next = &data[..next.out as usize];
+    match resume_inside(&stream, &moved, None, before_next) {
+        Ok((rest, _)) => assert!(rest == data[next.out as usize..]),
+        Err(e) => assert_eq!(e.kind(), io::ErrorKind::InvalidData),
+    }
 }

@@ -249,6 +249,17 @@ pub struct Boundary {
     pub artifact_hash: Option<Sha256State>,
 }
 
+impl Boundary {
+    /// Where a decoder continues from this point.
+    pub fn resume_at(&self) -> ResumeAt {
+        ResumeAt {
+            artifact_offset: self.artifact_offset,
+            out: self.out,
+            state: self.state.clone(),
+        }
+    }
+}
+
 /// Where a resumed decoder continues (from a resume record).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResumeAt {
