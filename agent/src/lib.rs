@@ -1,5 +1,6 @@
 //! `ddi_agent`: the hawkBit DDI update agent as a library.
 //!
+//! - [`cli`]: the command line: commands, options, help and usage errors.
 //! - [`clock`]: the device clock and whether it is synchronised (feedback `timestamp`).
 //! - [`config`]: TOML settings.
 //! - [`ddi`]: the typed DDI model and HTTP client.
@@ -15,6 +16,7 @@
 //! - [`health`]: the health checks run after booting a new slot.
 //! - [`service`]: daemon plumbing (systemd notify, logging, signals) and the CLI commands.
 
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod ddi;

@@ -155,6 +155,36 @@ fn bad_inputs_are_refused_with_the_reason() {
     );
 }
 
+/// A usage error (the contract: exit 2, one line on stderr) writes nothing either.
+#[test]
+fn usage_errors_exit_2_with_one_line_and_write_nothing() {
+    let rig = Rig::new(false);
+    let image = rig.file("raw.img", &Image::good("2.0", 64 * 1024).bytes);
+    let before = rig.snapshot();
+    for args in [
+        &["install"][..],
+        &["install", "--bogus", &image],
+        &["install", &image, "extra"],
+        &["consent", "maybe"],
+        &["bogus"],
+    ] {
+        let out = run_agent(&rig.device, args);
+        assert_eq!(out.code, Some(2), "{args:?}: {}", out.describe());
+        assert_eq!(
+            out.stderr.lines().count(),
+            1,
+            "{args:?}: {}",
+            out.describe()
+        );
+        assert!(
+            out.stderr.starts_with("ddi-agent: error: "),
+            "{args:?}: {}",
+            out.describe()
+        );
+    }
+    assert!(rig.snapshot() == before, "a usage error changed the device");
+}
+
 #[test]
 fn an_unsigned_image_is_refused_when_signatures_are_required() {
     let rig = Rig::new(true);
