@@ -142,7 +142,9 @@ impl Rig {
     ) -> serde_json::Value {
         let record_path = self.dev.state_dir().join("download.resume");
         let mut agent = crate::harness::Background::spawn(self.command(&["once"])).unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        // A hang guard only: a debug-built agent decoding and hashing beside the suite's
+        // other agents on two cores took more than 30 s to its first record.
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
         loop {
             // Records are replaced by a rename: a read sees one whole record or none.
             let record = std::fs::read(&record_path)
