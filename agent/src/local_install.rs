@@ -163,7 +163,7 @@ pub async fn check(
     let sink_counters = Arc::clone(&counters);
     let mut sink = tokio::task::spawn_blocking(move || {
         pipeline::run(
-            &plan,
+            plan,
             &mut sink_slot as &mut dyn SlotDevice,
             rx,
             &sink_counters,

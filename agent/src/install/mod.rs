@@ -775,7 +775,7 @@ async fn run(
     let _stop_on_drop = StopOnDrop(Arc::clone(&counters));
     let sink_counters = Arc::clone(&counters);
     let sink = tokio::task::spawn_blocking(move || {
-        pipeline::run(&plan, &mut slot as &mut dyn SlotDevice, rx, &sink_counters)
+        pipeline::run(plan, &mut slot as &mut dyn SlotDevice, rx, &sink_counters)
     });
     let source = async {
         match local_file {

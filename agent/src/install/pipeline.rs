@@ -353,15 +353,15 @@ impl std::fmt::Debug for Replay {
 
 /// A resume point whose slot prefix was read back and matched the record.
 #[derive(Clone)]
-pub struct PrefixResume<P> {
+pub struct PrefixResume<P, W = Vec<u8>> {
     pub point: P,
     /// sha256 of the slot's bytes before the point (starts the image and read-back hashes).
     pub prefix_hash: Sha256,
     /// gzip: the output's last [`gunzip::WINDOW`] bytes before the point (the deflate
-    /// dictionary; a tar's head is output too); xz: at a point inside a block, the output's
-    /// last bytes the block's LZMA2 dictionary holds there (at most
-    /// [`unxz::MAX_RESUME_DICTIONARY`]), at a block boundary nothing.
-    pub window: Vec<u8>,
+    /// dictionary; a tar's head is output too); xz: at a point inside a block, the block's
+    /// LZMA2 dictionary filled with the output before the point (at most
+    /// [`unxz::MAX_RESUME_DICTIONARY`]), at a block boundary none.
+    pub window: W,
     /// The slot's last bytes before the point, as the slot writer keeps them.
     pub tail: Vec<u8>,
 }
@@ -375,11 +375,20 @@ impl<P: std::fmt::Debug> std::fmt::Debug for PrefixResume<P> {
     }
 }
 
+impl<P: std::fmt::Debug> std::fmt::Debug for PrefixResume<P, Option<unxz::ResumeWindow>> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrefixResume")
+            .field("point", &self.point)
+            .field("window", &self.window)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A gzip resume point whose slot prefix was read back and matched the record.
 pub type GzipResume = PrefixResume<GzipPoint>;
 
 /// An xz resume point whose slot prefix was read back and matched the record.
-pub type XzResume = PrefixResume<XzPoint>;
+pub type XzResume = PrefixResume<XzPoint, Option<unxz::ResumeWindow>>;
 
 /// Read the slot's bytes before a gzip resume point: the resume point when they are still
 /// what the interrupted install wrote (their sha256 is the record's), None when the slot was
@@ -434,14 +443,10 @@ pub fn read_xz_prefix(
     dev: &mut dyn SlotDevice,
     point: XzPoint,
 ) -> Result<Option<XzResume>, InstallError> {
-    let keep = match &point.at.in_block {
-        // Checked with the record (`ResumeAt::plausible`): at most 8 MiB.
-        Some(b) => b.window_len().unwrap_or(0) as usize,
-        None => 0,
-    };
-    let mut window = slot::PrefixTail::keeping(keep);
+    // Filled in place: the dictionary is the decoder's once the resume starts.
+    let mut window = point.at.window();
     let (hash, tail) = read_prefix(dev, &point, |b| {
-        if keep > 0 {
+        if let Some(window) = &mut window {
             window.update(b);
         }
     })?;
@@ -451,7 +456,7 @@ pub fn read_xz_prefix(
     Ok(Some(XzResume {
         point,
         prefix_hash: hash,
-        window: window.into_bytes(),
+        window,
         tail,
     }))
 }
@@ -555,11 +560,14 @@ impl ImageSink for SlotWriter<'_> {
 
 /// Run the blocking stage to the end: the image is on the slot, synced and verified.
 pub fn run(
-    plan: &SinkPlan,
+    mut plan: SinkPlan,
     dev: &mut dyn SlotDevice,
     rx: ChunkReceiver,
     counters: &Counters,
 ) -> Result<Installed, InstallError> {
+    // Taken, not copied: an xz resume inside a block holds the dictionary once.
+    let xz_window = plan.xz_resume.as_mut().and_then(|r| r.window.take());
+    let plan = &plan;
     let began = Instant::now();
     let channel = channel_reader(rx, counters);
     if let Some(replay) = &plan.replay {
@@ -578,7 +586,8 @@ pub fn run(
     if let Some(resume) = &plan.xz_resume {
         let r = resumed_input(plan, &resume.point, channel, &*dev)?;
         let check = (r.expected.as_str(), r.then);
-        return run_xz(plan, dev, r.input, Some(resume), check, counters, began);
+        let resume = Some((resume, xz_window));
+        return run_xz(plan, dev, r.input, resume, check, counters, began);
     }
     if plan.start == 0 && plan.decoder_resumable() {
         let (head, sniffed) = decode::sniff(channel)
@@ -1639,17 +1648,18 @@ fn run_xz(
     plan: &SinkPlan,
     dev: &mut dyn SlotDevice,
     input: DecoderInput<'_>,
-    resume: Option<&XzResume>,
+    resume: Option<(&XzResume, Option<unxz::ResumeWindow>)>,
     check: (&str, Option<ArtifactCheck<'_>>),
     counters: &Counters,
     began: Instant,
 ) -> Result<Installed, InstallError> {
+    let from = resume.as_ref().map(|(r, _)| r.point.tar_head.as_deref());
     let interval = plan.checkpoint_interval;
     let (mut decoder, writer) = match resume {
-        Some(r) => {
+        Some((r, window)) => {
             let at = &r.point.at;
             let hash = Some(r.point.artifact_hash.clone());
-            let decoder = XzDecoder::resume_with_window(input, at, hash, &r.window)
+            let decoder = XzDecoder::resume_with_window(input, at, hash, window)
                 .map_err(|e| decode::read_error(e, Format::Xz, counters.consumed()))?;
             let start = r.point.slot_offset();
             let writer = SlotWriter::resume(dev, start, r.prefix_hash.clone(), &r.tail, interval);
@@ -1661,7 +1671,6 @@ fn run_xz(
         ),
     };
     decoder.points_inside_blocks(true);
-    let from = resume.map(|r| r.point.tar_head.as_deref());
     run_points(plan, decoder, writer, from, check, counters, began)
 }
 

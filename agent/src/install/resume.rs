@@ -71,9 +71,9 @@
 //! since the dictionary's reset), after the four fields an agent that knows only block
 //! boundaries reads: it refuses the longer text and starts over rather than take the point
 //! for a block header. A restart reads the slot's prefix back (a different sha256 starts over,
-//! as for gzip); inside a block its last bytes (and the tar's head's, for a tar inside) become
-//! the LZMA2 dictionary, as a zstd resume takes its window; it downloads from the point's
-//! byte. The block's check is checked over the whole block at its end, the slot's part
+//! as for gzip); inside a block its last bytes (and the tar's head's, for a tar inside) are
+//! written straight into the LZMA2 dictionary as they are read ([`unxz::ResumeWindow`]), so a
+//! resumed install holds no more memory than a fresh one; it downloads from the point's byte. The block's check is checked over the whole block at its end, the slot's part
 //! included through the record's check state, so a state that is wrong fails there (or before:
 //! a distance beyond the dictionary, a chunk that does not end where it says) and the install
 //! starts over from byte 0, once. The stream's index is checked against the point at the

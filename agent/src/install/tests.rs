@@ -1855,7 +1855,7 @@ fn write_error_on_the_slot_is_reported() {
         data: vec![FILL; 4 << 20],
         fail_from: 2 << 20,
     };
-    let err = pipeline::run(&plan, &mut dev, rx.into(), &counters).unwrap_err();
+    let err = pipeline::run(plan, &mut dev, rx.into(), &counters).unwrap_err();
     match &err {
         InstallError::SlotIo {
             op, offset, source, ..
@@ -1905,7 +1905,7 @@ fn aborted_download_is_not_mistaken_for_the_end() {
         data: vec![FILL; 4096],
         fail_from: u64::MAX,
     };
-    let err = pipeline::run(&plan, &mut dev, rx.into(), &counters).unwrap_err();
+    let err = pipeline::run(plan, &mut dev, rx.into(), &counters).unwrap_err();
     assert!(matches!(err, InstallError::Aborted), "{err}");
 }
 
@@ -1973,7 +1973,7 @@ fn stopped_install_stops_reading_and_writing() {
         data: vec![FILL; 2 << 20],
         fail_from: u64::MAX,
     };
-    let err = pipeline::run(&plan, &mut dev, rx.into(), &counters).unwrap_err();
+    let err = pipeline::run(plan, &mut dev, rx.into(), &counters).unwrap_err();
     assert!(matches!(err, InstallError::Aborted), "{err}");
     assert!(dev.data.iter().all(|&b| b == FILL), "wrote after the stop");
 }
@@ -2054,7 +2054,7 @@ fn run_pipeline_hashed(
     }
     tx.try_send(pipeline::Chunk::End).unwrap();
     let counters = pipeline::Counters::new(0, Some(artifact.len() as u64));
-    pipeline::run(&plan, dev, rx.into(), &counters)
+    pipeline::run(plan, dev, rx.into(), &counters)
 }
 
 /// A slot that reads back one byte different from what was written (a bad medium).
@@ -2224,7 +2224,7 @@ fn read_back_thread_detects_a_mismatch() {
         }
         tx.try_send(pipeline::Chunk::End).unwrap();
         let counters = pipeline::Counters::new(0, Some(img.len() as u64));
-        let err = pipeline::run(&plan, &mut dev, rx.into(), &counters).unwrap_err();
+        let err = pipeline::run(plan, &mut dev, rx.into(), &counters).unwrap_err();
         match err {
             InstallError::ReadBackMismatch { written, read, .. } => {
                 assert_eq!(written, sha256_hex(&img));

@@ -46,6 +46,7 @@ use lzma_rust2::filter::delta::DeltaReader;
 use super::compress::{check_block_header, DeclaredSizes, XzFilter};
 use super::sha256_state::Sha256State;
 use lzma2::Lzma2Reader;
+pub use lzma2::ResumeWindow;
 
 const MAGIC: [u8; 6] = [0xfd, b'7', b'z', b'X', b'Z', 0];
 /// Dictionary bytes the blocks may ask for, in all, per byte of output before them (beyond a
@@ -127,11 +128,11 @@ impl Boundary {
 }
 
 /// The largest dictionary of a block with points inside it: `xz -6`'s, as unzstd's window
-/// limit (a resume holds it twice while it starts: read from the slot, and the dictionary).
+/// limit (a resume reads the slot's bytes straight into it, [`ResumeWindow`]).
 pub const MAX_RESUME_DICTIONARY: u64 = 8 << 20;
 
 /// A block's state at an LZMA2 chunk boundary inside it: with the output before the point
-/// (the dictionary's bytes, [`InBlock::window_len`] of them), what a decoder continuing there
+/// (the dictionary's bytes, [`ResumeAt::window`]), what a decoder continuing there
 /// needs. Made only in blocks of LZMA2 alone with a check (which a wrong state then fails at
 /// the block's end) and a dictionary of at most [`MAX_RESUME_DICTIONARY`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,16 +154,6 @@ pub struct InBlock {
 }
 
 impl InBlock {
-    /// How many of the output's last bytes before the point a resume needs (the LZMA2
-    /// dictionary's), if the header is a block header.
-    pub fn window_len(&self) -> Option<u64> {
-        let declared = check_block_header(&self.header, 1).ok()?;
-        Some(Lzma2Reader::<&[u8]>::window_len(
-            declared.dictionary,
-            self.since_reset,
-        ))
-    }
-
     /// `BLOCK_START:BLOCK_OUT:HEADER:SINCE_RESET:NEED_PROPS:LZMA:CHECK`: the header in hex,
     /// NEED_PROPS 0 or 1, LZMA as [`lzma2::LzmaState::to_text`], CHECK the check's state last
     /// (a CRC in decimal, a sha256 state as [`Sha256State::to_text`]).
@@ -312,6 +303,17 @@ impl ResumeAt {
             None => self.boundary_fits(false),
             Some(b) => b.plausible(self.artifact_offset, self.out, &self.state),
         }
+    }
+
+    /// The dictionary a resume at this point continues with, to be given the output's bytes
+    /// before the point ([`ResumeWindow::update`]): inside a block only (at a block boundary
+    /// the decoder needs none of them), if its header parses with a dictionary a resume may
+    /// hold.
+    pub fn window(&self) -> Option<ResumeWindow> {
+        let b = self.in_block.as_ref()?;
+        let declared = check_block_header(&b.header, 1).ok()?;
+        (declared.dictionary <= MAX_RESUME_DICTIONARY)
+            .then(|| ResumeWindow::new(declared.dictionary, b.since_reset, self.out))
     }
 
     /// Whether the point can be a block boundary (`block_start`: a block's start, which may be
@@ -478,17 +480,17 @@ impl<R: Read> XzDecoder<R> {
     /// A decoder continuing at `at`, a block boundary: `source` is the artifact from
     /// `at.artifact_offset` on, `hash` the artifact hash's state over the bytes before it.
     pub fn resume(source: R, at: &ResumeAt, hash: Option<Sha256State>) -> io::Result<Self> {
-        Self::resume_with_window(source, at, hash, &[])
+        Self::resume_with_window(source, at, hash, None)
     }
 
-    /// [`Self::resume`] at a point a block boundary or inside a block: `window`, the output's
-    /// last bytes before the point that the block's dictionary holds ([`InBlock::window_len`]
-    /// of them; none at a block boundary).
+    /// [`Self::resume`] at a point a block boundary or inside a block: `window`, inside a
+    /// block [`ResumeAt::window`] given every output byte before the point (the block's
+    /// dictionary); none at a block boundary.
     pub fn resume_with_window(
         source: R,
         at: &ResumeAt,
         hash: Option<Sha256State>,
-        window: &[u8],
+        window: Option<ResumeWindow>,
     ) -> io::Result<Self> {
         if !at.plausible() {
             return Err(invalid(format!(
@@ -505,7 +507,7 @@ impl<R: Read> XzDecoder<R> {
         // In a block, the index's records before the block must add up to its start.
         let (stage, resumed_at) = match &at.in_block {
             None => {
-                if !window.is_empty() {
+                if window.is_some() {
                     return Err(invalid("a window for a point between blocks".into()));
                 }
                 (Stage::Between(input), (at.artifact_offset, at.out))
@@ -513,6 +515,8 @@ impl<R: Read> XzDecoder<R> {
             Some(b) => {
                 let declared = check_block_header(&b.header, at.state.blocks + 1)?;
                 let header_len = b.header.len() as u64;
+                let window =
+                    window.ok_or_else(|| invalid("no window for a point inside a block".into()))?;
                 let lzma2 = Lzma2Reader::resume(
                     input,
                     declared.dictionary,

@@ -164,6 +164,80 @@ pub(super) fn dict_len(dict_size: u64) -> usize {
     (dict_size.max(4096) as usize).next_multiple_of(16)
 }
 
+/// The dictionary a decoder resumed at a chunk boundary continues with, filled with the
+/// output's bytes before the point as they are read back (the slot, a tar's head), each
+/// written in place where the decoder keeps it ([`Lzma2Reader::resume`] takes it over): so a
+/// resume holds one dictionary, not a copy of its bytes beside it.
+#[derive(Clone)]
+pub struct ResumeWindow {
+    dict: Vec<u8>,
+    dict_size: u64,
+    since_reset: u64,
+    /// Output bytes before the point, and how many of them were given so far.
+    total: u64,
+    given: u64,
+}
+
+impl ResumeWindow {
+    /// A window for a point `total` output bytes in, `since_reset` of them since the LZMA2
+    /// data's last dictionary reset, in data with a `dict_size` dictionary.
+    pub fn new(dict_size: u64, since_reset: u64, total: u64) -> Self {
+        ResumeWindow {
+            // Zeroed lazily by the allocator: only the window's pages become resident.
+            dict: vec![0; dict_len(dict_size)],
+            dict_size,
+            since_reset,
+            total,
+            given: 0,
+        }
+    }
+
+    /// How many of the output's last bytes the dictionary holds at the point.
+    fn window_len(&self) -> u64 {
+        Lzma2Reader::<&[u8]>::window_len(self.dict_size, self.since_reset).min(self.total)
+    }
+
+    /// The output's next bytes, in order from its first.
+    pub fn update(&mut self, data: &[u8]) {
+        let first_kept = self.total - self.window_len();
+        let from = self.given;
+        self.given = self.given.saturating_add(data.len() as u64);
+        // The part of `data` at output offsets first_kept..total.
+        let start = first_kept.saturating_sub(from).min(data.len() as u64) as usize;
+        let end = self.total.saturating_sub(from).min(data.len() as u64) as usize;
+        if start >= end {
+            return;
+        }
+        let len = self.dict.len();
+        // The byte `total - 1` goes just before the position the decoder continues at.
+        let next = (self.since_reset % len as u64) as usize;
+        let back = (self.total - (from + start as u64)) as usize;
+        let mut at = (next + len - back) % len;
+        let mut part = &data[start..end];
+        while !part.is_empty() {
+            let n = part.len().min(len - at);
+            self.dict[at..at + n].copy_from_slice(&part[..n]);
+            (at, part) = ((at + n) % len, &part[n..]);
+        }
+    }
+
+    /// Bytes given so far.
+    pub fn given(&self) -> u64 {
+        self.given
+    }
+}
+
+impl std::fmt::Debug for ResumeWindow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResumeWindow")
+            .field("dict_size", &self.dict_size)
+            .field("since_reset", &self.since_reset)
+            .field("total", &self.total)
+            .field("given", &self.given)
+            .finish_non_exhaustive()
+    }
+}
+
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("xz: LZMA2: {msg}"))
 }
@@ -218,10 +292,13 @@ impl<R: Read> Lzma2Reader<R> {
     /// A decoder of LZMA2 data with a dictionary of `dict_size` bytes (as the block header
     /// says; 4 KiB at least).
     pub fn new(inner: R, dict_size: u64) -> Self {
-        let len = dict_len(dict_size);
+        Self::with_dictionary(inner, vec![0; dict_len(dict_size)])
+    }
+
+    fn with_dictionary(inner: R, dict: Vec<u8>) -> Self {
         Lzma2Reader {
             inner,
-            dict: vec![0; len],
+            dict,
             pos: 0,
             full: 0,
             since_reset: 0,
@@ -284,31 +361,30 @@ impl<R: Read> Lzma2Reader<R> {
     }
 
     /// A decoder continuing at a chunk boundary of data with a `dict_size` dictionary, from
-    /// what [`Self::state`] gave there and `window`, the last [`Self::window_len`] output bytes;
-    /// `compressed` and `uncompressed` bytes of the data came before.
+    /// what [`Self::state`] gave there and `window`, given every output byte before the point
+    /// (made for this `dict_size` and `since_reset`); `compressed` and `uncompressed` bytes
+    /// of the data came before.
     pub fn resume(
         inner: R,
         dict_size: u64,
         (lzma, need_props, since_reset): (LzmaState, bool, u64),
-        window: &[u8],
+        window: ResumeWindow,
         (compressed, uncompressed): (u64, u64),
     ) -> io::Result<Self> {
-        let mut reader = Self::new(inner, dict_size);
-        let len = reader.dict.len();
+        let len = dict_len(dict_size);
         if !lzma.valid()
-            || window.len() as u64 != Self::window_len(dict_size, since_reset)
+            || (window.dict_size, window.since_reset) != (dict_size, since_reset)
+            || window.given != window.total
+            || window.window_len() != Self::window_len(dict_size, since_reset)
             || lzma.reps.iter().any(|&r| r as usize >= len)
         {
             return Err(invalid(
                 "a resume point's state does not fit its data".into(),
             ));
         }
-        let full = window.len();
+        let full = window.window_len() as usize;
+        let mut reader = Self::with_dictionary(inner, window.dict);
         let pos = (since_reset % len as u64) as usize;
-        // The window ends at `pos`, wrapping around the dictionary's end.
-        let (before_end, from_start) = window.split_at(full - full.min(pos));
-        reader.dict[len - before_end.len()..].copy_from_slice(before_end);
-        reader.dict[pos - from_start.len()..pos].copy_from_slice(from_start);
         (reader.pos, reader.full, reader.since_reset) = (pos, full, since_reset);
         reader.lzma = lzma;
         reader.need_props = need_props;

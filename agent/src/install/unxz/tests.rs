@@ -843,13 +843,15 @@ fn resume_inside(
     hash: Option<Sha256State>,
     before: &[u8],
 ) -> io::Result<(Vec<u8>, String)> {
-    let window = match &at.in_block {
-        // A state whose header does not parse: no window (the resume is refused anyway).
-        Some(b) => {
-            &before[before.len() - (b.window_len().unwrap_or(0) as usize).min(before.len())..]
+    // None at a block boundary, or for a state whose header does not parse (the resume is
+    // refused then).
+    let mut window = at.window();
+    if let Some(window) = &mut window {
+        // In pieces, as the slot is read back.
+        for piece in before.chunks(100_000) {
+            window.update(piece);
         }
-        None => &[],
-    };
+    }
     let source = &stream[at.artifact_offset as usize..];
     let mut decoder = XzDecoder::resume_with_window(source, at, hash, window)?;
     let mut out = Vec::new();
@@ -907,6 +909,56 @@ fn a_single_block_resumes_at_every_chunk_boundary_to_the_same_image() {
             assert_eq!(hash, sha256(&stream));
         }
     }
+}
+
+#[test]
+fn a_window_given_other_bytes_than_the_output_before_the_point_is_refused() {
+    let (stream, data) = one_block(CheckType::Crc64);
+    let (_, points) = decode_points_inside(&stream, 1 << 16);
+    // A point past the dictionary's length: the window wraps around the dictionary's end.
+    let point = points
+        .iter()
+        .find(|p| p.out > 300 << 10)
+        .expect("a point past 300 KiB");
+    let at = point.resume_at();
+    let out = point.out as usize;
+    let resume = |given: &[u8], window| {
+        let mut window: Option<ResumeWindow> = window;
+        if let Some(w) = &mut window {
+            w.update(given);
+        }
+        let source = &stream[at.artifact_offset as usize..];
+        XzDecoder::resume_with_window(source, &at, point.artifact_hash.clone(), window).map(|_| ())
+    };
+    let refused = |r: io::Result<()>| r.unwrap_err().kind() == io::ErrorKind::InvalidData;
+    assert!(resume(&data[..out], at.window()).is_ok());
+    assert!(
+        refused(resume(&data[..out - 1], at.window())),
+        "a byte short"
+    );
+    assert!(
+        refused(resume(&data[..out + 1], at.window())),
+        "a byte over"
+    );
+    assert!(refused(resume(&[], None)), "no window inside a block");
+    // A window made for another point of the block.
+    let other = points
+        .iter()
+        .find(|p| p.out > point.out)
+        .unwrap()
+        .resume_at();
+    assert!(refused(resume(&data[..out], other.window())));
+    // Given in odd pieces, the dictionary holds the same bytes: the same image.
+    let mut window = at.window();
+    for piece in data[..out].chunks(4093) {
+        window.as_mut().unwrap().update(piece);
+    }
+    let source = &stream[at.artifact_offset as usize..];
+    let mut decoder =
+        XzDecoder::resume_with_window(source, &at, point.artifact_hash.clone(), window).unwrap();
+    let mut rest = Vec::new();
+    decoder.read_to_end(&mut rest).unwrap();
+    assert!(rest == data[out..]);
 }
 
 #[test]
