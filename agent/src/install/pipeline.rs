@@ -359,8 +359,7 @@ pub struct PrefixResume<P, W = Vec<u8>> {
     pub prefix_hash: Sha256,
     /// gzip: the output's last [`gunzip::WINDOW`] bytes before the point (the deflate
     /// dictionary; a tar's head is output too); xz: at a point inside a block, the block's
-    /// LZMA2 dictionary filled with the output before the point (at most
-    /// [`unxz::MAX_RESUME_DICTIONARY`]), at a block boundary none.
+    /// LZMA2 dictionary filled with the output before the point, at a block boundary none.
     pub window: W,
     /// The slot's last bytes before the point, as the slot writer keeps them.
     pub tail: Vec<u8>,

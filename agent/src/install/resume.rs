@@ -64,8 +64,9 @@
 //! image, its check type and its number of blocks before the point. Files with several
 //! blocks have such points (`xz --threads`, which Yocto runs, `--block-size`, pixz). Inside a
 //! block a point is an LZMA2 chunk boundary, made only in blocks of LZMA2 alone with a check
-//! and a dictionary of at most [`unxz::MAX_RESUME_DICTIONARY`] (8 MiB, `xz -6`'s): what
-//! single-threaded `xz` writes, one block per stream. `xz_state` then also holds the block's
+//! (what `xz` writes by default, `-0` to `-9`: every dictionary the device decodes,
+//! [`unxz::MAX_RESUME_DICTIONARY`]), one block per stream single-threaded, blocks of three
+//! times the dictionary with `--threads` (Yocto's image conversion). `xz_state` then also holds the block's
 //! start (artifact and image offsets), its header, the check's state (a CRC, a sha256 state)
 //! and the LZMA2 decoder's (the LZMA probabilities, state and repeated distances, the bytes
 //! since the dictionary's reset), after the four fields an agent that knows only block
@@ -147,9 +148,9 @@
 //! the resumed install write an image spliced from signed pieces. Records live in `state_dir`
 //! (mode 0700, root's): whoever can write there can write the slots and the environment too.
 //!
-//! Everything else restarts from the beginning after a restart: an xz block without a check,
-//! with filters before LZMA2 or a dictionary above 8 MiB (an interrupted install continues at
-//! the block's start: an xz file of one such block starts over); a zstd frame without a content checksum or
+//! Everything else restarts from the beginning after a restart: an xz block without a check
+//! or with filters before LZMA2 (an interrupted install continues at the block's start: an xz
+//! file of one such block starts over); a zstd frame without a content checksum or
 //! with a window above 8 MiB (no resume points are made in it); a gzip, zstd or xz image with a
 //! sha1 or md5 artifact hash because only a sha256 state is saved. (Within one run they resume
 //! after network faults like raw images: the decoder just waits for the next bytes.)

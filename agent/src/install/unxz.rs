@@ -19,8 +19,8 @@
 //! in memory.
 //!
 //! Inside a block, when asked to ([`XzDecoder::points_inside_blocks`]), the decoder stops at
-//! LZMA2 chunk boundaries of blocks of LZMA2 alone with a check and a dictionary of at most
-//! [`MAX_RESUME_DICTIONARY`]: there its state is the block's start and header, the check's
+//! LZMA2 chunk boundaries of blocks of LZMA2 alone with a check (any dictionary the device
+//! decodes, [`MAX_RESUME_DICTIONARY`]): there its state is the block's start and header, the check's
 //! state, the LZMA2 decoder's ([`lzma2::LzmaState`], the bytes since the dictionary's reset)
 //! and the output's last bytes the dictionary holds (on the slot; the caller reads them back).
 //! A block resumed there is checked as a whole at its end (its check over its whole output,
@@ -127,9 +127,10 @@ impl Boundary {
     }
 }
 
-/// The largest dictionary of a block with points inside it: `xz -6`'s, as unzstd's window
-/// limit (a resume reads the slot's bytes straight into it, [`ResumeWindow`]).
-pub const MAX_RESUME_DICTIONARY: u64 = 8 << 20;
+/// The largest dictionary of a block with points inside it: every one the device decodes
+/// (`xz -9`'s 64 MiB). A resume holds no more than a fresh decoder: it reads the slot's bytes
+/// straight into the dictionary ([`ResumeWindow`]).
+pub const MAX_RESUME_DICTIONARY: u64 = super::compress::MAX_XZ_DICTIONARY;
 
 /// A block's state at an LZMA2 chunk boundary inside it: with the output before the point
 /// (the dictionary's bytes, [`ResumeAt::window`]), what a decoder continuing there

@@ -961,6 +961,29 @@ fn a_window_given_other_bytes_than_the_output_before_the_point_is_refused() {
     assert!(rest == data[out..]);
 }
 
+/// Blocks with a dictionary above 8 MiB (`xz -7` to `-9`) have points inside too: a resume
+/// reads the window into the dictionary the decoder takes over, as for a small one.
+#[test]
+fn blocks_with_dictionaries_above_8_mib_get_points_inside_too() {
+    let data = mixed(1_500_000);
+    let mut options = XzOptions::with_preset(1);
+    options.lzma_options.dict_size = 9 << 20;
+    let stream = xz_with(&data, options);
+    let (out, points) = decode_points_inside(&stream, 1 << 16);
+    assert!(out == data);
+    let inside: Vec<_> = points.iter().filter(|p| p.in_block.is_some()).collect();
+    assert!(inside.len() >= 4, "{} points inside", inside.len());
+    for point in inside.iter().step_by(2) {
+        let at = point.resume_at();
+        assert!(at.plausible(), "{at:?}");
+        let before = &data[..point.out as usize];
+        let (rest, hash) =
+            resume_inside(&stream, &at, point.artifact_hash.clone(), before).unwrap();
+        assert!(rest == data[point.out as usize..], "at {}", point.out);
+        assert_eq!(hash, sha256(&stream));
+    }
+}
+
 #[test]
 fn blocks_without_a_check_or_with_filters_get_no_points_inside() {
     let (stream, data) = one_block(CheckType::None);
