@@ -60,7 +60,7 @@ fuzz_target!(|input: &[u8]| {
     } // else: the download side vanished without End (an aborted download)
     drop(tx);
     let counters = Counters::new(0, plan.size);
-    let result = pipeline::run(&plan, &mut slot, rx.into(), &counters);
+    let result = pipeline::run(plan, &mut slot, rx.into(), &counters);
     RUNS.fetch_add(1, Ordering::Relaxed);
     if let Ok(installed) = result {
         assert!(mode & 0x80 == 0, "an aborted download must not succeed");

@@ -212,7 +212,7 @@ fuzz_target!(|input: &[u8]| {
     } // else: the download side vanished without End (an aborted download)
     drop(tx);
     let counters = Counters::new(0, plan.size);
-    let result = pipeline::run(&plan, &mut slot, rx.into(), &counters);
+    let result = pipeline::run(plan, &mut slot, rx.into(), &counters);
 
     match result {
         Ok(installed) => {
