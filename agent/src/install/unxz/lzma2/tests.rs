@@ -265,3 +265,50 @@ fn lzma2_distances_beyond_the_bytes_decoded_are_refused() {
     assert!(unlzma2(&packed, 1 << 16, 4096).unwrap() == data);
     assert!(refused(&packed, 4096).contains("distance beyond"));
 }
+
+/// A [`ResumeWindow`] given the output in any pieces holds what a decoder's dictionary holds
+/// after decoding it: the bytes since the last reset, each at its offset since the reset
+/// modulo the dictionary's length (the rest zero), wrapped around or not.
+#[test]
+fn resume_window_holds_the_decoders_dictionary_for_any_pieces() {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    };
+    for dict_size in [0u64, 4096, 5000] {
+        let len = dict_len(dict_size) as u64;
+        let wraps = [len - 1, len, len + 1, 2 * len - 1, 2 * len, 3 * len + 7];
+        for since_reset in [1, 100].into_iter().chain(wraps) {
+            for before_reset in [0, 1, 3000, len, 5 * len + 3] {
+                let total = since_reset + before_reset;
+                let out: Vec<u8> = (0..total).map(|i| (i * 31 + i / 251) as u8).collect();
+                let mut expected = vec![0u8; len as usize];
+                for k in 0..since_reset {
+                    expected[(k % len) as usize] = out[(before_reset + k) as usize];
+                }
+                for round in 0..6 {
+                    let mut window = ResumeWindow::new(dict_size, since_reset, total);
+                    let mut rest = &out[..];
+                    while !rest.is_empty() {
+                        let n = match round {
+                            0 => rest.len(),
+                            1 => 1,
+                            _ => next(rest.len() as u64 + 1) as usize,
+                        };
+                        window.update(&rest[..n]);
+                        rest = &rest[n..];
+                    }
+                    window.update(&[]);
+                    assert_eq!(window.given(), total);
+                    assert!(
+                        window.dict == expected,
+                        "dict {dict_size}, since_reset {since_reset}, total {total}, round {round}"
+                    );
+                }
+            }
+        }
+    }
+}
