@@ -516,8 +516,9 @@ impl<R: Read> XzDecoder<R> {
             Some(b) => {
                 let declared = check_block_header(&b.header, at.state.blocks + 1)?;
                 let header_len = b.header.len() as u64;
-                let window =
-                    window.ok_or_else(|| invalid("no window for a point inside a block".into()))?;
+                let window = window
+                    .filter(|w| w.total() == at.out)
+                    .ok_or_else(|| invalid("no window for this point inside a block".into()))?;
                 let lzma2 = Lzma2Reader::resume(
                     input,
                     declared.dictionary,

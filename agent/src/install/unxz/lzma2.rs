@@ -225,6 +225,11 @@ impl ResumeWindow {
     pub fn given(&self) -> u64 {
         self.given
     }
+
+    /// The output bytes before the point it was made for.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
 }
 
 impl std::fmt::Debug for ResumeWindow {

@@ -941,13 +941,14 @@ fn a_window_given_other_bytes_than_the_output_before_the_point_is_refused() {
         "a byte over"
     );
     assert!(refused(resume(&[], None)), "no window inside a block");
-    // A window made for another point of the block.
-    let other = points
-        .iter()
-        .find(|p| p.out > point.out)
-        .unwrap()
-        .resume_at();
-    assert!(refused(resume(&data[..out], other.window())));
+    // A window made for another point of the block, given all of that point's output.
+    let other = points.iter().find(|p| p.out > point.out).unwrap();
+    let given = &data[..other.out as usize];
+    assert!(refused(resume(given, other.resume_at().window())));
+    // One made for the same block state a byte further on.
+    let mut further = at.clone();
+    further.out += 1;
+    assert!(refused(resume(&data[..out + 1], further.window())));
     // Given in odd pieces, the dictionary holds the same bytes: the same image.
     let mut window = at.window();
     for piece in data[..out].chunks(4093) {
